@@ -1,0 +1,819 @@
+"""Tasks, tokens, mixtures and metrics for SPoT (Vu et al., ACL 2022), in T5's text-to-text form. Paper -> code:
+  §2.1 tasks in T5 format, validation sets        TASKS, get_task, load_examples, to_text, text_pairs
+  §2.1 frozen T5 1.1 vocabulary (32k + 100 ids)   load_vocab, tokenize, batches
+  §2.1 / App. B source mixtures, K = 2^19         MIXTURES, mixture_rates, mixture_batches
+  §3.3 TOP-k MULTI-TASK MIXTURE                   topk_mixture
+  §2.1 footnote 5, T5 metric definitions          score, benchmark_score
+Formats, label strings and metrics follow T5's glue_utils/preprocessors/postprocessors and the official
+SPoT task files (google-research/prompt-tuning, prompt_tuning/spot/data); 'our choice' marks the rest.
+"""
+import csv
+import functools
+import importlib.util
+import json
+import os
+import re
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PAD_ID, EOS_ID = 0, 1
+NUM_SENTINELS = 100                       # <extra_id_0> = 32099 ... <extra_id_99> = 32000 (T5 vocabulary)
+MIXING_CAP = 2 ** 19                      # K of examples-proportional mixing, SPoT §2.1
+MAX_INPUT_LEN = 512                       # official PT demo scripts: {'inputs': 512, 'targets': 8} (NOTES.md §1)
+DEFAULT_VOCAB = "google/t5-base-lm-adapt"  # SPoT §2.1: LM-adapted T5 1.1; every size shares this vocabulary
+TF_HINT = "pip install tensorflow-cpu   (or: pip install -e '.[tf]')"
+GLUE_URL = "https://gluebenchmark.com/tasks (zips: https://dl.fbaipublicfiles.com/glue/data/<TASK>.zip)"
+SUPERGLUE_URL = "https://super.gluebenchmark.com/tasks (zips: https://dl.fbaipublicfiles.com/glue/superglue/data/v2/)"
+
+
+# ----------------------------------------------------------------------------- T5 string operations
+def _join(parts):
+    """tf.strings.join(parts, separator=' '): no whitespace clean-up (T5 glue/stsb/wsc/record)."""
+    return " ".join(parts)
+
+
+def _collapse(text):
+    """T5 `_string_join` tail: RE2 \\s+ -> ' ' (RE2's \\s is [\\t\\n\\f\\r ], ASCII only)."""
+    return re.sub(r"[\t\n\f\r ]+", " ", text)
+
+
+def _pad_punct(text):
+    """T5 `_pad_punctuation`: spaces around every non-[0-9A-Za-z_] character (RE2's \\W), then collapse."""
+    return _collapse(re.sub(r"([^0-9A-Za-z_])", r" \1 ", text))
+
+
+def _label_str(label, names):
+    return "<unk>" if label == -1 else names[label]     # T5: label -1 (test) -> "<unk>"
+
+
+# ----------------------------------------------------------------------------- example -> {inputs, targets}
+def fmt_glue(ex, prefix, fields, names):
+    """T5 `glue`: "<prefix> k1: v1 k2: v2" (keys sorted unless given) -> label name. MultiRC drops HTML."""
+    keys = fields or sorted(set(ex) - {"label", "idx"})
+    text = _join([prefix] + [f"{k}: {ex[k]}" for k in keys])
+    if prefix == "multirc":
+        text = re.sub(r"<(/)?b>", "", text.replace("<br>", " "))
+    return {"inputs": text, "targets": _label_str(ex["label"], names)}
+
+
+def fmt_classify(ex, prefix, fields, names):
+    """Official SPoT `preprocess_text_classification`: like glue but whitespace collapsed."""
+    return {"inputs": _collapse(_join([prefix] + [f"{k}: {ex[k]}" for k in fields])),
+            "targets": _label_str(ex["label"], names) if names else str(ex["label"])}
+
+
+def fmt_stsb(ex, prefix="stsb", collapse=False):
+    """T5 `stsb`: the score rounded to the nearest 0.2 and printed with one decimal, e.g. 1.8 -> "1.8"."""
+    text = _join([f"{prefix} sentence1:", ex["sentence1"], "sentence2:", ex["sentence2"]])
+    value = np.round(np.float32(ex["label"]) * np.float32(5)) / np.float32(5)   # tf.round: half to even
+    return {"inputs": _collapse(text) if collapse else text, "targets": "%.1f" % value}
+
+
+def fmt_wsc(ex):
+    """T5 `wsc_simple`: "wsc: ... *pronoun* ..." -> the candidate referent (span1)."""
+    words = ex["text"].split(" ")
+    i = ex["span2_index"]
+    text = _join([" ".join(words[:i]), "X", " ".join(words[i + 1:])])
+    # The two WSC texts whose span2_index points at the wrong word, written out as T5 does.
+    if ex["text"].startswith("The boy continued to whip the pony"):
+        text = ('The boy continued to whip the pony , and eventually the pony threw him over. '
+                'John laughed out quite loud. "Good for X ," he said.')
+    elif ex["text"].startswith("When they had eventually calmed down a bit"):
+        text = ("When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic "
+                "pebble in an iron safe . Some day they might want to use X , but really for now, what more "
+                "could they wish for?")
+    return {"inputs": "wsc: " + text.replace(" X ", f" *{ex['span2_text']}* "), "targets": ex["span1_text"]}
+
+
+def fmt_record(ex, answer=0):
+    """T5 `record`: "record query: Q entities: e1, e2 passage: P" -> an answer (the first; see text_pairs)."""
+    passage = re.sub(r"(\.|\?|\!|\"|\')\n@highlight\n", r"\1 ", ex["passage"])
+    passage = passage.replace("\n@highlight\n", ". ")
+    text = _join(["record query:", ex["query"], "entities:", ", ".join(ex["entities"]), "passage:", passage])
+    return {"inputs": text, "targets": ex["answers"][answer] if ex["answers"] else "<unk>"}
+
+
+def fmt_qa(ex):
+    """T5 `squad` / SPoT `mrqa`: "question: q context: c" -> first answer, punctuation padded."""
+    return {"inputs": _collapse(_join(["question:", _pad_punct(ex["question"]), "context:",
+                                       _pad_punct(ex["context"])])),
+            "targets": _pad_punct(ex["answers"][0])}
+
+
+def fmt_generate(ex, prefix, source, target, instruction=None, sep=" \\n "):
+    """SPoT `preprocess_text_generation`: "<task> [<instruction>] <source>" -> target (lists joined by sep)."""
+    src = ex[source] if isinstance(ex[source], str) else sep.join(ex[source])
+    return {"inputs": _join([p for p in (prefix, instruction, src) if p]), "targets": ex[target]}
+
+
+_LANG = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian"}
+
+
+def fmt_translate(ex, src, tgt):
+    """T5 `translate`: "translate English to German: <en>" -> <de>."""
+    return {"inputs": f"translate {_LANG[src]} to {_LANG[tgt]}: {ex[src]}", "targets": ex[tgt]}
+
+
+def fmt_prefix_lm(ex):
+    """Prefix LM on C4 (Raffel et al. 2020 §3.3.1): a random prefix is the input, the rest the target.
+    T5 cuts in token space at a point uniform in [1, n-1]; we cut between words, seeded by the text."""
+    words = ex["text"].split()
+    if len(words) < 2:
+        return {"inputs": "", "targets": ex["text"]}
+    cut = int(np.random.default_rng(zlib.crc32(ex["text"].encode())).integers(1, len(words)))
+    return {"inputs": " ".join(words[:cut]), "targets": " ".join(words[cut:])}
+
+
+# ----------------------------------------------------------------------------- raw record -> flat examples
+def _race(ex):        # one article with many questions -> one example per question; options become A..D
+    return [{"article": ex["article"], "question": q, **dict(zip("ABCD", opts)), "label": "ABCD".find(a)}
+            for q, a, opts in zip(ex["questions"], ex["answers"], ex["options"])]
+
+
+def _squad(ex):
+    return [{**ex, "answers": list(ex["answers"]["text"])}]
+
+
+def _drop(ex):
+    return [{"question": ex["question"], "context": ex["passage"], "query_id": ex["query_id"],
+             "answers": [ex["answer"]] + list(ex["validated_answers"])}]
+
+
+def _hellaswag(ex):
+    return [{**{k: v for k, v in ex.items() if k != "endings"},
+             **{f"ending{i}": e for i, e in enumerate(ex["endings"])}}]
+
+
+def _sentiment140(ex):  # polarity 0 / 2 / 4
+    return [{"text": ex["text"], "label": {0: 0, 2: 1, 4: 2}.get(ex["polarity"], -1)}]
+
+
+def _goemotions(ex):    # multi-label: target = the true emotion names, comma separated (our choice)
+    return [{"comment_text": ex["comment_text"], "label": ", ".join(k for k, v in ex.items() if v is True)}]
+
+
+# ----------------------------------------------------------------------------- the registry
+SPLITS = {"train": "train", "validation": "validation", "test": "test"}
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """One task: where its data is, how an example becomes text, and how predictions are scored."""
+    name: str
+    preprocess: Callable[[dict], dict]          # example -> {'inputs': str, 'targets': str} (evaluation form)
+    label_names: tuple | None = None
+    metrics: tuple = ("accuracy",)
+    kind: str = "class"                          # class | float | multirc | wsc | qa | record | text | lm
+    tfds_name: str | tuple | None = None         # tuple = concatenation of several tfds datasets
+    splits: Mapping[str, str] = field(default_factory=lambda: dict(SPLITS))   # our split -> tfds split
+    reader: str | None = None                    # offline reader for the creators' files (see READERS)
+    files: Mapping[str, str] = field(default_factory=dict)                   # our split -> relative path
+    layout: tuple = ()                           # reader-specific column layout
+    source: str = ""                             # where to get the data
+    needs_tf: bool = False                       # tfds 4.9.10 builds this builder only with TensorFlow
+    adapt: Callable | None = None                # raw record -> list of flat examples
+    target_len: int = 8                          # official PT demo scripts: targets 8 (NOTES.md §1)
+
+
+def _glue_task(name, folder, layout, names, metrics=("accuracy",), fields=None, kind="class", files=None, **kw):
+    files = files or {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
+    fmt = functools.partial(fmt_stsb) if kind == "float" else functools.partial(
+        fmt_glue, prefix=name, fields=fields, names=names)
+    return Task(name, fmt, names, metrics, kind, f"glue/{name}", reader="glue_tsv", layout=layout,
+                files={s: f"{folder}/{f}" for s, f in files.items()}, source=GLUE_URL, **kw)
+
+
+def _sg_task(name, folder, layout, names, metrics=("accuracy",), fields=None, prefix=None, fmt=None, **kw):
+    fmt = fmt or functools.partial(fmt_glue, prefix=prefix or name, fields=fields, names=names)
+    needs_tf = folder not in ("MultiRC", "ReCoRD")          # PEERS.md §6: only multirc and record build w/o TF
+    cfg = {"WSC": "wsc.fixed", "RTE": "rte"}.get(folder, name)
+    return Task(name, fmt, names, metrics, tfds_name=f"super_glue/{cfg}", reader="superglue_jsonl",
+                layout=layout, files={s: f"{folder}/{s[:3] if s == 'validation' else s}.jsonl" for s in SPLITS},
+                source=SUPERGLUE_URL, needs_tf=needs_tf, **kw)
+
+
+def _cls_task(name, tfds_name, fields, names, prefix=None, **kw):
+    return Task(name, functools.partial(fmt_classify, prefix=prefix or name, fields=fields, names=names),
+                names, tfds_name=tfds_name, **kw)
+
+
+def _qa_task(name, tfds_name, **kw):
+    return Task(name, fmt_qa, None, ("squad",), "qa", tfds_name, target_len=32, **kw)   # 32: our choice
+
+
+def _gen_task(name, tfds_name, src, tgt, instruction=None, prefix=None, metric="rouge", **kw):
+    fmt = functools.partial(fmt_generate, prefix=prefix or name, source=src, target=tgt, instruction=instruction)
+    return Task(name, fmt, None, (metric,), "text", tfds_name, target_len=128, **kw)        # 128: our choice
+
+
+_NLI3 = ("entailment", "neutral", "contradiction")
+_NLI2 = ("entailment", "not_entailment")
+_BOOL = ("False", "True")
+_POSNEG = ("negative", "positive")
+_DIGITS = tuple("0123")
+_MNLI_FILES = {"train": "train.tsv", "validation": "dev_matched.tsv", "validation_matched": "dev_matched.tsv",
+               "validation_mismatched": "dev_mismatched.tsv", "test_matched": "test_matched.tsv",
+               "test_mismatched": "test_mismatched.tsv"}
+_SUM = "summarize:"
+_WIKILINGUA = ("https://github.com/esdurmus/Wikilingua (GEM English split: "
+               "https://huggingface.co/datasets/GEM/wiki_lingua); save <split>.jsonl with fields source, target")
+
+TASKS = [
+    # GLUE (T5 glue_utils). Layout: (has header, ((feature, column), ...), label column).
+    _glue_task("cola", "CoLA", (False, (("sentence", 3),), 1), ("unacceptable", "acceptable"), ("mcc",)),
+    _glue_task("sst2", "SST-2", (True, (("sentence", "sentence"),), "label"), _POSNEG),
+    _glue_task("mrpc", "MRPC", (True, (("sentence1", "#1 String"), ("sentence2", "#2 String")), "Quality"),
+               ("not_equivalent", "equivalent"), ("f1", "accuracy")),
+    _glue_task("qqp", "QQP", (True, (("question1", "question1"), ("question2", "question2")), "is_duplicate"),
+               ("not_duplicate", "duplicate"), ("f1", "accuracy")),
+    _glue_task("stsb", "STS-B", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "score"),
+               None, ("pearson", "spearman"), kind="float"),
+    _glue_task("mnli", "MNLI", (True, (("premise", "sentence1"), ("hypothesis", "sentence2")), "gold_label"),
+               _NLI3, files=_MNLI_FILES, splits={s: ("validation_matched" if s == "validation" else s)
+                                                  for s in _MNLI_FILES}),
+    _glue_task("qnli", "QNLI", (True, (("question", "question"), ("sentence", "sentence")), "label"), _NLI2),
+    _glue_task("rte", "RTE", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "label"), _NLI2),
+    _glue_task("wnli", "WNLI", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "label"),
+               ("not_entailment", "entailment")),
+    # SuperGLUE (T5 glue_utils; WSC as T5's wsc_simple on wsc.fixed). Layout: the tfds features.
+    _sg_task("boolq", "BoolQ", ("question", "passage"), _BOOL),
+    _sg_task("cb", "CB", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"),
+             ("mean3f1", "accuracy")),
+    _sg_task("copa", "COPA", ("premise", "choice1", "choice2", "question"), ("choice1", "choice2")),
+    _sg_task("multirc", "MultiRC", (), _BOOL, ("multirc",), ("question", "answer", "paragraph"), kind="multirc"),
+    _sg_task("record", "ReCoRD", (), None, ("record",), fmt=fmt_record, kind="record", target_len=32),
+    _sg_task("superglue_rte", "RTE", ("premise", "hypothesis"), _NLI2, prefix="rte"),
+    _sg_task("wic", "WiC", ("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2"), _BOOL,
+             fields=("sentence1", "sentence2", "word")),
+    _sg_task("wsc", "WSC", ("text", "span1_index", "span2_index", "span1_text", "span2_text"), _BOOL,
+             fmt=fmt_wsc, kind="wsc", target_len=16),                                   # 16: our choice
+    # NLI (official SPoT nli.py: hypothesis first).
+    _cls_task("docnli", "doc_nli", ("hypothesis", "premise"), ("not_entailment", "entailment"), "doc_nli",
+              reader="records", files={"train": "train.json", "validation": "dev.json", "test": "test.json"},
+              source="https://github.com/salesforce/DocNLI (DocNLI_dataset.zip: train.json, dev.json, test.json)"),
+    _cls_task("snli", "snli", ("hypothesis", "premise"), _NLI3),
+    _cls_task("anli", ("anli/r1", "anli/r2", "anli/r3"), ("hypothesis", "context"), _NLI3),  # rounds 1-3 pooled
+    # Sentiment (official SPoT sentiment.py). Yelp-2 and Sentiment140 have no validation split: use test.
+    _cls_task("yelp2", "yelp_polarity_reviews", ("text",), _POSNEG, "yelp_polarity_reviews",
+              splits={"train": "train", "validation": "test", "test": "test"}),
+    _cls_task("cr", None, ("text",), _POSNEG, reader="records",
+              files={"train": "CR/train.tsv", "validation": "CR/validation.tsv"},
+              source="Hu & Liu 2004 customer reviews, e.g. SentEval data/downstream/CR "
+                     "(https://github.com/facebookresearch/SentEval); write CR/<split>.tsv with header "
+                     "index<TAB>text<TAB>label (the layout the official SPoT code reads)"),
+    _cls_task("sentiment140", "sentiment140", ("text",), ("negative", "neutral", "positive"),
+              adapt=_sentiment140, splits={"train": "train", "validation": "test", "test": "test"}),
+    Task("goemotions", functools.partial(fmt_classify, prefix="goemotions", fields=("comment_text",), names=None),
+         None, ("accuracy",), "text", "goemotions", needs_tf=True, adapt=_goemotions),
+    # Paraphrase / similarity. CxC: official SPoT similarity.py (STS-B format, accuracy of the rounded score).
+    Task("cxc", functools.partial(fmt_stsb, prefix="cxc", collapse=True), None, ("accuracy",), "float",
+         reader="records", files={"train": "CxC/train.tsv", "validation": "CxC/validation.tsv"},
+         source="https://github.com/google-research-datasets/Crisscrossed-Captions; write CxC/<split>.tsv with "
+                "header index<TAB>sentence1<TAB>sentence2<TAB>label (the layout the official SPoT code reads)"),
+    # QA: T5 squad format (MRQA as official SPoT mrqa.py). SQuAD = squad/v1.1 (87,599 train = Table 2's 88K).
+    _qa_task("squad", "squad/v1.1", adapt=_squad),
+    *[_qa_task(n, f"mrqa/{c}") for n, c in [("newsqa", "news_qa"), ("triviaqa", "trivia_qa"),
+                                           ("searchqa", "search_qa"), ("hotpotqa", "hotpot_qa"),
+                                           ("naturalquestions", "natural_questions")]],
+    _qa_task("drop", "drop", adapt=_drop, splits={"train": "train", "validation": "dev"}),
+    # Commonsense / multiple choice: "<task> k: v ..." -> the tfds label name (our choice, after T5's COPA).
+    _cls_task("winogrande", "winogrande", ("sentence", "option1", "option2"), ("1", "2"),
+              splits={"train": "train_xl", "validation": "validation", "test": "test"}),
+    _cls_task("hellaswag", "hellaswag", ("context", "ending0", "ending1", "ending2", "ending3"), _DIGITS,
+              adapt=_hellaswag),
+    _cls_task("cosmosqa", "cosmos_qa", ("context", "question", "answer0", "answer1", "answer2", "answer3"),
+              _DIGITS, "cosmos_qa"),
+    _cls_task("piqa", "piqa", ("goal", "sol1", "sol2"), _DIGITS[:2]),
+    _cls_task("socialiqa", None, ("context", "question", "answerA", "answerB", "answerC"), ("1", "2", "3"),
+              reader="records", files={"train": "socialiqa/train.jsonl", "validation": "socialiqa/dev.jsonl"},
+              source="https://leaderboard.allenai.org/socialiqa (socialiqa-train-dev.zip: "
+                     "train.jsonl, train-labels.lst, dev.jsonl, dev-labels.lst)"),
+    _cls_task("abductive_nli", None, ("obs1", "obs2", "hyp1", "hyp2"), ("1", "2"), reader="records",
+              files={"train": "alphanli/train.jsonl", "validation": "alphanli/dev.jsonl"},
+              source="https://leaderboard.allenai.org/anli (alphanli-train-dev.zip: "
+                     "train.jsonl, train-labels.lst, dev.jsonl, dev-labels.lst)"),
+    # RACE: Table 2's 25K training questions match RACE-middle (25,421); race/high has 62K.
+    _cls_task("race", "race/middle", ("article", "question", "A", "B", "C", "D"), tuple("ABCD"), adapt=_race),
+    # Translation (T5 tasks.py: wmt_t2t de-en, wmt14 fr-en, wmt16 ro-en; BLEU).
+    *[Task(f"wmt_en{l}", functools.partial(fmt_translate, src="en", tgt=l), None, ("bleu",), "text", t,
+           target_len=128) for l, t in [("de", "wmt_t2t_translate/de-en"), ("fr", "wmt14_translate/fr-en"),
+                                        ("ro", "wmt16_translate/ro-en")]],
+    # Summarization (official SPoT summarization.py: "<task> summarize: <source>", ROUGE).
+    *[_gen_task(n, n, s, t, _SUM) for n, s, t in [
+        ("aeslc", "email_body", "subject_line"), ("billsum", "text", "summary"),
+        ("cnn_dailymail", "article", "highlights"), ("gigaword", "document", "summary"),
+        ("multi_news", "document", "summary"), ("newsroom", "text", "summary"), ("samsum", "dialogue", "summary"),
+        ("xsum", "document", "summary")]],
+    _gen_task("wikilingua", None, "source", "target", _SUM, reader="records", source=_WIKILINGUA,
+              files={s: f"wikilingua/{s}.jsonl" for s in SPLITS}),
+    # GEM (SPoT's unreleased gem.py: "<task> [instruction] <source>"; list inputs joined by " \n ").
+    *[_gen_task(n, f"gem/{c}", s, "target", i, prefix=c) for n, c, s, i in [
+        ("common_gen", "common_gen", "concepts", None), ("dart", "dart", "tripleset", None),
+        ("e2e_nlg", "e2e_nlg", "meaning_representation", None),
+        ("schema_guided_dialog", "schema_guided_dialog", "prompt", None),     # source = the prompt (our choice)
+        ("web_nlg", "web_nlg_en", "input", None), ("wiki_auto", "wiki_auto_asset_turk", "source", "simplify:"),
+        ("gem_xsum", "xsum", "document", _SUM)]],
+    _gen_task("gem_wikilingua", None, "source", "target", _SUM, prefix="wiki_lingua_english_en", reader="records",
+              source=_WIKILINGUA, files={s: f"gem_wikilingua/{s}.jsonl" for s in SPLITS}),
+    # C4 with the prefix-LM objective: the unsupervised source (SPoT §2.1, Table 2). No metric.
+    Task("c4", fmt_prefix_lm, None, (), "lm", "c4/en", target_len=128),                 # 128: our choice
+]
+_REGISTRY = {re.sub(r"[^a-z0-9.]", "", t.name.lower()): t for t in TASKS}
+
+# Source mixtures of SPoT Appendix B (NOTES.md §6). All = the 55 labeled datasets: overlaps once (SuperGLUE RTE
+# has GLUE RTE's examples), GEM's XSum and WikiLingua apart from the Summarization ones.
+MIXTURES = {
+    "GLUE": ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"),
+    "SuperGLUE": ("boolq", "cb", "copa", "multirc", "record", "superglue_rte", "wic", "wsc"),
+    "NLI": ("anli", "cb", "docnli", "mnli", "qnli", "rte", "snli"),
+    "Paraphrase": ("cxc", "mrpc", "qqp", "stsb"),
+    "Sentiment": ("cr", "goemotions", "sentiment140", "sst2", "yelp2"),
+    "MRQA": ("squad", "newsqa", "triviaqa", "searchqa", "hotpotqa", "naturalquestions"),
+    "RAINBOW": ("abductive_nli", "cosmosqa", "hellaswag", "piqa", "socialiqa", "winogrande"),
+    "Translation": ("wmt_ende", "wmt_enfr", "wmt_enro"),
+    "Summarization": ("aeslc", "billsum", "cnn_dailymail", "wikilingua", "gigaword", "multi_news", "newsroom",
+                      "samsum", "xsum"),
+    "GEM": ("common_gen", "dart", "e2e_nlg", "schema_guided_dialog", "web_nlg", "wiki_auto", "gem_xsum",
+            "gem_wikilingua"),
+}
+MIXTURES["All"] = tuple(dict.fromkeys(t for m in list(MIXTURES.values()) for t in m if t != "superglue_rte"))
+
+
+def get_task(name):
+    """Task by name; case, '-', '_', ' ' and '/' are ignored ('STS-B' -> stsb, 'Yelp-2' -> yelp2)."""
+    task = _REGISTRY.get(re.sub(r"[^a-z0-9.]", "", str(name).lower()))
+    if task is None:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(t.name for t in TASKS)}")
+    return task
+
+
+# ----------------------------------------------------------------------------- loading
+def load_examples(task_name, split, data_dir=None, tfds_dir=None, download=True):
+    """Examples of one split as plain dicts: through tfds when data_dir is None, else from the creators' files.
+
+    Both paths give the tfds field names and integer labels (class index, -1 = no label). tfds_dir and
+    download go to tfds.data_source (download=False: fail at once when the data is not prepared)."""
+    task = get_task(task_name)
+    if data_dir is not None and task.reader is None:
+        raise FileNotFoundError(f"{task.name} has no reader for local files: load it through tfds "
+                                f"({task.tfds_name}) with data_dir=None")
+    known = sorted(set(task.splits if data_dir is None else task.files))
+    if split not in known:
+        raise ValueError(f"{task.name} has no split {split!r} on the {'tfds' if data_dir is None else 'files'}"
+                         f" path; known: {known}")
+    if data_dir is None:
+        raw = _tfds_examples(task, split, tfds_dir, download)
+    else:
+        raw = _file_examples(task, split, data_dir)
+    examples = [y for x in raw for y in task.adapt(x)] if task.adapt else list(raw)
+    if not examples:
+        raise ValueError(f"{task.name} split {split!r} is empty; check the data ({task.source or task.tfds_name})")
+    return examples
+
+
+def _plain(x):
+    """tfds values -> Python: bytes -> str (array_record gives bytes, mock_data str), arrays -> lists/scalars."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if isinstance(x, np.ndarray):
+        return _plain(x.item()) if x.ndim == 0 else [_plain(v) for v in x]
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _tfds_examples(task, split, tfds_dir, download):
+    if task.tfds_name is None:
+        raise FileNotFoundError(f"tfds has no {task.name}; get the original files from {task.source} "
+                                f"and pass data_dir=<folder holding {sorted(set(task.files.values()))}>")
+    if task.needs_tf and importlib.util.find_spec("tensorflow") is None:
+        alt = f"; or read the original files with data_dir= ({task.source})" if task.reader else ""
+        raise ModuleNotFoundError(f"tfds 4.9.10 builds {task.tfds_name} only with TensorFlow (its features use tf "
+                                  f"dtypes): {TF_HINT}{alt}")
+    import tensorflow_datasets as tfds
+    # Registers glue, super_glue & co. without TensorFlow (PEERS.md §6); `import tfds` alone does not.
+    import tensorflow_datasets.question_answering, tensorflow_datasets.summarization  # noqa: F401,E401
+    import tensorflow_datasets.text, tensorflow_datasets.translate  # noqa: F401,E401
+    out = []
+    for name in (task.tfds_name,) if isinstance(task.tfds_name, str) else task.tfds_name:
+        try:   # array_record: the only tfds file format that is written and read without TensorFlow
+            ds = tfds.data_source(name, split=task.splits[split], data_dir=tfds_dir, download=download,
+                                  builder_kwargs={"file_format": "array_record"})
+        except Exception as e:  # no network, manual download, missing TensorFlow for other builders ...
+            raise RuntimeError(f"tfds could not load {name} split {task.splits[split]!r} ({type(e).__name__}: "
+                               f"{str(e)[:300]}). Prepare it where there is network (tfds.data_source with "
+                               f"builder_kwargs={{'file_format': 'array_record'}}; {TF_HINT} if it asks for "
+                               f"TensorFlow) or use data_dir= ({task.source or 'see the tfds catalog'})") from e
+        out += [_plain(ds[i]) for i in range(len(ds))]
+    return out
+
+
+def _file_examples(task, split, data_dir):
+    rel = Path(task.files[split])
+    root = Path(data_dir)
+    tried = [root / rel, root / "glue" / rel, root / "superglue" / rel, root / rel.name]
+    path = next((p for p in tried if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"{task.name} {split}: no {rel} under {root} (tried {', '.join(map(str, tried))})."
+                                f" Get the original files from {task.source}")
+    return READERS[task.reader](task, path)
+
+
+def _label(value, task):
+    """A file's label as tfds stores it: class index (label name, digit string or bool), float for scores."""
+    if value is None or value == "":
+        return -1
+    if task.kind == "float":
+        return float(np.float32(value))
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and task.label_names and value in task.label_names:
+        return task.label_names.index(value)
+    return int(value)
+
+
+def _read_glue_tsv(task, path):
+    """GLUE .tsv as tfds reads it: tab separated, no quoting, row number = idx; CoLA has no header,
+    MRPC's header starts with a UTF-8 BOM; test files have no label (-1); rows missing a column are dropped."""
+    header, cols, label_col = task.layout
+    if not header and path.name.startswith("test"):          # CoLA's test.tsv does have a header
+        header, cols = True, tuple((feat, feat) for feat, _ in cols)
+    out = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if header else \
+            csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for n, row in enumerate(rows):
+            get = row.get if header else (lambda c, r=row: r[c] if c < len(r) else None)
+            ex = {feat: get(col) for feat, col in cols}
+            ex["idx"] = n
+            if header and label_col not in row:
+                ex["label"] = _label(-1, task)
+            else:
+                raw = get(label_col)
+                ex["label"] = None if raw in (None, "") else _label(raw, task)
+            if all(v is not None for v in ex.values()):
+                out.append(ex)
+    return out
+
+
+def _fix_wsc(ex):
+    """tfds `wsc.fixed`: make span texts substrings of the text (first-word case, no trailing '.', no '\\n')."""
+    for k in ("span1", "span2"):
+        span, index = ex[k + "_text"], ex[k + "_index"]
+        if span in ex["text"] or span in ("Kamenev and Zinoviev", "Kamenev, Zinoviev, and Stalin"):
+            continue
+        if "theyscold" in span:
+            ex["span2_index"] = 10
+        first = ex["text"].split()[index]
+        span = (span[0].lower() if first[0].islower() else span[0].upper()) + span[1:]
+        ex[k + "_text"] = span.rstrip(".").replace("\n", " ")
+    return ex
+
+
+def _read_superglue_jsonl(task, path):
+    """SuperGLUE .jsonl flattened as tfds does: MultiRC one example per answer, ReCoRD one per query,
+    WSC's target spans lifted to the top level (wsc.fixed); labels as class indices."""
+    out = []
+    for line in open(path, encoding="utf-8"):
+        row = json.loads(line)
+        if task.kind == "multirc":
+            p = row["passage"]
+            out += [{"paragraph": p["text"], "question": q["question"], "answer": a["text"],
+                     "label": -1 if a.get("label") is None else int(bool(a["label"])),
+                     "idx": {"paragraph": row["idx"], "question": q["idx"], "answer": a["idx"]}}
+                    for q in p["questions"] for a in q["answers"]]
+        elif task.kind == "record":
+            text = row["passage"]["text"]
+            ents = sorted({text[e["start"]:e["end"] + 1] for e in row["passage"]["entities"]})
+            out += [{"passage": text, "query": qa["query"], "entities": ents,
+                     "answers": sorted({a["text"] for a in qa.get("answers", [])}),
+                     "idx": {"passage": row["idx"], "query": qa["idx"]}} for qa in row["qas"]]
+        else:
+            row.update(row.get("target", {}))
+            ex = {k: row[k] for k in task.layout}
+            ex = _fix_wsc(ex) if task.kind == "wsc" else ex
+            ex["idx"] = row["idx"]
+            label = row.get("label")
+            ex["label"] = -1 if label is None else int(label) if task.name == "copa" else _label(label, task)
+            out.append(ex)
+    return out
+
+
+def _read_records(task, path):
+    """Other creators' files: .tsv with a header (SPoT's CR/CxC layout), a .json list (DocNLI) or .jsonl;
+    labels come from the records or, for SocialIQa/alphaNLI, from the sibling <split>-labels.lst."""
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.suffix == ".tsv":
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        else:
+            rows = json.load(f) if path.suffix == ".json" else [json.loads(x) for x in f if x.strip()]
+    labels = path.with_name(path.stem + "-labels.lst")
+    if task.label_names and rows and "label" not in rows[0]:
+        if not labels.is_file():
+            raise FileNotFoundError(f"{task.name}: labels file {labels} is missing; get it from {task.source}")
+        rows = [{**r, "label": lab} for r, lab in zip(rows, labels.read_text().split())]
+    return [{**r, "label": _label(r["label"], task)} if "label" in r else r for r in rows]
+
+
+READERS = {"glue_tsv": _read_glue_tsv, "superglue_jsonl": _read_superglue_jsonl, "records": _read_records}
+
+
+def to_text(task_name, example):
+    """One example -> {'inputs', 'targets'} strings exactly as T5 / the SPoT code write them."""
+    return get_task(task_name).preprocess(example)
+
+
+def text_pairs(task_name, examples, train=False):
+    """to_text over a split. train=True applies T5's training-only rules: ReCoRD gives one pair per answer,
+    WSC keeps only examples whose candidate is the true referent (wsc_simple correct_referent_only)."""
+    task = get_task(task_name)
+    if train and task.kind == "record":
+        return [fmt_record(ex, i) for ex in examples for i in range(max(len(ex["answers"]), 1))]
+    if train and task.kind == "wsc":
+        examples = [ex for ex in examples if ex["label"] == 1]
+    return [task.preprocess(ex) for ex in examples]
+
+
+# ----------------------------------------------------------------------------- tokens and batches
+class Vocab:
+    """T5's SentencePiece vocabulary: 32,000 pieces plus <extra_id_0..99> as ids 32099..32000."""
+
+    def __init__(self, model_bytes):
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        proto = pb.ModelProto()
+        proto.ParseFromString(model_bytes)
+        for i in reversed(range(NUM_SENTINELS)):             # seqio: sentinels are user-defined pieces
+            piece = proto.pieces.add()
+            piece.piece, piece.type = f"<extra_id_{i}>", pb.ModelProto.SentencePiece.USER_DEFINED
+        self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.vocab_size = self.sp.get_piece_size()          # 32100; checkpoints pad the embedding to 32128
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def decode(self, ids):
+        """Ids -> text, stopping at the first EOS; pad and ids past the vocabulary are dropped."""
+        ids = [int(i) for i in ids]
+        ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
+        return self.sp.decode([i for i in ids if PAD_ID < i < self.vocab_size])
+
+
+@functools.lru_cache(maxsize=4)
+def load_vocab(path_or_hub_id=None):
+    """A .model file, a directory holding spiece.model, or a Hugging Face hub id (default: DEFAULT_VOCAB)."""
+    ref = str(path_or_hub_id or os.environ.get("SPOT_VOCAB", DEFAULT_VOCAB))
+    path = Path(ref)
+    if path.is_dir():
+        path = path / "spiece.model"
+    if not path.is_file():
+        if os.path.exists(ref) or ref.endswith(".model"):
+            raise FileNotFoundError(f"no SentencePiece model at {path}: pass a .model file, a folder with "
+                                    "spiece.model, or a hub id such as google/t5-base-lm-adapt")
+        from huggingface_hub import hf_hub_download
+        path = Path(hf_hub_download(ref, "spiece.model"))
+    return Vocab(path.read_bytes())
+
+
+def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
+    """[{'inputs','targets'}] -> {'inputs': int32 [n,S], 'targets': int32 [n,T]}: each sequence cut to
+    length-1, then EOS (T5's append_eos_after_trim), then padded with 0."""
+    out = {}
+    for key, length in (("inputs", max_input_len), ("targets", max_target_len)):
+        arr = np.zeros((len(texts), length), np.int32)
+        for row, ids in zip(arr, vocab.encode([t[key] for t in texts])):
+            ids = ids[:length - 1] + [EOS_ID]
+            row[:len(ids)] = ids
+        out[key] = arr
+    return out
+
+
+def _positions(n, batch_size, seed, k):
+    """Rows of batch k: position p of the stream is row perm_{p // n}[p % n], perm_e seeded by (seed, e)."""
+    pos = k * batch_size + np.arange(batch_size)
+    epoch, within = pos // n, pos % n
+    rows = np.empty(batch_size, np.int64)
+    for e in np.unique(epoch):
+        rows[epoch == e] = np.random.default_rng([seed, int(e)]).permutation(n)[within[epoch == e]]
+    return rows
+
+
+def batches(arrays, batch_size, seed, start=0):
+    """Infinite shuffled batches; batch k depends only on (seed, k), so a resumed run passes start=k."""
+    n = len(arrays["inputs"])
+    if n == 0:
+        raise ValueError("batches() got no examples")
+    k = start
+    while True:
+        rows = _positions(n, batch_size, seed, k)
+        yield {key: a[rows] for key, a in arrays.items()}
+        k += 1
+
+
+# ----------------------------------------------------------------------------- mixtures
+def mixture_rates(sizes, cap=MIXING_CAP):
+    """Examples-proportional mixing (Raffel et al. 2020 §3.5.2): r_m = min(n_m, K) / sum_n min(n_n, K)."""
+    capped = {name: min(int(n), cap) for name, n in sizes.items()}
+    total = sum(capped.values())
+    if total <= 0:
+        raise ValueError(f"mixture_rates needs at least one non-empty task, got {sizes}")
+    return {name: n / total for name, n in capped.items()}
+
+
+def mixture_batches(arrays_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP):
+    """Infinite batches from a mixture: each row picks a task with the mixing rates, then an example of it
+    uniformly (with replacement). Batch k depends only on (seed, k). Widths are padded to the widest task."""
+    names = list(arrays_by_task)
+    rates = rates or mixture_rates({t: len(a["inputs"]) for t, a in arrays_by_task.items()}, cap)
+    p = np.array([rates[t] for t in names], np.float64)
+    width = {key: max(a[key].shape[1] for a in arrays_by_task.values()) for key in ("inputs", "targets")}
+    k = start
+    while True:
+        rng = np.random.default_rng([seed, k, 1])
+        which = rng.choice(len(names), size=batch_size, p=p / p.sum())
+        batch = {key: np.zeros((batch_size, w), np.int32) for key, w in width.items()}
+        for t, name in enumerate(names):
+            slots = np.flatnonzero(which == t)
+            rows = rng.integers(len(arrays_by_task[name]["inputs"]), size=len(slots))
+            for key in batch:
+                a = arrays_by_task[name][key]
+                batch[key][slots, :a.shape[1]] = a[rows]
+        yield batch
+        k += 1
+
+
+def topk_mixture(source_tasks, target_task):
+    """SPoT §3.3 TOP-k MULTI-TASK MIXTURE: the retrieved source tasks plus the target, each once."""
+    return tuple(dict.fromkeys(get_task(t).name for t in [*source_tasks, target_task]))
+
+
+# ----------------------------------------------------------------------------- predictions and metrics
+_DETERMINERS = {"a", "an", "few", "her", "his", "each", "every", "many", "much", "my", "our", "some", "that",
+                "the", "their", "these", "this", "those", "which", "whose", "your"}
+
+
+def postprocess(task_name, prediction, example=None):
+    """A decoded string -> what the metric compares (T5 postprocessors): class index (-1 if unknown),
+    float (-1.0 if not a number), WSC 1/0 = "names the candidate", else the string itself."""
+    task = get_task(task_name)
+    if task.kind in ("class", "multirc"):
+        return task.label_names.index(prediction) if prediction in task.label_names else -1
+    if task.kind == "float":
+        try:
+            return float(prediction)
+        except ValueError:
+            return -1.0
+    if task.kind == "wsc":   # T5 postprocessors.wsc_simple: ignore case and determiners, allow subsets
+        def clean(s):
+            return " ".join(w for w in s.strip().lower().split(" ") if w not in _DETERMINERS)
+        pred, ref = clean(prediction), clean(example["span1_text"])
+        if ("'" in pred) != ("'" in ref):
+            return 0
+        pw, rw = set(pred.split(" ")), set(ref.split(" "))
+        return int(pw <= rw or rw <= pw)
+    return prediction
+
+
+def _target(task, ex):
+    if task.kind in ("class", "float", "text"):      # seqio postprocesses the target string too
+        return postprocess(task.name, task.preprocess(ex)["targets"], ex)
+    if task.kind == "multirc":
+        return ex["label"], (ex["idx"]["paragraph"], ex["idx"]["question"])
+    if task.kind == "record":
+        return ex["answers"], (ex["idx"]["passage"], ex["idx"]["query"])
+    if task.kind == "qa":
+        return [_pad_punct(a) for a in ex["answers"]]
+    return ex["label"]                                 # wsc
+
+
+def accuracy(targets, preds):
+    return {"accuracy": 100 * float(np.mean([t == p for t, p in zip(targets, preds)]))}
+
+
+def _f1(tp, fp, fn):
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def f1_with_invalid(targets, preds):
+    """Binary F1 of class 1 (T5 f1_score_with_invalid): a prediction other than 0/1 counts as wrong."""
+    t, p = np.asarray(targets), np.asarray(preds).copy()
+    bad = (p != 0) & (p != 1)
+    p[bad] = 1 - t[bad]
+    return {"f1": 100 * _f1(np.sum((t == 1) & (p == 1)), np.sum((t != 1) & (p == 1)), np.sum((t == 1) & (p != 1)))}
+
+
+def mean_class_f1(targets, preds, num_classes=3):
+    """Unweighted mean of per-class F1 over classes 0..num_classes-1 (T5 mean_multiclass_f1, CB)."""
+    t, p = np.asarray(targets), np.asarray(preds)
+    f1s = [_f1(np.sum((t == c) & (p == c)), np.sum((t != c) & (p == c)), np.sum((t == c) & (p != c)))
+           for c in range(num_classes)]
+    return {f"mean_{num_classes}class_f1": 100 * float(np.mean(f1s))}
+
+
+def matthews(targets, preds):
+    """Matthews correlation x100 (CoLA), multiclass form over all labels seen (as sklearn; 0 if undefined)."""
+    labels = sorted(set(targets) | set(preds))
+    c = np.zeros((len(labels), len(labels)))
+    for t, p in zip(targets, preds):
+        c[labels.index(t), labels.index(p)] += 1
+    tk, pk, s = c.sum(1), c.sum(0), c.sum()
+    den = np.sqrt((s * s - pk @ pk) * (s * s - tk @ tk))
+    return {"matthews_corrcoef": 100 * float((np.trace(c) * s - tk @ pk) / den) if den else 0.0}
+
+
+def pearson(targets, preds):
+    t, p = np.asarray(targets, np.float64), np.asarray(preds, np.float64)
+    t, p = t - t.mean(), p - p.mean()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"pearson_corrcoef": 100 * float(t @ p / np.sqrt((t @ t) * (p @ p)))}
+
+
+def _ranks(x):
+    """Average ranks of ties, 1-based (scipy.stats.rankdata 'average')."""
+    x = np.asarray(x, np.float64)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2)[inv]
+
+
+def spearman(targets, preds):
+    return {"spearman_corrcoef": pearson(_ranks(targets), _ranks(preds))["pearson_corrcoef"]}
+
+
+def normalize_squad(text):
+    """SQuAD v1.1 normalisation: lowercase, drop punctuation, drop a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in set('!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~'))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def _token_f1(target, pred):
+    common = sum((Counter(pred.split()) & Counter(target.split())).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred.split()), common / len(target.split())
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad(targets, preds):
+    """SQuAD EM and token F1, each the max over the reference answers (T5 metrics.squad)."""
+    targets = [[normalize_squad(a) for a in answers] for answers in targets]
+    preds = [normalize_squad(p) for p in preds]
+    em = [max(float(a == p) for a in answers) for answers, p in zip(targets, preds)]
+    f1 = [max(_token_f1(a, p) for a in answers) for answers, p in zip(targets, preds)]
+    return {"em": 100 * float(np.mean(em)), "f1": 100 * float(np.mean(f1))}
+
+
+def multirc(targets, preds):
+    """MultiRC: F1 over all answers, and exact match of all answers of a question averaged over questions."""
+    groups = defaultdict(lambda: ([], []))
+    for (t, group), p in zip(targets, preds):
+        groups[group][0].append(t)
+        groups[group][1].append(p)
+    em = [100 * float(ts == ps) for ts, ps in groups.values()]
+    return {**f1_with_invalid([t for t, _ in targets], preds), "exact_match": float(np.mean(em))}
+
+
+def record(targets, preds):
+    """ReCoRD: SQuAD EM/F1 over the answers, one prediction per (passage, query) (T5 deduplicate_metric)."""
+    seen, ts, ps = set(), [], []
+    for (answers, group), p in zip(targets, preds):
+        if group not in seen:
+            seen.add(group)
+            ts.append(answers)
+            ps.append(p)
+    return squad(ts, ps)
+
+
+METRICS = {"accuracy": accuracy, "f1": f1_with_invalid, "mean3f1": mean_class_f1, "mcc": matthews,
+           "pearson": pearson, "spearman": spearman, "squad": squad, "multirc": multirc, "record": record}
+
+
+def score(task_name, examples, predictions):
+    """T5's metrics (x100) of decoded predictions against loaded examples, plus 'score' = their mean
+    (SPoT §2.1 footnote 5: a task with several metrics scores their average)."""
+    task = get_task(task_name)
+    if len(examples) != len(predictions):
+        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
+    missing = [m for m in task.metrics if m not in METRICS]
+    if not task.metrics or missing:
+        raise NotImplementedError(f"{task.name}: no metric implemented here "
+                                  f"({', '.join(missing) or 'none defined'}); score it with sacrebleu/rouge-score")
+    targets = [_target(task, ex) for ex in examples]
+    preds = [postprocess(task.name, p, ex) for p, ex in zip(predictions, examples)]
+    out = {}
+    for m in task.metrics:
+        out.update(METRICS[m](targets, preds))
+    out["score"] = float(np.mean(list(out.values())))
+    return out
+
+
+def benchmark_score(task_scores):
+    """A benchmark's score: the mean over its tasks of each task's 'score' (SPoT §2.1 footnote 5)."""
+    values = [s["score"] if isinstance(s, Mapping) else s for s in task_scores]
+    if not values:
+        raise ValueError("benchmark_score needs at least one task score")
+    return float(np.mean(values))

@@ -1,0 +1,424 @@
+"""Prompts as task embeddings (Vu et al. 2022, SPoT §3): similarity, source retrieval, transfer analysis.
+
+§3.2 task similarity ..... cosine_average_tokens, cosine_per_token, task_similarity, similarity_matrix
+§3.3 retrieval ........... rank_sources, top_k, best_of_top_k, top_k_weighted_average, top_k_mixture_tasks, oracle
+prompt library on disk ... PromptEntry, load_library, save_to_library, group_by_task
+§3.1, App. E-G analysis .. relative_error_reduction, positive_transfers, aggregate_targets, pearson
+figures (PNG) ............ plot_transfer_heatmap (Fig. 3), plot_similarity_clustermap (Figs. 4, 7),
+                           plot_similarity_vs_transfer (Figs. 5, 8)
+CLI: python retrieval.py rank --target T.npy --library DIR --metric per_token --k 3
+"""
+import argparse
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+
+# ---------------------------------------------------------------- §3.2 similarity of two prompts [P, D]
+
+def _as_prompt(e, name="prompt"):
+    e = np.asarray(e, dtype=np.float64)
+    if e.ndim != 2 or 0 in e.shape:
+        raise ValueError(f"{name} must be a non-empty 2-D prompt [P, D], got shape {e.shape}; "
+                         "pass one prompt at a time (a list of runs goes to task_similarity)")
+    return e
+
+
+def _unit(x, name):
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    if np.any(norm == 0):
+        raise ValueError(f"{name} has a zero vector, so its cosine similarity is undefined")
+    return x / norm
+
+
+def _pair(e1, e2):
+    e1, e2 = _as_prompt(e1, "first prompt"), _as_prompt(e2, "second prompt")
+    if e1.shape[1] != e2.shape[1]:
+        raise ValueError(f"prompts have different widths D ({e1.shape[1]} vs {e2.shape[1]}): task embeddings "
+                         "are comparable only between prompts tuned on the same frozen model size")
+    return e1, e2
+
+
+def cosine_average_tokens(e1, e2):
+    """SPoT §3.2 "Cosine Similarity of Average Tokens": cos(mean_i e1_i, mean_j e2_j).
+    Example: [[1,0],[0,1]] vs [[1,0]] -> cos([.5,.5], [1,0]) = 0.7071."""
+    e1, e2 = _pair(e1, e2)
+    return float(_unit(e1.mean(0), "first prompt's mean token") @ _unit(e2.mean(0), "second prompt's mean token"))
+
+
+def cosine_per_token(e1, e2):
+    """SPoT §3.2 "Per-token Average Cosine Similarity": mean over all P1*P2 pairs of cos(e1_i, e2_j).
+    Example: [[1,0],[0,1]] vs [[1,0]] -> (1 + 0) / 2 = 0.5. A prompt's similarity with itself averages
+    its P^2 token pairs too, so it is below 1 unless all its tokens are parallel (Google's released
+    prompts: 0.03-0.04, their tokens being nearly orthogonal)."""
+    e1, e2 = _pair(e1, e2)
+    # mean_ij <u_i, v_j> = <mean_i u_i, mean_j v_j> for unit tokens u, v: O(P D) instead of O(P^2 D).
+    return float(_unit(e1, "first prompt").mean(0) @ _unit(e2, "second prompt").mean(0))
+
+
+METRICS = {"per_token": cosine_per_token, "average_tokens": cosine_average_tokens}
+
+
+def _metric(metric):
+    if callable(metric):
+        return metric
+    if metric not in METRICS:
+        raise ValueError(f"unknown similarity metric {metric!r}; use one of {sorted(METRICS)}")
+    return METRICS[metric]
+
+
+def _runs(x):
+    """One prompt [P, D], a list of runs, or stacked runs [R, P, D] -> list of [P, D] arrays."""
+    if isinstance(x, (list, tuple)) and x and all(np.ndim(r) == 2 for r in x):
+        return list(x)
+    if np.ndim(x) in (2, 3):
+        return [x] if np.ndim(x) == 2 else list(x)
+    raise ValueError(f"expected a 2-D prompt [P, D] or runs of it [R, P, D], got shape {np.shape(x)}")
+
+
+def task_similarity(runs1, runs2, metric="per_token"):
+    """Mean similarity over all run pairs (SPoT footnote 14: the 3 x 3 runs of two tasks)."""
+    sim, runs1, runs2 = _metric(metric), _runs(runs1), _runs(runs2)  # §3.2: embedding = 10K-step prompt
+    if not runs1 or not runs2:
+        raise ValueError("task_similarity needs at least one prompt run per task")
+    return float(np.mean([sim(a, b) for a in runs1 for b in runs2]))
+
+
+def similarity_matrix(runs_by_task, metric="per_token"):
+    """{task: prompt or runs} -> [n, n] task_similarity matrix, rows in the dict's order (Figs. 4, 7)."""
+    tasks = list(runs_by_task)
+    m = np.zeros((len(tasks), len(tasks)))
+    for i in range(len(tasks)):
+        for j in range(len(tasks)):
+            m[i, j] = task_similarity(runs_by_task[tasks[i]], runs_by_task[tasks[j]], metric)
+    return m
+
+
+# ---------------------------------------------------------------- prompt library on disk
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PromptEntry:
+    """One stored prompt [P, D] and what it was tuned on; metadata fields are None when unknown."""
+    task: str
+    prompt: np.ndarray
+    run: int | None = None
+    step: int | None = None
+    model: str | None = None
+    score: float | None = None
+    path: Path | None = None
+
+
+def save_to_library(directory, prompt, task, run=0, step=None, model=None, score=None):
+    """Write <task>-run<run>[-step<step>].npy plus a JSON sidecar with the metadata; returns the .npy path."""
+    prompt = np.asarray(_as_prompt(prompt), dtype=np.float32)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{task}-run{run}" + (f"-step{step}" if step is not None else ""))
+    np.save(directory / f"{stem}.npy", prompt)  # the official Checkpointer also stores prompts as .npy
+    meta = {"task": task, "run": run, "step": step, "model": model, "score": score}
+    (directory / f"{stem}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return directory / f"{stem}.npy"
+
+
+def load_library(directory):
+    """Every *.npy in `directory` (sorted by name) as a PromptEntry. A JSON sidecar of the same stem gives
+    task/run/step/model/score; without one (e.g. Google's released sst2.npy) the task is the file stem."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"prompt library {directory} is not a directory")
+    entries = []
+    for path in sorted(directory.glob("*.npy")):
+        meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
+        if meta and "task" not in meta:
+            raise ValueError(f"{path.with_suffix('.json')} has no 'task' field; write it with save_to_library")
+        fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
+        entries.append(PromptEntry(meta.get("task", path.stem), _as_prompt(np.load(path), str(path)),
+                                   path=path, **fields))
+    if not entries:
+        raise ValueError(f"prompt library {directory} holds no .npy prompts")
+    return entries
+
+
+def group_by_task(entries):
+    """[PromptEntry] -> {task: [prompt runs]}, the input of similarity_matrix."""
+    groups = {}
+    for e in entries:
+        groups.setdefault(e.task, []).append(e.prompt)
+    return groups
+
+
+# ---------------------------------------------------------------- §3.3 retrieval
+
+def rank_sources(target, library, metric="per_token"):
+    """Rank stored source prompts by similarity to the target's embedding(s), most similar first.
+    `target`: a prompt [P, D] or several runs of it (similarity averaged over them, as in Fig. 5).
+    Returns [(PromptEntry, similarity)]."""
+    if not library:
+        raise ValueError("the prompt library is empty: save source prompts with save_to_library first")
+    # §3.3: each of the 48 source prompts (16 tasks x 3 runs) is scored on its own, not per task
+    sims = [task_similarity(target, entry.prompt, metric) for entry in library]
+    order = sorted(range(len(library)), key=lambda i: -sims[i])  # stable: ties keep library order
+    return [(library[i], sims[i]) for i in order]
+
+
+def top_k(ranking, k):
+    """The k highest-ranked entries: the source prompts BEST OF TOP-k tries (SPoT §3.3)."""
+    if not 1 <= k <= len(ranking):
+        raise ValueError(f"k={k} but the ranking holds {len(ranking)} prompts; pick 1 <= k <= {len(ranking)}")
+    return [entry for entry, _ in ranking[:k]]
+
+
+def _best(entries, scores):
+    scores = [scores(e) for e in entries] if callable(scores) else list(scores)
+    if len(scores) != len(entries):
+        raise ValueError(f"got {len(scores)} scores for {len(entries)} prompts; give one score per prompt")
+    i = int(np.argmax(scores))
+    return entries[i], float(scores[i])
+
+
+def best_of_top_k(ranking, k, scores):
+    """SPoT §3.3 BEST OF TOP-k: tune the target once from each of the top-k prompts, keep the best.
+    `scores`: a callable PromptEntry -> target score, or the k scores in top_k order. -> (entry, score)."""
+    return _best(top_k(ranking, k), scores)
+
+
+def oracle(library, scores):
+    """SPoT §3.3 ORACLE: brute-force best over every source prompt. -> (entry, score)."""
+    return _best(list(library), scores)
+
+
+def top_k_weights(ranking, k):
+    """alpha_r = sim_r / sum_{l<=k} sim_l (SPoT §3.3, TOP-k WEIGHTED AVERAGE)."""
+    sims = np.array([sim for _, sim in ranking[:len(top_k(ranking, k))]])
+    if sims.sum() <= 0:
+        raise ValueError(f"the top-{k} similarities sum to {sims.sum():.4g} <= 0, so the weights are undefined")
+    return sims / sims.sum()
+
+
+def top_k_weighted_average(ranking, k):
+    """SPoT §3.3 TOP-k WEIGHTED AVERAGE: one target init, sum_r alpha_r rho_r. -> prompt [P, D]."""
+    prompts = [e.prompt for e in top_k(ranking, k)]
+    if len({p.shape for p in prompts}) > 1:
+        raise ValueError(f"cannot average prompts of shapes {sorted({p.shape for p in prompts})}; use equal [P, D]")
+    return np.einsum("k,kPD->PD", top_k_weights(ranking, k), np.stack(prompts))
+
+
+def top_k_mixture_tasks(ranking, k, target_task):
+    """SPoT §3.3 TOP-k MULTI-TASK MIXTURE: the distinct source tasks among the top-k prompts, in rank
+    order, plus the target task; their data are mixed examples-proportionally (data.mixture_rates)."""
+    tasks = list(dict.fromkeys(e.task for e in top_k(ranking, k)))
+    return tasks + [target_task] if target_task not in tasks else tasks
+
+
+# ---------------------------------------------------------------- §3.1 and App. E-G analysis
+
+def relative_error_reduction(score, baseline):
+    """SPoT §3.1: 100 (s - b) / (100 - b), in %. Example: (97.0, 92.7) -> 58.9 (MNLI -> CB)."""
+    score, baseline = np.asarray(score, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if np.any(baseline >= 100):
+        raise ValueError("a baseline of 100 leaves no error to reduce; scores must be x100 and below 100")
+    out = 100 * (score - baseline) / (100 - baseline)
+    return float(out) if out.ndim == 0 else out
+
+
+def positive_transfers(matrix, baseline, threshold=10.0):
+    """Table 7: (source, target, rel. error reduction) above `threshold` %, largest first.
+    matrix: {source: {target: score}}; baseline: {target: score}."""
+    found = [(src, tgt, relative_error_reduction(s, baseline[tgt]))
+             for src, row in matrix.items() for tgt, s in row.items()]
+    return sorted([t for t in found if t[2] > threshold], key=lambda t: -t[2])
+
+
+def aggregate_targets(scores, baseline):
+    """Table 3 row: {target: per-run scores} vs the baseline's {target: per-run scores or mean} ->
+    {"avg_score", "abs_change", "rel_change"}: each (mean, std) over runs (std with ddof 0).
+    Run r of the method pairs with run r of the baseline when both have the same number of runs
+    (our reading of footnote 15: ORACLE's avg 80.7 +-0.0 has abs change +-0.5), else the baseline mean."""
+    targets = list(scores)
+    if not targets or set(targets) - set(baseline):
+        raise ValueError(f"need scores for >= 1 target, each with a baseline; missing {set(targets) - set(baseline)}")
+    s = np.array([np.atleast_1d(scores[t]) for t in targets], dtype=np.float64)  # [targets, runs]
+    b = np.array([np.atleast_1d(baseline[t]) for t in targets], dtype=np.float64)
+    b = b if b.shape == s.shape else b.mean(1, keepdims=True)
+    # Table 3: Abs. = change of the 10-target average; Rel. = mean over targets of the error reduction
+    per_run = {"avg_score": s.mean(0), "abs_change": (s - b).mean(0),
+               "rel_change": relative_error_reduction(s, b).mean(0)}
+    return {name: (float(v.mean()), float(v.std())) for name, v in per_run.items()}
+
+
+def p_value_from_r(r, n):
+    """Two-sided p of Pearson's r over n points: t = r sqrt((n-2)/(1-r^2)) with n-2 degrees of freedom;
+    P(|T| > t) = I_x(df/2, 1/2), x = df / (df + t^2), the regularized incomplete beta."""
+    if n < 3:
+        raise ValueError(f"a p-value needs n >= 3 points, got {n}")
+    if abs(r) >= 1:
+        return 0.0
+    a, b, x = (n - 2) / 2, 0.5, 1 - r * r  # df / (df + t^2) simplifies to 1 - r^2
+    if x > (a + 1) / (a + b + 2):  # the continued fraction converges fast only on this side
+        return 1.0 - _incomplete_beta(b, a, 1 - x)
+    return _incomplete_beta(a, b, x)
+
+
+def _incomplete_beta(a, b, x):
+    """I_x(a, b) by its continued fraction (modified Lentz), for x < (a+1)/(a+b+2)."""
+    if x <= 0:
+        return 0.0
+    # I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * 1 / (1 + d_1 / (1 + d_2 / (1 + ...)))
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+        c = 1.0 + num / (c if abs(c) > 1e-300 else 1e-300)
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-15:
+            break
+    return front * (f - 1.0)
+
+
+def pearson(x, y):
+    """Pearson r and two-sided p (Fig. 5 / Fig. 8: similarity vs relative error reduction of one target).
+    scipy.stats.pearsonr when scipy is installed, else numpy + p_value_from_r."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
+        raise ValueError(f"pearson needs two 1-D arrays of equal length >= 3, got {x.shape} and {y.shape}")
+    try:
+        from scipy import stats
+    except ImportError:
+        r = float(np.corrcoef(x, y)[0, 1])
+        return r, p_value_from_r(r, len(x))
+    r, p = stats.pearsonr(x, y)
+    return float(r), float(p)
+
+
+# ---------------------------------------------------------------- figures (matplotlib, imported lazily)
+
+def _figure(*size):
+    from matplotlib.figure import Figure  # Figure + savefig renders with Agg, without pyplot's global state
+    return Figure(figsize=size, layout="constrained")
+
+
+def _save(fig, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_transfer_heatmap(transfer, sources, targets, path, title="Relative error reduction (%)"):
+    """Fig. 3: heatmap of transfer[source, target] (relative error reduction, %). Colours are clipped
+    symmetrically at the largest gain, so a few large losses (e.g. into CB) do not wash out the rest."""
+    from matplotlib.colors import TwoSlopeNorm
+    transfer = np.asarray(transfer, dtype=np.float64)
+    if transfer.shape != (len(sources), len(targets)):
+        raise ValueError(f"transfer has shape {transfer.shape}, expected ({len(sources)}, {len(targets)})")
+    lim = max(1.0, float(np.nanmax(np.abs(transfer.clip(min=0)))))
+    fig = _figure(0.6 * len(targets) + 3, 0.35 * len(sources) + 1.5)
+    ax = fig.subplots()
+    im = ax.imshow(transfer.clip(-lim, lim), cmap="RdBu", norm=TwoSlopeNorm(0, -lim, lim), aspect="auto")
+    ax.set_xticks(range(len(targets)), targets, rotation=45, ha="right")
+    ax.set_yticks(range(len(sources)), sources)
+    for (i, j), v in np.ndenumerate(transfer):
+        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+    ax.set_xlabel("target")
+    ax.set_ylabel("source")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def plot_similarity_clustermap(matrix, names, path, title="Task similarity"):
+    """Figs. 4, 7: similarity heatmap with rows and columns in the order of an average-linkage
+    hierarchical clustering on distance 1 - similarity, its dendrogram on top. Returns the PNG path."""
+    from scipy.cluster.hierarchy import dendrogram, linkage
+    from scipy.spatial.distance import squareform
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape != (len(names), len(names)) or len(names) < 2:
+        raise ValueError(f"need a square matrix over >= 2 names, got shape {m.shape} for {len(names)} names")
+    dist = (1 - (m + m.T) / 2).clip(min=0)
+    np.fill_diagonal(dist, 0)
+    tree = linkage(squareform(dist, checks=False), method="average")
+    fig = _figure(0.45 * len(names) + 3, 0.45 * len(names) + 3.5)
+    top, heat = fig.subplots(2, 1, height_ratios=[1, 4])
+    order = dendrogram(tree, ax=top, no_labels=True, color_threshold=0)["leaves"]
+    top.set_axis_off()
+    im = heat.imshow(m[np.ix_(order, order)], cmap="viridis", aspect="auto")
+    labels = [names[i] for i in order]
+    heat.set_xticks(range(len(names)), labels, rotation=45, ha="right")
+    heat.set_yticks(range(len(names)), labels)
+    if len(names) <= 12:
+        for (i, j), v in np.ndenumerate(m[np.ix_(order, order)]):
+            heat.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8, color="w")
+    top.set_title(title)
+    fig.colorbar(im, ax=[top, heat])  # one colorbar for both keeps the dendrogram's leaves over the columns
+    return _save(fig, path)
+
+
+def plot_similarity_vs_transfer(panels, path, xlabel="similarity", ylabel="relative error reduction (%)"):
+    """Figs. 5, 8: one scatter per target, {target: (x, y)}, titled with Pearson r and p.
+    Returns {target: (r, p)}."""
+    fig = _figure(3.2 * min(len(panels), 5), 2.8 * math.ceil(len(panels) / 5))
+    axes = np.atleast_1d(fig.subplots(math.ceil(len(panels) / 5), min(len(panels), 5))).ravel()
+    stats = {}
+    for ax, (target, (x, y)) in zip(axes, panels.items()):
+        stats[target] = pearson(x, y)
+        ax.scatter(x, y, s=12)
+        ax.set_title(f"{target}: r={stats[target][0]:.3f}, p={stats[target][1]:.3g}", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    _save(fig, path)
+    return stats
+
+
+# ---------------------------------------------------------------- CLI
+
+def _print_ranking(ranking, k, metric):
+    top = ranking[:len(top_k(ranking, k))]
+    alphas = top_k_weights(ranking, k) if sum(sim for _, sim in top) > 0 else [None] * k
+    print(f"{'rank':>4} {metric:>14} {'alpha':>7}  task (run, step, score, file)")
+    for r, ((e, sim), alpha) in enumerate(zip(top, alphas), 1):
+        a = "" if alpha is None else f"{alpha:.4f}"
+        print(f"{r:>4} {sim:>14.4f} {a:>7}  {e.task} (run={e.run}, step={e.step}, score={e.score}, "
+              f"{e.path.name if e.path else ''})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Task similarity and source retrieval over a prompt library (SPoT §3).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rank = sub.add_parser("rank", help="print source prompts by similarity to the target's prompt (§3.3)")
+    rank.add_argument("--target", required=True, nargs="+", help="target prompt .npy (several = runs, averaged)")
+    rank.add_argument("--k", type=int, default=None, help="print the top k, alpha = TOP-k weights (default: all)")
+    matrix = sub.add_parser("matrix", help="print the task similarity matrix of a library (Fig. 4)")
+    for p in (rank, matrix):
+        p.add_argument("--library", required=True, help="directory of .npy prompts (+ optional .json metadata)")
+        p.add_argument("--metric", default="per_token", choices=sorted(METRICS))
+    args = parser.parse_args(argv)
+    try:
+        library = load_library(args.library)
+        if args.command == "rank":
+            ranking = rank_sources([_as_prompt(np.load(f), f) for f in args.target], library, args.metric)
+            _print_ranking(ranking, len(ranking) if args.k is None else args.k, args.metric)
+            return
+        groups = group_by_task(library)
+        print(f"{args.metric:>16} " + " ".join(f"{t[:10]:>10}" for t in groups))
+        for task, row in zip(groups, similarity_matrix(groups, args.metric)):
+            print(f"{task[:16]:>16} " + " ".join(f"{v:10.4f}" for v in row))
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

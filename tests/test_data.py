@@ -1,0 +1,428 @@
+"""data.py: record counts of the shared files, T5 text formats (known answers written from T5's preprocessors),
+tokenisation, resumable batches, mixing rates, metrics (hand-computed and scipy), the tfds path (mock_data)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+
+# ----------------------------------------------------------------------------- real files parse to PROVENANCE.md counts
+COUNTS = [("cola", "validation", 1043), ("cola", "train", 8551), ("sst2", "validation", 872),
+          ("sst2", "train", 67349), ("mrpc", "validation", 408), ("mrpc", "train", 3668),
+          ("stsb", "validation", 1500), ("stsb", "train", 5749), ("qnli", "validation", 5463),
+          ("rte", "validation", 277), ("rte", "train", 2490), ("boolq", "validation", 3270),
+          ("cb", "train", 250), ("cb", "validation", 56), ("copa", "train", 400), ("copa", "validation", 100),
+          ("superglue_rte", "train", 2490), ("superglue_rte", "validation", 277), ("wic", "train", 5428),
+          ("wic", "validation", 638), ("wsc", "train", 554), ("wsc", "validation", 104)]
+
+
+@pytest.mark.parametrize("task,split,n", COUNTS)
+def test_shared_files_parse_to_provenance_counts(shared_data, task, split, n):
+    examples = data.load_examples(task, split, data_dir=shared_data)
+    assert len(examples) == n
+    assert [e["idx"] for e in examples] == list(range(n))          # tfds: idx = row / record number
+    if data.get_task(task).label_names:
+        assert {e["label"] for e in examples} <= set(range(len(data.get_task(task).label_names)))
+
+
+@pytest.mark.parametrize("split,paragraphs,questions,answers", [("train", 456, 5131, 27243),
+                                                                ("validation", 83, 953, 4848)])
+def test_multirc_flattened_like_tfds(shared_data, split, paragraphs, questions, answers):
+    ex = data.load_examples("multirc", split, data_dir=shared_data)
+    assert len(ex) == answers
+    assert len({e["idx"]["paragraph"] for e in ex}) == paragraphs
+    assert len({(e["idx"]["paragraph"], e["idx"]["question"]) for e in ex}) == questions
+    assert set(ex[0]) == {"paragraph", "question", "answer", "label", "idx"}
+
+
+def test_label_balance_matches_provenance(shared_data):
+    cola = data.load_examples("cola", "validation", data_dir=shared_data)
+    assert sum(e["label"] for e in cola) == 721                  # 721 acceptable / 322 unacceptable
+    mrpc = data.load_examples("mrpc", "validation", data_dir=shared_data)
+    assert sum(e["label"] for e in mrpc) == 279
+    cb = data.load_examples("cb", "validation", data_dir=shared_data)
+    assert [sum(e["label"] == c for e in cb) for c in range(3)] == [23, 28, 5]   # entailment/contradiction/neutral
+
+
+# ----------------------------------------------------------------------------- known {inputs, targets} pairs
+def first(shared_data, task, split="validation"):
+    return data.to_text(task, data.load_examples(task, split, data_dir=shared_data)[0])
+
+
+def test_glue_formats_on_first_records(shared_data):
+    assert first(shared_data, "cola") == {"inputs": "cola sentence: The sailors rode the breeze clear of the rocks.",
+                                          "targets": "acceptable"}
+    assert first(shared_data, "sst2") == {"inputs": "sst2 sentence: it 's a charming and often affecting journey . ",
+                                          "targets": "positive"}
+    assert first(shared_data, "mrpc") == {
+        "inputs": "mrpc sentence1: He said the foodservice pie business doesn't fit the company's long-term growth "
+                  "strategy. sentence2: \"The foodservice pie business does not fit our long-term growth strategy.",
+        "targets": "equivalent"}
+    assert first(shared_data, "stsb") == {"inputs": "stsb sentence1: A man with a hard hat is dancing. sentence2: "
+                                                    "A man wearing a hard hat is dancing.", "targets": "5.0"}
+    assert first(shared_data, "qnli") == {
+        "inputs": "qnli question: What came into force after the new constitution was herald? sentence: As of that "
+                  "day, the new constitution heralding the Second Republic came into force.", "targets": "entailment"}
+    rte = ("Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, according to "
+           "the Christopher Reeve Foundation.", "Christopher Reeve had an accident.")
+    assert first(shared_data, "rte") == {"inputs": f"rte sentence1: {rte[0]} sentence2: {rte[1]}",
+                                         "targets": "not_entailment"}
+    # SuperGLUE RTE: same example, T5 sorts the tfds feature names -> hypothesis before premise.
+    assert first(shared_data, "superglue_rte") == {"inputs": f"rte hypothesis: {rte[1]} premise: {rte[0]}",
+                                                   "targets": "not_entailment"}
+
+
+def test_mnli_and_test_label():
+    ex = {"premise": "A man sleeps.", "hypothesis": "A man runs.", "label": 2, "idx": 0}
+    assert data.to_text("mnli", ex) == {"inputs": "mnli hypothesis: A man runs. premise: A man sleeps.",
+                                        "targets": "contradiction"}
+    assert data.to_text("mnli", {**ex, "label": -1})["targets"] == "<unk>"     # unlabeled test example
+
+
+def test_stsb_rounds_to_point_two_half_to_even():
+    def target(x):
+        return data.to_text("stsb", {"sentence1": "a", "sentence2": "b", "label": x, "idx": 0})["targets"]
+    assert [target(x) for x in (3.8, 1.79, 2.5, 0.1, 5.0)] == ["3.8", "1.8", "2.4", "0.0", "5.0"]
+
+
+def test_superglue_formats_on_first_records(shared_data):
+    assert first(shared_data, "cb") == {
+        "inputs": "cb hypothesis: Valence was helping premise: Valence the void-brain, Valence the virtuous valet. "
+                  "Why couldn't the figger choose his own portion of titanic anatomy to shaft? Did he think he was "
+                  "helping?", "targets": "contradiction"}
+    assert first(shared_data, "copa") == {
+        "inputs": "copa choice1: The toilet filled with water. choice2: Water flowed from the spout. premise: The man "
+                  "turned on the faucet. question: effect", "targets": "choice2"}
+    assert first(shared_data, "wic") == {
+        "inputs": "wic sentence1: An emerging professional class. sentence2: Apologizing for losing your temper, even "
+                  "though you were badly provoked, showed real class. word: class", "targets": "False"}
+    boolq = first(shared_data, "boolq")
+    assert boolq["inputs"].startswith("boolq passage: Ethanol fuel -- All biomass goes through")
+    assert boolq["inputs"].endswith(" question: does ethanol take more energy make that produces")
+    assert boolq["targets"] == "False"
+    multirc = first(shared_data, "multirc")
+    assert multirc["inputs"].startswith("multirc question: Would the mass of a baseball affect how much force you "
+                                        "have to use to pick it up? answer: No paragraph: What causes a change in "
+                                        "motion? The application of a force.")
+    assert multirc["targets"] == "False"
+    assert first(shared_data, "wsc") == {
+        "inputs": "wsc: Bernard , who had not told the government official that he was less than 21 when he filed for "
+                  "a homestead claim, did not consider that he had done anything dishonest. Still, anyone who knew "
+                  "that he was 19 years old could take his claim away from *him* .", "targets": "anyone"}
+
+
+def test_multirc_drops_html_markup():
+    ex = {"paragraph": "<b>Sent 1: </b>A cat.<br><b>Sent 2: </b>It sat.<br>", "question": "What sat?",
+          "answer": "A cat", "label": 1, "idx": {"paragraph": 0, "question": 0, "answer": 0}}
+    assert data.to_text("multirc", ex) == {
+        "inputs": "multirc question: What sat? answer: A cat paragraph: Sent 1: A cat. Sent 2: It sat. ",
+        "targets": "True"}
+
+
+def test_wsc_simple_and_wsc_fixed_spans(shared_data):
+    ex = {"text": "Mitchell asked Tom if he could lend some money.", "span1_index": 2, "span2_index": 4,
+          "span1_text": "Tom", "span2_text": "he", "label": 1, "idx": 0}     # T5's wsc_simple docstring example
+    assert data.to_text("wsc", ex) == {"inputs": "wsc: Mitchell asked Tom if *he* could lend some money.",
+                                       "targets": "Tom"}
+    val = {e["idx"]: e for e in data.load_examples("wsc", "validation", data_dir=shared_data)}
+    assert val[5]["span1_text"] == "the table"          # raw file: "The table"; wsc.fixed matches the text's case
+    train = data.load_examples("wsc", "train", data_dir=shared_data)
+    assert len(data.text_pairs("wsc", train, train=True)) == 259   # only true referents (T5 weight: 259)
+
+
+def test_record_format_and_training_expansion():
+    ex = {"passage": "This is the passage.", "query": "A @placeholder is a bird.",
+          "entities": ["penguin", "potato", "pigeon"], "answers": ["penguin", "pigeon"],
+          "idx": {"passage": 0, "query": 0}}                                     # T5's record docstring example
+    inputs = "record query: A @placeholder is a bird. entities: penguin, potato, pigeon passage: This is the passage."
+    assert data.to_text("record", ex) == {"inputs": inputs, "targets": "penguin"}
+    assert [p["targets"] for p in data.text_pairs("record", [ex], train=True)] == ["penguin", "pigeon"]
+    hl = data.to_text("record", {**ex, "passage": "A cat sat.\n@highlight\nDogs bark\n@highlight\nEnd"})
+    assert hl["inputs"].endswith("passage: A cat sat. Dogs bark. End")
+
+
+def test_other_families():
+    qa = {"question": "Who won?", "context": "Denver won (24-10).", "answers": ["Denver"]}
+    assert data.to_text("squad", qa) == {"inputs": "question: Who won ? context: Denver won ( 24 - 10 ) . ",
+                                         "targets": "Denver"}
+    assert data.to_text("docnli", {"premise": "A  dog\nbarks.", "hypothesis": "A dog.", "label": 1}) == {
+        "inputs": "doc_nli hypothesis: A dog. premise: A dog barks.", "targets": "entailment"}
+    assert data.to_text("winogrande", {"sentence": "The _ sat.", "option1": "cat", "option2": "dog", "label": 1}) \
+        == {"inputs": "winogrande sentence: The _ sat. option1: cat option2: dog", "targets": "2"}
+    assert data.to_text("wmt_ende", {"en": "That is good.", "de": "Das ist gut."}) == {
+        "inputs": "translate English to German: That is good.", "targets": "Das ist gut."}
+    assert data.to_text("cnn_dailymail", {"article": "A b.", "highlights": "B."}) == {
+        "inputs": "cnn_dailymail summarize: A b.", "targets": "B."}
+    text = "one two three four five six seven"
+    lm = data.to_text("c4", {"text": text})
+    assert lm["inputs"] and lm["targets"] and f"{lm['inputs']} {lm['targets']}" == text
+    assert data.to_text("c4", {"text": text}) == lm                           # the cut depends only on the text
+
+
+# ----------------------------------------------------------------------------- registry, mixtures, errors
+TABLE2 = ["C4", "DocNLI", "Yelp-2", "MNLI", "QQP", "QNLI", "ReCoRD", "CxC", "SQuAD", "DROP", "SST-2", "WinoGrande",
+          "HellaSWAG", "MultiRC", "CosmosQA", "RACE", "BoolQ", "CoLA", "STS-B", "WiC", "CR", "MRPC", "RTE", "WSC",
+          "COPA", "CB"]                                               # SPoT Table 2: 16 sources, 10 targets
+
+
+def test_registry_covers_table2_and_mixtures():
+    assert [data.get_task(n).name for n in TABLE2] == [
+        "c4", "docnli", "yelp2", "mnli", "qqp", "qnli", "record", "cxc", "squad", "drop", "sst2", "winogrande",
+        "hellaswag", "multirc", "cosmosqa", "race", "boolq", "cola", "stsb", "wic", "cr", "mrpc", "rte", "wsc",
+        "copa", "cb"]
+    for members in data.MIXTURES.values():
+        assert all(data.get_task(t).name == t for t in members)
+    assert len(data.MIXTURES["All"]) == 55                  # SPoT App. B: 55 labeled source datasets
+    assert [len(data.MIXTURES[m]) for m in ("GLUE", "SuperGLUE", "NLI", "Paraphrase", "Sentiment", "MRQA",
+                                            "RAINBOW", "Translation", "Summarization", "GEM")] == \
+        [8, 8, 7, 4, 5, 6, 6, 3, 9, 8]
+    assert data.topk_mixture(["MNLI", "qqp", "mnli"], "CB") == ("mnli", "qqp", "cb")
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(KeyError, match="known tasks: .*cola.*wsc"):
+        data.get_task("not_a_task")
+
+
+def test_missing_file_empty_split_and_unknown_split(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"RTE/dev.tsv.*gluebenchmark"):
+        data.load_examples("rte", "validation", data_dir=tmp_path)
+    (tmp_path / "RTE").mkdir()
+    (tmp_path / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+    with pytest.raises(ValueError, match="empty"):
+        data.load_examples("rte", "validation", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="known: .*validation"):
+        data.load_examples("rte", "dev", data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="tfds has no cr.*SentEval"):
+        data.load_examples("cr", "train")
+    with pytest.raises(FileNotFoundError, match="no reader for local files"):
+        data.load_examples("squad", "train", data_dir=tmp_path)
+
+
+def test_other_readers(tmp_path):
+    (tmp_path / "train.json").write_text(json.dumps([{"premise": "P.", "hypothesis": "H.", "label": "entailment"}]))
+    assert data.load_examples("docnli", "train", data_dir=tmp_path) == [
+        {"premise": "P.", "hypothesis": "H.", "label": 1}]
+    (tmp_path / "CR").mkdir()
+    (tmp_path / "CR" / "train.tsv").write_text("index\ttext\tlabel\n0\tgreat phone\t1\n1\tbad \"case\"\t0\n")
+    cr = data.load_examples("cr", "train", data_dir=tmp_path)
+    assert [e["label"] for e in cr] == [1, 0] and cr[1]["text"] == 'bad "case"'
+    assert data.to_text("cr", cr[0]) == {"inputs": "cr text: great phone", "targets": "positive"}
+    (tmp_path / "CoLA").mkdir()                       # GLUE test files: a header, no label column -> -1
+    (tmp_path / "CoLA" / "test.tsv").write_text("id\tsentence\n0\tHi there.\n")
+    assert data.load_examples("cola", "test", data_dir=tmp_path) == [{"sentence": "Hi there.", "idx": 0, "label": -1}]
+    (tmp_path / "STS-B").mkdir()
+    (tmp_path / "STS-B" / "test.tsv").write_text("index\tgenre\tsentence1\tsentence2\n0\tnews\tA.\tB.\n")
+    assert data.load_examples("stsb", "test", data_dir=tmp_path)[0]["label"] == -1.0
+    (tmp_path / "socialiqa").mkdir()
+    row = {"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c"}
+    (tmp_path / "socialiqa" / "dev.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "socialiqa" / "dev-labels.lst").write_text("3\n")
+    assert data.load_examples("socialiqa", "validation", data_dir=tmp_path)[0]["label"] == 2
+
+
+# ----------------------------------------------------------------------------- the tfds path, offline
+MNLI_TSV = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+            "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n"
+            "0\t1\t1n\tfiction\t(x)\t(y)\t(x)\t(y)\tA man sleeps.\tA man runs.\tcontradiction\tcontradiction\n")
+
+
+def _structure(x):
+    if isinstance(x, dict):
+        return {k: _structure(v) for k, v in x.items()}
+    return float if isinstance(x, float) else type(x)
+
+
+@pytest.mark.parametrize("task,split", [("rte", "train"), ("sst2", "validation"), ("mnli", "validation_matched"),
+                                        ("multirc", "validation")])
+def test_tfds_mock_gives_the_file_readers_structure(shared_data, tmp_path, task, split):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=3):
+        from_tfds = data.load_examples(task, split)
+    if task == "mnli":                              # no MNLI in shared data: a one-row file in GLUE's layout
+        (tmp_path / "MNLI").mkdir()
+        (tmp_path / "MNLI" / "dev_matched.tsv").write_text(MNLI_TSV)
+        root = tmp_path
+    else:
+        root = shared_data
+    from_files = data.load_examples(task, split, data_dir=root)
+    assert len(from_tfds) == 3
+    assert _structure(from_tfds[0]) == _structure(from_files[0])
+    assert set(data.to_text(task, from_tfds[0])) == {"inputs", "targets"}
+    if task == "mnli":
+        assert from_files[0] == {"premise": "A man sleeps.", "hypothesis": "A man runs.", "idx": 0, "label": 2}
+
+
+def _fake_download(tmp_path, shared_data, folder, files):
+    """A download folder for tfds: real shared files linked in, stand-ins (text) for the splits not shared."""
+    (tmp_path / "dl" / folder).mkdir(parents=True)
+    for name, content in files.items():
+        target = tmp_path / "dl" / folder / name
+        if isinstance(content, Path):
+            target.symlink_to(shared_data / content)
+        else:
+            target.write_text(content)
+    return str(tmp_path / "dl")
+
+
+@pytest.mark.parametrize("task,folder,files", [
+    ("rte", "RTE", {"dev.tsv": Path("glue/RTE/dev.tsv"), "train.tsv": "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\t"
+                    "entailment\n", "test.tsv": "index\tsentence1\tsentence2\n0\tA.\tB.\n"}),
+    ("multirc", "MultiRC", {"val.jsonl": Path("superglue/MultiRC/val.jsonl")})])
+def test_real_tfds_build_equals_file_reader(shared_data, tmp_path, task, folder, files):
+    """tfds builds the split from the original files (download replaced by a local folder), writes array_record
+    (bytes come back) and gives exactly the file reader's examples, in its own (shuffled) order."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from unittest import mock
+    if task == "multirc":          # tfds reads every split: give train/test one real paragraph each
+        line = (shared_data / "superglue/MultiRC/val.jsonl").open().readline()
+        files = {**files, "train.jsonl": line, "test.jsonl": line}
+    dl = _fake_download(tmp_path, shared_data, folder, files)
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=dl):
+        from_tfds = data.load_examples(task, "validation", tfds_dir=str(tmp_path / "tfds"))
+    from_files = data.load_examples(task, "validation", data_dir=shared_data)
+    key = (lambda e: (e["idx"]["paragraph"], e["idx"]["question"], e["idx"]["answer"])) if task == "multirc" \
+        else (lambda e: e["idx"])
+    assert sorted(from_tfds, key=key) == from_files
+
+
+def test_tfds_not_prepared_fails_fast_with_a_hint(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(RuntimeError, match="could not load glue/rte.*data_dir="):
+        data.load_examples("rte", "validation", tfds_dir=str(tmp_path), download=False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed")
+def test_superglue_tfds_without_tensorflow_says_how_to_install():
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(ModuleNotFoundError, match="pip install tensorflow-cpu"):
+        data.load_examples("boolq", "validation")
+
+
+# ----------------------------------------------------------------------------- tokens and batches
+@pytest.fixture(scope="module")
+def vocab(shared_data):
+    return data.load_vocab(str(shared_data / "t5_spiece.model"))
+
+
+def test_vocab_known_ids_and_sentinels(vocab, shared_data, tmp_path):
+    assert vocab.encode("Hello world") == [8774, 296]
+    assert vocab.encode("translate English to German: That is good.") == [13959, 1566, 12, 2968, 10, 466, 19, 207, 5]
+    assert vocab.vocab_size == 32100
+    assert vocab.sp.piece_to_id("<extra_id_0>") == 32099 and vocab.sp.piece_to_id("<extra_id_99>") == 32000
+    assert vocab.decode([8774, 296, 1, 296, 0]) == "Hello world"
+    (tmp_path / "spiece.model").symlink_to(shared_data / "t5_spiece.model")
+    assert data.load_vocab(str(tmp_path)).encode("Hello world") == [8774, 296]
+    with pytest.raises(FileNotFoundError, match="no SentencePiece model"):
+        data.load_vocab(str(tmp_path / "missing.model"))
+
+
+def test_tokenize_eos_truncation_padding(vocab):
+    out = data.tokenize(vocab, [{"inputs": "Hello world", "targets": "positive"},
+                                {"inputs": "Hello", "targets": "translate English to German"}], 4, 3)
+    assert out["inputs"].dtype == np.int32 and out["targets"].dtype == np.int32
+    np.testing.assert_array_equal(out["inputs"], [[8774, 296, 1, 0], [8774, 1, 0, 0]])
+    np.testing.assert_array_equal(out["targets"], [[1465, 1, 0], [13959, 1566, 1]])   # cut to T-1, then EOS
+    cut = data.tokenize(vocab, [{"inputs": "Hello world", "targets": "x"}], 2, 8)
+    np.testing.assert_array_equal(cut["inputs"], [[8774, 1]])
+
+
+def toy_arrays(n, width=3, fill=0):
+    return {"inputs": np.arange(n * width, dtype=np.int32).reshape(n, width) + fill,
+            "targets": np.full((n, 2), fill, np.int32)}
+
+
+def test_batches_deterministic_resumable_and_epoch_permutations():
+    arrays = toy_arrays(10)
+    take = lambda it, k: [next(it) for _ in range(k)]                     # noqa: E731
+    a = take(data.batches(arrays, 4, seed=7), 8)
+    b = take(data.batches(arrays, 4, seed=7), 8)
+    resumed = take(data.batches(arrays, 4, seed=7, start=5), 3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["inputs"], y["inputs"])
+    for x, y in zip(a[5:], resumed):
+        np.testing.assert_array_equal(x["inputs"], y["inputs"])
+    rows = np.concatenate([x["inputs"][:, 0] // 3 for x in a])            # 32 rows = 3.2 epochs of 10
+    for e in range(3):
+        assert sorted(rows[10 * e:10 * e + 10]) == list(range(10))        # every epoch is a permutation
+    other = take(data.batches(arrays, 4, seed=8), 3)
+    assert any((x["inputs"] != y["inputs"]).any() for x, y in zip(a, other))
+
+
+# ----------------------------------------------------------------------------- mixtures
+def test_mixture_rates_with_and_without_cap():
+    assert data.mixture_rates({"a": 100, "b": 300, "c": 600}) == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.6})
+    assert data.mixture_rates({"a": 100, "b": 300, "c": 600}, cap=200) == pytest.approx(
+        {"a": 0.2, "b": 0.4, "c": 0.4})                                  # min(n, K): 100, 200, 200 of 500
+    rates = data.mixture_rates({"mnli": 392_702, "c4": 365_000_000})      # default K = 2^19 = 524,288
+    assert rates["mnli"] == pytest.approx(392_702 / (392_702 + 524_288))
+    with pytest.raises(ValueError):
+        data.mixture_rates({"a": 0})
+
+
+def test_mixture_batches_rates_resume_and_padding():
+    arrays = {"small": toy_arrays(5, width=2, fill=1000), "large": toy_arrays(50, width=4, fill=2000)}
+    rates = {"small": 0.25, "large": 0.75}
+    it = data.mixture_batches(arrays, 64, seed=3, rates=rates)
+    got = [next(it) for _ in range(60)]
+    again = data.mixture_batches(arrays, 64, seed=3, rates=rates, start=40)
+    np.testing.assert_array_equal(got[40]["inputs"], next(again)["inputs"])
+    inputs = np.concatenate([g["inputs"] for g in got])
+    assert inputs.shape[1] == 4
+    small = inputs[:, 0] < 2000
+    assert abs(small.mean() - 0.25) < 0.02
+    assert (inputs[small][:, 2:] == 0).all()                                # narrow task padded with 0
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_classification_metrics_by_hand():
+    assert data.accuracy([0, 1, 1, 0], [0, 1, 0, -1]) == {"accuracy": 50.0}
+    # invalid prediction -1 (target 0) is flipped to 1: tp=2 fp=2 fn=1 -> 2*2/(2*2+3)
+    assert data.f1_with_invalid([1, 1, 0, 0, 1], [1, 0, 1, -1, 1])["f1"] == pytest.approx(400 / 7)
+    # per class: 2/3, 2/3, 4/5
+    assert data.mean_class_f1([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, -1])["mean_3class_f1"] == pytest.approx(
+        100 * (2 / 3 + 2 / 3 + 0.8) / 3)
+    assert data.matthews([1, 1, 0, 0], [1, 0, 0, 0])["matthews_corrcoef"] == pytest.approx(100 * 2 / np.sqrt(12))
+    assert data.matthews([1, 1, 0, 0], [0, 0, 0, 0])["matthews_corrcoef"] == 0.0
+    # invalid -1 makes it a 3-label table: (c*s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)) = 6 / sqrt(10 * 8)
+    assert data.matthews([1, 1, 0, 0], [1, -1, 0, 0])["matthews_corrcoef"] == pytest.approx(100 * 6 / np.sqrt(80))
+
+
+def test_correlations_by_hand_and_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    assert data.pearson([1, 2, 3], [2, 4, 6])["pearson_corrcoef"] == pytest.approx(100)
+    assert data.spearman([1, 2, 3], [30, 20, 10])["spearman_corrcoef"] == pytest.approx(-100)
+    rng = np.random.default_rng(0)
+    t = np.round(rng.uniform(0, 5, 200) * 5) / 5                            # STS-B-like ties
+    p = np.round((t + rng.normal(0, 1, 200)) * 5) / 5
+    assert data.pearson(t, p)["pearson_corrcoef"] == pytest.approx(100 * stats.pearsonr(t, p)[0])
+    assert data.spearman(t, p)["spearman_corrcoef"] == pytest.approx(100 * stats.spearmanr(t, p)[0])
+
+
+def test_squad_multirc_record_by_hand():
+    assert data.normalize_squad("The  Denver Broncos!") == "denver broncos"
+    out = data.squad([["Denver Broncos", "Broncos"], ["Denver Broncos"]], ["the Broncos", "Broncos"])
+    assert out == pytest.approx({"em": 50.0, "f1": 100 * (1 + 2 / 3) / 2})   # P=1, R=1/2 -> F1 2/3
+    mrc = data.multirc([(1, "q1"), (0, "q1"), (1, "q2"), (1, "q2")], [1, 0, 1, 0])
+    assert mrc == pytest.approx({"f1": 80.0, "exact_match": 50.0})
+    rec = data.record([(["Obama"], (0, 0)), (["Obama"], (0, 0)), (["Paris", "France"], (0, 1))],
+                      ["Obama", "wrong", "france"])                           # duplicate group counted once
+    assert rec == pytest.approx({"em": 100.0, "f1": 100.0})
+
+
+def test_score_postprocesses_and_averages(shared_data):
+    mrpc = data.load_examples("mrpc", "validation", data_dir=shared_data)[:4]
+    gold = [data.to_text("mrpc", e)["targets"] for e in mrpc]
+    out = data.score("mrpc", mrpc, gold[:3] + ["banana"])                   # unknown string -> -1, wrong
+    assert out["accuracy"] == 75.0 and out["score"] == pytest.approx((out["f1"] + 75.0) / 2)
+    sts = [{"sentence1": "a", "sentence2": "b", "label": x, "idx": i} for i, x in enumerate([1.0, 2.0, 3.0])]
+    assert data.score("stsb", sts, ["1.0", "2.0", "3.0"])["score"] == pytest.approx(100)
+    wsc = {"text": "Mitchell asked Tom if he could lend some money.", "span1_index": 2, "span2_index": 4,
+           "span1_text": "Tom", "span2_text": "he", "idx": 0}
+    assert data.score("wsc", [{**wsc, "label": 1}, {**wsc, "label": 0}], ["the Tom", "Tom"])["accuracy"] == 50.0
+    assert data.benchmark_score([{"score": 80.0}, {"score": 60.0}, 70.0]) == 70.0
+    with pytest.raises(NotImplementedError, match="rouge"):
+        data.score("xsum", [{"document": "a", "summary": "b"}], ["b"])

@@ -1,0 +1,279 @@
+"""retrieval.py: known answers, the paper's Tables 6-7 through our functions, the released prompts."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retrieval as R
+from experiments import paper_numbers as P
+
+ROOT = Path(__file__).resolve().parents[1]
+E2 = np.array([[1.0, 0.0], [0.0, 1.0]])
+
+
+# ---------------------------------------------------------------- similarities: known answers
+
+def test_cosine_average_tokens_known_answers():
+    assert R.cosine_average_tokens(E2, [[1, 0]]) == pytest.approx(1 / np.sqrt(2))   # cos([.5,.5],[1,0])
+    assert R.cosine_average_tokens(E2, [[1, 0], [1, 1]]) == pytest.approx(3 / np.sqrt(10))  # [.5,.5]·[1,.5]
+    assert R.cosine_average_tokens([[3, 4]], [[4, 3]]) == pytest.approx(24 / 25)
+    assert R.cosine_average_tokens([[3, 4]], [[-30, -40]]) == pytest.approx(-1.0)  # scale-free, signed
+
+
+def test_cosine_per_token_known_answers():
+    # pairs: cos(e1,e1)=1, cos(e1,[1,1])=1/√2, cos(e2,e1)=0, cos(e2,[1,1])=1/√2 -> mean (1 + √2) / 4
+    assert R.cosine_per_token(E2, [[1, 0], [1, 1]]) == pytest.approx((1 + np.sqrt(2)) / 4)
+    assert R.cosine_per_token(E2, [[1, 0]]) == pytest.approx(0.5)
+    # the paper's per-token similarity of a prompt with itself averages all P^2 pairs, so it is not 1
+    assert R.cosine_per_token(E2, E2) == pytest.approx(0.5)
+    assert R.cosine_per_token([[1, 0], [2, 0]], [[5, 0]]) == pytest.approx(1.0)
+
+
+def test_cosine_per_token_equals_the_double_loop():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(7, 5)), rng.normal(size=(4, 5))
+    loop = np.mean([x @ y / np.linalg.norm(x) / np.linalg.norm(y) for x in a for y in b])
+    assert R.cosine_per_token(a, b) == pytest.approx(loop, abs=1e-12)
+
+
+def test_task_similarity_is_the_mean_over_run_pairs():
+    runs1, runs2 = [E2, [[1, 0], [1, 0]]], [[[1, 0]], [[0, 1]]]
+    # average_tokens: cos([.5,.5],[1,0]) = cos([.5,.5],[0,1]) = 1/√2; cos([1,0],[1,0]) = 1, cos([1,0],[0,1]) = 0
+    assert R.task_similarity(runs1, runs2, "average_tokens") == pytest.approx((2 / np.sqrt(2) + 1 + 0) / 4)
+    assert R.task_similarity(E2, [[1, 0]], "per_token") == pytest.approx(0.5)  # single prompts work too
+    m = R.similarity_matrix({"a": runs1, "b": runs2, "c": E2}, "average_tokens")
+    assert m[0, 1] == pytest.approx((2 / np.sqrt(2) + 1) / 4)
+    np.testing.assert_allclose(m, m.T)
+
+
+# ---------------------------------------------------------------- retrieval: known answers
+
+def _ranking(sims, prompts, tasks):
+    return [(R.PromptEntry(t, np.asarray(p, float)), s) for s, p, t in zip(sims, prompts, tasks)]
+
+
+def test_rank_sources_orders_by_similarity():
+    library = [R.PromptEntry("x", np.array([[0.0, 1.0]])), R.PromptEntry("y", np.array([[1.0, 1.0]])),
+               R.PromptEntry("z", np.array([[2.0, 0.0]]))]
+    ranking = R.rank_sources(np.array([[1.0, 0.0]]), library, "average_tokens")
+    assert [e.task for e, _ in ranking] == ["z", "y", "x"]
+    np.testing.assert_allclose([s for _, s in ranking], [1.0, 1 / np.sqrt(2), 0.0], atol=1e-12)
+    # several target runs: the similarity is averaged over them
+    two = R.rank_sources([np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])], library, "average_tokens")
+    np.testing.assert_allclose(sorted(s for _, s in two), [0.5, 0.5, 1 / np.sqrt(2)], atol=1e-12)
+
+
+def test_top_k_weights_and_weighted_average():
+    ranking = _ranking([0.6, 0.3, 0.1], [[[1, 0]], [[0, 3]], [[9, 9]]], ["a", "b", "c"])
+    np.testing.assert_allclose(R.top_k_weights(ranking, 2), [2 / 3, 1 / 3])
+    np.testing.assert_allclose(R.top_k_weights(ranking, 3), [0.6, 0.3, 0.1])
+    # alpha = (2/3, 1/3): 2/3 [1, 0] + 1/3 [0, 3] = [2/3, 1]
+    np.testing.assert_allclose(R.top_k_weighted_average(ranking, 2), [[2 / 3, 1.0]])
+    np.testing.assert_allclose(R.top_k_weighted_average(ranking, 1), [[1.0, 0.0]])
+
+
+def test_best_of_top_k_oracle_and_mixture_tasks():
+    ranking = _ranking([0.9, 0.8, 0.7, 0.6], [[[1, 0]]] * 4, ["mnli", "qnli", "mnli", "squad"])
+    assert [e.task for e in R.top_k(ranking, 3)] == ["mnli", "qnli", "mnli"]
+    entry, score = R.best_of_top_k(ranking, 3, [70.0, 75.0, 72.0])
+    assert (entry.task, score) == ("qnli", 75.0)
+    by_task = {"mnli": 80.0, "qnli": 75.0, "squad": 90.0}
+    entry, score = R.best_of_top_k(ranking, 2, lambda e: by_task[e.task])
+    assert (entry.task, score) == ("mnli", 80.0)
+    assert R.oracle([e for e, _ in ranking], lambda e: by_task[e.task])[1] == 90.0
+    assert R.top_k_mixture_tasks(ranking, 3, "rte") == ["mnli", "qnli", "rte"]
+    assert R.top_k_mixture_tasks(ranking, 4, "qnli") == ["mnli", "qnli", "squad"]
+
+
+# ---------------------------------------------------------------- analysis: the paper's Tables 3, 6, 7
+
+def _table6():
+    baseline = {t: P.table6("BASELINE", t)[0] for t in P.TARGETS}
+    matrix = {s: {t: P.table6(s, t)[0] for t in P.TARGETS} for s in P.SOURCES}
+    return matrix, baseline
+
+
+def test_relative_error_reduction_known_answers():
+    assert R.relative_error_reduction(97.0, 92.7) == pytest.approx(58.904, abs=1e-3)  # MNLI -> CB, §3.1
+    assert R.relative_error_reduction(50.0, 50.0) == 0.0
+    np.testing.assert_allclose(R.relative_error_reduction([60.0, 40.0], 50.0), [20.0, -20.0])
+
+
+def test_table7_recomputed_from_table6():
+    matrix, baseline = _table6()
+    found = R.positive_transfers(matrix, baseline, threshold=10)
+    assert len(found) == 30
+    got = {(s, t): v for s, t, v in found}
+    assert set(got) == {(s, t) for s, t, _ in P.TABLE7}  # and no other pair above 10%
+    for s, t, v in P.TABLE7:
+        assert abs(got[s, t] - v) < 0.05, (s, t, got[s, t], v)
+    assert [v for *_, v in found] == sorted((v for *_, v in found), reverse=True)
+
+
+def test_baseline_and_best_source_averages_from_table6():
+    matrix, baseline = _table6()
+    agg = R.aggregate_targets({t: [b] for t, b in baseline.items()}, baseline)
+    assert round(agg["avg_score"][0], 1) == P.CLAIMS["baseline_average"] == 74.7
+    assert agg["abs_change"] == (0.0, 0.0) and agg["rel_change"] == (0.0, 0.0)
+    # the best *mean* source per target averages 79.4, below the ORACLE's 80.7 over single prompts (§3.1)
+    best = {t: max(matrix[s][t] for s in P.SOURCES) for t in P.TARGETS}
+    avg, abs_change, _ = (v[0] for v in R.aggregate_targets(best, baseline).values())
+    assert round(avg, 1) == 79.4 and round(abs_change, 1) == 4.7 and avg < P.CLAIMS["oracle_average"]
+
+
+def test_aggregate_targets_known_answer():
+    agg = R.aggregate_targets({"A": [80, 90], "B": [60, 70]}, {"A": [70, 80], "B": [50, 50]})
+    # per run: avg (70, 80); abs change (10, 15); rel change ((33.3+20)/2, (50+40)/2) = (26.67, 45)
+    np.testing.assert_allclose(agg["avg_score"], (75.0, 5.0))
+    np.testing.assert_allclose(agg["abs_change"], (12.5, 2.5))
+    np.testing.assert_allclose(agg["rel_change"], ((80 / 3 + 45) / 2, (45 - 80 / 3) / 2))
+    # an unpaired baseline (one number per target) is used as is
+    np.testing.assert_allclose(R.aggregate_targets({"A": [80, 90]}, {"A": 70})["abs_change"], (15.0, 5.0))
+
+
+def test_fig8_p_values_follow_from_r_over_48_source_prompts():
+    """Fig. 8 prints r and p per target; p is the t-test of r over the 48 source prompts (§3.3)."""
+    for target, (r, p) in P.FIG8.items():
+        # r is printed to 2-3 decimals, p to 3 decimals (STS-B to 4 significant digits)
+        lo, hi = sorted(R.p_value_from_r(r + d, 48) for d in (-0.005, 0.005))
+        assert lo - 0.0005 <= p <= hi + 0.0005, (target, r, p, lo, hi)
+    assert R.p_value_from_r(0.708, 48) == pytest.approx(1.853e-8, rel=0.03)
+
+
+def test_pearson_numpy_fallback_matches_scipy(monkeypatch):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=48)
+    y = 0.5 * x + rng.normal(size=48)
+    r, p = R.pearson(x, y)
+    monkeypatch.setitem(sys.modules, "scipy", None)  # makes `from scipy import stats` raise ImportError
+    r2, p2 = R.pearson(x, y)
+    assert r2 == pytest.approx(r, abs=1e-12) and p2 == pytest.approx(p, rel=1e-9)
+    assert R.pearson([1, 2, 3, 4], [2, 4, 6, 8.5])[0] > 0.99
+
+
+# ---------------------------------------------------------------- the released prompts (real task embeddings)
+
+def test_released_prompts_similarity_matrices(shared_data):
+    library = R.load_library(shared_data / "prompt_tuning_release" / "t5_1_1_lm100k_base")
+    assert [e.task for e in library] == ["mrpc", "rte", "sst2"] and library[0].prompt.shape == (100, 768)
+    groups = R.group_by_task(library)
+    for metric in ("average_tokens", "per_token"):
+        m = R.similarity_matrix(groups, metric)
+        print(f"\n{metric}\n" + "\n".join(f"{t:>5} " + " ".join(f"{v:.4f}" for v in row) for t, row in zip(groups, m)))
+        np.testing.assert_allclose(m, m.T, atol=1e-12)
+        assert np.all(np.abs(m) <= 1 + 1e-12)
+        # every released prompt retrieves itself first
+        for e in library:
+            assert R.rank_sources(e.prompt, library, metric)[0][0] is e
+    np.testing.assert_allclose(np.diag(R.similarity_matrix(groups, "average_tokens")), 1.0, atol=1e-12)
+    # per-token self-similarity = |mean unit token|^2 (< 1); the matrix is a Gram matrix, so PSD
+    m = R.similarity_matrix(groups, "per_token")
+    for e, d in zip(library, np.diag(m)):
+        u = e.prompt / np.linalg.norm(e.prompt, axis=1, keepdims=True)
+        assert d == pytest.approx(np.sum(u.mean(0) ** 2), rel=1e-9) and 0 < d < 1
+    assert np.linalg.eigvalsh(m).min() > -1e-12
+
+
+# ---------------------------------------------------------------- library on disk and CLI
+
+def test_library_round_trip_with_metadata(tmp_path):
+    rng = np.random.default_rng(2)
+    prompts = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(3)]
+    for run, p in enumerate(prompts):
+        R.save_to_library(tmp_path, p, "glue/mnli", run=run, step=10_000, model="google/t5-base-lm-adapt",
+                          score=80.0 + run)
+    np.save(tmp_path / "rte.npy", prompts[0])  # a plain .npy, as Google released them
+    library = R.load_library(tmp_path)
+    assert len(library) == 4
+    saved = [e for e in library if e.task == "glue/mnli"]
+    assert [(e.run, e.step, e.model, e.score) for e in saved] == [
+        (r, 10_000, "google/t5-base-lm-adapt", 80.0 + r) for r in range(3)]
+    for e, p in zip(saved, prompts):
+        np.testing.assert_array_equal(e.prompt, p)
+    plain = [e for e in library if e.path.name == "rte.npy"][0]
+    assert (plain.task, plain.run, plain.score) == ("rte", None, None)
+
+
+def test_cli_rank_and_matrix(tmp_path):
+    lib = tmp_path / "lib"
+    R.save_to_library(lib, [[1.0, 0.0], [1.0, 0.1]], "near")
+    R.save_to_library(lib, [[0.0, 1.0], [0.1, 1.0]], "far")
+    R.save_to_library(lib, [[1.0, 1.0]], "middle")
+    np.save(tmp_path / "target.npy", np.array([[1.0, 0.0]]))
+    for metric in ("per_token", "average_tokens"):
+        out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target",
+                              str(tmp_path / "target.npy"), "--library", str(lib), "--metric", metric, "--k", "2"],
+                             capture_output=True, text=True, check=True).stdout
+        rows = out.strip().splitlines()[1:]
+        assert len(rows) == 2 and "near" in rows[0] and "middle" in rows[1], out
+    out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "matrix", "--library", str(lib),
+                          "--metric", "average_tokens"], capture_output=True, text=True, check=True).stdout
+    assert "1.0000" in out and "far" in out
+    bad = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", str(tmp_path / "target.npy"),
+                          "--library", str(lib), "--k", "9"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "k=9 but the ranking holds 3 prompts" in bad.stderr
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input_raises_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="different widths"):
+        R.cosine_per_token(np.ones((3, 768)), np.ones((3, 512)))
+    with pytest.raises(ValueError, match="2-D prompt"):
+        R.cosine_average_tokens(np.ones(5), np.ones((2, 5)))
+    with pytest.raises(ValueError, match="2-D prompt"):
+        R.rank_sources(np.ones((1, 2, 3, 4)), [R.PromptEntry("a", np.ones((2, 4)))])
+    with pytest.raises(ValueError, match="zero vector"):
+        R.cosine_per_token([[0.0, 0.0]], [[1.0, 0.0]])
+    with pytest.raises(ValueError, match="unknown similarity metric"):
+        R.task_similarity(E2, E2, "euclid")
+    with pytest.raises(ValueError, match="library is empty"):
+        R.rank_sources(E2, [])
+    with pytest.raises(ValueError, match="holds no .npy"):
+        R.load_library(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        R.load_library(tmp_path / "missing")
+    ranking = R.rank_sources(E2, [R.PromptEntry("a", E2), R.PromptEntry("b", E2[::-1])])
+    with pytest.raises(ValueError, match="k=3 but the ranking holds 2"):
+        R.top_k(ranking, 3)
+    with pytest.raises(ValueError, match="k=3 but the ranking holds 2"):
+        R.top_k_weighted_average(ranking, 3)
+    with pytest.raises(ValueError, match="one score per prompt"):
+        R.best_of_top_k(ranking, 2, [1.0])
+    with pytest.raises(ValueError, match="shapes"):
+        R.top_k_weighted_average(_ranking([0.5, 0.5], [E2, [[1, 0]]], "ab"), 2)
+    with pytest.raises(ValueError, match="weights are undefined"):
+        R.top_k_weights(_ranking([0.5, -0.5], [E2, E2], "ab"), 2)
+    with pytest.raises(ValueError, match="no error to reduce"):
+        R.relative_error_reduction(100.0, 100.0)
+    (tmp_path / "x.npy").write_bytes(b"")
+    np.save(tmp_path / "x.npy", E2)
+    (tmp_path / "x.json").write_text('{"run": 0}')
+    with pytest.raises(ValueError, match="no 'task' field"):
+        R.load_library(tmp_path)
+
+
+# ---------------------------------------------------------------- figures from Table 6
+
+def _is_png(path):
+    return path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figures_from_table6(tmp_path):
+    pytest.importorskip("matplotlib")
+    matrix, baseline = _table6()
+    rer = np.array([[R.relative_error_reduction(matrix[s][t], baseline[t]) for t in P.TARGETS] for s in P.SOURCES])
+    assert _is_png(R.plot_transfer_heatmap(rer, P.SOURCES, P.TARGETS, tmp_path / "fig3.png"))
+    # Table 6 has no prompts, so the clustered heatmap here uses the sources' transfer profiles
+    # (score - baseline over the 10 targets): cosine similarity between sources.
+    profiles = np.array([[matrix[s][t] - baseline[t] for t in P.TARGETS] for s in P.SOURCES])
+    unit = profiles / np.linalg.norm(profiles, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    assert _is_png(R.plot_similarity_clustermap(sim, P.SOURCES, tmp_path / "fig4.png"))
+    # Scatter: does a source's mean transfer to the other 9 targets predict its transfer to this one?
+    panels = {t: (np.delete(rer, j, axis=1).mean(1), rer[:, j]) for j, t in enumerate(P.TARGETS)}
+    stats = R.plot_similarity_vs_transfer(panels, tmp_path / "fig5.png", xlabel="mean RER on other targets")
+    assert _is_png(tmp_path / "fig5.png") and set(stats) == set(P.TARGETS)
+    assert stats["CB"] == pytest.approx(R.pearson(*panels["CB"]))
