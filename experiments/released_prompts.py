@@ -1,0 +1,227 @@
+"""Google's released prompts through this code: an end-to-end check on real weights, with no training.
+
+google-research/prompt-tuning released three [100, 768] prompts for the frozen T5 1.1 LM-adapted Base with
+GLUE validation scores (pretrained_prompts/t5_1_1_lm100k_base/README.md): SST-2 acc 95.07, MRPC F1/acc
+89.7/85.3, RTE acc 68.6. Matching them tests load_checkpoint, the prompt in encode (Lester et al. 2021 §2),
+greedy_decode, the exact input format (taskless_text) and data.score at once. The command:
+  python experiments/released_prompts.py --model google/t5-base-lm-adapt \
+      --prompts ../shared/data/prompt_tuning_release/t5_1_1_lm100k_base --data ../shared/data/glue
+872 + 408 + 277 examples: ~28 CPU-minutes (~15-25 min on 2 cores), minutes on a GPU (not yet timed there).
+Writes results/released_prompts.json. --tiny: the same path on a random tiny T5 of width 768, 8 examples per
+task, seconds; its scores are meaningless.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import data
+import t5_model
+
+try:  # imported as experiments.released_prompts (tests)
+    from experiments.paper_numbers import RELEASED_PROMPTS
+except ImportError:  # run as a script: experiments/ is sys.path[0]
+    from paper_numbers import RELEASED_PROMPTS
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TASKS = ("sst2", "mrpc", "rte")
+# The release at the commit PROVENANCE.md names, with the sha256 of each file.
+COMMIT = "72285eea06100f954bcbb16a447ec6cddfc6716c"
+PROMPT_URL = (f"https://raw.githubusercontent.com/google-research/prompt-tuning/{COMMIT}/"
+              "prompt_tuning/pretrained_prompts/t5_1_1_lm100k_base/{task}.npy")
+PROMPT_SHA256 = {"sst2": "74a421fd286e967bf75eedd3e3b1e3076c884c9e02ea27561449cdcdf306cfb9",
+                 "mrpc": "b8ef84399006baf08f661f0c12eeddd2e3c56d809642988469afb86a9ecf2691",
+                 "rte": "b31903cbbd7549cf64029bfd635af83b6cd39ed40e5a0252bcf2f70030a5ede5"}
+CACHE = Path.home() / ".cache" / "spot_jax" / "t5_1_1_lm100k_base"
+BUCKETS = (64, 128, 256, 512)  # input widths a batch is padded to: greedy_decode compiles once per width
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: str = "google/t5-base-lm-adapt"  # the frozen model of the release (its README: T5 1.1 lm100k Base)
+    prompts: str | None = None              # folder with <task>.npy; None = download from the official repo
+    data: str | None = None                 # folder with the GLUE tsv files; None = tfds
+    vocab: str | None = None                # spiece.model; None = the one beside --model
+    tasks: tuple = TASKS
+    limit: int | None = None                # first N validation examples of each task
+    batch_size: int = 32
+    max_input_len: int = 512                # PT scripts/sst2-demo-eval.sh: TASK_FEATURE_LENGTHS inputs 512
+    max_target_len: int = 8                 # ... targets 8 (also the decoding length)
+    out: str = str(ROOT / "results")
+    tiny: bool = False
+
+
+def taskless_text(task, example):
+    """The official `taskless_glue_<task>_v200` text: T5's GLUE text without its first word, the task name.
+
+    prompt_tuning/data/glue.py registers these tasks as t5 glue_utils.get_glue_text_preprocessor (t5
+    preprocessors.glue: "<task> k1: v1 k2: v2", keys sorted, label -1 -> "<unk>", here data.to_text) followed by
+    prompt_tuning/data/preprocessors.remove_first_text_token (deletes the regex '^[^ ]* ').
+    Example: SST-2 "sst2 sentence: it 's a charming ... . " -> "sentence: it 's a charming ... . ", "positive".
+    """
+    text = data.to_text(task, example)
+    if not text["inputs"].startswith(task + " "):
+        raise ValueError(f"data.to_text({task!r}) no longer starts with the task name: {text['inputs'][:60]!r}; "
+                         "the taskless format removes exactly that first word")
+    return {"inputs": text["inputs"][len(task) + 1:], "targets": text["targets"]}
+
+
+def download_prompts(tasks, cache=CACHE):
+    """Fetch <task>.npy from the official repository into `cache` (once), checking each file's sha256."""
+    cache.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        path, url = cache / f"{task}.npy", PROMPT_URL.format(task=task)
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == PROMPT_SHA256[task]:
+            continue
+        try:
+            blob = urllib.request.urlopen(url, timeout=60).read()
+        except (urllib.error.URLError, OSError) as e:
+            raise RuntimeError(f"could not download {url} ({e}). Offline? Pass --prompts DIR with "
+                               f"{', '.join(t + '.npy' for t in tasks)}, e.g. "
+                               "../shared/data/prompt_tuning_release/t5_1_1_lm100k_base") from e
+        if hashlib.sha256(blob).hexdigest() != PROMPT_SHA256[task]:
+            raise RuntimeError(f"{url} does not have the sha256 of the release ({PROMPT_SHA256[task]})")
+        path.write_bytes(blob)
+    return cache
+
+
+def load_prompts(folder, tasks, d_model):
+    """{task: float32 [P, d_model]} from folder/<task>.npy."""
+    prompts = {}
+    for task in tasks:
+        path = Path(folder) / f"{task}.npy"
+        if not path.is_file():
+            raise FileNotFoundError(f"no prompt {path}: --prompts needs {', '.join(t + '.npy' for t in tasks)}")
+        prompt = np.load(path).astype(np.float32)
+        if prompt.ndim != 2 or prompt.shape[1] != d_model:
+            raise ValueError(f"{path} has shape {prompt.shape}, but the model needs [P, {d_model}]: the released "
+                             "prompts are for T5 1.1 LM-adapted Base (d_model 768)")
+        prompts[task] = prompt
+    return prompts
+
+
+def predict(params, cfg, prompt, inputs, vocab, batch_size, max_len):
+    """Greedy predictions (strings, in row order) for token ids inputs [n,S].
+
+    Greedy = what t5x.eval ran for the release: EncoderDecoderModel's default decode_fn is decoding.beam_search,
+    called with num_decodes=1 (one beam). Rows are sorted by length; each batch is padded to batch_size rows and
+    the smallest BUCKETS width that holds it. Neither changes a prediction: pad keys get weight exactly 0.
+    """
+    lengths = (inputs != t5_model.PAD_ID).sum(axis=1)
+    order, preds = np.argsort(lengths, kind="stable"), [None] * len(inputs)
+    for i in range(0, len(inputs), batch_size):
+        rows = order[i:i + batch_size]
+        width = min(next((w for w in BUCKETS if w >= lengths[rows].max()), inputs.shape[1]), inputs.shape[1])
+        batch = np.zeros((batch_size, width), np.int32)
+        batch[:len(rows)] = inputs[rows, :width]
+        out = np.asarray(t5_model.greedy_decode(params, cfg, batch, prompt, max_len=max_len))
+        for r, ids in zip(rows, out):
+            preds[r] = vocab.decode(ids)
+    return preds
+
+
+def evaluate_task(task, params, model_cfg, prompt, vocab, cfg):
+    """Score one released prompt on the task's validation set with T5's postprocessing and metrics."""
+    examples = data.load_examples(task, "validation", cfg.data)[:cfg.limit]
+    texts = [taskless_text(task, ex) for ex in examples]
+    arrays = data.tokenize(vocab, texts, cfg.max_input_len, cfg.max_target_len)
+    start = time.time()
+    preds = predict(params, model_cfg, prompt, arrays["inputs"], vocab, cfg.batch_size, cfg.max_target_len)
+    # t5 postprocessors.string_label_to_class_id: an exact label word or -1, which counts as wrong in accuracy and
+    # as the wrong class in metrics.f1_score_with_invalid (data.postprocess / data.score do both).
+    metrics = data.score(task, examples, preds)
+    labels = data.get_task(task).label_names
+    return {"task": task, "score": metrics["score"], "metrics": metrics, "released": RELEASED_PROMPTS[task],
+            "n_examples": len(examples), "invalid_predictions": sum(p not in labels for p in preds),
+            "first_input": texts[0]["inputs"], "first_prediction": preds[0], "seconds": round(time.time() - start, 1)}
+
+
+def load_vocab(cfg):
+    try:
+        return data.load_vocab(cfg.vocab or cfg.model)
+    except Exception as e:
+        raise FileNotFoundError(f"no T5 vocabulary from {cfg.vocab or cfg.model} ({e}); pass --vocab "
+                                "PATH/spiece.model, e.g. ../shared/data/t5_spiece.model") from e
+
+
+def setup(cfg):
+    """(cfg, model config, params, {task: prompt}, vocab) of the real run."""
+    prompt_dir = cfg.prompts or download_prompts(cfg.tasks)  # before the weights: fail fast when offline
+    vocab = load_vocab(cfg)
+    model_cfg, params = t5_model.load_checkpoint(cfg.model)
+    return cfg, model_cfg, params, load_prompts(prompt_dir, cfg.tasks, model_cfg.d_model), vocab
+
+
+def tiny_setup(cfg):
+    """The same for a random T5 1.1 of the prompts' width 768 (2+2 layers) on 8 examples of the local GLUE."""
+    glue = Path(cfg.data or SHARED / "glue")
+    if not glue.is_dir():
+        raise FileNotFoundError(f"--tiny reads the GLUE tsv files from {glue}; pass --data DIR")
+    spiece = SHARED / "t5_spiece.model"
+    prompt_dir = Path(cfg.prompts or SHARED / "prompt_tuning_release" / "t5_1_1_lm100k_base")
+    # One batch of 8 per task, inputs cut to 64 tokens: greedy_decode compiles once for the whole run.
+    cfg = dataclasses.replace(cfg, data=str(glue), vocab=cfg.vocab or (str(spiece) if spiece.is_file() else None),
+                              limit=cfg.limit or 8, batch_size=8, max_input_len=64, prompts=str(prompt_dir))
+    model_cfg = t5_model.T5Config.tiny(d_model=768)
+    params = t5_model.init_params(jax.random.key(0), model_cfg)
+    if prompt_dir.is_dir():
+        prompts = load_prompts(prompt_dir, cfg.tasks, model_cfg.d_model)
+    else:  # no local release: random prompts of the released shape keep the code path the same
+        prompts = {t: np.random.default_rng(i).normal(size=(100, 768)).astype(np.float32)
+                   for i, t in enumerate(cfg.tasks)}
+    return cfg, model_cfg, params, prompts, load_vocab(cfg)
+
+
+def print_table(results, tiny):
+    print("Released prompts on GLUE validation, taskless input format, greedy decoding"
+          + ("\nTINY RUN: random tiny T5, a few examples; these scores are meaningless" if tiny else ""))
+    print(f"{'task':<6}{'metric':<10}{'n':>5}{'ours':>8}{'released':>10}{'diff':>8}{'invalid':>9}")
+    for r in results:
+        for metric, released in r["released"].items():
+            ours = r["metrics"][metric]
+            print(f"{r['task']:<6}{metric:<10}{r['n_examples']:>5}{ours:>8.2f}{released:>10.2f}"
+                  f"{ours - released:>+8.2f}{r['invalid_predictions']:>9}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=Config.model, help="hub id or local HF checkpoint directory")
+    p.add_argument("--prompts", help="folder with sst2.npy, mrpc.npy, rte.npy (default: download them)")
+    p.add_argument("--data", help="folder with the GLUE tsv files, e.g. ../shared/data/glue (default: tfds)")
+    p.add_argument("--vocab", help="SentencePiece model (default: spiece.model of --model)")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--limit", type=int, help="first N validation examples per task")
+    p.add_argument("--batch_size", type=int, default=Config.batch_size)
+    p.add_argument("--out", default=Config.out, help="folder for released_prompts.json")
+    p.add_argument("--tiny", action="store_true", help="random tiny T5, a few examples, seconds (CI)")
+    a = p.parse_args(argv)
+    return Config(model=a.model, prompts=a.prompts, data=a.data, vocab=a.vocab, tasks=tuple(a.tasks),
+                  limit=a.limit, batch_size=a.batch_size, out=a.out, tiny=a.tiny)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    cfg, model_cfg, params, prompts, vocab = tiny_setup(cfg) if cfg.tiny else setup(cfg)
+    results = [evaluate_task(t, params, model_cfg, prompts[t], vocab, cfg) for t in cfg.tasks]
+    print_table(results, cfg.tiny)
+    summary = {f"{r['task']}/{m}": {"mean": r["metrics"][m], "std": 0.0, "paper": v}  # "paper" = release notes
+               for r in results for m, v in r["released"].items()}
+    record = {"experiment": "released_prompts", "config": {**dataclasses.asdict(cfg), "input_format": "taskless",
+              "model_config": dataclasses.asdict(model_cfg)}, "results": results, "summary": summary}
+    out = Path(cfg.out) / "released_prompts.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

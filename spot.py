@@ -1,0 +1,473 @@
+"""SPoT: soft prompt tuning and transfer on a frozen T5 (Vu et al., ACL 2022; Lester et al., 2021), pure JAX.
+
+§2.1    the prompt [P,D], prepended to the embedded input, is the only trained parameter: prompt_loss, train_step
+§2.1.4  recipe (Adafactor lr 0.3, batch 32, 2^18 steps, dropout 0.1, best of evaluations every 500 steps):
+        TrainConfig, make_optimizer, train_prompt (checkpoints, exact resume, NaN stop)
+§2.1.4, App. C  initialisations (sampled vocabulary, class labels, text, uniform) and SPoT's transfer
+        (start from a source prompt file): PromptConfig, init_prompt
+§3.2    the prompt after 10K steps is the task embedding (fn. 13): TrainConfig.embedding_step -> prompt_step10000.npy
+App. C  ModelTuning baseline of Figure 1 (every weight trains): MODEL_TUNING, model_tuning_step
+Evaluation on validation (greedy decoding or rank classification -> task metric): evaluate, make_evaluator
+Data/model parallelism: make_mesh, shard_params, shard_batch, replicate.   CLI: `python spot.py train|eval --help`.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import t5_model
+
+INITS = ('sampled_vocab', 'class_labels', 'text', 'uniform', 'file')
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    length: int = 100            # P: SPoT §2.1, "L = 100"
+    init: str = 'sampled_vocab'  # §2.1.4: source prompts start from sampled vocabulary (targets: App. C); see INITS
+    vocab_pool: int = 5000       # §2.1.4 / Lester et al. 2021: the 5,000 most common tokens = ids < 5000
+    uniform_scale: float = 0.5   # PT code prompts.py default uniform(scale=0.5) = U[0, 0.5) (NOTES §7.3; we follow
+                                 # the code that produced Lester's numbers, not its text's [-0.5, 0.5])
+    source: str = ''             # 'file': a .npy [P,D] source prompt (SPoT's transfer, §2)
+    text: str = ''               # 'text': its token embeddings fill the first rows (Lester: ReCoRD, WSC)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2**18               # §2.1.4 "2^18 steps, following Raffel et al." (30K "-longer tuning"; §3: 100K)
+    batch_size: int = 32             # §2.1.4
+    learning_rate: float = 0.3       # footnote 7; PT runs/prompt_finetune.gin: constant 0.3
+    decay_rate: float = 0.8          # Adafactor beta2 exponent: PT configs/models/t5_1_1_prompt.gin; Lester et al.
+    decay_offset: int = 0            # t5_1_1_prompt.gin step_offset=0 (PEERS §5: -1_100_000 mimics the 1.1M ckpt counter)
+    param_scale: bool = False        # footnote 7: "parameter scaling off"
+    weight_decay: float = 1e-5       # footnote 7 (T5X: (1 - wd) * param, not scaled by the learning rate)
+    clipping_threshold: float = 1.0  # T5X Adafactor default update clipping (NOTES §7.4)
+    z_loss: float = 1e-4             # PT t5_1_1_prompt.gin Z_LOSS
+    dropout: float = 0.1             # §2.1.4 "dropout 0.1"; T5X runs/finetune.gin DROPOUT_RATE
+    eval_every: int = 500            # §2.1.4: checkpoints every 500 steps, best validation score reported
+    checkpoint_every: int = 500      # resumable checkpoint period (one is also written at every evaluation)
+    embedding_step: int = 10_000     # §3.2 footnote 13: prompts after 10K steps are the task embeddings
+    log_every: int = 100             # progress line period
+    seed: int = 0                    # data order, prompt init and dropout keys
+    max_input_len: int = 512         # not in the paper; PT demo scripts: {'inputs': 512, 'targets': 8} (NOTES §1)
+    max_target_len: int = 0          # 0 = the task's data.Task.target_len (8 for classification, as the PT demos)
+    eval_batch_size: int = 64
+    eval_limit: int = 0              # evaluate on the first N validation examples only (0 = all: the paper)
+    eval_method: str = 'decode'      # 'decode': T5 greedy decoding; 'rank': score every label (classification only)
+
+
+# App. C: ModelTuning uses T5 defaults: Adafactor, constant lr 0.001, dropout 0.1, parameter scaling on
+# (T5X Adafactor default), no weight decay. The paper also restores the pre-training optimizer state: we cannot.
+MODEL_TUNING = TrainConfig(learning_rate=1e-3, param_scale=True, weight_decay=0.0)
+
+
+def override(cfg, argv):
+    """Apply each `--field=value` of argv naming a field of cfg; return (new cfg, the other items).
+    Example: override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...), ['--x=1'])."""
+    fields, changes, rest = {f.name for f in dataclasses.fields(cfg)}, {}, []
+    for arg in argv:
+        name, eq, text = arg.removeprefix('--').partition('=')
+        name = name.replace('-', '_')
+        if not (arg.startswith('--') and eq and name in fields):
+            rest.append(arg)
+            continue
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text                                  # a bare string: --init=uniform
+        want = type(getattr(cfg, name))
+        value = float(value) if want is float and type(value) is int else value
+        if type(value) is not want:
+            raise ValueError(f'--{name}={text}: {type(cfg).__name__}.{name} expects {want.__name__}, '
+                             f'got {type(value).__name__}')
+        changes[name] = value
+    return dataclasses.replace(cfg, **changes), rest
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def check_prompt(prompt, d_model: int, length: int | None = None, what: str = 'prompt'):
+    """Refuse a prompt that is not [P, d_model] (e.g. a Base prompt, 768 wide, on a Small model, 512 wide)."""
+    if prompt.ndim != 2 or prompt.shape[1] != d_model:
+        raise ValueError(f'{what} has shape {tuple(prompt.shape)}: width {prompt.shape[-1]} but the model has '
+                         f'd_model {d_model}. Prompts transfer only between models of the same width; '
+                         f'use a source prompt trained on a model of the same size')
+    if length is not None and prompt.shape[0] != length:
+        raise ValueError(f'{what} has {prompt.shape[0]} rows but PromptConfig.length is {length}: '
+                         f'pass --length={prompt.shape[0]}')
+
+
+def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=None) -> jax.Array:
+    """The starting prompt, float32 [P,D]. params: the frozen T5 (only its embedding [V,D] is read; 'file' and
+    'uniform' need just its shape, so jax.eval_shape(...) params do). label_ids: token ids of each class label
+    (class_labels); text_ids: token ids of the string (text); both without EOS."""
+    cfg = PromptConfig(init=cfg) if isinstance(cfg, str) else cfg
+    emb = params['token_embedder']['embedding']
+    P, D = cfg.length, emb.shape[1]
+    if cfg.init not in INITS:
+        raise ValueError(f'unknown prompt init {cfg.init!r}; known: {INITS}')
+    if cfg.init == 'file':                       # SPoT §2: the target prompt starts as the source prompt
+        if not cfg.source:
+            raise ValueError("init 'file' needs PromptConfig.source (CLI: --source-prompt PATH.npy)")
+        prompt = np.load(cfg.source)
+        check_prompt(prompt, D, P, what=f'source prompt {cfg.source}')
+        return jnp.asarray(prompt, jnp.float32)
+    if cfg.init == 'uniform':
+        return jax.random.uniform(key, (P, D), jnp.float32, 0.0, cfg.uniform_scale)
+    if P > cfg.vocab_pool:
+        raise ValueError(f'cannot sample {P} distinct rows from a pool of {cfg.vocab_pool} ids')
+    # §2.1.4 / Lester et al. 2021: T5's SentencePiece ids are ordered by frequency, so ids < 5000 are the most common
+    # tokens; rows are drawn without replacement (PT from_sample_of_embeddings).
+    ids = jax.random.choice(key, cfg.vocab_pool, (P,), replace=False)
+    prompt = jnp.asarray(emb[ids], jnp.float32)
+    if cfg.init == 'class_labels':               # App. C; Lester et al.: label i at position i, pieces mean-pooled
+        if not label_ids or len(label_ids) > P or not all(len(p) for p in label_ids):
+            raise ValueError(f'class_labels needs 1..{P} non-empty token-id lists, got {label_ids!r}')
+        rows = [jnp.asarray(emb[np.asarray(p)], jnp.float32).mean(0) for p in label_ids]
+        prompt = prompt.at[:len(rows)].set(jnp.stack(rows))
+    elif cfg.init == 'text':
+        if not text_ids:
+            raise ValueError('text init needs the token ids of PromptConfig.text')
+        n = min(len(text_ids), P)
+        prompt = prompt.at[:n].set(jnp.asarray(emb[np.asarray(text_ids[:n])], jnp.float32))
+    return prompt
+
+
+# ----------------------------------------------------------------------------------------------- the step
+def seq2seq_loss(logits, targets, z_loss: float):
+    """Cross-entropy + z_loss * log(Z)^2 (T5X losses.py), averaged over non-pad target tokens. logits [B,T,V]."""
+    # Normalisation: T5X sums over tokens (LOSS_NORMALIZING_FACTOR=None, NOTES §7.4); we average. Adafactor divides
+    # each gradient by the root of its running mean square, so a constant factor on the loss leaves the update
+    # unchanged (only batches with different token counts weigh differently inside that running mean), and the mean
+    # keeps the printed loss a per-token number comparable across batch sizes.
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    ce = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    weights = (targets != t5_model.PAD_ID).astype(jnp.float32)
+    return jnp.sum((ce + z_loss * log_z ** 2) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def prompt_loss(prompt, frozen, batch, cfg, dropout_key=None, z_loss=1e-4):
+    """Loss of the frozen T5 (cfg) reading [prompt; embedded inputs] (Lester §2). prompt [P,D]; batch int32
+    'inputs' [B,S], 'targets' [B,T]; dropout_key None = evaluation (no dropout)."""
+    decoder_inputs = t5_model.shift_right(batch['targets'])
+    logits = t5_model.forward(frozen, cfg, batch['inputs'], decoder_inputs, prompt=prompt, dropout_key=dropout_key)
+    return seq2seq_loss(logits, batch['targets'], z_loss)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """Adafactor as in T5X (PEERS §5: matches t5x/adafactor.py to ~3e-6). The [P,D] prompt has P = 100 < 128 =
+    min_dim_size_to_factor, so its second moment is unfactored, as in the official runs; no momentum."""
+    return optax.adafactor(learning_rate=tc.learning_rate, decay_rate=tc.decay_rate, decay_offset=tc.decay_offset,
+                           multiply_by_parameter_scale=tc.param_scale, clipping_threshold=tc.clipping_threshold,
+                           momentum=None, weight_decay_rate=tc.weight_decay or None, eps=1e-30)
+
+
+def dropout_key(seed: int, step: int) -> jax.Array:
+    """Dropout key of a training step: a pure function of (seed, step), so a resumed run draws the same masks."""
+    return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], step)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'tc'), donate_argnames=('prompt', 'opt_state'))
+def train_step(prompt, opt_state, frozen, batch, key, cfg, tc: TrainConfig):
+    """One prompt-tuning update. Only argument 0 (the prompt) is differentiated: no weight gradient is ever built,
+    and `frozen` is a jit argument, not a constant baked into the program. Returns (prompt, opt_state, loss)."""
+    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)         # §2.1.4: dropout 0.1 while training
+    loss, grad = jax.value_and_grad(prompt_loss)(prompt, frozen, batch, cfg, key, tc.z_loss)
+    updates, opt_state = make_optimizer(tc).update(grad, opt_state, prompt)
+    return optax.apply_updates(prompt, updates), opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'tc'), donate_argnames=('params', 'opt_state'))
+def model_tuning_step(params, opt_state, batch, key, cfg, tc: TrainConfig = MODEL_TUNING):
+    """ModelTuning baseline (Figure 1, App. C): every parameter trains, no prompt. Not SPoT: kept apart on purpose.
+    opt_state = make_optimizer(MODEL_TUNING).init(params). Returns (params, opt_state, loss)."""
+    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)
+    loss, grad = jax.value_and_grad(lambda p: prompt_loss(None, p, batch, cfg, key, tc.z_loss))(params)
+    updates, opt_state = make_optimizer(tc).update(grad, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+# Megatron-style split of the frozen weights over the 'model' axis: attention heads N, MLP width F, vocabulary V
+# (else D). Candidate axes in order of preference; a leaf none of whose candidates divides stays replicated.
+_MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,), 'wi_0': (1,), 'wi_1': (1,),
+               'wo': (0,), 'token_embedder': (0, 1), 'logits_dense': (1, 0)}
+
+
+def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
+    """A ('data', 'model') mesh over all devices: batch split over 'data', frozen weights over 'model'."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    if devices.size % model_parallel:
+        raise ValueError(f'{devices.size} devices cannot be split into model-parallel groups of {model_parallel}')
+    return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
+
+
+def param_shardings(mesh: Mesh, params):
+    """NamedSharding for every frozen leaf (a pytree like params)."""
+    n = mesh.shape['model']
+
+    def spec(path, x):
+        names = [getattr(k, 'key', None) for k in path]
+        for axis in next((_MODEL_AXES[m] for m in reversed(names) if m in _MODEL_AXES), ()):
+            if x.shape[axis] % n == 0:
+                return NamedSharding(mesh, PartitionSpec(*[('model' if a == axis else None)
+                                                           for a in range(x.ndim)]))
+        return NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shard_params(mesh: Mesh | None, params):
+    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None: unchanged."""
+    return params if mesh is None else jax.device_put(params, param_shardings(mesh, params))
+
+
+def shard_batch(mesh: Mesh | None, batch):
+    """A batch split along its leading (batch) axis over 'data'; mesh None: unchanged."""
+    if mesh is None:
+        return batch
+    b = next(iter(batch.values())).shape[0]
+    if b % mesh.shape['data']:
+        raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel devices")
+    return jax.device_put(batch, NamedSharding(mesh, PartitionSpec('data')))
+
+
+def replicate(mesh: Mesh | None, tree):
+    """A full copy on every device (the prompt and its optimizer state: 100 x D floats); mesh None: unchanged."""
+    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+# ----------------------------------------------------------------------------------------------- files
+def _atomic(path: Path, write):
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)                    # a reader (or a resume after a crash) sees the old or the new file
+
+
+def save_prompt(out: Path, name: str, prompt, info: dict):
+    """out/name.npy (float32 [P,D], the format of Google's released prompts) + out/name.json (info)."""
+    _atomic(out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
+    _atomic(out / f'{name}.json', lambda f: f.write(json.dumps(info, indent=1).encode()))
+
+
+def save_checkpoint(path: Path, prompt, opt_state, state: dict):
+    """Everything a resume needs: prompt, optimizer leaves, and state (step = data position; seed = RNG)."""
+    leaves = {f'opt_{i}': np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))}
+    _atomic(path, lambda f: np.savez(f, prompt=np.asarray(prompt), state=np.array(json.dumps(state)), **leaves))
+
+
+def load_checkpoint(path: Path, optimizer):
+    """-> (prompt, opt_state, state) as saved by save_checkpoint."""
+    with np.load(path) as z:
+        prompt = jnp.asarray(z['prompt'])
+        tree = jax.tree_util.tree_structure(optimizer.init(prompt))
+        opt_state = jax.tree_util.tree_unflatten(tree, [jnp.asarray(z[f'opt_{i}']) for i in range(tree.num_leaves)])
+        return prompt, opt_state, json.loads(str(z['state']))
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, out_dir='runs/prompt', *,
+                 meta=None, resume=False, mesh=None, log=print) -> dict:
+    """Prompt tuning (§2.1.4): tc.steps updates of `prompt` [P,D] on the frozen T5 (cfg, frozen).
+
+    batches(start) -> iterator whose k-th item is batch start+k, a pure function of (seed, start+k) (data.batches).
+    evaluator(prompt) -> dict with 'score' (higher is better), called every tc.eval_every steps and at the end; the best
+    prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score, config). Without `evaluator` prompt.npy is
+    the last prompt. The prompt after tc.embedding_step steps goes to prompt_step{N}.npy. checkpoint.npz (atomic)
+    holds prompt, optimizer state, step (= data position), seed, best score; resume=True continues from it to the
+    same bits as an uninterrupted run. A non-finite loss raises FloatingPointError, leaving the last good checkpoint.
+    Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
+    optimizer, ckpt = make_optimizer(tc), out / 'checkpoint.npz'
+    prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
+    opt_state = optimizer.init(prompt)
+    state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
+             'config': dataclasses.asdict(tc)}
+    if resume and ckpt.exists():
+        prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
+        free = ('steps', 'log_every', 'eval_batch_size')            # change nothing a resumed run computes
+        changed = {k: (v, getattr(tc, k)) for k, v in state['config'].items() if k not in free and getattr(tc, k) != v}
+        if changed:
+            raise ValueError(f'{ckpt} was written with other settings {changed} (saved, now); only {free} may '
+                             f'change on resume')
+        state['config'] = dataclasses.asdict(tc)
+        log(f"resuming {ckpt} at step {state['step']} (best score {state['best_score']})")
+    frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
+    info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
+    losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])     # rate window (evaluation excluded)
+    data = batches(state['step'])
+    for step in range(state['step'], tc.steps):
+        batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
+        prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step), cfg, tc)
+        loss, done = float(loss), step + 1
+        if not math.isfinite(loss):
+            last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
+                'No checkpoint was written yet'
+            raise FloatingPointError(f'loss is {loss} at step {done}: stopping. {last}; lower --learning_rate or '
+                                     f'check the data and model, then rerun (with --resume)')
+        losses.append(loss)
+        if done % tc.log_every == 0 or done == tc.steps:
+            rate = (done - n_log) / (time.perf_counter() - t_log)
+            eta = int((tc.steps - done) / rate)
+            log(f'step {done}/{tc.steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
+                f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+            t_log, n_log = time.perf_counter(), done
+        if done == tc.embedding_step:           # §3.2: the task embedding
+            save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
+        evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
+        if evaluated:                           # §2.1.4: keep the checkpoint with the best validation score
+            metrics = evaluator(prompt)
+            log(f'step {done}  eval {json.dumps(metrics)}')
+            if state['best_score'] is None or metrics['score'] > state['best_score']:
+                state.update(best_score=metrics['score'], best_step=done)
+                save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
+                                                    'metrics': metrics})
+        if evaluated or done % tc.checkpoint_every == 0 or done == tc.steps:
+            state.update(step=done, data_position=done)
+            save_checkpoint(ckpt, prompt, opt_state, state)
+            t_log, n_log = time.perf_counter(), done
+    if evaluator is None and state['step'] == tc.steps:
+        save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
+    return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'], 'best_score': state['best_score'],
+            'best_step': state['best_step'], 'losses': losses}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
+             batch_size=64) -> list[str]:
+    """Predicted strings for inputs int32 [n,S], without dropout. 'decode': greedy decoding (T5); 'rank': rank
+    classification, the label whose target string has the highest log-likelihood."""
+    if method == 'rank':
+        if not label_names:
+            raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
+        labels = np.zeros((len(label_names), max_target_len), np.int32)
+        for i, name in enumerate(label_names):
+            ids = (list(vocab.encode(name)) + [t5_model.EOS_ID])[:max_target_len]
+            labels[i, :len(ids)] = ids
+    elif method != 'decode':
+        raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
+    n, preds = len(inputs), []
+    for i in range(0, n, batch_size):           # pad the last batch so every call has one shape (one compile)
+        x = np.zeros((batch_size, inputs.shape[1]), np.int32)
+        x[:min(batch_size, n - i)] = inputs[i:i + batch_size]
+        if method == 'decode':
+            ids = np.asarray(t5_model.greedy_decode(frozen, cfg, x, prompt, max_len=max_target_len))
+            for row in ids.tolist():            # tokens before EOS (greedy_decode pads with 0 after it)
+                preds.append(vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row))
+        else:
+            scores = np.stack([np.asarray(t5_model.score_targets(
+                frozen, cfg, x, np.broadcast_to(lab, (batch_size, lab.size)), prompt)) for lab in labels], axis=1)
+            preds += [label_names[j] for j in scores.argmax(1)]
+    return preds[:n]
+
+
+def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None):
+    """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's `split`."""
+    import data
+    task = data.get_task(task_name)
+    examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
+    T = tc.max_target_len or task.target_len
+    inputs = data.tokenize(vocab, data.text_pairs(task_name, examples), tc.max_input_len, T)['inputs']
+
+    def run(prompt):
+        preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.label_names,
+                         max_target_len=T, batch_size=tc.eval_batch_size)
+        return data.score(task_name, examples, preds)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def load_model(name: str, seed: int = 0):
+    """--model: 'tiny' (random T5Config.tiny()), a hub id or a checkpoint directory -> (cfg, params)."""
+    if name == 'tiny':
+        cfg = t5_model.T5Config.tiny()
+        return cfg, t5_model.init_params(jax.random.key(seed), cfg)
+    return t5_model.load_checkpoint(name)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog='spot.py', allow_abbrev=False, description=__doc__.split('\n')[0],
+                                epilog='Any TrainConfig/PromptConfig field can be set as --field=value, '
+                                       'e.g. --batch_size=8 --eval_every=100 --length=20.')
+    sub = p.add_subparsers(dest='cmd', required=True)
+    train, ev = sub.add_parser('train', allow_abbrev=False), sub.add_parser('eval', allow_abbrev=False)
+    for q in (train, ev):
+        q.add_argument('--model', required=True, help="hub id (google/t5-base-lm-adapt), directory, or 'tiny'")
+        q.add_argument('--task', required=True, help='a task name of data.py')
+        q.add_argument('--data', default=None, help='directory with the original task files (default: tfds)')
+        q.add_argument('--vocab', default=None, help='SentencePiece model (default: data.load_vocab())')
+        q.add_argument('--model-parallel', type=int, default=1, help="devices per 'model' mesh group")
+    train.add_argument('--init', default=None, choices=INITS, help='prompt initialisation (default sampled_vocab)')
+    train.add_argument('--source-prompt', default=None, help='.npy [P,D] to start from: SPoT transfer')
+    train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
+    train.add_argument('--out', required=True, help='run directory')
+    train.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.npz')
+    ev.add_argument('--prompt', required=True, help='.npy [P,D]')
+    ev.add_argument('--split', default='validation')
+    args, rest = p.parse_known_args(argv)
+    tc, rest = override(TrainConfig(), rest)
+    pc, rest = override(PromptConfig(), rest)
+    if rest:
+        p.error(f'unrecognised {rest}: fields of TrainConfig/PromptConfig are set as --field=value')
+
+    try:
+        (evaluate_cli if args.cmd == 'eval' else train_cli)(args, tc, pc)
+    except (FloatingPointError, ValueError, KeyError, FileNotFoundError) as e:   # bad input: a message, no traceback
+        sys.exit(f'error: {e}')
+
+
+def _setup(args, tc):
+    import data
+    cfg, frozen = load_model(args.model, tc.seed)
+    mesh = make_mesh(args.model_parallel) if jax.device_count() > 1 else None
+    return data, cfg, shard_params(mesh, frozen), data.load_vocab(args.vocab), mesh
+
+
+def evaluate_cli(args, tc, pc):
+    data, cfg, frozen, vocab, _ = _setup(args, tc)
+    prompt = np.load(args.prompt)
+    check_prompt(prompt, cfg.d_model, what=args.prompt)
+    run = make_evaluator(args.task, frozen, cfg, vocab, tc, args.split, args.data)
+    print(json.dumps(run(jnp.asarray(prompt, jnp.float32))))
+
+
+def train_cli(args, tc, pc):
+    data, cfg, frozen, vocab, mesh = _setup(args, tc)
+    tc = dataclasses.replace(tc, steps=args.steps or tc.steps)
+    pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
+                             source=args.source_prompt or pc.source)
+    task = data.get_task(args.task)
+    if pc.init == 'class_labels' and not task.label_names:
+        raise ValueError(f'{task.name} has no class labels: use --init text --text="..." (Lester: task words)')
+    labels = [list(vocab.encode(x)) for x in task.label_names] if pc.init == 'class_labels' else None
+    text = list(vocab.encode(pc.text)) if pc.text else None
+    prompt = init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text)
+    examples = data.load_examples(args.task, 'train', args.data)
+    arrays = data.tokenize(vocab, data.text_pairs(args.task, examples, train=True), tc.max_input_len,
+                           tc.max_target_len or task.target_len)
+    result = train_prompt(prompt, frozen, cfg, tc, lambda k: data.batches(arrays, tc.batch_size, tc.seed, start=k),
+                          make_evaluator(args.task, frozen, cfg, vocab, tc, data_dir=args.data), args.out,
+                          meta={'model': args.model, 'task': args.task, 'init': pc.init,
+                                'prompt_config': dataclasses.asdict(pc)}, resume=args.resume, mesh=mesh)
+    print(f"best score {result['best_score']} at step {result['best_step']}; prompt in {args.out}/prompt.npy")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,505 @@
+"""T5 in pure JAX: the frozen encoder-decoder under Prompt Tuning and SPoT (Vu et al. 2022 §2.1).
+
+Raffel et al. 2020 §2.1 (T5 1.0) and T5 1.1 / LM-adapted (what SPoT freezes): T5Config, init_params.
+Building blocks (Raffel §2.1): rms_norm, relpos_bucket / relpos_bias, _attend, _mlp, _dropout.
+Lester et al. 2021 §2, the soft prompt [P; X] on the encoder input: encode.  Decoder: decode, forward.
+Evaluation: greedy_decode (KV cache), score_targets (rank classification).
+Weights: load_checkpoint (HF safetensors / pytorch_model.bin -> T5X names), check_params, param_count.
+Params are nested dicts with T5X checkpoint names; attention kernels are [D,N,H] (query/key/value), [N,H,D] (out).
+"""
+import dataclasses
+import functools
+import json
+import math
+import re
+import zlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+PAD_ID, EOS_ID = 0, 1  # T5 SentencePiece vocabulary; the decoder starts from PAD (HF decoder_start_token_id=0)
+NEG_INF = -1e9  # additive attention mask; softmax runs in float32, so this underflows to exactly 0
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128  # 32000 SentencePiece pieces + 100 sentinels, padded to 32128 (T5X / HF configs)
+    d_model: int = 768
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_heads: int = 12
+    num_layers: int = 12
+    num_decoder_layers: int = 12
+    relative_attention_num_buckets: int = 32  # Raffel et al. 2020 §2.1
+    relative_attention_max_distance: int = 128  # Raffel et al. 2020 §2.1
+    gated_gelu: bool = True  # True: T5 1.1 gated-GELU FFN; False: T5 1.0 ReLU FFN
+    tie_word_embeddings: bool = False  # T5 1.0 ties the output layer to the embedding; T5 1.1 does not
+    dropout_rate: float = 0.1  # Vu et al. 2022 §2.1.4 / PT runs/finetune.gin
+    layer_norm_epsilon: float = 1e-6
+    name: str = "google/t5-base-lm-adapt"
+
+    @classmethod
+    def from_name(cls, name):
+        """A public checkpoint's shape: google/t5-{size}-lm-adapt, google/t5-v1_1-{size}, (google-t5/)t5-{size}."""
+        n = name.lower().removeprefix("google-t5/")
+        m = re.fullmatch(r"google/t5-(?:v1_1-)?(small|base|large|xl|xxl)(-lm-adapt)?", n)
+        if m and (m.group(2) is None) == ("v1_1" in n):
+            return cls(*_V1_1[m.group(1)], gated_gelu=True, tie_word_embeddings=False, name=name)
+        m = re.fullmatch(r"t5-(small|base|large|3b|11b)", n)
+        if m:
+            return cls(*_V1_0[m.group(1)], gated_gelu=False, tie_word_embeddings=True, name=name)
+        raise ValueError(f"unknown T5 name {name!r}; known: {', '.join(KNOWN_NAMES)}")
+
+    @classmethod
+    def from_hf(cls, c):
+        """From a Hugging Face config.json dict."""
+        act = c.get("feed_forward_proj", "relu")
+        if act not in ("relu", "gated-gelu"):
+            raise ValueError(f"feed_forward_proj={act!r} is not supported: only 'relu' (T5 1.0) and 'gated-gelu' (T5 1.1)")
+        tied = c.get("tie_word_embeddings", True)
+        if tied and c.get("scale_decoder_outputs") is False:
+            raise ValueError("config.json says tie_word_embeddings=true with scale_decoder_outputs=false: transformers 5.x "
+                             "writes this for a T5 1.1 built in memory, and no public checkpoint has it. Set "
+                             "tie_word_embeddings=false and save a distinct lm_head.weight.")
+        return cls(c.get("vocab_size", 32128), c["d_model"], c["d_kv"], c["d_ff"], c["num_heads"], c["num_layers"],
+                   c.get("num_decoder_layers") or c["num_layers"], c.get("relative_attention_num_buckets", 32),
+                   c.get("relative_attention_max_distance", 128), act == "gated-gelu", tied,
+                   c.get("dropout_rate", 0.1), c.get("layer_norm_epsilon", 1e-6), c.get("_name_or_path", "") or "")
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """A tiny random T5 1.1 for tests and --tiny runs."""
+        base = dict(d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=2, num_decoder_layers=2, name="tiny")
+        return cls(**{**base, **overrides})
+
+
+# (vocab, d_model, d_kv, d_ff, heads, encoder layers, decoder layers): HF hub configs; NOTES.md §7.5 for T5 1.1.
+_V1_1 = {s: (32128, d, 64, f, n, l, l) for s, d, f, n, l in [("small", 512, 1024, 6, 8), ("base", 768, 2048, 12, 12),
+         ("large", 1024, 2816, 16, 24), ("xl", 2048, 5120, 32, 24), ("xxl", 4096, 10240, 64, 24)]}
+_V1_0 = {s: (32128, d, h, f, n, l, l) for s, d, h, f, n, l in [("small", 512, 64, 2048, 8, 6), ("base", 768, 64, 3072, 12, 12),
+         ("large", 1024, 64, 4096, 16, 24), ("3b", 1024, 128, 16384, 32, 24), ("11b", 1024, 128, 65536, 128, 24)]}
+KNOWN_NAMES = ([f"google/t5-{s}-lm-adapt" for s in _V1_1] + [f"google/t5-v1_1-{s}" for s in _V1_1]
+               + [f"t5-{s}" for s in _V1_0])
+
+
+# ----------------------------------------------------------------------------------------------- params
+# The blocks of one layer, per stack: (HF sub-layer index, HF module, T5X module, T5X pre-norm).
+BLOCKS = {"encoder": [(0, "SelfAttention", "attention", "pre_attention_layer_norm"),
+                      (1, "DenseReluDense", "mlp", "pre_mlp_layer_norm")],
+          "decoder": [(0, "SelfAttention", "self_attention", "pre_self_attention_layer_norm"),
+                      (1, "EncDecAttention", "encoder_decoder_attention", "pre_cross_attention_layer_norm"),
+                      (2, "DenseReluDense", "mlp", "pre_mlp_layer_norm")]}
+
+
+def _param_specs(cfg):
+    """{T5X path: (shape, init std)}; std None = ones. HF / Mesh TF init scales (attention's 1/sqrt(H) is in query)."""
+    D, N, H, F, V = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.vocab_size
+    attn = {"query": ((D, N, H), (D * H) ** -0.5), "key": ((D, N, H), D ** -0.5), "value": ((D, N, H), D ** -0.5),
+            "out": ((N, H, D), (N * H) ** -0.5)}
+    mlp = {**{w: ((D, F), D ** -0.5) for w in (("wi_0", "wi_1") if cfg.gated_gelu else ("wi",))}, "wo": ((F, D), F ** -0.5)}
+    specs = {"token_embedder/embedding": ((V, D), 1.0)}
+    for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        for i in range(n_layers):
+            for _, hf, module, norm in BLOCKS[stack]:
+                specs[f"{stack}/layers_{i}/{norm}/scale"] = ((D,), None)
+                specs.update({f"{stack}/layers_{i}/{module}/{k}/kernel": v for k, v in (mlp if hf == "DenseReluDense" else attn).items()})
+        specs[f"{stack}/relpos_bias/rel_embedding"] = ((N, cfg.relative_attention_num_buckets), D ** -0.5)
+        specs[f"{stack}/{stack}_norm/scale"] = ((D,), None)
+    if not cfg.tie_word_embeddings:
+        specs["decoder/logits_dense/kernel"] = ((D, V), D ** -0.5)
+    return specs
+
+
+def init_params(key, cfg, dtype=jnp.float32):
+    """Random weights: one normal draw, cut into the leaves. Not jitted on purpose: XLA on CPU compiles a kernel per
+    output leaf (~0.1 s each); eagerly, dynamic_slice compiles once per leaf size. The draw has rows of width
+    gcd(leaf sizes), so row offsets stay below 2^31 even for 11B parameters."""
+    specs = {path: spec for path, spec in _param_specs(cfg).items() if spec[1] is not None}
+    sizes = {path: int(np.prod(shape)) for path, (shape, _) in specs.items()}
+    width = math.gcd(*sizes.values())
+    z = jax.random.normal(key, (sum(sizes.values()) // width, width))
+    flat, row = {}, 0
+    for path, (shape, std) in specs.items():
+        rows = jax.lax.dynamic_slice_in_dim(z, jnp.int32(row), sizes[path] // width)
+        flat[path], row = (std * rows.reshape(shape)).astype(dtype), row + sizes[path] // width
+    flat.update({path: jnp.ones(shape, dtype) for path, (shape, std) in _param_specs(cfg).items() if std is None})
+    return _unflatten(flat)
+
+
+def _flatten(tree, prefix=""):
+    """{'a': {'b': x}} -> {'a/b': x}."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for name, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{name}/").items()}
+
+
+def _unflatten(flat):
+    tree = {}
+    for path, leaf in flat.items():
+        *parents, last = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return tree
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(cfg):
+    shapes = jax.eval_shape(functools.partial(init_params, cfg=cfg), jax.random.key(0))
+    return {k: tuple(v.shape) for k, v in _flatten(shapes).items()}
+
+
+def param_count(cfg):
+    """Number of parameters, without allocating any (jax.eval_shape)."""
+    return sum(int(np.prod(s)) for s in _expected_shapes(cfg).values())
+
+
+def check_params(params, cfg):
+    """Raise ValueError naming every missing, unexpected or mis-shaped leaf of `params` for `cfg`."""
+    want, got = _expected_shapes(cfg), {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
+    problems = [f"missing {k} {s}" for k, s in want.items() if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in want]
+    problems += [f"{k} has shape {got[k]}, expected {s}" for k, s in want.items() if k in got and got[k] != s]
+    if problems:
+        raise ValueError(f"params do not match {cfg.name or 'the config'}: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------- layers
+def rms_norm(x, scale, eps=1e-6):
+    """T5 LayerNorm = RMSNorm: rescale only, no mean subtraction, no bias (Raffel et al. 2020 §2.1). float32 inside."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype) * scale
+
+
+def _mix32(h):
+    """murmur3's 32-bit finaliser: a bijection on uint32 whose output bits each depend on every input bit."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _dropout(x, site, seed, rate, mask_shape=None):
+    """Inverted dropout; identity when seed is None. mask_shape (broadcastable to x) shares a mask along size-1 axes.
+
+    keep = mix32(element index XOR mix32(seed XOR crc32(site))) >= rate * 2^32: a counter-based hash, so the mask is
+    a pure function of the dropout key (resumable runs), yet it costs a few integer ops per element, where a threefry
+    mask per site (~20 rounds, and one more RNG kernel to compile per site) made the prompt step slower than PyTorch
+    PEFT on CPU (shared/bench/README.md). `seed` is one jax.random.bits draw per call (_drop_fn).
+    """
+    if seed is None or rate == 0.0:
+        return x
+    shape = x.shape if mask_shape is None else mask_shape
+    site_seed = _mix32(seed ^ jnp.uint32(zlib.crc32(site.encode())))
+    h = _mix32(jax.lax.iota(jnp.uint32, int(np.prod(shape))).reshape(shape) ^ site_seed)
+    keep = h >= jnp.uint32(round(rate * 2 ** 32))  # P(keep) = 1 - rate to within 2^-32
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def relpos_bucket(rel, bidirectional, num_buckets=32, max_distance=128):
+    """Raffel et al. 2020 §2.1 bucket of rel = key_pos - query_pos: exact below num_buckets/2 (/4 if bidirectional),
+    log-spaced up to max_distance, then clipped. Bidirectional keeps half the buckets for rel > 0.
+    Example (32 buckets, 128): bidirectional -1 -> 1, +1 -> 17, -200 -> 15; causal -3 -> 3, -200 -> 31, +5 -> 0."""
+    rel = jnp.asarray(rel, jnp.int32)
+    if bidirectional:
+        num_buckets //= 2
+        offset, d = jnp.where(rel > 0, num_buckets, 0), jnp.abs(rel)
+    else:  # decoder: only the past (rel <= 0) is visible
+        offset, d = 0, jnp.maximum(-rel, 0)
+    exact = num_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(d, 1).astype(jnp.float32) / exact) / np.log(max_distance / exact)
+    large = jnp.minimum(exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32), num_buckets - 1)
+    return offset + jnp.where(d < exact, d, large)
+
+
+def relpos_bias(table, q_len, k_len, bidirectional, cfg):
+    """table [N,K] -> bias [1,N,T,S]. One table per stack, shared by all of its layers (Raffel et al. 2020 §2.1)."""
+    rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+    buckets = relpos_bucket(rel, bidirectional, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+    return table[:, buckets][None].astype(jnp.float32)
+
+
+def _attend(p, q, k, v, bias, drop, site):
+    """q [B,N,T,H], k/v [B,N,S,H], bias broadcastable to [B,N,T,S] -> [B,T,D].
+
+    Heads-major [B,N,S,H] layout: both attention einsums are plain batched matmuls without transposes, which
+    measured faster on CPU than [B,S,N,H] (shared/bench/README.md). No 1/sqrt(H): Mesh TF T5 folds it into `query`.
+    """
+    logits = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32) + bias
+    probs = jax.nn.softmax(logits, axis=-1)  # float32 even for bfloat16 params
+    # Attention-probability dropout as in T5X/flaxformer: one mask per (batch, head, key) shared by all queries.
+    probs = drop(probs, site + "/probs", mask_shape=(*probs.shape[:2], 1, probs.shape[3]))
+    out = jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v)
+    return jnp.einsum("BNTH,NHD->BTD", out, p["out"]["kernel"])
+
+
+def _project(p, x, names):
+    """x [B,S,D] -> one [B,N,S,H] array per name, as one einsum over the stacked kernels (fewer, larger matmuls)."""
+    w = jnp.stack([p[n]["kernel"] for n in names])  # [C,D,N,H]
+    return list(jnp.einsum("BSD,CDNH->CBNSH", x, w))
+
+
+def _mlp(p, x, cfg, drop, site):
+    if cfg.gated_gelu:  # T5 1.1: wo(gelu(wi_0 x) * wi_1 x), tanh-approximate GELU (HF "gelu_new")
+        h0, h1 = jnp.einsum("BSD,CDF->CBSF", x, jnp.stack([p["wi_0"]["kernel"], p["wi_1"]["kernel"]]))
+        h = jax.nn.gelu(h0, approximate=True) * h1
+    else:  # T5 1.0: wo(relu(wi x))
+        h = jax.nn.relu(x @ p["wi"]["kernel"])
+    return drop(h, site + "/hidden") @ p["wo"]["kernel"]
+
+
+def _embed(params, ids):
+    return jnp.take(params["token_embedder"]["embedding"], ids, axis=0)  # T5 does not scale embeddings by sqrt(D)
+
+
+def _drop_fn(cfg, dropout_key):
+    seed = None if dropout_key is None else jax.random.bits(dropout_key, dtype=jnp.uint32)
+    return functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
+
+
+# ----------------------------------------------------------------------------------------------- model
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
+    """input_ids [B,S] (pad 0), prompt [P,D] or None -> (encoded [B,P+S,D], mask [B,P+S] bool)."""
+    x, mask = _embed(params, input_ids), input_ids != PAD_ID
+    if prompt is not None:
+        if prompt.ndim != 2 or prompt.shape[1] != cfg.d_model:
+            raise ValueError(f"prompt must have shape [P, d_model={cfg.d_model}], got {tuple(prompt.shape)}")
+        B, P = input_ids.shape[0], prompt.shape[0]
+        # Lester et al. 2021 §2: the encoder reads [P_e; X_e]; prompt positions are never masked.
+        x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x.dtype), (B, P, cfg.d_model)), x], axis=1)
+        mask = jnp.concatenate([jnp.ones((B, P), bool), mask], axis=1)
+    drop = _drop_fn(cfg, dropout_key)
+    x = drop(x, "encoder/embedding")  # the prompt is added before the input dropout (NOTES.md §7.3)
+    enc = params["encoder"]
+    bias = relpos_bias(enc["relpos_bias"]["rel_embedding"], x.shape[1], x.shape[1], True, cfg)
+    bias = bias + jnp.where(mask, 0.0, NEG_INF)[:, None, None, :]
+    for i in range(cfg.num_layers):  # a Python loop: lax.scan compiles faster but steps slower (bench/README.md)
+        p, site = enc[f"layers_{i}"], f"encoder/layers_{i}"
+        h = rms_norm(x, p["pre_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+        q, k, v = _project(p["attention"], h, ("query", "key", "value"))
+        x = x + drop(_attend(p["attention"], q, k, v, bias, drop, site + "/attention"), site + "/attention")
+        h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+        x = x + drop(_mlp(p["mlp"], h, cfg, drop, site + "/mlp"), site + "/mlp")
+    x = rms_norm(x, enc["encoder_norm"]["scale"], cfg.layer_norm_epsilon)
+    return drop(x, "encoder/output"), mask
+
+
+def _decoder_layer(p, x, cross_kv, self_bias, cross_bias, cfg, drop, site, cache=None, t=None):
+    """Pre-norm self-attention, cross-attention and MLP blocks. With `cache` (greedy_decode) x is one position t:
+    its key/value go into slot t of the cached [B,N,T,H] arrays, later slots are masked by self_bias."""
+    h = rms_norm(x, p["pre_self_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+    q, k, v = _project(p["self_attention"], h, ("query", "key", "value"))
+    if cache is not None:
+        k, v = (jax.lax.dynamic_update_slice_in_dim(c, new, t, axis=2) for c, new in zip(cache, (k, v)))
+    x = x + drop(_attend(p["self_attention"], q, k, v, self_bias, drop, site + "/self"), site + "/self")
+    h = rms_norm(x, p["pre_cross_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+    (q,) = _project(p["encoder_decoder_attention"], h, ("query",))
+    # Cross-attention has no position bias; it sees all P+S encoder positions except padding.
+    x = x + drop(_attend(p["encoder_decoder_attention"], q, *cross_kv, cross_bias, drop, site + "/cross"), site + "/cross")
+    h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+    return x + drop(_mlp(p["mlp"], h, cfg, drop, site + "/mlp"), site + "/mlp"), (k, v)
+
+
+def _logits(params, cfg, x):
+    """Final decoder states [B,T,D] -> float32 logits [B,T,V]."""
+    if cfg.tie_word_embeddings:  # T5 1.0: output layer = embedding^T, after rescaling by d_model^-0.5 (Mesh TF)
+        x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
+        return jnp.einsum("BTD,VD->BTV", x, params["token_embedder"]["embedding"], preferred_element_type=jnp.float32)
+    # T5 1.1 / LM-adapted: a separate, unscaled output layer
+    return jnp.einsum("BTD,DV->BTV", x, params["decoder"]["logits_dense"]["kernel"], preferred_element_type=jnp.float32)
+
+
+def _cross_kv(params, cfg, encoded):
+    return [_project(params["decoder"][f"layers_{i}"]["encoder_decoder_attention"], encoded, ("key", "value"))
+            for i in range(cfg.num_decoder_layers)]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def decode(params, cfg, encoded, encoder_mask, decoder_input_ids, dropout_key=None):
+    """encoded [B,S,D], encoder_mask [B,S], decoder_input_ids [B,T] -> logits [B,T,V] float32."""
+    drop, dec, T = _drop_fn(cfg, dropout_key), params["decoder"], decoder_input_ids.shape[1]
+    x = drop(_embed(params, decoder_input_ids), "decoder/embedding")
+    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+    self_bias = relpos_bias(dec["relpos_bias"]["rel_embedding"], T, T, False, cfg) + jnp.where(causal, 0.0, NEG_INF)
+    cross_bias = jnp.where(encoder_mask, 0.0, NEG_INF)[:, None, None, :]
+    for i, kv in enumerate(_cross_kv(params, cfg, encoded)):
+        x, _ = _decoder_layer(dec[f"layers_{i}"], x, kv, self_bias, cross_bias, cfg, drop, f"decoder/layers_{i}")
+    x = drop(rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon), "decoder/output")
+    return _logits(params, cfg, x)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward(params, cfg, input_ids, decoder_input_ids, prompt=None, dropout_key=None):
+    """input_ids [B,S], decoder_input_ids [B,T], prompt [P,D] or None -> logits [B,T,V] float32.
+    dropout_key None = evaluation; a PRNG key = training with cfg.dropout_rate (sites are named, so one key serves)."""
+    encoded, mask = encode(params, cfg, input_ids, prompt, dropout_key)
+    return decode(params, cfg, encoded, mask, decoder_input_ids, dropout_key)
+
+
+def shift_right(targets):
+    """Decoder inputs = targets shifted right, starting with the pad id 0. Example: [[5,6,1]] -> [[0,5,6]]."""
+    return jnp.concatenate([jnp.full_like(targets[:, :1], PAD_ID), targets[:, :-1]], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def score_targets(params, cfg, input_ids, targets, prompt=None):
+    """Summed log-likelihood [B] float32 of the non-pad tokens of targets [B,T] (rank classification)."""
+    logp = jax.nn.log_softmax(forward(params, cfg, input_ids, shift_right(targets), prompt), axis=-1)
+    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(targets != PAD_ID, token_logp, 0.0), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
+def greedy_decode(params, cfg, input_ids, prompt=None, max_len=16):
+    """Greedy decoding -> int32 [B, max_len]: tokens up to and including EOS, 0 after it.
+
+    The encoder runs once; each layer's cross-attention keys/values are projected once; self-attention keys/values
+    live in a [B,N,max_len,H] cache per layer. A while_loop emits one token per step and stops when every row is done.
+    """
+    encoded, mask = encode(params, cfg, input_ids, prompt)
+    dec, B = params["decoder"], input_ids.shape[0]
+    cross_kv, cross_bias = _cross_kv(params, cfg, encoded), jnp.where(mask, 0.0, NEG_INF)[:, None, None, :]
+    causal = jnp.arange(max_len)[None, :] <= jnp.arange(max_len)[:, None]
+    self_bias = relpos_bias(dec["relpos_bias"]["rel_embedding"], max_len, max_len, False, cfg) + jnp.where(causal, 0.0, NEG_INF)
+    no_drop = _drop_fn(cfg, None)
+
+    def step(state):
+        t, token, caches, out, done = state
+        x = _embed(params, token)[:, None, :]  # [B,1,D]
+        bias_t = jax.lax.dynamic_slice_in_dim(self_bias, t, 1, axis=2)  # query row t: [1,N,1,max_len]
+        new_caches = []
+        for i in range(cfg.num_decoder_layers):
+            x, kv = _decoder_layer(dec[f"layers_{i}"], x, cross_kv[i], bias_t, cross_bias, cfg, no_drop, "", caches[i], t)
+            new_caches.append(kv)
+        x = rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon)
+        token = jnp.where(done, PAD_ID, jnp.argmax(_logits(params, cfg, x)[:, 0], axis=-1).astype(jnp.int32))
+        return t + 1, token, new_caches, out.at[:, t].set(token), done | (token == EOS_ID)
+
+    zeros = jnp.zeros((B, cfg.num_heads, max_len, cfg.d_kv), encoded.dtype)
+    state = (jnp.int32(0), jnp.full((B,), PAD_ID, jnp.int32), [(zeros, zeros)] * cfg.num_decoder_layers,
+             jnp.zeros((B, max_len), jnp.int32), jnp.zeros((B,), bool))
+    return jax.lax.while_loop(lambda s: (s[0] < max_len) & ~jnp.all(s[4]), step, state)[3]
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def hf_name_map(cfg):
+    """HF PyTorch tensor name -> T5X param path (the table in PEERS.md §4.3)."""
+    names = {"shared.weight": "token_embedder/embedding",
+             "encoder.final_layer_norm.weight": "encoder/encoder_norm/scale",
+             "decoder.final_layer_norm.weight": "decoder/decoder_norm/scale"}
+    for stack in ("encoder", "decoder"):
+        names[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = f"{stack}/relpos_bias/rel_embedding"
+    if not cfg.tie_word_embeddings:
+        names["lm_head.weight"] = "decoder/logits_dense/kernel"
+    attn = {"q": "query", "k": "key", "v": "value", "o": "out"}
+    mlp = {w: w for w in (("wi_0", "wi_1", "wo") if cfg.gated_gelu else ("wi", "wo"))}
+    for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        for i in range(n_layers):
+            for j, hf, t5x, norm in BLOCKS[stack]:
+                src, dst = f"{stack}.block.{i}.layer.{j}.", f"{stack}/layers_{i}/"
+                names[src + "layer_norm.weight"] = dst + norm + "/scale"
+                for a, b in (mlp if hf == "DenseReluDense" else attn).items():
+                    names[f"{src}{hf}.{a}.weight"] = f"{dst}{t5x}/{b}/kernel"
+    return names
+
+
+def _is_linear(path):
+    """torch Linear weights (and HF's relpos table [K,N]) are stored transposed; the embedding and norms are not."""
+    return path != "token_embedder/embedding" and not path.endswith("/scale")
+
+
+def _torch_shape(path, shape):
+    """The HF tensor shape of a T5X param: torch Linear stores [out, in]; heads are merged, N*H."""
+    if not _is_linear(path):
+        return shape
+    if len(shape) == 3:  # [D,N,H] (query/key/value) or [N,H,D] (out)
+        shape = (shape[0] * shape[1], shape[2]) if path.endswith("out/kernel") else (shape[0], shape[1] * shape[2])
+    return shape[::-1]
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32}
+
+
+def _read_safetensors(path):
+    """{name: np.ndarray (memory-mapped)} from a .safetensors file: u64 header size, JSON header, raw data.
+    Read by hand because safetensors' numpy loader cannot return bfloat16."""
+    n = int(np.fromfile(path, dtype="<u8", count=1)[0])
+    with open(path, "rb") as f:
+        header = json.loads(f.read(8 + n)[8:])
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    return {k: data[v["data_offsets"][0]:v["data_offsets"][1]].view(_ST_DTYPES[v["dtype"]]).reshape(v["shape"])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_torch(path):
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{path} is a PyTorch checkpoint: reading it needs torch (pip install torch), "
+                          "or convert it to model.safetensors") from None
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in sd.items()}
+
+
+def _read_tensors(d):
+    for single, index, reader in (("model.safetensors", "model.safetensors.index.json", _read_safetensors),
+                                  ("pytorch_model.bin", "pytorch_model.bin.index.json", _read_torch)):
+        if (d / single).exists():
+            return reader(d / single)
+        if (d / index).exists():  # sharded: the index's weight_map names the file of every tensor
+            files = sorted(set(json.loads((d / index).read_text())["weight_map"].values()))
+            return {k: v for f in files for k, v in reader(d / f).items()}
+    raise FileNotFoundError(f"no weights in {d}: expected model.safetensors, model.safetensors.index.json, "
+                            "pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def _resolve(path_or_hub_id):
+    d = Path(path_or_hub_id).expanduser()
+    if d.is_dir():
+        return d
+    if d.is_absolute() or path_or_hub_id.startswith(".") or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path_or_hub_id):
+        raise FileNotFoundError(f"checkpoint directory {path_or_hub_id} does not exist")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(path_or_hub_id, allow_patterns=["config.json", "*.safetensors", "*.bin", "*.index.json"]))
+    except Exception as e:
+        raise FileNotFoundError(f"{path_or_hub_id} is neither a local directory nor a downloadable hub model: {e}") from e
+
+
+def load_checkpoint(path_or_hub_id, dtype=jnp.float32):
+    """A HF T5 checkpoint (local directory or hub id) -> (T5Config, params with T5X names, cast to dtype)."""
+    d = _resolve(str(path_or_hub_id))
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(f"{d} has no config.json")
+    cfg = T5Config.from_hf(json.loads((d / "config.json").read_text()))
+    tensors, want = _read_tensors(d), _expected_shapes(cfg)
+    shared = tensors.get("shared.weight")
+    if shared is None:  # some exports keep only the per-stack copies of the embedding
+        shared = tensors.get("encoder.embed_tokens.weight")
+        tensors["shared.weight"] = shared if shared is not None else tensors.get("decoder.embed_tokens.weight")
+        if tensors["shared.weight"] is None:
+            del tensors["shared.weight"]
+    # Tied checkpoints may repeat the embedding under these names; accept copies that equal shared.weight.
+    copies = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"] + ["lm_head.weight"] * cfg.tie_word_embeddings
+    names, flat, problems = hf_name_map(cfg), {}, []
+    for name in copies:
+        if name in tensors and "shared.weight" in tensors and np.array_equal(tensors[name], tensors["shared.weight"]):
+            del tensors[name]
+    for name, path in names.items():
+        if name not in tensors:
+            problems.append(f"missing tensor {name}")
+        elif tuple(tensors[name].shape) != _torch_shape(path, want[path]):
+            problems.append(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {_torch_shape(path, want[path])}")
+        else:
+            w = np.asarray(tensors[name])
+            w = w.T.reshape(want[path]) if _is_linear(path) else w
+            flat[path] = jnp.asarray(w, dtype=dtype)
+    problems += [f"unexpected tensor {k}" for k in tensors if k not in names]
+    if problems:
+        raise ValueError(f"checkpoint {d} does not match its config.json: " + "; ".join(problems))
+    return cfg, _unflatten(flat)

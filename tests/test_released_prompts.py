@@ -1,0 +1,184 @@
+"""experiments/released_prompts.py: the taskless input format, batching, the --tiny run, and (slow, with the
+Base weights) Google's released prompts within 0.5 points of their release notes."""
+import json
+import os
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import t5_model
+from experiments import released_prompts as rp
+from experiments.paper_numbers import RELEASED_PROMPTS
+
+# First validation example of each task in ../shared/data/glue, written out by hand in the official taskless
+# format (T5 glue preprocessor without its first word, the task name; tfds label_classes for the targets).
+# The SST-2 sentence keeps the tsv's trailing space; the MRPC tsv keeps a raw leading quote (QUOTE_NONE).
+FIRST_TASKLESS = {
+    "sst2": {"inputs": "sentence: it 's a charming and often affecting journey . ", "targets": "positive"},
+    "mrpc": {"inputs": "sentence1: He said the foodservice pie business doesn't fit the company's long-term growth "
+                       "strategy. sentence2: \"The foodservice pie business does not fit our long-term growth "
+                       "strategy.",
+             "targets": "equivalent"},
+    "rte": {"inputs": "sentence1: Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at "
+                      "age 44, according to the Christopher Reeve Foundation. sentence2: Christopher Reeve had an "
+                      "accident.",
+            "targets": "not_entailment"},
+}
+
+
+@pytest.mark.parametrize("task", rp.TASKS)
+def test_taskless_format_of_first_dev_example(shared_data, task):
+    example = data.load_examples(task, "validation", shared_data / "glue")[0]
+    assert rp.taskless_text(task, example) == FIRST_TASKLESS[task]
+
+
+def test_label_minus_one_becomes_unk():
+    """t5 preprocessors.glue: an unlabeled example (label -1) gets the target "<unk>"."""
+    ex = {"sentence1": "A man sleeps.", "sentence2": "A person rests.", "label": -1, "idx": 0}
+    assert rp.taskless_text("rte", ex) == {"inputs": "sentence1: A man sleeps. sentence2: A person rests.",
+                                           "targets": "<unk>"}
+
+
+class _IdsVocab:
+    """Decodes ids as their numbers up to EOS, so a prediction shows which row it came from."""
+    def decode(self, ids):
+        ids = list(ids)
+        return " ".join(str(i) for i in ids[:ids.index(1)] if i)
+
+
+def test_predict_keeps_row_order_and_fixed_shapes(monkeypatch):
+    """Rows are sorted by length and batches padded; predictions must still come back in row order."""
+    seen = []
+
+    def fake_decode(params, cfg, batch, prompt, max_len):  # "predicts" each row's first two tokens, then EOS
+        seen.append(batch.shape)
+        out = np.zeros((batch.shape[0], max_len), np.int32)
+        out[:, :2], out[:, 2] = batch[:, :2], 1
+        return out
+
+    monkeypatch.setattr(t5_model, "greedy_decode", fake_decode)
+    lengths = [70, 3, 130, 5, 64, 2, 300]
+    inputs = np.zeros((len(lengths), 512), np.int32)
+    for r, n in enumerate(lengths):
+        inputs[r, :n] = np.arange(n) + 100 * (r + 1)
+    preds = rp.predict(None, None, None, inputs, _IdsVocab(), batch_size=3, max_len=8)
+    assert preds == [f"{100 * (r + 1)} {100 * (r + 1) + 1}" for r in range(len(lengths))]
+    # sorted lengths 2,3,5 | 64,70,130 | 300 -> widths 64, 256, 512; always 3 rows
+    assert seen == [(3, 64), (3, 256), (3, 512)]
+
+
+def test_load_prompts_checks_width(tmp_path):
+    np.save(tmp_path / "sst2.npy", np.zeros((100, 512), np.float32))
+    with pytest.raises(ValueError, match=r"\[P, 768\]"):
+        rp.load_prompts(tmp_path, ("sst2",), 768)
+    with pytest.raises(FileNotFoundError, match="rte.npy"):
+        rp.load_prompts(tmp_path, ("rte",), 768)
+
+
+def test_download_offline_names_the_way_out(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(rp.urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match="--prompts DIR"):
+        rp.download_prompts(("sst2",), cache=tmp_path)
+
+
+def test_released_prompt_files_are_the_release(shared_data):
+    import hashlib
+    folder = shared_data / "prompt_tuning_release" / "t5_1_1_lm100k_base"
+    for task, digest in rp.PROMPT_SHA256.items():
+        assert hashlib.sha256((folder / f"{task}.npy").read_bytes()).hexdigest() == digest
+
+
+def test_tiny_run_end_to_end(shared_data, tmp_path, capsys):
+    record = rp.main(["--tiny", "--data", str(shared_data / "glue"), "--out", str(tmp_path)])
+    assert "meaningless" in capsys.readouterr().out
+    on_disk = json.loads((tmp_path / "released_prompts.json").read_text())
+    assert on_disk == json.loads(json.dumps(record))
+    assert on_disk["experiment"] == "released_prompts"
+    assert on_disk["config"]["tiny"] is True and on_disk["config"]["input_format"] == "taskless"
+    assert on_disk["config"]["model_config"]["d_model"] == 768  # the released prompts' width
+    assert [r["task"] for r in on_disk["results"]] == list(rp.TASKS)
+    for r in on_disk["results"]:
+        assert r["n_examples"] == 8
+        assert r["first_input"] == FIRST_TASKLESS[r["task"]]["inputs"]
+        assert r["released"] == RELEASED_PROMPTS[r["task"]]
+        assert set(r["released"]) <= set(r["metrics"])
+        assert all(0.0 <= v <= 100.0 for v in r["metrics"].values())
+        np.testing.assert_allclose(r["score"], np.mean([v for k, v in r["metrics"].items() if k != "score"]))
+        assert 0 <= r["invalid_predictions"] <= 8
+    assert set(on_disk["summary"]) == {"sst2/accuracy", "mrpc/f1", "mrpc/accuracy", "rte/accuracy"}
+
+
+def _save_hf_checkpoint(folder, cfg, params):
+    """Write params as a Hugging Face T5 folder (config.json + model.safetensors): torch Linear is [out, in]."""
+    from safetensors.numpy import save_file
+    flat = {}
+    for name, path in t5_model.hf_name_map(cfg).items():
+        w = params
+        for key in path.split("/"):
+            w = w[key]
+        w = np.asarray(w)
+        if name != "shared.weight" and not name.endswith("layer_norm.weight"):
+            w = (w.reshape(-1, w.shape[-1]) if path.endswith("out/kernel") else w.reshape(w.shape[0], -1)).T
+        flat[name] = np.ascontiguousarray(w)
+    save_file(flat, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_layers, "num_decoder_layers": cfg.num_decoder_layers, "vocab_size": cfg.vocab_size,
+        "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}))
+
+
+def test_checkpoint_path_runs_on_a_local_folder(shared_data, tmp_path):
+    """The non-tiny path (setup: prompts, vocab, load_checkpoint) on a tiny random checkpoint folder."""
+    import jax
+    cfg = t5_model.T5Config.tiny()
+    shapes = jax.eval_shape(lambda key: t5_model.init_params(key, cfg), jax.random.key(1))
+    rng = np.random.default_rng(1)  # numpy weights: skips compiling init_params for a throwaway checkpoint
+    params = jax.tree.map(lambda s: 0.3 * rng.standard_normal(s.shape, np.float32), shapes)
+    (tmp_path / "model").mkdir()
+    _save_hf_checkpoint(tmp_path / "model", cfg, params)
+    (tmp_path / "prompts").mkdir()
+    np.save(tmp_path / "prompts" / "rte.npy", np.ones((100, cfg.d_model), np.float32))
+    record = rp.main(["--model", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts"),
+                      "--vocab", str(shared_data / "t5_spiece.model"), "--data", str(shared_data / "glue"),
+                      "--tasks", "rte", "--limit", "3", "--batch_size", "3", "--out", str(tmp_path)])
+    assert record["config"]["tiny"] is False and record["config"]["model_config"]["d_model"] == cfg.d_model
+    [r] = record["results"]
+    assert r["task"] == "rte" and r["n_examples"] == 3 and r["first_input"] == FIRST_TASKLESS["rte"]["inputs"]
+
+
+# ----------------------------------------------------------------------------------------- real weights
+COMMAND = ("python experiments/released_prompts.py --model google/t5-base-lm-adapt --prompts "
+           "../shared/data/prompt_tuning_release/t5_1_1_lm100k_base --data ../shared/data/glue")
+
+
+def _base_checkpoint():
+    """$SPOT_T5_BASE, else google/t5-base-lm-adapt from the Hugging Face cache (never the network), else None."""
+    if os.environ.get("SPOT_T5_BASE"):
+        return Path(os.environ["SPOT_T5_BASE"])
+    try:
+        from huggingface_hub import snapshot_download
+        folder = Path(snapshot_download("google/t5-base-lm-adapt", local_files_only=True))
+    except Exception:
+        return None
+    has_weights = any((folder / f).exists() for f in ("model.safetensors", "pytorch_model.bin",
+                                                      "model.safetensors.index.json", "pytorch_model.bin.index.json"))
+    return folder if (folder / "config.json").exists() and has_weights else None
+
+
+@pytest.mark.slow
+def test_released_prompts_match_release_notes(shared_data, tmp_path):
+    folder = _base_checkpoint()
+    if folder is None:
+        pytest.skip("no T5 1.1 LM-adapted Base weights here (set SPOT_T5_BASE to a HF checkpoint folder, or cache "
+                    f"google/t5-base-lm-adapt); with them, run: {COMMAND}")
+    record = rp.main(["--model", str(folder), "--vocab", str(shared_data / "t5_spiece.model"),
+                      "--prompts", str(shared_data / "prompt_tuning_release" / "t5_1_1_lm100k_base"),
+                      "--data", str(shared_data / "glue"), "--out", str(tmp_path)])
+    misses = [(r["task"], metric, round(r["metrics"][metric], 2), released) for r in record["results"]
+              for metric, released in r["released"].items() if abs(r["metrics"][metric] - released) > 0.5]
+    assert not misses, f"(task, metric, ours, released) more than 0.5 points apart: {misses}"

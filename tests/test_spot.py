@@ -1,0 +1,379 @@
+"""spot.py: prompt-only gradients, frozen weights, initialisations, Adafactor parity, exact resume, NaN stop, sharding.
+
+Every training test shares one TrainConfig (TC) and one batch shape, so train_step compiles once for the module.
+"""
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spot
+import t5_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = t5_model.T5Config.tiny()
+P, B, S, POISON = 8, 4, 10, 7
+TC = spot.TrainConfig(steps=12, batch_size=B, eval_every=4, checkpoint_every=4, embedding_step=6, log_every=4)
+PC = spot.PromptConfig(length=P)
+quiet = lambda line: None
+
+
+def random_params(cfg, seed=0):
+    """Random frozen weights of cfg's shapes, drawn with numpy (t5_model.init_params runs op by op: slow in tests)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda k: t5_model.init_params(k, cfg), jax.random.key(0))
+    std = {'scale': 0.0, 'embedding': 1.0}                      # as init_params: unit norms, unit-std embedding
+    return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(
+        rng.normal(1.0 if path[-1].key == 'scale' else 0.0, std.get(path[-1].key, s.shape[0] ** -0.5), s.shape),
+        jnp.float32), shapes)
+
+
+@pytest.fixture(scope='module')
+def frozen():
+    return random_params(CFG)
+
+
+def synthetic_batches(seed=0, poison_from=None, crash_at=None):
+    """A learnable toy task: random inputs, always the answer [42, 43, EOS]. Batch k is a pure function of (seed, k),
+    as data.batches promises. poison_from: token POISON appears from batch k on; crash_at: batch k raises."""
+    def batches(start):
+        for k in itertools.count(start):
+            if k == crash_at:
+                raise RuntimeError('preempted')
+            rng = np.random.default_rng([seed, k])
+            inputs = rng.integers(10, 5000, (B, S)).astype(np.int32)
+            inputs[:, 6], inputs[:, 7:] = t5_model.EOS_ID, t5_model.PAD_ID
+            if poison_from is not None and k >= poison_from:
+                inputs[0, 0] = POISON
+            yield {'inputs': inputs, 'targets': np.tile(np.int32([42, 43, t5_model.EOS_ID]), (B, 1))}
+    return batches
+
+
+EVAL_BATCH = next(synthetic_batches(seed=99)(0))
+_eval_loss = jax.jit(spot.prompt_loss, static_argnames='cfg')
+
+
+def evaluator(frozen):
+    return lambda prompt: {'score': -float(_eval_loss(prompt, frozen, EVAL_BATCH, CFG))}
+
+
+def leaves_bytes(tree):
+    return [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(tree)]
+
+
+# ----------------------------------------------------------------------------------------------- the step
+def test_gradient_is_the_prompt_only_and_frozen_is_an_argument(frozen):
+    prompt, batch = jnp.ones((P, CFG.d_model)), EVAL_BATCH
+    grad_jaxpr = jax.make_jaxpr(jax.grad(spot.prompt_loss), static_argnums=3)(prompt, frozen, batch, CFG, spot.dropout_key(0, 0))
+    assert [tuple(a.shape) for a in grad_jaxpr.out_avals] == [(P, CFG.d_model)]
+    opt_state = spot.make_optimizer(TC).init(prompt)
+    step_jaxpr = jax.make_jaxpr(spot.train_step, static_argnums=(5, 6))(
+        prompt, opt_state, frozen, batch, spot.dropout_key(0, 0), CFG, TC)
+    frozen_shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(frozen)}
+    out_shapes = [tuple(a.shape) for a in step_jaxpr.out_avals]
+    assert out_shapes[0] == (P, CFG.d_model) and out_shapes[-1] == ()           # new prompt ... loss
+    assert not frozen_shapes & set(out_shapes), 'a weight-shaped output: something other than the prompt trains'
+    big_consts = [c for c in step_jaxpr.consts if np.size(c) > 1000]
+    assert not big_consts, 'frozen weights were captured as constants of the step'
+
+
+@pytest.fixture(scope='module')
+def twenty_steps(frozen):
+    """20 steps from the same start, twice in this process: (frozen before, run 1, run 2), each run a dict of the
+    training losses and the held-out (no dropout) loss before and after."""
+    before, runs = leaves_bytes(frozen), []
+    for _ in range(2):
+        prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
+        held_out = [-evaluator(frozen)(prompt)['score']]
+        opt_state, data, losses = spot.make_optimizer(TC).init(prompt), synthetic_batches()(0), []
+        for step in range(20):
+            prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, next(data), spot.dropout_key(0, step),
+                                                      CFG, TC)
+            losses.append(float(loss))
+        runs.append({'losses': losses, 'held_out': held_out + [-evaluator(frozen)(prompt)['score']]})
+    return before, *runs
+
+
+def test_frozen_params_bit_identical_after_20_steps(frozen, twenty_steps):
+    assert leaves_bytes(frozen) == twenty_steps[0]
+
+
+def test_loss_falls_on_a_learnable_task(twenty_steps):
+    run = twenty_steps[1]
+    assert run['held_out'][1] < run['held_out'][0] - 0.3, run['held_out']      # ~11.3 -> ~10.7 measured
+    assert np.mean(run['losses'][-5:]) < np.mean(run['losses'][:5]), run['losses']   # noisier: dropout on
+
+
+def test_first_losses_reproduce_in_process(twenty_steps):
+    """Golden regression (llm.c style), computed twice rather than hard-coded: same seed, same first 5 losses."""
+    assert twenty_steps[1]['losses'][:5] == twenty_steps[2]['losses'][:5]
+    assert len(set(twenty_steps[1]['losses'][:5])) == 5
+
+
+def test_dropout_is_on_in_training_and_keyed(frozen):
+    """Same (seed, step) -> same training loss; other keys -> other losses; evaluation (no key) differs from all."""
+    prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
+    def train_loss(seed, step):
+        p = jnp.array(prompt)                                   # copies: train_step consumes its inputs
+        return float(spot.train_step(p, spot.make_optimizer(TC).init(p), frozen, EVAL_BATCH,
+                                     spot.dropout_key(seed, step), CFG, TC)[2])
+    assert train_loss(0, 3) == train_loss(0, 3)
+    losses = {train_loss(0, 3), train_loss(0, 4), train_loss(1, 3), -evaluator(frozen)(prompt)['score']}
+    assert len(losses) == 4
+
+
+def test_optax_adafactor_matches_t5x_update():
+    """PEERS.md §5: make_optimizer(TrainConfig()) vs a numpy transcription of t5x/adafactor.py (unfactored [100,768],
+    beta2_t = 1 - (t+1)^-0.8, update clipped to RMS 1, new = (1 - wd) * p - lr * y) over 20 steps."""
+    def t5x_step(p, v, g, step, lr=0.3, decay=0.8, clip=1.0, wd=1e-5):
+        b2 = 1.0 - (step + 1.0) ** (-decay)
+        v = b2 * v + (1 - b2) * (g * g + 1e-30)
+        y = g / np.sqrt(v)
+        y /= max(1.0, np.sqrt(np.mean(y * y)) / clip)
+        return (1.0 - wd) * p - lr * y, v
+
+    rng = np.random.default_rng(0)
+    p_ref = rng.normal(size=(100, 768)).astype(np.float32)
+    v_ref, p = np.zeros_like(p_ref), jnp.asarray(p_ref)
+    tx = spot.make_optimizer(spot.TrainConfig())
+    state, update = tx.init(p), jax.jit(tx.update)
+    for step in range(20):
+        g = rng.normal(scale=10.0 ** rng.uniform(-3, 1), size=p_ref.shape).astype(np.float32)
+        upd, state = update(jnp.asarray(g), state, p)
+        p = p + upd
+        p_ref, v_ref = t5x_step(p_ref.astype(np.float64), v_ref, g.astype(np.float64), step)
+    np.testing.assert_allclose(np.asarray(p), p_ref, rtol=0, atol=3e-6)
+
+
+def test_model_tuning_step_trains_every_weight(frozen):
+    """The Figure 1 baseline path: its jaxpr returns one updated array per weight (and no prompt)."""
+    opt_state = spot.make_optimizer(spot.MODEL_TUNING).init(frozen)
+    jaxpr = jax.make_jaxpr(spot.model_tuning_step, static_argnums=(4, 5))(
+        frozen, opt_state, EVAL_BATCH, spot.dropout_key(0, 0), CFG, spot.MODEL_TUNING)
+    n = len(jax.tree_util.tree_leaves(frozen))
+    assert [tuple(a.shape) for a in jaxpr.out_avals[:n]] == [tuple(x.shape) for x in jax.tree_util.tree_leaves(frozen)]
+    assert len(jaxpr.out_avals) == n + len(jax.tree_util.tree_leaves(opt_state)) + 1
+
+
+class WordVocab:
+    """A stand-in vocabulary: word i of WORDS is token 100 + i."""
+    WORDS = ['entailment', 'not_entailment', 'maybe']
+
+    def encode(self, text):
+        return [100 + self.WORDS.index(w) for w in text.split()]
+
+
+def test_rank_classification_picks_the_most_likely_label(frozen):
+    prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
+    inputs = EVAL_BATCH['inputs'][:3]                       # 3 examples in a batch of 4: padded
+    labels = ['entailment', 'not_entailment maybe']
+    preds = spot.evaluate(frozen, CFG, prompt, inputs, WordVocab(), method='rank', label_names=labels,
+                          max_target_len=3, batch_size=B)
+    targets = np.int32([[100, 1, 0], [101, 102, 1]])
+    scores = np.stack([t5_model.score_targets(frozen, CFG, EVAL_BATCH['inputs'], np.tile(t, (B, 1)), prompt)[:3]
+                       for t in targets], 1)
+    assert preds == [labels[i] for i in scores.argmax(1)]
+    with pytest.raises(ValueError, match="needs a classification task"):
+        spot.evaluate(frozen, CFG, prompt, inputs, WordVocab(), method='rank')
+
+
+# ----------------------------------------------------------------------------------------------- initialisations
+def table(V=6000, D=4, seed=0):
+    return {'token_embedder': {'embedding': jnp.asarray(np.random.default_rng(seed).normal(size=(V, D)), jnp.float32)}}
+
+
+def row_ids(prompt, emb):
+    """The embedding row id equal to each prompt row (-1 if none)."""
+    eq = (np.asarray(prompt)[:, None, :] == np.asarray(emb)[None]).all(-1)
+    return np.where(eq.any(1), eq.argmax(1), -1)
+
+
+def test_sampled_vocab_rows_are_distinct_rows_below_5000():
+    params = table()
+    prompt = spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=100))
+    ids = row_ids(prompt, params['token_embedder']['embedding'])
+    assert prompt.shape == (100, 4) and prompt.dtype == jnp.float32
+    assert ids.min() >= 0 and ids.max() < 5000 and len(set(ids)) == 100
+    other = spot.init_prompt(jax.random.key(1), params, spot.PromptConfig(length=100))
+    assert not np.array_equal(prompt, other)
+
+
+def test_class_labels_mean_pool_each_label_then_sampled_vocab():
+    params = table()
+    emb = np.asarray(params['token_embedder']['embedding'])
+    labels = [[5005, 20, 31], [7]]                    # 'not_entailment'-like multi-piece label, one-piece label
+    prompt = np.asarray(spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=10, init='class_labels'),
+                                         label_ids=labels))
+    np.testing.assert_allclose(prompt[0], emb[[5005, 20, 31]].mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(prompt[1], emb[7])
+    rest = row_ids(prompt[2:], emb)
+    assert rest.min() >= 0 and rest.max() < 5000 and len(set(rest)) == 8
+    with pytest.raises(ValueError, match='class_labels'):
+        spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=1, init='class_labels'), label_ids=labels)
+
+
+def test_text_init_fills_first_rows():
+    params = table()
+    emb = np.asarray(params['token_embedder']['embedding'])
+    prompt = spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=6, init='text'), text_ids=[9, 8, 5500])
+    np.testing.assert_array_equal(prompt[:3], emb[[9, 8, 5500]])
+    assert row_ids(prompt[3:], emb).max() < 5000
+
+
+def test_uniform_init_is_the_official_u_0_half():
+    prompt = np.asarray(spot.init_prompt(jax.random.key(0), table(), spot.PromptConfig(length=100, init='uniform')))
+    assert prompt.min() >= 0.0 and prompt.max() < 0.5 and abs(prompt.mean() - 0.25) < 0.02
+
+
+def test_file_init_and_width_check(tmp_path):
+    src = np.random.default_rng(0).normal(size=(P, 4)).astype(np.float32)
+    np.save(tmp_path / 'p.npy', src)
+    cfg = spot.PromptConfig(length=P, init='file', source=str(tmp_path / 'p.npy'))
+    np.testing.assert_array_equal(spot.init_prompt(None, table(), cfg), src)
+    with pytest.raises(ValueError, match=r'width 4 .*d_model 16'):
+        spot.init_prompt(None, table(D=16), cfg)
+    with pytest.raises(ValueError, match='--length=8'):
+        spot.init_prompt(None, table(), spot.PromptConfig(length=100, init='file', source=str(tmp_path / 'p.npy')))
+
+
+@pytest.mark.parametrize('task', ['sst2', 'mrpc', 'rte'])
+def test_released_base_prompts_load_into_base_not_small(shared_data, task):
+    path = shared_data / 'prompt_tuning_release' / 't5_1_1_lm100k_base' / f'{task}.npy'
+    cfg = spot.PromptConfig(init='file', source=str(path))
+    shapes = lambda name: jax.eval_shape(   # shapes only: no Base weights are allocated
+        lambda k: t5_model.init_params(k, t5_model.T5Config.from_name(name)), jax.random.key(0))
+    prompt = spot.init_prompt(None, shapes('google/t5-base-lm-adapt'), cfg)
+    assert prompt.shape == (100, 768)
+    np.testing.assert_array_equal(prompt, np.load(path))
+    with pytest.raises(ValueError, match=r'width 768 but the model has d_model 512'):
+        spot.init_prompt(None, shapes('google/t5-small-lm-adapt'), cfg)
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def run(out, frozen, batches, **kw):
+    prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
+    return spot.train_prompt(prompt, frozen, CFG, TC, batches, evaluator(frozen), out, log=quiet, **kw)
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, frozen):
+    lines = []
+    full = run(tmp_path / 'full', frozen, synthetic_batches(), meta={'task': 'toy'})
+    with pytest.raises(RuntimeError, match='preempted'):
+        run(tmp_path / 'cut', frozen, synthetic_batches(crash_at=10))     # dies after the step-8 checkpoint
+    _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC))
+    assert state['step'] == state['data_position'] == 8
+    resumed = run(tmp_path / 'cut', frozen, synthetic_batches(), resume=True, meta={'task': 'toy'})
+    resumed_log = spot.train_prompt(resumed['prompt'], frozen, CFG, TC, synthetic_batches(), None, tmp_path / 'cut',
+                                    resume=True, log=lines.append)      # already done: loads, no step runs
+    assert resumed['losses'] == full['losses'][8:] and resumed_log['losses'] == []
+    assert leaves_bytes(resumed['prompt']) == leaves_bytes(full['prompt'])
+    assert leaves_bytes(resumed['opt_state']) == leaves_bytes(full['opt_state'])
+    for name in ('prompt', 'prompt_step6', 'checkpoint'):
+        suffix = '.npz' if name == 'checkpoint' else '.npy'
+        a, b = (np.load(d / f'{name}{suffix}') for d in (tmp_path / 'full', tmp_path / 'cut'))
+        for k in (a.files if suffix == '.npz' else [None]):
+            assert (a[k] if k else a).tobytes() == (b[k] if k else b).tobytes(), (name, k)
+    info = json.loads((tmp_path / 'full' / 'prompt.json').read_text())
+    assert info['task'] == 'toy' and info['step'] == full['best_step'] and info['score'] == full['best_score']
+    assert info['config']['train']['steps'] == 12 and np.load(tmp_path / 'full' / 'prompt.npy').dtype == np.float32
+    assert not list((tmp_path / 'cut').glob('*.tmp'))
+    assert 'resuming' in lines[0]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, frozen):
+    emb = np.array(frozen['token_embedder']['embedding'])
+    emb[POISON] = np.nan
+    poisoned = {**frozen, 'token_embedder': {'embedding': jnp.asarray(emb)}}
+    data = synthetic_batches(poison_from=6)
+    with pytest.raises(FloatingPointError, match=r'loss is nan at step 7.*checkpoint\.npz \(step 4\)'):
+        run(tmp_path / 'run', poisoned, data)
+    ckpt = tmp_path / 'run' / 'checkpoint.npz'
+    prompt, _, state = spot.load_checkpoint(ckpt, spot.make_optimizer(TC))
+    assert state['step'] == 4 and np.isfinite(np.asarray(prompt)).all()
+    # The checkpoint is resumable: with a repaired model the run ends bit-identical to a clean run.
+    resumed = run(tmp_path / 'run', frozen, data, resume=True)
+    clean = run(tmp_path / 'clean', frozen, data)
+    assert leaves_bytes(resumed['prompt']) == leaves_bytes(clean['prompt'])
+
+
+def test_resume_refuses_changed_settings(tmp_path, frozen):
+    spot.save_checkpoint(tmp_path / 'checkpoint.npz', jnp.zeros((P, CFG.d_model)),
+                         spot.make_optimizer(TC).init(jnp.zeros((P, CFG.d_model))),
+                         {'step': 4, 'data_position': 4, 'seed': 0, 'best_score': None, 'best_step': None,
+                          'config': {**spot.dataclasses.asdict(TC), 'learning_rate': 0.1}})
+    with pytest.raises(ValueError, match='learning_rate'):
+        run(tmp_path, frozen, synthetic_batches(), resume=True)
+
+
+def test_override_parses_and_type_checks():
+    tc, rest = spot.override(spot.TrainConfig(), ['--steps=30000', '--learning-rate=1', '--eval_method=rank', '--x=1'])
+    assert (tc.steps, tc.learning_rate, tc.eval_method, rest) == (30000, 1.0, 'rank', ['--x=1'])
+    with pytest.raises(ValueError, match='TrainConfig.steps expects int, got float'):
+        spot.override(tc, ['--steps=0.5'])
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+SHARDED = r'''
+import json, numpy as np, jax, jax.numpy as jnp
+import spot, t5_model
+from test_spot import random_params
+cfg, tc = t5_model.T5Config.tiny(num_layers=1, num_decoder_layers=1), spot.TrainConfig()   # 1+1 layers: compiles 2x faster
+frozen = random_params(cfg)
+rng = np.random.default_rng(0)
+batch = {'inputs': rng.integers(2, 5000, (8, 10)).astype(np.int32), 'targets': rng.integers(2, 5000, (8, 3)).astype(np.int32)}
+batch['inputs'][:, 7:] = 0
+prompt0 = rng.normal(size=(8, 16)).astype(np.float32)
+
+def two_steps(mesh):
+    prompt = jnp.asarray(prompt0)
+    state = spot.make_optimizer(tc).init(prompt)
+    f, b, (p, s) = spot.shard_params(mesh, frozen), spot.shard_batch(mesh, batch), spot.replicate(mesh, (prompt, state))
+    losses = []
+    for step in range(2):
+        p, s, loss = spot.train_step(p, s, f, b, spot.dropout_key(0, step), cfg, tc)
+        losses.append(float(loss))
+    return f, b, p, s, losses
+
+_, _, p1, s1, l1 = two_steps(None)
+mesh = spot.make_mesh(model_parallel=2)
+f, b, p8, s8, l8 = two_steps(mesh)
+diff = lambda x, y: max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
+    "query": str(f['encoder']['layers_0']['attention']['query']['kernel'].sharding.spec),
+    "wo": str(f['encoder']['layers_0']['mlp']['wo']['kernel'].sharding.spec),
+    "embedding": str(f['token_embedder']['embedding'].sharding.spec),
+    "batch": str(b['inputs'].sharding.spec), "loss_diff": max(abs(u - v) for u, v in zip(l1, l8)),
+    "prompt_diff": diff(p1, p8), "opt_diff": diff(s1, s8), "moved": diff(p1, prompt0)}))
+'''
+
+
+@pytest.fixture(scope='module', autouse=True)
+def sharded_run(request):
+    """Starts the 8-device subprocess when the module starts (if its test is selected), so that it compiles while
+    the other tests run; XLA_FLAGS must be set before jax is imported, hence a fresh process."""
+    if not any(item.name == 'test_sharded_step_equals_single_device' for item in request.session.items):
+        yield None
+        return
+    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu',
+           'PYTHONPATH': os.pathsep.join([str(ROOT), str(ROOT / 'tests')])}
+    proc = subprocess.Popen([sys.executable, '-c', SHARDED], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    yield proc
+    proc.kill()
+
+
+def test_sharded_step_equals_single_device(sharded_run):
+    stdout, stderr = sharded_run.communicate(timeout=300)
+    assert sharded_run.returncode == 0, stderr[-3000:]
+    r = json.loads(stdout.strip().splitlines()[-1])
+    assert r['devices'] == 8 and r['mesh'] == {'data': 4, 'model': 2}
+    assert "'model'" in r['query'] and "'model'" in r['wo'] and "'model'" in r['embedding'] and "'data'" in r['batch']
+    assert r['moved'] > 0.1                       # the steps did something
+    assert r['loss_diff'] < 1e-5 and r['prompt_diff'] < 1e-5 and r['opt_diff'] < 1e-5, r

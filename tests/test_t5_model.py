@@ -1,0 +1,330 @@
+"""t5_model.py against the Hugging Face oracle (tiny random checkpoints written the way the hub has them),
+known answers (relative-position buckets, parameter counts) and properties (causality, padding, dropout)."""
+import dataclasses
+import json
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import t5_model as tm
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402  (installed with transformers)
+
+ATOL = 1e-4  # issue 2: float32 parity with transformers.T5ForConditionalGeneration
+TINY_HF = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+B, S, T, P = 3, 150, 6, 5  # S > relative_attention_max_distance = 128
+
+
+def _write_hub_checkpoint(model, d, untied):
+    """model.safetensors + config.json as on the hub. For T5 1.1: tie_word_embeddings false and a distinct
+    lm_head.weight (transformers 5.x would save an in-memory untied T5 tied, without the d_model^-0.5 scaling)."""
+    d.mkdir(parents=True, exist_ok=True)
+    if not untied:
+        model.save_pretrained(d)
+        return
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if "embed_tokens" not in k}
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("scale_decoder_outputs", None)
+    (d / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, TINY_HF["vocab_size"], (B, S))
+    ids[1, 100:] = 0  # padded rows
+    ids[2, 9:] = 0
+    dec = rng.integers(2, TINY_HF["vocab_size"], (B, T))
+    dec[:, 0] = 0
+    prompt = rng.normal(size=(P, TINY_HF["d_model"])).astype(np.float32)
+    return ids, dec, prompt
+
+
+def _hf_generate(hf, ids, max_len):
+    out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(), do_sample=False,
+                      max_new_tokens=max_len, num_beams=1).numpy()[:, 1:]  # drop the decoder start token
+    return np.pad(out, ((0, 0), (0, max_len - out.shape[1])))  # HF stops early once every row has hit EOS
+
+
+@pytest.fixture(scope="module", params=["t5_1_1", "t5_1_0"])
+def ckpt(request, tmp_path_factory):
+    """(directory, HF model read back from it). Row EOS=1 of the output layer is made a slightly larger copy of the
+    row of a token that greedy decoding emits early, so the decoding test sees rows stop at EOS."""
+    untied = request.param == "t5_1_1"
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(**TINY_HF, feed_forward_proj="gated-gelu" if untied else "relu",
+                                tie_word_embeddings=not untied)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    if untied:
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model ** -0.5)
+    d = tmp_path_factory.mktemp(request.param)
+    _write_hub_checkpoint(model, d, untied)
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(d).eval()
+    ids, _, _ = _batch()
+    token = _hf_generate(hf, ids, 8)[0, 2]
+    head = hf.lm_head.weight if untied else hf.shared.weight
+    with torch.no_grad():
+        head[1] = head[token] * 1.05
+    shutil.rmtree(d)
+    _write_hub_checkpoint(hf, d, untied)
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(d).eval()
+    return d, hf
+
+
+def test_checkpoint_written_like_the_hub(ckpt):
+    d, hf = ckpt
+    tensors = tm._read_safetensors(d / "model.safetensors")
+    config = json.loads((d / "config.json").read_text())
+    if config["tie_word_embeddings"]:
+        assert "lm_head.weight" not in tensors and hf.config.scale_decoder_outputs
+    else:
+        assert not np.array_equal(tensors["lm_head.weight"], tensors["shared.weight"])
+        assert not hf.config.scale_decoder_outputs
+        assert not torch.equal(hf.lm_head.weight, hf.shared.weight)
+
+
+def test_logits_match_hf(ckpt):
+    d, hf = ckpt
+    cfg, params = tm.load_checkpoint(d)
+    ids, dec, _ = _batch()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(),
+                 decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    ours = tm.forward(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32))
+    assert ours.dtype == jnp.float32 and ours.shape == (B, T, cfg.vocab_size)
+    print(f"{d.name}: max |logit diff| = {np.abs(np.asarray(ours) - ref).max():.2e} (max |logit| {np.abs(ref).max():.1f})")
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+
+
+def test_prompt_logits_match_hf_inputs_embeds(ckpt):
+    d, hf = ckpt
+    cfg, params = tm.load_checkpoint(d)
+    ids, dec, prompt = _batch()
+    with torch.no_grad():
+        embeds = torch.cat([torch.tensor(prompt).expand(B, -1, -1), hf.shared(torch.tensor(ids))], dim=1)
+        mask = torch.cat([torch.ones(B, P, dtype=torch.long), torch.tensor(ids != 0).long()], dim=1)
+        ref = hf(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    ours = tm.forward(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32), prompt=jnp.asarray(prompt))
+    print(f"{d.name} with prompt: max |logit diff| = {np.abs(np.asarray(ours) - ref).max():.2e}")
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+
+
+def test_greedy_decode_matches_hf_generate(ckpt):
+    d, hf = ckpt
+    cfg, params = tm.load_checkpoint(d)
+    ids, _, _ = _batch()
+    ref = _hf_generate(hf, ids, 8)
+    ours = np.asarray(tm.greedy_decode(params, cfg, jnp.asarray(ids, jnp.int32), max_len=8))
+    assert ours.dtype == np.int32
+    np.testing.assert_array_equal(ours, ref)
+    eos_at = np.argmax(ours == tm.EOS_ID, axis=1)
+    assert (ours == tm.EOS_ID).any(axis=1)[0] and eos_at[0] < 7  # the fixture made row 0 stop early ...
+    assert (ours[0, eos_at[0] + 1:] == tm.PAD_ID).all()  # ... and it is padded after EOS
+
+
+def test_score_targets_is_hf_log_likelihood(ckpt):
+    d, hf = ckpt
+    cfg, params = tm.load_checkpoint(d)
+    ids, dec, _ = _batch()
+    targets = dec[:, 1:].copy()
+    targets[0, 3:] = 0  # pad after the first 3 tokens
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(),
+                    decoder_input_ids=torch.tensor(np.asarray(tm.shift_right(jnp.asarray(targets))))).logits
+    logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[..., None])[..., 0].numpy()
+    ref = (logp * (targets != 0)).sum(-1)
+    ours = tm.score_targets(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(targets, jnp.int32))
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=1e-5)
+
+
+def test_sharded_safetensors_and_pytorch_bin_load_the_same_params(ckpt, tmp_path):
+    d, hf = ckpt
+    _, params = tm.load_checkpoint(d)
+    tensors = tm._read_safetensors(d / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for f, keys in shards.items():
+        save_file({k: torch.tensor(np.array(tensors[k])) for k in keys}, str(sharded / f))
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    # The full state dict, as older hub repos store it: tied models repeat the embedding as
+    # encoder/decoder.embed_tokens (and lm_head); these duplicates must be accepted.
+    torch.save(hf.state_dict(), binary / "pytorch_model.bin")
+    for other in (sharded, binary):
+        shutil.copy(d / "config.json", other / "config.json")
+        _, loaded = tm.load_checkpoint(other)
+        jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_pytorch_bin_without_torch_says_what_to_install(ckpt, tmp_path, monkeypatch):
+    d, hf = ckpt
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(ImportError, match="pip install torch"):
+        tm.load_checkpoint(tmp_path)
+
+
+def test_bfloat16_params_give_finite_logits_close_to_float32(ckpt):
+    d, _ = ckpt
+    ids, dec, prompt = _batch()
+    args = (jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32), jnp.asarray(prompt))
+    cfg, p32 = tm.load_checkpoint(d)
+    _, p16 = tm.load_checkpoint(d, dtype=jnp.bfloat16)
+    assert p16["encoder"]["layers_0"]["attention"]["query"]["kernel"].dtype == jnp.bfloat16
+    l32, l16 = tm.forward(p32, cfg, *args), tm.forward(p16, cfg, *args)
+    assert l16.dtype == jnp.float32 and bool(jnp.isfinite(l16).all())
+    print(f"{d.name}: bf16 vs fp32 max |logit diff| = {float(jnp.abs(l16 - l32).max()):.3f}, max |logit| {float(jnp.abs(l32).max()):.1f}")
+    assert float(jnp.abs(l16 - l32).max()) < 0.05 * float(jnp.abs(l32).max())
+    assert float(jnp.mean(jnp.argmax(l16, -1) == jnp.argmax(l32, -1))) > 0.8
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def _copy_without(src, dst, drop=None, reshape=None):
+    tensors = {k: np.array(v) for k, v in tm._read_safetensors(src / "model.safetensors").items() if k != drop}
+    if reshape:
+        tensors[reshape] = tensors[reshape][:-1]
+    dst.mkdir()
+    save_file({k: torch.tensor(v) for k, v in tensors.items()}, str(dst / "model.safetensors"))
+    shutil.copy(src / "config.json", dst / "config.json")
+    return dst
+
+
+def test_missing_and_misshaped_tensors_are_named(ckpt, tmp_path):
+    d, _ = ckpt
+    name = "decoder.block.1.layer.2.DenseReluDense.wo.weight"
+    with pytest.raises(ValueError, match=f"missing tensor {name}"):
+        tm.load_checkpoint(_copy_without(d, tmp_path / "missing", drop=name))
+    name = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    with pytest.raises(ValueError, match=rf"tensor {name} has shape \(31, 32\), expected \(32, 32\)"):
+        tm.load_checkpoint(_copy_without(d, tmp_path / "shape", reshape=name))
+
+
+def test_nonexistent_path_and_unknown_names_raise():
+    with pytest.raises(FileNotFoundError, match="/no/such/checkpoint does not exist"):
+        tm.load_checkpoint("/no/such/checkpoint")
+    with pytest.raises(ValueError, match="unknown T5 name 't5-huge'.*google/t5-base-lm-adapt"):
+        tm.T5Config.from_name("t5-huge")
+
+
+def test_prompt_of_wrong_width_raises():
+    cfg = tm.T5Config.tiny(vocab_size=64)
+    params = tm.init_params(jax.random.key(0), cfg)
+    with pytest.raises(ValueError, match=r"prompt must have shape \[P, d_model=16\], got \(4, 15\)"):
+        tm.forward(params, cfg, jnp.ones((2, 5), jnp.int32), jnp.zeros((2, 3), jnp.int32), prompt=jnp.zeros((4, 15)))
+
+
+def test_check_params_names_bad_leaves():
+    cfg = tm.T5Config.tiny(vocab_size=64)
+    params = tm.init_params(jax.random.key(0), cfg)
+    tm.check_params(params, cfg)
+    params["encoder"]["layers_1"]["mlp"]["wo"]["kernel"] = jnp.zeros((31, 16))
+    del params["decoder"]["decoder_norm"]
+    with pytest.raises(ValueError, match="missing decoder/decoder_norm/scale.*encoder/layers_1/mlp/wo/kernel has shape"):
+        tm.check_params(params, cfg)
+
+
+# --------------------------------------------------------------------------------------------- known answers
+def test_relpos_bucket_known_answers():
+    # Bidirectional, 32 buckets, max distance 128: 16 buckets per sign, exact below 8,
+    # then 8 + floor(2 * log2(d / 8)) up to 15; positive offsets (keys after the query) add 16.
+    rel = [0, -1, 1, -7, 7, -8, 8, -11, -12, -16, 16, -32, -64, -90, -91, -128, 200, -200]
+    want = [0, 1, 17, 7, 23, 8, 24, 8, 9, 10, 26, 12, 14, 14, 15, 15, 31, 15]
+    np.testing.assert_array_equal(tm.relpos_bucket(np.array(rel), True), want)
+    # Causal: only keys before the query; exact below 16, then 16 + floor(16/3 * log2(d / 16)) up to 31.
+    rel = [5, 0, -3, -15, -16, -20, -32, -64, -100, -127, -128, -200]
+    want = [0, 0, 3, 15, 16, 17, 21, 26, 30, 31, 31, 31]
+    np.testing.assert_array_equal(tm.relpos_bucket(np.array(rel), False), want)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("buckets,max_distance", [(32, 128), (16, 64)])
+def test_relpos_bucket_matches_hf(bidirectional, buckets, max_distance):
+    rel = np.arange(-1000, 1001)
+    ref = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
+        torch.tensor(rel), bidirectional, buckets, max_distance).numpy()
+    np.testing.assert_array_equal(tm.relpos_bucket(rel, bidirectional, buckets, max_distance), ref)
+
+
+# Each lm-adapt shape equals its v1_1 shape, so the ten shapes are checked through these ten names.
+@pytest.mark.parametrize("name", [n for n in tm.KNOWN_NAMES if "v1_1" not in n])
+def test_param_count_matches_hf_meta_model(name):
+    cfg = tm.T5Config.from_name(name)
+    hf_cfg = transformers.T5Config(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff, num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
+        feed_forward_proj="gated-gelu" if cfg.gated_gelu else "relu", tie_word_embeddings=cfg.tie_word_embeddings)
+    with torch.device("meta"):
+        hf = transformers.T5ForConditionalGeneration(hf_cfg)
+        if not cfg.tie_word_embeddings:  # transformers 5.x ties in memory; the hub's T5 1.1 checkpoints are untied
+            hf.lm_head.weight = torch.nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+    assert tm.param_count(cfg) == sum(p.numel() for p in hf.parameters())
+
+
+def test_presets():
+    assert tm.param_count(tm.T5Config.from_name("google/t5-base-lm-adapt")) == 247_577_856  # issue 2
+    for size in ("small", "base", "large", "xl", "xxl"):
+        lm, v11 = tm.T5Config.from_name(f"google/t5-{size}-lm-adapt"), tm.T5Config.from_name(f"google/t5-v1_1-{size}")
+        assert lm.gated_gelu and not lm.tie_word_embeddings and lm == dataclasses.replace(v11, name=lm.name)
+    base = tm.T5Config.from_name("google-t5/t5-base")
+    assert (base.d_ff, base.gated_gelu, base.tie_word_embeddings) == (3072, False, True)
+    assert tm.T5Config.from_name("t5-11b").num_heads == 128
+    tiny = tm.T5Config.tiny()
+    assert (tiny.d_model, tiny.num_layers, tiny.num_heads, tiny.d_kv, tiny.d_ff, tiny.vocab_size) == (16, 2, 2, 8, 32, 32128)
+
+
+def test_from_hf_reads_a_hub_config():
+    c = transformers.T5Config(vocab_size=32100, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                              feed_forward_proj="gated-gelu", tie_word_embeddings=False).to_dict()
+    c.pop("scale_decoder_outputs", None)
+    c["tie_word_embeddings"] = False
+    cfg = tm.T5Config.from_hf(c)
+    assert cfg == dataclasses.replace(tm.T5Config.from_name("google/t5-base-lm-adapt"), vocab_size=32100, name=cfg.name)
+    with pytest.raises(ValueError, match="scale_decoder_outputs=false"):
+        tm.T5Config.from_hf({**c, "tie_word_embeddings": True, "scale_decoder_outputs": False})
+
+
+# --------------------------------------------------------------------------------------------- properties
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tm.T5Config.tiny(vocab_size=64)
+    return cfg, tm.init_params(jax.random.key(0), cfg)
+
+
+def test_decoder_is_causal_and_padding_is_ignored(tiny):
+    cfg, params = tiny
+    ids = jnp.array([[5, 6, 7, 1, 0, 0]], jnp.int32)
+    dec = jnp.array([[0, 9, 10, 11]], jnp.int32)
+    logits = tm.forward(params, cfg, ids, dec)
+    later = tm.forward(params, cfg, ids, dec.at[0, 3].set(40))
+    np.testing.assert_allclose(later[:, :3], logits[:, :3], atol=1e-6)
+    assert not np.allclose(later[:, 3], logits[:, 3])
+    more_pad = tm.forward(params, cfg, jnp.pad(ids, ((0, 0), (0, 3))), dec)
+    np.testing.assert_allclose(more_pad, logits, atol=1e-5)
+
+
+def test_dropout_is_a_pure_function_of_the_key(tiny):
+    cfg, params = tiny
+    ids, dec = jnp.array([[5, 6, 7, 1]], jnp.int32), jnp.array([[0, 9, 10]], jnp.int32)
+    prompt = jnp.ones((3, cfg.d_model))
+    run = jax.jit(lambda key: tm.forward(params, cfg, ids, dec, prompt, key))
+    a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c) and not np.allclose(a, tm.forward(params, cfg, ids, dec, prompt))
+    x = jnp.ones((400, 500))
+    y = tm._dropout(x, "site", jnp.uint32(7), 0.1)
+    assert abs(float(jnp.mean(y == 0)) - 0.1) < 0.005  # 200k draws: 5 standard deviations
+    np.testing.assert_allclose(jnp.unique(y), [0.0, 1 / 0.9], rtol=1e-6)  # inverted dropout keeps the mean
+    other = tm._dropout(x, "another site", jnp.uint32(7), 0.1)
+    assert abs(float(jnp.mean((y == 0) & (other == 0))) - 0.01) < 0.002  # sites draw independent masks
