@@ -1,0 +1,204 @@
+"""What experiments/*.py share: command line, frozen model, task data, one prompt-tuning run, results.
+
+Task data comes from data.py (tfds, or the original files with --data). Under --tiny it is the first few
+examples of the files in ../shared/data, or, where those are missing, a synthetic task on token ids
+(token_task, also the quickstart's tasks). Results follow paper_numbers.RESULTS_SCHEMA.
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+import data
+import spot
+import t5_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"  # CI checks ../shared out beside the repo; --tiny reads a few examples
+TINY_EXAMPLES = 16                          # --tiny: training and validation examples per task
+
+
+def parse_args(doc, argv, model="google/t5-base-lm-adapt", add_arguments=None):
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--model", default=model, help="hub id or checkpoint directory (ignored with --tiny)")
+    p.add_argument("--steps", type=int, default=None, help="steps of every run (default: the paper's)")
+    p.add_argument("--seeds", type=int, default=None, help="runs per setting (default 3, the paper's; --tiny 1)")
+    p.add_argument("--out", default=str(ROOT / "results"), help="folder for <name>.json, figures and runs/")
+    p.add_argument("--data", default=None, help="folder with the original task files (default: tfds)")
+    p.add_argument("--tiny", action="store_true", help="random tiny T5, a handful of examples, a few steps")
+    p.add_argument("--model-parallel", type=int, default=1, help="devices per 'model' group of the mesh (spot.py)")
+    if add_arguments:
+        add_arguments(p)
+    args, rest = p.parse_known_args(argv)
+    # --tiny scores by rank classification: a random T5 never decodes a label word, so decoding would score 0
+    tiny = dict(batch_size=4, max_input_len=32, max_target_len=8, eval_batch_size=16, eval_limit=TINY_EXAMPLES,
+                eval_method="rank") if args.tiny else {}
+    args.train, rest = spot.override(spot.TrainConfig(**tiny), rest)  # any TrainConfig field: --batch_size=8
+    if rest:
+        p.error(f"unrecognised {rest}; TrainConfig fields are set as --field=value")
+    args.seeds = args.seeds or (1 if args.tiny else 3)  # §2.1.4: 3 runs per setting
+    args.runs = Path(args.out) / ("runs-tiny" if args.tiny else "runs")  # tiny never resumes a real run
+    args.log = None if args.tiny else print  # progress lines of spot.train_prompt
+    args.mesh = spot.make_mesh(args.model_parallel) if jax.device_count() > 1 else None  # data/model parallel
+    return args
+
+
+def paper_steps(args, steps):
+    """The paper's step count, or --steps, or 4 under --tiny."""
+    return args.steps or (4 if args.tiny else steps)
+
+
+def embedding_step(steps):
+    """§3.2 footnote 13: the prompt after 10K steps is the task embedding (a short run: after half of it)."""
+    return min(10_000, max(1, steps // 2))
+
+
+@functools.lru_cache(maxsize=2)
+def frozen_model(name, tiny=False):
+    """(cfg, params): a checkpoint (hub id or directory), or with tiny a random T5Config.tiny(). Cached."""
+    if tiny:
+        cfg = t5_model.T5Config.tiny()
+        return cfg, t5_model.init_params(jax.random.key(0), cfg)
+    return t5_model.load_checkpoint(name)
+
+
+def train_config(args, steps, seed, **changes):
+    """spot.TrainConfig of one run: the paper's defaults (§2.1.4), --tiny's and --field=value overrides."""
+    return dataclasses.replace(args.train, steps=steps, seed=seed, embedding_step=embedding_step(steps), **changes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaskData:
+    name: str
+    train: dict                # {'inputs': int32 [n,S], 'targets': int32 [n,T]}
+    evaluate: Callable         # (params, cfg, prompt or None) -> {metric x100, 'score'} on validation
+    label_ids: list | None     # token ids of each class label (class-label prompt init, App. C)
+
+
+@functools.lru_cache(maxsize=1)
+def vocab_for(model, tiny):
+    """The model's SentencePiece vocabulary; --tiny: ../shared/data/t5_spiece.model, or None (synthetic)."""
+    if tiny:
+        return data.load_vocab(SHARED / "t5_spiece.model") if (SHARED / "t5_spiece.model").exists() else None
+    d = Path(model)
+    return data.load_vocab(model if not d.is_dir() or (d / "spiece.model").exists() else None)
+
+
+def load_task(name, args, tc, model=None):
+    """Training arrays and a validation scorer of one task (data.py formats and metrics, T5 decoding).
+    The vocabulary is the one of `model` (default --model); every T5 size shares it."""
+    task, vocab = data.get_task(name), vocab_for(model or args.model, args.tiny)
+    data_dir, T = SHARED if args.tiny else args.data, tc.max_target_len or task.target_len  # as spot.make_evaluator
+    if args.tiny and vocab is None:
+        return synthetic_task(task.name, tc.max_input_len)
+    try:
+        train, val = (data.load_examples(name, split, data_dir) for split in ("train", "validation"))
+    except (FileNotFoundError, ValueError):
+        if not args.tiny:
+            raise
+        return synthetic_task(task.name, tc.max_input_len)  # e.g. MNLI: too large for ../shared/data
+    train, val = train[:TINY_EXAMPLES if args.tiny else None], val[:tc.eval_limit or None]
+    arrays = data.tokenize(vocab, data.text_pairs(name, train, train=True), tc.max_input_len, T)
+    inputs = data.tokenize(vocab, data.text_pairs(name, val), tc.max_input_len, T)["inputs"]
+
+    def evaluate(params, cfg, prompt=None):
+        preds = spot.evaluate(params, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.label_names,
+                              max_target_len=T, batch_size=tc.eval_batch_size)
+        return data.score(name, val, preds)
+    labels = [list(vocab.encode(x)) for x in task.label_names] if task.label_names else None
+    return TaskData(task.name, arrays, evaluate, labels)
+
+
+# ------------------------------------------------------------------------------------------- synthetic tasks
+def token_task(name, task_token, triggers, label_ids, words, n_train, n_val, seed, length=8, hits=2, width=None):
+    """A classification task on token ids. An input is [task_token, length-2 words, EOS]: `hits` of the words come
+    from triggers[c] for the example's class c, the rest uniformly from `words`; the target is [label_ids[c], EOS].
+    Scored by rank classification over the label ids (accuracy)."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_val
+    x = np.zeros((n, width or length), np.int32)
+    x[:, 1:length - 1] = rng.choice(words, (n, length - 2))
+    y = rng.integers(0, len(label_ids), n)
+    for row, c in zip(x, y):
+        row[1 + rng.choice(length - 2, hits, replace=False)] = rng.choice(triggers[c], hits)
+    x[:, 0], x[:, length - 1] = task_token, t5_model.EOS_ID
+    targets = np.stack([np.asarray(label_ids)[y], np.full(n, t5_model.EOS_ID)], 1).astype(np.int32)
+    candidates = [np.broadcast_to(np.array([lab, t5_model.EOS_ID], np.int32), (n_val, 2)) for lab in label_ids]
+
+    def evaluate(params, cfg, prompt=None):
+        scores = [t5_model.score_targets(params, cfg, x[n_train:], c, prompt) for c in candidates]
+        accuracy = 100 * float(np.mean(np.argmax(np.stack(scores), 0) == y[n_train:]))
+        return {"accuracy": accuracy, "score": accuracy}
+    return TaskData(name, {"inputs": x[:n_train], "targets": targets[:n_train]}, evaluate, [[lab] for lab in label_ids])
+
+
+def synthetic_task(name, width=32, target_width=8):
+    """--tiny without the task's files: a token_task whose trigger words and labels are seeded by the name,
+    padded to the widths of the real tiny tasks (one compiled step for all)."""
+    tokens = np.random.default_rng(zlib.crc32(name.encode())).choice(np.arange(100, 5000), 19, replace=False)
+    td = token_task(name, tokens[0], (tokens[3:11], tokens[11:19]), tokens[1:3], np.arange(5000, 9000),
+                    TINY_EXAMPLES, TINY_EXAMPLES, zlib.crc32(name.encode()), width=width)
+    td.train["targets"] = np.pad(td.train["targets"], ((0, 0), (0, target_width - 2)))
+    return td
+
+
+# ------------------------------------------------------------------------------------------- runs and results
+def tune_prompt(frozen, cfg, tc, prompt, batches, evaluate, out_dir, log=print, mesh=None, **meta):
+    """One prompt-tuning run (spot.train_prompt, §2.1.4): best validation checkpoint when `evaluate` is given,
+    else the last. Resumes a run interrupted in out_dir (a finished one is read back, not rerun).
+    Returns {'prompt', 'score', 'metrics', 'losses', 'embedding' (the prompt_step{tc.embedding_step}.npy)}."""
+    res = spot.train_prompt(prompt, frozen, cfg, tc, batches, evaluate and (lambda p: evaluate(frozen, cfg, p)),
+                            out_dir, meta=meta, resume=True, mesh=mesh, log=log or (lambda *_: None))
+    out = Path(out_dir)
+    embedding, info = out / f"prompt_step{tc.embedding_step}.npy", json.loads((out / "prompt.json").read_text())
+    return {"prompt": np.load(out / "prompt.npy"), "score": res["best_score"], "metrics": info.get("metrics"),
+            "losses": res["losses"], "embedding": np.load(embedding) if embedding.exists() else None}
+
+
+def initial_prompt(frozen, args, seed, name, label_ids=None):
+    """The starting prompt of a run named `name` (its key folds in the name, so no two tasks share one):
+    class labels when label_ids are given (the PromptTuning baseline, App. C), else sampled vocabulary
+    (source prompts, §2.1.4)."""
+    pc = spot.PromptConfig(length=8 if args.tiny else spot.PromptConfig.length,
+                           init="class_labels" if label_ids else "sampled_vocab")
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
+    return spot.init_prompt(key, frozen, pc, label_ids or None)
+
+
+def mean_std(values):
+    values = np.asarray(values, np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std())}  # std over runs, ddof 0
+
+
+def finish(args, experiment, config, records, summary, paper):
+    """Print our rows beside the paper's, write out/<experiment>.json (RESULTS_SCHEMA); return the dict."""
+    for row, ours in summary.items():
+        ours["paper"] = list(paper[row]) if row in paper else None
+    print(f"\n{experiment}: ours (mean ± std over {args.seeds} seeds) vs paper" + (
+        "  [--tiny: random tiny T5, a few steps: the numbers mean nothing]" if args.tiny else ""))
+    for row, ours in summary.items():
+        fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+        p = ours["paper"] or (None, None)
+        print(f"  {row:<38} {fmt(ours['mean']):>7} ± {fmt(ours['std']):<5}   paper {fmt(p[0])} ± {fmt(p[1])}")
+    result = _finite({"experiment": experiment, "config": {**config, "tiny": args.tiny}, "results": records,
+                      "summary": summary})
+    path = Path(args.out) / f"{experiment}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, allow_nan=False))
+    print(f"wrote {path}")
+    return result
+
+
+def _finite(x):
+    """NaN/inf (e.g. Pearson of constant predictions) -> None, so the file is strict JSON."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not np.isfinite(x) else x

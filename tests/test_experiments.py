@@ -1,0 +1,116 @@
+"""Every experiment's --tiny run and the quickstart, in-process (experiments/*.py main(argv)): the results follow
+paper_numbers.RESULTS_SCHEMA and test_paper_numbers.compare accepts them; the retrieval logic holds on the numbers;
+the quickstart's retrieval and transfer effect hold. ~3 min on 2 cores (compiles are shared across the scripts)."""
+import json
+import time
+
+import numpy as np
+import pytest
+
+import retrieval
+from experiments import (common, figure1_model_sizes, paper_numbers, quickstart, table1_source_mixtures,
+                         table3_retrieval, table6_transferability)
+from tests.test_paper_numbers import compare
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("results")
+
+
+def run_tiny(module, out, *extra):
+    t0 = time.perf_counter()
+    result = module.main(["--tiny", "--out", str(out), *extra])
+    print(f"{module.__name__} --tiny: {time.perf_counter() - t0:.1f} s")
+    name = module.__name__.split(".")[-1]
+    assert name in paper_numbers.EXPERIMENT_COMMANDS
+    saved = json.loads((out / f"{name}.json").read_text())
+    assert saved == json.loads(json.dumps(result))  # what main returns is what it wrote
+    assert set(saved) == {"experiment", "config", "results", "summary"} and saved["experiment"] == name
+    assert saved["config"]["tiny"] is True
+    for record in saved["results"]:
+        assert {"task", "seed", "source", "method", "score", "metrics"} <= set(record), record
+        assert record["score"] is None or 0 <= record["score"] <= 100, record
+    for row, cell in saved["summary"].items():
+        assert {"mean", "std", "paper"} <= set(cell), row
+    compare(saved)  # the loader of tests/test_paper_numbers.py reads it without error
+    return saved
+
+
+def test_table1_tiny(out):
+    res = run_tiny(table1_source_mixtures, out, "--seeds", "2")
+    rows, benchmarks = table1_source_mixtures.TINY_ROWS, table1_source_mixtures.TINY_BENCHMARKS
+    assert list(res["summary"]) == [f"{r}/{b}" for r in rows for b in benchmarks]
+    assert len(res["results"]) == len(rows) * 2 * sum(map(len, benchmarks.values()))
+    compared, _ = compare(res)
+    assert compared == len(res["summary"])  # every row is named as in paper_numbers.paper_rows
+    for row in res["summary"]:  # each summary mean is the mean over seeds of the benchmark averages
+        r, b = row.split("/")
+        per_seed = [np.mean([x["score"] for x in res["results"] if x["method"] == r and x["benchmark"] == b
+                             and x["seed"] == s]) for s in (0, 1)]
+        np.testing.assert_allclose(res["summary"][row]["mean"], np.mean(per_seed))
+    assert {x["source"] for x in res["results"] if x["method"] == "PromptTuning"} == {None}
+
+
+def test_figure1_tiny(out):
+    res = run_tiny(figure1_model_sizes, out)
+    methods = ["PromptTuning", "SPoT", "ModelTuning", "Multi-task ModelTuning"]
+    assert list(res["summary"]) == [f"{m}/tiny" for m in methods]
+    paper = paper_numbers.paper_rows("figure1_model_sizes")
+    assert all(f"{m}/{size}" in paper for m in methods for size in paper_numbers.SIZES)  # same row names
+    assert len(res["results"]) == len(methods) * len(figure1_model_sizes.TINY_SUPERGLUE)
+
+
+def test_table6_then_table3_tiny(out):
+    t6 = run_tiny(table6_transferability, out, "--seeds", "2")
+    sources, targets = table6_transferability.TINY_SOURCES, table6_transferability.TINY_TARGETS
+    cells = {row: c["mean"] for row, c in t6["summary"].items()}
+    for s in sources:
+        for t in targets:
+            base = min(cells[f"BASELINE/{t}"], 99.9)
+            expected = retrieval.relative_error_reduction(cells[f"{s}/{t}"], base)
+            np.testing.assert_allclose(cells[f"RER/{s}/{t}"], expected)
+    assert (out / "figure3_transfer_heatmap.png").stat().st_size > 0
+
+    t3 = run_tiny(table3_retrieval, out)  # reuses table 6's runs in the same --out
+    assert t3["config"]["library_size"] == len(sources) * 2
+    by = {}
+    for r in t3["results"]:
+        by.setdefault((r["task"], r["seed"]), {})[r["method"]] = r["score"]
+    assert set(by) == {(t, s) for t in targets for s in (0, 1)}
+    for key, row in by.items():  # BEST OF TOP-k can only grow with k, up to the ORACLE at k = all prompts
+        for metric in retrieval.METRICS:
+            ks = [k for k in table3_retrieval.KS if f"{metric}/best_of_top_k/{k}" in row]
+            best = [row[f"{metric}/best_of_top_k/{k}"] for k in ks]
+            assert best == sorted(best) and max(best) <= row["ORACLE"], (key, metric, best)
+            assert best[-1] == row["ORACLE"]  # k = 6 = every prompt of the tiny library
+    np.testing.assert_allclose(t3["summary"]["BASELINE"]["mean"], np.mean([cells[f"BASELINE/{t}"] for t in targets]))
+    assert t3["summary"]["ORACLE"]["mean"] >= t3["summary"]["per_token/best_of_top_k/1"]["mean"]
+    for fig in ("figure4_task_similarity", "figure5_similarity_vs_transfer", "figure8_similarity_vs_transfer"):
+        assert (out / f"{fig}.png").stat().st_size > 0
+
+
+def test_table3_without_table6_runs_names_the_command(tmp_path):
+    with pytest.raises(SystemExit, match="table6_transferability.py"):
+        table3_retrieval.main(["--out", str(tmp_path)])
+
+
+def test_token_task_known_answer():
+    td = common.token_task("t", 7, ([100, 101], [200, 201]), (10, 11), [50], n_train=6, n_val=2, seed=0, width=10)
+    x, y = td.train["inputs"], td.train["targets"]
+    assert x.shape == (6, 10) and (x[:, 0] == 7).all() and (x[:, 7] == 1).all() and (x[:, 8:] == 0).all()
+    for row, target in zip(x, y):  # 2 trigger words of the class named by the target, the rest filler 50
+        c = [10, 11].index(target[0])
+        assert target[1] == 1 and set(row[1:7]) - {50} <= set([[100, 101], [200, 201]][c])
+        assert np.isin(row[1:7], [[100, 101], [200, 201]][c]).sum() == 2
+    assert td.label_ids == [[10], [11]]
+
+
+def test_quickstart_retrieves_the_related_source_and_transfers():
+    res = quickstart.main([])
+    print(f"quickstart: {res['seconds']:.0f} s")
+    assert all(v > 80 for v in res["source_scores"].values()), res["source_scores"]  # source prompts learned
+    for metric in retrieval.METRICS:
+        assert res["picked"][metric] == ["sentiment"] * 3, res["picked"]
+    assert res["gain"]["sentiment"] > 20 and all(res["gain"]["sentiment"] > g + 20 for n, g in res["gain"].items()
+                                                 if n != "sentiment"), res["gain"]
