@@ -44,7 +44,7 @@ def model_tuning(params, cfg, tc, batches, evaluate=None, log=None, mesh=None):
     for step in range(1, tc.steps + 1):
         batch = spot.shard_batch(mesh, next(data_iter))
         params, opt_state, loss = spot.model_tuning_step(params, opt_state, batch, spot.dropout_key(tc.seed, step - 1),
-                                                         cfg, tc)
+                                                         cfg, spot.step_config(tc))
         if log and step % tc.log_every == 0:
             log(f"model tuning step {step}/{tc.steps}  loss {float(loss):.4f}")
         if evaluate and (step % tc.eval_every == 0 or step == tc.steps):

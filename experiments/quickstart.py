@@ -77,8 +77,7 @@ def main(argv=None):
     work = tempfile.TemporaryDirectory()
 
     def run(name, td, prompt, steps, seed, evaluate=True):  # one prompt-tuning run (spot.train_prompt)
-        # `seed` orders the data; tc.seed would only draw dropout masks (off here), so it stays 0 and the
-        # jitted step (TrainConfig is a static argument) compiles once per step count, not per seed.
+        # `seed` orders the data; tc.seed would only draw dropout masks (off here), so it stays 0.
         return tune_prompt(frozen, cfg, dataclasses.replace(tc, steps=steps), prompt,
                            lambda k: data.batches(td.train, tc.batch_size, seed, start=k),
                            td.evaluate if evaluate else None, f"{work.name}/{name}-seed{seed}", log=None)
