@@ -51,7 +51,7 @@ class TrainConfig:
     batch_size: int = 32             # §2.1.4
     learning_rate: float = 0.3       # footnote 7; PT runs/prompt_finetune.gin: constant 0.3
     decay_rate: float = 0.8          # Adafactor beta2 exponent: PT configs/models/t5_1_1_prompt.gin; Lester et al.
-    decay_offset: int = 0            # t5_1_1_prompt.gin step_offset=0 (PEERS §5: -1_100_000 mimics the 1.1M ckpt counter)
+    decay_offset: int = 0            # t5_1_1_prompt.gin step_offset=0 (PEERS §5: -1_100_000 = the 1.1M ckpt counter)
     param_scale: bool = False        # footnote 7: "parameter scaling off"
     weight_decay: float = 1e-5       # footnote 7 (T5X: (1 - wd) * param, not scaled by the learning rate)
     clipping_threshold: float = 1.0  # T5X Adafactor default update clipping (NOTES §7.4)
@@ -70,8 +70,9 @@ class TrainConfig:
 
 
 # App. C: ModelTuning uses T5 defaults: Adafactor, constant lr 0.001, dropout 0.1, parameter scaling on
-# (T5X Adafactor default), no weight decay. The paper also restores the pre-training optimizer state: we cannot.
-MODEL_TUNING = TrainConfig(learning_rate=1e-3, param_scale=True, weight_decay=0.0)
+# (T5X Adafactor default), no weight decay; 2^16 tokens per batch = 128 inputs of 512 tokens. The paper also restores
+# the pre-training optimizer state: we cannot (the released checkpoints carry no optimizer state).
+MODEL_TUNING = TrainConfig(learning_rate=1e-3, param_scale=True, weight_decay=0.0, batch_size=128)
 
 
 def override(cfg, argv):

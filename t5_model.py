@@ -199,6 +199,7 @@ def _dropout(x, site, seed, rate, mask_shape=None):
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
+@functools.partial(jax.jit, static_argnames=("bidirectional", "num_buckets", "max_distance"))
 def relpos_bucket(rel, bidirectional, num_buckets=32, max_distance=128):
     """Raffel et al. 2020 §2.1 bucket of rel = key_pos - query_pos: exact below num_buckets/2 (/4 if bidirectional),
     log-spaced up to max_distance, then clipped. Bidirectional keeps half the buckets for rel > 0.
@@ -478,18 +479,14 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32):
         raise FileNotFoundError(f"{d} has no config.json")
     cfg = T5Config.from_hf(json.loads((d / "config.json").read_text()))
     tensors, want = _read_tensors(d), _expected_shapes(cfg)
-    shared = tensors.get("shared.weight")
-    if shared is None:  # some exports keep only the per-stack copies of the embedding
-        shared = tensors.get("encoder.embed_tokens.weight")
-        tensors["shared.weight"] = shared if shared is not None else tensors.get("decoder.embed_tokens.weight")
-        if tensors["shared.weight"] is None:
-            del tensors["shared.weight"]
-    # Tied checkpoints may repeat the embedding under these names; accept copies that equal shared.weight.
-    copies = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"] + ["lm_head.weight"] * cfg.tie_word_embeddings
-    names, flat, problems = hf_name_map(cfg), {}, []
-    for name in copies:
+    if "shared.weight" not in tensors:  # some exports keep only the per-stack copies of the embedding
+        tensors.update({"shared.weight": tensors[k] for k in ("decoder.embed_tokens.weight", "encoder.embed_tokens.weight")
+                        if k in tensors})
+    # Tied checkpoints may repeat the embedding under these names: drop copies that equal shared.weight.
+    for name in ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"] + ["lm_head.weight"] * cfg.tie_word_embeddings:
         if name in tensors and "shared.weight" in tensors and np.array_equal(tensors[name], tensors["shared.weight"]):
             del tensors[name]
+    names, flat, problems = hf_name_map(cfg), {}, []
     for name, path in names.items():
         if name not in tensors:
             problems.append(f"missing tensor {name}")
@@ -497,8 +494,7 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32):
             problems.append(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {_torch_shape(path, want[path])}")
         else:
             w = np.asarray(tensors[name])
-            w = w.T.reshape(want[path]) if _is_linear(path) else w
-            flat[path] = jnp.asarray(w, dtype=dtype)
+            flat[path] = jnp.asarray(w.T.reshape(want[path]) if _is_linear(path) else w, dtype=dtype)
     problems += [f"unexpected tensor {k}" for k in tensors if k not in names]
     if problems:
         raise ValueError(f"checkpoint {d} does not match its config.json: " + "; ".join(problems))

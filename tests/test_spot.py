@@ -71,7 +71,8 @@ def leaves_bytes(tree):
 # ----------------------------------------------------------------------------------------------- the step
 def test_gradient_is_the_prompt_only_and_frozen_is_an_argument(frozen):
     prompt, batch = jnp.ones((P, CFG.d_model)), EVAL_BATCH
-    grad_jaxpr = jax.make_jaxpr(jax.grad(spot.prompt_loss), static_argnums=3)(prompt, frozen, batch, CFG, spot.dropout_key(0, 0))
+    grad_jaxpr = jax.make_jaxpr(jax.grad(spot.prompt_loss), static_argnums=3)(
+        prompt, frozen, batch, CFG, spot.dropout_key(0, 0))
     assert [tuple(a.shape) for a in grad_jaxpr.out_avals] == [(P, CFG.d_model)]
     opt_state = spot.make_optimizer(TC).init(prompt)
     step_jaxpr = jax.make_jaxpr(spot.train_step, static_argnums=(5, 6))(
@@ -222,7 +223,8 @@ def test_class_labels_mean_pool_each_label_then_sampled_vocab():
 def test_text_init_fills_first_rows():
     params = table()
     emb = np.asarray(params['token_embedder']['embedding'])
-    prompt = spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=6, init='text'), text_ids=[9, 8, 5500])
+    prompt = spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=6, init='text'),
+                              text_ids=[9, 8, 5500])
     np.testing.assert_array_equal(prompt[:3], emb[[9, 8, 5500]])
     assert row_ids(prompt[3:], emb).max() < 5000
 
@@ -324,10 +326,11 @@ SHARDED = r'''
 import json, numpy as np, jax, jax.numpy as jnp
 import spot, t5_model
 from test_spot import random_params
-cfg, tc = t5_model.T5Config.tiny(num_layers=1, num_decoder_layers=1), spot.TrainConfig()   # 1+1 layers: compiles 2x faster
+cfg, tc = t5_model.T5Config.tiny(num_layers=1, num_decoder_layers=1), spot.TrainConfig()   # 1+1 layers: fast compile
 frozen = random_params(cfg)
 rng = np.random.default_rng(0)
-batch = {'inputs': rng.integers(2, 5000, (8, 10)).astype(np.int32), 'targets': rng.integers(2, 5000, (8, 3)).astype(np.int32)}
+batch = {'inputs': rng.integers(2, 5000, (8, 10)).astype(np.int32),
+         'targets': rng.integers(2, 5000, (8, 3)).astype(np.int32)}
 batch['inputs'][:, 7:] = 0
 prompt0 = rng.normal(size=(8, 16)).astype(np.float32)
 
@@ -344,7 +347,8 @@ def two_steps(mesh):
 _, _, p1, s1, l1 = two_steps(None)
 mesh = spot.make_mesh(model_parallel=2)
 f, b, p8, s8, l8 = two_steps(mesh)
-diff = lambda x, y: max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+diff = lambda x, y: max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+                        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
 print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
     "query": str(f['encoder']['layers_0']['attention']['query']['kernel'].sharding.spec),
     "wo": str(f['encoder']['layers_0']['mlp']['wo']['kernel'].sharding.spec),

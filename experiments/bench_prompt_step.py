@@ -1,0 +1,219 @@
+"""Benchmark (not a test): spot.train_step vs Hugging Face PEFT prompt tuning, same shapes, same invocation (issue 3).
+
+T5 1.1 Small and Base shapes with random weights; B=8, 100 prompt + 128 input tokens, 8 target tokens, dropout 0.1,
+float32 on CPU. Rounds alternate A (ours: `--steps` timed steps) and B (../shared/bench/bench_peft_prompt_tuning.py in a
+subprocess, same shape and steps); medians over all rounds. Prints s/step, tokens/s (B*(P+S+T) per second, as the PEFT
+script counts), the ratio ours/PEFT in tokens/s (target >= 1.25), jit compile time and MFU: analytic prompt-step FLOPs
+(the PEFT script's formula) over a float32 2048^3 matmul peak measured here with jax.
+`--variants dropout0,forward,plain2d` adds arms to see where our time goes: dropout 0, the forward pass alone, and
+`plain2d`, a prototype of t5_model with 2-D matmuls on the weights as stored (plain2d_patch), not stacked kernels.
+
+    python experiments/bench_prompt_step.py [--shapes small,base] [--rounds 3] [--steps 5] [--variants] \
+        [--peft-bench ../shared/bench/bench_peft_prompt_tuning.py] [--peft-python PYTHON_WITH_PEFT] [--json out.json]
+
+Runtime about 10 minutes on 2 cores. Keep the machine otherwise idle: the load average is printed before and after.
+"""
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import spot  # noqa: E402
+import t5_model  # noqa: E402
+
+SHAPES = {'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),      # (T5Config name, PEFT script --config)
+          'base': ('google/t5-base-lm-adapt', 't5-base-lm-adapt')}
+B, P, S, T = 8, 100, 128, 8
+
+
+def matmul_peak(n=2048, reps=5):
+    """float32 n x n x n matmul GFLOP/s with jax on this machine."""
+    a, b = jnp.ones((n, n)), jnp.ones((n, n))
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+def random_params(cfg, seed=0):
+    """Random weights at init_params' scales, drawn with numpy (init_params runs op by op: slow for Base)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda k: t5_model.init_params(k, cfg), jax.random.key(0))
+    std = {'scale': 0.0, 'embedding': 1.0}
+    draw = lambda path, s: rng.normal(1.0 if path[-1].key == 'scale' else 0.0,
+                                      std.get(path[-1].key, s.shape[0] ** -0.5), s.shape).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(draw(path, s)), shapes)
+
+
+def plain2d_patch():
+    """Prototype for t5_model: every projection a 2-D matmul on the kernel as stored, reshaped (a bitcast), and the
+    [B,S,N,H] <-> [B,N,S,H] transposes done on activations. The model as written stacks kernels (jnp.stack) and
+    contracts them in einsums whose operand order makes XLA:CPU transpose every weight on every step (profile:
+    copy_bitcast_fusion of frozen kernels, ~13% of the Small step). Same function, same dropout sites."""
+    def project(p, x, names):
+        (b, s, d), out = x.shape, []
+        for n in names:
+            w = p[n]['kernel']
+            out.append((x.reshape(b * s, d) @ w.reshape(d, -1)).reshape(b, s, *w.shape[1:]).transpose(0, 2, 1, 3))
+        return out
+
+    def attend(p, q, k, v, bias, drop, site):
+        probs = jax.nn.softmax(jnp.einsum('BNTH,BNSH->BNTS', q, k, preferred_element_type=jnp.float32) + bias, -1)
+        probs = drop(probs, site + '/probs', mask_shape=(*probs.shape[:2], 1, probs.shape[3]))
+        out = jnp.einsum('BNTS,BNSH->BNTH', probs.astype(v.dtype), v).transpose(0, 2, 1, 3)   # [B,T,N,H]
+        (b, t), w = out.shape[:2], p['out']['kernel']
+        return (out.reshape(b * t, -1) @ w.reshape(-1, w.shape[-1])).reshape(b, t, -1)
+
+    def mlp(p, x, cfg, drop, site):
+        h = jax.nn.gelu(x @ p['wi_0']['kernel'], approximate=True) * (x @ p['wi_1']['kernel'])
+        return drop(h, site + '/hidden') @ p['wo']['kernel']
+    return {'_project': project, '_attend': attend, '_mlp': mlp}
+
+
+VARIANTS = {'dropout0': dict(dropout=0.0), 'forward': dict(mode='forward'), 'plain2d': dict(patch=plain2d_patch)}
+
+
+class Ours:
+    """A compiled spot.train_step (or a variant) on one shape, with its own prompt/optimizer state."""
+
+    def __init__(self, cfg, frozen, batch, tc, mode='step', dropout=None, patch=None):
+        tc = tc if dropout is None else dataclasses.replace(tc, dropout=dropout)
+        self.frozen, self.batch, self.tc, self.step = frozen, batch, tc, 0
+        self.prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
+        self.opt_state = spot.make_optimizer(tc).init(self.prompt)
+        saved = {name: getattr(t5_model, name) for name in (patch() if patch else {})}
+        for name, fn in (patch() if patch else {}).items():
+            setattr(t5_model, name, fn)
+        jax.clear_caches()                       # t5_model.forward is jitted: retrace it with the patch
+        t = time.perf_counter()
+        if mode == 'step':
+            self.fn = spot.train_step.lower(self.prompt, self.opt_state, frozen, batch, spot.dropout_key(0, 0), cfg,
+                                            tc).compile()
+        else:   # forward only: the loss without dropout, no gradient
+            self.fn = jax.jit(spot.prompt_loss, static_argnames='cfg').lower(self.prompt, frozen, batch, cfg).compile()
+        self.compile_s, self.mode = time.perf_counter() - t, mode
+        for name, fn in saved.items():
+            setattr(t5_model, name, fn)
+        jax.clear_caches()
+
+    def __call__(self):
+        if self.mode == 'step':
+            self.prompt, self.opt_state, loss = self.fn(self.prompt, self.opt_state, self.frozen, self.batch,
+                                                        spot.dropout_key(0, self.step))
+        else:
+            loss = self.fn(self.prompt, self.frozen, self.batch)
+        self.step += 1
+        return float(loss)          # the training loop syncs on the loss every step too (NaN check)
+
+
+def time_calls(fn, n):
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
+def run_peft(args, hf_name, steps):
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [args.peft_python, args.peft_bench, '--config', hf_name, '--batch', str(B), '--enc-len', str(S),
+               '--dec-len', str(T), '--prompt-len', str(P), '--steps', str(steps), '--warmup', '1',
+               '--threads', str(args.threads), '--modes', 'prompt', '--dropout', '0.1', '--json', f'{d}/r.json']
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f'PEFT benchmark failed ({" ".join(cmd)}):\n{out.stderr[-3000:]}\n'
+                     'It needs torch, transformers and peft: pass --peft-python with a Python that has them.')
+        r = json.loads(Path(f'{d}/r.json').read_text())
+    return r['results']['prompt']['all_s'], r['versions']
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--shapes', default='small,base')
+    p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--steps', type=int, default=5, help='timed steps per round and arm')
+    p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads for PEFT')
+    p.add_argument('--peft-bench', default=str(ROOT.parent / 'shared' / 'bench' / 'bench_peft_prompt_tuning.py'))
+    p.add_argument('--peft-python', default=sys.executable)
+    p.add_argument('--variants', default='', help=f'extra arms, comma separated: {",".join(VARIANTS)}')
+    p.add_argument('--json', default=None)
+    args = p.parse_args()
+    spec = importlib.util.spec_from_file_location('peft_bench', args.peft_bench)
+    peft_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peft_bench)       # for analytic_flops only: the same FLOP count for both arms
+
+    load0, peaks = os.getloadavg(), [matmul_peak()]
+    print(f'load average {load0[0]:.2f}; jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores; '
+          f'float32 matmul {peaks[0]:.1f} GFLOP/s', flush=True)
+    rows, report = [], {'load_before': load0, 'shapes': {}}
+    for shape in args.shapes.split(','):
+        hub, hf_name = SHAPES[shape]
+        cfg = t5_model.T5Config.from_name(hub)
+        frozen = random_params(cfg)
+        rng = np.random.default_rng(1)
+        batch = {'inputs': jnp.asarray(rng.integers(2, cfg.vocab_size, (B, S)), jnp.int32),
+                 'targets': jnp.asarray(np.concatenate([rng.integers(2, cfg.vocab_size, (B, T - 1)),
+                                                        np.ones((B, 1))], 1), jnp.int32)}
+        tc = spot.TrainConfig(batch_size=B)
+        arms = {'ours': Ours(cfg, frozen, batch, tc)}
+        for v in filter(None, args.variants.split(',')):
+            arms[f'ours, {v}'] = Ours(cfg, frozen, batch, tc, **VARIANTS[v])
+        for arm in arms.values():
+            arm()                                                   # warm-up
+        times, paired = {name: [] for name in [*arms, 'peft']}, []
+        for r in range(args.rounds):                               # A B A B ...: drift hits both arms alike
+            for name, arm in arms.items():
+                times[name] += time_calls(arm, args.steps)
+            peft_times, versions = run_peft(args, hf_name, args.steps)
+            times['peft'] += peft_times
+            paired.append(statistics.median(peft_times) / statistics.median(times['ours'][-args.steps:]))
+            print(f'{shape} round {r + 1}: ' + ', '.join(f'{k} {statistics.median(v[-args.steps:]):.3f}'
+                                                         for k, v in times.items()) + ' s/step', flush=True)
+        flops = peft_bench.analytic_flops({'d_model': cfg.d_model, 'd_ff': cfg.d_ff, 'num_layers': cfg.num_layers,
+                                           'num_heads': cfg.num_heads, 'd_kv': cfg.d_kv}, B, S + P, T)
+        peft_s = statistics.median(times['peft'])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            f = flops['forward'] if name.endswith('forward') else flops['prompt_step']
+            rows.append({'shape': shape, 'arm': name, 's_per_step': med, 'tokens_per_s': B * (P + S + T) / med,
+                         'ratio_vs_peft': peft_s / med, 'gflops': f / med / 1e9,
+                         'compile_s': arms[name].compile_s if name in arms else None, 'n': len(ts)})
+        peaks.append(matmul_peak())          # the peak is the best of the measurements (others may share the CPU)
+        report['shapes'][shape] = {'times': times, 'paired_ratios': paired, 'flops': flops, 'peft_versions': versions}
+        print(f'{shape}: ours/PEFT tokens/s per round {[round(x, 2) for x in paired]}', flush=True)
+    report['load_after'], peak = os.getloadavg(), max(peaks)
+    report['peak_gflops'] = peaks
+    for r in rows:
+        r['mfu'] = r['gflops'] / peak
+    print(f"\nload average after {report['load_after'][0]:.2f}; float32 matmul peak (best of "
+          f"{[round(x) for x in peaks]}) {peak:.1f} GFLOP/s\n")
+    print('| shape | arm | s/step | tokens/s | x PEFT tokens/s | MFU | compile s |')
+    print('|---|---|---|---|---|---|---|')
+    for r in rows:
+        compile_s = f"{r['compile_s']:.1f}" if r['compile_s'] is not None else '-'
+        print(f"| {r['shape']} | {r['arm']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
+              f"{r['ratio_vs_peft']:.2f} | {100 * r['mfu']:.1f}% | {compile_s} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**report, 'rows': rows}, indent=1, default=str))
+
+
+if __name__ == '__main__':
+    main()
