@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = t5_model.T5Config.tiny()
 P, B, S, POISON = 8, 4, 10, 7
 TC = spot.TrainConfig(steps=12, batch_size=B, eval_every=4, checkpoint_every=4, embedding_step=6, log_every=4)
+STEP_TC = spot.step_config(TC)                   # the static config train_prompt compiles its step with
 PC = spot.PromptConfig(length=P)
 quiet = lambda line: None
 
@@ -76,7 +77,7 @@ def test_gradient_is_the_prompt_only_and_frozen_is_an_argument(frozen):
     assert [tuple(a.shape) for a in grad_jaxpr.out_avals] == [(P, CFG.d_model)]
     opt_state = spot.make_optimizer(TC).init(prompt)
     step_jaxpr = jax.make_jaxpr(spot.train_step, static_argnums=(5, 6))(
-        prompt, opt_state, frozen, batch, spot.dropout_key(0, 0), CFG, TC)
+        prompt, opt_state, frozen, batch, spot.dropout_key(0, 0), CFG, STEP_TC)
     frozen_shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(frozen)}
     out_shapes = [tuple(a.shape) for a in step_jaxpr.out_avals]
     assert out_shapes[0] == (P, CFG.d_model) and out_shapes[-1] == ()           # new prompt ... loss
@@ -96,7 +97,7 @@ def twenty_steps(frozen):
         opt_state, data, losses = spot.make_optimizer(TC).init(prompt), synthetic_batches()(0), []
         for step in range(20):
             prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, next(data), spot.dropout_key(0, step),
-                                                      CFG, TC)
+                                                      CFG, STEP_TC)
             losses.append(float(loss))
         runs.append({'losses': losses, 'held_out': held_out + [-evaluator(frozen)(prompt)['score']]})
     return before, *runs
@@ -124,7 +125,7 @@ def test_dropout_is_on_in_training_and_keyed(frozen):
     def train_loss(seed, step):
         p = jnp.array(prompt)                                   # copies: train_step consumes its inputs
         return float(spot.train_step(p, spot.make_optimizer(TC).init(p), frozen, EVAL_BATCH,
-                                     spot.dropout_key(seed, step), CFG, TC)[2])
+                                     spot.dropout_key(seed, step), CFG, STEP_TC)[2])
     assert train_loss(0, 3) == train_loss(0, 3)
     losses = {train_loss(0, 3), train_loss(0, 4), train_loss(1, 3), -evaluator(frozen)(prompt)['score']}
     assert len(losses) == 4
