@@ -576,7 +576,12 @@ def load_vocab(path_or_hub_id=None):
             raise FileNotFoundError(f"no SentencePiece model at {path}: pass a .model file, a folder with "
                                     "spiece.model, or a hub id such as google/t5-base-lm-adapt")
         from huggingface_hub import hf_hub_download
-        path = Path(hf_hub_download(ref, "spiece.model"))
+        try:
+            path = Path(hf_hub_download(ref, "spiece.model"))
+        except Exception as e:  # offline, unknown repo, no permission: say how to point at a local file instead
+            raise OSError(f"could not fetch spiece.model of {ref!r} from the Hugging Face hub ({type(e).__name__}: "
+                          f"{str(e)[:200]}). Offline, pass a local file, e.g. --vocab ../shared/data/t5_spiece.model, "
+                          "or set SPOT_VOCAB to it") from e
     return Vocab(path.read_bytes())
 
 

@@ -5,8 +5,7 @@ float32 on CPU. Rounds alternate A (ours: `--steps` timed steps) and B (../share
 subprocess, same shape and steps); medians over all rounds. Prints s/step, tokens/s (B*(P+S+T) per second, as the PEFT
 script counts), the ratio ours/PEFT in tokens/s (target >= 1.25), jit compile time and MFU: analytic prompt-step FLOPs
 (the PEFT script's formula) over a float32 2048^3 matmul peak measured here with jax.
-`--variants dropout0,forward,plain2d` adds arms to see where our time goes: dropout 0, the forward pass alone, and
-`plain2d`, a prototype of t5_model with 2-D matmuls on the weights as stored (plain2d_patch), not stacked kernels.
+`--variants dropout0,forward` adds arms to see where our time goes: dropout 0, and the forward pass alone.
 
     python experiments/bench_prompt_step.py [--shapes small,base] [--rounds 3] [--steps 5] [--variants] \
         [--peft-bench ../shared/bench/bench_peft_prompt_tuning.py] [--peft-python PYTHON_WITH_PEFT] [--json out.json]
@@ -62,46 +61,17 @@ def random_params(cfg, seed=0):
     return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(draw(path, s)), shapes)
 
 
-def plain2d_patch():
-    """Prototype for t5_model: every projection a 2-D matmul on the kernel as stored, reshaped (a bitcast), and the
-    [B,S,N,H] <-> [B,N,S,H] transposes done on activations. The model as written stacks kernels (jnp.stack) and
-    contracts them in einsums whose operand order makes XLA:CPU transpose every weight on every step (profile:
-    copy_bitcast_fusion of frozen kernels, ~13% of the Small step). Same function, same dropout sites."""
-    def project(p, x, names):
-        (b, s, d), out = x.shape, []
-        for n in names:
-            w = p[n]['kernel']
-            out.append((x.reshape(b * s, d) @ w.reshape(d, -1)).reshape(b, s, *w.shape[1:]).transpose(0, 2, 1, 3))
-        return out
-
-    def attend(p, q, k, v, bias, drop, site):
-        probs = jax.nn.softmax(jnp.einsum('BNTH,BNSH->BNTS', q, k, preferred_element_type=jnp.float32) + bias, -1)
-        probs = drop(probs, site + '/probs', mask_shape=(*probs.shape[:2], 1, probs.shape[3]))
-        out = jnp.einsum('BNTS,BNSH->BNTH', probs.astype(v.dtype), v).transpose(0, 2, 1, 3)   # [B,T,N,H]
-        (b, t), w = out.shape[:2], p['out']['kernel']
-        return (out.reshape(b * t, -1) @ w.reshape(-1, w.shape[-1])).reshape(b, t, -1)
-
-    def mlp(p, x, cfg, drop, site):
-        h = jax.nn.gelu(x @ p['wi_0']['kernel'], approximate=True) * (x @ p['wi_1']['kernel'])
-        return drop(h, site + '/hidden') @ p['wo']['kernel']
-    return {'_project': project, '_attend': attend, '_mlp': mlp}
-
-
-VARIANTS = {'dropout0': dict(dropout=0.0), 'forward': dict(mode='forward'), 'plain2d': dict(patch=plain2d_patch)}
+VARIANTS = {'dropout0': dict(dropout=0.0), 'forward': dict(mode='forward')}
 
 
 class Ours:
     """A compiled spot.train_step (or a variant) on one shape, with its own prompt/optimizer state."""
 
-    def __init__(self, cfg, frozen, batch, tc, mode='step', dropout=None, patch=None):
+    def __init__(self, cfg, frozen, batch, tc, mode='step', dropout=None):
         tc = tc if dropout is None else dataclasses.replace(tc, dropout=dropout)
         self.frozen, self.batch, self.tc, self.step = frozen, batch, tc, 0
         self.prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
         self.opt_state = spot.make_optimizer(tc).init(self.prompt)
-        saved = {name: getattr(t5_model, name) for name in (patch() if patch else {})}
-        for name, fn in (patch() if patch else {}).items():
-            setattr(t5_model, name, fn)
-        jax.clear_caches()                       # t5_model.forward is jitted: retrace it with the patch
         t = time.perf_counter()
         if mode == 'step':
             self.fn = spot.train_step.lower(self.prompt, self.opt_state, frozen, batch, spot.dropout_key(0, 0), cfg,
@@ -109,9 +79,6 @@ class Ours:
         else:   # forward only: the loss without dropout, no gradient
             self.fn = jax.jit(spot.prompt_loss, static_argnames='cfg').lower(self.prompt, frozen, batch, cfg).compile()
         self.compile_s, self.mode = time.perf_counter() - t, mode
-        for name, fn in saved.items():
-            setattr(t5_model, name, fn)
-        jax.clear_caches()
 
     def __call__(self):
         if self.mode == 'step':

@@ -320,6 +320,16 @@ def test_vocab_known_ids_and_sentinels(vocab, shared_data, tmp_path):
         data.load_vocab(str(tmp_path / "missing.model"))
 
 
+def test_load_vocab_offline_hub_error_says_what_to_do(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no network")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(OSError, match=r"google/t5-base-lm-adapt.*t5_spiece\.model.*SPOT_VOCAB"):
+        data.load_vocab("google/t5-base-lm-adapt")
+
+
 def test_tokenize_eos_truncation_padding(vocab):
     out = data.tokenize(vocab, [{"inputs": "Hello world", "targets": "positive"},
                                 {"inputs": "Hello", "targets": "translate English to German"}], 4, 3)
