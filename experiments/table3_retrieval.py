@@ -27,7 +27,7 @@ import numpy as np
 
 import data
 import retrieval
-from experiments import common, table6_transferability
+from experiments import common, figures, table6_transferability
 from experiments.table6_transferability import SOURCE_STEPS, TARGET_STEPS
 from experiments.paper_numbers import EXPERIMENT_COMMANDS, FIG8, paper_rows
 
@@ -120,11 +120,11 @@ def main(argv=None):
     try:
         groups = {**retrieval.group_by_task(library), **embeddings}
         out = Path(args.out)
-        print("Fig. 4:", retrieval.plot_similarity_clustermap(retrieval.similarity_matrix(groups, "average_tokens"),
+        print("Fig. 4:", figures.plot_similarity_clustermap(retrieval.similarity_matrix(groups, "average_tokens"),
                                                               list(groups), out / "figure4_task_similarity.png"))
-        retrieval.plot_similarity_vs_transfer({t: panels[t] for t in targets if t in ("STS-B", "CB", "WSC", "RTE")}
+        figures.plot_similarity_vs_transfer({t: panels[t] for t in targets if t in ("STS-B", "CB", "WSC", "RTE")}
                                               or panels, out / "figure5_similarity_vs_transfer.png")
-        stats = retrieval.plot_similarity_vs_transfer(panels, out / "figure8_similarity_vs_transfer.png")
+        stats = figures.plot_similarity_vs_transfer(panels, out / "figure8_similarity_vs_transfer.png")
         for t, (r_, p) in stats.items():  # r is undefined (nan) when every transfer scores the same
             r_, p = (r_, p) if np.isfinite(r_) else (None, None)
             summary[f"fig8_pearson_r/{t}"] = {"mean": r_, "std": None, "p": p}

@@ -23,7 +23,7 @@ import numpy as np
 
 import data
 import retrieval
-from experiments import common
+from experiments import common, figures
 from experiments.paper_numbers import SOURCES, TABLE7, TARGETS, paper_rows
 
 SOURCE_STEPS, TARGET_STEPS = 2 ** 18, 100_000  # §3.1
@@ -77,7 +77,7 @@ def main(argv=None):
           + (", ".join(f"{s}->{t} {v:.1f}" for s, t, v in ours7) or "none")
           + "\n  paper: " + ", ".join(f"{s}->{t} {v}" for s, t, v in TABLE7[:10]) + ", ... (30 in all)")
     try:
-        print("Fig. 3:", retrieval.plot_transfer_heatmap(rer, list(sources), list(targets),
+        print("Fig. 3:", figures.plot_transfer_heatmap(rer, list(sources), list(targets),
                                                          Path(args.out) / "figure3_transfer_heatmap.png"))
     except ImportError as e:
         print(f"Fig. 3 skipped ({e}): pip install -e '.[plots]'")
