@@ -9,6 +9,7 @@ SPoT task files (google-research/prompt-tuning, prompt_tuning/spot/data); 'our c
 """
 import csv
 import functools
+import importlib
 import importlib.util
 import json
 import os
@@ -793,7 +794,32 @@ def record(targets, preds):
     return squad(ts, ps)
 
 
-METRICS = {"accuracy": accuracy, "f1": f1_with_invalid, "mean3f1": mean_class_f1, "mcc": matthews,
+def _metric_package(module, pip_name):
+    """Generation metrics use the packages T5 scores with, so numbers are comparable; they are optional."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"this task is scored with {pip_name}: pip install {pip_name}   "
+                          "(or: pip install -e '.[metrics]')") from e
+
+
+def bleu(targets, preds):
+    """Corpus BLEU as T5 metrics.bleu: sacrebleu, 'intl' tokenisation, exp smoothing, one reference each."""
+    sacrebleu = _metric_package("sacrebleu", "sacrebleu")
+    return {"bleu": sacrebleu.corpus_bleu(preds, [targets], smooth_method="exp", smooth_value=0.0, force=False,
+                                          lowercase=False, tokenize="intl", use_effective_order=False).score}
+
+
+def rouge(targets, preds, keys=("rouge1", "rouge2", "rougeLsum")):
+    """ROUGE F-measures as T5 metrics.rouge: rouge-score, a newline after each " . " so rougeLsum sees sentences.
+    T5 reports the median of a 1000-sample bootstrap of the mean (random); we report the mean itself."""
+    scorer = _metric_package("rouge_score.rouge_scorer", "rouge-score").RougeScorer(list(keys))
+    split = lambda s: s.replace(" . ", " .\n")                                     # noqa: E731
+    scores = [scorer.score(target=split(t), prediction=split(p)) for t, p in zip(targets, preds)]
+    return {k: 100 * float(np.mean([s[k].fmeasure for s in scores])) for k in keys}
+
+
+METRICS = {"bleu": bleu, "rouge": rouge, "accuracy": accuracy, "f1": f1_with_invalid, "mean3f1": mean_class_f1, "mcc": matthews,
            "pearson": pearson, "spearman": spearman, "squad": squad, "multirc": multirc, "record": record}
 
 
@@ -805,8 +831,7 @@ def score(task_name, examples, predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
     missing = [m for m in task.metrics if m not in METRICS]
     if not task.metrics or missing:
-        raise NotImplementedError(f"{task.name}: no metric implemented here "
-                                  f"({', '.join(missing) or 'none defined'}); score it with sacrebleu/rouge-score")
+        raise NotImplementedError(f"{task.name}: no metric implemented here ({', '.join(missing) or 'none defined'})")
     targets = [_target(task, ex) for ex in examples]
     preds = [postprocess(task.name, p, ex) for p, ex in zip(predictions, examples)]
     out = {}

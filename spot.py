@@ -399,6 +399,7 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
     examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
     T = tc.max_target_len or task.target_len
     inputs = data.tokenize(vocab, data.text_pairs(task_name, examples), tc.max_input_len, T)['inputs']
+    data.score(task_name, examples[:1], [''])   # fails now, not at the first evaluation, if a metric cannot run
 
     def run(prompt):
         preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.label_names,
@@ -443,7 +444,8 @@ def main(argv=None):
 
     try:
         (evaluate_cli if args.cmd == 'eval' else train_cli)(args, tc, pc)
-    except (FloatingPointError, ValueError, KeyError, FileNotFoundError) as e:   # bad input: a message, no traceback
+    # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no traceback.
+    except (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
         sys.exit(f'error: {e}')
 
 
@@ -476,8 +478,11 @@ def train_cli(args, tc, pc):
     examples = data.load_examples(args.task, 'train', args.data)
     arrays = data.tokenize(vocab, data.text_pairs(args.task, examples, train=True), tc.max_input_len,
                            tc.max_target_len or task.target_len)
+    evaluator = make_evaluator(args.task, frozen, cfg, vocab, tc, data_dir=args.data) if task.metrics else None
+    if evaluator is None:                     # c4 (prefix LM): the unsupervised source of Table 2 has no metric
+        print(f'{task.name} has no validation metric: prompt.npy will be the prompt after the last step')
     result = train_prompt(prompt, frozen, cfg, tc, lambda k: data.batches(arrays, tc.batch_size, tc.seed, start=k),
-                          make_evaluator(args.task, frozen, cfg, vocab, tc, data_dir=args.data), args.out,
+                          evaluator, args.out,
                           meta={'model': args.model, 'task': args.task, 'init': pc.init,
                                 'prompt_config': dataclasses.asdict(pc)}, resume=args.resume, mesh=mesh)
     print(f"best score {result['best_score']} at step {result['best_step']}; prompt in {args.out}/prompt.npy")

@@ -434,5 +434,22 @@ def test_score_postprocesses_and_averages(shared_data):
            "span1_text": "Tom", "span2_text": "he", "idx": 0}
     assert data.score("wsc", [{**wsc, "label": 1}, {**wsc, "label": 0}], ["the Tom", "Tom"])["accuracy"] == 50.0
     assert data.benchmark_score([{"score": 80.0}, {"score": 60.0}, 70.0]) == 70.0
-    with pytest.raises(NotImplementedError, match="rouge"):
-        data.score("xsum", [{"document": "a", "summary": "b"}], ["b"])
+    with pytest.raises(NotImplementedError, match="c4"):
+        data.score("c4", [{"text": "a b"}], ["b"])
+
+
+def test_bleu_and_rouge_by_hand():
+    # ref "the cat sat on the mat", hyp "... a mat": n-gram precisions 5/6, 3/5, 2/4, 1/3, equal lengths (BP = 1)
+    ref, hyp = "the cat sat on the mat", "the cat sat on a mat"
+    assert data.bleu([ref], [hyp])["bleu"] == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
+    assert data.bleu([ref], [ref])["bleu"] == pytest.approx(100)
+    # "the cat sat" vs ref: 3 of 6 unigrams (P 1, R 1/2), 2 of 5 bigrams (P 1, R 2/5), LCS 3
+    out = data.rouge([ref], ["the cat sat"])
+    assert out == pytest.approx({"rouge1": 100 * 2 / 3, "rouge2": 100 * 0.8 / 1.4, "rougeLsum": 100 * 2 / 3})
+    # rougeLsum is the union LCS over sentences: " . " ends a sentence (T5 _prepare_summary)
+    two = data.rouge(["a b . c d"], ["c d . a b"])
+    assert two["rougeLsum"] == pytest.approx(100) and two["rouge1"] == pytest.approx(100)
+    xsum = data.score("xsum", [{"document": "x", "summary": ref}, {"document": "y", "summary": ref}],
+                      [ref, "the cat sat"])
+    assert xsum["rouge1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert xsum["score"] == pytest.approx((xsum["rouge1"] + xsum["rouge2"] + xsum["rougeLsum"]) / 3)

@@ -382,3 +382,26 @@ def test_sharded_step_equals_single_device(sharded_run):
     assert "'model'" in r['query'] and "'model'" in r['wo'] and "'model'" in r['embedding'] and "'data'" in r['batch']
     assert r['moved'] > 0.1                       # the steps did something
     assert r['loss_diff'] < 1e-5 and r['prompt_diff'] < 1e-5 and r['opt_diff'] < 1e-5, r
+
+
+def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
+    common = ['--model', 'tiny', '--task', 'mrpc', '--data', str(shared_data / 'glue'),
+              '--vocab', str(shared_data / 't5_spiece.model')]
+    small = ['--batch_size=4', '--eval_every=2', '--eval_limit=8', '--eval_batch_size=8', '--max_input_len=48',
+             '--length=5']
+    spot.main(['train', *common, '--steps', '2', '--out', str(tmp_path), *small])
+    spot.main(['train', *common, '--steps', '4', '--out', str(tmp_path), '--resume', *small])
+    out = capsys.readouterr().out
+    assert 'resuming' in out and 'at step 2' in out and 'best score' in out
+    info = json.loads((tmp_path / 'prompt.json').read_text())
+    assert info['task'] == 'mrpc' and info['step'] in (2, 4) and set(info['metrics']) == {'accuracy', 'f1', 'score'}
+    assert np.load(tmp_path / 'prompt.npy').shape == (5, t5_model.T5Config.tiny().d_model)
+    spot.main(['eval', *common, '--prompt', str(tmp_path / 'prompt.npy'), '--eval_limit=8', '--max_input_len=48',
+               '--eval_batch_size=8'])
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= scores['accuracy'] <= 100
+    with pytest.raises(SystemExit, match='unknown task'):
+        spot.main(['train', *common[:3], 'no_such_task', *common[4:], '--steps', '1', '--out', str(tmp_path / 'x')])
+    with pytest.raises(SystemExit, match='d_model'):            # a prompt of the wrong width, from the CLI
+        np.save(tmp_path / 'wide.npy', np.zeros((5, 7), np.float32))
+        spot.main(['eval', *common, '--prompt', str(tmp_path / 'wide.npy')])
