@@ -110,29 +110,26 @@ def test_checkpoint_written_like_the_hub(ckpt):
         assert not torch.equal(hf.lm_head.weight, hf.shared.weight)
 
 
-def test_logits_match_hf(ckpt):
-    d, hf = ckpt
-    cfg, params = tm.load_checkpoint(d)
-    ids, dec, _ = _batch()
-    with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(),
-                 decoder_input_ids=torch.tensor(dec)).logits.numpy()
-    ours = tm.forward(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32))
-    assert ours.dtype == jnp.float32 and ours.shape == (B, T, cfg.vocab_size)
-    print(f"{d.name}: max |logit diff| = {np.abs(np.asarray(ours) - ref).max():.2e} (max |logit| {np.abs(ref).max():.1f})")
-    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
-
-
-def test_prompt_logits_match_hf_inputs_embeds(ckpt):
+@pytest.mark.parametrize("with_prompt", [False, True], ids=["no_prompt", "prompt"])
+def test_logits_match_hf(ckpt, with_prompt):
+    """Without a prompt: HF on input_ids. With one: HF on inputs_embeds = [prompt; embed(ids)] and P more mask ones
+    (Lester et al. 2021 §2), which is what t5_model.forward(prompt=...) must compute."""
     d, hf = ckpt
     cfg, params = tm.load_checkpoint(d)
     ids, dec, prompt = _batch()
+    mask = torch.tensor(ids != 0).long()
     with torch.no_grad():
-        embeds = torch.cat([torch.tensor(prompt).expand(B, -1, -1), hf.shared(torch.tensor(ids))], dim=1)
-        mask = torch.cat([torch.ones(B, P, dtype=torch.long), torch.tensor(ids != 0).long()], dim=1)
-        ref = hf(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=torch.tensor(dec)).logits.numpy()
-    ours = tm.forward(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32), prompt=jnp.asarray(prompt))
-    print(f"{d.name} with prompt: max |logit diff| = {np.abs(np.asarray(ours) - ref).max():.2e}")
+        if with_prompt:
+            embeds = torch.cat([torch.tensor(prompt).expand(B, -1, -1), hf.shared(torch.tensor(ids))], dim=1)
+            mask = torch.cat([torch.ones(B, P, dtype=torch.long), mask], dim=1)
+            ref = hf(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=torch.tensor(dec)).logits.numpy()
+        else:
+            ref = hf(input_ids=torch.tensor(ids), attention_mask=mask, decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    ours = tm.forward(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32),
+                      prompt=jnp.asarray(prompt) if with_prompt else None)
+    assert ours.dtype == jnp.float32 and ours.shape == (B, T, cfg.vocab_size)
+    print(f"{d.name}{' with prompt' if with_prompt else ''}: max |logit diff| = "
+          f"{np.abs(np.asarray(ours) - ref).max():.2e} (max |logit| {np.abs(ref).max():.1f})")
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
 
 
