@@ -11,6 +11,8 @@ script counts), the ratio ours/PEFT in tokens/s (target >= 1.25), jit compile ti
         [--peft-bench ../shared/bench/bench_peft_prompt_tuning.py] [--peft-python PYTHON_WITH_PEFT] [--json out.json]
 
 Runtime about 10 minutes on 2 cores. Keep the machine otherwise idle: the load average is printed before and after.
+On an accelerator (no PEFT arm; `large`/`xl` shapes, bfloat16 weights, the paper's batch 32):
+    python experiments/bench_prompt_step.py --no-peft --shapes base,xl --dtype bfloat16 --batch 32 --rounds 2
 """
 import argparse
 import dataclasses
@@ -34,13 +36,15 @@ import spot  # noqa: E402
 import t5_model  # noqa: E402
 
 SHAPES = {'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),      # (T5Config name, PEFT script --config)
-          'base': ('google/t5-base-lm-adapt', 't5-base-lm-adapt')}
+          'base': ('google/t5-base-lm-adapt', 't5-base-lm-adapt'),
+          'large': ('google/t5-large-lm-adapt', 't5-large-lm-adapt'),
+          'xl': ('google/t5-xl-lm-adapt', None)}                           # no PEFT shape: ours only
 B, P, S, T = 8, 100, 128, 8
 
 
-def matmul_peak(n=2048, reps=5):
-    """float32 n x n x n matmul GFLOP/s with jax on this machine."""
-    a, b = jnp.ones((n, n)), jnp.ones((n, n))
+def matmul_peak(n=2048, reps=5, dtype=jnp.float32):
+    """n x n x n matmul GFLOP/s with jax on this machine's default device."""
+    a, b = jnp.ones((n, n), dtype), jnp.ones((n, n), dtype)
     f = jax.jit(jnp.matmul)
     f(a, b).block_until_ready()
     ts = []
@@ -51,14 +55,14 @@ def matmul_peak(n=2048, reps=5):
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
-def random_params(cfg, seed=0):
+def random_params(cfg, seed=0, dtype=jnp.float32):
     """Random weights at init_params' scales, drawn with numpy (init_params runs op by op: slow for Base)."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(lambda k: t5_model.init_params(k, cfg), jax.random.key(0))
     std = {'scale': 0.0, 'embedding': 1.0}
     draw = lambda path, s: rng.normal(1.0 if path[-1].key == 'scale' else 0.0,
                                       std.get(path[-1].key, s.shape[0] ** -0.5), s.shape).astype(np.float32)
-    return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(draw(path, s)), shapes)
+    return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(draw(path, s), dtype), shapes)
 
 
 VARIANTS = {'dropout0': dict(dropout=0.0), 'forward': dict(mode='forward')}
@@ -113,6 +117,7 @@ def run_peft(args, hf_name, steps):
 
 
 def main():
+    global B                                  # --batch sets the module's B (Ours and run_peft read it)
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--shapes', default='small,base')
     p.add_argument('--rounds', type=int, default=3)
@@ -121,20 +126,28 @@ def main():
     p.add_argument('--peft-bench', default=str(ROOT.parent / 'shared' / 'bench' / 'bench_peft_prompt_tuning.py'))
     p.add_argument('--peft-python', default=sys.executable)
     p.add_argument('--variants', default='', help=f'extra arms, comma separated: {",".join(VARIANTS)}')
+    p.add_argument('--no-peft', action='store_true', help='time ours only (e.g. on an accelerator)')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='frozen weights')
+    p.add_argument('--batch', type=int, default=B)
     p.add_argument('--json', default=None)
     args = p.parse_args()
-    spec = importlib.util.spec_from_file_location('peft_bench', args.peft_bench)
-    peft_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peft_bench)       # for analytic_flops only: the same FLOP count for both arms
+    B, dtype = args.batch, jnp.dtype(args.dtype)
+    peft_bench = None                         # its analytic_flops gives both arms the same FLOP count (MFU)
+    if Path(args.peft_bench).is_file():
+        spec = importlib.util.spec_from_file_location('peft_bench', args.peft_bench)
+        peft_bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(peft_bench)
+    elif not args.no_peft:
+        sys.exit(f'no PEFT benchmark at {args.peft_bench}: pass --peft-bench PATH, or --no-peft')
 
-    load0, peaks = os.getloadavg(), [matmul_peak()]
-    print(f'load average {load0[0]:.2f}; jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores; '
-          f'float32 matmul {peaks[0]:.1f} GFLOP/s', flush=True)
+    load0, peaks = os.getloadavg(), [matmul_peak(dtype=dtype)]
+    print(f'load average {load0[0]:.2f}; jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} '
+          f'cores; {dtype.name} matmul {peaks[0]:.1f} GFLOP/s; B={B}', flush=True)
     rows, report = [], {'load_before': load0, 'shapes': {}}
     for shape in args.shapes.split(','):
         hub, hf_name = SHAPES[shape]
         cfg = t5_model.T5Config.from_name(hub)
-        frozen = random_params(cfg)
+        frozen, with_peft = random_params(cfg, dtype=dtype), not args.no_peft and hf_name is not None
         rng = np.random.default_rng(1)
         batch = {'inputs': jnp.asarray(rng.integers(2, cfg.vocab_size, (B, S)), jnp.int32),
                  'targets': jnp.asarray(np.concatenate([rng.integers(2, cfg.vocab_size, (B, T - 1)),
@@ -145,39 +158,43 @@ def main():
             arms[f'ours, {v}'] = Ours(cfg, frozen, batch, tc, **VARIANTS[v])
         for arm in arms.values():
             arm()                                                   # warm-up
-        times, paired = {name: [] for name in [*arms, 'peft']}, []
+        times, paired, versions = {name: [] for name in [*arms, *['peft'] * with_peft]}, [], None
         for r in range(args.rounds):                               # A B A B ...: drift hits both arms alike
             for name, arm in arms.items():
                 times[name] += time_calls(arm, args.steps)
-            peft_times, versions = run_peft(args, hf_name, args.steps)
-            times['peft'] += peft_times
-            paired.append(statistics.median(peft_times) / statistics.median(times['ours'][-args.steps:]))
+            if with_peft:
+                peft_times, versions = run_peft(args, hf_name, args.steps)
+                times['peft'] += peft_times
+                paired.append(statistics.median(peft_times) / statistics.median(times['ours'][-args.steps:]))
             print(f'{shape} round {r + 1}: ' + ', '.join(f'{k} {statistics.median(v[-args.steps:]):.3f}'
                                                          for k, v in times.items()) + ' s/step', flush=True)
-        flops = peft_bench.analytic_flops({'d_model': cfg.d_model, 'd_ff': cfg.d_ff, 'num_layers': cfg.num_layers,
+        flops = peft_bench and peft_bench.analytic_flops({'d_model': cfg.d_model, 'd_ff': cfg.d_ff, 'num_layers': cfg.num_layers,
                                            'num_heads': cfg.num_heads, 'd_kv': cfg.d_kv}, B, S + P, T)
-        peft_s = statistics.median(times['peft'])
+        peft_s = statistics.median(times['peft']) if with_peft else None
         for name, ts in times.items():
             med = statistics.median(ts)
-            f = flops['forward'] if name.endswith('forward') else flops['prompt_step']
+            f = flops and (flops['forward'] if name.endswith('forward') else flops['prompt_step'])
             rows.append({'shape': shape, 'arm': name, 's_per_step': med, 'tokens_per_s': B * (P + S + T) / med,
-                         'ratio_vs_peft': peft_s / med, 'gflops': f / med / 1e9,
+                         'ratio_vs_peft': peft_s and peft_s / med, 'gflops': f and f / med / 1e9,
                          'compile_s': arms[name].compile_s if name in arms else None, 'n': len(ts)})
-        peaks.append(matmul_peak())          # the peak is the best of the measurements (others may share the CPU)
+        peaks.append(matmul_peak(dtype=dtype))          # the peak is the best of the measurements (others may share the CPU)
         report['shapes'][shape] = {'times': times, 'paired_ratios': paired, 'flops': flops, 'peft_versions': versions}
-        print(f'{shape}: ours/PEFT tokens/s per round {[round(x, 2) for x in paired]}', flush=True)
+        if paired:
+            print(f'{shape}: ours/PEFT tokens/s per round {[round(x, 2) for x in paired]}', flush=True)
     report['load_after'], peak = os.getloadavg(), max(peaks)
     report['peak_gflops'] = peaks
     for r in rows:
-        r['mfu'] = r['gflops'] / peak
-    print(f"\nload average after {report['load_after'][0]:.2f}; float32 matmul peak (best of "
+        r['mfu'] = r['gflops'] and r['gflops'] / peak
+    print(f"\nload average after {report['load_after'][0]:.2f}; {dtype.name} matmul peak (best of "
           f"{[round(x) for x in peaks]}) {peak:.1f} GFLOP/s\n")
     print('| shape | arm | s/step | tokens/s | x PEFT tokens/s | MFU | compile s |')
     print('|---|---|---|---|---|---|---|')
     for r in rows:
         compile_s = f"{r['compile_s']:.1f}" if r['compile_s'] is not None else '-'
-        print(f"| {r['shape']} | {r['arm']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['ratio_vs_peft']:.2f} | {100 * r['mfu']:.1f}% | {compile_s} |")
+        ratio = f"{r['ratio_vs_peft']:.2f}" if r['ratio_vs_peft'] else '-'
+        mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] else '-'
+        print(f"| {r['shape']} | {r['arm']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | {mfu} | "
+              f"{compile_s} |")
     if args.json:
         Path(args.json).write_text(json.dumps({**report, 'rows': rows}, indent=1, default=str))
 
