@@ -185,6 +185,10 @@ def _mix32(h):
 def _dropout(x, site, seed, rate, mask_shape=None):
     """Inverted dropout; identity when seed is None. mask_shape (broadcastable to x) shares a mask along size-1 axes.
 
+    Default: one mask per (batch, feature), shared by every position of the length axis -2, as in the flaxformer
+    T5 1.1 that SPoT's code runs (prompt-tuning configs/architectures/t5_1_1_flaxformer.gin: linen.Dropout
+    broadcast_dims=(-2,); flaxformer MlpBlock's hidden dropout "Broadcast along length", like T5's). HF T5 draws
+    every element instead: mask_shape=x.shape.
     keep = mix32(element index XOR mix32(seed XOR crc32(site))) >= rate * 2^32: a counter-based hash, so the mask is
     a pure function of the dropout key (resumable runs), yet it costs a few integer ops per element, where a threefry
     mask per site (~20 rounds, and one more RNG kernel to compile per site) made the prompt step slower than PyTorch
@@ -192,7 +196,7 @@ def _dropout(x, site, seed, rate, mask_shape=None):
     """
     if seed is None or rate == 0.0:
         return x
-    shape = x.shape if mask_shape is None else mask_shape
+    shape = (*x.shape[:-2], 1, x.shape[-1]) if mask_shape is None else tuple(mask_shape)
     site_seed = _mix32(seed ^ jnp.uint32(zlib.crc32(site.encode())))
     h = _mix32(jax.lax.iota(jnp.uint32, int(np.prod(shape))).reshape(shape) ^ site_seed)
     keep = h >= jnp.uint32(round(rate * 2 ** 32))  # P(keep) = 1 - rate to within 2^-32

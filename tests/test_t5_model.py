@@ -330,9 +330,13 @@ def test_dropout_is_a_pure_function_of_the_key(tiny):
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, tm.forward(params, cfg, ids, dec, None, jax.random.key(2)))
     assert not np.allclose(a, tm.forward(params, cfg, ids, dec))
-    x = jnp.ones((400, 500))
+    x = jnp.ones((40, 3, 5000))                             # [B, L, D]
     y = tm._dropout(x, "site", jnp.uint32(7), 0.1)
+    np.testing.assert_array_equal(y, jnp.broadcast_to(y[:, :1], y.shape))  # T5: one mask per (batch, feature) ...
+    assert not np.array_equal(y[0, 0], y[1, 0])                            # ... drawn anew for each example
     assert abs(float(jnp.mean(y == 0)) - 0.1) < 0.005  # 200k draws: 5 standard deviations
     np.testing.assert_allclose(jnp.unique(y), [0.0, 1 / 0.9], rtol=1e-6)  # inverted dropout keeps the mean
     other = tm._dropout(x, "another site", jnp.uint32(7), 0.1)
     assert abs(float(jnp.mean((y == 0) & (other == 0))) - 0.01) < 0.002  # sites draw independent masks
+    per_element = tm._dropout(x, "site", jnp.uint32(7), 0.1, mask_shape=x.shape)
+    assert abs(float(jnp.mean(per_element == 0)) - 0.1) < 0.005 and not np.array_equal(per_element[:, 0], per_element[:, 1])
