@@ -819,8 +819,9 @@ def rouge(targets, preds, keys=("rouge1", "rouge2", "rougeLsum")):
     return {k: 100 * float(np.mean([s[k].fmeasure for s in scores])) for k in keys}
 
 
-METRICS = {"bleu": bleu, "rouge": rouge, "accuracy": accuracy, "f1": f1_with_invalid, "mean3f1": mean_class_f1, "mcc": matthews,
-           "pearson": pearson, "spearman": spearman, "squad": squad, "multirc": multirc, "record": record}
+METRICS = {"accuracy": accuracy, "f1": f1_with_invalid, "mean3f1": mean_class_f1, "mcc": matthews,
+           "pearson": pearson, "spearman": spearman, "squad": squad, "multirc": multirc, "record": record,
+           "bleu": bleu, "rouge": rouge}
 
 
 def score(task_name, examples, predictions):
