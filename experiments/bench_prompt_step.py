@@ -116,7 +116,7 @@ def run_peft(args, hf_name, steps):
     return r['results']['prompt']['all_s'], r['versions']
 
 
-def main():
+def main(argv=None):
     global B                                  # --batch sets the module's B (Ours and run_peft read it)
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--shapes', default='small,base')
@@ -130,7 +130,7 @@ def main():
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='frozen weights')
     p.add_argument('--batch', type=int, default=B)
     p.add_argument('--json', default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     B, dtype = args.batch, jnp.dtype(args.dtype)
     peft_bench = None                         # its analytic_flops gives both arms the same FLOP count (MFU)
     if Path(args.peft_bench).is_file():

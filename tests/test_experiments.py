@@ -114,3 +114,13 @@ def test_quickstart_retrieves_the_related_source_and_transfers():
         assert res["picked"][metric] == ["sentiment"] * 3, res["picked"]
     assert res["gain"]["sentiment"] > 20 and all(res["gain"]["sentiment"] > g + 20 for n, g in res["gain"].items()
                                                  if n != "sentiment"), res["gain"]
+
+
+def test_bench_prompt_step_runs_without_peft(tmp_path):
+    """The benchmark is a script, not a timed test: this only checks that it runs and reports what it promises."""
+    from experiments import bench_prompt_step
+    bench_prompt_step.main(["--no-peft", "--shapes", "small", "--rounds", "1", "--steps", "1", "--batch", "1",
+                            "--json", str(tmp_path / "bench.json")])
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert row["shape"] == "small" and row["arm"] == "ours" and row["ratio_vs_peft"] is None
+    assert row["s_per_step"] > 0 and row["compile_s"] > 0 and row["tokens_per_s"] == 1 * (100 + 128 + 8) / row["s_per_step"]
