@@ -39,7 +39,7 @@ SHAPES = {'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),      # (T5
           'base': ('google/t5-base-lm-adapt', 't5-base-lm-adapt'),
           'large': ('google/t5-large-lm-adapt', 't5-large-lm-adapt'),
           'xl': ('google/t5-xl-lm-adapt', None)}                           # no PEFT shape: ours only
-B, P, S, T = 8, 100, 128, 8
+P, S, T = 100, 128, 8          # prompt, input and target tokens (issue 3); the batch is --batch (8)
 
 
 def matmul_peak(n=2048, reps=5, dtype=jnp.float32):
@@ -105,7 +105,7 @@ def time_calls(fn, n):
 
 def run_peft(args, hf_name, steps):
     with tempfile.TemporaryDirectory() as d:
-        cmd = [args.peft_python, args.peft_bench, '--config', hf_name, '--batch', str(B), '--enc-len', str(S),
+        cmd = [args.peft_python, args.peft_bench, '--config', hf_name, '--batch', str(args.batch), '--enc-len', str(S),
                '--dec-len', str(T), '--prompt-len', str(P), '--steps', str(steps), '--warmup', '1',
                '--threads', str(args.threads), '--modes', 'prompt', '--dropout', '0.1', '--json', f'{d}/r.json']
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -117,7 +117,6 @@ def run_peft(args, hf_name, steps):
 
 
 def main(argv=None):
-    global B                                  # --batch sets the module's B (Ours and run_peft read it)
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--shapes', default='small,base')
     p.add_argument('--rounds', type=int, default=3)
@@ -128,7 +127,7 @@ def main(argv=None):
     p.add_argument('--variants', default='', help=f'extra arms, comma separated: {",".join(VARIANTS)}')
     p.add_argument('--no-peft', action='store_true', help='time ours only (e.g. on an accelerator)')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='frozen weights')
-    p.add_argument('--batch', type=int, default=B)
+    p.add_argument('--batch', type=int, default=8)
     p.add_argument('--json', default=None)
     args = p.parse_args(argv)
     B, dtype = args.batch, jnp.dtype(args.dtype)
