@@ -44,12 +44,17 @@ def _collapse(text):
 
 
 def _pad_punct(text):
-    """T5 `_pad_punctuation`: spaces around every non-[0-9A-Za-z_] character (RE2's \\W), then collapse."""
-    return _collapse(re.sub(r"([^0-9A-Za-z_])", r" \1 ", text))
+    """T5 `_pad_punctuation`: spaces around each RE2 [[:punct:]] (ASCII punctuation, '_' too), then collapse.
+    Letters outside ASCII stay whole: '"Introducción (la vídeo)".' -> ' " Introducción ( la vídeo ) " . '."""
+    return _collapse(re.sub(r"([!-/:-@\[-`{-~])", r" \1 ", text))
 
 
 def _label_str(label, names):
-    return "<unk>" if label == -1 else names[label]     # T5: label -1 (test) -> "<unk>"
+    if label == -1:
+        return "<unk>"                                  # T5: label -1 (test) -> "<unk>"
+    if not 0 <= label < len(names):                     # names[-2] would silently wrap around
+        raise ValueError(f"label {label!r} is not a class index of {names} (or -1 for no label)")
+    return names[label]
 
 
 # ----------------------------------------------------------------------------- example -> {inputs, targets}
@@ -75,19 +80,25 @@ def fmt_stsb(ex, prefix="stsb", collapse=False):
     return {"inputs": _collapse(text) if collapse else text, "targets": "%.1f" % value}
 
 
+_WSC_SPECIAL = {
+    'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite loud. '
+    '"Good for him," he said. ':
+        'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite loud. '
+        '"Good for X ," he said.',
+    'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic pebble in an iron '
+    'safe . Some day they might want to use it , but really for now, what more could they wish for?':
+        'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic pebble in an iron '
+        'safe . Some day they might want to use X , but really for now, what more could they wish for?'}
+
+
 def fmt_wsc(ex):
     """T5 `wsc_simple`: "wsc: ... *pronoun* ..." -> the candidate referent (span1)."""
     words = ex["text"].split(" ")
     i = ex["span2_index"]
     text = _join([" ".join(words[:i]), "X", " ".join(words[i + 1:])])
-    # The two WSC texts whose span2_index points at the wrong word, written out as T5 does.
-    if ex["text"].startswith("The boy continued to whip the pony"):
-        text = ('The boy continued to whip the pony , and eventually the pony threw him over. '
-                'John laughed out quite loud. "Good for X ," he said.')
-    elif ex["text"].startswith("When they had eventually calmed down a bit"):
-        text = ("When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic "
-                "pebble in an iron safe . Some day they might want to use X , but really for now, what more "
-                "could they wish for?")
+    # The two WSC texts whose span2_index points at the wrong word: T5 matches the whole text exactly (other
+    # texts share their first sentence, e.g. '... "Served him right," he said.', and keep the general rule).
+    text = _WSC_SPECIAL.get(ex["text"], text)
     return {"inputs": "wsc: " + text.replace(" X ", f" *{ex['span2_text']}* "), "targets": ex["span1_text"]}
 
 
@@ -378,9 +389,12 @@ def load_examples(task_name, split, data_dir=None, tfds_dir=None, download=True)
 
 
 def _plain(x):
-    """tfds values -> Python: bytes -> str (array_record gives bytes, mock_data str), arrays -> lists/scalars."""
+    """tfds values -> Python: bytes -> str (array_record gives bytes, mock_data str), arrays -> lists/scalars.
+    Sequence features (ReCoRD entities/answers, SQuAD answers ...) come back as lists of bytes."""
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
     if isinstance(x, bytes):
         return x.decode("utf-8")
     if isinstance(x, np.ndarray):
@@ -416,13 +430,17 @@ def _tfds_examples(task, split, tfds_dir, download):
 
 def _file_examples(task, split, data_dir):
     rel = Path(task.files[split])
-    root = Path(data_dir)
+    root = Path(data_dir).expanduser()
     tried = [root / rel, root / "glue" / rel, root / "superglue" / rel, root / rel.name]
     path = next((p for p in tried if p.is_file()), None)
     if path is None:
         raise FileNotFoundError(f"{task.name} {split}: no {rel} under {root} (tried {', '.join(map(str, tried))})."
                                 f" Get the original files from {task.source}")
-    return READERS[task.reader](task, path)
+    try:
+        return READERS[task.reader](task, path)
+    except (KeyError, IndexError, TypeError, ValueError) as e:   # incl. JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{task.name} {split}: {path} is not laid out like the original files ({type(e).__name__}: "
+                         f"{str(e)[:300]}). Pass the creators' unmodified files: {task.source}") from e
 
 
 def _label(value, task):
@@ -431,11 +449,17 @@ def _label(value, task):
         return -1
     if task.kind == "float":
         return float(np.float32(value))
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, str) and task.label_names and value in task.label_names:
-        return task.label_names.index(value)
-    return int(value)
+    names = task.label_names or ()
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    try:
+        label = int(value)                                    # bool, int or digit string
+    except (TypeError, ValueError):
+        label = None
+    if label is None or not -1 <= label < len(names):
+        raise ValueError(f"label {value!r} is neither one of {names} nor a class index 0..{len(names) - 1} "
+                         "(-1: no label)")
+    return label
 
 
 def _read_glue_tsv(task, path):
@@ -448,17 +472,19 @@ def _read_glue_tsv(task, path):
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if header else \
             csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = [c for _, c in cols if c not in (rows.fieldnames or ())] if header else []
+        if missing:
+            raise ValueError(f"no column {missing} in the header {rows.fieldnames} (GLUE's tab-separated layout)")
         for n, row in enumerate(rows):
             get = row.get if header else (lambda c, r=row: r[c] if c < len(r) else None)
             ex = {feat: get(col) for feat, col in cols}
-            ex["idx"] = n
-            if header and label_col not in row:
-                ex["label"] = _label(-1, task)
-            else:
-                raw = get(label_col)
-                ex["label"] = None if raw in (None, "") else _label(raw, task)
-            if all(v is not None for v in ex.values()):
-                out.append(ex)
+            raw = -1 if header and label_col not in row else get(label_col)
+            if raw in (None, "") or any(v is None for v in ex.values()):
+                continue                                     # tfds drops rows with a missing value
+            try:
+                out.append({**ex, "idx": n, "label": _label(raw, task)})
+            except ValueError as e:
+                raise ValueError(f"row {n}: {e}") from e
     return out
 
 
@@ -480,29 +506,35 @@ def _read_superglue_jsonl(task, path):
     """SuperGLUE .jsonl flattened as tfds does: MultiRC one example per answer, ReCoRD one per query,
     WSC's target spans lifted to the top level (wsc.fixed); labels as class indices."""
     out = []
-    for line in open(path, encoding="utf-8"):
-        row = json.loads(line)
-        if task.kind == "multirc":
-            p = row["passage"]
-            out += [{"paragraph": p["text"], "question": q["question"], "answer": a["text"],
-                     "label": -1 if a.get("label") is None else int(bool(a["label"])),
-                     "idx": {"paragraph": row["idx"], "question": q["idx"], "answer": a["idx"]}}
-                    for q in p["questions"] for a in q["answers"]]
-        elif task.kind == "record":
-            text = row["passage"]["text"]
-            ents = sorted({text[e["start"]:e["end"] + 1] for e in row["passage"]["entities"]})
-            out += [{"passage": text, "query": qa["query"], "entities": ents,
-                     "answers": sorted({a["text"] for a in qa.get("answers", [])}),
-                     "idx": {"passage": row["idx"], "query": qa["idx"]}} for qa in row["qas"]]
-        else:
-            row.update(row.get("target", {}))
-            ex = {k: row[k] for k in task.layout}
-            ex = _fix_wsc(ex) if task.kind == "wsc" else ex
-            ex["idx"] = row["idx"]
-            label = row.get("label")
-            ex["label"] = -1 if label is None else int(label) if task.name == "copa" else _label(label, task)
-            out.append(ex)
+    with open(path, encoding="utf-8") as f:
+        lines = list(f)
+    for n, line in enumerate(lines, 1):
+        try:
+            out += _superglue_examples(task, json.loads(line))
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise ValueError(f"line {n}: {type(e).__name__}: {e}") from e
     return out
+
+
+def _superglue_examples(task, row):
+    """The tfds examples of one .jsonl record."""
+    if task.kind == "multirc":
+        p = row["passage"]
+        return [{"paragraph": p["text"], "question": q["question"], "answer": a["text"],
+                 "label": -1 if a.get("label") is None else int(bool(a["label"])),
+                 "idx": {"paragraph": row["idx"], "question": q["idx"], "answer": a["idx"]}}
+                for q in p["questions"] for a in q["answers"]]
+    if task.kind == "record":
+        text = row["passage"]["text"]
+        ents = sorted({text[e["start"]:e["end"] + 1] for e in row["passage"]["entities"]})
+        return [{"passage": text, "query": qa["query"], "entities": ents,
+                 "answers": sorted({a["text"] for a in qa.get("answers", [])}),
+                 "idx": {"passage": row["idx"], "query": qa["idx"]}} for qa in row["qas"]]
+    row.update(row.get("target", {}))
+    ex = {k: row[k] for k in task.layout}
+    ex = _fix_wsc(ex) if task.kind == "wsc" else ex
+    label = row.get("label")                          # COPA: 0/1 = choice1/choice2
+    return [{**ex, "idx": row["idx"], "label": -1 if label is None else _label(label, task)}]
 
 
 def _read_records(task, path):
@@ -513,11 +545,16 @@ def _read_records(task, path):
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
         else:
             rows = json.load(f) if path.suffix == ".json" else [json.loads(x) for x in f if x.strip()]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("expected records: a .tsv with a header, a .json list of objects or .jsonl objects")
     labels = path.with_name(path.stem + "-labels.lst")
     if task.label_names and rows and "label" not in rows[0]:
         if not labels.is_file():
             raise FileNotFoundError(f"{task.name}: labels file {labels} is missing; get it from {task.source}")
-        rows = [{**r, "label": lab} for r, lab in zip(rows, labels.read_text().split())]
+        values = labels.read_text().split()
+        if len(values) != len(rows):                  # zip would silently drop the unlabelled tail
+            raise ValueError(f"{labels} has {len(values)} labels for the {len(rows)} records of {path.name}")
+        rows = [{**r, "label": lab} for r, lab in zip(rows, values)]
     return [{**r, "label": _label(r["label"], task)} if "label" in r else r for r in rows]
 
 
@@ -542,16 +579,17 @@ def text_pairs(task_name, examples, train=False):
 
 # ----------------------------------------------------------------------------- tokens and batches
 class Vocab:
-    """T5's SentencePiece vocabulary: 32,000 pieces plus <extra_id_0..99> as ids 32099..32000."""
+    """T5's SentencePiece vocabulary: 32,000 pieces plus <extra_id_0..99> as ids 32099..32000.
+    Example: encode("a <extra_id_0> b") -> [3, 9, 32099, 3, 115] (as seqio; no separate '▁' before the sentinel)."""
 
     def __init__(self, model_bytes):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as pb
         proto = pb.ModelProto()
         proto.ParseFromString(model_bytes)
-        for i in reversed(range(NUM_SENTINELS)):             # seqio: sentinels are user-defined pieces
+        for i in reversed(range(NUM_SENTINELS)):   # seqio SentencePieceVocabulary: user-defined "▁<extra_id_i>"
             piece = proto.pieces.add()
-            piece.piece, piece.type = f"<extra_id_{i}>", pb.ModelProto.SentencePiece.USER_DEFINED
+            piece.piece, piece.type = f"▁<extra_id_{i}>", pb.ModelProto.SentencePiece.USER_DEFINED
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.vocab_size = self.sp.get_piece_size()          # 32100; checkpoints pad the embedding to 32128
 
@@ -565,10 +603,14 @@ class Vocab:
         return self.sp.decode([i for i in ids if PAD_ID < i < self.vocab_size])
 
 
-@functools.lru_cache(maxsize=4)
 def load_vocab(path_or_hub_id=None):
-    """A .model file, a directory holding spiece.model, or a Hugging Face hub id (default: DEFAULT_VOCAB)."""
-    ref = str(path_or_hub_id or os.environ.get("SPOT_VOCAB", DEFAULT_VOCAB))
+    """A .model file, a directory holding spiece.model, or a Hugging Face hub id (default: $SPOT_VOCAB, else
+    DEFAULT_VOCAB). Cached per resolved reference, so a changed SPOT_VOCAB is seen."""
+    return _load_vocab(str(path_or_hub_id or os.environ.get("SPOT_VOCAB", DEFAULT_VOCAB)))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_vocab(ref):
     path = Path(ref)
     if path.is_dir():
         path = path / "spiece.model"
@@ -589,6 +631,12 @@ def load_vocab(path_or_hub_id=None):
 def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
     """[{'inputs','targets'}] -> {'inputs': int32 [n,S], 'targets': int32 [n,T]}: each sequence cut to
     length-1, then EOS (T5's append_eos_after_trim), then padded with 0."""
+    if not (min(max_input_len, max_target_len) >= 1):
+        raise ValueError(f"max_input_len and max_target_len must be >= 1 (room for EOS), got "
+                         f"{max_input_len} and {max_target_len}")
+    if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str) and isinstance(t.get("targets"), str)
+               for t in texts):
+        raise TypeError("tokenize wants a list of {'inputs': str, 'targets': str}: pass to_text / text_pairs output")
     out = {}
     for key, length in (("inputs", max_input_len), ("targets", max_target_len)):
         arr = np.zeros((len(texts), length), np.int32)
@@ -599,18 +647,42 @@ def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n, seed, epoch):
+    """perm_e of _positions. Cached: drawing a fresh 393K-row permutation (MNLI) for every batch cost ~30 ms."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False
+    return order
+
+
 def _positions(n, batch_size, seed, k):
     """Rows of batch k: position p of the stream is row perm_{p // n}[p % n], perm_e seeded by (seed, e)."""
     pos = k * batch_size + np.arange(batch_size)
     epoch, within = pos // n, pos % n
     rows = np.empty(batch_size, np.int64)
     for e in np.unique(epoch):
-        rows[epoch == e] = np.random.default_rng([seed, int(e)]).permutation(n)[within[epoch == e]]
+        rows[epoch == e] = _epoch_order(n, seed, int(e))[within[epoch == e]]
     return rows
 
 
+def _check_stream(arrays_by_name, batch_size, seed, start):
+    """Arguments of batches / mixture_batches: a clear error now, not an odd one at the first batch."""
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for what, value in (("seed", seed), ("start", start)):
+        if not (isinstance(value, (int, np.integer)) and value >= 0):
+            raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    for name, arrays in arrays_by_name.items():
+        rows = {key: len(a) for key, a in arrays.items()}
+        if len(set(rows.values())) > 1:
+            raise ValueError(f"{name}: arrays have different numbers of rows {rows}; pass data.tokenize's output")
+
+
 def batches(arrays, batch_size, seed, start=0):
-    """Infinite shuffled batches; batch k depends only on (seed, k), so a resumed run passes start=k."""
+    """Infinite shuffled batches; batch k depends only on (seed, k), so a resumed run passes start=k.
+    Every epoch is a permutation of the rows; a dataset smaller than a batch spans several epochs per batch."""
+    _check_stream({"batches()": arrays}, batch_size, seed, start)
+    arrays = {key: np.asarray(a) for key, a in arrays.items()}
     n = len(arrays["inputs"])
     if n == 0:
         raise ValueError("batches() got no examples")
@@ -624,6 +696,8 @@ def batches(arrays, batch_size, seed, start=0):
 # ----------------------------------------------------------------------------- mixtures
 def mixture_rates(sizes, cap=MIXING_CAP):
     """Examples-proportional mixing (Raffel et al. 2020 §3.5.2): r_m = min(n_m, K) / sum_n min(n_n, K)."""
+    if any(n < 0 for n in sizes.values()) or cap < 1:
+        raise ValueError(f"mixture_rates needs sizes >= 0 and a cap >= 1, got {sizes} and cap={cap}")
     capped = {name: min(int(n), cap) for name, n in sizes.items()}
     total = sum(capped.values())
     if total <= 0:
@@ -634,8 +708,14 @@ def mixture_rates(sizes, cap=MIXING_CAP):
 def mixture_batches(arrays_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP):
     """Infinite batches from a mixture: each row picks a task with the mixing rates, then an example of it
     uniformly (with replacement). Batch k depends only on (seed, k). Widths are padded to the widest task."""
+    _check_stream(arrays_by_task, batch_size, seed, start)
     names = list(arrays_by_task)
-    rates = rates or mixture_rates({t: len(a["inputs"]) for t, a in arrays_by_task.items()}, cap)
+    sizes = {t: len(a["inputs"]) for t, a in arrays_by_task.items()}
+    rates = rates or mixture_rates(sizes, cap)
+    if set(names) - set(rates) or any(rates[t] < 0 or (rates[t] > 0 and not sizes[t]) for t in names) \
+            or not sum(rates[t] for t in names) > 0:
+        raise ValueError(f"rates {rates} must give every task of {sizes} (examples per task) a rate >= 0, "
+                         "> 0 in total, and 0 to tasks without examples")
     p = np.array([rates[t] for t in names], np.float64)
     width = {key: max(a[key].shape[1] for a in arrays_by_task.values()) for key in ("inputs", "targets")}
     k = start
@@ -697,6 +777,13 @@ def _target(task, ex):
     return ex["label"]                                 # wsc
 
 
+def _unlabeled(task, ex):
+    """True for a test-split example: label -1 (tfds) or no reference answers."""
+    if task.kind in ("record", "qa"):
+        return not ex["answers"]
+    return task.kind in ("class", "float", "multirc", "wsc") and ex.get("label") == -1
+
+
 def accuracy(targets, preds):
     return {"accuracy": 100 * float(np.mean([t == p for t, p in zip(targets, preds)]))}
 
@@ -710,7 +797,8 @@ def f1_with_invalid(targets, preds):
     t, p = np.asarray(targets), np.asarray(preds).copy()
     bad = (p != 0) & (p != 1)
     p[bad] = 1 - t[bad]
-    return {"f1": 100 * _f1(np.sum((t == 1) & (p == 1)), np.sum((t != 1) & (p == 1)), np.sum((t == 1) & (p != 1)))}
+    tp, fp, fn = np.sum((t == 1) & (p == 1)), np.sum((t != 1) & (p == 1)), np.sum((t == 1) & (p != 1))
+    return {"f1": 100 * float(_f1(tp, fp, fn))}
 
 
 def mean_class_f1(targets, preds, num_classes=3):
@@ -830,6 +918,14 @@ def score(task_name, examples, predictions):
     task = get_task(task_name)
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
+    if not examples:
+        raise ValueError(f"score({task.name!r}) got no examples")
+    if not all(isinstance(p, str) for p in predictions):
+        raise TypeError("predictions must be decoded strings (Vocab.decode), one per example")
+    unlabeled = [_unlabeled(task, ex) for ex in examples]
+    if all(unlabeled) or (task.kind in ("record", "qa") and any(unlabeled)):   # T5's max() over no answers fails
+        raise ValueError(f"{task.name}: {sum(unlabeled)} of {len(examples)} examples have no label (label -1 or no "
+                         "answers, as in a test split); score a labelled split such as 'validation'")
     missing = [m for m in task.metrics if m not in METRICS]
     if not task.metrics or missing:
         raise NotImplementedError(f"{task.name}: no metric implemented here ({', '.join(missing) or 'none defined'})")

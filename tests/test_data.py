@@ -133,6 +133,18 @@ def test_wsc_simple_and_wsc_fixed_spans(shared_data):
     assert len(data.text_pairs("wsc", train, train=True)) == 259   # only true referents (T5 weight: 259)
 
 
+def test_wsc_special_cases_need_the_whole_text():
+    """T5 rewrites two texts whose span2_index is off by comparing the whole text; WSC train has three other texts
+    with the same first sentences ("Served him right") that keep the general rule."""
+    pony = ('The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite '
+            'loud. "{}," he said.')
+    served = {"text": pony.format("Served him right"), "span1_index": 2, "span1_text": "boy", "span2_index": 21,
+              "span2_text": "him", "label": 1, "idx": 147}
+    assert data.to_text("wsc", served)["inputs"] == "wsc: " + pony.format("Served *him* right")
+    good = {**served, "text": pony.format("Good for him") + " ", "span2_index": 22}   # words[22] = 'him,"'
+    assert data.to_text("wsc", good)["inputs"] == "wsc: " + pony.format("Good for *him* ")
+
+
 def test_record_format_and_training_expansion():
     ex = {"passage": "This is the passage.", "query": "A @placeholder is a bird.",
           "entities": ["penguin", "potato", "pigeon"], "answers": ["penguin", "pigeon"],
@@ -160,6 +172,15 @@ def test_other_families():
     lm = data.to_text("c4", {"text": text})
     assert lm["inputs"] and lm["targets"] and f"{lm['inputs']} {lm['targets']}" == text
     assert data.to_text("c4", {"text": text}) == lm                           # the cut depends only on the text
+
+
+def test_qa_pads_ascii_punctuation_only():
+    """T5 _pad_punctuation pads RE2 [[:punct:]] (its test: '"Introducción (la vídeo)".'), '_' included; letters
+    outside ASCII stay whole, so an accented answer still matches its reference."""
+    qa = {"question": '"Introducción (la vídeo)".', "context": "snake_case—x", "answers": ["Beyoncé!"]}
+    assert data.to_text("squad", qa) == {
+        "inputs": 'question: " Introducción ( la vídeo ) " . context: snake _ case—x', "targets": "Beyoncé ! "}
+    assert data.score("squad", [qa], ["beyoncé"])["em"] == 100.0
 
 
 # ----------------------------------------------------------------------------- registry, mixtures, errors
@@ -224,6 +245,37 @@ def test_other_readers(tmp_path):
     assert data.load_examples("socialiqa", "validation", data_dir=tmp_path)[0]["label"] == 2
 
 
+@pytest.mark.parametrize("rel,content,match", [
+    ("RTE/dev.tsv", '{"premise": "P.", "hypothesis": "H.", "label": "entailment", "idx": 0}\n',
+     r"RTE/dev.tsv is not laid out.*no column \['sentence1', 'sentence2'\] in the header"),
+    ("MRPC/dev.tsv", "sentence1\tsentence2\tlabel\tidx\nA.\tB.\t1\t0\n", r"no column \['#1 String', '#2 String'\]"),
+    ("SST-2/dev.tsv", "sentence\tlabel\nnice\t7\n", r"row 0: label '7' is neither one of \('negative', 'positive'\)"),
+    ("CB/val.jsonl", "premise\thypothesis\tlabel\nP.\tH.\tentailment\n", r"CB/val.jsonl .*line 1: JSONDecodeError"),
+    ("BoolQ/val.jsonl", '{"question": "q?", "idx": 0, "label": true}\n', r"line 1: KeyError: 'passage'.*super\.glue"),
+    ("CB/val.jsonl", '{"premise": "P.", "hypothesis": "H.", "label": "maybe", "idx": 0}\n',
+     r"label 'maybe' is neither"),
+    ("dev.json", '{"premise": "P.", "hypothesis": "H.", "label": "entailment"}', "a .json list of objects")])
+def test_files_in_another_layout_name_the_file_and_the_problem(tmp_path, rel, content, match):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text(content)
+    folder = rel.split("/")[0]
+    task = {"RTE": "rte", "MRPC": "mrpc", "SST-2": "sst2", "CB": "cb", "BoolQ": "boolq"}.get(folder, "docnli")
+    with pytest.raises(ValueError, match=match):
+        data.load_examples(task, "validation", data_dir=tmp_path)
+
+
+def test_labels_file_must_label_every_record_and_labels_must_be_in_range(tmp_path):
+    (tmp_path / "socialiqa").mkdir()
+    row = json.dumps({"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c"})
+    (tmp_path / "socialiqa" / "dev.jsonl").write_text(f"{row}\n{row}\n")
+    (tmp_path / "socialiqa" / "dev-labels.lst").write_text("3\n")              # zip() would drop record 2
+    with pytest.raises(ValueError, match="has 1 labels for the 2 records"):
+        data.load_examples("socialiqa", "validation", data_dir=tmp_path)
+    for label in (2, -2):                                                 # -2 must not wrap to 'negative'
+        with pytest.raises(ValueError, match=f"label {label} is not a class index"):
+            data.to_text("sst2", {"sentence": "x", "label": label, "idx": 0})
+
+
 # ----------------------------------------------------------------------------- the tfds path, offline
 MNLI_TSV = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
             "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n"
@@ -268,13 +320,26 @@ def _fake_download(tmp_path, shared_data, folder, files):
     return str(tmp_path / "dl")
 
 
+# A ReCoRD record in the SuperGLUE layout (no ReCoRD file is shared): entity spans are inclusive character
+# offsets, repeated spans and answers collapse, "@highlight" lines follow the passage.
+RECORD_LINE = json.dumps({"source": "Daily mail", "idx": 3, "passage": {
+    "text": "Obama met Merkel in Paris.\n@highlight\nBig day", "entities": [
+        {"start": 0, "end": 4}, {"start": 10, "end": 15}, {"start": 20, "end": 24}, {"start": 0, "end": 4}]},
+    "qas": [{"query": "@placeholder met Merkel", "idx": 7, "answers": [
+        {"start": 0, "end": 4, "text": "Obama"}, {"start": 0, "end": 4, "text": "Obama"}]},
+            {"query": "Obama met @placeholder in Paris", "idx": 8, "answers": [
+                {"start": 10, "end": 15, "text": "Merkel"}]}]}) + "\n"
+
+
 @pytest.mark.parametrize("task,folder,files", [
     ("rte", "RTE", {"dev.tsv": Path("glue/RTE/dev.tsv"), "train.tsv": "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\t"
                     "entailment\n", "test.tsv": "index\tsentence1\tsentence2\n0\tA.\tB.\n"}),
-    ("multirc", "MultiRC", {"val.jsonl": Path("superglue/MultiRC/val.jsonl")})])
+    ("multirc", "MultiRC", {"val.jsonl": Path("superglue/MultiRC/val.jsonl")}),
+    ("record", "ReCoRD", {f"{s}.jsonl": RECORD_LINE for s in ("train", "val", "test")})])
 def test_real_tfds_build_equals_file_reader(shared_data, tmp_path, task, folder, files):
     """tfds builds the split from the original files (download replaced by a local folder), writes array_record
-    (bytes come back) and gives exactly the file reader's examples, in its own (shuffled) order."""
+    (bytes come back, lists of bytes for ReCoRD's entities/answers) and gives exactly the file reader's examples,
+    in its own (shuffled) order."""
     tfds = pytest.importorskip("tensorflow_datasets")
     from unittest import mock
     if task == "multirc":          # tfds reads every split: give train/test one real paragraph each
@@ -283,10 +348,15 @@ def test_real_tfds_build_equals_file_reader(shared_data, tmp_path, task, folder,
     dl = _fake_download(tmp_path, shared_data, folder, files)
     with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=dl):
         from_tfds = data.load_examples(task, "validation", tfds_dir=str(tmp_path / "tfds"))
-    from_files = data.load_examples(task, "validation", data_dir=shared_data)
-    key = (lambda e: (e["idx"]["paragraph"], e["idx"]["question"], e["idx"]["answer"])) if task == "multirc" \
-        else (lambda e: e["idx"])
+    from_files = data.load_examples(task, "validation", data_dir=dl)      # the same files, read by data.py
+    key = {"multirc": lambda e: (e["idx"]["paragraph"], e["idx"]["question"], e["idx"]["answer"]),
+           "record": lambda e: e["idx"]["query"]}.get(task, lambda e: e["idx"])
     assert sorted(from_tfds, key=key) == from_files
+    if task == "record":
+        assert [(e["entities"], e["answers"]) for e in from_files] == [(["Merkel", "Obama", "Paris"], ["Obama"]),
+                                                                        (["Merkel", "Obama", "Paris"], ["Merkel"])]
+        assert data.to_text("record", from_tfds[0])["inputs"].endswith(
+            "entities: Merkel, Obama, Paris passage: Obama met Merkel in Paris. Big day")
 
 
 def test_tfds_not_prepared_fails_fast_with_a_hint(tmp_path):
@@ -312,7 +382,10 @@ def test_vocab_known_ids_and_sentinels(vocab, shared_data, tmp_path):
     assert vocab.encode("Hello world") == [8774, 296]
     assert vocab.encode("translate English to German: That is good.") == [13959, 1566, 12, 2968, 10, 466, 19, 207, 5]
     assert vocab.vocab_size == 32100
-    assert vocab.sp.piece_to_id("<extra_id_0>") == 32099 and vocab.sp.piece_to_id("<extra_id_99>") == 32000
+    assert vocab.encode("<extra_id_0>") == [32099] and vocab.encode("<extra_id_99>") == [32000]
+    # seqio's sentinel pieces are "▁<extra_id_i>": no stray '▁' (id 3) before a sentinel after a space
+    assert vocab.encode("a <extra_id_0> b") == [3, 9, 32099, 3, 115]
+    assert vocab.decode([3, 9, 32099, 3, 115, 1]) == "a <extra_id_0> b"
     assert vocab.decode([8774, 296, 1, 296, 0]) == "Hello world"
     (tmp_path / "spiece.model").symlink_to(shared_data / "t5_spiece.model")
     assert data.load_vocab(str(tmp_path)).encode("Hello world") == [8774, 296]
@@ -328,6 +401,14 @@ def test_load_vocab_offline_hub_error_says_what_to_do(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(OSError, match=r"google/t5-base-lm-adapt.*t5_spiece\.model.*SPOT_VOCAB"):
         data.load_vocab("google/t5-base-lm-adapt")
+
+
+def test_load_vocab_default_follows_spot_vocab(monkeypatch, shared_data, tmp_path):
+    monkeypatch.setenv("SPOT_VOCAB", str(shared_data / "t5_spiece.model"))
+    assert data.load_vocab().encode("Hello world") == [8774, 296]
+    monkeypatch.setenv("SPOT_VOCAB", str(tmp_path / "moved.model"))       # not the vocabulary cached above
+    with pytest.raises(FileNotFoundError, match="moved.model"):
+        data.load_vocab()
 
 
 def test_tokenize_eos_truncation_padding(vocab):
@@ -360,6 +441,39 @@ def test_batches_deterministic_resumable_and_epoch_permutations():
         assert sorted(rows[10 * e:10 * e + 10]) == list(range(10))        # every epoch is a permutation
     other = take(data.batches(arrays, 4, seed=8), 3)
     assert any((x["inputs"] != y["inputs"]).any() for x, y in zip(a, other))
+
+
+def test_batches_draw_one_permutation_per_epoch(monkeypatch):
+    """A permutation of all n rows per batch cost ~30 ms at MNLI's 393K rows (~2 h over 2^18 steps)."""
+    calls = []
+    default_rng = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda *a: calls.append(a) or default_rng(*a))
+    it = data.batches(toy_arrays(1009), 8, seed=11)                      # 50 batches: 400 rows of epoch 0
+    first = [next(it)["inputs"][:, 0] for _ in range(50)]
+    assert len(calls) <= 1
+    np.testing.assert_array_equal(next(data.batches(toy_arrays(1009), 8, seed=11, start=49))["inputs"][:, 0],
+                                  first[49])
+
+
+def test_tokenize_and_streams_reject_bad_arguments(vocab):
+    with pytest.raises(ValueError, match="room for EOS"):
+        data.tokenize(vocab, [{"inputs": "a", "targets": "b"}], 0, 8)
+    with pytest.raises(TypeError, match="to_text"):
+        data.tokenize(vocab, ["a"], 8, 8)
+    arrays = toy_arrays(3)
+    for kwargs, match in [({"batch_size": 0}, "batch_size"), ({"seed": -1}, "seed"), ({"start": -2}, "start")]:
+        with pytest.raises(ValueError, match=match):
+            next(data.batches(arrays, **{"batch_size": 2, "seed": 0, **kwargs}))
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        next(data.batches({"inputs": arrays["inputs"], "targets": arrays["targets"][:2]}, 2, 0))
+    empty = toy_arrays(0)
+    with pytest.raises(ValueError, match="0 to tasks without examples"):   # rate > 0 for a task with no rows
+        next(data.mixture_batches({"a": arrays, "b": empty}, 4, 0, rates={"a": 0.5, "b": 0.5}))
+    with pytest.raises(ValueError, match="every task"):                    # no rate for task b
+        next(data.mixture_batches({"a": arrays, "b": arrays}, 4, 0, rates={"a": 1.0}))
+    assert next(data.mixture_batches({"a": arrays, "b": empty}, 4, 0))["inputs"].shape == (4, 3)
+    with pytest.raises(ValueError, match="sizes >= 0"):
+        data.mixture_rates({"a": -5, "b": 10})
 
 
 # ----------------------------------------------------------------------------- mixtures
@@ -436,6 +550,33 @@ def test_score_postprocesses_and_averages(shared_data):
     assert data.benchmark_score([{"score": 80.0}, {"score": 60.0}, 70.0]) == 70.0
     with pytest.raises(NotImplementedError, match="c4"):
         data.score("c4", [{"text": "a b"}], ["b"])
+
+
+def test_score_refuses_empty_and_unlabelled_input():
+    with pytest.raises(ValueError, match="no examples"):
+        data.score("cola", [], [])
+    test_split = [{"sentence": "Hi.", "idx": i, "label": -1} for i in range(3)]
+    with pytest.raises(ValueError, match="3 of 3 examples have no label.*validation"):
+        data.score("cola", test_split, ["acceptable"] * 3)              # would silently score 0
+    query = {"passage": "P.", "query": "@placeholder", "entities": ["A"], "answers": [],
+             "idx": {"passage": 0, "query": 0}}
+    with pytest.raises(ValueError, match="have no label"):               # T5: max() of no answers
+        data.score("record", [query], ["A"])
+    with pytest.raises(TypeError, match="decoded strings"):
+        data.score("cola", test_split[:1], [None])
+    snli = [{"premise": "P.", "hypothesis": "H.", "label": -1}, {"premise": "P.", "hypothesis": "H.", "label": 0}]
+    assert data.score("snli", snli, ["entailment"] * 2)["accuracy"] == 50.0  # tfds SNLI: some -1 labels, as T5
+
+
+def test_stsb_score_uses_rounded_targets_and_minus_one_for_text():
+    """T5: targets are the rounded label strings back to floats; a prediction that is no number is -1.0."""
+    stats = pytest.importorskip("scipy.stats")
+    labels, preds = [0.1, 1.79, 2.5, 3.8, 4.96], ["0.4", "banana", "2.6", "", "5.0"]
+    sts = [{"sentence1": "a", "sentence2": "b", "label": x, "idx": i} for i, x in enumerate(labels)]
+    t, p = [0.0, 1.8, 2.4, 3.8, 5.0], [0.4, -1.0, 2.6, -1.0, 5.0]      # 2.5 -> 2.4: round half to even
+    out = data.score("stsb", sts, preds)
+    assert out["pearson_corrcoef"] == pytest.approx(100 * stats.pearsonr(t, p)[0])
+    assert out["spearman_corrcoef"] == pytest.approx(100 * stats.spearmanr(t, p)[0])
 
 
 def test_bleu_and_rouge_by_hand():
