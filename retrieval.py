@@ -24,6 +24,8 @@ def _as_prompt(e, name="prompt"):
     if e.ndim != 2 or 0 in e.shape:
         raise ValueError(f"{name} must be a non-empty 2-D prompt [P, D], got shape {e.shape}; "
                          "pass one prompt at a time (a list of runs goes to task_similarity)")
+    if not np.isfinite(e).all():  # NaN similarities would scramble the ranking (NaN compares false)
+        raise ValueError(f"{name} holds NaN or inf values (a diverged run?); remove it or use an earlier prompt")
     return e
 
 
@@ -114,13 +116,30 @@ class PromptEntry:
 def save_to_library(directory, prompt, task, run=0, step=None, model=None, score=None):
     """Write <task>-run<run>[-step<step>].npy plus a JSON sidecar with the metadata; returns the .npy path."""
     prompt = np.asarray(_as_prompt(prompt), dtype=np.float32)
+    # numpy / jax scalars (np.int64 run, np.float32 score) as plain JSON numbers; checked before anything is written
+    meta = json.loads(json.dumps({"task": task, "run": run, "step": step, "model": model, "score": score},
+                                 default=lambda x: np.asarray(x).tolist()))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{task}-run{run}" + (f"-step{step}" if step is not None else ""))
+    sidecar = directory / f"{stem}.json"
+    if sidecar.exists() and (old := _read(sidecar, _json_file).get("task")) != meta["task"]:  # e.g. "a/b" vs "a_b"
+        raise ValueError(f"{sidecar} holds a prompt of task {old!r}, not {task!r}, under the same file name; "
+                         "rename one of the tasks")
     np.save(directory / f"{stem}.npy", prompt)  # the official Checkpointer also stores prompts as .npy
-    meta = {"task": task, "run": run, "step": step, "model": model, "score": score}
-    (directory / f"{stem}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    sidecar.write_text(json.dumps(meta, indent=1) + "\n")
     return directory / f"{stem}.npy"
+
+
+def _read(path, read):
+    try:
+        return read(path)
+    except (ValueError, EOFError) as e:  # bad JSON, a truncated or pickled .npy
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def _json_file(path):
+    return json.loads(Path(path).read_text())
 
 
 def load_library(directory):
@@ -131,12 +150,12 @@ def load_library(directory):
         raise FileNotFoundError(f"prompt library {directory} is not a directory")
     entries = []
     for path in sorted(directory.glob("*.npy")):
-        meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
-        if meta and "task" not in meta:
-            raise ValueError(f"{path.with_suffix('.json')} has no 'task' field; write it with save_to_library")
+        sidecar = path.with_suffix(".json")
+        meta, prompt = _read(sidecar, _json_file) if sidecar.exists() else {}, _read(path, np.load)
+        if sidecar.exists() and (not isinstance(meta, dict) or "task" not in meta):
+            raise ValueError(f"{sidecar} has no 'task' field; write it with save_to_library")
         fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
-        entries.append(PromptEntry(meta.get("task", path.stem), _as_prompt(np.load(path), str(path)),
-                                   path=path, **fields))
+        entries.append(PromptEntry(meta.get("task", path.stem), _as_prompt(prompt, str(path)), path=path, **fields))
     if not entries:
         raise ValueError(f"prompt library {directory} holds no .npy prompts")
     return entries
@@ -158,16 +177,21 @@ def rank_sources(target, library, metric="per_token"):
     Returns [(PromptEntry, similarity)]."""
     if not library:
         raise ValueError("the prompt library is empty: save source prompts with save_to_library first")
-    # §3.3: each of the 48 source prompts (16 tasks x 3 runs) is scored on its own, not per task
-    sims = [task_similarity(target, entry.prompt, metric) for entry in library]
+    sims = []
+    for entry in library:  # §3.3: each of the 48 source prompts (16 tasks x 3 runs) is scored on its own, not per task
+        try:
+            sims.append(task_similarity(target, entry.prompt, metric))
+        except ValueError as e:
+            raise ValueError(f"source prompt of task {entry.task!r} ({entry.path or 'in memory'}): {e}") from None
     order = sorted(range(len(library)), key=lambda i: -sims[i])  # stable: ties keep library order
     return [(library[i], sims[i]) for i in order]
 
 
 def top_k(ranking, k):
     """The k highest-ranked entries: the source prompts BEST OF TOP-k tries (SPoT §3.3)."""
-    if not 1 <= k <= len(ranking):
-        raise ValueError(f"k={k} but the ranking holds {len(ranking)} prompts; pick 1 <= k <= {len(ranking)}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(ranking):
+        raise ValueError(f"k={k!r} but the ranking holds {len(ranking)} prompts; "
+                         f"pick an integer 1 <= k <= {len(ranking)}")
     return [entry for entry, _ in ranking[:k]]
 
 
@@ -200,7 +224,7 @@ def top_k_weights(ranking, k):
 
 def top_k_weighted_average(ranking, k):
     """SPoT §3.3 TOP-k WEIGHTED AVERAGE: one target init, sum_r alpha_r rho_r. -> prompt [P, D]."""
-    prompts = [e.prompt for e in top_k(ranking, k)]
+    prompts = [np.asarray(e.prompt, dtype=np.float64) for e in top_k(ranking, k)]
     if len({p.shape for p in prompts}) > 1:
         raise ValueError(f"cannot average prompts of shapes {sorted({p.shape for p in prompts})}; use equal [P, D]")
     return np.einsum("k,kPD->PD", top_k_weights(ranking, k), np.stack(prompts))
@@ -227,6 +251,9 @@ def relative_error_reduction(score, baseline):
 def positive_transfers(matrix, baseline, threshold=10.0):
     """Table 7: (source, target, rel. error reduction) above `threshold` %, largest first.
     matrix: {source: {target: score}}; baseline: {target: score}."""
+    missing = {tgt for row in matrix.values() for tgt in row} - set(baseline)
+    if missing:
+        raise ValueError(f"no baseline score for target(s) {sorted(missing)}")
     found = [(src, tgt, relative_error_reduction(s, baseline[tgt]))
              for src, row in matrix.items() for tgt, s in row.items()]
     return sorted([t for t in found if t[2] > threshold], key=lambda t: -t[2])
@@ -240,6 +267,9 @@ def aggregate_targets(scores, baseline):
     targets = list(scores)
     if not targets or set(targets) - set(baseline):
         raise ValueError(f"need scores for >= 1 target, each with a baseline; missing {set(targets) - set(baseline)}")
+    runs = {t: (np.size(scores[t]), np.size(baseline[t])) for t in targets}
+    if len({n for n, _ in runs.values()}) > 1 or len({m for _, m in runs.values()}) > 1:
+        raise ValueError(f"every target needs the same number of runs (method, baseline): {runs}")
     s = np.array([np.atleast_1d(scores[t]) for t in targets], dtype=np.float64)  # [targets, runs]
     b = np.array([np.atleast_1d(baseline[t]) for t in targets], dtype=np.float64)
     b = b if b.shape == s.shape else b.mean(1, keepdims=True)
@@ -327,7 +357,7 @@ def main(argv=None):
     try:
         library = load_library(args.library)
         if args.command == "rank":
-            ranking = rank_sources([_as_prompt(np.load(f), f) for f in args.target], library, args.metric)
+            ranking = rank_sources([_as_prompt(_read(f, np.load), f) for f in args.target], library, args.metric)
             _print_ranking(ranking, len(ranking) if args.k is None else args.k, args.metric)
             return
         groups = group_by_task(library)

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import jax
@@ -43,6 +44,13 @@ class PromptConfig:
                                  # the code that produced Lester's numbers, not its text's [-0.5, 0.5])
     source: str = ''             # 'file': a .npy [P,D] source prompt (SPoT's transfer, §2)
     text: str = ''               # 'text': its token embeddings fill the first rows (Lester: ReCoRD, WSC)
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f'unknown prompt init {self.init!r}; known: {INITS}')
+        if self.length < 1 or self.vocab_pool < 1:
+            raise ValueError(f'PromptConfig needs length >= 1 and vocab_pool >= 1, '
+                             f'got {self.length} and {self.vocab_pool}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,16 @@ class TrainConfig:
     eval_limit: int = 0              # evaluate on the first N validation examples only (0 = all: the paper)
     eval_method: str = 'decode'      # 'decode': T5 greedy decoding; 'rank': score every label (classification only)
 
+    def __post_init__(self):         # refuse now what would fail (or divide by zero) only after hours of training
+        bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
+            (1, ('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'eval_batch_size',
+                 'max_input_len')), (0, ('embedding_step', 'max_target_len', 'eval_limit'))) for f in names
+            if getattr(self, f) < lo]
+        if self.eval_method not in ('decode', 'rank'):
+            bad.append(f"eval_method={self.eval_method!r} (must be 'decode' or 'rank')")
+        if bad:
+            raise ValueError(f"bad TrainConfig: {', '.join(bad)}")
+
 
 # App. C: ModelTuning uses T5 defaults: Adafactor, constant lr 0.001, dropout 0.1, parameter scaling on
 # (T5X Adafactor default), no weight decay; 2^16 tokens per batch = 128 inputs of 512 tokens. The paper also restores
@@ -85,11 +103,11 @@ def override(cfg, argv):
         if not (arg.startswith('--') and eq and name in fields):
             rest.append(arg)
             continue
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text                                  # a bare string: --init=uniform
         want = type(getattr(cfg, name))
+        try:                                              # a str field keeps its text as is: --text=1984
+            value = text if want is str else ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
         value = float(value) if want is float and type(value) is int else value
         if type(value) is not want:
             raise ValueError(f'--{name}={text}: {type(cfg).__name__}.{name} expects {want.__name__}, '
@@ -100,14 +118,32 @@ def override(cfg, argv):
 
 # ----------------------------------------------------------------------------------------------- prompts
 def check_prompt(prompt, d_model: int, length: int | None = None, what: str = 'prompt'):
-    """Refuse a prompt that is not [P, d_model] (e.g. a Base prompt, 768 wide, on a Small model, 512 wide)."""
-    if prompt.ndim != 2 or prompt.shape[1] != d_model:
-        raise ValueError(f'{what} has shape {tuple(prompt.shape)}: width {prompt.shape[-1]} but the model has '
+    """Refuse a prompt that is not a finite float [P, d_model] (e.g. a Base prompt, 768 wide, on a Small model)."""
+    prompt = prompt if hasattr(prompt, 'dtype') else np.asarray(prompt)
+    shape = tuple(prompt.shape)
+    if len(shape) != 2:
+        raise ValueError(f'{what} has shape {shape}: a prompt is a 2-D array [P, D], and this model needs '
+                         f'D = d_model {d_model}; save one prompt [P, {d_model}] per .npy')
+    if shape[1] != d_model:
+        raise ValueError(f'{what} has shape {shape}: width {shape[1]} but the model has '
                          f'd_model {d_model}. Prompts transfer only between models of the same width; '
                          f'use a source prompt trained on a model of the same size')
-    if length is not None and prompt.shape[0] != length:
-        raise ValueError(f'{what} has {prompt.shape[0]} rows but PromptConfig.length is {length}: '
-                         f'pass --length={prompt.shape[0]}')
+    if length is not None and shape[0] != length:
+        raise ValueError(f'{what} has {shape[0]} rows but PromptConfig.length is {length}: '
+                         f'pass --length={shape[0]}')
+    if not jnp.issubdtype(prompt.dtype, jnp.floating):
+        raise ValueError(f'{what} has dtype {prompt.dtype}: a prompt holds real (float) values')
+    if not np.isfinite(np.asarray(prompt, np.float32)).all():
+        raise ValueError(f'{what} holds NaN or inf values: it comes from a diverged run; use an earlier prompt')
+
+
+def _token_rows(emb, ids, what):
+    """Embedding rows of token ids, float32 [n, D]; ids outside [0, V) are refused (jnp indexing would clamp)."""
+    ids = np.asarray(ids if ids is not None else [])
+    if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer) or not (
+            0 <= ids.min() and ids.max() < emb.shape[0]):
+        raise ValueError(f'{what}: expected a non-empty list of token ids in [0, {emb.shape[0]}), got {ids.tolist()}')
+    return jnp.asarray(emb[ids], jnp.float32)
 
 
 def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=None) -> jax.Array:
@@ -116,17 +152,25 @@ def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=N
     (class_labels); text_ids: token ids of the string (text); both without EOS."""
     cfg = PromptConfig(init=cfg) if isinstance(cfg, str) else cfg
     emb = params['token_embedder']['embedding']
-    P, D = cfg.length, emb.shape[1]
-    if cfg.init not in INITS:
-        raise ValueError(f'unknown prompt init {cfg.init!r}; known: {INITS}')
+    (V, D), P = emb.shape, cfg.length
     if cfg.init == 'file':                       # SPoT §2: the target prompt starts as the source prompt
         if not cfg.source:
             raise ValueError("init 'file' needs PromptConfig.source (CLI: --source-prompt PATH.npy)")
-        prompt = np.load(cfg.source)
+        try:
+            prompt = np.load(cfg.source)
+        except (ValueError, EOFError) as e:     # truncated, pickled, not a .npy at all
+            raise ValueError(f'cannot read source prompt {cfg.source} ({e}): expected a .npy of a float array '
+                             f'[{P}, {D}], as np.save writes it') from None
+        if not isinstance(prompt, np.ndarray):  # an .npz archive
+            prompt.close()
+            raise ValueError(f'source prompt {cfg.source} is an .npz archive; save the [{P}, {D}] prompt with np.save')
         check_prompt(prompt, D, P, what=f'source prompt {cfg.source}')
         return jnp.asarray(prompt, jnp.float32)
     if cfg.init == 'uniform':
         return jax.random.uniform(key, (P, D), jnp.float32, 0.0, cfg.uniform_scale)
+    if cfg.vocab_pool > V:                       # else jnp indexing would clamp ids >= V to the last row
+        raise ValueError(f'vocab_pool {cfg.vocab_pool} exceeds the model\'s vocabulary of {V} rows: '
+                         f'pass --vocab_pool={V} (or fewer)')
     if P > cfg.vocab_pool:
         raise ValueError(f'cannot sample {P} distinct rows from a pool of {cfg.vocab_pool} ids')
     # §2.1.4 / Lester et al. 2021: T5's SentencePiece ids are ordered by frequency, so ids < 5000 are the most common
@@ -134,15 +178,15 @@ def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=N
     ids = jax.random.choice(key, cfg.vocab_pool, (P,), replace=False)
     prompt = jnp.asarray(emb[ids], jnp.float32)
     if cfg.init == 'class_labels':               # App. C; Lester et al.: label i at position i, pieces mean-pooled
-        if not label_ids or len(label_ids) > P or not all(len(p) for p in label_ids):
-            raise ValueError(f'class_labels needs 1..{P} non-empty token-id lists, got {label_ids!r}')
-        rows = [jnp.asarray(emb[np.asarray(p)], jnp.float32).mean(0) for p in label_ids]
+        label_ids = [] if label_ids is None else list(label_ids)
+        if not 1 <= len(label_ids) <= P:
+            raise ValueError(f'class_labels needs the token ids of 1 to {P} labels (one per prompt row), got '
+                             f'{len(label_ids)} labels: use --length={max(len(label_ids), 1)} or more')
+        rows = [_token_rows(emb, p, f'class label {i}').mean(0) for i, p in enumerate(label_ids)]
         prompt = prompt.at[:len(rows)].set(jnp.stack(rows))
-    elif cfg.init == 'text':
-        if not text_ids:
-            raise ValueError('text init needs the token ids of PromptConfig.text')
-        n = min(len(text_ids), P)
-        prompt = prompt.at[:n].set(jnp.asarray(emb[np.asarray(text_ids[:n])], jnp.float32))
+    elif cfg.init == 'text':                     # a text longer than the prompt: its first P tokens
+        rows = _token_rows(emb, text_ids, 'text init (the token ids of PromptConfig.text, --text="...")')[:P]
+        prompt = prompt.at[:len(rows)].set(rows)
     return prompt
 
 
@@ -221,7 +265,7 @@ _MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,
 def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
     """A ('data', 'model') mesh over all devices: batch split over 'data', frozen weights over 'model'."""
     devices = np.asarray(jax.devices() if devices is None else devices)
-    if devices.size % model_parallel:
+    if model_parallel < 1 or devices.size % model_parallel:
         raise ValueError(f'{devices.size} devices cannot be split into model-parallel groups of {model_parallel}')
     return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
 
@@ -251,7 +295,8 @@ def shard_batch(mesh: Mesh | None, batch):
         return batch
     b = next(iter(batch.values())).shape[0]
     if b % mesh.shape['data']:
-        raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel devices")
+        raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel devices: "
+                         f"pick a --batch_size that is, or a larger --model-parallel")
     return jax.device_put(batch, NamedSharding(mesh, PartitionSpec('data')))
 
 
@@ -261,6 +306,13 @@ def replicate(mesh: Mesh | None, tree):
 
 
 # ----------------------------------------------------------------------------------------------- files
+def _json(obj, indent=1) -> bytes:
+    """JSON text of run metadata; numpy/jax scalars (an evaluator's np.float32 score) become Python numbers, anything
+    else JSON lacks (a Path) its str."""
+    return json.dumps(obj, indent=indent, default=lambda x: np.asarray(x).tolist()
+                      if isinstance(x, (np.ndarray, np.generic, jax.Array)) else str(x)).encode()
+
+
 def _atomic(path: Path, write):
     tmp = path.with_name(path.name + '.tmp')
     with open(tmp, 'wb') as f:
@@ -273,22 +325,29 @@ def _atomic(path: Path, write):
 def save_prompt(out: Path, name: str, prompt, info: dict):
     """out/name.npy (float32 [P,D], the format of Google's released prompts) + out/name.json (info)."""
     _atomic(out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
-    _atomic(out / f'{name}.json', lambda f: f.write(json.dumps(info, indent=1).encode()))
+    _atomic(out / f'{name}.json', lambda f: f.write(_json(info)))
 
 
 def save_checkpoint(path: Path, prompt, opt_state, state: dict):
     """Everything a resume needs: prompt, optimizer leaves, and state (step = data position; seed = RNG)."""
     leaves = {f'opt_{i}': np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))}
-    _atomic(path, lambda f: np.savez(f, prompt=np.asarray(prompt), state=np.array(json.dumps(state)), **leaves))
+    text = np.array(_json(state, None).decode())
+    _atomic(path, lambda f: np.savez(f, prompt=np.asarray(prompt), state=text, **leaves))
 
 
 def load_checkpoint(path: Path, optimizer):
-    """-> (prompt, opt_state, state) as saved by save_checkpoint."""
-    with np.load(path) as z:
-        prompt = jnp.asarray(z['prompt'])
-        tree = jax.tree_util.tree_structure(optimizer.init(prompt))
-        opt_state = jax.tree_util.tree_unflatten(tree, [jnp.asarray(z[f'opt_{i}']) for i in range(tree.num_leaves)])
-        return prompt, opt_state, json.loads(str(z['state']))
+    """-> (prompt, opt_state, state) as saved by save_checkpoint. A damaged file raises ValueError naming it."""
+    try:
+        with np.load(path) as z:
+            state, prompt = json.loads(str(z['state'])), jnp.asarray(z['prompt'])
+            like, tree = jax.tree_util.tree_flatten(optimizer.init(prompt))
+            leaves = [jnp.asarray(z[f'opt_{i}']) for i in range(len(like))]
+    except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:   # truncated, garbage, ...
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}): delete it to start the run '
+                         f'over (prompt.npy keeps the best prompt so far)') from None
+    if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in like]:
+        raise ValueError(f'{path}: its optimizer state does not fit this optimizer and its {prompt.shape} prompt')
+    return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -301,7 +360,8 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score, config). Without `evaluator` prompt.npy is
     the last prompt. The prompt after tc.embedding_step steps goes to prompt_step{N}.npy. checkpoint.npz (atomic)
     holds prompt, optimizer state, step (= data position), seed, best score; resume=True continues from it to the
-    same bits as an uninterrupted run. A non-finite loss raises FloatingPointError, leaving the last good checkpoint.
+    same bits as an uninterrupted run, and refuses a checkpoint of another model, prompt shape, `meta` (task, ...)
+    or TrainConfig. A non-finite loss or prompt raises FloatingPointError, leaving the last good checkpoint.
     Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
     """
     out = Path(out_dir)
@@ -310,32 +370,52 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     optimizer, ckpt = make_optimizer(tc), out / 'checkpoint.npz'
     prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
     opt_state = optimizer.init(prompt)
+    # What the run is (checkpoint 'run'): the model's architecture (not its name or dropout_rate, which the step
+    # overrides) and the caller's meta (CLI: model, task, init), as JSON reads them back.
+    run = json.loads(_json({'model': {k: v for k, v in dataclasses.asdict(cfg).items()
+                                      if k not in ('name', 'dropout_rate')}, 'meta': meta or {}}))
     state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
-             'config': dataclasses.asdict(tc)}
+             'config': dataclasses.asdict(tc), 'run': run}
     if resume and ckpt.exists():
+        shape = prompt.shape
         prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
         free = ('steps', 'log_every', 'eval_batch_size')            # change nothing a resumed run computes
         changed = {k: (v, getattr(tc, k)) for k, v in state['config'].items() if k not in free and getattr(tc, k) != v}
+        saved = state.get('run', run)                               # checkpoints before 'run' existed: unchecked
+        changed.update({f'{part}.{k}': (saved[part][k], v) for part in run for k, v in run[part].items()
+                        if k in saved.get(part, {}) and saved[part][k] != v})
+        if prompt.shape != shape:
+            changed['prompt shape'] = (tuple(prompt.shape), tuple(shape))
         if changed:
             raise ValueError(f'{ckpt} was written with other settings {changed} (saved, now); only {free} may '
-                             f'change on resume')
-        state['config'] = dataclasses.asdict(tc)
+                             f'change on resume: rerun the same command, or pick a new --out')
+        state.update(config=dataclasses.asdict(tc), run=run)
         log(f"resuming {ckpt} at step {state['step']} (best score {state['best_score']})")
+    elif resume:
+        log(f'no checkpoint {ckpt} to resume: starting at step 0')
     frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
     info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
     losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])     # rate window (evaluation excluded)
     data = batches(state['step'])
+
+    def stop(problem):
+        last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
+            'No checkpoint was written yet'
+        raise FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and model, '
+                                 f'then rerun (with --resume)')
+
     for step in range(state['step'], tc.steps):
         batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
         prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step), cfg,
                                              step_config(tc))
         loss, done = float(loss), step + 1
         if not math.isfinite(loss):
-            last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
-                'No checkpoint was written yet'
-            raise FloatingPointError(f'loss is {loss} at step {done}: stopping. {last}; lower --learning_rate or '
-                                     f'check the data and model, then rerun (with --resume)')
+            stop(f'loss is {loss} at step {done}')
         losses.append(loss)
+        evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
+        checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps
+        if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):   # a NaN/inf grad
+            stop(f'the prompt has NaN or inf values after step {done} (loss {loss})')
         if done % tc.log_every == 0 or done == tc.steps:
             rate = (done - n_log) / (time.perf_counter() - t_log)
             eta = int((tc.steps - done) / rate)
@@ -344,16 +424,16 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
             t_log, n_log = time.perf_counter(), done
         if done == tc.embedding_step:           # §3.2: the task embedding
             save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
-        evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
         if evaluated:                           # §2.1.4: keep the checkpoint with the best validation score
             metrics = evaluator(prompt)
-            log(f'step {done}  eval {json.dumps(metrics)}')
-            score = metrics['score'] if math.isfinite(metrics['score']) else -math.inf   # e.g. Pearson of constants
+            log(f'step {done}  eval {_json(metrics, None).decode()}')
+            score = float(metrics['score'])
+            score = score if math.isfinite(score) else -math.inf   # e.g. Pearson of constants
             if state['best_score'] is None or score > state['best_score']:
                 state.update(best_score=score, best_step=done)
                 save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
                                                     'metrics': metrics})
-        if evaluated or done % tc.checkpoint_every == 0 or done == tc.steps:
+        if checkpoint:
             state.update(step=done, data_position=done)
             save_checkpoint(ckpt, prompt, opt_state, state)
             t_log, n_log = time.perf_counter(), done
@@ -437,8 +517,11 @@ def main(argv=None):
     ev.add_argument('--prompt', required=True, help='.npy [P,D]')
     ev.add_argument('--split', default='validation')
     args, rest = p.parse_known_args(argv)
-    tc, rest = override(TrainConfig(), rest)
-    pc, rest = override(PromptConfig(), rest)
+    try:
+        tc, rest = override(TrainConfig(), rest)
+        pc, rest = override(PromptConfig(), rest)
+    except ValueError as e:                       # a mistyped or out-of-range --field=value
+        p.error(str(e))
     if rest:
         p.error(f'unrecognised {rest}: fields of TrainConfig/PromptConfig are set as --field=value')
 
@@ -452,7 +535,7 @@ def main(argv=None):
 def _setup(args, tc):
     import data
     cfg, frozen = load_model(args.model, tc.seed)
-    mesh = make_mesh(args.model_parallel) if jax.device_count() > 1 else None
+    mesh = make_mesh(args.model_parallel) if jax.device_count() > 1 or args.model_parallel != 1 else None
     return data, cfg, shard_params(mesh, frozen), data.load_vocab(args.vocab), mesh
 
 
@@ -465,10 +548,10 @@ def evaluate_cli(args, tc, pc):
 
 
 def train_cli(args, tc, pc):
-    data, cfg, frozen, vocab, mesh = _setup(args, tc)
-    tc = dataclasses.replace(tc, steps=args.steps or tc.steps)
+    tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)   # checked before loading
     pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
                              source=args.source_prompt or pc.source)
+    data, cfg, frozen, vocab, mesh = _setup(args, tc)
     task = data.get_task(args.task)
     if pc.init == 'class_labels' and not task.label_names:
         raise ValueError(f'{task.name} has no class labels: use --init text --text="..." (Lester: task words)')

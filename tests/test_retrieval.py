@@ -253,3 +253,54 @@ def test_bad_input_raises_clear_errors(tmp_path):
     (tmp_path / "x.json").write_text('{"run": 0}')
     with pytest.raises(ValueError, match="no 'task' field"):
         R.load_library(tmp_path)
+
+
+def test_non_finite_prompts_are_refused_not_ranked(tmp_path):
+    """Regression: a NaN prompt (a diverged run) got similarity NaN, and sorting with NaN keys put it second."""
+    library = [R.PromptEntry("a", E2), R.PromptEntry("diverged", np.full((2, 2), np.nan)), R.PromptEntry("b", -E2)]
+    with pytest.raises(ValueError, match=r"task 'diverged' \(in memory\): .*NaN or inf"):
+        R.rank_sources(E2, library)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        R.cosine_average_tokens([[np.inf, 0.0]], E2)
+    np.save(tmp_path / "diverged.npy", np.full((2, 2), np.nan))
+    with pytest.raises(ValueError, match=r"diverged\.npy holds NaN"):
+        R.load_library(tmp_path)
+    with pytest.raises(ValueError, match=r"task 'w' \(.*w\.npy\): prompts have different widths"):
+        R.rank_sources(E2, [R.PromptEntry("w", np.ones((1, 3)), path=tmp_path / "w.npy")])
+
+
+def test_library_files_with_numpy_metadata_and_damaged_files(tmp_path):
+    """Regressions: np.int64 / np.float32 / jax metadata raised TypeError after the .npy was written (an orphan whose
+    task became its file name); two task names with one file stem overwrote each other; a bad sidecar or .npy
+    raised without naming the file."""
+    import jax.numpy as jnp
+    R.save_to_library(tmp_path, jnp.asarray(E2), "a/b", run=np.int64(1), step=np.int64(10), score=np.float32(80.5))
+    (entry,) = R.load_library(tmp_path)
+    assert (entry.task, entry.run, entry.step, entry.score) == ("a/b", 1, 10, 80.5)
+    with pytest.raises(ValueError, match=r"task 'a/b', not 'a_b'"):
+        R.save_to_library(tmp_path, E2, "a_b", run=1, step=10)
+    np.testing.assert_array_equal(R.load_library(tmp_path)[0].prompt, E2)
+    (tmp_path / "a_b-run1-step10.json").write_text("{task: 1")
+    with pytest.raises(ValueError, match=r"cannot read .*a_b-run1-step10\.json"):
+        R.load_library(tmp_path)
+    (tmp_path / "a_b-run1-step10.json").unlink()
+    (tmp_path / "a_b-run1-step10.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ValueError, match=r"cannot read .*a_b-run1-step10\.npy"):
+        R.load_library(tmp_path)
+
+
+def test_lists_jax_arrays_and_ragged_inputs():
+    """Regressions: TOP-k weighted average of list prompts raised AttributeError; k=1.5 a TypeError; runs of unequal
+    count a numpy 'inhomogeneous shape' error; a target without baseline a bare KeyError."""
+    import jax.numpy as jnp
+    library = [R.PromptEntry("l", [[1.0, 0.0]]), R.PromptEntry("j", jnp.asarray([[0.0, 1.0]]))]
+    ranking = R.rank_sources(jnp.asarray(E2), library, "average_tokens")
+    assert [e.task for e, _ in ranking] == ["l", "j"]  # tie at 1/√2: library order
+    np.testing.assert_allclose(R.top_k_weighted_average(_ranking([0.5, 0.5], [[[1, 0]], jnp.asarray([[0.0, 1.0]])],
+                                                                 "ab"), 2), [[0.5, 0.5]])
+    with pytest.raises(ValueError, match="pick an integer"):
+        R.top_k(ranking, 1.5)
+    with pytest.raises(ValueError, match=r"same number of runs .*'A': \(2, 1\), 'B': \(1, 1\)"):
+        R.aggregate_targets({"A": [80, 90], "B": [70]}, {"A": 60, "B": 50})
+    with pytest.raises(ValueError, match=r"no baseline score for target\(s\) \['cb'\]"):
+        R.positive_transfers({"mnli": {"cb": 90.0}}, {"rte": 60.0})

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,6 +257,44 @@ def test_file_init_and_width_check(tmp_path):
         spot.init_prompt(None, table(), spot.PromptConfig(length=100, init='file', source=str(tmp_path / 'p.npy')))
 
 
+def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
+    """Regressions: jnp indexing clamps ids >= V, so a vocab_pool above the vocabulary made 18 of 20 sampled rows the
+    last row, and out-of-range label/text ids read the wrong rows; NaN, integer, 1-D, .npz and truncated source
+    files were accepted or failed with an unrelated message; labels as numpy arrays failed."""
+    params, small = table(), table(V=1024)
+    with pytest.raises(ValueError, match=r'vocab_pool 5000 exceeds .* 1024 rows: pass --vocab_pool=1024'):
+        spot.init_prompt(jax.random.key(0), small, spot.PromptConfig(length=20))
+    ids = row_ids(spot.init_prompt(jax.random.key(0), small, spot.PromptConfig(length=20, vocab_pool=1024)),
+                  small['token_embedder']['embedding'])
+    assert ids.min() >= 0 and len(set(ids)) == 20
+    labels = spot.PromptConfig(length=2, init='class_labels')
+    with pytest.raises(ValueError, match=r'class label 1: .* ids in \[0, 6000\), got \[6000\]'):
+        spot.init_prompt(jax.random.key(0), params, labels, label_ids=[[5], [6000]])
+    with pytest.raises(ValueError, match='got 3 labels: use --length=3 or more'):
+        spot.init_prompt(jax.random.key(0), params, labels, label_ids=[[1], [2], [3]])
+    with pytest.raises(ValueError, match='text init'):
+        spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=2, init='text'), text_ids=[-1])
+    emb = np.asarray(params['token_embedder']['embedding'])
+    prompt = spot.init_prompt(jax.random.key(0), params, labels, label_ids=np.array([[3, 4]]))
+    np.testing.assert_allclose(prompt[0], emb[[3, 4]].mean(0), rtol=1e-6)
+    longer = spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=2, init='text'),
+                              text_ids=np.array([9, 8, 7]))          # a text longer than P: its first P tokens
+    np.testing.assert_array_equal(longer, emb[[9, 8]])
+    for name, array, match in [('1d', np.zeros(4, np.float32), r'shape \(4,\): a prompt is a 2-D array .*d_model 4'),
+                               ('nan', np.full((P, 4), np.nan, np.float32), 'NaN or inf'),
+                               ('int', np.ones((P, 4), np.int32), 'dtype int32')]:
+        np.save(tmp_path / f'{name}.npy', array)
+        with pytest.raises(ValueError, match=match):
+            spot.init_prompt(None, params, spot.PromptConfig(length=P, init='file', source=f'{tmp_path}/{name}.npy'))
+    np.savez(tmp_path / 'p.npz', prompt=np.zeros((P, 4), np.float32))
+    (tmp_path / 'cut.npy').write_bytes((tmp_path / 'int.npy').read_bytes()[:90])
+    for name, match in [('p.npz', r'\.npz archive'), ('cut.npy', 'cannot read source prompt .*cut.npy')]:
+        with pytest.raises(ValueError, match=match):
+            spot.init_prompt(None, params, spot.PromptConfig(length=P, init='file', source=str(tmp_path / name)))
+    with pytest.raises(ValueError, match='length >= 1'):
+        spot.PromptConfig(length=0)
+
+
 @pytest.mark.parametrize('task', ['sst2', 'mrpc', 'rte'])
 def test_released_base_prompts_load_into_base_not_small(shared_data, task):
     path = shared_data / 'prompt_tuning_release' / 't5_1_1_lm100k_base' / f'{task}.npy'
@@ -330,6 +369,67 @@ def test_override_parses_and_type_checks():
     assert (tc.steps, tc.learning_rate, tc.eval_method, rest) == (30000, 1.0, 'rank', ['--x=1'])
     with pytest.raises(ValueError, match='TrainConfig.steps expects int, got float'):
         spot.override(tc, ['--steps=0.5'])
+    assert spot.override(spot.PromptConfig(), ['--text=1984'])[0].text == '1984'   # a str field keeps its text
+
+
+def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
+    """Regressions: eval_every/checkpoint_every/log_every 0 divided by zero after the first step, a mistyped
+    eval_method failed at the first evaluation (step 500), `--steps 0` trained for the default 2^18 steps,
+    make_mesh(0) divided by zero."""
+    for arg, problem in [('eval_every=0', 'eval_every=0'), ('checkpoint_every=0', 'checkpoint_every=0'),
+                         ('log_every=0', 'log_every=0'), ('batch_size=0', 'batch_size=0'),
+                         ('eval_method=ranks', "eval_method='ranks' (must be 'decode' or 'rank')")]:
+        with pytest.raises(ValueError, match=f'bad TrainConfig: {re.escape(problem)}'):
+            spot.override(spot.TrainConfig(), [f'--{arg}'])
+    common = ['train', '--model', 'tiny', '--task', 'mrpc', '--out', str(tmp_path)]
+    with pytest.raises(SystemExit):                                 # argparse usage error, no traceback
+        spot.main([*common, '--eval_every=0'])
+    assert 'eval_every=0 (must be >= 1)' in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r'steps=0 \(must be >= 1\)'):
+        spot.main([*common, '--steps', '0'])
+    with pytest.raises(ValueError, match='model-parallel groups of 0'):
+        spot.make_mesh(0)
+
+
+def test_resume_refuses_another_run_and_a_damaged_checkpoint(tmp_path, frozen):
+    """Regressions: resuming with another task, model or prompt length went on silently (a MRPC prompt kept training
+    on RTE); a truncated checkpoint.npz raised zipfile.BadZipFile; an evaluator's np.float32 score broke the JSON."""
+    meta, prompt = {'task': 'toy', 'model': 'tiny'}, spot.init_prompt(jax.random.key(1), frozen, PC)
+    numpy_score = lambda p: {'score': np.float32(evaluator(frozen)(p)['score'])}
+    spot.train_prompt(prompt, frozen, CFG, dataclasses.replace(TC, steps=1), synthetic_batches(), numpy_score,
+                      tmp_path, meta=meta, log=quiet)
+    assert json.loads((tmp_path / 'prompt.json').read_text())['step'] == 1
+
+    def resume(prompt=prompt, cfg=CFG, **changes):
+        return spot.train_prompt(prompt, frozen, cfg, TC, synthetic_batches(), None, tmp_path,
+                                 meta={**meta, **changes}, resume=True, log=quiet)
+    with pytest.raises(ValueError, match=r"'meta.task': \('toy', 'rte'\)"):
+        resume(task='rte')
+    with pytest.raises(ValueError, match=r"'model.d_kv': \(8, 4\), 'model.num_heads': \(2, 4\)"):
+        resume(cfg=dataclasses.replace(CFG, num_heads=4, d_kv=4))
+    with pytest.raises(ValueError, match=r"'prompt shape': \(\(8, 16\), \(10, 16\)\)"):
+        resume(prompt=jnp.zeros((10, CFG.d_model)))
+    ckpt = tmp_path / 'checkpoint.npz'
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r'checkpoint.npz is not a readable checkpoint \(BadZipFile'):
+        resume()
+
+
+def test_a_nan_prompt_after_a_finite_loss_is_never_saved(tmp_path, frozen, monkeypatch):
+    """A NaN/inf gradient can leave the loss finite and the prompt NaN (Adafactor: inf / sqrt(inf)). Regression: that
+    prompt became the 'last good' checkpoint, prompt.npy and prompt_step6.npy; the step-4 checkpoint must survive."""
+    real, calls = spot.train_step, []
+
+    def nan_at_step_6(*args):
+        prompt, opt_state, loss = real(*args)
+        calls.append(len(calls) + 1)
+        return (prompt * jnp.nan if calls[-1] == 6 else prompt), opt_state, loss
+    monkeypatch.setattr(spot, 'train_step', nan_at_step_6)
+    with pytest.raises(FloatingPointError, match=r'prompt has NaN or inf values after step 6 .*\(step 4\) is intact'):
+        run(tmp_path, frozen, synthetic_batches())
+    prompt, _, state = spot.load_checkpoint(tmp_path / 'checkpoint.npz', spot.make_optimizer(TC))
+    assert state['step'] == 4 and np.isfinite(np.asarray(prompt)).all()
+    assert np.isfinite(np.load(tmp_path / 'prompt.npy')).all() and not (tmp_path / 'prompt_step6.npy').exists()
 
 
 # ----------------------------------------------------------------------------------------------- sharding
@@ -358,6 +458,11 @@ def two_steps(mesh):
 _, _, p1, s1, l1 = two_steps(None)
 mesh = spot.make_mesh(model_parallel=2)
 f, b, p8, s8, l8 = two_steps(mesh)
+try:
+    spot.shard_batch(mesh, {k: v[:6] for k, v in batch.items()})
+    bad_batch = ''
+except ValueError as e:
+    bad_batch = str(e)
 diff = lambda x, y: max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
                         for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
 print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
@@ -365,7 +470,7 @@ print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
     "wo": str(f['encoder']['layers_0']['mlp']['wo']['kernel'].sharding.spec),
     "embedding": str(f['token_embedder']['embedding'].sharding.spec),
     "batch": str(b['inputs'].sharding.spec), "loss_diff": max(abs(u - v) for u, v in zip(l1, l8)),
-    "prompt_diff": diff(p1, p8), "opt_diff": diff(s1, s8), "moved": diff(p1, prompt0)}))
+    "prompt_diff": diff(p1, p8), "opt_diff": diff(s1, s8), "moved": diff(p1, prompt0), "bad_batch": bad_batch}))
 '''
 
 
@@ -392,6 +497,7 @@ def test_sharded_step_equals_single_device(sharded_run):
     assert "'model'" in r['query'] and "'model'" in r['wo'] and "'model'" in r['embedding'] and "'data'" in r['batch']
     assert r['moved'] > 0.1                       # the steps did something
     assert r['loss_diff'] < 1e-5 and r['prompt_diff'] < 1e-5 and r['opt_diff'] < 1e-5, r
+    assert 'batch size 6 is not divisible by the 4 data-parallel devices' in r['bad_batch']
 
 
 def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
