@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import re
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class T5Config:
     relative_attention_num_buckets: int = 32  # Raffel et al. 2020 §2.1
     relative_attention_max_distance: int = 128  # Raffel et al. 2020 §2.1
     gated_gelu: bool = True  # True: T5 1.1 gated-GELU FFN; False: T5 1.0 ReLU FFN
-    tie_word_embeddings: bool = False  # T5 1.0 ties the output layer to the embedding; T5 1.1 does not
+    tie_word_embeddings: bool = False  # T5 1.0: output layer = embedding, input rescaled by d_model^-0.5; 1.1: neither
     dropout_rate: float = 0.1  # Vu et al. 2022 §2.1.4 / PT runs/finetune.gin
     layer_norm_epsilon: float = 1e-6
     name: str = "google/t5-base-lm-adapt"
@@ -55,15 +56,20 @@ class T5Config:
 
     @classmethod
     def from_hf(cls, c):
-        """From a Hugging Face config.json dict."""
+        """From a Hugging Face config.json dict (model_type t5 or mt5)."""
+        if c.get("model_type", "t5") not in ("t5", "mt5"):
+            raise ValueError(f"config.json is for model_type={c['model_type']!r}, not T5: pass a T5 checkpoint")
+        missing = [k for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in c]
+        if missing:
+            raise ValueError(f"config.json has no {', '.join(missing)}: it is not a T5 config")
         act = c.get("feed_forward_proj", "relu")
         if act not in ("relu", "gated-gelu"):
             raise ValueError(f"feed_forward_proj={act!r} is not supported: only 'relu' (T5 1.0) and 'gated-gelu' (T5 1.1)")
-        tied = c.get("tie_word_embeddings", True)
-        if tied and c.get("scale_decoder_outputs") is False:
-            raise ValueError("config.json says tie_word_embeddings=true with scale_decoder_outputs=false: transformers 5.x "
-                             "writes this for a T5 1.1 built in memory, and no public checkpoint has it. Set "
-                             "tie_word_embeddings=false and save a distinct lm_head.weight.")
+        # T5 1.0 vs 1.1 output layer. Configs up to transformers 4.x say it with tie_word_embeddings; transformers 5.x
+        # writes tie_word_embeddings=true for every T5 (even a T5 1.1 it loaded and saves again, with its own
+        # lm_head.weight) and keeps the d_model^-0.5 rescaling, i.e. T5 1.0, in scale_decoder_outputs.
+        tied = c.get("scale_decoder_outputs")
+        tied = bool(c.get("tie_word_embeddings", True) if tied is None else tied)
         return cls(c.get("vocab_size", 32128), c["d_model"], c["d_kv"], c["d_ff"], c["num_heads"], c["num_layers"],
                    c.get("num_decoder_layers") or c["num_layers"], c.get("relative_attention_num_buckets", 32),
                    c.get("relative_attention_max_distance", 128), act == "gated-gelu", tied,
@@ -440,12 +446,25 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
 def _read_safetensors(path):
     """{name: np.ndarray (memory-mapped)} from a .safetensors file: u64 header size, JSON header, raw data.
     Read by hand because safetensors' numpy loader cannot return bfloat16."""
-    n = int(np.fromfile(path, dtype="<u8", count=1)[0])
-    with open(path, "rb") as f:
-        header = json.loads(f.read(8 + n)[8:])
+    size = path.stat().st_size
+    n = int(np.fromfile(path, dtype="<u8", count=1)[0]) if size >= 8 else 0
+    try:
+        if not 2 <= n <= size - 8:
+            raise ValueError(f"header length {n}")
+        with open(path, "rb") as f:
+            f.seek(8)
+            header = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+        end = 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
+        if end > size:
+            raise ValueError(f"{size} bytes, its header needs {end}")
+    except (ValueError, KeyError, TypeError) as e:  # a bad header: JSON/unicode errors are ValueErrors
+        raise ValueError(f"{path} is not a complete safetensors file ({e}): download it again") from None
+    unknown = {v["dtype"] for v in header.values()} - _ST_DTYPES.keys()
+    if unknown:
+        raise ValueError(f"{path} holds tensors of dtype {sorted(unknown)}: T5 weights are F32, F16 or BF16")
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
     return {k: data[v["data_offsets"][0]:v["data_offsets"][1]].view(_ST_DTYPES[v["dtype"]]).reshape(v["shape"])
-            for k, v in header.items() if k != "__metadata__"}
+            for k, v in header.items()}
 
 
 def _read_torch(path):
@@ -454,7 +473,8 @@ def _read_torch(path):
     except ImportError:
         raise ImportError(f"{path} is a PyTorch checkpoint: reading it needs torch (pip install torch), "
                           "or convert it to model.safetensors") from None
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    # mmap needs torch's zip format (torch >= 1.6); older pytorch_model.bin files are read into memory.
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in sd.items()}
 
 
@@ -462,10 +482,19 @@ def _read_tensors(d):
     for single, index, reader in (("model.safetensors", "model.safetensors.index.json", _read_safetensors),
                                   ("pytorch_model.bin", "pytorch_model.bin.index.json", _read_torch)):
         if (d / single).exists():
-            return reader(d / single)
-        if (d / index).exists():  # sharded: the index's weight_map names the file of every tensor
-            files = sorted(set(json.loads((d / index).read_text())["weight_map"].values()))
-            return {k: v for f in files for k, v in reader(d / f).items()}
+            files = [d / single]
+        elif (d / index).exists():  # sharded: the index's weight_map names the file of every tensor
+            files = [d / f for f in sorted(set(json.loads((d / index).read_text())["weight_map"].values()))]
+        else:
+            continue
+        for f in files:
+            if not f.exists():
+                raise FileNotFoundError(f"{d / index} names {f.name}, which is not in {d}: download the missing shard")
+            with open(f, "rb") as fh:  # `git clone` without git-lfs leaves small text pointer files
+                if fh.read(64).startswith(b"version https://git-lfs"):
+                    raise ValueError(f"{f} is a Git LFS pointer, not the weights: run `git lfs pull` in {d}, or pass "
+                                     "the hub id to load_checkpoint (it downloads with huggingface_hub)")
+        return {k: v for f in files for k, v in reader(f).items()}
     raise FileNotFoundError(f"no weights in {d}: expected model.safetensors, model.safetensors.index.json, "
                             "pytorch_model.bin or pytorch_model.bin.index.json")
 
@@ -474,11 +503,18 @@ def _resolve(path_or_hub_id):
     d = Path(path_or_hub_id).expanduser()
     if d.is_dir():
         return d
+    if d.is_file():
+        raise NotADirectoryError(f"{path_or_hub_id} is a file: pass the checkpoint directory that holds config.json "
+                                 f"and the weights ({d.parent})")
     if d.is_absolute() or path_or_hub_id.startswith(".") or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path_or_hub_id):
         raise FileNotFoundError(f"checkpoint directory {path_or_hub_id} does not exist")
     from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(path_or_hub_id, allow_patterns=["config.json", "*.safetensors", "*.bin", "*.index.json"]))
+    try:  # config.json and one copy of the weights: hub T5 repos often hold safetensors, .bin, TF and Flax copies
+        for weights in ("model*.safetensors*", "pytorch_model*.bin*"):
+            d = Path(snapshot_download(path_or_hub_id, allow_patterns=["config.json", weights]))
+            if any(d.glob(weights)):
+                break
+        return d
     except Exception as e:
         raise FileNotFoundError(f"{path_or_hub_id} is neither a local directory nor a downloadable hub model: {e}") from e
 
@@ -487,16 +523,33 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32):
     """A HF T5 checkpoint (local directory or hub id) -> (T5Config, params with T5X names, cast to dtype)."""
     d = _resolve(str(path_or_hub_id))
     if not (d / "config.json").exists():
-        raise FileNotFoundError(f"{d} has no config.json")
-    cfg = T5Config.from_hf(json.loads((d / "config.json").read_text()))
+        if (d / "checkpoint").is_file() or any(d.glob("checkpoint_*/checkpoint")):
+            raise FileNotFoundError(f"{d} is a T5X checkpoint (msgpack + zarr arrays); load_checkpoint reads "
+                                    "Hugging Face ones: pass the hub id of the same model (google/t5-base-lm-adapt is "
+                                    "T5X's t5_1_1_lm100k_base) or a directory with config.json and model.safetensors")
+        raise FileNotFoundError(f"{d} has no config.json: pass a Hugging Face T5 checkpoint directory (config.json + "
+                                "model.safetensors or pytorch_model.bin) or a hub id such as google/t5-base-lm-adapt")
+    try:
+        config = json.loads((d / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{d / 'config.json'} is not valid JSON ({e}): download it again") from None
+    cfg = T5Config.from_hf(config)
     tensors, want = _read_tensors(d), _expected_shapes(cfg)
     if "shared.weight" not in tensors:  # some exports keep only the per-stack copies of the embedding
         tensors.update({"shared.weight": tensors[k] for k in ("decoder.embed_tokens.weight", "encoder.embed_tokens.weight")
                         if k in tensors})
+    # Early HF conversions of the original T5 carry a relpos table for the first cross-attention that T5 never uses
+    # (cross-attention has no position bias; transformers issue #2334); transformers ignores it on load too.
+    tensors.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
     # Tied checkpoints may repeat the embedding under these names: drop copies that equal shared.weight.
     for name in ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"] + ["lm_head.weight"] * cfg.tie_word_embeddings:
         if name in tensors and "shared.weight" in tensors and np.array_equal(tensors[name], tensors["shared.weight"]):
             del tensors[name]
+    # transformers 5.x saves a T5 1.1 built in memory with its (unscaled) output layer tied to the embedding
+    # (tie_word_embeddings=true, scale_decoder_outputs=false) and no lm_head.weight: that layer is shared.weight.
+    if (not cfg.tie_word_embeddings and config.get("tie_word_embeddings", True) and "lm_head.weight" not in tensors
+            and "shared.weight" in tensors):
+        tensors["lm_head.weight"] = tensors["shared.weight"]
     names, flat, problems = hf_name_map(cfg), {}, []
     for name, path in names.items():
         if name not in tensors:

@@ -1,7 +1,9 @@
 """t5_model.py against the Hugging Face oracle (tiny random checkpoints written the way the hub has them),
 known answers (relative-position buckets, parameter counts) and properties (causality, padding, dropout)."""
 import dataclasses
+import fnmatch
 import json
+import re
 import shutil
 import sys
 
@@ -194,6 +196,83 @@ def test_pytorch_bin_without_torch_says_what_to_install(ckpt, tmp_path, monkeypa
         tm.load_checkpoint(tmp_path)
 
 
+def test_t5_1_1_saved_by_transformers_5_loads(lm_adapt_ckpt, tmp_path):
+    """transformers 5.x save_pretrained writes tie_word_embeddings=true for every T5 and marks T5 1.1 (no d_model^-0.5
+    rescaling) with scale_decoder_outputs=false: a hub T5 1.1 saved again keeps its lm_head.weight; one built in
+    memory has its head tied to the embedding and no lm_head.weight in the file. Both must load as HF runs them."""
+    d, hf = lm_adapt_ckpt
+    cfg, params = tm.load_checkpoint(d)
+    hf.save_pretrained(tmp_path / "resaved")
+    config = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["scale_decoder_outputs"] is False
+    cfg2, params2 = tm.load_checkpoint(tmp_path / "resaved")
+    assert cfg2 == dataclasses.replace(cfg, name=cfg2.name)
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+    torch.manual_seed(1)
+    mem = transformers.T5ForConditionalGeneration(transformers.T5Config(**TINY_HF, feed_forward_proj="gated-gelu"))
+    mem.eval().save_pretrained(tmp_path / "in_memory")
+    assert "lm_head.weight" not in tm._read_safetensors(tmp_path / "in_memory" / "model.safetensors")
+    cfg, params = tm.load_checkpoint(tmp_path / "in_memory")
+    ids, dec, _ = _batch()
+    with torch.no_grad():
+        ref = mem(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(),
+                  decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    ours = tm.forward(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32))
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=1e-5)
+
+
+def test_pre_zip_pytorch_bin_loads(lm_adapt_ckpt, tmp_path):
+    """pytorch_model.bin written by torch < 1.6 (no zip container) cannot be memory-mapped; it must still load."""
+    d, hf = lm_adapt_ckpt
+    _, params = tm.load_checkpoint(d)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    jax.tree.map(np.testing.assert_array_equal, tm.load_checkpoint(tmp_path)[1], params)
+
+
+def test_unused_cross_attention_relpos_table_is_ignored(tmp_path_factory, tmp_path):
+    """Early HF conversions of the original T5 models hold a relpos table for the first cross-attention, which T5
+    never uses (transformers issue #2334; transformers skips it on load)."""
+    d, _ = _checkpoint("t5_1_0", tmp_path_factory)
+    _, params = tm.load_checkpoint(d)
+    tensors = {k: torch.tensor(np.array(v)) for k, v in tm._read_safetensors(d / "model.safetensors").items()}
+    tensors["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = torch.randn(32, 4)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    jax.tree.map(np.testing.assert_array_equal, tm.load_checkpoint(tmp_path)[1], params)
+
+
+def test_hub_download_fetches_one_copy_of_the_weights(lm_adapt_ckpt, tmp_path, monkeypatch):
+    """Hub T5 repos often hold model.safetensors, pytorch_model.bin, TF and Flax copies of the same weights:
+    download the safetensors only, and the .bin only when there are none."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    d, hf = lm_adapt_ckpt
+    repo, fetched = tmp_path / "repo", []
+    repo.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(d / f, repo / f)
+    torch.save(hf.state_dict(), repo / "pytorch_model.bin")
+    (repo / "tf_model.h5").write_bytes(b"")
+
+    def snapshot_download(repo_id, allow_patterns):  # a stand-in for the hub: copies what the patterns ask for
+        snapshot = tmp_path / "cache" / repo_id
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns) and not (snapshot / f.name).exists():
+                shutil.copy(f, snapshot / f.name)
+                fetched.append(f.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    _, params = tm.load_checkpoint("google/tiny-t5")
+    assert sorted(fetched) == ["config.json", "model.safetensors"]
+    (repo / "model.safetensors").unlink()
+    _, from_bin = tm.load_checkpoint("google/tiny-pt-only-t5")
+    assert "pytorch_model.bin" in fetched and "tf_model.h5" not in fetched
+    jax.tree.map(np.testing.assert_array_equal, from_bin, params)
+
+
 def test_bfloat16_params_give_finite_logits_close_to_float32(lm_adapt_ckpt):
     d, _ = lm_adapt_ckpt
     ids, dec, prompt = _batch()
@@ -227,6 +306,37 @@ def test_missing_and_misshaped_tensors_are_named(ckpt, tmp_path):
     name = "encoder.block.0.layer.0.SelfAttention.q.weight"
     with pytest.raises(ValueError, match=rf"tensor {name} has shape \(31, 32\), expected \(32, 32\)"):
         tm.load_checkpoint(_copy_without(d, tmp_path / "shape", reshape=name))
+
+
+def test_wrong_and_broken_files_say_what_to_do(lm_adapt_ckpt, tmp_path):
+    d, _ = lm_adapt_ckpt
+    with pytest.raises(NotADirectoryError, match=f"is a file: pass the checkpoint directory .*{re.escape(f'({d})')}"):
+        tm.load_checkpoint(d / "model.safetensors")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(d / "config.json", broken / "config.json")
+    weights = (d / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[:len(weights) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match="not a complete safetensors file .*: download it again"):
+        tm.load_checkpoint(broken)
+    # `git clone` of a hub repo without git-lfs: a short text file (read as a header size, it asked for exabytes)
+    (broken / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    with pytest.raises(ValueError, match="is a Git LFS pointer, not the weights: run `git lfs pull`"):
+        tm.load_checkpoint(broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"shared.weight": "model-1.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="names model-1.safetensors, which is not in .*the missing shard"):
+        tm.load_checkpoint(broken)
+    (broken / "config.json").write_text(json.dumps(transformers.BartConfig(d_model=16).to_dict()))
+    with pytest.raises(ValueError, match="model_type='bart', not T5"):
+        tm.load_checkpoint(broken)
+
+
+def test_t5x_checkpoint_is_recognised(shared_data):
+    """The official SPoT code reads T5X checkpoints; ours reads HF ones and must say so, naming the HF equivalent."""
+    for path in (shared_data / "t5x_tiny_checkpoint", shared_data / "t5x_tiny_checkpoint" / "checkpoint_3"):
+        with pytest.raises(FileNotFoundError, match="is a T5X checkpoint .*google/t5-base-lm-adapt"):
+            tm.load_checkpoint(path)
 
 
 def test_nonexistent_path_and_unknown_names_raise():
@@ -304,12 +414,15 @@ def test_presets():
 def test_from_hf_reads_a_hub_config():
     c = transformers.T5Config(vocab_size=32100, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
                               feed_forward_proj="gated-gelu", tie_word_embeddings=False).to_dict()
-    c.pop("scale_decoder_outputs", None)
-    c["tie_word_embeddings"] = False
+    # transformers 5.x writes tie_word_embeddings=true for every T5; scale_decoder_outputs=false marks T5 1.1
+    assert c["tie_word_embeddings"] and c["scale_decoder_outputs"] is False
     cfg = tm.T5Config.from_hf(c)
     assert cfg == dataclasses.replace(tm.T5Config.from_name("google/t5-base-lm-adapt"), vocab_size=32100, name=cfg.name)
-    with pytest.raises(ValueError, match="scale_decoder_outputs=false"):
-        tm.T5Config.from_hf({**c, "tie_word_embeddings": True, "scale_decoder_outputs": False})
+    hub = {**{k: v for k, v in c.items() if k != "scale_decoder_outputs"}, "tie_word_embeddings": False}  # 4.x / hub
+    assert tm.T5Config.from_hf(hub) == cfg
+    assert tm.T5Config.from_hf({**c, "scale_decoder_outputs": True}).tie_word_embeddings
+    with pytest.raises(ValueError, match="no d_kv, num_heads: it is not a T5 config"):
+        tm.T5Config.from_hf({k: v for k, v in hub.items() if k not in ("d_kv", "num_heads")})
 
 
 # --------------------------------------------------------------------------------------------- properties
