@@ -75,11 +75,12 @@ class TrainConfig:
     eval_batch_size: int = 64
     eval_limit: int = 0              # evaluate on the first N validation examples only (0 = all: the paper)
     eval_method: str = 'decode'      # 'decode': T5 greedy decoding; 'rank': score every label (classification only)
+    sub_batches: int = 0             # execution only (train_step); 0 = auto: 4 on one CPU device, else 1
 
     def __post_init__(self):         # refuse now what would fail (or divide by zero) only after hours of training
         bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
             (1, ('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'eval_batch_size',
-                 'max_input_len')), (0, ('embedding_step', 'max_target_len', 'eval_limit'))) for f in names
+                 'max_input_len')), (0, ('embedding_step', 'max_target_len', 'eval_limit', 'sub_batches'))) for f in names
             if getattr(self, f) < lo]
         if self.eval_method not in ('decode', 'rank'):
             bad.append(f"eval_method={self.eval_method!r} (must be 'decode' or 'rank')")
@@ -227,7 +228,7 @@ def dropout_key(seed: int, step: int) -> jax.Array:
 # The TrainConfig fields the steps compute with. Callers pass step_config(tc) as the static `tc`, so runs that differ
 # in steps, seed, evaluation period, ... reuse one compiled step instead of recompiling (seconds each on CPU).
 _STEP_FIELDS = ('learning_rate', 'decay_rate', 'decay_offset', 'param_scale', 'weight_decay', 'clipping_threshold',
-                'z_loss', 'dropout')
+                'z_loss', 'dropout', 'sub_batches')
 
 
 def step_config(tc: TrainConfig) -> TrainConfig:
@@ -240,9 +241,28 @@ def train_step(prompt, opt_state, frozen, batch, key, cfg, tc: TrainConfig):
     """One prompt-tuning update. Only argument 0 (the prompt) is differentiated: no weight gradient is ever built,
     and `frozen` is a jit argument, not a constant baked into the program. Returns (prompt, opt_state, loss)."""
     cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)         # §2.1.4: dropout 0.1 while training
-    loss, grad = jax.value_and_grad(prompt_loss)(prompt, frozen, batch, cfg, key, tc.z_loss)
+    loss, grad = jax.value_and_grad(_sub_batch_loss)(prompt, frozen, batch, cfg, key, tc)
     updates, opt_state = make_optimizer(tc).update(grad, opt_state, prompt)
     return optax.apply_updates(prompt, updates), opt_state, loss
+
+
+def _sub_batch_loss(prompt, frozen, batch, cfg, key, tc: TrainConfig):
+    """prompt_loss of the batch, computed as k independent sub-batches (tc.sub_batches; rows i::k) whose mean losses
+    are weighted by their target-token counts: the same loss, gradient (to float rounding) and dropout masks (one key
+    per example) for every k. Execution only: XLA:CPU runs independent ops on different cores at once, so k = 4 keeps
+    2 cores busier (Base prompt step 6-11% faster; the jit compile takes twice as long). On accelerators k = 1."""
+    B = batch['targets'].shape[0]
+    k = tc.sub_batches or (4 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
+    k = math.gcd(k, B)
+    if k == 1:
+        return prompt_loss(prompt, frozen, batch, cfg, key, tc.z_loss)
+    keys, total, tokens = jax.random.split(key, B), 0.0, 0.0
+    for i in range(k):
+        sub = {name: batch[name][i::k] for name in ('inputs', 'targets')}
+        n = jnp.sum(sub['targets'] != t5_model.PAD_ID).astype(jnp.float32)
+        total += prompt_loss(prompt, frozen, sub, cfg, keys[i::k], tc.z_loss) * n
+        tokens += n
+    return total / jnp.maximum(tokens, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'tc'), donate_argnames=('params', 'opt_state'))

@@ -196,16 +196,17 @@ def _dropout(x, site, seed, rate, mask_shape=None):
     broadcast_dims=(-2,); flaxformer MlpBlock's hidden dropout "Broadcast along length", like T5's). HF T5 draws
     every element instead: mask_shape=x.shape.
 
-    keep = mix32(element index XOR mix32(seed XOR crc32(site))) >= rate * 2^32: a counter-based hash, so the mask is
-    a pure function of the dropout key (resumable runs), yet it costs a few integer ops per element, where a threefry
-    mask per site (~20 rounds, and one more RNG kernel to compile per site) made the prompt step slower than PyTorch
-    PEFT on CPU (shared/bench/README.md). `seed` is one jax.random.bits draw per call (_drop_fn).
+    keep = mix32(index within the example XOR mix32(seed_b XOR crc32(site))) >= rate * 2^32: a counter-based hash, so
+    the mask is a pure function of the dropout key (resumable runs), yet it costs a few integer ops per element, where
+    a threefry mask per site (~20 rounds, and one more RNG kernel to compile per site) made the prompt step slower than
+    PyTorch PEFT on CPU (shared/bench/README.md). `seed` [B] holds one uint32 per example (_drop_fn), so an example's
+    masks do not depend on which batch or sub-batch it is in.
     """
     if seed is None or rate == 0.0:
         return x
     shape = (*x.shape[:-2], 1, x.shape[-1]) if mask_shape is None else tuple(mask_shape)
-    site_seed = _mix32(seed ^ jnp.uint32(zlib.crc32(site.encode())))
-    h = _mix32(jax.lax.iota(jnp.uint32, int(np.prod(shape))).reshape(shape) ^ site_seed)
+    site_seed = _mix32(seed ^ jnp.uint32(zlib.crc32(site.encode()))).reshape(-1, *[1] * (len(shape) - 1))
+    h = _mix32(jax.lax.iota(jnp.uint32, int(np.prod(shape[1:]))).reshape(1, *shape[1:]) ^ site_seed)
     keep = h >= jnp.uint32(round(rate * 2 ** 32))  # P(keep) = 1 - rate to within 2^-32
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
@@ -273,8 +274,16 @@ def _embed(params, ids):
     return jnp.take(params["token_embedder"]["embedding"], ids, axis=0)  # T5 does not scale embeddings by sqrt(D)
 
 
-def _drop_fn(cfg, dropout_key):
-    seed = None if dropout_key is None else jax.random.bits(dropout_key, dtype=jnp.uint32)
+def _drop_fn(cfg, dropout_key, batch_size):
+    """dropout_key: None (no dropout), a PRNG key, or [B] keys, one per example (a key k means split(k, B))."""
+    if dropout_key is None:
+        return functools.partial(_dropout, seed=None, rate=cfg.dropout_rate)
+    keys = dropout_key if jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key) else \
+        jax.random.wrap_key_data(dropout_key)               # a raw uint32 PRNGKey
+    keys = jax.random.split(keys, batch_size) if keys.ndim == 0 else keys
+    if keys.shape != (batch_size,):
+        raise ValueError(f"dropout_key must be one key or {batch_size} keys (one per example), got shape {keys.shape}")
+    seed = jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
     return functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
 
 
@@ -290,7 +299,7 @@ def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
         # Lester et al. 2021 §2: the encoder reads [P_e; X_e]; prompt positions are never masked.
         x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x.dtype), (B, P, cfg.d_model)), x], axis=1)
         mask = jnp.concatenate([jnp.ones((B, P), bool), mask], axis=1)
-    drop = _drop_fn(cfg, dropout_key)
+    drop = _drop_fn(cfg, dropout_key, input_ids.shape[0])
     x = drop(x, "encoder/embedding")  # the prompt is added before the input dropout (NOTES.md §7.3)
     enc = params["encoder"]
     bias = relpos_bias(enc["relpos_bias"]["rel_embedding"], x.shape[1], x.shape[1], True, cfg)
@@ -339,7 +348,7 @@ def _cross_kv(params, cfg, encoded):
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def decode(params, cfg, encoded, encoder_mask, decoder_input_ids, dropout_key=None):
     """encoded [B,S,D], encoder_mask [B,S], decoder_input_ids [B,T] -> logits [B,T,V] float32."""
-    drop, dec, T = _drop_fn(cfg, dropout_key), params["decoder"], decoder_input_ids.shape[1]
+    drop, dec, T = _drop_fn(cfg, dropout_key, encoded.shape[0]), params["decoder"], decoder_input_ids.shape[1]
     x = drop(_embed(params, decoder_input_ids), "decoder/embedding")
     causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
     self_bias = relpos_bias(dec["relpos_bias"]["rel_embedding"], T, T, False, cfg) + jnp.where(causal, 0.0, NEG_INF)
@@ -353,7 +362,8 @@ def decode(params, cfg, encoded, encoder_mask, decoder_input_ids, dropout_key=No
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def forward(params, cfg, input_ids, decoder_input_ids, prompt=None, dropout_key=None):
     """input_ids [B,S], decoder_input_ids [B,T], prompt [P,D] or None -> logits [B,T,V] float32.
-    dropout_key None = evaluation; a PRNG key = training with cfg.dropout_rate (sites are named, so one key serves)."""
+    dropout_key None = evaluation; a PRNG key (or [B] keys, one per example) = training with
+    cfg.dropout_rate (sites are named, so one key serves)."""
     encoded, mask = encode(params, cfg, input_ids, prompt, dropout_key)
     return decode(params, cfg, encoded, mask, decoder_input_ids, dropout_key)
 
@@ -383,7 +393,7 @@ def greedy_decode(params, cfg, input_ids, prompt=None, max_len=16):
     cross_kv, cross_bias = _cross_kv(params, cfg, encoded), jnp.where(mask, 0.0, NEG_INF)[:, None, None, :]
     causal = jnp.arange(max_len)[None, :] <= jnp.arange(max_len)[:, None]
     self_bias = relpos_bias(dec["relpos_bias"]["rel_embedding"], max_len, max_len, False, cfg) + jnp.where(causal, 0.0, NEG_INF)
-    no_drop = _drop_fn(cfg, None)
+    no_drop = _drop_fn(cfg, None, input_ids.shape[0])
 
     def step(state):
         t, token, caches, out, done = state

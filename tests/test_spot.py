@@ -88,6 +88,20 @@ def test_gradient_is_the_prompt_only_and_frozen_is_an_argument(frozen):
     assert not big_consts, 'frozen weights were captured as constants of the step'
 
 
+def test_sub_batches_change_nothing_but_the_schedule(frozen):
+    """train_step's sub-batches (execution only) give the loss, gradient and dropout masks of the whole batch."""
+    prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
+    batch = {k: jnp.asarray(v) for k, v in EVAL_BATCH.items()}
+    batch['targets'] = batch['targets'].at[0, 1:].set(0)                      # unequal token counts per row
+    cfg, key = dataclasses.replace(CFG, dropout_rate=0.1), spot.dropout_key(0, 5)
+    ref = jax.value_and_grad(spot.prompt_loss)(prompt, frozen, batch, cfg, key)
+    for k in (1, 2, B):
+        loss, grad = jax.value_and_grad(spot._sub_batch_loss)(prompt, frozen, batch, cfg, key,
+                                                               dataclasses.replace(TC, sub_batches=k))
+        np.testing.assert_allclose(loss, ref[0], rtol=1e-6)
+        np.testing.assert_allclose(grad, ref[1], atol=1e-6 * float(jnp.abs(ref[1]).max()))
+
+
 @pytest.fixture(scope='module')
 def twenty_steps(frozen):
     """20 steps from the same start, twice in this process: (frozen before, run 1, run 2), each run a dict of the

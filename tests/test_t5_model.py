@@ -444,12 +444,19 @@ def test_dropout_is_a_pure_function_of_the_key(tiny):
     assert not np.allclose(a, tm.forward(params, cfg, ids, dec, None, jax.random.key(2)))
     assert not np.allclose(a, tm.forward(params, cfg, ids, dec))
     x = jnp.ones((40, 3, 5000))                             # [B, L, D]
-    y = tm._dropout(x, "site", jnp.uint32(7), 0.1)
+    seeds = jax.random.bits(jax.random.key(7), (40,), jnp.uint32)  # one per example, as _drop_fn draws them
+    y = tm._dropout(x, "site", seeds, 0.1)
     np.testing.assert_array_equal(y, jnp.broadcast_to(y[:, :1], y.shape))  # T5: one mask per (batch, feature) ...
     assert not np.array_equal(y[0, 0], y[1, 0])                            # ... drawn anew for each example
     assert abs(float(jnp.mean(y == 0)) - 0.1) < 0.005  # 200k draws: 5 standard deviations
     np.testing.assert_allclose(jnp.unique(y), [0.0, 1 / 0.9], rtol=1e-6)  # inverted dropout keeps the mean
-    other = tm._dropout(x, "another site", jnp.uint32(7), 0.1)
+    other = tm._dropout(x, "another site", seeds, 0.1)
     assert abs(float(jnp.mean((y == 0) & (other == 0))) - 0.01) < 0.002  # sites draw independent masks
-    per_element = tm._dropout(x, "site", jnp.uint32(7), 0.1, mask_shape=x.shape)
+    per_element = tm._dropout(x, "site", seeds, 0.1, mask_shape=x.shape)
     assert abs(float(jnp.mean(per_element == 0)) - 0.1) < 0.005 and not np.array_equal(per_element[:, 0], per_element[:, 1])
+    # An example's masks depend on its own key only, not on the batch around it (train_step's sub-batches rely on it).
+    keys = jax.random.split(jax.random.key(3), 2)
+    ids2, dec2 = jnp.concatenate([ids, ids + 2]), jnp.concatenate([dec, dec])
+    both = tm.forward(params, cfg, ids2, dec2, None, keys)
+    np.testing.assert_allclose(tm.forward(params, cfg, ids2[1:], dec2[1:], None, keys[1:]), both[1:], atol=1e-6)
+    np.testing.assert_array_equal(tm.forward(params, cfg, ids2, dec2, None, jax.random.key(3)), both)  # key = split
