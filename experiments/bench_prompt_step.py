@@ -65,14 +65,14 @@ def random_params(cfg, seed=0, dtype=jnp.float32):
     return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(draw(path, s), dtype), shapes)
 
 
-VARIANTS = {'dropout0': dict(dropout=0.0), 'forward': dict(mode='forward')}
+VARIANTS = {'dropout0': dict(dropout=0.0), 'one_batch': dict(sub_batches=1), 'forward': dict(mode='forward')}
 
 
 class Ours:
     """A compiled spot.train_step (or a variant) on one shape, with its own prompt/optimizer state."""
 
-    def __init__(self, cfg, frozen, batch, tc, mode='step', dropout=None):
-        tc = tc if dropout is None else dataclasses.replace(tc, dropout=dropout)
+    def __init__(self, cfg, frozen, batch, tc, mode='step', **overrides):   # TrainConfig fields, e.g. dropout=0.0
+        tc = dataclasses.replace(tc, **overrides)
         self.frozen, self.batch, self.tc, self.step = frozen, batch, tc, 0
         self.prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
         self.opt_state = spot.make_optimizer(tc).init(self.prompt)
