@@ -75,7 +75,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     eval_limit: int = 0              # evaluate on the first N validation examples only (0 = all: the paper)
     eval_method: str = 'decode'      # 'decode': T5 greedy decoding; 'rank': score every label (classification only)
-    sub_batches: int = 0             # execution only (train_step); 0 = auto: 4 on one CPU device, else 1
+    sub_batches: int = 0             # execution only (train_step); 0 = auto: 2 on one CPU device, else 1
 
     def __post_init__(self):         # refuse now what would fail (or divide by zero) only after hours of training
         bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
@@ -249,10 +249,10 @@ def train_step(prompt, opt_state, frozen, batch, key, cfg, tc: TrainConfig):
 def _sub_batch_loss(prompt, frozen, batch, cfg, key, tc: TrainConfig):
     """prompt_loss of the batch, computed as k independent sub-batches (tc.sub_batches; rows i::k) whose mean losses
     are weighted by their target-token counts: the same loss, gradient (to float rounding) and dropout masks (one key
-    per example) for every k. Execution only: XLA:CPU runs independent ops on different cores at once, so k = 4 keeps
-    2 cores busier (Base prompt step 6-11% faster; the jit compile takes twice as long). On accelerators k = 1."""
+    per example) for every k. Execution only: XLA:CPU runs independent ops on different cores at once, so k = 2 keeps
+    2 cores busier (README, Speed: k = 4 was no faster and compiled longer). On accelerators k = 1."""
     B = batch['targets'].shape[0]
-    k = tc.sub_batches or (4 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
+    k = tc.sub_batches or (2 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
     k = math.gcd(k, B)
     if k == 1:
         return prompt_loss(prompt, frozen, batch, cfg, key, tc.z_loss)
