@@ -191,6 +191,12 @@ class Task:
     adapt: Callable | None = None                # raw record -> list of flat examples
     target_len: int = 8                          # official PT demo scripts: targets 8 (NOTES.md §1)
 
+    @property
+    def output_labels(self):
+        """The label strings the model learns to output (rank classification, class_labels init), or None. WSC has
+        label names too, but only to read the files' True/False labels: its target is the referent's text."""
+        return self.label_names if self.kind in ("class", "multirc") else None
+
 
 def _glue_task(name, folder, layout, names, metrics=("accuracy",), fields=None, kind="class", files=None, **kw):
     files = files or {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}

@@ -326,11 +326,21 @@ def replicate(mesh: Mesh | None, tree):
 
 
 # ----------------------------------------------------------------------------------------------- files
-def _json(obj, indent=1) -> bytes:
-    """JSON text of run metadata; numpy/jax scalars (an evaluator's np.float32 score) become Python numbers, anything
-    else JSON lacks (a Path) its str."""
-    return json.dumps(obj, indent=indent, default=lambda x: np.asarray(x).tolist()
-                      if isinstance(x, (np.ndarray, np.generic, jax.Array)) else str(x)).encode()
+def _json(obj, indent=1, strict=True) -> bytes:
+    """JSON text of run metadata. numpy/jax scalars and arrays (an evaluator's np.float32 score) become Python
+    numbers, anything else JSON lacks (a Path) its str. strict: NaN/inf (Pearson of constant predictions) -> null,
+    so jq or JavaScript read prompt.json; the checkpoint keeps them (strict=False) to resume to the same bits."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+            return plain(np.asarray(x).tolist())
+        if isinstance(x, float):
+            return None if strict and not math.isfinite(x) else x
+        return x if x is None or isinstance(x, (str, int, bool)) else str(x)
+    return json.dumps(plain(obj), indent=indent, allow_nan=not strict).encode()
 
 
 def _atomic(path: Path, write):
@@ -351,7 +361,7 @@ def save_prompt(out: Path, name: str, prompt, info: dict):
 def save_checkpoint(path: Path, prompt, opt_state, state: dict):
     """Everything a resume needs: prompt, optimizer leaves, and state (step = data position; seed = RNG)."""
     leaves = {f'opt_{i}': np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))}
-    text = np.array(_json(state, None).decode())
+    text = np.array(_json(state, None, strict=False).decode())
     _atomic(path, lambda f: np.savez(f, prompt=np.asarray(prompt), state=text, **leaves))
 
 
@@ -424,6 +434,19 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
         raise FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and model, '
                                  f'then rerun (with --resume)')
 
+    def keep_best(prompt, done):                # §2.1.4: keep the checkpoint with the best validation score
+        metrics = evaluator(prompt)
+        log(f'step {done}  eval {_json(metrics, None).decode()}')
+        score = float(metrics['score'])
+        score = score if math.isfinite(score) else -math.inf   # e.g. Pearson of constants
+        if state['best_score'] is None or score > state['best_score']:
+            state.update(best_score=score, best_step=done)
+            save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'], 'metrics': metrics})
+        state['eval_pending'] = False
+        save_checkpoint(ckpt, prompt, opt_state, state)        # with this evaluation's best score
+
+    if state.get('eval_pending') and evaluator is not None:    # interrupted during the evaluation of state['step']
+        keep_best(prompt, state['step'])
     for step in range(state['step'], tc.steps):
         batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
         prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step), cfg,
@@ -444,18 +467,12 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
             t_log, n_log = time.perf_counter(), done
         if done == tc.embedding_step:           # §3.2: the task embedding
             save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
-        if evaluated:                           # §2.1.4: keep the checkpoint with the best validation score
-            metrics = evaluator(prompt)
-            log(f'step {done}  eval {_json(metrics, None).decode()}')
-            score = float(metrics['score'])
-            score = score if math.isfinite(score) else -math.inf   # e.g. Pearson of constants
-            if state['best_score'] is None or score > state['best_score']:
-                state.update(best_score=score, best_step=done)
-                save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
-                                                    'metrics': metrics})
-        if checkpoint:
-            state.update(step=done, data_position=done)
+        if checkpoint:                          # before evaluating: an evaluator that fails loses no training
+            state.update(step=done, data_position=done, eval_pending=evaluated)
             save_checkpoint(ckpt, prompt, opt_state, state)
+        if evaluated:
+            keep_best(prompt, done)
+        if checkpoint:
             t_log, n_log = time.perf_counter(), done
     if evaluator is None and state['step'] == tc.steps:
         save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
@@ -500,9 +517,12 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
     T = tc.max_target_len or task.target_len
     inputs = data.tokenize(vocab, data.text_pairs(task_name, examples), tc.max_input_len, T)['inputs']
     data.score(task_name, examples[:1], [''])   # fails now, not at the first evaluation, if a metric cannot run
+    if tc.eval_method == 'rank' and not task.output_labels:
+        raise ValueError(f"eval method 'rank' needs a classification task with label names; {task.name}'s targets "
+                         f"are not a fixed set of label strings: use --eval_method=decode")
 
     def run(prompt):
-        preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.label_names,
+        preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.output_labels,
                          max_target_len=T, batch_size=tc.eval_batch_size)
         return data.score(task_name, examples, preds)
     return run
@@ -573,9 +593,9 @@ def train_cli(args, tc, pc):
                              source=args.source_prompt or pc.source)
     data, cfg, frozen, vocab, mesh = _setup(args, tc)
     task = data.get_task(args.task)
-    if pc.init == 'class_labels' and not task.label_names:
+    if pc.init == 'class_labels' and not task.output_labels:
         raise ValueError(f'{task.name} has no class labels: use --init text --text="..." (Lester: task words)')
-    labels = [list(vocab.encode(x)) for x in task.label_names] if pc.init == 'class_labels' else None
+    labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
     text = list(vocab.encode(pc.text)) if pc.text else None
     prompt = init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text)
     examples = data.load_examples(args.task, 'train', args.data)

@@ -108,10 +108,10 @@ def load_task(name, args, tc, model=None):
     inputs = data.tokenize(vocab, data.text_pairs(name, val), tc.max_input_len, T)["inputs"]
 
     def evaluate(params, cfg, prompt=None):
-        preds = spot.evaluate(params, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.label_names,
+        preds = spot.evaluate(params, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.output_labels,
                               max_target_len=T, batch_size=tc.eval_batch_size)
         return data.score(name, val, preds)
-    labels = [list(vocab.encode(x)) for x in task.label_names] if task.label_names else None
+    labels = [list(vocab.encode(x)) for x in task.output_labels] if task.output_labels else None
     return TaskData(task.name, arrays, evaluate, labels)
 
 

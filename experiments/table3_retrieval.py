@@ -46,7 +46,9 @@ def main(argv=None):
     t6 = json.loads(path.read_text())
     sources, targets, seeds, runs = (t6["config"][k] for k in ("sources", "targets", "seeds", "runs"))
     args.seeds = seeds  # one target-embedding run per Table 6 seed
-    runs, (e_src, e_tgt) = Path(runs), (common.embedding_step(t6["config"]["steps"][k]) for k in ("source", "target"))
+    # Table 6's runs under this --out (the JSON's path may be relative to another working directory, or moved).
+    runs = args.runs / "table6" if (args.runs / "table6").is_dir() else Path(runs)
+    e_src, e_tgt = (common.embedding_step(t6["config"]["steps"][k]) for k in ("source", "target"))
     score = {(r["source"], r["seed"], r["task"]): r["score"] for r in t6["results"] if r["method"] == "SPoT"}
     baseline = {t: [r["score"] for r in sorted(t6["results"], key=lambda r: r["seed"])
                     if r["method"] == "BASELINE" and r["task"] == t] for t in targets}

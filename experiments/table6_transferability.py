@@ -82,7 +82,7 @@ def main(argv=None):
     except ImportError as e:
         print(f"Fig. 3 skipped ({e}): pip install -e '.[plots]'")
     config = {"model": args.model, "sources": list(sources), "targets": list(targets), "seeds": args.seeds,
-              "steps": steps, "runs": str(runs), "train": dataclasses.asdict(args.train)}
+              "steps": steps, "runs": str(runs.resolve()), "train": dataclasses.asdict(args.train)}
     return common.finish(args, "table6_transferability", config, records, summary, paper_rows("table6_transferability"))
 
 

@@ -594,3 +594,17 @@ def test_bleu_and_rouge_by_hand():
                       [ref, "the cat sat"])
     assert xsum["rouge1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
     assert xsum["score"] == pytest.approx((xsum["rouge1"] + xsum["rouge2"] + xsum["rougeLsum"]) / 3)
+
+
+def test_output_labels_are_the_strings_the_model_is_trained_to_write():
+    """Rank classification and the class_labels init use output_labels: the target strings of classification tasks.
+    WSC has label names only to read its files' True/False labels; its target is the referent (span1_text)."""
+    assert data.get_task("wsc").label_names == ("False", "True") and data.get_task("wsc").output_labels is None
+    assert data.get_task("boolq").output_labels == ("False", "True")
+    assert data.get_task("multirc").output_labels == ("False", "True")
+    assert data.get_task("stsb").output_labels is None and data.get_task("record").output_labels is None
+    ex = {"text": "Mark told Pete many lies about himself, which Pete included in his book. He should have been "
+                  "more skeptical.", "span1_index": 2, "span2_index": 17, "span1_text": "Pete",
+          "span2_text": "He", "label": 1, "idx": 0}
+    target = data.get_task("wsc").preprocess(ex)["targets"]
+    assert target == "Pete" and target not in data.get_task("wsc").label_names

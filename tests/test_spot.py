@@ -353,6 +353,39 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, frozen):
     assert 'resuming' in lines[0]
 
 
+def test_a_failing_evaluation_loses_no_training_and_resume_redoes_it(tmp_path, frozen):
+    full = run(tmp_path / 'full', frozen, synthetic_batches())
+    good, calls = evaluator(frozen), []
+
+    def flaky(prompt):                          # e.g. out of memory in the evaluation at step 8
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError('evaluation ran out of memory')
+        return good(prompt)
+    with pytest.raises(MemoryError):
+        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC, synthetic_batches(), flaky,
+                          tmp_path / 'cut', log=quiet)
+    _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC))
+    assert state['step'] == 8 and state['eval_pending']           # the 8 steps are saved, their evaluation is not
+    resumed = run(tmp_path / 'cut', frozen, synthetic_batches(), resume=True)   # evaluates step 8 first
+    assert (resumed['best_step'], resumed['best_score']) == (full['best_step'], full['best_score'])
+    for name in ('prompt.npy', 'checkpoint.npz'):
+        a, b = (np.load(d / name) for d in (tmp_path / 'full', tmp_path / 'cut'))
+        for k in (a.files if name.endswith('.npz') else [None]):
+            assert (a[k] if k else a).tobytes() == (b[k] if k else b).tobytes(), (name, k)
+
+
+def test_prompt_json_is_strict_json_when_the_score_is_nan(tmp_path, frozen):
+    nan_eval = lambda prompt: {'score': np.float32('nan'), 'pearson': float('nan')}   # constant predictions
+    spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG,
+                      dataclasses.replace(TC, steps=4), synthetic_batches(), nan_eval, tmp_path, log=quiet)
+
+    def refuse(name):
+        raise ValueError(f'{name} in prompt.json')
+    info = json.loads((tmp_path / 'prompt.json').read_text(), parse_constant=refuse)
+    assert info['score'] is None and info['metrics'] == {'score': None, 'pearson': None} and info['step'] == 4
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, frozen):
     emb = np.array(frozen['token_embedder']['embedding'])
     emb[POISON] = np.nan
@@ -530,6 +563,11 @@ def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
                '--eval_batch_size=8'])
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= scores['accuracy'] <= 100
+    for task, folder in (('stsb', 'glue'), ('wsc', 'superglue')):  # targets: a number; the referent's words
+        with pytest.raises(SystemExit, match="'rank' needs a classification task"):     # refused before training
+            spot.main(['train', '--model', 'tiny', '--task', task, '--data', str(shared_data / folder), *common[6:],
+                       '--steps', '2', '--out', str(tmp_path / task), '--eval_method=rank', *small])
+        assert not (tmp_path / task / 'checkpoint.npz').exists()
     with pytest.raises(SystemExit, match='unknown task'):
         spot.main(['train', *common[:3], 'no_such_task', *common[4:], '--steps', '1', '--out', str(tmp_path / 'x')])
     with pytest.raises(SystemExit, match='d_model'):            # a prompt of the wrong width, from the CLI
