@@ -391,7 +391,8 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     the last prompt. The prompt after tc.embedding_step steps goes to prompt_step{N}.npy. checkpoint.npz (atomic)
     holds prompt, optimizer state, step (= data position), seed, best score; resume=True continues from it to the
     same bits as an uninterrupted run, and refuses a checkpoint of another model, prompt shape, `meta` (task, ...)
-    or TrainConfig. A non-finite loss or prompt raises FloatingPointError, leaving the last good checkpoint.
+    or TrainConfig; without resume an existing checkpoint is refused, never overwritten. A non-finite loss or prompt
+    raises FloatingPointError, leaving the last good checkpoint.
     Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
     """
     out = Path(out_dir)
@@ -423,6 +424,9 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
         log(f"resuming {ckpt} at step {state['step']} (best score {state['best_score']})")
     elif resume:
         log(f'no checkpoint {ckpt} to resume: starting at step 0')
+    elif ckpt.exists():                         # starting over would overwrite it at the first checkpoint
+        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume (resume=True), or pick '
+                              f'a new --out, or delete the folder to start over')
     frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
     info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
     losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])     # rate window (evaluation excluded)

@@ -351,6 +351,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, frozen):
     assert info['config']['train']['steps'] == 12 and np.load(tmp_path / 'full' / 'prompt.npy').dtype == np.float32
     assert not list((tmp_path / 'cut').glob('*.tmp'))
     assert 'resuming' in lines[0]
+    before = (tmp_path / 'cut' / 'checkpoint.npz').read_bytes()
+    with pytest.raises(FileExistsError, match='--resume'):        # the same command without resume: refused
+        run(tmp_path / 'cut', frozen, synthetic_batches())
+    assert (tmp_path / 'cut' / 'checkpoint.npz').read_bytes() == before
 
 
 def test_a_failing_evaluation_loses_no_training_and_resume_redoes_it(tmp_path, frozen):
