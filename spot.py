@@ -474,9 +474,8 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
         if checkpoint:                          # before evaluating: an evaluator that fails loses no training
             state.update(step=done, data_position=done, eval_pending=evaluated)
             save_checkpoint(ckpt, prompt, opt_state, state)
-        if evaluated:
-            keep_best(prompt, done)
-        if checkpoint:
+            if evaluated:
+                keep_best(prompt, done)
             t_log, n_log = time.perf_counter(), done
     if evaluator is None and state['step'] == tc.steps:
         save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
