@@ -603,10 +603,11 @@ class Vocab:
         return self.sp.encode(text)
 
     def decode(self, ids):
-        """Ids -> text, stopping at the first EOS; pad and ids past the vocabulary are dropped."""
+        """Ids -> text, stopping at the first EOS; pad is dropped, and ids past the vocabulary (the checkpoints'
+        logits have 32128 rows) decode as unknown " ⁇ ", as in seqio, so they never vanish from a prediction."""
         ids = [int(i) for i in ids]
         ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
-        return self.sp.decode([i for i in ids if PAD_ID < i < self.vocab_size])
+        return self.sp.decode([self.sp.unk_id() if i >= self.vocab_size else i for i in ids if i != PAD_ID])
 
 
 def load_vocab(path_or_hub_id=None):
@@ -841,6 +842,8 @@ def _ranks(x):
 
 
 def spearman(targets, preds):
+    if np.isnan(np.asarray(preds, np.float64)).any():   # a "nan" prediction: NaN, as scipy.stats.spearmanr gives
+        return {"spearman_corrcoef": float("nan")}
     return {"spearman_corrcoef": pearson(_ranks(targets), _ranks(preds))["pearson_corrcoef"]}
 
 

@@ -387,6 +387,8 @@ def test_vocab_known_ids_and_sentinels(vocab, shared_data, tmp_path):
     assert vocab.encode("a <extra_id_0> b") == [3, 9, 32099, 3, 115]
     assert vocab.decode([3, 9, 32099, 3, 115, 1]) == "a <extra_id_0> b"
     assert vocab.decode([8774, 296, 1, 296, 0]) == "Hello world"
+    # ids past the vocabulary (logits have 32128 rows) decode as unknown, as in seqio: never silently dropped
+    assert vocab.decode([0, 1465, 32110, 1]) == "positive ⁇ " and vocab.encode("positive") == [1465]
     (tmp_path / "spiece.model").symlink_to(shared_data / "t5_spiece.model")
     assert data.load_vocab(str(tmp_path)).encode("Hello world") == [8774, 296]
     with pytest.raises(FileNotFoundError, match="no SentencePiece model"):
@@ -524,6 +526,8 @@ def test_correlations_by_hand_and_against_scipy():
     p = np.round((t + rng.normal(0, 1, 200)) * 5) / 5
     assert data.pearson(t, p)["pearson_corrcoef"] == pytest.approx(100 * stats.pearsonr(t, p)[0])
     assert data.spearman(t, p)["spearman_corrcoef"] == pytest.approx(100 * stats.spearmanr(t, p)[0])
+    p[3] = np.nan                                                           # T5 parses the prediction "nan"
+    assert np.isnan(data.spearman(t, p)["spearman_corrcoef"]) and np.isnan(stats.spearmanr(t, p)[0])
 
 
 def test_squad_multirc_record_by_hand():
