@@ -16,6 +16,7 @@ import argparse
 import ast
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -80,8 +81,8 @@ class TrainConfig:
     def __post_init__(self):         # refuse now what would fail (or divide by zero) only after hours of training
         bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
             (1, ('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'eval_batch_size',
-                 'max_input_len')), (0, ('embedding_step', 'max_target_len', 'eval_limit', 'sub_batches'))) for f in names
-            if getattr(self, f) < lo]
+                 'max_input_len')), (0, ('embedding_step', 'max_target_len', 'eval_limit', 'sub_batches')))
+            for f in names if getattr(self, f) < lo]
         if self.eval_method not in ('decode', 'rank'):
             bad.append(f"eval_method={self.eval_method!r} (must be 'decode' or 'rank')")
         if bad:
@@ -381,6 +382,17 @@ def load_checkpoint(path: Path, optimizer):
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+def weights_fingerprint(frozen) -> str:
+    """16 hex digits of sha256 over a few small leaves that differ between any two checkpoints of one architecture
+    (the final norms and relative-position tables: e.g. T5 1.1 and its LM-adapted version), so that a resume with
+    other weights of the same shape is refused."""
+    h = hashlib.sha256()
+    for stack, norm in (('encoder', 'encoder_norm'), ('decoder', 'decoder_norm')):
+        for x in (frozen[stack][norm]['scale'], frozen[stack]['relpos_bias']['rel_embedding']):
+            h.update(np.asarray(x, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
 def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, out_dir='runs/prompt', *,
                  meta=None, resume=False, mesh=None, log=print) -> dict:
     """Prompt tuning (§2.1.4): tc.steps updates of `prompt` [P,D] on the frozen T5 (cfg, frozen).
@@ -390,9 +402,9 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score, config). Without `evaluator` prompt.npy is
     the last prompt. The prompt after tc.embedding_step steps goes to prompt_step{N}.npy. checkpoint.npz (atomic)
     holds prompt, optimizer state, step (= data position), seed, best score; resume=True continues from it to the
-    same bits as an uninterrupted run, and refuses a checkpoint of another model, prompt shape, `meta` (task, ...)
-    or TrainConfig; without resume an existing checkpoint is refused, never overwritten. A non-finite loss or prompt
-    raises FloatingPointError, leaving the last good checkpoint.
+    same bits as an uninterrupted run, and refuses a checkpoint of another model (architecture or weights), prompt
+    shape, `meta` (task, ...) or TrainConfig; without resume an existing checkpoint is refused, never overwritten. A
+    non-finite loss or prompt raises FloatingPointError, leaving the last good checkpoint.
     Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
     """
     out = Path(out_dir)
@@ -402,9 +414,10 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
     opt_state = optimizer.init(prompt)
     # What the run is (checkpoint 'run'): the model's architecture (not its name or dropout_rate, which the step
-    # overrides) and the caller's meta (CLI: model, task, init), as JSON reads them back.
-    run = json.loads(_json({'model': {k: v for k, v in dataclasses.asdict(cfg).items()
-                                      if k not in ('name', 'dropout_rate')}, 'meta': meta or {}}))
+    # overrides), a fingerprint of its weights, and the caller's meta (CLI: model, task, init), as JSON reads them back.
+    run = json.loads(_json({'model': {**{k: v for k, v in dataclasses.asdict(cfg).items()
+                                         if k not in ('name', 'dropout_rate')}, 'weights': weights_fingerprint(frozen)},
+                            'meta': meta or {}}))
     state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
              'config': dataclasses.asdict(tc), 'run': run}
     if resume and ckpt.exists():

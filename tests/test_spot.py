@@ -443,8 +443,9 @@ def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
 
 
 def test_resume_refuses_another_run_and_a_damaged_checkpoint(tmp_path, frozen):
-    """Regressions: resuming with another task, model or prompt length went on silently (a MRPC prompt kept training
-    on RTE); a truncated checkpoint.npz raised zipfile.BadZipFile; an evaluator's np.float32 score broke the JSON."""
+    """Regressions: resuming with another task, model, model weights or prompt length went on silently (a MRPC prompt
+    kept training on RTE); a truncated checkpoint.npz raised zipfile.BadZipFile; an evaluator's np.float32 score
+    broke the JSON."""
     meta, prompt = {'task': 'toy', 'model': 'tiny'}, spot.init_prompt(jax.random.key(1), frozen, PC)
     numpy_score = lambda p: {'score': np.float32(evaluator(frozen)(p)['score'])}
     spot.train_prompt(prompt, frozen, CFG, dataclasses.replace(TC, steps=1), synthetic_batches(), numpy_score,
@@ -460,6 +461,9 @@ def test_resume_refuses_another_run_and_a_damaged_checkpoint(tmp_path, frozen):
         resume(cfg=dataclasses.replace(CFG, num_heads=4, d_kv=4))
     with pytest.raises(ValueError, match=r"'prompt shape': \(\(8, 16\), \(10, 16\)\)"):
         resume(prompt=jnp.zeros((10, CFG.d_model)))
+    other = jax.tree.map(lambda x: x * 1.5, frozen)        # same architecture, other weights (T5 1.1 vs LM-adapted)
+    with pytest.raises(ValueError, match=r"'model.weights': \('[0-9a-f]{16}', '[0-9a-f]{16}'\)"):
+        spot.train_prompt(prompt, other, CFG, TC, synthetic_batches(), None, tmp_path, meta=meta, resume=True)
     ckpt = tmp_path / 'checkpoint.npz'
     ckpt.write_bytes(ckpt.read_bytes()[:200])
     with pytest.raises(ValueError, match=r'checkpoint.npz is not a readable checkpoint \(BadZipFile'):
