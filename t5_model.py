@@ -1,7 +1,7 @@
 """T5 in pure JAX: the frozen encoder-decoder under Prompt Tuning and SPoT (Vu et al. 2022 §2.1).
 
 Raffel et al. 2020 §2.1 (T5 1.0) and T5 1.1 / LM-adapted (what SPoT freezes): T5Config, init_params.
-Building blocks (Raffel §2.1): rms_norm, relpos_bucket / relpos_bias, _attend, _mlp, _dropout.
+Building blocks (Raffel §2.1): rms_norm, relpos_bucket / relpos_bias, _attend (_attend_encoded), _mlp, _dropout.
 Lester et al. 2021 §2, the soft prompt [P; X] on the encoder input: encode.  Decoder: decode, forward.
 Evaluation: greedy_decode (KV cache), score_targets (rank classification).
 Weights: load_checkpoint (HF safetensors / pytorch_model.bin -> T5X names), check_params, param_count.
@@ -242,12 +242,41 @@ def _attend(p, q, k, v, bias, drop, site):
     measured faster on CPU than [B,S,N,H] (shared/bench/README.md). No 1/sqrt(H): Mesh TF T5 folds it into `query`.
     """
     logits = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32) + bias
+    probs = _attention_probs(logits, drop, site)
+    return _attention_out(p, jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v))
+
+
+def _attend_encoded(p, q, encoded, bias, drop, site):
+    """Cross-attention of q [B,N,T,H] over encoded [B,S,D] that never forms its keys and values [B,N,S,H]:
+    q (E W_k)^T = (q W_k^T) E^T and probs (E W_v) = (probs E) W_v, per head. The same attention as _attend on
+    _project(p, encoded, ("key", "value")) to float rounding, in fewer multiply-adds when the queries are few
+    (_absorbs_cross): for the 8 target tokens of the prompt step, cross-attention's key/value projections of the
+    228 encoder positions were ~13% of the Base step's FLOPs.
+    """
+    qk = jnp.einsum("BNTH,DNH->BNTD", q, p["key"]["kernel"])
+    logits = jnp.einsum("BNTD,BSD->BNTS", qk, encoded, preferred_element_type=jnp.float32) + bias
+    probs = _attention_probs(logits, drop, site)
+    pe = jnp.einsum("BNTS,BSD->BNTD", probs.astype(encoded.dtype), encoded)
+    return _attention_out(p, jnp.einsum("BNTD,DNH->BNTH", pe, p["value"]["kernel"]))
+
+
+def _absorbs_cross(cfg, S, T):
+    """Whether _attend_encoded costs fewer multiply-adds than projecting S keys and values for T queries (per example
+    and layer): 2 T N H D + 2 N T S D < 2 S D N H + 2 N T S H. With H = 64 (every T5 size) it holds up to T ~ 50."""
+    N, H, D = cfg.num_heads, cfg.d_kv, cfg.d_model
+    return T * N * H * D + N * T * S * D < S * D * N * H + N * T * S * H
+
+
+def _attention_probs(logits, drop, site):
     probs = jax.nn.softmax(logits, axis=-1)  # float32 even for bfloat16 params
     # Attention-probability dropout as in T5X/flaxformer: one mask per (batch, head, key) shared by all queries.
-    probs = drop(probs, site + "/probs", mask_shape=(*probs.shape[:2], 1, probs.shape[3]))
-    out = jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v).transpose(0, 2, 1, 3)  # [B,T,N,H]
-    B, T, N, H = out.shape
-    return (out.reshape(B * T, N * H) @ p["out"]["kernel"].reshape(N * H, -1)).reshape(B, T, -1)
+    return drop(probs, site + "/probs", mask_shape=(*probs.shape[:2], 1, probs.shape[3]))
+
+
+def _attention_out(p, out):
+    """Per-head outputs [B,N,T,H] -> the output projection [B,T,D]."""
+    B, N, T, H = out.shape
+    return (out.transpose(0, 2, 1, 3).reshape(B * T, N * H) @ p["out"]["kernel"].reshape(N * H, -1)).reshape(B, T, -1)
 
 
 def _project(p, x, names):
@@ -315,9 +344,10 @@ def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
     return drop(x, "encoder/output"), mask
 
 
-def _decoder_layer(p, x, cross_kv, self_bias, cross_bias, cfg, drop, site, cache=None, t=None):
-    """Pre-norm self-attention, cross-attention and MLP blocks. With `cache` (greedy_decode) x is one position t:
-    its key/value go into slot t of the cached [B,N,T,H] arrays, later slots are masked by self_bias."""
+def _decoder_layer(p, x, cross, self_bias, cross_bias, cfg, drop, site, cache=None, t=None):
+    """Pre-norm self-attention, cross-attention and MLP blocks. `cross` is the encoder output [B,S,D] (_attend_encoded)
+    or its projected (keys, values). With `cache` (greedy_decode) x is one position t: its key/value go into slot t
+    of the cached [B,N,T,H] arrays, later slots are masked by self_bias."""
     h = rms_norm(x, p["pre_self_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
     q, k, v = _project(p["self_attention"], h, ("query", "key", "value"))
     if cache is not None:
@@ -326,7 +356,10 @@ def _decoder_layer(p, x, cross_kv, self_bias, cross_bias, cfg, drop, site, cache
     h = rms_norm(x, p["pre_cross_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
     (q,) = _project(p["encoder_decoder_attention"], h, ("query",))
     # Cross-attention has no position bias; it sees all P+S encoder positions except padding.
-    x = x + drop(_attend(p["encoder_decoder_attention"], q, *cross_kv, cross_bias, drop, site + "/cross"), site + "/cross")
+    pc, cross_site = p["encoder_decoder_attention"], site + "/cross"
+    y = _attend(pc, q, *cross, cross_bias, drop, cross_site) if isinstance(cross, (tuple, list)) else \
+        _attend_encoded(pc, q, cross, cross_bias, drop, cross_site)
+    x = x + drop(y, cross_site)
     h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
     return x + drop(_mlp(p["mlp"], h, cfg, drop, site + "/mlp"), site + "/mlp"), (k, v)
 
@@ -353,8 +386,10 @@ def decode(params, cfg, encoded, encoder_mask, decoder_input_ids, dropout_key=No
     causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
     self_bias = relpos_bias(dec["relpos_bias"]["rel_embedding"], T, T, False, cfg) + jnp.where(causal, 0.0, NEG_INF)
     cross_bias = jnp.where(encoder_mask, 0.0, NEG_INF)[:, None, None, :]
-    for i, kv in enumerate(_cross_kv(params, cfg, encoded)):
-        x, _ = _decoder_layer(dec[f"layers_{i}"], x, kv, self_bias, cross_bias, cfg, drop, f"decoder/layers_{i}")
+    cross = [encoded] * cfg.num_decoder_layers if _absorbs_cross(cfg, encoded.shape[1], T) else \
+        _cross_kv(params, cfg, encoded)
+    for i in range(cfg.num_decoder_layers):
+        x, _ = _decoder_layer(dec[f"layers_{i}"], x, cross[i], self_bias, cross_bias, cfg, drop, f"decoder/layers_{i}")
     x = drop(rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon), "decoder/output")
     return _logits(params, cfg, x)
 

@@ -38,12 +38,12 @@ def _write_hub_checkpoint(model, d, untied):
     (d / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
 
 
-def _batch():
+def _batch(dec_len=T):
     rng = np.random.default_rng(0)
     ids = rng.integers(2, TINY_HF["vocab_size"], (B, S))
     ids[1, 100:] = 0  # padded rows
     ids[2, 9:] = 0
-    dec = rng.integers(2, TINY_HF["vocab_size"], (B, T))
+    dec = rng.integers(2, TINY_HF["vocab_size"], (B, dec_len))
     dec[:, 0] = 0
     prompt = rng.normal(size=(P, TINY_HF["d_model"])).astype(np.float32)
     return ids, dec, prompt
@@ -112,13 +112,16 @@ def test_checkpoint_written_like_the_hub(ckpt):
         assert not torch.equal(hf.lm_head.weight, hf.shared.weight)
 
 
+@pytest.mark.parametrize("dec_len", [T, 4 * T], ids=["short_targets", "long_targets"])
 @pytest.mark.parametrize("with_prompt", [False, True], ids=["no_prompt", "prompt"])
-def test_logits_match_hf(ckpt, with_prompt):
+def test_logits_match_hf(ckpt, with_prompt, dec_len):
     """Without a prompt: HF on input_ids. With one: HF on inputs_embeds = [prompt; embed(ids)] and P more mask ones
-    (Lester et al. 2021 §2), which is what t5_model.forward(prompt=...) must compute."""
+    (Lester et al. 2021 §2), which is what t5_model.forward(prompt=...) must compute. Short targets take the
+    cross-attention that never forms keys and values (_attend_encoded), long ones the projected keys and values."""
     d, hf = ckpt
     cfg, params = tm.load_checkpoint(d)
-    ids, dec, prompt = _batch()
+    ids, dec, prompt = _batch(dec_len)
+    assert tm._absorbs_cross(cfg, S + (P if with_prompt else 0), dec_len) == (dec_len == T)
     mask = torch.tensor(ids != 0).long()
     with torch.no_grad():
         if with_prompt:
@@ -129,7 +132,7 @@ def test_logits_match_hf(ckpt, with_prompt):
             ref = hf(input_ids=torch.tensor(ids), attention_mask=mask, decoder_input_ids=torch.tensor(dec)).logits.numpy()
     ours = tm.forward(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32),
                       prompt=jnp.asarray(prompt) if with_prompt else None)
-    assert ours.dtype == jnp.float32 and ours.shape == (B, T, cfg.vocab_size)
+    assert ours.dtype == jnp.float32 and ours.shape == (B, dec_len, cfg.vocab_size)
     print(f"{d.name}{' with prompt' if with_prompt else ''}: max |logit diff| = "
           f"{np.abs(np.asarray(ours) - ref).max():.2e} (max |logit| {np.abs(ref).max():.1f})")
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
