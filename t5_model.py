@@ -373,7 +373,11 @@ def _logits(params, cfg, x):
     return jnp.einsum("BTD,DV->BTV", x, params["decoder"]["logits_dense"]["kernel"], preferred_element_type=jnp.float32)
 
 
-def _cross_kv(params, cfg, encoded):
+def _cross_inputs(params, cfg, encoded, queries):
+    """What each decoder layer's cross-attention reads: the encoder output [B,S,D] itself when `queries` target
+    positions make that cheaper (_absorbs_cross), else its projected (keys, values)."""
+    if _absorbs_cross(cfg, encoded.shape[1], queries):
+        return [encoded] * cfg.num_decoder_layers
     return [_project(params["decoder"][f"layers_{i}"]["encoder_decoder_attention"], encoded, ("key", "value"))
             for i in range(cfg.num_decoder_layers)]
 
@@ -386,8 +390,7 @@ def decode(params, cfg, encoded, encoder_mask, decoder_input_ids, dropout_key=No
     causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
     self_bias = relpos_bias(dec["relpos_bias"]["rel_embedding"], T, T, False, cfg) + jnp.where(causal, 0.0, NEG_INF)
     cross_bias = jnp.where(encoder_mask, 0.0, NEG_INF)[:, None, None, :]
-    cross = [encoded] * cfg.num_decoder_layers if _absorbs_cross(cfg, encoded.shape[1], T) else \
-        _cross_kv(params, cfg, encoded)
+    cross = _cross_inputs(params, cfg, encoded, T)
     for i in range(cfg.num_decoder_layers):
         x, _ = _decoder_layer(dec[f"layers_{i}"], x, cross[i], self_bias, cross_bias, cfg, drop, f"decoder/layers_{i}")
     x = drop(rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon), "decoder/output")
@@ -420,12 +423,14 @@ def score_targets(params, cfg, input_ids, targets, prompt=None):
 def greedy_decode(params, cfg, input_ids, prompt=None, max_len=16):
     """Greedy decoding -> int32 [B, max_len]: tokens up to and including EOS, 0 after it.
 
-    The encoder runs once; each layer's cross-attention keys/values are projected once; self-attention keys/values
-    live in a [B,N,max_len,H] cache per layer. A while_loop emits one token per step and stops when every row is done.
+    The encoder runs once; each layer's cross-attention keys/values are projected once (or never: _absorbs_cross);
+    self-attention keys/values live in a [B,N,max_len,H] cache per layer. A while_loop emits one token per step and
+    stops when every row is done.
     """
     encoded, mask = encode(params, cfg, input_ids, prompt)
     dec, B = params["decoder"], input_ids.shape[0]
-    cross_kv, cross_bias = _cross_kv(params, cfg, encoded), jnp.where(mask, 0.0, NEG_INF)[:, None, None, :]
+    cross = _cross_inputs(params, cfg, encoded, max_len)  # max_len steps of one query cost as max_len queries do
+    cross_bias = jnp.where(mask, 0.0, NEG_INF)[:, None, None, :]
     causal = jnp.arange(max_len)[None, :] <= jnp.arange(max_len)[:, None]
     self_bias = relpos_bias(dec["relpos_bias"]["rel_embedding"], max_len, max_len, False, cfg) + jnp.where(causal, 0.0, NEG_INF)
     no_drop = _drop_fn(cfg, None, input_ids.shape[0])
@@ -436,7 +441,7 @@ def greedy_decode(params, cfg, input_ids, prompt=None, max_len=16):
         bias_t = jax.lax.dynamic_slice_in_dim(self_bias, t, 1, axis=2)  # query row t: [1,N,1,max_len]
         new_caches = []
         for i in range(cfg.num_decoder_layers):
-            x, kv = _decoder_layer(dec[f"layers_{i}"], x, cross_kv[i], bias_t, cross_bias, cfg, no_drop, "", caches[i], t)
+            x, kv = _decoder_layer(dec[f"layers_{i}"], x, cross[i], bias_t, cross_bias, cfg, no_drop, "", caches[i], t)
             new_caches.append(kv)
         x = rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon)
         token = jnp.where(done, PAD_ID, jnp.argmax(_logits(params, cfg, x)[:, 0], axis=-1).astype(jnp.int32))

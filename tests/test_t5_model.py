@@ -138,15 +138,20 @@ def test_logits_match_hf(ckpt, with_prompt, dec_len):
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
 
 
-def test_greedy_decode_matches_hf_generate(ckpt):
+@pytest.mark.parametrize("max_len", [8, 24])
+def test_greedy_decode_matches_hf_generate(ckpt, max_len):
+    """max_len 8: cross-attention without keys and values (_attend_encoded); 24: with projected, cached ones."""
     d, hf = ckpt
     cfg, params = tm.load_checkpoint(d)
     ids, _, _ = _batch()
-    ref = _hf_generate(hf, ids, 8)
-    ours = np.asarray(tm.greedy_decode(params, cfg, jnp.asarray(ids, jnp.int32), max_len=8))
+    assert tm._absorbs_cross(cfg, S, max_len) == (max_len == 8)
+    ref = _hf_generate(hf, ids, max_len)
+    ours = np.asarray(tm.greedy_decode(params, cfg, jnp.asarray(ids, jnp.int32), max_len=max_len))
     assert ours.dtype == np.int32
     print(f"{d.name} greedy tokens:\n{ours}")
     np.testing.assert_array_equal(ours, ref)
+    if max_len != 8:
+        return
     eos_at = list(ours[-1]).index(tm.EOS_ID)  # the fixture made the last row stop early, padded after EOS ...
     assert eos_at < 7 and (ours[-1, eos_at + 1:] == tm.PAD_ID).all()
     assert (ours[0] > tm.EOS_ID).all()  # ... while the first row runs to max_len
