@@ -18,6 +18,7 @@ import pytest
 
 import spot
 import t5_model
+from conftest import f32_atol, network_roundings
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = t5_model.T5Config.tiny()
@@ -98,8 +99,10 @@ def test_sub_batches_change_nothing_but_the_schedule(frozen):
     for k in (1, 2, B):
         loss, grad = jax.value_and_grad(spot._sub_batch_loss)(prompt, frozen, batch, cfg, key,
                                                                dataclasses.replace(TC, sub_batches=k))
-        np.testing.assert_allclose(loss, ref[0], rtol=1e-6)
-        np.testing.assert_allclose(grad, ref[1], atol=1e-6 * float(jnp.abs(ref[1]).max()))
+        # The sub-batches sum the same terms in another order: float32 rounding of the network, the batch sum on top.
+        n = network_roundings(CFG, P + S) + B
+        np.testing.assert_allclose(loss, ref[0], rtol=0, atol=f32_atol(ref[0], n))
+        np.testing.assert_allclose(grad, ref[1], rtol=0, atol=f32_atol(ref[1], n))
 
 
 @pytest.fixture(scope='module')
@@ -176,7 +179,8 @@ def test_optax_adafactor_matches_t5x_update():
         upd, state = update(jnp.asarray(g), state, p)
         p = p + upd
         p_ref, v_ref = t5x_step(p_ref.astype(np.float64), v_ref, g.astype(np.float64), step)
-    np.testing.assert_allclose(np.asarray(p), p_ref, rtol=0, atol=3e-6)
+    # float32 against a float64 oracle: per step a few roundings of the update and one of p + update
+    np.testing.assert_allclose(np.asarray(p), p_ref, rtol=0, atol=f32_atol(p_ref, 20 * 4))
 
 
 def test_model_tuning_step_trains_every_weight(frozen):
@@ -238,7 +242,7 @@ def test_class_labels_mean_pool_each_label_then_sampled_vocab():
     labels = [[5005, 20, 31], [7]]                    # 'not_entailment'-like multi-piece label, one-piece label
     prompt = np.asarray(spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=10, init='class_labels'),
                                          label_ids=labels))
-    np.testing.assert_allclose(prompt[0], emb[[5005, 20, 31]].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(prompt[0], emb[[5005, 20, 31]].mean(0), rtol=0, atol=f32_atol(emb[[5005, 20, 31]], 3))
     np.testing.assert_array_equal(prompt[1], emb[7])
     rest = row_ids(prompt[2:], emb)
     assert rest.min() >= 0 and rest.max() < 5000 and len(set(rest)) == 8
@@ -290,7 +294,7 @@ def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
         spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=2, init='text'), text_ids=[-1])
     emb = np.asarray(params['token_embedder']['embedding'])
     prompt = spot.init_prompt(jax.random.key(0), params, labels, label_ids=np.array([[3, 4]]))
-    np.testing.assert_allclose(prompt[0], emb[[3, 4]].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(prompt[0], emb[[3, 4]].mean(0), rtol=0, atol=f32_atol(emb[[3, 4]], 2))
     longer = spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=2, init='text'),
                               text_ids=np.array([9, 8, 7]))          # a text longer than P: its first P tokens
     np.testing.assert_array_equal(longer, emb[[9, 8]])
