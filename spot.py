@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -54,13 +59,19 @@ class PromptConfig:
                              f'got {self.length} and {self.vocab_pool}')
 
 
+LM_ADAPT_CHECKPOINT_STEP = 1_100_000   # T5 1.1 (1M steps) + 100K LM-adaptation steps (Lester et al. §2.2)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 2**18               # §2.1.4 "2^18 steps, following Raffel et al." (30K "-longer tuning"; §3: 100K)
     batch_size: int = 32             # §2.1.4
     learning_rate: float = 0.3       # footnote 7; PT runs/prompt_finetune.gin: constant 0.3
     decay_rate: float = 0.8          # Adafactor beta2 exponent: PT configs/models/t5_1_1_prompt.gin; Lester et al.
-    decay_offset: int = 0            # t5_1_1_prompt.gin step_offset=0 (PEERS §5: -1_100_000 = the 1.1M ckpt counter)
+    # The official runs continue the checkpoint's step counter (prompt-tuning configs/runs/prompt_finetune.gin:
+    # "TRAIN_STEPS ... includes pretrain steps"; models/t5_1_1_prompt.gin: step_offset = 0), so Adafactor's decay
+    # 1 - t^-0.8 starts at t = 1.1M, the LM-adapted checkpoints' step (t5_1_1_lm100k_*/checkpoint_1100000), not at 0.
+    decay_offset: int = -LM_ADAPT_CHECKPOINT_STEP
     param_scale: bool = False        # footnote 7: "parameter scaling off"
     weight_decay: float = 1e-5       # footnote 7 (T5X: (1 - wd) * param, not scaled by the learning rate)
     clipping_threshold: float = 1.0  # T5X Adafactor default update clipping (NOTES §7.4)
@@ -80,19 +91,31 @@ class TrainConfig:
 
     def __post_init__(self):         # refuse now what would fail (or divide by zero) only after hours of training
         bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
-            (1, ('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'eval_batch_size',
-                 'max_input_len')), (0, ('embedding_step', 'max_target_len', 'eval_limit', 'sub_batches')))
+            (1, ('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'eval_batch_size')),
+            (0, ('embedding_step', 'eval_limit', 'sub_batches')))
             for f in names if getattr(self, f) < lo]
         if self.eval_method not in ('decode', 'rank'):
             bad.append(f"eval_method={self.eval_method!r} (must be 'decode' or 'rank')")
+        ranges = (('dropout', 0 <= self.dropout < 1, 'in [0, 1)'),
+                  ('learning_rate', 0 < self.learning_rate < math.inf, 'finite and > 0'),
+                  ('decay_rate', 0 < self.decay_rate <= 1, 'in (0, 1]'),
+                  ('weight_decay', 0 <= self.weight_decay < 1, 'in [0, 1)'),
+                  ('clipping_threshold', 0 < self.clipping_threshold <= math.inf, '> 0'),
+                  ('z_loss', 0 <= self.z_loss < math.inf, 'finite and >= 0'),
+                  ('max_input_len', self.max_input_len >= 2, '>= 2: one token and EOS'),
+                  ('max_target_len', self.max_target_len == 0 or self.max_target_len >= 2,
+                   "0 (the task's) or >= 2: one token and EOS"))
+        bad += [f'{name}={getattr(self, name)} (must be {why})' for name, ok, why in ranges if not ok]
         if bad:
             raise ValueError(f"bad TrainConfig: {', '.join(bad)}")
 
 
 # App. C: ModelTuning uses T5 defaults: Adafactor, constant lr 0.001, dropout 0.1, parameter scaling on
 # (T5X Adafactor default), no weight decay; 2^16 tokens per batch = 128 inputs of 512 tokens. The paper also restores
-# the pre-training optimizer state: we cannot (the released checkpoints carry no optimizer state).
-MODEL_TUNING = TrainConfig(learning_rate=1e-3, param_scale=True, weight_decay=0.0, batch_size=128)
+# the pre-training optimizer state: we cannot (the released checkpoints carry no optimizer state), but its step
+# counter continues from T5 1.1's 1M steps (checkpoint_1000000), as decay_offset does for the prompt runs.
+MODEL_TUNING = TrainConfig(learning_rate=1e-3, param_scale=True, weight_decay=0.0, batch_size=128,
+                           decay_offset=-1_000_000)
 
 
 def override(cfg, argv):
@@ -107,10 +130,9 @@ def override(cfg, argv):
             continue
         want = type(getattr(cfg, name))
         try:                                              # a str field keeps its text as is: --text=1984
-            value = text if want is str else ast.literal_eval(text)
-        except (ValueError, SyntaxError):
+            value = text if want is str else float(text) if want is float else ast.literal_eval(text)
+        except (ValueError, SyntaxError):                 # float() reads nan/inf too: __post_init__ judges them
             value = text
-        value = float(value) if want is float and type(value) is int else value
         if type(value) is not want:
             raise ValueError(f'--{name}={text}: {type(cfg).__name__}.{name} expects {want.__name__}, '
                              f'got {type(value).__name__}')
@@ -374,11 +396,105 @@ def load_checkpoint(path: Path, optimizer):
             like, tree = jax.tree_util.tree_flatten(optimizer.init(prompt))
             leaves = [jnp.asarray(z[f'opt_{i}']) for i in range(len(like))]
     except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:   # truncated, garbage, ...
-        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}): delete it to start the run '
-                         f'over (prompt.npy keeps the best prompt so far)') from None
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run cannot resume. '
+                         f'Its best prompt so far stays in {path.parent}/prompt.npy: keep that folder as it is and '
+                         f'start a new run with another --out') from None
     if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in like]:
         raise ValueError(f'{path}: its optimizer state does not fit this optimizer and its {prompt.shape} prompt')
     return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
+
+
+# ----------------------------------------------------------------------------------------------- the run folder
+RUN_FILES = ('checkpoint.npz', 'prompt.npy', 'metrics.jsonl')   # with prompt_step*.npy: what a run writes
+
+
+class RunFolderInUse(OSError):
+    """Another process is running in the folder (it holds run.lock)."""
+
+
+@contextlib.contextmanager
+def own_folder(out: Path):
+    """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the process
+    ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / 'run.lock', 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunFolderInUse(f'{out} is in use by another run ({f.read().strip() or "holder unknown"}): wait '
+                                 f'for it to end, or pick another --out') from None
+        f.truncate(0)
+        f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_new_run(out: Path, resume: bool):
+    """A run that starts at step 0 never replaces files an earlier run left in out (without resume, a checkpoint is
+    refused too: continuing it is what --resume is for). Leftover *.tmp of an interrupted write are removed."""
+    for tmp in out.glob('*.tmp'):
+        tmp.unlink()
+    if resume and (out / 'checkpoint.npz').exists():
+        return
+    if (out / 'checkpoint.npz').exists():
+        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume (resume=True), or '
+                              f'pick a new --out')
+    earlier = sorted(f.name for f in out.iterdir() if f.name in RUN_FILES or f.match('prompt_step*.npy'))
+    if earlier:
+        raise FileExistsError(f'{out} holds {", ".join(earlier)} of an earlier run but no checkpoint.npz to resume '
+                              f'from; a new run would overwrite them: pick a new --out (or move them away)')
+
+
+def append_history(out: Path, event: dict):
+    """One line of out/metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval metrics)."""
+    with open(out / 'metrics.jsonl', 'ab') as f:
+        f.write(_json(event, None) + b'\n')
+
+
+def cut_history(out: Path, step: int, eval_pending: bool):
+    """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that step
+    when the checkpoint says it is still to run, so no event appears twice."""
+    path = out / 'metrics.jsonl'
+    if path.exists():
+        keep = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip() and (
+            (e := json.loads(line))['step'] < step or e['step'] == step and not ('eval' in e and eval_pending))]
+        _atomic(path, lambda f: f.writelines(keep))
+
+
+class Interrupted(KeyboardInterrupt):
+    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal (130, 143)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def stop_requests(log):
+    """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the yielded list
+    gets the signal), so the loop can write its checkpoint; a second Ctrl-C stops at once. A raise from the handler
+    itself could land in JAX's garbage-collection callback, which swallows it and the run went on."""
+    got = []
+    if threading.current_thread() is not threading.main_thread():   # signal handlers belong to the main thread
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+        log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint (Ctrl-C again to '
+            f'stop at once)')
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -400,100 +516,119 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     batches(start) -> iterator whose k-th item is batch start+k, a pure function of (seed, start+k) (data.batches).
     evaluator(prompt) -> dict with 'score' (higher is better), called every tc.eval_every steps and at the end; the best
     prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score, config). Without `evaluator` prompt.npy is
-    the last prompt. The prompt after tc.embedding_step steps goes to prompt_step{N}.npy. checkpoint.npz (atomic)
-    holds prompt, optimizer state, step (= data position), seed, best score; resume=True continues from it to the
-    same bits as an uninterrupted run, and refuses a checkpoint of another model (architecture or weights), prompt
-    shape, `meta` (task, ...) or TrainConfig; without resume an existing checkpoint is refused, never overwritten. A
-    non-finite loss or prompt raises FloatingPointError, leaving the last good checkpoint.
+    the last prompt. The prompt after tc.embedding_step steps goes to prompt_step{N}.npy; every log line and evaluation
+    to metrics.jsonl. checkpoint.npz (atomic) holds prompt, optimizer state, step (= data position), seed, best score;
+    resume=True continues from it to the same bits as an uninterrupted run, and refuses a checkpoint of another model
+    (architecture or weights), prompt shape, `meta` (task, data, ...) or TrainConfig. The run owns out_dir (run.lock):
+    a second run there is refused, and a new run never replaces files an earlier one left. SIGINT/SIGTERM stop it
+    after the current step with a checkpoint (Interrupted). A non-finite loss or prompt raises FloatingPointError,
+    leaving the last good checkpoint.
     Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
-    optimizer, ckpt = make_optimizer(tc), out / 'checkpoint.npz'
-    prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
-    opt_state = optimizer.init(prompt)
-    # What the run is (checkpoint 'run'): the model's architecture (not its name or dropout_rate, which the step
-    # overrides), a fingerprint of its weights, and the caller's meta (CLI: model, task, init), as JSON reads them back.
-    run = json.loads(_json({'model': {**{k: v for k, v in dataclasses.asdict(cfg).items()
-                                         if k not in ('name', 'dropout_rate')}, 'weights': weights_fingerprint(frozen)},
-                            'meta': meta or {}}))
-    state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
-             'config': dataclasses.asdict(tc), 'run': run}
-    if resume and ckpt.exists():
-        shape = prompt.shape
-        prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
-        free = ('steps', 'log_every', 'eval_batch_size')            # change nothing a resumed run computes
-        changed = {k: (v, getattr(tc, k)) for k, v in state['config'].items() if k not in free and getattr(tc, k) != v}
-        saved = state.get('run', run)                               # checkpoints before 'run' existed: unchecked
-        changed.update({f'{part}.{k}': (saved[part][k], v) for part in run for k, v in run[part].items()
-                        if k in saved.get(part, {}) and saved[part][k] != v})
-        if prompt.shape != shape:
-            changed['prompt shape'] = (tuple(prompt.shape), tuple(shape))
-        if changed:
-            raise ValueError(f'{ckpt} was written with other settings {changed} (saved, now); only {free} may '
-                             f'change on resume: rerun the same command, or pick a new --out')
-        state.update(config=dataclasses.asdict(tc), run=run)
-        log(f"resuming {ckpt} at step {state['step']} (best score {state['best_score']})")
-    elif resume:
-        log(f'no checkpoint {ckpt} to resume: starting at step 0')
-    elif ckpt.exists():                         # starting over would overwrite it at the first checkpoint
-        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume (resume=True), or pick '
-                              f'a new --out, or delete the folder to start over')
-    frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
-    info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
-    losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])     # rate window (evaluation excluded)
-    data = batches(state['step'])
+    with own_folder(out), stop_requests(log) as signals:
+        optimizer, ckpt = make_optimizer(tc), out / 'checkpoint.npz'
+        prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
+        opt_state = optimizer.init(prompt)
+        # What the run is (checkpoint 'run'): the model's architecture (not its name or dropout_rate, which the step
+        # overrides), a fingerprint of its weights, and the caller's meta (CLI: model, task, data, init), as JSON
+        # reads them back.
+        run = json.loads(_json({'model': {**{k: v for k, v in dataclasses.asdict(cfg).items()
+                                             if k not in ('name', 'dropout_rate')},
+                                          'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
+        state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
+                 'config': dataclasses.asdict(tc), 'run': run}
+        info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
+        check_new_run(out, resume)
+        if resume and ckpt.exists():
+            prompt, opt_state, state = resume_checkpoint(ckpt, optimizer, tc, run, prompt.shape, info, log)
+        elif resume:
+            log(f'no checkpoint {ckpt} to resume: starting at step 0')
+        frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
+        losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])     # rate window (evaluation excluded)
+        data = batches(state['step'])
 
-    def stop(problem):
-        last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
-            'No checkpoint was written yet'
-        raise FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and model, '
-                                 f'then rerun (with --resume)')
+        def stop(problem):
+            last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
+                'No checkpoint was written yet'
+            raise FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and '
+                                     f'model, then rerun (with --resume)')
 
-    def keep_best(prompt, done):                # §2.1.4: keep the checkpoint with the best validation score
-        metrics = evaluator(prompt)
-        log(f'step {done}  eval {_json(metrics, None).decode()}')
-        score = float(metrics['score'])
-        score = score if math.isfinite(score) else -math.inf   # e.g. Pearson of constants
-        if state['best_score'] is None or score > state['best_score']:
-            state.update(best_score=score, best_step=done)
-            save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'], 'metrics': metrics})
-        state['eval_pending'] = False
-        save_checkpoint(ckpt, prompt, opt_state, state)        # with this evaluation's best score
+        def keep_best(prompt, done):                # §2.1.4: keep the checkpoint with the best validation score
+            metrics = evaluator(prompt)
+            log(f'step {done}  eval {_json(metrics, None).decode()}')
+            append_history(out, {'step': done, 'eval': metrics})
+            score = float(metrics['score'])
+            score = score if math.isfinite(score) else -math.inf   # e.g. Pearson of constants
+            if state['best_score'] is None or score > state['best_score']:
+                state.update(best_score=score, best_step=done)
+                save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
+                                                    'metrics': metrics})
+            state['eval_pending'] = False
+            save_checkpoint(ckpt, prompt, opt_state, state)        # with this evaluation's best score
 
-    if state.get('eval_pending') and evaluator is not None:    # interrupted during the evaluation of state['step']
-        keep_best(prompt, state['step'])
-    for step in range(state['step'], tc.steps):
-        batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
-        prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step), cfg,
-                                             step_config(tc))
-        loss, done = float(loss), step + 1
-        if not math.isfinite(loss):
-            stop(f'loss is {loss} at step {done}')
-        losses.append(loss)
-        evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
-        checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps
-        if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):   # a NaN/inf grad
-            stop(f'the prompt has NaN or inf values after step {done} (loss {loss})')
-        if done % tc.log_every == 0 or done == tc.steps:
-            rate = (done - n_log) / (time.perf_counter() - t_log)
-            eta = int((tc.steps - done) / rate)
-            log(f'step {done}/{tc.steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
-                f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
-            t_log, n_log = time.perf_counter(), done
-        if done == tc.embedding_step:           # §3.2: the task embedding
-            save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
-        if checkpoint:                          # before evaluating: an evaluator that fails loses no training
-            state.update(step=done, data_position=done, eval_pending=evaluated)
-            save_checkpoint(ckpt, prompt, opt_state, state)
-            if evaluated:
-                keep_best(prompt, done)
-            t_log, n_log = time.perf_counter(), done
-    if evaluator is None and state['step'] == tc.steps:
-        save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
+        if state.get('eval_pending') and evaluator is not None:    # interrupted during the evaluation of its step
+            keep_best(prompt, state['step'])
+        for step in range(state['step'], tc.steps):
+            batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
+            prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step), cfg,
+                                                 step_config(tc))
+            loss, done = float(loss), step + 1
+            if not math.isfinite(loss):
+                stop(f'loss is {loss} at step {done}')
+            losses.append(loss)
+            evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
+            checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or bool(signals)
+            if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):  # a NaN grad
+                stop(f'the prompt has NaN or inf values after step {done} (loss {loss})')
+            if done % tc.log_every == 0 or done == tc.steps:
+                rate = (done - n_log) / (time.perf_counter() - t_log)
+                eta = int((tc.steps - done) / rate)
+                log(f'step {done}/{tc.steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
+                    f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+                append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
+                t_log, n_log = time.perf_counter(), done
+            if done == tc.embedding_step:           # §3.2: the task embedding
+                save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
+            if checkpoint:                          # before evaluating: an evaluator that fails loses no training
+                state.update(step=done, data_position=done, eval_pending=evaluated)
+                save_checkpoint(ckpt, prompt, opt_state, state)
+                if evaluated:
+                    keep_best(prompt, done)
+                t_log, n_log = time.perf_counter(), done
+            if signals and done < tc.steps:
+                raise Interrupted(f'stopped by {signal.Signals(signals[0]).name} after step {done}: {ckpt} holds '
+                                  f'it; rerun the same command with --resume (resume=True) to continue', signals[0])
+        if evaluator is None and state['best_step'] is None and state['step'] == tc.steps:   # never evaluated
+            save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
     return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'], 'best_score': state['best_score'],
             'best_step': state['best_step'], 'losses': losses}
+
+
+def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
+    """(prompt, opt_state, state) of ckpt, refused when it was written with other settings: only `steps`,
+    `log_every` and `eval_batch_size` may change, as nothing a resumed run computes depends on them. The run's
+    history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current config
+    (a resume may extend `steps`)."""
+    prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
+    free = ('steps', 'log_every', 'eval_batch_size')
+    changed = {k: (v, getattr(tc, k)) for k, v in state['config'].items() if k not in free and getattr(tc, k) != v}
+    saved = state.get('run', run)                               # checkpoints before 'run' existed: unchecked
+    changed.update({f'{part}.{k}': (saved[part][k], v) for part in run for k, v in run[part].items()
+                    if k in saved.get(part, {}) and saved[part][k] != v})
+    if prompt.shape != shape:
+        changed['prompt shape'] = (tuple(prompt.shape), tuple(shape))
+    if changed:
+        raise ValueError(f'{ckpt} was written with other settings {changed} (saved, now); only {free} may '
+                         f'change on resume: rerun the same command, or pick a new --out')
+    state.update(config=dataclasses.asdict(tc), run=run)
+    cut_history(ckpt.parent, state['step'], bool(state.get('eval_pending')))
+    best = ckpt.parent / 'prompt.json'
+    if best.exists():
+        _atomic(best, lambda f: f.write(_json({**json.loads(best.read_text()), 'config': info['config']})))
+    log(f"resuming {ckpt} at step {state['step']} (best score {state['best_score']})")
+    return prompt, opt_state, state
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -545,12 +680,27 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def load_model(name: str, seed: int = 0):
-    """--model: 'tiny' (random T5Config.tiny()), a hub id or a checkpoint directory -> (cfg, params)."""
+# --dtype: what the frozen weights are stored and multiplied in. The official runs keep float32 parameters and compute
+# in bfloat16 (prompt-tuning configs/architectures/t5_1_1_flaxformer.gin: ACTIVATION_DTYPE = 'bfloat16'), casting each
+# weight to bfloat16 at its matmul; frozen weights cast once give the same products at half the memory. Norms,
+# softmax, logits, the loss and the prompt with its optimizer stay float32 either way (t5_model).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def load_model(name: str, seed: int = 0, dtype: str = 'float32'):
+    """--model: 'tiny' (random T5Config.tiny()), a hub id or a checkpoint directory -> (cfg, params in dtype)."""
     if name == 'tiny':
         cfg = t5_model.T5Config.tiny()
-        return cfg, t5_model.init_params(jax.random.key(seed), cfg)
-    return t5_model.load_checkpoint(name)
+        return cfg, t5_model.init_params(jax.random.key(seed), cfg, DTYPES[dtype])
+    return t5_model.load_checkpoint(name, DTYPES[dtype])
+
+
+def device_summary() -> str:
+    """What JAX runs on, printed when a run starts: a run meant for a GPU must not go on unnoticed on the CPU."""
+    devices = jax.devices()
+    hint = ' (the CPU build of jax: README, "On a GPU or TPU")' if jax.default_backend() == 'cpu' else ''
+    return f'JAX {jax.__version__}: {len(devices)} {devices[0].device_kind} device(s), backend {jax.default_backend()}' \
+           f'{hint}'
 
 
 def main(argv=None):
@@ -565,6 +715,8 @@ def main(argv=None):
         q.add_argument('--data', default=None, help='directory with the original task files (default: tfds)')
         q.add_argument('--vocab', default=None, help='SentencePiece model (default: data.load_vocab())')
         q.add_argument('--model-parallel', type=int, default=1, help="devices per 'model' mesh group")
+        q.add_argument('--dtype', default='float32', choices=DTYPES,
+                       help='frozen weights and activations; bfloat16 as the official runs (the prompt stays float32)')
     train.add_argument('--init', default=None, choices=INITS, help='prompt initialisation (default sampled_vocab)')
     train.add_argument('--source-prompt', default=None, help='.npy [P,D] to start from: SPoT transfer')
     train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
@@ -586,11 +738,18 @@ def main(argv=None):
     # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no traceback.
     except (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
         sys.exit(f'error: {e}')
+    except Interrupted as e:                      # Ctrl-C / SIGTERM during training: the checkpoint is written
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:                     # before training started: nothing to keep
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
 
 
 def _setup(args, tc):
     import data
-    cfg, frozen = load_model(args.model, tc.seed)
+    print(device_summary(), flush=True)
+    cfg, frozen = load_model(args.model, tc.seed, args.dtype)
     mesh = make_mesh(args.model_parallel) if jax.device_count() > 1 or args.model_parallel != 1 else None
     return data, cfg, shard_params(mesh, frozen), data.load_vocab(args.vocab), mesh
 
@@ -622,7 +781,7 @@ def train_cli(args, tc, pc):
         print(f'{task.name} has no validation metric: prompt.npy will be the prompt after the last step')
     result = train_prompt(prompt, frozen, cfg, tc, lambda k: data.batches(arrays, tc.batch_size, tc.seed, start=k),
                           evaluator, args.out,
-                          meta={'model': args.model, 'task': args.task, 'init': pc.init,
+                          meta={'model': args.model, 'dtype': args.dtype, 'task': args.task, 'init': pc.init,
                                 'prompt_config': dataclasses.asdict(pc)}, resume=args.resume, mesh=mesh)
     print(f"best score {result['best_score']} at step {result['best_step']}; prompt in {args.out}/prompt.npy")
 

@@ -33,6 +33,7 @@ def parse_args(doc, argv, model="google/t5-base-lm-adapt", add_arguments=None):
     p.add_argument("--data", default=None, help="folder with the original task files (default: tfds)")
     p.add_argument("--tiny", action="store_true", help="random tiny T5, a handful of examples, a few steps")
     p.add_argument("--model-parallel", type=int, default=1, help="devices per 'model' group of the mesh (spot.py)")
+    p.add_argument("--dtype", default="float32", choices=spot.DTYPES, help="frozen weights/activations (spot.py)")
     if add_arguments:
         add_arguments(p)
     args, rest = p.parse_known_args(argv)
@@ -46,6 +47,7 @@ def parse_args(doc, argv, model="google/t5-base-lm-adapt", add_arguments=None):
     args.runs = Path(args.out) / ("runs-tiny" if args.tiny else "runs")  # tiny never resumes a real run
     args.log = None if args.tiny else print  # progress lines of spot.train_prompt
     args.mesh = spot.make_mesh(args.model_parallel) if jax.device_count() > 1 else None  # data/model parallel
+    print(spot.device_summary(), flush=True)
     return args
 
 
@@ -60,12 +62,9 @@ def embedding_step(steps):
 
 
 @functools.lru_cache(maxsize=2)
-def frozen_model(name, tiny=False):
-    """(cfg, params): a checkpoint (hub id or directory), or with tiny a random T5Config.tiny(). Cached."""
-    if tiny:
-        cfg = t5_model.T5Config.tiny()
-        return cfg, t5_model.init_params(jax.random.key(0), cfg)
-    return t5_model.load_checkpoint(name)
+def frozen_model(name, tiny=False, dtype="float32"):
+    """(cfg, params in dtype): a checkpoint (hub id or directory), or with tiny a random T5Config.tiny(). Cached."""
+    return spot.load_model("tiny" if tiny else name, 0, dtype)
 
 
 def train_config(args, steps, seed, **changes):

@@ -64,8 +64,8 @@ def main(argv=None):
     glue_mix, records = {t: tasks[t].train for t in glue}, []
     for size in sizes:
         # 1. The frozen LM-adapted T5 (prompt methods) and the original T5 1.1 (model tuning, footnote 3).
-        cfg, frozen = common.frozen_model(args.model.format(size=size), args.tiny)
-        mt_cfg, mt_params = common.frozen_model(args.model_tuning_model.format(size=size), args.tiny)
+        cfg, frozen = common.frozen_model(args.model.format(size=size), args.tiny, args.dtype)
+        mt_cfg, mt_params = common.frozen_model(args.model_tuning_model.format(size=size), args.tiny, args.dtype)
         runs = args.runs / "figure1" / size
         for seed in range(args.seeds):
             tc, pt = (common.train_config(args, common.paper_steps(args, n), seed) for n in (LONG, SHORT))

@@ -43,7 +43,7 @@ def main(argv=None):
     rows = args.rows or (TINY_ROWS if args.tiny else list(TABLE1))
     benchmarks = TINY_BENCHMARKS if args.tiny else BENCHMARKS
     # 1. The frozen model and the tasks (loaded once, when first needed).
-    cfg, frozen = common.frozen_model(args.model, args.tiny)
+    cfg, frozen = common.frozen_model(args.model, args.tiny, args.dtype)
     tasks = {}
 
     def task(name):

@@ -58,7 +58,7 @@ def main(argv=None):
     embeddings = {t: [np.load(runs / f"baseline-{t}-seed{r}" / f"prompt_step{e_tgt}.npy") for r in range(seeds)]
                   for t in targets}
 
-    cfg, frozen = common.frozen_model(args.model, args.tiny)
+    cfg, frozen = common.frozen_model(args.model, args.tiny, args.dtype)
     tasks, records, scores = {}, [], {}
 
     def task(name):

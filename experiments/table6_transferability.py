@@ -34,7 +34,7 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv)
     sources, targets = (TINY_SOURCES, TINY_TARGETS) if args.tiny else (SOURCES, TARGETS)
     steps = {"source": common.paper_steps(args, SOURCE_STEPS), "target": common.paper_steps(args, TARGET_STEPS)}
-    cfg, frozen = common.frozen_model(args.model, args.tiny)
+    cfg, frozen = common.frozen_model(args.model, args.tiny, args.dtype)
     tasks = {name: common.load_task(name, args, args.train) for name in (*sources, *targets)}
     runs, records = args.runs / "table6", []
 

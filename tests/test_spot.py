@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -159,11 +160,17 @@ def test_dropout_is_on_in_training_and_keyed(frozen):
     assert len(losses) == 4
 
 
-def test_optax_adafactor_matches_t5x_update():
-    """PEERS.md §5: make_optimizer(TrainConfig()) vs a numpy transcription of t5x/adafactor.py (unfactored [100,768],
-    beta2_t = 1 - (t+1)^-0.8, update clipped to RMS 1, new = (1 - wd) * p - lr * y) over 20 steps."""
+@pytest.mark.parametrize('t5x_start, tc', [(0, spot.TrainConfig(decay_offset=0)),
+                                           (spot.LM_ADAPT_CHECKPOINT_STEP, spot.TrainConfig())])
+def test_optax_adafactor_matches_t5x_update(t5x_start, tc):
+    """make_optimizer(tc) vs a numpy transcription of t5x/adafactor.py (unfactored [100,768], beta2_t = 1 - (t+1)^-0.8,
+    update clipped to RMS 1, new = (1 - wd) * p - lr * y) over 20 steps. T5X counts t from the step of the checkpoint
+    it restored (1.1M for the LM-adapted T5 1.1 of the official prompt runs): the default TrainConfig must match that
+    run, and decay_offset=0 one that counts from 0."""
     def t5x_step(p, v, g, step, lr=0.3, decay=0.8, clip=1.0, wd=1e-5):
-        b2 = 1.0 - (step + 1.0) ** (-decay)
+        # beta2 in float32 as both t5x and optax compute it: near t = 1.1M, 1 - beta2 = 1.4e-5 keeps only ~0.4%
+        # of precision (float32 spacing below 1 is 6e-8), a rounding that differs from step to step.
+        b2 = np.float64(np.float32(1.0) - np.float32(step + 1.0) ** np.float32(-decay))
         v = b2 * v + (1 - b2) * (g * g + 1e-30)
         y = g / np.sqrt(v)
         y /= max(1.0, np.sqrt(np.mean(y * y)) / clip)
@@ -172,13 +179,13 @@ def test_optax_adafactor_matches_t5x_update():
     rng = np.random.default_rng(0)
     p_ref = rng.normal(size=(100, 768)).astype(np.float32)
     v_ref, p = np.zeros_like(p_ref), jnp.asarray(p_ref)
-    tx = spot.make_optimizer(spot.TrainConfig())
+    tx = spot.make_optimizer(tc)
     state, update = tx.init(p), jax.jit(tx.update)
     for step in range(20):
         g = rng.normal(scale=10.0 ** rng.uniform(-3, 1), size=p_ref.shape).astype(np.float32)
         upd, state = update(jnp.asarray(g), state, p)
         p = p + upd
-        p_ref, v_ref = t5x_step(p_ref.astype(np.float64), v_ref, g.astype(np.float64), step)
+        p_ref, v_ref = t5x_step(p_ref.astype(np.float64), v_ref, g.astype(np.float64), t5x_start + step)
     # float32 against a float64 oracle: per step a few roundings of the update and one of p + update
     np.testing.assert_allclose(np.asarray(p), p_ref, rtol=0, atol=f32_atol(p_ref, 20 * 4))
 
@@ -444,6 +451,16 @@ def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
         spot.main([*common, '--steps', '0'])
     with pytest.raises(ValueError, match='model-parallel groups of 0'):
         spot.make_mesh(0)
+    # Regressions: dropout 1.0 / 1.5 / -0.5 raised OverflowError from JAX after the model and data loaded, and
+    # --learning_rate=nan said "expects float, got str".
+    for arg, problem in [('dropout=1.0', 'dropout=1.0 (must be in [0, 1))'), ('dropout=1.5', 'dropout=1.5'),
+                         ('dropout=-0.5', 'dropout=-0.5'), ('learning_rate=nan', 'learning_rate=nan (must be finite'),
+                         ('learning_rate=0', 'learning_rate=0.0'), ('learning_rate=inf', 'learning_rate=inf'),
+                         ('max_input_len=1', 'max_input_len=1 (must be >= 2: one token and EOS)'),
+                         ('max_target_len=1', 'max_target_len=1'), ('decay_rate=0', 'decay_rate=0.0')]:
+        with pytest.raises(ValueError, match=f'bad TrainConfig: {re.escape(problem)}'):
+            spot.override(spot.TrainConfig(), [f'--{arg}'])
+    assert spot.override(spot.TrainConfig(), ['--max_target_len=2', '--dropout=0'])[0].dropout == 0.0
 
 
 def test_resume_refuses_another_run_and_a_damaged_checkpoint(tmp_path, frozen):
@@ -489,6 +506,131 @@ def test_a_nan_prompt_after_a_finite_loss_is_never_saved(tmp_path, frozen, monke
     prompt, _, state = spot.load_checkpoint(tmp_path / 'checkpoint.npz', spot.make_optimizer(TC))
     assert state['step'] == 4 and np.isfinite(np.asarray(prompt)).all()
     assert np.isfinite(np.load(tmp_path / 'prompt.npy')).all() and not (tmp_path / 'prompt_step6.npy').exists()
+
+
+# ----------------------------------------------------------------------------------------------- the run folder
+def test_a_run_owns_its_folder_and_a_crashed_holder_leaves_no_stale_lock(tmp_path, frozen):
+    """Regression: two runs on one folder both ran and left one run's checkpoint beside the other's prompt.npy."""
+    with spot.own_folder(tmp_path):                               # another run holds the folder ...
+        with pytest.raises(spot.RunFolderInUse, match=rf'{re.escape(str(tmp_path))} is in use by .*pid {os.getpid()}'):
+            run(tmp_path, frozen, synthetic_batches())
+    assert not (tmp_path / 'checkpoint.npz').exists()
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time, spot; from pathlib import Path\n'
+                               'with spot.own_folder(Path(sys.argv[1])):\n print("locked", flush=True); time.sleep(60)',
+                               str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(spot.RunFolderInUse, match=f'pid {holder.pid} '):
+            run(tmp_path, frozen, synthetic_batches())
+    finally:
+        holder.kill()                                            # a crash: no cleanup code runs ...
+        holder.wait()
+    assert run(tmp_path, frozen, synthetic_batches())['step'] == TC.steps   # ... and the folder is free again
+
+
+def test_a_new_run_never_replaces_an_earlier_runs_prompt(tmp_path, frozen):
+    """Regression: the damaged-checkpoint advice was to delete checkpoint.npz; a new run in that folder then
+    overwrote the best prompt.npy. Leftover *.tmp of an interrupted write are removed at the next start."""
+    run(tmp_path, frozen, synthetic_batches(), meta={'task': 'toy'})
+    best = (tmp_path / 'prompt.npy').read_bytes()
+    ckpt = tmp_path / 'checkpoint.npz'
+    ckpt.write_bytes(ckpt.read_bytes()[:200])                     # damaged
+    with pytest.raises(ValueError, match='not a readable checkpoint.*best prompt so far stays in .*prompt.npy: keep '
+                                         'that folder as it is and start a new run with another --out'):
+        run(tmp_path, frozen, synthetic_batches(), resume=True, meta={'task': 'toy'})
+    ckpt.unlink()                                                 # the old advice
+    (tmp_path / 'checkpoint.npz.tmp').write_bytes(b'half a file')
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match='holds metrics.jsonl, prompt.npy, prompt_step6.npy of an earlier '
+                                                  'run but no checkpoint.npz.*pick a new --out'):
+            run(tmp_path, frozen, synthetic_batches(), resume=resume)
+    assert (tmp_path / 'prompt.npy').read_bytes() == best and not (tmp_path / 'checkpoint.npz.tmp').exists()
+
+
+def test_history_and_prompt_json_after_resume(tmp_path, frozen):
+    """metrics.jsonl holds one line per log line and evaluation; a resume cuts it back to the checkpoint, so it equals
+    an uninterrupted run's (but for the measured rates), also when the run died during an evaluation. prompt.json
+    follows a resume that extends the run (its config.train.steps)."""
+    def history(d):
+        return [{k: v for k, v in json.loads(line).items() if k != 'steps_per_s'}
+                for line in (d / 'metrics.jsonl').read_text().splitlines()]
+    run(tmp_path / 'full', frozen, synthetic_batches())
+    full = history(tmp_path / 'full')
+    assert [(e['step'], 'eval' in e) for e in full] == [(s, e) for s in (4, 8, 12) for e in (False, True)]
+    assert all(np.isfinite(e['loss']) for e in full if 'loss' in e)
+    with pytest.raises(RuntimeError, match='preempted'):
+        run(tmp_path / 'cut', frozen, synthetic_batches(crash_at=10))     # after the step-8 evaluation
+    calls, ev = [], evaluator(frozen)
+
+    def dies_at_step_8(prompt):                                           # dies inside the step-8 evaluation
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError
+        return ev(prompt)
+    with pytest.raises(MemoryError):
+        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC, synthetic_batches(),
+                          dies_at_step_8, tmp_path / 'in_eval', log=quiet)
+    for d in ('cut', 'in_eval'):
+        run(tmp_path / d, frozen, synthetic_batches(), resume=True)
+        assert history(tmp_path / d) == full, d
+    prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
+    spot.train_prompt(prompt, frozen, CFG, dataclasses.replace(TC, steps=16), synthetic_batches(),
+                      lambda p: {'score': -1e9}, tmp_path / 'full', resume=True, log=quiet)   # no new best
+    info = json.loads((tmp_path / 'full' / 'prompt.json').read_text())
+    assert info['config']['train']['steps'] == 16 and info['step'] <= 12
+    assert [e['step'] for e in history(tmp_path / 'full')][-2:] == [16, 16]
+
+
+def interrupting_batches(signum, at):
+    """synthetic_batches whose batch `at` is fetched while the process receives signum (as from Ctrl-C or kill)."""
+    def batches(start):
+        for k, batch in zip(itertools.count(start), synthetic_batches()(start)):
+            if k == at:
+                os.kill(os.getpid(), signum)
+            yield batch
+    return batches
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, frozen, signum):
+    """Regression: Ctrl-C near an evaluation was swallowed by JAX's gc callback and the run went on to rc 0."""
+    full = run(tmp_path / 'full', frozen, synthetic_batches())
+    lines = []
+    with pytest.raises(spot.Interrupted, match=r'after step 6: .*checkpoint.npz holds it; rerun the same command '
+                                               r'with --resume') as stopped:
+        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC,
+                          interrupting_batches(signum, 5), evaluator(frozen), tmp_path / 'cut', log=lines.append)
+    assert stopped.value.exit_code == 128 + signum and 'stopping after this step' in lines[-1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handlers restored
+    _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC))
+    assert state['step'] == 6
+    resumed = run(tmp_path / 'cut', frozen, synthetic_batches(), resume=True)
+    assert leaves_bytes(resumed['prompt']) == leaves_bytes(full['prompt'])
+    assert leaves_bytes(resumed['opt_state']) == leaves_bytes(full['opt_state'])
+
+
+def test_ctrl_c_on_the_command_line_exits_130_and_resumes_to_the_same_bits(shared_data, tmp_path):
+    """A real SIGINT from outside, while `spot.py train` runs: exit 130 with the resume hint, then --resume ends
+    where an uninterrupted run ends."""
+    cmd = [sys.executable, 'spot.py', 'train', '--model', 'tiny', '--task', 'sst2', '--data', str(shared_data / 'glue'),
+           '--vocab', str(shared_data / 't5_spiece.model'), '--steps', '1500', '--batch_size=2', '--length=4',
+           '--max_input_len=16', '--log_every=25', '--eval_every=1000000', '--eval_limit=4', '--eval_batch_size=4']
+    child = subprocess.Popen([*cmd, '--out', str(tmp_path / 'cut')], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:                                  # training has started
+        if line.startswith('step 25/'):
+            break
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert 'rerun the same command with --resume' in err and 'Traceback' not in err
+    subprocess.run([*cmd, '--out', str(tmp_path / 'cut'), '--resume'], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([*cmd, '--out', str(tmp_path / 'full')], cwd=ROOT, check=True, capture_output=True)
+    for name in ('prompt.npy', 'checkpoint.npz'):
+        a, b = (np.load(tmp_path / d / name) for d in ('full', 'cut'))
+        for k in (a.files if name.endswith('.npz') else [None]):
+            if k != 'state':
+                assert (a[k] if k else a).tobytes() == (b[k] if k else b).tobytes(), (name, k)
 
 
 # ----------------------------------------------------------------------------------------------- sharding
@@ -557,6 +699,31 @@ def test_sharded_step_equals_single_device(sharded_run):
     assert r['moved'] > 0.1                       # the steps did something
     assert r['loss_diff'] < 1e-5 and r['prompt_diff'] < 1e-5 and r['opt_diff'] < 1e-5, r
     assert 'batch size 6 is not divisible by the 4 data-parallel devices' in r['bad_batch']
+
+
+def test_cli_prints_the_backend_and_computes_in_bfloat16_on_request(shared_data, tmp_path, capsys):
+    """A run meant for a GPU must not go on unnoticed on the CPU; --dtype bfloat16 is the official runs' compute dtype
+    (the frozen weights in bfloat16, the prompt and its optimizer float32)."""
+    calls = []
+    real = spot.train_step
+
+    def spy(prompt, opt_state, frozen, *rest):
+        calls.append((prompt.dtype, frozen['encoder']['layers_0']['mlp']['wo']['kernel'].dtype))
+        return real(prompt, opt_state, frozen, *rest)
+    spot.train_step = spy
+    try:
+        spot.main(['train', '--model', 'tiny', '--task', 'mrpc', '--data', str(shared_data / 'glue'), '--vocab',
+                   str(shared_data / 't5_spiece.model'), '--steps', '2', '--out', str(tmp_path), '--dtype', 'bfloat16',
+                   '--batch_size=4', '--eval_every=2', '--eval_limit=8', '--eval_batch_size=8', '--max_input_len=48',
+                   '--length=5'])
+    finally:
+        spot.train_step = real
+    out = capsys.readouterr().out
+    assert re.search(rf'JAX {re.escape(jax.__version__)}: \d+ .* device\(s\), backend {jax.default_backend()}', out)
+    assert calls and set(calls) == {(np.dtype(jnp.float32), np.dtype(jnp.bfloat16))}
+    prompt = np.load(tmp_path / 'prompt.npy')
+    assert prompt.dtype == np.float32 and np.isfinite(prompt).all()
+    assert json.loads((tmp_path / 'prompt.json').read_text())['dtype'] == 'bfloat16'
 
 
 def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
