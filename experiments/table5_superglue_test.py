@@ -84,10 +84,13 @@ def load_test(name, data_dir):
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             row = json.loads(line)
-            out.append({"premise": row[first], "hypothesis": row[second], "idx": row["idx"], "label": -1})
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path} line {n}: no {e} field; pass the unmodified {name}.jsonl "
-                             f"({data.SUPERGLUE_URL})") from e
+        except ValueError as e:
+            raise ValueError(f"{path} line {n} is not JSON ({e}); pass the unmodified {name}.jsonl") from e
+        missing = [k for k in (first, second, "idx") if k not in row] if isinstance(row, dict) else ["all"]
+        if missing:
+            raise ValueError(f"{path} line {n}: no {', '.join(map(repr, missing))} field; pass the unmodified "
+                             f"{name}.jsonl ({data.SUPERGLUE_URL})")
+        out.append({"premise": row[first], "hypothesis": row[second], "idx": row["idx"], "label": -1})
     return out
 
 
@@ -124,8 +127,11 @@ def to_label(name, prediction, example):
 
 
 def candidates(name, example):
-    """The T5 strings rank classification chooses from: the task's labels, or ReCoRD's entities."""
+    """The T5 strings rank classification chooses from: the task's labels, or ReCoRD's entities (WSC: none needed,
+    every decoded string is a yes/no about the candidate)."""
     task, labels = SUBMISSION[name]
+    if name == "WSC":
+        raise ValueError("WSC predictions are decoded referents, not labels to rank")
     return example["entities"] if labels is None else data.get_task(task).label_names
 
 
@@ -153,7 +159,7 @@ def predict_file(name, examples, frozen, cfg, prompt, vocab, args):
     task = data.get_task(SUBMISSION[name][0])
     T = task.target_len
     inputs = data.tokenize(vocab, data.text_pairs(task.name, examples), args.max_input_len, T)["inputs"]
-    if args.method == "rank":
+    if args.method == "rank" and name != "WSC":      # WSC's target is the referent's text: always decoded
         preds = rank(frozen, cfg, prompt, inputs, [candidates(name, ex) for ex in examples], vocab, args.batch_size, T)
     else:                                             # T5 / the paper: greedy decoding
         preds = released_prompts.predict(frozen, cfg, prompt, inputs, vocab, args.batch_size, T)
@@ -313,7 +319,8 @@ def parse_args(argv):
     p.add_argument("--data", help="folder with the unzipped SuperGLUE tasks: <Task>/test.jsonl, AX-b/AX-b.jsonl ...")
     p.add_argument("--vocab", help="SentencePiece model (default: the one of --model)")
     p.add_argument("--method", choices=("decode", "rank"), default="decode",
-                   help="decode: greedy, as T5 and the paper (default); rank: rank classification for every example")
+                   help="decode: greedy, as T5 and the paper (default); rank: rank classification of every example "
+                        "(WSC is decoded either way)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_input_len", type=int, default=data.MAX_INPUT_LEN)
     p.add_argument("--out", default=str(common.ROOT / "results"), help="folder for the zip, its files and the json")

@@ -206,3 +206,9 @@ def test_tiny_writes_every_test_example_into_the_zip(shared_data, tmp_path):
             assert by_idx[key] in (ex["entities"] if allowed is None else allowed), (name, by_idx[key])
     counts = {r["task"]: r["lines"] for r in saved["results"]}
     assert counts["MultiRC"] == 2 and counts["ReCoRD"] == 3 and counts["AX-g"] == 2
+
+
+def test_tiny_rank_method_leaves_nothing_invalid(shared_data, tmp_path):
+    res = T.main(["--tiny", "--method", "rank", "--out", str(tmp_path)])
+    assert [r["task"] for r in res["results"]] == list(FILES)
+    assert all(r["invalid"] == 0 for r in res["results"]), res["results"]  # ranked labels are labels by construction
