@@ -322,6 +322,7 @@ def parse_args(argv):
                    help="decode: greedy, as T5 and the paper (default); rank: rank classification of every example "
                         "(WSC is decoded either way)")
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=spot.DTYPES, help="frozen weights/activations (spot.py)")
     p.add_argument("--max_input_len", type=int, default=data.MAX_INPUT_LEN)
     p.add_argument("--out", default=str(common.ROOT / "results"), help="folder for the zip, its files and the json")
     p.add_argument("--tiny", action="store_true", help="random tiny T5, a few examples per file, seconds (CI)")
@@ -341,8 +342,9 @@ def main(argv=None):
 
 def run(args):
     start, tmp = time.time(), None
+    print(spot.device_summary(), flush=True)
     if args.tiny:  # random tiny T5; test files and per-task random prompts written to a temporary folder
-        cfg, frozen = common.frozen_model("", tiny=True)
+        cfg, frozen = common.frozen_model("", True, args.dtype)
         vocab = common.vocab_for("", True)
         if vocab is None or not (common.SHARED / "superglue").is_dir():
             raise FileNotFoundError(f"--tiny reads t5_spiece.model and superglue/*/val.jsonl from {common.SHARED}")
@@ -361,7 +363,7 @@ def run(args):
         for name, examples in tests.items():
             check_idx(name, examples)
         if not args.tiny:
-            cfg, frozen = t5_model.load_checkpoint(args.model)
+            cfg, frozen = common.frozen_model(args.model, False, args.dtype)
         prompts = load_prompts(args.prompts, cfg.d_model)
         folder = Path(args.out) / "table5_superglue_test"
         folder.mkdir(parents=True, exist_ok=True)
