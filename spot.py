@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import t5_model
@@ -305,16 +307,46 @@ _MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,
                'wo': (0,), 'token_embedder': (0, 1), 'logits_dense': (1, 0)}
 
 
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, timeout_s: int = 300):
+    """Join a multi-process (multi-host) run: one process per host, all running the same command. With a coordinator
+    (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster (Cloud TPU pod,
+    Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU processes exchange
+    through gloo, jax's default CPU collectives: the tests run so.)"""
+    if coordinator is None and not multi_process_env():
+        return
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=min(100, timeout_s), shutdown_timeout_seconds=timeout_s)
+
+
+def multi_process_env() -> bool:
+    """A launcher that started several processes of this command: Slurm (srun), Open MPI (mpirun), a Cloud TPU pod."""
+    env = os.environ
+    return (int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1 and 'SLURM_STEP_ID' in env
+            or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+
+
 def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
-    """A ('data', 'model') mesh over all devices: batch split over 'data', frozen weights over 'model'."""
+    """A ('data', 'model') mesh: batch split over 'data', frozen weights over 'model'. Each 'model' group lies within
+    one process (host), whose devices share fast links; only 'data' crosses hosts (its gradient all-reduce is the
+    one collective a step needs between hosts: the [P,D] prompt's)."""
     devices = np.asarray(jax.devices() if devices is None else devices)
-    if model_parallel < 1 or devices.size % model_parallel:
-        raise ValueError(f'{devices.size} devices cannot be split into model-parallel groups of {model_parallel}')
-    return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
+    per_host = {}
+    for d in devices.flat:
+        per_host.setdefault(d.process_index, []).append(d)
+    local = min(len(v) for v in per_host.values())
+    if model_parallel < 1 or local % model_parallel or devices.size % model_parallel:
+        raise ValueError(f'--model-parallel {model_parallel} does not divide the {local} devices of one host '
+                         f'({devices.size} in all): model-parallel groups stay within a host; pick a divisor of {local}')
+    if len(per_host) == 1:
+        return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
+    grid = mesh_utils.create_hybrid_device_mesh((local // model_parallel, model_parallel), (len(per_host), 1),
+                                                devices=list(devices.flat), process_is_granule=True)
+    return Mesh(grid, ('data', 'model'))
 
 
 def param_shardings(mesh: Mesh, params):
-    """NamedSharding for every frozen leaf (a pytree like params)."""
+    """NamedSharding for every frozen leaf (a pytree like params, or of their jax.ShapeDtypeStruct)."""
     n = mesh.shape['model']
 
     def spec(path, x):
@@ -328,24 +360,63 @@ def param_shardings(mesh: Mesh, params):
 
 
 def shard_params(mesh: Mesh | None, params):
-    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None: unchanged."""
-    return params if mesh is None else jax.device_put(params, param_shardings(mesh, params))
+    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None or already placed there: unchanged."""
+    if mesh is None:
+        return params
+    want = param_shardings(mesh, params)
+    if all(getattr(x, 'sharding', None) == s for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(want))):
+        return params                          # loaded or created sharded (load_model): nothing to move
+    return jax.device_put(params, want)
 
 
 def shard_batch(mesh: Mesh | None, batch):
-    """A batch split along its leading (batch) axis over 'data'; mesh None: unchanged."""
+    """A batch split along its leading (batch) axis over 'data'; mesh None: unchanged. With several processes each
+    passes its own rows (process_rows), and the global batch is assembled from them without any host copying."""
     if mesh is None:
         return batch
-    b = next(iter(batch.values())).shape[0]
+    b = next(iter(batch.values())).shape[0] * jax.process_count()
     if b % mesh.shape['data']:
         raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel devices: "
                          f"pick a --batch_size that is, or a larger --model-parallel")
-    return jax.device_put(batch, NamedSharding(mesh, PartitionSpec('data')))
+    sharding = NamedSharding(mesh, PartitionSpec('data'))
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def process_rows(mesh: Mesh | None, batch_size: int) -> slice:
+    """The rows of a global batch that this process holds (and reads): all of them for one process; else the
+    contiguous block its devices hold along 'data'."""
+    if mesh is None or jax.process_count() == 1:
+        return slice(0, batch_size)
+    indices = NamedSharding(mesh, PartitionSpec('data')).addressable_devices_indices_map((batch_size,)).values()
+    start, stop = min(i[0].start or 0 for i in indices), max(i[0].stop or batch_size for i in indices)
+    if (stop - start) * jax.process_count() != batch_size:
+        raise ValueError(f'this process holds rows {start}:{stop} of {batch_size}, not a 1/{jax.process_count()} '
+                         f'block: the mesh does not split the batch evenly over processes')
+    return slice(start, stop)
 
 
 def replicate(mesh: Mesh | None, tree):
     """A full copy on every device (the prompt and its optimizer state: 100 x D floats); mesh None: unchanged."""
-    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    if mesh is None:
+        return tree
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]), tree)
+
+
+def spread_rows(mesh: Mesh | None, x):
+    """An array every process holds whole (evaluation inputs), split over 'data' by rows; mesh None: unchanged."""
+    if mesh is None:
+        return x
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec('data')), lambda i: x[i])
+
+
+def gather(x) -> np.ndarray:
+    """A (possibly multi-host) array as one numpy array on every process (evaluation outputs)."""
+    if jax.process_count() == 1 or getattr(x, 'is_fully_addressable', True):
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -497,6 +568,39 @@ def stop_requests(log):
             signal.signal(s, h)
 
 
+def on_lead(fn, *args):
+    """fn(*args) on process 0 alone, which owns the run folder (it alone reads and writes it); what fn returns (numpy
+    and JSON values), or the error it raised, reaches every process, so all take the same decision. One process:
+    fn(*args)."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    payload = b''
+    if jax.process_index() == 0:
+        try:
+            payload = pickle.dumps((fn(*args), None))
+        except Exception as e:             # noqa: BLE001 -- re-raised on every process below
+            payload = pickle.dumps((None, e))
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
+    buf = np.zeros(n, np.uint8)
+    buf[:len(payload)] = np.frombuffer(payload, np.uint8)
+    value, error = pickle.loads(multihost_utils.broadcast_one_to_all(buf).tobytes())
+    if error is not None:
+        raise error
+    return value
+
+
+def _to_numpy(prompt, opt_state, state):
+    return np.asarray(prompt), jax.tree.map(np.asarray, opt_state), state
+
+
+def any_signal(signals) -> int:
+    """The signal that asked this run to stop, on any process (0: none): all processes stop at the same step."""
+    mine = signals[0] if signals else 0
+    if jax.process_count() == 1:
+        return mine
+    return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 def weights_fingerprint(frozen) -> str:
     """16 hex digits of sha256 over a few small leaves that differ between any two checkpoints of one architecture
@@ -525,9 +629,11 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     leaving the last good checkpoint.
     Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
     """
-    out = Path(out_dir)
+    out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
+    log = log if lead else (lambda *_: None)
     check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
-    with own_folder(out), stop_requests(log) as signals:
+    with contextlib.ExitStack() as folder, stop_requests(log) as signals:
+        on_lead(lambda: folder.enter_context(own_folder(out)) and None)
         optimizer, ckpt = make_optimizer(tc), out / 'checkpoint.npz'
         prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
         opt_state = optimizer.init(prompt)
@@ -540,9 +646,11 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
         state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
                  'config': dataclasses.asdict(tc), 'run': run}
         info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
-        check_new_run(out, resume)
-        if resume and ckpt.exists():
-            prompt, opt_state, state = resume_checkpoint(ckpt, optimizer, tc, run, prompt.shape, info, log)
+        on_lead(check_new_run, out, resume)
+        if resume and on_lead(ckpt.exists):
+            prompt, opt_state, state = on_lead(lambda: _to_numpy(*resume_checkpoint(
+                ckpt, optimizer, tc, run, prompt.shape, info, log)))
+            prompt, opt_state = jnp.asarray(prompt), jax.tree.map(jnp.asarray, opt_state)
         elif resume:
             log(f'no checkpoint {ckpt} to resume: starting at step 0')
         frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
@@ -558,15 +666,18 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
         def keep_best(prompt, done):                # §2.1.4: keep the checkpoint with the best validation score
             metrics = evaluator(prompt)
             log(f'step {done}  eval {_json(metrics, None).decode()}')
-            append_history(out, {'step': done, 'eval': metrics})
             score = float(metrics['score'])
             score = score if math.isfinite(score) else -math.inf   # e.g. Pearson of constants
-            if state['best_score'] is None or score > state['best_score']:
+            best = state['best_score'] is None or score > state['best_score']
+            if best:
                 state.update(best_score=score, best_step=done)
-                save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
-                                                    'metrics': metrics})
             state['eval_pending'] = False
-            save_checkpoint(ckpt, prompt, opt_state, state)        # with this evaluation's best score
+            if lead:
+                append_history(out, {'step': done, 'eval': metrics})
+                if best:
+                    save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
+                                                        'metrics': metrics})
+                save_checkpoint(ckpt, prompt, opt_state, state)    # with this evaluation's best score
 
         if state.get('eval_pending') and evaluator is not None:    # interrupted during the evaluation of its step
             keep_best(prompt, state['step'])
@@ -579,7 +690,8 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
                 stop(f'loss is {loss} at step {done}')
             losses.append(loss)
             evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
-            checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or bool(signals)
+            signum = any_signal(signals)
+            checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or signum
             if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):  # a NaN grad
                 stop(f'the prompt has NaN or inf values after step {done} (loss {loss})')
             if done % tc.log_every == 0 or done == tc.steps:
@@ -587,20 +699,22 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
                 eta = int((tc.steps - done) / rate)
                 log(f'step {done}/{tc.steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
                     f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
-                append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
+                if lead:
+                    append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
                 t_log, n_log = time.perf_counter(), done
-            if done == tc.embedding_step:           # §3.2: the task embedding
+            if done == tc.embedding_step and lead:  # §3.2: the task embedding
                 save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
             if checkpoint:                          # before evaluating: an evaluator that fails loses no training
                 state.update(step=done, data_position=done, eval_pending=evaluated)
-                save_checkpoint(ckpt, prompt, opt_state, state)
+                if lead:
+                    save_checkpoint(ckpt, prompt, opt_state, state)
                 if evaluated:
                     keep_best(prompt, done)
                 t_log, n_log = time.perf_counter(), done
-            if signals and done < tc.steps:
-                raise Interrupted(f'stopped by {signal.Signals(signals[0]).name} after step {done}: {ckpt} holds '
-                                  f'it; rerun the same command with --resume (resume=True) to continue', signals[0])
-        if evaluator is None and state['best_step'] is None and state['step'] == tc.steps:   # never evaluated
+            if signum and done < tc.steps:
+                raise Interrupted(f'stopped by {signal.Signals(signum).name} after step {done}: {ckpt} holds '
+                                  f'it; rerun the same command with --resume (resume=True) to continue', signum)
+        if evaluator is None and state['best_step'] is None and state['step'] == tc.steps and lead:   # never evaluated
             save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
     return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'], 'best_score': state['best_score'],
             'best_step': state['best_step'], 'losses': losses}
@@ -633,9 +747,10 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
-             batch_size=64) -> list[str]:
+             batch_size=64, mesh=None) -> list[str]:
     """Predicted strings for inputs int32 [n,S], without dropout. 'decode': greedy decoding (T5); 'rank': rank
-    classification, the label whose target string has the highest log-likelihood."""
+    classification, the label whose target string has the highest log-likelihood. With a mesh each batch is split
+    over 'data' and the predictions gathered (every process returns all of them)."""
     if method == 'rank':
         if not label_names:
             raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
@@ -650,17 +765,17 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
         x = np.zeros((batch_size, inputs.shape[1]), np.int32)
         x[:min(batch_size, n - i)] = inputs[i:i + batch_size]
         if method == 'decode':
-            ids = np.asarray(t5_model.greedy_decode(frozen, cfg, x, prompt, max_len=max_target_len))
+            ids = gather(t5_model.greedy_decode(frozen, cfg, spread_rows(mesh, x), prompt, max_len=max_target_len))
             for row in ids.tolist():            # tokens before EOS (greedy_decode pads with 0 after it)
                 preds.append(vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row))
         else:
-            scores = np.stack([np.asarray(t5_model.score_targets(
-                frozen, cfg, x, np.broadcast_to(lab, (batch_size, lab.size)), prompt)) for lab in labels], axis=1)
+            scores = np.stack([gather(t5_model.score_targets(frozen, cfg, spread_rows(mesh, x), spread_rows(
+                mesh, np.broadcast_to(lab, (batch_size, lab.size))), prompt)) for lab in labels], axis=1)
             preds += [label_names[j] for j in scores.argmax(1)]
     return preds[:n]
 
 
-def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None):
+def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None, mesh=None):
     """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's `split`."""
     import data
     task = data.get_task(task_name)
@@ -674,7 +789,7 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
 
     def run(prompt):
         preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.output_labels,
-                         max_target_len=T, batch_size=tc.eval_batch_size)
+                         max_target_len=T, batch_size=tc.eval_batch_size, mesh=mesh)
         return data.score(task_name, examples, preds)
     return run
 
@@ -687,20 +802,26 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def load_model(name: str, seed: int = 0, dtype: str = 'float32'):
-    """--model: 'tiny' (random T5Config.tiny()), a hub id or a checkpoint directory -> (cfg, params in dtype)."""
-    if name == 'tiny':
-        cfg = t5_model.T5Config.tiny()
-        return cfg, t5_model.init_params(jax.random.key(seed), cfg, DTYPES[dtype])
-    return t5_model.load_checkpoint(name, DTYPES[dtype])
+def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | None = None):
+    """--model: 'tiny' (random T5Config.tiny()), a hub id or a checkpoint directory -> (cfg, params in dtype).
+    With a mesh the weights are created or read straight into their shards (each host reads only its blocks)."""
+    dtype, place = DTYPES[dtype], mesh and functools.partial(param_shardings, mesh)
+    if name != 'tiny':
+        return t5_model.load_checkpoint(name, dtype, place)
+    cfg = t5_model.T5Config.tiny()
+    init = functools.partial(t5_model.init_params, cfg=cfg, dtype=dtype)
+    if place:
+        init = jax.jit(init, out_shardings=place(jax.eval_shape(init, jax.random.key(seed))))
+    return cfg, init(jax.random.key(seed))
 
 
 def device_summary() -> str:
     """What JAX runs on, printed when a run starts: a run meant for a GPU must not go on unnoticed on the CPU."""
     devices = jax.devices()
     hint = ' (the CPU build of jax: README, "On a GPU or TPU")' if jax.default_backend() == 'cpu' else ''
-    return f'JAX {jax.__version__}: {len(devices)} {devices[0].device_kind} device(s), backend {jax.default_backend()}' \
-           f'{hint}'
+    hosts = f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''
+    return f'JAX {jax.__version__}: {len(devices)} {devices[0].device_kind} device(s){hosts}, ' \
+           f'backend {jax.default_backend()}{hint}'
 
 
 def main(argv=None):
@@ -717,6 +838,10 @@ def main(argv=None):
         q.add_argument('--model-parallel', type=int, default=1, help="devices per 'model' mesh group")
         q.add_argument('--dtype', default='float32', choices=DTYPES,
                        help='frozen weights and activations; bfloat16 as the official runs (the prompt stays float32)')
+        q.add_argument('--coordinator', default=None, help='multi-host: HOST:PORT of process 0 (README, Multi-host)')
+        q.add_argument('--num-processes', type=int, default=None, help='multi-host: number of processes')
+        q.add_argument('--process-id', type=int, default=None, help='multi-host: this process, 0 .. N-1')
+        q.add_argument('--distributed-timeout', type=int, default=300, help='multi-host: seconds to wait for peers')
     train.add_argument('--init', default=None, choices=INITS, help='prompt initialisation (default sampled_vocab)')
     train.add_argument('--source-prompt', default=None, help='.npy [P,D] to start from: SPoT transfer')
     train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
@@ -748,18 +873,22 @@ def main(argv=None):
 
 def _setup(args, tc):
     import data
-    print(device_summary(), flush=True)
-    cfg, frozen = load_model(args.model, tc.seed, args.dtype)
+    init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
+    if jax.process_index() == 0:
+        print(device_summary(), flush=True)
     mesh = make_mesh(args.model_parallel) if jax.device_count() > 1 or args.model_parallel != 1 else None
-    return data, cfg, shard_params(mesh, frozen), data.load_vocab(args.vocab), mesh
+    cfg, frozen = load_model(args.model, tc.seed, args.dtype, mesh)
+    return data, cfg, frozen, data.load_vocab(args.vocab), mesh
 
 
 def evaluate_cli(args, tc, pc):
-    data, cfg, frozen, vocab, _ = _setup(args, tc)
+    data, cfg, frozen, vocab, mesh = _setup(args, tc)
     prompt = np.load(args.prompt)
     check_prompt(prompt, cfg.d_model, what=args.prompt)
-    run = make_evaluator(args.task, frozen, cfg, vocab, tc, args.split, args.data)
-    print(json.dumps(run(jnp.asarray(prompt, jnp.float32))))
+    run = make_evaluator(args.task, frozen, cfg, vocab, tc, args.split, args.data, mesh)
+    scores = run(jnp.asarray(prompt, jnp.float32))
+    if jax.process_index() == 0:
+        print(json.dumps(scores))
 
 
 def train_cli(args, tc, pc):
@@ -772,18 +901,22 @@ def train_cli(args, tc, pc):
         raise ValueError(f'{task.name} has no class labels: use --init text --text="..." (Lester: task words)')
     labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
     text = list(vocab.encode(pc.text)) if pc.text else None
-    prompt = init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text)
+    prompt = gather(init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text))
     examples = data.load_examples(args.task, 'train', args.data)
     arrays = data.tokenize(vocab, data.text_pairs(args.task, examples, train=True), tc.max_input_len,
                            tc.max_target_len or task.target_len)
-    evaluator = make_evaluator(args.task, frozen, cfg, vocab, tc, data_dir=args.data) if task.metrics else None
-    if evaluator is None:                     # c4 (prefix LM): the unsupervised source of Table 2 has no metric
+    evaluator = make_evaluator(args.task, frozen, cfg, vocab, tc, data_dir=args.data, mesh=mesh) \
+        if task.metrics else None
+    lead, rows = jax.process_index() == 0, process_rows(mesh, tc.batch_size)   # this process's rows of each batch
+    if evaluator is None and lead:            # c4 (prefix LM): the unsupervised source of Table 2 has no metric
         print(f'{task.name} has no validation metric: prompt.npy will be the prompt after the last step')
-    result = train_prompt(prompt, frozen, cfg, tc, lambda k: data.batches(arrays, tc.batch_size, tc.seed, start=k),
-                          evaluator, args.out,
+    batches = lambda k: ({n: v[rows] for n, v in b.items()}                                  # noqa: E731
+                         for b in data.batches(arrays, tc.batch_size, tc.seed, start=k))
+    result = train_prompt(prompt, frozen, cfg, tc, batches, evaluator, args.out,
                           meta={'model': args.model, 'dtype': args.dtype, 'task': args.task, 'init': pc.init,
                                 'prompt_config': dataclasses.asdict(pc)}, resume=args.resume, mesh=mesh)
-    print(f"best score {result['best_score']} at step {result['best_step']}; prompt in {args.out}/prompt.npy")
+    if lead:
+        print(f"best score {result['best_score']} at step {result['best_step']}; prompt in {args.out}/prompt.npy")
 
 
 if __name__ == '__main__':

@@ -475,6 +475,27 @@ def hf_name_map(cfg):
     return names
 
 
+def _read_block(w, path, shape, dtype, index):
+    """Block `index` (a tuple of slices of the T5X shape) of the HF tensor w, reading only its bytes when w is a
+    memory map. torch Linear weights are transposed, and [D,N,H] / [N,H,D] kernels merge N and H: a block along N
+    is a contiguous range of N*H."""
+    index = tuple(range(*i.indices(n)) for i, n in zip(index, shape))
+    if not _is_linear(path):
+        return np.asarray(w[tuple(slice(r.start, r.stop) for r in index)], dtype)
+    t = w.T
+    if len(shape) == 3:
+        heads = 0 if path.endswith("out/kernel") else 1
+        h = shape[2] if heads == 1 else shape[1]
+        assert len(index[heads + 1]) == h, f"{path}: a block may split the heads N, not the head width H"
+        r = index[heads]
+        merged = slice(r.start * h, r.stop * h)
+        cols = (merged, slice(index[2].start, index[2].stop)) if heads == 0 else \
+            (slice(index[0].start, index[0].stop), merged)
+        block = np.asarray(t[cols], dtype)
+        return block.reshape([len(r) for r in index])
+    return np.asarray(t[tuple(slice(r.start, r.stop) for r in index)], dtype)
+
+
 def _is_linear(path):
     """torch Linear weights (and HF's relpos table [K,N]) are stored transposed; the embedding and norms are not."""
     return path != "token_embedder/embedding" and not path.endswith("/scale")
@@ -569,8 +590,11 @@ def _resolve(path_or_hub_id):
         raise FileNotFoundError(f"{path_or_hub_id} is neither a local directory nor a downloadable hub model: {e}") from e
 
 
-def load_checkpoint(path_or_hub_id, dtype=jnp.float32):
-    """A HF T5 checkpoint (local directory or hub id) -> (T5Config, params with T5X names, cast to dtype)."""
+def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
+    """A HF T5 checkpoint (local directory or hub id) -> (T5Config, params with T5X names, cast to dtype).
+    shardings(shapes) -> a pytree of jax Shardings like params (spot.param_shardings): each leaf is then built from
+    the blocks this process's devices hold, read from the memory-mapped safetensors file block by block, so a host
+    never holds a whole tensor that its devices split, and no process sends weights to another."""
     d = _resolve(str(path_or_hub_id))
     if not (d / "config.json").exists():
         if (d / "checkpoint").is_file() or any(d.glob("checkpoint_*/checkpoint")):
@@ -601,11 +625,16 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32):
             and "shared.weight" in tensors):
         tensors["lm_head.weight"] = tensors["shared.weight"]
     names, flat, problems = hf_name_map(cfg), {}, []
+    placed = _flatten(shardings(_unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in want.items()}))) \
+        if shardings else {}
     for name, path in names.items():
         if name not in tensors:
             problems.append(f"missing tensor {name}")
         elif tuple(tensors[name].shape) != _torch_shape(path, want[path]):
             problems.append(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {_torch_shape(path, want[path])}")
+        elif path in placed:
+            flat[path] = jax.make_array_from_callback(want[path], placed[path], functools.partial(
+                _read_block, tensors[name], path, want[path], dtype))
         else:
             w = np.asarray(tensors[name])
             flat[path] = jnp.asarray(w.T.reshape(want[path]) if _is_linear(path) else w, dtype=dtype)

@@ -449,7 +449,7 @@ def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
     assert 'eval_every=0 (must be >= 1)' in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r'steps=0 \(must be >= 1\)'):
         spot.main([*common, '--steps', '0'])
-    with pytest.raises(ValueError, match='model-parallel groups of 0'):
+    with pytest.raises(ValueError, match='--model-parallel 0 does not divide'):
         spot.make_mesh(0)
     # Regressions: dropout 1.0 / 1.5 / -0.5 raised OverflowError from JAX after the model and data loaded, and
     # --learning_rate=nan said "expects float, got str".
