@@ -416,7 +416,9 @@ def hf_checkpoint(d, kind):
                                 tie_word_embeddings=not untied)
     model = transformers.T5ForConditionalGeneration(cfg).eval()
     d.mkdir(parents=True)
-    if not untied:
+    if not untied:                  # at HF's init its std-1 embedding drowns the rest: every output is one token
+        with torch.no_grad():
+            model.shared.weight.mul_(0.1)
         model.save_pretrained(d)
         return str(d)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items() if 'embed_tokens' not in k}
@@ -470,15 +472,20 @@ def test_export_runs_in_peft_as_in_ours(tmp_path, kind):
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(),
                     decoder_input_ids=torch.tensor(dec)).logits.numpy()
     cfg, params = t5_model.load_checkpoint(d)
-    ids, dec = jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32)
-    ours = np.asarray(t5_model.forward(params, cfg, ids, dec, prompt=jnp.asarray(prompt)))
+    j_ids, j_dec, j_prompt = jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32), jnp.asarray(prompt)
+    ours = np.asarray(t5_model.forward(params, cfg, j_ids, j_dec, prompt=j_prompt))
     # float32 rounding of a length-n reduction stays within n eps of the values' scale; n: the longest one
     scale = np.abs(ref).max()
     tol, diff = np.finfo(np.float32).eps * max(cfg.d_ff, Pn + S) * scale, np.abs(ours - ref).max()
     print(f'{kind}: max |logit diff| PEFT vs ours {diff:.2e} (tolerance {tol:.2e}, max |logit| {scale:.2f})')
     np.testing.assert_allclose(ours, ref, rtol=0, atol=tol)
-    without = np.asarray(t5_model.forward(params, cfg, ids, dec))
+    without = np.asarray(t5_model.forward(params, cfg, j_ids, j_dec))
     assert np.abs(without - ref).max() > 100 * tol                   # the prompt matters at this tolerance
+    with torch.no_grad():                                             # PEFT's generate path prepends it too
+        tokens = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(),
+                                max_new_tokens=T, do_sample=False, num_beams=1).numpy()[:, 1:]
+    tokens = np.pad(tokens, ((0, 0), (0, T - tokens.shape[1])))      # HF stops once every row has hit EOS
+    np.testing.assert_array_equal(t5_model.greedy_decode(params, cfg, j_ids, j_prompt, max_len=T), tokens)
 
 
 def test_prompt_trained_with_peft_imports_row_for_row(tmp_path):
