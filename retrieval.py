@@ -134,7 +134,7 @@ def save_to_library(directory, prompt, task, run=0, step=None, model=None, score
 def _read(path, read):
     try:
         return read(path)
-    except (ValueError, EOFError) as e:  # bad JSON, a truncated or pickled .npy
+    except ValueError as e:  # bad JSON
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
@@ -142,22 +142,39 @@ def _json_file(path):
     return json.loads(Path(path).read_text())
 
 
+def _library_items(directory):
+    """(stem, path) of each prompt in a library folder, by name: *.npy; the official code's T5X prompt files,
+    <stem>.encoder.prompt.prompt.prompt; folders that hold a PEFT adapter or a T5X numpy checkpoint."""
+    import spot
+    for path in sorted(directory.iterdir()):
+        if path.is_dir() and ((path / spot.PEFT_CONFIG).is_file() or (path / spot.T5X_PROMPT).is_file()):
+            yield path.name, path
+        elif path.is_file() and path.suffix == ".npy":
+            yield path.stem, path
+        elif path.is_file() and path.name.endswith(spot.T5X_PROMPT):
+            yield path.name.removesuffix(spot.T5X_PROMPT).rstrip(".") or path.name, path
+
+
 def load_library(directory):
-    """Every *.npy in `directory` (sorted by name) as a PromptEntry. A JSON sidecar of the same stem gives
-    task/run/step/model/score; without one (e.g. Google's released sst2.npy) the task is the file stem."""
+    """Every prompt in `directory` (_library_items: .npy, T5X and PEFT prompts) as a PromptEntry. A JSON
+    sidecar <stem>.json gives task/run/step/model/score; without one (e.g. Google's released sst2.npy) the
+    task is the stem."""
+    import spot  # the one prompt reader (load_prompt); imported here: retrieval's math needs no jax
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"prompt library {directory} is not a directory")
     entries = []
-    for path in sorted(directory.glob("*.npy")):
-        sidecar = path.with_suffix(".json")
-        meta, prompt = _read(sidecar, _json_file) if sidecar.exists() else {}, _read(path, np.load)
+    for stem, path in _library_items(directory):
+        sidecar = directory / f"{stem}.json"
+        meta, prompt = _read(sidecar, _json_file) if sidecar.exists() else {}, spot.load_prompt(path)
         if sidecar.exists() and (not isinstance(meta, dict) or "task" not in meta):
             raise ValueError(f"{sidecar} has no 'task' field; write it with save_to_library")
         fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
-        entries.append(PromptEntry(meta.get("task", path.stem), _as_prompt(prompt, str(path)), path=path, **fields))
+        task = meta.get("task", stem)
+        entries.append(PromptEntry(task, _as_prompt(prompt, str(path)), path=path, **fields))
     if not entries:
-        raise ValueError(f"prompt library {directory} holds no .npy prompts")
+        raise ValueError(f"prompt library {directory} holds no .npy prompts, T5X {spot.T5X_PROMPT} files or "
+                         "PEFT adapter folders")
     return entries
 
 
@@ -177,6 +194,11 @@ def rank_sources(target, library, metric="per_token"):
     Returns [(PromptEntry, similarity)]."""
     if not library:
         raise ValueError("the prompt library is empty: save source prompts with save_to_library first")
+    widths = {np.shape(e.prompt)[-1] for e in library}
+    for run in _runs(target):  # a target of another width: say so, rather than blame the first library prompt
+        if np.ndim(run) == 2 and np.shape(run)[1] not in widths:
+            raise ValueError(f"the target prompt is {np.shape(run)[1]} wide but every library prompt is "
+                             f"{' or '.join(map(str, sorted(widths)))} wide: prompts of one model size only")
     sims = []
     for entry in library:  # §3.3: each of the 48 source prompts (16 tasks x 3 runs) is scored on its own, not per task
         try:
@@ -347,17 +369,27 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Task similarity and source retrieval over a prompt library (SPoT §3).")
     sub = parser.add_subparsers(dest="command", required=True)
     rank = sub.add_parser("rank", help="print source prompts by similarity to the target's prompt (§3.3)")
-    rank.add_argument("--target", required=True, nargs="+", help="target prompt .npy (several = runs, averaged)")
+    rank.add_argument("--target", required=True, nargs="+",
+                      help="target prompt: .npy, T5X prompt file, PEFT adapter (several = runs, averaged)")
     rank.add_argument("--k", type=int, default=None, help="print the top k, alpha = TOP-k weights (default: all)")
     matrix = sub.add_parser("matrix", help="print the task similarity matrix of a library (Fig. 4)")
     for p in (rank, matrix):
-        p.add_argument("--library", required=True, help="directory of .npy prompts (+ optional .json metadata)")
+        p.add_argument("--library", required=True,
+                       help="directory of .npy, T5X and PEFT prompts (+ optional <stem>.json metadata)")
         p.add_argument("--metric", default="per_token", choices=sorted(METRICS))
     args = parser.parse_args(argv)
     try:
         library = load_library(args.library)
         if args.command == "rank":
-            ranking = rank_sources([_as_prompt(_read(f, np.load), f) for f in args.target], library, args.metric)
+            import spot
+            targets = {f: spot.load_prompt(f, what="target prompt") for f in args.target}
+            widths = {e.prompt.shape[1] for e in library}
+            for f, t in targets.items():  # the target's width, not a library prompt's, is what is off
+                if t.shape[1] not in widths:
+                    raise ValueError(f"target prompt {f} is {t.shape[1]} wide but every prompt in "
+                                     f"{args.library} is {' or '.join(map(str, sorted(widths)))} wide: rank "
+                                     "against a library of prompts tuned on the same model size")
+            ranking = rank_sources(list(targets.values()), library, args.metric)
             _print_ranking(ranking, len(ranking) if args.k is None else args.k, args.metric)
             return
         groups = group_by_task(library)

@@ -8,7 +8,8 @@
 §3.2    the prompt after 10K steps is the task embedding (fn. 13): TrainConfig.embedding_step -> prompt_step10000.npy
 App. C  ModelTuning baseline of Figure 1 (every weight trains): MODEL_TUNING, model_tuning_step
 Evaluation on validation (greedy decoding or rank classification -> task metric): evaluate, make_evaluator
-Data/model parallelism: make_mesh, shard_params, shard_batch, replicate.   CLI: `python spot.py train|eval --help`.
+Prompt files (.npy; the official code's T5X prompt files; Hugging Face PEFT adapters): load_prompt, export_peft
+Data/model parallelism: make_mesh, shard_params, shard_batch, replicate.   CLI: `python spot.py train|eval|export -h`.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class PromptConfig:
     vocab_pool: int = 5000       # §2.1.4 / Lester et al. 2021: the 5,000 most common tokens = ids < 5000
     uniform_scale: float = 0.5   # PT code prompts.py default uniform(scale=0.5) = U[0, 0.5) (NOTES §7.3; we follow
                                  # the code that produced Lester's numbers, not its text's [-0.5, 0.5])
-    source: str = ''             # 'file': a .npy [P,D] source prompt (SPoT's transfer, §2)
+    source: str = ''             # 'file': the source prompt (SPoT's transfer, §2), a file load_prompt reads
     text: str = ''               # 'text': its token embeddings fill the first rows (Lester: ReCoRD, WSC)
 
     def __post_init__(self):
@@ -143,14 +144,16 @@ def override(cfg, argv):
 
 
 # ----------------------------------------------------------------------------------------------- prompts
-def check_prompt(prompt, d_model: int, length: int | None = None, what: str = 'prompt'):
-    """Refuse a prompt that is not a finite float [P, d_model] (e.g. a Base prompt, 768 wide, on a Small model)."""
+def check_prompt(prompt, d_model: int | None, length: int | None = None, what: str = 'prompt'):
+    """Refuse a prompt that is not a finite float [P, d_model] (e.g. a Base prompt, 768 wide, on a Small
+    model). d_model None: any width."""
     prompt = prompt if hasattr(prompt, 'dtype') else np.asarray(prompt)
     shape = tuple(prompt.shape)
     if len(shape) != 2:
-        raise ValueError(f'{what} has shape {shape}: a prompt is a 2-D array [P, D], and this model needs '
-                         f'D = d_model {d_model}; save one prompt [P, {d_model}] per .npy')
-    if shape[1] != d_model:
+        need = '' if d_model is None else f', and this model needs D = d_model {d_model}'
+        raise ValueError(f'{what} has shape {shape}: a prompt is a 2-D array [P, D]{need}; '
+                         f'save one prompt [P, {d_model or "D"}] per .npy')
+    if d_model is not None and shape[1] != d_model:
         raise ValueError(f'{what} has shape {shape}: width {shape[1]} but the model has '
                          f'd_model {d_model}. Prompts transfer only between models of the same width; '
                          f'use a source prompt trained on a model of the same size')
@@ -158,7 +161,9 @@ def check_prompt(prompt, d_model: int, length: int | None = None, what: str = 'p
         raise ValueError(f'{what} has {shape[0]} rows but PromptConfig.length is {length}: '
                          f'pass --length={shape[0]}')
     if not jnp.issubdtype(prompt.dtype, jnp.floating):
-        raise ValueError(f'{what} has dtype {prompt.dtype}: a prompt holds real (float) values')
+        raw = prompt.dtype == 'V2'                   # np.save writes bfloat16 as 2 raw bytes
+        hint = ' (bfloat16 saved as raw bytes? cast it to float32 before np.save)' if raw else ''
+        raise ValueError(f'{what} has dtype {prompt.dtype}: a prompt holds real (float) values{hint}')
     if not np.isfinite(np.asarray(prompt, np.float32)).all():
         raise ValueError(f'{what} holds NaN or inf values: it comes from a diverged run; use an earlier prompt')
 
@@ -182,16 +187,7 @@ def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=N
     if cfg.init == 'file':                       # SPoT §2: the target prompt starts as the source prompt
         if not cfg.source:
             raise ValueError("init 'file' needs PromptConfig.source (CLI: --source-prompt PATH.npy)")
-        try:
-            prompt = np.load(cfg.source)
-        except (ValueError, EOFError) as e:     # truncated, pickled, not a .npy at all
-            raise ValueError(f'cannot read source prompt {cfg.source} ({e}): expected a .npy of a float array '
-                             f'[{P}, {D}], as np.save writes it') from None
-        if not isinstance(prompt, np.ndarray):  # an .npz archive
-            prompt.close()
-            raise ValueError(f'source prompt {cfg.source} is an .npz archive; save the [{P}, {D}] prompt with np.save')
-        check_prompt(prompt, D, P, what=f'source prompt {cfg.source}')
-        return jnp.asarray(prompt, jnp.float32)
+        return jnp.asarray(load_prompt(cfg.source, D, P, what='source prompt'))
     if cfg.init == 'uniform':
         return jax.random.uniform(key, (P, D), jnp.float32, 0.0, cfg.uniform_scale)
     if cfg.vocab_pool > V:                       # else jnp indexing would clamp ids >= V to the last row
@@ -601,6 +597,144 @@ def any_signal(signals) -> int:
     return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
 
 
+# ----------------------------------------------------------------------------------------------- prompt files
+# A prompt [P, D] travels in three formats; load_prompt reads all three, export_peft writes the third:
+# - .npy (np.save): ours, and Google's released prompts;
+# - the official code's T5X runs: numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt, np.save
+#   format without an extension (google-research/prompt-tuning, prompt_tuning/train/utils.py, save_numpy);
+# - a Hugging Face PEFT prompt-tuning adapter folder (the facts it rests on: export_peft).
+T5X_PROMPT = 'encoder.prompt.prompt.prompt'
+PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'   # peft/utils/constants.py
+
+
+def load_prompt(path, d_model: int | None = None, length: int | None = None, what='prompt') -> np.ndarray:
+    """A prompt file -> float32 [P, D], checked by check_prompt (width d_model and P = length when given).
+    path: a .npy; a T5X prompt file or its checkpoint_<step> folder; a PEFT prompt-tuning adapter folder or
+    its adapter_model.safetensors. A damaged file, or one that holds no prompt, raises one line naming it."""
+    path, label = Path(path), f'{what} {path}'
+    if path.is_dir() and (path / PEFT_CONFIG).is_file():
+        prompt, base = _read_peft(path, label)
+        label += f' (a PEFT prompt-tuning adapter for {base})'
+    elif path.is_dir() and (path / T5X_PROMPT).is_file():
+        prompt = _read_npy(path / T5X_PROMPT, f'{label}/{T5X_PROMPT}')
+    elif path.is_dir():
+        raise ValueError(f'{label} is a folder without {PEFT_CONFIG} (a PEFT adapter) or {T5X_PROMPT} '
+                         f'(a T5X numpy checkpoint): pass a .npy prompt file or one of those')
+    elif not path.is_file():
+        raise FileNotFoundError(f'{label} does not exist')
+    elif path.suffix == '.safetensors':
+        prompt, base = _read_peft(path.parent, label, path)
+        label += f' (a PEFT prompt-tuning adapter for {base})'
+    else:
+        prompt = _read_npy(path, label)
+    check_prompt(prompt, d_model, length, what=label)
+    return np.asarray(prompt, np.float32)
+
+
+def _read_npy(path: Path, label: str) -> np.ndarray:
+    """The array of an np.save file (any file name); what else the file is, in the error."""
+    with open(path, 'rb') as f:
+        head = f.read(64)
+        if not head:
+            raise ValueError(f'{label} is empty (0 bytes): a write that did not finish; use another copy')
+        if head.startswith(b'PK'):
+            raise ValueError(f'{label} is an .npz archive, not a .npy: save the [P, D] prompt with np.save')
+        if not head.startswith(b'\x93NUMPY'):
+            text = all(32 <= b < 127 or b in b'\t\n\r' for b in head)
+            kind = 'a Python pickle' if head[:1] == b'\x80' else 'a text file' if text else 'not a .npy file'
+            raise ValueError(f'{label} is {kind}, not a .npy (np.save format): save the prompt with np.save')
+        f.seek(0)
+        try:
+            read = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+        except ValueError as e:
+            raise ValueError(f'cannot read {label}: its .npy header is damaged ({e})') from None
+        have, need = path.stat().st_size - f.tell(), math.prod(shape) * dtype.itemsize
+    if dtype.hasobject:
+        raise ValueError(f'{label} holds a pickled (object) array, not numbers: save the prompt as floats')
+    if have < need:
+        raise ValueError(f'{label} is truncated: its header needs {need} bytes for {dtype} {shape}, the file '
+                         f'holds {have}; use another copy')
+    return np.load(path, allow_pickle=False)
+
+
+def _read_peft(folder: Path, label: str, weights: Path | None = None):
+    """(the encoder's prompt rows [P, D], the base model's name) of a PEFT prompt-tuning adapter for a T5."""
+    try:
+        c = json.loads((folder / PEFT_CONFIG).read_text())
+    except FileNotFoundError:
+        raise ValueError(f'{label} has no {PEFT_CONFIG} beside it: pass the folder PEFT wrote') from None
+    except ValueError as e:
+        raise ValueError(f'{label}: {folder / PEFT_CONFIG} is not valid JSON ({e})') from None
+    if not isinstance(c, dict) or 'peft_type' not in c:
+        raise ValueError(f'{label}: {folder / PEFT_CONFIG} has no peft_type, so it is not a PEFT adapter')
+    kind, task = c['peft_type'], c.get('task_type')
+    if kind != 'PROMPT_TUNING':
+        why = {'LORA': 'it changes weights', 'PREFIX_TUNING': 'it holds keys and values of every layer'}
+        raise ValueError(f'{label} is a PEFT {kind} adapter, not prompt tuning '
+                         f'({why.get(kind, "it holds no input prompt")}): only a PromptTuningConfig adapter '
+                         f'holds a prompt [P, D]')
+    if task != 'SEQ_2_SEQ_LM':
+        model = 'a decoder-only model' if task == 'CAUSAL_LM' else 'a model that is not an encoder-decoder'
+        raise ValueError(f'{label} is a PEFT prompt for {model} (task_type {task}), not for T5 '
+                         f'(SEQ_2_SEQ_LM): a prompt does not transfer between architectures')
+    weights = weights or folder / PEFT_WEIGHTS
+    if not weights.is_file() and (folder / 'adapter_model.bin').is_file():    # PEFT before safetensors
+        weights = folder / 'adapter_model.bin'
+    if not weights.is_file():
+        raise FileNotFoundError(f'{label} has no {PEFT_WEIGHTS}: copy the whole folder PEFT wrote')
+    read = t5_model._read_torch if weights.suffix == '.bin' else t5_model._read_safetensors
+    tensors = read(weights)
+    n, sub = c.get('num_virtual_tokens'), c.get('num_transformer_submodules') or 2
+    rows = tensors.get('prompt_embeddings')
+    if rows is None or not isinstance(n, int) or np.ndim(rows) != 2 or rows.shape[0] != n * sub:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ValueError(f'{label}: {weights.name} should hold prompt_embeddings [{n} x {sub}, token_dim] '
+                         f'(num_virtual_tokens x num_transformer_submodules), got {shapes}')
+    return np.asarray(rows[:n]), c.get('base_model_name_or_path')     # the encoder reads the first n rows
+
+
+def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
+    """Write prompt [P, D] as the folder PEFT's save_pretrained writes for a
+    PromptTuningConfig(task_type=SEQ_2_SEQ_LM) model on base_model, so that
+    PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base_model), out) runs the prompt.
+    The facts of PEFT's code (huggingface/peft v0.21.2, src/peft/) the format rests on:
+    - utils/constants.py: the files are adapter_config.json and adapter_model.safetensors;
+    - config.py PeftConfig.save_pretrained: the config's fields as JSON (indent 2, sorted keys);
+      utils/other.py _prepare_prompt_learning_config: token_dim, num_layers, num_attention_heads come from the
+      model's config (T5: d_model, num_layers, num_heads);
+    - peft_model.py PeftModel._setup_prompt_encoder: num_transformer_submodules = 2 for SEQ_2_SEQ_LM;
+      tuners/prompt_tuning/model.py PromptEmbedding: num_virtual_tokens x 2 rows of width token_dim;
+    - tuners/tuners_utils.py BasePromptEncoder._get_adapter_state_dict: one tensor, 'prompt_embeddings', all
+      rows; peft_model.py PeftModel.save_pretrained: safetensors with metadata {'format': 'pt'};
+    - peft_model.py PeftModelForSeq2SeqLM.forward and .generate (PROMPT_TUNING): the encoder reads
+      [rows[:num_virtual_tokens]; embedded input] with attention mask 1 on the prompt, which is
+      t5_model.forward's [prompt; input]. rows[num_virtual_tokens:] (the decoder's) are never read: we
+      write zeros there.
+    peft_version is left out: PEFT fills in its own when it loads the folder. Returns the folder."""
+    prompt = np.asarray(prompt, np.float32)
+    check_prompt(prompt, cfg.d_model, what='prompt to export')
+    out = Path(out)
+    if (out / PEFT_CONFIG).exists() or (out / PEFT_WEIGHTS).exists():
+        raise FileExistsError(f'{out} holds a PEFT adapter already: pick a new --out, or delete it first')
+    out.mkdir(parents=True, exist_ok=True)
+    P, D = prompt.shape
+    config = {'auto_mapping': None, 'base_model_name_or_path': base_model, 'inference_mode': True,
+              'modules_to_save': None, 'num_attention_heads': cfg.num_heads, 'num_layers': cfg.num_layers,
+              'num_transformer_submodules': 2, 'num_virtual_tokens': P, 'peft_type': 'PROMPT_TUNING',
+              # no init runs: inference_mode skips it, and a trainable load replaces RANDOM's rows by ours
+              'prompt_tuning_init': 'RANDOM', 'prompt_tuning_init_text': None, 'revision': None,
+              'task_type': 'SEQ_2_SEQ_LM', 'token_dim': D, 'tokenizer_kwargs': None,
+              'tokenizer_name_or_path': None}
+    rows = np.concatenate([prompt, np.zeros_like(prompt)])      # the encoder's rows, then the decoder's
+    from safetensors.numpy import save
+    tensors = save({'prompt_embeddings': rows}, metadata={'format': 'pt'})
+    _atomic(out / PEFT_WEIGHTS, lambda f: f.write(tensors))
+    _atomic(out / PEFT_CONFIG, lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 def weights_fingerprint(frozen) -> str:
     """16 hex digits of sha256 over a few small leaves that differ between any two checkpoints of one architecture
@@ -824,6 +958,31 @@ def device_summary() -> str:
            f'backend {jax.default_backend()}{hint}'
 
 
+PROMPT_FILES = ('.npy [P,D]; a T5X prompt file (encoder.prompt.prompt.prompt) or its checkpoint_<step> '
+                'folder; a PEFT prompt-tuning adapter folder')
+
+
+def model_config(name: str) -> t5_model.T5Config:
+    """--model's T5Config without its weights (export needs only the shape): a checkpoint directory's
+    config.json, a known hub name, or the hub's config.json."""
+    if name == 'tiny':
+        raise ValueError('--model tiny is a random model that PEFT cannot load: pass a hub id or directory')
+    d = Path(name).expanduser()
+    if d.is_dir():
+        try:
+            return t5_model.T5Config.from_hf(json.loads((d / 'config.json').read_text()))
+        except (OSError, ValueError) as e:
+            raise ValueError(f'{d / "config.json"} is not a readable T5 config ({e})') from None
+    if name in t5_model.KNOWN_NAMES:
+        return t5_model.T5Config.from_name(name)
+    from huggingface_hub import hf_hub_download
+    try:
+        path = hf_hub_download(name, 'config.json')
+    except (OSError, ValueError) as e:              # offline, no such repo, a malformed id: one line
+        raise FileNotFoundError(f'--model {name} is neither a directory nor a hub model ({e})') from None
+    return t5_model.T5Config.from_hf(json.loads(Path(path).read_text()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog='spot.py', allow_abbrev=False, description=__doc__.split('\n')[0],
                                 epilog='Any TrainConfig/PromptConfig field can be set as --field=value, '
@@ -843,12 +1002,16 @@ def main(argv=None):
         q.add_argument('--process-id', type=int, default=None, help='multi-host: this process, 0 .. N-1')
         q.add_argument('--distributed-timeout', type=int, default=300, help='multi-host: seconds to wait for peers')
     train.add_argument('--init', default=None, choices=INITS, help='prompt initialisation (default sampled_vocab)')
-    train.add_argument('--source-prompt', default=None, help='.npy [P,D] to start from: SPoT transfer')
+    train.add_argument('--source-prompt', default=None, help='SPoT transfer: start from ' + PROMPT_FILES)
     train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
     train.add_argument('--out', required=True, help='run directory')
     train.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.npz')
-    ev.add_argument('--prompt', required=True, help='.npy [P,D]')
+    ev.add_argument('--prompt', required=True, help=PROMPT_FILES)
     ev.add_argument('--split', default='validation')
+    export = sub.add_parser('export', allow_abbrev=False, help='write a prompt as a PEFT adapter folder')
+    export.add_argument('--prompt', required=True, help=PROMPT_FILES)
+    export.add_argument('--model', required=True, help='the T5 it was tuned on: hub id or directory')
+    export.add_argument('--out', required=True, help='adapter folder to write')
     args, rest = p.parse_known_args(argv)
     try:
         tc, rest = override(TrainConfig(), rest)
@@ -859,7 +1022,7 @@ def main(argv=None):
         p.error(f'unrecognised {rest}: fields of TrainConfig/PromptConfig are set as --field=value')
 
     try:
-        (evaluate_cli if args.cmd == 'eval' else train_cli)(args, tc, pc)
+        {'eval': evaluate_cli, 'train': train_cli, 'export': export_cli}[args.cmd](args, tc, pc)
     # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no traceback.
     except (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
         sys.exit(f'error: {e}')
@@ -882,19 +1045,30 @@ def _setup(args, tc):
 
 
 def evaluate_cli(args, tc, pc):
+    prompt = load_prompt(args.prompt)               # a bad file fails before the model loads
     data, cfg, frozen, vocab, mesh = _setup(args, tc)
-    prompt = np.load(args.prompt)
-    check_prompt(prompt, cfg.d_model, what=args.prompt)
+    check_prompt(prompt, cfg.d_model, what=f'prompt {args.prompt}')
     run = make_evaluator(args.task, frozen, cfg, vocab, tc, args.split, args.data, mesh)
     scores = run(jnp.asarray(prompt, jnp.float32))
     if jax.process_index() == 0:
         print(json.dumps(scores))
 
 
+def export_cli(args, tc, pc):
+    prompt, cfg = load_prompt(args.prompt), model_config(args.model)
+    check_prompt(prompt, cfg.d_model, what=f'prompt {args.prompt}')
+    out = export_peft(prompt, cfg, args.out, args.model)
+    base = f'T5ForConditionalGeneration.from_pretrained({args.model!r})'
+    print(f'wrote {out}/{PEFT_CONFIG} and {PEFT_WEIGHTS} ({prompt.shape[0]} virtual tokens); in PEFT: '
+          f'PeftModel.from_pretrained({base}, {str(out)!r})')
+
+
 def train_cli(args, tc, pc):
     tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)   # checked before loading
     pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
                              source=args.source_prompt or pc.source)
+    if pc.init == 'file' and pc.source:
+        load_prompt(pc.source, length=pc.length, what='source prompt')   # fails before the model loads
     data, cfg, frozen, vocab, mesh = _setup(args, tc)
     task = data.get_task(args.task)
     if pc.init == 'class_labels' and not task.output_labels:

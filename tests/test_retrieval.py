@@ -216,6 +216,56 @@ def test_cli_rank_and_matrix(tmp_path):
     assert bad.returncode == 2 and "k=9 but the ranking holds 3 prompts" in bad.stderr
 
 
+def test_library_holds_t5x_and_peft_prompts_beside_ours(tmp_path):
+    """Prompts from the official code (T5X numpy checkpoints: a file, or its checkpoint_<step> folder) and
+    PEFT adapter folders sit in one library with ours; a <stem>.json sidecar names any of them."""
+    import spot
+    import t5_model
+    rng = np.random.default_rng(3)
+    p = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(4)]
+    lib = tmp_path / "lib"
+    R.save_to_library(lib, p[0], "mnli", run=0)
+    with open(lib / "qnli.encoder.prompt.prompt.prompt", "wb") as f:  # as T5X: np.save on a file object
+        np.save(f, p[1])
+    (lib / "checkpoint_1110000").mkdir()
+    with open(lib / "checkpoint_1110000" / "encoder.prompt.prompt.prompt", "wb") as f:
+        np.save(f, p[2])
+    (lib / "checkpoint_1110000.json").write_text('{"task": "rte", "step": 1110000}')
+    spot.export_peft(p[3], t5_model.T5Config.tiny(d_model=3), lib / "sst2", "google/t5-base-lm-adapt")
+    (lib / "notes").mkdir()  # neither a prompt nor an adapter: not a library entry
+    (lib / "README.md").write_text("prompts for the SPoT runs\n")
+    library = R.load_library(lib)
+    assert [(e.task, e.step, e.path.name) for e in library] == [
+        ("rte", 1110000, "checkpoint_1110000"), ("mnli", None, "mnli-run0.npy"),
+        ("qnli", None, "qnli.encoder.prompt.prompt.prompt"), ("sst2", None, "sst2")]
+    for e, want in zip(library, [p[2], p[0], p[1], p[3]]):
+        np.testing.assert_array_equal(e.prompt, want)
+    out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", str(lib / "sst2"),
+                          "--library", str(lib), "--metric", "average_tokens", "--k", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    first = out.splitlines()[1]
+    assert "1.0000" in first and "sst2" in first, out  # itself, found through PEFT's file
+    (lib / "lora").mkdir()
+    (lib / "lora" / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM"}')
+    with pytest.raises(ValueError, match=r"lora is a PEFT LORA adapter, not prompt tuning"):
+        R.load_library(lib)
+
+
+def test_rank_blames_the_target_for_its_width(tmp_path):
+    """Regression: `rank --target wide.npy --library lib/` said a library prompt had the wrong width."""
+    lib = tmp_path / "lib"
+    R.save_to_library(lib, E2, "a")
+    R.save_to_library(lib, -E2, "b")
+    np.save(tmp_path / "wide.npy", np.ones((2, 3)))
+    wide = tmp_path / "wide.npy"
+    bad = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", str(wide),
+                          "--library", str(lib)], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and f"target prompt {wide} is 3 wide" in bad.stderr, bad.stderr
+    assert "a-run0" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="the target prompt is 3 wide but every library prompt is 2 wide"):
+        R.rank_sources(np.ones((2, 3)), R.load_library(lib))
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_input_raises_clear_errors(tmp_path):
@@ -265,8 +315,9 @@ def test_non_finite_prompts_are_refused_not_ranked(tmp_path):
     np.save(tmp_path / "diverged.npy", np.full((2, 2), np.nan))
     with pytest.raises(ValueError, match=r"diverged\.npy holds NaN"):
         R.load_library(tmp_path)
+    mixed = [R.PromptEntry("a", E2), R.PromptEntry("w", np.ones((1, 3)), path=tmp_path / "w.npy")]
     with pytest.raises(ValueError, match=r"task 'w' \(.*w\.npy\): prompts have different widths"):
-        R.rank_sources(E2, [R.PromptEntry("w", np.ones((1, 3)), path=tmp_path / "w.npy")])
+        R.rank_sources(E2, mixed)
 
 
 def test_library_files_with_numpy_metadata_and_damaged_files(tmp_path):

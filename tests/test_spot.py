@@ -6,8 +6,10 @@ import dataclasses
 import itertools
 import json
 import os
+import pickle
 import re
 import signal
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import retrieval
 import spot
 import t5_model
 from conftest import f32_atol, network_roundings
@@ -331,6 +334,229 @@ def test_released_base_prompts_load_into_base_not_small(shared_data, task):
     np.testing.assert_array_equal(prompt, np.load(path))
     with pytest.raises(ValueError, match=r'width 768 but the model has d_model 512'):
         spot.init_prompt(None, shapes('google/t5-small-lm-adapt'), cfg)
+
+
+# ----------------------------------------------------------------------------------------------- prompt files
+def one_line_naming(excinfo, path):
+    """The error is one line and names the file."""
+    message = str(excinfo.value)
+    assert '\n' not in message and str(path) in message, message
+    return message
+
+
+def test_bad_prompt_files_get_one_line_naming_the_file(tmp_path):
+    """Regressions (three loaders before, one now): a 0-byte file raised EOFError in `spot.py eval`; a text
+    file was called 'pickled (object) data'; a truncated file did not name itself at eval."""
+    good = np.zeros((P, 4), np.float32)
+    np.save(tmp_path / 'good.npy', good)
+    (tmp_path / 'empty.npy').write_bytes(b'')
+    (tmp_path / 'cut.npy').write_bytes((tmp_path / 'good.npy').read_bytes()[:-8])   # header whole, data short
+    np.save(tmp_path / 'objects.npy', np.array([{'a': 1}, None], dtype=object), allow_pickle=True)
+    (tmp_path / 'pickle.npy').write_bytes(pickle.dumps(good))
+    (tmp_path / 'text.npy').write_text('0.1 0.2 0.3\n0.4 0.5 0.6\n')
+    np.savez(tmp_path / 'p.npz', prompt=good)
+    for name, array in [('nan', np.full((P, 4), np.nan, np.float32)), ('int', np.ones((P, 4), np.int32)),
+                        ('1d', np.zeros(4, np.float32)), ('wide', np.zeros((P, 7), np.float32))]:
+        np.save(tmp_path / f'{name}.npy', array)
+    cases = [('empty.npy', r'is empty \(0 bytes\)'), ('cut.npy', r'truncated: .*needs 128 bytes .*holds 120'),
+             ('objects.npy', r'pickled \(object\) array'), ('pickle.npy', 'is a Python pickle'),
+             ('text.npy', 'is a text file, not a .npy'), ('p.npz', r'\.npz archive'),
+             ('nan.npy', 'NaN or inf'), ('int.npy', 'dtype int32'),
+             ('1d.npy', r'shape \(4,\): a prompt is a 2-D array'),
+             ('wide.npy', r'width 7 but the model has d_model 4'), ('missing.npy', 'does not exist')]
+    for name, match in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
+            spot.load_prompt(tmp_path / name, d_model=4)
+        assert 'pickled' not in one_line_naming(e, tmp_path / name) or name == 'objects.npy'
+    np.testing.assert_array_equal(spot.load_prompt(tmp_path / 'good.npy', 4, P), good)
+    for name, match in cases[:5]:          # the same errors where a prompt enters: eval, transfer, retrieval
+        with pytest.raises(SystemExit, match=match):
+            spot.main(['eval', '--model', 'tiny', '--task', 'mrpc', '--prompt', str(tmp_path / name)])
+        source = spot.PromptConfig(length=P, init='file', source=str(tmp_path / name))
+        with pytest.raises(ValueError, match=match):
+            spot.init_prompt(None, table(), source)
+        lib = tmp_path / f'lib-{name}'
+        lib.mkdir()
+        (lib / 'x.npy').write_bytes((tmp_path / name).read_bytes())
+        with pytest.raises(ValueError, match=match):
+            retrieval.load_library(lib)
+
+
+def test_t5x_prompt_files_load_like_npy(tmp_path):
+    """The official code writes numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt with np.save
+    on a file object, so without .npy (prompt-tuning, prompt_tuning/train/utils.py: np_save, save_numpy)."""
+    src = np.random.default_rng(0).normal(size=(P, 4)).astype(np.float32)
+    ckpt = tmp_path / 'numpy_checkpoints' / 'checkpoint_1100500'
+    ckpt.mkdir(parents=True)
+    with open(ckpt / 'encoder.prompt.prompt.prompt', 'wb') as f:
+        np.save(f, src)
+    assert os.listdir(ckpt) == [spot.T5X_PROMPT]
+    for path in (ckpt / spot.T5X_PROMPT, ckpt):
+        np.testing.assert_array_equal(spot.load_prompt(path, 4, P), src)
+        cfg = spot.PromptConfig(length=P, init='file', source=str(path))
+        np.testing.assert_array_equal(spot.init_prompt(None, table(), cfg), src)
+    with pytest.raises(ValueError, match=r'width 4 but the model has d_model 16') as e:
+        spot.load_prompt(ckpt, 16)
+    one_line_naming(e, ckpt)
+    with pytest.raises(ValueError, match='folder without adapter_config.json .* or encoder.prompt.prompt'):
+        spot.load_prompt(tmp_path)
+
+
+TINY_HF = {'vocab_size': 64, 'd_model': 16, 'd_kv': 8, 'd_ff': 32, 'num_layers': 2, 'num_heads': 2,
+           'dropout_rate': 0.0, 'decoder_start_token_id': 0, 'pad_token_id': 0, 'eos_token_id': 1}
+
+
+def hf_peft():
+    """(torch, transformers, peft), or a skip that says what to install."""
+    for name in ('torch', 'transformers', 'peft'):
+        pytest.importorskip(name, reason=f"PEFT interop needs {name}: pip install -e '.[test]'")
+    import peft
+    import torch
+    import transformers
+    return torch, transformers, peft
+
+
+def hf_checkpoint(d, kind):
+    """A tiny random T5 written as the hub has it: T5 1.0 tied (save_pretrained); T5 1.1 with its own
+    lm_head.weight and tie_word_embeddings false (transformers 5.x would save an in-memory T5 1.1 tied)."""
+    torch, transformers, _ = hf_peft()
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    untied = kind == 't5_1_1'
+    cfg = transformers.T5Config(**TINY_HF, feed_forward_proj='gated-gelu' if untied else 'relu',
+                                tie_word_embeddings=not untied)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    d.mkdir(parents=True)
+    if not untied:                  # at HF's init its std-1 embedding drowns the rest: every output is one token
+        with torch.no_grad():
+            model.shared.weight.mul_(0.1)
+        model.save_pretrained(d)
+        return str(d)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items() if 'embed_tokens' not in k}
+    sd['lm_head.weight'] = torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model ** -0.5
+    save_file(sd, str(d / 'model.safetensors'), metadata={'format': 'pt'})
+    config = {k: v for k, v in model.config.to_dict().items() if k != 'scale_decoder_outputs'}
+    (d / 'config.json').write_text(json.dumps({**config, 'tie_word_embeddings': False}))
+    return str(d)
+
+
+@pytest.mark.parametrize('kind', ['t5_1_1', 't5_1_0'])
+def test_export_runs_in_peft_as_in_ours(tmp_path, kind):
+    """`spot.py export` writes what PEFT's save_pretrained writes for PromptTuningConfig(SEQ_2_SEQ_LM) on the
+    model, and PEFT runs it: its logits are ours with the same prompt."""
+    torch, transformers, peft = hf_peft()
+    d, out, Pn, S, T = hf_checkpoint(tmp_path / kind, kind), tmp_path / 'adapter', 5, 20, 6
+    rng = np.random.default_rng(0)
+    prompt = rng.normal(size=(Pn, TINY_HF['d_model'])).astype(np.float32)
+    np.save(tmp_path / 'p.npy', prompt)
+    export = ['export', '--prompt', str(tmp_path / 'p.npy'), '--model', d, '--out', str(out)]
+    spot.main(export)
+    with pytest.raises(SystemExit, match='holds a PEFT adapter already'):     # never overwritten
+        spot.main(export)
+    np.save(tmp_path / 'wide.npy', np.zeros((Pn, 7), np.float32))
+    with pytest.raises(SystemExit, match=r'wide.npy has shape \(5, 7\): width 7 but the model has d_model 16'):
+        spot.main(['export', '--prompt', str(tmp_path / 'wide.npy'), '--model', d, '--out', str(tmp_path / 'w')])
+    with pytest.raises(SystemExit, match='--model tiny is a random model that PEFT cannot load'):
+        spot.main(['export', '--prompt', str(tmp_path / 'p.npy'), '--model', 'tiny', '--out', str(tmp_path / 'w')])
+    assert not (tmp_path / 'w').exists()
+    theirs = peft.get_peft_model(transformers.T5ForConditionalGeneration.from_pretrained(d),
+                                 peft.PromptTuningConfig(task_type='SEQ_2_SEQ_LM', num_virtual_tokens=Pn))
+    theirs.save_pretrained(tmp_path / 'theirs')
+    config = lambda d: json.loads((d / 'adapter_config.json').read_text())
+    assert config(out) == {k: v for k, v in config(tmp_path / 'theirs').items() if k != 'peft_version'}
+    from safetensors import safe_open
+    with safe_open(out / 'adapter_model.safetensors', 'np') as ours, \
+            safe_open(tmp_path / 'theirs' / 'adapter_model.safetensors', 'np') as ref:
+        assert ours.metadata() == ref.metadata() == {'format': 'pt'}
+        assert list(ours.keys()) == list(ref.keys()) == ['prompt_embeddings']
+        shapes = [f.get_tensor('prompt_embeddings').shape for f in (ours, ref)]
+        assert shapes == [(2 * Pn, 16)] * 2
+    np.testing.assert_array_equal(spot.load_prompt(out, 16, Pn), prompt)     # and back
+
+    base = transformers.T5ForConditionalGeneration.from_pretrained(d)
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    ids = rng.integers(2, TINY_HF['vocab_size'], (3, S))
+    ids[1, 12:], ids[2, 4:] = 0, 0                                    # padded rows
+    dec = rng.integers(2, TINY_HF['vocab_size'], (3, T))
+    dec[:, 0] = 0
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(),
+                    decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    cfg, params = t5_model.load_checkpoint(d)
+    j_ids, j_dec, j_prompt = jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32), jnp.asarray(prompt)
+    ours = np.asarray(t5_model.forward(params, cfg, j_ids, j_dec, prompt=j_prompt))
+    # float32 rounding of a length-n reduction stays within n eps of the values' scale; n: the longest one
+    scale = np.abs(ref).max()
+    tol, diff = np.finfo(np.float32).eps * max(cfg.d_ff, Pn + S) * scale, np.abs(ours - ref).max()
+    print(f'{kind}: max |logit diff| PEFT vs ours {diff:.2e} (tolerance {tol:.2e}, max |logit| {scale:.2f})')
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=tol)
+    without = np.asarray(t5_model.forward(params, cfg, j_ids, j_dec))
+    assert np.abs(without - ref).max() > 100 * tol                   # the prompt matters at this tolerance
+    with torch.no_grad():                                             # PEFT's generate path prepends it too
+        tokens = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(),
+                                max_new_tokens=T, do_sample=False, num_beams=1).numpy()[:, 1:]
+    tokens = np.pad(tokens, ((0, 0), (0, T - tokens.shape[1])))      # HF stops once every row has hit EOS
+    np.testing.assert_array_equal(t5_model.greedy_decode(params, cfg, j_ids, j_prompt, max_len=T), tokens)
+
+
+def test_prompt_trained_with_peft_imports_row_for_row(tmp_path):
+    """A prompt trained in PEFT, saved with save_pretrained, is read here (folder or its safetensors) as the
+    encoder's rows of PEFT's prompt table: a SPoT source, an eval prompt, and back to PEFT unchanged."""
+    torch, transformers, peft = hf_peft()
+    d, Pn = hf_checkpoint(tmp_path / 'base', 't5_1_1'), 4
+    torch.manual_seed(1)
+    model = peft.get_peft_model(transformers.T5ForConditionalGeneration.from_pretrained(d),
+                                peft.PromptTuningConfig(task_type='SEQ_2_SEQ_LM', num_virtual_tokens=Pn,
+                                                        prompt_tuning_init='SAMPLE_VOCAB'))
+    weight = model.prompt_encoder['default'].embedding.weight
+    start = weight.detach().numpy().copy()
+    opt = torch.optim.Adam([weight], lr=0.05)
+    ids, labels = torch.randint(2, TINY_HF['vocab_size'], (4, 10)), torch.tensor([[5, 6, 1]] * 4)
+    for _ in range(3):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path / 'trained')
+    rows = weight.detach().numpy()
+    assert rows.shape == (2 * Pn, 16) and not np.allclose(rows[:Pn], start[:Pn])   # trained: the encoder's
+    np.testing.assert_array_equal(rows[Pn:], start[Pn:])                            # rows only
+    for path in (tmp_path / 'trained', tmp_path / 'trained' / 'adapter_model.safetensors'):
+        np.testing.assert_array_equal(spot.load_prompt(path, 16, Pn), rows[:Pn])
+    cfg, params = t5_model.load_checkpoint(d)
+    source = spot.PromptConfig(length=Pn, init='file', source=str(tmp_path / 'trained'))
+    np.testing.assert_array_equal(spot.init_prompt(None, params, source), rows[:Pn])
+    with pytest.raises(ValueError, match='has 4 rows but PromptConfig.length is 100: pass --length=4'):
+        spot.init_prompt(None, params, spot.PromptConfig(init='file', source=str(tmp_path / 'trained')))
+    spot.export_peft(spot.load_prompt(tmp_path / 'trained'), cfg, tmp_path / 'again', d)
+    again = peft.PeftModel.from_pretrained(transformers.T5ForConditionalGeneration.from_pretrained(d),
+                                           tmp_path / 'again')
+    np.testing.assert_array_equal(again.prompt_encoder['default'].embedding.weight.detach()[:Pn], rows[:Pn])
+
+
+def test_peft_adapters_without_a_t5_prompt_are_refused(tmp_path):
+    """LoRA, prefix tuning, a decoder-only model's prompt, another width, weights without their config: one
+    line each, saying what the file is."""
+    _, transformers, peft = hf_peft()
+    d = hf_checkpoint(tmp_path / 'base', 't5_1_1')
+    t5 = lambda: transformers.T5ForConditionalGeneration.from_pretrained(d)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1))
+    for name, model, config in [
+            ('lora', t5(), peft.LoraConfig(task_type='SEQ_2_SEQ_LM', target_modules=['q', 'v'], r=2)),
+            ('prefix', t5(), peft.PrefixTuningConfig(task_type='SEQ_2_SEQ_LM', num_virtual_tokens=3)),
+            ('gpt', gpt, peft.PromptTuningConfig(task_type='CAUSAL_LM', num_virtual_tokens=3)),
+            ('t5', t5(), peft.PromptTuningConfig(task_type='SEQ_2_SEQ_LM', num_virtual_tokens=3))]:
+        peft.get_peft_model(model, config).save_pretrained(tmp_path / name)
+    (tmp_path / 'bare').mkdir()
+    shutil.copy(tmp_path / 't5' / 'adapter_model.safetensors', tmp_path / 'bare')
+    for path, match in [(tmp_path / 'lora', 'is a PEFT LORA adapter, not prompt tuning'),
+                        (tmp_path / 'prefix', 'is a PEFT PREFIX_TUNING adapter, not prompt tuning'),
+                        (tmp_path / 'gpt', r'PEFT prompt for a decoder-only model \(task_type CAUSAL_LM\)'),
+                        (tmp_path / 't5', r'PEFT prompt-tuning adapter .*: width 16 but the model has d_model'),
+                        (tmp_path / 'bare' / 'adapter_model.safetensors', 'no adapter_config.json beside')]:
+        with pytest.raises(ValueError, match=match) as e:
+            spot.load_prompt(path, d_model=32)
+        one_line_naming(e, path)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
