@@ -746,13 +746,15 @@ def topk_mixture(source_tasks, target_task):
 
 
 # ----------------------------------------------------------------------------- predictions and metrics
+# The determiners of T5 postprocessors.wsc_simple (google-research/text-to-text-transfer-transformer,
+# t5/data/postprocessors.py).
 _DETERMINERS = {"a", "an", "few", "her", "his", "each", "every", "many", "much", "my", "our", "some", "that",
                 "the", "their", "these", "this", "those", "which", "whose", "your"}
 
 
 def postprocess(task_name, prediction, example=None):
     """A decoded string -> what the metric compares (T5 postprocessors): class index (-1 if unknown),
-    float (-1.0 if not a number), WSC 1/0 = "names the candidate", else the string itself."""
+    float (-1.0 if not a number), WSC 1/0 = "names the candidate" (-1: nothing but determiners), else the string."""
     task = get_task(task_name)
     if task.kind in ("class", "multirc"):
         return task.label_names.index(prediction) if prediction in task.label_names else -1
@@ -761,14 +763,17 @@ def postprocess(task_name, prediction, example=None):
             return float(prediction)
         except ValueError:
             return -1.0
-    if task.kind == "wsc":   # T5 postprocessors.wsc_simple: ignore case and determiners, allow subsets
-        def clean(s):
+    if task.kind == "wsc":   # T5 postprocessors.wsc_simple: does the prediction name the candidate referent?
+        def clean(s):        # ignore case and determiners
             return " ".join(w for w in s.strip().lower().split(" ") if w not in _DETERMINERS)
-        pred, ref = clean(prediction), clean(example["span1_text"])
-        if ("'" in pred) != ("'" in ref):
+        pred = clean(prediction)
+        if not pred:         # nothing left: -1, so an empty answer never matches the label 0 (False)
+            return -1
+        ref = clean(task.preprocess(example)["targets"])     # T5: the target text, targets_pretokenized
+        if ("'" in pred) != ("'" in ref):                    # "Bob" does not name "Bob's hat"
             return 0
         pw, rw = set(pred.split(" ")), set(ref.split(" "))
-        return int(pw <= rw or rw <= pw)
+        return int(pw <= rw or rw <= pw)                     # "fuzzy bunny" names "bunny" and vice versa
     return prediction
 
 

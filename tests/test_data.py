@@ -145,6 +145,35 @@ def test_wsc_special_cases_need_the_whole_text():
     assert data.to_text("wsc", good)["inputs"] == "wsc: " + pony.format("Good for *him* ")
 
 
+
+WSC_TOM = {"text": "Mitchell asked Tom if he could lend some money.", "span1_index": 2, "span2_index": 4,
+           "span1_text": "Tom", "span2_text": "he", "label": 1, "idx": 0}
+
+
+@pytest.mark.parametrize("prediction,referent,expected", [
+    ("Tom", "Tom", 1), (" The TOM ", "Tom", 1),            # case, surrounding space and determiners ignored
+    ("fuzzy bunny", "the bunny", 1), ("bunny", "his fuzzy bunny", 1),   # either word set inside the other
+    ("Tom's hat", "Tom", 0), ("Tom", "Tom's hat", 0),      # an apostrophe on one side only: not the referent
+    ("Mitchell", "Tom", 0), ("Tom Mitchell", "Tom money", 0),
+    ("", "Tom", -1), ("   ", "Tom", -1), ("the", "Tom", -1), ("His", "Tom", -1),
+    ("their those", "Tom", -1)])                           # nothing left: -1, never 0 = "label False"
+def test_wsc_postprocess_is_t5_wsc_simple(prediction, referent, expected):
+    """Known answers of T5 postprocessors.wsc_simple: lower-case, drop its 21 determiners, -1 when nothing is
+    left, 0 when only one side has an apostrophe, else 1 iff one word set contains the other. The referent is
+    the example's target text (T5: targets_pretokenized = span1_text)."""
+    assert data.postprocess("wsc", prediction, {**WSC_TOM, "span1_text": referent}) == expected
+
+
+def test_wsc_empty_predictions_score_zero(shared_data):
+    """An empty answer (or one of determiners only) matches no label: before T5's -1 it scored 0 = False, which is
+    the label of 66 of the 104 validation examples (63.5%)."""
+    val = data.load_examples("wsc", "validation", data_dir=shared_data)
+    assert sum(e["label"] == 0 for e in val) == 66
+    assert data.score("wsc", val, [""] * len(val))["accuracy"] == 0.0
+    assert data.score("wsc", val, ["the"] * len(val))["accuracy"] == 0.0
+    gold = [data.to_text("wsc", e)["targets"] for e in val]
+    assert data.score("wsc", val, gold)["accuracy"] == pytest.approx(100 * sum(e["label"] for e in val) / len(val))
+
 def test_record_format_and_training_expansion():
     ex = {"passage": "This is the passage.", "query": "A @placeholder is a bird.",
           "entities": ["penguin", "potato", "pigeon"], "answers": ["penguin", "pigeon"],
