@@ -640,7 +640,13 @@ def _load_vocab(ref):
             raise OSError(f"could not fetch spiece.model of {ref!r} from the Hugging Face hub ({type(e).__name__}: "
                           f"{str(e)[:200]}). Offline, pass a local file, e.g. --vocab ../shared/data/t5_spiece.model, "
                           "or set SPOT_VOCAB to it") from e
-    return Vocab(path.read_bytes())
+    from google.protobuf.message import DecodeError
+    try:
+        return Vocab(path.read_bytes())
+    except (DecodeError, RuntimeError) as e:   # protobuf, then sentencepiece: a .npy, a text or empty file
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise ValueError(f"{path} is not a SentencePiece model ({why}): pass T5's spiece.model (a .model "
+                         "file, a folder holding it, or a hub id such as google/t5-base-lm-adapt)") from None
 
 
 def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):

@@ -2,6 +2,7 @@
 tokenisation, resumable batches, mixing rates, metrics (hand-computed and scipy), the tfds path (mock_data)."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -484,6 +485,22 @@ def test_vocab_known_ids_and_sentinels(vocab, shared_data, tmp_path):
     assert data.load_vocab(str(tmp_path)).encode("Hello world") == [8774, 296]
     with pytest.raises(FileNotFoundError, match="no SentencePiece model"):
         data.load_vocab(str(tmp_path / "missing.model"))
+
+
+def test_load_vocab_names_a_file_that_is_no_sentencepiece_model(tmp_path):
+    """--vocab x.npy, a text file, an empty .model: a one-line ValueError naming the file, not protobuf's
+    DecodeError or sentencepiece's RuntimeError."""
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    (tmp_path / "notes.txt").write_text("hello world\n")
+    (tmp_path / "empty.model").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "spiece.model").write_bytes(b"\x00\x01garbage")
+    for name in ("x.npy", "notes.txt", "empty.model", "folder"):
+        path = tmp_path / name / "spiece.model" if name == "folder" else tmp_path / name
+        not_spm = rf"^{re.escape(str(path))} is not a SentencePiece model .*\.model"
+        with pytest.raises(ValueError, match=not_spm) as e:
+            data.load_vocab(str(tmp_path / name))
+        assert "\n" not in str(e.value)
 
 
 def test_load_vocab_offline_hub_error_says_what_to_do(monkeypatch):
