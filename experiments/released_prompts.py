@@ -10,6 +10,9 @@ greedy_decode, the exact input format (taskless_text) and data.score at once. Th
 Writes results/released_prompts.json. --tiny: the same path on a random tiny T5 of width 768, 8 examples per
 task, seconds; its scores are meaningless.
 """
+import sys, pathlib  # noqa: E401
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+
 import argparse
 import dataclasses
 import hashlib
@@ -24,11 +27,7 @@ import numpy as np
 
 import data
 import t5_model
-
-try:  # imported as experiments.released_prompts (tests)
-    from experiments.paper_numbers import RELEASED_PROMPTS
-except ImportError:  # run as a script: experiments/ is sys.path[0]
-    from paper_numbers import RELEASED_PROMPTS
+from experiments.paper_numbers import RELEASED_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

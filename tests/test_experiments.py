@@ -2,7 +2,11 @@
 paper_numbers.RESULTS_SCHEMA and test_paper_numbers.compare accepts them; the retrieval logic holds on the numbers;
 the quickstart's retrieval and transfer effect hold. ~3 min on 2 cores (compiles are shared across the scripts)."""
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +128,22 @@ def test_bench_prompt_step_runs_without_peft(tmp_path):
     (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert row["shape"] == "small" and row["arm"] == "ours" and row["ratio_vs_peft"] is None
     assert row["s_per_step"] > 0 and row["compile_s"] > 0 and row["tokens_per_s"] == 1 * (100 + 128 + 8) / row["s_per_step"]
+
+
+SCRIPTS = sorted(p.name for p in (Path(common.__file__).parent).glob("*.py") if "__main__" in p.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_runs_from_a_clone_that_was_not_installed(script, tmp_path):
+    """`python experiments/<script> --help` from another folder with the packages installed but not this
+    repository (python -S skips site's .pth files, so pip install -e's import hook is gone; the site
+    directories come back through PYTHONPATH): each script puts the repository root on sys.path first."""
+    root = Path(common.__file__).resolve().parents[1]
+    site_dirs = [p for p in sys.path if p and Path(p).is_dir() and not (Path(p) / "data.py").is_file()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site_dirs)}
+    hidden = subprocess.run([sys.executable, "-S", "-c", "import data"], cwd=tmp_path, env=env,
+                            capture_output=True)
+    assert hidden.returncode == 1                                          # the repository is not importable
+    out = subprocess.run([sys.executable, "-S", str(root / "experiments" / script), "--help"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stderr[-2000:]

@@ -2,6 +2,8 @@
 Base weights) Google's released prompts within 0.5 points of their release notes."""
 import json
 import os
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -130,6 +132,29 @@ def _save_hf_checkpoint(folder, cfg, params):
         "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_heads": cfg.num_heads,
         "num_layers": cfg.num_layers, "num_decoder_layers": cfg.num_decoder_layers, "vocab_size": cfg.vocab_size,
         "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}))
+
+
+def test_runs_as_a_script_from_a_clone_that_was_not_installed(shared_data, tmp_path):
+    """`python experiments/released_prompts.py --tiny` from another folder, with the packages installed but
+    not this repository: python -S skips site's .pth files, so pip install -e's import hook for data,
+    t5_model ... is gone; the site directories come back through PYTHONPATH. The script puts the repository
+    root on sys.path."""
+    root = Path(rp.__file__).resolve().parents[1]
+    site_dirs = [p for p in sys.path if p and Path(p).is_dir() and not (Path(p) / "data.py").is_file()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site_dirs)}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-S", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+    hidden = run("-c", "import data")
+    assert hidden.returncode == 1 and "No module named 'data'" in hidden.stderr   # the repository is hidden
+    release = shared_data / "prompt_tuning_release" / "t5_1_1_lm100k_base"
+    script = root / "experiments" / "released_prompts.py"
+    out = run(str(script), "--tiny", "--data", str(shared_data / "glue"),
+              "--prompts", str(release), "--vocab", str(shared_data / "t5_spiece.model"),
+              "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "released_prompts.json").read_text())["config"]["tiny"] is True
 
 
 def test_checkpoint_path_runs_on_a_local_folder(shared_data, tmp_path):
