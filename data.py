@@ -767,8 +767,8 @@ _DETERMINERS = {"a", "an", "few", "her", "his", "each", "every", "many", "much",
 
 
 def postprocess(task_name, prediction, example=None):
-    """A decoded string -> what the metric compares (T5 postprocessors): class index (-1 if unknown),
-    float (-1.0 if not a number), WSC 1/0 = "names the candidate" (-1: nothing but determiners), else the string."""
+    """A decoded string -> what the metric compares (T5 postprocessors): class index (-1 if unknown), float
+    (-1.0 if not a number), WSC 1/0 = "names the candidate" (-1: only determiners), else the string itself."""
     task = get_task(task_name)
     if task.kind in ("class", "multirc"):
         return task.label_names.index(prediction) if prediction in task.label_names else -1

@@ -166,14 +166,15 @@ def test_wsc_postprocess_is_t5_wsc_simple(prediction, referent, expected):
 
 
 def test_wsc_empty_predictions_score_zero(shared_data):
-    """An empty answer (or one of determiners only) matches no label: before T5's -1 it scored 0 = False, which is
-    the label of 66 of the 104 validation examples (63.5%)."""
+    """An empty answer (or one of determiners only) matches no label: before T5's -1 it scored 0 = False,
+    which is the label of 66 of the 104 validation examples (63.5%)."""
     val = data.load_examples("wsc", "validation", data_dir=shared_data)
     assert sum(e["label"] == 0 for e in val) == 66
     assert data.score("wsc", val, [""] * len(val))["accuracy"] == 0.0
     assert data.score("wsc", val, ["the"] * len(val))["accuracy"] == 0.0
     gold = [data.to_text("wsc", e)["targets"] for e in val]
-    assert data.score("wsc", val, gold)["accuracy"] == pytest.approx(100 * sum(e["label"] for e in val) / len(val))
+    true = sum(e["label"] for e in val)                      # the target names the true referent iff label 1
+    assert data.score("wsc", val, gold)["accuracy"] == pytest.approx(100 * true / len(val))
 
 def test_record_format_and_training_expansion():
     ex = {"passage": "This is the passage.", "query": "A @placeholder is a bird.",
