@@ -2,9 +2,6 @@
 paper_numbers.RESULTS_SCHEMA and test_paper_numbers.compare accepts them; the retrieval logic holds on the numbers;
 the quickstart's retrieval and transfer effect hold. ~3 min on 2 cores (compiles are shared across the scripts)."""
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import retrieval
 from experiments import (common, figure1_model_sizes, paper_numbers, quickstart, table1_source_mixtures,
                          table3_retrieval, table6_transferability)
 from tests.test_paper_numbers import compare
+from tests.test_released_prompts import run_uninstalled
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +134,7 @@ SCRIPTS = sorted(p.name for p in (Path(common.__file__).parent).glob("*.py") if 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_runs_from_a_clone_that_was_not_installed(script, tmp_path):
     """`python experiments/<script> --help` from another folder with the packages installed but not this
-    repository (python -S skips site's .pth files, so pip install -e's import hook is gone; the site
-    directories come back through PYTHONPATH): each script puts the repository root on sys.path first."""
-    root = Path(common.__file__).resolve().parents[1]
-    site_dirs = [p for p in sys.path if p and Path(p).is_dir() and not (Path(p) / "data.py").is_file()]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site_dirs)}
-    hidden = subprocess.run([sys.executable, "-S", "-c", "import data"], cwd=tmp_path, env=env,
-                            capture_output=True)
-    assert hidden.returncode == 1                                          # the repository is not importable
-    out = subprocess.run([sys.executable, "-S", str(root / "experiments" / script), "--help"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
+    repository: each script puts the repository root on sys.path before it imports from it."""
+    assert run_uninstalled(tmp_path, "-c", "import data").returncode == 1     # the repository is hidden
+    out = run_uninstalled(tmp_path, str(Path(common.__file__).parent / script), "--help")
     assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stderr[-2000:]

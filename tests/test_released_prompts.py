@@ -134,7 +134,7 @@ def _save_hf_checkpoint(folder, cfg, params):
         "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}))
 
 
-def _run_uninstalled(cwd, *args):
+def run_uninstalled(cwd, *args):
     """python -S <args> in cwd, with the packages installed but not this repository: -S skips site's .pth
     files, so pip install -e's import hook for data, t5_model ... is gone, as in a clone that was never
     installed; the site directories come back through PYTHONPATH."""
@@ -150,10 +150,10 @@ SCRIPT = str(Path(rp.__file__).resolve())
 def test_runs_as_a_script_from_a_clone_that_was_not_installed(shared_data, tmp_path):
     """`python experiments/released_prompts.py --tiny` from another folder: the script puts the repository
     root on sys.path before it imports data."""
-    hidden = _run_uninstalled(tmp_path, "-c", "import data")
+    hidden = run_uninstalled(tmp_path, "-c", "import data")
     assert hidden.returncode == 1 and "No module named 'data'" in hidden.stderr   # the repository is hidden
     release = shared_data / "prompt_tuning_release" / "t5_1_1_lm100k_base"
-    out = _run_uninstalled(tmp_path, SCRIPT, "--tiny", "--data", str(shared_data / "glue"),
+    out = run_uninstalled(tmp_path, SCRIPT, "--tiny", "--data", str(shared_data / "glue"),
                            "--prompts", str(release), "--vocab", str(shared_data / "t5_spiece.model"),
                            "--out", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr[-2000:]
@@ -171,7 +171,7 @@ def test_bad_input_is_one_line_not_a_traceback(shared_data, tmp_path):
     for args, names in [(["--tiny", "--vocab", str(tmp_path / "x.npy")], "x.npy is not a SentencePiece"),
                         (["--model", str(tmp_path / "model"), "--prompts", release,
                           "--vocab", str(shared_data / "t5_spiece.model")], "config.json: d_model must be")]:
-        out = _run_uninstalled(tmp_path, SCRIPT, *args, "--data", str(shared_data / "glue"),
+        out = run_uninstalled(tmp_path, SCRIPT, *args, "--data", str(shared_data / "glue"),
                                "--out", str(tmp_path / "out"))
         assert out.returncode == 1 and out.stderr.startswith("error: ") and names in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
