@@ -110,10 +110,11 @@ def fmt_record(ex, answer=0):
     return {"inputs": text, "targets": ex["answers"][answer] if ex["answers"] else "<unk>"}
 
 
-def fmt_qa(ex):
-    """T5 `squad` / SPoT `mrqa`: "question: q context: c" -> first answer, punctuation padded."""
-    return {"inputs": _collapse(_join(["question:", _pad_punct(ex["question"]), "context:",
-                                       _pad_punct(ex["context"])])),
+def fmt_qa(ex, prefix=None):
+    """Official SPoT `mrqa` (T5 `squad` with the task name first): "<task> question: q context: c" -> the
+    first answer, punctuation padded. prefix=None gives T5's own squad format, with no task name."""
+    parts = ["question:", _pad_punct(ex["question"]), "context:", _pad_punct(ex["context"])]
+    return {"inputs": _collapse(_join([prefix, *parts] if prefix else parts)),
             "targets": _pad_punct(ex["answers"][0])}
 
 
@@ -220,8 +221,9 @@ def _cls_task(name, tfds_name, fields, names, prefix=None, **kw):
                 names, tfds_name=tfds_name, **kw)
 
 
-def _qa_task(name, tfds_name, **kw):
-    return Task(name, fmt_qa, None, ("squad",), "qa", tfds_name, target_len=32, **kw)   # 32: our choice
+def _qa_task(name, tfds_name, prefix=None, **kw):
+    return Task(name, functools.partial(fmt_qa, prefix=prefix), None, ("squad",), "qa", tfds_name,
+                target_len=32, **kw)                                                   # 32: our choice
 
 
 def _gen_task(name, tfds_name, src, tgt, instruction=None, prefix=None, metric="rouge", **kw):
@@ -275,7 +277,8 @@ TASKS = [
               reader="records", files={"train": "train.json", "validation": "dev.json", "test": "test.json"},
               source="https://github.com/salesforce/DocNLI (DocNLI_dataset.zip: train.json, dev.json, test.json)"),
     _cls_task("snli", "snli", ("hypothesis", "premise"), _NLI3),
-    _cls_task("anli", ("anli/r1", "anli/r2", "anli/r3"), ("hypothesis", "context"), _NLI3),  # rounds 1-3 pooled
+    # ANLI: the official code registers each round as a task with its own name (spot_anli_r1 ...).
+    *[_cls_task(f"anli_r{r}", f"anli/r{r}", ("hypothesis", "context"), _NLI3) for r in (1, 2, 3)],
     # Sentiment (official SPoT sentiment.py). Yelp-2 and Sentiment140 have no validation split: use test.
     _cls_task("yelp2", "yelp_polarity_reviews", ("text",), _POSNEG, "yelp_polarity_reviews",
               splits={"train": "train", "validation": "test", "test": "test"}),
@@ -293,12 +296,14 @@ TASKS = [
          reader="records", files={"train": "CxC/train.tsv", "validation": "CxC/validation.tsv"},
          source="https://github.com/google-research-datasets/Crisscrossed-Captions; write CxC/<split>.tsv with "
                 "header index<TAB>sentence1<TAB>sentence2<TAB>label (the layout the official SPoT code reads)"),
-    # QA: T5 squad format (MRQA as official SPoT mrqa.py). SQuAD = squad/v1.1 (87,599 train = Table 2's 88K).
-    _qa_task("squad", "squad/v1.1", adapt=_squad),
-    *[_qa_task(n, f"mrqa/{c}") for n, c in [("newsqa", "news_qa"), ("triviaqa", "trivia_qa"),
-                                           ("searchqa", "search_qa"), ("hotpotqa", "hotpot_qa"),
-                                           ("naturalquestions", "natural_questions")]],
-    _qa_task("drop", "drop", adapt=_drop, splits={"train": "train", "validation": "dev"}),
+    # QA. MRQA: official SPoT mrqa.py, "<task> question: ... context: ..." on tfds mrqa/<task> (its names).
+    *[_qa_task(n, f"mrqa/{c}", prefix=c) for n, c in [
+        ("mrqa_squad", "squad"), ("newsqa", "news_qa"), ("triviaqa", "trivia_qa"), ("searchqa", "search_qa"),
+        ("hotpotqa", "hotpot_qa"), ("naturalquestions", "natural_questions")]],
+    # SQuAD alone (Table 1 row, Table 2 source): Table 2's 88K examples are squad/v1.1's 87,599, not
+    # mrqa/squad's 86,588, so it reads squad/v1.1, in the official squad task's format.
+    _qa_task("squad", "squad/v1.1", prefix="squad", adapt=_squad),
+    _qa_task("drop", "drop", adapt=_drop, splits={"train": "train", "validation": "dev"}),  # T5 squad format
     # Commonsense / multiple choice: "<task> k: v ..." -> the tfds label name (our choice, after T5's COPA).
     _cls_task("winogrande", "winogrande", ("sentence", "option1", "option2"), ("1", "2"),
               splits={"train": "train_xl", "validation": "validation", "test": "test"}),
@@ -343,15 +348,18 @@ TASKS = [
 ]
 _REGISTRY = {re.sub(r"[^a-z0-9.]", "", t.name.lower()): t for t in TASKS}
 
-# Source mixtures of SPoT Appendix B (NOTES.md §6). All = the 55 labeled datasets: overlaps once (SuperGLUE RTE
-# has GLUE RTE's examples), GEM's XSum and WikiLingua apart from the Summarization ones.
+# Source mixtures of SPoT Appendix B. All = the 55 labeled datasets: overlaps once (SuperGLUE RTE has GLUE
+# RTE's examples), GEM's XSum and WikiLingua apart from the Summarization ones. ANLI is one dataset in App. B
+# and three tasks in the official code (prompt_tuning/spot/data/nli.py); each round is below K, so
+# examples-proportional mixing gives the rounds together the rate ANLI pooled would have. MRQA: the official
+# mrqa.py tasks.
 MIXTURES = {
     "GLUE": ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"),
     "SuperGLUE": ("boolq", "cb", "copa", "multirc", "record", "superglue_rte", "wic", "wsc"),
-    "NLI": ("anli", "cb", "docnli", "mnli", "qnli", "rte", "snli"),
+    "NLI": ("anli_r1", "anli_r2", "anli_r3", "cb", "docnli", "mnli", "qnli", "rte", "snli"),
     "Paraphrase": ("cxc", "mrpc", "qqp", "stsb"),
     "Sentiment": ("cr", "goemotions", "sentiment140", "sst2", "yelp2"),
-    "MRQA": ("squad", "newsqa", "triviaqa", "searchqa", "hotpotqa", "naturalquestions"),
+    "MRQA": ("mrqa_squad", "newsqa", "triviaqa", "searchqa", "hotpotqa", "naturalquestions"),
     "RAINBOW": ("abductive_nli", "cosmosqa", "hellaswag", "piqa", "socialiqa", "winogrande"),
     "Translation": ("wmt_ende", "wmt_enfr", "wmt_enro"),
     "Summarization": ("aeslc", "billsum", "cnn_dailymail", "wikilingua", "gigaword", "multi_news", "newsroom",
@@ -632,7 +640,13 @@ def _load_vocab(ref):
             raise OSError(f"could not fetch spiece.model of {ref!r} from the Hugging Face hub ({type(e).__name__}: "
                           f"{str(e)[:200]}). Offline, pass a local file, e.g. --vocab ../shared/data/t5_spiece.model, "
                           "or set SPOT_VOCAB to it") from e
-    return Vocab(path.read_bytes())
+    from google.protobuf.message import DecodeError
+    try:
+        return Vocab(path.read_bytes())
+    except (DecodeError, RuntimeError) as e:   # protobuf, then sentencepiece: a .npy, a text or empty file
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise ValueError(f"{path} is not a SentencePiece model ({why}): pass T5's spiece.model (a .model "
+                         "file, a folder holding it, or a hub id such as google/t5-base-lm-adapt)") from None
 
 
 def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
@@ -746,13 +760,15 @@ def topk_mixture(source_tasks, target_task):
 
 
 # ----------------------------------------------------------------------------- predictions and metrics
+# The determiners of T5 postprocessors.wsc_simple (google-research/text-to-text-transfer-transformer,
+# t5/data/postprocessors.py).
 _DETERMINERS = {"a", "an", "few", "her", "his", "each", "every", "many", "much", "my", "our", "some", "that",
                 "the", "their", "these", "this", "those", "which", "whose", "your"}
 
 
 def postprocess(task_name, prediction, example=None):
-    """A decoded string -> what the metric compares (T5 postprocessors): class index (-1 if unknown),
-    float (-1.0 if not a number), WSC 1/0 = "names the candidate", else the string itself."""
+    """A decoded string -> what the metric compares (T5 postprocessors): class index (-1 if unknown), float
+    (-1.0 if not a number), WSC 1/0 = "names the candidate" (-1: only determiners), else the string itself."""
     task = get_task(task_name)
     if task.kind in ("class", "multirc"):
         return task.label_names.index(prediction) if prediction in task.label_names else -1
@@ -761,14 +777,17 @@ def postprocess(task_name, prediction, example=None):
             return float(prediction)
         except ValueError:
             return -1.0
-    if task.kind == "wsc":   # T5 postprocessors.wsc_simple: ignore case and determiners, allow subsets
-        def clean(s):
+    if task.kind == "wsc":   # T5 postprocessors.wsc_simple: does the prediction name the candidate referent?
+        def clean(s):        # ignore case and determiners
             return " ".join(w for w in s.strip().lower().split(" ") if w not in _DETERMINERS)
-        pred, ref = clean(prediction), clean(example["span1_text"])
-        if ("'" in pred) != ("'" in ref):
+        pred = clean(prediction)
+        if not pred:         # nothing left: -1, so an empty answer never matches the label 0 (False)
+            return -1
+        ref = clean(task.preprocess(example)["targets"])     # T5: the target text, targets_pretokenized
+        if ("'" in pred) != ("'" in ref):                    # "Bob" does not name "Bob's hat"
             return 0
         pw, rw = set(pred.split(" ")), set(ref.split(" "))
-        return int(pw <= rw or rw <= pw)
+        return int(pw <= rw or rw <= pw)                     # "fuzzy bunny" names "bunny" and vice versa
     return prediction
 
 

@@ -55,16 +55,20 @@ class T5Config:
         raise ValueError(f"unknown T5 name {name!r}; known: {', '.join(KNOWN_NAMES)}")
 
     @classmethod
-    def from_hf(cls, c):
-        """From a Hugging Face config.json dict (model_type t5 or mt5)."""
+    def from_hf(cls, c, where="config.json"):
+        """From a Hugging Face config.json dict (model_type t5 or mt5); `where` names the file in errors."""
+        if not isinstance(c, dict):
+            raise ValueError(f"{where} holds a JSON {type(c).__name__}, not an object: it is not a T5 config")
         if c.get("model_type", "t5") not in ("t5", "mt5"):
-            raise ValueError(f"config.json is for model_type={c['model_type']!r}, not T5: pass a T5 checkpoint")
+            raise ValueError(f"{where}: model_type={c['model_type']!r}, not T5: pass a T5 checkpoint")
         missing = [k for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in c]
         if missing:
-            raise ValueError(f"config.json has no {', '.join(missing)}: it is not a T5 config")
+            raise ValueError(f"{where} has no {', '.join(missing)}: it is not a T5 config")
+        _check_hf_values(c, where)
         act = c.get("feed_forward_proj", "relu")
         if act not in ("relu", "gated-gelu"):
-            raise ValueError(f"feed_forward_proj={act!r} is not supported: only 'relu' (T5 1.0) and 'gated-gelu' (T5 1.1)")
+            raise ValueError(f"{where}: feed_forward_proj {act!r} is not supported: only 'relu' (T5 1.0) and "
+                             "'gated-gelu' (T5 1.1)")
         # T5 1.0 vs 1.1 output layer. Configs up to transformers 4.x say it with tie_word_embeddings; transformers 5.x
         # writes tie_word_embeddings=true for every T5 (even a T5 1.1 it loaded and saves again, with its own
         # lm_head.weight) and keeps the d_model^-0.5 rescaling, i.e. T5 1.0, in scale_decoder_outputs.
@@ -80,6 +84,35 @@ class T5Config:
         """A tiny random T5 1.1 for tests and --tiny runs."""
         base = dict(d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=2, num_decoder_layers=2, name="tiny")
         return cls(**{**base, **overrides})
+
+
+def _check_hf_values(c, where):
+    """Each config.json value from_hf reads has a type and range the model runs with: a one-line error naming
+    the field and the file now, not a TypeError (d_model "sixteen") or NaN buckets inside the model later."""
+    def integer(low):
+        return lambda v: type(v) is int and v >= low                   # JSON true is a bool, not a width
+
+    def number(ok):
+        return lambda v: type(v) in (int, float) and math.isfinite(v) and ok(v)
+
+    buckets = c.get("relative_attention_num_buckets", 32)
+    exact = buckets // 2 if integer(4)(buckets) else 0             # relpos_bucket's exact buckets (decoder)
+    rules = [(("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers"),
+              integer(1), "an integer >= 1"),
+             # relpos_bucket halves the buckets for the encoder and keeps half of those exact: 4 leave one,
+             (("relative_attention_num_buckets",), integer(4), "an integer >= 4"),
+             # and divides by log(max_distance / exact)
+             (("relative_attention_max_distance",), integer(exact + 1),
+              f"an integer > num_buckets / 2 = {exact}"),
+             (("dropout_rate",), number(lambda v: 0 <= v < 1), "a number in [0, 1)"),
+             (("layer_norm_epsilon",), number(lambda v: v > 0), "a finite number > 0"),
+             (("tie_word_embeddings", "scale_decoder_outputs"), lambda v: type(v) is bool, "true or false"),
+             (("feed_forward_proj", "_name_or_path"), lambda v: isinstance(v, str), "a string")]
+    nullable = ("num_decoder_layers", "scale_decoder_outputs", "_name_or_path")   # null = HF's default
+    for keys, ok, want in rules:
+        for key in keys:
+            if key in c and not (c[key] is None and key in nullable) and not ok(c[key]):
+                raise ValueError(f"{where}: {key} must be {want}, got {c[key]!r}")
 
 
 # (vocab, d_model, d_kv, d_ff, heads, encoder layers, decoder layers): HF hub configs; NOTES.md §7.5 for T5 1.1.
@@ -607,7 +640,7 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
         config = json.loads((d / "config.json").read_text())
     except ValueError as e:
         raise ValueError(f"{d / 'config.json'} is not valid JSON ({e}): download it again") from None
-    cfg = T5Config.from_hf(config)
+    cfg = T5Config.from_hf(config, where=d / "config.json")
     tensors, want = _read_tensors(d), _expected_shapes(cfg)
     if "shared.weight" not in tensors:  # some exports keep only the per-stack copies of the embedding
         tensors.update({"shared.weight": tensors[k] for k in ("decoder.embed_tokens.weight", "encoder.embed_tokens.weight")

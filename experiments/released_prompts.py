@@ -10,6 +10,9 @@ greedy_decode, the exact input format (taskless_text) and data.score at once. Th
 Writes results/released_prompts.json. --tiny: the same path on a random tiny T5 of width 768, 8 examples per
 task, seconds; its scores are meaningless.
 """
+import sys, pathlib  # noqa: E401
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+
 import argparse
 import dataclasses
 import hashlib
@@ -24,11 +27,7 @@ import numpy as np
 
 import data
 import t5_model
-
-try:  # imported as experiments.released_prompts (tests)
-    from experiments.paper_numbers import RELEASED_PROMPTS
-except ImportError:  # run as a script: experiments/ is sys.path[0]
-    from paper_numbers import RELEASED_PROMPTS
+from experiments.paper_numbers import RELEASED_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -144,18 +143,10 @@ def evaluate_task(task, params, model_cfg, prompt, vocab, cfg):
             "first_input": texts[0]["inputs"], "first_prediction": preds[0], "seconds": round(time.time() - start, 1)}
 
 
-def load_vocab(cfg):
-    try:
-        return data.load_vocab(cfg.vocab or cfg.model)
-    except Exception as e:
-        raise FileNotFoundError(f"no T5 vocabulary from {cfg.vocab or cfg.model} ({e}); pass --vocab "
-                                "PATH/spiece.model, e.g. ../shared/data/t5_spiece.model") from e
-
-
 def setup(cfg):
     """(cfg, model config, params, {task: prompt}, vocab) of the real run."""
     prompt_dir = cfg.prompts or download_prompts(cfg.tasks)  # before the weights: fail fast when offline
-    vocab = load_vocab(cfg)
+    vocab = data.load_vocab(cfg.vocab or cfg.model)   # its errors say what to pass
     model_cfg, params = t5_model.load_checkpoint(cfg.model)
     return cfg, model_cfg, params, load_prompts(prompt_dir, cfg.tasks, model_cfg.d_model), vocab
 
@@ -177,7 +168,7 @@ def tiny_setup(cfg):
     else:  # no local release: random prompts of the released shape keep the code path the same
         prompts = {t: np.random.default_rng(i).normal(size=(100, 768)).astype(np.float32)
                    for i, t in enumerate(cfg.tasks)}
-    return cfg, model_cfg, params, prompts, load_vocab(cfg)
+    return cfg, model_cfg, params, prompts, data.load_vocab(cfg.vocab or cfg.model)
 
 
 def print_table(results, tiny):
@@ -224,4 +215,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:    # a wrong path or file (vocabulary, checkpoint, prompts)
+        sys.exit(f"error: {e}")

@@ -2,6 +2,7 @@
 tokenisation, resumable batches, mixing rates, metrics (hand-computed and scipy), the tfds path (mock_data)."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,36 @@ def test_wsc_special_cases_need_the_whole_text():
     assert data.to_text("wsc", good)["inputs"] == "wsc: " + pony.format("Good for *him* ")
 
 
+
+WSC_TOM = {"text": "Mitchell asked Tom if he could lend some money.", "span1_index": 2, "span2_index": 4,
+           "span1_text": "Tom", "span2_text": "he", "label": 1, "idx": 0}
+
+
+@pytest.mark.parametrize("prediction,referent,expected", [
+    ("Tom", "Tom", 1), (" The TOM ", "Tom", 1),            # case, surrounding space and determiners ignored
+    ("fuzzy bunny", "the bunny", 1), ("bunny", "his fuzzy bunny", 1),   # either word set inside the other
+    ("Tom's hat", "Tom", 0), ("Tom", "Tom's hat", 0),      # an apostrophe on one side only: not the referent
+    ("Mitchell", "Tom", 0), ("Tom Mitchell", "Tom money", 0),
+    ("", "Tom", -1), ("   ", "Tom", -1), ("the", "Tom", -1), ("His", "Tom", -1),
+    ("their those", "Tom", -1)])                           # nothing left: -1, never 0 = "label False"
+def test_wsc_postprocess_is_t5_wsc_simple(prediction, referent, expected):
+    """Known answers of T5 postprocessors.wsc_simple: lower-case, drop its 21 determiners, -1 when nothing is
+    left, 0 when only one side has an apostrophe, else 1 iff one word set contains the other. The referent is
+    the example's target text (T5: targets_pretokenized = span1_text)."""
+    assert data.postprocess("wsc", prediction, {**WSC_TOM, "span1_text": referent}) == expected
+
+
+def test_wsc_empty_predictions_score_zero(shared_data):
+    """An empty answer (or one of determiners only) matches no label: before T5's -1 it scored 0 = False,
+    which is the label of 66 of the 104 validation examples (63.5%)."""
+    val = data.load_examples("wsc", "validation", data_dir=shared_data)
+    assert sum(e["label"] == 0 for e in val) == 66
+    assert data.score("wsc", val, [""] * len(val))["accuracy"] == 0.0
+    assert data.score("wsc", val, ["the"] * len(val))["accuracy"] == 0.0
+    gold = [data.to_text("wsc", e)["targets"] for e in val]
+    true = sum(e["label"] for e in val)                      # the target names the true referent iff label 1
+    assert data.score("wsc", val, gold)["accuracy"] == pytest.approx(100 * true / len(val))
+
 def test_record_format_and_training_expansion():
     ex = {"passage": "This is the passage.", "query": "A @placeholder is a bird.",
           "entities": ["penguin", "potato", "pigeon"], "answers": ["penguin", "pigeon"],
@@ -158,8 +189,8 @@ def test_record_format_and_training_expansion():
 
 def test_other_families():
     qa = {"question": "Who won?", "context": "Denver won (24-10).", "answers": ["Denver"]}
-    assert data.to_text("squad", qa) == {"inputs": "question: Who won ? context: Denver won ( 24 - 10 ) . ",
-                                         "targets": "Denver"}
+    assert data.to_text("drop", qa) == {"inputs": "question: Who won ? context: Denver won ( 24 - 10 ) . ",
+                                        "targets": "Denver"}
     assert data.to_text("docnli", {"premise": "A  dog\nbarks.", "hypothesis": "A dog.", "label": 1}) == {
         "inputs": "doc_nli hypothesis: A dog. premise: A dog barks.", "targets": "entailment"}
     assert data.to_text("winogrande", {"sentence": "The _ sat.", "option1": "cat", "option2": "dog", "label": 1}) \
@@ -179,8 +210,70 @@ def test_qa_pads_ascii_punctuation_only():
     outside ASCII stay whole, so an accented answer still matches its reference."""
     qa = {"question": '"Introducción (la vídeo)".', "context": "snake_case—x", "answers": ["Beyoncé!"]}
     assert data.to_text("squad", qa) == {
-        "inputs": 'question: " Introducción ( la vídeo ) " . context: snake _ case—x', "targets": "Beyoncé ! "}
+        "inputs": 'squad question: " Introducción ( la vídeo ) " . context: snake _ case—x',
+        "targets": "Beyoncé ! "}
     assert data.score("squad", [qa], ["beyoncé"])["em"] == 100.0
+
+
+# Official SPoT (google-research/prompt-tuning, prompt_tuning/spot/data/mrqa.py): task spot_mrqa_<name> reads
+# tfds mrqa/<name> and writes prompt_tuning/data/preprocessors.py `mrqa` with task_name=<name>.
+MRQA = [("mrqa_squad", "squad"), ("newsqa", "news_qa"), ("triviaqa", "trivia_qa"), ("searchqa", "search_qa"),
+        ("hotpotqa", "hotpot_qa"), ("naturalquestions", "natural_questions")]
+QA_EXAMPLE = {"qid": "q0", "question": "Who won?", "context": "Denver  won\n(24-10).",
+              "answers": ["Denver (CO)", "CO"]}
+
+
+@pytest.mark.parametrize("task,name", MRQA)
+def test_mrqa_tasks_are_the_official_spot_tasks(task, name):
+    """"<name> question: <q> context: <c>" -> the first answer; question, context and answer punctuation
+    padded (T5 _pad_punctuation), whitespace collapsed (T5 _string_join)."""
+    assert data.get_task(task).tfds_name == f"mrqa/{name}"
+    inputs = f"{name} question: Who won ? context: Denver won ( 24 - 10 ) . "
+    assert data.to_text(task, QA_EXAMPLE) == {"inputs": inputs, "targets": "Denver ( CO ) "}
+    assert data.score(task, [QA_EXAMPLE], ["co"])["em"] == 100.0          # any reference answer counts
+
+
+def test_squad_alone_is_squad_v11_in_the_official_format():
+    """SPoT Table 2's SQuAD source has 88K examples: squad/v1.1 (87,599 train), not mrqa/squad (86,588). Its
+    input is the official SPoT squad task's, so a SQuAD prompt sees what the MRQA mixture's SQuAD sees."""
+    raw = {"id": "5733be", "title": "Denver", "question": "Who won?", "context": "Denver  won\n(24-10).",
+           "answers": {"text": ["Denver (CO)", "CO"], "answer_start": [0, 8]}}      # tfds squad/v1.1 layout
+    ex, = data.get_task("squad").adapt(raw)
+    assert data.get_task("squad").tfds_name == "squad/v1.1"
+    assert data.to_text("squad", ex) == data.to_text("mrqa_squad", QA_EXAMPLE)
+    assert data.MIXTURES["MRQA"] == tuple(t for t, _ in MRQA)
+
+
+@pytest.mark.parametrize("r", [1, 2, 3])
+def test_anli_rounds_are_the_official_spot_tasks(r):
+    """Official SPoT nli.py: one task per round, spot_anli_r<r> on tfds anli/r<r>, written by its
+    preprocess_text_classification: "anli_r<r> hypothesis: <h> context: <c>" -> the label name."""
+    ex = {"uid": "u0", "context": "A man\n sleeps.", "hypothesis": "A man is awake.", "label": 2}
+    assert data.get_task(f"anli_r{r}").tfds_name == f"anli/r{r}"
+    assert data.to_text(f"anli_r{r}", ex) == {
+        "inputs": f"anli_r{r} hypothesis: A man is awake. context: A man sleeps.", "targets": "contradiction"}
+
+
+def test_nli_mixture_has_the_three_anli_rounds():
+    """SPoT App. B's NLI mixture with ANLI as the official code's three tasks. Every round is below K = 2^19,
+    so examples-proportional mixing gives the three the rate the pooled dataset had."""
+    assert data.MIXTURES["NLI"] == ("anli_r1", "anli_r2", "anli_r3", "cb", "docnli", "mnli", "qnli", "rte",
+                                    "snli")
+    rounds = {"anli_r1": 16_946, "anli_r2": 45_460, "anli_r3": 100_459}                # tfds anli train sizes
+    split = data.mixture_rates({**rounds, "mnli": 392_702})
+    pooled = data.mixture_rates({"anli": sum(rounds.values()), "mnli": 392_702})
+    assert sum(split[t] for t in rounds) == pytest.approx(pooled["anli"], rel=1e-15)
+
+
+@pytest.mark.parametrize("task,start", [*[(t, f"{n} question: ") for t, n in MRQA],
+                                        ("squad", "squad question: "),
+                                        *[(f"anli_r{r}", f"anli_r{r} hypothesis: ") for r in (1, 2, 3)]])
+def test_official_tasks_load_through_tfds(task, start):
+    """The tfds builders exist and their records format (mock_data: random records of the real features)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=2):
+        examples = data.load_examples(task, "validation")
+    assert len(examples) == 2 and data.to_text(task, examples[0])["inputs"].startswith(start)
 
 
 # ----------------------------------------------------------------------------- registry, mixtures, errors
@@ -196,10 +289,10 @@ def test_registry_covers_table2_and_mixtures():
         "copa", "cb"]
     for members in data.MIXTURES.values():
         assert all(data.get_task(t).name == t for t in members)
-    assert len(data.MIXTURES["All"]) == 55                  # SPoT App. B: 55 labeled source datasets
+    assert len(data.MIXTURES["All"]) == 57       # SPoT App. B: 55 labeled source datasets, ANLI as 3 rounds
     assert [len(data.MIXTURES[m]) for m in ("GLUE", "SuperGLUE", "NLI", "Paraphrase", "Sentiment", "MRQA",
                                             "RAINBOW", "Translation", "Summarization", "GEM")] == \
-        [8, 8, 7, 4, 5, 6, 6, 3, 9, 8]
+        [8, 8, 9, 4, 5, 6, 6, 3, 9, 8]
     assert data.topk_mixture(["MNLI", "qqp", "mnli"], "CB") == ("mnli", "qqp", "cb")
 
 
@@ -393,6 +486,22 @@ def test_vocab_known_ids_and_sentinels(vocab, shared_data, tmp_path):
     assert data.load_vocab(str(tmp_path)).encode("Hello world") == [8774, 296]
     with pytest.raises(FileNotFoundError, match="no SentencePiece model"):
         data.load_vocab(str(tmp_path / "missing.model"))
+
+
+def test_load_vocab_names_a_file_that_is_no_sentencepiece_model(tmp_path):
+    """--vocab x.npy, a text file, an empty .model: a one-line ValueError naming the file, not protobuf's
+    DecodeError or sentencepiece's RuntimeError."""
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    (tmp_path / "notes.txt").write_text("hello world\n")
+    (tmp_path / "empty.model").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "spiece.model").write_bytes(b"\x00\x01garbage")
+    for name in ("x.npy", "notes.txt", "empty.model", "folder"):
+        path = tmp_path / name / "spiece.model" if name == "folder" else tmp_path / name
+        not_spm = rf"^{re.escape(str(path))} is not a SentencePiece model .*\.model"
+        with pytest.raises(ValueError, match=not_spm) as e:
+            data.load_vocab(str(tmp_path / name))
+        assert "\n" not in str(e.value)
 
 
 def test_load_vocab_offline_hub_error_says_what_to_do(monkeypatch):

@@ -3,6 +3,7 @@ paper_numbers.RESULTS_SCHEMA and test_paper_numbers.compare accepts them; the re
 the quickstart's retrieval and transfer effect hold. ~3 min on 2 cores (compiles are shared across the scripts)."""
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import retrieval
 from experiments import (common, figure1_model_sizes, paper_numbers, quickstart, table1_source_mixtures,
                          table3_retrieval, table6_transferability)
 from tests.test_paper_numbers import compare
+from tests.test_released_prompts import run_uninstalled
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +126,15 @@ def test_bench_prompt_step_runs_without_peft(tmp_path):
     (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert row["shape"] == "small" and row["arm"] == "ours" and row["ratio_vs_peft"] is None
     assert row["s_per_step"] > 0 and row["compile_s"] > 0 and row["tokens_per_s"] == 1 * (100 + 128 + 8) / row["s_per_step"]
+
+
+SCRIPTS = sorted(p.name for p in (Path(common.__file__).parent).glob("*.py") if "__main__" in p.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_runs_from_a_clone_that_was_not_installed(script, tmp_path):
+    """`python experiments/<script> --help` from another folder with the packages installed but not this
+    repository: each script puts the repository root on sys.path before it imports from it."""
+    assert run_uninstalled(tmp_path, "-c", "import data").returncode == 1     # the repository is hidden
+    out = run_uninstalled(tmp_path, str(Path(common.__file__).parent / script), "--help")
+    assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stderr[-2000:]

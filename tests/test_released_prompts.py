@@ -2,6 +2,8 @@
 Base weights) Google's released prompts within 0.5 points of their release notes."""
 import json
 import os
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -130,6 +132,49 @@ def _save_hf_checkpoint(folder, cfg, params):
         "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_heads": cfg.num_heads,
         "num_layers": cfg.num_layers, "num_decoder_layers": cfg.num_decoder_layers, "vocab_size": cfg.vocab_size,
         "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}))
+
+
+def run_uninstalled(cwd, *args):
+    """python -S <args> in cwd, with the packages installed but not this repository: -S skips site's .pth
+    files, so pip install -e's import hook for data, t5_model ... is gone, as in a clone that was never
+    installed; the site directories come back through PYTHONPATH."""
+    site_dirs = [p for p in sys.path if p and Path(p).is_dir() and not (Path(p) / "data.py").is_file()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site_dirs)}
+    return subprocess.run([sys.executable, "-S", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+SCRIPT = str(Path(rp.__file__).resolve())
+
+
+def test_runs_as_a_script_from_a_clone_that_was_not_installed(shared_data, tmp_path):
+    """`python experiments/released_prompts.py --tiny` from another folder: the script puts the repository
+    root on sys.path before it imports data."""
+    hidden = run_uninstalled(tmp_path, "-c", "import data")
+    assert hidden.returncode == 1 and "No module named 'data'" in hidden.stderr   # the repository is hidden
+    release = shared_data / "prompt_tuning_release" / "t5_1_1_lm100k_base"
+    out = run_uninstalled(tmp_path, SCRIPT, "--tiny", "--data", str(shared_data / "glue"),
+                           "--prompts", str(release), "--vocab", str(shared_data / "t5_spiece.model"),
+                           "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "released_prompts.json").read_text())["config"]["tiny"] is True
+
+
+def test_bad_input_is_one_line_not_a_traceback(shared_data, tmp_path):
+    """--vocab that is no SentencePiece model, --model whose config.json has a wrong value: exit 1 with one
+    line naming the file."""
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"d_model": "sixteen", "d_kv": 8, "d_ff": 32,
+                                                                "num_heads": 2, "num_layers": 2}))
+    release = str(shared_data / "prompt_tuning_release" / "t5_1_1_lm100k_base")
+    for args, names in [(["--tiny", "--vocab", str(tmp_path / "x.npy")], "x.npy is not a SentencePiece"),
+                        (["--model", str(tmp_path / "model"), "--prompts", release,
+                          "--vocab", str(shared_data / "t5_spiece.model")], "config.json: d_model must be")]:
+        out = run_uninstalled(tmp_path, SCRIPT, *args, "--data", str(shared_data / "glue"),
+                               "--out", str(tmp_path / "out"))
+        assert out.returncode == 1 and out.stderr.startswith("error: ") and names in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_checkpoint_path_runs_on_a_local_folder(shared_data, tmp_path):

@@ -435,6 +435,41 @@ def test_from_hf_reads_a_hub_config():
         tm.T5Config.from_hf({k: v for k, v in hub.items() if k not in ("d_kv", "num_heads")})
 
 
+HUB_BASE = {"model_type": "t5", "vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048,
+            "num_heads": 12, "num_layers": 12, "num_decoder_layers": None,
+            "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+            "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, "dropout_rate": 0.1,
+            "layer_norm_epsilon": 1e-6, "_name_or_path": "google/t5-base-lm-adapt"}
+
+
+@pytest.mark.parametrize("key,value", [
+    ("d_model", "sixteen"), ("d_model", 0), ("d_model", 768.0), ("d_kv", None), ("d_ff", -1),
+    ("num_heads", True), ("num_layers", [12]), ("vocab_size", "32128"), ("num_decoder_layers", 0),
+    ("num_decoder_layers", "12"), ("relative_attention_num_buckets", 2),
+    ("relative_attention_num_buckets", 32.5), ("relative_attention_max_distance", 16),
+    ("relative_attention_max_distance", "128"), ("dropout_rate", 1.0), ("dropout_rate", -0.1),
+    ("dropout_rate", "0.1"), ("dropout_rate", float("nan")), ("layer_norm_epsilon", 0),
+    ("layer_norm_epsilon", float("inf")), ("tie_word_embeddings", "false"), ("scale_decoder_outputs", 1),
+    ("feed_forward_proj", ["relu"]), ("model_type", None), ("_name_or_path", 3)])
+def test_from_hf_names_a_bad_field_and_its_file(key, value):
+    """Every config.json value from_hf reads is checked for type and range (bools are not integers; the
+    decoder's max_distance must exceed its exact buckets, num_buckets/2, or the log-spaced buckets divide by
+    log 1 = 0): a one-line ValueError naming the field and the file, not a TypeError deep in the model."""
+    assert tm.T5Config.from_hf(HUB_BASE) == tm.T5Config.from_name("google/t5-base-lm-adapt")
+    with pytest.raises(ValueError, match=rf"^ckpt/config.json: {key}\W.*{re.escape(repr(value))}") as e:
+        tm.T5Config.from_hf({**HUB_BASE, key: value}, where="ckpt/config.json")
+    assert "\n" not in str(e.value)
+
+
+def test_load_checkpoint_names_a_bad_config_field(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**HUB_BASE, "d_model": "sixteen"}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: d_model must be"):
+        tm.load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json holds a JSON list, not an object"):
+        tm.load_checkpoint(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------- properties
 def test_decoder_is_causal(tiny):
     cfg, params = tiny
