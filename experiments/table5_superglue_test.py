@@ -32,7 +32,8 @@ AX-b and AX-g are scored with the RTE prompt in RTE's input format, as T5's supe
 (t5/data/tasks.py: AX-b's sentence1/sentence2 renamed premise/hypothesis; glue_utils: "cast as RTE").
 A decoded string that is no valid label (T5's postprocessors would score it -1, i.e. wrong) cannot be written as
 "wrong": it is replaced by rank classification, the valid label (ReCoRD: the passage's entity) whose target the
-model scores most likely, and counted in the printout and results/table5_superglue_test.json.
+model scores most likely, and counted in the printout and results/table5_superglue_test.json. A WSC referent that
+names no one (empty, or determiners only: T5's wsc_simple gives -1) is written "False" and counted the same way.
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
@@ -122,13 +123,13 @@ def to_label(name, prediction, example):
     task, labels = SUBMISSION[name]
     if labels is None:                                # ReCoRD: one of the passage's entities
         return prediction if prediction in example["entities"] else None
-    c = data.postprocess(task, prediction, example)   # class index (-1: not a label); WSC: 1/0, always valid
+    c = data.postprocess(task, prediction, example)   # class index (-1: not a label; WSC: names no one)
     return labels[c] if 0 <= c < len(labels) else None
 
 
 def candidates(name, example):
-    """The T5 strings rank classification chooses from: the task's labels, or ReCoRD's entities (WSC: none needed,
-    every decoded string is a yes/no about the candidate)."""
+    """The T5 strings rank classification chooses from: the task's labels, or ReCoRD's entities (WSC: none; a decoded
+    string that names no one is written "False")."""
     task, labels = SUBMISSION[name]
     if name == "WSC":
         raise ValueError("WSC predictions are decoded referents, not labels to rank")
@@ -165,7 +166,9 @@ def predict_file(name, examples, frozen, cfg, prompt, vocab, args):
         preds = released_prompts.predict(frozen, cfg, prompt, inputs, vocab, args.batch_size, T)
     labels = [to_label(name, p, ex) for p, ex in zip(preds, examples)]
     bad = [i for i, lab in enumerate(labels) if lab is None]
-    if bad:
+    if bad and name == "WSC":                        # names no one (T5's -1): the candidate is not the referent
+        labels = ["False" if lab is None else lab for lab in labels]
+    elif bad:
         ranked = rank(frozen, cfg, prompt, inputs[bad], [candidates(name, examples[i]) for i in bad], vocab,
                       args.batch_size, T)
         for i, p in zip(bad, ranked):                 # no candidate at all (ReCoRD without entities): keep the string

@@ -35,7 +35,8 @@ def test_file_layout_matches_the_format_description(tmp_path):
     for name in ("RTE", "AX-b", "AX-g"):
         assert written(tmp_path, name, flat, ["not_entailment", "entailment"]) == \
             '{"idx": 0, "label": "not_entailment"}\n{"idx": 1, "label": "entailment"}\n'
-    wsc = [{"idx": 7, "span1_text": "Mark", "label": -1}, {"idx": 8, "span1_text": "the dog", "label": -1}]
+    wsc = [{"idx": i, "text": f"{who} saw it and he ran .", "span1_text": who, "span1_index": 0, "span2_index": 4,
+            "span2_text": "he", "label": -1} for i, who in ((7, "Mark"), (8, "the dog"))]
     assert written(tmp_path, "WSC", wsc, ["Mark", "the cat"]) == \
         '{"idx": 7, "label": "True"}\n{"idx": 8, "label": "False"}\n'
     record = [{"idx": {"passage": 3, "query": 12}, "entities": ["Ada Lovelace", "London"], "answers": []}]
@@ -63,9 +64,10 @@ def test_diagnostics_are_read_in_rtes_input_format(tmp_path):
 
 
 def test_invalid_strings_are_no_label():
-    ex = {"idx": 0, "label": -1, "entities": ["London"], "span1_text": "Mark"}
+    ex = {"idx": 0, "label": -1, "entities": ["London"], "text": "Mark saw it and he ran .", "span1_text": "Mark",
+          "span1_index": 0, "span2_index": 4, "span2_text": "he"}
     for name, bad in [("BoolQ", "true"), ("CB", "Neutral"), ("COPA", "1"), ("MultiRC", "yes"), ("RTE", ""),
-                      ("WiC", "no"), ("ReCoRD", "london"), ("AX-b", "entail")]:
+                      ("WiC", "no"), ("ReCoRD", "london"), ("AX-b", "entail"), ("WSC", ""), ("WSC", "the")]:
         assert T.to_label(name, bad, ex) is None, name
     assert T.to_label("WSC", "banana", ex) == "False"  # T5's wsc_simple: any string is a yes/no about the referent
 
@@ -97,7 +99,7 @@ def test_validation_round_trip_gives_data_score(name, shared_data, tmp_path):
     for trial in range(3):  # random valid predictions; trial 0: the gold targets (100 where the metric allows)
         preds = [data.to_text(task, ex)["targets"] if trial == 0 else
                  rng.choice(ex["entities"]) if name == "ReCoRD" else
-                 rng.choice([ex["span1_text"], ex["span2_text"]]) if name == "WSC" else
+                 rng.choice([ex["span1_text"], "someone else"]) if name == "WSC" else   # both name someone
                  rng.choice(data.get_task(task).label_names) for ex in examples]
         expected = data.score(task, examples, preds)
         written(tmp_path, name, examples, preds)
