@@ -69,6 +69,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="target runs per initialisation")
     args = p.parse_args(argv)
+    print(spot.device_summary(), flush=True)
     t0 = time.perf_counter()
     cfg, frozen = frozen_model()
     sources, target = embedded_tasks()

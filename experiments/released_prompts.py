@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 import data
+import spot
 import t5_model
 from experiments.paper_numbers import RELEASED_PROMPTS
 
@@ -200,6 +201,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    print(spot.device_summary(), flush=True)
     cfg, model_cfg, params, prompts, vocab = tiny_setup(cfg) if cfg.tiny else setup(cfg)
     results = [evaluate_task(t, params, model_cfg, prompts[t], vocab, cfg) for t in cfg.tasks]
     print_table(results, cfg.tiny)

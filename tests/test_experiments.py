@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -39,8 +40,9 @@ def run_tiny(module, out, *extra):
     return saved
 
 
-def test_table1_tiny(out):
+def test_table1_tiny(out, capsys):
     res = run_tiny(table1_source_mixtures, out, "--seeds", "2")
+    assert f"backend {jax.default_backend()}" in capsys.readouterr().out  # a GPU run on the CPU does not go unseen
     rows, benchmarks = table1_source_mixtures.TINY_ROWS, table1_source_mixtures.TINY_BENCHMARKS
     assert list(res["summary"]) == [f"{r}/{b}" for r in rows for b in benchmarks]
     assert len(res["results"]) == len(rows) * 2 * sum(map(len, benchmarks.values()))
