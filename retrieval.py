@@ -40,7 +40,10 @@ METRICS = {"per_token": cosine_per_token, "average_tokens": cosine_average_token
 
 def task_similarity(runs1, runs2, metric="per_token"):
     """Mean similarity over all run pairs (SPoT footnote 14: the 3 x 3 runs of two tasks)."""
-    sim, runs1, runs2 = _metric(metric), _runs(runs1), _runs(runs2)  # §3.2: embedding = 10K-step prompt
+    if not callable(metric) and metric not in METRICS:
+        raise ValueError(f"unknown similarity metric {metric!r}; use one of {sorted(METRICS)}")
+    sim = metric if callable(metric) else METRICS[metric]
+    runs1, runs2 = _runs(runs1), _runs(runs2)  # §3.2: a task's embedding = its prompt after 10K steps
     if not runs1 or not runs2:
         raise ValueError("task_similarity needs at least one prompt run per task")
     return float(np.mean([sim(a, b) for a in runs1 for b in runs2]))
@@ -77,14 +80,6 @@ def _pair(e1, e2):
         raise ValueError(f"prompts have different widths D ({e1.shape[1]} vs {e2.shape[1]}): task embeddings "
                          "are comparable only between prompts tuned on the same frozen model size")
     return e1, e2
-
-
-def _metric(metric):
-    if callable(metric):
-        return metric
-    if metric not in METRICS:
-        raise ValueError(f"unknown similarity metric {metric!r}; use one of {sorted(METRICS)}")
-    return METRICS[metric]
 
 
 def _runs(x):

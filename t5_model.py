@@ -5,8 +5,7 @@ relpos_bias, _attend, _mlp; prepend_prompt (Lester et al. 2021 §2: the prompt [
 forward; greedy_decode and score_targets for evaluation. Then three headed sections: performance tricks (each
 gives the plain formula it replaces, then its measured gain); parameters (init_params, check_params,
 param_count); Hugging Face checkpoints (load_checkpoint: safetensors / pytorch_model.bin -> T5X names).
-Params are nested dicts with T5X checkpoint names; attention kernels are [D,N,H] (query, key, value), [N,H,D]
-(out).
+Params: nested dicts with T5X checkpoint names; attention kernels [D,N,H] (query/key/value), [N,H,D] (out).
 """
 import dataclasses
 import functools
@@ -475,7 +474,7 @@ def _config_from_hf(cls, c, where):
     missing = [k for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in c]
     if missing:
         raise ValueError(f"{where} has no {', '.join(missing)}: it is not a T5 config")
-    _check_hf_values(c, where)
+    _check_hf_values(c, where)  # each value's type and range
     act = c.get("feed_forward_proj", "relu")
     if act not in ("relu", "gated-gelu"):
         raise ValueError(f"{where}: feed_forward_proj {act!r} is not supported: only 'relu' (T5 1.0) and "
