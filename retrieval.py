@@ -1,23 +1,60 @@
-"""Prompts as task embeddings (Vu et al. 2022, SPoT §3): similarity, source retrieval, transfer analysis.
+"""Prompts as task embeddings (Vu et al. 2022, SPoT §3): task similarity and source retrieval.
 
-§3.2 task similarity ..... cosine_average_tokens, cosine_per_token, task_similarity, similarity_matrix
-§3.3 retrieval ........... rank_sources, top_k, best_of_top_k, top_k_weighted_average, top_k_mixture_tasks, oracle
-prompt library on disk ... PromptEntry, load_library, save_to_library, group_by_task
-§3.1, App. E-G analysis .. relative_error_reduction, positive_transfers, aggregate_targets, pearson
-(the figures drawn from these numbers are in experiments/figures.py)
+§3.2 task similarity .. cosine_average_tokens, cosine_per_token, task_similarity, similarity_matrix
+§3.3 retrieval ........ rank_sources, top_k, best_of_top_k, oracle, top_k_weighted_average,
+                        top_k_mixture_tasks
+§3.1 transfer ......... relative_error_reduction (the tables' statistics: experiments/stats.py)
+prompt library ........ PromptEntry, save_to_library, load_library, group_by_task
 CLI: python retrieval.py rank --target T.npy --library DIR --metric per_token --k 3
 """
 import argparse
 import dataclasses
 import json
-import math
 import re
 from pathlib import Path
 
 import numpy as np
 
-
 # ---------------------------------------------------------------- §3.2 similarity of two prompts [P, D]
+
+def cosine_average_tokens(e1, e2):
+    """SPoT §3.2 "Cosine Similarity of Average Tokens": cos(mean_i e1_i, mean_j e2_j).
+    Example: [[1,0],[0,1]] vs [[1,0]] -> cos([.5,.5], [1,0]) = 0.7071."""
+    e1, e2 = _pair(e1, e2)
+    u1, u2 = _unit(e1.mean(0), "first prompt's mean token"), _unit(e2.mean(0), "second prompt's mean token")
+    return float(u1 @ u2)
+
+
+def cosine_per_token(e1, e2):
+    """SPoT §3.2 "Per-token Average Cosine Similarity": mean over all P1*P2 pairs of cos(e1_i, e2_j).
+    Example: [[1,0],[0,1]] vs [[1,0]] -> (1 + 0) / 2 = 0.5. A prompt's similarity with itself averages
+    its P^2 token pairs too, so it is below 1 unless all its tokens are parallel (Google's released
+    prompts: 0.03-0.04, their tokens being nearly orthogonal)."""
+    e1, e2 = _pair(e1, e2)
+    # mean_ij <u_i, v_j> = <mean_i u_i, mean_j v_j> for unit tokens u, v: O(P D) instead of O(P^2 D).
+    return float(_unit(e1, "first prompt").mean(0) @ _unit(e2, "second prompt").mean(0))
+
+
+METRICS = {"per_token": cosine_per_token, "average_tokens": cosine_average_tokens}
+
+
+def task_similarity(runs1, runs2, metric="per_token"):
+    """Mean similarity over all run pairs (SPoT footnote 14: the 3 x 3 runs of two tasks)."""
+    if not callable(metric) and metric not in METRICS:
+        raise ValueError(f"unknown similarity metric {metric!r}; use one of {sorted(METRICS)}")
+    sim = metric if callable(metric) else METRICS[metric]
+    runs1, runs2 = _runs(runs1), _runs(runs2)  # §3.2: a task's embedding = its prompt after 10K steps
+    if not runs1 or not runs2:
+        raise ValueError("task_similarity needs at least one prompt run per task")
+    return float(np.mean([sim(a, b) for a in runs1 for b in runs2]))
+
+
+def similarity_matrix(runs_by_task, metric="per_token"):
+    """{task: prompt or runs} -> [n, n] task_similarity matrix, rows in the dict's order (Figs. 4, 7)."""
+    runs = list(runs_by_task.values())
+    m = [[task_similarity(a, b, metric) for b in runs] for a in runs]
+    return np.array(m, dtype=np.float64).reshape(len(runs), len(runs))
+
 
 def _as_prompt(e, name="prompt"):
     e = np.asarray(e, dtype=np.float64)
@@ -25,7 +62,8 @@ def _as_prompt(e, name="prompt"):
         raise ValueError(f"{name} must be a non-empty 2-D prompt [P, D], got shape {e.shape}; "
                          "pass one prompt at a time (a list of runs goes to task_similarity)")
     if not np.isfinite(e).all():  # NaN similarities would scramble the ranking (NaN compares false)
-        raise ValueError(f"{name} holds NaN or inf values (a diverged run?); remove it or use an earlier prompt")
+        raise ValueError(f"{name} holds NaN or inf values (a diverged run?); remove it or use an earlier "
+                         "prompt")
     return e
 
 
@@ -44,34 +82,6 @@ def _pair(e1, e2):
     return e1, e2
 
 
-def cosine_average_tokens(e1, e2):
-    """SPoT §3.2 "Cosine Similarity of Average Tokens": cos(mean_i e1_i, mean_j e2_j).
-    Example: [[1,0],[0,1]] vs [[1,0]] -> cos([.5,.5], [1,0]) = 0.7071."""
-    e1, e2 = _pair(e1, e2)
-    return float(_unit(e1.mean(0), "first prompt's mean token") @ _unit(e2.mean(0), "second prompt's mean token"))
-
-
-def cosine_per_token(e1, e2):
-    """SPoT §3.2 "Per-token Average Cosine Similarity": mean over all P1*P2 pairs of cos(e1_i, e2_j).
-    Example: [[1,0],[0,1]] vs [[1,0]] -> (1 + 0) / 2 = 0.5. A prompt's similarity with itself averages
-    its P^2 token pairs too, so it is below 1 unless all its tokens are parallel (Google's released
-    prompts: 0.03-0.04, their tokens being nearly orthogonal)."""
-    e1, e2 = _pair(e1, e2)
-    # mean_ij <u_i, v_j> = <mean_i u_i, mean_j v_j> for unit tokens u, v: O(P D) instead of O(P^2 D).
-    return float(_unit(e1, "first prompt").mean(0) @ _unit(e2, "second prompt").mean(0))
-
-
-METRICS = {"per_token": cosine_per_token, "average_tokens": cosine_average_tokens}
-
-
-def _metric(metric):
-    if callable(metric):
-        return metric
-    if metric not in METRICS:
-        raise ValueError(f"unknown similarity metric {metric!r}; use one of {sorted(METRICS)}")
-    return METRICS[metric]
-
-
 def _runs(x):
     """One prompt [P, D], a list of runs, or stacked runs [R, P, D] -> list of [P, D] arrays."""
     if isinstance(x, (list, tuple)) and x and all(np.ndim(r) == 2 for r in x):
@@ -81,25 +91,7 @@ def _runs(x):
     raise ValueError(f"expected a 2-D prompt [P, D] or runs of it [R, P, D], got shape {np.shape(x)}")
 
 
-def task_similarity(runs1, runs2, metric="per_token"):
-    """Mean similarity over all run pairs (SPoT footnote 14: the 3 x 3 runs of two tasks)."""
-    sim, runs1, runs2 = _metric(metric), _runs(runs1), _runs(runs2)  # §3.2: embedding = 10K-step prompt
-    if not runs1 or not runs2:
-        raise ValueError("task_similarity needs at least one prompt run per task")
-    return float(np.mean([sim(a, b) for a in runs1 for b in runs2]))
-
-
-def similarity_matrix(runs_by_task, metric="per_token"):
-    """{task: prompt or runs} -> [n, n] task_similarity matrix, rows in the dict's order (Figs. 4, 7)."""
-    tasks = list(runs_by_task)
-    m = np.zeros((len(tasks), len(tasks)))
-    for i in range(len(tasks)):
-        for j in range(len(tasks)):
-            m[i, j] = task_similarity(runs_by_task[tasks[i]], runs_by_task[tasks[j]], metric)
-    return m
-
-
-# ---------------------------------------------------------------- prompt library on disk
+# ---------------------------------------------------------------- §3.3 retrieval
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PromptEntry:
@@ -113,17 +105,111 @@ class PromptEntry:
     path: Path | None = None
 
 
+def rank_sources(target, library, metric="per_token"):
+    """Rank stored source prompts by similarity to the target's embedding(s), most similar first.
+    `target`: a prompt [P, D] or several runs of it (similarity averaged over them, as in Fig. 5).
+    Returns [(PromptEntry, similarity)]."""
+    if not library:
+        raise ValueError("the prompt library is empty: save source prompts with save_to_library first")
+    widths = {np.shape(e.prompt)[-1] for e in library}
+    for run in _runs(target):  # a target of another width: say so, rather than blame the first library prompt
+        if np.ndim(run) == 2 and np.shape(run)[1] not in widths:
+            raise ValueError(f"the target prompt is {np.shape(run)[1]} wide but every library prompt is "
+                             f"{' or '.join(map(str, sorted(widths)))} wide: prompts of one model size only")
+    sims = []
+    for entry in library:  # §3.3: each of the 48 source prompts (16 tasks x 3 runs) is scored on its own
+        try:
+            sims.append(task_similarity(target, entry.prompt, metric))
+        except ValueError as e:
+            where = entry.path or "in memory"
+            raise ValueError(f"source prompt of task {entry.task!r} ({where}): {e}") from None
+    order = sorted(range(len(library)), key=lambda i: -sims[i])  # stable: ties keep library order
+    return [(library[i], sims[i]) for i in order]
+
+
+def top_k(ranking, k):
+    """The k highest-ranked entries: the source prompts BEST OF TOP-k tries (SPoT §3.3)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(ranking):
+        raise ValueError(f"k={k!r} but the ranking holds {len(ranking)} prompts; "
+                         f"pick an integer 1 <= k <= {len(ranking)}")
+    return [entry for entry, _ in ranking[:k]]
+
+
+def best_of_top_k(ranking, k, scores):
+    """SPoT §3.3 BEST OF TOP-k: tune the target once from each of the top-k prompts, keep the best.
+    `scores`: a callable PromptEntry -> target score, or the k scores in top_k order. -> (entry, score)."""
+    return _best(top_k(ranking, k), scores)
+
+
+def oracle(library, scores):
+    """SPoT §3.3 ORACLE: brute-force best over every source prompt. -> (entry, score)."""
+    return _best(list(library), scores)
+
+
+def _best(entries, scores):
+    scores = [scores(e) for e in entries] if callable(scores) else list(scores)
+    if len(scores) != len(entries):
+        raise ValueError(f"got {len(scores)} scores for {len(entries)} prompts; give one score per prompt")
+    i = int(np.argmax(scores))
+    return entries[i], float(scores[i])
+
+
+def top_k_weights(ranking, k):
+    """alpha_r = sim_r / sum_{l<=k} sim_l (SPoT §3.3, TOP-k WEIGHTED AVERAGE)."""
+    sims = np.array([sim for _, sim in ranking[:len(top_k(ranking, k))]])
+    if sims.sum() <= 0:
+        raise ValueError(f"the top-{k} similarities sum to {sims.sum():.4g} <= 0, so the weights are "
+                         "undefined")
+    return sims / sims.sum()
+
+
+def top_k_weighted_average(ranking, k):
+    """SPoT §3.3 TOP-k WEIGHTED AVERAGE: one target init, sum_r alpha_r rho_r. -> prompt [P, D]."""
+    prompts = [np.asarray(e.prompt, dtype=np.float64) for e in top_k(ranking, k)]
+    if len({p.shape for p in prompts}) > 1:
+        raise ValueError(f"cannot average prompts of shapes {sorted({p.shape for p in prompts})}; "
+                         "use equal [P, D]")
+    return np.einsum("k,kPD->PD", top_k_weights(ranking, k), np.stack(prompts))
+
+
+def top_k_mixture_tasks(ranking, k, target_task):
+    """SPoT §3.3 TOP-k MULTI-TASK MIXTURE: the distinct source tasks among the top-k prompts, in rank
+    order, plus the target task; their data are mixed examples-proportionally (data.mixture_rates)."""
+    tasks = list(dict.fromkeys(e.task for e in top_k(ranking, k)))
+    return tasks + [target_task] if target_task not in tasks else tasks
+
+
+# ---------------------------------------------------------------- §3.1 transfer
+
+def relative_error_reduction(score, baseline):
+    """SPoT §3.1: 100 (s - b) / (100 - b), in %. Example: (97.0, 92.7) -> 58.9 (MNLI -> CB)."""
+    score, baseline = np.asarray(score, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if np.any(baseline >= 100):
+        raise ValueError("a baseline of 100 leaves no error to reduce; scores must be x100 and below 100")
+    out = 100 * (score - baseline) / (100 - baseline)
+    return float(out) if out.ndim == 0 else out
+
+
+def __getattr__(name):  # the tables' statistics moved to experiments/stats.py (in a clone of the repository)
+    if name in ("positive_transfers", "aggregate_targets", "p_value_from_r", "pearson"):
+        from experiments import stats
+        return getattr(stats, name)
+    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------- prompt library on disk
+
 def save_to_library(directory, prompt, task, run=0, step=None, model=None, score=None):
     """Write <task>-run<run>[-step<step>].npy plus a JSON sidecar with the metadata; returns the .npy path."""
     prompt = np.asarray(_as_prompt(prompt), dtype=np.float32)
-    # numpy / jax scalars (np.int64 run, np.float32 score) as plain JSON numbers; checked before anything is written
+    # numpy / jax scalars (np.int64 run, np.float32 score) as plain JSON numbers, checked before any write
     meta = json.loads(json.dumps({"task": task, "run": run, "step": step, "model": model, "score": score},
                                  default=lambda x: np.asarray(x).tolist()))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{task}-run{run}" + (f"-step{step}" if step is not None else ""))
     sidecar = directory / f"{stem}.json"
-    if sidecar.exists() and (old := _read(sidecar, _json_file).get("task")) != meta["task"]:  # e.g. "a/b" vs "a_b"
+    if sidecar.exists() and (old := _read_json(sidecar).get("task")) != meta["task"]:  # "a/b" vs "a_b"
         raise ValueError(f"{sidecar} holds a prompt of task {old!r}, not {task!r}, under the same file name; "
                          "rename one of the tasks")
     np.save(directory / f"{stem}.npy", prompt)  # the official Checkpointer also stores prompts as .npy
@@ -131,15 +217,11 @@ def save_to_library(directory, prompt, task, run=0, step=None, model=None, score
     return directory / f"{stem}.npy"
 
 
-def _read(path, read):
+def _read_json(path):
     try:
-        return read(path)
+        return json.loads(Path(path).read_text())
     except ValueError as e:  # bad JSON
         raise ValueError(f"cannot read {path}: {e}") from None
-
-
-def _json_file(path):
-    return json.loads(Path(path).read_text())
 
 
 def _library_items(directory):
@@ -166,7 +248,7 @@ def load_library(directory):
     entries = []
     for stem, path in _library_items(directory):
         sidecar = directory / f"{stem}.json"
-        meta, prompt = _read(sidecar, _json_file) if sidecar.exists() else {}, spot.load_prompt(path)
+        meta, prompt = _read_json(sidecar) if sidecar.exists() else {}, spot.load_prompt(path)
         if sidecar.exists() and (not isinstance(meta, dict) or "task" not in meta):
             raise ValueError(f"{sidecar} has no 'task' field; write it with save_to_library")
         fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
@@ -186,173 +268,6 @@ def group_by_task(entries):
     return groups
 
 
-# ---------------------------------------------------------------- §3.3 retrieval
-
-def rank_sources(target, library, metric="per_token"):
-    """Rank stored source prompts by similarity to the target's embedding(s), most similar first.
-    `target`: a prompt [P, D] or several runs of it (similarity averaged over them, as in Fig. 5).
-    Returns [(PromptEntry, similarity)]."""
-    if not library:
-        raise ValueError("the prompt library is empty: save source prompts with save_to_library first")
-    widths = {np.shape(e.prompt)[-1] for e in library}
-    for run in _runs(target):  # a target of another width: say so, rather than blame the first library prompt
-        if np.ndim(run) == 2 and np.shape(run)[1] not in widths:
-            raise ValueError(f"the target prompt is {np.shape(run)[1]} wide but every library prompt is "
-                             f"{' or '.join(map(str, sorted(widths)))} wide: prompts of one model size only")
-    sims = []
-    for entry in library:  # §3.3: each of the 48 source prompts (16 tasks x 3 runs) is scored on its own, not per task
-        try:
-            sims.append(task_similarity(target, entry.prompt, metric))
-        except ValueError as e:
-            raise ValueError(f"source prompt of task {entry.task!r} ({entry.path or 'in memory'}): {e}") from None
-    order = sorted(range(len(library)), key=lambda i: -sims[i])  # stable: ties keep library order
-    return [(library[i], sims[i]) for i in order]
-
-
-def top_k(ranking, k):
-    """The k highest-ranked entries: the source prompts BEST OF TOP-k tries (SPoT §3.3)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(ranking):
-        raise ValueError(f"k={k!r} but the ranking holds {len(ranking)} prompts; "
-                         f"pick an integer 1 <= k <= {len(ranking)}")
-    return [entry for entry, _ in ranking[:k]]
-
-
-def _best(entries, scores):
-    scores = [scores(e) for e in entries] if callable(scores) else list(scores)
-    if len(scores) != len(entries):
-        raise ValueError(f"got {len(scores)} scores for {len(entries)} prompts; give one score per prompt")
-    i = int(np.argmax(scores))
-    return entries[i], float(scores[i])
-
-
-def best_of_top_k(ranking, k, scores):
-    """SPoT §3.3 BEST OF TOP-k: tune the target once from each of the top-k prompts, keep the best.
-    `scores`: a callable PromptEntry -> target score, or the k scores in top_k order. -> (entry, score)."""
-    return _best(top_k(ranking, k), scores)
-
-
-def oracle(library, scores):
-    """SPoT §3.3 ORACLE: brute-force best over every source prompt. -> (entry, score)."""
-    return _best(list(library), scores)
-
-
-def top_k_weights(ranking, k):
-    """alpha_r = sim_r / sum_{l<=k} sim_l (SPoT §3.3, TOP-k WEIGHTED AVERAGE)."""
-    sims = np.array([sim for _, sim in ranking[:len(top_k(ranking, k))]])
-    if sims.sum() <= 0:
-        raise ValueError(f"the top-{k} similarities sum to {sims.sum():.4g} <= 0, so the weights are undefined")
-    return sims / sims.sum()
-
-
-def top_k_weighted_average(ranking, k):
-    """SPoT §3.3 TOP-k WEIGHTED AVERAGE: one target init, sum_r alpha_r rho_r. -> prompt [P, D]."""
-    prompts = [np.asarray(e.prompt, dtype=np.float64) for e in top_k(ranking, k)]
-    if len({p.shape for p in prompts}) > 1:
-        raise ValueError(f"cannot average prompts of shapes {sorted({p.shape for p in prompts})}; use equal [P, D]")
-    return np.einsum("k,kPD->PD", top_k_weights(ranking, k), np.stack(prompts))
-
-
-def top_k_mixture_tasks(ranking, k, target_task):
-    """SPoT §3.3 TOP-k MULTI-TASK MIXTURE: the distinct source tasks among the top-k prompts, in rank
-    order, plus the target task; their data are mixed examples-proportionally (data.mixture_rates)."""
-    tasks = list(dict.fromkeys(e.task for e in top_k(ranking, k)))
-    return tasks + [target_task] if target_task not in tasks else tasks
-
-
-# ---------------------------------------------------------------- §3.1 and App. E-G analysis
-
-def relative_error_reduction(score, baseline):
-    """SPoT §3.1: 100 (s - b) / (100 - b), in %. Example: (97.0, 92.7) -> 58.9 (MNLI -> CB)."""
-    score, baseline = np.asarray(score, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
-    if np.any(baseline >= 100):
-        raise ValueError("a baseline of 100 leaves no error to reduce; scores must be x100 and below 100")
-    out = 100 * (score - baseline) / (100 - baseline)
-    return float(out) if out.ndim == 0 else out
-
-
-def positive_transfers(matrix, baseline, threshold=10.0):
-    """Table 7: (source, target, rel. error reduction) above `threshold` %, largest first.
-    matrix: {source: {target: score}}; baseline: {target: score}."""
-    missing = {tgt for row in matrix.values() for tgt in row} - set(baseline)
-    if missing:
-        raise ValueError(f"no baseline score for target(s) {sorted(missing)}")
-    found = [(src, tgt, relative_error_reduction(s, baseline[tgt]))
-             for src, row in matrix.items() for tgt, s in row.items()]
-    return sorted([t for t in found if t[2] > threshold], key=lambda t: -t[2])
-
-
-def aggregate_targets(scores, baseline):
-    """Table 3 row: {target: per-run scores} vs the baseline's {target: per-run scores or mean} ->
-    {"avg_score", "abs_change", "rel_change"}: each (mean, std) over runs (std with ddof 0).
-    Run r of the method pairs with run r of the baseline when both have the same number of runs
-    (our reading of footnote 15: ORACLE's avg 80.7 +-0.0 has abs change +-0.5), else the baseline mean."""
-    targets = list(scores)
-    if not targets or set(targets) - set(baseline):
-        raise ValueError(f"need scores for >= 1 target, each with a baseline; missing {set(targets) - set(baseline)}")
-    runs = {t: (np.size(scores[t]), np.size(baseline[t])) for t in targets}
-    if len({n for n, _ in runs.values()}) > 1 or len({m for _, m in runs.values()}) > 1:
-        raise ValueError(f"every target needs the same number of runs (method, baseline): {runs}")
-    s = np.array([np.atleast_1d(scores[t]) for t in targets], dtype=np.float64)  # [targets, runs]
-    b = np.array([np.atleast_1d(baseline[t]) for t in targets], dtype=np.float64)
-    b = b if b.shape == s.shape else b.mean(1, keepdims=True)
-    # Table 3: Abs. = change of the 10-target average; Rel. = mean over targets of the error reduction
-    per_run = {"avg_score": s.mean(0), "abs_change": (s - b).mean(0),
-               "rel_change": relative_error_reduction(s, b).mean(0)}
-    return {name: (float(v.mean()), float(v.std())) for name, v in per_run.items()}
-
-
-def p_value_from_r(r, n):
-    """Two-sided p of Pearson's r over n points: t = r sqrt((n-2)/(1-r^2)) with n-2 degrees of freedom;
-    P(|T| > t) = I_x(df/2, 1/2), x = df / (df + t^2), the regularized incomplete beta."""
-    if n < 3:
-        raise ValueError(f"a p-value needs n >= 3 points, got {n}")
-    if abs(r) >= 1:
-        return 0.0
-    a, b, x = (n - 2) / 2, 0.5, 1 - r * r  # df / (df + t^2) simplifies to 1 - r^2
-    if x > (a + 1) / (a + b + 2):  # the continued fraction converges fast only on this side
-        return 1.0 - _incomplete_beta(b, a, 1 - x)
-    return _incomplete_beta(a, b, x)
-
-
-def _incomplete_beta(a, b, x):
-    """I_x(a, b) by its continued fraction (modified Lentz), for x < (a+1)/(a+b+2)."""
-    if x <= 0:
-        return 0.0
-    # I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * 1 / (1 + d_1 / (1 + d_2 / (1 + ...)))
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
-    f, c, d = 1.0, 1.0, 0.0
-    for i in range(400):
-        m = i // 2
-        if i == 0:
-            num = 1.0
-        elif i % 2 == 0:
-            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        else:
-            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
-        c = 1.0 + num / (c if abs(c) > 1e-300 else 1e-300)
-        f *= c * d
-        if abs(1.0 - c * d) < 1e-15:
-            break
-    return front * (f - 1.0)
-
-
-def pearson(x, y):
-    """Pearson r and two-sided p (Fig. 5 / Fig. 8: similarity vs relative error reduction of one target).
-    scipy.stats.pearsonr when scipy is installed, else numpy + p_value_from_r."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
-        raise ValueError(f"pearson needs two 1-D arrays of equal length >= 3, got {x.shape} and {y.shape}")
-    try:
-        from scipy import stats
-    except ImportError:
-        r = float(np.corrcoef(x, y)[0, 1])
-        return r, p_value_from_r(r, len(x))
-    r, p = stats.pearsonr(x, y)
-    return float(r), float(p)
-
-
 # ---------------------------------------------------------------- CLI
 
 def _print_ranking(ranking, k, metric):
@@ -366,12 +281,14 @@ def _print_ranking(ranking, k, metric):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Task similarity and source retrieval over a prompt library (SPoT §3).")
+    parser = argparse.ArgumentParser(description="Task similarity and source retrieval over a prompt library "
+                                                 "(SPoT §3).")
     sub = parser.add_subparsers(dest="command", required=True)
     rank = sub.add_parser("rank", help="print source prompts by similarity to the target's prompt (§3.3)")
     rank.add_argument("--target", required=True, nargs="+",
                       help="target prompt: .npy, T5X prompt file, PEFT adapter (several = runs, averaged)")
-    rank.add_argument("--k", type=int, default=None, help="print the top k, alpha = TOP-k weights (default: all)")
+    rank.add_argument("--k", type=int, default=None,
+                      help="print the top k, alpha = TOP-k weights (default: all)")
     matrix = sub.add_parser("matrix", help="print the task similarity matrix of a library (Fig. 4)")
     for p in (rank, matrix):
         p.add_argument("--library", required=True,

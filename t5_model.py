@@ -1,11 +1,11 @@
-"""T5 in pure JAX: the frozen encoder-decoder under Prompt Tuning and SPoT (Vu et al. 2022 §2.1).
+"""T5 in pure JAX: the frozen encoder-decoder that SPoT tunes a prompt for (Vu et al. 2022 §2.1).
 
-Raffel et al. 2020 §2.1 (T5 1.0) and T5 1.1 / LM-adapted (what SPoT freezes): T5Config, init_params.
-Building blocks (Raffel §2.1): rms_norm, relpos_bucket / relpos_bias, _attend (_attend_encoded), _mlp, _dropout.
-Lester et al. 2021 §2, the soft prompt [P; X] on the encoder input: encode.  Decoder: decode, forward.
-Evaluation: greedy_decode (KV cache), score_targets (rank classification).
-Weights: load_checkpoint (HF safetensors / pytorch_model.bin -> T5X names), check_params, param_count.
-Params are nested dicts with T5X checkpoint names; attention kernels are [D,N,H] (query/key/value), [N,H,D] (out).
+Read top to bottom. The model (Raffel et al. 2020 §2.1; SPoT freezes T5 1.1 LM-adapted): T5Config, rms_norm,
+relpos_bias, _attend, _mlp; prepend_prompt (Lester et al. 2021 §2: the prompt [P; X]) and encode; decode,
+forward; greedy_decode and score_targets for evaluation. Then three headed sections: performance tricks (each
+gives the plain formula it replaces, then its measured gain); parameters (init_params, check_params,
+param_count); Hugging Face checkpoints (load_checkpoint: safetensors / pytorch_model.bin -> T5X names).
+Params: nested dicts with T5X checkpoint names; attention kernels [D,N,H] (query/key/value), [N,H,D] (out).
 """
 import dataclasses
 import functools
@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-PAD_ID, EOS_ID = 0, 1  # T5 SentencePiece vocabulary; the decoder starts from PAD (HF decoder_start_token_id=0)
+PAD_ID, EOS_ID = 0, 1  # T5 SentencePiece ids; the decoder starts from PAD (HF decoder_start_token_id=0)
 NEG_INF = -1e9  # additive attention mask; softmax runs in float32, so this underflows to exactly 0
 
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-    vocab_size: int = 32128  # 32000 SentencePiece pieces + 100 sentinels, padded to 32128 (T5X / HF configs)
+    vocab_size: int = 32128  # 32000 SentencePiece pieces + 100 sentinels, padded to 32128 (T5X, HF configs)
     d_model: int = 768
     d_kv: int = 64
     d_ff: int = 2048
@@ -37,14 +37,14 @@ class T5Config:
     relative_attention_num_buckets: int = 32  # Raffel et al. 2020 §2.1
     relative_attention_max_distance: int = 128  # Raffel et al. 2020 §2.1
     gated_gelu: bool = True  # True: T5 1.1 gated-GELU FFN; False: T5 1.0 ReLU FFN
-    tie_word_embeddings: bool = False  # T5 1.0: output layer = embedding, input rescaled by d_model^-0.5; 1.1: neither
-    dropout_rate: float = 0.1  # Vu et al. 2022 §2.1.4 / PT runs/finetune.gin
+    tie_word_embeddings: bool = False  # T5 1.0: output layer = embedding (x d_model^-0.5); T5 1.1: its own
+    dropout_rate: float = 0.1  # Vu et al. 2022 §2.1.4; t5x/configs/runs/finetune.gin DROPOUT_RATE
     layer_norm_epsilon: float = 1e-6
     name: str = "google/t5-base-lm-adapt"
 
     @classmethod
     def from_name(cls, name):
-        """A public checkpoint's shape: google/t5-{size}-lm-adapt, google/t5-v1_1-{size}, (google-t5/)t5-{size}."""
+        """The shape of google/t5-{size}-lm-adapt, google/t5-v1_1-{size} or (google-t5/)t5-{size}."""
         n = name.lower().removeprefix("google-t5/")
         m = re.fullmatch(r"google/t5-(?:v1_1-)?(small|base|large|xl|xxl)(-lm-adapt)?", n)
         if m and (m.group(2) is None) == ("v1_1" in n):
@@ -55,76 +55,331 @@ class T5Config:
         raise ValueError(f"unknown T5 name {name!r}; known: {', '.join(KNOWN_NAMES)}")
 
     @classmethod
-    def from_hf(cls, c, where="config.json"):
-        """From a Hugging Face config.json dict (model_type t5 or mt5); `where` names the file in errors."""
-        if not isinstance(c, dict):
-            raise ValueError(f"{where} holds a JSON {type(c).__name__}, not an object: it is not a T5 config")
-        if c.get("model_type", "t5") not in ("t5", "mt5"):
-            raise ValueError(f"{where}: model_type={c['model_type']!r}, not T5: pass a T5 checkpoint")
-        missing = [k for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in c]
-        if missing:
-            raise ValueError(f"{where} has no {', '.join(missing)}: it is not a T5 config")
-        _check_hf_values(c, where)
-        act = c.get("feed_forward_proj", "relu")
-        if act not in ("relu", "gated-gelu"):
-            raise ValueError(f"{where}: feed_forward_proj {act!r} is not supported: only 'relu' (T5 1.0) and "
-                             "'gated-gelu' (T5 1.1)")
-        # T5 1.0 vs 1.1 output layer. Configs up to transformers 4.x say it with tie_word_embeddings; transformers 5.x
-        # writes tie_word_embeddings=true for every T5 (even a T5 1.1 it loaded and saves again, with its own
-        # lm_head.weight) and keeps the d_model^-0.5 rescaling, i.e. T5 1.0, in scale_decoder_outputs.
-        tied = c.get("scale_decoder_outputs")
-        tied = bool(c.get("tie_word_embeddings", True) if tied is None else tied)
-        return cls(c.get("vocab_size", 32128), c["d_model"], c["d_kv"], c["d_ff"], c["num_heads"], c["num_layers"],
-                   c.get("num_decoder_layers") or c["num_layers"], c.get("relative_attention_num_buckets", 32),
-                   c.get("relative_attention_max_distance", 128), act == "gated-gelu", tied,
-                   c.get("dropout_rate", 0.1), c.get("layer_norm_epsilon", 1e-6), c.get("_name_or_path", "") or "")
-
-    @classmethod
     def tiny(cls, **overrides):
         """A tiny random T5 1.1 for tests and --tiny runs."""
         base = dict(d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=2, num_decoder_layers=2, name="tiny")
         return cls(**{**base, **overrides})
 
-
-def _check_hf_values(c, where):
-    """Each config.json value from_hf reads has a type and range the model runs with: a one-line error naming
-    the field and the file now, not a TypeError (d_model "sixteen") or NaN buckets inside the model later."""
-    def integer(low):
-        return lambda v: type(v) is int and v >= low                   # JSON true is a bool, not a width
-
-    def number(ok):
-        return lambda v: type(v) in (int, float) and math.isfinite(v) and ok(v)
-
-    buckets = c.get("relative_attention_num_buckets", 32)
-    exact = buckets // 2 if integer(4)(buckets) else 0             # relpos_bucket's exact buckets (decoder)
-    rules = [(("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers"),
-              integer(1), "an integer >= 1"),
-             # relpos_bucket halves the buckets for the encoder and keeps half of those exact: 4 leave one,
-             (("relative_attention_num_buckets",), integer(4), "an integer >= 4"),
-             # and divides by log(max_distance / exact)
-             (("relative_attention_max_distance",), integer(exact + 1),
-              f"an integer > num_buckets / 2 = {exact}"),
-             (("dropout_rate",), number(lambda v: 0 <= v < 1), "a number in [0, 1)"),
-             (("layer_norm_epsilon",), number(lambda v: v > 0), "a finite number > 0"),
-             (("tie_word_embeddings", "scale_decoder_outputs"), lambda v: type(v) is bool, "true or false"),
-             (("feed_forward_proj", "_name_or_path"), lambda v: isinstance(v, str), "a string")]
-    nullable = ("num_decoder_layers", "scale_decoder_outputs", "_name_or_path")   # null = HF's default
-    for keys, ok, want in rules:
-        for key in keys:
-            if key in c and not (c[key] is None and key in nullable) and not ok(c[key]):
-                raise ValueError(f"{where}: {key} must be {want}, got {c[key]!r}")
+    @classmethod
+    def from_hf(cls, c, where="config.json"):
+        """From a Hugging Face config.json dict (model_type t5 or mt5); `where` names the file in errors."""
+        return _config_from_hf(cls, c, where)  # in the checkpoints section
 
 
-# (vocab, d_model, d_kv, d_ff, heads, encoder layers, decoder layers): HF hub configs; NOTES.md §7.5 for T5 1.1.
-_V1_1 = {s: (32128, d, 64, f, n, l, l) for s, d, f, n, l in [("small", 512, 1024, 6, 8), ("base", 768, 2048, 12, 12),
-         ("large", 1024, 2816, 16, 24), ("xl", 2048, 5120, 32, 24), ("xxl", 4096, 10240, 64, 24)]}
-_V1_0 = {s: (32128, d, h, f, n, l, l) for s, d, h, f, n, l in [("small", 512, 64, 2048, 8, 6), ("base", 768, 64, 3072, 12, 12),
-         ("large", 1024, 64, 4096, 16, 24), ("3b", 1024, 128, 16384, 32, 24), ("11b", 1024, 128, 65536, 128, 24)]}
+# (vocab, d_model, d_kv, d_ff, heads, encoder layers, decoder layers): the hub's config.json files
+# (google/t5-v1_1-*, google-t5/t5-*); T5 1.1 also in t5x/examples/t5/t5_1_1/{small,base,large,xl,xxl}.gin.
+_V1_1 = {s: (32128, d, 64, f, n, L, L) for s, d, f, n, L in [
+    ("small", 512, 1024, 6, 8), ("base", 768, 2048, 12, 12), ("large", 1024, 2816, 16, 24),
+    ("xl", 2048, 5120, 32, 24), ("xxl", 4096, 10240, 64, 24)]}
+_V1_0 = {s: (32128, d, h, f, n, L, L) for s, d, h, f, n, L in [
+    ("small", 512, 64, 2048, 8, 6), ("base", 768, 64, 3072, 12, 12), ("large", 1024, 64, 4096, 16, 24),
+    ("3b", 1024, 128, 16384, 32, 24), ("11b", 1024, 128, 65536, 128, 24)]}
 KNOWN_NAMES = ([f"google/t5-{s}-lm-adapt" for s in _V1_1] + [f"google/t5-v1_1-{s}" for s in _V1_1]
                + [f"t5-{s}" for s in _V1_0])
 
 
-# ----------------------------------------------------------------------------------------------- params
+# ======================================================================= the model (Raffel et al. 2020 §2.1)
+def rms_norm(x, scale, eps=1e-6):
+    """T5 LayerNorm = RMSNorm: rescale only, no mean subtraction, no bias. float32 inside."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype) * scale
+
+
+@functools.partial(jax.jit, static_argnames=("bidirectional", "num_buckets", "max_distance"))
+def relpos_bucket(rel, bidirectional, num_buckets=32, max_distance=128):
+    """The bucket of rel = key_pos - query_pos: exact below num_buckets/2 (/4 if bidirectional), log-spaced up
+    to max_distance, then clipped. Bidirectional keeps half the buckets for rel > 0. Example (32 buckets,
+    128): bidirectional -1 -> 1, +1 -> 17, -200 -> 15; causal -3 -> 3, -200 -> 31, +5 -> 0."""
+    rel = jnp.asarray(rel, jnp.int32)
+    if bidirectional:
+        num_buckets //= 2
+        offset, d = jnp.where(rel > 0, num_buckets, 0), jnp.abs(rel)
+    else:  # decoder: only the past (rel <= 0) is visible
+        offset, d = 0, jnp.maximum(-rel, 0)
+    exact = num_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(d, 1).astype(jnp.float32) / exact) / np.log(max_distance / exact)
+    large = jnp.minimum(exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32), num_buckets - 1)
+    return offset + jnp.where(d < exact, d, large)
+
+
+def relpos_bias(table, q_len, k_len, bidirectional, cfg):
+    """table [N,K] -> bias [1,N,T,S]. One table per stack, shared by all of its layers."""
+    rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+    buckets = relpos_bucket(rel, bidirectional, cfg.relative_attention_num_buckets,
+                            cfg.relative_attention_max_distance)
+    return table[:, buckets][None].astype(jnp.float32)
+
+
+def _attend(p, q, k, v, bias, drop, site):
+    """softmax(q k^T + bias) v: q [B,N,T,H], k/v [B,N,S,H] (from _project), bias broadcastable to [B,N,T,S]
+    -> [B,T,D]. No 1/sqrt(H): Mesh TF T5 folds that factor into the initialisation of `query`."""
+    logits = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32) + bias
+    probs = _attention_probs(logits, drop, site)
+    return _attention_out(p, jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v))
+
+
+def _attention_probs(logits, drop, site):
+    probs = jax.nn.softmax(logits, axis=-1)  # float32 even for bfloat16 params
+    # Dropout as in T5X/flaxformer: one mask per (batch, head, key), shared by all queries.
+    return drop(probs, site + "/probs", mask_shape=(*probs.shape[:2], 1, probs.shape[3]))
+
+
+def _mlp(p, x, cfg, drop, site):
+    if cfg.gated_gelu:  # T5 1.1: wo(gelu(wi_0 x) * wi_1 x), tanh-approximate GELU (HF "gelu_new")
+        h = jax.nn.gelu(x @ p["wi_0"]["kernel"], approximate=True) * (x @ p["wi_1"]["kernel"])
+    else:  # T5 1.0: wo(relu(wi x))
+        h = jax.nn.relu(x @ p["wi"]["kernel"])
+    return drop(h, site + "/hidden") @ p["wo"]["kernel"]
+
+
+def _embed(params, ids):
+    return jnp.take(params["token_embedder"]["embedding"], ids, axis=0)  # T5 does not scale embeddings
+
+
+def prepend_prompt(prompt, x, mask):
+    """Lester et al. 2021 §2: the encoder reads [P_e; X_e]. prompt [P,D], embedded input x [B,S,D] and its
+    mask [B,S] -> [B,P+S,D] and [B,P+S]: prompt positions are never masked."""
+    B, P = x.shape[0], prompt.shape[0]
+    x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x.dtype), (B, *prompt.shape)), x], axis=1)
+    return x, jnp.concatenate([jnp.ones((B, P), bool), mask], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
+    """input_ids [B,S] (pad 0), prompt [P,D] or None -> (encoded [B,P+S,D], mask [B,P+S] bool)."""
+    x, mask = _embed(params, input_ids), input_ids != PAD_ID
+    if prompt is not None:
+        if prompt.ndim != 2 or prompt.shape[1] != cfg.d_model:
+            raise ValueError(f"prompt must have shape [P, d_model={cfg.d_model}], got {tuple(prompt.shape)}")
+        x, mask = prepend_prompt(prompt, x, mask)
+    drop = _drop_fn(cfg, dropout_key, input_ids.shape[0])
+    # The prompt joins before the input dropout, as in google-research/prompt-tuning
+    # prompt_tuning/train/layers.py (PromptEncoder.embed_and_combine_inputs).
+    x = drop(x, "encoder/embedding")
+    enc = params["encoder"]
+    bias = relpos_bias(enc["relpos_bias"]["rel_embedding"], x.shape[1], x.shape[1], True, cfg)
+    bias = bias + jnp.where(mask, 0.0, NEG_INF)[:, None, None, :]
+    for i in range(cfg.num_layers):  # a Python loop: lax.scan compiled faster but stepped 13% slower (Base)
+        p, site = enc[f"layers_{i}"], f"encoder/layers_{i}"
+        h = rms_norm(x, p["pre_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+        q, k, v = _project(p["attention"], h, ("query", "key", "value"))
+        x = x + drop(_attend(p["attention"], q, k, v, bias, drop, site + "/attention"), site + "/attention")
+        h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+        x = x + drop(_mlp(p["mlp"], h, cfg, drop, site + "/mlp"), site + "/mlp")
+    x = rms_norm(x, enc["encoder_norm"]["scale"], cfg.layer_norm_epsilon)
+    return drop(x, "encoder/output"), mask
+
+
+def _decoder_layer(p, x, encoded, cross_kv, self_bias, cross_bias, cfg, drop, site, cache=None, t=None):
+    """Pre-norm self-attention, cross-attention and MLP blocks. Cross-attention reads the encoder output
+    encoded [B,S,D] through its projected cross_kv = (keys, values), or, when cross_kv is None, directly
+    (_attend_encoded). With `cache` (greedy_decode) x is the one position t: its key/value go into slot t of
+    the cached [B,N,T,H] arrays; self_bias masks the later slots."""
+    h = rms_norm(x, p["pre_self_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+    q, k, v = _project(p["self_attention"], h, ("query", "key", "value"))
+    if cache is not None:
+        k, v = (jax.lax.dynamic_update_slice_in_dim(c, new, t, axis=2) for c, new in zip(cache, (k, v)))
+    x = x + drop(_attend(p["self_attention"], q, k, v, self_bias, drop, site + "/self"), site + "/self")
+    h = rms_norm(x, p["pre_cross_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+    pc, cross_site = p["encoder_decoder_attention"], site + "/cross"
+    (q,) = _project(pc, h, ("query",))
+    # Cross-attention has no position bias; it sees all P+S encoder positions except padding.
+    if cross_kv is None:
+        y = _attend_encoded(pc, q, encoded, cross_bias, drop, cross_site)
+    else:
+        y = _attend(pc, q, *cross_kv, cross_bias, drop, cross_site)
+    x = x + drop(y, cross_site)
+    h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+    return x + drop(_mlp(p["mlp"], h, cfg, drop, site + "/mlp"), site + "/mlp"), (k, v)
+
+
+def _logits(params, cfg, x):
+    """Final decoder states [B,T,D] -> float32 logits [B,T,V]."""
+    if cfg.tie_word_embeddings:  # T5 1.0: output layer = embedding^T, after x * d_model^-0.5 (Mesh TF)
+        x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
+        emb = params["token_embedder"]["embedding"]
+        return jnp.einsum("BTD,VD->BTV", x, emb, preferred_element_type=jnp.float32)
+    # T5 1.1 / LM-adapted: a separate, unscaled output layer
+    kernel = params["decoder"]["logits_dense"]["kernel"]
+    return jnp.einsum("BTD,DV->BTV", x, kernel, preferred_element_type=jnp.float32)
+
+
+def _decoder_biases(params, cfg, encoder_mask, T):
+    """Self-attention: relpos + causal mask [1,N,T,T]; cross-attention: the encoder's padding [B,1,1,S]."""
+    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+    table = params["decoder"]["relpos_bias"]["rel_embedding"]
+    self_bias = relpos_bias(table, T, T, False, cfg) + jnp.where(causal, 0.0, NEG_INF)
+    return self_bias, jnp.where(encoder_mask, 0.0, NEG_INF)[:, None, None, :]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def decode(params, cfg, encoded, encoder_mask, decoder_input_ids, dropout_key=None):
+    """encoded [B,S,D], encoder_mask [B,S], decoder_input_ids [B,T] -> logits [B,T,V] float32."""
+    drop, dec, T = _drop_fn(cfg, dropout_key, encoded.shape[0]), params["decoder"], decoder_input_ids.shape[1]
+    x = drop(_embed(params, decoder_input_ids), "decoder/embedding")
+    self_bias, cross_bias = _decoder_biases(params, cfg, encoder_mask, T)
+    cross_kv = _cross_kv(params, cfg, encoded, T)
+    for i in range(cfg.num_decoder_layers):
+        x, _ = _decoder_layer(dec[f"layers_{i}"], x, encoded, cross_kv[i], self_bias, cross_bias, cfg, drop,
+                              f"decoder/layers_{i}")
+    x = drop(rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon), "decoder/output")
+    return _logits(params, cfg, x)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward(params, cfg, input_ids, decoder_input_ids, prompt=None, dropout_key=None):
+    """input_ids [B,S], decoder_input_ids [B,T], prompt [P,D] or None -> logits [B,T,V] float32.
+    dropout_key None = evaluation; a PRNG key (or [B] keys, one per example) = training with
+    cfg.dropout_rate (sites are named, so one key serves)."""
+    encoded, mask = encode(params, cfg, input_ids, prompt, dropout_key)
+    return decode(params, cfg, encoded, mask, decoder_input_ids, dropout_key)
+
+
+def shift_right(targets):
+    """Decoder inputs = targets shifted right, starting with the pad id 0. Example: [[5,6,1]] -> [[0,5,6]]."""
+    return jnp.concatenate([jnp.full_like(targets[:, :1], PAD_ID), targets[:, :-1]], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def score_targets(params, cfg, input_ids, targets, prompt=None):
+    """Summed log-likelihood [B] float32 of the non-pad tokens of targets [B,T] (rank classification)."""
+    logp = jax.nn.log_softmax(forward(params, cfg, input_ids, shift_right(targets), prompt), axis=-1)
+    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(targets != PAD_ID, token_logp, 0.0), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
+def greedy_decode(params, cfg, input_ids, prompt=None, max_len=16):
+    """Greedy decoding -> int32 [B, max_len]: tokens up to and including EOS, 0 after it.
+
+    The encoder runs once; each layer's cross-attention keys/values are projected once (or never: _cross_kv);
+    self-attention keys/values live in a [B,N,max_len,H] cache per layer. A while_loop emits one token per
+    step and stops when every row is done.
+    """
+    encoded, mask = encode(params, cfg, input_ids, prompt)
+    dec, B = params["decoder"], input_ids.shape[0]
+    cross_kv = _cross_kv(params, cfg, encoded, max_len)  # max_len steps of one query cost as max_len queries
+    self_bias, cross_bias = _decoder_biases(params, cfg, mask, max_len)
+    no_drop = _drop_fn(cfg, None, B)
+
+    def step(state):
+        t, token, caches, out, done = state
+        x = _embed(params, token)[:, None, :]  # [B,1,D]
+        bias_t = jax.lax.dynamic_slice_in_dim(self_bias, t, 1, axis=2)  # query row t: [1,N,1,max_len]
+        new_caches = []
+        for i in range(cfg.num_decoder_layers):
+            x, kv = _decoder_layer(dec[f"layers_{i}"], x, encoded, cross_kv[i], bias_t, cross_bias, cfg,
+                                   no_drop, "", caches[i], t)
+            new_caches.append(kv)
+        x = rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon)
+        token = jnp.where(done, PAD_ID, jnp.argmax(_logits(params, cfg, x)[:, 0], axis=-1).astype(jnp.int32))
+        return t + 1, token, new_caches, out.at[:, t].set(token), done | (token == EOS_ID)
+
+    zeros = jnp.zeros((B, cfg.num_heads, max_len, cfg.d_kv), encoded.dtype)
+    state = (jnp.int32(0), jnp.full((B,), PAD_ID, jnp.int32), [(zeros, zeros)] * cfg.num_decoder_layers,
+             jnp.zeros((B, max_len), jnp.int32), jnp.zeros((B,), bool))
+    return jax.lax.while_loop(lambda s: (s[0] < max_len) & ~jnp.all(s[4]), step, state)[3]
+
+
+# ========================================================================== performance tricks
+# Each first gives the plain formula it replaces. Gains were measured on 2 CPU cores for the prompt-tuning
+# step (B=8, 100 prompt + 128 input + 8 target tokens, dropout 0.1): README, Speed; bench_prompt_step.py.
+
+# 1. Projections as 2-D matmuls on heads-major activations. Plain: q = einsum("BSD,DNH->BSNH", x, W_q) per
+#    kernel, or q, k, v from one einsum over the stacked kernels, and attention over [B,S,N,H]. Here each
+#    kernel [D,N,H] enters one 2-D matmul as stored ([D,N*H] is a free reshape) and the activations are
+#    transposed to [B,N,S,H], so both attention einsums are batched matmuls over (B,N); _attention_out does
+#    the same for `out`. Measured: the stacked einsum made XLA:CPU copy every frozen kernel on every step
+#    (~13% of the Small step); 2-D matmuls took the Small step from 1.12x to ~1.28x PEFT's speed. In a first
+#    prototype, heads-major attention with fused projections took the Base step from 9.0 s to 8.1 s.
+def _project(p, x, names):
+    """x [B,S,D] -> one [B,N,S,H] array per kernel name."""
+    B, S, D = x.shape
+    return [(x.reshape(B * S, D) @ p[n]["kernel"].reshape(D, -1)).reshape(B, S, *p[n]["kernel"].shape[1:])
+            .transpose(0, 2, 1, 3) for n in names]
+
+
+def _attention_out(p, out):
+    """Per-head outputs [B,N,T,H] -> [B,T,D]: einsum("BNTH,NHD->BTD", out, W_o) as a 2-D matmul."""
+    B, N, T, H = out.shape
+    out = out.transpose(0, 2, 1, 3).reshape(B * T, N * H)
+    return (out @ p["out"]["kernel"].reshape(N * H, -1)).reshape(B, T, -1)
+
+
+# 2. Cross-attention that never forms its keys and values. Plain: K = E W_k and V = E W_v for the S encoder
+#    positions E [B,S,D], then _attend(q, K, V). Per head, q K^T = (q W_k^T) E^T and probs V = (probs E) W_v:
+#    the same attention to float rounding, in fewer multiply-adds when the T queries are few. Measured: with
+#    8 target tokens XLA counts 723 instead of 802 GFLOP in the Base prompt step (Small: 169 instead of 186),
+#    and the Base step went from 1.20-1.28x to 1.39-1.41x PEFT's speed.
+def _attend_encoded(p, q, encoded, bias, drop, site):
+    """_attend of q [B,N,T,H] over the keys and values of encoded [B,S,D], without forming them -> [B,T,D]."""
+    qk = jnp.einsum("BNTH,DNH->BNTD", q, p["key"]["kernel"])
+    logits = jnp.einsum("BNTD,BSD->BNTS", qk, encoded, preferred_element_type=jnp.float32) + bias
+    probs = _attention_probs(logits, drop, site)
+    pe = jnp.einsum("BNTS,BSD->BNTD", probs.astype(encoded.dtype), encoded)
+    return _attention_out(p, jnp.einsum("BNTD,DNH->BNTH", pe, p["value"]["kernel"]))
+
+
+def _absorbs_cross(cfg, S, T):
+    """Whether _attend_encoded costs fewer multiply-adds than projecting S keys and values for T queries (per
+    example and layer): 2 T N H D + 2 N T S D < 2 S D N H + 2 N T S H. With H = 64 (every T5) up to T ~ 50."""
+    N, H, D = cfg.num_heads, cfg.d_kv, cfg.d_model
+    return T * N * H * D + N * T * S * D < S * D * N * H + N * T * S * H
+
+
+def _cross_kv(params, cfg, encoded, queries):
+    """Each decoder layer's cross-attention (keys, values) of encoded [B,S,D], or None for every layer when
+    `queries` target positions make _attend_encoded cheaper."""
+    if _absorbs_cross(cfg, encoded.shape[1], queries):
+        return [None] * cfg.num_decoder_layers
+    return [_project(params["decoder"][f"layers_{i}"]["encoder_decoder_attention"], encoded, ("key", "value"))
+            for i in range(cfg.num_decoder_layers)]
+
+
+# 3. Dropout masks from a counter-based hash. Plain: keep = jax.random.bernoulli(key, 1 - rate, shape), a
+#    threefry draw per dropout site (~20 rounds per element, and one more RNG kernel to compile per site).
+#    Here keep = mix32(index in the example XOR mix32(seed_b XOR crc32(site))) >= rate * 2^32: a few integer
+#    ops per element, still a pure function of the dropout key (resumable runs). Measured in a first
+#    prototype of the Base step: 11.9 s with threefry, 9.0 s with the hash (PEFT: 10.1 s).
+def _mix32(h):
+    """murmur3's 32-bit finaliser: a bijection on uint32 whose output bits each depend on every input bit."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _dropout(x, site, seed, rate, mask_shape=None):
+    """Inverted dropout; identity when seed is None. mask_shape (broadcastable to x) shares a mask along its
+    size-1 axes. Default: one mask per (batch, feature), shared by every position of the length axis -2, as in
+    the flaxformer T5 1.1 that SPoT's code runs (google-research/prompt-tuning
+    configs/architectures/t5_1_1_flaxformer.gin: linen.Dropout broadcast_dims=(-2,)); HF T5 draws every
+    element (mask_shape=x.shape). `seed` [B] holds one uint32 per example (_drop_fn), so an example's masks do
+    not depend on the batch or sub-batch it is in."""
+    if seed is None or rate == 0.0:
+        return x
+    shape = (*x.shape[:-2], 1, x.shape[-1]) if mask_shape is None else tuple(mask_shape)
+    site_seed = _mix32(seed ^ jnp.uint32(zlib.crc32(site.encode()))).reshape(-1, *[1] * (len(shape) - 1))
+    h = _mix32(jax.lax.iota(jnp.uint32, int(np.prod(shape[1:]))).reshape(1, *shape[1:]) ^ site_seed)
+    keep = h >= jnp.uint32(round(rate * 2 ** 32))  # P(keep) = 1 - rate to within 2^-32
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def _drop_fn(cfg, dropout_key, batch_size):
+    """dropout_key: None (no dropout), a PRNG key, or [B] keys, one per example (key k: split(k, B))."""
+    if dropout_key is None:
+        return functools.partial(_dropout, seed=None, rate=cfg.dropout_rate)
+    keys = dropout_key if jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key) else \
+        jax.random.wrap_key_data(dropout_key)  # a raw uint32 PRNGKey
+    keys = jax.random.split(keys, batch_size) if keys.ndim == 0 else keys
+    if keys.shape != (batch_size,):
+        raise ValueError(f"dropout_key must be one key or {batch_size} keys (one per example), "
+                         f"got shape {keys.shape}")
+    seed = jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
+    return functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
+
+
+# ========================================================================== parameters
 # The blocks of one layer, per stack: (HF sub-layer index, HF module, T5X module, T5X pre-norm).
 BLOCKS = {"encoder": [(0, "SelfAttention", "attention", "pre_attention_layer_norm"),
                       (1, "DenseReluDense", "mlp", "pre_mlp_layer_norm")],
@@ -134,17 +389,19 @@ BLOCKS = {"encoder": [(0, "SelfAttention", "attention", "pre_attention_layer_nor
 
 
 def _param_specs(cfg):
-    """{T5X path: (shape, init std)}; std None = ones. HF / Mesh TF init scales (attention's 1/sqrt(H) is in query)."""
+    """{T5X path: (shape, init std)}; std None = ones. HF / Mesh TF init scales (1/sqrt(H) is in query)."""
     D, N, H, F, V = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.vocab_size
-    attn = {"query": ((D, N, H), (D * H) ** -0.5), "key": ((D, N, H), D ** -0.5), "value": ((D, N, H), D ** -0.5),
-            "out": ((N, H, D), (N * H) ** -0.5)}
-    mlp = {**{w: ((D, F), D ** -0.5) for w in (("wi_0", "wi_1") if cfg.gated_gelu else ("wi",))}, "wo": ((F, D), F ** -0.5)}
+    attn = {"query": ((D, N, H), (D * H) ** -0.5), "key": ((D, N, H), D ** -0.5),
+            "value": ((D, N, H), D ** -0.5), "out": ((N, H, D), (N * H) ** -0.5)}
+    mlp = {w: ((D, F), D ** -0.5) for w in (("wi_0", "wi_1") if cfg.gated_gelu else ("wi",))}
+    mlp["wo"] = ((F, D), F ** -0.5)
     specs = {"token_embedder/embedding": ((V, D), 1.0)}
     for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
         for i in range(n_layers):
             for _, hf, module, norm in BLOCKS[stack]:
                 specs[f"{stack}/layers_{i}/{norm}/scale"] = ((D,), None)
-                specs.update({f"{stack}/layers_{i}/{module}/{k}/kernel": v for k, v in (mlp if hf == "DenseReluDense" else attn).items()})
+                kernels = mlp if hf == "DenseReluDense" else attn
+                specs.update({f"{stack}/layers_{i}/{module}/{k}/kernel": v for k, v in kernels.items()})
         specs[f"{stack}/relpos_bias/rel_embedding"] = ((N, cfg.relative_attention_num_buckets), D ** -0.5)
         specs[f"{stack}/{stack}_norm/scale"] = ((D,), None)
     if not cfg.tie_word_embeddings:
@@ -153,9 +410,9 @@ def _param_specs(cfg):
 
 
 def init_params(key, cfg, dtype=jnp.float32):
-    """Random weights: one normal draw, cut into the leaves. Not jitted on purpose: XLA on CPU compiles a kernel per
-    output leaf (~0.1 s each); eagerly, dynamic_slice compiles once per leaf size. The draw has rows of width
-    gcd(leaf sizes), so row offsets stay below 2^31 even for 11B parameters."""
+    """Random weights: one normal draw, cut into the leaves. Not jitted on purpose: XLA on CPU compiles a
+    kernel per output leaf (~0.1 s each); eagerly, dynamic_slice compiles once per leaf size. The draw has
+    rows of width gcd(leaf sizes), so row offsets stay below 2^31 even for 11B parameters."""
     specs = {path: spec for path, spec in _param_specs(cfg).items() if spec[1] is not None}
     sizes = {path: int(np.prod(shape)) for path, (shape, _) in specs.items()}
     width = math.gcd(*sizes.values())
@@ -164,7 +421,8 @@ def init_params(key, cfg, dtype=jnp.float32):
     for path, (shape, std) in specs.items():
         rows = jax.lax.dynamic_slice_in_dim(z, jnp.int32(row), sizes[path] // width)
         flat[path], row = (std * rows.reshape(shape)).astype(dtype), row + sizes[path] // width
-    flat.update({path: jnp.ones(shape, dtype) for path, (shape, std) in _param_specs(cfg).items() if std is None})
+    ones = {path: shape for path, (shape, std) in _param_specs(cfg).items() if std is None}
+    flat.update({path: jnp.ones(shape, dtype) for path, shape in ones.items()})
     return _unflatten(flat)
 
 
@@ -207,293 +465,70 @@ def check_params(params, cfg):
         raise ValueError(f"params do not match {cfg.name or 'the config'}: " + "; ".join(problems))
 
 
-# ----------------------------------------------------------------------------------------------- layers
-def rms_norm(x, scale, eps=1e-6):
-    """T5 LayerNorm = RMSNorm: rescale only, no mean subtraction, no bias (Raffel et al. 2020 §2.1). float32 inside."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype) * scale
+# ========================================================================== Hugging Face checkpoints
+def _config_from_hf(cls, c, where):
+    if not isinstance(c, dict):
+        raise ValueError(f"{where} holds a JSON {type(c).__name__}, not an object: it is not a T5 config")
+    if c.get("model_type", "t5") not in ("t5", "mt5"):
+        raise ValueError(f"{where}: model_type={c['model_type']!r}, not T5: pass a T5 checkpoint")
+    missing = [k for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in c]
+    if missing:
+        raise ValueError(f"{where} has no {', '.join(missing)}: it is not a T5 config")
+    _check_hf_values(c, where)  # each value's type and range
+    act = c.get("feed_forward_proj", "relu")
+    if act not in ("relu", "gated-gelu"):
+        raise ValueError(f"{where}: feed_forward_proj {act!r} is not supported: only 'relu' (T5 1.0) and "
+                         "'gated-gelu' (T5 1.1)")
+    # T5 1.0 vs 1.1 output layer. Configs up to transformers 4.x say it with tie_word_embeddings; 5.x writes
+    # tie_word_embeddings=true for every T5 (even a T5 1.1 it loaded and saves again, with its own
+    # lm_head.weight) and keeps the d_model^-0.5 rescaling, i.e. T5 1.0, in scale_decoder_outputs.
+    tied = c.get("scale_decoder_outputs")
+    tied = bool(c.get("tie_word_embeddings", True) if tied is None else tied)
+    return cls(c.get("vocab_size", 32128), c["d_model"], c["d_kv"], c["d_ff"], c["num_heads"],
+               c["num_layers"], c.get("num_decoder_layers") or c["num_layers"],
+               c.get("relative_attention_num_buckets", 32), c.get("relative_attention_max_distance", 128),
+               act == "gated-gelu", tied, c.get("dropout_rate", 0.1), c.get("layer_norm_epsilon", 1e-6),
+               c.get("_name_or_path", "") or "")
 
 
-def _mix32(h):
-    """murmur3's 32-bit finaliser: a bijection on uint32 whose output bits each depend on every input bit."""
-    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
-    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
+def _check_hf_values(c, where):
+    """Each config.json value from_hf reads has a type and range the model runs with: a one-line error naming
+    the field and the file now, not a TypeError (d_model "sixteen") or NaN buckets inside the model later."""
+    def integer(low):
+        return lambda v: type(v) is int and v >= low  # JSON true is a bool, not a width
+
+    def number(ok):
+        return lambda v: type(v) in (int, float) and math.isfinite(v) and ok(v)
+
+    # relpos_bucket halves the buckets for the encoder and keeps half of those exact (4 buckets leave one),
+    # then divides by log(max_distance / exact)
+    buckets = c.get("relative_attention_num_buckets", 32)
+    exact = buckets // 2 if integer(4)(buckets) else 0
+    rules = [(("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers"),
+              integer(1), "an integer >= 1"),
+             (("relative_attention_num_buckets",), integer(4), "an integer >= 4"),
+             (("relative_attention_max_distance",), integer(exact + 1),
+              f"an integer > num_buckets / 2 = {exact}"),
+             (("dropout_rate",), number(lambda v: 0 <= v < 1), "a number in [0, 1)"),
+             (("layer_norm_epsilon",), number(lambda v: v > 0), "a finite number > 0"),
+             (("tie_word_embeddings", "scale_decoder_outputs"), lambda v: type(v) is bool, "true or false"),
+             (("feed_forward_proj", "_name_or_path"), lambda v: isinstance(v, str), "a string")]
+    nullable = ("num_decoder_layers", "scale_decoder_outputs", "_name_or_path")  # null = HF's default
+    for keys, ok, want in rules:
+        for key in keys:
+            if key in c and not (c[key] is None and key in nullable) and not ok(c[key]):
+                raise ValueError(f"{where}: {key} must be {want}, got {c[key]!r}")
 
 
-def _dropout(x, site, seed, rate, mask_shape=None):
-    """Inverted dropout; identity when seed is None. mask_shape (broadcastable to x) shares a mask along size-1 axes.
-
-    Default: one mask per (batch, feature), shared by every position of the length axis -2, as in the flaxformer
-    T5 1.1 that SPoT's code runs (prompt-tuning configs/architectures/t5_1_1_flaxformer.gin: linen.Dropout
-    broadcast_dims=(-2,); flaxformer MlpBlock's hidden dropout "Broadcast along length", like T5's). HF T5 draws
-    every element instead: mask_shape=x.shape.
-
-    keep = mix32(index within the example XOR mix32(seed_b XOR crc32(site))) >= rate * 2^32: a counter-based hash, so
-    the mask is a pure function of the dropout key (resumable runs), yet it costs a few integer ops per element, where
-    a threefry mask per site (~20 rounds, and one more RNG kernel to compile per site) made the prompt step slower than
-    PyTorch PEFT on CPU (shared/bench/README.md). `seed` [B] holds one uint32 per example (_drop_fn), so an example's
-    masks do not depend on which batch or sub-batch it is in.
-    """
-    if seed is None or rate == 0.0:
-        return x
-    shape = (*x.shape[:-2], 1, x.shape[-1]) if mask_shape is None else tuple(mask_shape)
-    site_seed = _mix32(seed ^ jnp.uint32(zlib.crc32(site.encode()))).reshape(-1, *[1] * (len(shape) - 1))
-    h = _mix32(jax.lax.iota(jnp.uint32, int(np.prod(shape[1:]))).reshape(1, *shape[1:]) ^ site_seed)
-    keep = h >= jnp.uint32(round(rate * 2 ** 32))  # P(keep) = 1 - rate to within 2^-32
-    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
-
-
-@functools.partial(jax.jit, static_argnames=("bidirectional", "num_buckets", "max_distance"))
-def relpos_bucket(rel, bidirectional, num_buckets=32, max_distance=128):
-    """Raffel et al. 2020 §2.1 bucket of rel = key_pos - query_pos: exact below num_buckets/2 (/4 if bidirectional),
-    log-spaced up to max_distance, then clipped. Bidirectional keeps half the buckets for rel > 0.
-    Example (32 buckets, 128): bidirectional -1 -> 1, +1 -> 17, -200 -> 15; causal -3 -> 3, -200 -> 31, +5 -> 0."""
-    rel = jnp.asarray(rel, jnp.int32)
-    if bidirectional:
-        num_buckets //= 2
-        offset, d = jnp.where(rel > 0, num_buckets, 0), jnp.abs(rel)
-    else:  # decoder: only the past (rel <= 0) is visible
-        offset, d = 0, jnp.maximum(-rel, 0)
-    exact = num_buckets // 2
-    log_ratio = jnp.log(jnp.maximum(d, 1).astype(jnp.float32) / exact) / np.log(max_distance / exact)
-    large = jnp.minimum(exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32), num_buckets - 1)
-    return offset + jnp.where(d < exact, d, large)
-
-
-def relpos_bias(table, q_len, k_len, bidirectional, cfg):
-    """table [N,K] -> bias [1,N,T,S]. One table per stack, shared by all of its layers (Raffel et al. 2020 §2.1)."""
-    rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
-    buckets = relpos_bucket(rel, bidirectional, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
-    return table[:, buckets][None].astype(jnp.float32)
-
-
-def _attend(p, q, k, v, bias, drop, site):
-    """q [B,N,T,H], k/v [B,N,S,H], bias broadcastable to [B,N,T,S] -> [B,T,D].
-
-    Heads-major [B,N,S,H] layout: both attention einsums are batched matmuls over (B,N) without transposes, which
-    measured faster on CPU than [B,S,N,H] (shared/bench/README.md). No 1/sqrt(H): Mesh TF T5 folds it into `query`.
-    """
-    logits = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32) + bias
-    probs = _attention_probs(logits, drop, site)
-    return _attention_out(p, jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v))
-
-
-def _attend_encoded(p, q, encoded, bias, drop, site):
-    """Cross-attention of q [B,N,T,H] over encoded [B,S,D] that never forms its keys and values [B,N,S,H]:
-    q (E W_k)^T = (q W_k^T) E^T and probs (E W_v) = (probs E) W_v, per head. The same attention as _attend on
-    _project(p, encoded, ("key", "value")) to float rounding, in fewer multiply-adds when the queries are few
-    (_absorbs_cross): for the 8 target tokens of the prompt step, cross-attention's key/value projections of the
-    228 encoder positions were ~13% of the Base step's FLOPs.
-    """
-    qk = jnp.einsum("BNTH,DNH->BNTD", q, p["key"]["kernel"])
-    logits = jnp.einsum("BNTD,BSD->BNTS", qk, encoded, preferred_element_type=jnp.float32) + bias
-    probs = _attention_probs(logits, drop, site)
-    pe = jnp.einsum("BNTS,BSD->BNTD", probs.astype(encoded.dtype), encoded)
-    return _attention_out(p, jnp.einsum("BNTD,DNH->BNTH", pe, p["value"]["kernel"]))
-
-
-def _absorbs_cross(cfg, S, T):
-    """Whether _attend_encoded costs fewer multiply-adds than projecting S keys and values for T queries (per example
-    and layer): 2 T N H D + 2 N T S D < 2 S D N H + 2 N T S H. With H = 64 (every T5 size) it holds up to T ~ 50."""
-    N, H, D = cfg.num_heads, cfg.d_kv, cfg.d_model
-    return T * N * H * D + N * T * S * D < S * D * N * H + N * T * S * H
-
-
-def _attention_probs(logits, drop, site):
-    probs = jax.nn.softmax(logits, axis=-1)  # float32 even for bfloat16 params
-    # Attention-probability dropout as in T5X/flaxformer: one mask per (batch, head, key) shared by all queries.
-    return drop(probs, site + "/probs", mask_shape=(*probs.shape[:2], 1, probs.shape[3]))
-
-
-def _attention_out(p, out):
-    """Per-head outputs [B,N,T,H] -> the output projection [B,T,D]."""
-    B, N, T, H = out.shape
-    return (out.transpose(0, 2, 1, 3).reshape(B * T, N * H) @ p["out"]["kernel"].reshape(N * H, -1)).reshape(B, T, -1)
-
-
-def _project(p, x, names):
-    """x [B,S,D] -> one [B,N,S,H] array per name.
-
-    Each kernel [D,N,H] enters one 2-D matmul as stored ([D,N*H] is a free reshape); the transpose to heads-major is
-    done on the activations. Stacking the kernels into one einsum made XLA:CPU copy every frozen weight on every
-    step (~13% of the Small prompt step; with 2-D matmuls the step went from 1.12x to ~1.28x PEFT's speed, Small).
-    """
-    B, S, D = x.shape
-    return [(x.reshape(B * S, D) @ p[n]["kernel"].reshape(D, -1)).reshape(B, S, *p[n]["kernel"].shape[1:])
-            .transpose(0, 2, 1, 3) for n in names]
-
-
-def _mlp(p, x, cfg, drop, site):
-    if cfg.gated_gelu:  # T5 1.1: wo(gelu(wi_0 x) * wi_1 x), tanh-approximate GELU (HF "gelu_new")
-        h = jax.nn.gelu(x @ p["wi_0"]["kernel"], approximate=True) * (x @ p["wi_1"]["kernel"])
-    else:  # T5 1.0: wo(relu(wi x))
-        h = jax.nn.relu(x @ p["wi"]["kernel"])
-    return drop(h, site + "/hidden") @ p["wo"]["kernel"]
-
-
-def _embed(params, ids):
-    return jnp.take(params["token_embedder"]["embedding"], ids, axis=0)  # T5 does not scale embeddings by sqrt(D)
-
-
-def _drop_fn(cfg, dropout_key, batch_size):
-    """dropout_key: None (no dropout), a PRNG key, or [B] keys, one per example (a key k means split(k, B))."""
-    if dropout_key is None:
-        return functools.partial(_dropout, seed=None, rate=cfg.dropout_rate)
-    keys = dropout_key if jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key) else \
-        jax.random.wrap_key_data(dropout_key)               # a raw uint32 PRNGKey
-    keys = jax.random.split(keys, batch_size) if keys.ndim == 0 else keys
-    if keys.shape != (batch_size,):
-        raise ValueError(f"dropout_key must be one key or {batch_size} keys (one per example), got shape {keys.shape}")
-    seed = jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
-    return functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
-
-
-# ----------------------------------------------------------------------------------------------- model
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
-    """input_ids [B,S] (pad 0), prompt [P,D] or None -> (encoded [B,P+S,D], mask [B,P+S] bool)."""
-    x, mask = _embed(params, input_ids), input_ids != PAD_ID
-    if prompt is not None:
-        if prompt.ndim != 2 or prompt.shape[1] != cfg.d_model:
-            raise ValueError(f"prompt must have shape [P, d_model={cfg.d_model}], got {tuple(prompt.shape)}")
-        B, P = input_ids.shape[0], prompt.shape[0]
-        # Lester et al. 2021 §2: the encoder reads [P_e; X_e]; prompt positions are never masked.
-        x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x.dtype), (B, P, cfg.d_model)), x], axis=1)
-        mask = jnp.concatenate([jnp.ones((B, P), bool), mask], axis=1)
-    drop = _drop_fn(cfg, dropout_key, input_ids.shape[0])
-    x = drop(x, "encoder/embedding")  # the prompt is added before the input dropout (NOTES.md §7.3)
-    enc = params["encoder"]
-    bias = relpos_bias(enc["relpos_bias"]["rel_embedding"], x.shape[1], x.shape[1], True, cfg)
-    bias = bias + jnp.where(mask, 0.0, NEG_INF)[:, None, None, :]
-    for i in range(cfg.num_layers):  # a Python loop: lax.scan compiles faster but steps slower (bench/README.md)
-        p, site = enc[f"layers_{i}"], f"encoder/layers_{i}"
-        h = rms_norm(x, p["pre_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
-        q, k, v = _project(p["attention"], h, ("query", "key", "value"))
-        x = x + drop(_attend(p["attention"], q, k, v, bias, drop, site + "/attention"), site + "/attention")
-        h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
-        x = x + drop(_mlp(p["mlp"], h, cfg, drop, site + "/mlp"), site + "/mlp")
-    x = rms_norm(x, enc["encoder_norm"]["scale"], cfg.layer_norm_epsilon)
-    return drop(x, "encoder/output"), mask
-
-
-def _decoder_layer(p, x, cross, self_bias, cross_bias, cfg, drop, site, cache=None, t=None):
-    """Pre-norm self-attention, cross-attention and MLP blocks. `cross` is the encoder output [B,S,D] (_attend_encoded)
-    or its projected (keys, values). With `cache` (greedy_decode) x is one position t: its key/value go into slot t
-    of the cached [B,N,T,H] arrays, later slots are masked by self_bias."""
-    h = rms_norm(x, p["pre_self_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
-    q, k, v = _project(p["self_attention"], h, ("query", "key", "value"))
-    if cache is not None:
-        k, v = (jax.lax.dynamic_update_slice_in_dim(c, new, t, axis=2) for c, new in zip(cache, (k, v)))
-    x = x + drop(_attend(p["self_attention"], q, k, v, self_bias, drop, site + "/self"), site + "/self")
-    h = rms_norm(x, p["pre_cross_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
-    (q,) = _project(p["encoder_decoder_attention"], h, ("query",))
-    # Cross-attention has no position bias; it sees all P+S encoder positions except padding.
-    pc, cross_site = p["encoder_decoder_attention"], site + "/cross"
-    y = _attend(pc, q, *cross, cross_bias, drop, cross_site) if isinstance(cross, (tuple, list)) else \
-        _attend_encoded(pc, q, cross, cross_bias, drop, cross_site)
-    x = x + drop(y, cross_site)
-    h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
-    return x + drop(_mlp(p["mlp"], h, cfg, drop, site + "/mlp"), site + "/mlp"), (k, v)
-
-
-def _logits(params, cfg, x):
-    """Final decoder states [B,T,D] -> float32 logits [B,T,V]."""
-    if cfg.tie_word_embeddings:  # T5 1.0: output layer = embedding^T, after rescaling by d_model^-0.5 (Mesh TF)
-        x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
-        return jnp.einsum("BTD,VD->BTV", x, params["token_embedder"]["embedding"], preferred_element_type=jnp.float32)
-    # T5 1.1 / LM-adapted: a separate, unscaled output layer
-    return jnp.einsum("BTD,DV->BTV", x, params["decoder"]["logits_dense"]["kernel"], preferred_element_type=jnp.float32)
-
-
-def _cross_inputs(params, cfg, encoded, queries):
-    """What each decoder layer's cross-attention reads: the encoder output [B,S,D] itself when `queries` target
-    positions make that cheaper (_absorbs_cross), else its projected (keys, values)."""
-    if _absorbs_cross(cfg, encoded.shape[1], queries):
-        return [encoded] * cfg.num_decoder_layers
-    return [_project(params["decoder"][f"layers_{i}"]["encoder_decoder_attention"], encoded, ("key", "value"))
-            for i in range(cfg.num_decoder_layers)]
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def decode(params, cfg, encoded, encoder_mask, decoder_input_ids, dropout_key=None):
-    """encoded [B,S,D], encoder_mask [B,S], decoder_input_ids [B,T] -> logits [B,T,V] float32."""
-    drop, dec, T = _drop_fn(cfg, dropout_key, encoded.shape[0]), params["decoder"], decoder_input_ids.shape[1]
-    x = drop(_embed(params, decoder_input_ids), "decoder/embedding")
-    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
-    self_bias = relpos_bias(dec["relpos_bias"]["rel_embedding"], T, T, False, cfg) + jnp.where(causal, 0.0, NEG_INF)
-    cross_bias = jnp.where(encoder_mask, 0.0, NEG_INF)[:, None, None, :]
-    cross = _cross_inputs(params, cfg, encoded, T)
-    for i in range(cfg.num_decoder_layers):
-        x, _ = _decoder_layer(dec[f"layers_{i}"], x, cross[i], self_bias, cross_bias, cfg, drop, f"decoder/layers_{i}")
-    x = drop(rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon), "decoder/output")
-    return _logits(params, cfg, x)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def forward(params, cfg, input_ids, decoder_input_ids, prompt=None, dropout_key=None):
-    """input_ids [B,S], decoder_input_ids [B,T], prompt [P,D] or None -> logits [B,T,V] float32.
-    dropout_key None = evaluation; a PRNG key (or [B] keys, one per example) = training with
-    cfg.dropout_rate (sites are named, so one key serves)."""
-    encoded, mask = encode(params, cfg, input_ids, prompt, dropout_key)
-    return decode(params, cfg, encoded, mask, decoder_input_ids, dropout_key)
-
-
-def shift_right(targets):
-    """Decoder inputs = targets shifted right, starting with the pad id 0. Example: [[5,6,1]] -> [[0,5,6]]."""
-    return jnp.concatenate([jnp.full_like(targets[:, :1], PAD_ID), targets[:, :-1]], axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def score_targets(params, cfg, input_ids, targets, prompt=None):
-    """Summed log-likelihood [B] float32 of the non-pad tokens of targets [B,T] (rank classification)."""
-    logp = jax.nn.log_softmax(forward(params, cfg, input_ids, shift_right(targets), prompt), axis=-1)
-    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(targets != PAD_ID, token_logp, 0.0), axis=-1)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
-def greedy_decode(params, cfg, input_ids, prompt=None, max_len=16):
-    """Greedy decoding -> int32 [B, max_len]: tokens up to and including EOS, 0 after it.
-
-    The encoder runs once; each layer's cross-attention keys/values are projected once (or never: _absorbs_cross);
-    self-attention keys/values live in a [B,N,max_len,H] cache per layer. A while_loop emits one token per step and
-    stops when every row is done.
-    """
-    encoded, mask = encode(params, cfg, input_ids, prompt)
-    dec, B = params["decoder"], input_ids.shape[0]
-    cross = _cross_inputs(params, cfg, encoded, max_len)  # max_len steps of one query cost as max_len queries do
-    cross_bias = jnp.where(mask, 0.0, NEG_INF)[:, None, None, :]
-    causal = jnp.arange(max_len)[None, :] <= jnp.arange(max_len)[:, None]
-    self_bias = relpos_bias(dec["relpos_bias"]["rel_embedding"], max_len, max_len, False, cfg) + jnp.where(causal, 0.0, NEG_INF)
-    no_drop = _drop_fn(cfg, None, input_ids.shape[0])
-
-    def step(state):
-        t, token, caches, out, done = state
-        x = _embed(params, token)[:, None, :]  # [B,1,D]
-        bias_t = jax.lax.dynamic_slice_in_dim(self_bias, t, 1, axis=2)  # query row t: [1,N,1,max_len]
-        new_caches = []
-        for i in range(cfg.num_decoder_layers):
-            x, kv = _decoder_layer(dec[f"layers_{i}"], x, cross[i], bias_t, cross_bias, cfg, no_drop, "", caches[i], t)
-            new_caches.append(kv)
-        x = rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon)
-        token = jnp.where(done, PAD_ID, jnp.argmax(_logits(params, cfg, x)[:, 0], axis=-1).astype(jnp.int32))
-        return t + 1, token, new_caches, out.at[:, t].set(token), done | (token == EOS_ID)
-
-    zeros = jnp.zeros((B, cfg.num_heads, max_len, cfg.d_kv), encoded.dtype)
-    state = (jnp.int32(0), jnp.full((B,), PAD_ID, jnp.int32), [(zeros, zeros)] * cfg.num_decoder_layers,
-             jnp.zeros((B, max_len), jnp.int32), jnp.zeros((B,), bool))
-    return jax.lax.while_loop(lambda s: (s[0] < max_len) & ~jnp.all(s[4]), step, state)[3]
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
 def hf_name_map(cfg):
-    """HF PyTorch tensor name -> T5X param path (the table in PEERS.md §4.3)."""
+    """HF PyTorch tensor name -> T5X param path, the names t5x/checkpoint_importer.py and transformers'
+    models/t5/convert_t5x_checkpoint_to_flax.py map between."""
     names = {"shared.weight": "token_embedder/embedding",
              "encoder.final_layer_norm.weight": "encoder/encoder_norm/scale",
              "decoder.final_layer_norm.weight": "decoder/decoder_norm/scale"}
     for stack in ("encoder", "decoder"):
-        names[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = f"{stack}/relpos_bias/rel_embedding"
+        relpos = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        names[relpos] = f"{stack}/relpos_bias/rel_embedding"
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = "decoder/logits_dense/kernel"
     attn = {"q": "query", "k": "key", "v": "value", "o": "out"}
@@ -508,29 +543,8 @@ def hf_name_map(cfg):
     return names
 
 
-def _read_block(w, path, shape, dtype, index):
-    """Block `index` (a tuple of slices of the T5X shape) of the HF tensor w, reading only its bytes when w is a
-    memory map. torch Linear weights are transposed, and [D,N,H] / [N,H,D] kernels merge N and H: a block along N
-    is a contiguous range of N*H."""
-    index = tuple(range(*i.indices(n)) for i, n in zip(index, shape))
-    if not _is_linear(path):
-        return np.asarray(w[tuple(slice(r.start, r.stop) for r in index)], dtype)
-    t = w.T
-    if len(shape) == 3:
-        heads = 0 if path.endswith("out/kernel") else 1
-        h = shape[2] if heads == 1 else shape[1]
-        assert len(index[heads + 1]) == h, f"{path}: a block may split the heads N, not the head width H"
-        r = index[heads]
-        merged = slice(r.start * h, r.stop * h)
-        cols = (merged, slice(index[2].start, index[2].stop)) if heads == 0 else \
-            (slice(index[0].start, index[0].stop), merged)
-        block = np.asarray(t[cols], dtype)
-        return block.reshape([len(r) for r in index])
-    return np.asarray(t[tuple(slice(r.start, r.stop) for r in index)], dtype)
-
-
 def _is_linear(path):
-    """torch Linear weights (and HF's relpos table [K,N]) are stored transposed; the embedding and norms are not."""
+    """torch Linear weights and HF's relpos table [K,N] are stored transposed; the embedding and norms not."""
     return path != "token_embedder/embedding" and not path.endswith("/scale")
 
 
@@ -538,9 +552,26 @@ def _torch_shape(path, shape):
     """The HF tensor shape of a T5X param: torch Linear stores [out, in]; heads are merged, N*H."""
     if not _is_linear(path):
         return shape
-    if len(shape) == 3:  # [D,N,H] (query/key/value) or [N,H,D] (out)
-        shape = (shape[0] * shape[1], shape[2]) if path.endswith("out/kernel") else (shape[0], shape[1] * shape[2])
+    if len(shape) == 3:  # [N,H,D] (out) or [D,N,H] (query/key/value)
+        (a, b, c) = shape
+        shape = (a * b, c) if path.endswith("out/kernel") else (a, b * c)
     return shape[::-1]
+
+
+def _as_t5x(w, path, shape):
+    """The HF tensor w [out, in] as a view of T5X shape `shape`: no copy, so a memory map stays on disk."""
+    if not _is_linear(path):
+        return w
+    if len(shape) == 2:
+        return w.T
+    if path.endswith("out/kernel"):  # [D, N*H] -> [N,H,D]
+        return w.reshape(shape[2], shape[0], shape[1]).transpose(1, 2, 0)
+    return w.reshape(shape[1], shape[2], shape[0]).transpose(2, 0, 1)  # [N*H, D] -> [D,N,H]
+
+
+def _read_block(w, path, shape, dtype, index):
+    """Block `index` (a tuple of slices of the T5X shape) of the HF tensor w: only its bytes are read."""
+    return np.asarray(_as_t5x(w, path, shape)[tuple(index)], dtype)
 
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -567,7 +598,7 @@ def _read_safetensors(path):
     if unknown:
         raise ValueError(f"{path} holds tensors of dtype {sorted(unknown)}: T5 weights are F32, F16 or BF16")
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    return {k: data[v["data_offsets"][0]:v["data_offsets"][1]].view(_ST_DTYPES[v["dtype"]]).reshape(v["shape"])
+    return {k: data[slice(*v["data_offsets"])].view(_ST_DTYPES[v["dtype"]]).reshape(v["shape"])
             for k, v in header.items()}
 
 
@@ -593,14 +624,39 @@ def _read_tensors(d):
             continue
         for f in files:
             if not f.exists():
-                raise FileNotFoundError(f"{d / index} names {f.name}, which is not in {d}: download the missing shard")
+                raise FileNotFoundError(f"{d / index} names {f.name}, which is not in {d}: "
+                                        "download the missing shard")
             with open(f, "rb") as fh:  # `git clone` without git-lfs leaves small text pointer files
                 if fh.read(64).startswith(b"version https://git-lfs"):
-                    raise ValueError(f"{f} is a Git LFS pointer, not the weights: run `git lfs pull` in {d}, or pass "
-                                     "the hub id to load_checkpoint (it downloads with huggingface_hub)")
+                    raise ValueError(f"{f} is a Git LFS pointer, not the weights: run `git lfs pull` in {d}, "
+                                     "or pass the hub id to load_checkpoint (it downloads with "
+                                     "huggingface_hub)")
         return {k: v for f in files for k, v in reader(f).items()}
     raise FileNotFoundError(f"no weights in {d}: expected model.safetensors, model.safetensors.index.json, "
                             "pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def _hf_tensors(d, cfg, config):
+    """_read_tensors, with the variants of HF's exports brought to the names hf_name_map expects."""
+    tensors, tied = _read_tensors(d), cfg.tie_word_embeddings
+    if "shared.weight" not in tensors:  # some exports keep only the per-stack copies of the embedding
+        tensors.update({"shared.weight": tensors[k] for k in ("decoder.embed_tokens.weight",
+                                                              "encoder.embed_tokens.weight") if k in tensors})
+    # Early HF conversions of the original T5 carry a relpos table for the first cross-attention, which has no
+    # position bias (huggingface/transformers issue #2334); transformers ignores it on load too.
+    tensors.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
+    # Tied checkpoints may repeat the embedding under these names: drop copies that equal shared.weight.
+    shared = tensors.get("shared.weight")
+    for name in ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"] + ["lm_head.weight"] * tied:
+        if name in tensors and shared is not None and np.array_equal(tensors[name], shared):
+            del tensors[name]
+    # transformers 5.x saves a T5 1.1 built in memory with its (unscaled) output layer tied to the embedding
+    # (tie_word_embeddings=true, scale_decoder_outputs=false) and no lm_head.weight: that layer is
+    # shared.weight.
+    untied_but_saved_tied = not tied and config.get("tie_word_embeddings", True)
+    if untied_but_saved_tied and "lm_head.weight" not in tensors and shared is not None:
+        tensors["lm_head.weight"] = shared
+    return tensors
 
 
 def _resolve(path_or_hub_id):
@@ -608,69 +664,60 @@ def _resolve(path_or_hub_id):
     if d.is_dir():
         return d
     if d.is_file():
-        raise NotADirectoryError(f"{path_or_hub_id} is a file: pass the checkpoint directory that holds config.json "
-                                 f"and the weights ({d.parent})")
-    if d.is_absolute() or path_or_hub_id.startswith(".") or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path_or_hub_id):
+        raise NotADirectoryError(f"{path_or_hub_id} is a file: pass the checkpoint directory that holds "
+                                 f"config.json and the weights ({d.parent})")
+    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path_or_hub_id)
+    if d.is_absolute() or path_or_hub_id.startswith(".") or not hub_id:
         raise FileNotFoundError(f"checkpoint directory {path_or_hub_id} does not exist")
     from huggingface_hub import snapshot_download
-    try:  # config.json and one copy of the weights: hub T5 repos often hold safetensors, .bin, TF and Flax copies
+    # config.json and one copy of the weights: hub T5 repos often hold safetensors, .bin, TF and Flax copies
+    try:
         for weights in ("model*.safetensors*", "pytorch_model*.bin*"):
             d = Path(snapshot_download(path_or_hub_id, allow_patterns=["config.json", weights]))
             if any(d.glob(weights)):
                 break
         return d
     except Exception as e:
-        raise FileNotFoundError(f"{path_or_hub_id} is neither a local directory nor a downloadable hub model: {e}") from e
+        raise FileNotFoundError(f"{path_or_hub_id} is neither a local directory nor a downloadable hub "
+                                f"model: {e}") from e
 
 
 def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
     """A HF T5 checkpoint (local directory or hub id) -> (T5Config, params with T5X names, cast to dtype).
-    shardings(shapes) -> a pytree of jax Shardings like params (spot.param_shardings): each leaf is then built from
-    the blocks this process's devices hold, read from the memory-mapped safetensors file block by block, so a host
-    never holds a whole tensor that its devices split, and no process sends weights to another."""
+    shardings(shapes) -> a pytree of jax Shardings like params (spot.param_shardings): each leaf is then
+    built from the blocks this process's devices hold, read from the memory-mapped safetensors file block by
+    block, so a host never holds a whole tensor that its devices split, and no process sends weights to
+    another."""
     d = _resolve(str(path_or_hub_id))
     if not (d / "config.json").exists():
         if (d / "checkpoint").is_file() or any(d.glob("checkpoint_*/checkpoint")):
             raise FileNotFoundError(f"{d} is a T5X checkpoint (msgpack + zarr arrays); load_checkpoint reads "
-                                    "Hugging Face ones: pass the hub id of the same model (google/t5-base-lm-adapt is "
-                                    "T5X's t5_1_1_lm100k_base) or a directory with config.json and model.safetensors")
-        raise FileNotFoundError(f"{d} has no config.json: pass a Hugging Face T5 checkpoint directory (config.json + "
-                                "model.safetensors or pytorch_model.bin) or a hub id such as google/t5-base-lm-adapt")
+                                    "Hugging Face ones: pass the hub id of the same model "
+                                    "(google/t5-base-lm-adapt is T5X's t5_1_1_lm100k_base) or a directory "
+                                    "with config.json and model.safetensors")
+        raise FileNotFoundError(f"{d} has no config.json: pass a Hugging Face T5 checkpoint directory "
+                                "(config.json + model.safetensors or pytorch_model.bin) or a hub id such as "
+                                "google/t5-base-lm-adapt")
     try:
         config = json.loads((d / "config.json").read_text())
     except ValueError as e:
         raise ValueError(f"{d / 'config.json'} is not valid JSON ({e}): download it again") from None
     cfg = T5Config.from_hf(config, where=d / "config.json")
-    tensors, want = _read_tensors(d), _expected_shapes(cfg)
-    if "shared.weight" not in tensors:  # some exports keep only the per-stack copies of the embedding
-        tensors.update({"shared.weight": tensors[k] for k in ("decoder.embed_tokens.weight", "encoder.embed_tokens.weight")
-                        if k in tensors})
-    # Early HF conversions of the original T5 carry a relpos table for the first cross-attention that T5 never uses
-    # (cross-attention has no position bias; transformers issue #2334); transformers ignores it on load too.
-    tensors.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
-    # Tied checkpoints may repeat the embedding under these names: drop copies that equal shared.weight.
-    for name in ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"] + ["lm_head.weight"] * cfg.tie_word_embeddings:
-        if name in tensors and "shared.weight" in tensors and np.array_equal(tensors[name], tensors["shared.weight"]):
-            del tensors[name]
-    # transformers 5.x saves a T5 1.1 built in memory with its (unscaled) output layer tied to the embedding
-    # (tie_word_embeddings=true, scale_decoder_outputs=false) and no lm_head.weight: that layer is shared.weight.
-    if (not cfg.tie_word_embeddings and config.get("tie_word_embeddings", True) and "lm_head.weight" not in tensors
-            and "shared.weight" in tensors):
-        tensors["lm_head.weight"] = tensors["shared.weight"]
+    tensors, want = _hf_tensors(d, cfg, config), _expected_shapes(cfg)
     names, flat, problems = hf_name_map(cfg), {}, []
-    placed = _flatten(shardings(_unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in want.items()}))) \
-        if shardings else {}
+    placed = {} if not shardings else _flatten(
+        shardings(_unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in want.items()})))
     for name, path in names.items():
         if name not in tensors:
             problems.append(f"missing tensor {name}")
         elif tuple(tensors[name].shape) != _torch_shape(path, want[path]):
-            problems.append(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {_torch_shape(path, want[path])}")
+            problems.append(f"tensor {name} has shape {tuple(tensors[name].shape)}, "
+                            f"expected {_torch_shape(path, want[path])}")
         elif path in placed:
             flat[path] = jax.make_array_from_callback(want[path], placed[path], functools.partial(
                 _read_block, tensors[name], path, want[path], dtype))
         else:
-            w = np.asarray(tensors[name])
-            flat[path] = jnp.asarray(w.T.reshape(want[path]) if _is_linear(path) else w, dtype=dtype)
+            flat[path] = jnp.asarray(_as_t5x(np.asarray(tensors[name]), path, want[path]), dtype=dtype)
     problems += [f"unexpected tensor {k}" for k in tensors if k not in names]
     if problems:
         raise ValueError(f"checkpoint {d} does not match its config.json: " + "; ".join(problems))

@@ -3,14 +3,16 @@
 Fig. 3 ........ plot_transfer_heatmap: relative error reduction of each source -> target transfer
 Figs. 4, 7 .... plot_similarity_clustermap: task similarity, rows/columns in hierarchical-clustering order
 Figs. 5, 8 .... plot_similarity_vs_transfer: similarity vs transfer per target, with Pearson r and p
-The numbers come from retrieval.py; experiments/table6_transferability.py and table3_retrieval.py call these.
+The numbers come from retrieval.py and experiments/stats.py; table6_transferability.py and table3_retrieval.py
+call these.
 """
 import math
 from pathlib import Path
 
 import numpy as np
 
-from retrieval import pearson
+from experiments.stats import pearson
+
 
 def _figure(*size):
     from matplotlib.figure import Figure  # Figure + savefig renders with Agg, without pyplot's global state

@@ -8,7 +8,7 @@ run r and metric (§3.2: per-token average cosine, cosine of average tokens), ra
 BEST OF TOP-k (k = 1..15): the best Table 6 score among the top k; ORACLE: the best of all 48; TOP-k WEIGHTED
 AVERAGE (per-token): one new 100K-step target run from sum_r alpha_r rho_r; TOP-k MULTI-TASK MIXTURE (per-token):
 a new 2^18-step source prompt on the top-k tasks and the target mixed, final checkpoint, then a 100K target run.
-Rows aggregate the 10 targets (retrieval.aggregate_targets: run r pairs with baseline run r, footnote 15).
+Rows aggregate the 10 targets (stats.aggregate_targets: run r pairs with baseline run r, footnote 15).
 Expected: paper_numbers.TABLE3 (BASELINE 74.7, per_token/best_of_top_k/3 77.5 ± 0.4, ORACLE 80.7);
 SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row within max(2 std, 1 point).
   python experiments/table6_transferability.py --model google/t5-base-lm-adapt --out results   # first
@@ -27,7 +27,7 @@ import numpy as np
 
 import data
 import retrieval
-from experiments import common, figures, table6_transferability
+from experiments import common, figures, stats, table6_transferability
 from experiments.table6_transferability import SOURCE_STEPS, TARGET_STEPS
 from experiments.paper_numbers import EXPERIMENT_COMMANDS, FIG8, paper_rows
 
@@ -111,7 +111,7 @@ def main(argv=None):
     # 4. Table 3: average over targets, absolute and relative change over BASELINE, mean ± std over runs r.
     summary = {}
     for row, by_target in scores.items():
-        agg = retrieval.aggregate_targets(by_target, baseline)
+        agg = stats.aggregate_targets(by_target, baseline)
         summary[row] = {"mean": agg["avg_score"][0], "std": agg["avg_score"][1],
                         "abs_change": list(agg["abs_change"]), "rel_change": list(agg["rel_change"])}
     # 5. Fig. 4 (similarity of all tasks, cosine of average tokens, clustered) and Figs. 5, 8 (similarity to each
@@ -126,8 +126,8 @@ def main(argv=None):
                                                               list(groups), out / "figure4_task_similarity.png"))
         figures.plot_similarity_vs_transfer({t: panels[t] for t in targets if t in ("STS-B", "CB", "WSC", "RTE")}
                                               or panels, out / "figure5_similarity_vs_transfer.png")
-        stats = figures.plot_similarity_vs_transfer(panels, out / "figure8_similarity_vs_transfer.png")
-        for t, (r_, p) in stats.items():  # r is undefined (nan) when every transfer scores the same
+        fig8 = figures.plot_similarity_vs_transfer(panels, out / "figure8_similarity_vs_transfer.png")
+        for t, (r_, p) in fig8.items():  # r is undefined (nan) when every transfer scores the same
             r_, p = (r_, p) if np.isfinite(r_) else (None, None)
             summary[f"fig8_pearson_r/{t}"] = {"mean": r_, "std": None, "p": p}
             ours = "undefined (all transfers score the same)" if r_ is None else f"{r_:.3f} (p {p:.2g})"

@@ -23,7 +23,7 @@ import numpy as np
 
 import data
 import retrieval
-from experiments import common, figures
+from experiments import common, figures, stats
 from experiments.paper_numbers import SOURCES, TABLE7, TARGETS, paper_rows
 
 SOURCE_STEPS, TARGET_STEPS = 2 ** 18, 100_000  # §3.1
@@ -71,7 +71,7 @@ def main(argv=None):
                     for s in sources])
     summary.update({f"RER/{s}/{t}": {"mean": float(rer[i, j]), "std": None}
                     for i, s in enumerate(sources) for j, t in enumerate(targets)})
-    ours7 = retrieval.positive_transfers({s: {t: summary[f"{s}/{t}"]["mean"] for t in targets} for s in sources},
+    ours7 = stats.positive_transfers({s: {t: summary[f"{s}/{t}"]["mean"] for t in targets} for s in sources},
                                          baseline)
     print("\nTable 7, transfers with > 10% relative error reduction: ours "
           + (", ".join(f"{s}->{t} {v:.1f}" for s, t, v in ours7) or "none")

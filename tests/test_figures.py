@@ -1,11 +1,12 @@
-"""experiments/figures.py: one figure of each kind drawn from the paper's Table 6 (../shared/paper)."""
+"""experiments/figures.py: one figure of each kind drawn from the paper's Table 6 (paper_numbers.py)."""
 import numpy as np
 import pytest
 
 import retrieval as R
 from experiments import figures
 from experiments import paper_numbers as P
-from tests.test_retrieval import _table6
+from experiments.stats import pearson
+from tests.test_stats import _table6
 
 
 def _is_png(path):
@@ -27,4 +28,4 @@ def test_figures_from_table6(tmp_path):
     panels = {t: (np.delete(rer, j, axis=1).mean(1), rer[:, j]) for j, t in enumerate(P.TARGETS)}
     stats = figures.plot_similarity_vs_transfer(panels, tmp_path / "fig5.png", xlabel="mean RER on other targets")
     assert _is_png(tmp_path / "fig5.png") and set(stats) == set(P.TARGETS)
-    assert stats["CB"] == pytest.approx(R.pearson(*panels["CB"]))
+    assert stats["CB"] == pytest.approx(pearson(*panels["CB"]))

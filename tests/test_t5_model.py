@@ -356,6 +356,32 @@ def test_nonexistent_path_and_unknown_names_raise():
         tm.T5Config.from_name("t5-huge")
 
 
+def test_prepend_prompt_known_answer():
+    """Lester et al. 2021 §2: every example reads [P_e; X_e]; prompt positions are never masked."""
+    prompt = jnp.arange(6.0).reshape(3, 2)                          # [P=3, D=2]
+    x = -jnp.arange(16.0, dtype=jnp.bfloat16).reshape(2, 4, 2)      # [B=2, S=4, D]
+    mask = jnp.array([[True, True, False, False], [True, True, True, True]])
+    out, out_mask = tm.prepend_prompt(prompt, x, mask)
+    assert out.shape == (2, 7, 2) and out.dtype == jnp.bfloat16      # the prompt takes the activations' dtype
+    for b in range(2):
+        np.testing.assert_array_equal(out[b, :3], prompt)
+        np.testing.assert_array_equal(out[b, 3:], x[b])
+    np.testing.assert_array_equal(out_mask, [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+
+
+def test_encode_reads_the_prompt_as_embedded_tokens(tiny):
+    """A prompt made of token embeddings encodes exactly as those tokens in front of the input."""
+    cfg, params = tiny
+    ids = jnp.array([[5, 6, 7, 1, 0], [8, 1, 0, 0, 0]], jnp.int32)
+    prefix = jnp.array([11, 12, 13], jnp.int32)
+    prompt = params["token_embedder"]["embedding"][prefix]
+    with_prompt, mask = tm.encode(params, cfg, ids, prompt)
+    as_tokens, _ = tm.encode(params, cfg, jnp.concatenate([jnp.broadcast_to(prefix, (2, 3)), ids], axis=1))
+    np.testing.assert_array_equal(mask[:, :3], True)
+    np.testing.assert_allclose(with_prompt, as_tokens, rtol=0,
+                               atol=f32_atol(as_tokens, network_roundings(cfg, ids.shape[1] + 3)))
+
+
 def test_prompt_of_wrong_width_raises(tiny):
     cfg, params = tiny
     with pytest.raises(ValueError, match=r"prompt must have shape \[P, d_model=16\], got \(4, 15\)"):
@@ -410,7 +436,8 @@ def test_param_count_matches_hf_meta_model(name):
 
 
 def test_presets():
-    assert tm.param_count(tm.T5Config.from_name("google/t5-base-lm-adapt")) == 247_577_856  # issue 2
+    # T5 1.1 Base with its own output layer: 247.6M, as HF's T5ForConditionalGeneration counts it
+    assert tm.param_count(tm.T5Config.from_name("google/t5-base-lm-adapt")) == 247_577_856
     for size in ("small", "base", "large", "xl", "xxl"):
         lm, v11 = tm.T5Config.from_name(f"google/t5-{size}-lm-adapt"), tm.T5Config.from_name(f"google/t5-v1_1-{size}")
         assert lm.gated_gelu and not lm.tie_word_embeddings and lm == dataclasses.replace(v11, name=lm.name)
