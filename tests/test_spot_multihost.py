@@ -84,6 +84,7 @@ def test_two_processes_train_and_resume_as_one(shared_data, hf_checkpoint, tmp_p
         a, b = np.load(multi / name), np.load(single / name)
         a, b = (a['prompt'], b['prompt']) if name.endswith('.npz') else (a, b)
         # The same sums over the same device layout, another process boundary: float32 rounding at most.
+        print(f'mp {mp} {name}: max |multi - single| {np.abs(a - b).max():.3g} (max |prompt| {np.abs(b).max():.3g})')
         np.testing.assert_allclose(a, b, rtol=0, atol=max(1e-5 * np.abs(b).max(), f32_atol(b, 100)))
     assert json.loads((multi / 'prompt.json').read_text())['step'] == json.loads(
         (single / 'prompt.json').read_text())['step']
