@@ -9,6 +9,7 @@ SPoT task files (google-research/prompt-tuning, prompt_tuning/spot/data); 'our c
 """
 import csv
 import functools
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -16,7 +17,7 @@ import os
 import re
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -408,7 +409,8 @@ def _plain(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
-def _tfds_examples(task, split, tfds_dir, download):
+def _tfds_sources(task, split, tfds_dir, download):
+    """tfds random-access data sources (array_record) of one split: one per tfds dataset of the task."""
     if task.tfds_name is None:
         raise FileNotFoundError(f"tfds has no {task.name}; get the original files from {task.source} "
                                 f"and pass data_dir=<folder holding {sorted(set(task.files.values()))}>")
@@ -423,18 +425,76 @@ def _tfds_examples(task, split, tfds_dir, download):
     out = []
     for name in (task.tfds_name,) if isinstance(task.tfds_name, str) else task.tfds_name:
         try:   # array_record: the only tfds file format that is written and read without TensorFlow
-            ds = tfds.data_source(name, split=task.splits[split], data_dir=tfds_dir, download=download,
-                                  builder_kwargs={"file_format": "array_record"})
+            out.append(tfds.data_source(name, split=task.splits[split], data_dir=tfds_dir, download=download,
+                                        builder_kwargs={"file_format": "array_record"}))
         except Exception as e:  # no network, manual download, missing TensorFlow for other builders ...
             raise RuntimeError(f"tfds could not load {name} split {task.splits[split]!r} ({type(e).__name__}: "
                                f"{str(e)[:300]}). Prepare it where there is network (tfds.data_source with "
                                f"builder_kwargs={{'file_format': 'array_record'}}; {TF_HINT} if it asks for "
                                f"TensorFlow) or use data_dir= ({task.source or 'see the tfds catalog'})") from e
-        out += [_plain(ds[i]) for i in range(len(ds))]
     return out
 
 
-def _file_examples(task, split, data_dir):
+def _tfds_examples(task, split, tfds_dir, download):
+    return [_plain(ds[i]) for ds in _tfds_sources(task, split, tfds_dir, download) for i in range(len(ds))]
+
+
+class LazyPairs(Sequence):
+    """pairs[i] = fn(i) for 0 <= i < n, made when read: a source of any size held as one function."""
+
+    def __init__(self, n, fn):
+        self.n, self.fn = int(n), fn
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(f"index {i} of {self.n} examples")
+        return self.fn(int(i) % self.n)
+
+
+def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, download=True):
+    """text_pairs of a split, for batches(TextSource(...)). From files (data_dir): a list (the files are read whole,
+    as load_examples does). From tfds: a LazyPairs that reads example i from tfds' array_record files when a batch
+    asks for it, so a split of any size (WMT14 en-fr: 40.8M pairs) costs no memory; tasks whose records expand
+    (RACE's questions; ReCoRD's answers and WSC's filter in training) are small and loaded whole."""
+    task = get_task(task_name)
+    expands = task.adapt is not None or (train and task.kind in ("record", "wsc"))
+    if data_dir is not None or expands:
+        return text_pairs(task_name, load_examples(task_name, split, data_dir, tfds_dir, download), train=train)
+    if split not in task.splits:
+        raise ValueError(f"{task.name} has no split {split!r} on the tfds path; known: {sorted(task.splits)}")
+    sources = _tfds_sources(task, split, tfds_dir, download)
+    ends = np.cumsum([len(ds) for ds in sources])
+    if not ends[-1]:
+        raise ValueError(f"{task.name} split {split!r} is empty; check the data ({task.tfds_name})")
+
+    def pair(i):
+        d = int(np.searchsorted(ends, i, side="right"))
+        return task.preprocess(_plain(sources[d][i - (ends[d - 1] if d else 0)]))
+    return LazyPairs(ends[-1], pair)
+
+
+def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
+    """What a run reads, cheaply, for resume checks: the file's name, size and sha256 of its first and last MiB
+    (data_dir), or tfds' dataset names, split and example counts."""
+    task = get_task(task_name)
+    if data_dir is None:
+        sources = _tfds_sources(task, split, tfds_dir, download=False)
+        return {"tfds": task.tfds_name, "split": task.splits[split], "examples": [len(ds) for ds in sources]}
+    path = _find_file(task, split, data_dir)
+    size, h = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return {"file": path.name, "bytes": size, "sha256_ends": h.hexdigest()[:16]}
+
+
+def _find_file(task, split, data_dir):
     rel = Path(task.files[split])
     root = Path(data_dir).expanduser()
     tried = [root / rel, root / "glue" / rel, root / "superglue" / rel, root / rel.name]
@@ -442,6 +502,11 @@ def _file_examples(task, split, data_dir):
     if path is None:
         raise FileNotFoundError(f"{task.name} {split}: no {rel} under {root} (tried {', '.join(map(str, tried))})."
                                 f" Get the original files from {task.source}")
+    return path
+
+
+def _file_examples(task, split, data_dir):
+    path = _find_file(task, split, data_dir)
     try:
         return READERS[task.reader](task, path)
     except (KeyError, IndexError, TypeError, ValueError) as e:   # incl. JSONDecodeError, UnicodeDecodeError
@@ -597,6 +662,7 @@ class Vocab:
             piece = proto.pieces.add()
             piece.piece, piece.type = f"▁<extra_id_{i}>", pb.ModelProto.SentencePiece.USER_DEFINED
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.fingerprint = hashlib.sha256(model_bytes).hexdigest()[:16]   # what a resumed run must read alike
         self.vocab_size = self.sp.get_piece_size()          # 32100; checkpoints pad the embedding to 32128
 
     def encode(self, text):
@@ -644,59 +710,174 @@ def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
     if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str) and isinstance(t.get("targets"), str)
                for t in texts):
         raise TypeError("tokenize wants a list of {'inputs': str, 'targets': str}: pass to_text / text_pairs output")
-    out = {}
-    for key, length in (("inputs", max_input_len), ("targets", max_target_len)):
-        arr = np.zeros((len(texts), length), np.int32)
-        for row, ids in zip(arr, vocab.encode([t[key] for t in texts])):
-            ids = ids[:length - 1] + [EOS_ID]
-            row[:len(ids)] = ids
-        out[key] = arr
+    return {key: _pad(_encode(vocab, [t[key] for t in texts], length), length)
+            for key, length in (("inputs", max_input_len), ("targets", max_target_len))}
+
+
+# ----------------------------------------------------------------------------- lazy, length-bucketed batches
+# Batch k is made when asked for, a pure function of (seed, k): its example indices, then those examples read,
+# formatted, tokenized and padded to bucket lengths. Memory is O(batch), whatever the source's size. We write the
+# index sampling (~40 lines) rather than depend on `grain`: the same Feistel bijection grain's shuffle uses, in numpy,
+# and T5's mixing by random draws (grain's mix interleaves deterministically), with nothing hidden from the reader.
+def bucket_length(n, cap):
+    """Padded length of a batch whose longest sequence has n tokens: n rounded up to 4 lengths per octave
+    (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, ..., 448, 512), never above cap.
+    Why: a batch of 32 SST-2 inputs has 22 tokens on average and 61 at p99, BoolQ 159 and 447 (T5 vocabulary), so
+    padding to the batch's longest is what saves time (512 -> ~64); rounding that up to a bucket bounds the compiled
+    step shapes at 25 for 512 tokens (a few per task in practice), and 4 per octave wastes <= 25% of the input
+    (~10% on average; 64-wide buckets waste 2x on SST-2), less still of the encoder's P + S positions."""
+    n = max(int(n), 8)
+    step = 1 << max(0, (n - 1).bit_length() - 3)
+    return min(int(cap), -(-n // step) * step)
+
+
+def _encode(vocab, texts, length):
+    """Token ids of each text, cut to length-1 and closed with EOS (T5 append_eos_after_trim); no padding."""
+    return [list(vocab.encode(t))[:length - 1] + [EOS_ID] for t in texts]
+
+
+def _pad(rows, length):
+    out = np.zeros((len(rows), length), np.int32)
+    for row, ids in zip(out, rows):
+        row[:len(ids)] = ids[:length]
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n, seed, epoch):
-    """perm_e of _positions. Cached: drawing a fresh 393K-row permutation (MNLI) for every batch cost ~30 ms."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    order.flags.writeable = False
-    return order
+@dataclass(frozen=True, eq=False)
+class TextSource:
+    """A task's examples, tokenized only when a batch reads them. pairs[i] -> {'inputs', 'targets'} strings: a list
+    (text_pairs) or a lazy sequence (load_pairs: tfds, generated sources); nothing else is held."""
+    pairs: object                                # Sequence of {'inputs': str, 'targets': str}
+    vocab: Vocab
+    max_input_len: int = MAX_INPUT_LEN
+    max_target_len: int = 8
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def rows(self, idx):
+        """(input ids, target ids) of examples idx, each a list of unpadded id lists ending in EOS."""
+        texts = [self.pairs[int(i)] for i in idx]
+        if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str) and isinstance(t.get("targets"), str)
+                   for t in texts):
+            raise TypeError("a TextSource's pairs must be {'inputs': str, 'targets': str}: pass to_text / "
+                            "text_pairs / load_pairs output")
+        return (_encode(self.vocab, [t["inputs"] for t in texts], self.max_input_len),
+                _encode(self.vocab, [t["targets"] for t in texts], self.max_target_len))
 
 
-def _positions(n, batch_size, seed, k):
-    """Rows of batch k: position p of the stream is row perm_{p // n}[p % n], perm_e seeded by (seed, e)."""
-    pos = k * batch_size + np.arange(batch_size)
+@dataclass(frozen=True, eq=False)
+class _ArraySource:
+    """tokenize's arrays {'inputs': [n,S], 'targets': [n,T]} (rows padded with 0) as a source: rows come back trimmed."""
+    arrays: dict
+
+    def __len__(self):
+        return len(self.arrays["inputs"])
+
+    @property
+    def max_input_len(self):
+        return self.arrays["inputs"].shape[1]
+
+    @property
+    def max_target_len(self):
+        return self.arrays["targets"].shape[1]
+
+    def rows(self, idx):
+        def trim(a):
+            used = a != PAD_ID            # T5 pads only at the end: keep up to the last non-pad id
+            ends = np.where(used.any(1), a.shape[1] - np.argmax(used[:, ::-1], 1), 0)
+            return [r[:e].tolist() for r, e in zip(a, ends)]
+        return trim(self.arrays["inputs"][idx]), trim(self.arrays["targets"][idx])
+
+
+def as_source(source):
+    """A TextSource (or anything with __len__, rows(idx), max_input_len, max_target_len) as is; tokenize's arrays
+    wrapped so their rows are trimmed and re-padded per batch like any other source."""
+    if isinstance(source, Mapping):
+        rows = {key: len(a) for key, a in source.items()}
+        if set(rows) < {"inputs", "targets"} or len(set(rows.values())) > 1:
+            raise ValueError(f"arrays have different numbers of rows or miss a key {rows}: pass data.tokenize's "
+                             "output ('inputs' and 'targets')")
+        return _ArraySource({key: np.asarray(source[key]) for key in ("inputs", "targets")})
+    if not all(hasattr(source, a) for a in ("rows", "max_input_len", "max_target_len", "__len__")):
+        raise TypeError(f"a source is a TextSource or tokenize's arrays, got {type(source).__name__}")
+    return source
+
+
+def _collate(inputs, targets, in_cap, tgt_cap, process_index=0, process_count=1):
+    """Rows -> int32 arrays padded to the bucket of the longest row (bucket_length). The bucket is the global batch's,
+    so every process pads alike; process_index keeps its contiguous share of the rows (multi-host data parallelism)."""
+    S = bucket_length(max(map(len, inputs)), in_cap)
+    T = bucket_length(max(map(len, targets)), tgt_cap)
+    n = len(inputs) // process_count
+    mine = slice(process_index * n, (process_index + 1) * n)
+    return {"inputs": _pad(inputs[mine], S), "targets": _pad(targets[mine], T)}
+
+
+_MIX = np.array([0xBF58476D1CE4E5B9, 0x94D049BB133111EB], np.uint64)
+
+
+def _hash(x):
+    """splitmix64's finaliser (Steele et al. 2014): uint64 array -> uint64 array, every output bit on every input bit."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX[0]
+    x = (x ^ (x >> np.uint64(27))) * _MIX[1]
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(pos, n, seed, epoch=0):
+    """perm(pos): a pseudo-random permutation of [0, n), keyed by (seed, epoch), at the int positions pos, holding
+    no index array: a 4-round Feistel network on 2h bits (4^h >= n) whose values past n walk on through it again
+    (cycle walking, Black & Rogaway 2002; grain's index shuffle works alike). O(len(pos)) time and memory for any n."""
+    h = max(1, ((int(n) - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << h) - 1)
+    keys = _hash(_hash(_hash(np.array([seed], np.uint64)) + np.uint64(epoch)) + np.arange(4, dtype=np.uint64))
+    x = np.asarray(pos, np.uint64).copy()
+    todo = np.ones(x.shape, bool)
+    while todo.any():
+        left, right = x[todo] >> np.uint64(h), x[todo] & mask
+        for key in keys:
+            left, right = right, left ^ (_hash(right ^ key) & mask)
+        x[todo] = (left << np.uint64(h)) | right
+        todo = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+def batch_rows(n, batch_size, seed, k):
+    """Example indices of batch k: stream position p is perm_{p // n}(p % n), one permutation per epoch."""
+    pos = k * batch_size + np.arange(batch_size, dtype=np.int64)
     epoch, within = pos // n, pos % n
     rows = np.empty(batch_size, np.int64)
     for e in np.unique(epoch):
-        rows[epoch == e] = _epoch_order(n, seed, int(e))[within[epoch == e]]
+        rows[epoch == e] = permute(within[epoch == e], n, seed, int(e))
     return rows
 
 
-def _check_stream(arrays_by_name, batch_size, seed, start):
+def _check_stream(batch_size, seed, start, process_index, process_count):
     """Arguments of batches / mixture_batches: a clear error now, not an odd one at the first batch."""
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    for what, value in (("seed", seed), ("start", start)):
+    for what, value in (("seed", seed), ("start", start), ("process_index", process_index)):
         if not (isinstance(value, (int, np.integer)) and value >= 0):
             raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
-    for name, arrays in arrays_by_name.items():
-        rows = {key: len(a) for key, a in arrays.items()}
-        if len(set(rows.values())) > 1:
-            raise ValueError(f"{name}: arrays have different numbers of rows {rows}; pass data.tokenize's output")
+    if not (process_count >= 1 and process_index < process_count and batch_size % process_count == 0):
+        raise ValueError(f"process {process_index} of {process_count}: needs 0 <= process_index < process_count and "
+                         f"a batch_size ({batch_size}) divisible by process_count")
 
 
-def batches(arrays, batch_size, seed, start=0):
-    """Infinite shuffled batches; batch k depends only on (seed, k), so a resumed run passes start=k.
-    Every epoch is a permutation of the rows; a dataset smaller than a batch spans several epochs per batch."""
-    _check_stream({"batches()": arrays}, batch_size, seed, start)
-    arrays = {key: np.asarray(a) for key, a in arrays.items()}
-    n = len(arrays["inputs"])
+def batches(source, batch_size, seed, start=0, process_index=0, process_count=1):
+    """Infinite shuffled batches {'inputs': int32 [B,S], 'targets': int32 [B,T]} of a source (a TextSource, or
+    tokenize's arrays), each padded to the bucket of its longest row (bucket_length). Batch k depends only on
+    (seed, k), so a resumed run passes start=k; every epoch is a permutation of the examples. With process_count > 1,
+    process process_index gets rows [i B/c, (i+1) B/c) of each global batch (jax.process_index/process_count)."""
+    _check_stream(batch_size, seed, start, process_index, process_count)
+    source = as_source(source)
+    n = len(source)
     if n == 0:
         raise ValueError("batches() got no examples")
     k = start
     while True:
-        rows = _positions(n, batch_size, seed, k)
-        yield {key: a[rows] for key, a in arrays.items()}
+        inputs, targets = source.rows(batch_rows(n, batch_size, seed, k))
+        yield _collate(inputs, targets, source.max_input_len, source.max_target_len, process_index, process_count)
         k += 1
 
 
@@ -712,31 +893,35 @@ def mixture_rates(sizes, cap=MIXING_CAP):
     return {name: n / total for name, n in capped.items()}
 
 
-def mixture_batches(arrays_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP):
-    """Infinite batches from a mixture: each row picks a task with the mixing rates, then an example of it
-    uniformly (with replacement). Batch k depends only on (seed, k). Widths are padded to the widest task."""
-    _check_stream(arrays_by_task, batch_size, seed, start)
-    names = list(arrays_by_task)
-    sizes = {t: len(a["inputs"]) for t, a in arrays_by_task.items()}
+def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP, process_index=0,
+                    process_count=1):
+    """Infinite batches from a mixture of sources (TextSource or tokenize's arrays, any number of tasks): each row
+    picks a task with the mixing rates, then an example of it uniformly (with replacement), so batch k depends only
+    on (seed, k) and holds nothing but the batch. Padded to the bucket of the batch's longest row; process_index
+    / process_count as in batches."""
+    _check_stream(batch_size, seed, start, process_index, process_count)
+    sources = {name: as_source(s) for name, s in sources_by_task.items()}
+    names, sizes = list(sources), {t: len(s) for t, s in sources.items()}
     rates = rates or mixture_rates(sizes, cap)
     if set(names) - set(rates) or any(rates[t] < 0 or (rates[t] > 0 and not sizes[t]) for t in names) \
             or not sum(rates[t] for t in names) > 0:
         raise ValueError(f"rates {rates} must give every task of {sizes} (examples per task) a rate >= 0, "
                          "> 0 in total, and 0 to tasks without examples")
     p = np.array([rates[t] for t in names], np.float64)
-    width = {key: max(a[key].shape[1] for a in arrays_by_task.values()) for key in ("inputs", "targets")}
+    in_cap = max(s.max_input_len for s in sources.values())
+    tgt_cap = max(s.max_target_len for s in sources.values())
     k = start
     while True:
         rng = np.random.default_rng([seed, k, 1])
         which = rng.choice(len(names), size=batch_size, p=p / p.sum())
-        batch = {key: np.zeros((batch_size, w), np.int32) for key, w in width.items()}
+        inputs, targets = [None] * batch_size, [None] * batch_size
         for t, name in enumerate(names):
             slots = np.flatnonzero(which == t)
-            rows = rng.integers(len(arrays_by_task[name]["inputs"]), size=len(slots))
-            for key in batch:
-                a = arrays_by_task[name][key]
-                batch[key][slots, :a.shape[1]] = a[rows]
-        yield batch
+            if len(slots):
+                got = sources[name].rows(rng.integers(sizes[name], size=len(slots)))
+                for i, x, y in zip(slots, *got):
+                    inputs[i], targets[i] = x, y
+        yield _collate(inputs, targets, in_cap, tgt_cap, process_index, process_count)
         k += 1
 
 

@@ -499,30 +499,36 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
              batch_size=64) -> list[str]:
-    """Predicted strings for inputs int32 [n,S], without dropout. 'decode': greedy decoding (T5); 'rank': rank
-    classification, the label whose target string has the highest log-likelihood."""
+    """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout, in the
+    order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose target string
+    has the highest log-likelihood. Examples are grouped by length, and each batch padded to the bucket of its
+    longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the longest one."""
+    import data
     if method == 'rank':
         if not label_names:
             raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
-        labels = np.zeros((len(label_names), max_target_len), np.int32)
-        for i, name in enumerate(label_names):
-            ids = (list(vocab.encode(name)) + [t5_model.EOS_ID])[:max_target_len]
-            labels[i, :len(ids)] = ids
+        labels = data._pad(data._encode(vocab, label_names, max_target_len), max_target_len)
     elif method != 'decode':
         raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
-    n, preds = len(inputs), []
-    for i in range(0, n, batch_size):           # pad the last batch so every call has one shape (one compile)
-        x = np.zeros((batch_size, inputs.shape[1]), np.int32)
-        x[:min(batch_size, n - i)] = inputs[i:i + batch_size]
+    rows = data.as_source({'inputs': inputs, 'targets': np.zeros((len(inputs), 1), np.int32)}).rows(
+        np.arange(len(inputs)))[0] if hasattr(inputs, 'shape') else [list(r) for r in inputs]
+    cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
+    order = np.argsort([len(r) for r in rows], kind='stable')
+    preds = [None] * len(rows)
+    for i in range(0, len(rows), batch_size):   # a full batch every call (zero rows pad the last): fewer shapes
+        chunk = order[i:i + batch_size]
+        x = data._pad([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
+                      data.bucket_length(max(len(rows[j]) for j in chunk), cap))
         if method == 'decode':
             ids = np.asarray(t5_model.greedy_decode(frozen, cfg, x, prompt, max_len=max_target_len))
-            for row in ids.tolist():            # tokens before EOS (greedy_decode pads with 0 after it)
-                preds.append(vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row))
+            out = [vocab.decode(row) for row in ids.tolist()]      # stops at EOS, drops pad
         else:
             scores = np.stack([np.asarray(t5_model.score_targets(
                 frozen, cfg, x, np.broadcast_to(lab, (batch_size, lab.size)), prompt)) for lab in labels], axis=1)
-            preds += [label_names[j] for j in scores.argmax(1)]
-    return preds[:n]
+            out = [label_names[j] for j in scores.argmax(1)]
+        for j, pred in zip(chunk, out):
+            preds[j] = pred
+    return preds
 
 
 def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None):
@@ -531,7 +537,7 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
     task = data.get_task(task_name)
     examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
     T = tc.max_target_len or task.target_len
-    inputs = data.tokenize(vocab, data.text_pairs(task_name, examples), tc.max_input_len, T)['inputs']
+    inputs = data._encode(vocab, [t['inputs'] for t in data.text_pairs(task_name, examples)], tc.max_input_len)
     data.score(task_name, examples[:1], [''])   # fails now, not at the first evaluation, if a metric cannot run
     if tc.eval_method == 'rank' and not task.output_labels:
         raise ValueError(f"eval method 'rank' needs a classification task with label names; {task.name}'s targets "
@@ -545,6 +551,20 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Turn on JAX's persistent compilation cache, so a second run of the same shapes loads its compiled steps instead
+    of compiling them again (seconds to a minute each on CPU). path None: $SPOT_COMPILE_CACHE, else
+    $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); SPOT_COMPILE_CACHE=off (or 0) turns it off. Returns the folder."""
+    path = path or os.environ.get('SPOT_COMPILE_CACHE') or \
+        Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'spot-jax'
+    if str(path).lower() in ('off', '0', 'false', 'no', 'none'):
+        return None
+    path = Path(path).expanduser()
+    jax.config.update('jax_compilation_cache_dir', str(path))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)   # the steps, not every tiny op
+    return path
+
+
 def load_model(name: str, seed: int = 0):
     """--model: 'tiny' (random T5Config.tiny()), a hub id or a checkpoint directory -> (cfg, params)."""
     if name == 'tiny':
@@ -565,6 +585,8 @@ def main(argv=None):
         q.add_argument('--data', default=None, help='directory with the original task files (default: tfds)')
         q.add_argument('--vocab', default=None, help='SentencePiece model (default: data.load_vocab())')
         q.add_argument('--model-parallel', type=int, default=1, help="devices per 'model' mesh group")
+        q.add_argument('--no-compile-cache', action='store_true',
+                       help='do not keep compiled steps on disk (default: on, see enable_compile_cache)')
     train.add_argument('--init', default=None, choices=INITS, help='prompt initialisation (default sampled_vocab)')
     train.add_argument('--source-prompt', default=None, help='.npy [P,D] to start from: SPoT transfer')
     train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
@@ -581,6 +603,7 @@ def main(argv=None):
     if rest:
         p.error(f'unrecognised {rest}: fields of TrainConfig/PromptConfig are set as --field=value')
 
+    enable_compile_cache('off' if args.no_compile_cache else None)
     try:
         (evaluate_cli if args.cmd == 'eval' else train_cli)(args, tc, pc)
     # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no traceback.
@@ -608,22 +631,32 @@ def train_cli(args, tc, pc):
     pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
                              source=args.source_prompt or pc.source)
     data, cfg, frozen, vocab, mesh = _setup(args, tc)
-    task = data.get_task(args.task)
-    if pc.init == 'class_labels' and not task.output_labels:
-        raise ValueError(f'{task.name} has no class labels: use --init text --text="..." (Lester: task words)')
+    mixture = next((m for m in data.MIXTURES if m.lower() == args.task.lower()), None)   # e.g. --task GLUE
+    tasks = data.MIXTURES[mixture] if mixture else (data.get_task(args.task).name,)
+    task = data.get_task(tasks[0])
+    if pc.init == 'class_labels' and (mixture or not task.output_labels):
+        raise ValueError(f'{args.task} has no class labels: use --init text --text="..." (Lester: task words)')
     labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
     text = list(vocab.encode(pc.text)) if pc.text else None
     prompt = init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text)
-    examples = data.load_examples(args.task, 'train', args.data)
-    arrays = data.tokenize(vocab, data.text_pairs(args.task, examples, train=True), tc.max_input_len,
-                           tc.max_target_len or task.target_len)
-    evaluator = make_evaluator(args.task, frozen, cfg, vocab, tc, data_dir=args.data) if task.metrics else None
-    if evaluator is None:                     # c4 (prefix LM): the unsupervised source of Table 2 has no metric
-        print(f'{task.name} has no validation metric: prompt.npy will be the prompt after the last step')
-    result = train_prompt(prompt, frozen, cfg, tc, lambda k: data.batches(arrays, tc.batch_size, tc.seed, start=k),
-                          evaluator, args.out,
+    # Examples are read, formatted and tokenized per batch (data.TextSource): memory O(batch), any source size.
+    sources = {t: data.TextSource(data.load_pairs(t, 'train', args.data, train=True), vocab, tc.max_input_len,
+                                  tc.max_target_len or data.get_task(t).target_len) for t in tasks}
+    # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's meta).
+    reads = {'data': args.data or 'tfds', 'vocab': vocab.fingerprint,
+             'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}
+    if mixture:
+        batches = lambda k: data.mixture_batches(sources, tc.batch_size, tc.seed, start=k)   # noqa: E731
+    else:
+        batches = lambda k: data.batches(sources[task.name], tc.batch_size, tc.seed, start=k)   # noqa: E731
+    evaluator = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data) \
+        if task.metrics and not mixture else None
+    if evaluator is None:       # c4 (prefix LM) and the mixtures (SPoT's sources): no single validation metric
+        print(f'{args.task}: no validation metric; prompt.npy will be the prompt after the last step')
+    result = train_prompt(prompt, frozen, cfg, tc, batches, evaluator, args.out,
                           meta={'model': args.model, 'task': args.task, 'init': pc.init,
-                                'prompt_config': dataclasses.asdict(pc)}, resume=args.resume, mesh=mesh)
+                                'prompt_config': dataclasses.asdict(pc), 'reads': reads},
+                          resume=args.resume, mesh=mesh)
     print(f"best score {result['best_score']} at step {result['best_step']}; prompt in {args.out}/prompt.npy")
 
 
