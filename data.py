@@ -710,7 +710,7 @@ def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
     if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str) and isinstance(t.get("targets"), str)
                for t in texts):
         raise TypeError("tokenize wants a list of {'inputs': str, 'targets': str}: pass to_text / text_pairs output")
-    return {key: _pad(_encode(vocab, [t[key] for t in texts], length), length)
+    return {key: pad_rows(token_ids(vocab, [t[key] for t in texts], length), length)
             for key, length in (("inputs", max_input_len), ("targets", max_target_len))}
 
 
@@ -731,12 +731,12 @@ def bucket_length(n, cap):
     return min(int(cap), -(-n // step) * step)
 
 
-def _encode(vocab, texts, length):
+def token_ids(vocab, texts, length):
     """Token ids of each text, cut to length-1 and closed with EOS (T5 append_eos_after_trim); no padding."""
     return [list(vocab.encode(t))[:length - 1] + [EOS_ID] for t in texts]
 
 
-def _pad(rows, length):
+def pad_rows(rows, length):
     out = np.zeros((len(rows), length), np.int32)
     for row, ids in zip(out, rows):
         row[:len(ids)] = ids[:length]
@@ -762,8 +762,8 @@ class TextSource:
                    for t in texts):
             raise TypeError("a TextSource's pairs must be {'inputs': str, 'targets': str}: pass to_text / "
                             "text_pairs / load_pairs output")
-        return (_encode(self.vocab, [t["inputs"] for t in texts], self.max_input_len),
-                _encode(self.vocab, [t["targets"] for t in texts], self.max_target_len))
+        return (token_ids(self.vocab, [t["inputs"] for t in texts], self.max_input_len),
+                token_ids(self.vocab, [t["targets"] for t in texts], self.max_target_len))
 
 
 @dataclass(frozen=True, eq=False)
@@ -811,7 +811,7 @@ def _collate(inputs, targets, in_cap, tgt_cap, process_index=0, process_count=1)
     T = bucket_length(max(map(len, targets)), tgt_cap)
     n = len(inputs) // process_count
     mine = slice(process_index * n, (process_index + 1) * n)
-    return {"inputs": _pad(inputs[mine], S), "targets": _pad(targets[mine], T)}
+    return {"inputs": pad_rows(inputs[mine], S), "targets": pad_rows(targets[mine], T)}
 
 
 _MIX = np.array([0xBF58476D1CE4E5B9, 0x94D049BB133111EB], np.uint64)

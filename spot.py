@@ -507,7 +507,7 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
     if method == 'rank':
         if not label_names:
             raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
-        labels = data._pad(data._encode(vocab, label_names, max_target_len), max_target_len)
+        labels = data.pad_rows(data.token_ids(vocab, label_names, max_target_len), max_target_len)
     elif method != 'decode':
         raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
     rows = data.as_source({'inputs': inputs, 'targets': np.zeros((len(inputs), 1), np.int32)}).rows(
@@ -517,7 +517,7 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
     preds = [None] * len(rows)
     for i in range(0, len(rows), batch_size):   # a full batch every call (zero rows pad the last): fewer shapes
         chunk = order[i:i + batch_size]
-        x = data._pad([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
+        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
                       data.bucket_length(max(len(rows[j]) for j in chunk), cap))
         if method == 'decode':
             ids = np.asarray(t5_model.greedy_decode(frozen, cfg, x, prompt, max_len=max_target_len))
@@ -537,7 +537,7 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
     task = data.get_task(task_name)
     examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
     T = tc.max_target_len or task.target_len
-    inputs = data._encode(vocab, [t['inputs'] for t in data.text_pairs(task_name, examples)], tc.max_input_len)
+    inputs = data.token_ids(vocab, [t['inputs'] for t in data.text_pairs(task_name, examples)], tc.max_input_len)
     data.score(task_name, examples[:1], [''])   # fails now, not at the first evaluation, if a metric cannot run
     if tc.eval_method == 'rank' and not task.output_labels:
         raise ValueError(f"eval method 'rank' needs a classification task with label names; {task.name}'s targets "

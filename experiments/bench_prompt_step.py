@@ -118,6 +118,116 @@ def run_peft(args, hf_name, steps):
     return r['results']['prompt']['all_s'], r['versions']
 
 
+# --real-data: (folder under ../shared/data, split). BoolQ's training file (over 4 MiB) is not in ../shared/data: its
+# validation examples (3,270, the same length distribution) stand in.
+REAL_TASKS = {'sst2': ('glue', 'train'), 'rte': ('glue', 'train'), 'boolq': ('superglue', 'validation')}
+
+
+def run_peft_real(args, hf_name, rows, prompt_len=P):
+    """PEFT on the given examples ([(input ids, target ids)] per step; the first one is an untimed warm-up)."""
+    with tempfile.TemporaryDirectory() as d:
+        feats = [[{'input_ids': x, 'labels': y} for x, y in zip(*r)] for r in rows]
+        Path(f'{d}/b.json').write_text(json.dumps({'batches': feats}))
+        cmd = [args.peft_python, str(ROOT / 'experiments' / 'bench_peft_real_data.py'), '--peft-bench', args.peft_bench,
+               '--config', hf_name, '--vocab', str(args.vocab), '--batches', f'{d}/b.json', '--threads',
+               str(args.threads), '--prompt-len', str(prompt_len), '--warmup', '1', '--json', f'{d}/r.json']
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f'PEFT arm failed ({" ".join(cmd)}):\n{out.stderr[-3000:]}\n'
+                     'It needs torch, transformers and peft: pass --peft-python with a Python that has them.')
+        r = json.loads(Path(f'{d}/r.json').read_text())
+    return r['all_s'], r['versions']
+
+
+def pipeline_rate(source, batch_size, n=50):
+    """Tokens (non-pad inputs + targets) per second that data.batches makes, alone, and its mean padded widths."""
+    import data
+    it, tokens, widths = data.batches(source, batch_size, seed=0), 0, []
+    t = time.perf_counter()
+    for _ in range(n):
+        b = next(it)
+        tokens += int((b['inputs'] != 0).sum() + (b['targets'] != 0).sum())
+        widths.append(b['inputs'].shape[1])
+    return tokens / (time.perf_counter() - t), float(np.mean(widths))
+
+
+def real_data_main(args):
+    """Ours (data.batches: per-batch tokenization, length buckets) vs PEFT (DataCollatorForSeq2Seq padding="longest")
+    on the same examples of real tasks; per (shape, task, batch) rounds alternate the arms on the same batches."""
+    import data
+    vocab, seed = data.load_vocab(args.vocab), 0
+    load0 = os.getloadavg()
+    print(f'load average {load0[0]:.2f}; jax {jax.__version__}, {os.cpu_count()} cores', flush=True)
+    rows, versions = [], None
+    for shape in args.shapes.split(','):
+        hub, hf_name = SHAPES[shape]
+        cfg = t5_model.T5Config.from_name(hub)
+        frozen = random_params(cfg)
+        for task in args.real_data.split(','):
+            folder, split = REAL_TASKS[task]
+            source = data.TextSource(data.load_pairs(task, split, Path(args.data) / folder, train=True), vocab,
+                                     data.MAX_INPUT_LEN, 8)
+            for B in map(int, args.batch_sizes.split(',')):
+                tc = spot.TrainConfig(batch_size=B)
+                stc = spot.step_config(tc)
+                prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
+                opt_state = spot.make_optimizer(tc).init(prompt)
+                n_steps = args.rounds * args.steps
+                ids = [source.rows(data.batch_rows(len(source), B, seed, k)) for k in range(n_steps)]
+                t, shapes = time.perf_counter(), {}
+                for x, y in ids:                                  # compile each bucket shape once, untimed
+                    b = data._collate(x, y, source.max_input_len, source.max_target_len)
+                    shapes.setdefault((b['inputs'].shape, b['targets'].shape), b)
+                for b in shapes.values():
+                    prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, b, spot.dropout_key(0, 0),
+                                                              cfg, stc)
+                    float(loss)
+                compile_s = time.perf_counter() - t
+                times, paired, widths = {'ours': [], 'peft': []}, [], []
+                for r in range(args.rounds):
+                    it = data.batches(source, B, seed, start=r * args.steps)
+                    for k in range(r * args.steps, (r + 1) * args.steps):
+                        t = time.perf_counter()
+                        b = next(it)                             # the pipeline's time counts
+                        prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, b,
+                                                                  spot.dropout_key(0, k), cfg, stc)
+                        float(loss)
+                        times['ours'].append(time.perf_counter() - t)
+                        widths.append(b['inputs'].shape[1])
+                    chunk = ids[r * args.steps:(r + 1) * args.steps]
+                    peft_times, versions = run_peft_real(args, hf_name, chunk[:1] + chunk)
+                    times['peft'] += peft_times
+                    paired.append(statistics.median(peft_times) / statistics.median(times['ours'][-args.steps:]))
+                    print(f'{shape} {task} B={B} round {r + 1}: ours {statistics.median(times["ours"][-args.steps:]):.3f}'
+                          f', peft {statistics.median(peft_times):.3f} s/step', flush=True)
+                ours, peft = (statistics.median(times[a]) for a in ('ours', 'peft'))
+                longest = float(np.mean([max(map(len, x)) for x, _ in ids]))
+                rows.append({'shape': shape, 'task': task, 'batch': B, 'ours_s': ours, 'peft_s': peft,
+                             'ours_examples_per_s': B / ours, 'peft_examples_per_s': B / peft, 'ratio': peft / ours,
+                             'paired_ratios': paired, 'ours_mean_width': float(np.mean(widths)),
+                             'peft_mean_width': longest, 'compile_s': compile_s, 'compiled_shapes': len(shapes)})
+    rates = {}
+    for task in args.real_data.split(','):
+        folder, split = REAL_TASKS[task]
+        pairs = data.load_pairs(task, split, Path(args.data) / folder, train=True)
+        rates[task] = pipeline_rate(data.TextSource(pairs, vocab, data.MAX_INPUT_LEN, 8), 32)[0]
+    print('\npipeline alone (data.batches, B=32, 50 batches): ' + ', '.join(f'{t} {v:.0f} tokens/s'
+                                                                          for t, v in rates.items()))
+    load1 = os.getloadavg()
+    print(f'\nload average before {load0[0]:.2f}, after {load1[0]:.2f}; PEFT {versions}\n')
+    print('| shape | task | B | ours s/step | PEFT s/step | ours examples/s | PEFT examples/s | x PEFT | per round | '
+          'input width ours / PEFT | compiled shapes (s) |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['shape']} | {r['task']} | {r['batch']} | {r['ours_s']:.3f} | {r['peft_s']:.3f} | "
+              f"{r['ours_examples_per_s']:.2f} | {r['peft_examples_per_s']:.2f} | {r['ratio']:.2f} | "
+              f"{', '.join(f'{x:.2f}' for x in r['paired_ratios'])} | {r['ours_mean_width']:.0f} / "
+              f"{r['peft_mean_width']:.0f} | {r['compiled_shapes']} ({r['compile_s']:.0f}) |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({'load_before': load0, 'load_after': load1, 'rows': rows, 'pipeline': rates,
+                                               'peft_versions': versions}, indent=1))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--shapes', default='small,base')
@@ -131,7 +241,13 @@ def main(argv=None):
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='frozen weights')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--json', default=None)
+    p.add_argument('--real-data', default='', help=f'tasks of ../shared/data, comma separated: {",".join(REAL_TASKS)}')
+    p.add_argument('--batch-sizes', default='8,32', help='--real-data: batch sizes')
+    p.add_argument('--data', default=str(ROOT.parent / 'shared' / 'data'), help='--real-data: the task files')
+    p.add_argument('--vocab', default=str(ROOT.parent / 'shared' / 'data' / 't5_spiece.model'))
     args = p.parse_args(argv)
+    if args.real_data:
+        return real_data_main(args)
     B, dtype = args.batch, jnp.dtype(args.dtype)
     peft_bench = None                         # its analytic_flops gives both arms the same FLOP count (MFU)
     if Path(args.peft_bench).is_file():

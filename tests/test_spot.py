@@ -592,7 +592,7 @@ def test_padding_is_invisible_to_logits_loss_and_prompt_gradient(frozen):
     rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (5, 11, 3, 13)]
     targets = np.tile(np.int32([42, 43, t5_model.EOS_ID]), (4, 1))
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
-    short, long = (data._pad(rows, n) for n in (data.bucket_length(14, 512), 64))
+    short, long = (data.pad_rows(rows, n) for n in (data.bucket_length(14, 512), 64))
     assert short.shape[1] == 14
 
     def outputs(inputs):
