@@ -9,9 +9,11 @@ SPoT task files (google-research/prompt-tuning, prompt_tuning/spot/data); 'our c
 """
 import csv
 import functools
+import gzip
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -485,13 +487,15 @@ def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
     if data_dir is None:
         sources = _tfds_sources(task, split, tfds_dir, download=False)
         return {"tfds": task.tfds_name, "split": task.splits[split], "examples": [len(ds) for ds in sources]}
-    path = _find_file(task, split, data_dir)
-    size, h = path.stat().st_size, hashlib.sha256()
-    with open(path, "rb") as f:
+    files = _c4_files(data_dir) if task.kind == "lm" else [_find_file(task, split, data_dir)]
+    h = hashlib.sha256()
+    with open(files[0], "rb") as f:
         h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
+    with open(files[-1], "rb") as f:
+        f.seek(max(0, files[-1].stat().st_size - (1 << 20)))
         h.update(f.read(1 << 20))
-    return {"file": path.name, "bytes": size, "sha256_ends": h.hexdigest()[:16]}
+    return {"file": files[0].name, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
+            "sha256_ends": h.hexdigest()[:16]}
 
 
 def _find_file(task, split, data_dir):
@@ -814,6 +818,119 @@ def _collate(inputs, targets, in_cap, tgt_cap, process_index=0, process_count=1)
     return {"inputs": pad_rows(inputs[mine], S), "targets": pad_rows(targets[mine], T)}
 
 
+class DocStream(Sequence):
+    """The documents of a source too large to index or to read at random (C4: 365M documents in 1024 .json.gz files),
+    read in order. docs[p] is document perm_w(p % window) of window w = p // window, perm_w keyed by (seed, w):
+    shuffled within windows, so reaching position p reads the first (p // window + 1) * window documents only, and
+    holds one window. A stream that ends starts over (positions past its end wrap around).
+    open_docs(start) -> iterator over the document texts from document `start` on."""
+    stream = True                                   # batches take positions k*B ... in order (no epochs)
+
+    def __init__(self, open_docs, seed=0, window=4096):
+        self.open_docs, self.seed, self.window = open_docs, seed, window
+        self.total, self._w, self._docs, self._it, self._next = None, None, [], None, 0
+
+    def __len__(self):
+        return self.total or 2 ** 62
+
+    def _read(self, w):
+        """Window w's documents: skip forward in the open iterator (or reopen it to go back)."""
+        first = w * self.window
+        if self._it is None or first < self._next:
+            self._it, self._next = iter(self.open_docs(first)), first
+        for _ in range(first - self._next):            # documents read and dropped, not tokenized
+            next(self._it, None)
+        self._docs = list(itertools.islice(self._it, self.window))
+        self._w, self._next = w, first + len(self._docs)
+        if len(self._docs) < self.window:              # the end: now the stream's length is known
+            self.total = first + len(self._docs)
+            if not self.total:
+                raise IndexError("the document stream is empty")
+
+    def __getitem__(self, p):
+        p = int(p) % self.total if self.total else int(p)
+        w = p // self.window
+        if w != self._w:
+            self._read(w)
+        if p % self.window >= len(self._docs):         # past the end, found just now
+            return self[p]
+        return self._docs[int(permute(np.array([p % self.window]), len(self._docs), self.seed, w)[0])]
+
+
+def json_gz_docs(files):
+    """open_docs of DocStream over .json.gz files of one JSON object per line with a 'text' field (allenai/c4)."""
+    def open_docs(start):
+        for path in files:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                for line in f:
+                    yield json.loads(line)["text"]
+    return open_docs
+
+
+@dataclass(frozen=True, eq=False)
+class PrefixLMSource:
+    """C4 with T5's prefix-LM objective in token space (Raffel et al. 2020 §3.3.1; T5 preprocessors.prefix_lm:
+    select_random_chunk, split_tokens_to_inputs_length, random_prefix_noise_mask at noise density 0.5). Example i
+    reads document docs[i], takes a random chunk of at most 65,536 tokens, splits it into segments of
+    max_input_len - 1 tokens and keeps one segment at random (our choice: T5 keeps them all, which makes the
+    example count unknown until every document is tokenized); the segment's first n tokens, n uniform in
+    [1, length - 1], are the input and the rest the target. All draws are keyed by (seed, i)."""
+    docs: object                                # Sequence of document texts (or a DocStream)
+    vocab: Vocab
+    max_input_len: int = MAX_INPUT_LEN
+    max_target_len: int = 128
+    seed: int = 0
+    chunk: int = 65536                          # T5 select_random_chunk max_length for prefix_lm
+
+    @property
+    def stream(self):
+        return getattr(self.docs, "stream", False)
+
+    def __len__(self):
+        return len(self.docs)
+
+    def example_ids(self, i):
+        ids = list(self.vocab.encode(self.docs[int(i)]))
+        rng = np.random.default_rng([self.seed, int(i), 2])
+        if len(ids) > self.chunk:
+            ids = ids[self.chunk * rng.integers(-(-len(ids) // self.chunk)):][:self.chunk]
+        width = self.max_input_len - 1
+        seg = ids[width * rng.integers(max(1, -(-len(ids) // width))):][:width]
+        n = int(rng.integers(1, len(seg))) if len(seg) >= 2 else len(seg)   # [1, L-1]; L < 2: all input
+        return seg[:n] + [EOS_ID], seg[n:][:self.max_target_len - 1] + [EOS_ID]
+
+    def rows(self, idx):
+        pairs = [self.example_ids(i) for i in idx]
+        return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def train_source(task_name, vocab, max_input_len=MAX_INPUT_LEN, max_target_len=0, data_dir=None, seed=0,
+                 tfds_dir=None, download=True):
+    """A task's training examples for batches / mixture_batches, read and tokenized per batch: a TextSource over
+    load_pairs, or for C4 a PrefixLMSource over its documents (tfds c4/en in array_record: read at random;
+    data_dir: the allenai/c4 .json.gz files under c4/en/ or en/, streamed in order by a DocStream)."""
+    task = get_task(task_name)
+    T = max_target_len or task.target_len
+    if task.kind != "lm":
+        return TextSource(load_pairs(task_name, "train", data_dir, True, tfds_dir, download), vocab, max_input_len, T)
+    if data_dir is None:
+        ds = _tfds_sources(task, "train", tfds_dir, download)[0]
+        docs = LazyPairs(len(ds), lambda i: _plain(ds[i])["text"])
+    else:
+        docs = DocStream(json_gz_docs(_c4_files(data_dir)), seed)
+    return PrefixLMSource(docs, vocab, max_input_len, T, seed)
+
+
+def _c4_files(data_dir):
+    root = Path(data_dir).expanduser()
+    files = next((f for f in (sorted((root / sub).glob("c4-train.*.json.gz")) for sub in ("c4/en", "en", ".")) if f),
+                 [])
+    if not files:
+        raise FileNotFoundError(f"c4: no c4-train.*.json.gz under {root}/c4/en, {root}/en or {root}; get them "
+                                "from https://huggingface.co/datasets/allenai/c4 (en/), or use tfds c4/en")
+    return files
+
+
 _MIX = np.array([0xBF58476D1CE4E5B9, 0x94D049BB133111EB], np.uint64)
 
 
@@ -874,9 +991,11 @@ def batches(source, batch_size, seed, start=0, process_index=0, process_count=1)
     n = len(source)
     if n == 0:
         raise ValueError("batches() got no examples")
+    stream = getattr(source, "stream", False)       # a DocStream shuffles within its windows itself
     k = start
     while True:
-        inputs, targets = source.rows(batch_rows(n, batch_size, seed, k))
+        idx = k * batch_size + np.arange(batch_size) if stream else batch_rows(n, batch_size, seed, k)
+        inputs, targets = source.rows(idx)
         yield _collate(inputs, targets, source.max_input_len, source.max_target_len, process_index, process_count)
         k += 1
 
@@ -910,6 +1029,13 @@ def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=
     p = np.array([rates[t] for t in names], np.float64)
     in_cap = max(s.max_input_len for s in sources.values())
     tgt_cap = max(s.max_target_len for s in sources.values())
+    # A stream (C4 from its files) is read in order: its next rows follow the ones earlier batches took, counted by
+    # replaying the earlier batches' task draws (about 20 us each).
+    streams = [t for t, name in enumerate(names) if getattr(sources[name], "stream", False)]
+    taken = np.zeros(len(names), np.int64)
+    for j in range(start if streams else 0):
+        taken += np.bincount(np.random.default_rng([seed, j, 1]).choice(len(names), batch_size, p=p / p.sum()),
+                             minlength=len(names))
     k = start
     while True:
         rng = np.random.default_rng([seed, k, 1])
@@ -918,7 +1044,9 @@ def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=
         for t, name in enumerate(names):
             slots = np.flatnonzero(which == t)
             if len(slots):
-                got = sources[name].rows(rng.integers(sizes[name], size=len(slots)))
+                idx = taken[t] + np.arange(len(slots)) if t in streams else rng.integers(sizes[name], size=len(slots))
+                taken[t] += len(slots)
+                got = sources[name].rows(idx)
                 for i, x, y in zip(slots, *got):
                     inputs[i], targets[i] = x, y
         yield _collate(inputs, targets, in_cap, tgt_cap, process_index, process_count)

@@ -639,9 +639,9 @@ def train_cli(args, tc, pc):
     labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
     text = list(vocab.encode(pc.text)) if pc.text else None
     prompt = init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text)
-    # Examples are read, formatted and tokenized per batch (data.TextSource): memory O(batch), any source size.
-    sources = {t: data.TextSource(data.load_pairs(t, 'train', args.data, train=True), vocab, tc.max_input_len,
-                                  tc.max_target_len or data.get_task(t).target_len) for t in tasks}
+    # Examples are read, formatted and tokenized per batch (data.train_source): memory O(batch), any size.
+    sources = {t: data.train_source(t, vocab, tc.max_input_len, tc.max_target_len, args.data, tc.seed)
+               for t in tasks}
     # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's meta).
     reads = {'data': args.data or 'tfds', 'vocab': vocab.fingerprint,
              'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}

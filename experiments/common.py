@@ -99,10 +99,10 @@ def load_task(name, args, tc, model=None):
     data_dir, T = SHARED if args.tiny else args.data, tc.max_target_len or task.target_len  # as spot.make_evaluator
     if args.tiny and vocab is None:
         return synthetic_task(task.name, tc.max_input_len)
-    try:   # the training split: a lazy sequence on the tfds path (read per batch), a list from files
+    try:   # the training split, read per batch (data.train_source); C4 (no metric) has no validation to load
         train = data.load_examples(name, "train", data_dir) if args.tiny else \
-            data.load_pairs(name, "train", data_dir, train=True)
-        val = data.load_examples(name, "validation", data_dir)
+            data.train_source(name, vocab, tc.max_input_len, T, data_dir)
+        val = data.load_examples(name, "validation", data_dir) if task.metrics else []
     except (FileNotFoundError, ValueError):
         if not args.tiny:
             raise
@@ -110,8 +110,8 @@ def load_task(name, args, tc, model=None):
     val = val[:tc.eval_limit or None]
     # Training examples are tokenized per batch (data.TextSource: memory O(batch)); validation inputs are kept as
     # unpadded token ids, which spot.evaluate groups by length.
-    pairs = data.text_pairs(name, train[:TINY_EXAMPLES], train=True) if args.tiny else train
-    source = data.TextSource(pairs, vocab, tc.max_input_len, T)
+    source = data.TextSource(data.text_pairs(name, train[:TINY_EXAMPLES], train=True), vocab, tc.max_input_len, T) \
+        if args.tiny else train
     inputs = data.token_ids(vocab, [t["inputs"] for t in data.text_pairs(name, val)], tc.max_input_len)
 
     def evaluate(params, cfg, prompt=None):

@@ -1,6 +1,7 @@
 """data.py: record counts of the shared files, T5 text formats (known answers written from T5's preprocessors),
 tokenisation, resumable batches, mixing rates, metrics (hand-computed and scipy), the tfds path (mock_data)."""
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
@@ -683,3 +684,68 @@ def test_output_labels_are_the_strings_the_model_is_trained_to_write():
           "span2_text": "He", "label": 1, "idx": 0}
     target = data.get_task("wsc").preprocess(ex)["targets"]
     assert target == "Pete" and target not in data.get_task("wsc").label_names
+
+
+# ----------------------------------------------------------------------------- C4: prefix LM, streams
+def counting_docs(read):
+    """open_docs of a DocStream over endless generated documents; `read` collects the indices it yields."""
+    def open_docs(start):
+        for i in itertools.count(start):
+            read.append(i)
+            yield f"document {i} " + " ".join(f"w{i % 97}x{j}" for j in range(i % 60))
+    return open_docs
+
+
+def test_prefix_lm_in_token_space_cuts_a_segment_of_the_document(vocab):
+    docs = [" ".join(f"t{i}y{j}" for j in range(n)) for i, n in enumerate((3, 40, 400, 1))]
+    src = data.PrefixLMSource(docs, vocab, max_input_len=32, max_target_len=64, seed=4)
+    for i, doc in enumerate(docs):
+        x, y = src.example_ids(i)
+        assert x[-1] == y[-1] == data.EOS_ID and (x, y) == src.example_ids(i)     # keyed by (seed, i)
+        seg, ids = x[:-1] + y[:-1], vocab.encode(doc)
+        assert len(seg) <= 31 and any(ids[s:s + len(seg)] == seg for s in range(0, len(ids), 31))  # one segment
+        assert 1 <= len(x) - 1 <= max(1, len(seg) - 1)                            # T5: prefix in [1, L-1]
+    cuts = {len(src.example_ids(2)[0]) for src in
+            (data.PrefixLMSource(docs, vocab, 32, 64, seed=s) for s in range(12))}
+    assert len(cuts) > 3                                                           # the cut point is drawn
+
+
+def test_doc_stream_reads_only_up_to_the_batch_and_resumes(vocab):
+    read = []
+    src = data.PrefixLMSource(data.DocStream(counting_docs(read), seed=3, window=64), vocab, 32, 16, seed=3)
+    got = [b for _, b in zip(range(10), data.batches(src, 16, seed=3))]     # positions 0..159: windows 0-2
+    assert max(read) < 3 * 64                                                 # nothing past the third window
+    assert sorted(data.permute(np.arange(64), 64, 3, 1)) == list(range(64))
+    read.clear()
+    again = next(data.batches(data.PrefixLMSource(data.DocStream(counting_docs(read), seed=3, window=64), vocab, 32,
+                                                  16, seed=3), 16, seed=3, start=7))
+    assert min(read) == 64 and max(read) < 128                                # reopened at batch 7's window
+    for key in ("inputs", "targets"):
+        np.testing.assert_array_equal(got[7][key], again[key])
+
+
+def test_mixture_with_a_stream_resumes_exactly(shared_data, vocab):
+    def mix():
+        return {"c4": data.PrefixLMSource(data.DocStream(counting_docs([]), seed=0, window=32), vocab, 64, 16),
+                "cola": data.TextSource(data.load_pairs("cola", "train", shared_data / "glue"), vocab, 64, 8)}
+    got = [b for _, b in zip(range(9), data.mixture_batches(mix(), 8, seed=5, rates={"c4": 0.5, "cola": 0.5}))]
+    again = next(data.mixture_batches(mix(), 8, seed=5, start=6, rates={"c4": 0.5, "cola": 0.5}))
+    for key in ("inputs", "targets"):
+        np.testing.assert_array_equal(got[6][key], again[key])
+
+
+def test_c4_from_json_gz_files(tmp_path, vocab):
+    import gzip
+    (tmp_path / "c4" / "en").mkdir(parents=True)
+    for shard in range(2):
+        with gzip.open(tmp_path / "c4" / "en" / f"c4-train.{shard:05d}-of-00002.json.gz", "wt") as f:
+            for i in range(50):
+                f.write(json.dumps({"text": f"shard {shard} doc {i} " + "more words here " * i, "url": "x"}) + "\n")
+    src = data.train_source("c4", vocab, 64, 0, data_dir=tmp_path)
+    assert isinstance(src, data.PrefixLMSource) and src.max_target_len == data.get_task("c4").target_len
+    texts = [src.docs[p] for p in range(100)]
+    assert sorted(texts) == sorted(f"shard {s} doc {i} " + "more words here " * i for s in range(2) for i in range(50))
+    b = next(data.batches(src, 4, seed=0))
+    assert b["inputs"].shape[0] == 4 and (b["inputs"][:, 0] != 0).all()
+    with pytest.raises(FileNotFoundError, match="allenai/c4"):
+        data.train_source("c4", vocab, 64, 0, data_dir=tmp_path / "c4" / "en" / "none")

@@ -649,3 +649,16 @@ def test_cli_resume_with_other_data_is_refused(shared_data, tmp_path):
     with pytest.raises(SystemExit, match=r"other settings.*meta\.reads"):
         spot.main([*args, '--data', str(tmp_path / 'b'), '--steps', '4', '--resume'])
     spot.main([*args, '--data', str(tmp_path / 'a'), '--steps', '4', '--resume'])       # the same data: fine
+
+
+def test_cli_trains_on_a_mixture_name(shared_data, tmp_path, monkeypatch, capsys):
+    """--task accepts a name of data.MIXTURES (SPoT's sources are mixtures): examples-proportional batches, no single
+    validation metric, so prompt.npy is the last prompt. (The real mixtures need files ../shared/data lacks.)"""
+    import data
+    monkeypatch.setitem(data.MIXTURES, 'SmallGLUE', ('rte', 'cola'))
+    spot.main(['train', '--model', 'tiny', '--task', 'smallglue', '--data', str(shared_data / 'glue'), '--vocab',
+               str(shared_data / 't5_spiece.model'), '--steps', '2', '--batch_size=4', '--max_input_len=24',
+               '--length=5', '--out', str(tmp_path)])
+    assert 'no validation metric' in capsys.readouterr().out
+    info = json.loads((tmp_path / 'prompt.json').read_text())
+    assert info['task'] == 'smallglue' and info['step'] == 2 and set(info['reads']['files']) == {'rte', 'cola'}
