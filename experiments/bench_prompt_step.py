@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 import spot  # noqa: E402
 import t5_model  # noqa: E402
 
-SHAPES = {'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),      # (T5Config name, PEFT script --config)
+SHAPES = {'tiny': ('tiny', 'tiny'),                                          # --memory only
+          'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),      # (T5Config name, PEFT script --config)
           'base': ('google/t5-base-lm-adapt', 't5-base-lm-adapt'),
           'large': ('google/t5-large-lm-adapt', 't5-large-lm-adapt'),
           'xl': ('google/t5-xl-lm-adapt', None)}                           # no PEFT shape: ours only
@@ -228,6 +229,65 @@ def real_data_main(args):
                                                'peft_versions': versions}, indent=1))
 
 
+def generated_pair(i):
+    """Example i of a generated source: 5 to 400 words, drawn from i (no file, nothing held)."""
+    rng = np.random.default_rng(i)
+    words = ' '.join(f'w{w}' for w in rng.integers(0, 5000, rng.integers(5, 400)))
+    return {'inputs': f'example {i}: {words}', 'targets': 'positive' if i % 2 else 'negative'}
+
+
+def memory_main(args):
+    """Peak RSS of spot.train_prompt for --memory-steps steps on a lazily generated source of --memory examples."""
+    import resource
+    import data
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # noqa: E731  (KiB -> GiB)
+    shape = args.shapes.split(',')[0]
+    cfg = t5_model.T5Config.tiny() if shape == 'tiny' else t5_model.T5Config.from_name(SHAPES[shape][0])
+    frozen = random_params(cfg)
+    source = data.TextSource(data.LazyPairs(args.memory, generated_pair), data.load_vocab(args.vocab))
+    tc = spot.TrainConfig(steps=args.memory_steps, batch_size=args.batch, log_every=50, checkpoint_every=100)
+    before = rss()
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        spot.train_prompt(spot.init_prompt(jax.random.key(0), frozen, spot.PromptConfig()), frozen, cfg, tc,
+                          lambda k: data.batches(source, tc.batch_size, tc.seed, start=k), None, out)
+    rate, width = pipeline_rate(source, args.batch)
+    print(f'{shape}, {args.memory:,} generated examples, B={args.batch}, {args.memory_steps} steps in '
+          f'{time.perf_counter() - t:.0f} s: peak RSS {rss():.2f} GiB ({before:.2f} GiB with the frozen weights '
+          f'loaded, +{rss() - before:.2f} GiB for training); pipeline alone {rate:.0f} tokens/s, mean width {width:.0f}')
+
+
+def first_step(shape, B=8, S=64):
+    """(seconds to build random weights, seconds to the first finished train_step) in this process."""
+    cfg = t5_model.T5Config.from_name(SHAPES[shape][0])
+    t = time.perf_counter()
+    frozen = random_params(cfg)
+    built, t = time.perf_counter() - t, time.perf_counter()
+    prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
+    tc = spot.TrainConfig(batch_size=B)
+    batch = {'inputs': np.ones((B, S), np.int32), 'targets': np.ones((B, T), np.int32)}
+    out = spot.train_step(prompt, spot.make_optimizer(tc).init(prompt), frozen, batch, spot.dropout_key(0, 0), cfg,
+                          spot.step_config(tc))
+    float(out[2])
+    return built, time.perf_counter() - t
+
+
+def startup_main(args):
+    """Time to the first step in fresh processes: the compilation cache off, then on twice (cold, then warm)."""
+    with tempfile.TemporaryDirectory() as cache:
+        for shape in args.shapes.split(','):
+            for label, env in (('no cache', 'off'), ('cache, first run', cache), ('cache, second run', cache)):
+                t = time.perf_counter()
+                out = subprocess.run([sys.executable, __file__, '--startup-child', shape], capture_output=True,
+                                     text=True, env={**os.environ, 'SPOT_COMPILE_CACHE': env})
+                if out.returncode:
+                    sys.exit(out.stderr[-2000:])
+                built, step = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f'{shape}, {label}: {time.perf_counter() - t:.1f} s from process start to the first step done '
+                      f'(weights {built:.1f} s, compile + step {step:.1f} s); load {os.getloadavg()[0]:.1f}',
+                      flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--shapes', default='small,base')
@@ -245,9 +305,20 @@ def main(argv=None):
     p.add_argument('--batch-sizes', default='8,32', help='--real-data: batch sizes')
     p.add_argument('--data', default=str(ROOT.parent / 'shared' / 'data'), help='--real-data: the task files')
     p.add_argument('--vocab', default=str(ROOT.parent / 'shared' / 'data' / 't5_spiece.model'))
+    p.add_argument('--memory', type=int, default=0, help='peak RSS of training on a generated source of N examples')
+    p.add_argument('--memory-steps', type=int, default=200)
+    p.add_argument('--startup', action='store_true', help='time to the first step with/without the compile cache')
+    p.add_argument('--startup-child', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.startup_child:
+        spot.enable_compile_cache()
+        return print(json.dumps(first_step(args.startup_child)))
+    if args.startup:
+        return startup_main(args)
     if args.real_data:
         return real_data_main(args)
+    if args.memory:
+        return memory_main(args)
     B, dtype = args.batch, jnp.dtype(args.dtype)
     peft_bench = None                         # its analytic_flops gives both arms the same FLOP count (MFU)
     if Path(args.peft_bench).is_file():
