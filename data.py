@@ -787,11 +787,15 @@ class _ArraySource:
         return self.arrays["targets"].shape[1]
 
     def rows(self, idx):
-        def trim(a):
-            used = a != PAD_ID            # T5 pads only at the end: keep up to the last non-pad id
-            ends = np.where(used.any(1), a.shape[1] - np.argmax(used[:, ::-1], 1), 0)
-            return [r[:e].tolist() for r, e in zip(a, ends)]
-        return trim(self.arrays["inputs"][idx]), trim(self.arrays["targets"][idx])
+        return unpad(self.arrays["inputs"][idx]), unpad(self.arrays["targets"][idx])
+
+
+def unpad(a):
+    """int [n, L] padded with 0 at the end (T5 pads only there) -> n lists of ids up to the last non-pad one."""
+    a = np.asarray(a)
+    used = a != PAD_ID
+    ends = np.where(used.any(1), a.shape[1] - np.argmax(used[:, ::-1], 1), 0)
+    return [r[:e].tolist() for r, e in zip(a, ends)]
 
 
 def as_source(source):

@@ -510,8 +510,7 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
         labels = data.pad_rows(data.token_ids(vocab, label_names, max_target_len), max_target_len)
     elif method != 'decode':
         raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
-    rows = data.as_source({'inputs': inputs, 'targets': np.zeros((len(inputs), 1), np.int32)}).rows(
-        np.arange(len(inputs)))[0] if hasattr(inputs, 'shape') else [list(r) for r in inputs]
+    rows = data.unpad(inputs) if hasattr(inputs, 'shape') else [list(r) for r in inputs]
     cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
     order = np.argsort([len(r) for r in rows], kind='stable')
     preds = [None] * len(rows)
@@ -521,7 +520,8 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
                       data.bucket_length(max(len(rows[j]) for j in chunk), cap))
         if method == 'decode':
             ids = np.asarray(t5_model.greedy_decode(frozen, cfg, x, prompt, max_len=max_target_len))
-            out = [vocab.decode(row) for row in ids.tolist()]      # stops at EOS, drops pad
+            out = [vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row)
+                   for row in ids.tolist()]                       # tokens before EOS (0 after it)
         else:
             scores = np.stack([np.asarray(t5_model.score_targets(
                 frozen, cfg, x, np.broadcast_to(lab, (batch_size, lab.size)), prompt)) for lab in labels], axis=1)

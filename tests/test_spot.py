@@ -662,3 +662,32 @@ def test_cli_trains_on_a_mixture_name(shared_data, tmp_path, monkeypatch, capsys
     assert 'no validation metric' in capsys.readouterr().out
     info = json.loads((tmp_path / 'prompt.json').read_text())
     assert info['task'] == 'smallglue' and info['step'] == 2 and set(info['reads']['files']) == {'rte', 'cola'}
+
+
+class IdVocab:
+    """A vocabulary whose text is the ids themselves: '12 7' <-> [12, 7]."""
+    def encode(self, text):
+        return [int(w) for w in text.split()]
+
+    def decode(self, ids):
+        return ' '.join(str(i) for i in ids)
+
+
+def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
+    """Batches of similar lengths padded to their bucket: the same predictions, in input order, as one example at a
+    time (each at its own length), for greedy decoding and rank classification; arrays and id lists alike."""
+    import data
+    rng = np.random.default_rng(3)
+    rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (30, 2, 17, 5, 40, 9, 3, 25)]
+    prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
+    labels = None
+    for method in ('decode', 'rank'):
+        kw = {'label_names': labels} if method == 'rank' else {}
+        alone = [spot.evaluate(frozen, CFG, prompt, [r], IdVocab(), method=method, max_target_len=4, batch_size=1,
+                               **kw)[0] for r in rows]
+        labels = tuple(sorted({p.split()[0] for p in alone}))   # rank: the greedy first tokens, so answers differ
+        assert len(set(alone)) >= 2, alone                              # the order check means something
+        for inputs in (rows, data.pad_rows(rows, 48)):
+            got = spot.evaluate(frozen, CFG, prompt, inputs, IdVocab(), method=method, max_target_len=4,
+                                batch_size=3, **kw)
+            assert got == alone
