@@ -353,6 +353,12 @@ def test_real_tfds_build_equals_file_reader(shared_data, tmp_path, task, folder,
     key = {"multirc": lambda e: (e["idx"]["paragraph"], e["idx"]["question"], e["idx"]["answer"]),
            "record": lambda e: e["idx"]["query"]}.get(task, lambda e: e["idx"])
     assert sorted(from_tfds, key=key) == from_files
+    if task == "rte":      # the lazy path: example i read from array_record when asked for, same order as above
+        with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=dl):
+            lazy = data.load_pairs(task, "validation", tfds_dir=str(tmp_path / "tfds"))
+            reads = data.data_fingerprint(task, "validation", tfds_dir=str(tmp_path / "tfds"))
+        assert isinstance(lazy, data.LazyPairs) and list(lazy) == data.text_pairs(task, from_tfds)
+        assert reads == {"tfds": "glue/rte", "split": "validation", "examples": [len(from_files)]}
     if task == "record":
         assert [(e["entities"], e["answers"]) for e in from_files] == [(["Merkel", "Obama", "Paris"], ["Obama"]),
                                                                         (["Merkel", "Obama", "Paris"], ["Merkel"])]
