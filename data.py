@@ -461,10 +461,10 @@ class LazyPairs(Sequence):
 def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, download=True):
     """text_pairs of a split, for batches(TextSource(...)). From files (data_dir): a list (the files are read whole,
     as load_examples does). From tfds: a LazyPairs that reads example i from tfds' array_record files when a batch
-    asks for it, so a split of any size (WMT14 en-fr: 40.8M pairs) costs no memory; tasks whose records expand
-    (RACE's questions; ReCoRD's answers and WSC's filter in training) are small and loaded whole."""
+    asks for it, so a split of any size (WMT14 en-fr: 40.8M pairs, Sentiment140: 1.6M) costs no memory; tasks whose
+    records expand (RACE's questions; ReCoRD's answers and WSC's filter in training) are small and loaded whole."""
     task = get_task(task_name)
-    expands = task.adapt is not None or (train and task.kind in ("record", "wsc"))
+    expands = task.adapt is _race or (train and task.kind in ("record", "wsc"))    # one record -> many pairs
     if data_dir is not None or expands:
         return text_pairs(task_name, load_examples(task_name, split, data_dir, tfds_dir, download), train=train)
     if split not in task.splits:
@@ -476,7 +476,8 @@ def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, down
 
     def pair(i):
         d = int(np.searchsorted(ends, i, side="right"))
-        return task.preprocess(_plain(sources[d][i - (ends[d - 1] if d else 0)]))
+        ex = _plain(sources[d][i - (ends[d - 1] if d else 0)])
+        return task.preprocess(task.adapt(ex)[0] if task.adapt else ex)       # adapt: one example per record
     return LazyPairs(ends[-1], pair)
 
 
@@ -721,15 +722,16 @@ def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
 # ----------------------------------------------------------------------------- lazy, length-bucketed batches
 # Batch k is made when asked for, a pure function of (seed, k): its example indices, then those examples read,
 # formatted, tokenized and padded to bucket lengths. Memory is O(batch), whatever the source's size. We write the
-# index sampling (~40 lines) rather than depend on `grain`: the same Feistel bijection grain's shuffle uses, in numpy,
-# and T5's mixing by random draws (grain's mix interleaves deterministically), with nothing hidden from the reader.
+# index sampling (~40 lines of numpy) rather than depend on `grain`: a keyed bijection with cycle walking, as grain's
+# index_shuffle (which uses the Simon cipher), and T5's mixing by independent random draws, in plain sight.
 def bucket_length(n, cap):
     """Padded length of a batch whose longest sequence has n tokens: n rounded up to 4 lengths per octave
     (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, ..., 448, 512), never above cap.
-    Why: a batch of 32 SST-2 inputs has 22 tokens on average and 61 at p99, BoolQ 159 and 447 (T5 vocabulary), so
-    padding to the batch's longest is what saves time (512 -> ~64); rounding that up to a bucket bounds the compiled
-    step shapes at 25 for 512 tokens (a few per task in practice), and 4 per octave wastes <= 25% of the input
-    (~10% on average; 64-wide buckets waste 2x on SST-2), less still of the encoder's P + S positions."""
+    Why: SST-2 inputs have 22 tokens on average and 61 at p99, BoolQ 159 and 447 (T5 vocabulary), so padding to the
+    batch's longest is what saves time (SST-2, B=32: 512 -> 55 on average); rounding that up to a bucket bounds the
+    compiled step shapes at 25 for 512 tokens (5-7 per task over 100 batches of SST-2, RTE, BoolQ), and 4 per octave
+    pads at most 25% (8% on average for all three) where 64-wide buckets pad SST-2 by 36%; of the encoder's P + S
+    positions that is 3-6% above the batch's longest."""
     n = max(int(n), 8)
     step = 1 << max(0, (n - 1).bit_length() - 3)
     return min(int(cap), -(-n // step) * step)
