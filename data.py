@@ -774,7 +774,7 @@ class TextSource:
 
 @dataclass(frozen=True, eq=False)
 class _ArraySource:
-    """tokenize's arrays {'inputs': [n,S], 'targets': [n,T]} (rows padded with 0) as a source: rows come back trimmed."""
+    """tokenize's arrays {'inputs': [n,S], 'targets': [n,T]} (rows padded with 0) as a source of trimmed rows."""
     arrays: dict
 
     def __len__(self):
@@ -941,7 +941,7 @@ _MIX = np.array([0xBF58476D1CE4E5B9, 0x94D049BB133111EB], np.uint64)
 
 
 def _hash(x):
-    """splitmix64's finaliser (Steele et al. 2014): uint64 array -> uint64 array, every output bit on every input bit."""
+    """splitmix64's finaliser (Steele et al. 2014): uint64 array -> uint64 array; every output bit mixes all inputs."""
     x = (x ^ (x >> np.uint64(30))) * _MIX[0]
     x = (x ^ (x >> np.uint64(27))) * _MIX[1]
     return x ^ (x >> np.uint64(31))

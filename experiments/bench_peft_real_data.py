@@ -40,7 +40,8 @@ def main(argv=None):
     spec.loader.exec_module(bench)
     model, _ = bench.build_model(types.SimpleNamespace(weights=None, config=args.config, dropout=args.dropout, seed=0),
                                  torch)
-    model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=args.prompt_len,
+    model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM,
+                                                     num_virtual_tokens=args.prompt_len,
                                                      prompt_tuning_init=PromptTuningInit.RANDOM))
     model.train()
     opt = bench.make_optimizer("torch", [q for q in model.parameters() if q.requires_grad], torch, 0.3)

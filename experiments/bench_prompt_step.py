@@ -199,8 +199,9 @@ def real_data_main(args):
                     peft_times, versions = run_peft_real(args, hf_name, chunk[:1] + chunk)
                     times['peft'] += peft_times
                     paired.append(statistics.median(peft_times) / statistics.median(times['ours'][-args.steps:]))
-                    print(f'{shape} {task} B={B} round {r + 1}: ours {statistics.median(times["ours"][-args.steps:]):.3f}'
-                          f', peft {statistics.median(peft_times):.3f} s/step', flush=True)
+                    last = statistics.median(times['ours'][-args.steps:])
+                    print(f'{shape} {task} B={B} round {r + 1}: ours {last:.3f}, peft '
+                          f'{statistics.median(peft_times):.3f} s/step', flush=True)
                 ours, peft = (statistics.median(times[a]) for a in ('ours', 'peft'))
                 longest = float(np.mean([max(map(len, x)) for x, _ in ids]))
                 rows.append({'shape': shape, 'task': task, 'batch': B, 'ours_s': ours, 'peft_s': peft,
@@ -225,8 +226,8 @@ def real_data_main(args):
               f"{', '.join(f'{x:.2f}' for x in r['paired_ratios'])} | {r['ours_mean_width']:.0f} / "
               f"{r['peft_mean_width']:.0f} | {r['compiled_shapes']} ({r['compile_s']:.0f}) |")
     if args.json:
-        Path(args.json).write_text(json.dumps({'load_before': load0, 'load_after': load1, 'rows': rows, 'pipeline': rates,
-                                               'peft_versions': versions}, indent=1))
+        Path(args.json).write_text(json.dumps({'load_before': load0, 'load_after': load1, 'rows': rows,
+                                               'pipeline': rates, 'peft_versions': versions}, indent=1))
 
 
 def generated_pair(i):
@@ -254,7 +255,8 @@ def memory_main(args):
     rate, width = pipeline_rate(source, args.batch)
     print(f'{shape}, {args.memory:,} generated examples, B={args.batch}, {args.memory_steps} steps in '
           f'{time.perf_counter() - t:.0f} s: peak RSS {rss():.2f} GiB ({before:.2f} GiB with the frozen weights '
-          f'loaded, +{rss() - before:.2f} GiB for training); pipeline alone {rate:.0f} tokens/s, mean width {width:.0f}')
+          f'loaded, +{rss() - before:.2f} GiB for training); pipeline alone {rate:.0f} tokens/s, '
+          f'mean width {width:.0f}')
 
 
 def first_step(shape, B=8, S=64):

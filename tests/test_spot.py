@@ -612,8 +612,8 @@ def test_resume_is_bit_exact_when_batches_change_bucket(tmp_path, frozen, shared
     """Real data through data.TextSource: batches of different widths; a crash and a resume equal one run."""
     import data
     vocab = data.load_vocab(shared_data / 't5_spiece.model')
-    source = lambda t, d: data.TextSource(data.load_pairs(t, 'train', shared_data / d, train=True), vocab, 24, 8)  # noqa
-    sources = {'rte': source('rte', 'glue'), 'cola': source('cola', 'glue')}
+    sources = {t: data.TextSource(data.load_pairs(t, 'train', shared_data / 'glue', train=True), vocab, 24, 8)
+               for t in ('rte', 'cola')}
 
     def batches(crash_at=None):
         def make(start):
