@@ -643,7 +643,8 @@ def train_cli(args, tc, pc):
     sources = {t: data.train_source(t, vocab, tc.max_input_len, tc.max_target_len, args.data, tc.seed)
                for t in tasks}
     # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's meta).
-    reads = {'data': args.data or 'tfds', 'vocab': vocab.fingerprint,
+    # The data by content, not path: the same files in another folder resume; others are refused.
+    reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
              'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}
     if mixture:
         batches = lambda k: data.mixture_batches(sources, tc.batch_size, tc.seed, start=k)   # noqa: E731

@@ -648,7 +648,9 @@ def test_cli_resume_with_other_data_is_refused(shared_data, tmp_path):
     spot.main([*args, '--data', str(tmp_path / 'a'), '--steps', '2'])
     with pytest.raises(SystemExit, match=r"other settings.*meta\.reads"):
         spot.main([*args, '--data', str(tmp_path / 'b'), '--steps', '4', '--resume'])
-    spot.main([*args, '--data', str(tmp_path / 'a'), '--steps', '4', '--resume'])       # the same data: fine
+    import shutil
+    shutil.copytree(tmp_path / 'a', tmp_path / 'c')
+    spot.main([*args, '--data', str(tmp_path / 'c'), '--steps', '4', '--resume'])  # the same files elsewhere: fine
 
 
 def test_cli_trains_on_a_mixture_name(shared_data, tmp_path, monkeypatch, capsys):
