@@ -1,6 +1,8 @@
 """Tasks, tokens, mixtures and metrics for SPoT (Vu et al., ACL 2022), in T5's text-to-text form. Paper -> code:
   §2.1 tasks in T5 format, validation sets        TASKS, get_task, load_examples, to_text, text_pairs
-  §2.1 frozen T5 1.1 vocabulary (32k + 100 ids)   load_vocab, tokenize, batches
+  §2.1 frozen T5 1.1 vocabulary (32k + 100 ids)   load_vocab, tokenize
+  batches made lazily, padded to length buckets   train_source, TextSource, batches, bucket_length, permute
+  §2.1 C4 prefix LM (T5 prefix_lm, token space)   PrefixLMSource, DocStream
   §2.1 / App. B source mixtures, K = 2^19         MIXTURES, mixture_rates, mixture_batches
   §3.3 TOP-k MULTI-TASK MIXTURE                   topk_mixture
   §2.1 footnote 5, T5 metric definitions          score, benchmark_score

@@ -11,6 +11,12 @@ script counts), the ratio ours/PEFT in tokens/s (target >= 1.25), jit compile ti
         [--peft-bench ../shared/bench/bench_peft_prompt_tuning.py] [--peft-python PYTHON_WITH_PEFT] [--json out.json]
 
 Runtime about 10 minutes on 2 cores. Keep the machine otherwise idle: the load average is printed before and after.
+
+Real data (`--real-data sst2,rte,boolq --batch-sizes 8,32`): the same examples of ../shared/data through data.batches
+(tokenized per batch, padded to the bucket of the longest) and through PEFT with DataCollatorForSeq2Seq(padding=
+"longest") (bench_peft_real_data.py under --peft-python), rounds alternating on the same batches; our time includes
+making the batch. `--memory 50000000 --shapes tiny --batch 32`: peak RSS of 200 training steps on a lazily generated
+source. `--startup --shapes small,base`: seconds to the first step in fresh processes without/with the compile cache.
 On an accelerator (no PEFT arm; `large`/`xl` shapes, bfloat16 weights, the paper's batch 32):
     python experiments/bench_prompt_step.py --no-peft --shapes base,xl --dtype bfloat16 --batch 32 --rounds 2
 """
