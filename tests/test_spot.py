@@ -693,3 +693,17 @@ def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
             got = spot.evaluate(frozen, CFG, prompt, inputs, IdVocab(), method=method, max_target_len=4,
                                 batch_size=3, **kw)
             assert got == alone
+
+
+def test_compile_cache_folder_and_off_switch(tmp_path, monkeypatch):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv('SPOT_COMPILE_CACHE', 'off')
+        assert spot.enable_compile_cache() is None and jax.config.jax_compilation_cache_dir == before
+        monkeypatch.setenv('SPOT_COMPILE_CACHE', str(tmp_path / 'a'))
+        assert spot.enable_compile_cache() == tmp_path / 'a' == Path(jax.config.jax_compilation_cache_dir)
+        monkeypatch.delenv('SPOT_COMPILE_CACHE')
+        monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+        assert spot.enable_compile_cache() == tmp_path / 'xdg' / 'spot-jax'
+    finally:
+        jax.config.update('jax_compilation_cache_dir', before)
