@@ -1,6 +1,8 @@
 """Tasks, tokens, mixtures and metrics for SPoT (Vu et al., ACL 2022), in T5's text-to-text form. Paper -> code:
   §2.1 tasks in T5 format, validation sets        TASKS, get_task, load_examples, to_text, text_pairs
-  §2.1 frozen T5 1.1 vocabulary (32k + 100 ids)   load_vocab, tokenize, batches
+  §2.1 frozen T5 1.1 vocabulary (32k + 100 ids)   load_vocab, tokenize
+  batches made lazily, padded to length buckets   train_source, TextSource, batches, bucket_length, permute
+  §2.1 C4 prefix LM (T5 prefix_lm, token space)   PrefixLMSource, DocStream
   §2.1 / App. B source mixtures, K = 2^19         MIXTURES, mixture_rates, mixture_batches
   §3.3 TOP-k MULTI-TASK MIXTURE                   topk_mixture
   §2.1 footnote 5, T5 metric definitions          score, benchmark_score
@@ -9,14 +11,17 @@ SPoT task files (google-research/prompt-tuning, prompt_tuning/spot/data); 'our c
 """
 import csv
 import functools
+import gzip
+import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import re
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -416,7 +421,8 @@ def _plain(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
-def _tfds_examples(task, split, tfds_dir, download):
+def _tfds_sources(task, split, tfds_dir, download):
+    """tfds random-access data sources (array_record) of one split: one per tfds dataset of the task."""
     if task.tfds_name is None:
         raise FileNotFoundError(f"tfds has no {task.name}; get the original files from {task.source} "
                                 f"and pass data_dir=<folder holding {sorted(set(task.files.values()))}>")
@@ -431,18 +437,79 @@ def _tfds_examples(task, split, tfds_dir, download):
     out = []
     for name in (task.tfds_name,) if isinstance(task.tfds_name, str) else task.tfds_name:
         try:   # array_record: the only tfds file format that is written and read without TensorFlow
-            ds = tfds.data_source(name, split=task.splits[split], data_dir=tfds_dir, download=download,
-                                  builder_kwargs={"file_format": "array_record"})
+            out.append(tfds.data_source(name, split=task.splits[split], data_dir=tfds_dir, download=download,
+                                        builder_kwargs={"file_format": "array_record"}))
         except Exception as e:  # no network, manual download, missing TensorFlow for other builders ...
             raise RuntimeError(f"tfds could not load {name} split {task.splits[split]!r} ({type(e).__name__}: "
                                f"{str(e)[:300]}). Prepare it where there is network (tfds.data_source with "
                                f"builder_kwargs={{'file_format': 'array_record'}}; {TF_HINT} if it asks for "
                                f"TensorFlow) or use data_dir= ({task.source or 'see the tfds catalog'})") from e
-        out += [_plain(ds[i]) for i in range(len(ds))]
     return out
 
 
-def _file_examples(task, split, data_dir):
+def _tfds_examples(task, split, tfds_dir, download):
+    return [_plain(ds[i]) for ds in _tfds_sources(task, split, tfds_dir, download) for i in range(len(ds))]
+
+
+class LazyPairs(Sequence):
+    """pairs[i] = fn(i) for 0 <= i < n, made when read: a source of any size held as one function."""
+
+    def __init__(self, n, fn):
+        self.n, self.fn = int(n), fn
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(f"index {i} of {self.n} examples")
+        return self.fn(int(i) % self.n)
+
+
+def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, download=True):
+    """text_pairs of a split, for batches(TextSource(...)). From files (data_dir): a list (the files are read whole,
+    as load_examples does). From tfds: a LazyPairs that reads example i from tfds' array_record files when a batch
+    asks for it, so a split of any size (WMT14 en-fr: 40.8M pairs, Sentiment140: 1.6M) costs no memory; tasks whose
+    records expand (RACE's questions; ReCoRD's answers and WSC's filter in training) are small and loaded whole."""
+    task = get_task(task_name)
+    expands = task.adapt is _race or (train and task.kind in ("record", "wsc"))    # one record -> many pairs
+    if data_dir is not None or expands:
+        return text_pairs(task_name, load_examples(task_name, split, data_dir, tfds_dir, download), train=train)
+    if split not in task.splits:
+        raise ValueError(f"{task.name} has no split {split!r} on the tfds path; known: {sorted(task.splits)}")
+    sources = _tfds_sources(task, split, tfds_dir, download)
+    ends = np.cumsum([len(ds) for ds in sources])
+    if not ends[-1]:
+        raise ValueError(f"{task.name} split {split!r} is empty; check the data ({task.tfds_name})")
+
+    def pair(i):
+        d = int(np.searchsorted(ends, i, side="right"))
+        ex = _plain(sources[d][i - (ends[d - 1] if d else 0)])
+        return task.preprocess(task.adapt(ex)[0] if task.adapt else ex)       # adapt: one example per record
+    return LazyPairs(ends[-1], pair)
+
+
+def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
+    """What a run reads, cheaply, for resume checks: the file's name, size and sha256 of its first and last MiB
+    (data_dir), or tfds' dataset names, split and example counts."""
+    task = get_task(task_name)
+    if data_dir is None:
+        sources = _tfds_sources(task, split, tfds_dir, download=False)
+        return {"tfds": task.tfds_name, "split": task.splits[split], "examples": [len(ds) for ds in sources]}
+    files = _c4_files(data_dir) if task.kind == "lm" else [_find_file(task, split, data_dir)]
+    h = hashlib.sha256()
+    with open(files[0], "rb") as f:
+        h.update(f.read(1 << 20))
+    with open(files[-1], "rb") as f:
+        f.seek(max(0, files[-1].stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return {"file": files[0].name, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
+            "sha256_ends": h.hexdigest()[:16]}
+
+
+def _find_file(task, split, data_dir):
     rel = Path(task.files[split])
     root = Path(data_dir).expanduser()
     tried = [root / rel, root / "glue" / rel, root / "superglue" / rel, root / rel.name]
@@ -450,6 +517,11 @@ def _file_examples(task, split, data_dir):
     if path is None:
         raise FileNotFoundError(f"{task.name} {split}: no {rel} under {root} (tried {', '.join(map(str, tried))})."
                                 f" Get the original files from {task.source}")
+    return path
+
+
+def _file_examples(task, split, data_dir):
+    path = _find_file(task, split, data_dir)
     try:
         return READERS[task.reader](task, path)
     except (KeyError, IndexError, TypeError, ValueError) as e:   # incl. JSONDecodeError, UnicodeDecodeError
@@ -605,6 +677,7 @@ class Vocab:
             piece = proto.pieces.add()
             piece.piece, piece.type = f"▁<extra_id_{i}>", pb.ModelProto.SentencePiece.USER_DEFINED
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.fingerprint = hashlib.sha256(model_bytes).hexdigest()[:16]   # what a resumed run must read alike
         self.vocab_size = self.sp.get_piece_size()          # 32100; checkpoints pad the embedding to 32128
 
     def encode(self, text):
@@ -658,59 +731,294 @@ def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
     if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str) and isinstance(t.get("targets"), str)
                for t in texts):
         raise TypeError("tokenize wants a list of {'inputs': str, 'targets': str}: pass to_text / text_pairs output")
-    out = {}
-    for key, length in (("inputs", max_input_len), ("targets", max_target_len)):
-        arr = np.zeros((len(texts), length), np.int32)
-        for row, ids in zip(arr, vocab.encode([t[key] for t in texts])):
-            ids = ids[:length - 1] + [EOS_ID]
-            row[:len(ids)] = ids
-        out[key] = arr
+    return {key: pad_rows(token_ids(vocab, [t[key] for t in texts], length), length)
+            for key, length in (("inputs", max_input_len), ("targets", max_target_len))}
+
+
+# ----------------------------------------------------------------------------- lazy, length-bucketed batches
+# Batch k is made when asked for, a pure function of (seed, k): its example indices, then those examples read,
+# formatted, tokenized and padded to bucket lengths. Memory is O(batch), whatever the source's size. We write the
+# index sampling (~40 lines of numpy) rather than depend on `grain`: a keyed bijection with cycle walking, as grain's
+# index_shuffle (which uses the Simon cipher), and T5's mixing by independent random draws, in plain sight.
+def bucket_length(n, cap):
+    """Padded length of a batch whose longest sequence has n tokens: n rounded up to 4 lengths per octave
+    (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, ..., 448, 512), never above cap.
+    Why: SST-2 inputs have 22 tokens on average and 61 at p99, BoolQ 159 and 447 (T5 vocabulary), so padding to the
+    batch's longest is what saves time (SST-2, B=32: 512 -> 55 on average); rounding that up to a bucket bounds the
+    compiled step shapes at 25 for 512 tokens (5-7 per task over 100 batches of SST-2, RTE, BoolQ), and 4 per octave
+    pads at most 25% (8% on average for all three) where 64-wide buckets pad SST-2 by 36%; of the encoder's P + S
+    positions that is 3-6% above the batch's longest."""
+    n = max(int(n), 8)
+    step = 1 << max(0, (n - 1).bit_length() - 3)
+    return min(int(cap), -(-n // step) * step)
+
+
+def token_ids(vocab, texts, length):
+    """Token ids of each text, cut to length-1 and closed with EOS (T5 append_eos_after_trim); no padding."""
+    return [list(vocab.encode(t))[:length - 1] + [EOS_ID] for t in texts]
+
+
+def pad_rows(rows, length):
+    out = np.zeros((len(rows), length), np.int32)
+    for row, ids in zip(out, rows):
+        row[:len(ids)] = ids[:length]
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n, seed, epoch):
-    """perm_e of _positions. Cached: drawing a fresh 393K-row permutation (MNLI) for every batch cost ~30 ms."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    order.flags.writeable = False
-    return order
+@dataclass(frozen=True, eq=False)
+class TextSource:
+    """A task's examples, tokenized only when a batch reads them. pairs[i] -> {'inputs', 'targets'} strings: a list
+    (text_pairs) or a lazy sequence (load_pairs: tfds, generated sources); nothing else is held."""
+    pairs: object                                # Sequence of {'inputs': str, 'targets': str}
+    vocab: Vocab
+    max_input_len: int = MAX_INPUT_LEN
+    max_target_len: int = 8
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def rows(self, idx):
+        """(input ids, target ids) of examples idx, each a list of unpadded id lists ending in EOS."""
+        texts = [self.pairs[int(i)] for i in idx]
+        if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str) and isinstance(t.get("targets"), str)
+                   for t in texts):
+            raise TypeError("a TextSource's pairs must be {'inputs': str, 'targets': str}: pass to_text / "
+                            "text_pairs / load_pairs output")
+        return (token_ids(self.vocab, [t["inputs"] for t in texts], self.max_input_len),
+                token_ids(self.vocab, [t["targets"] for t in texts], self.max_target_len))
 
 
-def _positions(n, batch_size, seed, k):
-    """Rows of batch k: position p of the stream is row perm_{p // n}[p % n], perm_e seeded by (seed, e)."""
-    pos = k * batch_size + np.arange(batch_size)
+@dataclass(frozen=True, eq=False)
+class _ArraySource:
+    """tokenize's arrays {'inputs': [n,S], 'targets': [n,T]} (rows padded with 0) as a source of trimmed rows."""
+    arrays: dict
+
+    def __len__(self):
+        return len(self.arrays["inputs"])
+
+    @property
+    def max_input_len(self):
+        return self.arrays["inputs"].shape[1]
+
+    @property
+    def max_target_len(self):
+        return self.arrays["targets"].shape[1]
+
+    def rows(self, idx):
+        return unpad(self.arrays["inputs"][idx]), unpad(self.arrays["targets"][idx])
+
+
+def unpad(a):
+    """int [n, L] padded with 0 at the end (T5 pads only there) -> n lists of ids up to the last non-pad one."""
+    a = np.asarray(a)
+    used = a != PAD_ID
+    ends = np.where(used.any(1), a.shape[1] - np.argmax(used[:, ::-1], 1), 0)
+    return [r[:e].tolist() for r, e in zip(a, ends)]
+
+
+def as_source(source):
+    """A TextSource (or anything with __len__, rows(idx), max_input_len, max_target_len) as is; tokenize's arrays
+    wrapped so their rows are trimmed and re-padded per batch like any other source."""
+    if isinstance(source, Mapping):
+        rows = {key: len(a) for key, a in source.items()}
+        if set(rows) < {"inputs", "targets"} or len(set(rows.values())) > 1:
+            raise ValueError(f"arrays have different numbers of rows or miss a key {rows}: pass data.tokenize's "
+                             "output ('inputs' and 'targets')")
+        return _ArraySource({key: np.asarray(source[key]) for key in ("inputs", "targets")})
+    if not all(hasattr(source, a) for a in ("rows", "max_input_len", "max_target_len", "__len__")):
+        raise TypeError(f"a source is a TextSource or tokenize's arrays, got {type(source).__name__}")
+    return source
+
+
+def _collate(inputs, targets, in_cap, tgt_cap, process_index=0, process_count=1):
+    """Rows -> int32 arrays padded to the bucket of the longest row (bucket_length). The bucket is the global batch's,
+    so every process pads alike; process_index keeps its contiguous share of the rows (multi-host data parallelism)."""
+    S = bucket_length(max(map(len, inputs)), in_cap)
+    T = bucket_length(max(map(len, targets)), tgt_cap)
+    n = len(inputs) // process_count
+    mine = slice(process_index * n, (process_index + 1) * n)
+    return {"inputs": pad_rows(inputs[mine], S), "targets": pad_rows(targets[mine], T)}
+
+
+class DocStream(Sequence):
+    """The documents of a source too large to index or to read at random (C4: 365M documents in 1024 .json.gz files),
+    read in order. docs[p] is document perm_w(p % window) of window w = p // window, perm_w keyed by (seed, w):
+    shuffled within windows, so reaching position p reads the first (p // window + 1) * window documents only, and
+    holds one window. A stream that ends starts over (positions past its end wrap around).
+    open_docs(start) -> iterator over the document texts from document `start` on."""
+    stream = True                                   # batches take positions k*B ... in order (no epochs)
+
+    def __init__(self, open_docs, seed=0, window=4096):
+        self.open_docs, self.seed, self.window = open_docs, seed, window
+        self.total, self._w, self._docs, self._it, self._next = None, None, [], None, 0
+
+    def __len__(self):
+        return self.total or 2 ** 62
+
+    def _read(self, w):
+        """Window w's documents: skip forward in the open iterator (or reopen it to go back)."""
+        first = w * self.window
+        if self._it is None or first < self._next:
+            self._it, self._next = iter(self.open_docs(first)), first
+        for _ in range(first - self._next):            # documents read and dropped, not tokenized
+            next(self._it, None)
+        self._docs = list(itertools.islice(self._it, self.window))
+        self._w, self._next = w, first + len(self._docs)
+        if len(self._docs) < self.window:              # the end: now the stream's length is known
+            self.total = first + len(self._docs)
+            if not self.total:
+                raise IndexError("the document stream is empty")
+
+    def __getitem__(self, p):
+        p = int(p) % self.total if self.total else int(p)
+        w = p // self.window
+        if w != self._w:
+            self._read(w)
+        if p % self.window >= len(self._docs):         # past the end, found just now
+            return self[p]
+        return self._docs[int(permute(np.array([p % self.window]), len(self._docs), self.seed, w)[0])]
+
+
+def json_gz_docs(files):
+    """open_docs of DocStream over .json.gz files of one JSON object per line with a 'text' field (allenai/c4)."""
+    def open_docs(start):
+        for path in files:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                for line in f:
+                    yield json.loads(line)["text"]
+    return open_docs
+
+
+@dataclass(frozen=True, eq=False)
+class PrefixLMSource:
+    """C4 with T5's prefix-LM objective in token space (Raffel et al. 2020 §3.3.1; T5 preprocessors.prefix_lm:
+    select_random_chunk, split_tokens_to_inputs_length, random_prefix_noise_mask at noise density 0.5). Example i
+    reads document docs[i], takes a random chunk of at most 65,536 tokens, splits it into segments of
+    max_input_len - 1 tokens and keeps one segment at random (our choice: T5 keeps them all, which makes the
+    example count unknown until every document is tokenized); the segment's first n tokens, n uniform in
+    [1, length - 1], are the input and the rest the target. All draws are keyed by (seed, i)."""
+    docs: object                                # Sequence of document texts (or a DocStream)
+    vocab: Vocab
+    max_input_len: int = MAX_INPUT_LEN
+    max_target_len: int = 128
+    seed: int = 0
+    chunk: int = 65536                          # T5 select_random_chunk max_length for prefix_lm
+
+    @property
+    def stream(self):
+        return getattr(self.docs, "stream", False)
+
+    def __len__(self):
+        return len(self.docs)
+
+    def example_ids(self, i):
+        ids = list(self.vocab.encode(self.docs[int(i)]))
+        rng = np.random.default_rng([self.seed, int(i), 2])
+        if len(ids) > self.chunk:
+            ids = ids[self.chunk * rng.integers(-(-len(ids) // self.chunk)):][:self.chunk]
+        width = self.max_input_len - 1
+        seg = ids[width * rng.integers(max(1, -(-len(ids) // width))):][:width]
+        n = int(rng.integers(1, len(seg))) if len(seg) >= 2 else len(seg)   # [1, L-1]; L < 2: all input
+        return seg[:n] + [EOS_ID], seg[n:][:self.max_target_len - 1] + [EOS_ID]
+
+    def rows(self, idx):
+        pairs = [self.example_ids(i) for i in idx]
+        return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def train_source(task_name, vocab, max_input_len=MAX_INPUT_LEN, max_target_len=0, data_dir=None, seed=0,
+                 tfds_dir=None, download=True):
+    """A task's training examples for batches / mixture_batches, read and tokenized per batch: a TextSource over
+    load_pairs, or for C4 a PrefixLMSource over its documents (tfds c4/en in array_record: read at random;
+    data_dir: the allenai/c4 .json.gz files under c4/en/ or en/, streamed in order by a DocStream)."""
+    task = get_task(task_name)
+    T = max_target_len or task.target_len
+    if task.kind != "lm":
+        return TextSource(load_pairs(task_name, "train", data_dir, True, tfds_dir, download), vocab, max_input_len, T)
+    if data_dir is None:
+        ds = _tfds_sources(task, "train", tfds_dir, download)[0]
+        docs = LazyPairs(len(ds), lambda i: _plain(ds[i])["text"])
+    else:
+        docs = DocStream(json_gz_docs(_c4_files(data_dir)), seed)
+    return PrefixLMSource(docs, vocab, max_input_len, T, seed)
+
+
+def _c4_files(data_dir):
+    root = Path(data_dir).expanduser()
+    files = next((f for f in (sorted((root / sub).glob("c4-train.*.json.gz")) for sub in ("c4/en", "en", ".")) if f),
+                 [])
+    if not files:
+        raise FileNotFoundError(f"c4: no c4-train.*.json.gz under {root}/c4/en, {root}/en or {root}; get them "
+                                "from https://huggingface.co/datasets/allenai/c4 (en/), or use tfds c4/en")
+    return files
+
+
+_MIX = np.array([0xBF58476D1CE4E5B9, 0x94D049BB133111EB], np.uint64)
+
+
+def _hash(x):
+    """splitmix64's finaliser (Steele et al. 2014): uint64 array -> uint64 array; every output bit mixes all inputs."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX[0]
+    x = (x ^ (x >> np.uint64(27))) * _MIX[1]
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(pos, n, seed, epoch=0):
+    """perm(pos): a pseudo-random permutation of [0, n), keyed by (seed, epoch), at the int positions pos, holding
+    no index array: a 4-round Feistel network on 2h bits (4^h >= n) whose values past n walk on through it again
+    (cycle walking, Black & Rogaway 2002; grain's index shuffle works alike). O(len(pos)) time and memory for any n."""
+    h = max(1, ((int(n) - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << h) - 1)
+    keys = _hash(_hash(_hash(np.array([seed], np.uint64)) + np.uint64(epoch)) + np.arange(4, dtype=np.uint64))
+    x = np.asarray(pos, np.uint64).copy()
+    todo = np.ones(x.shape, bool)
+    while todo.any():
+        left, right = x[todo] >> np.uint64(h), x[todo] & mask
+        for key in keys:
+            left, right = right, left ^ (_hash(right ^ key) & mask)
+        x[todo] = (left << np.uint64(h)) | right
+        todo = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+def batch_rows(n, batch_size, seed, k):
+    """Example indices of batch k: stream position p is perm_{p // n}(p % n), one permutation per epoch."""
+    pos = k * batch_size + np.arange(batch_size, dtype=np.int64)
     epoch, within = pos // n, pos % n
     rows = np.empty(batch_size, np.int64)
     for e in np.unique(epoch):
-        rows[epoch == e] = _epoch_order(n, seed, int(e))[within[epoch == e]]
+        rows[epoch == e] = permute(within[epoch == e], n, seed, int(e))
     return rows
 
 
-def _check_stream(arrays_by_name, batch_size, seed, start):
+def _check_stream(batch_size, seed, start, process_index, process_count):
     """Arguments of batches / mixture_batches: a clear error now, not an odd one at the first batch."""
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    for what, value in (("seed", seed), ("start", start)):
+    for what, value in (("seed", seed), ("start", start), ("process_index", process_index)):
         if not (isinstance(value, (int, np.integer)) and value >= 0):
             raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
-    for name, arrays in arrays_by_name.items():
-        rows = {key: len(a) for key, a in arrays.items()}
-        if len(set(rows.values())) > 1:
-            raise ValueError(f"{name}: arrays have different numbers of rows {rows}; pass data.tokenize's output")
+    if not (process_count >= 1 and process_index < process_count and batch_size % process_count == 0):
+        raise ValueError(f"process {process_index} of {process_count}: needs 0 <= process_index < process_count and "
+                         f"a batch_size ({batch_size}) divisible by process_count")
 
 
-def batches(arrays, batch_size, seed, start=0):
-    """Infinite shuffled batches; batch k depends only on (seed, k), so a resumed run passes start=k.
-    Every epoch is a permutation of the rows; a dataset smaller than a batch spans several epochs per batch."""
-    _check_stream({"batches()": arrays}, batch_size, seed, start)
-    arrays = {key: np.asarray(a) for key, a in arrays.items()}
-    n = len(arrays["inputs"])
+def batches(source, batch_size, seed, start=0, process_index=0, process_count=1):
+    """Infinite shuffled batches {'inputs': int32 [B,S], 'targets': int32 [B,T]} of a source (a TextSource, or
+    tokenize's arrays), each padded to the bucket of its longest row (bucket_length). Batch k depends only on
+    (seed, k), so a resumed run passes start=k; every epoch is a permutation of the examples. With process_count > 1,
+    process process_index gets rows [i B/c, (i+1) B/c) of each global batch (jax.process_index/process_count)."""
+    _check_stream(batch_size, seed, start, process_index, process_count)
+    source = as_source(source)
+    n = len(source)
     if n == 0:
         raise ValueError("batches() got no examples")
+    stream = getattr(source, "stream", False)       # a DocStream shuffles within its windows itself
     k = start
     while True:
-        rows = _positions(n, batch_size, seed, k)
-        yield {key: a[rows] for key, a in arrays.items()}
+        idx = k * batch_size + np.arange(batch_size) if stream else batch_rows(n, batch_size, seed, k)
+        inputs, targets = source.rows(idx)
+        yield _collate(inputs, targets, source.max_input_len, source.max_target_len, process_index, process_count)
         k += 1
 
 
@@ -726,31 +1034,44 @@ def mixture_rates(sizes, cap=MIXING_CAP):
     return {name: n / total for name, n in capped.items()}
 
 
-def mixture_batches(arrays_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP):
-    """Infinite batches from a mixture: each row picks a task with the mixing rates, then an example of it
-    uniformly (with replacement). Batch k depends only on (seed, k). Widths are padded to the widest task."""
-    _check_stream(arrays_by_task, batch_size, seed, start)
-    names = list(arrays_by_task)
-    sizes = {t: len(a["inputs"]) for t, a in arrays_by_task.items()}
+def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP, process_index=0,
+                    process_count=1):
+    """Infinite batches from a mixture of sources (TextSource or tokenize's arrays, any number of tasks): each row
+    picks a task with the mixing rates, then an example of it uniformly (with replacement), so batch k depends only
+    on (seed, k) and holds nothing but the batch. Padded to the bucket of the batch's longest row; process_index
+    / process_count as in batches."""
+    _check_stream(batch_size, seed, start, process_index, process_count)
+    sources = {name: as_source(s) for name, s in sources_by_task.items()}
+    names, sizes = list(sources), {t: len(s) for t, s in sources.items()}
     rates = rates or mixture_rates(sizes, cap)
     if set(names) - set(rates) or any(rates[t] < 0 or (rates[t] > 0 and not sizes[t]) for t in names) \
             or not sum(rates[t] for t in names) > 0:
         raise ValueError(f"rates {rates} must give every task of {sizes} (examples per task) a rate >= 0, "
                          "> 0 in total, and 0 to tasks without examples")
     p = np.array([rates[t] for t in names], np.float64)
-    width = {key: max(a[key].shape[1] for a in arrays_by_task.values()) for key in ("inputs", "targets")}
+    in_cap = max(s.max_input_len for s in sources.values())
+    tgt_cap = max(s.max_target_len for s in sources.values())
+    # A stream (C4 from its files) is read in order: its next rows follow the ones earlier batches took, counted by
+    # replaying the earlier batches' task draws (about 20 us each).
+    streams = [t for t, name in enumerate(names) if getattr(sources[name], "stream", False)]
+    taken = np.zeros(len(names), np.int64)
+    for j in range(start if streams else 0):
+        taken += np.bincount(np.random.default_rng([seed, j, 1]).choice(len(names), batch_size, p=p / p.sum()),
+                             minlength=len(names))
     k = start
     while True:
         rng = np.random.default_rng([seed, k, 1])
         which = rng.choice(len(names), size=batch_size, p=p / p.sum())
-        batch = {key: np.zeros((batch_size, w), np.int32) for key, w in width.items()}
+        inputs, targets = [None] * batch_size, [None] * batch_size
         for t, name in enumerate(names):
             slots = np.flatnonzero(which == t)
-            rows = rng.integers(len(arrays_by_task[name]["inputs"]), size=len(slots))
-            for key in batch:
-                a = arrays_by_task[name][key]
-                batch[key][slots, :a.shape[1]] = a[rows]
-        yield batch
+            if len(slots):
+                idx = taken[t] + np.arange(len(slots)) if t in streams else rng.integers(sizes[name], size=len(slots))
+                taken[t] += len(slots)
+                got = sources[name].rows(idx)
+                for i, x, y in zip(slots, *got):
+                    inputs[i], targets[i] = x, y
+        yield _collate(inputs, targets, in_cap, tgt_cap, process_index, process_count)
         k += 1
 
 

@@ -882,31 +882,37 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
              batch_size=64, mesh=None) -> list[str]:
-    """Predicted strings for inputs int32 [n,S], without dropout. 'decode': greedy decoding (T5); 'rank': rank
-    classification, the label whose target string has the highest log-likelihood. With a mesh each batch is split
-    over 'data' and the predictions gathered (every process returns all of them)."""
+    """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout, in the
+    order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose target string
+    has the highest log-likelihood. Examples are grouped by length, and each batch padded to the bucket of its
+    longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the longest one. With a
+    mesh each batch is split over 'data' and the predictions gathered (every process returns all of them)."""
+    import data
     if method == 'rank':
         if not label_names:
             raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
-        labels = np.zeros((len(label_names), max_target_len), np.int32)
-        for i, name in enumerate(label_names):
-            ids = (list(vocab.encode(name)) + [t5_model.EOS_ID])[:max_target_len]
-            labels[i, :len(ids)] = ids
+        labels = data.pad_rows(data.token_ids(vocab, label_names, max_target_len), max_target_len)
     elif method != 'decode':
         raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
-    n, preds = len(inputs), []
-    for i in range(0, n, batch_size):           # pad the last batch so every call has one shape (one compile)
-        x = np.zeros((batch_size, inputs.shape[1]), np.int32)
-        x[:min(batch_size, n - i)] = inputs[i:i + batch_size]
+    rows = data.unpad(inputs) if hasattr(inputs, 'shape') else [list(r) for r in inputs]
+    cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
+    order = np.argsort([len(r) for r in rows], kind='stable')
+    preds = [None] * len(rows)
+    for i in range(0, len(rows), batch_size):   # a full batch every call (zero rows pad the last): fewer shapes
+        chunk = order[i:i + batch_size]
+        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
+                      data.bucket_length(max(len(rows[j]) for j in chunk), cap))
         if method == 'decode':
             ids = gather(t5_model.greedy_decode(frozen, cfg, spread_rows(mesh, x), prompt, max_len=max_target_len))
-            for row in ids.tolist():            # tokens before EOS (greedy_decode pads with 0 after it)
-                preds.append(vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row))
+            out = [vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row)
+                   for row in ids.tolist()]                       # tokens before EOS (0 after it)
         else:
             scores = np.stack([gather(t5_model.score_targets(frozen, cfg, spread_rows(mesh, x), spread_rows(
                 mesh, np.broadcast_to(lab, (batch_size, lab.size))), prompt)) for lab in labels], axis=1)
-            preds += [label_names[j] for j in scores.argmax(1)]
-    return preds[:n]
+            out = [label_names[j] for j in scores.argmax(1)]
+        for j, pred in zip(chunk, out):
+            preds[j] = pred
+    return preds
 
 
 def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None, mesh=None):
@@ -915,7 +921,7 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
     task = data.get_task(task_name)
     examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
     T = tc.max_target_len or task.target_len
-    inputs = data.tokenize(vocab, data.text_pairs(task_name, examples), tc.max_input_len, T)['inputs']
+    inputs = data.token_ids(vocab, [t['inputs'] for t in data.text_pairs(task_name, examples)], tc.max_input_len)
     data.score(task_name, examples[:1], [''])   # fails now, not at the first evaluation, if a metric cannot run
     if tc.eval_method == 'rank' and not task.output_labels:
         raise ValueError(f"eval method 'rank' needs a classification task with label names; {task.name}'s targets "
@@ -929,6 +935,20 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Turn on JAX's persistent compilation cache, so a second run of the same shapes loads its compiled steps instead
+    of compiling them again (seconds to a minute each on CPU). path None: $SPOT_COMPILE_CACHE, else
+    $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); SPOT_COMPILE_CACHE=off (or 0) turns it off. Returns the folder."""
+    path = path or os.environ.get('SPOT_COMPILE_CACHE') or \
+        Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'spot-jax'
+    if str(path).lower() in ('off', '0', 'false', 'no', 'none'):
+        return None
+    path = Path(path).expanduser()
+    jax.config.update('jax_compilation_cache_dir', str(path))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)   # the steps, not every tiny op
+    return path
+
+
 # --dtype: what the frozen weights are stored and multiplied in. The official runs keep float32 parameters and compute
 # in bfloat16 (prompt-tuning configs/architectures/t5_1_1_flaxformer.gin: ACTIVATION_DTYPE = 'bfloat16'), casting each
 # weight to bfloat16 at its matmul; frozen weights cast once give the same products at half the memory. Norms,
@@ -1001,6 +1021,8 @@ def main(argv=None):
         q.add_argument('--num-processes', type=int, default=None, help='multi-host: number of processes')
         q.add_argument('--process-id', type=int, default=None, help='multi-host: this process, 0 .. N-1')
         q.add_argument('--distributed-timeout', type=int, default=300, help='multi-host: seconds to wait for peers')
+        q.add_argument('--no-compile-cache', action='store_true',
+                       help='do not keep compiled steps on disk (default: on, see enable_compile_cache)')
     train.add_argument('--init', default=None, choices=INITS, help='prompt initialisation (default sampled_vocab)')
     train.add_argument('--source-prompt', default=None, help='SPoT transfer: start from ' + PROMPT_FILES)
     train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
@@ -1021,6 +1043,7 @@ def main(argv=None):
     if rest:
         p.error(f'unrecognised {rest}: fields of TrainConfig/PromptConfig are set as --field=value')
 
+    enable_compile_cache('off' if getattr(args, 'no_compile_cache', False) else None)
     try:
         {'eval': evaluate_cli, 'train': train_cli, 'export': export_cli}[args.cmd](args, tc, pc)
     # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no traceback.
@@ -1070,25 +1093,36 @@ def train_cli(args, tc, pc):
     if pc.init == 'file' and pc.source:
         load_prompt(pc.source, length=pc.length, what='source prompt')   # fails before the model loads
     data, cfg, frozen, vocab, mesh = _setup(args, tc)
-    task = data.get_task(args.task)
-    if pc.init == 'class_labels' and not task.output_labels:
-        raise ValueError(f'{task.name} has no class labels: use --init text --text="..." (Lester: task words)')
+    mixture = next((m for m in data.MIXTURES if m.lower() == args.task.lower()), None)   # e.g. --task GLUE
+    tasks = data.MIXTURES[mixture] if mixture else (data.get_task(args.task).name,)
+    task = data.get_task(tasks[0])
+    if pc.init == 'class_labels' and (mixture or not task.output_labels):
+        raise ValueError(f'{args.task} has no class labels: use --init text --text="..." (Lester: task words)')
     labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
     text = list(vocab.encode(pc.text)) if pc.text else None
     prompt = gather(init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text))
-    examples = data.load_examples(args.task, 'train', args.data)
-    arrays = data.tokenize(vocab, data.text_pairs(args.task, examples, train=True), tc.max_input_len,
-                           tc.max_target_len or task.target_len)
-    evaluator = make_evaluator(args.task, frozen, cfg, vocab, tc, data_dir=args.data, mesh=mesh) \
-        if task.metrics else None
-    lead, rows = jax.process_index() == 0, process_rows(mesh, tc.batch_size)   # this process's rows of each batch
-    if evaluator is None and lead:            # c4 (prefix LM): the unsupervised source of Table 2 has no metric
-        print(f'{task.name} has no validation metric: prompt.npy will be the prompt after the last step')
-    batches = lambda k: ({n: v[rows] for n, v in b.items()}                                  # noqa: E731
-                         for b in data.batches(arrays, tc.batch_size, tc.seed, start=k))
+    # Examples are read, formatted and tokenized per batch (data.train_source): memory O(batch), any size.
+    sources = {t: data.train_source(t, vocab, tc.max_input_len, tc.max_target_len, args.data, tc.seed)
+               for t in tasks}
+    # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's meta).
+    # The data by content, not path: the same files in another folder resume; others are refused.
+    reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
+             'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}
+    # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
+    lead, rows, n = jax.process_index() == 0, process_rows(mesh, tc.batch_size), jax.process_count()
+    share = dict(process_index=rows.start // (tc.batch_size // n), process_count=n)
+    if mixture:
+        batches = lambda k: data.mixture_batches(sources, tc.batch_size, tc.seed, start=k, **share)   # noqa: E731
+    else:
+        batches = lambda k: data.batches(sources[task.name], tc.batch_size, tc.seed, start=k, **share)   # noqa: E731
+    evaluator = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data, mesh=mesh) \
+        if task.metrics and not mixture else None
+    if evaluator is None and lead:  # c4 (prefix LM) and the mixtures (SPoT's sources): no single validation metric
+        print(f'{args.task}: no validation metric; prompt.npy will be the prompt after the last step')
     result = train_prompt(prompt, frozen, cfg, tc, batches, evaluator, args.out,
                           meta={'model': args.model, 'dtype': args.dtype, 'task': args.task, 'init': pc.init,
-                                'prompt_config': dataclasses.asdict(pc)}, resume=args.resume, mesh=mesh)
+                                'prompt_config': dataclasses.asdict(pc), 'reads': reads},
+                          resume=args.resume, mesh=mesh)
     if lead:
         print(f"best score {result['best_score']} at step {result['best_step']}; prompt in {args.out}/prompt.npy")
 

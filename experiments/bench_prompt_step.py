@@ -11,6 +11,12 @@ script counts), the ratio ours/PEFT in tokens/s (target >= 1.25), jit compile ti
         [--peft-bench ../shared/bench/bench_peft_prompt_tuning.py] [--peft-python PYTHON_WITH_PEFT] [--json out.json]
 
 Runtime about 10 minutes on 2 cores. Keep the machine otherwise idle: the load average is printed before and after.
+
+Real data (`--real-data sst2,rte,boolq --batch-sizes 8,32`): the same examples of ../shared/data through data.batches
+(tokenized per batch, padded to the bucket of the longest) and through PEFT with DataCollatorForSeq2Seq(padding=
+"longest") (bench_peft_real_data.py under --peft-python), rounds alternating on the same batches; our time includes
+making the batch. `--memory 50000000 --shapes tiny --batch 32`: peak RSS of 200 training steps on a lazily generated
+source. `--startup --shapes small,base`: seconds to the first step in fresh processes without/with the compile cache.
 On an accelerator (no PEFT arm; `large`/`xl` shapes, bfloat16 weights, the paper's batch 32):
     python experiments/bench_prompt_step.py --no-peft --shapes base,xl --dtype bfloat16 --batch 32 --rounds 2
 """
@@ -35,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 import spot  # noqa: E402
 import t5_model  # noqa: E402
 
-SHAPES = {'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),      # (T5Config name, PEFT script --config)
+SHAPES = {'tiny': ('tiny', 'tiny'),                                          # --memory only
+          'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),      # (T5Config name, PEFT script --config)
           'base': ('google/t5-base-lm-adapt', 't5-base-lm-adapt'),
           'large': ('google/t5-large-lm-adapt', 't5-large-lm-adapt'),
           'xl': ('google/t5-xl-lm-adapt', None)}                           # no PEFT shape: ours only
@@ -118,6 +125,177 @@ def run_peft(args, hf_name, steps):
     return r['results']['prompt']['all_s'], r['versions']
 
 
+# --real-data: (folder under ../shared/data, split). BoolQ's training file (over 4 MiB) is not in ../shared/data: its
+# validation examples (3,270, the same length distribution) stand in.
+REAL_TASKS = {'sst2': ('glue', 'train'), 'rte': ('glue', 'train'), 'boolq': ('superglue', 'validation')}
+
+
+def run_peft_real(args, hf_name, rows, prompt_len=P):
+    """PEFT on the given examples ([(input ids, target ids)] per step; the first one is an untimed warm-up)."""
+    with tempfile.TemporaryDirectory() as d:
+        feats = [[{'input_ids': x, 'labels': y} for x, y in zip(*r)] for r in rows]
+        Path(f'{d}/b.json').write_text(json.dumps({'batches': feats}))
+        cmd = [args.peft_python, str(ROOT / 'experiments' / 'bench_peft_real_data.py'), '--peft-bench', args.peft_bench,
+               '--config', hf_name, '--vocab', str(args.vocab), '--batches', f'{d}/b.json', '--threads',
+               str(args.threads), '--prompt-len', str(prompt_len), '--warmup', '1', '--json', f'{d}/r.json']
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f'PEFT arm failed ({" ".join(cmd)}):\n{out.stderr[-3000:]}\n'
+                     'It needs torch, transformers and peft: pass --peft-python with a Python that has them.')
+        r = json.loads(Path(f'{d}/r.json').read_text())
+    return r['all_s'], r['versions']
+
+
+def pipeline_rate(source, batch_size, n=50):
+    """Tokens (non-pad inputs + targets) per second that data.batches makes, alone, and its mean padded widths."""
+    import data
+    it, tokens, widths = data.batches(source, batch_size, seed=0), 0, []
+    t = time.perf_counter()
+    for _ in range(n):
+        b = next(it)
+        tokens += int((b['inputs'] != 0).sum() + (b['targets'] != 0).sum())
+        widths.append(b['inputs'].shape[1])
+    return tokens / (time.perf_counter() - t), float(np.mean(widths))
+
+
+def real_data_main(args):
+    """Ours (data.batches: per-batch tokenization, length buckets) vs PEFT (DataCollatorForSeq2Seq padding="longest")
+    on the same examples of real tasks; per (shape, task, batch) rounds alternate the arms on the same batches."""
+    import data
+    vocab, seed = data.load_vocab(args.vocab), 0
+    load0 = os.getloadavg()
+    print(f'load average {load0[0]:.2f}; jax {jax.__version__}, {os.cpu_count()} cores', flush=True)
+    rows, versions = [], None
+    for shape in args.shapes.split(','):
+        hub, hf_name = SHAPES[shape]
+        cfg = t5_model.T5Config.from_name(hub)
+        frozen = random_params(cfg)
+        for task in args.real_data.split(','):
+            folder, split = REAL_TASKS[task]
+            source = data.TextSource(data.load_pairs(task, split, Path(args.data) / folder, train=True), vocab,
+                                     data.MAX_INPUT_LEN, 8)
+            for B in map(int, args.batch_sizes.split(',')):
+                tc = spot.TrainConfig(batch_size=B)
+                stc = spot.step_config(tc)
+                prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
+                opt_state = spot.make_optimizer(tc).init(prompt)
+                n_steps = args.rounds * args.steps
+                ids = [source.rows(data.batch_rows(len(source), B, seed, k)) for k in range(n_steps)]
+                t, shapes = time.perf_counter(), {}
+                for x, y in ids:                                  # compile each bucket shape once, untimed
+                    b = data._collate(x, y, source.max_input_len, source.max_target_len)
+                    shapes.setdefault((b['inputs'].shape, b['targets'].shape), b)
+                for b in shapes.values():
+                    prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, b, spot.dropout_key(0, 0),
+                                                              cfg, stc)
+                    float(loss)
+                compile_s = time.perf_counter() - t
+                times, paired, widths = {'ours': [], 'peft': []}, [], []
+                for r in range(args.rounds):
+                    it = data.batches(source, B, seed, start=r * args.steps)
+                    for k in range(r * args.steps, (r + 1) * args.steps):
+                        t = time.perf_counter()
+                        b = next(it)                             # the pipeline's time counts
+                        prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, b,
+                                                                  spot.dropout_key(0, k), cfg, stc)
+                        float(loss)
+                        times['ours'].append(time.perf_counter() - t)
+                        widths.append(b['inputs'].shape[1])
+                    chunk = ids[r * args.steps:(r + 1) * args.steps]
+                    peft_times, versions = run_peft_real(args, hf_name, chunk[:1] + chunk)
+                    times['peft'] += peft_times
+                    paired.append(statistics.median(peft_times) / statistics.median(times['ours'][-args.steps:]))
+                    last = statistics.median(times['ours'][-args.steps:])
+                    print(f'{shape} {task} B={B} round {r + 1}: ours {last:.3f}, peft '
+                          f'{statistics.median(peft_times):.3f} s/step', flush=True)
+                ours, peft = (statistics.median(times[a]) for a in ('ours', 'peft'))
+                longest = float(np.mean([max(map(len, x)) for x, _ in ids]))
+                rows.append({'shape': shape, 'task': task, 'batch': B, 'ours_s': ours, 'peft_s': peft,
+                             'ours_examples_per_s': B / ours, 'peft_examples_per_s': B / peft, 'ratio': peft / ours,
+                             'paired_ratios': paired, 'ours_mean_width': float(np.mean(widths)),
+                             'peft_mean_width': longest, 'compile_s': compile_s, 'compiled_shapes': len(shapes)})
+    rates = {}
+    for task in args.real_data.split(','):
+        folder, split = REAL_TASKS[task]
+        pairs = data.load_pairs(task, split, Path(args.data) / folder, train=True)
+        rates[task] = pipeline_rate(data.TextSource(pairs, vocab, data.MAX_INPUT_LEN, 8), 32)[0]
+    print('\npipeline alone (data.batches, B=32, 50 batches): ' + ', '.join(f'{t} {v:.0f} tokens/s'
+                                                                          for t, v in rates.items()))
+    load1 = os.getloadavg()
+    print(f'\nload average before {load0[0]:.2f}, after {load1[0]:.2f}; PEFT {versions}\n')
+    print('| shape | task | B | ours s/step | PEFT s/step | ours examples/s | PEFT examples/s | x PEFT | per round | '
+          'input width ours / PEFT | compiled shapes (s) |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['shape']} | {r['task']} | {r['batch']} | {r['ours_s']:.3f} | {r['peft_s']:.3f} | "
+              f"{r['ours_examples_per_s']:.2f} | {r['peft_examples_per_s']:.2f} | {r['ratio']:.2f} | "
+              f"{', '.join(f'{x:.2f}' for x in r['paired_ratios'])} | {r['ours_mean_width']:.0f} / "
+              f"{r['peft_mean_width']:.0f} | {r['compiled_shapes']} ({r['compile_s']:.0f}) |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({'load_before': load0, 'load_after': load1, 'rows': rows,
+                                               'pipeline': rates, 'peft_versions': versions}, indent=1))
+
+
+def generated_pair(i):
+    """Example i of a generated source: 5 to 400 words, drawn from i (no file, nothing held)."""
+    rng = np.random.default_rng(i)
+    words = ' '.join(f'w{w}' for w in rng.integers(0, 5000, rng.integers(5, 400)))
+    return {'inputs': f'example {i}: {words}', 'targets': 'positive' if i % 2 else 'negative'}
+
+
+def memory_main(args):
+    """Peak RSS of spot.train_prompt for --memory-steps steps on a lazily generated source of --memory examples."""
+    import resource
+    import data
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # noqa: E731  (KiB -> GiB)
+    shape = args.shapes.split(',')[0]
+    cfg = t5_model.T5Config.tiny() if shape == 'tiny' else t5_model.T5Config.from_name(SHAPES[shape][0])
+    frozen = random_params(cfg)
+    source = data.TextSource(data.LazyPairs(args.memory, generated_pair), data.load_vocab(args.vocab))
+    tc = spot.TrainConfig(steps=args.memory_steps, batch_size=args.batch, log_every=50, checkpoint_every=100)
+    before = rss()
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        spot.train_prompt(spot.init_prompt(jax.random.key(0), frozen, spot.PromptConfig()), frozen, cfg, tc,
+                          lambda k: data.batches(source, tc.batch_size, tc.seed, start=k), None, out)
+    rate, width = pipeline_rate(source, args.batch)
+    print(f'{shape}, {args.memory:,} generated examples, B={args.batch}, {args.memory_steps} steps in '
+          f'{time.perf_counter() - t:.0f} s: peak RSS {rss():.2f} GiB ({before:.2f} GiB with the frozen weights '
+          f'loaded, +{rss() - before:.2f} GiB for training); pipeline alone {rate:.0f} tokens/s, '
+          f'mean width {width:.0f}')
+
+
+def first_step(shape, B=8, S=64):
+    """(seconds to build random weights, seconds to the first finished train_step) in this process."""
+    cfg = t5_model.T5Config.from_name(SHAPES[shape][0])
+    t = time.perf_counter()
+    frozen = random_params(cfg)
+    built, t = time.perf_counter() - t, time.perf_counter()
+    prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
+    tc = spot.TrainConfig(batch_size=B)
+    batch = {'inputs': np.ones((B, S), np.int32), 'targets': np.ones((B, T), np.int32)}
+    out = spot.train_step(prompt, spot.make_optimizer(tc).init(prompt), frozen, batch, spot.dropout_key(0, 0), cfg,
+                          spot.step_config(tc))
+    float(out[2])
+    return built, time.perf_counter() - t
+
+
+def startup_main(args):
+    """Time to the first step in fresh processes: the compilation cache off, then on twice (cold, then warm)."""
+    with tempfile.TemporaryDirectory() as cache:
+        for shape in args.shapes.split(','):
+            for label, env in (('no cache', 'off'), ('cache, first run', cache), ('cache, second run', cache)):
+                t = time.perf_counter()
+                out = subprocess.run([sys.executable, __file__, '--startup-child', shape], capture_output=True,
+                                     text=True, env={**os.environ, 'SPOT_COMPILE_CACHE': env})
+                if out.returncode:
+                    sys.exit(out.stderr[-2000:])
+                built, step = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f'{shape}, {label}: {time.perf_counter() - t:.1f} s from process start to the first step done '
+                      f'(weights {built:.1f} s, compile + step {step:.1f} s); load {os.getloadavg()[0]:.1f}',
+                      flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--shapes', default='small,base')
@@ -131,7 +309,24 @@ def main(argv=None):
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='frozen weights')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--json', default=None)
+    p.add_argument('--real-data', default='', help=f'tasks of ../shared/data, comma separated: {",".join(REAL_TASKS)}')
+    p.add_argument('--batch-sizes', default='8,32', help='--real-data: batch sizes')
+    p.add_argument('--data', default=str(ROOT.parent / 'shared' / 'data'), help='--real-data: the task files')
+    p.add_argument('--vocab', default=str(ROOT.parent / 'shared' / 'data' / 't5_spiece.model'))
+    p.add_argument('--memory', type=int, default=0, help='peak RSS of training on a generated source of N examples')
+    p.add_argument('--memory-steps', type=int, default=200)
+    p.add_argument('--startup', action='store_true', help='time to the first step with/without the compile cache')
+    p.add_argument('--startup-child', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.startup_child:
+        spot.enable_compile_cache()
+        return print(json.dumps(first_step(args.startup_child)))
+    if args.startup:
+        return startup_main(args)
+    if args.real_data:
+        return real_data_main(args)
+    if args.memory:
+        return memory_main(args)
     B, dtype = args.batch, jnp.dtype(args.dtype)
     peft_bench = None                         # its analytic_flops gives both arms the same FLOP count (MFU)
     if Path(args.peft_bench).is_file():

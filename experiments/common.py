@@ -34,6 +34,7 @@ def parse_args(doc, argv, model="google/t5-base-lm-adapt", add_arguments=None):
     p.add_argument("--tiny", action="store_true", help="random tiny T5, a handful of examples, a few steps")
     p.add_argument("--model-parallel", type=int, default=1, help="devices per 'model' group of the mesh (spot.py)")
     p.add_argument("--dtype", default="float32", choices=spot.DTYPES, help="frozen weights/activations (spot.py)")
+    p.add_argument("--no-compile-cache", action="store_true", help="do not keep compiled steps on disk (spot.py)")
     if add_arguments:
         add_arguments(p)
     args, rest = p.parse_known_args(argv)
@@ -48,6 +49,7 @@ def parse_args(doc, argv, model="google/t5-base-lm-adapt", add_arguments=None):
     args.log = None if args.tiny else print  # progress lines of spot.train_prompt
     args.mesh = spot.make_mesh(args.model_parallel) if jax.device_count() > 1 else None  # data/model parallel
     print(spot.device_summary(), flush=True)
+    spot.enable_compile_cache("off" if args.no_compile_cache else None)   # reruns skip the step compiles
     return args
 
 
@@ -75,7 +77,7 @@ def train_config(args, steps, seed, **changes):
 @dataclasses.dataclass(frozen=True, eq=False)
 class TaskData:
     name: str
-    train: dict                # {'inputs': int32 [n,S], 'targets': int32 [n,T]}
+    train: object              # data.TextSource (real tasks) or tokenize-like arrays (synthetic): data.batches' input
     evaluate: Callable         # (params, cfg, prompt or None) -> {metric x100, 'score'} on validation
     label_ids: list | None     # token ids of each class label (class-label prompt init, App. C)
 
@@ -90,28 +92,33 @@ def vocab_for(model, tiny):
 
 
 def load_task(name, args, tc, model=None):
-    """Training arrays and a validation scorer of one task (data.py formats and metrics, T5 decoding).
+    """Training source and a validation scorer of one task (data.py formats and metrics, T5 decoding).
     The vocabulary is the one of `model` (default --model); every T5 size shares it."""
     task, vocab = data.get_task(name), vocab_for(model or args.model, args.tiny)
     data_dir, T = SHARED if args.tiny else args.data, tc.max_target_len or task.target_len  # as spot.make_evaluator
     if args.tiny and vocab is None:
         return synthetic_task(task.name, tc.max_input_len)
-    try:
-        train, val = (data.load_examples(name, split, data_dir) for split in ("train", "validation"))
+    try:   # the training split, read per batch (data.train_source); C4 (no metric) has no validation to load
+        train = data.load_examples(name, "train", data_dir) if args.tiny else \
+            data.train_source(name, vocab, tc.max_input_len, T, data_dir)
+        val = data.load_examples(name, "validation", data_dir) if task.metrics else []
     except (FileNotFoundError, ValueError):
         if not args.tiny:
             raise
         return synthetic_task(task.name, tc.max_input_len)  # e.g. MNLI: too large for ../shared/data
-    train, val = train[:TINY_EXAMPLES if args.tiny else None], val[:tc.eval_limit or None]
-    arrays = data.tokenize(vocab, data.text_pairs(name, train, train=True), tc.max_input_len, T)
-    inputs = data.tokenize(vocab, data.text_pairs(name, val), tc.max_input_len, T)["inputs"]
+    val = val[:tc.eval_limit or None]
+    # Training examples are tokenized per batch (data.TextSource: memory O(batch)); validation inputs are kept as
+    # unpadded token ids, which spot.evaluate groups by length.
+    source = data.TextSource(data.text_pairs(name, train[:TINY_EXAMPLES], train=True), vocab, tc.max_input_len, T) \
+        if args.tiny else train
+    inputs = data.token_ids(vocab, [t["inputs"] for t in data.text_pairs(name, val)], tc.max_input_len)
 
     def evaluate(params, cfg, prompt=None):
         preds = spot.evaluate(params, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.output_labels,
                               max_target_len=T, batch_size=tc.eval_batch_size)
         return data.score(name, val, preds)
     labels = [list(vocab.encode(x)) for x in task.output_labels] if task.output_labels else None
-    return TaskData(task.name, arrays, evaluate, labels)
+    return TaskData(task.name, source, evaluate, labels)
 
 
 # ------------------------------------------------------------------------------------------- synthetic tasks

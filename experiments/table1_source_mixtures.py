@@ -65,6 +65,9 @@ def main(argv=None):
                     frozen, cfg, tc, common.initial_prompt(frozen, args, seed, f"source-{row}"),
                     lambda k: data.mixture_batches(mix, tc.batch_size, seed, start=k), None,
                     args.runs / "table1" / f"source-{slug}-seed{seed}", args.log, args.mesh)["prompt"]
+                del mix                 # release the source tasks that no target run reads (e.g. WMT, C4)
+                for t in set(SOURCES[source]) - {t for names in benchmarks.values() for t in names}:
+                    tasks.pop(t, None)
             # 3. Target prompt tuning on every GLUE and SuperGLUE task, from the source prompt (SPoT) or from
             #    the class labels (PromptTuning, App. C); the best validation score of the run counts.
             for bench, targets in benchmarks.items():

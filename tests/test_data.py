@@ -1,6 +1,7 @@
 """data.py: record counts of the shared files, T5 text formats (known answers written from T5's preprocessors),
 tokenisation, resumable batches, mixing rates, metrics (hand-computed and scipy), the tfds path (mock_data)."""
 import importlib.util
+import itertools
 import json
 import re
 from pathlib import Path
@@ -445,6 +446,12 @@ def test_real_tfds_build_equals_file_reader(shared_data, tmp_path, task, folder,
     key = {"multirc": lambda e: (e["idx"]["paragraph"], e["idx"]["question"], e["idx"]["answer"]),
            "record": lambda e: e["idx"]["query"]}.get(task, lambda e: e["idx"])
     assert sorted(from_tfds, key=key) == from_files
+    if task == "rte":      # the lazy path: example i read from array_record when asked for, same order as above
+        with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=dl):
+            lazy = data.load_pairs(task, "validation", tfds_dir=str(tmp_path / "tfds"))
+            reads = data.data_fingerprint(task, "validation", tfds_dir=str(tmp_path / "tfds"))
+        assert isinstance(lazy, data.LazyPairs) and list(lazy) == data.text_pairs(task, from_tfds)
+        assert reads == {"tfds": "glue/rte", "split": "validation", "examples": [len(from_files)]}
     if task == "record":
         assert [(e["entities"], e["answers"]) for e in from_files] == [(["Merkel", "Obama", "Paris"], ["Obama"]),
                                                                         (["Merkel", "Obama", "Paris"], ["Merkel"])]
@@ -554,16 +561,74 @@ def test_batches_deterministic_resumable_and_epoch_permutations():
     assert any((x["inputs"] != y["inputs"]).any() for x, y in zip(a, other))
 
 
-def test_batches_draw_one_permutation_per_epoch(monkeypatch):
-    """A permutation of all n rows per batch cost ~30 ms at MNLI's 393K rows (~2 h over 2^18 steps)."""
-    calls = []
-    default_rng = np.random.default_rng
-    monkeypatch.setattr(np.random, "default_rng", lambda *a: calls.append(a) or default_rng(*a))
-    it = data.batches(toy_arrays(1009), 8, seed=11)                      # 50 batches: 400 rows of epoch 0
-    first = [next(it)["inputs"][:, 0] for _ in range(50)]
-    assert len(calls) <= 1
-    np.testing.assert_array_equal(next(data.batches(toy_arrays(1009), 8, seed=11, start=49))["inputs"][:, 0],
-                                  first[49])
+def test_batches_hold_no_index_array(monkeypatch):
+    """Batch k costs O(batch) for any n: no permutation of all n rows (393K for MNLI, 50M+ for WMT/C4)."""
+    monkeypatch.setattr(np.random, "default_rng", lambda *a, **k: pytest.fail("batches() drew a permutation"))
+    huge = data.LazyPairs(10 ** 12, lambda i: {"inputs": f"example {i}", "targets": "x"})
+    rows = data.batch_rows(len(huge), 8, seed=11, k=10 ** 9)
+    assert len(set(rows.tolist())) == 8 and (0 <= rows).all() and (rows < 10 ** 12).all()
+    np.testing.assert_array_equal(rows, data.batch_rows(len(huge), 8, seed=11, k=10 ** 9))
+    assert huge[int(rows[0])]["inputs"] == f"example {rows[0]}"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 1009])
+def test_permute_is_a_bijection_keyed_by_seed_and_epoch(n):
+    perm = data.permute(np.arange(n), n, seed=5, epoch=2)
+    assert sorted(perm.tolist()) == list(range(n))
+    if n >= 64:     # another key gives another order; chance of equality is 1/n!
+        assert (perm != data.permute(np.arange(n), n, seed=6, epoch=2)).any()
+        assert (perm != data.permute(np.arange(n), n, seed=5, epoch=3)).any()
+        assert (perm != np.arange(n)).mean() > 0.9          # a shuffle, not (nearly) the identity
+
+
+def test_bucket_lengths_four_per_octave_and_capped():
+    lengths = sorted({data.bucket_length(n, 512) for n in range(1, 600)})
+    assert lengths == [8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
+                       384, 448, 512]
+    assert [data.bucket_length(n, 512) for n in (1, 9, 17, 61, 65, 447)] == [8, 10, 20, 64, 80, 448]
+    assert data.bucket_length(61, 48) == 48 and data.bucket_length(3, 5) == 5
+    assert all(n <= data.bucket_length(n, 512) <= 1.25 * max(n, 8) for n in range(1, 513))
+
+
+def test_text_source_batches_pad_to_the_bucket_of_their_longest_row(shared_data, vocab):
+    pairs = data.load_pairs("rte", "train", shared_data / "glue", train=True)
+    assert pairs == data.text_pairs("rte", data.load_examples("rte", "train", shared_data / "glue"), train=True)
+    source = data.TextSource(pairs, vocab, max_input_len=128, max_target_len=8)
+    full = data.tokenize(vocab, pairs, 128, 8)                    # the same rows, padded to 128
+    widths = set()
+    for k, batch in zip(range(12), data.batches(source, 8, seed=3)):
+        rows = data.batch_rows(len(pairs), 8, 3, k)
+        longest = max(int((full["inputs"][r] != 0).sum()) for r in rows)
+        assert batch["inputs"].shape == (8, data.bucket_length(longest, 128)) and batch["targets"].shape == (8, 8)
+        width = batch["inputs"].shape[1]
+        np.testing.assert_array_equal(batch["inputs"], full["inputs"][rows, :width])
+        assert (full["inputs"][rows, width:] == 0).all()
+        widths.add(width)
+    assert len(widths) >= 2                                       # RTE: batches change bucket
+    arrays = next(data.batches(full, 8, seed=3, start=5))        # tokenize's arrays are trimmed alike
+    np.testing.assert_array_equal(arrays["inputs"], next(data.batches(source, 8, seed=3, start=5))["inputs"])
+
+
+def test_each_process_gets_its_rows_of_the_global_batch(shared_data, vocab):
+    source = data.TextSource(data.load_pairs("cb", "train", shared_data / "superglue", train=True), vocab, 256, 8)
+    mix = {"cb": source, "copa": data.TextSource(data.load_pairs("copa", "train", shared_data / "superglue"), vocab)}
+    for make in (lambda **kw: data.batches(source, 12, 4, start=7, **kw),
+                 lambda **kw: data.mixture_batches(mix, 12, 4, start=7, **kw)):
+        whole = next(make())
+        parts = [next(make(process_index=i, process_count=3)) for i in range(3)]
+        for key in ("inputs", "targets"):
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+    with pytest.raises(ValueError, match="divisible by process_count"):
+        next(data.batches(source, 12, 4, process_index=0, process_count=5))
+
+
+def test_data_fingerprint_tells_files_apart(shared_data, tmp_path):
+    a = data.data_fingerprint("rte", "train", shared_data / "glue")
+    assert a == data.data_fingerprint("rte", "train", shared_data / "glue") and a["file"] == "train.tsv"
+    lines = (shared_data / "glue" / "RTE" / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "RTE").mkdir()
+    (tmp_path / "RTE" / "train.tsv").write_text("".join(lines[:100]), encoding="utf-8")
+    assert data.data_fingerprint("rte", "train", tmp_path) != a
 
 
 def test_tokenize_and_streams_reject_bad_arguments(vocab):
@@ -596,6 +661,19 @@ def test_mixture_rates_with_and_without_cap():
     assert rates["mnli"] == pytest.approx(392_702 / (392_702 + 524_288))
     with pytest.raises(ValueError):
         data.mixture_rates({"a": 0})
+
+
+def test_mixture_of_text_sources_resumes_and_pads_to_the_batch_bucket(shared_data, vocab):
+    mix = {t: data.TextSource(data.load_pairs(t, "train", shared_data / folder, train=True), vocab, 512, 8)
+           for t, folder in (("sst2", "glue"), ("rte", "glue"), ("wsc", "superglue"))}
+    got = [b for _, b in zip(range(6), data.mixture_batches(mix, 16, seed=2))]
+    again = next(data.mixture_batches(mix, 16, seed=2, start=4))
+    for key in ("inputs", "targets"):
+        np.testing.assert_array_equal(got[4][key], again[key])
+    for b in got:
+        longest = int((b["inputs"] != 0).sum(1).max())
+        assert b["inputs"].shape[1] == data.bucket_length(longest, 512)
+        assert b["targets"].shape[1] == data.bucket_length(int((b["targets"] != 0).sum(1).max()), 16)
 
 
 def test_mixture_batches_rates_resume_and_padding():
@@ -721,3 +799,68 @@ def test_output_labels_are_the_strings_the_model_is_trained_to_write():
           "span2_text": "He", "label": 1, "idx": 0}
     target = data.get_task("wsc").preprocess(ex)["targets"]
     assert target == "Pete" and target not in data.get_task("wsc").label_names
+
+
+# ----------------------------------------------------------------------------- C4: prefix LM, streams
+def counting_docs(read):
+    """open_docs of a DocStream over endless generated documents; `read` collects the indices it yields."""
+    def open_docs(start):
+        for i in itertools.count(start):
+            read.append(i)
+            yield f"document {i} " + " ".join(f"w{i % 97}x{j}" for j in range(i % 60))
+    return open_docs
+
+
+def test_prefix_lm_in_token_space_cuts_a_segment_of_the_document(vocab):
+    docs = [" ".join(f"t{i}y{j}" for j in range(n)) for i, n in enumerate((3, 40, 400, 1))]
+    src = data.PrefixLMSource(docs, vocab, max_input_len=32, max_target_len=64, seed=4)
+    for i, doc in enumerate(docs):
+        x, y = src.example_ids(i)
+        assert x[-1] == y[-1] == data.EOS_ID and (x, y) == src.example_ids(i)     # keyed by (seed, i)
+        seg, ids = x[:-1] + y[:-1], vocab.encode(doc)
+        assert len(seg) <= 31 and any(ids[s:s + len(seg)] == seg for s in range(0, len(ids), 31))  # one segment
+        assert 1 <= len(x) - 1 <= max(1, len(seg) - 1)                            # T5: prefix in [1, L-1]
+    cuts = {len(src.example_ids(2)[0]) for src in
+            (data.PrefixLMSource(docs, vocab, 32, 64, seed=s) for s in range(12))}
+    assert len(cuts) > 3                                                           # the cut point is drawn
+
+
+def test_doc_stream_reads_only_up_to_the_batch_and_resumes(vocab):
+    read = []
+    src = data.PrefixLMSource(data.DocStream(counting_docs(read), seed=3, window=64), vocab, 32, 16, seed=3)
+    got = [b for _, b in zip(range(10), data.batches(src, 16, seed=3))]     # positions 0..159: windows 0-2
+    assert max(read) < 3 * 64                                                 # nothing past the third window
+    assert sorted(data.permute(np.arange(64), 64, 3, 1)) == list(range(64))
+    read.clear()
+    again = next(data.batches(data.PrefixLMSource(data.DocStream(counting_docs(read), seed=3, window=64), vocab, 32,
+                                                  16, seed=3), 16, seed=3, start=7))
+    assert min(read) == 64 and max(read) < 128                                # reopened at batch 7's window
+    for key in ("inputs", "targets"):
+        np.testing.assert_array_equal(got[7][key], again[key])
+
+
+def test_mixture_with_a_stream_resumes_exactly(shared_data, vocab):
+    def mix():
+        return {"c4": data.PrefixLMSource(data.DocStream(counting_docs([]), seed=0, window=32), vocab, 64, 16),
+                "cola": data.TextSource(data.load_pairs("cola", "train", shared_data / "glue"), vocab, 64, 8)}
+    got = [b for _, b in zip(range(9), data.mixture_batches(mix(), 8, seed=5, rates={"c4": 0.5, "cola": 0.5}))]
+    again = next(data.mixture_batches(mix(), 8, seed=5, start=6, rates={"c4": 0.5, "cola": 0.5}))
+    for key in ("inputs", "targets"):
+        np.testing.assert_array_equal(got[6][key], again[key])
+
+
+def test_c4_from_json_gz_files(tmp_path, vocab):
+    import gzip
+    (tmp_path / "c4" / "en").mkdir(parents=True)
+    for shard in range(2):
+        with gzip.open(tmp_path / "c4" / "en" / f"c4-train.{shard:05d}-of-00002.json.gz", "wt") as f:
+            for i in range(50):
+                f.write(json.dumps({"text": f"shard {shard} doc {i} " + "more words here " * i, "url": "x"}) + "\n")
+    src = data.train_source("c4", vocab, 64, 0, data_dir=tmp_path)
+    assert isinstance(src, data.PrefixLMSource) and src.max_target_len == data.get_task("c4").target_len
+    texts = [src.docs[p] for p in range(100)]
+    assert sorted(texts) == sorted(f"shard {s} doc {i} " + "more words here " * i for s in range(2) for i in range(50))
+    b = next(data.batches(src, 4, seed=0))
+    assert b["inputs"].shape[0] == 4 and (b["inputs"][:, 0] != 0).all()
+    with pytest.raises(FileNotFoundError, match="allenai/c4"):
+        data.train_source("c4", vocab, 64, 0, data_dir=tmp_path / "c4" / "en" / "none")

@@ -978,3 +978,129 @@ def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
     with pytest.raises(SystemExit, match='d_model'):            # a prompt of the wrong width, from the CLI
         np.save(tmp_path / 'wide.npy', np.zeros((5, 7), np.float32))
         spot.main(['eval', *common, '--prompt', str(tmp_path / 'wide.npy')])
+
+
+# ----------------------------------------------------------------------------------------------- real, bucketed data
+def test_padding_is_invisible_to_logits_loss_and_prompt_gradient(frozen):
+    """One batch padded to two bucket lengths: eval-mode logits, loss and prompt gradient agree to float32 rounding
+    (eps times the longest reduction, P + 64 encoder positions, relative to each value's scale)."""
+    import data
+    rng = np.random.default_rng(0)
+    rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (5, 11, 3, 13)]
+    targets = np.tile(np.int32([42, 43, t5_model.EOS_ID]), (4, 1))
+    prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
+    short, long = (data.pad_rows(rows, n) for n in (data.bucket_length(14, 512), 64))
+    assert short.shape[1] == 14
+
+    def outputs(inputs):
+        batch = {'inputs': jnp.asarray(inputs), 'targets': jnp.asarray(targets)}
+        logits = t5_model.forward(frozen, CFG, batch['inputs'], t5_model.shift_right(batch['targets']), prompt=prompt)
+        loss, grad = jax.value_and_grad(spot.prompt_loss)(prompt, frozen, batch, CFG)
+        return np.asarray(logits), np.asarray(loss), np.asarray(grad)
+    for a, b in zip(outputs(short), outputs(long)):
+        tol = np.finfo(np.float32).eps * (P + 64) * np.abs(b).max()
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol)
+    wrong = outputs(np.where(long == 0, 5, long))[0]              # the same rows, pad replaced by a real token
+    assert np.abs(wrong - outputs(long)[0]).max() > 1e3 * np.finfo(np.float32).eps * np.abs(wrong).max()
+
+
+@pytest.mark.parametrize('mixture', [False, True])
+def test_resume_is_bit_exact_when_batches_change_bucket(tmp_path, frozen, shared_data, mixture):
+    """Real data through data.TextSource: batches of different widths; a crash and a resume equal one run."""
+    import data
+    vocab = data.load_vocab(shared_data / 't5_spiece.model')
+    sources = {t: data.TextSource(data.load_pairs(t, 'train', shared_data / 'glue', train=True), vocab, 24, 8)
+               for t in ('rte', 'cola')}
+
+    def batches(crash_at=None):
+        def make(start):
+            it = data.mixture_batches(sources, B, 1, start) if mixture else data.batches(sources['cola'], B, 1, start)
+            for k, b in zip(itertools.count(start), it):
+                if k == crash_at:
+                    raise RuntimeError('preempted')
+                yield b
+        return make
+    widths = {b['inputs'].shape[1] for _, b in zip(range(TC.steps), batches()(0))}
+    assert len(widths) >= 2, widths                             # the premise: the run changes bucket
+    full = run(tmp_path / 'full', frozen, batches())
+    with pytest.raises(RuntimeError, match='preempted'):
+        run(tmp_path / 'cut', frozen, batches(crash_at=10))
+    resumed = run(tmp_path / 'cut', frozen, batches(), resume=True)
+    assert resumed['losses'] == full['losses'][8:]
+    assert leaves_bytes(resumed['prompt']) == leaves_bytes(full['prompt'])
+    assert leaves_bytes(resumed['opt_state']) == leaves_bytes(full['opt_state'])
+
+
+def test_cli_resume_with_other_data_is_refused(shared_data, tmp_path):
+    """The run records what it reads (data folder, a fingerprint of the file, the vocabulary): --resume on other
+    data would silently continue on it."""
+    lines = (shared_data / 'glue' / 'RTE' / 'train.tsv').read_text(encoding='utf-8').splitlines(keepends=True)
+    for name, n in (('a', 300), ('b', 150)):
+        (tmp_path / name / 'RTE').mkdir(parents=True)
+        (tmp_path / name / 'RTE' / 'train.tsv').write_text(''.join(lines[:n]), encoding='utf-8')
+        (tmp_path / name / 'RTE' / 'dev.tsv').write_text(''.join(lines[:20]), encoding='utf-8')
+    args = ['train', '--model', 'tiny', '--task', 'rte', '--vocab', str(shared_data / 't5_spiece.model'),
+            '--batch_size=4', '--eval_every=2', '--eval_limit=4', '--eval_batch_size=4', '--max_input_len=24',
+            '--length=5', '--out', str(tmp_path / 'run')]
+    spot.main([*args, '--data', str(tmp_path / 'a'), '--steps', '2'])
+    with pytest.raises(SystemExit, match=r"other settings.*meta\.reads"):
+        spot.main([*args, '--data', str(tmp_path / 'b'), '--steps', '4', '--resume'])
+    import shutil
+    shutil.copytree(tmp_path / 'a', tmp_path / 'c')
+    spot.main([*args, '--data', str(tmp_path / 'c'), '--steps', '4', '--resume'])  # the same files elsewhere: fine
+
+
+def test_cli_trains_on_a_mixture_name(shared_data, tmp_path, monkeypatch, capsys):
+    """--task accepts a name of data.MIXTURES (SPoT's sources are mixtures): examples-proportional batches, no single
+    validation metric, so prompt.npy is the last prompt. (The real mixtures need files ../shared/data lacks.)"""
+    import data
+    monkeypatch.setitem(data.MIXTURES, 'SmallGLUE', ('rte', 'cola'))
+    spot.main(['train', '--model', 'tiny', '--task', 'smallglue', '--data', str(shared_data / 'glue'), '--vocab',
+               str(shared_data / 't5_spiece.model'), '--steps', '2', '--batch_size=4', '--max_input_len=24',
+               '--length=5', '--out', str(tmp_path)])
+    assert 'no validation metric' in capsys.readouterr().out
+    info = json.loads((tmp_path / 'prompt.json').read_text())
+    assert info['task'] == 'smallglue' and info['step'] == 2 and set(info['reads']['files']) == {'rte', 'cola'}
+
+
+class IdVocab:
+    """A vocabulary whose text is the ids themselves: '12 7' <-> [12, 7]."""
+    def encode(self, text):
+        return [int(w) for w in text.split()]
+
+    def decode(self, ids):
+        return ' '.join(str(i) for i in ids)
+
+
+def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
+    """Batches of similar lengths padded to their bucket: the same predictions, in input order, as one example at a
+    time (each at its own length), for greedy decoding and rank classification; arrays and id lists alike."""
+    import data
+    rng = np.random.default_rng(3)
+    rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (30, 2, 17, 5, 40, 9, 3, 25)]
+    prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
+    labels = None
+    for method in ('decode', 'rank'):
+        kw = {'label_names': labels} if method == 'rank' else {}
+        alone = [spot.evaluate(frozen, CFG, prompt, [r], IdVocab(), method=method, max_target_len=4, batch_size=1,
+                               **kw)[0] for r in rows]
+        labels = tuple(sorted({p.split()[0] for p in alone}))   # rank: the greedy first tokens, so answers differ
+        assert len(set(alone)) >= 2, alone                              # the order check means something
+        for inputs in (rows, data.pad_rows(rows, 48)):
+            got = spot.evaluate(frozen, CFG, prompt, inputs, IdVocab(), method=method, max_target_len=4,
+                                batch_size=3, **kw)
+            assert got == alone
+
+
+def test_compile_cache_folder_and_off_switch(tmp_path, monkeypatch):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv('SPOT_COMPILE_CACHE', 'off')
+        assert spot.enable_compile_cache() is None and jax.config.jax_compilation_cache_dir == before
+        monkeypatch.setenv('SPOT_COMPILE_CACHE', str(tmp_path / 'a'))
+        assert spot.enable_compile_cache() == tmp_path / 'a' == Path(jax.config.jax_compilation_cache_dir)
+        monkeypatch.delenv('SPOT_COMPILE_CACHE')
+        monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+        assert spot.enable_compile_cache() == tmp_path / 'xdg' / 'spot-jax'
+    finally:
+        jax.config.update('jax_compilation_cache_dir', before)
