@@ -6,7 +6,6 @@
 §2.1.4, App. C  initialisations (sampled vocabulary, class labels, text, uniform) and SPoT's transfer
         (start from a source prompt file): PromptConfig, init_prompt
 §3.2    the prompt after 10K steps is the task embedding (fn. 13): TrainConfig.embedding_step -> prompt_step10000.npy
-App. C  ModelTuning baseline of Figure 1 (every weight trains): MODEL_TUNING, model_tuning_step
 Evaluation on validation (greedy decoding or rank classification -> task metric): evaluate, make_evaluator
 Prompt files (.npy; the official code's T5X prompt files; Hugging Face PEFT adapters): load_prompt, export_peft
 Data/model parallelism: make_mesh, shard_params, shard_batch, replicate.   CLI: `python spot.py train|eval|export -h`.
@@ -66,9 +65,8 @@ LM_ADAPT_CHECKPOINT_STEP = 1_100_000   # T5 1.1 (1M steps) + 100K LM-adaptation 
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 2**18               # §2.1.4 "2^18 steps, following Raffel et al." (30K "-longer tuning"; §3: 100K)
-    batch_size: int = 32             # §2.1.4
+class OptimizerConfig:
+    """Adafactor's settings: the static argument of train_step (a change recompiles it, nothing else does)."""
     learning_rate: float = 0.3       # footnote 7; PT runs/prompt_finetune.gin: constant 0.3
     decay_rate: float = 0.8          # Adafactor beta2 exponent: PT configs/models/t5_1_1_prompt.gin; Lester et al.
     # The official runs continue the checkpoint's step counter (prompt-tuning configs/runs/prompt_finetune.gin:
@@ -77,20 +75,40 @@ class TrainConfig:
     decay_offset: int = -LM_ADAPT_CHECKPOINT_STEP
     param_scale: bool = False        # footnote 7: "parameter scaling off"
     weight_decay: float = 1e-5       # footnote 7 (T5X: (1 - wd) * param, not scaled by the learning rate)
-    clipping_threshold: float = 1.0  # T5X Adafactor default update clipping (NOTES §7.4)
+    clipping_threshold: float = 1.0  # T5X Adafactor default update clipping (t5x/adafactor.py)
+
+    def __post_init__(self):
+        ranges = (('learning_rate', 0 < self.learning_rate < math.inf, 'finite and > 0'),
+                  ('decay_rate', 0 < self.decay_rate <= 1, 'in (0, 1]'),
+                  ('weight_decay', 0 <= self.weight_decay < 1, 'in [0, 1)'),
+                  ('clipping_threshold', 0 < self.clipping_threshold <= math.inf, '> 0'))
+        bad = [f'{name}={getattr(self, name)} (must be {why})' for name, ok, why in ranges if not ok]
+        if bad:
+            raise ValueError(f"bad OptimizerConfig: {', '.join(bad)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2**18               # §2.1.4 "2^18 steps, following Raffel et al." (30K "-longer tuning"; §3: 100K)
+    batch_size: int = 32             # §2.1.4
+    optimizer: OptimizerConfig = OptimizerConfig()   # CLI: --learning_rate=... etc. (override)
     z_loss: float = 1e-4             # PT t5_1_1_prompt.gin Z_LOSS
-    dropout: float = 0.1             # §2.1.4 "dropout 0.1"; T5X runs/finetune.gin DROPOUT_RATE
+    # The run's dropout: train_prompt writes it into the model config (T5Config.dropout_rate) before the first step,
+    # so the compiled step and the checkpoint see this one rate. §2.1.4 "dropout 0.1"; T5X runs/finetune.gin.
+    dropout: float = 0.1
     eval_every: int = 500            # §2.1.4: checkpoints every 500 steps, best validation score reported
     checkpoint_every: int = 500      # resumable checkpoint period (one is also written at every evaluation)
     embedding_step: int = 10_000     # §3.2 footnote 13: prompts after 10K steps are the task embeddings
     log_every: int = 100             # progress line period
     seed: int = 0                    # data order, prompt init and dropout keys
-    max_input_len: int = 512         # not in the paper; PT demo scripts: {'inputs': 512, 'targets': 8} (NOTES §1)
+    # Not in the paper; the prompt-tuning demo scripts use {'inputs': 512, 'targets': 8}
+    # (google-research/prompt-tuning, prompt_tuning/scripts/sst2-demo.sh).
+    max_input_len: int = 512
     max_target_len: int = 0          # 0 = the task's data.Task.target_len (8 for classification, as the PT demos)
     eval_batch_size: int = 64
     eval_limit: int = 0              # evaluate on the first N validation examples only (0 = all: the paper)
     eval_method: str = 'decode'      # 'decode': T5 greedy decoding; 'rank': score every label (classification only)
-    sub_batches: int = 0             # execution only (train_step); 0 = auto: 2 on one CPU device, else 1
+    sub_batches: int = 0             # execution only (sub_batch_count); 0 = auto: 2 on one CPU device, else 1
 
     def __post_init__(self):         # refuse now what would fail (or divide by zero) only after hours of training
         bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
@@ -100,10 +118,6 @@ class TrainConfig:
         if self.eval_method not in ('decode', 'rank'):
             bad.append(f"eval_method={self.eval_method!r} (must be 'decode' or 'rank')")
         ranges = (('dropout', 0 <= self.dropout < 1, 'in [0, 1)'),
-                  ('learning_rate', 0 < self.learning_rate < math.inf, 'finite and > 0'),
-                  ('decay_rate', 0 < self.decay_rate <= 1, 'in (0, 1]'),
-                  ('weight_decay', 0 <= self.weight_decay < 1, 'in [0, 1)'),
-                  ('clipping_threshold', 0 < self.clipping_threshold <= math.inf, '> 0'),
                   ('z_loss', 0 <= self.z_loss < math.inf, 'finite and >= 0'),
                   ('max_input_len', self.max_input_len >= 2, '>= 2: one token and EOS'),
                   ('max_target_len', self.max_target_len == 0 or self.max_target_len >= 2,
@@ -113,18 +127,15 @@ class TrainConfig:
             raise ValueError(f"bad TrainConfig: {', '.join(bad)}")
 
 
-# App. C: ModelTuning uses T5 defaults: Adafactor, constant lr 0.001, dropout 0.1, parameter scaling on
-# (T5X Adafactor default), no weight decay; 2^16 tokens per batch = 128 inputs of 512 tokens. The paper also restores
-# the pre-training optimizer state: we cannot (the released checkpoints carry no optimizer state), but its step
-# counter continues from T5 1.1's 1M steps (checkpoint_1000000), as decay_offset does for the prompt runs.
-MODEL_TUNING = TrainConfig(learning_rate=1e-3, param_scale=True, weight_decay=0.0, batch_size=128,
-                           decay_offset=-1_000_000)
-
-
 def override(cfg, argv):
     """Apply each `--field=value` of argv naming a field of cfg; return (new cfg, the other items).
     Example: override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...), ['--x=1'])."""
-    fields, changes, rest = {f.name for f in dataclasses.fields(cfg)}, {}, []
+    changes, rest, fields = {}, [], set()
+    for f in dataclasses.fields(cfg):                     # a nested config (TrainConfig.optimizer) takes its own
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            changes[f.name], argv = override(getattr(cfg, f.name), argv)
+        else:
+            fields.add(f.name)
     for arg in argv:
         name, eq, text = arg.removeprefix('--').partition('=')
         name = name.replace('-', '_')
@@ -233,12 +244,13 @@ def prompt_loss(prompt, frozen, batch, cfg, dropout_key=None, z_loss=1e-4):
     return seq2seq_loss(logits, batch['targets'], z_loss)
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """Adafactor as in T5X (PEERS §5: matches t5x/adafactor.py to ~3e-6). The [P,D] prompt has P = 100 < 128 =
-    min_dim_size_to_factor, so its second moment is unfactored, as in the official runs; no momentum."""
-    return optax.adafactor(learning_rate=tc.learning_rate, decay_rate=tc.decay_rate, decay_offset=tc.decay_offset,
-                           multiply_by_parameter_scale=tc.param_scale, clipping_threshold=tc.clipping_threshold,
-                           momentum=None, weight_decay_rate=tc.weight_decay or None, eps=1e-30)
+def make_optimizer(opt: OptimizerConfig) -> optax.GradientTransformation:
+    """Adafactor as in T5X (t5x/adafactor.py; our test checks the update against a transcription of it). The [P,D]
+    prompt has P = 100 < 128 = min_dim_size_to_factor, so its second moment is unfactored, as in the official runs;
+    no momentum."""
+    return optax.adafactor(learning_rate=opt.learning_rate, decay_rate=opt.decay_rate, decay_offset=opt.decay_offset,
+                           multiply_by_parameter_scale=opt.param_scale, clipping_threshold=opt.clipping_threshold,
+                           momentum=None, weight_decay_rate=opt.weight_decay or None, eps=1e-30)
 
 
 def dropout_key(seed: int, step: int) -> jax.Array:
@@ -246,54 +258,43 @@ def dropout_key(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], step)
 
 
-# The TrainConfig fields the steps compute with. Callers pass step_config(tc) as the static `tc`, so runs that differ
-# in steps, seed, evaluation period, ... reuse one compiled step instead of recompiling (seconds each on CPU).
-_STEP_FIELDS = ('learning_rate', 'decay_rate', 'decay_offset', 'param_scale', 'weight_decay', 'clipping_threshold',
-                'z_loss', 'dropout', 'sub_batches')
-
-
-def step_config(tc: TrainConfig) -> TrainConfig:
-    """tc with every field but _STEP_FIELDS at its default: the static argument of train_step/model_tuning_step."""
-    return TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
-
-
-@functools.partial(jax.jit, static_argnames=('cfg', 'tc'), donate_argnames=('prompt', 'opt_state'))
-def train_step(prompt, opt_state, frozen, batch, key, cfg, tc: TrainConfig):
-    """One prompt-tuning update. Only argument 0 (the prompt) is differentiated: no weight gradient is ever built,
-    and `frozen` is a jit argument, not a constant baked into the program. Returns (prompt, opt_state, loss)."""
-    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)         # §2.1.4: dropout 0.1 while training
-    loss, grad = jax.value_and_grad(_sub_batch_loss)(prompt, frozen, batch, cfg, key, tc)
-    updates, opt_state = make_optimizer(tc).update(grad, opt_state, prompt)
+@functools.partial(jax.jit, static_argnames=('cfg', 'opt', 'z_loss', 'sub_batches'),
+                   donate_argnames=('prompt', 'opt_state'))
+def train_step(prompt, opt_state, frozen, batch, key, cfg, opt: OptimizerConfig, z_loss=1e-4, sub_batches=1):
+    """One prompt-tuning update with dropout cfg.dropout_rate. Only argument 0 (the prompt) is differentiated: no
+    weight gradient is ever built, and `frozen` is a jit argument, not a constant baked into the program.
+    sub_batches: execution only (sub_batched). Returns (prompt, opt_state, loss)."""
+    loss_fn = prompt_loss if sub_batches == 1 else sub_batched(prompt_loss, sub_batches)
+    loss, grad = jax.value_and_grad(loss_fn)(prompt, frozen, batch, cfg, key, z_loss)
+    updates, opt_state = make_optimizer(opt).update(grad, opt_state, prompt)
     return optax.apply_updates(prompt, updates), opt_state, loss
 
 
-def _sub_batch_loss(prompt, frozen, batch, cfg, key, tc: TrainConfig):
-    """prompt_loss of the batch, computed as k independent sub-batches (tc.sub_batches; rows i::k) whose mean losses
-    are weighted by their target-token counts: the same loss, gradient (to float rounding) and dropout masks (one key
-    per example) for every k. Execution only: XLA:CPU runs independent ops on different cores at once, so k = 2 keeps
-    2 cores busier (README, Speed: k = 4 was no faster and compiled longer). On accelerators k = 1."""
-    B = batch['targets'].shape[0]
-    k = tc.sub_batches or (2 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
-    k = math.gcd(k, B)
-    if k == 1:
-        return prompt_loss(prompt, frozen, batch, cfg, key, tc.z_loss)
-    keys, total, tokens = jax.random.split(key, B), 0.0, 0.0
-    for i in range(k):
-        sub = {name: batch[name][i::k] for name in ('inputs', 'targets')}
-        n = jnp.sum(sub['targets'] != t5_model.PAD_ID).astype(jnp.float32)
-        total += prompt_loss(prompt, frozen, sub, cfg, keys[i::k], tc.z_loss) * n
-        tokens += n
-    return total / jnp.maximum(tokens, 1.0)
+# ------------------------------------------------------------------------------------- performance: sub-batches
+# The plain formula is loss(batch); this computes it as k independent sub-batches (rows i::k) whose mean losses are
+# weighted by their target-token counts: the same loss, gradient (to float rounding) and dropout masks (one key per
+# example) for every k. Measured: XLA:CPU runs independent ops on different cores at once, so k = 2 keeps 2 cores
+# busier (README, Speed: k = 4 was no faster and compiled longer). On accelerators k = 1.
+def sub_batch_count(tc: TrainConfig) -> int:
+    """k for train_step, decided outside the compiled function: tc.sub_batches, or 0 = 2 on one CPU device, else 1."""
+    return tc.sub_batches or (2 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'tc'), donate_argnames=('params', 'opt_state'))
-def model_tuning_step(params, opt_state, batch, key, cfg, tc: TrainConfig = MODEL_TUNING):
-    """ModelTuning baseline (Figure 1, App. C): every parameter trains, no prompt. Not SPoT: kept apart on purpose.
-    opt_state = make_optimizer(MODEL_TUNING).init(params). Returns (params, opt_state, loss)."""
-    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)
-    loss, grad = jax.value_and_grad(lambda p: prompt_loss(None, p, batch, cfg, key, tc.z_loss))(params)
-    updates, opt_state = make_optimizer(tc).update(grad, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+def sub_batched(loss_fn, k: int):
+    """loss_fn(prompt, frozen, batch, cfg, key, z_loss) computed as gcd(k, B) sub-batches (see above)."""
+    def loss(prompt, frozen, batch, cfg, key, z_loss):
+        B = batch['targets'].shape[0]
+        n_sub = math.gcd(k, B)
+        if n_sub == 1:
+            return loss_fn(prompt, frozen, batch, cfg, key, z_loss)
+        keys, total, tokens = jax.random.split(key, B), 0.0, 0.0
+        for i in range(n_sub):
+            sub = {name: batch[name][i::n_sub] for name in ('inputs', 'targets')}
+            n = jnp.sum(sub['targets'] != t5_model.PAD_ID).astype(jnp.float32)
+            total += loss_fn(prompt, frozen, sub, cfg, keys[i::n_sub], z_loss) * n
+            tokens += n
+        return total / jnp.maximum(tokens, 1.0)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------- sharding
@@ -766,9 +767,10 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
     log = log if lead else (lambda *_: None)
     check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
+    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)    # the run's dropout (TrainConfig.dropout)
     with contextlib.ExitStack() as folder, stop_requests(log) as signals:
         on_lead(lambda: folder.enter_context(own_folder(out)) and None)
-        optimizer, ckpt = make_optimizer(tc), out / 'checkpoint.npz'
+        optimizer, ckpt, k = make_optimizer(tc.optimizer), out / 'checkpoint.npz', sub_batch_count(tc)
         prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
         opt_state = optimizer.init(prompt)
         # What the run is (checkpoint 'run'): the model's architecture (not its name or dropout_rate, which the step
@@ -818,7 +820,7 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
         for step in range(state['step'], tc.steps):
             batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
             prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step), cfg,
-                                                 step_config(tc))
+                                                 tc.optimizer, tc.z_loss, k)
             loss, done = float(loss), step + 1
             if not math.isfinite(loss):
                 stop(f'loss is {loss} at step {done}')
@@ -854,14 +856,20 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
             'best_step': state['best_step'], 'losses': losses}
 
 
+def _flat(config: dict) -> dict:
+    """{'optimizer': {'learning_rate': ..}, ..} -> {'learning_rate': .., ..}: checkpoints before OptimizerConfig
+    stored the TrainConfig flat, and still resume."""
+    return {k: w for key, v in config.items() for k, w in (_flat(v) if isinstance(v, dict) else {key: v}).items()}
+
+
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
     """(prompt, opt_state, state) of ckpt, refused when it was written with other settings: only `steps`,
     `log_every` and `eval_batch_size` may change, as nothing a resumed run computes depends on them. The run's
     history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current config
     (a resume may extend `steps`)."""
     prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
-    free = ('steps', 'log_every', 'eval_batch_size')
-    changed = {k: (v, getattr(tc, k)) for k, v in state['config'].items() if k not in free and getattr(tc, k) != v}
+    free, now = ('steps', 'log_every', 'eval_batch_size'), _flat(dataclasses.asdict(tc))
+    changed = {k: (v, now.get(k)) for k, v in _flat(state['config']).items() if k not in free and now.get(k) != v}
     saved = state.get('run', run)                               # checkpoints before 'run' existed: unchecked
     changed.update({f'{part}.{k}': (saved[part][k], v) for part in run for k, v in run[part].items()
                     if k in saved.get(part, {}) and saved[part][k] != v})
