@@ -48,8 +48,9 @@ class PromptConfig:
     length: int = 100            # P: SPoT §2.1, "L = 100"
     init: str = 'sampled_vocab'  # §2.1.4: source prompts start from sampled vocabulary (targets: App. C); see INITS
     vocab_pool: int = 5000       # §2.1.4 / Lester et al. 2021: the 5,000 most common tokens = ids < 5000
-    uniform_scale: float = 0.5   # PT code prompts.py default uniform(scale=0.5) = U[0, 0.5) (NOTES §7.3; we follow
-                                 # the code that produced Lester's numbers, not its text's [-0.5, 0.5])
+    # google-research/prompt-tuning, prompt_tuning/prompts.py: flax uniform(scale=0.5) = U[0, 0.5). We follow the
+    # code that produced Lester et al.'s numbers, not their text's [-0.5, 0.5].
+    uniform_scale: float = 0.5
     source: str = ''             # 'file': the source prompt (SPoT's transfer, §2), a file load_prompt reads
     text: str = ''               # 'text': its token embeddings fill the first rows (Lester: ReCoRD, WSC)
 
@@ -226,10 +227,11 @@ def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=N
 # ----------------------------------------------------------------------------------------------- the step
 def seq2seq_loss(logits, targets, z_loss: float):
     """Cross-entropy + z_loss * log(Z)^2 (T5X losses.py), averaged over non-pad target tokens. logits [B,T,V]."""
-    # Normalisation: T5X sums over tokens (LOSS_NORMALIZING_FACTOR=None, NOTES §7.4); we average. Adafactor divides
-    # each gradient by the root of its running mean square, so a constant factor on the loss leaves the update
-    # unchanged (only batches with different token counts weigh differently inside that running mean), and the mean
-    # keeps the printed loss a per-token number comparable across batch sizes.
+    # Normalisation: T5X sums over tokens (LOSS_NORMALIZING_FACTOR = None in prompt-tuning's
+    # configs/models/t5_1_1_prompt.gin); we average. Adafactor divides each gradient by the root of its running
+    # mean square, so a constant factor on the loss leaves the update unchanged (only batches with different token
+    # counts weigh differently inside that running mean), and the mean keeps the printed loss a per-token number
+    # comparable across batch sizes.
     log_z = jax.nn.logsumexp(logits, axis=-1)
     ce = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     weights = (targets != t5_model.PAD_ID).astype(jnp.float32)
