@@ -1,14 +1,16 @@
 """SPoT: soft prompt tuning and transfer on a frozen T5 (Vu et al., ACL 2022; Lester et al., 2021), pure JAX.
 
-§2.1    the prompt [P,D], prepended to the embedded input, is the only trained parameter: prompt_loss, train_step
-§2.1.4  recipe (Adafactor lr 0.3, batch 32, 2^18 steps, dropout 0.1, best of evaluations every 500 steps):
-        TrainConfig, make_optimizer, train_prompt (checkpoints, exact resume, NaN stop)
-§2.1.4, App. C  initialisations (sampled vocabulary, class labels, text, uniform) and SPoT's transfer
-        (start from a source prompt file): PromptConfig, init_prompt
-§3.2    the prompt after 10K steps is the task embedding (fn. 13): TrainConfig.embedding_step -> prompt_step10000.npy
-Evaluation on validation (greedy decoding or rank classification -> task metric): evaluate, make_evaluator
-Prompt files (.npy; the official code's T5X prompt files; Hugging Face PEFT adapters): load_prompt, export_peft
-Data/model parallelism: make_mesh, shard_params, shard_batch, replicate.   CLI: `python spot.py train|eval|export -h`.
+The method, in reading order:
+  PromptConfig, OptimizerConfig, TrainConfig   the recipe (§2.1.4, footnote 7; App. C for the inits)
+  init_prompt    the starting prompt [P,D]; SPoT's transfer (§2) is init 'file': start from a source prompt
+  prompt_loss    the frozen T5 reading [prompt; embedded input] (§2.1; Lester et al. §2)
+  train_step     one Adafactor update of the prompt only
+  train_prompt   the loop: best of evaluations every 500 steps (§2.1.4); the prompt after 10K steps is the task
+                 embedding (§3.2, footnote 13)
+  evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator)
+Then, in headed sections: performance (sub-batches); I/O: prompt files (.npy, the official code's T5X prompt
+files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder, sharding and multi-host (make_mesh,
+shard_params, shard_batch, replicate); the CLI: `python spot.py train|eval|export -h`.
 """
 from __future__ import annotations
 
@@ -128,67 +130,7 @@ class TrainConfig:
             raise ValueError(f"bad TrainConfig: {', '.join(bad)}")
 
 
-def override(cfg, argv):
-    """Apply each `--field=value` of argv naming a field of cfg; return (new cfg, the other items).
-    Example: override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...), ['--x=1'])."""
-    changes, rest, fields = {}, [], set()
-    for f in dataclasses.fields(cfg):                     # a nested config (TrainConfig.optimizer) takes its own
-        if dataclasses.is_dataclass(getattr(cfg, f.name)):
-            changes[f.name], argv = override(getattr(cfg, f.name), argv)
-        else:
-            fields.add(f.name)
-    for arg in argv:
-        name, eq, text = arg.removeprefix('--').partition('=')
-        name = name.replace('-', '_')
-        if not (arg.startswith('--') and eq and name in fields):
-            rest.append(arg)
-            continue
-        want = type(getattr(cfg, name))
-        try:                                              # a str field keeps its text as is: --text=1984
-            value = text if want is str else float(text) if want is float else ast.literal_eval(text)
-        except (ValueError, SyntaxError):                 # float() reads nan/inf too: __post_init__ judges them
-            value = text
-        if type(value) is not want:
-            raise ValueError(f'--{name}={text}: {type(cfg).__name__}.{name} expects {want.__name__}, '
-                             f'got {type(value).__name__}')
-        changes[name] = value
-    return dataclasses.replace(cfg, **changes), rest
-
-
-# ----------------------------------------------------------------------------------------------- prompts
-def check_prompt(prompt, d_model: int | None, length: int | None = None, what: str = 'prompt'):
-    """Refuse a prompt that is not a finite float [P, d_model] (e.g. a Base prompt, 768 wide, on a Small
-    model). d_model None: any width."""
-    prompt = prompt if hasattr(prompt, 'dtype') else np.asarray(prompt)
-    shape = tuple(prompt.shape)
-    if len(shape) != 2:
-        need = '' if d_model is None else f', and this model needs D = d_model {d_model}'
-        raise ValueError(f'{what} has shape {shape}: a prompt is a 2-D array [P, D]{need}; '
-                         f'save one prompt [P, {d_model or "D"}] per .npy')
-    if d_model is not None and shape[1] != d_model:
-        raise ValueError(f'{what} has shape {shape}: width {shape[1]} but the model has '
-                         f'd_model {d_model}. Prompts transfer only between models of the same width; '
-                         f'use a source prompt trained on a model of the same size')
-    if length is not None and shape[0] != length:
-        raise ValueError(f'{what} has {shape[0]} rows but PromptConfig.length is {length}: '
-                         f'pass --length={shape[0]}')
-    if not jnp.issubdtype(prompt.dtype, jnp.floating):
-        raw = prompt.dtype == 'V2'                   # np.save writes bfloat16 as 2 raw bytes
-        hint = ' (bfloat16 saved as raw bytes? cast it to float32 before np.save)' if raw else ''
-        raise ValueError(f'{what} has dtype {prompt.dtype}: a prompt holds real (float) values{hint}')
-    if not np.isfinite(np.asarray(prompt, np.float32)).all():
-        raise ValueError(f'{what} holds NaN or inf values: it comes from a diverged run; use an earlier prompt')
-
-
-def _token_rows(emb, ids, what):
-    """Embedding rows of token ids, float32 [n, D]; ids outside [0, V) are refused (jnp indexing would clamp)."""
-    ids = np.asarray(ids if ids is not None else [])
-    if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer) or not (
-            0 <= ids.min() and ids.max() < emb.shape[0]):
-        raise ValueError(f'{what}: expected a non-empty list of token ids in [0, {emb.shape[0]}), got {ids.tolist()}')
-    return jnp.asarray(emb[ids], jnp.float32)
-
-
+# ------------------------------------------------------------------------------------------------- the prompt
 def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=None) -> jax.Array:
     """The starting prompt, float32 [P,D]. params: the frozen T5 (only its embedding [V,D] is read; 'file' and
     'uniform' need just its shape, so jax.eval_shape(...) params do). label_ids: token ids of each class label
@@ -224,7 +166,16 @@ def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=N
     return prompt
 
 
-# ----------------------------------------------------------------------------------------------- the step
+def _token_rows(emb, ids, what):
+    """Embedding rows of token ids, float32 [n, D]; ids outside [0, V) are refused (jnp indexing would clamp)."""
+    ids = np.asarray(ids if ids is not None else [])
+    if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer) or not (
+            0 <= ids.min() and ids.max() < emb.shape[0]):
+        raise ValueError(f'{what}: expected a non-empty list of token ids in [0, {emb.shape[0]}), got {ids.tolist()}')
+    return jnp.asarray(emb[ids], jnp.float32)
+
+
+# -------------------------------------------------------------------------------------- the loss and the step
 def seq2seq_loss(logits, targets, z_loss: float):
     """Cross-entropy + z_loss * log(Z)^2 (T5X losses.py), averaged over non-pad target tokens. logits [B,T,V]."""
     # Normalisation: T5X sums over tokens (LOSS_NORMALIZING_FACTOR = None in prompt-tuning's
@@ -272,7 +223,171 @@ def train_step(prompt, opt_state, frozen, batch, key, cfg, opt: OptimizerConfig,
     return optax.apply_updates(prompt, updates), opt_state, loss
 
 
-# ------------------------------------------------------------------------------------- performance: sub-batches
+# --------------------------------------------------------------------------------------------------- the loop
+def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, out_dir='runs/prompt', *,
+                 meta=None, resume=False, mesh=None, log=print) -> dict:
+    """Prompt tuning (§2.1.4): tc.steps updates of `prompt` [P,D] on the frozen T5 (cfg, frozen).
+
+    batches(start) -> iterator whose k-th item is batch start+k, a pure function of (seed, start+k) (data.batches).
+    evaluator(prompt) -> dict with 'score' (higher is better), called every tc.eval_every steps and at the end; the best
+    prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score, config). Without `evaluator` prompt.npy is
+    the last prompt. The prompt after tc.embedding_step steps goes to prompt_step{N}.npy; every log line and evaluation
+    to metrics.jsonl. checkpoint.npz (atomic) holds prompt, optimizer state, step (= data position), seed, best score;
+    resume=True continues from it to the same bits as an uninterrupted run, and refuses a checkpoint of another model
+    (architecture or weights), prompt shape, `meta` (task, data, ...) or TrainConfig. The run owns out_dir (run.lock):
+    a second run there is refused, and a new run never replaces files an earlier one left. SIGINT/SIGTERM stop it
+    after the current step with a checkpoint (Interrupted). A non-finite loss or prompt raises FloatingPointError,
+    leaving the last good checkpoint.
+    Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
+    """
+    out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
+    log = log if lead else (lambda *_: None)
+    check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
+    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)    # the run's dropout (TrainConfig.dropout)
+    with contextlib.ExitStack() as folder, stop_requests(log) as signals:
+        on_lead(lambda: folder.enter_context(own_folder(out)) and None)
+        optimizer, ckpt, k = make_optimizer(tc.optimizer), out / 'checkpoint.npz', sub_batch_count(tc)
+        prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
+        opt_state = optimizer.init(prompt)
+        # What the run is (checkpoint 'run'): the model's architecture (not its name or dropout_rate, which the step
+        # overrides), a fingerprint of its weights, and the caller's meta (CLI: model, task, data, init), as JSON
+        # reads them back.
+        run = json.loads(_json({'model': {**{k: v for k, v in dataclasses.asdict(cfg).items()
+                                             if k not in ('name', 'dropout_rate')},
+                                          'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
+        state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
+                 'config': dataclasses.asdict(tc), 'run': run}
+        info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
+        on_lead(check_new_run, out, resume)
+        if resume and on_lead(ckpt.exists):
+            prompt, opt_state, state = on_lead(lambda: _to_numpy(*resume_checkpoint(
+                ckpt, optimizer, tc, run, prompt.shape, info, log)))
+            prompt, opt_state = jnp.asarray(prompt), jax.tree.map(jnp.asarray, opt_state)
+        elif resume:
+            log(f'no checkpoint {ckpt} to resume: starting at step 0')
+        frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
+        losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])     # rate window (evaluation excluded)
+        data = batches(state['step'])
+
+        def stop(problem):
+            last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
+                'No checkpoint was written yet'
+            raise FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and '
+                                     f'model, then rerun (with --resume)')
+
+        def keep_best(prompt, done):                # §2.1.4: keep the checkpoint with the best validation score
+            metrics = evaluator(prompt)
+            log(f'step {done}  eval {_json(metrics, None).decode()}')
+            score = float(metrics['score'])
+            score = score if math.isfinite(score) else -math.inf   # e.g. Pearson of constants
+            best = state['best_score'] is None or score > state['best_score']
+            if best:
+                state.update(best_score=score, best_step=done)
+            state['eval_pending'] = False
+            if lead:
+                append_history(out, {'step': done, 'eval': metrics})
+                if best:
+                    save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
+                                                        'metrics': metrics})
+                save_checkpoint(ckpt, prompt, opt_state, state)    # with this evaluation's best score
+
+        if state.get('eval_pending') and evaluator is not None:    # interrupted during the evaluation of its step
+            keep_best(prompt, state['step'])
+        for step in range(state['step'], tc.steps):
+            batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
+            prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step), cfg,
+                                                 tc.optimizer, tc.z_loss, k)
+            loss, done = float(loss), step + 1
+            if not math.isfinite(loss):
+                stop(f'loss is {loss} at step {done}')
+            losses.append(loss)
+            evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
+            signum = any_signal(signals)
+            checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or signum
+            if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):  # a NaN grad
+                stop(f'the prompt has NaN or inf values after step {done} (loss {loss})')
+            if done % tc.log_every == 0 or done == tc.steps:
+                rate = (done - n_log) / (time.perf_counter() - t_log)
+                eta = int((tc.steps - done) / rate)
+                log(f'step {done}/{tc.steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
+                    f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+                if lead:
+                    append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
+                t_log, n_log = time.perf_counter(), done
+            if done == tc.embedding_step and lead:  # §3.2: the task embedding
+                save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
+            if checkpoint:                          # before evaluating: an evaluator that fails loses no training
+                state.update(step=done, data_position=done, eval_pending=evaluated)
+                if lead:
+                    save_checkpoint(ckpt, prompt, opt_state, state)
+                if evaluated:
+                    keep_best(prompt, done)
+                t_log, n_log = time.perf_counter(), done
+            if signum and done < tc.steps:
+                raise Interrupted(f'stopped by {signal.Signals(signum).name} after step {done}: {ckpt} holds '
+                                  f'it; rerun the same command with --resume (resume=True) to continue', signum)
+        if evaluator is None and state['best_step'] is None and state['step'] == tc.steps and lead:   # never evaluated
+            save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
+    return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'], 'best_score': state['best_score'],
+            'best_step': state['best_step'], 'losses': losses}
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
+             batch_size=64, mesh=None) -> list[str]:
+    """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout, in the
+    order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose target string
+    has the highest log-likelihood. Examples are grouped by length, and each batch padded to the bucket of its
+    longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the longest one. With a
+    mesh each batch is split over 'data' and the predictions gathered (every process returns all of them)."""
+    import data
+    if method == 'rank':
+        if not label_names:
+            raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
+        labels = data.pad_rows(data.token_ids(vocab, label_names, max_target_len), max_target_len)
+    elif method != 'decode':
+        raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
+    rows = data.unpad(inputs) if hasattr(inputs, 'shape') else [list(r) for r in inputs]
+    cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
+    order = np.argsort([len(r) for r in rows], kind='stable')
+    preds = [None] * len(rows)
+    for i in range(0, len(rows), batch_size):   # a full batch every call (zero rows pad the last): fewer shapes
+        chunk = order[i:i + batch_size]
+        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
+                      data.bucket_length(max(len(rows[j]) for j in chunk), cap))
+        if method == 'decode':
+            ids = gather(t5_model.greedy_decode(frozen, cfg, spread_rows(mesh, x), prompt, max_len=max_target_len))
+            out = [vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row)
+                   for row in ids.tolist()]                       # tokens before EOS (0 after it)
+        else:
+            scores = np.stack([gather(t5_model.score_targets(frozen, cfg, spread_rows(mesh, x), spread_rows(
+                mesh, np.broadcast_to(lab, (batch_size, lab.size))), prompt)) for lab in labels], axis=1)
+            out = [label_names[j] for j in scores.argmax(1)]
+        for j, pred in zip(chunk, out):
+            preds[j] = pred
+    return preds
+
+
+def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None, mesh=None):
+    """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's `split`."""
+    import data
+    task = data.get_task(task_name)
+    examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
+    T = tc.max_target_len or task.target_len
+    inputs = data.token_ids(vocab, [t['inputs'] for t in data.text_pairs(task_name, examples)], tc.max_input_len)
+    data.score(task_name, examples[:1], [''])   # fails now, not at the first evaluation, if a metric cannot run
+    if tc.eval_method == 'rank' and not task.output_labels:
+        raise ValueError(f"eval method 'rank' needs a classification task with label names; {task.name}'s targets "
+                         f"are not a fixed set of label strings: use --eval_method=decode")
+
+    def run(prompt):
+        preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.output_labels,
+                         max_target_len=T, batch_size=tc.eval_batch_size, mesh=mesh)
+        return data.score(task_name, examples, preds)
+    return run
+
+
+# ----------------------------------------------------------------------------------- performance: sub-batches
 # The plain formula is loss(batch); this computes it as k independent sub-batches (rows i::k) whose mean losses are
 # weighted by their target-token counts: the same loss, gradient (to float rounding) and dropout masks (one key per
 # example) for every k. Measured: XLA:CPU runs independent ops on different cores at once, so k = 2 keeps 2 cores
@@ -299,308 +414,7 @@ def sub_batched(loss_fn, k: int):
     return loss
 
 
-# ----------------------------------------------------------------------------------------------- sharding
-# Megatron-style split of the frozen weights over the 'model' axis: attention heads N, MLP width F, vocabulary V
-# (else D). Candidate axes in order of preference; a leaf none of whose candidates divides stays replicated.
-_MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,), 'wi_0': (1,), 'wi_1': (1,),
-               'wo': (0,), 'token_embedder': (0, 1), 'logits_dense': (1, 0)}
-
-
-def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, timeout_s: int = 300):
-    """Join a multi-process (multi-host) run: one process per host, all running the same command. With a coordinator
-    (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster (Cloud TPU pod,
-    Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU processes exchange
-    through gloo, jax's default CPU collectives: the tests run so.)"""
-    if coordinator is None and not multi_process_env():
-        return
-    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
-                               heartbeat_timeout_seconds=min(100, timeout_s), shutdown_timeout_seconds=timeout_s)
-
-
-def multi_process_env() -> bool:
-    """A launcher that started several processes of this command: Slurm (srun), Open MPI (mpirun), a Cloud TPU pod."""
-    env = os.environ
-    return (int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1 and 'SLURM_STEP_ID' in env
-            or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
-
-
-def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
-    """A ('data', 'model') mesh: batch split over 'data', frozen weights over 'model'. Each 'model' group lies within
-    one process (host), whose devices share fast links; only 'data' crosses hosts (its gradient all-reduce is the
-    one collective a step needs between hosts: the [P,D] prompt's)."""
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    per_host = {}
-    for d in devices.flat:
-        per_host.setdefault(d.process_index, []).append(d)
-    local = min(len(v) for v in per_host.values())
-    if model_parallel < 1 or local % model_parallel or devices.size % model_parallel:
-        raise ValueError(f'--model-parallel {model_parallel} does not divide the {local} devices of one host '
-                         f'({devices.size} in all): model-parallel groups stay within a host; pick a divisor of {local}')
-    if len(per_host) == 1:
-        return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
-    grid = mesh_utils.create_hybrid_device_mesh((local // model_parallel, model_parallel), (len(per_host), 1),
-                                                devices=list(devices.flat), process_is_granule=True)
-    return Mesh(grid, ('data', 'model'))
-
-
-def param_shardings(mesh: Mesh, params):
-    """NamedSharding for every frozen leaf (a pytree like params, or of their jax.ShapeDtypeStruct)."""
-    n = mesh.shape['model']
-
-    def spec(path, x):
-        names = [getattr(k, 'key', None) for k in path]
-        for axis in next((_MODEL_AXES[m] for m in reversed(names) if m in _MODEL_AXES), ()):
-            if x.shape[axis] % n == 0:
-                return NamedSharding(mesh, PartitionSpec(*[('model' if a == axis else None)
-                                                           for a in range(x.ndim)]))
-        return NamedSharding(mesh, PartitionSpec())
-    return jax.tree_util.tree_map_with_path(spec, params)
-
-
-def shard_params(mesh: Mesh | None, params):
-    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None or already placed there: unchanged."""
-    if mesh is None:
-        return params
-    want = param_shardings(mesh, params)
-    if all(getattr(x, 'sharding', None) == s for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(want))):
-        return params                          # loaded or created sharded (load_model): nothing to move
-    return jax.device_put(params, want)
-
-
-def shard_batch(mesh: Mesh | None, batch):
-    """A batch split along its leading (batch) axis over 'data'; mesh None: unchanged. With several processes each
-    passes its own rows (process_rows), and the global batch is assembled from them without any host copying."""
-    if mesh is None:
-        return batch
-    b = next(iter(batch.values())).shape[0] * jax.process_count()
-    if b % mesh.shape['data']:
-        raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel devices: "
-                         f"pick a --batch_size that is, or a larger --model-parallel")
-    sharding = NamedSharding(mesh, PartitionSpec('data'))
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def process_rows(mesh: Mesh | None, batch_size: int) -> slice:
-    """The rows of a global batch that this process holds (and reads): all of them for one process; else the
-    contiguous block its devices hold along 'data'."""
-    if mesh is None or jax.process_count() == 1:
-        return slice(0, batch_size)
-    indices = NamedSharding(mesh, PartitionSpec('data')).addressable_devices_indices_map((batch_size,)).values()
-    start, stop = min(i[0].start or 0 for i in indices), max(i[0].stop or batch_size for i in indices)
-    if (stop - start) * jax.process_count() != batch_size:
-        raise ValueError(f'this process holds rows {start}:{stop} of {batch_size}, not a 1/{jax.process_count()} '
-                         f'block: the mesh does not split the batch evenly over processes')
-    return slice(start, stop)
-
-
-def replicate(mesh: Mesh | None, tree):
-    """A full copy on every device (the prompt and its optimizer state: 100 x D floats); mesh None: unchanged."""
-    if mesh is None:
-        return tree
-    sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]), tree)
-
-
-def spread_rows(mesh: Mesh | None, x):
-    """An array every process holds whole (evaluation inputs), split over 'data' by rows; mesh None: unchanged."""
-    if mesh is None:
-        return x
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec('data')), lambda i: x[i])
-
-
-def gather(x) -> np.ndarray:
-    """A (possibly multi-host) array as one numpy array on every process (evaluation outputs)."""
-    if jax.process_count() == 1 or getattr(x, 'is_fully_addressable', True):
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-# ----------------------------------------------------------------------------------------------- files
-def _json(obj, indent=1, strict=True) -> bytes:
-    """JSON text of run metadata. numpy/jax scalars and arrays (an evaluator's np.float32 score) become Python
-    numbers, anything else JSON lacks (a Path) its str. strict: NaN/inf (Pearson of constant predictions) -> null,
-    so jq or JavaScript read prompt.json; the checkpoint keeps them (strict=False) to resume to the same bits."""
-    def plain(x):
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        if isinstance(x, (np.ndarray, np.generic, jax.Array)):
-            return plain(np.asarray(x).tolist())
-        if isinstance(x, float):
-            return None if strict and not math.isfinite(x) else x
-        return x if x is None or isinstance(x, (str, int, bool)) else str(x)
-    return json.dumps(plain(obj), indent=indent, allow_nan=not strict).encode()
-
-
-def _atomic(path: Path, write):
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)                    # a reader (or a resume after a crash) sees the old or the new file
-
-
-def save_prompt(out: Path, name: str, prompt, info: dict):
-    """out/name.npy (float32 [P,D], the format of Google's released prompts) + out/name.json (info)."""
-    _atomic(out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
-    _atomic(out / f'{name}.json', lambda f: f.write(_json(info)))
-
-
-def save_checkpoint(path: Path, prompt, opt_state, state: dict):
-    """Everything a resume needs: prompt, optimizer leaves, and state (step = data position; seed = RNG)."""
-    leaves = {f'opt_{i}': np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))}
-    text = np.array(_json(state, None, strict=False).decode())
-    _atomic(path, lambda f: np.savez(f, prompt=np.asarray(prompt), state=text, **leaves))
-
-
-def load_checkpoint(path: Path, optimizer):
-    """-> (prompt, opt_state, state) as saved by save_checkpoint. A damaged file raises ValueError naming it."""
-    try:
-        with np.load(path) as z:
-            state, prompt = json.loads(str(z['state'])), jnp.asarray(z['prompt'])
-            like, tree = jax.tree_util.tree_flatten(optimizer.init(prompt))
-            leaves = [jnp.asarray(z[f'opt_{i}']) for i in range(len(like))]
-    except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:   # truncated, garbage, ...
-        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run cannot resume. '
-                         f'Its best prompt so far stays in {path.parent}/prompt.npy: keep that folder as it is and '
-                         f'start a new run with another --out') from None
-    if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in like]:
-        raise ValueError(f'{path}: its optimizer state does not fit this optimizer and its {prompt.shape} prompt')
-    return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
-
-
-# ----------------------------------------------------------------------------------------------- the run folder
-RUN_FILES = ('checkpoint.npz', 'prompt.npy', 'metrics.jsonl')   # with prompt_step*.npy: what a run writes
-
-
-class RunFolderInUse(OSError):
-    """Another process is running in the folder (it holds run.lock)."""
-
-
-@contextlib.contextmanager
-def own_folder(out: Path):
-    """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the process
-    ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / 'run.lock', 'a+') as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RunFolderInUse(f'{out} is in use by another run ({f.read().strip() or "holder unknown"}): wait '
-                                 f'for it to end, or pick another --out') from None
-        f.truncate(0)
-        f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def check_new_run(out: Path, resume: bool):
-    """A run that starts at step 0 never replaces files an earlier run left in out (without resume, a checkpoint is
-    refused too: continuing it is what --resume is for). Leftover *.tmp of an interrupted write are removed."""
-    for tmp in out.glob('*.tmp'):
-        tmp.unlink()
-    if resume and (out / 'checkpoint.npz').exists():
-        return
-    if (out / 'checkpoint.npz').exists():
-        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume (resume=True), or '
-                              f'pick a new --out')
-    earlier = sorted(f.name for f in out.iterdir() if f.name in RUN_FILES or f.match('prompt_step*.npy'))
-    if earlier:
-        raise FileExistsError(f'{out} holds {", ".join(earlier)} of an earlier run but no checkpoint.npz to resume '
-                              f'from; a new run would overwrite them: pick a new --out (or move them away)')
-
-
-def append_history(out: Path, event: dict):
-    """One line of out/metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval metrics)."""
-    with open(out / 'metrics.jsonl', 'ab') as f:
-        f.write(_json(event, None) + b'\n')
-
-
-def cut_history(out: Path, step: int, eval_pending: bool):
-    """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that step
-    when the checkpoint says it is still to run, so no event appears twice."""
-    path = out / 'metrics.jsonl'
-    if path.exists():
-        keep = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip() and (
-            (e := json.loads(line))['step'] < step or e['step'] == step and not ('eval' in e and eval_pending))]
-        _atomic(path, lambda f: f.writelines(keep))
-
-
-class Interrupted(KeyboardInterrupt):
-    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal (130, 143)."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-@contextlib.contextmanager
-def stop_requests(log):
-    """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the yielded list
-    gets the signal), so the loop can write its checkpoint; a second Ctrl-C stops at once. A raise from the handler
-    itself could land in JAX's garbage-collection callback, which swallows it and the run went on."""
-    got = []
-    if threading.current_thread() is not threading.main_thread():   # signal handlers belong to the main thread
-        yield got
-        return
-
-    def handler(signum, frame):
-        if got and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        got.append(signum)
-        log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint (Ctrl-C again to '
-            f'stop at once)')
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield got
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def on_lead(fn, *args):
-    """fn(*args) on process 0 alone, which owns the run folder (it alone reads and writes it); what fn returns (numpy
-    and JSON values), or the error it raised, reaches every process, so all take the same decision. One process:
-    fn(*args)."""
-    if jax.process_count() == 1:
-        return fn(*args)
-    payload = b''
-    if jax.process_index() == 0:
-        try:
-            payload = pickle.dumps((fn(*args), None))
-        except Exception as e:             # noqa: BLE001 -- re-raised on every process below
-            payload = pickle.dumps((None, e))
-    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
-    buf = np.zeros(n, np.uint8)
-    buf[:len(payload)] = np.frombuffer(payload, np.uint8)
-    value, error = pickle.loads(multihost_utils.broadcast_one_to_all(buf).tobytes())
-    if error is not None:
-        raise error
-    return value
-
-
-def _to_numpy(prompt, opt_state, state):
-    return np.asarray(prompt), jax.tree.map(np.asarray, opt_state), state
-
-
-def any_signal(signals) -> int:
-    """The signal that asked this run to stop, on any process (0: none): all processes stop at the same step."""
-    mine = signals[0] if signals else 0
-    if jax.process_count() == 1:
-        return mine
-    return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
-
-
-# ----------------------------------------------------------------------------------------------- prompt files
+# ------------------------------------------------------------------------------------------ I/O: prompt files
 # A prompt [P, D] travels in three formats; load_prompt reads all three, export_peft writes the third:
 # - .npy (np.save): ours, and Google's released prompts;
 # - the official code's T5X runs: numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt, np.save
@@ -608,6 +422,30 @@ def any_signal(signals) -> int:
 # - a Hugging Face PEFT prompt-tuning adapter folder (the facts it rests on: export_peft).
 T5X_PROMPT = 'encoder.prompt.prompt.prompt'
 PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'   # peft/utils/constants.py
+
+
+def check_prompt(prompt, d_model: int | None, length: int | None = None, what: str = 'prompt'):
+    """Refuse a prompt that is not a finite float [P, d_model] (e.g. a Base prompt, 768 wide, on a Small
+    model). d_model None: any width."""
+    prompt = prompt if hasattr(prompt, 'dtype') else np.asarray(prompt)
+    shape = tuple(prompt.shape)
+    if len(shape) != 2:
+        need = '' if d_model is None else f', and this model needs D = d_model {d_model}'
+        raise ValueError(f'{what} has shape {shape}: a prompt is a 2-D array [P, D]{need}; '
+                         f'save one prompt [P, {d_model or "D"}] per .npy')
+    if d_model is not None and shape[1] != d_model:
+        raise ValueError(f'{what} has shape {shape}: width {shape[1]} but the model has '
+                         f'd_model {d_model}. Prompts transfer only between models of the same width; '
+                         f'use a source prompt trained on a model of the same size')
+    if length is not None and shape[0] != length:
+        raise ValueError(f'{what} has {shape[0]} rows but PromptConfig.length is {length}: '
+                         f'pass --length={shape[0]}')
+    if not jnp.issubdtype(prompt.dtype, jnp.floating):
+        raw = prompt.dtype == 'V2'                   # np.save writes bfloat16 as 2 raw bytes
+        hint = ' (bfloat16 saved as raw bytes? cast it to float32 before np.save)' if raw else ''
+        raise ValueError(f'{what} has dtype {prompt.dtype}: a prompt holds real (float) values{hint}')
+    if not np.isfinite(np.asarray(prompt, np.float32)).all():
+        raise ValueError(f'{what} holds NaN or inf values: it comes from a diverged run; use an earlier prompt')
 
 
 def load_prompt(path, d_model: int | None = None, length: int | None = None, what='prompt') -> np.ndarray:
@@ -738,7 +576,107 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- the loop
+# ------------------------------------------------------------------------------------------- I/O: checkpoints
+def _json(obj, indent=1, strict=True) -> bytes:
+    """JSON text of run metadata. numpy/jax scalars and arrays (an evaluator's np.float32 score) become Python
+    numbers, anything else JSON lacks (a Path) its str. strict: NaN/inf (Pearson of constant predictions) -> null,
+    so jq or JavaScript read prompt.json; the checkpoint keeps them (strict=False) to resume to the same bits."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+            return plain(np.asarray(x).tolist())
+        if isinstance(x, float):
+            return None if strict and not math.isfinite(x) else x
+        return x if x is None or isinstance(x, (str, int, bool)) else str(x)
+    return json.dumps(plain(obj), indent=indent, allow_nan=not strict).encode()
+
+
+def _atomic(path: Path, write):
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)                    # a reader (or a resume after a crash) sees the old or the new file
+
+
+def save_prompt(out: Path, name: str, prompt, info: dict):
+    """out/name.npy (float32 [P,D], the format of Google's released prompts) + out/name.json (info)."""
+    _atomic(out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
+    _atomic(out / f'{name}.json', lambda f: f.write(_json(info)))
+
+
+def save_checkpoint(path: Path, prompt, opt_state, state: dict):
+    """Everything a resume needs: prompt, optimizer leaves, and state (step = data position; seed = RNG)."""
+    leaves = {f'opt_{i}': np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))}
+    text = np.array(_json(state, None, strict=False).decode())
+    _atomic(path, lambda f: np.savez(f, prompt=np.asarray(prompt), state=text, **leaves))
+
+
+def load_checkpoint(path: Path, optimizer):
+    """-> (prompt, opt_state, state) as saved by save_checkpoint. A damaged file raises ValueError naming it."""
+    try:
+        with np.load(path) as z:
+            state, prompt = json.loads(str(z['state'])), jnp.asarray(z['prompt'])
+            like, tree = jax.tree_util.tree_flatten(optimizer.init(prompt))
+            leaves = [jnp.asarray(z[f'opt_{i}']) for i in range(len(like))]
+    except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:   # truncated, garbage, ...
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run cannot resume. '
+                         f'Its best prompt so far stays in {path.parent}/prompt.npy: keep that folder as it is and '
+                         f'start a new run with another --out') from None
+    if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in like]:
+        raise ValueError(f'{path}: its optimizer state does not fit this optimizer and its {prompt.shape} prompt')
+    return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
+
+
+# ----------------------------------------------------------- I/O: the run folder (train_prompt's bookkeeping)
+RUN_FILES = ('checkpoint.npz', 'prompt.npy', 'metrics.jsonl')   # with prompt_step*.npy: what a run writes
+
+
+class RunFolderInUse(OSError):
+    """Another process is running in the folder (it holds run.lock)."""
+
+
+@contextlib.contextmanager
+def own_folder(out: Path):
+    """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the process
+    ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / 'run.lock', 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunFolderInUse(f'{out} is in use by another run ({f.read().strip() or "holder unknown"}): wait '
+                                 f'for it to end, or pick another --out') from None
+        f.truncate(0)
+        f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_new_run(out: Path, resume: bool):
+    """A run that starts at step 0 never replaces files an earlier run left in out (without resume, a checkpoint is
+    refused too: continuing it is what --resume is for). Leftover *.tmp of an interrupted write are removed."""
+    for tmp in out.glob('*.tmp'):
+        tmp.unlink()
+    if resume and (out / 'checkpoint.npz').exists():
+        return
+    if (out / 'checkpoint.npz').exists():
+        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume (resume=True), or '
+                              f'pick a new --out')
+    earlier = sorted(f.name for f in out.iterdir() if f.name in RUN_FILES or f.match('prompt_step*.npy'))
+    if earlier:
+        raise FileExistsError(f'{out} holds {", ".join(earlier)} of an earlier run but no checkpoint.npz to resume '
+                              f'from; a new run would overwrite them: pick a new --out (or move them away)')
+
+
 def weights_fingerprint(frozen) -> str:
     """16 hex digits of sha256 over a few small leaves that differ between any two checkpoints of one architecture
     (the final norms and relative-position tables: e.g. T5 1.1 and its LM-adapted version), so that a resume with
@@ -748,114 +686,6 @@ def weights_fingerprint(frozen) -> str:
         for x in (frozen[stack][norm]['scale'], frozen[stack]['relpos_bias']['rel_embedding']):
             h.update(np.asarray(x, np.float32).tobytes())
     return h.hexdigest()[:16]
-
-
-def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, out_dir='runs/prompt', *,
-                 meta=None, resume=False, mesh=None, log=print) -> dict:
-    """Prompt tuning (§2.1.4): tc.steps updates of `prompt` [P,D] on the frozen T5 (cfg, frozen).
-
-    batches(start) -> iterator whose k-th item is batch start+k, a pure function of (seed, start+k) (data.batches).
-    evaluator(prompt) -> dict with 'score' (higher is better), called every tc.eval_every steps and at the end; the best
-    prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score, config). Without `evaluator` prompt.npy is
-    the last prompt. The prompt after tc.embedding_step steps goes to prompt_step{N}.npy; every log line and evaluation
-    to metrics.jsonl. checkpoint.npz (atomic) holds prompt, optimizer state, step (= data position), seed, best score;
-    resume=True continues from it to the same bits as an uninterrupted run, and refuses a checkpoint of another model
-    (architecture or weights), prompt shape, `meta` (task, data, ...) or TrainConfig. The run owns out_dir (run.lock):
-    a second run there is refused, and a new run never replaces files an earlier one left. SIGINT/SIGTERM stop it
-    after the current step with a checkpoint (Interrupted). A non-finite loss or prompt raises FloatingPointError,
-    leaving the last good checkpoint.
-    Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
-    """
-    out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
-    log = log if lead else (lambda *_: None)
-    check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
-    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)    # the run's dropout (TrainConfig.dropout)
-    with contextlib.ExitStack() as folder, stop_requests(log) as signals:
-        on_lead(lambda: folder.enter_context(own_folder(out)) and None)
-        optimizer, ckpt, k = make_optimizer(tc.optimizer), out / 'checkpoint.npz', sub_batch_count(tc)
-        prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
-        opt_state = optimizer.init(prompt)
-        # What the run is (checkpoint 'run'): the model's architecture (not its name or dropout_rate, which the step
-        # overrides), a fingerprint of its weights, and the caller's meta (CLI: model, task, data, init), as JSON
-        # reads them back.
-        run = json.loads(_json({'model': {**{k: v for k, v in dataclasses.asdict(cfg).items()
-                                             if k not in ('name', 'dropout_rate')},
-                                          'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
-        state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
-                 'config': dataclasses.asdict(tc), 'run': run}
-        info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
-        on_lead(check_new_run, out, resume)
-        if resume and on_lead(ckpt.exists):
-            prompt, opt_state, state = on_lead(lambda: _to_numpy(*resume_checkpoint(
-                ckpt, optimizer, tc, run, prompt.shape, info, log)))
-            prompt, opt_state = jnp.asarray(prompt), jax.tree.map(jnp.asarray, opt_state)
-        elif resume:
-            log(f'no checkpoint {ckpt} to resume: starting at step 0')
-        frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
-        losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])     # rate window (evaluation excluded)
-        data = batches(state['step'])
-
-        def stop(problem):
-            last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
-                'No checkpoint was written yet'
-            raise FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and '
-                                     f'model, then rerun (with --resume)')
-
-        def keep_best(prompt, done):                # §2.1.4: keep the checkpoint with the best validation score
-            metrics = evaluator(prompt)
-            log(f'step {done}  eval {_json(metrics, None).decode()}')
-            score = float(metrics['score'])
-            score = score if math.isfinite(score) else -math.inf   # e.g. Pearson of constants
-            best = state['best_score'] is None or score > state['best_score']
-            if best:
-                state.update(best_score=score, best_step=done)
-            state['eval_pending'] = False
-            if lead:
-                append_history(out, {'step': done, 'eval': metrics})
-                if best:
-                    save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
-                                                        'metrics': metrics})
-                save_checkpoint(ckpt, prompt, opt_state, state)    # with this evaluation's best score
-
-        if state.get('eval_pending') and evaluator is not None:    # interrupted during the evaluation of its step
-            keep_best(prompt, state['step'])
-        for step in range(state['step'], tc.steps):
-            batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
-            prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step), cfg,
-                                                 tc.optimizer, tc.z_loss, k)
-            loss, done = float(loss), step + 1
-            if not math.isfinite(loss):
-                stop(f'loss is {loss} at step {done}')
-            losses.append(loss)
-            evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
-            signum = any_signal(signals)
-            checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or signum
-            if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):  # a NaN grad
-                stop(f'the prompt has NaN or inf values after step {done} (loss {loss})')
-            if done % tc.log_every == 0 or done == tc.steps:
-                rate = (done - n_log) / (time.perf_counter() - t_log)
-                eta = int((tc.steps - done) / rate)
-                log(f'step {done}/{tc.steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
-                    f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
-                if lead:
-                    append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
-                t_log, n_log = time.perf_counter(), done
-            if done == tc.embedding_step and lead:  # §3.2: the task embedding
-                save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
-            if checkpoint:                          # before evaluating: an evaluator that fails loses no training
-                state.update(step=done, data_position=done, eval_pending=evaluated)
-                if lead:
-                    save_checkpoint(ckpt, prompt, opt_state, state)
-                if evaluated:
-                    keep_best(prompt, done)
-                t_log, n_log = time.perf_counter(), done
-            if signum and done < tc.steps:
-                raise Interrupted(f'stopped by {signal.Signals(signum).name} after step {done}: {ckpt} holds '
-                                  f'it; rerun the same command with --resume (resume=True) to continue', signum)
-        if evaluator is None and state['best_step'] is None and state['step'] == tc.steps and lead:   # never evaluated
-            save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
-    return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'], 'best_score': state['best_score'],
-            'best_step': state['best_step'], 'losses': losses}
 
 
 def _flat(config: dict) -> dict:
@@ -889,62 +719,234 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
     return prompt, opt_state, state
 
 
-# ----------------------------------------------------------------------------------------------- evaluation
-def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
-             batch_size=64, mesh=None) -> list[str]:
-    """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout, in the
-    order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose target string
-    has the highest log-likelihood. Examples are grouped by length, and each batch padded to the bucket of its
-    longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the longest one. With a
-    mesh each batch is split over 'data' and the predictions gathered (every process returns all of them)."""
-    import data
-    if method == 'rank':
-        if not label_names:
-            raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
-        labels = data.pad_rows(data.token_ids(vocab, label_names, max_target_len), max_target_len)
-    elif method != 'decode':
-        raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
-    rows = data.unpad(inputs) if hasattr(inputs, 'shape') else [list(r) for r in inputs]
-    cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
-    order = np.argsort([len(r) for r in rows], kind='stable')
-    preds = [None] * len(rows)
-    for i in range(0, len(rows), batch_size):   # a full batch every call (zero rows pad the last): fewer shapes
-        chunk = order[i:i + batch_size]
-        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
-                      data.bucket_length(max(len(rows[j]) for j in chunk), cap))
-        if method == 'decode':
-            ids = gather(t5_model.greedy_decode(frozen, cfg, spread_rows(mesh, x), prompt, max_len=max_target_len))
-            out = [vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row)
-                   for row in ids.tolist()]                       # tokens before EOS (0 after it)
+def append_history(out: Path, event: dict):
+    """One line of out/metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval metrics)."""
+    with open(out / 'metrics.jsonl', 'ab') as f:
+        f.write(_json(event, None) + b'\n')
+
+
+def cut_history(out: Path, step: int, eval_pending: bool):
+    """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that step
+    when the checkpoint says it is still to run, so no event appears twice."""
+    path = out / 'metrics.jsonl'
+    if path.exists():
+        keep = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip() and (
+            (e := json.loads(line))['step'] < step or e['step'] == step and not ('eval' in e and eval_pending))]
+        _atomic(path, lambda f: f.writelines(keep))
+
+
+class Interrupted(KeyboardInterrupt):
+    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal (130, 143)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def stop_requests(log):
+    """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the yielded list
+    gets the signal), so the loop can write its checkpoint; a second Ctrl-C stops at once. A raise from the handler
+    itself could land in JAX's garbage-collection callback, which swallows it and the run went on."""
+    got = []
+    if threading.current_thread() is not threading.main_thread():   # signal handlers belong to the main thread
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+        log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint (Ctrl-C again to '
+            f'stop at once)')
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def on_lead(fn, *args):
+    """fn(*args) on process 0 alone, which owns the run folder (it alone reads and writes it); what fn returns (numpy
+    and JSON values), or the error it raised, reaches every process, so all take the same decision. One process:
+    fn(*args)."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    payload = b''
+    if jax.process_index() == 0:
+        try:
+            payload = pickle.dumps((fn(*args), None))
+        except Exception as e:             # noqa: BLE001 -- re-raised on every process below
+            payload = pickle.dumps((None, e))
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
+    buf = np.zeros(n, np.uint8)
+    buf[:len(payload)] = np.frombuffer(payload, np.uint8)
+    value, error = pickle.loads(multihost_utils.broadcast_one_to_all(buf).tobytes())
+    if error is not None:
+        raise error
+    return value
+
+
+def _to_numpy(prompt, opt_state, state):
+    return np.asarray(prompt), jax.tree.map(np.asarray, opt_state), state
+
+
+def any_signal(signals) -> int:
+    """The signal that asked this run to stop, on any process (0: none): all processes stop at the same step."""
+    mine = signals[0] if signals else 0
+    if jax.process_count() == 1:
+        return mine
+    return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+
+
+# ------------------------------------------------------------------------------- I/O: sharding and multi-host
+# Megatron-style split of the frozen weights over the 'model' axis: attention heads N, MLP width F, vocabulary V
+# (else D). Candidate axes in order of preference; a leaf none of whose candidates divides stays replicated.
+_MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,), 'wi_0': (1,), 'wi_1': (1,),
+               'wo': (0,), 'token_embedder': (0, 1), 'logits_dense': (1, 0)}
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, timeout_s: int = 300):
+    """Join a multi-process (multi-host) run: one process per host, all running the same command. With a coordinator
+    (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster (Cloud TPU pod,
+    Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU processes exchange
+    through gloo, jax's default CPU collectives: the tests run so.)"""
+    if coordinator is None and not multi_process_env():
+        return
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=min(100, timeout_s), shutdown_timeout_seconds=timeout_s)
+
+
+def multi_process_env() -> bool:
+    """A launcher that started several processes of this command: Slurm (srun), Open MPI (mpirun), a Cloud TPU pod."""
+    env = os.environ
+    return (int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1 and 'SLURM_STEP_ID' in env
+            or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+
+
+def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
+    """A ('data', 'model') mesh: batch split over 'data', frozen weights over 'model'. Each 'model' group lies within
+    one process (host), whose devices share fast links; only 'data' crosses hosts (its gradient all-reduce is the
+    one collective a step needs between hosts: the [P,D] prompt's)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    per_host = {}
+    for d in devices.flat:
+        per_host.setdefault(d.process_index, []).append(d)
+    local = min(len(v) for v in per_host.values())
+    if model_parallel < 1 or local % model_parallel or devices.size % model_parallel:
+        raise ValueError(f'--model-parallel {model_parallel} does not divide the {local} devices of one host '
+                         f'({devices.size} in all): model-parallel groups stay within a host; pick a divisor of {local}')
+    if len(per_host) == 1:
+        return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
+    grid = mesh_utils.create_hybrid_device_mesh((local // model_parallel, model_parallel), (len(per_host), 1),
+                                                devices=list(devices.flat), process_is_granule=True)
+    return Mesh(grid, ('data', 'model'))
+
+
+def param_shardings(mesh: Mesh, params):
+    """NamedSharding for every frozen leaf (a pytree like params, or of their jax.ShapeDtypeStruct)."""
+    n = mesh.shape['model']
+
+    def spec(path, x):
+        names = [getattr(k, 'key', None) for k in path]
+        for axis in next((_MODEL_AXES[m] for m in reversed(names) if m in _MODEL_AXES), ()):
+            if x.shape[axis] % n == 0:
+                return NamedSharding(mesh, PartitionSpec(*[('model' if a == axis else None)
+                                                           for a in range(x.ndim)]))
+        return NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shard_params(mesh: Mesh | None, params):
+    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None or already placed there: unchanged."""
+    if mesh is None:
+        return params
+    want = param_shardings(mesh, params)
+    if all(getattr(x, 'sharding', None) == s for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(want))):
+        return params                          # loaded or created sharded (load_model): nothing to move
+    return jax.device_put(params, want)
+
+
+def shard_batch(mesh: Mesh | None, batch):
+    """A batch split along its leading (batch) axis over 'data'; mesh None: unchanged. With several processes each
+    passes its own rows (process_rows), and the global batch is assembled from them without any host copying."""
+    if mesh is None:
+        return batch
+    b = next(iter(batch.values())).shape[0] * jax.process_count()
+    if b % mesh.shape['data']:
+        raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel devices: "
+                         f"pick a --batch_size that is, or a larger --model-parallel")
+    sharding = NamedSharding(mesh, PartitionSpec('data'))
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def process_rows(mesh: Mesh | None, batch_size: int) -> slice:
+    """The rows of a global batch that this process holds (and reads): all of them for one process; else the
+    contiguous block its devices hold along 'data'."""
+    if mesh is None or jax.process_count() == 1:
+        return slice(0, batch_size)
+    indices = NamedSharding(mesh, PartitionSpec('data')).addressable_devices_indices_map((batch_size,)).values()
+    start, stop = min(i[0].start or 0 for i in indices), max(i[0].stop or batch_size for i in indices)
+    if (stop - start) * jax.process_count() != batch_size:
+        raise ValueError(f'this process holds rows {start}:{stop} of {batch_size}, not a 1/{jax.process_count()} '
+                         f'block: the mesh does not split the batch evenly over processes')
+    return slice(start, stop)
+
+
+def replicate(mesh: Mesh | None, tree):
+    """A full copy on every device (the prompt and its optimizer state: 100 x D floats); mesh None: unchanged."""
+    if mesh is None:
+        return tree
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]), tree)
+
+
+def spread_rows(mesh: Mesh | None, x):
+    """An array every process holds whole (evaluation inputs), split over 'data' by rows; mesh None: unchanged."""
+    if mesh is None:
+        return x
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec('data')), lambda i: x[i])
+
+
+def gather(x) -> np.ndarray:
+    """A (possibly multi-host) array as one numpy array on every process (evaluation outputs)."""
+    if jax.process_count() == 1 or getattr(x, 'is_fully_addressable', True):
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+def override(cfg, argv):
+    """Apply each `--field=value` of argv naming a field of cfg; return (new cfg, the other items).
+    Example: override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...), ['--x=1'])."""
+    changes, rest, fields = {}, [], set()
+    for f in dataclasses.fields(cfg):                     # a nested config (TrainConfig.optimizer) takes its own
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            changes[f.name], argv = override(getattr(cfg, f.name), argv)
         else:
-            scores = np.stack([gather(t5_model.score_targets(frozen, cfg, spread_rows(mesh, x), spread_rows(
-                mesh, np.broadcast_to(lab, (batch_size, lab.size))), prompt)) for lab in labels], axis=1)
-            out = [label_names[j] for j in scores.argmax(1)]
-        for j, pred in zip(chunk, out):
-            preds[j] = pred
-    return preds
+            fields.add(f.name)
+    for arg in argv:
+        name, eq, text = arg.removeprefix('--').partition('=')
+        name = name.replace('-', '_')
+        if not (arg.startswith('--') and eq and name in fields):
+            rest.append(arg)
+            continue
+        want = type(getattr(cfg, name))
+        try:                                              # a str field keeps its text as is: --text=1984
+            value = text if want is str else float(text) if want is float else ast.literal_eval(text)
+        except (ValueError, SyntaxError):                 # float() reads nan/inf too: __post_init__ judges them
+            value = text
+        if type(value) is not want:
+            raise ValueError(f'--{name}={text}: {type(cfg).__name__}.{name} expects {want.__name__}, '
+                             f'got {type(value).__name__}')
+        changes[name] = value
+    return dataclasses.replace(cfg, **changes), rest
 
 
-def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None, mesh=None):
-    """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's `split`."""
-    import data
-    task = data.get_task(task_name)
-    examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
-    T = tc.max_target_len or task.target_len
-    inputs = data.token_ids(vocab, [t['inputs'] for t in data.text_pairs(task_name, examples)], tc.max_input_len)
-    data.score(task_name, examples[:1], [''])   # fails now, not at the first evaluation, if a metric cannot run
-    if tc.eval_method == 'rank' and not task.output_labels:
-        raise ValueError(f"eval method 'rank' needs a classification task with label names; {task.name}'s targets "
-                         f"are not a fixed set of label strings: use --eval_method=decode")
-
-    def run(prompt):
-        preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.output_labels,
-                         max_target_len=T, batch_size=tc.eval_batch_size, mesh=mesh)
-        return data.score(task_name, examples, preds)
-    return run
-
-
-# ----------------------------------------------------------------------------------------------- CLI
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache, so a second run of the same shapes loads its compiled steps instead
     of compiling them again (seconds to a minute each on CPU). path None: $SPOT_COMPILE_CACHE, else
