@@ -241,55 +241,26 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
     """
     out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
-    log = log if lead else (lambda *_: None)
+    log, ckpt, k = log if lead else (lambda *_: None), out / 'checkpoint.npz', sub_batch_count(tc)
     check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
     cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)    # the run's dropout (TrainConfig.dropout)
+    info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
     with contextlib.ExitStack() as folder, stop_requests(log) as signals:
         on_lead(lambda: folder.enter_context(own_folder(out)) and None)
-        optimizer, ckpt, k = make_optimizer(tc.optimizer), out / 'checkpoint.npz', sub_batch_count(tc)
-        prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
-        opt_state = optimizer.init(prompt)
-        # What the run is (checkpoint 'run'): the model's architecture (not its name or dropout_rate, which the step
-        # overrides), a fingerprint of its weights, and the caller's meta (CLI: model, task, data, init), as JSON
-        # reads them back.
-        run = json.loads(_json({'model': {**{k: v for k, v in dataclasses.asdict(cfg).items()
-                                             if k not in ('name', 'dropout_rate')},
-                                          'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
-        state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
-                 'config': dataclasses.asdict(tc), 'run': run}
-        info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
         on_lead(check_new_run, out, resume)
-        if resume and on_lead(ckpt.exists):
-            prompt, opt_state, state = on_lead(lambda: _to_numpy(*resume_checkpoint(
-                ckpt, optimizer, tc, run, prompt.shape, info, log)))
-            prompt, opt_state = jnp.asarray(prompt), jax.tree.map(jnp.asarray, opt_state)
-        elif resume:
-            log(f'no checkpoint {ckpt} to resume: starting at step 0')
+        prompt, opt_state, state = start_or_resume(prompt, tc, run_identity(cfg, frozen, meta), info, ckpt,
+                                                   resume, log)
         frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
         losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])     # rate window (evaluation excluded)
         data = batches(state['step'])
 
-        def stop(problem):
-            last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
-                'No checkpoint was written yet'
-            raise FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and '
-                                     f'model, then rerun (with --resume)')
-
         def keep_best(prompt, done):                # §2.1.4: keep the checkpoint with the best validation score
             metrics = evaluator(prompt)
             log(f'step {done}  eval {_json(metrics, None).decode()}')
-            score = float(metrics['score'])
-            score = score if math.isfinite(score) else -math.inf   # e.g. Pearson of constants
-            best = state['best_score'] is None or score > state['best_score']
-            if best:
-                state.update(best_score=score, best_step=done)
-            state['eval_pending'] = False
             if lead:
-                append_history(out, {'step': done, 'eval': metrics})
-                if best:
-                    save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
-                                                        'metrics': metrics})
-                save_checkpoint(ckpt, prompt, opt_state, state)    # with this evaluation's best score
+                record_evaluation(out, prompt, opt_state, state, done, metrics, info)
+            else:
+                best_so_far(state, done, metrics)
 
         if state.get('eval_pending') and evaluator is not None:    # interrupted during the evaluation of its step
             keep_best(prompt, state['step'])
@@ -299,20 +270,16 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
                                                  tc.optimizer, tc.z_loss, k)
             loss, done = float(loss), step + 1
             if not math.isfinite(loss):
-                stop(f'loss is {loss} at step {done}')
+                raise diverged(f'loss is {loss} at step {done}', ckpt, state)
             losses.append(loss)
             evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
             signum = any_signal(signals)
             checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or signum
             if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):  # a NaN grad
-                stop(f'the prompt has NaN or inf values after step {done} (loss {loss})')
+                raise diverged(f'the prompt has NaN or inf values after step {done} (loss {loss})', ckpt, state)
             if done % tc.log_every == 0 or done == tc.steps:
-                rate = (done - n_log) / (time.perf_counter() - t_log)
-                eta = int((tc.steps - done) / rate)
-                log(f'step {done}/{tc.steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
-                    f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
-                if lead:
-                    append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
+                log_progress(out if lead else None, log, done, tc.steps, loss, (done - n_log) / (
+                    time.perf_counter() - t_log))
                 t_log, n_log = time.perf_counter(), done
             if done == tc.embedding_step and lead:  # §3.2: the task embedding
                 save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
@@ -675,6 +642,68 @@ def check_new_run(out: Path, resume: bool):
     if earlier:
         raise FileExistsError(f'{out} holds {", ".join(earlier)} of an earlier run but no checkpoint.npz to resume '
                               f'from; a new run would overwrite them: pick a new --out (or move them away)')
+
+
+def run_identity(cfg, frozen, meta) -> dict:
+    """What a run is (checkpoint 'run'; a resume must match it): the model's architecture (not its name, nor
+    dropout_rate, which is TrainConfig.dropout and checked with the config), a fingerprint of its weights, and the
+    caller's meta (CLI: model, task, data, init), as JSON reads them back."""
+    arch = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ('name', 'dropout_rate')}
+    return json.loads(_json({'model': {**arch, 'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
+
+
+def start_or_resume(prompt, tc: TrainConfig, run: dict, info: dict, ckpt: Path, resume: bool, log):
+    """(prompt, opt_state, state) to start from: a fresh optimizer at step 0, or with resume=True the checkpoint
+    (read by process 0, refused if written with other settings: resume_checkpoint)."""
+    optimizer = make_optimizer(tc.optimizer)
+    prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
+    state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
+             'config': dataclasses.asdict(tc), 'run': run}
+    if resume and on_lead(ckpt.exists):
+        prompt, opt_state, state = on_lead(lambda: _to_numpy(*resume_checkpoint(
+            ckpt, optimizer, tc, run, prompt.shape, info, log)))
+        return jnp.asarray(prompt), jax.tree.map(jnp.asarray, opt_state), state
+    if resume:
+        log(f'no checkpoint {ckpt} to resume: starting at step 0')
+    return prompt, optimizer.init(prompt), state
+
+
+def diverged(problem: str, ckpt: Path, state: dict) -> FloatingPointError:
+    last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
+        'No checkpoint was written yet'
+    return FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and '
+                              f'model, then rerun (with --resume)')
+
+
+def log_progress(out: Path | None, log, done: int, steps: int, loss: float, rate: float):
+    """The progress line, and its metrics.jsonl event when out (the lead process)."""
+    eta = int((steps - done) / rate)
+    log(f'step {done}/{steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
+        f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+    if out is not None:
+        append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
+
+
+def best_so_far(state: dict, done: int, metrics: dict) -> bool:
+    """Record an evaluation's score in state; True if it is the best so far (a NaN score, e.g. Pearson of
+    constants, is never best)."""
+    score = float(metrics['score'])
+    score = score if math.isfinite(score) else -math.inf
+    best = state['best_score'] is None or score > state['best_score']
+    if best:
+        state.update(best_score=score, best_step=done)
+    state['eval_pending'] = False
+    return best
+
+
+def record_evaluation(out: Path, prompt, opt_state, state: dict, done: int, metrics: dict, info: dict):
+    """The lead's files after an evaluation: metrics.jsonl, prompt.npy/.json if best, the checkpoint (with the
+    new best score)."""
+    best = best_so_far(state, done, metrics)
+    append_history(out, {'step': done, 'eval': metrics})
+    if best:
+        save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'], 'metrics': metrics})
+    save_checkpoint(out / 'checkpoint.npz', prompt, opt_state, state)
 
 
 def weights_fingerprint(frozen) -> str:
