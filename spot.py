@@ -5,12 +5,12 @@ The method, in reading order:
   init_prompt    the starting prompt [P,D]; SPoT's transfer (§2) is init 'file': start from a source prompt
   prompt_loss    the frozen T5 reading [prompt; embedded input] (§2.1; Lester et al. §2)
   train_step     one Adafactor update of the prompt only
-  train_prompt   the loop: best of evaluations every 500 steps (§2.1.4); the prompt after 10K steps is the task
-                 embedding (§3.2, footnote 13)
+  train_prompt   the loop: best of evaluations every 500 steps (§2.1.4); the prompt after 10K steps is
+                 the task embedding (§3.2, footnote 13)
   evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator)
 Then, in headed sections: performance (sub-batches); I/O: prompt files (.npy, the official code's T5X prompt
-files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder, sharding and multi-host (make_mesh,
-shard_params, shard_batch, replicate); the CLI: `python spot.py train|eval|export -h`.
+files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder, sharding and multi-host
+(make_mesh, shard_params, shard_batch, replicate); the CLI: `python spot.py train|eval|export -h`.
 """
 from __future__ import annotations
 
@@ -48,10 +48,11 @@ INITS = ('sampled_vocab', 'class_labels', 'text', 'uniform', 'file')
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
     length: int = 100            # P: SPoT §2.1, "L = 100"
-    init: str = 'sampled_vocab'  # §2.1.4: source prompts start from sampled vocabulary (targets: App. C); see INITS
+    # §2.1.4: source prompts start from sampled vocabulary (targets: App. C); see INITS
+    init: str = 'sampled_vocab'
     vocab_pool: int = 5000       # §2.1.4 / Lester et al. 2021: the 5,000 most common tokens = ids < 5000
-    # google-research/prompt-tuning, prompt_tuning/prompts.py: flax uniform(scale=0.5) = U[0, 0.5). We follow the
-    # code that produced Lester et al.'s numbers, not their text's [-0.5, 0.5].
+    # google-research/prompt-tuning, prompt_tuning/prompts.py: flax uniform(scale=0.5) = U[0, 0.5). We follow
+    # the code that produced Lester et al.'s numbers, not their text's [-0.5, 0.5].
     uniform_scale: float = 0.5
     source: str = ''             # 'file': the source prompt (SPoT's transfer, §2), a file load_prompt reads
     text: str = ''               # 'text': its token embeddings fill the first rows (Lester: ReCoRD, WSC)
@@ -71,10 +72,12 @@ LM_ADAPT_CHECKPOINT_STEP = 1_100_000   # T5 1.1 (1M steps) + 100K LM-adaptation 
 class OptimizerConfig:
     """Adafactor's settings: the static argument of train_step (a change recompiles it, nothing else does)."""
     learning_rate: float = 0.3       # footnote 7; PT runs/prompt_finetune.gin: constant 0.3
-    decay_rate: float = 0.8          # Adafactor beta2 exponent: PT configs/models/t5_1_1_prompt.gin; Lester et al.
-    # The official runs continue the checkpoint's step counter (prompt-tuning configs/runs/prompt_finetune.gin:
-    # "TRAIN_STEPS ... includes pretrain steps"; models/t5_1_1_prompt.gin: step_offset = 0), so Adafactor's decay
-    # 1 - t^-0.8 starts at t = 1.1M, the LM-adapted checkpoints' step (t5_1_1_lm100k_*/checkpoint_1100000), not at 0.
+    # Adafactor beta2 exponent: PT configs/models/t5_1_1_prompt.gin; Lester et al.
+    decay_rate: float = 0.8
+    # The official runs continue the checkpoint's step counter (prompt-tuning
+    # configs/runs/prompt_finetune.gin: "TRAIN_STEPS ... includes pretrain steps"; models/t5_1_1_prompt.gin:
+    # step_offset = 0), so Adafactor's decay 1 - t^-0.8 starts at t = 1.1M, the LM-adapted checkpoints' step
+    # (t5_1_1_lm100k_*/checkpoint_1100000), not at 0.
     decay_offset: int = -LM_ADAPT_CHECKPOINT_STEP
     param_scale: bool = False        # footnote 7: "parameter scaling off"
     weight_decay: float = 1e-5       # footnote 7 (T5X: (1 - wd) * param, not scaled by the learning rate)
@@ -92,12 +95,14 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2**18               # §2.1.4 "2^18 steps, following Raffel et al." (30K "-longer tuning"; §3: 100K)
+    # §2.1.4 "2^18 steps, following Raffel et al." (30K "-longer tuning"; §3: 100K)
+    steps: int = 2**18
     batch_size: int = 32             # §2.1.4
     optimizer: OptimizerConfig = OptimizerConfig()   # CLI: --learning_rate=... etc. (override)
     z_loss: float = 1e-4             # PT t5_1_1_prompt.gin Z_LOSS
-    # The run's dropout: train_prompt writes it into the model config (T5Config.dropout_rate) before the first step,
-    # so the compiled step and the checkpoint see this one rate. §2.1.4 "dropout 0.1"; T5X runs/finetune.gin.
+    # The run's dropout: train_prompt writes it into the model config (T5Config.dropout_rate) before the first
+    # step, so the compiled step and the checkpoint see this one rate. §2.1.4 "dropout 0.1"; T5X
+    # runs/finetune.gin.
     dropout: float = 0.1
     eval_every: int = 500            # §2.1.4: checkpoints every 500 steps, best validation score reported
     checkpoint_every: int = 500      # resumable checkpoint period (one is also written at every evaluation)
@@ -107,13 +112,16 @@ class TrainConfig:
     # Not in the paper; the prompt-tuning demo scripts use {'inputs': 512, 'targets': 8}
     # (google-research/prompt-tuning, prompt_tuning/scripts/sst2-demo.sh).
     max_input_len: int = 512
-    max_target_len: int = 0          # 0 = the task's data.Task.target_len (8 for classification, as the PT demos)
+    # 0 = the task's data.Task.target_len (8 for classification, as the PT demos)
+    max_target_len: int = 0
     eval_batch_size: int = 64
     eval_limit: int = 0              # evaluate on the first N validation examples only (0 = all: the paper)
-    eval_method: str = 'decode'      # 'decode': T5 greedy decoding; 'rank': score every label (classification only)
+    # 'decode': T5 greedy decoding; 'rank': score every label (classification only)
+    eval_method: str = 'decode'
     sub_batches: int = 0             # execution only (sub_batch_count); 0 = auto: 2 on one CPU device, else 1
 
-    def __post_init__(self):         # refuse now what would fail (or divide by zero) only after hours of training
+    # refuse now what would fail (or divide by zero) only after hours of training
+    def __post_init__(self):
         bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
             (1, ('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'eval_batch_size')),
             (0, ('embedding_step', 'eval_limit', 'sub_batches')))
@@ -149,11 +157,12 @@ def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=N
                          f'pass --vocab_pool={V} (or fewer)')
     if P > cfg.vocab_pool:
         raise ValueError(f'cannot sample {P} distinct rows from a pool of {cfg.vocab_pool} ids')
-    # §2.1.4 / Lester et al. 2021: T5's SentencePiece ids are ordered by frequency, so ids < 5000 are the most common
-    # tokens; rows are drawn without replacement (PT from_sample_of_embeddings).
+    # §2.1.4 / Lester et al. 2021: T5's SentencePiece ids are ordered by frequency, so ids < 5000 are the most
+    # common tokens; rows are drawn without replacement (PT from_sample_of_embeddings).
     ids = jax.random.choice(key, cfg.vocab_pool, (P,), replace=False)
     prompt = jnp.asarray(emb[ids], jnp.float32)
-    if cfg.init == 'class_labels':               # App. C; Lester et al.: label i at position i, pieces mean-pooled
+    # App. C; Lester et al.: label i at position i, pieces mean-pooled
+    if cfg.init == 'class_labels':
         label_ids = [] if label_ids is None else list(label_ids)
         if not 1 <= len(label_ids) <= P:
             raise ValueError(f'class_labels needs the token ids of 1 to {P} labels (one per prompt row), got '
@@ -167,22 +176,25 @@ def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=N
 
 
 def _token_rows(emb, ids, what):
-    """Embedding rows of token ids, float32 [n, D]; ids outside [0, V) are refused (jnp indexing would clamp)."""
+    """Embedding rows of token ids, float32 [n, D]; ids outside [0, V) are refused (jnp indexing would
+    clamp)."""
     ids = np.asarray(ids if ids is not None else [])
     if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer) or not (
             0 <= ids.min() and ids.max() < emb.shape[0]):
-        raise ValueError(f'{what}: expected a non-empty list of token ids in [0, {emb.shape[0]}), got {ids.tolist()}')
+        raise ValueError(f'{what}: expected a non-empty list of token ids in [0, {emb.shape[0]}), '
+                         f'got {ids.tolist()}')
     return jnp.asarray(emb[ids], jnp.float32)
 
 
 # -------------------------------------------------------------------------------------- the loss and the step
 def seq2seq_loss(logits, targets, z_loss: float):
-    """Cross-entropy + z_loss * log(Z)^2 (T5X losses.py), averaged over non-pad target tokens. logits [B,T,V]."""
+    """Cross-entropy + z_loss * log(Z)^2 (T5X losses.py), averaged over non-pad target tokens. logits
+    [B,T,V]."""
     # Normalisation: T5X sums over tokens (LOSS_NORMALIZING_FACTOR = None in prompt-tuning's
-    # configs/models/t5_1_1_prompt.gin); we average. Adafactor divides each gradient by the root of its running
-    # mean square, so a constant factor on the loss leaves the update unchanged (only batches with different token
-    # counts weigh differently inside that running mean), and the mean keeps the printed loss a per-token number
-    # comparable across batch sizes.
+    # configs/models/t5_1_1_prompt.gin); we average. Adafactor divides each gradient by the root of its
+    # running mean square, so a constant factor on the loss leaves the update unchanged (only batches with
+    # different token counts weigh differently inside that running mean), and the mean keeps the printed loss
+    # a per-token number comparable across batch sizes.
     log_z = jax.nn.logsumexp(logits, axis=-1)
     ce = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     weights = (targets != t5_model.PAD_ID).astype(jnp.float32)
@@ -193,29 +205,32 @@ def prompt_loss(prompt, frozen, batch, cfg, dropout_key=None, z_loss=1e-4):
     """Loss of the frozen T5 (cfg) reading [prompt; embedded inputs] (Lester §2). prompt [P,D]; batch int32
     'inputs' [B,S], 'targets' [B,T]; dropout_key None = evaluation (no dropout)."""
     decoder_inputs = t5_model.shift_right(batch['targets'])
-    logits = t5_model.forward(frozen, cfg, batch['inputs'], decoder_inputs, prompt=prompt, dropout_key=dropout_key)
+    logits = t5_model.forward(frozen, cfg, batch['inputs'], decoder_inputs, prompt=prompt,
+                              dropout_key=dropout_key)
     return seq2seq_loss(logits, batch['targets'], z_loss)
 
 
 def make_optimizer(opt: OptimizerConfig) -> optax.GradientTransformation:
-    """Adafactor as in T5X (t5x/adafactor.py; our test checks the update against a transcription of it). The [P,D]
-    prompt has P = 100 < 128 = min_dim_size_to_factor, so its second moment is unfactored, as in the official runs;
-    no momentum."""
-    return optax.adafactor(learning_rate=opt.learning_rate, decay_rate=opt.decay_rate, decay_offset=opt.decay_offset,
-                           multiply_by_parameter_scale=opt.param_scale, clipping_threshold=opt.clipping_threshold,
+    """Adafactor as in T5X (t5x/adafactor.py; our test checks the update against a transcription of it). The
+    [P,D] prompt has P = 100 < 128 = min_dim_size_to_factor, so its second moment is unfactored, as in the
+    official runs; no momentum."""
+    return optax.adafactor(learning_rate=opt.learning_rate, decay_rate=opt.decay_rate,
+                           decay_offset=opt.decay_offset, multiply_by_parameter_scale=opt.param_scale,
+                           clipping_threshold=opt.clipping_threshold,
                            momentum=None, weight_decay_rate=opt.weight_decay or None, eps=1e-30)
 
 
 def dropout_key(seed: int, step: int) -> jax.Array:
-    """Dropout key of a training step: a pure function of (seed, step), so a resumed run draws the same masks."""
+    """Dropout key of a training step: a pure function of (seed, step), so a resumed run draws the same
+    masks."""
     return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], step)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'opt', 'z_loss', 'sub_batches'),
                    donate_argnames=('prompt', 'opt_state'))
 def train_step(prompt, opt_state, frozen, batch, key, cfg, opt: OptimizerConfig, z_loss=1e-4, sub_batches=1):
-    """One prompt-tuning update with dropout cfg.dropout_rate. Only argument 0 (the prompt) is differentiated: no
-    weight gradient is ever built, and `frozen` is a jit argument, not a constant baked into the program.
+    """One prompt-tuning update with dropout cfg.dropout_rate. Only argument 0 (the prompt) is differentiated:
+    no weight gradient is ever built, and `frozen` is a jit argument, not a constant baked into the program.
     sub_batches: execution only (sub_batched). Returns (prompt, opt_state, loss)."""
     loss_fn = prompt_loss if sub_batches == 1 else sub_batched(prompt_loss, sub_batches)
     loss, grad = jax.value_and_grad(loss_fn)(prompt, frozen, batch, cfg, key, z_loss)
@@ -228,17 +243,18 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
                  meta=None, resume=False, mesh=None, log=print) -> dict:
     """Prompt tuning (§2.1.4): tc.steps updates of `prompt` [P,D] on the frozen T5 (cfg, frozen).
 
-    batches(start) -> iterator whose k-th item is batch start+k, a pure function of (seed, start+k) (data.batches).
-    evaluator(prompt) -> dict with 'score' (higher is better), called every tc.eval_every steps and at the end; the best
-    prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score, config). Without `evaluator` prompt.npy is
-    the last prompt. The prompt after tc.embedding_step steps goes to prompt_step{N}.npy; every log line and evaluation
-    to metrics.jsonl. checkpoint.npz (atomic) holds prompt, optimizer state, step (= data position), seed, best score;
-    resume=True continues from it to the same bits as an uninterrupted run, and refuses a checkpoint of another model
-    (architecture or weights), prompt shape, `meta` (task, data, ...) or TrainConfig. The run owns out_dir (run.lock):
-    a second run there is refused, and a new run never replaces files an earlier one left. SIGINT/SIGTERM stop it
-    after the current step with a checkpoint (Interrupted). A non-finite loss or prompt raises FloatingPointError,
-    leaving the last good checkpoint.
-    Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
+    batches(start) -> iterator whose k-th item is batch start+k, a pure function of (seed, start+k)
+    (data.batches). evaluator(prompt) -> dict with 'score' (higher is better), called every tc.eval_every
+    steps and at the end; the best prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score,
+    config). Without `evaluator` prompt.npy is the last prompt. The prompt after tc.embedding_step steps goes
+    to prompt_step{N}.npy; every log line and evaluation to metrics.jsonl. checkpoint.npz (atomic) holds
+    prompt, optimizer state, step (= data position), seed, best score; resume=True continues from it to the
+    same bits as an uninterrupted run, and refuses a checkpoint of another model (architecture or weights),
+    prompt shape, `meta` (task, data, ...) or TrainConfig. The run owns out_dir (run.lock): a second run there
+    is refused, and a new run never replaces files an earlier one left. SIGINT/SIGTERM stop it after the
+    current step with a checkpoint (Interrupted). A non-finite loss or prompt raises FloatingPointError,
+    leaving the last good checkpoint. Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step',
+    'losses'}.
     """
     out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
     log, ckpt, k = log if lead else (lambda *_: None), out / 'checkpoint.npz', sub_batch_count(tc)
@@ -251,10 +267,12 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
         prompt, opt_state, state = start_or_resume(prompt, tc, run_identity(cfg, frozen, meta), info, ckpt,
                                                    resume, log)
         frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
-        losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])     # rate window (evaluation excluded)
+        # rate window (evaluation excluded)
+        losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])
         data = batches(state['step'])
 
-        def keep_best(prompt, done):                # §2.1.4: keep the checkpoint with the best validation score
+        # §2.1.4: keep the checkpoint with the best validation score
+        def keep_best(prompt, done):
             metrics = evaluator(prompt)
             log(f'step {done}  eval {_json(metrics, None).decode()}')
             if lead:
@@ -262,12 +280,13 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
             else:
                 best_so_far(state, done, metrics)
 
-        if state.get('eval_pending') and evaluator is not None:    # interrupted during the evaluation of its step
+        # interrupted during the evaluation of its step
+        if state.get('eval_pending') and evaluator is not None:
             keep_best(prompt, state['step'])
         for step in range(state['step'], tc.steps):
             batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
-            prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step), cfg,
-                                                 tc.optimizer, tc.z_loss, k)
+            prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step),
+                                                 cfg, tc.optimizer, tc.z_loss, k)
             loss, done = float(loss), step + 1
             if not math.isfinite(loss):
                 raise diverged(f'loss is {loss} at step {done}', ckpt, state)
@@ -275,15 +294,18 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
             evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
             signum = any_signal(signals)
             checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or signum
-            if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):  # a NaN grad
-                raise diverged(f'the prompt has NaN or inf values after step {done} (loss {loss})', ckpt, state)
+            # a NaN grad
+            if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):
+                raise diverged(f'the prompt has NaN or inf values after step {done} (loss {loss})', ckpt,
+                               state)
             if done % tc.log_every == 0 or done == tc.steps:
                 log_progress(out if lead else None, log, done, tc.steps, loss, (done - n_log) / (
                     time.perf_counter() - t_log))
                 t_log, n_log = time.perf_counter(), done
             if done == tc.embedding_step and lead:  # §3.2: the task embedding
                 save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
-            if checkpoint:                          # before evaluating: an evaluator that fails loses no training
+            # before evaluating: an evaluator that fails loses no training
+            if checkpoint:
                 state.update(step=done, data_position=done, eval_pending=evaluated)
                 if lead:
                     save_checkpoint(ckpt, prompt, opt_state, state)
@@ -292,21 +314,24 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
                 t_log, n_log = time.perf_counter(), done
             if signum and done < tc.steps:
                 raise Interrupted(f'stopped by {signal.Signals(signum).name} after step {done}: {ckpt} holds '
-                                  f'it; rerun the same command with --resume (resume=True) to continue', signum)
-        if evaluator is None and state['best_step'] is None and state['step'] == tc.steps and lead:   # never evaluated
+                                  f'it; rerun the same command with --resume (resume=True) to continue',
+                                  signum)
+        # never evaluated
+        if evaluator is None and state['best_step'] is None and state['step'] == tc.steps and lead:
             save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
-    return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'], 'best_score': state['best_score'],
-            'best_step': state['best_step'], 'losses': losses}
+    return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'],
+            'best_score': state['best_score'], 'best_step': state['best_step'], 'losses': losses}
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
              batch_size=64, mesh=None) -> list[str]:
-    """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout, in the
-    order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose target string
-    has the highest log-likelihood. Examples are grouped by length, and each batch padded to the bucket of its
-    longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the longest one. With a
-    mesh each batch is split over 'data' and the predictions gathered (every process returns all of them)."""
+    """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout,
+    in the order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose
+    target string has the highest log-likelihood. Examples are grouped by length, and each batch padded to the
+    bucket of its longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the
+    longest one. With a mesh each batch is split over 'data' and the predictions gathered (every process
+    returns all of them)."""
     import data
     if method == 'rank':
         if not label_names:
@@ -318,12 +343,14 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
     cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
     order = np.argsort([len(r) for r in rows], kind='stable')
     preds = [None] * len(rows)
-    for i in range(0, len(rows), batch_size):   # a full batch every call (zero rows pad the last): fewer shapes
+    # a full batch every call (zero rows pad the last): fewer shapes
+    for i in range(0, len(rows), batch_size):
         chunk = order[i:i + batch_size]
         x = data.pad_rows([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
                       data.bucket_length(max(len(rows[j]) for j in chunk), cap))
         if method == 'decode':
-            ids = gather(t5_model.greedy_decode(frozen, cfg, spread_rows(mesh, x), prompt, max_len=max_target_len))
+            x = spread_rows(mesh, x)
+            ids = gather(t5_model.greedy_decode(frozen, cfg, x, prompt, max_len=max_target_len))
             out = [vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row)
                    for row in ids.tolist()]                       # tokens before EOS (0 after it)
         else:
@@ -335,32 +362,40 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
     return preds
 
 
-def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None, mesh=None):
-    """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's `split`."""
+def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None,
+                   mesh=None):
+    """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's
+    `split`."""
     import data
     task = data.get_task(task_name)
     examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
     T = tc.max_target_len or task.target_len
-    inputs = data.token_ids(vocab, [t['inputs'] for t in data.text_pairs(task_name, examples)], tc.max_input_len)
-    data.score(task_name, examples[:1], [''])   # fails now, not at the first evaluation, if a metric cannot run
+    texts = [t['inputs'] for t in data.text_pairs(task_name, examples)]
+    inputs = data.token_ids(vocab, texts, tc.max_input_len)
+    # fails now, not at the first evaluation, if a metric cannot run
+    data.score(task_name, examples[:1], [''])
     if tc.eval_method == 'rank' and not task.output_labels:
-        raise ValueError(f"eval method 'rank' needs a classification task with label names; {task.name}'s targets "
-                         f"are not a fixed set of label strings: use --eval_method=decode")
+        raise ValueError(f"eval method 'rank' needs a classification task with label names; "
+                         f"{task.name}'s targets are not a fixed set of label strings: "
+                         f"use --eval_method=decode")
 
     def run(prompt):
-        preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.output_labels,
-                         max_target_len=T, batch_size=tc.eval_batch_size, mesh=mesh)
+        preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method,
+                         label_names=task.output_labels, max_target_len=T, batch_size=tc.eval_batch_size,
+                         mesh=mesh)
         return data.score(task_name, examples, preds)
     return run
 
 
 # ----------------------------------------------------------------------------------- performance: sub-batches
-# The plain formula is loss(batch); this computes it as k independent sub-batches (rows i::k) whose mean losses are
-# weighted by their target-token counts: the same loss, gradient (to float rounding) and dropout masks (one key per
-# example) for every k. Measured: XLA:CPU runs independent ops on different cores at once, so k = 2 keeps 2 cores
-# busier (README, Speed: k = 4 was no faster and compiled longer). On accelerators k = 1.
+# The plain formula is loss(batch); this computes it as k independent sub-batches (rows i::k) whose mean
+# losses are weighted by their target-token counts: the same loss, gradient (to float rounding) and dropout
+# masks (one key per example) for every k. Measured: XLA:CPU runs independent ops on different cores at once,
+# so k = 2 keeps 2 cores busier (README, Speed: k = 4 was no faster and compiled longer). On accelerators k =
+# 1.
 def sub_batch_count(tc: TrainConfig) -> int:
-    """k for train_step, decided outside the compiled function: tc.sub_batches, or 0 = 2 on one CPU device, else 1."""
+    """k for train_step, decided outside the compiled function: tc.sub_batches, or 0 = 2 on one CPU device,
+    else 1."""
     return tc.sub_batches or (2 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
 
 
@@ -412,7 +447,8 @@ def check_prompt(prompt, d_model: int | None, length: int | None = None, what: s
         hint = ' (bfloat16 saved as raw bytes? cast it to float32 before np.save)' if raw else ''
         raise ValueError(f'{what} has dtype {prompt.dtype}: a prompt holds real (float) values{hint}')
     if not np.isfinite(np.asarray(prompt, np.float32)).all():
-        raise ValueError(f'{what} holds NaN or inf values: it comes from a diverged run; use an earlier prompt')
+        raise ValueError(f'{what} holds NaN or inf values: it comes from a diverged run; '
+                         f'use an earlier prompt')
 
 
 def load_prompt(path, d_model: int | None = None, length: int | None = None, what='prompt') -> np.ndarray:
@@ -546,8 +582,9 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
 # ------------------------------------------------------------------------------------------- I/O: checkpoints
 def _json(obj, indent=1, strict=True) -> bytes:
     """JSON text of run metadata. numpy/jax scalars and arrays (an evaluator's np.float32 score) become Python
-    numbers, anything else JSON lacks (a Path) its str. strict: NaN/inf (Pearson of constant predictions) -> null,
-    so jq or JavaScript read prompt.json; the checkpoint keeps them (strict=False) to resume to the same bits."""
+    numbers, anything else JSON lacks (a Path) its str. strict: NaN/inf (Pearson of constant predictions) ->
+    null, so jq or JavaScript read prompt.json; the checkpoint keeps them (strict=False) to resume to the same
+    bits."""
     def plain(x):
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
@@ -567,7 +604,8 @@ def _atomic(path: Path, write):
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)                    # a reader (or a resume after a crash) sees the old or the new file
+    # a reader (or a resume after a crash) sees the old or the new file
+    os.replace(tmp, path)
 
 
 def save_prompt(out: Path, name: str, prompt, info: dict):
@@ -584,18 +622,20 @@ def save_checkpoint(path: Path, prompt, opt_state, state: dict):
 
 
 def load_checkpoint(path: Path, optimizer):
-    """-> (prompt, opt_state, state) as saved by save_checkpoint. A damaged file raises ValueError naming it."""
+    """-> (prompt, opt_state, state) as saved by save_checkpoint. A damaged file raises ValueError naming
+    it."""
     try:
         with np.load(path) as z:
             state, prompt = json.loads(str(z['state'])), jnp.asarray(z['prompt'])
             like, tree = jax.tree_util.tree_flatten(optimizer.init(prompt))
             leaves = [jnp.asarray(z[f'opt_{i}']) for i in range(len(like))]
     except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:   # truncated, garbage, ...
-        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run cannot resume. '
-                         f'Its best prompt so far stays in {path.parent}/prompt.npy: keep that folder as it is and '
-                         f'start a new run with another --out') from None
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run '
+                         f'cannot resume. Its best prompt so far stays in {path.parent}/prompt.npy: '
+                         f'keep that folder as it is and start a new run with another --out') from None
     if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in like]:
-        raise ValueError(f'{path}: its optimizer state does not fit this optimizer and its {prompt.shape} prompt')
+        raise ValueError(f'{path}: its optimizer state does not fit this optimizer and its {prompt.shape} '
+                         f'prompt')
     return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
 
 
@@ -609,15 +649,16 @@ class RunFolderInUse(OSError):
 
 @contextlib.contextmanager
 def own_folder(out: Path):
-    """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the process
-    ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it."""
+    """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the
+    process ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / 'run.lock', 'a+') as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise RunFolderInUse(f'{out} is in use by another run ({f.read().strip() or "holder unknown"}): wait '
+            holder = f.read().strip() or 'holder unknown'
+            raise RunFolderInUse(f'{out} is in use by another run ({holder}): wait '
                                  f'for it to end, or pick another --out') from None
         f.truncate(0)
         f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
@@ -629,32 +670,34 @@ def own_folder(out: Path):
 
 
 def check_new_run(out: Path, resume: bool):
-    """A run that starts at step 0 never replaces files an earlier run left in out (without resume, a checkpoint is
-    refused too: continuing it is what --resume is for). Leftover *.tmp of an interrupted write are removed."""
+    """A run that starts at step 0 never replaces files an earlier run left in out (without resume, a
+    checkpoint is refused too: continuing it is what --resume is for). Leftover *.tmp of an interrupted write
+    are removed."""
     for tmp in out.glob('*.tmp'):
         tmp.unlink()
     if resume and (out / 'checkpoint.npz').exists():
         return
     if (out / 'checkpoint.npz').exists():
-        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume (resume=True), or '
-                              f'pick a new --out')
+        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume '
+                              f'(resume=True), or pick a new --out')
     earlier = sorted(f.name for f in out.iterdir() if f.name in RUN_FILES or f.match('prompt_step*.npy'))
     if earlier:
-        raise FileExistsError(f'{out} holds {", ".join(earlier)} of an earlier run but no checkpoint.npz to resume '
-                              f'from; a new run would overwrite them: pick a new --out (or move them away)')
+        raise FileExistsError(f'{out} holds {", ".join(earlier)} of an earlier run but no checkpoint.npz '
+                              f'to resume from; a new run would overwrite them: pick a new --out '
+                              f'(or move them away)')
 
 
 def run_identity(cfg, frozen, meta) -> dict:
     """What a run is (checkpoint 'run'; a resume must match it): the model's architecture (not its name, nor
-    dropout_rate, which is TrainConfig.dropout and checked with the config), a fingerprint of its weights, and the
-    caller's meta (CLI: model, task, data, init), as JSON reads them back."""
+    dropout_rate, which is TrainConfig.dropout and checked with the config), a fingerprint of its weights, and
+    the caller's meta (CLI: model, task, data, init), as JSON reads them back."""
     arch = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ('name', 'dropout_rate')}
     return json.loads(_json({'model': {**arch, 'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
 
 
 def start_or_resume(prompt, tc: TrainConfig, run: dict, info: dict, ckpt: Path, resume: bool, log):
-    """(prompt, opt_state, state) to start from: a fresh optimizer at step 0, or with resume=True the checkpoint
-    (read by process 0, refused if written with other settings: resume_checkpoint)."""
+    """(prompt, opt_state, state) to start from: a fresh optimizer at step 0, or with resume=True the
+    checkpoint (read by process 0, refused if written with other settings: resume_checkpoint)."""
     optimizer = make_optimizer(tc.optimizer)
     prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
     state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
@@ -702,14 +745,15 @@ def record_evaluation(out: Path, prompt, opt_state, state: dict, done: int, metr
     best = best_so_far(state, done, metrics)
     append_history(out, {'step': done, 'eval': metrics})
     if best:
-        save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'], 'metrics': metrics})
+        save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
+                                            'metrics': metrics})
     save_checkpoint(out / 'checkpoint.npz', prompt, opt_state, state)
 
 
 def weights_fingerprint(frozen) -> str:
-    """16 hex digits of sha256 over a few small leaves that differ between any two checkpoints of one architecture
-    (the final norms and relative-position tables: e.g. T5 1.1 and its LM-adapted version), so that a resume with
-    other weights of the same shape is refused."""
+    """16 hex digits of sha256 over a few small leaves that differ between any two checkpoints of one
+    architecture (the final norms and relative-position tables: e.g. T5 1.1 and its LM-adapted version), so
+    that a resume with other weights of the same shape is refused."""
     h = hashlib.sha256()
     for stack, norm in (('encoder', 'encoder_norm'), ('decoder', 'decoder_norm')):
         for x in (frozen[stack][norm]['scale'], frozen[stack]['relpos_bias']['rel_embedding']):
@@ -718,19 +762,21 @@ def weights_fingerprint(frozen) -> str:
 
 
 def _flat(config: dict) -> dict:
-    """{'optimizer': {'learning_rate': ..}, ..} -> {'learning_rate': .., ..}: checkpoints before OptimizerConfig
-    stored the TrainConfig flat, and still resume."""
-    return {k: w for key, v in config.items() for k, w in (_flat(v) if isinstance(v, dict) else {key: v}).items()}
+    """{'optimizer': {'learning_rate': ..}, ..} -> {'learning_rate': .., ..}: checkpoints before
+    OptimizerConfig stored the TrainConfig flat, and still resume."""
+    return {k: w for key, v in config.items()
+            for k, w in (_flat(v) if isinstance(v, dict) else {key: v}).items()}
 
 
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
     """(prompt, opt_state, state) of ckpt, refused when it was written with other settings: only `steps`,
     `log_every` and `eval_batch_size` may change, as nothing a resumed run computes depends on them. The run's
-    history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current config
-    (a resume may extend `steps`)."""
+    history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current
+    config (a resume may extend `steps`)."""
     prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
     free, now = ('steps', 'log_every', 'eval_batch_size'), _flat(dataclasses.asdict(tc))
-    changed = {k: (v, now.get(k)) for k, v in _flat(state['config']).items() if k not in free and now.get(k) != v}
+    changed = {k: (v, now.get(k)) for k, v in _flat(state['config']).items()
+               if k not in free and now.get(k) != v}
     saved = state.get('run', run)                               # checkpoints before 'run' existed: unchecked
     changed.update({f'{part}.{k}': (saved[part][k], v) for part in run for k, v in run[part].items()
                     if k in saved.get(part, {}) and saved[part][k] != v})
@@ -749,23 +795,26 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
 
 
 def append_history(out: Path, event: dict):
-    """One line of out/metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval metrics)."""
+    """One line of out/metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval
+    metrics)."""
     with open(out / 'metrics.jsonl', 'ab') as f:
         f.write(_json(event, None) + b'\n')
 
 
 def cut_history(out: Path, step: int, eval_pending: bool):
-    """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that step
-    when the checkpoint says it is still to run, so no event appears twice."""
+    """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that
+    step when the checkpoint says it is still to run, so no event appears twice."""
     path = out / 'metrics.jsonl'
     if path.exists():
         keep = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip() and (
-            (e := json.loads(line))['step'] < step or e['step'] == step and not ('eval' in e and eval_pending))]
+            (e := json.loads(line))['step'] < step
+            or e['step'] == step and not ('eval' in e and eval_pending))]
         _atomic(path, lambda f: f.writelines(keep))
 
 
 class Interrupted(KeyboardInterrupt):
-    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal (130, 143)."""
+    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal (130,
+    143)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -774,11 +823,13 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_requests(log):
-    """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the yielded list
-    gets the signal), so the loop can write its checkpoint; a second Ctrl-C stops at once. A raise from the handler
-    itself could land in JAX's garbage-collection callback, which swallows it and the run went on."""
+    """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the
+    yielded list gets the signal), so the loop can write its checkpoint; a second Ctrl-C stops at once. A
+    raise from the handler itself could land in JAX's garbage-collection callback, which swallows it and the
+    run went on."""
     got = []
-    if threading.current_thread() is not threading.main_thread():   # signal handlers belong to the main thread
+    # signal handlers belong to the main thread
+    if threading.current_thread() is not threading.main_thread():
         yield got
         return
 
@@ -786,8 +837,8 @@ def stop_requests(log):
         if got and signum == signal.SIGINT:
             raise KeyboardInterrupt
         got.append(signum)
-        log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint (Ctrl-C again to '
-            f'stop at once)')
+        log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint '
+            f'(Ctrl-C again to stop at once)')
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield got
@@ -797,9 +848,9 @@ def stop_requests(log):
 
 
 def on_lead(fn, *args):
-    """fn(*args) on process 0 alone, which owns the run folder (it alone reads and writes it); what fn returns (numpy
-    and JSON values), or the error it raised, reaches every process, so all take the same decision. One process:
-    fn(*args)."""
+    """fn(*args) on process 0 alone, which owns the run folder (it alone reads and writes it); what fn returns
+    (numpy and JSON values), or the error it raised, reaches every process, so all take the same decision. One
+    process: fn(*args)."""
     if jax.process_count() == 1:
         return fn(*args)
     payload = b''
@@ -822,7 +873,8 @@ def _to_numpy(prompt, opt_state, state):
 
 
 def any_signal(signals) -> int:
-    """The signal that asked this run to stop, on any process (0: none): all processes stop at the same step."""
+    """The signal that asked this run to stop, on any process (0: none): all processes stop at the same
+    step."""
     mine = signals[0] if signals else 0
     if jax.process_count() == 1:
         return mine
@@ -830,35 +882,38 @@ def any_signal(signals) -> int:
 
 
 # ------------------------------------------------------------------------------- I/O: sharding and multi-host
-# Megatron-style split of the frozen weights over the 'model' axis: attention heads N, MLP width F, vocabulary V
-# (else D). Candidate axes in order of preference; a leaf none of whose candidates divides stays replicated.
+# Megatron-style split of the frozen weights over the 'model' axis: attention heads N, MLP width F, vocabulary
+# V (else D). Candidate axes in order of preference; a leaf none of whose candidates divides stays replicated.
 _MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,), 'wi_0': (1,), 'wi_1': (1,),
                'wo': (0,), 'token_embedder': (0, 1), 'logits_dense': (1, 0)}
 
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, timeout_s: int = 300):
-    """Join a multi-process (multi-host) run: one process per host, all running the same command. With a coordinator
-    (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster (Cloud TPU pod,
-    Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU processes exchange
-    through gloo, jax's default CPU collectives: the tests run so.)"""
+    """Join a multi-process (multi-host) run: one process per host, all running the same command. With a
+    coordinator (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster
+    (Cloud TPU pod, Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU
+    processes exchange through gloo, jax's default CPU collectives: the tests run so.)"""
     if coordinator is None and not multi_process_env():
         return
     jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
-                               heartbeat_timeout_seconds=min(100, timeout_s), shutdown_timeout_seconds=timeout_s)
+                               heartbeat_timeout_seconds=min(100, timeout_s),
+                               shutdown_timeout_seconds=timeout_s)
 
 
 def multi_process_env() -> bool:
-    """A launcher that started several processes of this command: Slurm (srun), Open MPI (mpirun), a Cloud TPU pod."""
+    """A launcher that started several processes of this command: Slurm (srun), Open MPI (mpirun), a Cloud TPU
+    pod."""
     env = os.environ
-    return (int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1 and 'SLURM_STEP_ID' in env
+    slurm = int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1
+    return (slurm and 'SLURM_STEP_ID' in env
             or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
 
 
 def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
-    """A ('data', 'model') mesh: batch split over 'data', frozen weights over 'model'. Each 'model' group lies within
-    one process (host), whose devices share fast links; only 'data' crosses hosts (its gradient all-reduce is the
-    one collective a step needs between hosts: the [P,D] prompt's)."""
+    """A ('data', 'model') mesh: batch split over 'data', frozen weights over 'model'. Each 'model' group lies
+    within one process (host), whose devices share fast links; only 'data' crosses hosts (its gradient
+    all-reduce is the one collective a step needs between hosts: the [P,D] prompt's)."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     per_host = {}
     for d in devices.flat:
@@ -866,7 +921,8 @@ def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
     local = min(len(v) for v in per_host.values())
     if model_parallel < 1 or local % model_parallel or devices.size % model_parallel:
         raise ValueError(f'--model-parallel {model_parallel} does not divide the {local} devices of one host '
-                         f'({devices.size} in all): model-parallel groups stay within a host; pick a divisor of {local}')
+                         f'({devices.size} in all): model-parallel groups stay within a host; '
+                         f'pick a divisor of {local}')
     if len(per_host) == 1:
         return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
     grid = mesh_utils.create_hybrid_device_mesh((local // model_parallel, model_parallel), (len(per_host), 1),
@@ -889,7 +945,8 @@ def param_shardings(mesh: Mesh, params):
 
 
 def shard_params(mesh: Mesh | None, params):
-    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None or already placed there: unchanged."""
+    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None or already placed there:
+    unchanged."""
     if mesh is None:
         return params
     want = param_shardings(mesh, params)
@@ -899,14 +956,15 @@ def shard_params(mesh: Mesh | None, params):
 
 
 def shard_batch(mesh: Mesh | None, batch):
-    """A batch split along its leading (batch) axis over 'data'; mesh None: unchanged. With several processes each
-    passes its own rows (process_rows), and the global batch is assembled from them without any host copying."""
+    """A batch split along its leading (batch) axis over 'data'; mesh None: unchanged. With several processes
+    each passes its own rows (process_rows), and the global batch is assembled from them without any host
+    copying."""
     if mesh is None:
         return batch
     b = next(iter(batch.values())).shape[0] * jax.process_count()
     if b % mesh.shape['data']:
-        raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel devices: "
-                         f"pick a --batch_size that is, or a larger --model-parallel")
+        raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel "
+                         f"devices: pick a --batch_size that is, or a larger --model-parallel")
     sharding = NamedSharding(mesh, PartitionSpec('data'))
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
@@ -918,24 +976,30 @@ def process_rows(mesh: Mesh | None, batch_size: int) -> slice:
     contiguous block its devices hold along 'data'."""
     if mesh is None or jax.process_count() == 1:
         return slice(0, batch_size)
-    indices = NamedSharding(mesh, PartitionSpec('data')).addressable_devices_indices_map((batch_size,)).values()
+    sharding = NamedSharding(mesh, PartitionSpec('data'))
+    indices = sharding.addressable_devices_indices_map((batch_size,)).values()
     start, stop = min(i[0].start or 0 for i in indices), max(i[0].stop or batch_size for i in indices)
     if (stop - start) * jax.process_count() != batch_size:
-        raise ValueError(f'this process holds rows {start}:{stop} of {batch_size}, not a 1/{jax.process_count()} '
-                         f'block: the mesh does not split the batch evenly over processes')
+        raise ValueError(f'this process holds rows {start}:{stop} of {batch_size}, not a '
+                         f'1/{jax.process_count()} block: the mesh does not split the batch evenly over '
+                         f'processes')
     return slice(start, stop)
 
 
 def replicate(mesh: Mesh | None, tree):
-    """A full copy on every device (the prompt and its optimizer state: 100 x D floats); mesh None: unchanged."""
+    """A full copy on every device (the prompt and its optimizer state: 100 x D floats); mesh None:
+    unchanged."""
     if mesh is None:
         return tree
     sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]), tree)
+    def shard(x):
+        return jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i])
+    return jax.tree.map(shard, tree)
 
 
 def spread_rows(mesh: Mesh | None, x):
-    """An array every process holds whole (evaluation inputs), split over 'data' by rows; mesh None: unchanged."""
+    """An array every process holds whole (evaluation inputs), split over 'data' by rows; mesh None:
+    unchanged."""
     if mesh is None:
         return x
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec('data')), lambda i: x[i])
@@ -951,9 +1015,11 @@ def gather(x) -> np.ndarray:
 # -------------------------------------------------------------------------------------------------------- CLI
 def override(cfg, argv):
     """Apply each `--field=value` of argv naming a field of cfg; return (new cfg, the other items).
-    Example: override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...), ['--x=1'])."""
+    Example: override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...),
+    ['--x=1'])."""
     changes, rest, fields = {}, [], set()
-    for f in dataclasses.fields(cfg):                     # a nested config (TrainConfig.optimizer) takes its own
+    # a nested config (TrainConfig.optimizer) takes its own
+    for f in dataclasses.fields(cfg):
         if dataclasses.is_dataclass(getattr(cfg, f.name)):
             changes[f.name], argv = override(getattr(cfg, f.name), argv)
         else:
@@ -967,7 +1033,8 @@ def override(cfg, argv):
         want = type(getattr(cfg, name))
         try:                                              # a str field keeps its text as is: --text=1984
             value = text if want is str else float(text) if want is float else ast.literal_eval(text)
-        except (ValueError, SyntaxError):                 # float() reads nan/inf too: __post_init__ judges them
+        # float() reads nan/inf too: __post_init__ judges them
+        except (ValueError, SyntaxError):
             value = text
         if type(value) is not want:
             raise ValueError(f'--{name}={text}: {type(cfg).__name__}.{name} expects {want.__name__}, '
@@ -977,9 +1044,10 @@ def override(cfg, argv):
 
 
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
-    """Turn on JAX's persistent compilation cache, so a second run of the same shapes loads its compiled steps instead
-    of compiling them again (seconds to a minute each on CPU). path None: $SPOT_COMPILE_CACHE, else
-    $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); SPOT_COMPILE_CACHE=off (or 0) turns it off. Returns the folder."""
+    """Turn on JAX's persistent compilation cache, so a second run of the same shapes loads its compiled steps
+    instead of compiling them again (seconds to a minute each on CPU). path None: $SPOT_COMPILE_CACHE, else
+    $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); SPOT_COMPILE_CACHE=off (or 0) turns it off. Returns the
+    folder."""
     path = path or os.environ.get('SPOT_COMPILE_CACHE') or \
         Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'spot-jax'
     if str(path).lower() in ('off', '0', 'false', 'no', 'none'):
@@ -990,16 +1058,18 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
-# --dtype: what the frozen weights are stored and multiplied in. The official runs keep float32 parameters and compute
-# in bfloat16 (prompt-tuning configs/architectures/t5_1_1_flaxformer.gin: ACTIVATION_DTYPE = 'bfloat16'), casting each
-# weight to bfloat16 at its matmul; frozen weights cast once give the same products at half the memory. Norms,
-# softmax, logits, the loss and the prompt with its optimizer stay float32 either way (t5_model).
+# --dtype: what the frozen weights are stored and multiplied in. The official runs keep float32 parameters and
+# compute in bfloat16 (prompt-tuning configs/architectures/t5_1_1_flaxformer.gin: ACTIVATION_DTYPE =
+# 'bfloat16'), casting each weight to bfloat16 at its matmul; frozen weights cast once give the same products
+# at half the memory. Norms, softmax, logits, the loss and the prompt with its optimizer stay float32 either
+# way (t5_model).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | None = None):
     """--model: 'tiny' (random T5Config.tiny()), a hub id or a checkpoint directory -> (cfg, params in dtype).
-    With a mesh the weights are created or read straight into their shards (each host reads only its blocks)."""
+    With a mesh the weights are created or read straight into their shards (each host reads only its
+    blocks)."""
     dtype, place = DTYPES[dtype], mesh and functools.partial(param_shardings, mesh)
     if name != 'tiny':
         return t5_model.load_checkpoint(name, dtype, place)
@@ -1011,7 +1081,8 @@ def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | No
 
 
 def device_summary() -> str:
-    """What JAX runs on, printed when a run starts: a run meant for a GPU must not go on unnoticed on the CPU."""
+    """What JAX runs on, printed when a run starts: a run meant for a GPU must not go on unnoticed on the
+    CPU."""
     devices = jax.devices()
     hint = ' (the CPU build of jax: README, "On a GPU or TPU")' if jax.default_backend() == 'cpu' else ''
     hosts = f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''
@@ -1051,20 +1122,25 @@ def main(argv=None):
     sub = p.add_subparsers(dest='cmd', required=True)
     train, ev = sub.add_parser('train', allow_abbrev=False), sub.add_parser('eval', allow_abbrev=False)
     for q in (train, ev):
-        q.add_argument('--model', required=True, help="hub id (google/t5-base-lm-adapt), directory, or 'tiny'")
+        q.add_argument('--model', required=True,
+                       help="hub id (google/t5-base-lm-adapt), directory, or 'tiny'")
         q.add_argument('--task', required=True, help='a task name of data.py')
         q.add_argument('--data', default=None, help='directory with the original task files (default: tfds)')
         q.add_argument('--vocab', default=None, help='SentencePiece model (default: data.load_vocab())')
         q.add_argument('--model-parallel', type=int, default=1, help="devices per 'model' mesh group")
         q.add_argument('--dtype', default='float32', choices=DTYPES,
-                       help='frozen weights and activations; bfloat16 as the official runs (the prompt stays float32)')
-        q.add_argument('--coordinator', default=None, help='multi-host: HOST:PORT of process 0 (README, Multi-host)')
+                       help='frozen weights and activations; bfloat16 as the official runs '
+                            '(the prompt stays float32)')
+        q.add_argument('--coordinator', default=None,
+                       help='multi-host: HOST:PORT of process 0 (README, Multi-host)')
         q.add_argument('--num-processes', type=int, default=None, help='multi-host: number of processes')
         q.add_argument('--process-id', type=int, default=None, help='multi-host: this process, 0 .. N-1')
-        q.add_argument('--distributed-timeout', type=int, default=300, help='multi-host: seconds to wait for peers')
+        q.add_argument('--distributed-timeout', type=int, default=300,
+                       help='multi-host: seconds to wait for peers')
         q.add_argument('--no-compile-cache', action='store_true',
                        help='do not keep compiled steps on disk (default: on, see enable_compile_cache)')
-    train.add_argument('--init', default=None, choices=INITS, help='prompt initialisation (default sampled_vocab)')
+    train.add_argument('--init', default=None, choices=INITS,
+                       help='prompt initialisation (default sampled_vocab)')
     train.add_argument('--source-prompt', default=None, help='SPoT transfer: start from ' + PROMPT_FILES)
     train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
     train.add_argument('--out', required=True, help='run directory')
@@ -1087,10 +1163,12 @@ def main(argv=None):
     enable_compile_cache('off' if getattr(args, 'no_compile_cache', False) else None)
     try:
         {'eval': evaluate_cli, 'train': train_cli, 'export': export_cli}[args.cmd](args, tc, pc)
-    # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no traceback.
+    # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no
+    # traceback.
     except (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
         sys.exit(f'error: {e}')
-    except Interrupted as e:                      # Ctrl-C / SIGTERM during training: the checkpoint is written
+    # Ctrl-C / SIGTERM during training: the checkpoint is written
+    except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:                     # before training started: nothing to keep
@@ -1128,7 +1206,8 @@ def export_cli(args, tc, pc):
 
 
 def train_cli(args, tc, pc):
-    tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)   # checked before loading
+    # checked before loading
+    tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)
     pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
                              source=args.source_prompt or pc.source)
     if pc.init == 'file' and pc.source:
@@ -1138,34 +1217,37 @@ def train_cli(args, tc, pc):
     tasks = data.MIXTURES[mixture] if mixture else (data.get_task(args.task).name,)
     task = data.get_task(tasks[0])
     if pc.init == 'class_labels' and (mixture or not task.output_labels):
-        raise ValueError(f'{args.task} has no class labels: use --init text --text="..." (Lester: task words)')
+        raise ValueError(f'{args.task} has no class labels: use --init text --text="..." '
+                         f'(Lester: task words)')
     labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
     text = list(vocab.encode(pc.text)) if pc.text else None
     prompt = gather(init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text))
     # Examples are read, formatted and tokenized per batch (data.train_source): memory O(batch), any size.
     sources = {t: data.train_source(t, vocab, tc.max_input_len, tc.max_target_len, args.data, tc.seed)
                for t in tasks}
-    # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's meta).
-    # The data by content, not path: the same files in another folder resume; others are refused.
+    # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's
+    # meta). The data by content, not path: the same files in another folder resume; others are refused.
     reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
              'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}
     # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
     lead, rows, n = jax.process_index() == 0, process_rows(mesh, tc.batch_size), jax.process_count()
     share = dict(process_index=rows.start // (tc.batch_size // n), process_count=n)
-    if mixture:
-        batches = lambda k: data.mixture_batches(sources, tc.batch_size, tc.seed, start=k, **share)   # noqa: E731
-    else:
-        batches = lambda k: data.batches(sources[task.name], tc.batch_size, tc.seed, start=k, **share)   # noqa: E731
+    def batches(k):
+        if mixture:
+            return data.mixture_batches(sources, tc.batch_size, tc.seed, start=k, **share)
+        return data.batches(sources[task.name], tc.batch_size, tc.seed, start=k, **share)
     evaluator = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data, mesh=mesh) \
         if task.metrics and not mixture else None
-    if evaluator is None and lead:  # c4 (prefix LM) and the mixtures (SPoT's sources): no single validation metric
+    # c4 (prefix LM) and the mixtures (SPoT's sources): no single validation metric
+    if evaluator is None and lead:
         print(f'{args.task}: no validation metric; prompt.npy will be the prompt after the last step')
     result = train_prompt(prompt, frozen, cfg, tc, batches, evaluator, args.out,
                           meta={'model': args.model, 'dtype': args.dtype, 'task': args.task, 'init': pc.init,
                                 'prompt_config': dataclasses.asdict(pc), 'reads': reads},
                           resume=args.resume, mesh=mesh)
     if lead:
-        print(f"best score {result['best_score']} at step {result['best_step']}; prompt in {args.out}/prompt.npy")
+        print(f"best score {result['best_score']} at step {result['best_step']}; "
+              f"prompt in {args.out}/prompt.npy")
 
 
 if __name__ == '__main__':
