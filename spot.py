@@ -60,6 +60,8 @@ class PromptConfig:
     def __post_init__(self):
         if self.init not in INITS:
             raise ValueError(f'unknown prompt init {self.init!r}; known: {INITS}')
+        if self.init == 'file' and not self.source:
+            raise ValueError("init 'file' needs PromptConfig.source (CLI: --source-prompt PATH.npy)")
         if self.length < 1 or self.vocab_pool < 1:
             raise ValueError(f'PromptConfig needs length >= 1 and vocab_pool >= 1, '
                              f'got {self.length} and {self.vocab_pool}')
@@ -147,8 +149,6 @@ def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=N
     emb = params['token_embedder']['embedding']
     (V, D), P = emb.shape, cfg.length
     if cfg.init == 'file':                       # SPoT §2: the target prompt starts as the source prompt
-        if not cfg.source:
-            raise ValueError("init 'file' needs PromptConfig.source (CLI: --source-prompt PATH.npy)")
         return jnp.asarray(load_prompt(cfg.source, D, P, what='source prompt'))
     if cfg.init == 'uniform':
         return jax.random.uniform(key, (P, D), jnp.float32, 0.0, cfg.uniform_scale)
