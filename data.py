@@ -30,7 +30,7 @@ import numpy as np
 PAD_ID, EOS_ID = 0, 1
 NUM_SENTINELS = 100                       # <extra_id_0> = 32099 ... <extra_id_99> = 32000 (T5 vocabulary)
 MIXING_CAP = 2 ** 19                      # K of examples-proportional mixing, SPoT §2.1
-MAX_INPUT_LEN = 512                       # official PT demo scripts: {'inputs': 512, 'targets': 8} (NOTES.md §1)
+MAX_INPUT_LEN = 512                       # prompt-tuning/prompt_tuning/scripts/sst2-demo.sh: inputs 512
 DEFAULT_VOCAB = "google/t5-base-lm-adapt"  # SPoT §2.1: LM-adapted T5 1.1; every size shares this vocabulary
 TF_HINT = "pip install tensorflow-cpu   (or: pip install -e '.[tf]')"
 GLUE_URL = "https://gluebenchmark.com/tasks (zips: https://dl.fbaipublicfiles.com/glue/data/<TASK>.zip)"
@@ -195,7 +195,7 @@ class Task:
     source: str = ""                             # where to get the data
     needs_tf: bool = False                       # tfds 4.9.10 builds this builder only with TensorFlow
     adapt: Callable | None = None                # raw record -> list of flat examples
-    target_len: int = 8                          # official PT demo scripts: targets 8 (NOTES.md §1)
+    target_len: int = 8                          # prompt-tuning scripts/sst2-demo.sh: targets 8
 
     @property
     def output_labels(self):
@@ -214,7 +214,7 @@ def _glue_task(name, folder, layout, names, metrics=("accuracy",), fields=None, 
 
 def _sg_task(name, folder, layout, names, metrics=("accuracy",), fields=None, prefix=None, fmt=None, **kw):
     fmt = fmt or functools.partial(fmt_glue, prefix=prefix or name, fields=fields, names=names)
-    needs_tf = folder not in ("MultiRC", "ReCoRD")          # PEERS.md §6: only multirc and record build w/o TF
+    needs_tf = folder not in ("MultiRC", "ReCoRD")   # tfds text/super_glue.py: _info needs TF but for these
     cfg = {"WSC": "wsc.fixed", "RTE": "rte"}.get(folder, name)
     return Task(name, fmt, names, metrics, tfds_name=f"super_glue/{cfg}", reader="superglue_jsonl",
                 layout=layout, files={s: f"{folder}/{s[:3] if s == 'validation' else s}.jsonl" for s in SPLITS},
@@ -431,7 +431,7 @@ def _tfds_sources(task, split, tfds_dir, download):
         raise ModuleNotFoundError(f"tfds 4.9.10 builds {task.tfds_name} only with TensorFlow (its features use tf "
                                   f"dtypes): {TF_HINT}{alt}")
     import tensorflow_datasets as tfds
-    # Registers glue, super_glue & co. without TensorFlow (PEERS.md §6); `import tfds` alone does not.
+    # Registers glue, super_glue & co. without TensorFlow (tfds 4.9, tested here); `import tfds` alone does not.
     import tensorflow_datasets.question_answering, tensorflow_datasets.summarization  # noqa: F401,E401
     import tensorflow_datasets.text, tensorflow_datasets.translate  # noqa: F401,E401
     out = []
@@ -711,7 +711,7 @@ def _load_vocab(ref):
             path = Path(hf_hub_download(ref, "spiece.model"))
         except Exception as e:  # offline, unknown repo, no permission: say how to point at a local file instead
             raise OSError(f"could not fetch spiece.model of {ref!r} from the Hugging Face hub ({type(e).__name__}: "
-                          f"{str(e)[:200]}). Offline, pass a local file, e.g. --vocab ../shared/data/t5_spiece.model, "
+                          f"{str(e)[:200]}). Offline, pass a local file, e.g. --vocab /path/to/t5_spiece.model, "
                           "or set SPOT_VOCAB to it") from e
     from google.protobuf.message import DecodeError
     try:

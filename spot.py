@@ -1,15 +1,16 @@
 """SPoT: soft prompt tuning and transfer on a frozen T5 (Vu et al., ACL 2022; Lester et al., 2021), pure JAX.
 
-§2.1    the prompt [P,D], prepended to the embedded input, is the only trained parameter: prompt_loss, train_step
-§2.1.4  recipe (Adafactor lr 0.3, batch 32, 2^18 steps, dropout 0.1, best of evaluations every 500 steps):
-        TrainConfig, make_optimizer, train_prompt (checkpoints, exact resume, NaN stop)
-§2.1.4, App. C  initialisations (sampled vocabulary, class labels, text, uniform) and SPoT's transfer
-        (start from a source prompt file): PromptConfig, init_prompt
-§3.2    the prompt after 10K steps is the task embedding (fn. 13): TrainConfig.embedding_step -> prompt_step10000.npy
-App. C  ModelTuning baseline of Figure 1 (every weight trains): MODEL_TUNING, model_tuning_step
-Evaluation on validation (greedy decoding or rank classification -> task metric): evaluate, make_evaluator
-Prompt files (.npy; the official code's T5X prompt files; Hugging Face PEFT adapters): load_prompt, export_peft
-Data/model parallelism: make_mesh, shard_params, shard_batch, replicate.   CLI: `python spot.py train|eval|export -h`.
+The method, in reading order:
+  PromptConfig, OptimizerConfig, TrainConfig   the recipe (§2.1.4, footnote 7; App. C for the inits)
+  init_prompt    the starting prompt [P,D]; SPoT's transfer (§2) is init 'file': start from a source prompt
+  prompt_loss    the frozen T5 reading [prompt; embedded input] (§2.1; Lester et al. §2)
+  train_step     one Adafactor update of the prompt only
+  train_prompt   the loop: best of evaluations every 500 steps (§2.1.4); the prompt after 10K steps is
+                 the task embedding (§3.2, footnote 13)
+  evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator)
+Then, in headed sections: performance (sub-batches); I/O: prompt files (.npy, the official code's T5X prompt
+files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder, sharding and multi-host
+(make_mesh, shard_params, shard_batch, replicate); the CLI: `python spot.py train|eval|export -h`.
 """
 from __future__ import annotations
 
@@ -47,16 +48,20 @@ INITS = ('sampled_vocab', 'class_labels', 'text', 'uniform', 'file')
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
     length: int = 100            # P: SPoT §2.1, "L = 100"
-    init: str = 'sampled_vocab'  # §2.1.4: source prompts start from sampled vocabulary (targets: App. C); see INITS
+    # §2.1.4: source prompts start from sampled vocabulary (targets: App. C); see INITS
+    init: str = 'sampled_vocab'
     vocab_pool: int = 5000       # §2.1.4 / Lester et al. 2021: the 5,000 most common tokens = ids < 5000
-    uniform_scale: float = 0.5   # PT code prompts.py default uniform(scale=0.5) = U[0, 0.5) (NOTES §7.3; we follow
-                                 # the code that produced Lester's numbers, not its text's [-0.5, 0.5])
+    # google-research/prompt-tuning, prompt_tuning/prompts.py: flax uniform(scale=0.5) = U[0, 0.5). We follow
+    # the code that produced Lester et al.'s numbers, not their text's [-0.5, 0.5].
+    uniform_scale: float = 0.5
     source: str = ''             # 'file': the source prompt (SPoT's transfer, §2), a file load_prompt reads
     text: str = ''               # 'text': its token embeddings fill the first rows (Lester: ReCoRD, WSC)
 
     def __post_init__(self):
         if self.init not in INITS:
             raise ValueError(f'unknown prompt init {self.init!r}; known: {INITS}')
+        if self.init == 'file' and not self.source:
+            raise ValueError("init 'file' needs PromptConfig.source (CLI: --source-prompt PATH.npy)")
         if self.length < 1 or self.vocab_pool < 1:
             raise ValueError(f'PromptConfig needs length >= 1 and vocab_pool >= 1, '
                              f'got {self.length} and {self.vocab_pool}')
@@ -66,33 +71,59 @@ LM_ADAPT_CHECKPOINT_STEP = 1_100_000   # T5 1.1 (1M steps) + 100K LM-adaptation 
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 2**18               # §2.1.4 "2^18 steps, following Raffel et al." (30K "-longer tuning"; §3: 100K)
-    batch_size: int = 32             # §2.1.4
+class OptimizerConfig:
+    """Adafactor's settings: the static argument of train_step (a change recompiles it, nothing else does)."""
     learning_rate: float = 0.3       # footnote 7; PT runs/prompt_finetune.gin: constant 0.3
-    decay_rate: float = 0.8          # Adafactor beta2 exponent: PT configs/models/t5_1_1_prompt.gin; Lester et al.
-    # The official runs continue the checkpoint's step counter (prompt-tuning configs/runs/prompt_finetune.gin:
-    # "TRAIN_STEPS ... includes pretrain steps"; models/t5_1_1_prompt.gin: step_offset = 0), so Adafactor's decay
-    # 1 - t^-0.8 starts at t = 1.1M, the LM-adapted checkpoints' step (t5_1_1_lm100k_*/checkpoint_1100000), not at 0.
+    # Adafactor beta2 exponent: PT configs/models/t5_1_1_prompt.gin; Lester et al.
+    decay_rate: float = 0.8
+    # The official runs continue the checkpoint's step counter (prompt-tuning
+    # configs/runs/prompt_finetune.gin: "TRAIN_STEPS ... includes pretrain steps"; models/t5_1_1_prompt.gin:
+    # step_offset = 0), so Adafactor's decay 1 - t^-0.8 starts at t = 1.1M, the LM-adapted checkpoints' step
+    # (t5_1_1_lm100k_*/checkpoint_1100000), not at 0.
     decay_offset: int = -LM_ADAPT_CHECKPOINT_STEP
     param_scale: bool = False        # footnote 7: "parameter scaling off"
     weight_decay: float = 1e-5       # footnote 7 (T5X: (1 - wd) * param, not scaled by the learning rate)
-    clipping_threshold: float = 1.0  # T5X Adafactor default update clipping (NOTES §7.4)
+    clipping_threshold: float = 1.0  # T5X Adafactor default update clipping (t5x/adafactor.py)
+
+    def __post_init__(self):
+        ranges = (('learning_rate', 0 < self.learning_rate < math.inf, 'finite and > 0'),
+                  ('decay_rate', 0 < self.decay_rate <= 1, 'in (0, 1]'),
+                  ('weight_decay', 0 <= self.weight_decay < 1, 'in [0, 1)'),
+                  ('clipping_threshold', 0 < self.clipping_threshold <= math.inf, '> 0'))
+        bad = [f'{name}={getattr(self, name)} (must be {why})' for name, ok, why in ranges if not ok]
+        if bad:
+            raise ValueError(f"bad OptimizerConfig: {', '.join(bad)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # §2.1.4 "2^18 steps, following Raffel et al." (30K "-longer tuning"; §3: 100K)
+    steps: int = 2**18
+    batch_size: int = 32             # §2.1.4
+    optimizer: OptimizerConfig = OptimizerConfig()   # CLI: --learning_rate=... etc. (override)
     z_loss: float = 1e-4             # PT t5_1_1_prompt.gin Z_LOSS
-    dropout: float = 0.1             # §2.1.4 "dropout 0.1"; T5X runs/finetune.gin DROPOUT_RATE
+    # The run's dropout: train_prompt writes it into the model config (T5Config.dropout_rate) before the first
+    # step, so the compiled step and the checkpoint see this one rate. §2.1.4 "dropout 0.1"; T5X
+    # runs/finetune.gin.
+    dropout: float = 0.1
     eval_every: int = 500            # §2.1.4: checkpoints every 500 steps, best validation score reported
     checkpoint_every: int = 500      # resumable checkpoint period (one is also written at every evaluation)
     embedding_step: int = 10_000     # §3.2 footnote 13: prompts after 10K steps are the task embeddings
     log_every: int = 100             # progress line period
     seed: int = 0                    # data order, prompt init and dropout keys
-    max_input_len: int = 512         # not in the paper; PT demo scripts: {'inputs': 512, 'targets': 8} (NOTES §1)
-    max_target_len: int = 0          # 0 = the task's data.Task.target_len (8 for classification, as the PT demos)
+    # Not in the paper; the prompt-tuning demo scripts use {'inputs': 512, 'targets': 8}
+    # (google-research/prompt-tuning, prompt_tuning/scripts/sst2-demo.sh).
+    max_input_len: int = 512
+    # 0 = the task's data.Task.target_len (8 for classification, as the PT demos)
+    max_target_len: int = 0
     eval_batch_size: int = 64
     eval_limit: int = 0              # evaluate on the first N validation examples only (0 = all: the paper)
-    eval_method: str = 'decode'      # 'decode': T5 greedy decoding; 'rank': score every label (classification only)
-    sub_batches: int = 0             # execution only (train_step); 0 = auto: 2 on one CPU device, else 1
+    # 'decode': T5 greedy decoding; 'rank': score every label (classification only)
+    eval_method: str = 'decode'
+    sub_batches: int = 0             # execution only (sub_batch_count); 0 = auto: 2 on one CPU device, else 1
 
-    def __post_init__(self):         # refuse now what would fail (or divide by zero) only after hours of training
+    # refuse now what would fail (or divide by zero) only after hours of training
+    def __post_init__(self):
         bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
             (1, ('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'eval_batch_size')),
             (0, ('embedding_step', 'eval_limit', 'sub_batches')))
@@ -100,10 +131,6 @@ class TrainConfig:
         if self.eval_method not in ('decode', 'rank'):
             bad.append(f"eval_method={self.eval_method!r} (must be 'decode' or 'rank')")
         ranges = (('dropout', 0 <= self.dropout < 1, 'in [0, 1)'),
-                  ('learning_rate', 0 < self.learning_rate < math.inf, 'finite and > 0'),
-                  ('decay_rate', 0 < self.decay_rate <= 1, 'in (0, 1]'),
-                  ('weight_decay', 0 <= self.weight_decay < 1, 'in [0, 1)'),
-                  ('clipping_threshold', 0 < self.clipping_threshold <= math.inf, '> 0'),
                   ('z_loss', 0 <= self.z_loss < math.inf, 'finite and >= 0'),
                   ('max_input_len', self.max_input_len >= 2, '>= 2: one token and EOS'),
                   ('max_target_len', self.max_target_len == 0 or self.max_target_len >= 2,
@@ -113,37 +140,292 @@ class TrainConfig:
             raise ValueError(f"bad TrainConfig: {', '.join(bad)}")
 
 
-# App. C: ModelTuning uses T5 defaults: Adafactor, constant lr 0.001, dropout 0.1, parameter scaling on
-# (T5X Adafactor default), no weight decay; 2^16 tokens per batch = 128 inputs of 512 tokens. The paper also restores
-# the pre-training optimizer state: we cannot (the released checkpoints carry no optimizer state), but its step
-# counter continues from T5 1.1's 1M steps (checkpoint_1000000), as decay_offset does for the prompt runs.
-MODEL_TUNING = TrainConfig(learning_rate=1e-3, param_scale=True, weight_decay=0.0, batch_size=128,
-                           decay_offset=-1_000_000)
+# ------------------------------------------------------------------------------------------------- the prompt
+def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=None) -> jax.Array:
+    """The starting prompt, float32 [P,D]. params: the frozen T5 (only its embedding [V,D] is read; 'file' and
+    'uniform' need just its shape, so jax.eval_shape(...) params do). label_ids: token ids of each class label
+    (class_labels); text_ids: token ids of the string (text); both without EOS."""
+    cfg = PromptConfig(init=cfg) if isinstance(cfg, str) else cfg
+    emb = params['token_embedder']['embedding']
+    (V, D), P = emb.shape, cfg.length
+    if cfg.init == 'file':                       # SPoT §2: the target prompt starts as the source prompt
+        return jnp.asarray(load_prompt(cfg.source, D, P, what='source prompt'))
+    if cfg.init == 'uniform':
+        return jax.random.uniform(key, (P, D), jnp.float32, 0.0, cfg.uniform_scale)
+    if cfg.vocab_pool > V:                       # else jnp indexing would clamp ids >= V to the last row
+        raise ValueError(f'vocab_pool {cfg.vocab_pool} exceeds the model\'s vocabulary of {V} rows: '
+                         f'pass --vocab_pool={V} (or fewer)')
+    if P > cfg.vocab_pool:
+        raise ValueError(f'cannot sample {P} distinct rows from a pool of {cfg.vocab_pool} ids')
+    # §2.1.4 / Lester et al. 2021: T5's SentencePiece ids are ordered by frequency, so ids < 5000 are the most
+    # common tokens; rows are drawn without replacement (PT from_sample_of_embeddings).
+    ids = jax.random.choice(key, cfg.vocab_pool, (P,), replace=False)
+    prompt = jnp.asarray(emb[ids], jnp.float32)
+    # App. C; Lester et al.: label i at position i, pieces mean-pooled
+    if cfg.init == 'class_labels':
+        label_ids = [] if label_ids is None else list(label_ids)
+        if not 1 <= len(label_ids) <= P:
+            raise ValueError(f'class_labels needs the token ids of 1 to {P} labels (one per prompt row), got '
+                             f'{len(label_ids)} labels: use --length={max(len(label_ids), 1)} or more')
+        rows = [_token_rows(emb, p, f'class label {i}').mean(0) for i, p in enumerate(label_ids)]
+        prompt = prompt.at[:len(rows)].set(jnp.stack(rows))
+    elif cfg.init == 'text':                     # a text longer than the prompt: its first P tokens
+        rows = _token_rows(emb, text_ids, 'text init (the token ids of PromptConfig.text, --text="...")')[:P]
+        prompt = prompt.at[:len(rows)].set(rows)
+    return prompt
 
 
-def override(cfg, argv):
-    """Apply each `--field=value` of argv naming a field of cfg; return (new cfg, the other items).
-    Example: override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...), ['--x=1'])."""
-    fields, changes, rest = {f.name for f in dataclasses.fields(cfg)}, {}, []
-    for arg in argv:
-        name, eq, text = arg.removeprefix('--').partition('=')
-        name = name.replace('-', '_')
-        if not (arg.startswith('--') and eq and name in fields):
-            rest.append(arg)
-            continue
-        want = type(getattr(cfg, name))
-        try:                                              # a str field keeps its text as is: --text=1984
-            value = text if want is str else float(text) if want is float else ast.literal_eval(text)
-        except (ValueError, SyntaxError):                 # float() reads nan/inf too: __post_init__ judges them
-            value = text
-        if type(value) is not want:
-            raise ValueError(f'--{name}={text}: {type(cfg).__name__}.{name} expects {want.__name__}, '
-                             f'got {type(value).__name__}')
-        changes[name] = value
-    return dataclasses.replace(cfg, **changes), rest
+def _token_rows(emb, ids, what):
+    """Embedding rows of token ids, float32 [n, D]; ids outside [0, V) are refused (jnp indexing would
+    clamp)."""
+    ids = np.asarray(ids if ids is not None else [])
+    if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer) or not (
+            0 <= ids.min() and ids.max() < emb.shape[0]):
+        raise ValueError(f'{what}: expected a non-empty list of token ids in [0, {emb.shape[0]}), '
+                         f'got {ids.tolist()}')
+    return jnp.asarray(emb[ids], jnp.float32)
 
 
-# ----------------------------------------------------------------------------------------------- prompts
+# -------------------------------------------------------------------------------------- the loss and the step
+def seq2seq_loss(logits, targets, z_loss: float):
+    """Cross-entropy + z_loss * log(Z)^2 (T5X losses.py), averaged over non-pad target tokens. logits
+    [B,T,V]."""
+    # Normalisation: T5X sums over tokens (LOSS_NORMALIZING_FACTOR = None in prompt-tuning's
+    # configs/models/t5_1_1_prompt.gin); we average. Adafactor divides each gradient by the root of its
+    # running mean square, so a constant factor on the loss leaves the update unchanged (only batches with
+    # different token counts weigh differently inside that running mean), and the mean keeps the printed loss
+    # a per-token number comparable across batch sizes.
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    ce = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    weights = (targets != t5_model.PAD_ID).astype(jnp.float32)
+    return jnp.sum((ce + z_loss * log_z ** 2) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def prompt_loss(prompt, frozen, batch, cfg, dropout_key=None, z_loss=1e-4):
+    """Loss of the frozen T5 (cfg) reading [prompt; embedded inputs] (Lester §2). prompt [P,D]; batch int32
+    'inputs' [B,S], 'targets' [B,T]; dropout_key None = evaluation (no dropout)."""
+    decoder_inputs = t5_model.shift_right(batch['targets'])
+    logits = t5_model.forward(frozen, cfg, batch['inputs'], decoder_inputs, prompt=prompt,
+                              dropout_key=dropout_key)
+    return seq2seq_loss(logits, batch['targets'], z_loss)
+
+
+def make_optimizer(opt: OptimizerConfig) -> optax.GradientTransformation:
+    """Adafactor as in T5X (t5x/adafactor.py; our test checks the update against a transcription of it). The
+    [P,D] prompt has P = 100 < 128 = min_dim_size_to_factor, so its second moment is unfactored, as in the
+    official runs; no momentum."""
+    return optax.adafactor(learning_rate=opt.learning_rate, decay_rate=opt.decay_rate,
+                           decay_offset=opt.decay_offset, multiply_by_parameter_scale=opt.param_scale,
+                           clipping_threshold=opt.clipping_threshold,
+                           momentum=None, weight_decay_rate=opt.weight_decay or None, eps=1e-30)
+
+
+def dropout_key(seed: int, step: int) -> jax.Array:
+    """Dropout key of a training step: a pure function of (seed, step), so a resumed run draws the same
+    masks."""
+    return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], step)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'opt', 'z_loss', 'sub_batches'),
+                   donate_argnames=('prompt', 'opt_state'))
+def train_step(prompt, opt_state, frozen, batch, key, cfg, opt: OptimizerConfig, z_loss=1e-4, sub_batches=1):
+    """One prompt-tuning update with dropout cfg.dropout_rate. Only argument 0 (the prompt) is differentiated:
+    no weight gradient is ever built, and `frozen` is a jit argument, not a constant baked into the program.
+    sub_batches: execution only (sub_batched). Returns (prompt, opt_state, loss)."""
+    loss_fn = prompt_loss if sub_batches == 1 else sub_batched(prompt_loss, sub_batches)
+    loss, grad = jax.value_and_grad(loss_fn)(prompt, frozen, batch, cfg, key, z_loss)
+    updates, opt_state = make_optimizer(opt).update(grad, opt_state, prompt)
+    return optax.apply_updates(prompt, updates), opt_state, loss
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, out_dir='runs/prompt', *,
+                 meta=None, resume=False, mesh=None, log=print) -> dict:
+    """Prompt tuning (§2.1.4): tc.steps updates of `prompt` [P,D] on the frozen T5 (cfg, frozen).
+
+    batches(start) -> iterator whose k-th item is batch start+k, a pure function of (seed, start+k)
+    (data.batches). evaluator(prompt) -> dict with 'score' (higher is better), called every tc.eval_every
+    steps and at the end; the best prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score,
+    config). Without `evaluator` prompt.npy is the last prompt. The prompt after tc.embedding_step steps goes
+    to prompt_step{N}.npy; every log line and evaluation to metrics.jsonl. checkpoint.npz (atomic) holds
+    prompt, optimizer state, step (= data position), seed, best score; resume=True continues from it to the
+    same bits as an uninterrupted run, and refuses a checkpoint of another model (architecture or weights),
+    prompt shape, `meta` (task, data, ...) or TrainConfig. The run owns out_dir (run.lock): a second run there
+    is refused, and a new run never replaces files an earlier one left. SIGINT/SIGTERM stop it after the
+    current step with a checkpoint (Interrupted). A non-finite loss or prompt raises FloatingPointError,
+    leaving the last good checkpoint. Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step',
+    'losses'}.
+    """
+    out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
+    log, ckpt, k = log if lead else (lambda *_: None), out / 'checkpoint.npz', sub_batch_count(tc)
+    check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
+    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)    # the run's dropout (TrainConfig.dropout)
+    info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
+    with contextlib.ExitStack() as folder, stop_requests(log) as signals:
+        on_lead(lambda: folder.enter_context(own_folder(out)) and None)
+        on_lead(check_new_run, out, resume)
+        prompt, opt_state, state = start_or_resume(prompt, tc, run_identity(cfg, frozen, meta), info, ckpt,
+                                                   resume, log)
+        frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
+        # rate window (evaluation excluded)
+        losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])
+        data = batches(state['step'])
+
+        # §2.1.4: keep the checkpoint with the best validation score
+        def keep_best(prompt, done):
+            metrics = evaluator(prompt)
+            log(f'step {done}  eval {_json(metrics, None).decode()}')
+            if lead:
+                record_evaluation(out, prompt, opt_state, state, done, metrics, info)
+            else:
+                best_so_far(state, done, metrics)
+
+        # interrupted during the evaluation of its step
+        if state.get('eval_pending') and evaluator is not None:
+            keep_best(prompt, state['step'])
+        for step in range(state['step'], tc.steps):
+            batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
+            prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step),
+                                                 cfg, tc.optimizer, tc.z_loss, k)
+            loss, done = float(loss), step + 1
+            if not math.isfinite(loss):
+                raise diverged(f'loss is {loss} at step {done}', ckpt, state)
+            losses.append(loss)
+            evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
+            signum = any_signal(signals)
+            checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or signum
+            # a NaN grad
+            if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):
+                raise diverged(f'the prompt has NaN or inf values after step {done} (loss {loss})', ckpt,
+                               state)
+            if done % tc.log_every == 0 or done == tc.steps:
+                log_progress(out if lead else None, log, done, tc.steps, loss, (done - n_log) / (
+                    time.perf_counter() - t_log))
+                t_log, n_log = time.perf_counter(), done
+            if done == tc.embedding_step and lead:  # §3.2: the task embedding
+                save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
+            # before evaluating: an evaluator that fails loses no training
+            if checkpoint:
+                state.update(step=done, data_position=done, eval_pending=evaluated)
+                if lead:
+                    save_checkpoint(ckpt, prompt, opt_state, state)
+                if evaluated:
+                    keep_best(prompt, done)
+                t_log, n_log = time.perf_counter(), done
+            if signum and done < tc.steps:
+                raise Interrupted(f'stopped by {signal.Signals(signum).name} after step {done}: {ckpt} holds '
+                                  f'it; rerun the same command with --resume (resume=True) to continue',
+                                  signum)
+        # never evaluated
+        if evaluator is None and state['best_step'] is None and state['step'] == tc.steps and lead:
+            save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
+    return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'],
+            'best_score': state['best_score'], 'best_step': state['best_step'], 'losses': losses}
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
+             batch_size=64, mesh=None) -> list[str]:
+    """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout,
+    in the order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose
+    target string has the highest log-likelihood. Examples are grouped by length, and each batch padded to the
+    bucket of its longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the
+    longest one. With a mesh each batch is split over 'data' and the predictions gathered (every process
+    returns all of them)."""
+    import data
+    if method == 'rank':
+        if not label_names:
+            raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
+        labels = data.pad_rows(data.token_ids(vocab, label_names, max_target_len), max_target_len)
+    elif method != 'decode':
+        raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
+    rows = data.unpad(inputs) if hasattr(inputs, 'shape') else [list(r) for r in inputs]
+    cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
+    order = np.argsort([len(r) for r in rows], kind='stable')
+    preds = [None] * len(rows)
+    # a full batch every call (zero rows pad the last): fewer shapes
+    for i in range(0, len(rows), batch_size):
+        chunk = order[i:i + batch_size]
+        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
+                      data.bucket_length(max(len(rows[j]) for j in chunk), cap))
+        if method == 'decode':
+            x = spread_rows(mesh, x)
+            ids = gather(t5_model.greedy_decode(frozen, cfg, x, prompt, max_len=max_target_len))
+            out = [vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row)
+                   for row in ids.tolist()]                       # tokens before EOS (0 after it)
+        else:
+            scores = np.stack([gather(t5_model.score_targets(frozen, cfg, spread_rows(mesh, x), spread_rows(
+                mesh, np.broadcast_to(lab, (batch_size, lab.size))), prompt)) for lab in labels], axis=1)
+            out = [label_names[j] for j in scores.argmax(1)]
+        for j, pred in zip(chunk, out):
+            preds[j] = pred
+    return preds
+
+
+def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None,
+                   mesh=None):
+    """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's
+    `split`."""
+    import data
+    task = data.get_task(task_name)
+    examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
+    T = tc.max_target_len or task.target_len
+    texts = [t['inputs'] for t in data.text_pairs(task_name, examples)]
+    inputs = data.token_ids(vocab, texts, tc.max_input_len)
+    # fails now, not at the first evaluation, if a metric cannot run
+    data.score(task_name, examples[:1], [''])
+    if tc.eval_method == 'rank' and not task.output_labels:
+        raise ValueError(f"eval method 'rank' needs a classification task with label names; "
+                         f"{task.name}'s targets are not a fixed set of label strings: "
+                         f"use --eval_method=decode")
+
+    def run(prompt):
+        preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method,
+                         label_names=task.output_labels, max_target_len=T, batch_size=tc.eval_batch_size,
+                         mesh=mesh)
+        return data.score(task_name, examples, preds)
+    return run
+
+
+# ----------------------------------------------------------------------------------- performance: sub-batches
+# The plain formula is loss(batch); this computes it as k independent sub-batches (rows i::k) whose mean
+# losses are weighted by their target-token counts: the same loss, gradient (to float rounding) and dropout
+# masks (one key per example) for every k. Measured: XLA:CPU runs independent ops on different cores at once,
+# so k = 2 keeps 2 cores busier (README, Speed: k = 4 was no faster and compiled longer). On accelerators k =
+# 1.
+def sub_batch_count(tc: TrainConfig) -> int:
+    """k for train_step, decided outside the compiled function: tc.sub_batches, or 0 = 2 on one CPU device,
+    else 1."""
+    return tc.sub_batches or (2 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
+
+
+def sub_batched(loss_fn, k: int):
+    """loss_fn(prompt, frozen, batch, cfg, key, z_loss) computed as gcd(k, B) sub-batches (see above)."""
+    def loss(prompt, frozen, batch, cfg, key, z_loss):
+        B = batch['targets'].shape[0]
+        n_sub = math.gcd(k, B)
+        if n_sub == 1:
+            return loss_fn(prompt, frozen, batch, cfg, key, z_loss)
+        keys, total, tokens = jax.random.split(key, B), 0.0, 0.0
+        for i in range(n_sub):
+            sub = {name: batch[name][i::n_sub] for name in ('inputs', 'targets')}
+            n = jnp.sum(sub['targets'] != t5_model.PAD_ID).astype(jnp.float32)
+            total += loss_fn(prompt, frozen, sub, cfg, keys[i::n_sub], z_loss) * n
+            tokens += n
+        return total / jnp.maximum(tokens, 1.0)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------ I/O: prompt files
+# A prompt [P, D] travels in three formats; load_prompt reads all three, export_peft writes the third:
+# - .npy (np.save): ours, and Google's released prompts;
+# - the official code's T5X runs: numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt, np.save
+#   format without an extension (google-research/prompt-tuning, prompt_tuning/train/utils.py, save_numpy);
+# - a Hugging Face PEFT prompt-tuning adapter folder (the facts it rests on: export_peft).
+T5X_PROMPT = 'encoder.prompt.prompt.prompt'
+PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'   # peft/utils/constants.py
+
+
 def check_prompt(prompt, d_model: int | None, length: int | None = None, what: str = 'prompt'):
     """Refuse a prompt that is not a finite float [P, d_model] (e.g. a Base prompt, 768 wide, on a Small
     model). d_model None: any width."""
@@ -165,446 +447,8 @@ def check_prompt(prompt, d_model: int | None, length: int | None = None, what: s
         hint = ' (bfloat16 saved as raw bytes? cast it to float32 before np.save)' if raw else ''
         raise ValueError(f'{what} has dtype {prompt.dtype}: a prompt holds real (float) values{hint}')
     if not np.isfinite(np.asarray(prompt, np.float32)).all():
-        raise ValueError(f'{what} holds NaN or inf values: it comes from a diverged run; use an earlier prompt')
-
-
-def _token_rows(emb, ids, what):
-    """Embedding rows of token ids, float32 [n, D]; ids outside [0, V) are refused (jnp indexing would clamp)."""
-    ids = np.asarray(ids if ids is not None else [])
-    if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer) or not (
-            0 <= ids.min() and ids.max() < emb.shape[0]):
-        raise ValueError(f'{what}: expected a non-empty list of token ids in [0, {emb.shape[0]}), got {ids.tolist()}')
-    return jnp.asarray(emb[ids], jnp.float32)
-
-
-def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=None) -> jax.Array:
-    """The starting prompt, float32 [P,D]. params: the frozen T5 (only its embedding [V,D] is read; 'file' and
-    'uniform' need just its shape, so jax.eval_shape(...) params do). label_ids: token ids of each class label
-    (class_labels); text_ids: token ids of the string (text); both without EOS."""
-    cfg = PromptConfig(init=cfg) if isinstance(cfg, str) else cfg
-    emb = params['token_embedder']['embedding']
-    (V, D), P = emb.shape, cfg.length
-    if cfg.init == 'file':                       # SPoT §2: the target prompt starts as the source prompt
-        if not cfg.source:
-            raise ValueError("init 'file' needs PromptConfig.source (CLI: --source-prompt PATH.npy)")
-        return jnp.asarray(load_prompt(cfg.source, D, P, what='source prompt'))
-    if cfg.init == 'uniform':
-        return jax.random.uniform(key, (P, D), jnp.float32, 0.0, cfg.uniform_scale)
-    if cfg.vocab_pool > V:                       # else jnp indexing would clamp ids >= V to the last row
-        raise ValueError(f'vocab_pool {cfg.vocab_pool} exceeds the model\'s vocabulary of {V} rows: '
-                         f'pass --vocab_pool={V} (or fewer)')
-    if P > cfg.vocab_pool:
-        raise ValueError(f'cannot sample {P} distinct rows from a pool of {cfg.vocab_pool} ids')
-    # §2.1.4 / Lester et al. 2021: T5's SentencePiece ids are ordered by frequency, so ids < 5000 are the most common
-    # tokens; rows are drawn without replacement (PT from_sample_of_embeddings).
-    ids = jax.random.choice(key, cfg.vocab_pool, (P,), replace=False)
-    prompt = jnp.asarray(emb[ids], jnp.float32)
-    if cfg.init == 'class_labels':               # App. C; Lester et al.: label i at position i, pieces mean-pooled
-        label_ids = [] if label_ids is None else list(label_ids)
-        if not 1 <= len(label_ids) <= P:
-            raise ValueError(f'class_labels needs the token ids of 1 to {P} labels (one per prompt row), got '
-                             f'{len(label_ids)} labels: use --length={max(len(label_ids), 1)} or more')
-        rows = [_token_rows(emb, p, f'class label {i}').mean(0) for i, p in enumerate(label_ids)]
-        prompt = prompt.at[:len(rows)].set(jnp.stack(rows))
-    elif cfg.init == 'text':                     # a text longer than the prompt: its first P tokens
-        rows = _token_rows(emb, text_ids, 'text init (the token ids of PromptConfig.text, --text="...")')[:P]
-        prompt = prompt.at[:len(rows)].set(rows)
-    return prompt
-
-
-# ----------------------------------------------------------------------------------------------- the step
-def seq2seq_loss(logits, targets, z_loss: float):
-    """Cross-entropy + z_loss * log(Z)^2 (T5X losses.py), averaged over non-pad target tokens. logits [B,T,V]."""
-    # Normalisation: T5X sums over tokens (LOSS_NORMALIZING_FACTOR=None, NOTES §7.4); we average. Adafactor divides
-    # each gradient by the root of its running mean square, so a constant factor on the loss leaves the update
-    # unchanged (only batches with different token counts weigh differently inside that running mean), and the mean
-    # keeps the printed loss a per-token number comparable across batch sizes.
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    ce = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    weights = (targets != t5_model.PAD_ID).astype(jnp.float32)
-    return jnp.sum((ce + z_loss * log_z ** 2) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def prompt_loss(prompt, frozen, batch, cfg, dropout_key=None, z_loss=1e-4):
-    """Loss of the frozen T5 (cfg) reading [prompt; embedded inputs] (Lester §2). prompt [P,D]; batch int32
-    'inputs' [B,S], 'targets' [B,T]; dropout_key None = evaluation (no dropout)."""
-    decoder_inputs = t5_model.shift_right(batch['targets'])
-    logits = t5_model.forward(frozen, cfg, batch['inputs'], decoder_inputs, prompt=prompt, dropout_key=dropout_key)
-    return seq2seq_loss(logits, batch['targets'], z_loss)
-
-
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """Adafactor as in T5X (PEERS §5: matches t5x/adafactor.py to ~3e-6). The [P,D] prompt has P = 100 < 128 =
-    min_dim_size_to_factor, so its second moment is unfactored, as in the official runs; no momentum."""
-    return optax.adafactor(learning_rate=tc.learning_rate, decay_rate=tc.decay_rate, decay_offset=tc.decay_offset,
-                           multiply_by_parameter_scale=tc.param_scale, clipping_threshold=tc.clipping_threshold,
-                           momentum=None, weight_decay_rate=tc.weight_decay or None, eps=1e-30)
-
-
-def dropout_key(seed: int, step: int) -> jax.Array:
-    """Dropout key of a training step: a pure function of (seed, step), so a resumed run draws the same masks."""
-    return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], step)
-
-
-# The TrainConfig fields the steps compute with. Callers pass step_config(tc) as the static `tc`, so runs that differ
-# in steps, seed, evaluation period, ... reuse one compiled step instead of recompiling (seconds each on CPU).
-_STEP_FIELDS = ('learning_rate', 'decay_rate', 'decay_offset', 'param_scale', 'weight_decay', 'clipping_threshold',
-                'z_loss', 'dropout', 'sub_batches')
-
-
-def step_config(tc: TrainConfig) -> TrainConfig:
-    """tc with every field but _STEP_FIELDS at its default: the static argument of train_step/model_tuning_step."""
-    return TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
-
-
-@functools.partial(jax.jit, static_argnames=('cfg', 'tc'), donate_argnames=('prompt', 'opt_state'))
-def train_step(prompt, opt_state, frozen, batch, key, cfg, tc: TrainConfig):
-    """One prompt-tuning update. Only argument 0 (the prompt) is differentiated: no weight gradient is ever built,
-    and `frozen` is a jit argument, not a constant baked into the program. Returns (prompt, opt_state, loss)."""
-    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)         # §2.1.4: dropout 0.1 while training
-    loss, grad = jax.value_and_grad(_sub_batch_loss)(prompt, frozen, batch, cfg, key, tc)
-    updates, opt_state = make_optimizer(tc).update(grad, opt_state, prompt)
-    return optax.apply_updates(prompt, updates), opt_state, loss
-
-
-def _sub_batch_loss(prompt, frozen, batch, cfg, key, tc: TrainConfig):
-    """prompt_loss of the batch, computed as k independent sub-batches (tc.sub_batches; rows i::k) whose mean losses
-    are weighted by their target-token counts: the same loss, gradient (to float rounding) and dropout masks (one key
-    per example) for every k. Execution only: XLA:CPU runs independent ops on different cores at once, so k = 2 keeps
-    2 cores busier (README, Speed: k = 4 was no faster and compiled longer). On accelerators k = 1."""
-    B = batch['targets'].shape[0]
-    k = tc.sub_batches or (2 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
-    k = math.gcd(k, B)
-    if k == 1:
-        return prompt_loss(prompt, frozen, batch, cfg, key, tc.z_loss)
-    keys, total, tokens = jax.random.split(key, B), 0.0, 0.0
-    for i in range(k):
-        sub = {name: batch[name][i::k] for name in ('inputs', 'targets')}
-        n = jnp.sum(sub['targets'] != t5_model.PAD_ID).astype(jnp.float32)
-        total += prompt_loss(prompt, frozen, sub, cfg, keys[i::k], tc.z_loss) * n
-        tokens += n
-    return total / jnp.maximum(tokens, 1.0)
-
-
-@functools.partial(jax.jit, static_argnames=('cfg', 'tc'), donate_argnames=('params', 'opt_state'))
-def model_tuning_step(params, opt_state, batch, key, cfg, tc: TrainConfig = MODEL_TUNING):
-    """ModelTuning baseline (Figure 1, App. C): every parameter trains, no prompt. Not SPoT: kept apart on purpose.
-    opt_state = make_optimizer(MODEL_TUNING).init(params). Returns (params, opt_state, loss)."""
-    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)
-    loss, grad = jax.value_and_grad(lambda p: prompt_loss(None, p, batch, cfg, key, tc.z_loss))(params)
-    updates, opt_state = make_optimizer(tc).update(grad, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-# ----------------------------------------------------------------------------------------------- sharding
-# Megatron-style split of the frozen weights over the 'model' axis: attention heads N, MLP width F, vocabulary V
-# (else D). Candidate axes in order of preference; a leaf none of whose candidates divides stays replicated.
-_MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,), 'wi_0': (1,), 'wi_1': (1,),
-               'wo': (0,), 'token_embedder': (0, 1), 'logits_dense': (1, 0)}
-
-
-def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, timeout_s: int = 300):
-    """Join a multi-process (multi-host) run: one process per host, all running the same command. With a coordinator
-    (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster (Cloud TPU pod,
-    Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU processes exchange
-    through gloo, jax's default CPU collectives: the tests run so.)"""
-    if coordinator is None and not multi_process_env():
-        return
-    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
-                               heartbeat_timeout_seconds=min(100, timeout_s), shutdown_timeout_seconds=timeout_s)
-
-
-def multi_process_env() -> bool:
-    """A launcher that started several processes of this command: Slurm (srun), Open MPI (mpirun), a Cloud TPU pod."""
-    env = os.environ
-    return (int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1 and 'SLURM_STEP_ID' in env
-            or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
-
-
-def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
-    """A ('data', 'model') mesh: batch split over 'data', frozen weights over 'model'. Each 'model' group lies within
-    one process (host), whose devices share fast links; only 'data' crosses hosts (its gradient all-reduce is the
-    one collective a step needs between hosts: the [P,D] prompt's)."""
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    per_host = {}
-    for d in devices.flat:
-        per_host.setdefault(d.process_index, []).append(d)
-    local = min(len(v) for v in per_host.values())
-    if model_parallel < 1 or local % model_parallel or devices.size % model_parallel:
-        raise ValueError(f'--model-parallel {model_parallel} does not divide the {local} devices of one host '
-                         f'({devices.size} in all): model-parallel groups stay within a host; pick a divisor of {local}')
-    if len(per_host) == 1:
-        return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
-    grid = mesh_utils.create_hybrid_device_mesh((local // model_parallel, model_parallel), (len(per_host), 1),
-                                                devices=list(devices.flat), process_is_granule=True)
-    return Mesh(grid, ('data', 'model'))
-
-
-def param_shardings(mesh: Mesh, params):
-    """NamedSharding for every frozen leaf (a pytree like params, or of their jax.ShapeDtypeStruct)."""
-    n = mesh.shape['model']
-
-    def spec(path, x):
-        names = [getattr(k, 'key', None) for k in path]
-        for axis in next((_MODEL_AXES[m] for m in reversed(names) if m in _MODEL_AXES), ()):
-            if x.shape[axis] % n == 0:
-                return NamedSharding(mesh, PartitionSpec(*[('model' if a == axis else None)
-                                                           for a in range(x.ndim)]))
-        return NamedSharding(mesh, PartitionSpec())
-    return jax.tree_util.tree_map_with_path(spec, params)
-
-
-def shard_params(mesh: Mesh | None, params):
-    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None or already placed there: unchanged."""
-    if mesh is None:
-        return params
-    want = param_shardings(mesh, params)
-    if all(getattr(x, 'sharding', None) == s for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(want))):
-        return params                          # loaded or created sharded (load_model): nothing to move
-    return jax.device_put(params, want)
-
-
-def shard_batch(mesh: Mesh | None, batch):
-    """A batch split along its leading (batch) axis over 'data'; mesh None: unchanged. With several processes each
-    passes its own rows (process_rows), and the global batch is assembled from them without any host copying."""
-    if mesh is None:
-        return batch
-    b = next(iter(batch.values())).shape[0] * jax.process_count()
-    if b % mesh.shape['data']:
-        raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel devices: "
-                         f"pick a --batch_size that is, or a larger --model-parallel")
-    sharding = NamedSharding(mesh, PartitionSpec('data'))
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def process_rows(mesh: Mesh | None, batch_size: int) -> slice:
-    """The rows of a global batch that this process holds (and reads): all of them for one process; else the
-    contiguous block its devices hold along 'data'."""
-    if mesh is None or jax.process_count() == 1:
-        return slice(0, batch_size)
-    indices = NamedSharding(mesh, PartitionSpec('data')).addressable_devices_indices_map((batch_size,)).values()
-    start, stop = min(i[0].start or 0 for i in indices), max(i[0].stop or batch_size for i in indices)
-    if (stop - start) * jax.process_count() != batch_size:
-        raise ValueError(f'this process holds rows {start}:{stop} of {batch_size}, not a 1/{jax.process_count()} '
-                         f'block: the mesh does not split the batch evenly over processes')
-    return slice(start, stop)
-
-
-def replicate(mesh: Mesh | None, tree):
-    """A full copy on every device (the prompt and its optimizer state: 100 x D floats); mesh None: unchanged."""
-    if mesh is None:
-        return tree
-    sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]), tree)
-
-
-def spread_rows(mesh: Mesh | None, x):
-    """An array every process holds whole (evaluation inputs), split over 'data' by rows; mesh None: unchanged."""
-    if mesh is None:
-        return x
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec('data')), lambda i: x[i])
-
-
-def gather(x) -> np.ndarray:
-    """A (possibly multi-host) array as one numpy array on every process (evaluation outputs)."""
-    if jax.process_count() == 1 or getattr(x, 'is_fully_addressable', True):
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-# ----------------------------------------------------------------------------------------------- files
-def _json(obj, indent=1, strict=True) -> bytes:
-    """JSON text of run metadata. numpy/jax scalars and arrays (an evaluator's np.float32 score) become Python
-    numbers, anything else JSON lacks (a Path) its str. strict: NaN/inf (Pearson of constant predictions) -> null,
-    so jq or JavaScript read prompt.json; the checkpoint keeps them (strict=False) to resume to the same bits."""
-    def plain(x):
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        if isinstance(x, (np.ndarray, np.generic, jax.Array)):
-            return plain(np.asarray(x).tolist())
-        if isinstance(x, float):
-            return None if strict and not math.isfinite(x) else x
-        return x if x is None or isinstance(x, (str, int, bool)) else str(x)
-    return json.dumps(plain(obj), indent=indent, allow_nan=not strict).encode()
-
-
-def _atomic(path: Path, write):
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)                    # a reader (or a resume after a crash) sees the old or the new file
-
-
-def save_prompt(out: Path, name: str, prompt, info: dict):
-    """out/name.npy (float32 [P,D], the format of Google's released prompts) + out/name.json (info)."""
-    _atomic(out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
-    _atomic(out / f'{name}.json', lambda f: f.write(_json(info)))
-
-
-def save_checkpoint(path: Path, prompt, opt_state, state: dict):
-    """Everything a resume needs: prompt, optimizer leaves, and state (step = data position; seed = RNG)."""
-    leaves = {f'opt_{i}': np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))}
-    text = np.array(_json(state, None, strict=False).decode())
-    _atomic(path, lambda f: np.savez(f, prompt=np.asarray(prompt), state=text, **leaves))
-
-
-def load_checkpoint(path: Path, optimizer):
-    """-> (prompt, opt_state, state) as saved by save_checkpoint. A damaged file raises ValueError naming it."""
-    try:
-        with np.load(path) as z:
-            state, prompt = json.loads(str(z['state'])), jnp.asarray(z['prompt'])
-            like, tree = jax.tree_util.tree_flatten(optimizer.init(prompt))
-            leaves = [jnp.asarray(z[f'opt_{i}']) for i in range(len(like))]
-    except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:   # truncated, garbage, ...
-        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run cannot resume. '
-                         f'Its best prompt so far stays in {path.parent}/prompt.npy: keep that folder as it is and '
-                         f'start a new run with another --out') from None
-    if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in like]:
-        raise ValueError(f'{path}: its optimizer state does not fit this optimizer and its {prompt.shape} prompt')
-    return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
-
-
-# ----------------------------------------------------------------------------------------------- the run folder
-RUN_FILES = ('checkpoint.npz', 'prompt.npy', 'metrics.jsonl')   # with prompt_step*.npy: what a run writes
-
-
-class RunFolderInUse(OSError):
-    """Another process is running in the folder (it holds run.lock)."""
-
-
-@contextlib.contextmanager
-def own_folder(out: Path):
-    """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the process
-    ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / 'run.lock', 'a+') as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RunFolderInUse(f'{out} is in use by another run ({f.read().strip() or "holder unknown"}): wait '
-                                 f'for it to end, or pick another --out') from None
-        f.truncate(0)
-        f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def check_new_run(out: Path, resume: bool):
-    """A run that starts at step 0 never replaces files an earlier run left in out (without resume, a checkpoint is
-    refused too: continuing it is what --resume is for). Leftover *.tmp of an interrupted write are removed."""
-    for tmp in out.glob('*.tmp'):
-        tmp.unlink()
-    if resume and (out / 'checkpoint.npz').exists():
-        return
-    if (out / 'checkpoint.npz').exists():
-        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume (resume=True), or '
-                              f'pick a new --out')
-    earlier = sorted(f.name for f in out.iterdir() if f.name in RUN_FILES or f.match('prompt_step*.npy'))
-    if earlier:
-        raise FileExistsError(f'{out} holds {", ".join(earlier)} of an earlier run but no checkpoint.npz to resume '
-                              f'from; a new run would overwrite them: pick a new --out (or move them away)')
-
-
-def append_history(out: Path, event: dict):
-    """One line of out/metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval metrics)."""
-    with open(out / 'metrics.jsonl', 'ab') as f:
-        f.write(_json(event, None) + b'\n')
-
-
-def cut_history(out: Path, step: int, eval_pending: bool):
-    """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that step
-    when the checkpoint says it is still to run, so no event appears twice."""
-    path = out / 'metrics.jsonl'
-    if path.exists():
-        keep = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip() and (
-            (e := json.loads(line))['step'] < step or e['step'] == step and not ('eval' in e and eval_pending))]
-        _atomic(path, lambda f: f.writelines(keep))
-
-
-class Interrupted(KeyboardInterrupt):
-    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal (130, 143)."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-@contextlib.contextmanager
-def stop_requests(log):
-    """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the yielded list
-    gets the signal), so the loop can write its checkpoint; a second Ctrl-C stops at once. A raise from the handler
-    itself could land in JAX's garbage-collection callback, which swallows it and the run went on."""
-    got = []
-    if threading.current_thread() is not threading.main_thread():   # signal handlers belong to the main thread
-        yield got
-        return
-
-    def handler(signum, frame):
-        if got and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        got.append(signum)
-        log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint (Ctrl-C again to '
-            f'stop at once)')
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield got
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def on_lead(fn, *args):
-    """fn(*args) on process 0 alone, which owns the run folder (it alone reads and writes it); what fn returns (numpy
-    and JSON values), or the error it raised, reaches every process, so all take the same decision. One process:
-    fn(*args)."""
-    if jax.process_count() == 1:
-        return fn(*args)
-    payload = b''
-    if jax.process_index() == 0:
-        try:
-            payload = pickle.dumps((fn(*args), None))
-        except Exception as e:             # noqa: BLE001 -- re-raised on every process below
-            payload = pickle.dumps((None, e))
-    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
-    buf = np.zeros(n, np.uint8)
-    buf[:len(payload)] = np.frombuffer(payload, np.uint8)
-    value, error = pickle.loads(multihost_utils.broadcast_one_to_all(buf).tobytes())
-    if error is not None:
-        raise error
-    return value
-
-
-def _to_numpy(prompt, opt_state, state):
-    return np.asarray(prompt), jax.tree.map(np.asarray, opt_state), state
-
-
-def any_signal(signals) -> int:
-    """The signal that asked this run to stop, on any process (0: none): all processes stop at the same step."""
-    mine = signals[0] if signals else 0
-    if jax.process_count() == 1:
-        return mine
-    return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
-
-
-# ----------------------------------------------------------------------------------------------- prompt files
-# A prompt [P, D] travels in three formats; load_prompt reads all three, export_peft writes the third:
-# - .npy (np.save): ours, and Google's released prompts;
-# - the official code's T5X runs: numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt, np.save
-#   format without an extension (google-research/prompt-tuning, prompt_tuning/train/utils.py, save_numpy);
-# - a Hugging Face PEFT prompt-tuning adapter folder (the facts it rests on: export_peft).
-T5X_PROMPT = 'encoder.prompt.prompt.prompt'
-PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'   # peft/utils/constants.py
+        raise ValueError(f'{what} holds NaN or inf values: it comes from a diverged run; '
+                         f'use an earlier prompt')
 
 
 def load_prompt(path, d_model: int | None = None, length: int | None = None, what='prompt') -> np.ndarray:
@@ -735,11 +579,181 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- the loop
+# ------------------------------------------------------------------------------------------- I/O: checkpoints
+def _json(obj, indent=1, strict=True) -> bytes:
+    """JSON text of run metadata. numpy/jax scalars and arrays (an evaluator's np.float32 score) become Python
+    numbers, anything else JSON lacks (a Path) its str. strict: NaN/inf (Pearson of constant predictions) ->
+    null, so jq or JavaScript read prompt.json; the checkpoint keeps them (strict=False) to resume to the same
+    bits."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+            return plain(np.asarray(x).tolist())
+        if isinstance(x, float):
+            return None if strict and not math.isfinite(x) else x
+        return x if x is None or isinstance(x, (str, int, bool)) else str(x)
+    return json.dumps(plain(obj), indent=indent, allow_nan=not strict).encode()
+
+
+def _atomic(path: Path, write):
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    # a reader (or a resume after a crash) sees the old or the new file
+    os.replace(tmp, path)
+
+
+def save_prompt(out: Path, name: str, prompt, info: dict):
+    """out/name.npy (float32 [P,D], the format of Google's released prompts) + out/name.json (info)."""
+    _atomic(out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
+    _atomic(out / f'{name}.json', lambda f: f.write(_json(info)))
+
+
+def save_checkpoint(path: Path, prompt, opt_state, state: dict):
+    """Everything a resume needs: prompt, optimizer leaves, and state (step = data position; seed = RNG)."""
+    leaves = {f'opt_{i}': np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))}
+    text = np.array(_json(state, None, strict=False).decode())
+    _atomic(path, lambda f: np.savez(f, prompt=np.asarray(prompt), state=text, **leaves))
+
+
+def load_checkpoint(path: Path, optimizer):
+    """-> (prompt, opt_state, state) as saved by save_checkpoint. A damaged file raises ValueError naming
+    it."""
+    try:
+        with np.load(path) as z:
+            state, prompt = json.loads(str(z['state'])), jnp.asarray(z['prompt'])
+            like, tree = jax.tree_util.tree_flatten(optimizer.init(prompt))
+            leaves = [jnp.asarray(z[f'opt_{i}']) for i in range(len(like))]
+    except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:   # truncated, garbage, ...
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run '
+                         f'cannot resume. Its best prompt so far stays in {path.parent}/prompt.npy: '
+                         f'keep that folder as it is and start a new run with another --out') from None
+    if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in like]:
+        raise ValueError(f'{path}: its optimizer state does not fit this optimizer and its {prompt.shape} '
+                         f'prompt')
+    return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
+
+
+# ----------------------------------------------------------- I/O: the run folder (train_prompt's bookkeeping)
+RUN_FILES = ('checkpoint.npz', 'prompt.npy', 'metrics.jsonl')   # with prompt_step*.npy: what a run writes
+
+
+class RunFolderInUse(OSError):
+    """Another process is running in the folder (it holds run.lock)."""
+
+
+@contextlib.contextmanager
+def own_folder(out: Path):
+    """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the
+    process ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / 'run.lock', 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or 'holder unknown'
+            raise RunFolderInUse(f'{out} is in use by another run ({holder}): wait '
+                                 f'for it to end, or pick another --out') from None
+        f.truncate(0)
+        f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_new_run(out: Path, resume: bool):
+    """A run that starts at step 0 never replaces files an earlier run left in out (without resume, a
+    checkpoint is refused too: continuing it is what --resume is for). Leftover *.tmp of an interrupted write
+    are removed."""
+    for tmp in out.glob('*.tmp'):
+        tmp.unlink()
+    if resume and (out / 'checkpoint.npz').exists():
+        return
+    if (out / 'checkpoint.npz').exists():
+        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume '
+                              f'(resume=True), or pick a new --out')
+    earlier = sorted(f.name for f in out.iterdir() if f.name in RUN_FILES or f.match('prompt_step*.npy'))
+    if earlier:
+        raise FileExistsError(f'{out} holds {", ".join(earlier)} of an earlier run but no checkpoint.npz '
+                              f'to resume from; a new run would overwrite them: pick a new --out '
+                              f'(or move them away)')
+
+
+def run_identity(cfg, frozen, meta) -> dict:
+    """What a run is (checkpoint 'run'; a resume must match it): the model's architecture (not its name, nor
+    dropout_rate, which is TrainConfig.dropout and checked with the config), a fingerprint of its weights, and
+    the caller's meta (CLI: model, task, data, init), as JSON reads them back."""
+    arch = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ('name', 'dropout_rate')}
+    return json.loads(_json({'model': {**arch, 'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
+
+
+def start_or_resume(prompt, tc: TrainConfig, run: dict, info: dict, ckpt: Path, resume: bool, log):
+    """(prompt, opt_state, state) to start from: a fresh optimizer at step 0, or with resume=True the
+    checkpoint (read by process 0, refused if written with other settings: resume_checkpoint)."""
+    optimizer = make_optimizer(tc.optimizer)
+    prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
+    state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
+             'config': dataclasses.asdict(tc), 'run': run}
+    if resume and on_lead(ckpt.exists):
+        prompt, opt_state, state = on_lead(lambda: _to_numpy(*resume_checkpoint(
+            ckpt, optimizer, tc, run, prompt.shape, info, log)))
+        return jnp.asarray(prompt), jax.tree.map(jnp.asarray, opt_state), state
+    if resume:
+        log(f'no checkpoint {ckpt} to resume: starting at step 0')
+    return prompt, optimizer.init(prompt), state
+
+
+def diverged(problem: str, ckpt: Path, state: dict) -> FloatingPointError:
+    last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
+        'No checkpoint was written yet'
+    return FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and '
+                              f'model, then rerun (with --resume)')
+
+
+def log_progress(out: Path | None, log, done: int, steps: int, loss: float, rate: float):
+    """The progress line, and its metrics.jsonl event when out (the lead process)."""
+    eta = int((steps - done) / rate)
+    log(f'step {done}/{steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
+        f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+    if out is not None:
+        append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
+
+
+def best_so_far(state: dict, done: int, metrics: dict) -> bool:
+    """Record an evaluation's score in state; True if it is the best so far (a NaN score, e.g. Pearson of
+    constants, is never best)."""
+    score = float(metrics['score'])
+    score = score if math.isfinite(score) else -math.inf
+    best = state['best_score'] is None or score > state['best_score']
+    if best:
+        state.update(best_score=score, best_step=done)
+    state['eval_pending'] = False
+    return best
+
+
+def record_evaluation(out: Path, prompt, opt_state, state: dict, done: int, metrics: dict, info: dict):
+    """The lead's files after an evaluation: metrics.jsonl, prompt.npy/.json if best, the checkpoint (with the
+    new best score)."""
+    best = best_so_far(state, done, metrics)
+    append_history(out, {'step': done, 'eval': metrics})
+    if best:
+        save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
+                                            'metrics': metrics})
+    save_checkpoint(out / 'checkpoint.npz', prompt, opt_state, state)
+
+
 def weights_fingerprint(frozen) -> str:
-    """16 hex digits of sha256 over a few small leaves that differ between any two checkpoints of one architecture
-    (the final norms and relative-position tables: e.g. T5 1.1 and its LM-adapted version), so that a resume with
-    other weights of the same shape is refused."""
+    """16 hex digits of sha256 over a few small leaves that differ between any two checkpoints of one
+    architecture (the final norms and relative-position tables: e.g. T5 1.1 and its LM-adapted version), so
+    that a resume with other weights of the same shape is refused."""
     h = hashlib.sha256()
     for stack, norm in (('encoder', 'encoder_norm'), ('decoder', 'decoder_norm')):
         for x in (frozen[stack][norm]['scale'], frozen[stack]['relpos_bias']['rel_embedding']):
@@ -747,121 +761,22 @@ def weights_fingerprint(frozen) -> str:
     return h.hexdigest()[:16]
 
 
-def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, out_dir='runs/prompt', *,
-                 meta=None, resume=False, mesh=None, log=print) -> dict:
-    """Prompt tuning (§2.1.4): tc.steps updates of `prompt` [P,D] on the frozen T5 (cfg, frozen).
-
-    batches(start) -> iterator whose k-th item is batch start+k, a pure function of (seed, start+k) (data.batches).
-    evaluator(prompt) -> dict with 'score' (higher is better), called every tc.eval_every steps and at the end; the best
-    prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score, config). Without `evaluator` prompt.npy is
-    the last prompt. The prompt after tc.embedding_step steps goes to prompt_step{N}.npy; every log line and evaluation
-    to metrics.jsonl. checkpoint.npz (atomic) holds prompt, optimizer state, step (= data position), seed, best score;
-    resume=True continues from it to the same bits as an uninterrupted run, and refuses a checkpoint of another model
-    (architecture or weights), prompt shape, `meta` (task, data, ...) or TrainConfig. The run owns out_dir (run.lock):
-    a second run there is refused, and a new run never replaces files an earlier one left. SIGINT/SIGTERM stop it
-    after the current step with a checkpoint (Interrupted). A non-finite loss or prompt raises FloatingPointError,
-    leaving the last good checkpoint.
-    Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
-    """
-    out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
-    log = log if lead else (lambda *_: None)
-    check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
-    with contextlib.ExitStack() as folder, stop_requests(log) as signals:
-        on_lead(lambda: folder.enter_context(own_folder(out)) and None)
-        optimizer, ckpt = make_optimizer(tc), out / 'checkpoint.npz'
-        prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
-        opt_state = optimizer.init(prompt)
-        # What the run is (checkpoint 'run'): the model's architecture (not its name or dropout_rate, which the step
-        # overrides), a fingerprint of its weights, and the caller's meta (CLI: model, task, data, init), as JSON
-        # reads them back.
-        run = json.loads(_json({'model': {**{k: v for k, v in dataclasses.asdict(cfg).items()
-                                             if k not in ('name', 'dropout_rate')},
-                                          'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
-        state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
-                 'config': dataclasses.asdict(tc), 'run': run}
-        info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
-        on_lead(check_new_run, out, resume)
-        if resume and on_lead(ckpt.exists):
-            prompt, opt_state, state = on_lead(lambda: _to_numpy(*resume_checkpoint(
-                ckpt, optimizer, tc, run, prompt.shape, info, log)))
-            prompt, opt_state = jnp.asarray(prompt), jax.tree.map(jnp.asarray, opt_state)
-        elif resume:
-            log(f'no checkpoint {ckpt} to resume: starting at step 0')
-        frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
-        losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])     # rate window (evaluation excluded)
-        data = batches(state['step'])
-
-        def stop(problem):
-            last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
-                'No checkpoint was written yet'
-            raise FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and '
-                                     f'model, then rerun (with --resume)')
-
-        def keep_best(prompt, done):                # §2.1.4: keep the checkpoint with the best validation score
-            metrics = evaluator(prompt)
-            log(f'step {done}  eval {_json(metrics, None).decode()}')
-            score = float(metrics['score'])
-            score = score if math.isfinite(score) else -math.inf   # e.g. Pearson of constants
-            best = state['best_score'] is None or score > state['best_score']
-            if best:
-                state.update(best_score=score, best_step=done)
-            state['eval_pending'] = False
-            if lead:
-                append_history(out, {'step': done, 'eval': metrics})
-                if best:
-                    save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
-                                                        'metrics': metrics})
-                save_checkpoint(ckpt, prompt, opt_state, state)    # with this evaluation's best score
-
-        if state.get('eval_pending') and evaluator is not None:    # interrupted during the evaluation of its step
-            keep_best(prompt, state['step'])
-        for step in range(state['step'], tc.steps):
-            batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
-            prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step), cfg,
-                                                 step_config(tc))
-            loss, done = float(loss), step + 1
-            if not math.isfinite(loss):
-                stop(f'loss is {loss} at step {done}')
-            losses.append(loss)
-            evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
-            signum = any_signal(signals)
-            checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or signum
-            if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):  # a NaN grad
-                stop(f'the prompt has NaN or inf values after step {done} (loss {loss})')
-            if done % tc.log_every == 0 or done == tc.steps:
-                rate = (done - n_log) / (time.perf_counter() - t_log)
-                eta = int((tc.steps - done) / rate)
-                log(f'step {done}/{tc.steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
-                    f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
-                if lead:
-                    append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
-                t_log, n_log = time.perf_counter(), done
-            if done == tc.embedding_step and lead:  # §3.2: the task embedding
-                save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
-            if checkpoint:                          # before evaluating: an evaluator that fails loses no training
-                state.update(step=done, data_position=done, eval_pending=evaluated)
-                if lead:
-                    save_checkpoint(ckpt, prompt, opt_state, state)
-                if evaluated:
-                    keep_best(prompt, done)
-                t_log, n_log = time.perf_counter(), done
-            if signum and done < tc.steps:
-                raise Interrupted(f'stopped by {signal.Signals(signum).name} after step {done}: {ckpt} holds '
-                                  f'it; rerun the same command with --resume (resume=True) to continue', signum)
-        if evaluator is None and state['best_step'] is None and state['step'] == tc.steps and lead:   # never evaluated
-            save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
-    return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'], 'best_score': state['best_score'],
-            'best_step': state['best_step'], 'losses': losses}
+def _flat(config: dict) -> dict:
+    """{'optimizer': {'learning_rate': ..}, ..} -> {'learning_rate': .., ..}: checkpoints before
+    OptimizerConfig stored the TrainConfig flat, and still resume."""
+    return {k: w for key, v in config.items()
+            for k, w in (_flat(v) if isinstance(v, dict) else {key: v}).items()}
 
 
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
     """(prompt, opt_state, state) of ckpt, refused when it was written with other settings: only `steps`,
     `log_every` and `eval_batch_size` may change, as nothing a resumed run computes depends on them. The run's
-    history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current config
-    (a resume may extend `steps`)."""
+    history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current
+    config (a resume may extend `steps`)."""
     prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
-    free = ('steps', 'log_every', 'eval_batch_size')
-    changed = {k: (v, getattr(tc, k)) for k, v in state['config'].items() if k not in free and getattr(tc, k) != v}
+    free, now = ('steps', 'log_every', 'eval_batch_size'), _flat(dataclasses.asdict(tc))
+    changed = {k: (v, now.get(k)) for k, v in _flat(state['config']).items()
+               if k not in free and now.get(k) != v}
     saved = state.get('run', run)                               # checkpoints before 'run' existed: unchecked
     changed.update({f'{part}.{k}': (saved[part][k], v) for part in run for k, v in run[part].items()
                     if k in saved.get(part, {}) and saved[part][k] != v})
@@ -879,66 +794,260 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
     return prompt, opt_state, state
 
 
-# ----------------------------------------------------------------------------------------------- evaluation
-def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
-             batch_size=64, mesh=None) -> list[str]:
-    """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout, in the
-    order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose target string
-    has the highest log-likelihood. Examples are grouped by length, and each batch padded to the bucket of its
-    longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the longest one. With a
-    mesh each batch is split over 'data' and the predictions gathered (every process returns all of them)."""
-    import data
-    if method == 'rank':
-        if not label_names:
-            raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
-        labels = data.pad_rows(data.token_ids(vocab, label_names, max_target_len), max_target_len)
-    elif method != 'decode':
-        raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
-    rows = data.unpad(inputs) if hasattr(inputs, 'shape') else [list(r) for r in inputs]
-    cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
-    order = np.argsort([len(r) for r in rows], kind='stable')
-    preds = [None] * len(rows)
-    for i in range(0, len(rows), batch_size):   # a full batch every call (zero rows pad the last): fewer shapes
-        chunk = order[i:i + batch_size]
-        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
-                      data.bucket_length(max(len(rows[j]) for j in chunk), cap))
-        if method == 'decode':
-            ids = gather(t5_model.greedy_decode(frozen, cfg, spread_rows(mesh, x), prompt, max_len=max_target_len))
-            out = [vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row)
-                   for row in ids.tolist()]                       # tokens before EOS (0 after it)
+def append_history(out: Path, event: dict):
+    """One line of out/metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval
+    metrics)."""
+    with open(out / 'metrics.jsonl', 'ab') as f:
+        f.write(_json(event, None) + b'\n')
+
+
+def cut_history(out: Path, step: int, eval_pending: bool):
+    """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that
+    step when the checkpoint says it is still to run, so no event appears twice."""
+    path = out / 'metrics.jsonl'
+    if path.exists():
+        keep = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip() and (
+            (e := json.loads(line))['step'] < step
+            or e['step'] == step and not ('eval' in e and eval_pending))]
+        _atomic(path, lambda f: f.writelines(keep))
+
+
+class Interrupted(KeyboardInterrupt):
+    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal (130,
+    143)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def stop_requests(log):
+    """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the
+    yielded list gets the signal), so the loop can write its checkpoint; a second Ctrl-C stops at once. A
+    raise from the handler itself could land in JAX's garbage-collection callback, which swallows it and the
+    run went on."""
+    got = []
+    # signal handlers belong to the main thread
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+        log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint '
+            f'(Ctrl-C again to stop at once)')
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def on_lead(fn, *args):
+    """fn(*args) on process 0 alone, which owns the run folder (it alone reads and writes it); what fn returns
+    (numpy and JSON values), or the error it raised, reaches every process, so all take the same decision. One
+    process: fn(*args)."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    payload = b''
+    if jax.process_index() == 0:
+        try:
+            payload = pickle.dumps((fn(*args), None))
+        except Exception as e:             # noqa: BLE001 -- re-raised on every process below
+            payload = pickle.dumps((None, e))
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
+    buf = np.zeros(n, np.uint8)
+    buf[:len(payload)] = np.frombuffer(payload, np.uint8)
+    value, error = pickle.loads(multihost_utils.broadcast_one_to_all(buf).tobytes())
+    if error is not None:
+        raise error
+    return value
+
+
+def _to_numpy(prompt, opt_state, state):
+    return np.asarray(prompt), jax.tree.map(np.asarray, opt_state), state
+
+
+def any_signal(signals) -> int:
+    """The signal that asked this run to stop, on any process (0: none): all processes stop at the same
+    step."""
+    mine = signals[0] if signals else 0
+    if jax.process_count() == 1:
+        return mine
+    return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+
+
+# ------------------------------------------------------------------------------- I/O: sharding and multi-host
+# Megatron-style split of the frozen weights over the 'model' axis: attention heads N, MLP width F, vocabulary
+# V (else D). Candidate axes in order of preference; a leaf none of whose candidates divides stays replicated.
+_MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,), 'wi_0': (1,), 'wi_1': (1,),
+               'wo': (0,), 'token_embedder': (0, 1), 'logits_dense': (1, 0)}
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, timeout_s: int = 300):
+    """Join a multi-process (multi-host) run: one process per host, all running the same command. With a
+    coordinator (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster
+    (Cloud TPU pod, Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU
+    processes exchange through gloo, jax's default CPU collectives: the tests run so.)"""
+    if coordinator is None and not multi_process_env():
+        return
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=min(100, timeout_s),
+                               shutdown_timeout_seconds=timeout_s)
+
+
+def multi_process_env() -> bool:
+    """A launcher that started several processes of this command: Slurm (srun), Open MPI (mpirun), a Cloud TPU
+    pod."""
+    env = os.environ
+    slurm = int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1
+    return (slurm and 'SLURM_STEP_ID' in env
+            or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+
+
+def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
+    """A ('data', 'model') mesh: batch split over 'data', frozen weights over 'model'. Each 'model' group lies
+    within one process (host), whose devices share fast links; only 'data' crosses hosts (its gradient
+    all-reduce is the one collective a step needs between hosts: the [P,D] prompt's)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    per_host = {}
+    for d in devices.flat:
+        per_host.setdefault(d.process_index, []).append(d)
+    local = min(len(v) for v in per_host.values())
+    if model_parallel < 1 or local % model_parallel or devices.size % model_parallel:
+        raise ValueError(f'--model-parallel {model_parallel} does not divide the {local} devices of one host '
+                         f'({devices.size} in all): model-parallel groups stay within a host; '
+                         f'pick a divisor of {local}')
+    if len(per_host) == 1:
+        return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
+    grid = mesh_utils.create_hybrid_device_mesh((local // model_parallel, model_parallel), (len(per_host), 1),
+                                                devices=list(devices.flat), process_is_granule=True)
+    return Mesh(grid, ('data', 'model'))
+
+
+def param_shardings(mesh: Mesh, params):
+    """NamedSharding for every frozen leaf (a pytree like params, or of their jax.ShapeDtypeStruct)."""
+    n = mesh.shape['model']
+
+    def spec(path, x):
+        names = [getattr(k, 'key', None) for k in path]
+        for axis in next((_MODEL_AXES[m] for m in reversed(names) if m in _MODEL_AXES), ()):
+            if x.shape[axis] % n == 0:
+                return NamedSharding(mesh, PartitionSpec(*[('model' if a == axis else None)
+                                                           for a in range(x.ndim)]))
+        return NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shard_params(mesh: Mesh | None, params):
+    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None or already placed there:
+    unchanged."""
+    if mesh is None:
+        return params
+    want = param_shardings(mesh, params)
+    if all(getattr(x, 'sharding', None) == s for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(want))):
+        return params                          # loaded or created sharded (load_model): nothing to move
+    return jax.device_put(params, want)
+
+
+def shard_batch(mesh: Mesh | None, batch):
+    """A batch split along its leading (batch) axis over 'data'; mesh None: unchanged. With several processes
+    each passes its own rows (process_rows), and the global batch is assembled from them without any host
+    copying."""
+    if mesh is None:
+        return batch
+    b = next(iter(batch.values())).shape[0] * jax.process_count()
+    if b % mesh.shape['data']:
+        raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel "
+                         f"devices: pick a --batch_size that is, or a larger --model-parallel")
+    sharding = NamedSharding(mesh, PartitionSpec('data'))
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def process_rows(mesh: Mesh | None, batch_size: int) -> slice:
+    """The rows of a global batch that this process holds (and reads): all of them for one process; else the
+    contiguous block its devices hold along 'data'."""
+    if mesh is None or jax.process_count() == 1:
+        return slice(0, batch_size)
+    sharding = NamedSharding(mesh, PartitionSpec('data'))
+    indices = sharding.addressable_devices_indices_map((batch_size,)).values()
+    start, stop = min(i[0].start or 0 for i in indices), max(i[0].stop or batch_size for i in indices)
+    if (stop - start) * jax.process_count() != batch_size:
+        raise ValueError(f'this process holds rows {start}:{stop} of {batch_size}, not a '
+                         f'1/{jax.process_count()} block: the mesh does not split the batch evenly over '
+                         f'processes')
+    return slice(start, stop)
+
+
+def replicate(mesh: Mesh | None, tree):
+    """A full copy on every device (the prompt and its optimizer state: 100 x D floats); mesh None:
+    unchanged."""
+    if mesh is None:
+        return tree
+    sharding = NamedSharding(mesh, PartitionSpec())
+    def shard(x):
+        return jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i])
+    return jax.tree.map(shard, tree)
+
+
+def spread_rows(mesh: Mesh | None, x):
+    """An array every process holds whole (evaluation inputs), split over 'data' by rows; mesh None:
+    unchanged."""
+    if mesh is None:
+        return x
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec('data')), lambda i: x[i])
+
+
+def gather(x) -> np.ndarray:
+    """A (possibly multi-host) array as one numpy array on every process (evaluation outputs)."""
+    if jax.process_count() == 1 or getattr(x, 'is_fully_addressable', True):
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+def override(cfg, argv):
+    """Apply each `--field=value` of argv naming a field of cfg; return (new cfg, the other items).
+    Example: override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...),
+    ['--x=1'])."""
+    changes, rest, fields = {}, [], set()
+    # a nested config (TrainConfig.optimizer) takes its own
+    for f in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            changes[f.name], argv = override(getattr(cfg, f.name), argv)
         else:
-            scores = np.stack([gather(t5_model.score_targets(frozen, cfg, spread_rows(mesh, x), spread_rows(
-                mesh, np.broadcast_to(lab, (batch_size, lab.size))), prompt)) for lab in labels], axis=1)
-            out = [label_names[j] for j in scores.argmax(1)]
-        for j, pred in zip(chunk, out):
-            preds[j] = pred
-    return preds
+            fields.add(f.name)
+    for arg in argv:
+        name, eq, text = arg.removeprefix('--').partition('=')
+        name = name.replace('-', '_')
+        if not (arg.startswith('--') and eq and name in fields):
+            rest.append(arg)
+            continue
+        want = type(getattr(cfg, name))
+        try:                                              # a str field keeps its text as is: --text=1984
+            value = text if want is str else float(text) if want is float else ast.literal_eval(text)
+        # float() reads nan/inf too: __post_init__ judges them
+        except (ValueError, SyntaxError):
+            value = text
+        if type(value) is not want:
+            raise ValueError(f'--{name}={text}: {type(cfg).__name__}.{name} expects {want.__name__}, '
+                             f'got {type(value).__name__}')
+        changes[name] = value
+    return dataclasses.replace(cfg, **changes), rest
 
 
-def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None, mesh=None):
-    """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's `split`."""
-    import data
-    task = data.get_task(task_name)
-    examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
-    T = tc.max_target_len or task.target_len
-    inputs = data.token_ids(vocab, [t['inputs'] for t in data.text_pairs(task_name, examples)], tc.max_input_len)
-    data.score(task_name, examples[:1], [''])   # fails now, not at the first evaluation, if a metric cannot run
-    if tc.eval_method == 'rank' and not task.output_labels:
-        raise ValueError(f"eval method 'rank' needs a classification task with label names; {task.name}'s targets "
-                         f"are not a fixed set of label strings: use --eval_method=decode")
-
-    def run(prompt):
-        preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.output_labels,
-                         max_target_len=T, batch_size=tc.eval_batch_size, mesh=mesh)
-        return data.score(task_name, examples, preds)
-    return run
-
-
-# ----------------------------------------------------------------------------------------------- CLI
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
-    """Turn on JAX's persistent compilation cache, so a second run of the same shapes loads its compiled steps instead
-    of compiling them again (seconds to a minute each on CPU). path None: $SPOT_COMPILE_CACHE, else
-    $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); SPOT_COMPILE_CACHE=off (or 0) turns it off. Returns the folder."""
+    """Turn on JAX's persistent compilation cache, so a second run of the same shapes loads its compiled steps
+    instead of compiling them again (seconds to a minute each on CPU). path None: $SPOT_COMPILE_CACHE, else
+    $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); SPOT_COMPILE_CACHE=off (or 0) turns it off. Returns the
+    folder."""
     path = path or os.environ.get('SPOT_COMPILE_CACHE') or \
         Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'spot-jax'
     if str(path).lower() in ('off', '0', 'false', 'no', 'none'):
@@ -949,16 +1058,18 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
-# --dtype: what the frozen weights are stored and multiplied in. The official runs keep float32 parameters and compute
-# in bfloat16 (prompt-tuning configs/architectures/t5_1_1_flaxformer.gin: ACTIVATION_DTYPE = 'bfloat16'), casting each
-# weight to bfloat16 at its matmul; frozen weights cast once give the same products at half the memory. Norms,
-# softmax, logits, the loss and the prompt with its optimizer stay float32 either way (t5_model).
+# --dtype: what the frozen weights are stored and multiplied in. The official runs keep float32 parameters and
+# compute in bfloat16 (prompt-tuning configs/architectures/t5_1_1_flaxformer.gin: ACTIVATION_DTYPE =
+# 'bfloat16'), casting each weight to bfloat16 at its matmul; frozen weights cast once give the same products
+# at half the memory. Norms, softmax, logits, the loss and the prompt with its optimizer stay float32 either
+# way (t5_model).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | None = None):
     """--model: 'tiny' (random T5Config.tiny()), a hub id or a checkpoint directory -> (cfg, params in dtype).
-    With a mesh the weights are created or read straight into their shards (each host reads only its blocks)."""
+    With a mesh the weights are created or read straight into their shards (each host reads only its
+    blocks)."""
     dtype, place = DTYPES[dtype], mesh and functools.partial(param_shardings, mesh)
     if name != 'tiny':
         return t5_model.load_checkpoint(name, dtype, place)
@@ -970,7 +1081,8 @@ def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | No
 
 
 def device_summary() -> str:
-    """What JAX runs on, printed when a run starts: a run meant for a GPU must not go on unnoticed on the CPU."""
+    """What JAX runs on, printed when a run starts: a run meant for a GPU must not go on unnoticed on the
+    CPU."""
     devices = jax.devices()
     hint = ' (the CPU build of jax: README, "On a GPU or TPU")' if jax.default_backend() == 'cpu' else ''
     hosts = f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''
@@ -1010,20 +1122,25 @@ def main(argv=None):
     sub = p.add_subparsers(dest='cmd', required=True)
     train, ev = sub.add_parser('train', allow_abbrev=False), sub.add_parser('eval', allow_abbrev=False)
     for q in (train, ev):
-        q.add_argument('--model', required=True, help="hub id (google/t5-base-lm-adapt), directory, or 'tiny'")
+        q.add_argument('--model', required=True,
+                       help="hub id (google/t5-base-lm-adapt), directory, or 'tiny'")
         q.add_argument('--task', required=True, help='a task name of data.py')
         q.add_argument('--data', default=None, help='directory with the original task files (default: tfds)')
         q.add_argument('--vocab', default=None, help='SentencePiece model (default: data.load_vocab())')
         q.add_argument('--model-parallel', type=int, default=1, help="devices per 'model' mesh group")
         q.add_argument('--dtype', default='float32', choices=DTYPES,
-                       help='frozen weights and activations; bfloat16 as the official runs (the prompt stays float32)')
-        q.add_argument('--coordinator', default=None, help='multi-host: HOST:PORT of process 0 (README, Multi-host)')
+                       help='frozen weights and activations; bfloat16 as the official runs '
+                            '(the prompt stays float32)')
+        q.add_argument('--coordinator', default=None,
+                       help='multi-host: HOST:PORT of process 0 (README, Multi-host)')
         q.add_argument('--num-processes', type=int, default=None, help='multi-host: number of processes')
         q.add_argument('--process-id', type=int, default=None, help='multi-host: this process, 0 .. N-1')
-        q.add_argument('--distributed-timeout', type=int, default=300, help='multi-host: seconds to wait for peers')
+        q.add_argument('--distributed-timeout', type=int, default=300,
+                       help='multi-host: seconds to wait for peers')
         q.add_argument('--no-compile-cache', action='store_true',
                        help='do not keep compiled steps on disk (default: on, see enable_compile_cache)')
-    train.add_argument('--init', default=None, choices=INITS, help='prompt initialisation (default sampled_vocab)')
+    train.add_argument('--init', default=None, choices=INITS,
+                       help='prompt initialisation (default sampled_vocab)')
     train.add_argument('--source-prompt', default=None, help='SPoT transfer: start from ' + PROMPT_FILES)
     train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
     train.add_argument('--out', required=True, help='run directory')
@@ -1046,10 +1163,12 @@ def main(argv=None):
     enable_compile_cache('off' if getattr(args, 'no_compile_cache', False) else None)
     try:
         {'eval': evaluate_cli, 'train': train_cli, 'export': export_cli}[args.cmd](args, tc, pc)
-    # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no traceback.
+    # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no
+    # traceback.
     except (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
         sys.exit(f'error: {e}')
-    except Interrupted as e:                      # Ctrl-C / SIGTERM during training: the checkpoint is written
+    # Ctrl-C / SIGTERM during training: the checkpoint is written
+    except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:                     # before training started: nothing to keep
@@ -1087,7 +1206,8 @@ def export_cli(args, tc, pc):
 
 
 def train_cli(args, tc, pc):
-    tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)   # checked before loading
+    # checked before loading
+    tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)
     pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
                              source=args.source_prompt or pc.source)
     if pc.init == 'file' and pc.source:
@@ -1097,34 +1217,37 @@ def train_cli(args, tc, pc):
     tasks = data.MIXTURES[mixture] if mixture else (data.get_task(args.task).name,)
     task = data.get_task(tasks[0])
     if pc.init == 'class_labels' and (mixture or not task.output_labels):
-        raise ValueError(f'{args.task} has no class labels: use --init text --text="..." (Lester: task words)')
+        raise ValueError(f'{args.task} has no class labels: use --init text --text="..." '
+                         f'(Lester: task words)')
     labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
     text = list(vocab.encode(pc.text)) if pc.text else None
     prompt = gather(init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text))
     # Examples are read, formatted and tokenized per batch (data.train_source): memory O(batch), any size.
     sources = {t: data.train_source(t, vocab, tc.max_input_len, tc.max_target_len, args.data, tc.seed)
                for t in tasks}
-    # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's meta).
-    # The data by content, not path: the same files in another folder resume; others are refused.
+    # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's
+    # meta). The data by content, not path: the same files in another folder resume; others are refused.
     reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
              'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}
     # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
     lead, rows, n = jax.process_index() == 0, process_rows(mesh, tc.batch_size), jax.process_count()
     share = dict(process_index=rows.start // (tc.batch_size // n), process_count=n)
-    if mixture:
-        batches = lambda k: data.mixture_batches(sources, tc.batch_size, tc.seed, start=k, **share)   # noqa: E731
-    else:
-        batches = lambda k: data.batches(sources[task.name], tc.batch_size, tc.seed, start=k, **share)   # noqa: E731
+    def batches(k):
+        if mixture:
+            return data.mixture_batches(sources, tc.batch_size, tc.seed, start=k, **share)
+        return data.batches(sources[task.name], tc.batch_size, tc.seed, start=k, **share)
     evaluator = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data, mesh=mesh) \
         if task.metrics and not mixture else None
-    if evaluator is None and lead:  # c4 (prefix LM) and the mixtures (SPoT's sources): no single validation metric
+    # c4 (prefix LM) and the mixtures (SPoT's sources): no single validation metric
+    if evaluator is None and lead:
         print(f'{args.task}: no validation metric; prompt.npy will be the prompt after the last step')
     result = train_prompt(prompt, frozen, cfg, tc, batches, evaluator, args.out,
                           meta={'model': args.model, 'dtype': args.dtype, 'task': args.task, 'init': pc.init,
                                 'prompt_config': dataclasses.asdict(pc), 'reads': reads},
                           resume=args.resume, mesh=mesh)
     if lead:
-        print(f"best score {result['best_score']} at step {result['best_step']}; prompt in {args.out}/prompt.npy")
+        print(f"best score {result['best_score']} at step {result['best_step']}; "
+              f"prompt in {args.out}/prompt.npy")
 
 
 if __name__ == '__main__':

@@ -82,11 +82,12 @@ class Ours:
         tc = dataclasses.replace(tc, **overrides)
         self.frozen, self.batch, self.tc, self.step = frozen, batch, tc, 0
         self.prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
-        self.opt_state = spot.make_optimizer(tc).init(self.prompt)
+        self.opt_state = spot.make_optimizer(tc.optimizer).init(self.prompt)
         t = time.perf_counter()
         if mode == 'step':
-            self.fn = spot.train_step.lower(self.prompt, self.opt_state, frozen, batch, spot.dropout_key(0, 0), cfg,
-                                            tc).compile()
+            self.fn = spot.train_step.lower(self.prompt, self.opt_state, frozen, batch, spot.dropout_key(0, 0),
+                                            dataclasses.replace(cfg, dropout_rate=tc.dropout), tc.optimizer,
+                                            tc.z_loss, spot.sub_batch_count(tc)).compile()
         else:   # forward only: the loss without dropout, no gradient
             self.fn = jax.jit(spot.prompt_loss, static_argnames='cfg').lower(self.prompt, frozen, batch, cfg).compile()
         self.compile_s, self.mode = time.perf_counter() - t, mode
@@ -176,9 +177,9 @@ def real_data_main(args):
                                      data.MAX_INPUT_LEN, 8)
             for B in map(int, args.batch_sizes.split(',')):
                 tc = spot.TrainConfig(batch_size=B)
-                stc = spot.step_config(tc)
+                stc = (tc.optimizer, tc.z_loss, spot.sub_batch_count(tc))   # train_step's static arguments
                 prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
-                opt_state = spot.make_optimizer(tc).init(prompt)
+                opt_state = spot.make_optimizer(tc.optimizer).init(prompt)
                 n_steps = args.rounds * args.steps
                 ids = [source.rows(data.batch_rows(len(source), B, seed, k)) for k in range(n_steps)]
                 t, shapes = time.perf_counter(), {}
@@ -187,7 +188,7 @@ def real_data_main(args):
                     shapes.setdefault((b['inputs'].shape, b['targets'].shape), b)
                 for b in shapes.values():
                     prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, b, spot.dropout_key(0, 0),
-                                                              cfg, stc)
+                                                              cfg, *stc)
                     float(loss)
                 compile_s = time.perf_counter() - t
                 times, paired, widths = {'ours': [], 'peft': []}, [], []
@@ -197,7 +198,7 @@ def real_data_main(args):
                         t = time.perf_counter()
                         b = next(it)                             # the pipeline's time counts
                         prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, b,
-                                                                  spot.dropout_key(0, k), cfg, stc)
+                                                                  spot.dropout_key(0, k), cfg, *stc)
                         float(loss)
                         times['ours'].append(time.perf_counter() - t)
                         widths.append(b['inputs'].shape[1])
@@ -274,8 +275,8 @@ def first_step(shape, B=8, S=64):
     prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
     tc = spot.TrainConfig(batch_size=B)
     batch = {'inputs': np.ones((B, S), np.int32), 'targets': np.ones((B, T), np.int32)}
-    out = spot.train_step(prompt, spot.make_optimizer(tc).init(prompt), frozen, batch, spot.dropout_key(0, 0), cfg,
-                          spot.step_config(tc))
+    out = spot.train_step(prompt, spot.make_optimizer(tc.optimizer).init(prompt), frozen, batch,
+                          spot.dropout_key(0, 0), cfg, tc.optimizer, tc.z_loss, spot.sub_batch_count(tc))
     float(out[2])
     return built, time.perf_counter() - t
 

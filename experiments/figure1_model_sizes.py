@@ -7,7 +7,7 @@ Recipe, per size (Small..XXL) and seed, on the 8 SuperGLUE tasks (best validatio
   SPoT: a source prompt on the GLUE mixture (2^18 steps, final checkpoint), then each target 2^18 steps (Base =
       Table 1's GLUE row).
   ModelTuning (App. C, footnote 3): EVERY weight of the original T5 1.1 (google/t5-v1_1-{size}) tuned on each
-      target with spot.model_tuning_step: Adafactor lr 1e-3, dropout 0.1, 2^16 tokens per batch (128 x 512),
+      target with model_tuning_step: Adafactor lr 1e-3, dropout 0.1, 2^16 tokens per batch (128 x 512),
       2^18 steps (T5's fine-tuning default: our assumption). Not SPoT: a separate loop below, model_tuning().
   Multi-task ModelTuning: the same, first on the GLUE mixture (2^18 steps), then on each target.
   python experiments/figure1_model_sizes.py --out results [--sizes small base]
@@ -22,9 +22,11 @@ SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import data
 import spot
@@ -36,15 +38,33 @@ GLUE, SUPERGLUE = data.MIXTURES["GLUE"], data.MIXTURES["SuperGLUE"]
 TINY_GLUE, TINY_SUPERGLUE = ("rte", "mrpc"), ("cb", "copa")
 
 
+# App. C: ModelTuning uses T5 defaults: Adafactor, constant lr 0.001, dropout 0.1, parameter scaling on (T5X
+# Adafactor default), no weight decay; 2^16 tokens per batch = 128 inputs of 512 tokens. The paper also restores the
+# pre-training optimizer state: we cannot (the released checkpoints carry no optimizer state), but its step counter
+# continues from T5 1.1's 1M steps (checkpoint_1000000), as decay_offset does for the prompt runs.
+MODEL_TUNING = spot.OptimizerConfig(learning_rate=1e-3, param_scale=True, weight_decay=0.0, decay_offset=-1_000_000)
+MODEL_TUNING_TOKENS = 2 ** 16
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "opt", "z_loss"), donate_argnames=("params", "opt_state"))
+def model_tuning_step(params, opt_state, batch, key, cfg, opt=MODEL_TUNING, z_loss=1e-4):
+    """ModelTuning baseline (Figure 1, App. C): every parameter trains, no prompt; dropout cfg.dropout_rate.
+    opt_state = spot.make_optimizer(opt).init(params). Returns (params, opt_state, loss)."""
+    loss, grad = jax.value_and_grad(lambda p: spot.prompt_loss(None, p, batch, cfg, key, z_loss))(params)
+    updates, opt_state = spot.make_optimizer(opt).update(grad, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
 def model_tuning(params, cfg, tc, batches, evaluate=None, log=None, mesh=None):
     """ModelTuning (App. C): every parameter trains, no prompt. -> (params, best validation metrics or None).
     With `evaluate`, the returned metrics are the best of the evaluations every tc.eval_every steps."""
     params = spot.shard_params(mesh, jax.tree.map(jnp.array, params))  # a copy: the step donates its params
-    opt_state, data_iter, best = spot.make_optimizer(tc).init(params), batches(0), None
+    opt_state, data_iter, best = spot.make_optimizer(tc.optimizer).init(params), batches(0), None
+    train_cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)  # the run's dropout (TrainConfig.dropout)
     for step in range(1, tc.steps + 1):
         batch = spot.shard_batch(mesh, next(data_iter))
-        params, opt_state, loss = spot.model_tuning_step(params, opt_state, batch, spot.dropout_key(tc.seed, step - 1),
-                                                         cfg, spot.step_config(tc))
+        params, opt_state, loss = model_tuning_step(params, opt_state, batch, spot.dropout_key(tc.seed, step - 1),
+                                                    train_cfg, tc.optimizer, tc.z_loss)
         if log and step % tc.log_every == 0:
             log(f"model tuning step {step}/{tc.steps}  loss {float(loss):.4f}")
         if evaluate and (step % tc.eval_every == 0 or step == tc.steps):
@@ -70,8 +90,8 @@ def main(argv=None):
         for seed in range(args.seeds):
             tc, pt = (common.train_config(args, common.paper_steps(args, n), seed) for n in (LONG, SHORT))
             mt = dataclasses.replace(  # App. C: T5's fine-tuning defaults, 2^16 tokens per batch
-                tc, **{f: getattr(spot.MODEL_TUNING, f) for f in ("learning_rate", "param_scale", "weight_decay")},
-                batch_size=tc.batch_size if args.tiny else 2 ** 16 // tc.max_input_len)
+                tc, optimizer=MODEL_TUNING,
+                batch_size=tc.batch_size if args.tiny else MODEL_TUNING_TOKENS // tc.max_input_len)
             # 2. SPoT's source prompt and Multi-task ModelTuning's first stage, both on the GLUE mixture.
             source = common.tune_prompt(frozen, cfg, tc, common.initial_prompt(frozen, args, seed, "source-GLUE"),
                                         lambda k: data.mixture_batches(glue_mix, tc.batch_size, seed, k), None,
@@ -103,7 +123,7 @@ def main(argv=None):
           + ", ".join(f"{s} {v[0]}" for s, v in TABLE4["PromptDesign (GPT-3)"].items()))
     config = {"model": args.model, "model_tuning_model": args.model_tuning_model, "sizes": sizes,
               "glue": list(glue), "superglue": list(superglue), "seeds": args.seeds,
-              "train": dataclasses.asdict(args.train), "model_tuning": dataclasses.asdict(spot.MODEL_TUNING)}
+              "train": dataclasses.asdict(args.train), "model_tuning": dataclasses.asdict(MODEL_TUNING)}
     return common.finish(args, "figure1_model_sizes", config, records, summary, paper_rows("figure1_model_sizes"))
 
 

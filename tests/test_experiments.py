@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import retrieval
+import spot
 from experiments import (common, figure1_model_sizes, paper_numbers, quickstart, table1_source_mixtures,
                          table3_retrieval, table6_transferability)
 from tests.test_paper_numbers import compare
@@ -63,6 +64,18 @@ def test_figure1_tiny(out):
     paper = paper_numbers.paper_rows("figure1_model_sizes")
     assert all(f"{m}/{size}" in paper for m in methods for size in paper_numbers.SIZES)  # same row names
     assert len(res["results"]) == len(methods) * len(figure1_model_sizes.TINY_SUPERGLUE)
+
+
+def test_model_tuning_step_trains_every_weight():
+    """The Figure 1 baseline path: its jaxpr returns one updated array per weight (and no prompt)."""
+    from tests.test_spot import CFG, EVAL_BATCH, random_params
+    frozen = random_params(CFG)
+    opt_state = spot.make_optimizer(figure1_model_sizes.MODEL_TUNING).init(frozen)
+    jaxpr = jax.make_jaxpr(figure1_model_sizes.model_tuning_step, static_argnums=(4, 5))(
+        frozen, opt_state, EVAL_BATCH, spot.dropout_key(0, 0), CFG, figure1_model_sizes.MODEL_TUNING)
+    shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(frozen)]
+    assert [tuple(a.shape) for a in jaxpr.out_avals[:len(shapes)]] == shapes
+    assert len(jaxpr.out_avals) == len(shapes) + len(jax.tree_util.tree_leaves(opt_state)) + 1
 
 
 def test_table6_then_table3_tiny(out):

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = t5_model.T5Config.tiny()
 P, B, S, POISON = 8, 4, 10, 7
 TC = spot.TrainConfig(steps=12, batch_size=B, eval_every=4, checkpoint_every=4, embedding_step=6, log_every=4)
-STEP_TC = spot.step_config(TC)                   # the static config train_prompt compiles its step with
+STEP = (TC.optimizer, TC.z_loss, spot.sub_batch_count(TC))   # train_step's static arguments after cfg
 PC = spot.PromptConfig(length=P)
 quiet = lambda line: None
 
@@ -82,9 +82,9 @@ def test_gradient_is_the_prompt_only_and_frozen_is_an_argument(frozen):
     grad_jaxpr = jax.make_jaxpr(jax.grad(spot.prompt_loss), static_argnums=3)(
         prompt, frozen, batch, CFG, spot.dropout_key(0, 0))
     assert [tuple(a.shape) for a in grad_jaxpr.out_avals] == [(P, CFG.d_model)]
-    opt_state = spot.make_optimizer(TC).init(prompt)
-    step_jaxpr = jax.make_jaxpr(spot.train_step, static_argnums=(5, 6))(
-        prompt, opt_state, frozen, batch, spot.dropout_key(0, 0), CFG, STEP_TC)
+    opt_state = spot.make_optimizer(TC.optimizer).init(prompt)
+    step_jaxpr = jax.make_jaxpr(spot.train_step, static_argnums=(5, 6, 7, 8))(
+        prompt, opt_state, frozen, batch, spot.dropout_key(0, 0), CFG, *STEP)
     frozen_shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(frozen)}
     out_shapes = [tuple(a.shape) for a in step_jaxpr.out_avals]
     assert out_shapes[0] == (P, CFG.d_model) and out_shapes[-1] == ()           # new prompt ... loss
@@ -101,8 +101,8 @@ def test_sub_batches_change_nothing_but_the_schedule(frozen):
     cfg, key = dataclasses.replace(CFG, dropout_rate=0.1), spot.dropout_key(0, 5)
     ref = jax.value_and_grad(spot.prompt_loss)(prompt, frozen, batch, cfg, key)
     for k in (1, 2, B):
-        loss, grad = jax.value_and_grad(spot._sub_batch_loss)(prompt, frozen, batch, cfg, key,
-                                                               dataclasses.replace(TC, sub_batches=k))
+        loss, grad = jax.value_and_grad(spot.sub_batched(spot.prompt_loss, k))(prompt, frozen, batch, cfg, key,
+                                                                               TC.z_loss)
         # The sub-batches sum the same terms in another order: float32 rounding of the network, the batch sum on top.
         n = network_roundings(CFG, P + S) + B
         np.testing.assert_allclose(loss, ref[0], rtol=0, atol=f32_atol(ref[0], n))
@@ -117,10 +117,10 @@ def twenty_steps(frozen):
     for _ in range(2):
         prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
         held_out = [-evaluator(frozen)(prompt)['score']]
-        opt_state, data, losses = spot.make_optimizer(TC).init(prompt), synthetic_batches()(0), []
+        opt_state, data, losses = spot.make_optimizer(TC.optimizer).init(prompt), synthetic_batches()(0), []
         for step in range(20):
             prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, next(data), spot.dropout_key(0, step),
-                                                      CFG, STEP_TC)
+                                                      CFG, *STEP)
             losses.append(float(loss))
         # The training objective (dropout on) of the first and the last prompt, on the same batches and masks
         train_cfg, first = dataclasses.replace(CFG, dropout_rate=TC.dropout), spot.init_prompt(jax.random.key(1), frozen, PC)
@@ -156,19 +156,19 @@ def test_dropout_is_on_in_training_and_keyed(frozen):
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     def train_loss(seed, step):
         p = jnp.array(prompt)                                   # copies: train_step consumes its inputs
-        return float(spot.train_step(p, spot.make_optimizer(TC).init(p), frozen, EVAL_BATCH,
-                                     spot.dropout_key(seed, step), CFG, STEP_TC)[2])
+        return float(spot.train_step(p, spot.make_optimizer(TC.optimizer).init(p), frozen, EVAL_BATCH,
+                                     spot.dropout_key(seed, step), CFG, *STEP)[2])
     assert train_loss(0, 3) == train_loss(0, 3)
     losses = {train_loss(0, 3), train_loss(0, 4), train_loss(1, 3), -evaluator(frozen)(prompt)['score']}
     assert len(losses) == 4
 
 
-@pytest.mark.parametrize('t5x_start, tc', [(0, spot.TrainConfig(decay_offset=0)),
-                                           (spot.LM_ADAPT_CHECKPOINT_STEP, spot.TrainConfig())])
-def test_optax_adafactor_matches_t5x_update(t5x_start, tc):
-    """make_optimizer(tc) vs a numpy transcription of t5x/adafactor.py (unfactored [100,768], beta2_t = 1 - (t+1)^-0.8,
+@pytest.mark.parametrize('t5x_start, opt', [(0, spot.OptimizerConfig(decay_offset=0)),
+                                           (spot.LM_ADAPT_CHECKPOINT_STEP, spot.OptimizerConfig())])
+def test_optax_adafactor_matches_t5x_update(t5x_start, opt):
+    """make_optimizer(opt) vs a numpy transcription of t5x/adafactor.py (unfactored [100,768], beta2_t = 1 - (t+1)^-0.8,
     update clipped to RMS 1, new = (1 - wd) * p - lr * y) over 20 steps. T5X counts t from the step of the checkpoint
-    it restored (1.1M for the LM-adapted T5 1.1 of the official prompt runs): the default TrainConfig must match that
+    it restored (1.1M for the LM-adapted T5 1.1 of the official prompt runs): the default OptimizerConfig must match that
     run, and decay_offset=0 one that counts from 0."""
     def t5x_step(p, v, g, step, lr=0.3, decay=0.8, clip=1.0, wd=1e-5):
         # beta2 in float32 as both t5x and optax compute it: near t = 1.1M, 1 - beta2 = 1.4e-5 keeps only ~0.4%
@@ -182,7 +182,7 @@ def test_optax_adafactor_matches_t5x_update(t5x_start, tc):
     rng = np.random.default_rng(0)
     p_ref = rng.normal(size=(100, 768)).astype(np.float32)
     v_ref, p = np.zeros_like(p_ref), jnp.asarray(p_ref)
-    tx = spot.make_optimizer(tc)
+    tx = spot.make_optimizer(opt)
     state, update = tx.init(p), jax.jit(tx.update)
     for step in range(20):
         g = rng.normal(scale=10.0 ** rng.uniform(-3, 1), size=p_ref.shape).astype(np.float32)
@@ -191,16 +191,6 @@ def test_optax_adafactor_matches_t5x_update(t5x_start, tc):
         p_ref, v_ref = t5x_step(p_ref.astype(np.float64), v_ref, g.astype(np.float64), t5x_start + step)
     # float32 against a float64 oracle: per step a few roundings of the update and one of p + update
     np.testing.assert_allclose(np.asarray(p), p_ref, rtol=0, atol=f32_atol(p_ref, 20 * 4))
-
-
-def test_model_tuning_step_trains_every_weight(frozen):
-    """The Figure 1 baseline path: its jaxpr returns one updated array per weight (and no prompt)."""
-    opt_state = spot.make_optimizer(spot.MODEL_TUNING).init(frozen)
-    jaxpr = jax.make_jaxpr(spot.model_tuning_step, static_argnums=(4, 5))(
-        frozen, opt_state, EVAL_BATCH, spot.dropout_key(0, 0), CFG, spot.MODEL_TUNING)
-    n = len(jax.tree_util.tree_leaves(frozen))
-    assert [tuple(a.shape) for a in jaxpr.out_avals[:n]] == [tuple(x.shape) for x in jax.tree_util.tree_leaves(frozen)]
-    assert len(jaxpr.out_avals) == n + len(jax.tree_util.tree_leaves(opt_state)) + 1
 
 
 class WordVocab:
@@ -570,7 +560,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, frozen):
     full = run(tmp_path / 'full', frozen, synthetic_batches(), meta={'task': 'toy'})
     with pytest.raises(RuntimeError, match='preempted'):
         run(tmp_path / 'cut', frozen, synthetic_batches(crash_at=10))     # dies after the step-8 checkpoint
-    _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC))
+    _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
     assert state['step'] == state['data_position'] == 8
     resumed = run(tmp_path / 'cut', frozen, synthetic_batches(), resume=True, meta={'task': 'toy'})
     resumed_log = spot.train_prompt(resumed['prompt'], frozen, CFG, TC, synthetic_batches(), None, tmp_path / 'cut',
@@ -606,7 +596,7 @@ def test_a_failing_evaluation_loses_no_training_and_resume_redoes_it(tmp_path, f
     with pytest.raises(MemoryError):
         spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC, synthetic_batches(), flaky,
                           tmp_path / 'cut', log=quiet)
-    _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC))
+    _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
     assert state['step'] == 8 and state['eval_pending']           # the 8 steps are saved, their evaluation is not
     resumed = run(tmp_path / 'cut', frozen, synthetic_batches(), resume=True)   # evaluates step 8 first
     assert (resumed['best_step'], resumed['best_score']) == (full['best_step'], full['best_score'])
@@ -635,7 +625,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, frozen):
     with pytest.raises(FloatingPointError, match=r'loss is nan at step 7.*checkpoint\.npz \(step 4\)'):
         run(tmp_path / 'run', poisoned, data)
     ckpt = tmp_path / 'run' / 'checkpoint.npz'
-    prompt, _, state = spot.load_checkpoint(ckpt, spot.make_optimizer(TC))
+    prompt, _, state = spot.load_checkpoint(ckpt, spot.make_optimizer(TC.optimizer))
     assert state['step'] == 4 and np.isfinite(np.asarray(prompt)).all()
     # The checkpoint is resumable: with a repaired model the run ends bit-identical to a clean run.
     resumed = run(tmp_path / 'run', frozen, data, resume=True)
@@ -645,16 +635,32 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, frozen):
 
 def test_resume_refuses_changed_settings(tmp_path, frozen):
     spot.save_checkpoint(tmp_path / 'checkpoint.npz', jnp.zeros((P, CFG.d_model)),
-                         spot.make_optimizer(TC).init(jnp.zeros((P, CFG.d_model))),
+                         spot.make_optimizer(TC.optimizer).init(jnp.zeros((P, CFG.d_model))),
                          {'step': 4, 'data_position': 4, 'seed': 0, 'best_score': None, 'best_step': None,
-                          'config': {**spot.dataclasses.asdict(TC), 'learning_rate': 0.1}})
+                          'config': dataclasses.asdict(dataclasses.replace(
+                              TC, optimizer=spot.OptimizerConfig(learning_rate=0.1)))})
     with pytest.raises(ValueError, match='learning_rate'):
+        run(tmp_path, frozen, synthetic_batches(), resume=True)
+
+
+def test_resume_reads_a_checkpoint_with_the_flat_config_of_before_optimizer_config(tmp_path, frozen):
+    flat = {k: v for k, v in dataclasses.asdict(TC).items() if k != 'optimizer'}
+    flat.update(dataclasses.asdict(TC.optimizer))              # how checkpoints stored TrainConfig until OptimizerConfig
+    prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
+    spot.save_checkpoint(tmp_path / 'checkpoint.npz', prompt, spot.make_optimizer(TC.optimizer).init(prompt),
+                         {'step': 4, 'data_position': 4, 'seed': 0, 'best_score': None, 'best_step': None,
+                          'config': flat})
+    assert run(tmp_path, frozen, synthetic_batches(), resume=True)['step'] == TC.steps
+    spot.save_checkpoint(tmp_path / 'checkpoint.npz', prompt, spot.make_optimizer(TC.optimizer).init(prompt),
+                         {'step': 4, 'data_position': 4, 'seed': 0, 'best_score': None, 'best_step': None,
+                          'config': {**flat, 'decay_rate': 0.5}})
+    with pytest.raises(ValueError, match='decay_rate'):
         run(tmp_path, frozen, synthetic_batches(), resume=True)
 
 
 def test_override_parses_and_type_checks():
     tc, rest = spot.override(spot.TrainConfig(), ['--steps=30000', '--learning-rate=1', '--eval_method=rank', '--x=1'])
-    assert (tc.steps, tc.learning_rate, tc.eval_method, rest) == (30000, 1.0, 'rank', ['--x=1'])
+    assert (tc.steps, tc.optimizer.learning_rate, tc.eval_method, rest) == (30000, 1.0, 'rank', ['--x=1'])
     with pytest.raises(ValueError, match='TrainConfig.steps expects int, got float'):
         spot.override(tc, ['--steps=0.5'])
     assert spot.override(spot.PromptConfig(), ['--text=1984'])[0].text == '1984'   # a str field keeps its text
@@ -684,7 +690,7 @@ def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
                          ('learning_rate=0', 'learning_rate=0.0'), ('learning_rate=inf', 'learning_rate=inf'),
                          ('max_input_len=1', 'max_input_len=1 (must be >= 2: one token and EOS)'),
                          ('max_target_len=1', 'max_target_len=1'), ('decay_rate=0', 'decay_rate=0.0')]:
-        with pytest.raises(ValueError, match=f'bad TrainConfig: {re.escape(problem)}'):
+        with pytest.raises(ValueError, match=f'bad (Train|Optimizer)Config: {re.escape(problem)}'):
             spot.override(spot.TrainConfig(), [f'--{arg}'])
     assert spot.override(spot.TrainConfig(), ['--max_target_len=2', '--dropout=0'])[0].dropout == 0.0
 
@@ -729,7 +735,7 @@ def test_a_nan_prompt_after_a_finite_loss_is_never_saved(tmp_path, frozen, monke
     monkeypatch.setattr(spot, 'train_step', nan_at_step_6)
     with pytest.raises(FloatingPointError, match=r'prompt has NaN or inf values after step 6 .*\(step 4\) is intact'):
         run(tmp_path, frozen, synthetic_batches())
-    prompt, _, state = spot.load_checkpoint(tmp_path / 'checkpoint.npz', spot.make_optimizer(TC))
+    prompt, _, state = spot.load_checkpoint(tmp_path / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
     assert state['step'] == 4 and np.isfinite(np.asarray(prompt)).all()
     assert np.isfinite(np.load(tmp_path / 'prompt.npy')).all() and not (tmp_path / 'prompt_step6.npy').exists()
 
@@ -828,7 +834,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp
                           interrupting_batches(signum, 5), evaluator(frozen), tmp_path / 'cut', log=lines.append)
     assert stopped.value.exit_code == 128 + signum and 'stopping after this step' in lines[-1]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handlers restored
-    _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC))
+    _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
     assert state['step'] == 6
     resumed = run(tmp_path / 'cut', frozen, synthetic_batches(), resume=True)
     assert leaves_bytes(resumed['prompt']) == leaves_bytes(full['prompt'])
@@ -874,11 +880,11 @@ prompt0 = rng.normal(size=(8, 16)).astype(np.float32)
 
 def two_steps(mesh):
     prompt = jnp.asarray(prompt0)
-    state = spot.make_optimizer(tc).init(prompt)
+    state = spot.make_optimizer(tc.optimizer).init(prompt)
     f, b, (p, s) = spot.shard_params(mesh, frozen), spot.shard_batch(mesh, batch), spot.replicate(mesh, (prompt, state))
     losses = []
     for step in range(2):
-        p, s, loss = spot.train_step(p, s, f, b, spot.dropout_key(0, step), cfg, tc)
+        p, s, loss = spot.train_step(p, s, f, b, spot.dropout_key(0, step), cfg, tc.optimizer, tc.z_loss)
         losses.append(float(loss))
     return f, b, p, s, losses
 
