@@ -284,7 +284,7 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
         if state.get('eval_pending') and evaluator is not None:
             keep_best(prompt, state['step'])
         for step in range(state['step'], tc.steps):
-            batch = shard_batch(mesh, {k: v for k, v in next(data).items() if k in ('inputs', 'targets')})
+            batch = shard_batch(mesh, {n: v for n, v in next(data).items() if n in ('inputs', 'targets')})
             prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step),
                                                  cfg, tc.optimizer, tc.z_loss, k)
             loss, done = float(loss), step + 1
