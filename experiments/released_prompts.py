@@ -100,8 +100,8 @@ def load_prompts(folder, tasks, d_model):
         path = Path(folder) / f"{task}.npy"
         if not path.is_file():
             raise FileNotFoundError(f"no prompt {path}: --prompts needs {', '.join(t + '.npy' for t in tasks)}")
-        prompt = np.load(path).astype(np.float32)
-        if prompt.ndim != 2 or prompt.shape[1] != d_model:
+        prompt = spot.load_prompt(path)                   # a damaged or non-prompt file: one line naming it
+        if prompt.shape[1] != d_model:
             raise ValueError(f"{path} has shape {prompt.shape}, but the model needs [P, {d_model}]: the released "
                              "prompts are for T5 1.1 LM-adapted Base (d_model 768)")
         prompts[task] = prompt

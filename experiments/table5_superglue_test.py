@@ -240,8 +240,7 @@ def load_prompts(path, d_model):
     (<task> = the data.py name, e.g. superglue_rte, or the leaderboard's, e.g. RTE; any case). AX-b/AX-g: RTE's."""
     path = Path(path)
     if path.is_file():
-        prompt = np.load(path)
-        spot.check_prompt(prompt, d_model, what=str(path))
+        prompt = spot.load_prompt(path, d_model)
         return {name: prompt for name in SUBMISSION}
     if not path.is_dir():
         raise FileNotFoundError(f"--prompts {path}: no such file or folder")
@@ -255,8 +254,7 @@ def load_prompts(path, d_model):
         if found is None:
             raise FileNotFoundError(f"--prompts {path}: no {task}/prompt.npy (or {name}/prompt.npy); train it with "
                                     f"`python spot.py train --task {task} --out {path / task}`")
-        prompts[name] = np.load(found)
-        spot.check_prompt(prompts[name], d_model, what=str(found))
+        prompts[name] = spot.load_prompt(found, d_model)
     return prompts
 
 
