@@ -430,10 +430,13 @@ def _tfds_sources(task, split, tfds_dir, download):
         alt = f"; or read the original files with data_dir= ({task.source})" if task.reader else ""
         raise ModuleNotFoundError(f"tfds 4.9.10 builds {task.tfds_name} only with TensorFlow (its features use tf "
                                   f"dtypes): {TF_HINT}{alt}")
+    # The submodules register glue, super_glue & co. without TensorFlow (tfds 4.9, tested here); `import
+    # tensorflow_datasets` alone does not.
     import tensorflow_datasets as tfds
-    # Registers glue, super_glue & co. without TensorFlow (tfds 4.9, tested here); `import tfds` alone does not.
-    import tensorflow_datasets.question_answering, tensorflow_datasets.summarization  # noqa: F401,E401
-    import tensorflow_datasets.text, tensorflow_datasets.translate  # noqa: F401,E401
+    import tensorflow_datasets.question_answering  # noqa: F401
+    import tensorflow_datasets.summarization  # noqa: F401
+    import tensorflow_datasets.text  # noqa: F401
+    import tensorflow_datasets.translate  # noqa: F401
     out = []
     for name in (task.tfds_name,) if isinstance(task.tfds_name, str) else task.tfds_name:
         try:   # array_record: the only tfds file format that is written and read without TensorFlow

@@ -247,6 +247,7 @@ def generated_pair(i):
 def memory_main(args):
     """Peak RSS of spot.train_prompt for --memory-steps steps on a lazily generated source of --memory examples."""
     import resource
+
     import data
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # noqa: E731  (KiB -> GiB)
     shape = args.shapes.split(',')[0]

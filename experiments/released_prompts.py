@@ -10,7 +10,9 @@ greedy_decode, the exact input format (taskless_text) and data.score at once. Th
 Writes results/released_prompts.json. --tiny: the same path on a random tiny T5 of width 768, 8 examples per
 task, seconds; its scores are meaningless.
 """
-import sys, pathlib  # noqa: E401
+import pathlib
+import sys  # noqa: E401
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
 import argparse

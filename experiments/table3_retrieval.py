@@ -17,7 +17,7 @@ Compute beyond Table 6 (as in table1_source_mixtures.py): 120 weighted-average t
 (~0.54 h each) and, for the mixtures, up to 120 source runs of 2^18 steps (~1.4 h; equal top-k task sets are
 trained once) plus 120 target runs: ~300 accelerator-hours. --tiny runs table6 --tiny first when needed.
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import dataclasses
 import json
@@ -28,8 +28,8 @@ import numpy as np
 import data
 import retrieval
 from experiments import common, figures, stats, table6_transferability
-from experiments.table6_transferability import SOURCE_STEPS, TARGET_STEPS
 from experiments.paper_numbers import EXPERIMENT_COMMANDS, FIG8, paper_rows
+from experiments.table6_transferability import SOURCE_STEPS, TARGET_STEPS
 
 KS, AVERAGE_KS = (1, 3, 6, 9, 12, 15), (3, 6, 9, 12)  # Table 3's k; §3.3: k searched in {3, 6, 9, 12}
 

@@ -11,8 +11,15 @@ import pytest
 
 import retrieval
 import spot
-from experiments import (common, figure1_model_sizes, paper_numbers, quickstart, table1_source_mixtures,
-                         table3_retrieval, table6_transferability)
+from experiments import (
+    common,
+    figure1_model_sizes,
+    paper_numbers,
+    quickstart,
+    table1_source_mixtures,
+    table3_retrieval,
+    table6_transferability,
+)
 from tests.test_paper_numbers import compare
 from tests.test_released_prompts import run_uninstalled
 

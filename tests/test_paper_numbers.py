@@ -10,7 +10,6 @@ import pytest
 import retrieval as R
 from experiments import paper_numbers as P
 
-
 # ---------------------------------------------------------------- parameter counts (always run)
 
 def test_prompt_parameters_per_size_from_the_t5_presets():

@@ -8,8 +8,8 @@ import json
 import os
 import pickle
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
