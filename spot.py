@@ -244,17 +244,13 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     """Prompt tuning (§2.1.4): tc.steps updates of `prompt` [P,D] on the frozen T5 (cfg, frozen).
 
     batches(start) -> iterator whose k-th item is batch start+k, a pure function of (seed, start+k)
-    (data.batches). evaluator(prompt) -> dict with 'score' (higher is better), called every tc.eval_every
-    steps and at the end; the best prompt is kept as out_dir/prompt.npy (+ .json with meta, step, score,
-    config). Without `evaluator` prompt.npy is the last prompt. The prompt after tc.embedding_step steps goes
-    to prompt_step{N}.npy; every log line and evaluation to metrics.jsonl. checkpoint.npz (atomic) holds
-    prompt, optimizer state, step (= data position), seed, best score; resume=True continues from it to the
-    same bits as an uninterrupted run, and refuses a checkpoint of another model (architecture or weights),
-    prompt shape, `meta` (task, data, ...) or TrainConfig. The run owns out_dir (run.lock): a second run there
-    is refused, and a new run never replaces files an earlier one left. SIGINT/SIGTERM stop it after the
-    current step with a checkpoint (Interrupted). A non-finite loss or prompt raises FloatingPointError,
-    leaving the last good checkpoint. Returns {'prompt', 'opt_state', 'step', 'best_score', 'best_step',
-    'losses'}.
+    (data.batches). evaluator(prompt) -> metrics with 'score' (higher is better), run every tc.eval_every
+    steps and at the end; the best prompt is out_dir/prompt.npy (without an evaluator, the last). The prompt
+    after tc.embedding_step steps is the task embedding, prompt_step{N}.npy (§3.2). resume=True continues from
+    out_dir/checkpoint.npz to the same bits as an uninterrupted run. What the folder holds and what a resume
+    refuses: the section 'I/O: the run folder'. SIGINT/SIGTERM stop after the current step with a checkpoint
+    (Interrupted); a non-finite loss or prompt raises FloatingPointError. Returns {'prompt', 'opt_state',
+    'step', 'best_score', 'best_step', 'losses'}.
     """
     out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
     log, ckpt, k = log if lead else (lambda *_: None), out / 'checkpoint.npz', sub_batch_count(tc)
@@ -267,56 +263,33 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
         prompt, opt_state, state = start_or_resume(prompt, tc, run_identity(cfg, frozen, meta), info, ckpt,
                                                    resume, log)
         frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
-        # rate window (evaluation excluded)
-        losses, (t_log, n_log) = [], (time.perf_counter(), state['step'])
-        data = batches(state['step'])
-
-        # §2.1.4: keep the checkpoint with the best validation score
-        def keep_best(prompt, done):
-            metrics = evaluator(prompt)
-            log(f'step {done}  eval {_json(metrics, None).decode()}')
-            if lead:
-                record_evaluation(out, prompt, opt_state, state, done, metrics, info)
-            else:
-                best_so_far(state, done, metrics)
-
-        # interrupted during the evaluation of its step
-        if state.get('eval_pending') and evaluator is not None:
-            keep_best(prompt, state['step'])
+        keep_best = functools.partial(evaluate_and_keep, evaluator, out if lead else None, info, log)
+        losses, window, data = [], (time.perf_counter(), state['step']), batches(state['step'])
+        if state.get('eval_pending') and evaluator is not None:   # stopped during the evaluation of its step
+            keep_best(prompt, opt_state, state, state['step'])
         for step in range(state['step'], tc.steps):
             batch = shard_batch(mesh, {n: v for n, v in next(data).items() if n in ('inputs', 'targets')})
             prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step),
                                                  cfg, tc.optimizer, tc.z_loss, k)
             loss, done = float(loss), step + 1
-            if not math.isfinite(loss):
-                raise diverged(f'loss is {loss} at step {done}', ckpt, state)
-            losses.append(loss)
             evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
             signum = any_signal(signals)
             checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or signum
-            # a NaN grad
-            if (checkpoint or done == tc.embedding_step) and not bool(jnp.isfinite(prompt).all()):
-                raise diverged(f'the prompt has NaN or inf values after step {done} (loss {loss})', ckpt,
-                               state)
+            check_finite(loss, prompt if checkpoint or done == tc.embedding_step else None, done, ckpt, state)
+            losses.append(loss)
             if done % tc.log_every == 0 or done == tc.steps:
-                log_progress(out if lead else None, log, done, tc.steps, loss, (done - n_log) / (
-                    time.perf_counter() - t_log))
-                t_log, n_log = time.perf_counter(), done
-            if done == tc.embedding_step and lead:  # §3.2: the task embedding
+                window = log_progress(out if lead else None, log, done, tc.steps, loss, window)
+            if done == tc.embedding_step and lead:                # §3.2: the task embedding
                 save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
-            # before evaluating: an evaluator that fails loses no training
-            if checkpoint:
+            if checkpoint:              # written before evaluating: an evaluator that fails loses no training
                 state.update(step=done, data_position=done, eval_pending=evaluated)
                 if lead:
                     save_checkpoint(ckpt, prompt, opt_state, state)
-                if evaluated:
-                    keep_best(prompt, done)
-                t_log, n_log = time.perf_counter(), done
+                if evaluated:           # §2.1.4: keep the prompt with the best validation score
+                    keep_best(prompt, opt_state, state, done)
+                window = (time.perf_counter(), done)      # steps/s leaves out checkpoints and evaluations
             if signum and done < tc.steps:
-                raise Interrupted(f'stopped by {signal.Signals(signum).name} after step {done}: {ckpt} holds '
-                                  f'it; rerun the same command with --resume (resume=True) to continue',
-                                  signum)
-        # never evaluated
+                raise Interrupted(signum, done, ckpt)
         if evaluator is None and state['best_step'] is None and state['step'] == tc.steps and lead:
             save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
     return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'],
@@ -711,20 +684,29 @@ def start_or_resume(prompt, tc: TrainConfig, run: dict, info: dict, ckpt: Path, 
     return prompt, optimizer.init(prompt), state
 
 
-def diverged(problem: str, ckpt: Path, state: dict) -> FloatingPointError:
+def check_finite(loss: float, prompt, done: int, ckpt: Path, state: dict):
+    """Stop (FloatingPointError) on a non-finite loss, or a prompt with NaN or inf (a NaN gradient); prompt
+    None: not checked at this step (it costs a device-to-host transfer)."""
+    if math.isfinite(loss) and (prompt is None or bool(jnp.isfinite(prompt).all())):
+        return
+    problem = f'loss is {loss} at step {done}' if not math.isfinite(loss) else \
+        f'the prompt has NaN or inf values after step {done} (loss {loss})'
     last = f'The last good checkpoint {ckpt} (step {state["step"]}) is intact' if ckpt.exists() else \
         'No checkpoint was written yet'
-    return FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and '
-                              f'model, then rerun (with --resume)')
+    raise FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and '
+                             f'model, then rerun (with --resume)')
 
 
-def log_progress(out: Path | None, log, done: int, steps: int, loss: float, rate: float):
-    """The progress line, and its metrics.jsonl event when out (the lead process)."""
+def log_progress(out: Path | None, log, done: int, steps: int, loss: float, window: tuple) -> tuple:
+    """The progress line (steps/s since window = (time, step)), and its metrics.jsonl event when out (the lead
+    process). Returns the next window."""
+    rate = (done - window[1]) / (time.perf_counter() - window[0])
     eta = int((steps - done) / rate)
     log(f'step {done}/{steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
         f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
     if out is not None:
         append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
+    return time.perf_counter(), done
 
 
 def best_so_far(state: dict, done: int, metrics: dict) -> bool:
@@ -739,10 +721,16 @@ def best_so_far(state: dict, done: int, metrics: dict) -> bool:
     return best
 
 
-def record_evaluation(out: Path, prompt, opt_state, state: dict, done: int, metrics: dict, info: dict):
-    """The lead's files after an evaluation: metrics.jsonl, prompt.npy/.json if best, the checkpoint (with the
-    new best score)."""
+def evaluate_and_keep(evaluator, out: Path | None, info: dict, log, prompt, opt_state, state: dict,
+                      done: int):
+    """§2.1.4: evaluate the prompt after step `done`; the lead (out given) writes metrics.jsonl,
+    prompt.npy/.json if it is the best so far, and the checkpoint with the new best score. Other processes
+    only track the best."""
+    metrics = evaluator(prompt)
+    log(f'step {done}  eval {_json(metrics, None).decode()}')
     best = best_so_far(state, done, metrics)
+    if out is None:
+        return
     append_history(out, {'step': done, 'eval': metrics})
     if best:
         save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
@@ -816,8 +804,9 @@ class Interrupted(KeyboardInterrupt):
     """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal (130,
     143)."""
 
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
+    def __init__(self, signum: int, done: int, ckpt: Path):
+        super().__init__(f'stopped by {signal.Signals(signum).name} after step {done}: {ckpt} holds it; '
+                         f'rerun the same command with --resume (resume=True) to continue')
         self.exit_code = 128 + signum
 
 
