@@ -1,4 +1,4 @@
-"""Tasks, tokens, mixtures and metrics for SPoT (Vu et al., ACL 2022), in T5's text-to-text form. Paper -> code:
+"""Tasks, tokens, mixtures and metrics of SPoT (Vu et al., ACL 2022) in T5's text-to-text form. Paper -> code:
   §2.1 tasks in T5 format, validation sets        TASKS, get_task, load_examples, to_text, text_pairs
   §2.1 frozen T5 1.1 vocabulary (32k + 100 ids)   load_vocab, tokenize
   batches made lazily, padded to length buckets   train_source, TextSource, batches, bucket_length, permute
@@ -34,7 +34,8 @@ MAX_INPUT_LEN = 512                       # prompt-tuning/prompt_tuning/scripts/
 DEFAULT_VOCAB = "google/t5-base-lm-adapt"  # SPoT §2.1: LM-adapted T5 1.1; every size shares this vocabulary
 TF_HINT = "pip install tensorflow-cpu   (or: pip install -e '.[tf]')"
 GLUE_URL = "https://gluebenchmark.com/tasks (zips: https://dl.fbaipublicfiles.com/glue/data/<TASK>.zip)"
-SUPERGLUE_URL = "https://super.gluebenchmark.com/tasks (zips: https://dl.fbaipublicfiles.com/glue/superglue/data/v2/)"
+SUPERGLUE_URL = ("https://super.gluebenchmark.com/tasks "
+                 "(zips: https://dl.fbaipublicfiles.com/glue/superglue/data/v2/)")
 
 
 # ----------------------------------------------------------------------------- T5 string operations
@@ -86,14 +87,16 @@ def fmt_stsb(ex, prefix="stsb", collapse=False):
 
 
 _WSC_SPECIAL = {
-    'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite loud. '
-    '"Good for him," he said. ':
-        'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite loud. '
-        '"Good for X ," he said.',
-    'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic pebble in an iron '
-    'safe . Some day they might want to use it , but really for now, what more could they wish for?':
-        'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic pebble in an iron '
-        'safe . Some day they might want to use X , but really for now, what more could they wish for?'}
+    'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out '
+    'quite loud. "Good for him," he said. ':
+        'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out '
+        'quite loud. "Good for X ," he said.',
+    'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic '
+    'pebble in an iron safe . Some day they might want to use it , but really for now, what more '
+    'could they wish for?':
+        'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic '
+        'pebble in an iron safe . Some day they might want to use X , but really for now, what more '
+        'could they wish for?'}
 
 
 def fmt_wsc(ex):
@@ -124,7 +127,8 @@ def fmt_qa(ex, prefix=None):
 
 
 def fmt_generate(ex, prefix, source, target, instruction=None, sep=" \\n "):
-    """SPoT `preprocess_text_generation`: "<task> [<instruction>] <source>" -> target (lists joined by sep)."""
+    """SPoT `preprocess_text_generation`: "<task> [<instruction>] <source>" -> target.
+    A source that is a list is joined by sep."""
     src = ex[source] if isinstance(ex[source], str) else sep.join(ex[source])
     return {"inputs": _join([p for p in (prefix, instruction, src) if p]), "targets": ex[target]}
 
@@ -199,12 +203,14 @@ class Task:
 
     @property
     def output_labels(self):
-        """The label strings the model learns to output (rank classification, class_labels init), or None. WSC has
-        label names too, but only to read the files' True/False labels: its target is the referent's text."""
+        """The label strings the model learns to output (rank classification, class_labels init), or None.
+        WSC has label names too, but only to read the files' True/False labels: its target is the referent's
+        text."""
         return self.label_names if self.kind in ("class", "multirc") else None
 
 
-def _glue_task(name, folder, layout, names, metrics=("accuracy",), fields=None, kind="class", files=None, **kw):
+def _glue_task(name, folder, layout, names, metrics=("accuracy",), fields=None, kind="class", files=None,
+               **kw):
     files = files or {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
     fmt = functools.partial(fmt_stsb) if kind == "float" else functools.partial(
         fmt_glue, prefix=name, fields=fields, names=names)
@@ -216,9 +222,9 @@ def _sg_task(name, folder, layout, names, metrics=("accuracy",), fields=None, pr
     fmt = fmt or functools.partial(fmt_glue, prefix=prefix or name, fields=fields, names=names)
     needs_tf = folder not in ("MultiRC", "ReCoRD")   # tfds text/super_glue.py: _info needs TF but for these
     cfg = {"WSC": "wsc.fixed", "RTE": "rte"}.get(folder, name)
+    files = {s: f"{folder}/{s[:3] if s == 'validation' else s}.jsonl" for s in SPLITS}   # dev file: val.jsonl
     return Task(name, fmt, names, metrics, tfds_name=f"super_glue/{cfg}", reader="superglue_jsonl",
-                layout=layout, files={s: f"{folder}/{s[:3] if s == 'validation' else s}.jsonl" for s in SPLITS},
-                source=SUPERGLUE_URL, needs_tf=needs_tf, **kw)
+                layout=layout, files=files, source=SUPERGLUE_URL, needs_tf=needs_tf, **kw)
 
 
 def _cls_task(name, tfds_name, fields, names, prefix=None, **kw):
@@ -232,7 +238,8 @@ def _qa_task(name, tfds_name, prefix=None, **kw):
 
 
 def _gen_task(name, tfds_name, src, tgt, instruction=None, prefix=None, metric="rouge", **kw):
-    fmt = functools.partial(fmt_generate, prefix=prefix or name, source=src, target=tgt, instruction=instruction)
+    fmt = functools.partial(fmt_generate, prefix=prefix or name, source=src, target=tgt,
+                            instruction=instruction)
     return Task(name, fmt, None, (metric,), "text", tfds_name, target_len=128, **kw)        # 128: our choice
 
 
@@ -244,9 +251,11 @@ _DIGITS = tuple("0123")
 _MNLI_FILES = {"train": "train.tsv", "validation": "dev_matched.tsv", "validation_matched": "dev_matched.tsv",
                "validation_mismatched": "dev_mismatched.tsv", "test_matched": "test_matched.tsv",
                "test_mismatched": "test_mismatched.tsv"}
+_MNLI_SPLITS = {s: ("validation_matched" if s == "validation" else s) for s in _MNLI_FILES}
 _SUM = "summarize:"
 _WIKILINGUA = ("https://github.com/esdurmus/Wikilingua (GEM English split: "
-               "https://huggingface.co/datasets/GEM/wiki_lingua); save <split>.jsonl with fields source, target")
+               "https://huggingface.co/datasets/GEM/wiki_lingua); "
+               "save <split>.jsonl with fields source, target")
 
 TASKS = [
     # GLUE (T5 glue_utils). Layout: (has header, ((feature, column), ...), label column).
@@ -259,10 +268,10 @@ TASKS = [
     _glue_task("stsb", "STS-B", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "score"),
                None, ("pearson", "spearman"), kind="float"),
     _glue_task("mnli", "MNLI", (True, (("premise", "sentence1"), ("hypothesis", "sentence2")), "gold_label"),
-               _NLI3, files=_MNLI_FILES, splits={s: ("validation_matched" if s == "validation" else s)
-                                                  for s in _MNLI_FILES}),
+               _NLI3, files=_MNLI_FILES, splits=_MNLI_SPLITS),
     _glue_task("qnli", "QNLI", (True, (("question", "question"), ("sentence", "sentence")), "label"), _NLI2),
-    _glue_task("rte", "RTE", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "label"), _NLI2),
+    _glue_task("rte", "RTE", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "label"),
+               _NLI2),
     _glue_task("wnli", "WNLI", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "label"),
                ("not_entailment", "entailment")),
     # SuperGLUE (T5 glue_utils; WSC as T5's wsc_simple on wsc.fixed). Layout: the tfds features.
@@ -270,7 +279,8 @@ TASKS = [
     _sg_task("cb", "CB", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"),
              ("mean3f1", "accuracy")),
     _sg_task("copa", "COPA", ("premise", "choice1", "choice2", "question"), ("choice1", "choice2")),
-    _sg_task("multirc", "MultiRC", (), _BOOL, ("multirc",), ("question", "answer", "paragraph"), kind="multirc"),
+    _sg_task("multirc", "MultiRC", (), _BOOL,
+             ("multirc",), ("question", "answer", "paragraph"), kind="multirc"),
     _sg_task("record", "ReCoRD", (), None, ("record",), fmt=fmt_record, kind="record", target_len=32),
     _sg_task("superglue_rte", "RTE", ("premise", "hypothesis"), _NLI2, prefix="rte"),
     _sg_task("wic", "WiC", ("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2"), _BOOL,
@@ -280,31 +290,37 @@ TASKS = [
     # NLI (official SPoT nli.py: hypothesis first).
     _cls_task("docnli", "doc_nli", ("hypothesis", "premise"), ("not_entailment", "entailment"), "doc_nli",
               reader="records", files={"train": "train.json", "validation": "dev.json", "test": "test.json"},
-              source="https://github.com/salesforce/DocNLI (DocNLI_dataset.zip: train.json, dev.json, test.json)"),
+              source="https://github.com/salesforce/DocNLI (DocNLI_dataset.zip: "
+                     "train.json, dev.json, test.json)"),
     _cls_task("snli", "snli", ("hypothesis", "premise"), _NLI3),
     # ANLI: the official code registers each round as a task with its own name (spot_anli_r1 ...).
     *[_cls_task(f"anli_r{r}", f"anli/r{r}", ("hypothesis", "context"), _NLI3) for r in (1, 2, 3)],
     # Sentiment (official SPoT sentiment.py). Yelp-2 and Sentiment140 have no validation split: use test.
     _cls_task("yelp2", "yelp_polarity_reviews", ("text",), _POSNEG, "yelp_polarity_reviews",
               splits={"train": "train", "validation": "test", "test": "test"}),
-    _cls_task("cr", None, ("text",), _POSNEG, reader="records",
-              files={"train": "CR/train.tsv", "validation": "CR/validation.tsv"},
+    _cls_task("cr", None, ("text",), _POSNEG,
+              reader="records", files={"train": "CR/train.tsv", "validation": "CR/validation.tsv"},
               source="Hu & Liu 2004 customer reviews, e.g. SentEval data/downstream/CR "
                      "(https://github.com/facebookresearch/SentEval); write CR/<split>.tsv with header "
                      "index<TAB>text<TAB>label (the layout the official SPoT code reads)"),
     _cls_task("sentiment140", "sentiment140", ("text",), ("negative", "neutral", "positive"),
               adapt=_sentiment140, splits={"train": "train", "validation": "test", "test": "test"}),
-    Task("goemotions", functools.partial(fmt_classify, prefix="goemotions", fields=("comment_text",), names=None),
-         None, ("accuracy",), "text", "goemotions", needs_tf=True, adapt=_goemotions),
+    _cls_task("goemotions", "goemotions", ("comment_text",), None,
+              kind="text", needs_tf=True, adapt=_goemotions),
     # Paraphrase / similarity. CxC: official SPoT similarity.py (STS-B format, accuracy of the rounded score).
     Task("cxc", functools.partial(fmt_stsb, prefix="cxc", collapse=True), None, ("accuracy",), "float",
          reader="records", files={"train": "CxC/train.tsv", "validation": "CxC/validation.tsv"},
-         source="https://github.com/google-research-datasets/Crisscrossed-Captions; write CxC/<split>.tsv with "
-                "header index<TAB>sentence1<TAB>sentence2<TAB>label (the layout the official SPoT code reads)"),
+         source="https://github.com/google-research-datasets/Crisscrossed-Captions; write CxC/<split>.tsv "
+                "with header index<TAB>sentence1<TAB>sentence2<TAB>label "
+                "(the layout the official SPoT code reads)"),
     # QA. MRQA: official SPoT mrqa.py, "<task> question: ... context: ..." on tfds mrqa/<task> (its names).
     *[_qa_task(n, f"mrqa/{c}", prefix=c) for n, c in [
-        ("mrqa_squad", "squad"), ("newsqa", "news_qa"), ("triviaqa", "trivia_qa"), ("searchqa", "search_qa"),
-        ("hotpotqa", "hotpot_qa"), ("naturalquestions", "natural_questions")]],
+        ("mrqa_squad", "squad"),
+        ("newsqa", "news_qa"),
+        ("triviaqa", "trivia_qa"),
+        ("searchqa", "search_qa"),
+        ("hotpotqa", "hotpot_qa"),
+        ("naturalquestions", "natural_questions")]],
     # SQuAD alone (Table 1 row, Table 2 source): Table 2's 88K examples are squad/v1.1's 87,599, not
     # mrqa/squad's 86,588, so it reads squad/v1.1, in the official squad task's format.
     _qa_task("squad", "squad/v1.1", prefix="squad", adapt=_squad),
@@ -321,33 +337,41 @@ TASKS = [
               reader="records", files={"train": "socialiqa/train.jsonl", "validation": "socialiqa/dev.jsonl"},
               source="https://leaderboard.allenai.org/socialiqa (socialiqa-train-dev.zip: "
                      "train.jsonl, train-labels.lst, dev.jsonl, dev-labels.lst)"),
-    _cls_task("abductive_nli", None, ("obs1", "obs2", "hyp1", "hyp2"), ("1", "2"), reader="records",
-              files={"train": "alphanli/train.jsonl", "validation": "alphanli/dev.jsonl"},
+    _cls_task("abductive_nli", None, ("obs1", "obs2", "hyp1", "hyp2"), ("1", "2"),
+              reader="records", files={"train": "alphanli/train.jsonl", "validation": "alphanli/dev.jsonl"},
               source="https://leaderboard.allenai.org/anli (alphanli-train-dev.zip: "
                      "train.jsonl, train-labels.lst, dev.jsonl, dev-labels.lst)"),
     # RACE: Table 2's 25K training questions match RACE-middle (25,421); race/high has 62K.
     _cls_task("race", "race/middle", ("article", "question", "A", "B", "C", "D"), tuple("ABCD"), adapt=_race),
     # Translation (T5 tasks.py: wmt_t2t de-en, wmt14 fr-en, wmt16 ro-en; BLEU).
-    *[Task(f"wmt_en{l}", functools.partial(fmt_translate, src="en", tgt=l), None, ("bleu",), "text", t,
-           target_len=128) for l, t in [("de", "wmt_t2t_translate/de-en"), ("fr", "wmt14_translate/fr-en"),
-                                        ("ro", "wmt16_translate/ro-en")]],
+    *[Task(f"wmt_en{lang}", functools.partial(fmt_translate, src="en", tgt=lang), None, ("bleu",), "text", t,
+           target_len=128) for lang, t in [
+        ("de", "wmt_t2t_translate/de-en"),
+        ("fr", "wmt14_translate/fr-en"),
+        ("ro", "wmt16_translate/ro-en")]],
     # Summarization (official SPoT summarization.py: "<task> summarize: <source>", ROUGE).
     *[_gen_task(n, n, s, t, _SUM) for n, s, t in [
-        ("aeslc", "email_body", "subject_line"), ("billsum", "text", "summary"),
-        ("cnn_dailymail", "article", "highlights"), ("gigaword", "document", "summary"),
-        ("multi_news", "document", "summary"), ("newsroom", "text", "summary"), ("samsum", "dialogue", "summary"),
+        ("aeslc", "email_body", "subject_line"),
+        ("billsum", "text", "summary"),
+        ("cnn_dailymail", "article", "highlights"),
+        ("gigaword", "document", "summary"),
+        ("multi_news", "document", "summary"),
+        ("newsroom", "text", "summary"),
+        ("samsum", "dialogue", "summary"),
         ("xsum", "document", "summary")]],
-    _gen_task("wikilingua", None, "source", "target", _SUM, reader="records", source=_WIKILINGUA,
-              files={s: f"wikilingua/{s}.jsonl" for s in SPLITS}),
+    _gen_task("wikilingua", None, "source", "target", _SUM,
+              reader="records", source=_WIKILINGUA, files={s: f"wikilingua/{s}.jsonl" for s in SPLITS}),
     # GEM (SPoT's unreleased gem.py: "<task> [instruction] <source>"; list inputs joined by " \n ").
     *[_gen_task(n, f"gem/{c}", s, "target", i, prefix=c) for n, c, s, i in [
-        ("common_gen", "common_gen", "concepts", None), ("dart", "dart", "tripleset", None),
+        ("common_gen", "common_gen", "concepts", None),
+        ("dart", "dart", "tripleset", None),
         ("e2e_nlg", "e2e_nlg", "meaning_representation", None),
-        ("schema_guided_dialog", "schema_guided_dialog", "prompt", None),     # source = the prompt (our choice)
-        ("web_nlg", "web_nlg_en", "input", None), ("wiki_auto", "wiki_auto_asset_turk", "source", "simplify:"),
+        ("schema_guided_dialog", "schema_guided_dialog", "prompt", None),   # source = the prompt (our choice)
+        ("web_nlg", "web_nlg_en", "input", None),
+        ("wiki_auto", "wiki_auto_asset_turk", "source", "simplify:"),
         ("gem_xsum", "xsum", "document", _SUM)]],
-    _gen_task("gem_wikilingua", None, "source", "target", _SUM, prefix="wiki_lingua_english_en", reader="records",
-              source=_WIKILINGUA, files={s: f"gem_wikilingua/{s}.jsonl" for s in SPLITS}),
+    _gen_task("gem_wikilingua", None, "source", "target", _SUM, prefix="wiki_lingua_english_en",
+              reader="records", source=_WIKILINGUA, files={s: f"gem_wikilingua/{s}.jsonl" for s in SPLITS}),
     # C4 with the prefix-LM objective: the unsupervised source (SPoT §2.1, Table 2). No metric.
     Task("c4", fmt_prefix_lm, None, (), "lm", "c4/en", target_len=128),                 # 128: our choice
 ]
