@@ -1307,10 +1307,9 @@ def rouge(targets, preds, keys=("rouge1", "rouge2", "rougeLsum")):
     """ROUGE F-measures as T5 metrics.rouge: rouge-score, a newline after each " . " so rougeLsum
     sees sentences. T5 reports the median of a 1000-sample bootstrap of the mean (random); we report
     the mean itself."""
-    scorer = _metric_package("rouge_score.rouge_scorer", "rouge-score").RougeScorer(list(keys))
-
     def split(s):
         return s.replace(" . ", " .\n")
+    scorer = _metric_package("rouge_score.rouge_scorer", "rouge-score").RougeScorer(list(keys))
     scores = [scorer.score(target=split(t), prediction=split(p)) for t, p in zip(targets, preds)]
     return {k: 100 * float(np.mean([s[k].fmeasure for s in scores])) for k in keys}
 
