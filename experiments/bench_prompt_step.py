@@ -37,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import spot  # noqa: E402
-import t5_model  # noqa: E402
+sys.path.insert(0, str(ROOT))  # run as a script: repo root
+
+import spot
+import t5_model
 
 SHAPES = {'tiny': ('tiny', 'tiny'),                                          # --memory only
           'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),      # (T5Config name, PEFT script --config)

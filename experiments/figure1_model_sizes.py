@@ -19,7 +19,10 @@ Expected: paper_numbers.TABLE4 (e.g. SPoT/xxl 91.2 ± 0.1, Multi-task ModelTunin
 SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row within max(2 std, 1 point).
 --tiny: one random tiny T5 plays both models; 16 examples per task, 4 steps.
 """
-import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import dataclasses
 import functools

@@ -21,7 +21,10 @@ experiments/table3_retrieval.py; or step by step:
   python retrieval.py rank --target runs/cb/prompt_step10000.npy --library LIBRARY_DIR
   python spot.py train --model google/t5-base-lm-adapt --task cb --source-prompt runs/mnli/prompt.npy --out runs/mnli-cb
 """
-import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import argparse
 import dataclasses

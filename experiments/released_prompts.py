@@ -11,9 +11,9 @@ Writes results/released_prompts.json. --tiny: the same path on a random tiny T5 
 task, seconds; its scores are meaningless.
 """
 import pathlib
-import sys  # noqa: E401
+import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import argparse
 import dataclasses

@@ -16,7 +16,10 @@ batch 32), so a 2^18-step run ~ 2.0e18 FLOP ~ 1.4 h and a 30K run ~ 0.16 h. The 
 runs of 2^18 steps and 3 + 96 of 30K: ~1,100 accelerator-hours, plus evaluation (up to ~30% more on the large
 validation sets: one decoding pass every 500 steps).
 """
-import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import dataclasses
 

@@ -17,7 +17,10 @@ Compute beyond Table 6 (as in table1_source_mixtures.py): 120 weighted-average t
 (~0.54 h each) and, for the mixtures, up to 120 source runs of 2^18 steps (~1.4 h; equal top-k task sets are
 trained once) plus 120 target runs: ~300 accelerator-hours. --tiny runs table6 --tiny first when needed.
 """
-import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import dataclasses
 import json

@@ -35,7 +35,10 @@ A decoded string that is no valid label (T5's postprocessors would score it -1, 
 model scores most likely, and counted in the printout and results/table5_superglue_test.json. A WSC referent that
 names no one (empty, or determiners only: T5's wsc_simple gives -1) is written "False" and counted the same way.
 """
-import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import argparse
 import json

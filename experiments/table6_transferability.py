@@ -14,7 +14,10 @@ Reruns resume every unfinished run from out/runs/. --tiny: random tiny T5, 3 sou
 Compute (as in table1_source_mixtures.py: 7.7 TFLOP per Base step, 400 TFLOP/s sustained): a 2^18-step source
 run ~ 1.4 h, a 100K-step target run ~ 0.54 h; 48 source + 510 target runs ~ 340 accelerator-hours plus evaluation.
 """
-import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import dataclasses
 from pathlib import Path
