@@ -74,9 +74,11 @@ def random_params(cfg, seed=0, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(lambda k: t5_model.init_params(k, cfg), jax.random.key(0))
     std = {'scale': 0.0, 'embedding': 1.0}
+
     def draw(path, s):
         mean = 1.0 if path[-1].key == 'scale' else 0.0
         return rng.normal(mean, std.get(path[-1].key, s.shape[0] ** -0.5), s.shape).astype(np.float32)
+
     return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(draw(path, s), dtype), shapes)
 
 

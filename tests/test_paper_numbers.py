@@ -93,8 +93,10 @@ def test_transcription_matches_the_csv_tables(shared_data):
     paper = shared_data.parent / "paper"
     if not paper.is_dir():
         pytest.skip(f"no paper tables at {paper}")
+
     def rows(name):
         return list(csv.DictReader(open(paper / name, encoding="utf-8")))
+
     for r in rows("table6_transfer_matrix_t5base.csv"):
         source = "BASELINE" if r["source_task"].startswith("BASELINE") else r["source_task"]
         assert P.table6(source, r["target_task"]) == (float(r["score_mean"]), float(r["score_std"]))
