@@ -1,4 +1,4 @@
-"""Tasks, tokens, mixtures and metrics for SPoT (Vu et al., ACL 2022), in T5's text-to-text form. Paper -> code:
+"""Tasks, tokens, mixtures and metrics of SPoT (Vu et al., ACL 2022) in T5's text-to-text form. Paper -> code:
   §2.1 tasks in T5 format, validation sets        TASKS, get_task, load_examples, to_text, text_pairs
   §2.1 frozen T5 1.1 vocabulary (32k + 100 ids)   load_vocab, tokenize
   batches made lazily, padded to length buckets   train_source, TextSource, batches, bucket_length, permute
@@ -34,7 +34,8 @@ MAX_INPUT_LEN = 512                       # prompt-tuning/prompt_tuning/scripts/
 DEFAULT_VOCAB = "google/t5-base-lm-adapt"  # SPoT §2.1: LM-adapted T5 1.1; every size shares this vocabulary
 TF_HINT = "pip install tensorflow-cpu   (or: pip install -e '.[tf]')"
 GLUE_URL = "https://gluebenchmark.com/tasks (zips: https://dl.fbaipublicfiles.com/glue/data/<TASK>.zip)"
-SUPERGLUE_URL = "https://super.gluebenchmark.com/tasks (zips: https://dl.fbaipublicfiles.com/glue/superglue/data/v2/)"
+SUPERGLUE_URL = ("https://super.gluebenchmark.com/tasks "
+                 "(zips: https://dl.fbaipublicfiles.com/glue/superglue/data/v2/)")
 
 
 # ----------------------------------------------------------------------------- T5 string operations
@@ -86,14 +87,16 @@ def fmt_stsb(ex, prefix="stsb", collapse=False):
 
 
 _WSC_SPECIAL = {
-    'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite loud. '
-    '"Good for him," he said. ':
-        'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite loud. '
-        '"Good for X ," he said.',
-    'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic pebble in an iron '
-    'safe . Some day they might want to use it , but really for now, what more could they wish for?':
-        'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic pebble in an iron '
-        'safe . Some day they might want to use X , but really for now, what more could they wish for?'}
+    'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out '
+    'quite loud. "Good for him," he said. ':
+        'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out '
+        'quite loud. "Good for X ," he said.',
+    'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic '
+    'pebble in an iron safe . Some day they might want to use it , but really for now, what more '
+    'could they wish for?':
+        'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic '
+        'pebble in an iron safe . Some day they might want to use X , but really for now, what more '
+        'could they wish for?'}
 
 
 def fmt_wsc(ex):
@@ -124,7 +127,8 @@ def fmt_qa(ex, prefix=None):
 
 
 def fmt_generate(ex, prefix, source, target, instruction=None, sep=" \\n "):
-    """SPoT `preprocess_text_generation`: "<task> [<instruction>] <source>" -> target (lists joined by sep)."""
+    """SPoT `preprocess_text_generation`: "<task> [<instruction>] <source>" -> target.
+    A source that is a list is joined by sep."""
     src = ex[source] if isinstance(ex[source], str) else sep.join(ex[source])
     return {"inputs": _join([p for p in (prefix, instruction, src) if p]), "targets": ex[target]}
 
@@ -199,12 +203,14 @@ class Task:
 
     @property
     def output_labels(self):
-        """The label strings the model learns to output (rank classification, class_labels init), or None. WSC has
-        label names too, but only to read the files' True/False labels: its target is the referent's text."""
+        """The label strings the model learns to output (rank classification, class_labels init), or None.
+        WSC has label names too, but only to read the files' True/False labels: its target is the referent's
+        text."""
         return self.label_names if self.kind in ("class", "multirc") else None
 
 
-def _glue_task(name, folder, layout, names, metrics=("accuracy",), fields=None, kind="class", files=None, **kw):
+def _glue_task(name, folder, layout, names, metrics=("accuracy",), fields=None, kind="class", files=None,
+               **kw):
     files = files or {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
     fmt = functools.partial(fmt_stsb) if kind == "float" else functools.partial(
         fmt_glue, prefix=name, fields=fields, names=names)
@@ -216,9 +222,9 @@ def _sg_task(name, folder, layout, names, metrics=("accuracy",), fields=None, pr
     fmt = fmt or functools.partial(fmt_glue, prefix=prefix or name, fields=fields, names=names)
     needs_tf = folder not in ("MultiRC", "ReCoRD")   # tfds text/super_glue.py: _info needs TF but for these
     cfg = {"WSC": "wsc.fixed", "RTE": "rte"}.get(folder, name)
+    files = {s: f"{folder}/{s[:3] if s == 'validation' else s}.jsonl" for s in SPLITS}   # dev file: val.jsonl
     return Task(name, fmt, names, metrics, tfds_name=f"super_glue/{cfg}", reader="superglue_jsonl",
-                layout=layout, files={s: f"{folder}/{s[:3] if s == 'validation' else s}.jsonl" for s in SPLITS},
-                source=SUPERGLUE_URL, needs_tf=needs_tf, **kw)
+                layout=layout, files=files, source=SUPERGLUE_URL, needs_tf=needs_tf, **kw)
 
 
 def _cls_task(name, tfds_name, fields, names, prefix=None, **kw):
@@ -232,7 +238,8 @@ def _qa_task(name, tfds_name, prefix=None, **kw):
 
 
 def _gen_task(name, tfds_name, src, tgt, instruction=None, prefix=None, metric="rouge", **kw):
-    fmt = functools.partial(fmt_generate, prefix=prefix or name, source=src, target=tgt, instruction=instruction)
+    fmt = functools.partial(fmt_generate, prefix=prefix or name, source=src, target=tgt,
+                            instruction=instruction)
     return Task(name, fmt, None, (metric,), "text", tfds_name, target_len=128, **kw)        # 128: our choice
 
 
@@ -244,9 +251,11 @@ _DIGITS = tuple("0123")
 _MNLI_FILES = {"train": "train.tsv", "validation": "dev_matched.tsv", "validation_matched": "dev_matched.tsv",
                "validation_mismatched": "dev_mismatched.tsv", "test_matched": "test_matched.tsv",
                "test_mismatched": "test_mismatched.tsv"}
+_MNLI_SPLITS = {s: ("validation_matched" if s == "validation" else s) for s in _MNLI_FILES}
 _SUM = "summarize:"
 _WIKILINGUA = ("https://github.com/esdurmus/Wikilingua (GEM English split: "
-               "https://huggingface.co/datasets/GEM/wiki_lingua); save <split>.jsonl with fields source, target")
+               "https://huggingface.co/datasets/GEM/wiki_lingua); "
+               "save <split>.jsonl with fields source, target")
 
 TASKS = [
     # GLUE (T5 glue_utils). Layout: (has header, ((feature, column), ...), label column).
@@ -259,10 +268,10 @@ TASKS = [
     _glue_task("stsb", "STS-B", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "score"),
                None, ("pearson", "spearman"), kind="float"),
     _glue_task("mnli", "MNLI", (True, (("premise", "sentence1"), ("hypothesis", "sentence2")), "gold_label"),
-               _NLI3, files=_MNLI_FILES, splits={s: ("validation_matched" if s == "validation" else s)
-                                                  for s in _MNLI_FILES}),
+               _NLI3, files=_MNLI_FILES, splits=_MNLI_SPLITS),
     _glue_task("qnli", "QNLI", (True, (("question", "question"), ("sentence", "sentence")), "label"), _NLI2),
-    _glue_task("rte", "RTE", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "label"), _NLI2),
+    _glue_task("rte", "RTE", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "label"),
+               _NLI2),
     _glue_task("wnli", "WNLI", (True, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "label"),
                ("not_entailment", "entailment")),
     # SuperGLUE (T5 glue_utils; WSC as T5's wsc_simple on wsc.fixed). Layout: the tfds features.
@@ -270,7 +279,8 @@ TASKS = [
     _sg_task("cb", "CB", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"),
              ("mean3f1", "accuracy")),
     _sg_task("copa", "COPA", ("premise", "choice1", "choice2", "question"), ("choice1", "choice2")),
-    _sg_task("multirc", "MultiRC", (), _BOOL, ("multirc",), ("question", "answer", "paragraph"), kind="multirc"),
+    _sg_task("multirc", "MultiRC", (), _BOOL,
+             ("multirc",), ("question", "answer", "paragraph"), kind="multirc"),
     _sg_task("record", "ReCoRD", (), None, ("record",), fmt=fmt_record, kind="record", target_len=32),
     _sg_task("superglue_rte", "RTE", ("premise", "hypothesis"), _NLI2, prefix="rte"),
     _sg_task("wic", "WiC", ("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2"), _BOOL,
@@ -280,31 +290,37 @@ TASKS = [
     # NLI (official SPoT nli.py: hypothesis first).
     _cls_task("docnli", "doc_nli", ("hypothesis", "premise"), ("not_entailment", "entailment"), "doc_nli",
               reader="records", files={"train": "train.json", "validation": "dev.json", "test": "test.json"},
-              source="https://github.com/salesforce/DocNLI (DocNLI_dataset.zip: train.json, dev.json, test.json)"),
+              source="https://github.com/salesforce/DocNLI (DocNLI_dataset.zip: "
+                     "train.json, dev.json, test.json)"),
     _cls_task("snli", "snli", ("hypothesis", "premise"), _NLI3),
     # ANLI: the official code registers each round as a task with its own name (spot_anli_r1 ...).
     *[_cls_task(f"anli_r{r}", f"anli/r{r}", ("hypothesis", "context"), _NLI3) for r in (1, 2, 3)],
     # Sentiment (official SPoT sentiment.py). Yelp-2 and Sentiment140 have no validation split: use test.
     _cls_task("yelp2", "yelp_polarity_reviews", ("text",), _POSNEG, "yelp_polarity_reviews",
               splits={"train": "train", "validation": "test", "test": "test"}),
-    _cls_task("cr", None, ("text",), _POSNEG, reader="records",
-              files={"train": "CR/train.tsv", "validation": "CR/validation.tsv"},
+    _cls_task("cr", None, ("text",), _POSNEG,
+              reader="records", files={"train": "CR/train.tsv", "validation": "CR/validation.tsv"},
               source="Hu & Liu 2004 customer reviews, e.g. SentEval data/downstream/CR "
                      "(https://github.com/facebookresearch/SentEval); write CR/<split>.tsv with header "
                      "index<TAB>text<TAB>label (the layout the official SPoT code reads)"),
     _cls_task("sentiment140", "sentiment140", ("text",), ("negative", "neutral", "positive"),
               adapt=_sentiment140, splits={"train": "train", "validation": "test", "test": "test"}),
-    Task("goemotions", functools.partial(fmt_classify, prefix="goemotions", fields=("comment_text",), names=None),
-         None, ("accuracy",), "text", "goemotions", needs_tf=True, adapt=_goemotions),
+    _cls_task("goemotions", "goemotions", ("comment_text",), None,
+              kind="text", needs_tf=True, adapt=_goemotions),
     # Paraphrase / similarity. CxC: official SPoT similarity.py (STS-B format, accuracy of the rounded score).
     Task("cxc", functools.partial(fmt_stsb, prefix="cxc", collapse=True), None, ("accuracy",), "float",
          reader="records", files={"train": "CxC/train.tsv", "validation": "CxC/validation.tsv"},
-         source="https://github.com/google-research-datasets/Crisscrossed-Captions; write CxC/<split>.tsv with "
-                "header index<TAB>sentence1<TAB>sentence2<TAB>label (the layout the official SPoT code reads)"),
+         source="https://github.com/google-research-datasets/Crisscrossed-Captions; write CxC/<split>.tsv "
+                "with header index<TAB>sentence1<TAB>sentence2<TAB>label "
+                "(the layout the official SPoT code reads)"),
     # QA. MRQA: official SPoT mrqa.py, "<task> question: ... context: ..." on tfds mrqa/<task> (its names).
     *[_qa_task(n, f"mrqa/{c}", prefix=c) for n, c in [
-        ("mrqa_squad", "squad"), ("newsqa", "news_qa"), ("triviaqa", "trivia_qa"), ("searchqa", "search_qa"),
-        ("hotpotqa", "hotpot_qa"), ("naturalquestions", "natural_questions")]],
+        ("mrqa_squad", "squad"),
+        ("newsqa", "news_qa"),
+        ("triviaqa", "trivia_qa"),
+        ("searchqa", "search_qa"),
+        ("hotpotqa", "hotpot_qa"),
+        ("naturalquestions", "natural_questions")]],
     # SQuAD alone (Table 1 row, Table 2 source): Table 2's 88K examples are squad/v1.1's 87,599, not
     # mrqa/squad's 86,588, so it reads squad/v1.1, in the official squad task's format.
     _qa_task("squad", "squad/v1.1", prefix="squad", adapt=_squad),
@@ -321,33 +337,41 @@ TASKS = [
               reader="records", files={"train": "socialiqa/train.jsonl", "validation": "socialiqa/dev.jsonl"},
               source="https://leaderboard.allenai.org/socialiqa (socialiqa-train-dev.zip: "
                      "train.jsonl, train-labels.lst, dev.jsonl, dev-labels.lst)"),
-    _cls_task("abductive_nli", None, ("obs1", "obs2", "hyp1", "hyp2"), ("1", "2"), reader="records",
-              files={"train": "alphanli/train.jsonl", "validation": "alphanli/dev.jsonl"},
+    _cls_task("abductive_nli", None, ("obs1", "obs2", "hyp1", "hyp2"), ("1", "2"),
+              reader="records", files={"train": "alphanli/train.jsonl", "validation": "alphanli/dev.jsonl"},
               source="https://leaderboard.allenai.org/anli (alphanli-train-dev.zip: "
                      "train.jsonl, train-labels.lst, dev.jsonl, dev-labels.lst)"),
     # RACE: Table 2's 25K training questions match RACE-middle (25,421); race/high has 62K.
     _cls_task("race", "race/middle", ("article", "question", "A", "B", "C", "D"), tuple("ABCD"), adapt=_race),
     # Translation (T5 tasks.py: wmt_t2t de-en, wmt14 fr-en, wmt16 ro-en; BLEU).
-    *[Task(f"wmt_en{l}", functools.partial(fmt_translate, src="en", tgt=l), None, ("bleu",), "text", t,
-           target_len=128) for l, t in [("de", "wmt_t2t_translate/de-en"), ("fr", "wmt14_translate/fr-en"),
-                                        ("ro", "wmt16_translate/ro-en")]],
+    *[Task(f"wmt_en{lang}", functools.partial(fmt_translate, src="en", tgt=lang), None, ("bleu",), "text", t,
+           target_len=128) for lang, t in [
+        ("de", "wmt_t2t_translate/de-en"),
+        ("fr", "wmt14_translate/fr-en"),
+        ("ro", "wmt16_translate/ro-en")]],
     # Summarization (official SPoT summarization.py: "<task> summarize: <source>", ROUGE).
     *[_gen_task(n, n, s, t, _SUM) for n, s, t in [
-        ("aeslc", "email_body", "subject_line"), ("billsum", "text", "summary"),
-        ("cnn_dailymail", "article", "highlights"), ("gigaword", "document", "summary"),
-        ("multi_news", "document", "summary"), ("newsroom", "text", "summary"), ("samsum", "dialogue", "summary"),
+        ("aeslc", "email_body", "subject_line"),
+        ("billsum", "text", "summary"),
+        ("cnn_dailymail", "article", "highlights"),
+        ("gigaword", "document", "summary"),
+        ("multi_news", "document", "summary"),
+        ("newsroom", "text", "summary"),
+        ("samsum", "dialogue", "summary"),
         ("xsum", "document", "summary")]],
-    _gen_task("wikilingua", None, "source", "target", _SUM, reader="records", source=_WIKILINGUA,
-              files={s: f"wikilingua/{s}.jsonl" for s in SPLITS}),
+    _gen_task("wikilingua", None, "source", "target", _SUM,
+              reader="records", source=_WIKILINGUA, files={s: f"wikilingua/{s}.jsonl" for s in SPLITS}),
     # GEM (SPoT's unreleased gem.py: "<task> [instruction] <source>"; list inputs joined by " \n ").
     *[_gen_task(n, f"gem/{c}", s, "target", i, prefix=c) for n, c, s, i in [
-        ("common_gen", "common_gen", "concepts", None), ("dart", "dart", "tripleset", None),
+        ("common_gen", "common_gen", "concepts", None),
+        ("dart", "dart", "tripleset", None),
         ("e2e_nlg", "e2e_nlg", "meaning_representation", None),
-        ("schema_guided_dialog", "schema_guided_dialog", "prompt", None),     # source = the prompt (our choice)
-        ("web_nlg", "web_nlg_en", "input", None), ("wiki_auto", "wiki_auto_asset_turk", "source", "simplify:"),
+        ("schema_guided_dialog", "schema_guided_dialog", "prompt", None),   # source = the prompt (our choice)
+        ("web_nlg", "web_nlg_en", "input", None),
+        ("wiki_auto", "wiki_auto_asset_turk", "source", "simplify:"),
         ("gem_xsum", "xsum", "document", _SUM)]],
-    _gen_task("gem_wikilingua", None, "source", "target", _SUM, prefix="wiki_lingua_english_en", reader="records",
-              source=_WIKILINGUA, files={s: f"gem_wikilingua/{s}.jsonl" for s in SPLITS}),
+    _gen_task("gem_wikilingua", None, "source", "target", _SUM, prefix="wiki_lingua_english_en",
+              reader="records", source=_WIKILINGUA, files={s: f"gem_wikilingua/{s}.jsonl" for s in SPLITS}),
     # C4 with the prefix-LM objective: the unsupervised source (SPoT §2.1, Table 2). No metric.
     Task("c4", fmt_prefix_lm, None, (), "lm", "c4/en", target_len=128),                 # 128: our choice
 ]
@@ -385,7 +409,7 @@ def get_task(name):
 
 # ----------------------------------------------------------------------------- loading
 def load_examples(task_name, split, data_dir=None, tfds_dir=None, download=True):
-    """Examples of one split as plain dicts: through tfds when data_dir is None, else from the creators' files.
+    """Examples of one split as plain dicts: via tfds when data_dir is None, else from the creators' files.
 
     Both paths give the tfds field names and integer labels (class index, -1 = no label). tfds_dir and
     download go to tfds.data_source (download=False: fail at once when the data is not prepared)."""
@@ -395,15 +419,16 @@ def load_examples(task_name, split, data_dir=None, tfds_dir=None, download=True)
                                 f"({task.tfds_name}) with data_dir=None")
     known = sorted(set(task.splits if data_dir is None else task.files))
     if split not in known:
-        raise ValueError(f"{task.name} has no split {split!r} on the {'tfds' if data_dir is None else 'files'}"
-                         f" path; known: {known}")
+        raise ValueError(f"{task.name} has no split {split!r} on the "
+                         f"{'tfds' if data_dir is None else 'files'} path; known: {known}")
     if data_dir is None:
         raw = _tfds_examples(task, split, tfds_dir, download)
     else:
         raw = _file_examples(task, split, data_dir)
     examples = [y for x in raw for y in task.adapt(x)] if task.adapt else list(raw)
     if not examples:
-        raise ValueError(f"{task.name} split {split!r} is empty; check the data ({task.source or task.tfds_name})")
+        raise ValueError(f"{task.name} split {split!r} is empty; "
+                         f"check the data ({task.source or task.tfds_name})")
     return examples
 
 
@@ -428,8 +453,8 @@ def _tfds_sources(task, split, tfds_dir, download):
                                 f"and pass data_dir=<folder holding {sorted(set(task.files.values()))}>")
     if task.needs_tf and importlib.util.find_spec("tensorflow") is None:
         alt = f"; or read the original files with data_dir= ({task.source})" if task.reader else ""
-        raise ModuleNotFoundError(f"tfds 4.9.10 builds {task.tfds_name} only with TensorFlow (its features use tf "
-                                  f"dtypes): {TF_HINT}{alt}")
+        raise ModuleNotFoundError(f"tfds 4.9.10 builds {task.tfds_name} only with TensorFlow "
+                                  f"(its features use tf dtypes): {TF_HINT}{alt}")
     # The submodules register glue, super_glue & co. without TensorFlow (tfds 4.9, tested here); `import
     # tensorflow_datasets` alone does not.
     import tensorflow_datasets as tfds
@@ -443,10 +468,11 @@ def _tfds_sources(task, split, tfds_dir, download):
             out.append(tfds.data_source(name, split=task.splits[split], data_dir=tfds_dir, download=download,
                                         builder_kwargs={"file_format": "array_record"}))
         except Exception as e:  # no network, manual download, missing TensorFlow for other builders ...
-            raise RuntimeError(f"tfds could not load {name} split {task.splits[split]!r} ({type(e).__name__}: "
-                               f"{str(e)[:300]}). Prepare it where there is network (tfds.data_source with "
-                               f"builder_kwargs={{'file_format': 'array_record'}}; {TF_HINT} if it asks for "
-                               f"TensorFlow) or use data_dir= ({task.source or 'see the tfds catalog'})") from e
+            raise RuntimeError(f"tfds could not load {name} split {task.splits[split]!r} "
+                               f"({type(e).__name__}: {str(e)[:300]}). Prepare it where there is network "
+                               f"(tfds.data_source with builder_kwargs={{'file_format': 'array_record'}}; "
+                               f"{TF_HINT} if it asks for TensorFlow) "
+                               f"or use data_dir= ({task.source or 'see the tfds catalog'})") from e
     return out
 
 
@@ -472,14 +498,16 @@ class LazyPairs(Sequence):
 
 
 def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, download=True):
-    """text_pairs of a split, for batches(TextSource(...)). From files (data_dir): a list (the files are read whole,
-    as load_examples does). From tfds: a LazyPairs that reads example i from tfds' array_record files when a batch
-    asks for it, so a split of any size (WMT14 en-fr: 40.8M pairs, Sentiment140: 1.6M) costs no memory; tasks whose
-    records expand (RACE's questions; ReCoRD's answers and WSC's filter in training) are small and loaded whole."""
+    """text_pairs of a split, for batches(TextSource(...)). From files (data_dir): a list (the files are read
+    whole, as load_examples does). From tfds: a LazyPairs that reads example i from tfds' array_record files
+    when a batch asks for it, so a split of any size (WMT14 en-fr: 40.8M pairs, Sentiment140: 1.6M) costs no
+    memory; tasks whose records expand (RACE's questions; ReCoRD's answers and WSC's filter in training) are
+    small and loaded whole."""
     task = get_task(task_name)
     expands = task.adapt is _race or (train and task.kind in ("record", "wsc"))    # one record -> many pairs
     if data_dir is not None or expands:
-        return text_pairs(task_name, load_examples(task_name, split, data_dir, tfds_dir, download), train=train)
+        examples = load_examples(task_name, split, data_dir, tfds_dir, download)
+        return text_pairs(task_name, examples, train=train)
     if split not in task.splits:
         raise ValueError(f"{task.name} has no split {split!r} on the tfds path; known: {sorted(task.splits)}")
     sources = _tfds_sources(task, split, tfds_dir, download)
@@ -495,8 +523,8 @@ def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, down
 
 
 def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
-    """What a run reads, cheaply, for resume checks: the file's name, size and sha256 of its first and last MiB
-    (data_dir), or tfds' dataset names, split and example counts."""
+    """What a run reads, cheaply, for resume checks: the file's name, size and sha256 of its first and last
+    MiB (data_dir), or tfds' dataset names, split and example counts."""
     task = get_task(task_name)
     if data_dir is None:
         sources = _tfds_sources(task, split, tfds_dir, download=False)
@@ -518,8 +546,9 @@ def _find_file(task, split, data_dir):
     tried = [root / rel, root / "glue" / rel, root / "superglue" / rel, root / rel.name]
     path = next((p for p in tried if p.is_file()), None)
     if path is None:
-        raise FileNotFoundError(f"{task.name} {split}: no {rel} under {root} (tried {', '.join(map(str, tried))})."
-                                f" Get the original files from {task.source}")
+        raise FileNotFoundError(f"{task.name} {split}: no {rel} under {root} "
+                                f"(tried {', '.join(map(str, tried))}). "
+                                f"Get the original files from {task.source}")
     return path
 
 
@@ -528,8 +557,9 @@ def _file_examples(task, split, data_dir):
     try:
         return READERS[task.reader](task, path)
     except (KeyError, IndexError, TypeError, ValueError) as e:   # incl. JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{task.name} {split}: {path} is not laid out like the original files ({type(e).__name__}: "
-                         f"{str(e)[:300]}). Pass the creators' unmodified files: {task.source}") from e
+        raise ValueError(f"{task.name} {split}: {path} is not laid out like the original files "
+                         f"({type(e).__name__}: {str(e)[:300]}). "
+                         f"Pass the creators' unmodified files: {task.source}") from e
 
 
 def _label(value, task):
@@ -552,8 +582,8 @@ def _label(value, task):
 
 
 def _read_glue_tsv(task, path):
-    """GLUE .tsv as tfds reads it: tab separated, no quoting, row number = idx; CoLA has no header,
-    MRPC's header starts with a UTF-8 BOM; test files have no label (-1); rows missing a column are dropped."""
+    """GLUE .tsv as tfds reads it: tab separated, no quoting, row number = idx; CoLA has no header, MRPC's
+    header starts with a UTF-8 BOM; test files have no label (-1); rows missing a column are dropped."""
     header, cols, label_col = task.layout
     if not header and path.name.startswith("test"):          # CoLA's test.tsv does have a header
         header, cols = True, tuple((feat, feat) for feat, _ in cols)
@@ -563,7 +593,8 @@ def _read_glue_tsv(task, path):
             csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = [c for _, c in cols if c not in (rows.fieldnames or ())] if header else []
         if missing:
-            raise ValueError(f"no column {missing} in the header {rows.fieldnames} (GLUE's tab-separated layout)")
+            raise ValueError(f"no column {missing} in the header {rows.fieldnames} "
+                             "(GLUE's tab-separated layout)")
         for n, row in enumerate(rows):
             get = row.get if header else (lambda c, r=row: r[c] if c < len(r) else None)
             ex = {feat: get(col) for feat, col in cols}
@@ -578,7 +609,8 @@ def _read_glue_tsv(task, path):
 
 
 def _fix_wsc(ex):
-    """tfds `wsc.fixed`: make span texts substrings of the text (first-word case, no trailing '.', no '\\n')."""
+    """tfds `wsc.fixed`: make span texts substrings of the text
+    (first-word case, no trailing '.', no '\\n')."""
     for k in ("span1", "span2"):
         span, index = ex[k + "_text"], ex[k + "_index"]
         if span in ex["text"] or span in ("Kamenev and Zinoviev", "Kamenev, Zinoviev, and Stalin"):
@@ -639,7 +671,8 @@ def _read_records(task, path):
     labels = path.with_name(path.stem + "-labels.lst")
     if task.label_names and rows and "label" not in rows[0]:
         if not labels.is_file():
-            raise FileNotFoundError(f"{task.name}: labels file {labels} is missing; get it from {task.source}")
+            raise FileNotFoundError(f"{task.name}: labels file {labels} is missing; "
+                                    f"get it from {task.source}")
         values = labels.read_text().split()
         if len(values) != len(rows):                  # zip would silently drop the unlabelled tail
             raise ValueError(f"{labels} has {len(values)} labels for the {len(rows)} records of {path.name}")
@@ -669,14 +702,16 @@ def text_pairs(task_name, examples, train=False):
 # ----------------------------------------------------------------------------- tokens and batches
 class Vocab:
     """T5's SentencePiece vocabulary: 32,000 pieces plus <extra_id_0..99> as ids 32099..32000.
-    Example: encode("a <extra_id_0> b") -> [3, 9, 32099, 3, 115] (as seqio; no separate '▁' before the sentinel)."""
+    Example: encode("a <extra_id_0> b") -> [3, 9, 32099, 3, 115]
+    (as seqio; no separate '▁' before the sentinel)."""
 
     def __init__(self, model_bytes):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as pb
         proto = pb.ModelProto()
         proto.ParseFromString(model_bytes)
-        for i in reversed(range(NUM_SENTINELS)):   # seqio SentencePieceVocabulary: user-defined "▁<extra_id_i>"
+        # seqio SentencePieceVocabulary: user-defined pieces "▁<extra_id_i>"
+        for i in reversed(range(NUM_SENTINELS)):
             piece = proto.pieces.add()
             piece.piece, piece.type = f"▁<extra_id_{i}>", pb.ModelProto.SentencePiece.USER_DEFINED
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
@@ -687,8 +722,9 @@ class Vocab:
         return self.sp.encode(text)
 
     def decode(self, ids):
-        """Ids -> text, stopping at the first EOS; pad is dropped, and ids past the vocabulary (the checkpoints'
-        logits have 32128 rows) decode as unknown " ⁇ ", as in seqio, so they never vanish from a prediction."""
+        """Ids -> text, stopping at the first EOS; pad is dropped, and ids past the vocabulary
+        (the checkpoints' logits have 32128 rows) decode as unknown " ⁇ ", as in seqio, so they never
+        vanish from a prediction."""
         ids = [int(i) for i in ids]
         ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
         return self.sp.decode([self.sp.unk_id() if i >= self.vocab_size else i for i in ids if i != PAD_ID])
@@ -712,10 +748,10 @@ def _load_vocab(ref):
         from huggingface_hub import hf_hub_download
         try:
             path = Path(hf_hub_download(ref, "spiece.model"))
-        except Exception as e:  # offline, unknown repo, no permission: say how to point at a local file instead
-            raise OSError(f"could not fetch spiece.model of {ref!r} from the Hugging Face hub ({type(e).__name__}: "
-                          f"{str(e)[:200]}). Offline, pass a local file, e.g. --vocab /path/to/t5_spiece.model, "
-                          "or set SPOT_VOCAB to it") from e
+        except Exception as e:  # offline, unknown repo, no permission: say how to use a local file
+            raise OSError(f"could not fetch spiece.model of {ref!r} from the Hugging Face hub "
+                          f"({type(e).__name__}: {str(e)[:200]}). Offline, pass a local file, "
+                          "e.g. --vocab /path/to/t5_spiece.model, or set SPOT_VOCAB to it") from e
     from google.protobuf.message import DecodeError
     try:
         return Vocab(path.read_bytes())
@@ -731,26 +767,28 @@ def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
     if not (min(max_input_len, max_target_len) >= 1):
         raise ValueError(f"max_input_len and max_target_len must be >= 1 (room for EOS), got "
                          f"{max_input_len} and {max_target_len}")
-    if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str) and isinstance(t.get("targets"), str)
-               for t in texts):
-        raise TypeError("tokenize wants a list of {'inputs': str, 'targets': str}: pass to_text / text_pairs output")
+    if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str)
+               and isinstance(t.get("targets"), str) for t in texts):
+        raise TypeError("tokenize wants a list of {'inputs': str, 'targets': str}: "
+                        "pass to_text / text_pairs output")
     return {key: pad_rows(token_ids(vocab, [t[key] for t in texts], length), length)
             for key, length in (("inputs", max_input_len), ("targets", max_target_len))}
 
 
 # ----------------------------------------------------------------------------- lazy, length-bucketed batches
-# Batch k is made when asked for, a pure function of (seed, k): its example indices, then those examples read,
-# formatted, tokenized and padded to bucket lengths. Memory is O(batch), whatever the source's size. We write the
-# index sampling (~40 lines of numpy) rather than depend on `grain`: a keyed bijection with cycle walking, as grain's
-# index_shuffle (which uses the Simon cipher), and T5's mixing by independent random draws, in plain sight.
+# Batch k is made when asked for, a pure function of (seed, k): its example indices, then those examples
+# read, formatted, tokenized and padded to bucket lengths. Memory is O(batch), whatever the source's size.
+# We write the index sampling (~40 lines of numpy) rather than depend on `grain`: a keyed bijection with
+# cycle walking, as grain's index_shuffle (which uses the Simon cipher), and T5's mixing by independent
+# random draws, in plain sight.
 def bucket_length(n, cap):
     """Padded length of a batch whose longest sequence has n tokens: n rounded up to 4 lengths per octave
     (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, ..., 448, 512), never above cap.
-    Why: SST-2 inputs have 22 tokens on average and 61 at p99, BoolQ 159 and 447 (T5 vocabulary), so padding to the
-    batch's longest is what saves time (SST-2, B=32: 512 -> 55 on average); rounding that up to a bucket bounds the
-    compiled step shapes at 25 for 512 tokens (5-7 per task over 100 batches of SST-2, RTE, BoolQ), and 4 per octave
-    pads at most 25% (8% on average for all three) where 64-wide buckets pad SST-2 by 36%; of the encoder's P + S
-    positions that is 3-6% above the batch's longest."""
+    Why: SST-2 inputs have 22 tokens on average and 61 at p99, BoolQ 159 and 447 (T5 vocabulary), so padding
+    to the batch's longest is what saves time (SST-2, B=32: 512 -> 55 on average); rounding that up to a
+    bucket bounds the compiled step shapes at 25 for 512 tokens (5-7 per task over 100 batches of SST-2, RTE,
+    BoolQ), and 4 per octave pads at most 25% (8% on average for all three) where 64-wide buckets pad SST-2 by
+    36%; of the encoder's P + S positions that is 3-6% above the batch's longest."""
     n = max(int(n), 8)
     step = 1 << max(0, (n - 1).bit_length() - 3)
     return min(int(cap), -(-n // step) * step)
@@ -770,8 +808,8 @@ def pad_rows(rows, length):
 
 @dataclass(frozen=True, eq=False)
 class TextSource:
-    """A task's examples, tokenized only when a batch reads them. pairs[i] -> {'inputs', 'targets'} strings: a list
-    (text_pairs) or a lazy sequence (load_pairs: tfds, generated sources); nothing else is held."""
+    """A task's examples, tokenized only when a batch reads them. pairs[i] -> {'inputs', 'targets'} strings: a
+    list (text_pairs) or a lazy sequence (load_pairs: tfds, generated sources); nothing else is held."""
     pairs: object                                # Sequence of {'inputs': str, 'targets': str}
     vocab: Vocab
     max_input_len: int = MAX_INPUT_LEN
@@ -783,8 +821,8 @@ class TextSource:
     def rows(self, idx):
         """(input ids, target ids) of examples idx, each a list of unpadded id lists ending in EOS."""
         texts = [self.pairs[int(i)] for i in idx]
-        if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str) and isinstance(t.get("targets"), str)
-                   for t in texts):
+        if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str)
+                   and isinstance(t.get("targets"), str) for t in texts):
             raise TypeError("a TextSource's pairs must be {'inputs': str, 'targets': str}: pass to_text / "
                             "text_pairs / load_pairs output")
         return (token_ids(self.vocab, [t["inputs"] for t in texts], self.max_input_len),
@@ -793,7 +831,8 @@ class TextSource:
 
 @dataclass(frozen=True, eq=False)
 class _ArraySource:
-    """tokenize's arrays {'inputs': [n,S], 'targets': [n,T]} (rows padded with 0) as a source of trimmed rows."""
+    """tokenize's arrays {'inputs': [n,S], 'targets': [n,T]} (rows padded with 0)
+    as a source of trimmed rows."""
     arrays: dict
 
     def __len__(self):
@@ -812,7 +851,8 @@ class _ArraySource:
 
 
 def unpad(a):
-    """int [n, L] padded with 0 at the end (T5 pads only there) -> n lists of ids up to the last non-pad one."""
+    """int [n, L] padded with 0 at the end (T5 pads only there)
+    -> n lists of ids up to the last non-pad one."""
     a = np.asarray(a)
     used = a != PAD_ID
     ends = np.where(used.any(1), a.shape[1] - np.argmax(used[:, ::-1], 1), 0)
@@ -820,13 +860,13 @@ def unpad(a):
 
 
 def as_source(source):
-    """A TextSource (or anything with __len__, rows(idx), max_input_len, max_target_len) as is; tokenize's arrays
-    wrapped so their rows are trimmed and re-padded per batch like any other source."""
+    """A TextSource (or anything with __len__, rows(idx), max_input_len, max_target_len) as is; tokenize's
+    arrays wrapped so their rows are trimmed and re-padded per batch like any other source."""
     if isinstance(source, Mapping):
         rows = {key: len(a) for key, a in source.items()}
         if set(rows) < {"inputs", "targets"} or len(set(rows.values())) > 1:
-            raise ValueError(f"arrays have different numbers of rows or miss a key {rows}: pass data.tokenize's "
-                             "output ('inputs' and 'targets')")
+            raise ValueError(f"arrays have different numbers of rows or miss a key {rows}: "
+                             "pass data.tokenize's output ('inputs' and 'targets')")
         return _ArraySource({key: np.asarray(source[key]) for key in ("inputs", "targets")})
     if not all(hasattr(source, a) for a in ("rows", "max_input_len", "max_target_len", "__len__")):
         raise TypeError(f"a source is a TextSource or tokenize's arrays, got {type(source).__name__}")
@@ -834,8 +874,9 @@ def as_source(source):
 
 
 def _collate(inputs, targets, in_cap, tgt_cap, process_index=0, process_count=1):
-    """Rows -> int32 arrays padded to the bucket of the longest row (bucket_length). The bucket is the global batch's,
-    so every process pads alike; process_index keeps its contiguous share of the rows (multi-host data parallelism)."""
+    """Rows -> int32 arrays padded to the bucket of the longest row (bucket_length). The bucket is the global
+    batch's, so every process pads alike; process_index keeps its contiguous share of the rows (multi-host
+    data parallelism)."""
     S = bucket_length(max(map(len, inputs)), in_cap)
     T = bucket_length(max(map(len, targets)), tgt_cap)
     n = len(inputs) // process_count
@@ -844,10 +885,10 @@ def _collate(inputs, targets, in_cap, tgt_cap, process_index=0, process_count=1)
 
 
 class DocStream(Sequence):
-    """The documents of a source too large to index or to read at random (C4: 365M documents in 1024 .json.gz files),
-    read in order. docs[p] is document perm_w(p % window) of window w = p // window, perm_w keyed by (seed, w):
-    shuffled within windows, so reaching position p reads the first (p // window + 1) * window documents only, and
-    holds one window. A stream that ends starts over (positions past its end wrap around).
+    """The documents of a source too large to index or to read at random (C4: 365M documents in 1024 .json.gz
+    files), read in order. docs[p] is document perm_w(p % window) of window w = p // window, perm_w keyed by
+    (seed, w): shuffled within windows, so reaching position p reads the first (p // window + 1) * window
+    documents only, and holds one window. A stream that ends starts over (positions past its end wrap around).
     open_docs(start) -> iterator over the document texts from document `start` on."""
     stream = True                                   # batches take positions k*B ... in order (no epochs)
 
@@ -883,7 +924,8 @@ class DocStream(Sequence):
 
 
 def json_gz_docs(files):
-    """open_docs of DocStream over .json.gz files of one JSON object per line with a 'text' field (allenai/c4)."""
+    """open_docs of DocStream over .json.gz files (allenai/c4):
+    one JSON object per line, with a 'text' field."""
     def open_docs(start):
         for path in files:
             with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -895,10 +937,10 @@ def json_gz_docs(files):
 @dataclass(frozen=True, eq=False)
 class PrefixLMSource:
     """C4 with T5's prefix-LM objective in token space (Raffel et al. 2020 §3.3.1; T5 preprocessors.prefix_lm:
-    select_random_chunk, split_tokens_to_inputs_length, random_prefix_noise_mask at noise density 0.5). Example i
-    reads document docs[i], takes a random chunk of at most 65,536 tokens, splits it into segments of
-    max_input_len - 1 tokens and keeps one segment at random (our choice: T5 keeps them all, which makes the
-    example count unknown until every document is tokenized); the segment's first n tokens, n uniform in
+    select_random_chunk, split_tokens_to_inputs_length, random_prefix_noise_mask at noise density 0.5).
+    Example i reads document docs[i], takes a random chunk of at most 65,536 tokens, splits it into segments
+    of max_input_len - 1 tokens and keeps one segment at random (our choice: T5 keeps them all, which makes
+    the example count unknown until every document is tokenized); the segment's first n tokens, n uniform in
     [1, length - 1], are the input and the rest the target. All draws are keyed by (seed, i)."""
     docs: object                                # Sequence of document texts (or a DocStream)
     vocab: Vocab
@@ -931,13 +973,14 @@ class PrefixLMSource:
 
 def train_source(task_name, vocab, max_input_len=MAX_INPUT_LEN, max_target_len=0, data_dir=None, seed=0,
                  tfds_dir=None, download=True):
-    """A task's training examples for batches / mixture_batches, read and tokenized per batch: a TextSource over
-    load_pairs, or for C4 a PrefixLMSource over its documents (tfds c4/en in array_record: read at random;
-    data_dir: the allenai/c4 .json.gz files under c4/en/ or en/, streamed in order by a DocStream)."""
+    """A task's training examples for batches / mixture_batches, read and tokenized per batch: a TextSource
+    over load_pairs, or for C4 a PrefixLMSource over its documents (tfds c4/en in array_record: read at
+    random; data_dir: the allenai/c4 .json.gz files under c4/en/ or en/, streamed in order by a DocStream)."""
     task = get_task(task_name)
     T = max_target_len or task.target_len
     if task.kind != "lm":
-        return TextSource(load_pairs(task_name, "train", data_dir, True, tfds_dir, download), vocab, max_input_len, T)
+        pairs = load_pairs(task_name, "train", data_dir, True, tfds_dir, download)
+        return TextSource(pairs, vocab, max_input_len, T)
     if data_dir is None:
         ds = _tfds_sources(task, "train", tfds_dir, download)[0]
         docs = LazyPairs(len(ds), lambda i: _plain(ds[i])["text"])
@@ -948,11 +991,12 @@ def train_source(task_name, vocab, max_input_len=MAX_INPUT_LEN, max_target_len=0
 
 def _c4_files(data_dir):
     root = Path(data_dir).expanduser()
-    files = next((f for f in (sorted((root / sub).glob("c4-train.*.json.gz")) for sub in ("c4/en", "en", ".")) if f),
-                 [])
+    found = (sorted((root / sub).glob("c4-train.*.json.gz")) for sub in ("c4/en", "en", "."))
+    files = next((f for f in found if f), [])
     if not files:
-        raise FileNotFoundError(f"c4: no c4-train.*.json.gz under {root}/c4/en, {root}/en or {root}; get them "
-                                "from https://huggingface.co/datasets/allenai/c4 (en/), or use tfds c4/en")
+        raise FileNotFoundError(f"c4: no c4-train.*.json.gz under {root}/c4/en, {root}/en or {root}; "
+                                "get them from https://huggingface.co/datasets/allenai/c4 (en/), "
+                                "or use tfds c4/en")
     return files
 
 
@@ -960,16 +1004,18 @@ _MIX = np.array([0xBF58476D1CE4E5B9, 0x94D049BB133111EB], np.uint64)
 
 
 def _hash(x):
-    """splitmix64's finaliser (Steele et al. 2014): uint64 array -> uint64 array; every output bit mixes all inputs."""
+    """splitmix64's finaliser (Steele et al. 2014): uint64 array -> uint64 array;
+    every output bit mixes all inputs."""
     x = (x ^ (x >> np.uint64(30))) * _MIX[0]
     x = (x ^ (x >> np.uint64(27))) * _MIX[1]
     return x ^ (x >> np.uint64(31))
 
 
 def permute(pos, n, seed, epoch=0):
-    """perm(pos): a pseudo-random permutation of [0, n), keyed by (seed, epoch), at the int positions pos, holding
-    no index array: a 4-round Feistel network on 2h bits (4^h >= n) whose values past n walk on through it again
-    (cycle walking, Black & Rogaway 2002; grain's index shuffle works alike). O(len(pos)) time and memory for any n."""
+    """perm(pos): a pseudo-random permutation of [0, n), keyed by (seed, epoch), at the int positions pos,
+    holding no index array: a 4-round Feistel network on 2h bits (4^h >= n) whose values past n walk on
+    through it again (cycle walking, Black & Rogaway 2002; grain's index shuffle works alike). O(len(pos))
+    time and memory for any n."""
     h = max(1, ((int(n) - 1).bit_length() + 1) // 2)
     mask = np.uint64((1 << h) - 1)
     keys = _hash(_hash(_hash(np.array([seed], np.uint64)) + np.uint64(epoch)) + np.arange(4, dtype=np.uint64))
@@ -1002,15 +1048,16 @@ def _check_stream(batch_size, seed, start, process_index, process_count):
         if not (isinstance(value, (int, np.integer)) and value >= 0):
             raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
     if not (process_count >= 1 and process_index < process_count and batch_size % process_count == 0):
-        raise ValueError(f"process {process_index} of {process_count}: needs 0 <= process_index < process_count and "
-                         f"a batch_size ({batch_size}) divisible by process_count")
+        raise ValueError(f"process {process_index} of {process_count}: needs 0 <= process_index < "
+                         f"process_count and a batch_size ({batch_size}) divisible by process_count")
 
 
 def batches(source, batch_size, seed, start=0, process_index=0, process_count=1):
     """Infinite shuffled batches {'inputs': int32 [B,S], 'targets': int32 [B,T]} of a source (a TextSource, or
     tokenize's arrays), each padded to the bucket of its longest row (bucket_length). Batch k depends only on
-    (seed, k), so a resumed run passes start=k; every epoch is a permutation of the examples. With process_count > 1,
-    process process_index gets rows [i B/c, (i+1) B/c) of each global batch (jax.process_index/process_count)."""
+    (seed, k), so a resumed run passes start=k; every epoch is a permutation of the examples. With
+    process_count > 1, process process_index gets rows [i B/c, (i+1) B/c) of each global batch
+    (jax.process_index/process_count)."""
     _check_stream(batch_size, seed, start, process_index, process_count)
     source = as_source(source)
     n = len(source)
@@ -1021,7 +1068,8 @@ def batches(source, batch_size, seed, start=0, process_index=0, process_count=1)
     while True:
         idx = k * batch_size + np.arange(batch_size) if stream else batch_rows(n, batch_size, seed, k)
         inputs, targets = source.rows(idx)
-        yield _collate(inputs, targets, source.max_input_len, source.max_target_len, process_index, process_count)
+        yield _collate(inputs, targets, source.max_input_len, source.max_target_len,
+                       process_index, process_count)
         k += 1
 
 
@@ -1039,10 +1087,10 @@ def mixture_rates(sizes, cap=MIXING_CAP):
 
 def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP, process_index=0,
                     process_count=1):
-    """Infinite batches from a mixture of sources (TextSource or tokenize's arrays, any number of tasks): each row
-    picks a task with the mixing rates, then an example of it uniformly (with replacement), so batch k depends only
-    on (seed, k) and holds nothing but the batch. Padded to the bucket of the batch's longest row; process_index
-    / process_count as in batches."""
+    """Infinite batches from a mixture of sources (TextSource or tokenize's arrays, any number of tasks): each
+    row picks a task with the mixing rates, then an example of it uniformly (with replacement), so batch k
+    depends only on (seed, k) and holds nothing but the batch. Padded to the bucket of the batch's longest
+    row; process_index / process_count as in batches."""
     _check_stream(batch_size, seed, start, process_index, process_count)
     sources = {name: as_source(s) for name, s in sources_by_task.items()}
     names, sizes = list(sources), {t: len(s) for t, s in sources.items()}
@@ -1054,13 +1102,13 @@ def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=
     p = np.array([rates[t] for t in names], np.float64)
     in_cap = max(s.max_input_len for s in sources.values())
     tgt_cap = max(s.max_target_len for s in sources.values())
-    # A stream (C4 from its files) is read in order: its next rows follow the ones earlier batches took, counted by
-    # replaying the earlier batches' task draws (about 20 us each).
+    # A stream (C4 from its files) is read in order: its next rows follow the ones earlier batches took,
+    # counted by replaying the earlier batches' task draws (about 20 us each).
     streams = [t for t, name in enumerate(names) if getattr(sources[name], "stream", False)]
     taken = np.zeros(len(names), np.int64)
     for j in range(start if streams else 0):
-        taken += np.bincount(np.random.default_rng([seed, j, 1]).choice(len(names), batch_size, p=p / p.sum()),
-                             minlength=len(names))
+        drawn = np.random.default_rng([seed, j, 1]).choice(len(names), batch_size, p=p / p.sum())
+        taken += np.bincount(drawn, minlength=len(names))
     k = start
     while True:
         rng = np.random.default_rng([seed, k, 1])
@@ -1069,7 +1117,10 @@ def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=
         for t, name in enumerate(names):
             slots = np.flatnonzero(which == t)
             if len(slots):
-                idx = taken[t] + np.arange(len(slots)) if t in streams else rng.integers(sizes[name], size=len(slots))
+                if t in streams:
+                    idx = taken[t] + np.arange(len(slots))
+                else:
+                    idx = rng.integers(sizes[name], size=len(slots))
                 taken[t] += len(slots)
                 got = sources[name].rows(idx)
                 for i, x, y in zip(slots, *got):
@@ -1185,7 +1236,8 @@ def _ranks(x):
 
 
 def spearman(targets, preds):
-    if np.isnan(np.asarray(preds, np.float64)).any():   # a "nan" prediction: NaN, as scipy.stats.spearmanr gives
+    # A "nan" prediction gives NaN, as scipy.stats.spearmanr does.
+    if np.isnan(np.asarray(preds, np.float64)).any():
         return {"spearman_corrcoef": float("nan")}
     return {"spearman_corrcoef": pearson(_ranks(targets), _ranks(preds))["pearson_corrcoef"]}
 
@@ -1246,15 +1298,18 @@ def _metric_package(module, pip_name):
 def bleu(targets, preds):
     """Corpus BLEU as T5 metrics.bleu: sacrebleu, 'intl' tokenisation, exp smoothing, one reference each."""
     sacrebleu = _metric_package("sacrebleu", "sacrebleu")
-    return {"bleu": sacrebleu.corpus_bleu(preds, [targets], smooth_method="exp", smooth_value=0.0, force=False,
-                                          lowercase=False, tokenize="intl", use_effective_order=False).score}
+    result = sacrebleu.corpus_bleu(preds, [targets], smooth_method="exp", smooth_value=0.0, force=False,
+                                   lowercase=False, tokenize="intl", use_effective_order=False)
+    return {"bleu": result.score}
 
 
 def rouge(targets, preds, keys=("rouge1", "rouge2", "rougeLsum")):
-    """ROUGE F-measures as T5 metrics.rouge: rouge-score, a newline after each " . " so rougeLsum sees sentences.
-    T5 reports the median of a 1000-sample bootstrap of the mean (random); we report the mean itself."""
+    """ROUGE F-measures as T5 metrics.rouge: rouge-score, a newline after each " . " so rougeLsum
+    sees sentences. T5 reports the median of a 1000-sample bootstrap of the mean (random); we report
+    the mean itself."""
+    def split(s):
+        return s.replace(" . ", " .\n")
     scorer = _metric_package("rouge_score.rouge_scorer", "rouge-score").RougeScorer(list(keys))
-    split = lambda s: s.replace(" . ", " .\n")                                     # noqa: E731
     scores = [scorer.score(target=split(t), prediction=split(p)) for t, p in zip(targets, preds)]
     return {k: 100 * float(np.mean([s[k].fmeasure for s in scores])) for k in keys}
 
@@ -1275,12 +1330,15 @@ def score(task_name, examples, predictions):
     if not all(isinstance(p, str) for p in predictions):
         raise TypeError("predictions must be decoded strings (Vocab.decode), one per example")
     unlabeled = [_unlabeled(task, ex) for ex in examples]
-    if all(unlabeled) or (task.kind in ("record", "qa") and any(unlabeled)):   # T5's max() over no answers fails
-        raise ValueError(f"{task.name}: {sum(unlabeled)} of {len(examples)} examples have no label (label -1 or no "
-                         "answers, as in a test split); score a labelled split such as 'validation'")
+    # ReCoRD/QA: T5's max() over no answers fails on any unlabelled example.
+    if all(unlabeled) or (task.kind in ("record", "qa") and any(unlabeled)):
+        raise ValueError(f"{task.name}: {sum(unlabeled)} of {len(examples)} examples have no label "
+                         "(label -1 or no answers, as in a test split); "
+                         "score a labelled split such as 'validation'")
     missing = [m for m in task.metrics if m not in METRICS]
     if not task.metrics or missing:
-        raise NotImplementedError(f"{task.name}: no metric implemented here ({', '.join(missing) or 'none defined'})")
+        raise NotImplementedError(f"{task.name}: no metric implemented here "
+                                  f"({', '.join(missing) or 'none defined'})")
     targets = [_target(task, ex) for ex in examples]
     preds = [postprocess(task.name, p, ex) for p, ex in zip(predictions, examples)]
     out = {}

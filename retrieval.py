@@ -44,8 +44,6 @@ def task_similarity(runs1, runs2, metric="per_token"):
         raise ValueError(f"unknown similarity metric {metric!r}; use one of {sorted(METRICS)}")
     sim = metric if callable(metric) else METRICS[metric]
     runs1, runs2 = _runs(runs1), _runs(runs2)  # §3.2: a task's embedding = its prompt after 10K steps
-    if not runs1 or not runs2:
-        raise ValueError("task_similarity needs at least one prompt run per task")
     return float(np.mean([sim(a, b) for a in runs1 for b in runs2]))
 
 
@@ -62,8 +60,7 @@ def _as_prompt(e, name="prompt"):
         raise ValueError(f"{name} must be a non-empty 2-D prompt [P, D], got shape {e.shape}; "
                          "pass one prompt at a time (a list of runs goes to task_similarity)")
     if not np.isfinite(e).all():  # NaN similarities would scramble the ranking (NaN compares false)
-        raise ValueError(f"{name} holds NaN or inf values (a diverged run?); remove it or use an earlier "
-                         "prompt")
+        raise ValueError(f"{name} holds NaN or inf values (a diverged run?); use an earlier prompt")
     return e
 
 
@@ -86,9 +83,9 @@ def _runs(x):
     """One prompt [P, D], a list of runs, or stacked runs [R, P, D] -> list of [P, D] arrays."""
     if isinstance(x, (list, tuple)) and x and all(np.ndim(r) == 2 for r in x):
         return list(x)
-    if np.ndim(x) in (2, 3):
+    if np.ndim(x) in (2, 3) and np.size(x):
         return [x] if np.ndim(x) == 2 else list(x)
-    raise ValueError(f"expected a 2-D prompt [P, D] or runs of it [R, P, D], got shape {np.shape(x)}")
+    raise ValueError(f"expected a non-empty 2-D prompt [P, D] or its runs [R, P, D], got shape {np.shape(x)}")
 
 
 # ---------------------------------------------------------------- §3.3 retrieval
@@ -106,16 +103,11 @@ class PromptEntry:
 
 
 def rank_sources(target, library, metric="per_token"):
-    """Rank stored source prompts by similarity to the target's embedding(s), most similar first.
-    `target`: a prompt [P, D] or several runs of it (similarity averaged over them, as in Fig. 5).
-    Returns [(PromptEntry, similarity)]."""
+    """[(PromptEntry, similarity)] for the library's prompts, the most similar to the target first.
+    `target`: a prompt [P, D] or several runs of it (similarity averaged over them, as in Fig. 5)."""
     if not library:
         raise ValueError("the prompt library is empty: save source prompts with save_to_library first")
-    widths = {np.shape(e.prompt)[-1] for e in library}
-    for run in _runs(target):  # a target of another width: say so, rather than blame the first library prompt
-        if np.ndim(run) == 2 and np.shape(run)[1] not in widths:
-            raise ValueError(f"the target prompt is {np.shape(run)[1]} wide but every library prompt is "
-                             f"{' or '.join(map(str, sorted(widths)))} wide: prompts of one model size only")
+    _check_target_width(_runs(target), library, "the target prompt")
     sims = []
     for entry in library:  # §3.3: each of the 48 source prompts (16 tasks x 3 runs) is scored on its own
         try:
@@ -125,6 +117,14 @@ def rank_sources(target, library, metric="per_token"):
             raise ValueError(f"source prompt of task {entry.task!r} ({where}): {e}") from None
     order = sorted(range(len(library)), key=lambda i: -sims[i])  # stable: ties keep library order
     return [(library[i], sims[i]) for i in order]
+
+
+def _check_target_width(runs, library, what):
+    """Blame a target of another width, rather than the first library prompt it is compared with."""
+    widths = {np.shape(e.prompt)[-1] for e in library}
+    if off := sorted({np.shape(run)[1] for run in runs} - widths):
+        raise ValueError(f"{what} is {off[0]} wide but every library prompt is "
+                         f"{' or '.join(map(str, sorted(widths)))} wide: prompts of one model size only")
 
 
 def top_k(ranking, k):
@@ -158,17 +158,15 @@ def top_k_weights(ranking, k):
     """alpha_r = sim_r / sum_{l<=k} sim_l (SPoT §3.3, TOP-k WEIGHTED AVERAGE)."""
     sims = np.array([sim for _, sim in ranking[:len(top_k(ranking, k))]])
     if sims.sum() <= 0:
-        raise ValueError(f"the top-{k} similarities sum to {sims.sum():.4g} <= 0, so the weights are "
-                         "undefined")
+        raise ValueError(f"the top-{k} similarities sum to {sims.sum():.4g} <= 0: the weights are undefined")
     return sims / sims.sum()
 
 
 def top_k_weighted_average(ranking, k):
     """SPoT §3.3 TOP-k WEIGHTED AVERAGE: one target init, sum_r alpha_r rho_r. -> prompt [P, D]."""
     prompts = [np.asarray(e.prompt, dtype=np.float64) for e in top_k(ranking, k)]
-    if len({p.shape for p in prompts}) > 1:
-        raise ValueError(f"cannot average prompts of shapes {sorted({p.shape for p in prompts})}; "
-                         "use equal [P, D]")
+    if len(shapes := {p.shape for p in prompts}) > 1:
+        raise ValueError(f"cannot average prompts of shapes {sorted(shapes)}; use equal [P, D]")
     return np.einsum("k,kPD->PD", top_k_weights(ranking, k), np.stack(prompts))
 
 
@@ -224,36 +222,31 @@ def _read_json(path):
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
-def _library_items(directory):
-    """(stem, path) of each prompt in a library folder, by name: *.npy; the official code's T5X prompt files,
-    <stem>.encoder.prompt.prompt.prompt; folders that hold a PEFT adapter or a T5X numpy checkpoint."""
-    import spot
-    for path in sorted(directory.iterdir()):
-        if path.is_dir() and ((path / spot.PEFT_CONFIG).is_file() or (path / spot.T5X_PROMPT).is_file()):
-            yield path.name, path
-        elif path.is_file() and path.suffix == ".npy":
-            yield path.stem, path
-        elif path.is_file() and path.name.endswith(spot.T5X_PROMPT):
-            yield path.name.removesuffix(spot.T5X_PROMPT).rstrip(".") or path.name, path
-
-
 def load_library(directory):
-    """Every prompt in `directory` (_library_items: .npy, T5X and PEFT prompts) as a PromptEntry. A JSON
-    sidecar <stem>.json gives task/run/step/model/score; without one (e.g. Google's released sst2.npy) the
-    task is the stem."""
+    """Every prompt in `directory` (.npy, T5X prompt files and checkpoint folders, PEFT adapters) as a
+    PromptEntry. A JSON sidecar <stem>.json gives task/run/step/model/score; without one (e.g. Google's
+    released sst2.npy) the task is the stem."""
     import spot  # the one prompt reader (load_prompt); imported here: retrieval's math needs no jax
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"prompt library {directory} is not a directory")
     entries = []
-    for stem, path in _library_items(directory):
+    for path in sorted(directory.iterdir()):
+        if path.is_dir() and ((path / spot.PEFT_CONFIG).is_file() or (path / spot.T5X_PROMPT).is_file()):
+            stem = path.name
+        elif path.is_file() and path.suffix == ".npy":
+            stem = path.stem
+        elif path.is_file() and path.name.endswith(spot.T5X_PROMPT):
+            stem = path.name.removesuffix(spot.T5X_PROMPT).rstrip(".") or path.name
+        else:
+            continue  # not a prompt (README, notes/)
         sidecar = directory / f"{stem}.json"
-        meta, prompt = _read_json(sidecar) if sidecar.exists() else {}, spot.load_prompt(path)
-        if sidecar.exists() and (not isinstance(meta, dict) or "task" not in meta):
+        meta = _read_json(sidecar) if sidecar.exists() else {"task": stem}
+        if not isinstance(meta, dict) or "task" not in meta:
             raise ValueError(f"{sidecar} has no 'task' field; write it with save_to_library")
         fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
-        task = meta.get("task", stem)
-        entries.append(PromptEntry(task, _as_prompt(prompt, str(path)), path=path, **fields))
+        prompt = _as_prompt(spot.load_prompt(path), str(path))  # float64, non-empty
+        entries.append(PromptEntry(meta["task"], prompt, path=path, **fields))
     if not entries:
         raise ValueError(f"prompt library {directory} holds no .npy prompts, T5X {spot.T5X_PROMPT} files or "
                          "PEFT adapter folders")
@@ -272,10 +265,9 @@ def group_by_task(entries):
 
 def _print_ranking(ranking, k, metric):
     top = ranking[:len(top_k(ranking, k))]
-    alphas = top_k_weights(ranking, k) if sum(sim for _, sim in top) > 0 else [None] * k
+    alphas = [f"{a:.4f}" for a in top_k_weights(ranking, k)] if sum(s for _, s in top) > 0 else [""] * k
     print(f"{'rank':>4} {metric:>14} {'alpha':>7}  task (run, step, score, file)")
-    for r, ((e, sim), alpha) in enumerate(zip(top, alphas), 1):
-        a = "" if alpha is None else f"{alpha:.4f}"
+    for r, ((e, sim), a) in enumerate(zip(top, alphas), 1):
         print(f"{r:>4} {sim:>14.4f} {a:>7}  {e.task} (run={e.run}, step={e.step}, score={e.score}, "
               f"{e.path.name if e.path else ''})")
 
@@ -287,8 +279,7 @@ def main(argv=None):
     rank = sub.add_parser("rank", help="print source prompts by similarity to the target's prompt (§3.3)")
     rank.add_argument("--target", required=True, nargs="+",
                       help="target prompt: .npy, T5X prompt file, PEFT adapter (several = runs, averaged)")
-    rank.add_argument("--k", type=int, default=None,
-                      help="print the top k, alpha = TOP-k weights (default: all)")
+    rank.add_argument("--k", type=int, help="print the top k, alpha = TOP-k weights (default: all)")
     matrix = sub.add_parser("matrix", help="print the task similarity matrix of a library (Fig. 4)")
     for p in (rank, matrix):
         p.add_argument("--library", required=True,
@@ -300,12 +291,8 @@ def main(argv=None):
         if args.command == "rank":
             import spot
             targets = {f: spot.load_prompt(f, what="target prompt") for f in args.target}
-            widths = {e.prompt.shape[1] for e in library}
-            for f, t in targets.items():  # the target's width, not a library prompt's, is what is off
-                if t.shape[1] not in widths:
-                    raise ValueError(f"target prompt {f} is {t.shape[1]} wide but every prompt in "
-                                     f"{args.library} is {' or '.join(map(str, sorted(widths)))} wide: rank "
-                                     "against a library of prompts tuned on the same model size")
+            for f, t in targets.items():  # name the file whose width is off
+                _check_target_width([t], library, f"target prompt {f}")
             ranking = rank_sources(list(targets.values()), library, args.metric)
             _print_ranking(ranking, len(ranking) if args.k is None else args.k, args.metric)
             return

@@ -1,22 +1,26 @@
-"""Benchmark (not a test): spot.train_step vs Hugging Face PEFT prompt tuning, same shapes, same invocation (issue 3).
+"""Benchmark (not a test): spot.train_step vs Hugging Face PEFT prompt tuning, same shapes, same invocation.
 
-T5 1.1 Small and Base shapes with random weights; B=8, 100 prompt + 128 input tokens, 8 target tokens, dropout 0.1,
-float32 on CPU. Rounds alternate A (ours: `--steps` timed steps) and B (../shared/bench/bench_peft_prompt_tuning.py in a
-subprocess, same shape and steps); medians over all rounds. Prints s/step, tokens/s (B*(P+S+T) per second, as the PEFT
-script counts), the ratio ours/PEFT in tokens/s (target >= 1.25), jit compile time and MFU: analytic prompt-step FLOPs
-(the PEFT script's formula) over a float32 2048^3 matmul peak measured here with jax.
+The shapes the PEFT benchmark measures: T5 1.1 Small and Base with random weights; B=8, 100 prompt + 128 input
+tokens, 8 target tokens, dropout 0.1, float32 on CPU. Rounds alternate A (ours: `--steps` timed steps) and B
+(../shared/bench/bench_peft_prompt_tuning.py in a subprocess, same shape and steps); medians over all rounds.
+Prints s/step, tokens/s (B*(P+S+T) per second, as the PEFT script counts), the ratio ours/PEFT in tokens/s
+(target >= 1.25), jit compile time and MFU: analytic prompt-step FLOPs (the PEFT script's formula) over a
+float32 2048^3 matmul peak measured here with jax.
 `--variants dropout0,forward` adds arms to see where our time goes: dropout 0, and the forward pass alone.
 
     python experiments/bench_prompt_step.py [--shapes small,base] [--rounds 3] [--steps 5] [--variants] \
-        [--peft-bench ../shared/bench/bench_peft_prompt_tuning.py] [--peft-python PYTHON_WITH_PEFT] [--json out.json]
+        [--peft-bench ../shared/bench/bench_peft_prompt_tuning.py] [--peft-python PYTHON_WITH_PEFT] \
+        [--json out.json]
 
-Runtime about 10 minutes on 2 cores. Keep the machine otherwise idle: the load average is printed before and after.
+Runtime about 10 minutes on 2 cores. Keep the machine otherwise idle: the load average is printed before and
+after.
 
-Real data (`--real-data sst2,rte,boolq --batch-sizes 8,32`): the same examples of ../shared/data through data.batches
-(tokenized per batch, padded to the bucket of the longest) and through PEFT with DataCollatorForSeq2Seq(padding=
-"longest") (bench_peft_real_data.py under --peft-python), rounds alternating on the same batches; our time includes
-making the batch. `--memory 50000000 --shapes tiny --batch 32`: peak RSS of 200 training steps on a lazily generated
-source. `--startup --shapes small,base`: seconds to the first step in fresh processes without/with the compile cache.
+Real data (`--real-data sst2,rte,boolq --batch-sizes 8,32`): the same examples of ../shared/data through
+data.batches (tokenized per batch, padded to the bucket of the longest) and through PEFT with
+DataCollatorForSeq2Seq(padding="longest") (bench_peft_real_data.py under --peft-python), rounds alternating on
+the same batches; our time includes making the batch.
+`--memory 50000000 --shapes tiny --batch 32`: peak RSS of 200 training steps on a lazily generated source.
+`--startup --shapes small,base`: seconds to the first step in fresh processes without/with the compile cache.
 On an accelerator (no PEFT arm; `large`/`xl` shapes, bfloat16 weights, the paper's batch 32):
     python experiments/bench_prompt_step.py --no-peft --shapes base,xl --dtype bfloat16 --batch 32 --rounds 2
 """
@@ -37,16 +41,19 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import spot  # noqa: E402
-import t5_model  # noqa: E402
+sys.path.insert(0, str(ROOT))  # run as a script: repo root
 
-SHAPES = {'tiny': ('tiny', 'tiny'),                                          # --memory only
-          'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),      # (T5Config name, PEFT script --config)
+import spot
+import t5_model
+
+# shape -> (T5Config name, PEFT script --config)
+SHAPES = {'tiny': ('tiny', 'tiny'),                                    # --memory only
+          'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),
           'base': ('google/t5-base-lm-adapt', 't5-base-lm-adapt'),
           'large': ('google/t5-large-lm-adapt', 't5-large-lm-adapt'),
-          'xl': ('google/t5-xl-lm-adapt', None)}                           # no PEFT shape: ours only
-P, S, T = 100, 128, 8          # prompt, input and target tokens (issue 3); the batch is --batch (8)
+          'xl': ('google/t5-xl-lm-adapt', None)}                     # no PEFT shape: ours only
+# Prompt, input and target tokens: the PEFT benchmark's shapes. The batch is --batch (8).
+P, S, T = 100, 128, 8
 
 
 def matmul_peak(n=2048, reps=5, dtype=jnp.float32):
@@ -67,8 +74,11 @@ def random_params(cfg, seed=0, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(lambda k: t5_model.init_params(k, cfg), jax.random.key(0))
     std = {'scale': 0.0, 'embedding': 1.0}
-    draw = lambda path, s: rng.normal(1.0 if path[-1].key == 'scale' else 0.0,
-                                      std.get(path[-1].key, s.shape[0] ** -0.5), s.shape).astype(np.float32)
+
+    def draw(path, s):
+        mean = 1.0 if path[-1].key == 'scale' else 0.0
+        return rng.normal(mean, std.get(path[-1].key, s.shape[0] ** -0.5), s.shape).astype(np.float32)
+
     return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(draw(path, s), dtype), shapes)
 
 
@@ -78,18 +88,20 @@ VARIANTS = {'dropout0': dict(dropout=0.0), 'one_batch': dict(sub_batches=1), 'fo
 class Ours:
     """A compiled spot.train_step (or a variant) on one shape, with its own prompt/optimizer state."""
 
-    def __init__(self, cfg, frozen, batch, tc, mode='step', **overrides):   # TrainConfig fields, e.g. dropout=0.0
-        tc = dataclasses.replace(tc, **overrides)
+    def __init__(self, cfg, frozen, batch, tc, mode='step', **overrides):
+        tc = dataclasses.replace(tc, **overrides)      # overrides: TrainConfig fields, e.g. dropout=0.0
         self.frozen, self.batch, self.tc, self.step = frozen, batch, tc, 0
         self.prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
         self.opt_state = spot.make_optimizer(tc.optimizer).init(self.prompt)
         t = time.perf_counter()
         if mode == 'step':
-            self.fn = spot.train_step.lower(self.prompt, self.opt_state, frozen, batch, spot.dropout_key(0, 0),
-                                            dataclasses.replace(cfg, dropout_rate=tc.dropout), tc.optimizer,
-                                            tc.z_loss, spot.sub_batch_count(tc)).compile()
+            step_cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)
+            step_args = (self.prompt, self.opt_state, frozen, batch, spot.dropout_key(0, 0), step_cfg,
+                         tc.optimizer, tc.z_loss, spot.sub_batch_count(tc))
+            self.fn = spot.train_step.lower(*step_args).compile()
         else:   # forward only: the loss without dropout, no gradient
-            self.fn = jax.jit(spot.prompt_loss, static_argnames='cfg').lower(self.prompt, frozen, batch, cfg).compile()
+            loss_fn = jax.jit(spot.prompt_loss, static_argnames='cfg')
+            self.fn = loss_fn.lower(self.prompt, frozen, batch, cfg).compile()
         self.compile_s, self.mode = time.perf_counter() - t, mode
         cost = self.fn.cost_analysis()                  # what the compiled program computes, as XLA counts it
         self.flops = (cost[0] if isinstance(cost, list) else cost or {}).get('flops')
@@ -115,9 +127,10 @@ def time_calls(fn, n):
 
 def run_peft(args, hf_name, steps):
     with tempfile.TemporaryDirectory() as d:
-        cmd = [args.peft_python, args.peft_bench, '--config', hf_name, '--batch', str(args.batch), '--enc-len', str(S),
-               '--dec-len', str(T), '--prompt-len', str(P), '--steps', str(steps), '--warmup', '1',
-               '--threads', str(args.threads), '--modes', 'prompt', '--dropout', '0.1', '--json', f'{d}/r.json']
+        cmd = [args.peft_python, args.peft_bench, '--config', hf_name, '--batch', str(args.batch),
+               '--enc-len', str(S), '--dec-len', str(T), '--prompt-len', str(P), '--steps', str(steps),
+               '--warmup', '1', '--threads', str(args.threads), '--modes', 'prompt', '--dropout', '0.1',
+               '--json', f'{d}/r.json']
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f'PEFT benchmark failed ({" ".join(cmd)}):\n{out.stderr[-3000:]}\n'
@@ -126,19 +139,20 @@ def run_peft(args, hf_name, steps):
     return r['results']['prompt']['all_s'], r['versions']
 
 
-# --real-data: (folder under ../shared/data, split). BoolQ's training file (over 4 MiB) is not in ../shared/data: its
-# validation examples (3,270, the same length distribution) stand in.
+# --real-data: (folder under ../shared/data, split). BoolQ's training file (over 4 MiB) is not in
+# ../shared/data: its validation examples (3,270, the same length distribution) stand in.
 REAL_TASKS = {'sst2': ('glue', 'train'), 'rte': ('glue', 'train'), 'boolq': ('superglue', 'validation')}
 
 
 def run_peft_real(args, hf_name, rows, prompt_len=P):
-    """PEFT on the given examples ([(input ids, target ids)] per step; the first one is an untimed warm-up)."""
+    """PEFT on the given examples ([(input ids, target ids)] per step; the first is an untimed warm-up)."""
     with tempfile.TemporaryDirectory() as d:
         feats = [[{'input_ids': x, 'labels': y} for x, y in zip(*r)] for r in rows]
         Path(f'{d}/b.json').write_text(json.dumps({'batches': feats}))
-        cmd = [args.peft_python, str(ROOT / 'experiments' / 'bench_peft_real_data.py'), '--peft-bench', args.peft_bench,
-               '--config', hf_name, '--vocab', str(args.vocab), '--batches', f'{d}/b.json', '--threads',
-               str(args.threads), '--prompt-len', str(prompt_len), '--warmup', '1', '--json', f'{d}/r.json']
+        cmd = [args.peft_python, str(ROOT / 'experiments' / 'bench_peft_real_data.py'),
+               '--peft-bench', args.peft_bench, '--config', hf_name, '--vocab', str(args.vocab),
+               '--batches', f'{d}/b.json', '--threads', str(args.threads), '--prompt-len', str(prompt_len),
+               '--warmup', '1', '--json', f'{d}/r.json']
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f'PEFT arm failed ({" ".join(cmd)}):\n{out.stderr[-3000:]}\n'
@@ -148,7 +162,8 @@ def run_peft_real(args, hf_name, rows, prompt_len=P):
 
 
 def pipeline_rate(source, batch_size, n=50):
-    """Tokens (non-pad inputs + targets) per second that data.batches makes, alone, and its mean padded widths."""
+    """Tokens (non-pad inputs + targets) per second that data.batches makes, alone, and its mean padded
+    widths."""
     import data
     it, tokens, widths = data.batches(source, batch_size, seed=0), 0, []
     t = time.perf_counter()
@@ -160,8 +175,9 @@ def pipeline_rate(source, batch_size, n=50):
 
 
 def real_data_main(args):
-    """Ours (data.batches: per-batch tokenization, length buckets) vs PEFT (DataCollatorForSeq2Seq padding="longest")
-    on the same examples of real tasks; per (shape, task, batch) rounds alternate the arms on the same batches."""
+    """Ours (data.batches: per-batch tokenization, length buckets) vs PEFT (DataCollatorForSeq2Seq
+    padding="longest") on the same examples of real tasks; per (shape, task, batch) rounds alternate the arms
+    on the same batches."""
     import data
     vocab, seed = data.load_vocab(args.vocab), 0
     load0 = os.getloadavg()
@@ -173,8 +189,8 @@ def real_data_main(args):
         frozen = random_params(cfg)
         for task in args.real_data.split(','):
             folder, split = REAL_TASKS[task]
-            source = data.TextSource(data.load_pairs(task, split, Path(args.data) / folder, train=True), vocab,
-                                     data.MAX_INPUT_LEN, 8)
+            pairs = data.load_pairs(task, split, Path(args.data) / folder, train=True)
+            source = data.TextSource(pairs, vocab, data.MAX_INPUT_LEN, 8)
             for B in map(int, args.batch_sizes.split(',')):
                 tc = spot.TrainConfig(batch_size=B)
                 stc = (tc.optimizer, tc.z_loss, spot.sub_batch_count(tc))   # train_step's static arguments
@@ -187,8 +203,8 @@ def real_data_main(args):
                     b = data._collate(x, y, source.max_input_len, source.max_target_len)
                     shapes.setdefault((b['inputs'].shape, b['targets'].shape), b)
                 for b in shapes.values():
-                    prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, b, spot.dropout_key(0, 0),
-                                                              cfg, *stc)
+                    prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, b,
+                                                              spot.dropout_key(0, 0), cfg, *stc)
                     float(loss)
                 compile_s = time.perf_counter() - t
                 times, paired, widths = {'ours': [], 'peft': []}, [], []
@@ -205,16 +221,17 @@ def real_data_main(args):
                     chunk = ids[r * args.steps:(r + 1) * args.steps]
                     peft_times, versions = run_peft_real(args, hf_name, chunk[:1] + chunk)
                     times['peft'] += peft_times
-                    paired.append(statistics.median(peft_times) / statistics.median(times['ours'][-args.steps:]))
                     last = statistics.median(times['ours'][-args.steps:])
+                    paired.append(statistics.median(peft_times) / last)
                     print(f'{shape} {task} B={B} round {r + 1}: ours {last:.3f}, peft '
                           f'{statistics.median(peft_times):.3f} s/step', flush=True)
                 ours, peft = (statistics.median(times[a]) for a in ('ours', 'peft'))
                 longest = float(np.mean([max(map(len, x)) for x, _ in ids]))
                 rows.append({'shape': shape, 'task': task, 'batch': B, 'ours_s': ours, 'peft_s': peft,
-                             'ours_examples_per_s': B / ours, 'peft_examples_per_s': B / peft, 'ratio': peft / ours,
-                             'paired_ratios': paired, 'ours_mean_width': float(np.mean(widths)),
-                             'peft_mean_width': longest, 'compile_s': compile_s, 'compiled_shapes': len(shapes)})
+                             'ours_examples_per_s': B / ours, 'peft_examples_per_s': B / peft,
+                             'ratio': peft / ours, 'paired_ratios': paired,
+                             'ours_mean_width': float(np.mean(widths)), 'peft_mean_width': longest,
+                             'compile_s': compile_s, 'compiled_shapes': len(shapes)})
     rates = {}
     for task in args.real_data.split(','):
         folder, split = REAL_TASKS[task]
@@ -224,8 +241,8 @@ def real_data_main(args):
                                                                           for t, v in rates.items()))
     load1 = os.getloadavg()
     print(f'\nload average before {load0[0]:.2f}, after {load1[0]:.2f}; PEFT {versions}\n')
-    print('| shape | task | B | ours s/step | PEFT s/step | ours examples/s | PEFT examples/s | x PEFT | per round | '
-          'input width ours / PEFT | compiled shapes (s) |')
+    print('| shape | task | B | ours s/step | PEFT s/step | ours examples/s | PEFT examples/s | x PEFT | '
+          'per round | input width ours / PEFT | compiled shapes (s) |')
     print('|---|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         print(f"| {r['shape']} | {r['task']} | {r['batch']} | {r['ours_s']:.3f} | {r['peft_s']:.3f} | "
@@ -245,7 +262,8 @@ def generated_pair(i):
 
 
 def memory_main(args):
-    """Peak RSS of spot.train_prompt for --memory-steps steps on a lazily generated source of --memory examples."""
+    """Peak RSS of spot.train_prompt for --memory-steps steps on a lazily generated source of --memory
+    examples."""
     import resource
 
     import data
@@ -262,8 +280,8 @@ def memory_main(args):
                           lambda k: data.batches(source, tc.batch_size, tc.seed, start=k), None, out)
     rate, width = pipeline_rate(source, args.batch)
     print(f'{shape}, {args.memory:,} generated examples, B={args.batch}, {args.memory_steps} steps in '
-          f'{time.perf_counter() - t:.0f} s: peak RSS {rss():.2f} GiB ({before:.2f} GiB with the frozen weights '
-          f'loaded, +{rss() - before:.2f} GiB for training); pipeline alone {rate:.0f} tokens/s, '
+          f'{time.perf_counter() - t:.0f} s: peak RSS {rss():.2f} GiB ({before:.2f} GiB with the frozen '
+          f'weights loaded, +{rss() - before:.2f} GiB for training); pipeline alone {rate:.0f} tokens/s, '
           f'mean width {width:.0f}')
 
 
@@ -283,19 +301,22 @@ def first_step(shape, B=8, S=64):
 
 
 def startup_main(args):
-    """Time to the first step in fresh processes: the compilation cache off, then on twice (cold, then warm)."""
+    """Time to the first step in fresh processes: the compilation cache off, then on twice (cold, then
+    warm)."""
     with tempfile.TemporaryDirectory() as cache:
         for shape in args.shapes.split(','):
-            for label, env in (('no cache', 'off'), ('cache, first run', cache), ('cache, second run', cache)):
+            for label, env in (('no cache', 'off'), ('cache, first run', cache),
+                               ('cache, second run', cache)):
                 t = time.perf_counter()
-                out = subprocess.run([sys.executable, __file__, '--startup-child', shape], capture_output=True,
-                                     text=True, env={**os.environ, 'SPOT_COMPILE_CACHE': env})
+                out = subprocess.run([sys.executable, __file__, '--startup-child', shape],
+                                     capture_output=True, text=True,
+                                     env={**os.environ, 'SPOT_COMPILE_CACHE': env})
                 if out.returncode:
                     sys.exit(out.stderr[-2000:])
                 built, step = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f'{shape}, {label}: {time.perf_counter() - t:.1f} s from process start to the first step done '
-                      f'(weights {built:.1f} s, compile + step {step:.1f} s); load {os.getloadavg()[0]:.1f}',
-                      flush=True)
+                print(f'{shape}, {label}: {time.perf_counter() - t:.1f} s from process start to the first '
+                      f'step done (weights {built:.1f} s, compile + step {step:.1f} s); '
+                      f'load {os.getloadavg()[0]:.1f}', flush=True)
 
 
 def main(argv=None):
@@ -304,20 +325,24 @@ def main(argv=None):
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--steps', type=int, default=5, help='timed steps per round and arm')
     p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads for PEFT')
-    p.add_argument('--peft-bench', default=str(ROOT.parent / 'shared' / 'bench' / 'bench_peft_prompt_tuning.py'))
+    p.add_argument('--peft-bench',
+                   default=str(ROOT.parent / 'shared' / 'bench' / 'bench_peft_prompt_tuning.py'))
     p.add_argument('--peft-python', default=sys.executable)
     p.add_argument('--variants', default='', help=f'extra arms, comma separated: {",".join(VARIANTS)}')
     p.add_argument('--no-peft', action='store_true', help='time ours only (e.g. on an accelerator)')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='frozen weights')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--json', default=None)
-    p.add_argument('--real-data', default='', help=f'tasks of ../shared/data, comma separated: {",".join(REAL_TASKS)}')
+    p.add_argument('--real-data', default='',
+                   help=f'tasks of ../shared/data, comma separated: {",".join(REAL_TASKS)}')
     p.add_argument('--batch-sizes', default='8,32', help='--real-data: batch sizes')
     p.add_argument('--data', default=str(ROOT.parent / 'shared' / 'data'), help='--real-data: the task files')
     p.add_argument('--vocab', default=str(ROOT.parent / 'shared' / 'data' / 't5_spiece.model'))
-    p.add_argument('--memory', type=int, default=0, help='peak RSS of training on a generated source of N examples')
+    p.add_argument('--memory', type=int, default=0,
+                   help='peak RSS of training on a generated source of N examples')
     p.add_argument('--memory-steps', type=int, default=200)
-    p.add_argument('--startup', action='store_true', help='time to the first step with/without the compile cache')
+    p.add_argument('--startup', action='store_true',
+                   help='time to the first step with/without the compile cache')
     p.add_argument('--startup-child', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.startup_child:
@@ -339,8 +364,8 @@ def main(argv=None):
         sys.exit(f'no PEFT benchmark at {args.peft_bench}: pass --peft-bench PATH, or --no-peft')
 
     load0, peaks = os.getloadavg(), [matmul_peak(dtype=dtype)]
-    print(f'load average {load0[0]:.2f}; jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} '
-          f'cores; {dtype.name} matmul {peaks[0]:.1f} GFLOP/s; B={B}', flush=True)
+    print(f'load average {load0[0]:.2f}; jax {jax.__version__}, {jax.devices()[0].device_kind}, '
+          f'{os.cpu_count()} cores; {dtype.name} matmul {peaks[0]:.1f} GFLOP/s; B={B}', flush=True)
     rows, report = [], {'load_before': load0, 'shapes': {}}
     for shape in args.shapes.split(','):
         hub, hf_name = SHAPES[shape]
@@ -366,18 +391,23 @@ def main(argv=None):
                 paired.append(statistics.median(peft_times) / statistics.median(times['ours'][-args.steps:]))
             print(f'{shape} round {r + 1}: ' + ', '.join(f'{k} {statistics.median(v[-args.steps:]):.3f}'
                                                          for k, v in times.items()) + ' s/step', flush=True)
-        flops = peft_bench and peft_bench.analytic_flops({'d_model': cfg.d_model, 'd_ff': cfg.d_ff, 'num_layers': cfg.num_layers,
-                                           'num_heads': cfg.num_heads, 'd_kv': cfg.d_kv}, B, S + P, T)
+        dims = {'d_model': cfg.d_model, 'd_ff': cfg.d_ff, 'num_layers': cfg.num_layers,
+                'num_heads': cfg.num_heads, 'd_kv': cfg.d_kv}
+        flops = peft_bench and peft_bench.analytic_flops(dims, B, S + P, T)
         peft_s = statistics.median(times['peft']) if with_peft else None
         for name, ts in times.items():
             med = statistics.median(ts)
             f = flops and (flops['forward'] if name.endswith('forward') else flops['prompt_step'])
-            rows.append({'shape': shape, 'arm': name, 's_per_step': med, 'tokens_per_s': B * (P + S + T) / med,
+            arm = arms.get(name)
+            rows.append({'shape': shape, 'arm': name, 's_per_step': med,
+                         'tokens_per_s': B * (P + S + T) / med,
                          'ratio_vs_peft': peft_s and peft_s / med, 'gflops': f and f / med / 1e9,
-                         'compile_s': arms[name].compile_s if name in arms else None, 'n': len(ts),
-                         'xla_gflop': arms[name].flops / 1e9 if name in arms and arms[name].flops else None})
-        peaks.append(matmul_peak(dtype=dtype))          # the peak is the best of the measurements (others may share the CPU)
-        report['shapes'][shape] = {'times': times, 'paired_ratios': paired, 'flops': flops, 'peft_versions': versions}
+                         'compile_s': arm.compile_s if arm else None, 'n': len(ts),
+                         'xla_gflop': arm.flops / 1e9 if arm and arm.flops else None})
+        # The peak is the best of the measurements (other processes may share the CPU).
+        peaks.append(matmul_peak(dtype=dtype))
+        report['shapes'][shape] = {'times': times, 'paired_ratios': paired, 'flops': flops,
+                                   'peft_versions': versions}
         if paired:
             print(f'{shape}: ours/PEFT tokens/s per round {[round(x, 2) for x in paired]}', flush=True)
     report['load_after'], peak = os.getloadavg(), max(peaks)
@@ -386,10 +416,12 @@ def main(argv=None):
         r['mfu'] = r['gflops'] and r['gflops'] / peak
     print(f"\nload average after {report['load_after'][0]:.2f}; {dtype.name} matmul peak (best of "
           f"{[round(x) for x in peaks]}) {peak:.1f} GFLOP/s\n")
-    print('MFU: the analytic step FLOPs (the PEFT script\'s formula, the same for both arms) per second over the peak.'
-          '\nGFLOP/step: what XLA counts in our compiled step; it is below the analytic count where cross-attention'
-          '\nwith few target tokens skips the key/value projections (t5_model._attend_encoded).\n')
-    print('| shape | arm | s/step | tokens/s | x PEFT tokens/s | MFU | GFLOP/step (analytic / XLA) | compile s |')
+    print("MFU: the analytic step FLOPs (the PEFT script's formula, the same for both arms) per second over "
+          'the peak.\nGFLOP/step: what XLA counts in our compiled step; it is below the analytic count where '
+          'cross-attention\nwith few target tokens skips the key/value projections '
+          '(t5_model._attend_encoded).\n')
+    print('| shape | arm | s/step | tokens/s | x PEFT tokens/s | MFU | GFLOP/step (analytic / XLA) '
+          '| compile s |')
     print('|---|---|---|---|---|---|---|---|')
     for r in rows:
         compile_s = f"{r['compile_s']:.1f}" if r['compile_s'] is not None else '-'
@@ -397,8 +429,8 @@ def main(argv=None):
         mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] else '-'
         gflop = (f"{r['gflops'] * r['s_per_step']:.0f}" if r['gflops'] else '-') + ' / ' + (
             f"{r['xla_gflop']:.0f}" if r['xla_gflop'] else '-')
-        print(f"| {r['shape']} | {r['arm']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | {mfu} | "
-              f"{gflop} | {compile_s} |")
+        print(f"| {r['shape']} | {r['arm']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {ratio} "
+              f"| {mfu} | {gflop} | {compile_s} |")
     if args.json:
         Path(args.json).write_text(json.dumps({**report, 'rows': rows}, indent=1, default=str))
 

@@ -20,7 +20,8 @@ import spot
 import t5_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"  # CI checks ../shared out beside the repo; --tiny reads a few examples
+# CI checks ../shared out beside the repo; --tiny reads a few examples from it.
+SHARED = ROOT.parent / "shared" / "data"
 TINY_EXAMPLES = 16                          # --tiny: training and validation examples per task
 
 
@@ -28,19 +29,23 @@ def parse_args(doc, argv, model="google/t5-base-lm-adapt", add_arguments=None):
     p = argparse.ArgumentParser(description=doc.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model", default=model, help="hub id or checkpoint directory (ignored with --tiny)")
     p.add_argument("--steps", type=int, default=None, help="steps of every run (default: the paper's)")
-    p.add_argument("--seeds", type=int, default=None, help="runs per setting (default 3, the paper's; --tiny 1)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="runs per setting (default 3, the paper's; --tiny 1)")
     p.add_argument("--out", default=str(ROOT / "results"), help="folder for <name>.json, figures and runs/")
     p.add_argument("--data", default=None, help="folder with the original task files (default: tfds)")
     p.add_argument("--tiny", action="store_true", help="random tiny T5, a handful of examples, a few steps")
-    p.add_argument("--model-parallel", type=int, default=1, help="devices per 'model' group of the mesh (spot.py)")
-    p.add_argument("--dtype", default="float32", choices=spot.DTYPES, help="frozen weights/activations (spot.py)")
-    p.add_argument("--no-compile-cache", action="store_true", help="do not keep compiled steps on disk (spot.py)")
+    p.add_argument("--model-parallel", type=int, default=1,
+                   help="devices per 'model' group of the mesh (spot.py)")
+    p.add_argument("--dtype", default="float32", choices=spot.DTYPES,
+                   help="frozen weights/activations (spot.py)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep compiled steps on disk (spot.py)")
     if add_arguments:
         add_arguments(p)
     args, rest = p.parse_known_args(argv)
     # --tiny scores by rank classification: a random T5 never decodes a label word, so decoding would score 0
-    tiny = dict(batch_size=4, max_input_len=32, max_target_len=8, eval_batch_size=16, eval_limit=TINY_EXAMPLES,
-                eval_method="rank") if args.tiny else {}
+    tiny = dict(batch_size=4, max_input_len=32, max_target_len=8, eval_batch_size=16,
+                eval_limit=TINY_EXAMPLES, eval_method="rank") if args.tiny else {}
     args.train, rest = spot.override(spot.TrainConfig(**tiny), rest)  # any TrainConfig field: --batch_size=8
     if rest:
         p.error(f"unrecognised {rest}; TrainConfig fields are set as --field=value")
@@ -65,19 +70,22 @@ def embedding_step(steps):
 
 @functools.lru_cache(maxsize=2)
 def frozen_model(name, tiny=False, dtype="float32"):
-    """(cfg, params in dtype): a checkpoint (hub id or directory), or with tiny a random T5Config.tiny(). Cached."""
+    """(cfg, params in dtype): a checkpoint (hub id or directory), or with tiny a random T5Config.tiny().
+    Cached."""
     return spot.load_model("tiny" if tiny else name, 0, dtype)
 
 
 def train_config(args, steps, seed, **changes):
     """spot.TrainConfig of one run: the paper's defaults (§2.1.4), --tiny's and --field=value overrides."""
-    return dataclasses.replace(args.train, steps=steps, seed=seed, embedding_step=embedding_step(steps), **changes)
+    return dataclasses.replace(args.train, steps=steps, seed=seed, embedding_step=embedding_step(steps),
+                               **changes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TaskData:
     name: str
-    train: object              # data.TextSource (real tasks) or tokenize-like arrays (synthetic): data.batches' input
+    # data.batches' input: data.TextSource (real tasks) or tokenize-like arrays (synthetic)
+    train: object
     evaluate: Callable         # (params, cfg, prompt or None) -> {metric x100, 'score'} on validation
     label_ids: list | None     # token ids of each class label (class-label prompt init, App. C)
 
@@ -95,37 +103,45 @@ def load_task(name, args, tc, model=None):
     """Training source and a validation scorer of one task (data.py formats and metrics, T5 decoding).
     The vocabulary is the one of `model` (default --model); every T5 size shares it."""
     task, vocab = data.get_task(name), vocab_for(model or args.model, args.tiny)
-    data_dir, T = SHARED if args.tiny else args.data, tc.max_target_len or task.target_len  # as spot.make_evaluator
+    data_dir = SHARED if args.tiny else args.data
+    T = tc.max_target_len or task.target_len  # as spot.make_evaluator
     if args.tiny and vocab is None:
         return synthetic_task(task.name, tc.max_input_len)
-    try:   # the training split, read per batch (data.train_source); C4 (no metric) has no validation to load
-        train = data.load_examples(name, "train", data_dir) if args.tiny else \
-            data.train_source(name, vocab, tc.max_input_len, T, data_dir)
+    # The training split, read per batch (data.train_source); C4 (no metric) has no validation to load.
+    try:
+        if args.tiny:
+            train = data.load_examples(name, "train", data_dir)
+        else:
+            train = data.train_source(name, vocab, tc.max_input_len, T, data_dir)
         val = data.load_examples(name, "validation", data_dir) if task.metrics else []
     except (FileNotFoundError, ValueError):
         if not args.tiny:
             raise
         return synthetic_task(task.name, tc.max_input_len)  # e.g. MNLI: too large for ../shared/data
     val = val[:tc.eval_limit or None]
-    # Training examples are tokenized per batch (data.TextSource: memory O(batch)); validation inputs are kept as
-    # unpadded token ids, which spot.evaluate groups by length.
-    source = data.TextSource(data.text_pairs(name, train[:TINY_EXAMPLES], train=True), vocab, tc.max_input_len, T) \
-        if args.tiny else train
+    # Training examples are tokenized per batch (data.TextSource: memory O(batch)); validation inputs are kept
+    # as unpadded token ids, which spot.evaluate groups by length.
+    source = train
+    if args.tiny:
+        pairs = data.text_pairs(name, train[:TINY_EXAMPLES], train=True)
+        source = data.TextSource(pairs, vocab, tc.max_input_len, T)
     inputs = data.token_ids(vocab, [t["inputs"] for t in data.text_pairs(name, val)], tc.max_input_len)
 
     def evaluate(params, cfg, prompt=None):
-        preds = spot.evaluate(params, cfg, prompt, inputs, vocab, method=tc.eval_method, label_names=task.output_labels,
-                              max_target_len=T, batch_size=tc.eval_batch_size)
+        preds = spot.evaluate(params, cfg, prompt, inputs, vocab, method=tc.eval_method,
+                              label_names=task.output_labels, max_target_len=T,
+                              batch_size=tc.eval_batch_size)
         return data.score(name, val, preds)
     labels = [list(vocab.encode(x)) for x in task.output_labels] if task.output_labels else None
     return TaskData(task.name, source, evaluate, labels)
 
 
 # ------------------------------------------------------------------------------------------- synthetic tasks
-def token_task(name, task_token, triggers, label_ids, words, n_train, n_val, seed, length=8, hits=2, width=None):
-    """A classification task on token ids. An input is [task_token, length-2 words, EOS]: `hits` of the words come
-    from triggers[c] for the example's class c, the rest uniformly from `words`; the target is [label_ids[c], EOS].
-    Scored by rank classification over the label ids (accuracy)."""
+def token_task(name, task_token, triggers, label_ids, words, n_train, n_val, seed, length=8, hits=2,
+               width=None):
+    """A classification task on token ids. An input is [task_token, length-2 words, EOS]: `hits` of the words
+    come from triggers[c] for the example's class c, the rest uniformly from `words`; the target is
+    [label_ids[c], EOS]. Scored by rank classification over the label ids (accuracy)."""
     rng = np.random.default_rng(seed)
     n = n_train + n_val
     x = np.zeros((n, width or length), np.int32)
@@ -135,13 +151,15 @@ def token_task(name, task_token, triggers, label_ids, words, n_train, n_val, see
         row[1 + rng.choice(length - 2, hits, replace=False)] = rng.choice(triggers[c], hits)
     x[:, 0], x[:, length - 1] = task_token, t5_model.EOS_ID
     targets = np.stack([np.asarray(label_ids)[y], np.full(n, t5_model.EOS_ID)], 1).astype(np.int32)
-    candidates = [np.broadcast_to(np.array([lab, t5_model.EOS_ID], np.int32), (n_val, 2)) for lab in label_ids]
+    candidates = [np.broadcast_to(np.array([lab, t5_model.EOS_ID], np.int32), (n_val, 2))
+                  for lab in label_ids]
 
     def evaluate(params, cfg, prompt=None):
         scores = [t5_model.score_targets(params, cfg, x[n_train:], c, prompt) for c in candidates]
         accuracy = 100 * float(np.mean(np.argmax(np.stack(scores), 0) == y[n_train:]))
         return {"accuracy": accuracy, "score": accuracy}
-    return TaskData(name, {"inputs": x[:n_train], "targets": targets[:n_train]}, evaluate, [[lab] for lab in label_ids])
+    train = {"inputs": x[:n_train], "targets": targets[:n_train]}
+    return TaskData(name, train, evaluate, [[lab] for lab in label_ids])
 
 
 def synthetic_task(name, width=32, target_width=8):
@@ -159,12 +177,15 @@ def tune_prompt(frozen, cfg, tc, prompt, batches, evaluate, out_dir, log=print, 
     """One prompt-tuning run (spot.train_prompt, §2.1.4): best validation checkpoint when `evaluate` is given,
     else the last. Resumes a run interrupted in out_dir (a finished one is read back, not rerun).
     Returns {'prompt', 'score', 'metrics', 'losses', 'embedding' (the prompt_step{tc.embedding_step}.npy)}."""
-    res = spot.train_prompt(prompt, frozen, cfg, tc, batches, evaluate and (lambda p: evaluate(frozen, cfg, p)),
-                            out_dir, meta=meta, resume=True, mesh=mesh, log=log or (lambda *_: None))
+    score = evaluate and (lambda p: evaluate(frozen, cfg, p))
+    res = spot.train_prompt(prompt, frozen, cfg, tc, batches, score, out_dir, meta=meta, resume=True,
+                            mesh=mesh, log=log or (lambda *_: None))
     out = Path(out_dir)
-    embedding, info = out / f"prompt_step{tc.embedding_step}.npy", json.loads((out / "prompt.json").read_text())
-    return {"prompt": np.load(out / "prompt.npy"), "score": res["best_score"], "metrics": info.get("metrics"),
-            "losses": res["losses"], "embedding": np.load(embedding) if embedding.exists() else None}
+    embedding = out / f"prompt_step{tc.embedding_step}.npy"
+    info = json.loads((out / "prompt.json").read_text())
+    return {"prompt": np.load(out / "prompt.npy"), "score": res["best_score"],
+            "metrics": info.get("metrics"), "losses": res["losses"],
+            "embedding": np.load(embedding) if embedding.exists() else None}
 
 
 def initial_prompt(frozen, args, seed, name, label_ids=None):
@@ -191,9 +212,10 @@ def finish(args, experiment, config, records, summary, paper):
     for row, ours in summary.items():
         fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         p = ours["paper"] or (None, None)
-        print(f"  {row:<38} {fmt(ours['mean']):>7} ± {fmt(ours['std']):<5}   paper {fmt(p[0])} ± {fmt(p[1])}")
-    result = _finite({"experiment": experiment, "config": {**config, "tiny": args.tiny}, "results": records,
-                      "summary": summary})
+        print(f"  {row:<38} {fmt(ours['mean']):>7} ± {fmt(ours['std']):<5}   "
+              f"paper {fmt(p[0])} ± {fmt(p[1])}")
+    result = _finite({"experiment": experiment, "config": {**config, "tiny": args.tiny},
+                      "results": records, "summary": summary})
     path = Path(args.out) / f"{experiment}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, allow_nan=False))

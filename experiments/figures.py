@@ -1,4 +1,4 @@
-"""Figures of SPoT (Vu et al., ACL 2022) as PNG files, drawn with matplotlib (imported lazily: pip install -e '.[plots]').
+"""Figures of SPoT (Vu et al., ACL 2022) as PNG files, with matplotlib (lazily: pip install -e '.[plots]').
 
 Fig. 3 ........ plot_transfer_heatmap: relative error reduction of each source -> target transfer
 Figs. 4, 7 .... plot_similarity_clustermap: task similarity, rows/columns in hierarchical-clustering order

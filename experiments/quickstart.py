@@ -2,26 +2,30 @@
 
   python experiments/quickstart.py
 
-1. source prompts: prompt tuning (§2.1) on three embedded source tasks; each prompt after EMBED_STEPS is its
-   task's embedding (§3.2; a scaled-down analogue of the paper's 10K-step prompt);
-2. the target's embedding (EMBED_STEPS on the target) and retrieval of the most similar source prompt by both
-   cosine similarities of §3.2 (§3.3);
-3. target prompt tuning for TARGET_STEPS from scratch (class labels, App. C), from the retrieved source prompt
-   (SPoT) and from the other, unrelated ones; accuracy over --seeds seeds.
-The frozen model is a RANDOM tiny T5 (64 wide, vocabulary 1024, output layer x5: see frozen_model), not a trained
-checkpoint, so the tasks are synthetic: the target shares its rule (trigger words) and label words with the
-source "sentiment" but has 32 training examples, its own task token and other filler words; "topic" and
-"question" use other triggers and labels. Measured on 2 cores (3 seeds; 4 frozen-model inits, 1 task reseed):
-retrieval picks "sentiment" every time by both metrics; after 12 steps the target scores 94-99% from it, 49-53%
-(chance) from scratch or from the others. From scratch it needs ~75-125 steps to reach 85-94%: here transfer
-buys speed, on a target that is nearly the source task. 35-60 s on 2 busy cores.
+1. source prompts: prompt tuning (§2.1) on three embedded source tasks; each prompt after EMBED_STEPS is
+   its task's embedding (§3.2; a scaled-down analogue of the paper's 10K-step prompt);
+2. the target's embedding (EMBED_STEPS on the target) and retrieval of the most similar source prompt by
+   both cosine similarities of §3.2 (§3.3);
+3. target prompt tuning for TARGET_STEPS from scratch (class labels, App. C), from the retrieved source
+   prompt (SPoT) and from the other, unrelated ones; accuracy over --seeds seeds.
+The frozen model is a RANDOM tiny T5 (64 wide, vocabulary 1024, output layer x5: see frozen_model), not a
+trained checkpoint, so the tasks are synthetic: the target shares its rule (trigger words) and label words
+with the source "sentiment" but has 32 training examples, its own task token and other filler words; "topic"
+and "question" use other triggers and labels. Measured on 2 cores (3 seeds; 4 frozen-model inits, 1 task
+reseed): retrieval picks "sentiment" every time by both metrics; after 12 steps the target scores 94-99% from
+it, 49-53% (chance) from scratch or from the others. From scratch it needs ~75-125 steps to reach 85-94%:
+here transfer buys speed, on a target that is nearly the source task. 35-60 s on 2 busy cores.
 The same pipeline on real data and google/t5-base-lm-adapt: experiments/table6_transferability.py, then
 experiments/table3_retrieval.py; or step by step:
   python spot.py train --model google/t5-base-lm-adapt --task mnli --out runs/mnli
   python retrieval.py rank --target runs/cb/prompt_step10000.npy --library LIBRARY_DIR
-  python spot.py train --model google/t5-base-lm-adapt --task cb --source-prompt runs/mnli/prompt.npy --out runs/mnli-cb
+  python spot.py train --model google/t5-base-lm-adapt --task cb --source-prompt runs/mnli/prompt.npy \
+      --out runs/mnli-cb
 """
-import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import argparse
 import dataclasses
@@ -47,8 +51,10 @@ SOURCE_WORDS, TARGET_WORDS = np.arange(148, 560), np.arange(560, 1024)  # filler
 
 def frozen_model():
     """A random tiny T5 1.1 whose output layer is scaled x5. At init scale a random T5's logits barely move
-    whatever the encoder reads (measured: a prompt reached 55% on "sentiment" after 600 steps; x5: 99% after 200)."""
-    cfg = t5_model.T5Config.tiny(vocab_size=1024, d_model=64, d_kv=16, num_heads=4, d_ff=128, name="tiny-random")
+    whatever the encoder reads (measured: a prompt reached 55% on "sentiment" after 600 steps; x5: 99% after
+    200)."""
+    cfg = t5_model.T5Config.tiny(vocab_size=1024, d_model=64, d_kv=16, num_heads=4, d_ff=128,
+                                 name="tiny-random")
     params = t5_model.init_params(jax.random.key(0), cfg)
     params["decoder"]["logits_dense"]["kernel"] = 5.0 * params["decoder"]["logits_dense"]["kernel"]
     return cfg, params
@@ -56,10 +62,12 @@ def frozen_model():
 
 def embedded_tasks():
     """Three data-rich sources and a small target with the rule and label words of "sentiment"."""
-    sources = {name: token_task(name, 20 + i, TRIGGERS[rule], (LABELS[a], LABELS[b]), SOURCE_WORDS, 2000, 256, i)
-               for i, (name, rule, a, b) in enumerate([("sentiment", "opinion", "positive", "negative"),
-                                                       ("topic", "topic", "sports", "politics"),
-                                                       ("question", "question", "yes", "no")])}
+    rules = [("sentiment", "opinion", "positive", "negative"),
+             ("topic", "topic", "sports", "politics"),
+             ("question", "question", "yes", "no")]
+    sources = {name: token_task(name, 20 + i, TRIGGERS[rule], (LABELS[a], LABELS[b]), SOURCE_WORDS,
+                                2000, 256, i)
+               for i, (name, rule, a, b) in enumerate(rules)}
     target = token_task("reviews", 23, TRIGGERS["opinion"], (LABELS["positive"], LABELS["negative"]),
                         TARGET_WORDS, 32, 256, seed=9)
     return sources, target
@@ -73,8 +81,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     cfg, frozen = frozen_model()
     sources, target = embedded_tasks()
-    # dropout 0 (paper: 0.1): with 0.1, "sentiment" stayed at chance after 300 steps (49%; without: 99% at 200)
-    tc = spot.TrainConfig(batch_size=32, max_input_len=8, dropout=0.0, eval_every=50, embedding_step=EMBED_STEPS)
+    # Dropout 0 (paper: 0.1): at 0.1, "sentiment" stayed at chance (49%) after 300 steps; at 0, 99% at 200.
+    tc = spot.TrainConfig(batch_size=32, max_input_len=8, dropout=0.0, eval_every=50,
+                          embedding_step=EMBED_STEPS)
     work = tempfile.TemporaryDirectory()
 
     def run(name, td, prompt, steps, seed, evaluate=True):  # one prompt-tuning run (spot.train_prompt)
@@ -83,7 +92,8 @@ def main(argv=None):
                            lambda k: data.batches(td.train, tc.batch_size, seed, start=k),
                            td.evaluate if evaluate else None, f"{work.name}/{name}-seed{seed}", log=None)
 
-    def init(how, seed, td=None):  # §2.1.4: sources from sampled vocabulary; App. C: baseline from class labels
+    # §2.1.4: sources from sampled vocabulary; App. C: baseline from class labels
+    def init(how, seed, td=None):
         return spot.init_prompt(jax.random.key(seed), frozen, dataclasses.replace(PROMPT, init=how),
                                 td and td.label_ids)
 
@@ -98,7 +108,8 @@ def main(argv=None):
     # 2-3. Per seed: the target's embedding, retrieval, and target tuning from each initialisation.
     scores, sims, picked = {}, {m: {} for m in retrieval.METRICS}, {m: [] for m in retrieval.METRICS}
     for seed in range(args.seeds):
-        embedding = run("reviews-embedding", target, init("sampled_vocab", 200 + seed), EMBED_STEPS, seed, False)
+        embedding = run("reviews-embedding", target, init("sampled_vocab", 200 + seed), EMBED_STEPS, seed,
+                        evaluate=False)
         for metric in retrieval.METRICS:
             ranking = retrieval.rank_sources(embedding["prompt"], library, metric)
             picked[metric].append(ranking[0][0].task)
@@ -106,32 +117,36 @@ def main(argv=None):
                 sims[metric].setdefault(entry.task, []).append(sim)
         starts = {"scratch": init("class_labels", 300 + seed, target), **prompts}  # App. C baseline; SPoT
         for name, prompt in starts.items():
-            scores.setdefault(name, []).append(run(f"reviews-from-{name}", target, prompt, TARGET_STEPS, seed)["score"])
+            res = run(f"reviews-from-{name}", target, prompt, TARGET_STEPS, seed)
+            scores.setdefault(name, []).append(res["score"])
 
     # 4. The table; "step 0": a source prompt on the target before any target tuning.
     zero_shot = {name: target.evaluate(frozen, cfg, prompt)["score"] for name, prompt in prompts.items()}
     retrieved = max(set(picked["per_token"]), key=picked["per_token"].count)
-    print(f"\nSPoT quickstart: a frozen RANDOM tiny T5 ({cfg.d_model}-wide, vocabulary {cfg.vocab_size}) and "
-          f"synthetic tasks. Source prompts: {SOURCE_STEPS} steps; validation accuracy "
+    print(f"\nSPoT quickstart: a frozen RANDOM tiny T5 ({cfg.d_model}-wide, vocabulary {cfg.vocab_size}) "
+          f"and synthetic tasks. Source prompts: {SOURCE_STEPS} steps; validation accuracy "
           + ", ".join(f"{n} {s:.0f}" for n, s in source_scores.items()) + ".")
-    print(f"Target 'reviews': {len(target.train['inputs'])} training examples, {TARGET_STEPS} steps of prompt "
-          f"tuning; accuracy on 256 validation examples, mean ± std over {args.seeds} seeds.\n")
-    print(f"  {'target prompt starts from':<28} {'per-token sim':>13} {'avg-token sim':>13} {'acc. step 0':>11} "
-          f"{f'acc. step {TARGET_STEPS}':>15}")
+    print(f"Target 'reviews': {len(target.train['inputs'])} training examples, {TARGET_STEPS} steps of "
+          f"prompt tuning; accuracy on 256 validation examples, mean ± std over {args.seeds} seeds.\n")
+    print(f"  {'target prompt starts from':<28} {'per-token sim':>13} {'avg-token sim':>13} "
+          f"{'acc. step 0':>11} {f'acc. step {TARGET_STEPS}':>15}")
     for name, values in scores.items():
         label = "scratch (class labels)" if name == "scratch" else f"source '{name}' (SPoT)"
-        sim = [f"{np.mean(sims[m][name]):13.3f}" if name in sources else f"{'-':>13}" for m in retrieval.METRICS]
+        sim = [f"{np.mean(sims[m][name]):13.3f}" if name in sources else f"{'-':>13}"
+               for m in retrieval.METRICS]
         step0 = f"{zero_shot[name]:11.1f}" if name in sources else f"{'-':>11}"
         s, mark = mean_std(values), "  <- retrieved" if name == retrieved else ""
         print(f"  {label:<28} {sim[0]} {sim[1]} {step0} {s['mean']:8.1f} ± {s['std']:4.1f}{mark}")
     for metric in retrieval.METRICS:
         print(f"Retrieval by {metric} similarity picked: {', '.join(picked[metric])}.")
     gain = {n: float(np.mean(scores[n]) - np.mean(scores["scratch"])) for n in sources}
-    print(f"Starting from the retrieved '{retrieved}' prompt: {gain[retrieved]:+.1f} points over scratch; from the "
-          "others: " + ", ".join(f"'{n}' {g:+.1f}" for n, g in gain.items() if n != retrieved) + "."
+    others = ", ".join(f"'{n}' {g:+.1f}" for n, g in gain.items() if n != retrieved)
+    print(f"Starting from the retrieved '{retrieved}' prompt: {gain[retrieved]:+.1f} points over scratch; "
+          f"from the others: {others}."
           + (" That effect is small here: do not read much into it." if gain[retrieved] < 5 else ""))
-    print(f"({time.perf_counter() - t0:.0f} s.) A random frozen model and toy tasks: this shows SPoT's mechanics and "
-          "a transfer effect real for this setting only. For the paper's numbers see experiments/table*.py.")
+    print(f"({time.perf_counter() - t0:.0f} s.) A random frozen model and toy tasks: this shows SPoT's "
+          "mechanics and a transfer effect real for this setting only. For the paper's numbers see "
+          "experiments/table*.py.")
     work.cleanup()
     return {"scores": scores, "similarities": sims, "picked": picked, "source_scores": source_scores,
             "zero_shot": zero_shot, "gain": gain, "seconds": time.perf_counter() - t0}

@@ -11,9 +11,9 @@ Writes results/released_prompts.json. --tiny: the same path on a random tiny T5 
 task, seconds; its scores are meaningless.
 """
 import pathlib
-import sys  # noqa: E401
+import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import argparse
 import dataclasses
@@ -35,7 +35,7 @@ from experiments.paper_numbers import RELEASED_PROMPTS
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 TASKS = ("sst2", "mrpc", "rte")
-# The release at the commit PROVENANCE.md names, with the sha256 of each file.
+# The release as google-research/prompt-tuning has it at a fixed commit, with the sha256 of each file.
 COMMIT = "72285eea06100f954bcbb16a447ec6cddfc6716c"
 PROMPT_URL = (f"https://raw.githubusercontent.com/google-research/prompt-tuning/{COMMIT}/"
               "prompt_tuning/pretrained_prompts/t5_1_1_lm100k_base/{task}.npy")
@@ -65,14 +65,15 @@ def taskless_text(task, example):
     """The official `taskless_glue_<task>_v200` text: T5's GLUE text without its first word, the task name.
 
     prompt_tuning/data/glue.py registers these tasks as t5 glue_utils.get_glue_text_preprocessor (t5
-    preprocessors.glue: "<task> k1: v1 k2: v2", keys sorted, label -1 -> "<unk>", here data.to_text) followed by
-    prompt_tuning/data/preprocessors.remove_first_text_token (deletes the regex '^[^ ]* ').
-    Example: SST-2 "sst2 sentence: it 's a charming ... . " -> "sentence: it 's a charming ... . ", "positive".
+    preprocessors.glue: "<task> k1: v1 k2: v2", keys sorted, label -1 -> "<unk>", here data.to_text)
+    followed by prompt_tuning/data/preprocessors.remove_first_text_token (deletes the regex '^[^ ]* ').
+    Example: SST-2 "sst2 sentence: it 's a charming ... . " -> "sentence: it 's a charming ... . ",
+    "positive".
     """
     text = data.to_text(task, example)
     if not text["inputs"].startswith(task + " "):
-        raise ValueError(f"data.to_text({task!r}) no longer starts with the task name: {text['inputs'][:60]!r}; "
-                         "the taskless format removes exactly that first word")
+        raise ValueError(f"data.to_text({task!r}) no longer starts with the task name: "
+                         f"{text['inputs'][:60]!r}; the taskless format removes exactly that first word")
     return {"inputs": text["inputs"][len(task) + 1:], "targets": text["targets"]}
 
 
@@ -101,11 +102,12 @@ def load_prompts(folder, tasks, d_model):
     for task in tasks:
         path = Path(folder) / f"{task}.npy"
         if not path.is_file():
-            raise FileNotFoundError(f"no prompt {path}: --prompts needs {', '.join(t + '.npy' for t in tasks)}")
+            needed = ", ".join(t + ".npy" for t in tasks)
+            raise FileNotFoundError(f"no prompt {path}: --prompts needs {needed}")
         prompt = spot.load_prompt(path)                   # a damaged or non-prompt file: one line naming it
         if prompt.shape[1] != d_model:
-            raise ValueError(f"{path} has shape {prompt.shape}, but the model needs [P, {d_model}]: the released "
-                             "prompts are for T5 1.1 LM-adapted Base (d_model 768)")
+            raise ValueError(f"{path} has shape {prompt.shape}, but the model needs [P, {d_model}]: the "
+                             "released prompts are for T5 1.1 LM-adapted Base (d_model 768)")
         prompts[task] = prompt
     return prompts
 
@@ -113,9 +115,10 @@ def load_prompts(folder, tasks, d_model):
 def predict(params, cfg, prompt, inputs, vocab, batch_size, max_len):
     """Greedy predictions (strings, in row order) for token ids inputs [n,S].
 
-    Greedy = what t5x.eval ran for the release: EncoderDecoderModel's default decode_fn is decoding.beam_search,
-    called with num_decodes=1 (one beam). Rows are sorted by length; each batch is padded to batch_size rows and
-    the smallest BUCKETS width that holds it. Neither changes a prediction: pad keys get weight exactly 0.
+    Greedy = what t5x.eval ran for the release: EncoderDecoderModel's default decode_fn is
+    decoding.beam_search, called with num_decodes=1 (one beam). Rows are sorted by length; each batch is
+    padded to batch_size rows and the smallest BUCKETS width that holds it. Neither changes a prediction:
+    pad keys get weight exactly 0.
     """
     lengths = (inputs != t5_model.PAD_ID).sum(axis=1)
     order, preds = np.argsort(lengths, kind="stable"), [None] * len(inputs)
@@ -137,13 +140,15 @@ def evaluate_task(task, params, model_cfg, prompt, vocab, cfg):
     arrays = data.tokenize(vocab, texts, cfg.max_input_len, cfg.max_target_len)
     start = time.time()
     preds = predict(params, model_cfg, prompt, arrays["inputs"], vocab, cfg.batch_size, cfg.max_target_len)
-    # t5 postprocessors.string_label_to_class_id: an exact label word or -1, which counts as wrong in accuracy and
-    # as the wrong class in metrics.f1_score_with_invalid (data.postprocess / data.score do both).
+    # t5 postprocessors.string_label_to_class_id: an exact label word or -1, which counts as wrong in
+    # accuracy and as the wrong class in metrics.f1_score_with_invalid (data.postprocess / data.score do
+    # both).
     metrics = data.score(task, examples, preds)
     labels = data.get_task(task).label_names
     return {"task": task, "score": metrics["score"], "metrics": metrics, "released": RELEASED_PROMPTS[task],
             "n_examples": len(examples), "invalid_predictions": sum(p not in labels for p in preds),
-            "first_input": texts[0]["inputs"], "first_prediction": preds[0], "seconds": round(time.time() - start, 1)}
+            "first_input": texts[0]["inputs"], "first_prediction": preds[0],
+            "seconds": round(time.time() - start, 1)}
 
 
 def setup(cfg):
@@ -162,8 +167,9 @@ def tiny_setup(cfg):
     spiece = SHARED / "t5_spiece.model"
     prompt_dir = Path(cfg.prompts or SHARED / "prompt_tuning_release" / "t5_1_1_lm100k_base")
     # One batch of 8 per task, inputs cut to 64 tokens: greedy_decode compiles once for the whole run.
-    cfg = dataclasses.replace(cfg, data=str(glue), vocab=cfg.vocab or (str(spiece) if spiece.is_file() else None),
-                              limit=cfg.limit or 8, batch_size=8, max_input_len=64, prompts=str(prompt_dir))
+    vocab = cfg.vocab or (str(spiece) if spiece.is_file() else None)
+    cfg = dataclasses.replace(cfg, data=str(glue), vocab=vocab, limit=cfg.limit or 8, batch_size=8,
+                              max_input_len=64, prompts=str(prompt_dir))
     model_cfg = t5_model.T5Config.tiny(d_model=768)
     params = t5_model.init_params(jax.random.key(0), model_cfg)
     if prompt_dir.is_dir():
@@ -207,10 +213,12 @@ def main(argv=None):
     cfg, model_cfg, params, prompts, vocab = tiny_setup(cfg) if cfg.tiny else setup(cfg)
     results = [evaluate_task(t, params, model_cfg, prompts[t], vocab, cfg) for t in cfg.tasks]
     print_table(results, cfg.tiny)
-    summary = {f"{r['task']}/{m}": {"mean": r["metrics"][m], "std": 0.0, "paper": v}  # "paper" = release notes
+    # "paper" = the release notes' scores
+    summary = {f"{r['task']}/{m}": {"mean": r["metrics"][m], "std": 0.0, "paper": v}
                for r in results for m, v in r["released"].items()}
-    record = {"experiment": "released_prompts", "config": {**dataclasses.asdict(cfg), "input_format": "taskless",
-              "model_config": dataclasses.asdict(model_cfg)}, "results": results, "summary": summary}
+    config = {**dataclasses.asdict(cfg), "input_format": "taskless",
+              "model_config": dataclasses.asdict(model_cfg)}
+    record = {"experiment": "released_prompts", "config": config, "results": results, "summary": summary}
     out = Path(cfg.out) / "released_prompts.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))

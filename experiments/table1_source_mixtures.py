@@ -1,22 +1,28 @@
-"""Table 1 of SPoT (Vu et al., ACL 2022): GLUE and SuperGLUE averages of the frozen T5 Base after prompt tuning
-from a source prompt tuned on each of 14 source mixtures, against prompt tuning from scratch (PromptTuning).
+"""Table 1 of SPoT (Vu et al., ACL 2022): GLUE and SuperGLUE averages by source mixture, frozen T5 Base.
 
-Recipe (§2.1-2.2, App. B-C): for each row and seed, a source prompt from sampled vocabulary, tuned 2^18 steps on
-the row's tasks mixed examples-proportionally (K = 2^19); the final checkpoint is transferred (the paper does not
-say which; §3.3 takes the final one of a mixture). From it, a target prompt on each of the 8 GLUE and 8
-SuperGLUE tasks, 2^18 steps, scored by the best of the validation evaluations every 500 steps. PromptTuning
+The averages after prompt tuning from a source prompt tuned on each of 14 source mixtures, against prompt
+tuning from scratch (PromptTuning).
+Recipe (§2.1-2.2, App. B-C): for each row and seed, a source prompt from sampled vocabulary, tuned 2^18 steps
+on the row's tasks mixed examples-proportionally (K = 2^19); the final checkpoint is transferred (the paper
+does not say which; §3.3 takes the final one of a mixture). From it, a target prompt on each of the 8 GLUE and
+8 SuperGLUE tasks, 2^18 steps, scored by the best of the validation evaluations every 500 steps. PromptTuning
 starts the target prompt from its class labels (App. C). "-30K" rows: 30K steps for source and target (our
-reading of "- longer tuning"). Expected: paper_numbers.TABLE1 (GLUE 82.8 ± 0.2, SuperGLUE 73.2 ± 0.3 from GLUE);
-SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row within max(2 std, 1 point).
-  python experiments/table1_source_mixtures.py --model google/t5-base-lm-adapt --out results [--rows GLUE MNLI]
+reading of "- longer tuning"). Expected: paper_numbers.TABLE1 (GLUE 82.8 ± 0.2, SuperGLUE 73.2 ± 0.3 from
+GLUE); SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row within
+max(2 std, 1 point).
+  python experiments/table1_source_mixtures.py --model google/t5-base-lm-adapt --out results \
+      [--rows GLUE MNLI]
 Reruns resume every unfinished run from out/runs/. --tiny: random tiny T5, 16 examples per task, 4 steps.
-Compute (FLOP count, inputs padded to 100 + 512 tokens, an accelerator sustaining 400 TFLOP/s, e.g. an H100 at
-~40% of its bf16 peak; float32 is ~2x slower): one Base step = 7.7 TFLOP (forward + gradient w.r.t. activations,
-batch 32), so a 2^18-step run ~ 2.0e18 FLOP ~ 1.4 h and a 30K run ~ 0.16 h. The table is 42 source + 720 target
-runs of 2^18 steps and 3 + 96 of 30K: ~1,100 accelerator-hours, plus evaluation (up to ~30% more on the large
-validation sets: one decoding pass every 500 steps).
+Compute (FLOP count, inputs padded to 100 + 512 tokens, an accelerator sustaining 400 TFLOP/s, e.g. an H100
+at ~40% of its bf16 peak; float32 is ~2x slower): one Base step = 7.7 TFLOP (forward + gradient w.r.t.
+activations, batch 32), so a 2^18-step run ~ 2.0e18 FLOP ~ 1.4 h and a 30K run ~ 0.16 h. The table is
+42 source + 720 target runs of 2^18 steps and 3 + 96 of 30K: ~1,100 accelerator-hours, plus evaluation
+(up to ~30% more on the large validation sets: one decoding pass every 500 steps).
 """
-import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import dataclasses
 
@@ -28,12 +34,14 @@ SOURCES = {  # Table 1 row -> source tasks (App. B; C4, MNLI and SQuAD alone)
     "GLUE": data.MIXTURES["GLUE"], "C4": ("c4",), "MNLI": ("mnli",), "SQuAD": ("squad",),
     "SuperGLUE": data.MIXTURES["SuperGLUE"], "NLI": data.MIXTURES["NLI"],
     "Paraphrasing/similarity": data.MIXTURES["Paraphrase"], "Sentiment": data.MIXTURES["Sentiment"],
-    "MRQA": data.MIXTURES["MRQA"], "RAINBOW": data.MIXTURES["RAINBOW"], "Translation": data.MIXTURES["Translation"],
+    "MRQA": data.MIXTURES["MRQA"], "RAINBOW": data.MIXTURES["RAINBOW"],
+    "Translation": data.MIXTURES["Translation"],
     "Summarization": data.MIXTURES["Summarization"], "GEM": data.MIXTURES["GEM"],
     "All": ("c4",) + data.MIXTURES["All"],  # "C4 + 55 supervised tasks"
 }
 BENCHMARKS = {"GLUE": data.MIXTURES["GLUE"], "SuperGLUE": data.MIXTURES["SuperGLUE"]}  # §2.1: GLUE w/o WNLI
-TINY_ROWS, TINY_BENCHMARKS = ("PromptTuning", "GLUE", "MNLI"), {"GLUE": ("rte", "mrpc"), "SuperGLUE": ("cb", "copa")}
+TINY_ROWS = ("PromptTuning", "GLUE", "MNLI")
+TINY_BENCHMARKS = {"GLUE": ("rte", "mrpc"), "SuperGLUE": ("cb", "copa")}
 LONG, SHORT = 2 ** 18, 30_000  # §2.1.4 "2^18 steps"; "- longer tuning" = Lester et al.'s 30K
 
 
@@ -53,7 +61,8 @@ def main(argv=None):
 
     records = []
     for row in rows:
-        source, steps = row.removesuffix("-30K"), common.paper_steps(args, SHORT if row.endswith("-30K") else LONG)
+        source = row.removesuffix("-30K")
+        steps = common.paper_steps(args, SHORT if row.endswith("-30K") else LONG)
         slug = row.replace("/", "_")
         for seed in range(args.seeds):
             tc = common.train_config(args, steps, seed)
@@ -73,14 +82,18 @@ def main(argv=None):
             for bench, targets in benchmarks.items():
                 for name in targets:
                     td = task(name)
-                    prompt = common.initial_prompt(frozen, args, seed, name, td.label_ids) if start is None else start
+                    prompt = start
+                    if start is None:
+                        prompt = common.initial_prompt(frozen, args, seed, name, td.label_ids)
                     res = common.tune_prompt(
-                        frozen, cfg, tc, prompt, lambda k: data.batches(td.train, tc.batch_size, seed, start=k),
-                        td.evaluate, args.runs / "table1" / f"{slug}-{name}-seed{seed}", args.log, args.mesh)
+                        frozen, cfg, tc, prompt,
+                        lambda k: data.batches(td.train, tc.batch_size, seed, start=k), td.evaluate,
+                        args.runs / "table1" / f"{slug}-{name}-seed{seed}", args.log, args.mesh)
                     records.append({"task": name, "seed": seed, "source": None if start is None else source,
                                     "method": row, "benchmark": bench, "score": res["score"],
                                     "metrics": res["metrics"]})
-    # 4. Benchmark average per seed (footnote 5: a task's score is the mean of its metrics), mean ± std over seeds.
+    # 4. Benchmark average per seed (footnote 5: a task's score is the mean of its metrics), mean ± std over
+    #    seeds.
     summary = {}
     for row in rows:
         for bench in benchmarks:
@@ -90,7 +103,8 @@ def main(argv=None):
     config = {"model": args.model, "rows": list(rows), "benchmarks": benchmarks, "seeds": args.seeds,
               "steps": {r: common.paper_steps(args, SHORT if r.endswith("-30K") else LONG) for r in rows},
               "train": dataclasses.asdict(args.train)}
-    return common.finish(args, "table1_source_mixtures", config, records, summary, paper_rows("table1_source_mixtures"))
+    paper = paper_rows("table1_source_mixtures")
+    return common.finish(args, "table1_source_mixtures", config, records, summary, paper)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Table 3 and Figures 4, 5, 8 of SPoT (Vu et al., ACL 2022, §3.2-3.3, App. F-G): pick source prompts for a
-target by the similarity of task embeddings (prompts after 10K steps), instead of trying all 48.
+"""Table 3 and Figures 4, 5, 8 of SPoT (Vu et al., ACL 2022, §3.2-3.3, App. F-G): retrieval of source prompts.
 
-Input: table6_transferability.py's runs (same --out): 16 source tasks x 3 seeds = 48 source prompts with their
-10K-step embeddings, 3 BASELINE runs per target whose 10K-step prompts are the target's embeddings, and the score
-of every source prompt transferred to every target (source seed r -> target seed r). For each target, embedding
-run r and metric (§3.2: per-token average cosine, cosine of average tokens), rank the 48 prompts (§3.3), then:
-BEST OF TOP-k (k = 1..15): the best Table 6 score among the top k; ORACLE: the best of all 48; TOP-k WEIGHTED
-AVERAGE (per-token): one new 100K-step target run from sum_r alpha_r rho_r; TOP-k MULTI-TASK MIXTURE (per-token):
-a new 2^18-step source prompt on the top-k tasks and the target mixed, final checkpoint, then a 100K target run.
+Pick source prompts for a target by the similarity of task embeddings (prompts after 10K steps), instead of
+trying all 48.
+Input: table6_transferability.py's runs (same --out): 16 source tasks x 3 seeds = 48 source prompts with
+their 10K-step embeddings, 3 BASELINE runs per target whose 10K-step prompts are the target's embeddings, and
+the score of every source prompt transferred to every target (source seed r -> target seed r). For each
+target, embedding run r and metric (§3.2: per-token average cosine, cosine of average tokens), rank the 48
+prompts (§3.3), then:
+BEST OF TOP-k (k = 1..15): the best Table 6 score among the top k; ORACLE: the best of all 48;
+TOP-k WEIGHTED AVERAGE (per-token): one new 100K-step target run from sum_r alpha_r rho_r;
+TOP-k MULTI-TASK MIXTURE (per-token): a new 2^18-step source prompt on the top-k tasks and the target mixed,
+final checkpoint, then a 100K target run.
 Rows aggregate the 10 targets (stats.aggregate_targets: run r pairs with baseline run r, footnote 15).
 Expected: paper_numbers.TABLE3 (BASELINE 74.7, per_token/best_of_top_k/3 77.5 ± 0.4, ORACLE 80.7);
 SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row within max(2 std, 1 point).
@@ -17,9 +20,13 @@ Compute beyond Table 6 (as in table1_source_mixtures.py): 120 weighted-average t
 (~0.54 h each) and, for the mixtures, up to 120 source runs of 2^18 steps (~1.4 h; equal top-k task sets are
 trained once) plus 120 target runs: ~300 accelerator-hours. --tiny runs table6 --tiny first when needed.
 """
-import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -46,16 +53,20 @@ def main(argv=None):
     t6 = json.loads(path.read_text())
     sources, targets, seeds, runs = (t6["config"][k] for k in ("sources", "targets", "seeds", "runs"))
     args.seeds = seeds  # one target-embedding run per Table 6 seed
-    # Table 6's runs under this --out (the JSON's path may be relative to another working directory, or moved).
+    # Table 6's runs under this --out (the JSON's path may be relative to another working directory, or
+    # moved).
     runs = args.runs / "table6" if (args.runs / "table6").is_dir() else Path(runs)
     e_src, e_tgt = (common.embedding_step(t6["config"]["steps"][k]) for k in ("source", "target"))
     score = {(r["source"], r["seed"], r["task"]): r["score"] for r in t6["results"] if r["method"] == "SPoT"}
     baseline = {t: [r["score"] for r in sorted(t6["results"], key=lambda r: r["seed"])
                     if r["method"] == "BASELINE" and r["task"] == t] for t in targets}
-    library = [retrieval.PromptEntry(s, np.load(runs / f"source-{s}-seed{r}" / f"prompt_step{e_src}.npy"), run=r)
+    library = [retrieval.PromptEntry(s, np.load(runs / f"source-{s}-seed{r}" / f"prompt_step{e_src}.npy"),
+                                     run=r)
                for s in sources for r in range(seeds)]
-    transferred = {(e.task, e.run): np.load(runs / f"source-{e.task}-seed{e.run}" / "prompt.npy") for e in library}
-    embeddings = {t: [np.load(runs / f"baseline-{t}-seed{r}" / f"prompt_step{e_tgt}.npy") for r in range(seeds)]
+    transferred = {(e.task, e.run): np.load(runs / f"source-{e.task}-seed{e.run}" / "prompt.npy")
+                   for e in library}
+    embeddings = {t: [np.load(runs / f"baseline-{t}-seed{r}" / f"prompt_step{e_tgt}.npy")
+                      for r in range(seeds)]
                   for t in targets}
 
     cfg, frozen = common.frozen_model(args.model, args.tiny, args.dtype)
@@ -66,16 +77,22 @@ def main(argv=None):
             tasks[name] = common.load_task(name, args, args.train)
         return tasks[name]
 
-    def tune(name, prompt, seed, out, mixture=None):  # a target run (best validation) or a mixture source (last)
-        tc = common.train_config(args, common.paper_steps(args, SOURCE_STEPS if mixture else TARGET_STEPS), seed)
-        batches = (lambda k: data.mixture_batches(mixture, tc.batch_size, seed, start=k)) if mixture else (
-            lambda k: data.batches(task(name).train, tc.batch_size, seed, start=k))
-        return common.tune_prompt(frozen, cfg, tc, prompt, batches, None if mixture else task(name).evaluate,
-                                  runs.parent / "table3" / out, args.log, args.mesh)
+    def tune(name, prompt, seed, out, mixture=None):
+        """A target run (best validation checkpoint) or, with `mixture`, a mixture source (last)."""
+        steps = common.paper_steps(args, SOURCE_STEPS if mixture else TARGET_STEPS)
+        tc = common.train_config(args, steps, seed)
+        if mixture:
+            batches = functools.partial(data.mixture_batches, mixture, tc.batch_size, seed)
+        else:
+            batches = functools.partial(data.batches, task(name).train, tc.batch_size, seed)
+        evaluate = None if mixture else task(name).evaluate
+        return common.tune_prompt(frozen, cfg, tc, prompt, batches, evaluate, runs.parent / "table3" / out,
+                                  args.log, args.mesh)
 
     def add(row, tgt, r, value, source=None):
         scores.setdefault(row, {}).setdefault(tgt, []).append(value)
-        records.append({"task": tgt, "seed": r, "source": source, "method": row, "score": value, "metrics": None})
+        records.append({"task": tgt, "seed": r, "source": source, "method": row, "score": value,
+                        "metrics": None})
 
     # 2. Retrieval by each similarity (§3.3); scores of BEST OF TOP-k and ORACLE come from Table 6's runs.
     n = len(library)
@@ -98,7 +115,8 @@ def main(argv=None):
                 try:
                     start, how = retrieval.top_k_weighted_average(ranking, k), "similarity weights"
                 except ValueError:  # the top-k similarities sum to <= 0 (near-random prompts, e.g. --tiny)
-                    start, how = np.mean([e.prompt for e in retrieval.top_k(ranking, k)], 0), "uniform weights"
+                    start = np.mean([e.prompt for e in retrieval.top_k(ranking, k)], 0)
+                    how = "uniform weights"
                 res = tune(tgt, start, r, f"average{k}-{tgt}-seed{r}")
                 add(f"per_token/weighted_average/{k}", tgt, r, res["score"], how)
                 mix_tasks = retrieval.top_k_mixture_tasks(ranking, k, tgt)
@@ -114,18 +132,22 @@ def main(argv=None):
         agg = stats.aggregate_targets(by_target, baseline)
         summary[row] = {"mean": agg["avg_score"][0], "std": agg["avg_score"][1],
                         "abs_change": list(agg["abs_change"]), "rel_change": list(agg["rel_change"])}
-    # 5. Fig. 4 (similarity of all tasks, cosine of average tokens, clustered) and Figs. 5, 8 (similarity to each
-    #    source prompt, averaged over the target's runs, against the transfer's relative error reduction).
-    panels = {t: ([retrieval.task_similarity(embeddings[t], e.prompt, "average_tokens") for e in library],
-                  [retrieval.relative_error_reduction(score[(e.task, e.run, t)], min(np.mean(baseline[t]), 99.9))
-                   for e in library]) for t in targets}
+    # 5. Fig. 4 (similarity of all tasks, cosine of average tokens, clustered) and Figs. 5, 8 (similarity to
+    #    each source prompt, averaged over the target's runs, against the transfer's relative error
+    #    reduction).
+    panels = {}
+    for t in targets:
+        b = min(np.mean(baseline[t]), 99.9)
+        panels[t] = ([retrieval.task_similarity(embeddings[t], e.prompt, "average_tokens") for e in library],
+                     [retrieval.relative_error_reduction(score[(e.task, e.run, t)], b) for e in library])
     try:
         groups = {**retrieval.group_by_task(library), **embeddings}
         out = Path(args.out)
-        print("Fig. 4:", figures.plot_similarity_clustermap(retrieval.similarity_matrix(groups, "average_tokens"),
-                                                              list(groups), out / "figure4_task_similarity.png"))
-        figures.plot_similarity_vs_transfer({t: panels[t] for t in targets if t in ("STS-B", "CB", "WSC", "RTE")}
-                                              or panels, out / "figure5_similarity_vs_transfer.png")
+        matrix = retrieval.similarity_matrix(groups, "average_tokens")
+        print("Fig. 4:", figures.plot_similarity_clustermap(matrix, list(groups),
+                                                              out / "figure4_task_similarity.png"))
+        fig5 = {t: panels[t] for t in targets if t in ("STS-B", "CB", "WSC", "RTE")} or panels
+        figures.plot_similarity_vs_transfer(fig5, out / "figure5_similarity_vs_transfer.png")
         fig8 = figures.plot_similarity_vs_transfer(panels, out / "figure8_similarity_vs_transfer.png")
         for t, (r_, p) in fig8.items():  # r is undefined (nan) when every transfer scores the same
             r_, p = (r_, p) if np.isfinite(r_) else (None, None)
@@ -134,10 +156,11 @@ def main(argv=None):
             print(f"Fig. 8 {t}: Pearson r {ours}; paper {FIG8[t][0] if t in FIG8 else '-'}")
     except ImportError as e:
         print(f"Figs. 4, 5, 8 skipped ({e}): pip install -e '.[plots]'")
-    config = {"model": args.model, "table6": str(path), "sources": sources, "targets": targets, "target_runs": seeds,
-              "library_size": n, "embedding_steps": {"source": e_src, "target": e_tgt},
+    config = {"model": args.model, "table6": str(path), "sources": sources, "targets": targets,
+              "target_runs": seeds, "library_size": n, "embedding_steps": {"source": e_src, "target": e_tgt},
               "train": dataclasses.asdict(args.train)}
-    return common.finish(args, "table3_retrieval", config, records, summary, paper_rows("table3_retrieval"))
+    paper = paper_rows("table3_retrieval")
+    return common.finish(args, "table3_retrieval", config, records, summary, paper)
 
 
 if __name__ == "__main__":

@@ -1,41 +1,55 @@
-"""Table 5 of SPoT (Vu et al., ACL 2022, App. D): SuperGLUE test predictions, written as the leaderboard's upload.
+"""Table 5 of SPoT (Vu et al., ACL 2022, App. D): SuperGLUE test predictions, as the leaderboard's upload.
 
-Test labels are hidden, so the paper's row is the score the SuperGLUE leaderboard gave such an upload (2022-02-09):
-  Frozen T5 1.1 + SPoT (XXL), 11B frozen / 410K tuned parameters: score 89.2; BoolQ 91.1, CB 95.8/97.6 (F1/acc),
-  COPA 95.6, MultiRC 87.9/61.9 (F1a/EM), ReCoRD 93.3/92.4 (F1/EM), RTE 92.9, WiC 75.8, WSC 93.8.
-Recipe as the paper gives it: the frozen T5 1.1 LM-adapted XXL with one 100-token prompt per task (410K = 100 x 4096
-tuned parameters, the only ones), tuned with SPoT (§2.1: the target prompt starts from a source prompt; GLUE is the
-best source mixture, Table 1 and Fig. 1) and the best-validation checkpoint (§2.1.4). The paper does not say more
-about the submission (its source mixture or steps); prompts from this repo's `spot.py train` fill that in.
-The command (one prompt per task in runs/<task>/prompt.npy, as `spot.py train --task <task> --out runs/<task>`
-writes it; <task> = boolq cb copa multirc record superglue_rte (or rte) wic wsc; or --prompts one.npy for all):
+Test labels are hidden, so the paper's row is the score the SuperGLUE leaderboard gave such an upload
+(2022-02-09):
+  Frozen T5 1.1 + SPoT (XXL), 11B frozen / 410K tuned parameters: score 89.2; BoolQ 91.1,
+  CB 95.8/97.6 (F1/acc), COPA 95.6, MultiRC 87.9/61.9 (F1a/EM), ReCoRD 93.3/92.4 (F1/EM), RTE 92.9,
+  WiC 75.8, WSC 93.8.
+Recipe as the paper gives it: the frozen T5 1.1 LM-adapted XXL with one 100-token prompt per task
+(410K = 100 x 4096 tuned parameters, the only ones), tuned with SPoT (§2.1: the target prompt starts from a
+source prompt; GLUE is the best source mixture, Table 1 and Fig. 1) and the best-validation checkpoint
+(§2.1.4). The paper does not say more about the submission (its source mixture or steps); prompts from this
+repo's `spot.py train` fill that in.
+The command (one prompt per task in runs/<task>/prompt.npy, as `spot.py train --task <task> --out
+runs/<task>` writes it; <task> = boolq cb copa multirc record superglue_rte (or rte) wic wsc; or
+--prompts one.npy for all):
   python experiments/table5_superglue_test.py --model google/t5-xxl-lm-adapt --prompts runs \
       --data <folder of the unzipped SuperGLUE tasks: BoolQ/test.jsonl ... AX-b/AX-b.jsonl, AX-g/AX-g.jsonl>
 Then upload results/table5_superglue_test.zip at https://super.gluebenchmark.com/ (the leaderboard scores it).
-Compute (estimated, not measured): 29,694 test inputs (BoolQ 3245, CB 250, COPA 500, MultiRC 9693 answers, ReCoRD
-10000 queries, RTE 3000, WiC 1400, WSC 146, AX-b 1104, AX-g 356); the XXL encoder (4.6B weights) over 100 prompt +
-~300 input tokens is ~3.7 TFLOP an input, greedy decoding (8 tokens, ReCoRD 32, WSC 16) ~0.1-0.4 more: ~1.2e17 FLOP,
-~15 min at a sustained 150 TFLOP/s, days on a CPU; the 11.1B weights need 45 GB in float32.
---tiny: a random tiny T5 on the first validation examples of ../shared/data with their labels removed and hand-made
-ReCoRD / AX-b / AX-g files in the original layout, in a temporary folder; ~20 s; its predictions mean nothing.
+Compute (estimated, not measured): 29,694 test inputs (BoolQ 3245, CB 250, COPA 500, MultiRC 9693 answers,
+ReCoRD 10000 queries, RTE 3000, WiC 1400, WSC 146, AX-b 1104, AX-g 356); the XXL encoder (4.6B weights) over
+100 prompt + ~300 input tokens is ~3.7 TFLOP an input, greedy decoding (8 tokens, ReCoRD 32, WSC 16) ~0.1-0.4
+more: ~1.2e17 FLOP, ~15 min at a sustained 150 TFLOP/s, days on a CPU; the 11.1B weights need 45 GB in
+float32.
+--tiny: a random tiny T5 on the first validation examples of ../shared/data with their labels removed and
+hand-made ReCoRD / AX-b / AX-g files in the original layout, in a temporary folder; ~20 s; its predictions
+mean nothing.
 
-The upload (the leaderboard's FAQ, https://super.gluebenchmark.com/faq, as its copy at russiansuperglue.com/faq
-reads: one <Task>.jsonl per test file, one JSON object per line with the example's `idx` and a `label`, zipped;
-the diagnostics "generally should use your RTE classifier"). Names and labels as the SuperGLUE authors' toolkit
-writes them (nyu-mll/jiant: jiant/scripts/benchmarks/benchmarks.py, the tasks' super_glue_format_preds; the same
-in jiant 1.x src/evaluate.py):
-  BoolQ, WiC {"idx": 0, "label": "true"|"false"}      CB {"idx": 0, "label": "entailment"|"contradiction"|"neutral"}
-  COPA {"idx": 0, "label": 0|1}                       RTE, AX-b, AX-g {"idx": 0, "label": "entailment"|"not_entailment"}
-  WSC {"idx": 0, "label": "True"|"False"}             ReCoRD {"idx": <query idx>, "label": "<entity string>"}
-  MultiRC, a line per paragraph: {"idx": 0, "passage": {"questions": [{"idx": 0, "answers": [{"idx": 0, "label": 1}]}]}}
+The upload (the leaderboard's FAQ, https://super.gluebenchmark.com/faq, as its copy at
+russiansuperglue.com/faq reads: one <Task>.jsonl per test file, one JSON object per line with the example's
+`idx` and a `label`, zipped; the diagnostics "generally should use your RTE classifier"). Names and labels as
+the SuperGLUE authors' toolkit writes them (nyu-mll/jiant: jiant/scripts/benchmarks/benchmarks.py, the
+tasks' super_glue_format_preds; the same in jiant 1.x src/evaluate.py):
+  BoolQ, WiC       {"idx": 0, "label": "true"|"false"}
+  CB               {"idx": 0, "label": "entailment"|"contradiction"|"neutral"}
+  COPA             {"idx": 0, "label": 0|1}
+  RTE, AX-b, AX-g  {"idx": 0, "label": "entailment"|"not_entailment"}
+  WSC              {"idx": 0, "label": "True"|"False"}
+  ReCoRD           {"idx": <query idx>, "label": "<entity string>"}
+  MultiRC, a line per paragraph:
+                   {"idx": 0, "passage": {"questions": [{"idx": 0, "answers": [{"idx": 0, "label": 1}]}]}}
 AX-b and AX-g are scored with the RTE prompt in RTE's input format, as T5's super_glue_axb/axg tasks do
 (t5/data/tasks.py: AX-b's sentence1/sentence2 renamed premise/hypothesis; glue_utils: "cast as RTE").
-A decoded string that is no valid label (T5's postprocessors would score it -1, i.e. wrong) cannot be written as
-"wrong": it is replaced by rank classification, the valid label (ReCoRD: the passage's entity) whose target the
-model scores most likely, and counted in the printout and results/table5_superglue_test.json. A WSC referent that
-names no one (empty, or determiners only: T5's wsc_simple gives -1) is written "False" and counted the same way.
+A decoded string that is no valid label (T5's postprocessors would score it -1, i.e. wrong) cannot be
+written as "wrong": it is replaced by rank classification, the valid label (ReCoRD: the passage's entity)
+whose target the model scores most likely, and counted in the printout and
+results/table5_superglue_test.json. A WSC referent that names no one (empty, or determiners only: T5's
+wsc_simple gives -1) is written "False" and counted the same way.
 """
-import sys; import pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import argparse
 import json
@@ -53,7 +67,8 @@ import spot
 import t5_model
 from experiments import common, paper_numbers, released_prompts
 
-# Leaderboard file -> (data.py task: input format, prompt and T5 label strings; label written for class 0, 1, ...).
+# Leaderboard file -> (data.py task: input format, prompt and T5 label strings;
+#                      label written for class 0, 1, ...).
 SUBMISSION = {
     "BoolQ": ("boolq", ("false", "true")),
     "CB": ("cb", ("entailment", "contradiction", "neutral")),
@@ -66,7 +81,8 @@ SUBMISSION = {
     "AX-b": ("superglue_rte", ("entailment", "not_entailment")),
     "AX-g": ("superglue_rte", ("entailment", "not_entailment")),
 }
-DIAGNOSTICS = {"AX-b": ("sentence1", "sentence2"), "AX-g": ("premise", "hypothesis")}  # -> premise, hypothesis
+# Diagnostic file -> its two sentence fields, read as (premise, hypothesis).
+DIAGNOSTICS = {"AX-b": ("sentence1", "sentence2"), "AX-g": ("premise", "hypothesis")}
 LEAF = {"MultiRC": "answer", "ReCoRD": "query"}       # the idx part that names one prediction
 NESTED_IDX = {"MultiRC": ("paragraph", "question", "answer"), "ReCoRD": ("passage", "query")}
 
@@ -89,34 +105,41 @@ def load_test(name, data_dir):
             raise ValueError(f"{path} line {n} is not JSON ({e}); pass the unmodified {name}.jsonl") from e
         missing = [k for k in (first, second, "idx") if k not in row] if isinstance(row, dict) else ["all"]
         if missing:
-            raise ValueError(f"{path} line {n}: no {', '.join(map(repr, missing))} field; pass the unmodified "
-                             f"{name}.jsonl ({data.SUPERGLUE_URL})")
+            raise ValueError(f"{path} line {n}: no {', '.join(map(repr, missing))} field; pass the "
+                             f"unmodified {name}.jsonl ({data.SUPERGLUE_URL})")
         out.append({"premise": row[first], "hypothesis": row[second], "idx": row["idx"], "label": -1})
     return out
 
 
 def check_idx(name, examples):
-    """Refuse a split the leaderboard could not match to its labels: an example without a valid idx, an idx used
-    twice (MultiRC: an answer idx; ReCoRD: a query idx), or a MultiRC question idx under two paragraphs."""
+    """Refuse a split the leaderboard could not match to its labels: an example without a valid idx, an idx
+    used twice (MultiRC: an answer idx; ReCoRD: a query idx), or a MultiRC question idx under two
+    paragraphs."""
     seen, paragraph_of = {}, {}
     for n, ex in enumerate(examples):
         idx = ex.get("idx")
         parts = NESTED_IDX.get(name)
-        valid = (isinstance(idx, dict) and all(type(idx.get(k)) is int for k in parts)) if parts else type(idx) is int
+        if parts:
+            valid = isinstance(idx, dict) and all(type(idx.get(k)) is int for k in parts)
+        else:
+            valid = type(idx) is int
         if not valid:
             raise ValueError(f"{name} test example {n} has no valid idx ({idx!r}); the leaderboard matches "
                              "predictions by idx: pass the unmodified test file")
         key = idx[LEAF[name]] if name in LEAF else idx
         if key in seen:
-            raise ValueError(f"{name}: idx {key} appears twice (examples {seen[key]} and {n}); the leaderboard "
-                             "needs one prediction per idx: pass the unmodified test file")
+            raise ValueError(f"{name}: idx {key} appears twice (examples {seen[key]} and {n}); the "
+                             "leaderboard needs one prediction per idx: pass the unmodified test file")
         seen[key] = n
-        if name == "MultiRC" and paragraph_of.setdefault(idx["question"], idx["paragraph"]) != idx["paragraph"]:
-            raise ValueError(f"MultiRC: question idx {idx['question']} appears under paragraphs "
-                             f"{paragraph_of[idx['question']]} and {idx['paragraph']}; pass the unmodified test file")
+        if name != "MultiRC":
+            continue
+        first = paragraph_of.setdefault(idx["question"], idx["paragraph"])
+        if first != idx["paragraph"]:
+            raise ValueError(f"MultiRC: question idx {idx['question']} appears under paragraphs {first} "
+                             f"and {idx['paragraph']}; pass the unmodified test file")
 
 
-# ----------------------------------------------------------------------------- predictions -> leaderboard labels
+# ----------------------------------------------------------------------------- predictions -> labels
 def to_label(name, prediction, example):
     """A decoded T5 string -> the leaderboard's label, or None when it is no valid label (T5 would score -1).
     Example: to_label("BoolQ", "True", ex) -> "true"; to_label("COPA", "choice2", ex) -> 1."""
@@ -128,8 +151,8 @@ def to_label(name, prediction, example):
 
 
 def candidates(name, example):
-    """The T5 strings rank classification chooses from: the task's labels, or ReCoRD's entities (WSC: none; a decoded
-    string that names no one is written "False")."""
+    """The T5 strings rank classification chooses from: the task's labels, or ReCoRD's entities (WSC: none;
+    a decoded string that names no one is written "False")."""
     task, labels = SUBMISSION[name]
     if name == "WSC":
         raise ValueError("WSC predictions are decoded referents, not labels to rank")
@@ -137,8 +160,9 @@ def candidates(name, example):
 
 
 def rank(frozen, cfg, prompt, inputs, choices, vocab, batch_size, max_len):
-    """Rank classification: for row i of inputs [n,S], the string of choices[i] whose target (cut to max_len
-    tokens with EOS) has the highest summed log-likelihood; ties go to the first. Pairs run in fixed batches."""
+    """Rank classification: for row i of inputs [n,S], the string of choices[i] whose target (cut to
+    max_len tokens with EOS) has the highest summed log-likelihood; ties go to the first. Pairs run in fixed
+    batches."""
     rows = np.array([i for i, c in enumerate(choices) for _ in c], np.int64)
     flat = [s for c in choices for s in c]
     targets = data.tokenize(vocab, [{"inputs": "", "targets": s} for s in flat], 1, max_len)["targets"]
@@ -161,17 +185,19 @@ def predict_file(name, examples, frozen, cfg, prompt, vocab, args):
     T = task.target_len
     inputs = data.tokenize(vocab, data.text_pairs(task.name, examples), args.max_input_len, T)["inputs"]
     if args.method == "rank" and name != "WSC":      # WSC's target is the referent's text: always decoded
-        preds = rank(frozen, cfg, prompt, inputs, [candidates(name, ex) for ex in examples], vocab, args.batch_size, T)
+        choices = [candidates(name, ex) for ex in examples]
+        preds = rank(frozen, cfg, prompt, inputs, choices, vocab, args.batch_size, T)
     else:                                             # T5 / the paper: greedy decoding
         preds = released_prompts.predict(frozen, cfg, prompt, inputs, vocab, args.batch_size, T)
     labels = [to_label(name, p, ex) for p, ex in zip(preds, examples)]
     bad = [i for i, lab in enumerate(labels) if lab is None]
-    if bad and name == "WSC":                        # names no one (T5's -1): the candidate is not the referent
+    if bad and name == "WSC":       # names no one (T5's -1): the candidate is not the referent
         labels = ["False" if lab is None else lab for lab in labels]
     elif bad:
-        ranked = rank(frozen, cfg, prompt, inputs[bad], [candidates(name, examples[i]) for i in bad], vocab,
-                      args.batch_size, T)
-        for i, p in zip(bad, ranked):                 # no candidate at all (ReCoRD without entities): keep the string
+        choices = [candidates(name, examples[i]) for i in bad]
+        ranked = rank(frozen, cfg, prompt, inputs[bad], choices, vocab, args.batch_size, T)
+        for i, p in zip(bad, ranked):
+            # No candidate at all (ReCoRD without entities): keep the string.
             labels[i] = preds[i] if p is None else to_label(name, p, examples[i])
     return labels, preds, len(bad)
 
@@ -180,13 +206,15 @@ def predict_file(name, examples, frozen, cfg, prompt, vocab, args):
 def submission_lines(name, examples, labels):
     """One JSON object per line in the leaderboard's layout (module docstring), in the examples' order."""
     if len(labels) != len(examples) or any(lab is None for lab in labels):
-        raise ValueError(f"{name}: {len(examples)} examples need {len(examples)} labels, got {labels!r:.200}")
+        raise ValueError(f"{name}: {len(examples)} examples need {len(examples)} labels, "
+                         f"got {labels!r:.200}")
     check_idx(name, examples)
     if name == "MultiRC":
         paragraphs = {}
         for ex, lab in zip(examples, labels):
             questions = paragraphs.setdefault(ex["idx"]["paragraph"], {})
-            questions.setdefault(ex["idx"]["question"], []).append({"idx": ex["idx"]["answer"], "label": lab})
+            answer = {"idx": ex["idx"]["answer"], "label": lab}
+            questions.setdefault(ex["idx"]["question"], []).append(answer)
         return [{"idx": p, "passage": {"questions": [{"idx": q, "answers": a} for q, a in qs.items()]}}
                 for p, qs in paragraphs.items()]
     return [{"idx": ex["idx"][LEAF[name]] if name in LEAF else ex["idx"], "label": lab}
@@ -194,7 +222,8 @@ def submission_lines(name, examples, labels):
 
 
 def write_jsonl(path, lines):
-    Path(path).write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def read_submission(path, name):
@@ -202,8 +231,10 @@ def read_submission(path, name):
     out = {}
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         row = json.loads(line)
-        pairs = [(a["idx"], a["label"]) for q in row["passage"]["questions"] for a in q["answers"]] \
-            if name == "MultiRC" else [(row["idx"], row["label"])]
+        if name == "MultiRC":
+            pairs = [(a["idx"], a["label"]) for q in row["passage"]["questions"] for a in q["answers"]]
+        else:
+            pairs = [(row["idx"], row["label"])]
         for idx, label in pairs:
             if idx in out:
                 raise ValueError(f"{path} line {n}: idx {idx} again")
@@ -212,8 +243,9 @@ def read_submission(path, name):
 
 
 def score_submission(name, examples, by_idx):
-    """The leaderboard's metrics (x100, T5's definitions in data.METRICS) of {idx: label} against labelled examples;
-    'score' = their mean as in data.score. The check that a written file keeps what data.score measured."""
+    """The leaderboard's metrics (x100, T5's definitions in data.METRICS) of {idx: label} against labelled
+    examples; 'score' = their mean as in data.score. The check that a written file keeps what data.score
+    measured."""
     task, labels = SUBMISSION[name]
     keys = [ex["idx"][LEAF[name]] if name in LEAF else ex["idx"] for ex in examples]
     preds = [by_idx[k] for k in keys]
@@ -237,7 +269,8 @@ def _key(text):
 
 def load_prompts(path, d_model):
     """{leaderboard file: prompt [P, d_model]}: one .npy for every task, or a folder of <task>/prompt.npy
-    (<task> = the data.py name, e.g. superglue_rte, or the leaderboard's, e.g. RTE; any case). AX-b/AX-g: RTE's."""
+    (<task> = the data.py name, e.g. superglue_rte, or the leaderboard's, e.g. RTE; any case).
+    AX-b/AX-g: RTE's."""
     path = Path(path)
     if path.is_file():
         prompt = spot.load_prompt(path, d_model)
@@ -252,8 +285,8 @@ def load_prompts(path, d_model):
             continue
         found = next((folders[k] for k in (_key(task), _key(name)) if k in folders), None)
         if found is None:
-            raise FileNotFoundError(f"--prompts {path}: no {task}/prompt.npy (or {name}/prompt.npy); train it with "
-                                    f"`python spot.py train --task {task} --out {path / task}`")
+            raise FileNotFoundError(f"--prompts {path}: no {task}/prompt.npy (or {name}/prompt.npy); train "
+                                    f"it with `python spot.py train --task {task} --out {path / task}`")
         prompts[name] = spot.load_prompt(found, d_model)
     return prompts
 
@@ -272,17 +305,18 @@ TINY_RECORD = [  # the original ReCoRD layout (test: no answers); entity spans a
      "qas": [{"query": "@placeholder is upstream of London.", "idx": 2}]},
 ]
 TINY_AX = {  # the original AX-b / AX-g layouts (their labels are public; the script does not read them)
-    "AX-b": [{"sentence1": "The cat sat on the mat.", "sentence2": "The mat was under the cat.", "label": "entailment",
-              "idx": 0, "logic": "", "lexical-semantics": "", "predicate-argument-structure": "Active/Passive",
-              "knowledge": ""},
-             {"sentence1": "No dog barked.", "sentence2": "A dog barked.", "label": "not_entailment", "idx": 1,
-              "logic": "Negation", "lexical-semantics": "", "predicate-argument-structure": "", "knowledge": ""}],
+    "AX-b": [{"sentence1": "The cat sat on the mat.", "sentence2": "The mat was under the cat.",
+              "label": "entailment", "idx": 0, "logic": "", "lexical-semantics": "",
+              "predicate-argument-structure": "Active/Passive", "knowledge": ""},
+             {"sentence1": "No dog barked.", "sentence2": "A dog barked.", "label": "not_entailment",
+              "idx": 1, "logic": "Negation", "lexical-semantics": "", "predicate-argument-structure": "",
+              "knowledge": ""}],
     "AX-g": [{"premise": "The nurse notified the patient that her shift would be ending in an hour.",
-              "hypothesis": "The nurse's shift would be ending in an hour.", "label": "entailment", "idx": 0,
-              "pair_id": 551646},
+              "hypothesis": "The nurse's shift would be ending in an hour.", "label": "entailment",
+              "idx": 0, "pair_id": 551646},
              {"premise": "The nurse notified the patient that his shift would be ending in an hour.",
-              "hypothesis": "The patient's shift would be ending in an hour.", "label": "not_entailment", "idx": 1,
-              "pair_id": 551646}],
+              "hypothesis": "The patient's shift would be ending in an hour.", "label": "not_entailment",
+              "idx": 1, "pair_id": 551646}],
 }
 
 
@@ -290,8 +324,8 @@ def _unlabel(row):
     """A validation record as the test file has it: no 'label' anywhere (MultiRC: none on its answers)."""
     row = {k: v for k, v in row.items() if k != "label"}
     if "passage" in row and isinstance(row["passage"], dict) and "questions" in row["passage"]:
-        row["passage"]["questions"] = [{**q, "answers": [{k: v for k, v in a.items() if k != "label"}
-                                                        for a in q["answers"]]} for q in row["passage"]["questions"]]
+        row["passage"]["questions"] = [{**q, "answers": [_unlabel(a) for a in q["answers"]]}
+                                       for q in row["passage"]["questions"]]
     return row
 
 
@@ -315,18 +349,24 @@ def write_tiny_data(out, superglue=common.SHARED / "superglue", n=8):
 # ----------------------------------------------------------------------------- main
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--model", default="google/t5-xxl-lm-adapt", help="hub id or checkpoint folder (Table 5: XXL)")
-    p.add_argument("--prompts", help="folder of <task>/prompt.npy (spot.py train --out), or one .npy for all tasks")
-    p.add_argument("--data", help="folder with the unzipped SuperGLUE tasks: <Task>/test.jsonl, AX-b/AX-b.jsonl ...")
+    p.add_argument("--model", default="google/t5-xxl-lm-adapt",
+                   help="hub id or checkpoint folder (Table 5: XXL)")
+    p.add_argument("--prompts",
+                   help="folder of <task>/prompt.npy (spot.py train --out), or one .npy for all tasks")
+    p.add_argument("--data",
+                   help="folder with the unzipped SuperGLUE tasks: <Task>/test.jsonl, AX-b/AX-b.jsonl ...")
     p.add_argument("--vocab", help="SentencePiece model (default: the one of --model)")
     p.add_argument("--method", choices=("decode", "rank"), default="decode",
-                   help="decode: greedy, as T5 and the paper (default); rank: rank classification of every example "
-                        "(WSC is decoded either way)")
+                   help="decode: greedy, as T5 and the paper (default); rank: rank classification of every "
+                        "example (WSC is decoded either way)")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=spot.DTYPES, help="frozen weights/activations (spot.py)")
+    p.add_argument("--dtype", default="float32", choices=spot.DTYPES,
+                   help="frozen weights/activations (spot.py)")
     p.add_argument("--max_input_len", type=int, default=data.MAX_INPUT_LEN)
-    p.add_argument("--out", default=str(common.ROOT / "results"), help="folder for the zip, its files and the json")
-    p.add_argument("--tiny", action="store_true", help="random tiny T5, a few examples per file, seconds (CI)")
+    p.add_argument("--out", default=str(common.ROOT / "results"),
+                   help="folder for the zip, its files and the json")
+    p.add_argument("--tiny", action="store_true",
+                   help="random tiny T5, a few examples per file, seconds (CI)")
     args = p.parse_args(argv)
     if not args.tiny and not (args.prompts and args.data):
         p.error("--prompts and --data are required (or --tiny)")
@@ -348,7 +388,8 @@ def run(args):
         cfg, frozen = common.frozen_model("", True, args.dtype)
         vocab = common.vocab_for("", True)
         if vocab is None or not (common.SHARED / "superglue").is_dir():
-            raise FileNotFoundError(f"--tiny reads t5_spiece.model and superglue/*/val.jsonl from {common.SHARED}")
+            raise FileNotFoundError("--tiny reads t5_spiece.model and superglue/*/val.jsonl from "
+                                    f"{common.SHARED}")
         tmp = Path(tempfile.mkdtemp(prefix="table5_tiny_"))
         args.data = args.data or str(write_tiny_data(tmp / "data"))
         args.batch_size, args.max_input_len = 8, 64
@@ -360,7 +401,8 @@ def run(args):
     else:
         vocab = released_prompts.load_vocab(argparse.Namespace(vocab=args.vocab, model=args.model))
     try:
-        tests = {name: load_test(name, args.data) for name in SUBMISSION}   # read and checked before the weights
+        # Read and checked before the weights load.
+        tests = {name: load_test(name, args.data) for name in SUBMISSION}
         for name, examples in tests.items():
             check_idx(name, examples)
         if not args.tiny:
@@ -389,13 +431,15 @@ def run(args):
     for r in records:
         print(f"  {r['task'] + '.jsonl':<14}{r['examples']:>9}{r['lines']:>7}{r['invalid']:>9}   "
               f"{json.dumps(r['first_line'])[:70]}")
-    print(f"  invalid = decoded strings that are no label, replaced by rank classification ({args.method} run)")
+    print("  invalid = decoded strings that are no label, replaced by rank classification "
+          f"({args.method} run)")
     paper = paper_numbers.TABLE5["Frozen T5 1.1 + SPoT (XXL)"][2]
-    print(f"wrote {zip_path}: upload it at https://super.gluebenchmark.com/ (paper: SPoT XXL scored {paper})")
-    config = {"model": "tiny" if args.tiny else args.model, "method": args.method, "batch_size": args.batch_size,
-              "max_input_len": args.max_input_len, "prompts": None if args.tiny else args.prompts,
-              "data": None if args.tiny else args.data, "zip": str(zip_path), "seconds": round(time.time() - start, 1),
-              "tiny": args.tiny}
+    print(f"wrote {zip_path}: upload it at https://super.gluebenchmark.com/ "
+          f"(paper: SPoT XXL scored {paper})")
+    config = {"model": "tiny" if args.tiny else args.model, "method": args.method,
+              "batch_size": args.batch_size, "max_input_len": args.max_input_len,
+              "prompts": None if args.tiny else args.prompts, "data": None if args.tiny else args.data,
+              "zip": str(zip_path), "seconds": round(time.time() - start, 1), "tiny": args.tiny}
     result = {"experiment": "table5_superglue_test", "config": config, "results": records,
               "summary": {"Frozen T5 1.1 + SPoT (XXL)": {"mean": None, "std": None, "paper": [paper, None]}}}
     path = Path(args.out) / "table5_superglue_test.json"

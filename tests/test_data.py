@@ -1,5 +1,6 @@
-"""data.py: record counts of the shared files, T5 text formats (known answers written from T5's preprocessors),
-tokenisation, resumable batches, mixing rates, metrics (hand-computed and scipy), the tfds path (mock_data)."""
+"""data.py: record counts of the shared files, T5 text formats (known answers written from T5's
+preprocessors), tokenisation, resumable batches, mixing rates, metrics (hand-computed and scipy),
+the tfds path (mock_data)."""
 import importlib.util
 import itertools
 import json
@@ -11,7 +12,7 @@ import pytest
 
 import data
 
-# ----------------------------------------------------------------------------- real files parse to PROVENANCE.md counts
+# ----------------------------------------------------------------------------- PROVENANCE.md record counts
 COUNTS = [("cola", "validation", 1043), ("cola", "train", 8551), ("sst2", "validation", 872),
           ("sst2", "train", 67349), ("mrpc", "validation", 408), ("mrpc", "train", 3668),
           ("stsb", "validation", 1500), ("stsb", "train", 5749), ("qnli", "validation", 5463),
@@ -46,7 +47,8 @@ def test_label_balance_matches_provenance(shared_data):
     mrpc = data.load_examples("mrpc", "validation", data_dir=shared_data)
     assert sum(e["label"] for e in mrpc) == 279
     cb = data.load_examples("cb", "validation", data_dir=shared_data)
-    assert [sum(e["label"] == c for e in cb) for c in range(3)] == [23, 28, 5]   # entailment/contradiction/neutral
+    # entailment / contradiction / neutral
+    assert [sum(e["label"] == c for e in cb) for c in range(3)] == [23, 28, 5]
 
 
 # ----------------------------------------------------------------------------- known {inputs, targets} pairs
@@ -55,21 +57,28 @@ def first(shared_data, task, split="validation"):
 
 
 def test_glue_formats_on_first_records(shared_data):
-    assert first(shared_data, "cola") == {"inputs": "cola sentence: The sailors rode the breeze clear of the rocks.",
-                                          "targets": "acceptable"}
-    assert first(shared_data, "sst2") == {"inputs": "sst2 sentence: it 's a charming and often affecting journey . ",
-                                          "targets": "positive"}
+    assert first(shared_data, "cola") == {
+        "inputs": "cola sentence: The sailors rode the breeze clear of the rocks.",
+        "targets": "acceptable"}
+    assert first(shared_data, "sst2") == {
+        "inputs": "sst2 sentence: it 's a charming and often affecting journey . ",
+        "targets": "positive"}
     assert first(shared_data, "mrpc") == {
-        "inputs": "mrpc sentence1: He said the foodservice pie business doesn't fit the company's long-term growth "
-                  "strategy. sentence2: \"The foodservice pie business does not fit our long-term growth strategy.",
+        "inputs": "mrpc sentence1: He said the foodservice pie business doesn't fit the company's long-term "
+                  "growth strategy. "
+                  "sentence2: \"The foodservice pie business does not fit our long-term growth strategy.",
         "targets": "equivalent"}
-    assert first(shared_data, "stsb") == {"inputs": "stsb sentence1: A man with a hard hat is dancing. sentence2: "
-                                                    "A man wearing a hard hat is dancing.", "targets": "5.0"}
+    assert first(shared_data, "stsb") == {
+        "inputs": "stsb sentence1: A man with a hard hat is dancing. "
+                  "sentence2: A man wearing a hard hat is dancing.",
+        "targets": "5.0"}
     assert first(shared_data, "qnli") == {
-        "inputs": "qnli question: What came into force after the new constitution was herald? sentence: As of that "
-                  "day, the new constitution heralding the Second Republic came into force.", "targets": "entailment"}
-    rte = ("Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, according to "
-           "the Christopher Reeve Foundation.", "Christopher Reeve had an accident.")
+        "inputs": "qnli question: What came into force after the new constitution was herald? "
+                  "sentence: As of that day, the new constitution heralding the Second Republic "
+                  "came into force.",
+        "targets": "entailment"}
+    rte = ("Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, "
+           "according to the Christopher Reeve Foundation.", "Christopher Reeve had an accident.")
     assert first(shared_data, "rte") == {"inputs": f"rte sentence1: {rte[0]} sentence2: {rte[1]}",
                                          "targets": "not_entailment"}
     # SuperGLUE RTE: same example, T5 sorts the tfds feature names -> hypothesis before premise.
@@ -92,28 +101,33 @@ def test_stsb_rounds_to_point_two_half_to_even():
 
 def test_superglue_formats_on_first_records(shared_data):
     assert first(shared_data, "cb") == {
-        "inputs": "cb hypothesis: Valence was helping premise: Valence the void-brain, Valence the virtuous valet. "
-                  "Why couldn't the figger choose his own portion of titanic anatomy to shaft? Did he think he was "
-                  "helping?", "targets": "contradiction"}
+        "inputs": "cb hypothesis: Valence was helping "
+                  "premise: Valence the void-brain, Valence the virtuous valet. Why couldn't the figger "
+                  "choose his own portion of titanic anatomy to shaft? Did he think he was helping?",
+        "targets": "contradiction"}
     assert first(shared_data, "copa") == {
-        "inputs": "copa choice1: The toilet filled with water. choice2: Water flowed from the spout. premise: The man "
-                  "turned on the faucet. question: effect", "targets": "choice2"}
+        "inputs": "copa choice1: The toilet filled with water. choice2: Water flowed from the spout. "
+                  "premise: The man turned on the faucet. question: effect",
+        "targets": "choice2"}
     assert first(shared_data, "wic") == {
-        "inputs": "wic sentence1: An emerging professional class. sentence2: Apologizing for losing your temper, even "
-                  "though you were badly provoked, showed real class. word: class", "targets": "False"}
+        "inputs": "wic sentence1: An emerging professional class. "
+                  "sentence2: Apologizing for losing your temper, even though you were badly provoked, "
+                  "showed real class. word: class",
+        "targets": "False"}
     boolq = first(shared_data, "boolq")
     assert boolq["inputs"].startswith("boolq passage: Ethanol fuel -- All biomass goes through")
     assert boolq["inputs"].endswith(" question: does ethanol take more energy make that produces")
     assert boolq["targets"] == "False"
     multirc = first(shared_data, "multirc")
-    assert multirc["inputs"].startswith("multirc question: Would the mass of a baseball affect how much force you "
-                                        "have to use to pick it up? answer: No paragraph: What causes a change in "
-                                        "motion? The application of a force.")
+    assert multirc["inputs"].startswith(
+        "multirc question: Would the mass of a baseball affect how much force you have to use to pick it up? "
+        "answer: No paragraph: What causes a change in motion? The application of a force.")
     assert multirc["targets"] == "False"
     assert first(shared_data, "wsc") == {
-        "inputs": "wsc: Bernard , who had not told the government official that he was less than 21 when he filed for "
-                  "a homestead claim, did not consider that he had done anything dishonest. Still, anyone who knew "
-                  "that he was 19 years old could take his claim away from *him* .", "targets": "anyone"}
+        "inputs": "wsc: Bernard , who had not told the government official that he was less than 21 when he "
+                  "filed for a homestead claim, did not consider that he had done anything dishonest. "
+                  "Still, anyone who knew that he was 19 years old could take his claim away from *him* .",
+        "targets": "anyone"}
 
 
 def test_multirc_drops_html_markup():
@@ -125,27 +139,27 @@ def test_multirc_drops_html_markup():
 
 
 def test_wsc_simple_and_wsc_fixed_spans(shared_data):
+    # T5's wsc_simple docstring example
     ex = {"text": "Mitchell asked Tom if he could lend some money.", "span1_index": 2, "span2_index": 4,
-          "span1_text": "Tom", "span2_text": "he", "label": 1, "idx": 0}     # T5's wsc_simple docstring example
+          "span1_text": "Tom", "span2_text": "he", "label": 1, "idx": 0}
     assert data.to_text("wsc", ex) == {"inputs": "wsc: Mitchell asked Tom if *he* could lend some money.",
                                        "targets": "Tom"}
     val = {e["idx"]: e for e in data.load_examples("wsc", "validation", data_dir=shared_data)}
-    assert val[5]["span1_text"] == "the table"          # raw file: "The table"; wsc.fixed matches the text's case
+    assert val[5]["span1_text"] == "the table"  # raw file: "The table"; wsc.fixed matches the text's case
     train = data.load_examples("wsc", "train", data_dir=shared_data)
     assert len(data.text_pairs("wsc", train, train=True)) == 259   # only true referents (T5 weight: 259)
 
 
 def test_wsc_special_cases_need_the_whole_text():
-    """T5 rewrites two texts whose span2_index is off by comparing the whole text; WSC train has three other texts
-    with the same first sentences ("Served him right") that keep the general rule."""
-    pony = ('The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite '
-            'loud. "{}," he said.')
-    served = {"text": pony.format("Served him right"), "span1_index": 2, "span1_text": "boy", "span2_index": 21,
-              "span2_text": "him", "label": 1, "idx": 147}
+    """T5 rewrites two texts whose span2_index is off by comparing the whole text; WSC train has three other
+    texts with the same first sentences ("Served him right") that keep the general rule."""
+    pony = ('The boy continued to whip the pony , and eventually the pony threw him over. John laughed out '
+            'quite loud. "{}," he said.')
+    served = {"text": pony.format("Served him right"), "span1_index": 2, "span1_text": "boy",
+              "span2_index": 21, "span2_text": "him", "label": 1, "idx": 147}
     assert data.to_text("wsc", served)["inputs"] == "wsc: " + pony.format("Served *him* right")
     good = {**served, "text": pony.format("Good for him") + " ", "span2_index": 22}   # words[22] = 'him,"'
     assert data.to_text("wsc", good)["inputs"] == "wsc: " + pony.format("Good for *him* ")
-
 
 
 WSC_TOM = {"text": "Mitchell asked Tom if he could lend some money.", "span1_index": 2, "span2_index": 4,
@@ -177,11 +191,14 @@ def test_wsc_empty_predictions_score_zero(shared_data):
     true = sum(e["label"] for e in val)                      # the target names the true referent iff label 1
     assert data.score("wsc", val, gold)["accuracy"] == pytest.approx(100 * true / len(val))
 
+
 def test_record_format_and_training_expansion():
+    # T5's record docstring example
     ex = {"passage": "This is the passage.", "query": "A @placeholder is a bird.",
           "entities": ["penguin", "potato", "pigeon"], "answers": ["penguin", "pigeon"],
-          "idx": {"passage": 0, "query": 0}}                                     # T5's record docstring example
-    inputs = "record query: A @placeholder is a bird. entities: penguin, potato, pigeon passage: This is the passage."
+          "idx": {"passage": 0, "query": 0}}
+    inputs = ("record query: A @placeholder is a bird. entities: penguin, potato, pigeon "
+              "passage: This is the passage.")
     assert data.to_text("record", ex) == {"inputs": inputs, "targets": "penguin"}
     assert [p["targets"] for p in data.text_pairs("record", [ex], train=True)] == ["penguin", "pigeon"]
     hl = data.to_text("record", {**ex, "passage": "A cat sat.\n@highlight\nDogs bark\n@highlight\nEnd"})
@@ -194,8 +211,9 @@ def test_other_families():
                                         "targets": "Denver"}
     assert data.to_text("docnli", {"premise": "A  dog\nbarks.", "hypothesis": "A dog.", "label": 1}) == {
         "inputs": "doc_nli hypothesis: A dog. premise: A dog barks.", "targets": "entailment"}
-    assert data.to_text("winogrande", {"sentence": "The _ sat.", "option1": "cat", "option2": "dog", "label": 1}) \
-        == {"inputs": "winogrande sentence: The _ sat. option1: cat option2: dog", "targets": "2"}
+    winogrande = {"sentence": "The _ sat.", "option1": "cat", "option2": "dog", "label": 1}
+    assert data.to_text("winogrande", winogrande) == {
+        "inputs": "winogrande sentence: The _ sat. option1: cat option2: dog", "targets": "2"}
     assert data.to_text("wmt_ende", {"en": "That is good.", "de": "Das ist gut."}) == {
         "inputs": "translate English to German: That is good.", "targets": "Das ist gut."}
     assert data.to_text("cnn_dailymail", {"article": "A b.", "highlights": "B."}) == {
@@ -203,12 +221,12 @@ def test_other_families():
     text = "one two three four five six seven"
     lm = data.to_text("c4", {"text": text})
     assert lm["inputs"] and lm["targets"] and f"{lm['inputs']} {lm['targets']}" == text
-    assert data.to_text("c4", {"text": text}) == lm                           # the cut depends only on the text
+    assert data.to_text("c4", {"text": text}) == lm  # the cut depends only on the text
 
 
 def test_qa_pads_ascii_punctuation_only():
-    """T5 _pad_punctuation pads RE2 [[:punct:]] (its test: '"Introducción (la vídeo)".'), '_' included; letters
-    outside ASCII stay whole, so an accented answer still matches its reference."""
+    """T5 _pad_punctuation pads RE2 [[:punct:]] (its test: '"Introducción (la vídeo)".'), '_' included;
+    letters outside ASCII stay whole, so an accented answer still matches its reference."""
     qa = {"question": '"Introducción (la vídeo)".', "context": "snake_case—x", "answers": ["Beyoncé!"]}
     assert data.to_text("squad", qa) == {
         "inputs": 'squad question: " Introducción ( la vídeo ) " . context: snake _ case—x',
@@ -278,16 +296,17 @@ def test_official_tasks_load_through_tfds(task, start):
 
 
 # ----------------------------------------------------------------------------- registry, mixtures, errors
-TABLE2 = ["C4", "DocNLI", "Yelp-2", "MNLI", "QQP", "QNLI", "ReCoRD", "CxC", "SQuAD", "DROP", "SST-2", "WinoGrande",
-          "HellaSWAG", "MultiRC", "CosmosQA", "RACE", "BoolQ", "CoLA", "STS-B", "WiC", "CR", "MRPC", "RTE", "WSC",
-          "COPA", "CB"]                                               # SPoT Table 2: 16 sources, 10 targets
+# SPoT Table 2: 16 sources, then 10 targets
+TABLE2 = ["C4", "DocNLI", "Yelp-2", "MNLI", "QQP", "QNLI", "ReCoRD", "CxC", "SQuAD", "DROP", "SST-2",
+          "WinoGrande", "HellaSWAG", "MultiRC", "CosmosQA", "RACE",
+          "BoolQ", "CoLA", "STS-B", "WiC", "CR", "MRPC", "RTE", "WSC", "COPA", "CB"]
 
 
 def test_registry_covers_table2_and_mixtures():
     assert [data.get_task(n).name for n in TABLE2] == [
-        "c4", "docnli", "yelp2", "mnli", "qqp", "qnli", "record", "cxc", "squad", "drop", "sst2", "winogrande",
-        "hellaswag", "multirc", "cosmosqa", "race", "boolq", "cola", "stsb", "wic", "cr", "mrpc", "rte", "wsc",
-        "copa", "cb"]
+        "c4", "docnli", "yelp2", "mnli", "qqp", "qnli", "record", "cxc", "squad", "drop", "sst2",
+        "winogrande", "hellaswag", "multirc", "cosmosqa", "race",
+        "boolq", "cola", "stsb", "wic", "cr", "mrpc", "rte", "wsc", "copa", "cb"]
     for members in data.MIXTURES.values():
         assert all(data.get_task(t).name == t for t in members)
     assert len(data.MIXTURES["All"]) == 57       # SPoT App. B: 55 labeled source datasets, ANLI as 3 rounds
@@ -318,7 +337,8 @@ def test_missing_file_empty_split_and_unknown_split(tmp_path):
 
 
 def test_other_readers(tmp_path):
-    (tmp_path / "train.json").write_text(json.dumps([{"premise": "P.", "hypothesis": "H.", "label": "entailment"}]))
+    docnli = [{"premise": "P.", "hypothesis": "H.", "label": "entailment"}]
+    (tmp_path / "train.json").write_text(json.dumps(docnli))
     assert data.load_examples("docnli", "train", data_dir=tmp_path) == [
         {"premise": "P.", "hypothesis": "H.", "label": 1}]
     (tmp_path / "CR").mkdir()
@@ -328,7 +348,8 @@ def test_other_readers(tmp_path):
     assert data.to_text("cr", cr[0]) == {"inputs": "cr text: great phone", "targets": "positive"}
     (tmp_path / "CoLA").mkdir()                       # GLUE test files: a header, no label column -> -1
     (tmp_path / "CoLA" / "test.tsv").write_text("id\tsentence\n0\tHi there.\n")
-    assert data.load_examples("cola", "test", data_dir=tmp_path) == [{"sentence": "Hi there.", "idx": 0, "label": -1}]
+    assert data.load_examples("cola", "test", data_dir=tmp_path) == [
+        {"sentence": "Hi there.", "idx": 0, "label": -1}]
     (tmp_path / "STS-B").mkdir()
     (tmp_path / "STS-B" / "test.tsv").write_text("index\tgenre\tsentence1\tsentence2\n0\tnews\tA.\tB.\n")
     assert data.load_examples("stsb", "test", data_dir=tmp_path)[0]["label"] == -1.0
@@ -342,10 +363,14 @@ def test_other_readers(tmp_path):
 @pytest.mark.parametrize("rel,content,match", [
     ("RTE/dev.tsv", '{"premise": "P.", "hypothesis": "H.", "label": "entailment", "idx": 0}\n',
      r"RTE/dev.tsv is not laid out.*no column \['sentence1', 'sentence2'\] in the header"),
-    ("MRPC/dev.tsv", "sentence1\tsentence2\tlabel\tidx\nA.\tB.\t1\t0\n", r"no column \['#1 String', '#2 String'\]"),
-    ("SST-2/dev.tsv", "sentence\tlabel\nnice\t7\n", r"row 0: label '7' is neither one of \('negative', 'positive'\)"),
-    ("CB/val.jsonl", "premise\thypothesis\tlabel\nP.\tH.\tentailment\n", r"CB/val.jsonl .*line 1: JSONDecodeError"),
-    ("BoolQ/val.jsonl", '{"question": "q?", "idx": 0, "label": true}\n', r"line 1: KeyError: 'passage'.*super\.glue"),
+    ("MRPC/dev.tsv", "sentence1\tsentence2\tlabel\tidx\nA.\tB.\t1\t0\n",
+     r"no column \['#1 String', '#2 String'\]"),
+    ("SST-2/dev.tsv", "sentence\tlabel\nnice\t7\n",
+     r"row 0: label '7' is neither one of \('negative', 'positive'\)"),
+    ("CB/val.jsonl", "premise\thypothesis\tlabel\nP.\tH.\tentailment\n",
+     r"CB/val.jsonl .*line 1: JSONDecodeError"),
+    ("BoolQ/val.jsonl", '{"question": "q?", "idx": 0, "label": true}\n',
+     r"line 1: KeyError: 'passage'.*super\.glue"),
     ("CB/val.jsonl", '{"premise": "P.", "hypothesis": "H.", "label": "maybe", "idx": 0}\n',
      r"label 'maybe' is neither"),
     ("dev.json", '{"premise": "P.", "hypothesis": "H.", "label": "entailment"}', "a .json list of objects")])
@@ -371,9 +396,10 @@ def test_labels_file_must_label_every_record_and_labels_must_be_in_range(tmp_pat
 
 
 # ----------------------------------------------------------------------------- the tfds path, offline
-MNLI_TSV = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-            "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n"
-            "0\t1\t1n\tfiction\t(x)\t(y)\t(x)\t(y)\tA man sleeps.\tA man runs.\tcontradiction\tcontradiction\n")
+MNLI_TSV = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+            "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n"
+            "0\t1\t1n\tfiction\t(x)\t(y)\t"
+            "(x)\t(y)\tA man sleeps.\tA man runs.\tcontradiction\tcontradiction\n")
 
 
 def _structure(x):
@@ -382,8 +408,8 @@ def _structure(x):
     return float if isinstance(x, float) else type(x)
 
 
-@pytest.mark.parametrize("task,split", [("rte", "train"), ("sst2", "validation"), ("mnli", "validation_matched"),
-                                        ("multirc", "validation")])
+@pytest.mark.parametrize("task,split", [("rte", "train"), ("sst2", "validation"),
+                                        ("mnli", "validation_matched"), ("multirc", "validation")])
 def test_tfds_mock_gives_the_file_readers_structure(shared_data, tmp_path, task, split):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=3):
@@ -399,7 +425,8 @@ def test_tfds_mock_gives_the_file_readers_structure(shared_data, tmp_path, task,
     assert _structure(from_tfds[0]) == _structure(from_files[0])
     assert set(data.to_text(task, from_tfds[0])) == {"inputs", "targets"}
     if task == "mnli":
-        assert from_files[0] == {"premise": "A man sleeps.", "hypothesis": "A man runs.", "idx": 0, "label": 2}
+        assert from_files[0] == {
+            "premise": "A man sleeps.", "hypothesis": "A man runs.", "idx": 0, "label": 2}
 
 
 def _fake_download(tmp_path, shared_data, folder, files):
@@ -426,14 +453,15 @@ RECORD_LINE = json.dumps({"source": "Daily mail", "idx": 3, "passage": {
 
 
 @pytest.mark.parametrize("task,folder,files", [
-    ("rte", "RTE", {"dev.tsv": Path("glue/RTE/dev.tsv"), "train.tsv": "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\t"
-                    "entailment\n", "test.tsv": "index\tsentence1\tsentence2\n0\tA.\tB.\n"}),
+    ("rte", "RTE", {"dev.tsv": Path("glue/RTE/dev.tsv"),
+                    "train.tsv": "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tentailment\n",
+                    "test.tsv": "index\tsentence1\tsentence2\n0\tA.\tB.\n"}),
     ("multirc", "MultiRC", {"val.jsonl": Path("superglue/MultiRC/val.jsonl")}),
     ("record", "ReCoRD", {f"{s}.jsonl": RECORD_LINE for s in ("train", "val", "test")})])
 def test_real_tfds_build_equals_file_reader(shared_data, tmp_path, task, folder, files):
-    """tfds builds the split from the original files (download replaced by a local folder), writes array_record
-    (bytes come back, lists of bytes for ReCoRD's entities/answers) and gives exactly the file reader's examples,
-    in its own (shuffled) order."""
+    """tfds builds the split from the original files (download replaced by a local folder), writes
+    array_record (bytes come back, lists of bytes for ReCoRD's entities/answers) and gives exactly the file
+    reader's examples, in its own (shuffled) order."""
     tfds = pytest.importorskip("tensorflow_datasets")
     from unittest import mock
     if task == "multirc":          # tfds reads every split: give train/test one real paragraph each
@@ -446,15 +474,16 @@ def test_real_tfds_build_equals_file_reader(shared_data, tmp_path, task, folder,
     key = {"multirc": lambda e: (e["idx"]["paragraph"], e["idx"]["question"], e["idx"]["answer"]),
            "record": lambda e: e["idx"]["query"]}.get(task, lambda e: e["idx"])
     assert sorted(from_tfds, key=key) == from_files
-    if task == "rte":      # the lazy path: example i read from array_record when asked for, same order as above
+    # The lazy path: example i read from array_record when asked for, same order as above.
+    if task == "rte":
         with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=dl):
             lazy = data.load_pairs(task, "validation", tfds_dir=str(tmp_path / "tfds"))
             reads = data.data_fingerprint(task, "validation", tfds_dir=str(tmp_path / "tfds"))
         assert isinstance(lazy, data.LazyPairs) and list(lazy) == data.text_pairs(task, from_tfds)
         assert reads == {"tfds": "glue/rte", "split": "validation", "examples": [len(from_files)]}
     if task == "record":
-        assert [(e["entities"], e["answers"]) for e in from_files] == [(["Merkel", "Obama", "Paris"], ["Obama"]),
-                                                                        (["Merkel", "Obama", "Paris"], ["Merkel"])]
+        assert [(e["entities"], e["answers"]) for e in from_files] == [
+            (["Merkel", "Obama", "Paris"], ["Obama"]), (["Merkel", "Obama", "Paris"], ["Merkel"])]
         assert data.to_text("record", from_tfds[0])["inputs"].endswith(
             "entities: Merkel, Obama, Paris passage: Obama met Merkel in Paris. Big day")
 
@@ -480,7 +509,8 @@ def vocab(shared_data):
 
 def test_vocab_known_ids_and_sentinels(vocab, shared_data, tmp_path):
     assert vocab.encode("Hello world") == [8774, 296]
-    assert vocab.encode("translate English to German: That is good.") == [13959, 1566, 12, 2968, 10, 466, 19, 207, 5]
+    assert vocab.encode("translate English to German: That is good.") == [
+        13959, 1566, 12, 2968, 10, 466, 19, 207, 5]
     assert vocab.vocab_size == 32100
     assert vocab.encode("<extra_id_0>") == [32099] and vocab.encode("<extra_id_99>") == [32000]
     # seqio's sentinel pieces are "▁<extra_id_i>": no stray '▁' (id 3) before a sentinel after a space
@@ -545,8 +575,9 @@ def toy_arrays(n, width=3, fill=0):
 
 
 def test_batches_deterministic_resumable_and_epoch_permutations():
+    def take(it, k):
+        return [next(it) for _ in range(k)]
     arrays = toy_arrays(10)
-    take = lambda it, k: [next(it) for _ in range(k)]                     # noqa: E731
     a = take(data.batches(arrays, 4, seed=7), 8)
     b = take(data.batches(arrays, 4, seed=7), 8)
     resumed = take(data.batches(arrays, 4, seed=7, start=5), 3)
@@ -583,8 +614,8 @@ def test_permute_is_a_bijection_keyed_by_seed_and_epoch(n):
 
 def test_bucket_lengths_four_per_octave_and_capped():
     lengths = sorted({data.bucket_length(n, 512) for n in range(1, 600)})
-    assert lengths == [8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
-                       384, 448, 512]
+    assert lengths == [8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224,
+                       256, 320, 384, 448, 512]
     assert [data.bucket_length(n, 512) for n in (1, 9, 17, 61, 65, 447)] == [8, 10, 20, 64, 80, 448]
     assert data.bucket_length(61, 48) == 48 and data.bucket_length(3, 5) == 5
     assert all(n <= data.bucket_length(n, 512) <= 1.25 * max(n, 8) for n in range(1, 513))
@@ -592,14 +623,16 @@ def test_bucket_lengths_four_per_octave_and_capped():
 
 def test_text_source_batches_pad_to_the_bucket_of_their_longest_row(shared_data, vocab):
     pairs = data.load_pairs("rte", "train", shared_data / "glue", train=True)
-    assert pairs == data.text_pairs("rte", data.load_examples("rte", "train", shared_data / "glue"), train=True)
+    examples = data.load_examples("rte", "train", shared_data / "glue")
+    assert pairs == data.text_pairs("rte", examples, train=True)
     source = data.TextSource(pairs, vocab, max_input_len=128, max_target_len=8)
     full = data.tokenize(vocab, pairs, 128, 8)                    # the same rows, padded to 128
     widths = set()
     for k, batch in zip(range(12), data.batches(source, 8, seed=3)):
         rows = data.batch_rows(len(pairs), 8, 3, k)
         longest = max(int((full["inputs"][r] != 0).sum()) for r in rows)
-        assert batch["inputs"].shape == (8, data.bucket_length(longest, 128)) and batch["targets"].shape == (8, 8)
+        assert batch["inputs"].shape == (8, data.bucket_length(longest, 128))
+        assert batch["targets"].shape == (8, 8)
         width = batch["inputs"].shape[1]
         np.testing.assert_array_equal(batch["inputs"], full["inputs"][rows, :width])
         assert (full["inputs"][rows, width:] == 0).all()
@@ -610,8 +643,9 @@ def test_text_source_batches_pad_to_the_bucket_of_their_longest_row(shared_data,
 
 
 def test_each_process_gets_its_rows_of_the_global_batch(shared_data, vocab):
-    source = data.TextSource(data.load_pairs("cb", "train", shared_data / "superglue", train=True), vocab, 256, 8)
-    mix = {"cb": source, "copa": data.TextSource(data.load_pairs("copa", "train", shared_data / "superglue"), vocab)}
+    superglue = shared_data / "superglue"
+    source = data.TextSource(data.load_pairs("cb", "train", superglue, train=True), vocab, 256, 8)
+    mix = {"cb": source, "copa": data.TextSource(data.load_pairs("copa", "train", superglue), vocab)}
     for make in (lambda **kw: data.batches(source, 12, 4, start=7, **kw),
                  lambda **kw: data.mixture_batches(mix, 12, 4, start=7, **kw)):
         whole = next(make())
@@ -637,7 +671,8 @@ def test_tokenize_and_streams_reject_bad_arguments(vocab):
     with pytest.raises(TypeError, match="to_text"):
         data.tokenize(vocab, ["a"], 8, 8)
     arrays = toy_arrays(3)
-    for kwargs, match in [({"batch_size": 0}, "batch_size"), ({"seed": -1}, "seed"), ({"start": -2}, "start")]:
+    bad = [({"batch_size": 0}, "batch_size"), ({"seed": -1}, "seed"), ({"start": -2}, "start")]
+    for kwargs, match in bad:
         with pytest.raises(ValueError, match=match):
             next(data.batches(arrays, **{"batch_size": 2, "seed": 0, **kwargs}))
     with pytest.raises(ValueError, match="different numbers of rows"):
@@ -698,10 +733,12 @@ def test_classification_metrics_by_hand():
     # per class: 2/3, 2/3, 4/5
     assert data.mean_class_f1([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, -1])["mean_3class_f1"] == pytest.approx(
         100 * (2 / 3 + 2 / 3 + 0.8) / 3)
-    assert data.matthews([1, 1, 0, 0], [1, 0, 0, 0])["matthews_corrcoef"] == pytest.approx(100 * 2 / np.sqrt(12))
+    assert data.matthews([1, 1, 0, 0], [1, 0, 0, 0])["matthews_corrcoef"] == pytest.approx(
+        100 * 2 / np.sqrt(12))
     assert data.matthews([1, 1, 0, 0], [0, 0, 0, 0])["matthews_corrcoef"] == 0.0
     # invalid -1 makes it a 3-label table: (c*s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)) = 6 / sqrt(10 * 8)
-    assert data.matthews([1, 1, 0, 0], [1, -1, 0, 0])["matthews_corrcoef"] == pytest.approx(100 * 6 / np.sqrt(80))
+    assert data.matthews([1, 1, 0, 0], [1, -1, 0, 0])["matthews_corrcoef"] == pytest.approx(
+        100 * 6 / np.sqrt(80))
 
 
 def test_correlations_by_hand_and_against_scipy():
@@ -737,7 +774,8 @@ def test_score_postprocesses_and_averages(shared_data):
     assert data.score("stsb", sts, ["1.0", "2.0", "3.0"])["score"] == pytest.approx(100)
     wsc = {"text": "Mitchell asked Tom if he could lend some money.", "span1_index": 2, "span2_index": 4,
            "span1_text": "Tom", "span2_text": "he", "idx": 0}
-    assert data.score("wsc", [{**wsc, "label": 1}, {**wsc, "label": 0}], ["the Tom", "Tom"])["accuracy"] == 50.0
+    both = data.score("wsc", [{**wsc, "label": 1}, {**wsc, "label": 0}], ["the Tom", "Tom"])
+    assert both["accuracy"] == 50.0
     assert data.benchmark_score([{"score": 80.0}, {"score": 60.0}, 70.0]) == 70.0
     with pytest.raises(NotImplementedError, match="c4"):
         data.score("c4", [{"text": "a b"}], ["b"])
@@ -755,8 +793,10 @@ def test_score_refuses_empty_and_unlabelled_input():
         data.score("record", [query], ["A"])
     with pytest.raises(TypeError, match="decoded strings"):
         data.score("cola", test_split[:1], [None])
-    snli = [{"premise": "P.", "hypothesis": "H.", "label": -1}, {"premise": "P.", "hypothesis": "H.", "label": 0}]
-    assert data.score("snli", snli, ["entailment"] * 2)["accuracy"] == 50.0  # tfds SNLI: some -1 labels, as T5
+    snli = [{"premise": "P.", "hypothesis": "H.", "label": -1},
+            {"premise": "P.", "hypothesis": "H.", "label": 0}]
+    # tfds SNLI: some -1 labels, as T5
+    assert data.score("snli", snli, ["entailment"] * 2)["accuracy"] == 50.0
 
 
 def test_stsb_score_uses_rounded_targets_and_minus_one_for_text():
@@ -771,7 +811,8 @@ def test_stsb_score_uses_rounded_targets_and_minus_one_for_text():
 
 
 def test_bleu_and_rouge_by_hand():
-    # ref "the cat sat on the mat", hyp "... a mat": n-gram precisions 5/6, 3/5, 2/4, 1/3, equal lengths (BP = 1)
+    # ref "the cat sat on the mat", hyp "... a mat": n-gram precisions 5/6, 3/5, 2/4, 1/3,
+    # equal lengths (BP = 1)
     ref, hyp = "the cat sat on the mat", "the cat sat on a mat"
     assert data.bleu([ref], [hyp])["bleu"] == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
     assert data.bleu([ref], [ref])["bleu"] == pytest.approx(100)
@@ -788,15 +829,17 @@ def test_bleu_and_rouge_by_hand():
 
 
 def test_output_labels_are_the_strings_the_model_is_trained_to_write():
-    """Rank classification and the class_labels init use output_labels: the target strings of classification tasks.
-    WSC has label names only to read its files' True/False labels; its target is the referent (span1_text)."""
-    assert data.get_task("wsc").label_names == ("False", "True") and data.get_task("wsc").output_labels is None
+    """Rank classification and the class_labels init use output_labels: the target strings of
+    classification tasks. WSC has label names only to read its files' True/False labels; its target is
+    the referent (span1_text)."""
+    assert data.get_task("wsc").label_names == ("False", "True")
+    assert data.get_task("wsc").output_labels is None
     assert data.get_task("boolq").output_labels == ("False", "True")
     assert data.get_task("multirc").output_labels == ("False", "True")
     assert data.get_task("stsb").output_labels is None and data.get_task("record").output_labels is None
-    ex = {"text": "Mark told Pete many lies about himself, which Pete included in his book. He should have been "
-                  "more skeptical.", "span1_index": 2, "span2_index": 17, "span1_text": "Pete",
-          "span2_text": "He", "label": 1, "idx": 0}
+    ex = {"text": "Mark told Pete many lies about himself, which Pete included in his book. "
+                  "He should have been more skeptical.",
+          "span1_index": 2, "span2_index": 17, "span1_text": "Pete", "span2_text": "He", "label": 1, "idx": 0}
     target = data.get_task("wsc").preprocess(ex)["targets"]
     assert target == "Pete" and target not in data.get_task("wsc").label_names
 
@@ -818,7 +861,8 @@ def test_prefix_lm_in_token_space_cuts_a_segment_of_the_document(vocab):
         x, y = src.example_ids(i)
         assert x[-1] == y[-1] == data.EOS_ID and (x, y) == src.example_ids(i)     # keyed by (seed, i)
         seg, ids = x[:-1] + y[:-1], vocab.encode(doc)
-        assert len(seg) <= 31 and any(ids[s:s + len(seg)] == seg for s in range(0, len(ids), 31))  # one segment
+        # one segment of 31 tokens of the document
+        assert len(seg) <= 31 and any(ids[s:s + len(seg)] == seg for s in range(0, len(ids), 31))
         assert 1 <= len(x) - 1 <= max(1, len(seg) - 1)                            # T5: prefix in [1, L-1]
     cuts = {len(src.example_ids(2)[0]) for src in
             (data.PrefixLMSource(docs, vocab, 32, 64, seed=s) for s in range(12))}
@@ -832,8 +876,8 @@ def test_doc_stream_reads_only_up_to_the_batch_and_resumes(vocab):
     assert max(read) < 3 * 64                                                 # nothing past the third window
     assert sorted(data.permute(np.arange(64), 64, 3, 1)) == list(range(64))
     read.clear()
-    again = next(data.batches(data.PrefixLMSource(data.DocStream(counting_docs(read), seed=3, window=64), vocab, 32,
-                                                  16, seed=3), 16, seed=3, start=7))
+    stream = data.DocStream(counting_docs(read), seed=3, window=64)
+    again = next(data.batches(data.PrefixLMSource(stream, vocab, 32, 16, seed=3), 16, seed=3, start=7))
     assert min(read) == 64 and max(read) < 128                                # reopened at batch 7's window
     for key in ("inputs", "targets"):
         np.testing.assert_array_equal(got[7][key], again[key])
@@ -841,10 +885,12 @@ def test_doc_stream_reads_only_up_to_the_batch_and_resumes(vocab):
 
 def test_mixture_with_a_stream_resumes_exactly(shared_data, vocab):
     def mix():
-        return {"c4": data.PrefixLMSource(data.DocStream(counting_docs([]), seed=0, window=32), vocab, 64, 16),
-                "cola": data.TextSource(data.load_pairs("cola", "train", shared_data / "glue"), vocab, 64, 8)}
-    got = [b for _, b in zip(range(9), data.mixture_batches(mix(), 8, seed=5, rates={"c4": 0.5, "cola": 0.5}))]
-    again = next(data.mixture_batches(mix(), 8, seed=5, start=6, rates={"c4": 0.5, "cola": 0.5}))
+        c4 = data.PrefixLMSource(data.DocStream(counting_docs([]), seed=0, window=32), vocab, 64, 16)
+        cola = data.TextSource(data.load_pairs("cola", "train", shared_data / "glue"), vocab, 64, 8)
+        return {"c4": c4, "cola": cola}
+    rates = {"c4": 0.5, "cola": 0.5}
+    got = [b for _, b in zip(range(9), data.mixture_batches(mix(), 8, seed=5, rates=rates))]
+    again = next(data.mixture_batches(mix(), 8, seed=5, start=6, rates=rates))
     for key in ("inputs", "targets"):
         np.testing.assert_array_equal(got[6][key], again[key])
 
@@ -855,11 +901,13 @@ def test_c4_from_json_gz_files(tmp_path, vocab):
     for shard in range(2):
         with gzip.open(tmp_path / "c4" / "en" / f"c4-train.{shard:05d}-of-00002.json.gz", "wt") as f:
             for i in range(50):
-                f.write(json.dumps({"text": f"shard {shard} doc {i} " + "more words here " * i, "url": "x"}) + "\n")
+                doc = {"text": f"shard {shard} doc {i} " + "more words here " * i, "url": "x"}
+                f.write(json.dumps(doc) + "\n")
     src = data.train_source("c4", vocab, 64, 0, data_dir=tmp_path)
     assert isinstance(src, data.PrefixLMSource) and src.max_target_len == data.get_task("c4").target_len
     texts = [src.docs[p] for p in range(100)]
-    assert sorted(texts) == sorted(f"shard {s} doc {i} " + "more words here " * i for s in range(2) for i in range(50))
+    written = [f"shard {s} doc {i} " + "more words here " * i for s in range(2) for i in range(50)]
+    assert sorted(texts) == sorted(written)
     b = next(data.batches(src, 4, seed=0))
     assert b["inputs"].shape[0] == 4 and (b["inputs"][:, 0] != 0).all()
     with pytest.raises(FileNotFoundError, match="allenai/c4"):

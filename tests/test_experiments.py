@@ -1,6 +1,8 @@
-"""Every experiment's --tiny run and the quickstart, in-process (experiments/*.py main(argv)): the results follow
-paper_numbers.RESULTS_SCHEMA and test_paper_numbers.compare accepts them; the retrieval logic holds on the numbers;
-the quickstart's retrieval and transfer effect hold. ~3 min on 2 cores (compiles are shared across the scripts)."""
+"""Every experiment's --tiny run and the quickstart, in-process (experiments/*.py main(argv)).
+
+The results follow paper_numbers.RESULTS_SCHEMA and test_paper_numbers.compare accepts them; the retrieval
+logic holds on the numbers; the quickstart's retrieval and transfer effect hold. ~3 min on 2 cores (compiles
+are shared across the scripts)."""
 import json
 import time
 from pathlib import Path
@@ -50,7 +52,8 @@ def run_tiny(module, out, *extra):
 
 def test_table1_tiny(out, capsys):
     res = run_tiny(table1_source_mixtures, out, "--seeds", "2")
-    assert f"backend {jax.default_backend()}" in capsys.readouterr().out  # a GPU run on the CPU does not go unseen
+    # A GPU run on the CPU does not go unseen.
+    assert f"backend {jax.default_backend()}" in capsys.readouterr().out
     rows, benchmarks = table1_source_mixtures.TINY_ROWS, table1_source_mixtures.TINY_BENCHMARKS
     assert list(res["summary"]) == [f"{r}/{b}" for r in rows for b in benchmarks]
     assert len(res["results"]) == len(rows) * 2 * sum(map(len, benchmarks.values()))
@@ -108,9 +111,11 @@ def test_table6_then_table3_tiny(out):
             best = [row[f"{metric}/best_of_top_k/{k}"] for k in ks]
             assert best == sorted(best) and max(best) <= row["ORACLE"], (key, metric, best)
             assert best[-1] == row["ORACLE"]  # k = 6 = every prompt of the tiny library
-    np.testing.assert_allclose(t3["summary"]["BASELINE"]["mean"], np.mean([cells[f"BASELINE/{t}"] for t in targets]))
+    np.testing.assert_allclose(t3["summary"]["BASELINE"]["mean"],
+                               np.mean([cells[f"BASELINE/{t}"] for t in targets]))
     assert t3["summary"]["ORACLE"]["mean"] >= t3["summary"]["per_token/best_of_top_k/1"]["mean"]
-    for fig in ("figure4_task_similarity", "figure5_similarity_vs_transfer", "figure8_similarity_vs_transfer"):
+    for fig in ("figure4_task_similarity", "figure5_similarity_vs_transfer",
+                "figure8_similarity_vs_transfer"):
         assert (out / f"{fig}.png").stat().st_size > 0
 
 
@@ -120,7 +125,8 @@ def test_table3_without_table6_runs_names_the_command(tmp_path):
 
 
 def test_token_task_known_answer():
-    td = common.token_task("t", 7, ([100, 101], [200, 201]), (10, 11), [50], n_train=6, n_val=2, seed=0, width=10)
+    td = common.token_task("t", 7, ([100, 101], [200, 201]), (10, 11), [50], n_train=6, n_val=2, seed=0,
+                           width=10)
     x, y = td.train["inputs"], td.train["targets"]
     assert x.shape == (6, 10) and (x[:, 0] == 7).all() and (x[:, 7] == 1).all() and (x[:, 8:] == 0).all()
     for row, target in zip(x, y):  # 2 trigger words of the class named by the target, the rest filler 50
@@ -136,18 +142,21 @@ def test_quickstart_retrieves_the_related_source_and_transfers():
     assert all(v > 80 for v in res["source_scores"].values()), res["source_scores"]  # source prompts learned
     for metric in retrieval.METRICS:
         assert res["picked"][metric] == ["sentiment"] * 3, res["picked"]
-    assert res["gain"]["sentiment"] > 20 and all(res["gain"]["sentiment"] > g + 20 for n, g in res["gain"].items()
-                                                 if n != "sentiment"), res["gain"]
+    gain = res["gain"]
+    assert gain["sentiment"] > 20, gain
+    assert all(gain["sentiment"] > g + 20 for n, g in gain.items() if n != "sentiment"), gain
 
 
 def test_bench_prompt_step_runs_without_peft(tmp_path):
-    """The benchmark is a script, not a timed test: this only checks that it runs and reports what it promises."""
+    """The benchmark is a script, not a timed test: this only checks that it runs and reports what it
+    promises."""
     from experiments import bench_prompt_step
     bench_prompt_step.main(["--no-peft", "--shapes", "small", "--rounds", "1", "--steps", "1", "--batch", "1",
                             "--json", str(tmp_path / "bench.json")])
     (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert row["shape"] == "small" and row["arm"] == "ours" and row["ratio_vs_peft"] is None
-    assert row["s_per_step"] > 0 and row["compile_s"] > 0 and row["tokens_per_s"] == 1 * (100 + 128 + 8) / row["s_per_step"]
+    assert row["s_per_step"] > 0 and row["compile_s"] > 0
+    assert row["tokens_per_s"] == 1 * (100 + 128 + 8) / row["s_per_step"]
 
 
 SCRIPTS = sorted(p.name for p in (Path(common.__file__).parent).glob("*.py") if "__main__" in p.read_text())

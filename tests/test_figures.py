@@ -16,7 +16,8 @@ def _is_png(path):
 def test_figures_from_table6(tmp_path):
     pytest.importorskip("matplotlib")
     matrix, baseline = _table6()
-    rer = np.array([[R.relative_error_reduction(matrix[s][t], baseline[t]) for t in P.TARGETS] for s in P.SOURCES])
+    rer = np.array([[R.relative_error_reduction(matrix[s][t], baseline[t]) for t in P.TARGETS]
+                    for s in P.SOURCES])
     assert _is_png(figures.plot_transfer_heatmap(rer, P.SOURCES, P.TARGETS, tmp_path / "fig3.png"))
     # Table 6 has no prompts, so the clustered heatmap here uses the sources' transfer profiles
     # (score - baseline over the 10 targets): cosine similarity between sources.
@@ -26,6 +27,7 @@ def test_figures_from_table6(tmp_path):
     assert _is_png(figures.plot_similarity_clustermap(sim, P.SOURCES, tmp_path / "fig4.png"))
     # Scatter: does a source's mean transfer to the other 9 targets predict its transfer to this one?
     panels = {t: (np.delete(rer, j, axis=1).mean(1), rer[:, j]) for j, t in enumerate(P.TARGETS)}
-    stats = figures.plot_similarity_vs_transfer(panels, tmp_path / "fig5.png", xlabel="mean RER on other targets")
+    stats = figures.plot_similarity_vs_transfer(panels, tmp_path / "fig5.png",
+                                                xlabel="mean RER on other targets")
     assert _is_png(tmp_path / "fig5.png") and set(stats) == set(P.TARGETS)
     assert stats["CB"] == pytest.approx(pearson(*panels["CB"]))

@@ -16,7 +16,8 @@ def test_prompt_parameters_per_size_from_the_t5_presets():
     from t5_model import T5Config
     for size, hub_id in P.HUB_IDS.items():
         assert P.PROMPT_LENGTH * T5Config.from_name(hub_id).d_model == P.PROMPT_PARAMS[size], size
-    assert P.PROMPT_PARAMS == {"small": 51_200, "base": 76_800, "large": 102_400, "xl": 204_800, "xxl": 409_600}
+    assert P.PROMPT_PARAMS == {"small": 51_200, "base": 76_800, "large": 102_400, "xl": 204_800,
+                               "xxl": 409_600}
 
 
 def test_xxl_tunes_27000x_fewer_parameters():
@@ -34,7 +35,8 @@ def test_xxl_tunes_27000x_fewer_parameters():
 def test_spot_tunes_16x_more_parameters_than_warp():
     from t5_model import T5Config
     prompt = P.PROMPT_LENGTH * T5Config.from_name(P.HUB_IDS["xxl"]).d_model
-    assert round(prompt / P.TABLE5["WARP few-shot"][1]) == P.CLAIMS["more_tuned_params_than_warp"] == 16  # App. D
+    # App. D
+    assert round(prompt / P.TABLE5["WARP few-shot"][1]) == P.CLAIMS["more_tuned_params_than_warp"] == 16
 
 
 # ---------------------------------------------------------------- the tables agree with the text (always run)
@@ -58,12 +60,16 @@ def test_baseline_mean_is_74_7():
 def test_stated_deltas():
     glue, superglue = (lambda row, i: P.TABLE1[row][i][0]), P.TABLE4
     # +4.4 (GLUE) and +10.1 (SuperGLUE) are over 30K-step PromptTuning (Table 1), not the 2^18-step row
-    assert round(glue("GLUE", 0) - glue("PromptTuning-30K", 0), 1) == P.CLAIMS["glue_gain_vs_prompt_tuning_30k"] == 4.4
-    assert round(glue("GLUE", 1) - glue("PromptTuning-30K", 1), 1) == P.CLAIMS["superglue_gain_vs_prompt_tuning_30k"] == 10.1
+    glue_gain = round(glue("GLUE", 0) - glue("PromptTuning-30K", 0), 1)
+    superglue_gain = round(glue("GLUE", 1) - glue("PromptTuning-30K", 1), 1)
+    assert glue_gain == P.CLAIMS["glue_gain_vs_prompt_tuning_30k"] == 4.4
+    assert superglue_gain == P.CLAIMS["superglue_gain_vs_prompt_tuning_30k"] == 10.1
     # +2.4 over PromptTuning and +1.1 over Multi-task ModelTuning at XXL (Table 4)
     spot = superglue["SPoT"]["xxl"][0]
-    assert round(spot - superglue["PromptTuning"]["xxl"][0], 1) == P.CLAIMS["xxl_gain_vs_prompt_tuning"] == 2.4
-    assert round(spot - superglue["Multi-task ModelTuning"]["xxl"][0], 1) == P.CLAIMS["xxl_gain_vs_multitask_model_tuning"] == 1.1
+    pt_gain = round(spot - superglue["PromptTuning"]["xxl"][0], 1)
+    mtmt_gain = round(spot - superglue["Multi-task ModelTuning"]["xxl"][0], 1)
+    assert pt_gain == P.CLAIMS["xxl_gain_vs_prompt_tuning"] == 2.4
+    assert mtmt_gain == P.CLAIMS["xxl_gain_vs_multitask_model_tuning"] == 1.1
     # Table 4's Base column repeats Table 1 (same runs)
     assert superglue["SPoT"]["base"] == P.TABLE1["GLUE"][1]
     assert superglue["PromptTuning"]["base"] == P.TABLE1["PromptTuning-30K"][1]
@@ -71,7 +77,8 @@ def test_stated_deltas():
 
 def test_table3_abs_change_is_avg_score_minus_baseline():
     """Table 3's Abs. column equals Avg. score - 74.7 up to rounding (the caption's k=3 "+2.8" vs 2.9),
-    except per-token k=9, where the paper prints 4.6 beside 79.5 (= +4.8): a 0.2 inconsistency in the paper."""
+    except per-token k=9, where the paper prints 4.6 beside 79.5 (= +4.8): a 0.2 inconsistency in the
+    paper."""
     off = set()
     for row, (abs_change, _, rel, _, avg, _) in P.TABLE3.items():
         if abs_change is not None:
@@ -86,7 +93,10 @@ def test_transcription_matches_the_csv_tables(shared_data):
     paper = shared_data.parent / "paper"
     if not paper.is_dir():
         pytest.skip(f"no paper tables at {paper}")
-    rows = lambda name: list(csv.DictReader(open(paper / name, encoding="utf-8")))
+
+    def rows(name):
+        return list(csv.DictReader(open(paper / name, encoding="utf-8")))
+
     for r in rows("table6_transfer_matrix_t5base.csv"):
         source = "BASELINE" if r["source_task"].startswith("BASELINE") else r["source_task"]
         assert P.table6(source, r["target_task"]) == (float(r["score_mean"]), float(r["score_std"]))
@@ -103,7 +113,8 @@ def test_transcription_matches_the_csv_tables(shared_data):
     t4 = [(float(r["superglue_avg_mean"]), float(r["superglue_avg_std"]) if r["superglue_avg_std"] else None)
           for r in rows("table4_superglue_by_model_size.csv")]
     assert t4 == [cell for by_size in P.TABLE4.values() for cell in by_size.values()]
-    assert [float(r["score"]) for r in rows("table5_superglue_test_leaderboard.csv")] == [v[2] for v in P.TABLE5.values()]
+    t5 = rows("table5_superglue_test_leaderboard.csv")
+    assert [float(r["score"]) for r in t5] == [v[2] for v in P.TABLE5.values()]
     for r in rows("fig8_similarity_transfer_correlation.csv"):
         assert P.FIG8[r["target_task"]] == (float(r["pearson_r"]), float(r["p_value"].split()[0]))
 
@@ -154,7 +165,8 @@ def test_reproduced_results_match_the_paper(experiment):
                     "and set SPOT_RESULTS=results")
     results = json.loads(path.read_text())
     if results.get("config", {}).get("tiny"):
-        pytest.skip(f"{path} comes from a --tiny run (random tiny T5); run `{P.EXPERIMENT_COMMANDS[experiment]}`")
+        pytest.skip(f"{path} comes from a --tiny run (random tiny T5); "
+                    f"run `{P.EXPERIMENT_COMMANDS[experiment]}`")
     assert results.get("experiment") == experiment, f"{path} says experiment={results.get('experiment')!r}"
     compared, failures = compare(results)
     assert compared > 0, f"{path}: no summary row is named as in paper_numbers.paper_rows({experiment!r})"

@@ -20,13 +20,13 @@ from experiments.paper_numbers import RELEASED_PROMPTS
 # The SST-2 sentence keeps the tsv's trailing space; the MRPC tsv keeps a raw leading quote (QUOTE_NONE).
 FIRST_TASKLESS = {
     "sst2": {"inputs": "sentence: it 's a charming and often affecting journey . ", "targets": "positive"},
-    "mrpc": {"inputs": "sentence1: He said the foodservice pie business doesn't fit the company's long-term growth "
-                       "strategy. sentence2: \"The foodservice pie business does not fit our long-term growth "
-                       "strategy.",
+    "mrpc": {"inputs": "sentence1: He said the foodservice pie business doesn't fit the company's "
+                       "long-term growth strategy. sentence2: \"The foodservice pie business does not fit "
+                       "our long-term growth strategy.",
              "targets": "equivalent"},
-    "rte": {"inputs": "sentence1: Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at "
-                      "age 44, according to the Christopher Reeve Foundation. sentence2: Christopher Reeve had an "
-                      "accident.",
+    "rte": {"inputs": "sentence1: Dana Reeve, the widow of the actor Christopher Reeve, has died of lung "
+                      "cancer at age 44, according to the Christopher Reeve Foundation. sentence2: "
+                      "Christopher Reeve had an accident.",
             "targets": "not_entailment"},
 }
 
@@ -116,7 +116,8 @@ def test_tiny_run_end_to_end(shared_data, tmp_path, capsys):
 
 
 def _save_hf_checkpoint(folder, cfg, params):
-    """Write params as a Hugging Face T5 folder (config.json + model.safetensors): torch Linear is [out, in]."""
+    """Write params as a Hugging Face T5 folder (config.json + model.safetensors): torch Linear is
+    [out, in]."""
     from safetensors.numpy import save_file
     flat = {}
     for name, path in t5_model.hf_name_map(cfg).items():
@@ -130,8 +131,8 @@ def _save_hf_checkpoint(folder, cfg, params):
     save_file(flat, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({
         "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_heads": cfg.num_heads,
-        "num_layers": cfg.num_layers, "num_decoder_layers": cfg.num_decoder_layers, "vocab_size": cfg.vocab_size,
-        "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}))
+        "num_layers": cfg.num_layers, "num_decoder_layers": cfg.num_decoder_layers,
+        "vocab_size": cfg.vocab_size, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}))
 
 
 def run_uninstalled(cwd, *args):
@@ -202,7 +203,8 @@ COMMAND = ("python experiments/released_prompts.py --model google/t5-base-lm-ada
 
 
 def _base_checkpoint():
-    """$SPOT_T5_BASE, else google/t5-base-lm-adapt from the Hugging Face cache (never the network), else None."""
+    """$SPOT_T5_BASE, else google/t5-base-lm-adapt from the Hugging Face cache (never the network), else
+    None."""
     if os.environ.get("SPOT_T5_BASE"):
         return Path(os.environ["SPOT_T5_BASE"])
     try:
@@ -210,8 +212,9 @@ def _base_checkpoint():
         folder = Path(snapshot_download("google/t5-base-lm-adapt", local_files_only=True))
     except Exception:
         return None
-    has_weights = any((folder / f).exists() for f in ("model.safetensors", "pytorch_model.bin",
-                                                      "model.safetensors.index.json", "pytorch_model.bin.index.json"))
+    weight_files = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json")
+    has_weights = any((folder / f).exists() for f in weight_files)
     return folder if (folder / "config.json").exists() and has_weights else None
 
 
@@ -219,8 +222,8 @@ def _base_checkpoint():
 def test_released_prompts_match_release_notes(shared_data, tmp_path):
     folder = _base_checkpoint()
     if folder is None:
-        pytest.skip("no T5 1.1 LM-adapted Base weights here (set SPOT_T5_BASE to a HF checkpoint folder, or cache "
-                    f"google/t5-base-lm-adapt); with them, run: {COMMAND}")
+        pytest.skip("no T5 1.1 LM-adapted Base weights here (set SPOT_T5_BASE to a HF checkpoint folder, or "
+                    f"cache google/t5-base-lm-adapt); with them, run: {COMMAND}")
     record = rp.main(["--model", str(folder), "--vocab", str(shared_data / "t5_spiece.model"),
                       "--prompts", str(shared_data / "prompt_tuning_release" / "t5_1_1_lm100k_base"),
                       "--data", str(shared_data / "glue"), "--out", str(tmp_path)])

@@ -39,7 +39,8 @@ def test_cosine_per_token_equals_the_double_loop():
 
 def test_task_similarity_is_the_mean_over_run_pairs():
     runs1, runs2 = [E2, [[1, 0], [1, 0]]], [[[1, 0]], [[0, 1]]]
-    # average_tokens: cos([.5,.5],[1,0]) = cos([.5,.5],[0,1]) = 1/√2; cos([1,0],[1,0]) = 1, cos([1,0],[0,1]) = 0
+    # average_tokens: cos([.5,.5],[1,0]) = cos([.5,.5],[0,1]) = 1/√2;
+    # cos([1,0],[1,0]) = 1, cos([1,0],[0,1]) = 0
     assert R.task_similarity(runs1, runs2, "average_tokens") == pytest.approx((2 / np.sqrt(2) + 1 + 0) / 4)
     assert R.task_similarity(E2, [[1, 0]], "per_token") == pytest.approx(0.5)  # single prompts work too
     m = R.similarity_matrix({"a": runs1, "b": runs2, "c": E2}, "average_tokens")
@@ -102,7 +103,8 @@ def test_released_prompts_similarity_matrices(shared_data):
     groups = R.group_by_task(library)
     for metric in ("average_tokens", "per_token"):
         m = R.similarity_matrix(groups, metric)
-        print(f"\n{metric}\n" + "\n".join(f"{t:>5} " + " ".join(f"{v:.4f}" for v in row) for t, row in zip(groups, m)))
+        rows = [f"{t:>5} " + " ".join(f"{v:.4f}" for v in row) for t, row in zip(groups, m)]
+        print(f"\n{metric}\n" + "\n".join(rows))
         np.testing.assert_allclose(m, m.T, atol=1e-12)
         assert np.all(np.abs(m) <= 1 + 1e-12)
         # every released prompt retrieves itself first
@@ -143,16 +145,17 @@ def test_cli_rank_and_matrix(tmp_path):
     R.save_to_library(lib, [[0.0, 1.0], [0.1, 1.0]], "far")
     R.save_to_library(lib, [[1.0, 1.0]], "middle")
     np.save(tmp_path / "target.npy", np.array([[1.0, 0.0]]))
+    target = str(tmp_path / "target.npy")
     for metric in ("per_token", "average_tokens"):
-        out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target",
-                              str(tmp_path / "target.npy"), "--library", str(lib), "--metric", metric, "--k", "2"],
+        out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", target,
+                              "--library", str(lib), "--metric", metric, "--k", "2"],
                              capture_output=True, text=True, check=True).stdout
         rows = out.strip().splitlines()[1:]
         assert len(rows) == 2 and "near" in rows[0] and "middle" in rows[1], out
     out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "matrix", "--library", str(lib),
                           "--metric", "average_tokens"], capture_output=True, text=True, check=True).stdout
     assert "1.0000" in out and "far" in out
-    bad = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", str(tmp_path / "target.npy"),
+    bad = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", target,
                           "--library", str(lib), "--k", "9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "k=9 but the ranking holds 3 prompts" in bad.stderr
 
@@ -247,8 +250,10 @@ def test_bad_input_raises_clear_errors(tmp_path):
 
 
 def test_non_finite_prompts_are_refused_not_ranked(tmp_path):
-    """Regression: a NaN prompt (a diverged run) got similarity NaN, and sorting with NaN keys put it second."""
-    library = [R.PromptEntry("a", E2), R.PromptEntry("diverged", np.full((2, 2), np.nan)), R.PromptEntry("b", -E2)]
+    """Regression: a NaN prompt (a diverged run) got similarity NaN, and sorting with NaN keys put it
+    second."""
+    diverged = R.PromptEntry("diverged", np.full((2, 2), np.nan))
+    library = [R.PromptEntry("a", E2), diverged, R.PromptEntry("b", -E2)]
     with pytest.raises(ValueError, match=r"task 'diverged' \(in memory\): .*NaN or inf"):
         R.rank_sources(E2, library)
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -262,11 +267,12 @@ def test_non_finite_prompts_are_refused_not_ranked(tmp_path):
 
 
 def test_library_files_with_numpy_metadata_and_damaged_files(tmp_path):
-    """Regressions: np.int64 / np.float32 / jax metadata raised TypeError after the .npy was written (an orphan whose
-    task became its file name); two task names with one file stem overwrote each other; a bad sidecar or .npy
-    raised without naming the file."""
+    """Regressions: np.int64 / np.float32 / jax metadata raised TypeError after the .npy was written (an
+    orphan whose task became its file name); two task names with one file stem overwrote each other; a bad
+    sidecar or .npy raised without naming the file."""
     import jax.numpy as jnp
-    R.save_to_library(tmp_path, jnp.asarray(E2), "a/b", run=np.int64(1), step=np.int64(10), score=np.float32(80.5))
+    R.save_to_library(tmp_path, jnp.asarray(E2), "a/b", run=np.int64(1), step=np.int64(10),
+                      score=np.float32(80.5))
     (entry,) = R.load_library(tmp_path)
     assert (entry.task, entry.run, entry.step, entry.score) == ("a/b", 1, 10, 80.5)
     with pytest.raises(ValueError, match=r"task 'a/b', not 'a_b'"):
@@ -287,7 +293,7 @@ def test_lists_jax_arrays_and_ragged_inputs():
     library = [R.PromptEntry("l", [[1.0, 0.0]]), R.PromptEntry("j", jnp.asarray([[0.0, 1.0]]))]
     ranking = R.rank_sources(jnp.asarray(E2), library, "average_tokens")
     assert [e.task for e, _ in ranking] == ["l", "j"]  # tie at 1/√2: library order
-    np.testing.assert_allclose(R.top_k_weighted_average(_ranking([0.5, 0.5], [[[1, 0]], jnp.asarray([[0.0, 1.0]])],
-                                                                 "ab"), 2), [[0.5, 0.5]])
+    mixed = _ranking([0.5, 0.5], [[[1, 0]], jnp.asarray([[0.0, 1.0]])], "ab")
+    np.testing.assert_allclose(R.top_k_weighted_average(mixed, 2), [[0.5, 0.5]])
     with pytest.raises(ValueError, match="pick an integer"):
         R.top_k(ranking, 1.5)

@@ -1,5 +1,7 @@
-"""experiments/table5_superglue_test.py: the leaderboard's file layout, a validation round trip that keeps data.score,
-refused test splits, the invalid-prediction fallback, and the --tiny run end to end (~30 s on 2 cores)."""
+"""experiments/table5_superglue_test.py: the leaderboard's file layout and the --tiny run end to end.
+
+Also a validation round trip that keeps data.score, refused test splits and the invalid-prediction fallback
+(~30 s on 2 cores)."""
 import json
 import zipfile
 
@@ -23,7 +25,8 @@ def written(tmp_path, name, examples, predictions):
 
 
 def test_file_layout_matches_the_format_description(tmp_path):
-    """Lines written by hand from the format (SuperGLUE FAQ; jiant's super_glue_format_preds), one per task."""
+    """Lines written by hand from the format (SuperGLUE FAQ; jiant's super_glue_format_preds), one per
+    task."""
     flat = [{"idx": 0, "label": -1}, {"idx": 1, "label": -1}]
     assert written(tmp_path, "BoolQ", flat, ["True", "False"]) == \
         '{"idx": 0, "label": "true"}\n{"idx": 1, "label": "false"}\n'
@@ -31,12 +34,13 @@ def test_file_layout_matches_the_format_description(tmp_path):
         '{"idx": 0, "label": "false"}\n{"idx": 1, "label": "true"}\n'
     assert written(tmp_path, "CB", flat, ["neutral", "contradiction"]) == \
         '{"idx": 0, "label": "neutral"}\n{"idx": 1, "label": "contradiction"}\n'
-    assert written(tmp_path, "COPA", flat, ["choice2", "choice1"]) == '{"idx": 0, "label": 1}\n{"idx": 1, "label": 0}\n'
+    assert written(tmp_path, "COPA", flat, ["choice2", "choice1"]) == \
+        '{"idx": 0, "label": 1}\n{"idx": 1, "label": 0}\n'
     for name in ("RTE", "AX-b", "AX-g"):
         assert written(tmp_path, name, flat, ["not_entailment", "entailment"]) == \
             '{"idx": 0, "label": "not_entailment"}\n{"idx": 1, "label": "entailment"}\n'
-    wsc = [{"idx": i, "text": f"{who} saw it and he ran .", "span1_text": who, "span1_index": 0, "span2_index": 4,
-            "span2_text": "he", "label": -1} for i, who in ((7, "Mark"), (8, "the dog"))]
+    wsc = [{"idx": i, "text": f"{who} saw it and he ran .", "span1_text": who, "span1_index": 0,
+            "span2_index": 4, "span2_text": "he", "label": -1} for i, who in ((7, "Mark"), (8, "the dog"))]
     assert written(tmp_path, "WSC", wsc, ["Mark", "the cat"]) == \
         '{"idx": 7, "label": "True"}\n{"idx": 8, "label": "False"}\n'
     record = [{"idx": {"passage": 3, "query": 12}, "entities": ["Ada Lovelace", "London"], "answers": []}]
@@ -44,7 +48,8 @@ def test_file_layout_matches_the_format_description(tmp_path):
     multirc = [{"idx": {"paragraph": p, "question": q, "answer": a}, "label": -1}
                for p, q, a in [(0, 0, 0), (0, 0, 1), (0, 1, 2), (1, 2, 3)]]
     assert written(tmp_path, "MultiRC", multirc, ["True", "False", "False", "True"]) == (
-        '{"idx": 0, "passage": {"questions": [{"idx": 0, "answers": [{"idx": 0, "label": 1}, {"idx": 1, "label": 0}]}, '
+        '{"idx": 0, "passage": {"questions": ['
+        '{"idx": 0, "answers": [{"idx": 0, "label": 1}, {"idx": 1, "label": 0}]}, '
         '{"idx": 1, "answers": [{"idx": 2, "label": 0}]}]}}\n'
         '{"idx": 1, "passage": {"questions": [{"idx": 2, "answers": [{"idx": 3, "label": 1}]}]}}\n')
 
@@ -58,22 +63,25 @@ def test_diagnostics_are_read_in_rtes_input_format(tmp_path):
     ax_b, ax_g = (T.load_test(name, folder) for name in ("AX-b", "AX-g"))
     assert data.to_text("superglue_rte", ax_b[0])["inputs"] == \
         "rte hypothesis: The mat was under the cat. premise: The cat sat on the mat."
-    assert data.to_text("superglue_rte", ax_g[1])["inputs"] == ("rte hypothesis: The patient's shift would be ending "
-        "in an hour. premise: The nurse notified the patient that his shift would be ending in an hour.")
+    assert data.to_text("superglue_rte", ax_g[1])["inputs"] == (
+        "rte hypothesis: The patient's shift would be ending in an hour. "
+        "premise: The nurse notified the patient that his shift would be ending in an hour.")
     assert [ex["idx"] for ex in ax_b] == [0, 1] and all(ex["label"] == -1 for ex in ax_b + ax_g)
 
 
 def test_invalid_strings_are_no_label():
-    ex = {"idx": 0, "label": -1, "entities": ["London"], "text": "Mark saw it and he ran .", "span1_text": "Mark",
-          "span1_index": 0, "span2_index": 4, "span2_text": "he"}
+    ex = {"idx": 0, "label": -1, "entities": ["London"], "text": "Mark saw it and he ran .",
+          "span1_text": "Mark", "span1_index": 0, "span2_index": 4, "span2_text": "he"}
     for name, bad in [("BoolQ", "true"), ("CB", "Neutral"), ("COPA", "1"), ("MultiRC", "yes"), ("RTE", ""),
                       ("WiC", "no"), ("ReCoRD", "london"), ("AX-b", "entail"), ("WSC", ""), ("WSC", "the")]:
         assert T.to_label(name, bad, ex) is None, name
-    assert T.to_label("WSC", "banana", ex) == "False"  # T5's wsc_simple: any string is a yes/no about the referent
+    # T5's wsc_simple: any string is a yes/no about the referent
+    assert T.to_label("WSC", "banana", ex) == "False"
 
 
 def _answers(*spans):
-    """ReCoRD answers as the validation file has them: inclusive character spans of the passage and their text."""
+    """ReCoRD answers as the validation file has them: inclusive character spans of the passage and their
+    text."""
     return [{"start": a, "end": b, "text": text} for a, b, text in spans]
 
 
@@ -87,7 +95,8 @@ RECORD_VAL = [  # TINY_RECORD with the answers of a validation file
 
 @pytest.mark.parametrize("name", ["BoolQ", "CB", "COPA", "MultiRC", "ReCoRD", "RTE", "WiC", "WSC"])
 def test_validation_round_trip_gives_data_score(name, shared_data, tmp_path):
-    """Validation predictions written as the upload and read back against the labels score exactly data.score."""
+    """Validation predictions written as the upload and read back against the labels score exactly
+    data.score."""
     task = T.SUBMISSION[name][0]
     if name == "ReCoRD":
         (tmp_path / "ReCoRD").mkdir()
@@ -96,7 +105,8 @@ def test_validation_round_trip_gives_data_score(name, shared_data, tmp_path):
     else:
         examples = data.load_examples(task, "validation", shared_data / "superglue")
     rng = np.random.default_rng(len(name))
-    for trial in range(3):  # random valid predictions; trial 0: the gold targets (100 where the metric allows)
+    # Random valid predictions; trial 0: the gold targets (100 where the metric allows).
+    for trial in range(3):
         preds = [data.to_text(task, ex)["targets"] if trial == 0 else
                  rng.choice(ex["entities"]) if name == "ReCoRD" else
                  rng.choice([ex["span1_text"], "someone else"]) if name == "WSC" else   # both name someone
@@ -114,7 +124,8 @@ def test_rank_picks_the_most_likely_candidate():
     vocab = common.vocab_for("", True)
     if vocab is None:
         pytest.skip(f"no t5_spiece.model in {common.SHARED}")
-    inputs = data.tokenize(vocab, [{"inputs": t, "targets": ""} for t in ("a b c", "d e", "f")], 16, 4)["inputs"]
+    texts = [{"inputs": t, "targets": ""} for t in ("a b c", "d e", "f")]
+    inputs = data.tokenize(vocab, texts, 16, 4)["inputs"]
     choices = [["yes", "no", "maybe"], ["cat"], ["x", "y"]]
     got = T.rank(frozen, cfg, None, inputs, choices, vocab, batch_size=2, max_len=4)
     for row, c, pick in zip(inputs, choices, got):
@@ -155,7 +166,8 @@ def test_test_split_with_missing_or_duplicate_idx_is_refused(name, case, shared_
     else:
         items[1]["idx"] = items[0]["idx"]
     T.write_jsonl(path, rows)
-    with pytest.raises(SystemExit, match=r"KeyError: 'idx'|no 'idx' field" if case == "missing" else "appears twice"):
+    expected = r"KeyError: 'idx'|no 'idx' field" if case == "missing" else "appears twice"
+    with pytest.raises(SystemExit, match=expected):
         T.main(["--tiny", "--data", str(folder), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "table5_superglue_test.zip").exists()
 
@@ -213,4 +225,5 @@ def test_tiny_writes_every_test_example_into_the_zip(shared_data, tmp_path):
 def test_tiny_rank_method_leaves_nothing_invalid(shared_data, tmp_path):
     res = T.main(["--tiny", "--method", "rank", "--out", str(tmp_path)])
     assert [r["task"] for r in res["results"]] == list(FILES)
-    assert all(r["invalid"] == 0 for r in res["results"]), res["results"]  # ranked labels are labels by construction
+    # Ranked labels are labels by construction.
+    assert all(r["invalid"] == 0 for r in res["results"]), res["results"]
