@@ -107,7 +107,8 @@ def rank_sources(target, library, metric="per_token"):
     `target`: a prompt [P, D] or several runs of it (similarity averaged over them, as in Fig. 5)."""
     if not library:
         raise ValueError("the prompt library is empty: save source prompts with save_to_library first")
-    _check_target_width(_runs(target), library, "the target prompt")
+    target = [_as_prompt(run, "the target prompt") for run in _runs(target)]
+    _check_target_width(target, library, "the target prompt")
     sims = []
     for entry in library:  # §3.3: each of the 48 source prompts (16 tasks x 3 runs) is scored on its own
         try:

@@ -208,6 +208,10 @@ def test_rank_blames_the_target_for_its_width(tmp_path):
     assert "a-run0" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     with pytest.raises(ValueError, match="the target prompt is 3 wide but every library prompt is 2 wide"):
         R.rank_sources(np.ones((2, 3)), R.load_library(lib))
+    # an empty or diverged target among its runs is the target's fault, not the first source prompt's
+    for run, problem in ((np.ones((0, 2)), "non-empty"), (np.full((2, 2), np.nan), "NaN")):
+        with pytest.raises(ValueError, match=f"^the target prompt .*{problem}"):
+            R.rank_sources([E2, run], R.load_library(lib))
 
 
 # ---------------------------------------------------------------- bad input
