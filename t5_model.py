@@ -413,16 +413,16 @@ def init_params(key, cfg, dtype=jnp.float32):
     """Random weights: one normal draw, cut into the leaves. Not jitted on purpose: XLA on CPU compiles a
     kernel per output leaf (~0.1 s each); eagerly, dynamic_slice compiles once per leaf size. The draw has
     rows of width gcd(leaf sizes), so row offsets stay below 2^31 even for 11B parameters."""
-    specs = {path: spec for path, spec in _param_specs(cfg).items() if spec[1] is not None}
-    sizes = {path: int(np.prod(shape)) for path, (shape, _) in specs.items()}
+    specs = _param_specs(cfg)
+    drawn = {path: spec for path, spec in specs.items() if spec[1] is not None}
+    sizes = {path: int(np.prod(shape)) for path, (shape, _) in drawn.items()}
     width = math.gcd(*sizes.values())
     z = jax.random.normal(key, (sum(sizes.values()) // width, width))
     flat, row = {}, 0
-    for path, (shape, std) in specs.items():
+    for path, (shape, std) in drawn.items():
         rows = jax.lax.dynamic_slice_in_dim(z, jnp.int32(row), sizes[path] // width)
         flat[path], row = (std * rows.reshape(shape)).astype(dtype), row + sizes[path] // width
-    ones = {path: shape for path, (shape, std) in _param_specs(cfg).items() if std is None}
-    flat.update({path: jnp.ones(shape, dtype) for path, shape in ones.items()})
+    flat.update({path: jnp.ones(shape, dtype) for path, (shape, std) in specs.items() if std is None})
     return _unflatten(flat)
 
 
@@ -444,20 +444,18 @@ def _unflatten(flat):
     return tree
 
 
-@functools.lru_cache(maxsize=32)
-def _expected_shapes(cfg):
-    shapes = jax.eval_shape(functools.partial(init_params, cfg=cfg), jax.random.key(0))
-    return {k: tuple(v.shape) for k, v in _flatten(shapes).items()}
+def _shapes(cfg):
+    return {path: shape for path, (shape, _) in _param_specs(cfg).items()}
 
 
 def param_count(cfg):
-    """Number of parameters, without allocating any (jax.eval_shape)."""
-    return sum(int(np.prod(s)) for s in _expected_shapes(cfg).values())
+    """Number of parameters, without allocating any."""
+    return sum(int(np.prod(s)) for s in _shapes(cfg).values())
 
 
 def check_params(params, cfg):
     """Raise ValueError naming every missing, unexpected or mis-shaped leaf of `params` for `cfg`."""
-    want, got = _expected_shapes(cfg), {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
+    want, got = _shapes(cfg), {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
     problems = [f"missing {k} {s}" for k, s in want.items() if k not in got]
     problems += [f"unexpected {k}" for k in got if k not in want]
     problems += [f"{k} has shape {got[k]}, expected {s}" for k, s in want.items() if k in got and got[k] != s]
@@ -703,7 +701,7 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
     except ValueError as e:
         raise ValueError(f"{d / 'config.json'} is not valid JSON ({e}): download it again") from None
     cfg = T5Config.from_hf(config, where=d / "config.json")
-    tensors, want = _hf_tensors(d, cfg, config), _expected_shapes(cfg)
+    tensors, want = _hf_tensors(d, cfg, config), _shapes(cfg)
     names, flat, problems = hf_name_map(cfg), {}, []
     placed = {} if not shardings else _flatten(
         shardings(_unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in want.items()})))
