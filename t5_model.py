@@ -465,6 +465,8 @@ def check_params(params, cfg):
 
 # ========================================================================== Hugging Face checkpoints
 def _config_from_hf(cls, c, where):
+    """Each value read is checked for type and range: a one-line error naming the field and the file now,
+    not a TypeError (d_model "sixteen") or NaN buckets inside the model later."""
     if not isinstance(c, dict):
         raise ValueError(f"{where} holds a JSON {type(c).__name__}, not an object: it is not a T5 config")
     if c.get("model_type", "t5") not in ("t5", "mt5"):
@@ -472,26 +474,7 @@ def _config_from_hf(cls, c, where):
     missing = [k for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in c]
     if missing:
         raise ValueError(f"{where} has no {', '.join(missing)}: it is not a T5 config")
-    _check_hf_values(c, where)  # each value's type and range
-    act = c.get("feed_forward_proj", "relu")
-    if act not in ("relu", "gated-gelu"):
-        raise ValueError(f"{where}: feed_forward_proj {act!r} is not supported: only 'relu' (T5 1.0) and "
-                         "'gated-gelu' (T5 1.1)")
-    # T5 1.0 vs 1.1 output layer. Configs up to transformers 4.x say it with tie_word_embeddings; 5.x writes
-    # tie_word_embeddings=true for every T5 (even a T5 1.1 it loaded and saves again, with its own
-    # lm_head.weight) and keeps the d_model^-0.5 rescaling, i.e. T5 1.0, in scale_decoder_outputs.
-    tied = c.get("scale_decoder_outputs")
-    tied = bool(c.get("tie_word_embeddings", True) if tied is None else tied)
-    return cls(c.get("vocab_size", 32128), c["d_model"], c["d_kv"], c["d_ff"], c["num_heads"],
-               c["num_layers"], c.get("num_decoder_layers") or c["num_layers"],
-               c.get("relative_attention_num_buckets", 32), c.get("relative_attention_max_distance", 128),
-               act == "gated-gelu", tied, c.get("dropout_rate", 0.1), c.get("layer_norm_epsilon", 1e-6),
-               c.get("_name_or_path", "") or "")
 
-
-def _check_hf_values(c, where):
-    """Each config.json value from_hf reads has a type and range the model runs with: a one-line error naming
-    the field and the file now, not a TypeError (d_model "sixteen") or NaN buckets inside the model later."""
     def integer(low):
         return lambda v: type(v) is int and v >= low  # JSON true is a bool, not a width
 
@@ -510,12 +493,25 @@ def _check_hf_values(c, where):
              (("dropout_rate",), number(lambda v: 0 <= v < 1), "a number in [0, 1)"),
              (("layer_norm_epsilon",), number(lambda v: v > 0), "a finite number > 0"),
              (("tie_word_embeddings", "scale_decoder_outputs"), lambda v: type(v) is bool, "true or false"),
-             (("feed_forward_proj", "_name_or_path"), lambda v: isinstance(v, str), "a string")]
+             (("feed_forward_proj",), lambda v: v in ("relu", "gated-gelu"),
+              "'relu' (T5 1.0) or 'gated-gelu' (T5 1.1)"),
+             (("_name_or_path",), lambda v: isinstance(v, str), "a string")]
     nullable = ("num_decoder_layers", "scale_decoder_outputs", "_name_or_path")  # null = HF's default
     for keys, ok, want in rules:
         for key in keys:
             if key in c and not (c[key] is None and key in nullable) and not ok(c[key]):
                 raise ValueError(f"{where}: {key} must be {want}, got {c[key]!r}")
+    # T5 1.0 vs 1.1 output layer. Configs up to transformers 4.x say it with tie_word_embeddings; 5.x writes
+    # tie_word_embeddings=true for every T5 (even a T5 1.1 it loaded and saves again, with its own
+    # lm_head.weight) and keeps the d_model^-0.5 rescaling, i.e. T5 1.0, in scale_decoder_outputs.
+    tied = c.get("scale_decoder_outputs")
+    tied = bool(c.get("tie_word_embeddings", True) if tied is None else tied)
+    gated = c.get("feed_forward_proj", "relu") == "gated-gelu"
+    return cls(c.get("vocab_size", 32128), c["d_model"], c["d_kv"], c["d_ff"], c["num_heads"],
+               c["num_layers"], c.get("num_decoder_layers") or c["num_layers"],
+               c.get("relative_attention_num_buckets", 32), c.get("relative_attention_max_distance", 128),
+               gated, tied, c.get("dropout_rate", 0.1), c.get("layer_norm_epsilon", 1e-6),
+               c.get("_name_or_path", "") or "")
 
 
 def hf_name_map(cfg):
@@ -541,35 +537,23 @@ def hf_name_map(cfg):
     return names
 
 
-def _is_linear(path):
-    """torch Linear weights and HF's relpos table [K,N] are stored transposed; the embedding and norms not."""
-    return path != "token_embedder/embedding" and not path.endswith("/scale")
-
-
-def _torch_shape(path, shape):
-    """The HF tensor shape of a T5X param: torch Linear stores [out, in]; heads are merged, N*H."""
-    if not _is_linear(path):
-        return shape
-    if len(shape) == 3:  # [N,H,D] (out) or [D,N,H] (query/key/value)
-        (a, b, c) = shape
-        shape = (a * b, c) if path.endswith("out/kernel") else (a, b * c)
-    return shape[::-1]
+def _hf_layout(path, shape):
+    """(HF shape, T5X shape split as (out axes, in axes)) of a T5X param. torch Linear stores a kernel
+    [*in, *out] as [out, in] with the heads merged (N*H); HF's relpos table [K,N] is transposed too. The
+    embedding and the norms are stored as they are: (shape, None)."""
+    if path == "token_embedder/embedding" or path.endswith("/scale"):
+        return shape, None
+    k = 2 if path.endswith("out/kernel") else 1  # the input axes: N,H of out [N,H,D]; D of query [D,N,H]
+    return (math.prod(shape[k:]), math.prod(shape[:k])), (shape[k:], shape[:k])
 
 
 def _as_t5x(w, path, shape):
-    """The HF tensor w [out, in] as a view of T5X shape `shape`: no copy, so a memory map stays on disk."""
-    if not _is_linear(path):
+    """The HF tensor w as a view of T5X shape `shape`: no copy, so a memory map stays on disk."""
+    split = _hf_layout(path, shape)[1]
+    if split is None:
         return w
-    if len(shape) == 2:
-        return w.T
-    if path.endswith("out/kernel"):  # [D, N*H] -> [N,H,D]
-        return w.reshape(shape[2], shape[0], shape[1]).transpose(1, 2, 0)
-    return w.reshape(shape[1], shape[2], shape[0]).transpose(2, 0, 1)  # [N*H, D] -> [D,N,H]
-
-
-def _read_block(w, path, shape, dtype, index):
-    """Block `index` (a tuple of slices of the T5X shape) of the HF tensor w: only its bytes are read."""
-    return np.asarray(_as_t5x(w, path, shape)[tuple(index)], dtype)
+    out, inp = split  # [out, in] -> [*out, *in] -> [*in, *out]
+    return w.reshape(*out, *inp).transpose(*range(len(out), len(shape)), *range(len(out)))
 
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -706,14 +690,15 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
     placed = {} if not shardings else _flatten(
         shardings(_unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in want.items()})))
     for name, path in names.items():
+        hf_shape = _hf_layout(path, want[path])[0]
         if name not in tensors:
             problems.append(f"missing tensor {name}")
-        elif tuple(tensors[name].shape) != _torch_shape(path, want[path]):
-            problems.append(f"tensor {name} has shape {tuple(tensors[name].shape)}, "
-                            f"expected {_torch_shape(path, want[path])}")
-        elif path in placed:
-            flat[path] = jax.make_array_from_callback(want[path], placed[path], functools.partial(
-                _read_block, tensors[name], path, want[path], dtype))
+        elif tuple(tensors[name].shape) != hf_shape:
+            problems.append(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {hf_shape}")
+        elif path in placed:  # each device's block is read on its own from the view of the memory map
+            view = _as_t5x(tensors[name], path, want[path])
+            flat[path] = jax.make_array_from_callback(
+                want[path], placed[path], lambda index, view=view: np.asarray(view[tuple(index)], dtype))
         else:
             flat[path] = jnp.asarray(_as_t5x(np.asarray(tensors[name]), path, want[path]), dtype=dtype)
     problems += [f"unexpected tensor {k}" for k in tensors if k not in names]
