@@ -172,10 +172,9 @@ def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
 
 
 def _decoder_layer(p, x, encoded, cross_kv, self_bias, cross_bias, cfg, drop, site, cache=None, t=None):
-    """Pre-norm self-attention, cross-attention and MLP blocks. Cross-attention reads the encoder output
-    encoded [B,S,D] through its projected cross_kv = (keys, values), or, when cross_kv is None, directly
-    (_attend_encoded). With `cache` (greedy_decode) x is the one position t: its key/value go into slot t of
-    the cached [B,N,T,H] arrays; self_bias masks the later slots."""
+    """Pre-norm self-attention, cross-attention and MLP blocks. Cross-attention reads encoded [B,S,D] through
+    cross_kv = (keys, values), or directly when it is None (_attend_encoded). With `cache` (greedy_decode), x
+    is position t: its key/value go into slot t of the cached [B,N,T,H]; self_bias masks later slots."""
     h = rms_norm(x, p["pre_self_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
     q, k, v = _project(p["self_attention"], h, ("query", "key", "value"))
     if cache is not None:
@@ -251,12 +250,9 @@ def score_targets(params, cfg, input_ids, targets, prompt=None):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
 def greedy_decode(params, cfg, input_ids, prompt=None, max_len=16):
-    """Greedy decoding -> int32 [B, max_len]: tokens up to and including EOS, 0 after it.
-
-    The encoder runs once; each layer's cross-attention keys/values are projected once (or never: _cross_kv);
-    self-attention keys/values live in a [B,N,max_len,H] cache per layer. A while_loop emits one token per
-    step and stops when every row is done.
-    """
+    """Greedy decoding -> int32 [B, max_len]: tokens up to and including EOS, 0 after it. The encoder and the
+    cross-attention keys/values (_cross_kv) are computed once; self-attention keys/values live in a
+    [B,N,max_len,H] cache per layer; a while_loop emits one token a step until every row is done."""
     encoded, mask = encode(params, cfg, input_ids, prompt)
     dec, B = params["decoder"], input_ids.shape[0]
     cross_kv = _cross_kv(params, cfg, encoded, max_len)  # max_len steps of one query cost as max_len queries
@@ -367,15 +363,15 @@ def _dropout(x, site, seed, rate, mask_shape=None):
 
 def _drop_fn(cfg, dropout_key, batch_size):
     """dropout_key: None (no dropout), a PRNG key, or [B] keys, one per example (key k: split(k, B))."""
-    if dropout_key is None:
-        return functools.partial(_dropout, seed=None, rate=cfg.dropout_rate)
-    keys = dropout_key if jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key) else \
-        jax.random.wrap_key_data(dropout_key)  # a raw uint32 PRNGKey
-    keys = jax.random.split(keys, batch_size) if keys.ndim == 0 else keys
-    if keys.shape != (batch_size,):
-        raise ValueError(f"dropout_key must be one key or {batch_size} keys (one per example), "
-                         f"got shape {keys.shape}")
-    seed = jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
+    seed = None
+    if dropout_key is not None:
+        keys = dropout_key if jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key) else \
+            jax.random.wrap_key_data(dropout_key)  # a raw uint32 PRNGKey
+        keys = jax.random.split(keys, batch_size) if keys.ndim == 0 else keys
+        if keys.shape != (batch_size,):
+            raise ValueError(f"dropout_key must be one key or {batch_size} keys (one per example), "
+                             f"got shape {keys.shape}")
+        seed = jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
     return functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
 
 
@@ -611,8 +607,7 @@ def _read_tensors(d):
             with open(f, "rb") as fh:  # `git clone` without git-lfs leaves small text pointer files
                 if fh.read(64).startswith(b"version https://git-lfs"):
                     raise ValueError(f"{f} is a Git LFS pointer, not the weights: run `git lfs pull` in {d}, "
-                                     "or pass the hub id to load_checkpoint (it downloads with "
-                                     "huggingface_hub)")
+                                     "or pass the hub id to load_checkpoint")
         return {k: v for f in files for k, v in reader(f).items()}
     raise FileNotFoundError(f"no weights in {d}: expected model.safetensors, model.safetensors.index.json, "
                             "pytorch_model.bin or pytorch_model.bin.index.json")
@@ -624,17 +619,16 @@ def _hf_tensors(d, cfg, config):
     if "shared.weight" not in tensors:  # some exports keep only the per-stack copies of the embedding
         tensors.update({"shared.weight": tensors[k] for k in ("decoder.embed_tokens.weight",
                                                               "encoder.embed_tokens.weight") if k in tensors})
-    # Early HF conversions of the original T5 carry a relpos table for the first cross-attention, which has no
-    # position bias (huggingface/transformers issue #2334); transformers ignores it on load too.
+    # Early HF conversions of T5 1.0 hold a relpos table for the first cross-attention, which has none;
+    # transformers ignores it too: https://github.com/huggingface/transformers/issues/2334
     tensors.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
     # Tied checkpoints may repeat the embedding under these names: drop copies that equal shared.weight.
     shared = tensors.get("shared.weight")
     for name in ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"] + ["lm_head.weight"] * tied:
         if name in tensors and shared is not None and np.array_equal(tensors[name], shared):
             del tensors[name]
-    # transformers 5.x saves a T5 1.1 built in memory with its (unscaled) output layer tied to the embedding
-    # (tie_word_embeddings=true, scale_decoder_outputs=false) and no lm_head.weight: that layer is
-    # shared.weight.
+    # transformers 5.x saves a T5 1.1 built in memory with its unscaled output layer tied to the embedding
+    # (tie_word_embeddings=true, scale_decoder_outputs=false) and no lm_head.weight: it is shared.weight.
     untied_but_saved_tied = not tied and config.get("tie_word_embeddings", True)
     if untied_but_saved_tied and "lm_head.weight" not in tensors and shared is not None:
         tensors["lm_head.weight"] = shared
@@ -666,17 +660,15 @@ def _resolve(path_or_hub_id):
 
 def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
     """A HF T5 checkpoint (local directory or hub id) -> (T5Config, params with T5X names, cast to dtype).
-    shardings(shapes) -> a pytree of jax Shardings like params (spot.param_shardings): each leaf is then
-    built from the blocks this process's devices hold, read from the memory-mapped safetensors file block by
-    block, so a host never holds a whole tensor that its devices split, and no process sends weights to
-    another."""
+    shardings(shapes) -> a pytree of jax Shardings like params (spot.param_shardings): each leaf is then built
+    from the blocks this process's devices hold, read from the memory-mapped safetensors file: no host holds a
+    whole tensor that its devices split, and no process sends weights to another."""
     d = _resolve(str(path_or_hub_id))
     if not (d / "config.json").exists():
         if (d / "checkpoint").is_file() or any(d.glob("checkpoint_*/checkpoint")):
-            raise FileNotFoundError(f"{d} is a T5X checkpoint (msgpack + zarr arrays); load_checkpoint reads "
-                                    "Hugging Face ones: pass the hub id of the same model "
-                                    "(google/t5-base-lm-adapt is T5X's t5_1_1_lm100k_base) or a directory "
-                                    "with config.json and model.safetensors")
+            raise FileNotFoundError(f"{d} is a T5X checkpoint (msgpack + zarr); load_checkpoint reads HF "
+                                    "ones: pass the hub id of the same model (google/t5-base-lm-adapt is "
+                                    "T5X's t5_1_1_lm100k_base) or a checkpoint directory with config.json")
         raise FileNotFoundError(f"{d} has no config.json: pass a Hugging Face T5 checkpoint directory "
                                 "(config.json + model.safetensors or pytorch_model.bin) or a hub id such as "
                                 "google/t5-base-lm-adapt")
