@@ -172,10 +172,9 @@ def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
 
 
 def _decoder_layer(p, x, encoded, cross_kv, self_bias, cross_bias, cfg, drop, site, cache=None, t=None):
-    """Pre-norm self-attention, cross-attention and MLP blocks. Cross-attention reads the encoder output
-    encoded [B,S,D] through its projected cross_kv = (keys, values), or, when cross_kv is None, directly
-    (_attend_encoded). With `cache` (greedy_decode) x is the one position t: its key/value go into slot t of
-    the cached [B,N,T,H] arrays; self_bias masks the later slots."""
+    """Pre-norm self-attention, cross-attention and MLP blocks. Cross-attention reads encoded [B,S,D] through
+    cross_kv = (keys, values), or directly when it is None (_attend_encoded). With `cache` (greedy_decode), x
+    is position t: its key/value go into slot t of the cached [B,N,T,H]; self_bias masks later slots."""
     h = rms_norm(x, p["pre_self_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
     q, k, v = _project(p["self_attention"], h, ("query", "key", "value"))
     if cache is not None:
@@ -251,12 +250,9 @@ def score_targets(params, cfg, input_ids, targets, prompt=None):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
 def greedy_decode(params, cfg, input_ids, prompt=None, max_len=16):
-    """Greedy decoding -> int32 [B, max_len]: tokens up to and including EOS, 0 after it.
-
-    The encoder runs once; each layer's cross-attention keys/values are projected once (or never: _cross_kv);
-    self-attention keys/values live in a [B,N,max_len,H] cache per layer. A while_loop emits one token per
-    step and stops when every row is done.
-    """
+    """Greedy decoding -> int32 [B, max_len]: tokens up to and including EOS, 0 after it. The encoder and the
+    cross-attention keys/values (_cross_kv) are computed once; self-attention keys/values live in a
+    [B,N,max_len,H] cache per layer; a while_loop emits one token a step until every row is done."""
     encoded, mask = encode(params, cfg, input_ids, prompt)
     dec, B = params["decoder"], input_ids.shape[0]
     cross_kv = _cross_kv(params, cfg, encoded, max_len)  # max_len steps of one query cost as max_len queries
@@ -367,15 +363,15 @@ def _dropout(x, site, seed, rate, mask_shape=None):
 
 def _drop_fn(cfg, dropout_key, batch_size):
     """dropout_key: None (no dropout), a PRNG key, or [B] keys, one per example (key k: split(k, B))."""
-    if dropout_key is None:
-        return functools.partial(_dropout, seed=None, rate=cfg.dropout_rate)
-    keys = dropout_key if jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key) else \
-        jax.random.wrap_key_data(dropout_key)  # a raw uint32 PRNGKey
-    keys = jax.random.split(keys, batch_size) if keys.ndim == 0 else keys
-    if keys.shape != (batch_size,):
-        raise ValueError(f"dropout_key must be one key or {batch_size} keys (one per example), "
-                         f"got shape {keys.shape}")
-    seed = jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
+    seed = None
+    if dropout_key is not None:
+        keys = dropout_key if jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key) else \
+            jax.random.wrap_key_data(dropout_key)  # a raw uint32 PRNGKey
+        keys = jax.random.split(keys, batch_size) if keys.ndim == 0 else keys
+        if keys.shape != (batch_size,):
+            raise ValueError(f"dropout_key must be one key or {batch_size} keys (one per example), "
+                             f"got shape {keys.shape}")
+        seed = jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
     return functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
 
 
@@ -413,16 +409,16 @@ def init_params(key, cfg, dtype=jnp.float32):
     """Random weights: one normal draw, cut into the leaves. Not jitted on purpose: XLA on CPU compiles a
     kernel per output leaf (~0.1 s each); eagerly, dynamic_slice compiles once per leaf size. The draw has
     rows of width gcd(leaf sizes), so row offsets stay below 2^31 even for 11B parameters."""
-    specs = {path: spec for path, spec in _param_specs(cfg).items() if spec[1] is not None}
-    sizes = {path: int(np.prod(shape)) for path, (shape, _) in specs.items()}
+    specs = _param_specs(cfg)
+    drawn = {path: spec for path, spec in specs.items() if spec[1] is not None}
+    sizes = {path: int(np.prod(shape)) for path, (shape, _) in drawn.items()}
     width = math.gcd(*sizes.values())
     z = jax.random.normal(key, (sum(sizes.values()) // width, width))
     flat, row = {}, 0
-    for path, (shape, std) in specs.items():
+    for path, (shape, std) in drawn.items():
         rows = jax.lax.dynamic_slice_in_dim(z, jnp.int32(row), sizes[path] // width)
         flat[path], row = (std * rows.reshape(shape)).astype(dtype), row + sizes[path] // width
-    ones = {path: shape for path, (shape, std) in _param_specs(cfg).items() if std is None}
-    flat.update({path: jnp.ones(shape, dtype) for path, shape in ones.items()})
+    flat.update({path: jnp.ones(shape, dtype) for path, (shape, std) in specs.items() if std is None})
     return _unflatten(flat)
 
 
@@ -444,20 +440,18 @@ def _unflatten(flat):
     return tree
 
 
-@functools.lru_cache(maxsize=32)
-def _expected_shapes(cfg):
-    shapes = jax.eval_shape(functools.partial(init_params, cfg=cfg), jax.random.key(0))
-    return {k: tuple(v.shape) for k, v in _flatten(shapes).items()}
+def _shapes(cfg):
+    return {path: shape for path, (shape, _) in _param_specs(cfg).items()}
 
 
 def param_count(cfg):
-    """Number of parameters, without allocating any (jax.eval_shape)."""
-    return sum(int(np.prod(s)) for s in _expected_shapes(cfg).values())
+    """Number of parameters, without allocating any."""
+    return sum(int(np.prod(s)) for s in _shapes(cfg).values())
 
 
 def check_params(params, cfg):
     """Raise ValueError naming every missing, unexpected or mis-shaped leaf of `params` for `cfg`."""
-    want, got = _expected_shapes(cfg), {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
+    want, got = _shapes(cfg), {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
     problems = [f"missing {k} {s}" for k, s in want.items() if k not in got]
     problems += [f"unexpected {k}" for k in got if k not in want]
     problems += [f"{k} has shape {got[k]}, expected {s}" for k, s in want.items() if k in got and got[k] != s]
@@ -467,6 +461,8 @@ def check_params(params, cfg):
 
 # ========================================================================== Hugging Face checkpoints
 def _config_from_hf(cls, c, where):
+    """Each value read is checked for type and range: a one-line error naming the field and the file now,
+    not a TypeError (d_model "sixteen") or NaN buckets inside the model later."""
     if not isinstance(c, dict):
         raise ValueError(f"{where} holds a JSON {type(c).__name__}, not an object: it is not a T5 config")
     if c.get("model_type", "t5") not in ("t5", "mt5"):
@@ -474,26 +470,7 @@ def _config_from_hf(cls, c, where):
     missing = [k for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in c]
     if missing:
         raise ValueError(f"{where} has no {', '.join(missing)}: it is not a T5 config")
-    _check_hf_values(c, where)  # each value's type and range
-    act = c.get("feed_forward_proj", "relu")
-    if act not in ("relu", "gated-gelu"):
-        raise ValueError(f"{where}: feed_forward_proj {act!r} is not supported: only 'relu' (T5 1.0) and "
-                         "'gated-gelu' (T5 1.1)")
-    # T5 1.0 vs 1.1 output layer. Configs up to transformers 4.x say it with tie_word_embeddings; 5.x writes
-    # tie_word_embeddings=true for every T5 (even a T5 1.1 it loaded and saves again, with its own
-    # lm_head.weight) and keeps the d_model^-0.5 rescaling, i.e. T5 1.0, in scale_decoder_outputs.
-    tied = c.get("scale_decoder_outputs")
-    tied = bool(c.get("tie_word_embeddings", True) if tied is None else tied)
-    return cls(c.get("vocab_size", 32128), c["d_model"], c["d_kv"], c["d_ff"], c["num_heads"],
-               c["num_layers"], c.get("num_decoder_layers") or c["num_layers"],
-               c.get("relative_attention_num_buckets", 32), c.get("relative_attention_max_distance", 128),
-               act == "gated-gelu", tied, c.get("dropout_rate", 0.1), c.get("layer_norm_epsilon", 1e-6),
-               c.get("_name_or_path", "") or "")
 
-
-def _check_hf_values(c, where):
-    """Each config.json value from_hf reads has a type and range the model runs with: a one-line error naming
-    the field and the file now, not a TypeError (d_model "sixteen") or NaN buckets inside the model later."""
     def integer(low):
         return lambda v: type(v) is int and v >= low  # JSON true is a bool, not a width
 
@@ -512,12 +489,25 @@ def _check_hf_values(c, where):
              (("dropout_rate",), number(lambda v: 0 <= v < 1), "a number in [0, 1)"),
              (("layer_norm_epsilon",), number(lambda v: v > 0), "a finite number > 0"),
              (("tie_word_embeddings", "scale_decoder_outputs"), lambda v: type(v) is bool, "true or false"),
-             (("feed_forward_proj", "_name_or_path"), lambda v: isinstance(v, str), "a string")]
+             (("feed_forward_proj",), lambda v: v in ("relu", "gated-gelu"),
+              "'relu' (T5 1.0) or 'gated-gelu' (T5 1.1)"),
+             (("_name_or_path",), lambda v: isinstance(v, str), "a string")]
     nullable = ("num_decoder_layers", "scale_decoder_outputs", "_name_or_path")  # null = HF's default
     for keys, ok, want in rules:
         for key in keys:
             if key in c and not (c[key] is None and key in nullable) and not ok(c[key]):
                 raise ValueError(f"{where}: {key} must be {want}, got {c[key]!r}")
+    # T5 1.0 vs 1.1 output layer. Configs up to transformers 4.x say it with tie_word_embeddings; 5.x writes
+    # tie_word_embeddings=true for every T5 (even a T5 1.1 it loaded and saves again, with its own
+    # lm_head.weight) and keeps the d_model^-0.5 rescaling, i.e. T5 1.0, in scale_decoder_outputs.
+    tied = c.get("scale_decoder_outputs")
+    tied = bool(c.get("tie_word_embeddings", True) if tied is None else tied)
+    gated = c.get("feed_forward_proj", "relu") == "gated-gelu"
+    return cls(c.get("vocab_size", 32128), c["d_model"], c["d_kv"], c["d_ff"], c["num_heads"],
+               c["num_layers"], c.get("num_decoder_layers") or c["num_layers"],
+               c.get("relative_attention_num_buckets", 32), c.get("relative_attention_max_distance", 128),
+               gated, tied, c.get("dropout_rate", 0.1), c.get("layer_norm_epsilon", 1e-6),
+               c.get("_name_or_path", "") or "")
 
 
 def hf_name_map(cfg):
@@ -543,35 +533,23 @@ def hf_name_map(cfg):
     return names
 
 
-def _is_linear(path):
-    """torch Linear weights and HF's relpos table [K,N] are stored transposed; the embedding and norms not."""
-    return path != "token_embedder/embedding" and not path.endswith("/scale")
-
-
-def _torch_shape(path, shape):
-    """The HF tensor shape of a T5X param: torch Linear stores [out, in]; heads are merged, N*H."""
-    if not _is_linear(path):
-        return shape
-    if len(shape) == 3:  # [N,H,D] (out) or [D,N,H] (query/key/value)
-        (a, b, c) = shape
-        shape = (a * b, c) if path.endswith("out/kernel") else (a, b * c)
-    return shape[::-1]
+def _hf_layout(path, shape):
+    """(HF shape, T5X shape split as (out axes, in axes)) of a T5X param. torch Linear stores a kernel
+    [*in, *out] as [out, in] with the heads merged (N*H); HF's relpos table [K,N] is transposed too. The
+    embedding and the norms are stored as they are: (shape, None)."""
+    if path == "token_embedder/embedding" or path.endswith("/scale"):
+        return shape, None
+    k = 2 if path.endswith("out/kernel") else 1  # the input axes: N,H of out [N,H,D]; D of query [D,N,H]
+    return (math.prod(shape[k:]), math.prod(shape[:k])), (shape[k:], shape[:k])
 
 
 def _as_t5x(w, path, shape):
-    """The HF tensor w [out, in] as a view of T5X shape `shape`: no copy, so a memory map stays on disk."""
-    if not _is_linear(path):
+    """The HF tensor w as a view of T5X shape `shape`: no copy, so a memory map stays on disk."""
+    split = _hf_layout(path, shape)[1]
+    if split is None:
         return w
-    if len(shape) == 2:
-        return w.T
-    if path.endswith("out/kernel"):  # [D, N*H] -> [N,H,D]
-        return w.reshape(shape[2], shape[0], shape[1]).transpose(1, 2, 0)
-    return w.reshape(shape[1], shape[2], shape[0]).transpose(2, 0, 1)  # [N*H, D] -> [D,N,H]
-
-
-def _read_block(w, path, shape, dtype, index):
-    """Block `index` (a tuple of slices of the T5X shape) of the HF tensor w: only its bytes are read."""
-    return np.asarray(_as_t5x(w, path, shape)[tuple(index)], dtype)
+    out, inp = split  # [out, in] -> [*out, *in] -> [*in, *out]
+    return w.reshape(*out, *inp).transpose(*range(len(out), len(shape)), *range(len(out)))
 
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -629,8 +607,7 @@ def _read_tensors(d):
             with open(f, "rb") as fh:  # `git clone` without git-lfs leaves small text pointer files
                 if fh.read(64).startswith(b"version https://git-lfs"):
                     raise ValueError(f"{f} is a Git LFS pointer, not the weights: run `git lfs pull` in {d}, "
-                                     "or pass the hub id to load_checkpoint (it downloads with "
-                                     "huggingface_hub)")
+                                     "or pass the hub id to load_checkpoint")
         return {k: v for f in files for k, v in reader(f).items()}
     raise FileNotFoundError(f"no weights in {d}: expected model.safetensors, model.safetensors.index.json, "
                             "pytorch_model.bin or pytorch_model.bin.index.json")
@@ -642,17 +619,16 @@ def _hf_tensors(d, cfg, config):
     if "shared.weight" not in tensors:  # some exports keep only the per-stack copies of the embedding
         tensors.update({"shared.weight": tensors[k] for k in ("decoder.embed_tokens.weight",
                                                               "encoder.embed_tokens.weight") if k in tensors})
-    # Early HF conversions of the original T5 carry a relpos table for the first cross-attention, which has no
-    # position bias (huggingface/transformers issue #2334); transformers ignores it on load too.
+    # Early HF conversions of T5 1.0 hold a relpos table for the first cross-attention, which has none;
+    # transformers ignores it too: https://github.com/huggingface/transformers/issues/2334
     tensors.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
     # Tied checkpoints may repeat the embedding under these names: drop copies that equal shared.weight.
     shared = tensors.get("shared.weight")
     for name in ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"] + ["lm_head.weight"] * tied:
         if name in tensors and shared is not None and np.array_equal(tensors[name], shared):
             del tensors[name]
-    # transformers 5.x saves a T5 1.1 built in memory with its (unscaled) output layer tied to the embedding
-    # (tie_word_embeddings=true, scale_decoder_outputs=false) and no lm_head.weight: that layer is
-    # shared.weight.
+    # transformers 5.x saves a T5 1.1 built in memory with its unscaled output layer tied to the embedding
+    # (tie_word_embeddings=true, scale_decoder_outputs=false) and no lm_head.weight: it is shared.weight.
     untied_but_saved_tied = not tied and config.get("tie_word_embeddings", True)
     if untied_but_saved_tied and "lm_head.weight" not in tensors and shared is not None:
         tensors["lm_head.weight"] = shared
@@ -684,17 +660,15 @@ def _resolve(path_or_hub_id):
 
 def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
     """A HF T5 checkpoint (local directory or hub id) -> (T5Config, params with T5X names, cast to dtype).
-    shardings(shapes) -> a pytree of jax Shardings like params (spot.param_shardings): each leaf is then
-    built from the blocks this process's devices hold, read from the memory-mapped safetensors file block by
-    block, so a host never holds a whole tensor that its devices split, and no process sends weights to
-    another."""
+    shardings(shapes) -> a pytree of jax Shardings like params (spot.param_shardings): each leaf is then built
+    from the blocks this process's devices hold, read from the memory-mapped safetensors file: no host holds a
+    whole tensor that its devices split, and no process sends weights to another."""
     d = _resolve(str(path_or_hub_id))
     if not (d / "config.json").exists():
         if (d / "checkpoint").is_file() or any(d.glob("checkpoint_*/checkpoint")):
-            raise FileNotFoundError(f"{d} is a T5X checkpoint (msgpack + zarr arrays); load_checkpoint reads "
-                                    "Hugging Face ones: pass the hub id of the same model "
-                                    "(google/t5-base-lm-adapt is T5X's t5_1_1_lm100k_base) or a directory "
-                                    "with config.json and model.safetensors")
+            raise FileNotFoundError(f"{d} is a T5X checkpoint (msgpack + zarr); load_checkpoint reads HF "
+                                    "ones: pass the hub id of the same model (google/t5-base-lm-adapt is "
+                                    "T5X's t5_1_1_lm100k_base) or a checkpoint directory with config.json")
         raise FileNotFoundError(f"{d} has no config.json: pass a Hugging Face T5 checkpoint directory "
                                 "(config.json + model.safetensors or pytorch_model.bin) or a hub id such as "
                                 "google/t5-base-lm-adapt")
@@ -703,19 +677,20 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
     except ValueError as e:
         raise ValueError(f"{d / 'config.json'} is not valid JSON ({e}): download it again") from None
     cfg = T5Config.from_hf(config, where=d / "config.json")
-    tensors, want = _hf_tensors(d, cfg, config), _expected_shapes(cfg)
+    tensors, want = _hf_tensors(d, cfg, config), _shapes(cfg)
     names, flat, problems = hf_name_map(cfg), {}, []
     placed = {} if not shardings else _flatten(
         shardings(_unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in want.items()})))
     for name, path in names.items():
+        hf_shape = _hf_layout(path, want[path])[0]
         if name not in tensors:
             problems.append(f"missing tensor {name}")
-        elif tuple(tensors[name].shape) != _torch_shape(path, want[path]):
-            problems.append(f"tensor {name} has shape {tuple(tensors[name].shape)}, "
-                            f"expected {_torch_shape(path, want[path])}")
-        elif path in placed:
-            flat[path] = jax.make_array_from_callback(want[path], placed[path], functools.partial(
-                _read_block, tensors[name], path, want[path], dtype))
+        elif tuple(tensors[name].shape) != hf_shape:
+            problems.append(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {hf_shape}")
+        elif path in placed:  # each device's block is read on its own from the view of the memory map
+            view = _as_t5x(tensors[name], path, want[path])
+            flat[path] = jax.make_array_from_callback(
+                want[path], placed[path], lambda index, view=view: np.asarray(view[tuple(index)], dtype))
         else:
             flat[path] = jnp.asarray(_as_t5x(np.asarray(tensors[name]), path, want[path]), dtype=dtype)
     problems += [f"unexpected tensor {k}" for k in tensors if k not in names]

@@ -26,12 +26,13 @@ B, S, T, P = 3, 150, 6, 5  # S > relative_attention_max_distance = 128
 
 def _write_hub_checkpoint(model, d, untied):
     """model.safetensors + config.json as on the hub. For T5 1.1: tie_word_embeddings false and a distinct
-    lm_head.weight (transformers 5.x would save an in-memory untied T5 tied, without the d_model^-0.5 scaling)."""
+    lm_head.weight (transformers 5.x would save an in-memory untied T5 tied, without d_model^-0.5 scaling)."""
     d.mkdir(parents=True, exist_ok=True)
     if not untied:
         model.save_pretrained(d)
         return
-    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if "embed_tokens" not in k}
+    sd = {k: v.detach().clone().contiguous()
+          for k, v in model.state_dict().items() if "embed_tokens" not in k}
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("scale_decoder_outputs", None)
@@ -50,8 +51,9 @@ def _batch(dec_len=T):
 
 
 def _hf_generate(hf, ids, max_len):
-    out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(), do_sample=False,
-                      max_new_tokens=max_len, num_beams=1).numpy()[:, 1:]  # drop the decoder start token
+    out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(),
+                      do_sample=False, max_new_tokens=max_len, num_beams=1).numpy()
+    out = out[:, 1:]  # drop the decoder start token
     return np.pad(out, ((0, 0), (0, max_len - out.shape[1])))  # HF stops early once every row has hit EOS
 
 
@@ -77,8 +79,8 @@ def lm_adapt_ckpt(tmp_path_factory):
 
 
 def _checkpoint(kind, tmp_path_factory):
-    """Row EOS=1 of the output layer becomes a slightly larger copy of the row of a token that greedy decoding emits
-    in the last row only, so the decoding test sees that row stop at EOS while the others go on."""
+    """Row EOS=1 of the output layer becomes a slightly larger copy of the row of a token that greedy decoding
+    emits in the last row only, so the decoding test sees that row stop at EOS while the others go on."""
     if kind in _CHECKPOINTS:
         return _CHECKPOINTS[kind]
     untied = kind == "t5_1_1"
@@ -88,7 +90,8 @@ def _checkpoint(kind, tmp_path_factory):
     model = transformers.T5ForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         if untied:
-            model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model ** -0.5)
+            lm_head = torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model ** -0.5
+            model.lm_head.weight = torch.nn.Parameter(lm_head)
         else:  # at HF's init the std-1 embedding dominates the residual stream: every row repeats one token
             model.shared.weight.mul_(0.1)
         head = model.lm_head.weight if untied else model.shared.weight
@@ -115,21 +118,22 @@ def test_checkpoint_written_like_the_hub(ckpt):
 @pytest.mark.parametrize("dec_len", [T, 4 * T], ids=["short_targets", "long_targets"])
 @pytest.mark.parametrize("with_prompt", [False, True], ids=["no_prompt", "prompt"])
 def test_logits_match_hf(ckpt, with_prompt, dec_len):
-    """Without a prompt: HF on input_ids. With one: HF on inputs_embeds = [prompt; embed(ids)] and P more mask ones
-    (Lester et al. 2021 §2), which is what t5_model.forward(prompt=...) must compute. Short targets take the
-    cross-attention that never forms keys and values (_attend_encoded), long ones the projected keys and values."""
+    """Without a prompt: HF on input_ids. With one: HF on inputs_embeds = [prompt; embed(ids)] and P more
+    mask ones (Lester et al. 2021 §2), which is what t5_model.forward(prompt=...) must compute. Short targets
+    take the cross-attention that never forms keys and values (_attend_encoded), long ones the projected
+    keys and values."""
     d, hf = ckpt
     cfg, params = tm.load_checkpoint(d)
     ids, dec, prompt = _batch(dec_len)
     assert tm._absorbs_cross(cfg, S + (P if with_prompt else 0), dec_len) == (dec_len == T)
-    mask = torch.tensor(ids != 0).long()
+    input_ids, mask, dec_ids = torch.tensor(ids), torch.tensor(ids != 0).long(), torch.tensor(dec)
     with torch.no_grad():
         if with_prompt:
-            embeds = torch.cat([torch.tensor(prompt).expand(B, -1, -1), hf.shared(torch.tensor(ids))], dim=1)
+            embeds = torch.cat([torch.tensor(prompt).expand(B, -1, -1), hf.shared(input_ids)], dim=1)
             mask = torch.cat([torch.ones(B, P, dtype=torch.long), mask], dim=1)
-            ref = hf(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=torch.tensor(dec)).logits.numpy()
+            ref = hf(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec_ids).logits.numpy()
         else:
-            ref = hf(input_ids=torch.tensor(ids), attention_mask=mask, decoder_input_ids=torch.tensor(dec)).logits.numpy()
+            ref = hf(input_ids=input_ids, attention_mask=mask, decoder_input_ids=dec_ids).logits.numpy()
     ours = tm.forward(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32),
                       prompt=jnp.asarray(prompt) if with_prompt else None)
     assert ours.dtype == jnp.float32 and ours.shape == (B, dec_len, cfg.vocab_size)
@@ -140,7 +144,7 @@ def test_logits_match_hf(ckpt, with_prompt, dec_len):
 
 @pytest.mark.parametrize("max_len", [8, 24])
 def test_greedy_decode_matches_hf_generate(ckpt, max_len):
-    """max_len 8: cross-attention without keys and values (_attend_encoded); 24: with projected, cached ones."""
+    """max_len 8: cross-attention without keys/values (_attend_encoded); 24: with projected, cached ones."""
     d, hf = ckpt
     cfg, params = tm.load_checkpoint(d)
     ids, _, _ = _batch()
@@ -207,9 +211,10 @@ def test_pytorch_bin_without_torch_says_what_to_install(ckpt, tmp_path, monkeypa
 
 
 def test_t5_1_1_saved_by_transformers_5_loads(lm_adapt_ckpt, tmp_path):
-    """transformers 5.x save_pretrained writes tie_word_embeddings=true for every T5 and marks T5 1.1 (no d_model^-0.5
-    rescaling) with scale_decoder_outputs=false: a hub T5 1.1 saved again keeps its lm_head.weight; one built in
-    memory has its head tied to the embedding and no lm_head.weight in the file. Both must load as HF runs them."""
+    """transformers 5.x save_pretrained writes tie_word_embeddings=true for every T5 and marks T5 1.1 (no
+    d_model^-0.5 rescaling) with scale_decoder_outputs=false: a hub T5 1.1 saved again keeps its
+    lm_head.weight; one built in memory has its head tied to the embedding and no lm_head.weight in the file.
+    Both must load as HF runs them."""
     d, hf = lm_adapt_ckpt
     cfg, params = tm.load_checkpoint(d)
     hf.save_pretrained(tmp_path / "resaved")
@@ -220,7 +225,8 @@ def test_t5_1_1_saved_by_transformers_5_loads(lm_adapt_ckpt, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
     torch.manual_seed(1)
-    mem = transformers.T5ForConditionalGeneration(transformers.T5Config(**TINY_HF, feed_forward_proj="gated-gelu"))
+    gated = transformers.T5Config(**TINY_HF, feed_forward_proj="gated-gelu")
+    mem = transformers.T5ForConditionalGeneration(gated)
     mem.eval().save_pretrained(tmp_path / "in_memory")
     assert "lm_head.weight" not in tm._read_safetensors(tmp_path / "in_memory" / "model.safetensors")
     cfg, params = tm.load_checkpoint(tmp_path / "in_memory")
@@ -233,7 +239,7 @@ def test_t5_1_1_saved_by_transformers_5_loads(lm_adapt_ckpt, tmp_path):
 
 
 def test_pre_zip_pytorch_bin_loads(lm_adapt_ckpt, tmp_path):
-    """pytorch_model.bin written by torch < 1.6 (no zip container) cannot be memory-mapped; it must still load."""
+    """pytorch_model.bin from torch < 1.6 (no zip container) cannot be memory-mapped; it must still load."""
     d, hf = lm_adapt_ckpt
     _, params = tm.load_checkpoint(d)
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
@@ -242,8 +248,8 @@ def test_pre_zip_pytorch_bin_loads(lm_adapt_ckpt, tmp_path):
 
 
 def test_unused_cross_attention_relpos_table_is_ignored(tmp_path_factory, tmp_path):
-    """Early HF conversions of the original T5 models hold a relpos table for the first cross-attention, which T5
-    never uses (transformers issue #2334; transformers skips it on load)."""
+    """Early HF conversions of T5 1.0 hold a relpos table for the first cross-attention, which T5 never
+    uses; transformers skips it on load too: https://github.com/huggingface/transformers/issues/2334"""
     d, _ = _checkpoint("t5_1_0", tmp_path_factory)
     _, params = tm.load_checkpoint(d)
     tensors = {k: torch.tensor(np.array(v)) for k, v in tm._read_safetensors(d / "model.safetensors").items()}
@@ -265,7 +271,8 @@ def test_hub_download_fetches_one_copy_of_the_weights(lm_adapt_ckpt, tmp_path, m
     torch.save(hf.state_dict(), repo / "pytorch_model.bin")
     (repo / "tf_model.h5").write_bytes(b"")
 
-    def snapshot_download(repo_id, allow_patterns):  # a stand-in for the hub: copies what the patterns ask for
+    # a stand-in for the hub: copies what the patterns ask for
+    def snapshot_download(repo_id, allow_patterns):
         snapshot = tmp_path / "cache" / repo_id
         snapshot.mkdir(parents=True, exist_ok=True)
         for f in repo.iterdir():
@@ -292,14 +299,16 @@ def test_bfloat16_params_give_finite_logits_close_to_float32(lm_adapt_ckpt):
     assert p16["encoder"]["layers_0"]["attention"]["query"]["kernel"].dtype == jnp.bfloat16
     l32, l16 = tm.forward(p32, cfg, *args), tm.forward(p16, cfg, *args)
     assert l16.dtype == jnp.float32 and bool(jnp.isfinite(l16).all())
-    print(f"{d.name}: bf16 vs fp32 max |logit diff| = {float(jnp.abs(l16 - l32).max()):.3f}, max |logit| {float(jnp.abs(l32).max()):.1f}")
+    print(f"{d.name}: bf16 vs fp32 max |logit diff| = {float(jnp.abs(l16 - l32).max()):.3f}, "
+          f"max |logit| {float(jnp.abs(l32).max()):.1f}")
     assert float(jnp.abs(l16 - l32).max()) < 0.05 * float(jnp.abs(l32).max())
     assert float(jnp.mean(jnp.argmax(l16, -1) == jnp.argmax(l32, -1))) > 0.8
 
 
 # --------------------------------------------------------------------------------------------- bad input
 def _copy_without(src, dst, drop=None, reshape=None):
-    tensors = {k: np.array(v) for k, v in tm._read_safetensors(src / "model.safetensors").items() if k != drop}
+    tensors = tm._read_safetensors(src / "model.safetensors")
+    tensors = {k: np.array(v) for k, v in tensors.items() if k != drop}
     if reshape:
         tensors[reshape] = tensors[reshape][:-1]
     dst.mkdir()
@@ -320,7 +329,8 @@ def test_missing_and_misshaped_tensors_are_named(ckpt, tmp_path):
 
 def test_wrong_and_broken_files_say_what_to_do(lm_adapt_ckpt, tmp_path):
     d, _ = lm_adapt_ckpt
-    with pytest.raises(NotADirectoryError, match=f"is a file: pass the checkpoint directory .*{re.escape(f'({d})')}"):
+    parent = re.escape(f"({d})")
+    with pytest.raises(NotADirectoryError, match=f"is a file: pass the checkpoint directory .*{parent}"):
         tm.load_checkpoint(d / "model.safetensors")
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -329,13 +339,16 @@ def test_wrong_and_broken_files_say_what_to_do(lm_adapt_ckpt, tmp_path):
     (broken / "model.safetensors").write_bytes(weights[:len(weights) // 2])  # an interrupted download
     with pytest.raises(ValueError, match="not a complete safetensors file .*: download it again"):
         tm.load_checkpoint(broken)
-    # `git clone` of a hub repo without git-lfs: a short text file (read as a header size, it asked for exabytes)
-    (broken / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    # `git clone` without git-lfs leaves a short text file (read as a header size, it asked for exabytes)
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n"
+    (broken / "model.safetensors").write_text(pointer)
     with pytest.raises(ValueError, match="is a Git LFS pointer, not the weights: run `git lfs pull`"):
         tm.load_checkpoint(broken)
     (broken / "model.safetensors").unlink()
-    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"shared.weight": "model-1.safetensors"}}))
-    with pytest.raises(FileNotFoundError, match="names model-1.safetensors, which is not in .*the missing shard"):
+    index = {"weight_map": {"shared.weight": "model-1.safetensors"}}
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError,
+                       match="names model-1.safetensors, which is not in .*the missing shard"):
         tm.load_checkpoint(broken)
     (broken / "config.json").write_text(json.dumps(transformers.BartConfig(d_model=16).to_dict()))
     with pytest.raises(ValueError, match="model_type='bart', not T5"):
@@ -343,7 +356,7 @@ def test_wrong_and_broken_files_say_what_to_do(lm_adapt_ckpt, tmp_path):
 
 
 def test_t5x_checkpoint_is_recognised(shared_data):
-    """The official SPoT code reads T5X checkpoints; ours reads HF ones and must say so, naming the HF equivalent."""
+    """The official SPoT code reads T5X checkpoints; ours reads HF ones and must say so, naming the model."""
     for path in (shared_data / "t5x_tiny_checkpoint", shared_data / "t5x_tiny_checkpoint" / "checkpoint_3"):
         with pytest.raises(FileNotFoundError, match="is a T5X checkpoint .*google/t5-base-lm-adapt"):
             tm.load_checkpoint(path)
@@ -385,7 +398,8 @@ def test_encode_reads_the_prompt_as_embedded_tokens(tiny):
 def test_prompt_of_wrong_width_raises(tiny):
     cfg, params = tiny
     with pytest.raises(ValueError, match=r"prompt must have shape \[P, d_model=16\], got \(4, 15\)"):
-        tm.forward(params, cfg, jnp.ones((2, 5), jnp.int32), jnp.zeros((2, 3), jnp.int32), prompt=jnp.zeros((4, 15)))
+        tm.forward(params, cfg, jnp.ones((2, 5), jnp.int32), jnp.zeros((2, 3), jnp.int32),
+                   prompt=jnp.zeros((4, 15)))
 
 
 def test_check_params_names_bad_leaves(tiny):
@@ -394,7 +408,8 @@ def test_check_params_names_bad_leaves(tiny):
     params = jax.tree.map(lambda x: x, params)  # a copy: the fixture is shared
     params["encoder"]["layers_1"]["mlp"]["wo"]["kernel"] = jnp.zeros((31, 16))
     del params["decoder"]["decoder_norm"]
-    with pytest.raises(ValueError, match="missing decoder/decoder_norm/scale.*encoder/layers_1/mlp/wo/kernel has shape"):
+    match = "missing decoder/decoder_norm/scale.*encoder/layers_1/mlp/wo/kernel has shape"
+    with pytest.raises(ValueError, match=match):
         tm.check_params(params, cfg)
 
 
@@ -427,10 +442,12 @@ def test_param_count_matches_hf_meta_model(name):
     hf_cfg = transformers.T5Config(
         vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff, num_heads=cfg.num_heads,
         num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
-        feed_forward_proj="gated-gelu" if cfg.gated_gelu else "relu", tie_word_embeddings=cfg.tie_word_embeddings)
+        feed_forward_proj="gated-gelu" if cfg.gated_gelu else "relu",
+        tie_word_embeddings=cfg.tie_word_embeddings)
     with torch.device("meta"):
         hf = transformers.T5ForConditionalGeneration(hf_cfg)
-        if not cfg.tie_word_embeddings:  # transformers 5.x ties in memory; the hub's T5 1.1 checkpoints are untied
+        # transformers 5.x ties in memory; the hub's T5 1.1 checkpoints are untied
+        if not cfg.tie_word_embeddings:
             hf.lm_head.weight = torch.nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
     assert tm.param_count(cfg) == sum(p.numel() for p in hf.parameters())
 
@@ -439,13 +456,15 @@ def test_presets():
     # T5 1.1 Base with its own output layer: 247.6M, as HF's T5ForConditionalGeneration counts it
     assert tm.param_count(tm.T5Config.from_name("google/t5-base-lm-adapt")) == 247_577_856
     for size in ("small", "base", "large", "xl", "xxl"):
-        lm, v11 = tm.T5Config.from_name(f"google/t5-{size}-lm-adapt"), tm.T5Config.from_name(f"google/t5-v1_1-{size}")
+        lm = tm.T5Config.from_name(f"google/t5-{size}-lm-adapt")
+        v11 = tm.T5Config.from_name(f"google/t5-v1_1-{size}")
         assert lm.gated_gelu and not lm.tie_word_embeddings and lm == dataclasses.replace(v11, name=lm.name)
     base = tm.T5Config.from_name("google-t5/t5-base")
     assert (base.d_ff, base.gated_gelu, base.tie_word_embeddings) == (3072, False, True)
     assert tm.T5Config.from_name("t5-11b").num_heads == 128
     tiny = tm.T5Config.tiny()
-    assert (tiny.d_model, tiny.num_layers, tiny.num_heads, tiny.d_kv, tiny.d_ff, tiny.vocab_size) == (16, 2, 2, 8, 32, 32128)
+    shape = (tiny.d_model, tiny.num_layers, tiny.num_heads, tiny.d_kv, tiny.d_ff, tiny.vocab_size)
+    assert shape == (16, 2, 2, 8, 32, 32128)
 
 
 def test_from_hf_reads_a_hub_config():
@@ -454,8 +473,10 @@ def test_from_hf_reads_a_hub_config():
     # transformers 5.x writes tie_word_embeddings=true for every T5; scale_decoder_outputs=false marks T5 1.1
     assert c["tie_word_embeddings"] and c["scale_decoder_outputs"] is False
     cfg = tm.T5Config.from_hf(c)
-    assert cfg == dataclasses.replace(tm.T5Config.from_name("google/t5-base-lm-adapt"), vocab_size=32100, name=cfg.name)
-    hub = {**{k: v for k, v in c.items() if k != "scale_decoder_outputs"}, "tie_word_embeddings": False}  # 4.x / hub
+    base = tm.T5Config.from_name("google/t5-base-lm-adapt")
+    assert cfg == dataclasses.replace(base, vocab_size=32100, name=cfg.name)
+    # as transformers 4.x and the hub write it
+    hub = {**{k: v for k, v in c.items() if k != "scale_decoder_outputs"}, "tie_word_embeddings": False}
     assert tm.T5Config.from_hf(hub) == cfg
     assert tm.T5Config.from_hf({**c, "scale_decoder_outputs": True}).tie_word_embeddings
     with pytest.raises(ValueError, match="no d_kv, num_heads: it is not a T5 config"):
@@ -504,32 +525,37 @@ def test_decoder_is_causal(tiny):
     dec = jnp.array([[0, 9, 10, 11]], jnp.int32)
     logits = tm.forward(params, cfg, ids, dec)
     later = tm.forward(params, cfg, ids, dec.at[0, 3].set(40))
-    np.testing.assert_allclose(later[:, :3], logits[:, :3], rtol=0, atol=f32_atol(logits, network_roundings(cfg, 6)))
+    np.testing.assert_allclose(later[:, :3], logits[:, :3], rtol=0,
+                               atol=f32_atol(logits, network_roundings(cfg, 6)))
     assert not np.allclose(later[:, 3], logits[:, 3])
 
 
 def test_dropout_is_a_pure_function_of_the_key(tiny):
     cfg, params = tiny
     ids, dec = jnp.array([[5, 6, 7, 1, 0, 0]], jnp.int32), jnp.array([[0, 9, 10, 11]], jnp.int32)
-    a, b = tm.forward(params, cfg, ids, dec, None, jax.random.key(1)), tm.forward(params, cfg, ids, dec, None, jax.random.key(1))
+    a = tm.forward(params, cfg, ids, dec, None, jax.random.key(1))
+    b = tm.forward(params, cfg, ids, dec, None, jax.random.key(1))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, tm.forward(params, cfg, ids, dec, None, jax.random.key(2)))
     assert not np.allclose(a, tm.forward(params, cfg, ids, dec))
     x = jnp.ones((40, 3, 5000))                             # [B, L, D]
     seeds = jax.random.bits(jax.random.key(7), (40,), jnp.uint32)  # one per example, as _drop_fn draws them
     y = tm._dropout(x, "site", seeds, 0.1)
-    np.testing.assert_array_equal(y, jnp.broadcast_to(y[:, :1], y.shape))  # T5: one mask per (batch, feature) ...
-    assert not np.array_equal(y[0, 0], y[1, 0])                            # ... drawn anew for each example
+    # T5: one mask per (batch, feature), drawn anew for each example
+    np.testing.assert_array_equal(y, jnp.broadcast_to(y[:, :1], y.shape))
+    assert not np.array_equal(y[0, 0], y[1, 0])
     assert abs(float(jnp.mean(y == 0)) - 0.1) < 0.005  # 200k draws: 5 standard deviations
     np.testing.assert_allclose(jnp.unique(y), [0.0, 1 / 0.9], rtol=EPS32)  # inverted dropout keeps the mean
     other = tm._dropout(x, "another site", seeds, 0.1)
     assert abs(float(jnp.mean((y == 0) & (other == 0))) - 0.01) < 0.002  # sites draw independent masks
     per_element = tm._dropout(x, "site", seeds, 0.1, mask_shape=x.shape)
-    assert abs(float(jnp.mean(per_element == 0)) - 0.1) < 0.005 and not np.array_equal(per_element[:, 0], per_element[:, 1])
-    # An example's masks depend on its own key only, not on the batch around it (train_step's sub-batches rely on it).
+    assert abs(float(jnp.mean(per_element == 0)) - 0.1) < 0.005
+    assert not np.array_equal(per_element[:, 0], per_element[:, 1])
+    # An example's masks depend on its own key only, not on its batch (train_step's sub-batches rely on it).
     keys = jax.random.split(jax.random.key(3), 2)
     ids2, dec2 = jnp.concatenate([ids, ids + 2]), jnp.concatenate([dec, dec])
     both = tm.forward(params, cfg, ids2, dec2, None, keys)
     np.testing.assert_allclose(tm.forward(params, cfg, ids2[1:], dec2[1:], None, keys[1:]), both[1:], rtol=0,
                                atol=f32_atol(both, network_roundings(cfg, 6)))
-    np.testing.assert_array_equal(tm.forward(params, cfg, ids2, dec2, None, jax.random.key(3)), both)  # key = split
+    # one key = the same key split per example
+    np.testing.assert_array_equal(tm.forward(params, cfg, ids2, dec2, None, jax.random.key(3)), both)
