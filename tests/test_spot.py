@@ -1,6 +1,8 @@
-"""spot.py: prompt-only gradients, frozen weights, initialisations, Adafactor parity, exact resume, NaN stop, sharding.
+"""spot.py: prompt-only gradients, frozen weights, initialisations, Adafactor parity, exact resume, NaN stop,
+sharding.
 
-Every training test shares one TrainConfig (TC) and one batch shape, so train_step compiles once for the module.
+Every training test shares one TrainConfig (TC) and one batch shape, so train_step compiles once for the
+module.
 """
 import dataclasses
 import itertools
@@ -27,20 +29,28 @@ from conftest import f32_atol, network_roundings
 ROOT = Path(__file__).resolve().parents[1]
 CFG = t5_model.T5Config.tiny()
 P, B, S, POISON = 8, 4, 10, 7
-TC = spot.TrainConfig(steps=12, batch_size=B, eval_every=4, checkpoint_every=4, embedding_step=6, log_every=4)
+TC = spot.TrainConfig(steps=12, batch_size=B, eval_every=4, checkpoint_every=4, embedding_step=6,
+                      log_every=4)
 STEP = (TC.optimizer, TC.z_loss, spot.sub_batch_count(TC))   # train_step's static arguments after cfg
 PC = spot.PromptConfig(length=P)
-quiet = lambda line: None
+
+
+def quiet(line):
+    pass
 
 
 def random_params(cfg, seed=0):
-    """Random frozen weights of cfg's shapes, drawn with numpy (t5_model.init_params runs op by op: slow in tests)."""
+    """Random frozen weights of cfg's shapes, drawn with numpy (t5_model.init_params runs op by op: slow in
+    tests)."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(lambda k: t5_model.init_params(k, cfg), jax.random.key(0))
-    std = {'scale': 0.0, 'embedding': 1.0}                      # as init_params: unit norms, unit-std embedding
-    return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(
-        rng.normal(1.0 if path[-1].key == 'scale' else 0.0, std.get(path[-1].key, s.shape[0] ** -0.5), s.shape),
-        jnp.float32), shapes)
+    std = {'scale': 0.0, 'embedding': 1.0}              # as init_params: unit norms, unit-std embedding
+
+    def draw(path, s):
+        name = path[-1].key
+        mean = 1.0 if name == 'scale' else 0.0
+        return jnp.asarray(rng.normal(mean, std.get(name, s.shape[0] ** -0.5), s.shape), jnp.float32)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.fixture(scope='module')
@@ -49,8 +59,9 @@ def frozen():
 
 
 def synthetic_batches(seed=0, poison_from=None, crash_at=None):
-    """A learnable toy task: random inputs, always the answer [42, 43, EOS]. Batch k is a pure function of (seed, k),
-    as data.batches promises. poison_from: token POISON appears from batch k on; crash_at: batch k raises."""
+    """A learnable toy task: random inputs, always the answer [42, 43, EOS]. Batch k is a pure function of
+    (seed, k), as data.batches promises. poison_from: token POISON appears from batch k on; crash_at: batch k
+    raises."""
     def batches(start):
         for k in itertools.count(start):
             if k == crash_at:
@@ -76,7 +87,7 @@ def leaves_bytes(tree):
     return [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(tree)]
 
 
-# ----------------------------------------------------------------------------------------------- the step
+# --------------------------------------------------------------------------------------------------- the step
 def test_gradient_is_the_prompt_only_and_frozen_is_an_argument(frozen):
     prompt, batch = jnp.ones((P, CFG.d_model)), EVAL_BATCH
     grad_jaxpr = jax.make_jaxpr(jax.grad(spot.prompt_loss), static_argnums=3)(
@@ -88,22 +99,25 @@ def test_gradient_is_the_prompt_only_and_frozen_is_an_argument(frozen):
     frozen_shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(frozen)}
     out_shapes = [tuple(a.shape) for a in step_jaxpr.out_avals]
     assert out_shapes[0] == (P, CFG.d_model) and out_shapes[-1] == ()           # new prompt ... loss
-    assert not frozen_shapes & set(out_shapes), 'a weight-shaped output: something other than the prompt trains'
+    assert not frozen_shapes & set(out_shapes), \
+        'a weight-shaped output: something other than the prompt trains'
     big_consts = [c for c in step_jaxpr.consts if np.size(c) > 1000]
     assert not big_consts, 'frozen weights were captured as constants of the step'
 
 
 def test_sub_batches_change_nothing_but_the_schedule(frozen):
-    """train_step's sub-batches (execution only) give the loss, gradient and dropout masks of the whole batch."""
+    """train_step's sub-batches (execution only) give the loss, gradient and dropout masks of the whole
+    batch."""
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     batch = {k: jnp.asarray(v) for k, v in EVAL_BATCH.items()}
     batch['targets'] = batch['targets'].at[0, 1:].set(0)                      # unequal token counts per row
     cfg, key = dataclasses.replace(CFG, dropout_rate=0.1), spot.dropout_key(0, 5)
     ref = jax.value_and_grad(spot.prompt_loss)(prompt, frozen, batch, cfg, key)
     for k in (1, 2, B):
-        loss, grad = jax.value_and_grad(spot.sub_batched(spot.prompt_loss, k))(prompt, frozen, batch, cfg, key,
-                                                                               TC.z_loss)
-        # The sub-batches sum the same terms in another order: float32 rounding of the network, the batch sum on top.
+        sub_batched_loss = spot.sub_batched(spot.prompt_loss, k)
+        loss, grad = jax.value_and_grad(sub_batched_loss)(prompt, frozen, batch, cfg, key, TC.z_loss)
+        # The sub-batches sum the same terms in another order: float32 rounding of the network, the batch sum
+        # on top.
         n = network_roundings(CFG, P + S) + B
         np.testing.assert_allclose(loss, ref[0], rtol=0, atol=f32_atol(ref[0], n))
         np.testing.assert_allclose(grad, ref[1], rtol=0, atol=f32_atol(ref[1], n))
@@ -111,22 +125,25 @@ def test_sub_batches_change_nothing_but_the_schedule(frozen):
 
 @pytest.fixture(scope='module')
 def twenty_steps(frozen):
-    """20 steps from the same start, twice in this process: (frozen before, run 1, run 2), each run a dict of the
-    training losses and the held-out (no dropout) loss before and after."""
+    """20 steps from the same start, twice in this process: (frozen before, run 1, run 2), each run a dict of
+    the training losses and the held-out (no dropout) loss before and after."""
     before, runs = leaves_bytes(frozen), []
     for _ in range(2):
         prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
         held_out = [-evaluator(frozen)(prompt)['score']]
         opt_state, data, losses = spot.make_optimizer(TC.optimizer).init(prompt), synthetic_batches()(0), []
         for step in range(20):
-            prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, next(data), spot.dropout_key(0, step),
-                                                      CFG, *STEP)
+            prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, next(data),
+                                                      spot.dropout_key(0, step), CFG, *STEP)
             losses.append(float(loss))
         # The training objective (dropout on) of the first and the last prompt, on the same batches and masks
-        train_cfg, first = dataclasses.replace(CFG, dropout_rate=TC.dropout), spot.init_prompt(jax.random.key(1), frozen, PC)
-        paired = [[float(spot.prompt_loss(p, frozen, b, train_cfg, spot.dropout_key(0, k))) for p in (first, prompt)]
+        train_cfg = dataclasses.replace(CFG, dropout_rate=TC.dropout)
+        first = spot.init_prompt(jax.random.key(1), frozen, PC)
+        paired = [[float(spot.prompt_loss(p, frozen, b, train_cfg, spot.dropout_key(0, k)))
+                   for p in (first, prompt)]
                   for k, b in zip(range(20), synthetic_batches()(0))]
-        runs.append({'losses': losses, 'held_out': held_out + [-evaluator(frozen)(prompt)['score']], 'paired': paired})
+        held_out.append(-evaluator(frozen)(prompt)['score'])
+        runs.append({'losses': losses, 'held_out': held_out, 'paired': paired})
     return before, *runs
 
 
@@ -138,21 +155,23 @@ def test_loss_falls_on_a_learnable_task(twenty_steps):
     run = twenty_steps[1]
     print('held-out loss (no dropout) before, after:', run['held_out'])
     assert run['held_out'][1] < run['held_out'][0] - 0.3, run['held_out']      # ~11.3 -> ~10.7 measured
-    # With dropout on, step-to-step losses are too noisy to compare (T5's masks drop whole features of a 16-wide
-    # model); on the same 20 batches and masks, the last prompt has the lower training loss.
+    # With dropout on, step-to-step losses are too noisy to compare (T5's masks drop whole features of a
+    # 16-wide model); on the same 20 batches and masks, the last prompt has the lower training loss.
     first, last = np.mean(run['paired'], axis=0)
     print(f'training loss on the same batches and masks: first prompt {first:.3f}, last {last:.3f}')
     assert last < first - 0.1, run['paired']
 
 
 def test_first_losses_reproduce_in_process(twenty_steps):
-    """Golden regression (llm.c style), computed twice rather than hard-coded: same seed, same first 5 losses."""
+    """Golden regression (llm.c style), computed twice rather than hard-coded: same seed, same first 5
+    losses."""
     assert twenty_steps[1]['losses'][:5] == twenty_steps[2]['losses'][:5]
     assert len(set(twenty_steps[1]['losses'][:5])) == 5
 
 
 def test_dropout_is_on_in_training_and_keyed(frozen):
-    """Same (seed, step) -> same training loss; other keys -> other losses; evaluation (no key) differs from all."""
+    """Same (seed, step) -> same training loss; other keys -> other losses; evaluation (no key) differs from
+    all."""
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     def train_loss(seed, step):
         p = jnp.array(prompt)                                   # copies: train_step consumes its inputs
@@ -166,13 +185,13 @@ def test_dropout_is_on_in_training_and_keyed(frozen):
 @pytest.mark.parametrize('t5x_start, opt', [(0, spot.OptimizerConfig(decay_offset=0)),
                                            (spot.LM_ADAPT_CHECKPOINT_STEP, spot.OptimizerConfig())])
 def test_optax_adafactor_matches_t5x_update(t5x_start, opt):
-    """make_optimizer(opt) vs a numpy transcription of t5x/adafactor.py (unfactored [100,768], beta2_t = 1 - (t+1)^-0.8,
-    update clipped to RMS 1, new = (1 - wd) * p - lr * y) over 20 steps. T5X counts t from the step of the checkpoint
-    it restored (1.1M for the LM-adapted T5 1.1 of the official prompt runs): the default OptimizerConfig must match that
-    run, and decay_offset=0 one that counts from 0."""
+    """make_optimizer(opt) vs a numpy transcription of t5x/adafactor.py (unfactored [100,768],
+    beta2_t = 1 - (t+1)^-0.8, update clipped to RMS 1, new = (1 - wd) * p - lr * y) over 20 steps. T5X counts
+    t from the step of the checkpoint it restored (1.1M for the LM-adapted T5 1.1 of the official prompt
+    runs): the default OptimizerConfig must match that run, and decay_offset=0 one that counts from 0."""
     def t5x_step(p, v, g, step, lr=0.3, decay=0.8, clip=1.0, wd=1e-5):
-        # beta2 in float32 as both t5x and optax compute it: near t = 1.1M, 1 - beta2 = 1.4e-5 keeps only ~0.4%
-        # of precision (float32 spacing below 1 is 6e-8), a rounding that differs from step to step.
+        # beta2 in float32 as both t5x and optax compute it: near t = 1.1M, 1 - beta2 = 1.4e-5 keeps only
+        # ~0.4% of precision (float32 spacing below 1 is 6e-8), a rounding that differs from step to step.
         b2 = np.float64(np.float32(1.0) - np.float32(step + 1.0) ** np.float32(-decay))
         v = b2 * v + (1 - b2) * (g * g + 1e-30)
         y = g / np.sqrt(v)
@@ -188,7 +207,8 @@ def test_optax_adafactor_matches_t5x_update(t5x_start, opt):
         g = rng.normal(scale=10.0 ** rng.uniform(-3, 1), size=p_ref.shape).astype(np.float32)
         upd, state = update(jnp.asarray(g), state, p)
         p = p + upd
-        p_ref, v_ref = t5x_step(p_ref.astype(np.float64), v_ref, g.astype(np.float64), t5x_start + step)
+        p_ref, v_ref = t5x_step(p_ref.astype(np.float64), v_ref, g.astype(np.float64),
+                                t5x_start + step)
     # float32 against a float64 oracle: per step a few roundings of the update and one of p + update
     np.testing.assert_allclose(np.asarray(p), p_ref, rtol=0, atol=f32_atol(p_ref, 20 * 4))
 
@@ -208,16 +228,18 @@ def test_rank_classification_picks_the_most_likely_label(frozen):
     preds = spot.evaluate(frozen, CFG, prompt, inputs, WordVocab(), method='rank', label_names=labels,
                           max_target_len=3, batch_size=B)
     targets = np.int32([[100, 1, 0], [101, 102, 1]])
-    scores = np.stack([t5_model.score_targets(frozen, CFG, EVAL_BATCH['inputs'], np.tile(t, (B, 1)), prompt)[:3]
-                       for t in targets], 1)
+    scores = np.stack([
+        t5_model.score_targets(frozen, CFG, EVAL_BATCH['inputs'], np.tile(t, (B, 1)), prompt)[:3]
+        for t in targets], 1)
     assert preds == [labels[i] for i in scores.argmax(1)]
     with pytest.raises(ValueError, match="needs a classification task"):
         spot.evaluate(frozen, CFG, prompt, inputs, WordVocab(), method='rank')
 
 
-# ----------------------------------------------------------------------------------------------- initialisations
+# -------------------------------------------------------------------------------------------- initialisations
 def table(V=6000, D=4, seed=0):
-    return {'token_embedder': {'embedding': jnp.asarray(np.random.default_rng(seed).normal(size=(V, D)), jnp.float32)}}
+    embedding = np.random.default_rng(seed).normal(size=(V, D))
+    return {'token_embedder': {'embedding': jnp.asarray(embedding, jnp.float32)}}
 
 
 def row_ids(prompt, emb):
@@ -239,15 +261,18 @@ def test_sampled_vocab_rows_are_distinct_rows_below_5000():
 def test_class_labels_mean_pool_each_label_then_sampled_vocab():
     params = table()
     emb = np.asarray(params['token_embedder']['embedding'])
-    labels = [[5005, 20, 31], [7]]                    # 'not_entailment'-like multi-piece label, one-piece label
-    prompt = np.asarray(spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=10, init='class_labels'),
-                                         label_ids=labels))
-    np.testing.assert_allclose(prompt[0], emb[[5005, 20, 31]].mean(0), rtol=0, atol=f32_atol(emb[[5005, 20, 31]], 3))
+    # a 'not_entailment'-like multi-piece label, a one-piece label
+    labels = [[5005, 20, 31], [7]]
+    cfg = spot.PromptConfig(length=10, init='class_labels')
+    prompt = np.asarray(spot.init_prompt(jax.random.key(0), params, cfg, label_ids=labels))
+    np.testing.assert_allclose(prompt[0], emb[[5005, 20, 31]].mean(0), rtol=0,
+                               atol=f32_atol(emb[[5005, 20, 31]], 3))
     np.testing.assert_array_equal(prompt[1], emb[7])
     rest = row_ids(prompt[2:], emb)
     assert rest.min() >= 0 and rest.max() < 5000 and len(set(rest)) == 8
     with pytest.raises(ValueError, match='class_labels'):
-        spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=1, init='class_labels'), label_ids=labels)
+        spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=1, init='class_labels'),
+                         label_ids=labels)
 
 
 def test_text_init_fills_first_rows():
@@ -260,7 +285,8 @@ def test_text_init_fills_first_rows():
 
 
 def test_uniform_init_is_the_official_u_0_half():
-    prompt = np.asarray(spot.init_prompt(jax.random.key(0), table(), spot.PromptConfig(length=100, init='uniform')))
+    cfg = spot.PromptConfig(length=100, init='uniform')
+    prompt = np.asarray(spot.init_prompt(jax.random.key(0), table(), cfg))
     assert prompt.min() >= 0.0 and prompt.max() < 0.5 and abs(prompt.mean() - 0.25) < 0.02
 
 
@@ -272,18 +298,20 @@ def test_file_init_and_width_check(tmp_path):
     with pytest.raises(ValueError, match=r'width 4 .*d_model 16'):
         spot.init_prompt(None, table(D=16), cfg)
     with pytest.raises(ValueError, match='--length=8'):
-        spot.init_prompt(None, table(), spot.PromptConfig(length=100, init='file', source=str(tmp_path / 'p.npy')))
+        too_long = spot.PromptConfig(length=100, init='file', source=str(tmp_path / 'p.npy'))
+        spot.init_prompt(None, table(), too_long)
 
 
 def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
-    """Regressions: jnp indexing clamps ids >= V, so a vocab_pool above the vocabulary made 18 of 20 sampled rows the
-    last row, and out-of-range label/text ids read the wrong rows; NaN, integer, 1-D, .npz and truncated source
-    files were accepted or failed with an unrelated message; labels as numpy arrays failed."""
+    """Regressions: jnp indexing clamps ids >= V, so a vocab_pool above the vocabulary made 18 of 20 sampled
+    rows the last row, and out-of-range label/text ids read the wrong rows; NaN, integer, 1-D, .npz and
+    truncated source files were accepted or failed with an unrelated message; labels as numpy arrays
+    failed."""
     params, small = table(), table(V=1024)
     with pytest.raises(ValueError, match=r'vocab_pool 5000 exceeds .* 1024 rows: pass --vocab_pool=1024'):
         spot.init_prompt(jax.random.key(0), small, spot.PromptConfig(length=20))
-    ids = row_ids(spot.init_prompt(jax.random.key(0), small, spot.PromptConfig(length=20, vocab_pool=1024)),
-                  small['token_embedder']['embedding'])
+    pooled = spot.init_prompt(jax.random.key(0), small, spot.PromptConfig(length=20, vocab_pool=1024))
+    ids = row_ids(pooled, small['token_embedder']['embedding'])
     assert ids.min() >= 0 and len(set(ids)) == 20
     labels = spot.PromptConfig(length=2, init='class_labels')
     with pytest.raises(ValueError, match=r'class label 1: .* ids in \[0, 6000\), got \[6000\]'):
@@ -295,20 +323,24 @@ def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
     emb = np.asarray(params['token_embedder']['embedding'])
     prompt = spot.init_prompt(jax.random.key(0), params, labels, label_ids=np.array([[3, 4]]))
     np.testing.assert_allclose(prompt[0], emb[[3, 4]].mean(0), rtol=0, atol=f32_atol(emb[[3, 4]], 2))
+    # a text longer than P: its first P tokens
     longer = spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=2, init='text'),
-                              text_ids=np.array([9, 8, 7]))          # a text longer than P: its first P tokens
+                              text_ids=np.array([9, 8, 7]))
     np.testing.assert_array_equal(longer, emb[[9, 8]])
-    for name, array, match in [('1d', np.zeros(4, np.float32), r'shape \(4,\): a prompt is a 2-D array .*d_model 4'),
-                               ('nan', np.full((P, 4), np.nan, np.float32), 'NaN or inf'),
-                               ('int', np.ones((P, 4), np.int32), 'dtype int32')]:
+    for name, array, match in [
+            ('1d', np.zeros(4, np.float32), r'shape \(4,\): a prompt is a 2-D array .*d_model 4'),
+            ('nan', np.full((P, 4), np.nan, np.float32), 'NaN or inf'),
+            ('int', np.ones((P, 4), np.int32), 'dtype int32')]:
         np.save(tmp_path / f'{name}.npy', array)
+        source = spot.PromptConfig(length=P, init='file', source=f'{tmp_path}/{name}.npy')
         with pytest.raises(ValueError, match=match):
-            spot.init_prompt(None, params, spot.PromptConfig(length=P, init='file', source=f'{tmp_path}/{name}.npy'))
+            spot.init_prompt(None, params, source)
     np.savez(tmp_path / 'p.npz', prompt=np.zeros((P, 4), np.float32))
     (tmp_path / 'cut.npy').write_bytes((tmp_path / 'int.npy').read_bytes()[:90])
     for name, match in [('p.npz', r'\.npz archive'), ('cut.npy', 'cannot read source prompt .*cut.npy')]:
+        source = spot.PromptConfig(length=P, init='file', source=str(tmp_path / name))
         with pytest.raises(ValueError, match=match):
-            spot.init_prompt(None, params, spot.PromptConfig(length=P, init='file', source=str(tmp_path / name)))
+            spot.init_prompt(None, params, source)
     with pytest.raises(ValueError, match='length >= 1'):
         spot.PromptConfig(length=0)
 
@@ -317,8 +349,10 @@ def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
 def test_released_base_prompts_load_into_base_not_small(shared_data, task):
     path = shared_data / 'prompt_tuning_release' / 't5_1_1_lm100k_base' / f'{task}.npy'
     cfg = spot.PromptConfig(init='file', source=str(path))
-    shapes = lambda name: jax.eval_shape(   # shapes only: no Base weights are allocated
-        lambda k: t5_model.init_params(k, t5_model.T5Config.from_name(name)), jax.random.key(0))
+
+    def shapes(name):                       # shapes only: no Base weights are allocated
+        return jax.eval_shape(lambda k: t5_model.init_params(k, t5_model.T5Config.from_name(name)),
+                              jax.random.key(0))
     prompt = spot.init_prompt(None, shapes('google/t5-base-lm-adapt'), cfg)
     assert prompt.shape == (100, 768)
     np.testing.assert_array_equal(prompt, np.load(path))
@@ -549,7 +583,7 @@ def test_peft_adapters_without_a_t5_prompt_are_refused(tmp_path):
         one_line_naming(e, path)
 
 
-# ----------------------------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------------------------------- the loop
 def run(out, frozen, batches, **kw):
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     return spot.train_prompt(prompt, frozen, CFG, TC, batches, evaluator(frozen), out, log=quiet, **kw)
@@ -740,7 +774,7 @@ def test_a_nan_prompt_after_a_finite_loss_is_never_saved(tmp_path, frozen, monke
     assert np.isfinite(np.load(tmp_path / 'prompt.npy')).all() and not (tmp_path / 'prompt_step6.npy').exists()
 
 
-# ----------------------------------------------------------------------------------------------- the run folder
+# --------------------------------------------------------------------------------------------- the run folder
 def test_a_run_owns_its_folder_and_a_crashed_holder_leaves_no_stale_lock(tmp_path, frozen):
     """Regression: two runs on one folder both ran and left one run's checkpoint beside the other's prompt.npy."""
     with spot.own_folder(tmp_path):                               # another run holds the folder ...
@@ -865,7 +899,7 @@ def test_ctrl_c_on_the_command_line_exits_130_and_resumes_to_the_same_bits(share
                 assert (a[k] if k else a).tobytes() == (b[k] if k else b).tobytes(), (name, k)
 
 
-# ----------------------------------------------------------------------------------------------- sharding
+# --------------------------------------------------------------------------------------------------- sharding
 SHARDED = r'''
 import json, numpy as np, jax, jax.numpy as jnp
 import spot, t5_model
@@ -986,7 +1020,7 @@ def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
         spot.main(['eval', *common, '--prompt', str(tmp_path / 'wide.npy')])
 
 
-# ----------------------------------------------------------------------------------------------- real, bucketed data
+# ---------------------------------------------------------------------------------------- real, bucketed data
 def test_padding_is_invisible_to_logits_loss_and_prompt_gradient(frozen):
     """One batch padded to two bucket lengths: eval-mode logits, loss and prompt gradient agree to float32 rounding
     (eps times the longest reduction, P + 64 encoder positions, relative to each value's scale)."""
