@@ -451,7 +451,8 @@ def hf_checkpoint(d, kind):
                                 tie_word_embeddings=not untied)
     model = transformers.T5ForConditionalGeneration(cfg).eval()
     d.mkdir(parents=True)
-    if not untied:                  # at HF's init its std-1 embedding drowns the rest: every output is one token
+    # At HF's init its std-1 embedding drowns the rest: every output is one token.
+    if not untied:
         with torch.no_grad():
             model.shared.weight.mul_(0.1)
         model.save_pretrained(d)
@@ -478,15 +479,20 @@ def test_export_runs_in_peft_as_in_ours(tmp_path, kind):
     with pytest.raises(SystemExit, match='holds a PEFT adapter already'):     # never overwritten
         spot.main(export)
     np.save(tmp_path / 'wide.npy', np.zeros((Pn, 7), np.float32))
-    with pytest.raises(SystemExit, match=r'wide.npy has shape \(5, 7\): width 7 but the model has d_model 16'):
-        spot.main(['export', '--prompt', str(tmp_path / 'wide.npy'), '--model', d, '--out', str(tmp_path / 'w')])
+    with pytest.raises(SystemExit,
+                       match=r'wide.npy has shape \(5, 7\): width 7 but the model has d_model 16'):
+        spot.main(['export', '--prompt', str(tmp_path / 'wide.npy'), '--model', d,
+                   '--out', str(tmp_path / 'w')])
     with pytest.raises(SystemExit, match='--model tiny is a random model that PEFT cannot load'):
-        spot.main(['export', '--prompt', str(tmp_path / 'p.npy'), '--model', 'tiny', '--out', str(tmp_path / 'w')])
+        spot.main(['export', '--prompt', str(tmp_path / 'p.npy'), '--model', 'tiny',
+                   '--out', str(tmp_path / 'w')])
     assert not (tmp_path / 'w').exists()
     theirs = peft.get_peft_model(transformers.T5ForConditionalGeneration.from_pretrained(d),
                                  peft.PromptTuningConfig(task_type='SEQ_2_SEQ_LM', num_virtual_tokens=Pn))
     theirs.save_pretrained(tmp_path / 'theirs')
-    config = lambda d: json.loads((d / 'adapter_config.json').read_text())
+
+    def config(folder):
+        return json.loads((folder / 'adapter_config.json').read_text())
     assert config(out) == {k: v for k, v in config(tmp_path / 'theirs').items() if k != 'peft_version'}
     from safetensors import safe_open
     with safe_open(out / 'adapter_model.safetensors', 'np') as ours, \
@@ -562,7 +568,9 @@ def test_peft_adapters_without_a_t5_prompt_are_refused(tmp_path):
     line each, saying what the file is."""
     _, transformers, peft = hf_peft()
     d = hf_checkpoint(tmp_path / 'base', 't5_1_1')
-    t5 = lambda: transformers.T5ForConditionalGeneration.from_pretrained(d)
+
+    def t5():
+        return transformers.T5ForConditionalGeneration.from_pretrained(d)
     gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1))
     for name, model, config in [
@@ -573,11 +581,12 @@ def test_peft_adapters_without_a_t5_prompt_are_refused(tmp_path):
         peft.get_peft_model(model, config).save_pretrained(tmp_path / name)
     (tmp_path / 'bare').mkdir()
     shutil.copy(tmp_path / 't5' / 'adapter_model.safetensors', tmp_path / 'bare')
-    for path, match in [(tmp_path / 'lora', 'is a PEFT LORA adapter, not prompt tuning'),
-                        (tmp_path / 'prefix', 'is a PEFT PREFIX_TUNING adapter, not prompt tuning'),
-                        (tmp_path / 'gpt', r'PEFT prompt for a decoder-only model \(task_type CAUSAL_LM\)'),
-                        (tmp_path / 't5', r'PEFT prompt-tuning adapter .*: width 16 but the model has d_model'),
-                        (tmp_path / 'bare' / 'adapter_model.safetensors', 'no adapter_config.json beside')]:
+    for path, match in [
+            (tmp_path / 'lora', 'is a PEFT LORA adapter, not prompt tuning'),
+            (tmp_path / 'prefix', 'is a PEFT PREFIX_TUNING adapter, not prompt tuning'),
+            (tmp_path / 'gpt', r'PEFT prompt for a decoder-only model \(task_type CAUSAL_LM\)'),
+            (tmp_path / 't5', r'PEFT prompt-tuning adapter .*: width 16 but the model has d_model'),
+            (tmp_path / 'bare' / 'adapter_model.safetensors', 'no adapter_config.json beside')]:
         with pytest.raises(ValueError, match=match) as e:
             spot.load_prompt(path, d_model=32)
         one_line_naming(e, path)
@@ -597,8 +606,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, frozen):
     _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
     assert state['step'] == state['data_position'] == 8
     resumed = run(tmp_path / 'cut', frozen, synthetic_batches(), resume=True, meta={'task': 'toy'})
-    resumed_log = spot.train_prompt(resumed['prompt'], frozen, CFG, TC, synthetic_batches(), None, tmp_path / 'cut',
-                                    resume=True, log=lines.append)      # already done: loads, no step runs
+    # already done: loads, no step runs
+    resumed_log = spot.train_prompt(resumed['prompt'], frozen, CFG, TC, synthetic_batches(), None,
+                                    tmp_path / 'cut', resume=True, log=lines.append)
     assert resumed['losses'] == full['losses'][8:] and resumed_log['losses'] == []
     assert leaves_bytes(resumed['prompt']) == leaves_bytes(full['prompt'])
     assert leaves_bytes(resumed['opt_state']) == leaves_bytes(full['opt_state'])
@@ -609,7 +619,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, frozen):
             assert (a[k] if k else a).tobytes() == (b[k] if k else b).tobytes(), (name, k)
     info = json.loads((tmp_path / 'full' / 'prompt.json').read_text())
     assert info['task'] == 'toy' and info['step'] == full['best_step'] and info['score'] == full['best_score']
-    assert info['config']['train']['steps'] == 12 and np.load(tmp_path / 'full' / 'prompt.npy').dtype == np.float32
+    assert info['config']['train']['steps'] == 12
+    assert np.load(tmp_path / 'full' / 'prompt.npy').dtype == np.float32
     assert not list((tmp_path / 'cut').glob('*.tmp'))
     assert 'resuming' in lines[0]
     before = (tmp_path / 'cut' / 'checkpoint.npz').read_bytes()
@@ -628,10 +639,10 @@ def test_a_failing_evaluation_loses_no_training_and_resume_redoes_it(tmp_path, f
             raise MemoryError('evaluation ran out of memory')
         return good(prompt)
     with pytest.raises(MemoryError):
-        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC, synthetic_batches(), flaky,
-                          tmp_path / 'cut', log=quiet)
+        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC,
+                          synthetic_batches(), flaky, tmp_path / 'cut', log=quiet)
     _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
-    assert state['step'] == 8 and state['eval_pending']           # the 8 steps are saved, their evaluation is not
+    assert state['step'] == 8 and state['eval_pending']       # the 8 steps are saved, their evaluation not
     resumed = run(tmp_path / 'cut', frozen, synthetic_batches(), resume=True)   # evaluates step 8 first
     assert (resumed['best_step'], resumed['best_score']) == (full['best_step'], full['best_score'])
     for name in ('prompt.npy', 'checkpoint.npz'):
@@ -641,7 +652,9 @@ def test_a_failing_evaluation_loses_no_training_and_resume_redoes_it(tmp_path, f
 
 
 def test_prompt_json_is_strict_json_when_the_score_is_nan(tmp_path, frozen):
-    nan_eval = lambda prompt: {'score': np.float32('nan'), 'pearson': float('nan')}   # constant predictions
+    def nan_eval(prompt):                                       # constant predictions
+        return {'score': np.float32('nan'), 'pearson': float('nan')}
+
     spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG,
                       dataclasses.replace(TC, steps=4), synthetic_batches(), nan_eval, tmp_path, log=quiet)
 
@@ -679,7 +692,8 @@ def test_resume_refuses_changed_settings(tmp_path, frozen):
 
 def test_resume_reads_a_checkpoint_with_the_flat_config_of_before_optimizer_config(tmp_path, frozen):
     flat = {k: v for k, v in dataclasses.asdict(TC).items() if k != 'optimizer'}
-    flat.update(dataclasses.asdict(TC.optimizer))              # how checkpoints stored TrainConfig until OptimizerConfig
+    # how checkpoints stored TrainConfig until OptimizerConfig
+    flat.update(dataclasses.asdict(TC.optimizer))
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     spot.save_checkpoint(tmp_path / 'checkpoint.npz', prompt, spot.make_optimizer(TC.optimizer).init(prompt),
                          {'step': 4, 'data_position': 4, 'seed': 0, 'best_score': None, 'best_step': None,
@@ -693,11 +707,13 @@ def test_resume_reads_a_checkpoint_with_the_flat_config_of_before_optimizer_conf
 
 
 def test_override_parses_and_type_checks():
-    tc, rest = spot.override(spot.TrainConfig(), ['--steps=30000', '--learning-rate=1', '--eval_method=rank', '--x=1'])
+    tc, rest = spot.override(spot.TrainConfig(),
+                             ['--steps=30000', '--learning-rate=1', '--eval_method=rank', '--x=1'])
     assert (tc.steps, tc.optimizer.learning_rate, tc.eval_method, rest) == (30000, 1.0, 'rank', ['--x=1'])
     with pytest.raises(ValueError, match='TrainConfig.steps expects int, got float'):
         spot.override(tc, ['--steps=0.5'])
-    assert spot.override(spot.PromptConfig(), ['--text=1984'])[0].text == '1984'   # a str field keeps its text
+    # a str field keeps its text
+    assert spot.override(spot.PromptConfig(), ['--text=1984'])[0].text == '1984'
 
 
 def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
@@ -720,7 +736,8 @@ def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
     # Regressions: dropout 1.0 / 1.5 / -0.5 raised OverflowError from JAX after the model and data loaded, and
     # --learning_rate=nan said "expects float, got str".
     for arg, problem in [('dropout=1.0', 'dropout=1.0 (must be in [0, 1))'), ('dropout=1.5', 'dropout=1.5'),
-                         ('dropout=-0.5', 'dropout=-0.5'), ('learning_rate=nan', 'learning_rate=nan (must be finite'),
+                         ('dropout=-0.5', 'dropout=-0.5'),
+                         ('learning_rate=nan', 'learning_rate=nan (must be finite'),
                          ('learning_rate=0', 'learning_rate=0.0'), ('learning_rate=inf', 'learning_rate=inf'),
                          ('max_input_len=1', 'max_input_len=1 (must be >= 2: one token and EOS)'),
                          ('max_target_len=1', 'max_target_len=1'), ('decay_rate=0', 'decay_rate=0.0')]:
@@ -730,11 +747,13 @@ def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
 
 
 def test_resume_refuses_another_run_and_a_damaged_checkpoint(tmp_path, frozen):
-    """Regressions: resuming with another task, model, model weights or prompt length went on silently (a MRPC prompt
-    kept training on RTE); a truncated checkpoint.npz raised zipfile.BadZipFile; an evaluator's np.float32 score
-    broke the JSON."""
+    """Regressions: resuming with another task, model, model weights or prompt length went on silently (a MRPC
+    prompt kept training on RTE); a truncated checkpoint.npz raised zipfile.BadZipFile; an evaluator's
+    np.float32 score broke the JSON."""
     meta, prompt = {'task': 'toy', 'model': 'tiny'}, spot.init_prompt(jax.random.key(1), frozen, PC)
-    numpy_score = lambda p: {'score': np.float32(evaluator(frozen)(p)['score'])}
+
+    def numpy_score(p):
+        return {'score': np.float32(evaluator(frozen)(p)['score'])}
     spot.train_prompt(prompt, frozen, CFG, dataclasses.replace(TC, steps=1), synthetic_batches(), numpy_score,
                       tmp_path, meta=meta, log=quiet)
     assert json.loads((tmp_path / 'prompt.json').read_text())['step'] == 1
