@@ -767,9 +767,11 @@ def test_resume_refuses_another_run_and_a_damaged_checkpoint(tmp_path, frozen):
         resume(cfg=dataclasses.replace(CFG, num_heads=4, d_kv=4))
     with pytest.raises(ValueError, match=r"'prompt shape': \(\(8, 16\), \(10, 16\)\)"):
         resume(prompt=jnp.zeros((10, CFG.d_model)))
-    other = jax.tree.map(lambda x: x * 1.5, frozen)        # same architecture, other weights (T5 1.1 vs LM-adapted)
+    # same architecture, other weights (T5 1.1 vs LM-adapted)
+    other = jax.tree.map(lambda x: x * 1.5, frozen)
     with pytest.raises(ValueError, match=r"'model.weights': \('[0-9a-f]{16}', '[0-9a-f]{16}'\)"):
-        spot.train_prompt(prompt, other, CFG, TC, synthetic_batches(), None, tmp_path, meta=meta, resume=True)
+        spot.train_prompt(prompt, other, CFG, TC, synthetic_batches(), None, tmp_path, meta=meta,
+                          resume=True)
     ckpt = tmp_path / 'checkpoint.npz'
     ckpt.write_bytes(ckpt.read_bytes()[:200])
     with pytest.raises(ValueError, match=r'checkpoint.npz is not a readable checkpoint \(BadZipFile'):
@@ -777,8 +779,9 @@ def test_resume_refuses_another_run_and_a_damaged_checkpoint(tmp_path, frozen):
 
 
 def test_a_nan_prompt_after_a_finite_loss_is_never_saved(tmp_path, frozen, monkeypatch):
-    """A NaN/inf gradient can leave the loss finite and the prompt NaN (Adafactor: inf / sqrt(inf)). Regression: that
-    prompt became the 'last good' checkpoint, prompt.npy and prompt_step6.npy; the step-4 checkpoint must survive."""
+    """A NaN/inf gradient can leave the loss finite and the prompt NaN (Adafactor: inf / sqrt(inf)).
+    Regression: that prompt became the 'last good' checkpoint, prompt.npy and prompt_step6.npy; the step-4
+    checkpoint must survive."""
     real, calls = spot.train_step, []
 
     def nan_at_step_6(*args):
@@ -786,23 +789,31 @@ def test_a_nan_prompt_after_a_finite_loss_is_never_saved(tmp_path, frozen, monke
         calls.append(len(calls) + 1)
         return (prompt * jnp.nan if calls[-1] == 6 else prompt), opt_state, loss
     monkeypatch.setattr(spot, 'train_step', nan_at_step_6)
-    with pytest.raises(FloatingPointError, match=r'prompt has NaN or inf values after step 6 .*\(step 4\) is intact'):
+    with pytest.raises(FloatingPointError,
+                       match=r'prompt has NaN or inf values after step 6 .*\(step 4\) is intact'):
         run(tmp_path, frozen, synthetic_batches())
     prompt, _, state = spot.load_checkpoint(tmp_path / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
     assert state['step'] == 4 and np.isfinite(np.asarray(prompt)).all()
-    assert np.isfinite(np.load(tmp_path / 'prompt.npy')).all() and not (tmp_path / 'prompt_step6.npy').exists()
+    assert np.isfinite(np.load(tmp_path / 'prompt.npy')).all()
+    assert not (tmp_path / 'prompt_step6.npy').exists()
 
 
 # --------------------------------------------------------------------------------------------- the run folder
 def test_a_run_owns_its_folder_and_a_crashed_holder_leaves_no_stale_lock(tmp_path, frozen):
-    """Regression: two runs on one folder both ran and left one run's checkpoint beside the other's prompt.npy."""
+    """Regression: two runs on one folder both ran and left one run's checkpoint beside the other's
+    prompt.npy."""
+    in_use = rf'{re.escape(str(tmp_path))} is in use by .*pid {os.getpid()}'
     with spot.own_folder(tmp_path):                               # another run holds the folder ...
-        with pytest.raises(spot.RunFolderInUse, match=rf'{re.escape(str(tmp_path))} is in use by .*pid {os.getpid()}'):
+        with pytest.raises(spot.RunFolderInUse, match=in_use):
             run(tmp_path, frozen, synthetic_batches())
     assert not (tmp_path / 'checkpoint.npz').exists()
-    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time, spot; from pathlib import Path\n'
-                               'with spot.own_folder(Path(sys.argv[1])):\n print("locked", flush=True); time.sleep(60)',
-                               str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder_code = ('import sys, time, spot\n'
+                   'from pathlib import Path\n'
+                   'with spot.own_folder(Path(sys.argv[1])):\n'
+                   '    print("locked", flush=True)\n'
+                   '    time.sleep(60)\n')
+    holder = subprocess.Popen([sys.executable, '-c', holder_code, str(tmp_path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
         with pytest.raises(spot.RunFolderInUse, match=f'pid {holder.pid} '):
@@ -820,22 +831,24 @@ def test_a_new_run_never_replaces_an_earlier_runs_prompt(tmp_path, frozen):
     best = (tmp_path / 'prompt.npy').read_bytes()
     ckpt = tmp_path / 'checkpoint.npz'
     ckpt.write_bytes(ckpt.read_bytes()[:200])                     # damaged
-    with pytest.raises(ValueError, match='not a readable checkpoint.*best prompt so far stays in .*prompt.npy: keep '
-                                         'that folder as it is and start a new run with another --out'):
+    with pytest.raises(ValueError, match='not a readable checkpoint.*best prompt so far stays in '
+                                         '.*prompt.npy: keep that folder as it is and start a new run '
+                                         'with another --out'):
         run(tmp_path, frozen, synthetic_batches(), resume=True, meta={'task': 'toy'})
     ckpt.unlink()                                                 # the old advice
     (tmp_path / 'checkpoint.npz.tmp').write_bytes(b'half a file')
     for resume in (False, True):
-        with pytest.raises(FileExistsError, match='holds metrics.jsonl, prompt.npy, prompt_step6.npy of an earlier '
-                                                  'run but no checkpoint.npz.*pick a new --out'):
+        with pytest.raises(FileExistsError, match='holds metrics.jsonl, prompt.npy, prompt_step6.npy of an '
+                                                  'earlier run but no checkpoint.npz.*pick a new --out'):
             run(tmp_path, frozen, synthetic_batches(), resume=resume)
-    assert (tmp_path / 'prompt.npy').read_bytes() == best and not (tmp_path / 'checkpoint.npz.tmp').exists()
+    assert (tmp_path / 'prompt.npy').read_bytes() == best
+    assert not (tmp_path / 'checkpoint.npz.tmp').exists()
 
 
 def test_history_and_prompt_json_after_resume(tmp_path, frozen):
-    """metrics.jsonl holds one line per log line and evaluation; a resume cuts it back to the checkpoint, so it equals
-    an uninterrupted run's (but for the measured rates), also when the run died during an evaluation. prompt.json
-    follows a resume that extends the run (its config.train.steps)."""
+    """metrics.jsonl holds one line per log line and evaluation; a resume cuts it back to the checkpoint, so
+    it equals an uninterrupted run's (but for the measured rates), also when the run died during an
+    evaluation. prompt.json follows a resume that extends the run (its config.train.steps)."""
     def history(d):
         return [{k: v for k, v in json.loads(line).items() if k != 'steps_per_s'}
                 for line in (d / 'metrics.jsonl').read_text().splitlines()]
@@ -853,8 +866,8 @@ def test_history_and_prompt_json_after_resume(tmp_path, frozen):
             raise MemoryError
         return ev(prompt)
     with pytest.raises(MemoryError):
-        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC, synthetic_batches(),
-                          dies_at_step_8, tmp_path / 'in_eval', log=quiet)
+        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC,
+                          synthetic_batches(), dies_at_step_8, tmp_path / 'in_eval', log=quiet)
     for d in ('cut', 'in_eval'):
         run(tmp_path / d, frozen, synthetic_batches(), resume=True)
         assert history(tmp_path / d) == full, d
@@ -867,7 +880,8 @@ def test_history_and_prompt_json_after_resume(tmp_path, frozen):
 
 
 def interrupting_batches(signum, at):
-    """synthetic_batches whose batch `at` is fetched while the process receives signum (as from Ctrl-C or kill)."""
+    """synthetic_batches whose batch `at` is fetched while the process receives signum (as from Ctrl-C or
+    kill)."""
     def batches(start):
         for k, batch in zip(itertools.count(start), synthetic_batches()(start)):
             if k == at:
@@ -878,13 +892,15 @@ def interrupting_batches(signum, at):
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, frozen, signum):
-    """Regression: Ctrl-C near an evaluation was swallowed by JAX's gc callback and the run went on to rc 0."""
+    """Regression: Ctrl-C near an evaluation was swallowed by JAX's gc callback and the run went on to
+    rc 0."""
     full = run(tmp_path / 'full', frozen, synthetic_batches())
     lines = []
-    with pytest.raises(spot.Interrupted, match=r'after step 6: .*checkpoint.npz holds it; rerun the same command '
-                                               r'with --resume') as stopped:
+    with pytest.raises(spot.Interrupted, match=r'after step 6: .*checkpoint.npz holds it; rerun the same '
+                                               r'command with --resume') as stopped:
         spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC,
-                          interrupting_batches(signum, 5), evaluator(frozen), tmp_path / 'cut', log=lines.append)
+                          interrupting_batches(signum, 5), evaluator(frozen), tmp_path / 'cut',
+                          log=lines.append)
     assert stopped.value.exit_code == 128 + signum and 'stopping after this step' in lines[-1]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handlers restored
     _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
@@ -895,11 +911,12 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp
 
 
 def test_ctrl_c_on_the_command_line_exits_130_and_resumes_to_the_same_bits(shared_data, tmp_path):
-    """A real SIGINT from outside, while `spot.py train` runs: exit 130 with the resume hint, then --resume ends
-    where an uninterrupted run ends."""
-    cmd = [sys.executable, 'spot.py', 'train', '--model', 'tiny', '--task', 'sst2', '--data', str(shared_data / 'glue'),
-           '--vocab', str(shared_data / 't5_spiece.model'), '--steps', '1500', '--batch_size=2', '--length=4',
-           '--max_input_len=16', '--log_every=25', '--eval_every=1000000', '--eval_limit=4', '--eval_batch_size=4']
+    """A real SIGINT from outside, while `spot.py train` runs: exit 130 with the resume hint, then --resume
+    ends where an uninterrupted run ends."""
+    cmd = [sys.executable, 'spot.py', 'train', '--model', 'tiny', '--task', 'sst2',
+           '--data', str(shared_data / 'glue'), '--vocab', str(shared_data / 't5_spiece.model'),
+           '--steps', '1500', '--batch_size=2', '--length=4', '--max_input_len=16', '--log_every=25',
+           '--eval_every=1000000', '--eval_limit=4', '--eval_batch_size=4']
     child = subprocess.Popen([*cmd, '--out', str(tmp_path / 'cut')], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     for line in child.stdout:                                  # training has started
@@ -909,7 +926,8 @@ def test_ctrl_c_on_the_command_line_exits_130_and_resumes_to_the_same_bits(share
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130, err
     assert 'rerun the same command with --resume' in err and 'Traceback' not in err
-    subprocess.run([*cmd, '--out', str(tmp_path / 'cut'), '--resume'], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([*cmd, '--out', str(tmp_path / 'cut'), '--resume'], cwd=ROOT, check=True,
+                   capture_output=True)
     subprocess.run([*cmd, '--out', str(tmp_path / 'full')], cwd=ROOT, check=True, capture_output=True)
     for name in ('prompt.npy', 'checkpoint.npz'):
         a, b = (np.load(tmp_path / d / name) for d in ('full', 'cut'))
@@ -923,7 +941,8 @@ SHARDED = r'''
 import json, numpy as np, jax, jax.numpy as jnp
 import spot, t5_model
 from test_spot import random_params
-cfg, tc = t5_model.T5Config.tiny(num_layers=1, num_decoder_layers=1), spot.TrainConfig()   # 1+1 layers: fast compile
+# cfg: 1+1 layers, for a fast compile
+cfg, tc = t5_model.T5Config.tiny(num_layers=1, num_decoder_layers=1), spot.TrainConfig()
 frozen = random_params(cfg)
 rng = np.random.default_rng(0)
 batch = {'inputs': rng.integers(2, 5000, (8, 10)).astype(np.int32),
@@ -934,7 +953,8 @@ prompt0 = rng.normal(size=(8, 16)).astype(np.float32)
 def two_steps(mesh):
     prompt = jnp.asarray(prompt0)
     state = spot.make_optimizer(tc.optimizer).init(prompt)
-    f, b, (p, s) = spot.shard_params(mesh, frozen), spot.shard_batch(mesh, batch), spot.replicate(mesh, (prompt, state))
+    f, b = spot.shard_params(mesh, frozen), spot.shard_batch(mesh, batch)
+    p, s = spot.replicate(mesh, (prompt, state))
     losses = []
     for step in range(2):
         p, s, loss = spot.train_step(p, s, f, b, spot.dropout_key(0, step), cfg, tc.optimizer, tc.z_loss)
@@ -949,14 +969,18 @@ try:
     bad_batch = ''
 except ValueError as e:
     bad_batch = str(e)
-diff = lambda x, y: max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
-                        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+def diff(x, y):
+    return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+               for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
 print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
     "query": str(f['encoder']['layers_0']['attention']['query']['kernel'].sharding.spec),
     "wo": str(f['encoder']['layers_0']['mlp']['wo']['kernel'].sharding.spec),
     "embedding": str(f['token_embedder']['embedding'].sharding.spec),
     "batch": str(b['inputs'].sharding.spec), "loss_diff": max(abs(u - v) for u, v in zip(l1, l8)),
-    "prompt_diff": diff(p1, p8), "opt_diff": diff(s1, s8), "moved": diff(p1, prompt0), "bad_batch": bad_batch}))
+    "prompt_diff": diff(p1, p8), "opt_diff": diff(s1, s8), "moved": diff(p1, prompt0),
+    "bad_batch": bad_batch}))
 '''
 
 
