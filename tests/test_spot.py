@@ -986,8 +986,8 @@ print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
 
 @pytest.fixture(scope='module', autouse=True)
 def sharded_run(request):
-    """Starts the 8-device subprocess when the module starts (if its test is selected), so that it compiles while
-    the other tests run; XLA_FLAGS must be set before jax is imported, hence a fresh process."""
+    """Starts the 8-device subprocess when the module starts (if its test is selected), so that it compiles
+    while the other tests run; XLA_FLAGS must be set before jax is imported, hence a fresh process."""
     if not any(item.name == 'test_sharded_step_equals_single_device' for item in request.session.items):
         yield None
         return
@@ -1004,15 +1004,16 @@ def test_sharded_step_equals_single_device(sharded_run):
     assert sharded_run.returncode == 0, stderr[-3000:]
     r = json.loads(stdout.strip().splitlines()[-1])
     assert r['devices'] == 8 and r['mesh'] == {'data': 4, 'model': 2}
-    assert "'model'" in r['query'] and "'model'" in r['wo'] and "'model'" in r['embedding'] and "'data'" in r['batch']
+    assert "'model'" in r['query'] and "'model'" in r['wo'] and "'model'" in r['embedding']
+    assert "'data'" in r['batch']
     assert r['moved'] > 0.1                       # the steps did something
     assert r['loss_diff'] < 1e-5 and r['prompt_diff'] < 1e-5 and r['opt_diff'] < 1e-5, r
     assert 'batch size 6 is not divisible by the 4 data-parallel devices' in r['bad_batch']
 
 
 def test_cli_prints_the_backend_and_computes_in_bfloat16_on_request(shared_data, tmp_path, capsys):
-    """A run meant for a GPU must not go on unnoticed on the CPU; --dtype bfloat16 is the official runs' compute dtype
-    (the frozen weights in bfloat16, the prompt and its optimizer float32)."""
+    """A run meant for a GPU must not go on unnoticed on the CPU; --dtype bfloat16 is the official runs'
+    compute dtype (the frozen weights in bfloat16, the prompt and its optimizer float32)."""
     calls = []
     real = spot.train_step
 
@@ -1021,14 +1022,15 @@ def test_cli_prints_the_backend_and_computes_in_bfloat16_on_request(shared_data,
         return real(prompt, opt_state, frozen, *rest)
     spot.train_step = spy
     try:
-        spot.main(['train', '--model', 'tiny', '--task', 'mrpc', '--data', str(shared_data / 'glue'), '--vocab',
-                   str(shared_data / 't5_spiece.model'), '--steps', '2', '--out', str(tmp_path), '--dtype', 'bfloat16',
-                   '--batch_size=4', '--eval_every=2', '--eval_limit=8', '--eval_batch_size=8', '--max_input_len=48',
-                   '--length=5'])
+        spot.main(['train', '--model', 'tiny', '--task', 'mrpc', '--data', str(shared_data / 'glue'),
+                   '--vocab', str(shared_data / 't5_spiece.model'), '--steps', '2', '--out', str(tmp_path),
+                   '--dtype', 'bfloat16', '--batch_size=4', '--eval_every=2', '--eval_limit=8',
+                   '--eval_batch_size=8', '--max_input_len=48', '--length=5'])
     finally:
         spot.train_step = real
     out = capsys.readouterr().out
-    assert re.search(rf'JAX {re.escape(jax.__version__)}: \d+ .* device\(s\), backend {jax.default_backend()}', out)
+    backend_line = rf'JAX {re.escape(jax.__version__)}: \d+ .* device\(s\), backend {jax.default_backend()}'
+    assert re.search(backend_line, out)
     assert calls and set(calls) == {(np.dtype(jnp.float32), np.dtype(jnp.bfloat16))}
     prompt = np.load(tmp_path / 'prompt.npy')
     assert prompt.dtype == np.float32 and np.isfinite(prompt).all()
@@ -1038,26 +1040,30 @@ def test_cli_prints_the_backend_and_computes_in_bfloat16_on_request(shared_data,
 def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
     common = ['--model', 'tiny', '--task', 'mrpc', '--data', str(shared_data / 'glue'),
               '--vocab', str(shared_data / 't5_spiece.model')]
-    small = ['--batch_size=4', '--eval_every=2', '--eval_limit=8', '--eval_batch_size=8', '--max_input_len=48',
-             '--length=5']
+    small = ['--batch_size=4', '--eval_every=2', '--eval_limit=8', '--eval_batch_size=8',
+             '--max_input_len=48', '--length=5']
     spot.main(['train', *common, '--steps', '2', '--out', str(tmp_path), *small])
     spot.main(['train', *common, '--steps', '4', '--out', str(tmp_path), '--resume', *small])
     out = capsys.readouterr().out
     assert 'resuming' in out and 'at step 2' in out and 'best score' in out
     info = json.loads((tmp_path / 'prompt.json').read_text())
-    assert info['task'] == 'mrpc' and info['step'] in (2, 4) and set(info['metrics']) == {'accuracy', 'f1', 'score'}
+    assert info['task'] == 'mrpc' and info['step'] in (2, 4)
+    assert set(info['metrics']) == {'accuracy', 'f1', 'score'}
     assert np.load(tmp_path / 'prompt.npy').shape == (5, t5_model.T5Config.tiny().d_model)
-    spot.main(['eval', *common, '--prompt', str(tmp_path / 'prompt.npy'), '--eval_limit=8', '--max_input_len=48',
-               '--eval_batch_size=8'])
+    spot.main(['eval', *common, '--prompt', str(tmp_path / 'prompt.npy'), '--eval_limit=8',
+               '--max_input_len=48', '--eval_batch_size=8'])
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= scores['accuracy'] <= 100
-    for task, folder in (('stsb', 'glue'), ('wsc', 'superglue')):  # targets: a number; the referent's words
-        with pytest.raises(SystemExit, match="'rank' needs a classification task"):     # refused before training
-            spot.main(['train', '--model', 'tiny', '--task', task, '--data', str(shared_data / folder), *common[6:],
-                       '--steps', '2', '--out', str(tmp_path / task), '--eval_method=rank', *small])
+    # Refused before training. Targets: a number (stsb); the referent's words (wsc).
+    for task, folder in (('stsb', 'glue'), ('wsc', 'superglue')):
+        with pytest.raises(SystemExit, match="'rank' needs a classification task"):
+            spot.main(['train', '--model', 'tiny', '--task', task, '--data', str(shared_data / folder),
+                       *common[6:], '--steps', '2', '--out', str(tmp_path / task), '--eval_method=rank',
+                       *small])
         assert not (tmp_path / task / 'checkpoint.npz').exists()
     with pytest.raises(SystemExit, match='unknown task'):
-        spot.main(['train', *common[:3], 'no_such_task', *common[4:], '--steps', '1', '--out', str(tmp_path / 'x')])
+        spot.main(['train', *common[:3], 'no_such_task', *common[4:], '--steps', '1',
+                   '--out', str(tmp_path / 'x')])
     with pytest.raises(SystemExit, match='d_model'):            # a prompt of the wrong width, from the CLI
         np.save(tmp_path / 'wide.npy', np.zeros((5, 7), np.float32))
         spot.main(['eval', *common, '--prompt', str(tmp_path / 'wide.npy')])
@@ -1065,8 +1071,8 @@ def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------- real, bucketed data
 def test_padding_is_invisible_to_logits_loss_and_prompt_gradient(frozen):
-    """One batch padded to two bucket lengths: eval-mode logits, loss and prompt gradient agree to float32 rounding
-    (eps times the longest reduction, P + 64 encoder positions, relative to each value's scale)."""
+    """One batch padded to two bucket lengths: eval-mode logits, loss and prompt gradient agree to float32
+    rounding (eps times the longest reduction, P + 64 encoder positions, relative to each value's scale)."""
     import data
     rng = np.random.default_rng(0)
     rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (5, 11, 3, 13)]
@@ -1077,13 +1083,14 @@ def test_padding_is_invisible_to_logits_loss_and_prompt_gradient(frozen):
 
     def outputs(inputs):
         batch = {'inputs': jnp.asarray(inputs), 'targets': jnp.asarray(targets)}
-        logits = t5_model.forward(frozen, CFG, batch['inputs'], t5_model.shift_right(batch['targets']), prompt=prompt)
+        decoder_inputs = t5_model.shift_right(batch['targets'])
+        logits = t5_model.forward(frozen, CFG, batch['inputs'], decoder_inputs, prompt=prompt)
         loss, grad = jax.value_and_grad(spot.prompt_loss)(prompt, frozen, batch, CFG)
         return np.asarray(logits), np.asarray(loss), np.asarray(grad)
     for a, b in zip(outputs(short), outputs(long)):
         tol = np.finfo(np.float32).eps * (P + 64) * np.abs(b).max()
         np.testing.assert_allclose(a, b, rtol=0, atol=tol)
-    wrong = outputs(np.where(long == 0, 5, long))[0]              # the same rows, pad replaced by a real token
+    wrong = outputs(np.where(long == 0, 5, long))[0]          # the same rows, pad replaced by a real token
     assert np.abs(wrong - outputs(long)[0]).max() > 1e3 * np.finfo(np.float32).eps * np.abs(wrong).max()
 
 
@@ -1097,7 +1104,10 @@ def test_resume_is_bit_exact_when_batches_change_bucket(tmp_path, frozen, shared
 
     def batches(crash_at=None):
         def make(start):
-            it = data.mixture_batches(sources, B, 1, start) if mixture else data.batches(sources['cola'], B, 1, start)
+            if mixture:
+                it = data.mixture_batches(sources, B, 1, start)
+            else:
+                it = data.batches(sources['cola'], B, 1, start)
             for k, b in zip(itertools.count(start), it):
                 if k == crash_at:
                     raise RuntimeError('preempted')
@@ -1115,8 +1125,8 @@ def test_resume_is_bit_exact_when_batches_change_bucket(tmp_path, frozen, shared
 
 
 def test_cli_resume_with_other_data_is_refused(shared_data, tmp_path):
-    """The run records what it reads (data folder, a fingerprint of the file, the vocabulary): --resume on other
-    data would silently continue on it."""
+    """The run records what it reads (data folder, a fingerprint of the file, the vocabulary): --resume on
+    other data would silently continue on it."""
     lines = (shared_data / 'glue' / 'RTE' / 'train.tsv').read_text(encoding='utf-8').splitlines(keepends=True)
     for name, n in (('a', 300), ('b', 150)):
         (tmp_path / name / 'RTE').mkdir(parents=True)
@@ -1130,20 +1140,23 @@ def test_cli_resume_with_other_data_is_refused(shared_data, tmp_path):
         spot.main([*args, '--data', str(tmp_path / 'b'), '--steps', '4', '--resume'])
     import shutil
     shutil.copytree(tmp_path / 'a', tmp_path / 'c')
-    spot.main([*args, '--data', str(tmp_path / 'c'), '--steps', '4', '--resume'])  # the same files elsewhere: fine
+    # the same files elsewhere: fine
+    spot.main([*args, '--data', str(tmp_path / 'c'), '--steps', '4', '--resume'])
 
 
 def test_cli_trains_on_a_mixture_name(shared_data, tmp_path, monkeypatch, capsys):
-    """--task accepts a name of data.MIXTURES (SPoT's sources are mixtures): examples-proportional batches, no single
-    validation metric, so prompt.npy is the last prompt. (The real mixtures need files ../shared/data lacks.)"""
+    """--task accepts a name of data.MIXTURES (SPoT's sources are mixtures): examples-proportional batches, no
+    single validation metric, so prompt.npy is the last prompt. (The real mixtures need files ../shared/data
+    lacks.)"""
     import data
     monkeypatch.setitem(data.MIXTURES, 'SmallGLUE', ('rte', 'cola'))
-    spot.main(['train', '--model', 'tiny', '--task', 'smallglue', '--data', str(shared_data / 'glue'), '--vocab',
-               str(shared_data / 't5_spiece.model'), '--steps', '2', '--batch_size=4', '--max_input_len=24',
-               '--length=5', '--out', str(tmp_path)])
+    spot.main(['train', '--model', 'tiny', '--task', 'smallglue', '--data', str(shared_data / 'glue'),
+               '--vocab', str(shared_data / 't5_spiece.model'), '--steps', '2', '--batch_size=4',
+               '--max_input_len=24', '--length=5', '--out', str(tmp_path)])
     assert 'no validation metric' in capsys.readouterr().out
     info = json.loads((tmp_path / 'prompt.json').read_text())
-    assert info['task'] == 'smallglue' and info['step'] == 2 and set(info['reads']['files']) == {'rte', 'cola'}
+    assert info['task'] == 'smallglue' and info['step'] == 2
+    assert set(info['reads']['files']) == {'rte', 'cola'}
 
 
 class IdVocab:
@@ -1156,8 +1169,9 @@ class IdVocab:
 
 
 def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
-    """Batches of similar lengths padded to their bucket: the same predictions, in input order, as one example at a
-    time (each at its own length), for greedy decoding and rank classification; arrays and id lists alike."""
+    """Batches of similar lengths padded to their bucket: the same predictions, in input order, as one example
+    at a time (each at its own length), for greedy decoding and rank classification; arrays and id lists
+    alike."""
     import data
     rng = np.random.default_rng(3)
     rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (30, 2, 17, 5, 40, 9, 3, 25)]
@@ -1165,10 +1179,12 @@ def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
     labels = None
     for method in ('decode', 'rank'):
         kw = {'label_names': labels} if method == 'rank' else {}
-        alone = [spot.evaluate(frozen, CFG, prompt, [r], IdVocab(), method=method, max_target_len=4, batch_size=1,
-                               **kw)[0] for r in rows]
-        labels = tuple(sorted({p.split()[0] for p in alone}))   # rank: the greedy first tokens, so answers differ
-        assert len(set(alone)) >= 2, alone                              # the order check means something
+        alone = [spot.evaluate(frozen, CFG, prompt, [r], IdVocab(), method=method, max_target_len=4,
+                               batch_size=1, **kw)[0]
+                 for r in rows]
+        # rank: the greedy first tokens, so answers differ
+        labels = tuple(sorted({p.split()[0] for p in alone}))
+        assert len(set(alone)) >= 2, alone                      # the order check means something
         for inputs in (rows, data.pad_rows(rows, 48)):
             got = spot.evaluate(frozen, CFG, prompt, inputs, IdVocab(), method=method, max_target_len=4,
                                 batch_size=3, **kw)
