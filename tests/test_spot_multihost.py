@@ -129,8 +129,9 @@ def test_weights_read_block_by_block_equal_the_whole_file(hf_checkpoint):
             assert np.array_equal(np.asarray(x), np.asarray(y)), path
         assert "'model'" in str(placed['encoder']['layers_0']['attention']['out']['kernel'].sharding)
         _, bf16 = spot.load_model(sys.argv[1], 0, 'bfloat16', mesh)
+        kernel = whole['decoder']['logits_dense']['kernel']
         assert np.array_equal(np.asarray(bf16['decoder']['logits_dense']['kernel']),
-                              np.asarray(whole['decoder']['logits_dense']['kernel'].astype(jax.numpy.bfloat16)))
+                              np.asarray(kernel.astype(jax.numpy.bfloat16)))
         print('ok')
     '''
     env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
