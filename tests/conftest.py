@@ -18,9 +18,10 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-# Float comparisons derive their tolerance from the arithmetic, never from what one machine printed: two float32
-# computations of the same value in another order (another CPU, thread count or blocking) differ by at most about
-# n * eps * (the size of the terms), n being the number of roundings on the longest path to the result.
+# Float comparisons derive their tolerance from the arithmetic, never from what one machine printed: two
+# float32 computations of the same value in another order (another CPU, thread count or blocking) differ by
+# at most about n * eps * (the size of the terms), n being the number of roundings on the longest path to the
+# result.
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -30,6 +31,6 @@ def f32_atol(reference, n: int) -> float:
 
 
 def network_roundings(cfg, positions: int) -> int:
-    """Roundings on the longest path through a T5 forward (and its backward): each of the encoder + decoder layers
-    and the logits sums over at most max(D, F, positions) terms."""
+    """Roundings on the longest path through a T5 forward (and its backward): each of the encoder + decoder
+    layers and the logits sums over at most max(D, F, positions) terms."""
     return (cfg.num_layers + cfg.num_decoder_layers + 1) * max(cfg.d_model, cfg.d_ff, positions)

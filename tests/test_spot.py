@@ -1,6 +1,8 @@
-"""spot.py: prompt-only gradients, frozen weights, initialisations, Adafactor parity, exact resume, NaN stop, sharding.
+"""spot.py: prompt-only gradients, frozen weights, initialisations, Adafactor parity, exact resume, NaN stop,
+sharding.
 
-Every training test shares one TrainConfig (TC) and one batch shape, so train_step compiles once for the module.
+Every training test shares one TrainConfig (TC) and one batch shape, so train_step compiles once for the
+module.
 """
 import dataclasses
 import itertools
@@ -27,20 +29,28 @@ from conftest import f32_atol, network_roundings
 ROOT = Path(__file__).resolve().parents[1]
 CFG = t5_model.T5Config.tiny()
 P, B, S, POISON = 8, 4, 10, 7
-TC = spot.TrainConfig(steps=12, batch_size=B, eval_every=4, checkpoint_every=4, embedding_step=6, log_every=4)
+TC = spot.TrainConfig(steps=12, batch_size=B, eval_every=4, checkpoint_every=4, embedding_step=6,
+                      log_every=4)
 STEP = (TC.optimizer, TC.z_loss, spot.sub_batch_count(TC))   # train_step's static arguments after cfg
 PC = spot.PromptConfig(length=P)
-quiet = lambda line: None
+
+
+def quiet(line):
+    pass
 
 
 def random_params(cfg, seed=0):
-    """Random frozen weights of cfg's shapes, drawn with numpy (t5_model.init_params runs op by op: slow in tests)."""
+    """Random frozen weights of cfg's shapes, drawn with numpy (t5_model.init_params runs op by op: slow in
+    tests)."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(lambda k: t5_model.init_params(k, cfg), jax.random.key(0))
-    std = {'scale': 0.0, 'embedding': 1.0}                      # as init_params: unit norms, unit-std embedding
-    return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(
-        rng.normal(1.0 if path[-1].key == 'scale' else 0.0, std.get(path[-1].key, s.shape[0] ** -0.5), s.shape),
-        jnp.float32), shapes)
+    std = {'scale': 0.0, 'embedding': 1.0}              # as init_params: unit norms, unit-std embedding
+
+    def draw(path, s):
+        name = path[-1].key
+        mean = 1.0 if name == 'scale' else 0.0
+        return jnp.asarray(rng.normal(mean, std.get(name, s.shape[0] ** -0.5), s.shape), jnp.float32)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.fixture(scope='module')
@@ -49,8 +59,9 @@ def frozen():
 
 
 def synthetic_batches(seed=0, poison_from=None, crash_at=None):
-    """A learnable toy task: random inputs, always the answer [42, 43, EOS]. Batch k is a pure function of (seed, k),
-    as data.batches promises. poison_from: token POISON appears from batch k on; crash_at: batch k raises."""
+    """A learnable toy task: random inputs, always the answer [42, 43, EOS]. Batch k is a pure function of
+    (seed, k), as data.batches promises. poison_from: token POISON appears from batch k on; crash_at: batch k
+    raises."""
     def batches(start):
         for k in itertools.count(start):
             if k == crash_at:
@@ -76,7 +87,7 @@ def leaves_bytes(tree):
     return [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(tree)]
 
 
-# ----------------------------------------------------------------------------------------------- the step
+# --------------------------------------------------------------------------------------------------- the step
 def test_gradient_is_the_prompt_only_and_frozen_is_an_argument(frozen):
     prompt, batch = jnp.ones((P, CFG.d_model)), EVAL_BATCH
     grad_jaxpr = jax.make_jaxpr(jax.grad(spot.prompt_loss), static_argnums=3)(
@@ -88,22 +99,25 @@ def test_gradient_is_the_prompt_only_and_frozen_is_an_argument(frozen):
     frozen_shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(frozen)}
     out_shapes = [tuple(a.shape) for a in step_jaxpr.out_avals]
     assert out_shapes[0] == (P, CFG.d_model) and out_shapes[-1] == ()           # new prompt ... loss
-    assert not frozen_shapes & set(out_shapes), 'a weight-shaped output: something other than the prompt trains'
+    assert not frozen_shapes & set(out_shapes), \
+        'a weight-shaped output: something other than the prompt trains'
     big_consts = [c for c in step_jaxpr.consts if np.size(c) > 1000]
     assert not big_consts, 'frozen weights were captured as constants of the step'
 
 
 def test_sub_batches_change_nothing_but_the_schedule(frozen):
-    """train_step's sub-batches (execution only) give the loss, gradient and dropout masks of the whole batch."""
+    """train_step's sub-batches (execution only) give the loss, gradient and dropout masks of the whole
+    batch."""
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     batch = {k: jnp.asarray(v) for k, v in EVAL_BATCH.items()}
     batch['targets'] = batch['targets'].at[0, 1:].set(0)                      # unequal token counts per row
     cfg, key = dataclasses.replace(CFG, dropout_rate=0.1), spot.dropout_key(0, 5)
     ref = jax.value_and_grad(spot.prompt_loss)(prompt, frozen, batch, cfg, key)
     for k in (1, 2, B):
-        loss, grad = jax.value_and_grad(spot.sub_batched(spot.prompt_loss, k))(prompt, frozen, batch, cfg, key,
-                                                                               TC.z_loss)
-        # The sub-batches sum the same terms in another order: float32 rounding of the network, the batch sum on top.
+        sub_batched_loss = spot.sub_batched(spot.prompt_loss, k)
+        loss, grad = jax.value_and_grad(sub_batched_loss)(prompt, frozen, batch, cfg, key, TC.z_loss)
+        # The sub-batches sum the same terms in another order: float32 rounding of the network, the batch sum
+        # on top.
         n = network_roundings(CFG, P + S) + B
         np.testing.assert_allclose(loss, ref[0], rtol=0, atol=f32_atol(ref[0], n))
         np.testing.assert_allclose(grad, ref[1], rtol=0, atol=f32_atol(ref[1], n))
@@ -111,22 +125,25 @@ def test_sub_batches_change_nothing_but_the_schedule(frozen):
 
 @pytest.fixture(scope='module')
 def twenty_steps(frozen):
-    """20 steps from the same start, twice in this process: (frozen before, run 1, run 2), each run a dict of the
-    training losses and the held-out (no dropout) loss before and after."""
+    """20 steps from the same start, twice in this process: (frozen before, run 1, run 2), each run a dict of
+    the training losses and the held-out (no dropout) loss before and after."""
     before, runs = leaves_bytes(frozen), []
     for _ in range(2):
         prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
         held_out = [-evaluator(frozen)(prompt)['score']]
         opt_state, data, losses = spot.make_optimizer(TC.optimizer).init(prompt), synthetic_batches()(0), []
         for step in range(20):
-            prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, next(data), spot.dropout_key(0, step),
-                                                      CFG, *STEP)
+            prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, next(data),
+                                                      spot.dropout_key(0, step), CFG, *STEP)
             losses.append(float(loss))
         # The training objective (dropout on) of the first and the last prompt, on the same batches and masks
-        train_cfg, first = dataclasses.replace(CFG, dropout_rate=TC.dropout), spot.init_prompt(jax.random.key(1), frozen, PC)
-        paired = [[float(spot.prompt_loss(p, frozen, b, train_cfg, spot.dropout_key(0, k))) for p in (first, prompt)]
+        train_cfg = dataclasses.replace(CFG, dropout_rate=TC.dropout)
+        first = spot.init_prompt(jax.random.key(1), frozen, PC)
+        paired = [[float(spot.prompt_loss(p, frozen, b, train_cfg, spot.dropout_key(0, k)))
+                   for p in (first, prompt)]
                   for k, b in zip(range(20), synthetic_batches()(0))]
-        runs.append({'losses': losses, 'held_out': held_out + [-evaluator(frozen)(prompt)['score']], 'paired': paired})
+        held_out.append(-evaluator(frozen)(prompt)['score'])
+        runs.append({'losses': losses, 'held_out': held_out, 'paired': paired})
     return before, *runs
 
 
@@ -138,21 +155,23 @@ def test_loss_falls_on_a_learnable_task(twenty_steps):
     run = twenty_steps[1]
     print('held-out loss (no dropout) before, after:', run['held_out'])
     assert run['held_out'][1] < run['held_out'][0] - 0.3, run['held_out']      # ~11.3 -> ~10.7 measured
-    # With dropout on, step-to-step losses are too noisy to compare (T5's masks drop whole features of a 16-wide
-    # model); on the same 20 batches and masks, the last prompt has the lower training loss.
+    # With dropout on, step-to-step losses are too noisy to compare (T5's masks drop whole features of a
+    # 16-wide model); on the same 20 batches and masks, the last prompt has the lower training loss.
     first, last = np.mean(run['paired'], axis=0)
     print(f'training loss on the same batches and masks: first prompt {first:.3f}, last {last:.3f}')
     assert last < first - 0.1, run['paired']
 
 
 def test_first_losses_reproduce_in_process(twenty_steps):
-    """Golden regression (llm.c style), computed twice rather than hard-coded: same seed, same first 5 losses."""
+    """Golden regression (llm.c style), computed twice rather than hard-coded: same seed, same first 5
+    losses."""
     assert twenty_steps[1]['losses'][:5] == twenty_steps[2]['losses'][:5]
     assert len(set(twenty_steps[1]['losses'][:5])) == 5
 
 
 def test_dropout_is_on_in_training_and_keyed(frozen):
-    """Same (seed, step) -> same training loss; other keys -> other losses; evaluation (no key) differs from all."""
+    """Same (seed, step) -> same training loss; other keys -> other losses; evaluation (no key) differs from
+    all."""
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     def train_loss(seed, step):
         p = jnp.array(prompt)                                   # copies: train_step consumes its inputs
@@ -166,13 +185,13 @@ def test_dropout_is_on_in_training_and_keyed(frozen):
 @pytest.mark.parametrize('t5x_start, opt', [(0, spot.OptimizerConfig(decay_offset=0)),
                                            (spot.LM_ADAPT_CHECKPOINT_STEP, spot.OptimizerConfig())])
 def test_optax_adafactor_matches_t5x_update(t5x_start, opt):
-    """make_optimizer(opt) vs a numpy transcription of t5x/adafactor.py (unfactored [100,768], beta2_t = 1 - (t+1)^-0.8,
-    update clipped to RMS 1, new = (1 - wd) * p - lr * y) over 20 steps. T5X counts t from the step of the checkpoint
-    it restored (1.1M for the LM-adapted T5 1.1 of the official prompt runs): the default OptimizerConfig must match that
-    run, and decay_offset=0 one that counts from 0."""
+    """make_optimizer(opt) vs a numpy transcription of t5x/adafactor.py (unfactored [100,768],
+    beta2_t = 1 - (t+1)^-0.8, update clipped to RMS 1, new = (1 - wd) * p - lr * y) over 20 steps. T5X counts
+    t from the step of the checkpoint it restored (1.1M for the LM-adapted T5 1.1 of the official prompt
+    runs): the default OptimizerConfig must match that run, and decay_offset=0 one that counts from 0."""
     def t5x_step(p, v, g, step, lr=0.3, decay=0.8, clip=1.0, wd=1e-5):
-        # beta2 in float32 as both t5x and optax compute it: near t = 1.1M, 1 - beta2 = 1.4e-5 keeps only ~0.4%
-        # of precision (float32 spacing below 1 is 6e-8), a rounding that differs from step to step.
+        # beta2 in float32 as both t5x and optax compute it: near t = 1.1M, 1 - beta2 = 1.4e-5 keeps only
+        # ~0.4% of precision (float32 spacing below 1 is 6e-8), a rounding that differs from step to step.
         b2 = np.float64(np.float32(1.0) - np.float32(step + 1.0) ** np.float32(-decay))
         v = b2 * v + (1 - b2) * (g * g + 1e-30)
         y = g / np.sqrt(v)
@@ -188,7 +207,8 @@ def test_optax_adafactor_matches_t5x_update(t5x_start, opt):
         g = rng.normal(scale=10.0 ** rng.uniform(-3, 1), size=p_ref.shape).astype(np.float32)
         upd, state = update(jnp.asarray(g), state, p)
         p = p + upd
-        p_ref, v_ref = t5x_step(p_ref.astype(np.float64), v_ref, g.astype(np.float64), t5x_start + step)
+        p_ref, v_ref = t5x_step(p_ref.astype(np.float64), v_ref, g.astype(np.float64),
+                                t5x_start + step)
     # float32 against a float64 oracle: per step a few roundings of the update and one of p + update
     np.testing.assert_allclose(np.asarray(p), p_ref, rtol=0, atol=f32_atol(p_ref, 20 * 4))
 
@@ -208,16 +228,18 @@ def test_rank_classification_picks_the_most_likely_label(frozen):
     preds = spot.evaluate(frozen, CFG, prompt, inputs, WordVocab(), method='rank', label_names=labels,
                           max_target_len=3, batch_size=B)
     targets = np.int32([[100, 1, 0], [101, 102, 1]])
-    scores = np.stack([t5_model.score_targets(frozen, CFG, EVAL_BATCH['inputs'], np.tile(t, (B, 1)), prompt)[:3]
-                       for t in targets], 1)
+    scores = np.stack([
+        t5_model.score_targets(frozen, CFG, EVAL_BATCH['inputs'], np.tile(t, (B, 1)), prompt)[:3]
+        for t in targets], 1)
     assert preds == [labels[i] for i in scores.argmax(1)]
     with pytest.raises(ValueError, match="needs a classification task"):
         spot.evaluate(frozen, CFG, prompt, inputs, WordVocab(), method='rank')
 
 
-# ----------------------------------------------------------------------------------------------- initialisations
+# -------------------------------------------------------------------------------------------- initialisations
 def table(V=6000, D=4, seed=0):
-    return {'token_embedder': {'embedding': jnp.asarray(np.random.default_rng(seed).normal(size=(V, D)), jnp.float32)}}
+    embedding = np.random.default_rng(seed).normal(size=(V, D))
+    return {'token_embedder': {'embedding': jnp.asarray(embedding, jnp.float32)}}
 
 
 def row_ids(prompt, emb):
@@ -239,15 +261,18 @@ def test_sampled_vocab_rows_are_distinct_rows_below_5000():
 def test_class_labels_mean_pool_each_label_then_sampled_vocab():
     params = table()
     emb = np.asarray(params['token_embedder']['embedding'])
-    labels = [[5005, 20, 31], [7]]                    # 'not_entailment'-like multi-piece label, one-piece label
-    prompt = np.asarray(spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=10, init='class_labels'),
-                                         label_ids=labels))
-    np.testing.assert_allclose(prompt[0], emb[[5005, 20, 31]].mean(0), rtol=0, atol=f32_atol(emb[[5005, 20, 31]], 3))
+    # a 'not_entailment'-like multi-piece label, a one-piece label
+    labels = [[5005, 20, 31], [7]]
+    cfg = spot.PromptConfig(length=10, init='class_labels')
+    prompt = np.asarray(spot.init_prompt(jax.random.key(0), params, cfg, label_ids=labels))
+    np.testing.assert_allclose(prompt[0], emb[[5005, 20, 31]].mean(0), rtol=0,
+                               atol=f32_atol(emb[[5005, 20, 31]], 3))
     np.testing.assert_array_equal(prompt[1], emb[7])
     rest = row_ids(prompt[2:], emb)
     assert rest.min() >= 0 and rest.max() < 5000 and len(set(rest)) == 8
     with pytest.raises(ValueError, match='class_labels'):
-        spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=1, init='class_labels'), label_ids=labels)
+        spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=1, init='class_labels'),
+                         label_ids=labels)
 
 
 def test_text_init_fills_first_rows():
@@ -260,7 +285,8 @@ def test_text_init_fills_first_rows():
 
 
 def test_uniform_init_is_the_official_u_0_half():
-    prompt = np.asarray(spot.init_prompt(jax.random.key(0), table(), spot.PromptConfig(length=100, init='uniform')))
+    cfg = spot.PromptConfig(length=100, init='uniform')
+    prompt = np.asarray(spot.init_prompt(jax.random.key(0), table(), cfg))
     assert prompt.min() >= 0.0 and prompt.max() < 0.5 and abs(prompt.mean() - 0.25) < 0.02
 
 
@@ -272,18 +298,20 @@ def test_file_init_and_width_check(tmp_path):
     with pytest.raises(ValueError, match=r'width 4 .*d_model 16'):
         spot.init_prompt(None, table(D=16), cfg)
     with pytest.raises(ValueError, match='--length=8'):
-        spot.init_prompt(None, table(), spot.PromptConfig(length=100, init='file', source=str(tmp_path / 'p.npy')))
+        too_long = spot.PromptConfig(length=100, init='file', source=str(tmp_path / 'p.npy'))
+        spot.init_prompt(None, table(), too_long)
 
 
 def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
-    """Regressions: jnp indexing clamps ids >= V, so a vocab_pool above the vocabulary made 18 of 20 sampled rows the
-    last row, and out-of-range label/text ids read the wrong rows; NaN, integer, 1-D, .npz and truncated source
-    files were accepted or failed with an unrelated message; labels as numpy arrays failed."""
+    """Regressions: jnp indexing clamps ids >= V, so a vocab_pool above the vocabulary made 18 of 20 sampled
+    rows the last row, and out-of-range label/text ids read the wrong rows; NaN, integer, 1-D, .npz and
+    truncated source files were accepted or failed with an unrelated message; labels as numpy arrays
+    failed."""
     params, small = table(), table(V=1024)
     with pytest.raises(ValueError, match=r'vocab_pool 5000 exceeds .* 1024 rows: pass --vocab_pool=1024'):
         spot.init_prompt(jax.random.key(0), small, spot.PromptConfig(length=20))
-    ids = row_ids(spot.init_prompt(jax.random.key(0), small, spot.PromptConfig(length=20, vocab_pool=1024)),
-                  small['token_embedder']['embedding'])
+    pooled = spot.init_prompt(jax.random.key(0), small, spot.PromptConfig(length=20, vocab_pool=1024))
+    ids = row_ids(pooled, small['token_embedder']['embedding'])
     assert ids.min() >= 0 and len(set(ids)) == 20
     labels = spot.PromptConfig(length=2, init='class_labels')
     with pytest.raises(ValueError, match=r'class label 1: .* ids in \[0, 6000\), got \[6000\]'):
@@ -295,20 +323,24 @@ def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
     emb = np.asarray(params['token_embedder']['embedding'])
     prompt = spot.init_prompt(jax.random.key(0), params, labels, label_ids=np.array([[3, 4]]))
     np.testing.assert_allclose(prompt[0], emb[[3, 4]].mean(0), rtol=0, atol=f32_atol(emb[[3, 4]], 2))
+    # a text longer than P: its first P tokens
     longer = spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=2, init='text'),
-                              text_ids=np.array([9, 8, 7]))          # a text longer than P: its first P tokens
+                              text_ids=np.array([9, 8, 7]))
     np.testing.assert_array_equal(longer, emb[[9, 8]])
-    for name, array, match in [('1d', np.zeros(4, np.float32), r'shape \(4,\): a prompt is a 2-D array .*d_model 4'),
-                               ('nan', np.full((P, 4), np.nan, np.float32), 'NaN or inf'),
-                               ('int', np.ones((P, 4), np.int32), 'dtype int32')]:
+    for name, array, match in [
+            ('1d', np.zeros(4, np.float32), r'shape \(4,\): a prompt is a 2-D array .*d_model 4'),
+            ('nan', np.full((P, 4), np.nan, np.float32), 'NaN or inf'),
+            ('int', np.ones((P, 4), np.int32), 'dtype int32')]:
         np.save(tmp_path / f'{name}.npy', array)
+        source = spot.PromptConfig(length=P, init='file', source=f'{tmp_path}/{name}.npy')
         with pytest.raises(ValueError, match=match):
-            spot.init_prompt(None, params, spot.PromptConfig(length=P, init='file', source=f'{tmp_path}/{name}.npy'))
+            spot.init_prompt(None, params, source)
     np.savez(tmp_path / 'p.npz', prompt=np.zeros((P, 4), np.float32))
     (tmp_path / 'cut.npy').write_bytes((tmp_path / 'int.npy').read_bytes()[:90])
     for name, match in [('p.npz', r'\.npz archive'), ('cut.npy', 'cannot read source prompt .*cut.npy')]:
+        source = spot.PromptConfig(length=P, init='file', source=str(tmp_path / name))
         with pytest.raises(ValueError, match=match):
-            spot.init_prompt(None, params, spot.PromptConfig(length=P, init='file', source=str(tmp_path / name)))
+            spot.init_prompt(None, params, source)
     with pytest.raises(ValueError, match='length >= 1'):
         spot.PromptConfig(length=0)
 
@@ -317,8 +349,10 @@ def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
 def test_released_base_prompts_load_into_base_not_small(shared_data, task):
     path = shared_data / 'prompt_tuning_release' / 't5_1_1_lm100k_base' / f'{task}.npy'
     cfg = spot.PromptConfig(init='file', source=str(path))
-    shapes = lambda name: jax.eval_shape(   # shapes only: no Base weights are allocated
-        lambda k: t5_model.init_params(k, t5_model.T5Config.from_name(name)), jax.random.key(0))
+
+    def shapes(name):                       # shapes only: no Base weights are allocated
+        return jax.eval_shape(lambda k: t5_model.init_params(k, t5_model.T5Config.from_name(name)),
+                              jax.random.key(0))
     prompt = spot.init_prompt(None, shapes('google/t5-base-lm-adapt'), cfg)
     assert prompt.shape == (100, 768)
     np.testing.assert_array_equal(prompt, np.load(path))
@@ -417,7 +451,8 @@ def hf_checkpoint(d, kind):
                                 tie_word_embeddings=not untied)
     model = transformers.T5ForConditionalGeneration(cfg).eval()
     d.mkdir(parents=True)
-    if not untied:                  # at HF's init its std-1 embedding drowns the rest: every output is one token
+    # At HF's init its std-1 embedding drowns the rest: every output is one token.
+    if not untied:
         with torch.no_grad():
             model.shared.weight.mul_(0.1)
         model.save_pretrained(d)
@@ -444,15 +479,20 @@ def test_export_runs_in_peft_as_in_ours(tmp_path, kind):
     with pytest.raises(SystemExit, match='holds a PEFT adapter already'):     # never overwritten
         spot.main(export)
     np.save(tmp_path / 'wide.npy', np.zeros((Pn, 7), np.float32))
-    with pytest.raises(SystemExit, match=r'wide.npy has shape \(5, 7\): width 7 but the model has d_model 16'):
-        spot.main(['export', '--prompt', str(tmp_path / 'wide.npy'), '--model', d, '--out', str(tmp_path / 'w')])
+    with pytest.raises(SystemExit,
+                       match=r'wide.npy has shape \(5, 7\): width 7 but the model has d_model 16'):
+        spot.main(['export', '--prompt', str(tmp_path / 'wide.npy'), '--model', d,
+                   '--out', str(tmp_path / 'w')])
     with pytest.raises(SystemExit, match='--model tiny is a random model that PEFT cannot load'):
-        spot.main(['export', '--prompt', str(tmp_path / 'p.npy'), '--model', 'tiny', '--out', str(tmp_path / 'w')])
+        spot.main(['export', '--prompt', str(tmp_path / 'p.npy'), '--model', 'tiny',
+                   '--out', str(tmp_path / 'w')])
     assert not (tmp_path / 'w').exists()
     theirs = peft.get_peft_model(transformers.T5ForConditionalGeneration.from_pretrained(d),
                                  peft.PromptTuningConfig(task_type='SEQ_2_SEQ_LM', num_virtual_tokens=Pn))
     theirs.save_pretrained(tmp_path / 'theirs')
-    config = lambda d: json.loads((d / 'adapter_config.json').read_text())
+
+    def config(folder):
+        return json.loads((folder / 'adapter_config.json').read_text())
     assert config(out) == {k: v for k, v in config(tmp_path / 'theirs').items() if k != 'peft_version'}
     from safetensors import safe_open
     with safe_open(out / 'adapter_model.safetensors', 'np') as ours, \
@@ -528,7 +568,9 @@ def test_peft_adapters_without_a_t5_prompt_are_refused(tmp_path):
     line each, saying what the file is."""
     _, transformers, peft = hf_peft()
     d = hf_checkpoint(tmp_path / 'base', 't5_1_1')
-    t5 = lambda: transformers.T5ForConditionalGeneration.from_pretrained(d)
+
+    def t5():
+        return transformers.T5ForConditionalGeneration.from_pretrained(d)
     gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1))
     for name, model, config in [
@@ -539,17 +581,18 @@ def test_peft_adapters_without_a_t5_prompt_are_refused(tmp_path):
         peft.get_peft_model(model, config).save_pretrained(tmp_path / name)
     (tmp_path / 'bare').mkdir()
     shutil.copy(tmp_path / 't5' / 'adapter_model.safetensors', tmp_path / 'bare')
-    for path, match in [(tmp_path / 'lora', 'is a PEFT LORA adapter, not prompt tuning'),
-                        (tmp_path / 'prefix', 'is a PEFT PREFIX_TUNING adapter, not prompt tuning'),
-                        (tmp_path / 'gpt', r'PEFT prompt for a decoder-only model \(task_type CAUSAL_LM\)'),
-                        (tmp_path / 't5', r'PEFT prompt-tuning adapter .*: width 16 but the model has d_model'),
-                        (tmp_path / 'bare' / 'adapter_model.safetensors', 'no adapter_config.json beside')]:
+    for path, match in [
+            (tmp_path / 'lora', 'is a PEFT LORA adapter, not prompt tuning'),
+            (tmp_path / 'prefix', 'is a PEFT PREFIX_TUNING adapter, not prompt tuning'),
+            (tmp_path / 'gpt', r'PEFT prompt for a decoder-only model \(task_type CAUSAL_LM\)'),
+            (tmp_path / 't5', r'PEFT prompt-tuning adapter .*: width 16 but the model has d_model'),
+            (tmp_path / 'bare' / 'adapter_model.safetensors', 'no adapter_config.json beside')]:
         with pytest.raises(ValueError, match=match) as e:
             spot.load_prompt(path, d_model=32)
         one_line_naming(e, path)
 
 
-# ----------------------------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------------------------------- the loop
 def run(out, frozen, batches, **kw):
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     return spot.train_prompt(prompt, frozen, CFG, TC, batches, evaluator(frozen), out, log=quiet, **kw)
@@ -563,8 +606,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, frozen):
     _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
     assert state['step'] == state['data_position'] == 8
     resumed = run(tmp_path / 'cut', frozen, synthetic_batches(), resume=True, meta={'task': 'toy'})
-    resumed_log = spot.train_prompt(resumed['prompt'], frozen, CFG, TC, synthetic_batches(), None, tmp_path / 'cut',
-                                    resume=True, log=lines.append)      # already done: loads, no step runs
+    # already done: loads, no step runs
+    resumed_log = spot.train_prompt(resumed['prompt'], frozen, CFG, TC, synthetic_batches(), None,
+                                    tmp_path / 'cut', resume=True, log=lines.append)
     assert resumed['losses'] == full['losses'][8:] and resumed_log['losses'] == []
     assert leaves_bytes(resumed['prompt']) == leaves_bytes(full['prompt'])
     assert leaves_bytes(resumed['opt_state']) == leaves_bytes(full['opt_state'])
@@ -575,7 +619,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, frozen):
             assert (a[k] if k else a).tobytes() == (b[k] if k else b).tobytes(), (name, k)
     info = json.loads((tmp_path / 'full' / 'prompt.json').read_text())
     assert info['task'] == 'toy' and info['step'] == full['best_step'] and info['score'] == full['best_score']
-    assert info['config']['train']['steps'] == 12 and np.load(tmp_path / 'full' / 'prompt.npy').dtype == np.float32
+    assert info['config']['train']['steps'] == 12
+    assert np.load(tmp_path / 'full' / 'prompt.npy').dtype == np.float32
     assert not list((tmp_path / 'cut').glob('*.tmp'))
     assert 'resuming' in lines[0]
     before = (tmp_path / 'cut' / 'checkpoint.npz').read_bytes()
@@ -594,10 +639,10 @@ def test_a_failing_evaluation_loses_no_training_and_resume_redoes_it(tmp_path, f
             raise MemoryError('evaluation ran out of memory')
         return good(prompt)
     with pytest.raises(MemoryError):
-        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC, synthetic_batches(), flaky,
-                          tmp_path / 'cut', log=quiet)
+        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC,
+                          synthetic_batches(), flaky, tmp_path / 'cut', log=quiet)
     _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
-    assert state['step'] == 8 and state['eval_pending']           # the 8 steps are saved, their evaluation is not
+    assert state['step'] == 8 and state['eval_pending']       # the 8 steps are saved, their evaluation not
     resumed = run(tmp_path / 'cut', frozen, synthetic_batches(), resume=True)   # evaluates step 8 first
     assert (resumed['best_step'], resumed['best_score']) == (full['best_step'], full['best_score'])
     for name in ('prompt.npy', 'checkpoint.npz'):
@@ -607,7 +652,9 @@ def test_a_failing_evaluation_loses_no_training_and_resume_redoes_it(tmp_path, f
 
 
 def test_prompt_json_is_strict_json_when_the_score_is_nan(tmp_path, frozen):
-    nan_eval = lambda prompt: {'score': np.float32('nan'), 'pearson': float('nan')}   # constant predictions
+    def nan_eval(prompt):                                       # constant predictions
+        return {'score': np.float32('nan'), 'pearson': float('nan')}
+
     spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG,
                       dataclasses.replace(TC, steps=4), synthetic_batches(), nan_eval, tmp_path, log=quiet)
 
@@ -645,7 +692,8 @@ def test_resume_refuses_changed_settings(tmp_path, frozen):
 
 def test_resume_reads_a_checkpoint_with_the_flat_config_of_before_optimizer_config(tmp_path, frozen):
     flat = {k: v for k, v in dataclasses.asdict(TC).items() if k != 'optimizer'}
-    flat.update(dataclasses.asdict(TC.optimizer))              # how checkpoints stored TrainConfig until OptimizerConfig
+    # how checkpoints stored TrainConfig until OptimizerConfig
+    flat.update(dataclasses.asdict(TC.optimizer))
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     spot.save_checkpoint(tmp_path / 'checkpoint.npz', prompt, spot.make_optimizer(TC.optimizer).init(prompt),
                          {'step': 4, 'data_position': 4, 'seed': 0, 'best_score': None, 'best_step': None,
@@ -659,11 +707,13 @@ def test_resume_reads_a_checkpoint_with_the_flat_config_of_before_optimizer_conf
 
 
 def test_override_parses_and_type_checks():
-    tc, rest = spot.override(spot.TrainConfig(), ['--steps=30000', '--learning-rate=1', '--eval_method=rank', '--x=1'])
+    tc, rest = spot.override(spot.TrainConfig(),
+                             ['--steps=30000', '--learning-rate=1', '--eval_method=rank', '--x=1'])
     assert (tc.steps, tc.optimizer.learning_rate, tc.eval_method, rest) == (30000, 1.0, 'rank', ['--x=1'])
     with pytest.raises(ValueError, match='TrainConfig.steps expects int, got float'):
         spot.override(tc, ['--steps=0.5'])
-    assert spot.override(spot.PromptConfig(), ['--text=1984'])[0].text == '1984'   # a str field keeps its text
+    # a str field keeps its text
+    assert spot.override(spot.PromptConfig(), ['--text=1984'])[0].text == '1984'
 
 
 def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
@@ -686,7 +736,8 @@ def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
     # Regressions: dropout 1.0 / 1.5 / -0.5 raised OverflowError from JAX after the model and data loaded, and
     # --learning_rate=nan said "expects float, got str".
     for arg, problem in [('dropout=1.0', 'dropout=1.0 (must be in [0, 1))'), ('dropout=1.5', 'dropout=1.5'),
-                         ('dropout=-0.5', 'dropout=-0.5'), ('learning_rate=nan', 'learning_rate=nan (must be finite'),
+                         ('dropout=-0.5', 'dropout=-0.5'),
+                         ('learning_rate=nan', 'learning_rate=nan (must be finite'),
                          ('learning_rate=0', 'learning_rate=0.0'), ('learning_rate=inf', 'learning_rate=inf'),
                          ('max_input_len=1', 'max_input_len=1 (must be >= 2: one token and EOS)'),
                          ('max_target_len=1', 'max_target_len=1'), ('decay_rate=0', 'decay_rate=0.0')]:
@@ -696,11 +747,13 @@ def test_settings_that_would_fail_late_fail_first(tmp_path, capsys):
 
 
 def test_resume_refuses_another_run_and_a_damaged_checkpoint(tmp_path, frozen):
-    """Regressions: resuming with another task, model, model weights or prompt length went on silently (a MRPC prompt
-    kept training on RTE); a truncated checkpoint.npz raised zipfile.BadZipFile; an evaluator's np.float32 score
-    broke the JSON."""
+    """Regressions: resuming with another task, model, model weights or prompt length went on silently (a MRPC
+    prompt kept training on RTE); a truncated checkpoint.npz raised zipfile.BadZipFile; an evaluator's
+    np.float32 score broke the JSON."""
     meta, prompt = {'task': 'toy', 'model': 'tiny'}, spot.init_prompt(jax.random.key(1), frozen, PC)
-    numpy_score = lambda p: {'score': np.float32(evaluator(frozen)(p)['score'])}
+
+    def numpy_score(p):
+        return {'score': np.float32(evaluator(frozen)(p)['score'])}
     spot.train_prompt(prompt, frozen, CFG, dataclasses.replace(TC, steps=1), synthetic_batches(), numpy_score,
                       tmp_path, meta=meta, log=quiet)
     assert json.loads((tmp_path / 'prompt.json').read_text())['step'] == 1
@@ -714,9 +767,11 @@ def test_resume_refuses_another_run_and_a_damaged_checkpoint(tmp_path, frozen):
         resume(cfg=dataclasses.replace(CFG, num_heads=4, d_kv=4))
     with pytest.raises(ValueError, match=r"'prompt shape': \(\(8, 16\), \(10, 16\)\)"):
         resume(prompt=jnp.zeros((10, CFG.d_model)))
-    other = jax.tree.map(lambda x: x * 1.5, frozen)        # same architecture, other weights (T5 1.1 vs LM-adapted)
+    # same architecture, other weights (T5 1.1 vs LM-adapted)
+    other = jax.tree.map(lambda x: x * 1.5, frozen)
     with pytest.raises(ValueError, match=r"'model.weights': \('[0-9a-f]{16}', '[0-9a-f]{16}'\)"):
-        spot.train_prompt(prompt, other, CFG, TC, synthetic_batches(), None, tmp_path, meta=meta, resume=True)
+        spot.train_prompt(prompt, other, CFG, TC, synthetic_batches(), None, tmp_path, meta=meta,
+                          resume=True)
     ckpt = tmp_path / 'checkpoint.npz'
     ckpt.write_bytes(ckpt.read_bytes()[:200])
     with pytest.raises(ValueError, match=r'checkpoint.npz is not a readable checkpoint \(BadZipFile'):
@@ -724,8 +779,9 @@ def test_resume_refuses_another_run_and_a_damaged_checkpoint(tmp_path, frozen):
 
 
 def test_a_nan_prompt_after_a_finite_loss_is_never_saved(tmp_path, frozen, monkeypatch):
-    """A NaN/inf gradient can leave the loss finite and the prompt NaN (Adafactor: inf / sqrt(inf)). Regression: that
-    prompt became the 'last good' checkpoint, prompt.npy and prompt_step6.npy; the step-4 checkpoint must survive."""
+    """A NaN/inf gradient can leave the loss finite and the prompt NaN (Adafactor: inf / sqrt(inf)).
+    Regression: that prompt became the 'last good' checkpoint, prompt.npy and prompt_step6.npy; the step-4
+    checkpoint must survive."""
     real, calls = spot.train_step, []
 
     def nan_at_step_6(*args):
@@ -733,23 +789,31 @@ def test_a_nan_prompt_after_a_finite_loss_is_never_saved(tmp_path, frozen, monke
         calls.append(len(calls) + 1)
         return (prompt * jnp.nan if calls[-1] == 6 else prompt), opt_state, loss
     monkeypatch.setattr(spot, 'train_step', nan_at_step_6)
-    with pytest.raises(FloatingPointError, match=r'prompt has NaN or inf values after step 6 .*\(step 4\) is intact'):
+    with pytest.raises(FloatingPointError,
+                       match=r'prompt has NaN or inf values after step 6 .*\(step 4\) is intact'):
         run(tmp_path, frozen, synthetic_batches())
     prompt, _, state = spot.load_checkpoint(tmp_path / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
     assert state['step'] == 4 and np.isfinite(np.asarray(prompt)).all()
-    assert np.isfinite(np.load(tmp_path / 'prompt.npy')).all() and not (tmp_path / 'prompt_step6.npy').exists()
+    assert np.isfinite(np.load(tmp_path / 'prompt.npy')).all()
+    assert not (tmp_path / 'prompt_step6.npy').exists()
 
 
-# ----------------------------------------------------------------------------------------------- the run folder
+# --------------------------------------------------------------------------------------------- the run folder
 def test_a_run_owns_its_folder_and_a_crashed_holder_leaves_no_stale_lock(tmp_path, frozen):
-    """Regression: two runs on one folder both ran and left one run's checkpoint beside the other's prompt.npy."""
+    """Regression: two runs on one folder both ran and left one run's checkpoint beside the other's
+    prompt.npy."""
+    in_use = rf'{re.escape(str(tmp_path))} is in use by .*pid {os.getpid()}'
     with spot.own_folder(tmp_path):                               # another run holds the folder ...
-        with pytest.raises(spot.RunFolderInUse, match=rf'{re.escape(str(tmp_path))} is in use by .*pid {os.getpid()}'):
+        with pytest.raises(spot.RunFolderInUse, match=in_use):
             run(tmp_path, frozen, synthetic_batches())
     assert not (tmp_path / 'checkpoint.npz').exists()
-    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time, spot; from pathlib import Path\n'
-                               'with spot.own_folder(Path(sys.argv[1])):\n print("locked", flush=True); time.sleep(60)',
-                               str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder_code = ('import sys, time, spot\n'
+                   'from pathlib import Path\n'
+                   'with spot.own_folder(Path(sys.argv[1])):\n'
+                   '    print("locked", flush=True)\n'
+                   '    time.sleep(60)\n')
+    holder = subprocess.Popen([sys.executable, '-c', holder_code, str(tmp_path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
         with pytest.raises(spot.RunFolderInUse, match=f'pid {holder.pid} '):
@@ -767,22 +831,24 @@ def test_a_new_run_never_replaces_an_earlier_runs_prompt(tmp_path, frozen):
     best = (tmp_path / 'prompt.npy').read_bytes()
     ckpt = tmp_path / 'checkpoint.npz'
     ckpt.write_bytes(ckpt.read_bytes()[:200])                     # damaged
-    with pytest.raises(ValueError, match='not a readable checkpoint.*best prompt so far stays in .*prompt.npy: keep '
-                                         'that folder as it is and start a new run with another --out'):
+    with pytest.raises(ValueError, match='not a readable checkpoint.*best prompt so far stays in '
+                                         '.*prompt.npy: keep that folder as it is and start a new run '
+                                         'with another --out'):
         run(tmp_path, frozen, synthetic_batches(), resume=True, meta={'task': 'toy'})
     ckpt.unlink()                                                 # the old advice
     (tmp_path / 'checkpoint.npz.tmp').write_bytes(b'half a file')
     for resume in (False, True):
-        with pytest.raises(FileExistsError, match='holds metrics.jsonl, prompt.npy, prompt_step6.npy of an earlier '
-                                                  'run but no checkpoint.npz.*pick a new --out'):
+        with pytest.raises(FileExistsError, match='holds metrics.jsonl, prompt.npy, prompt_step6.npy of an '
+                                                  'earlier run but no checkpoint.npz.*pick a new --out'):
             run(tmp_path, frozen, synthetic_batches(), resume=resume)
-    assert (tmp_path / 'prompt.npy').read_bytes() == best and not (tmp_path / 'checkpoint.npz.tmp').exists()
+    assert (tmp_path / 'prompt.npy').read_bytes() == best
+    assert not (tmp_path / 'checkpoint.npz.tmp').exists()
 
 
 def test_history_and_prompt_json_after_resume(tmp_path, frozen):
-    """metrics.jsonl holds one line per log line and evaluation; a resume cuts it back to the checkpoint, so it equals
-    an uninterrupted run's (but for the measured rates), also when the run died during an evaluation. prompt.json
-    follows a resume that extends the run (its config.train.steps)."""
+    """metrics.jsonl holds one line per log line and evaluation; a resume cuts it back to the checkpoint, so
+    it equals an uninterrupted run's (but for the measured rates), also when the run died during an
+    evaluation. prompt.json follows a resume that extends the run (its config.train.steps)."""
     def history(d):
         return [{k: v for k, v in json.loads(line).items() if k != 'steps_per_s'}
                 for line in (d / 'metrics.jsonl').read_text().splitlines()]
@@ -800,8 +866,8 @@ def test_history_and_prompt_json_after_resume(tmp_path, frozen):
             raise MemoryError
         return ev(prompt)
     with pytest.raises(MemoryError):
-        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC, synthetic_batches(),
-                          dies_at_step_8, tmp_path / 'in_eval', log=quiet)
+        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC,
+                          synthetic_batches(), dies_at_step_8, tmp_path / 'in_eval', log=quiet)
     for d in ('cut', 'in_eval'):
         run(tmp_path / d, frozen, synthetic_batches(), resume=True)
         assert history(tmp_path / d) == full, d
@@ -814,7 +880,8 @@ def test_history_and_prompt_json_after_resume(tmp_path, frozen):
 
 
 def interrupting_batches(signum, at):
-    """synthetic_batches whose batch `at` is fetched while the process receives signum (as from Ctrl-C or kill)."""
+    """synthetic_batches whose batch `at` is fetched while the process receives signum (as from Ctrl-C or
+    kill)."""
     def batches(start):
         for k, batch in zip(itertools.count(start), synthetic_batches()(start)):
             if k == at:
@@ -825,13 +892,15 @@ def interrupting_batches(signum, at):
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, frozen, signum):
-    """Regression: Ctrl-C near an evaluation was swallowed by JAX's gc callback and the run went on to rc 0."""
+    """Regression: Ctrl-C near an evaluation was swallowed by JAX's gc callback and the run went on to
+    rc 0."""
     full = run(tmp_path / 'full', frozen, synthetic_batches())
     lines = []
-    with pytest.raises(spot.Interrupted, match=r'after step 6: .*checkpoint.npz holds it; rerun the same command '
-                                               r'with --resume') as stopped:
+    with pytest.raises(spot.Interrupted, match=r'after step 6: .*checkpoint.npz holds it; rerun the same '
+                                               r'command with --resume') as stopped:
         spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC,
-                          interrupting_batches(signum, 5), evaluator(frozen), tmp_path / 'cut', log=lines.append)
+                          interrupting_batches(signum, 5), evaluator(frozen), tmp_path / 'cut',
+                          log=lines.append)
     assert stopped.value.exit_code == 128 + signum and 'stopping after this step' in lines[-1]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handlers restored
     _, _, state = spot.load_checkpoint(tmp_path / 'cut' / 'checkpoint.npz', spot.make_optimizer(TC.optimizer))
@@ -842,11 +911,12 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp
 
 
 def test_ctrl_c_on_the_command_line_exits_130_and_resumes_to_the_same_bits(shared_data, tmp_path):
-    """A real SIGINT from outside, while `spot.py train` runs: exit 130 with the resume hint, then --resume ends
-    where an uninterrupted run ends."""
-    cmd = [sys.executable, 'spot.py', 'train', '--model', 'tiny', '--task', 'sst2', '--data', str(shared_data / 'glue'),
-           '--vocab', str(shared_data / 't5_spiece.model'), '--steps', '1500', '--batch_size=2', '--length=4',
-           '--max_input_len=16', '--log_every=25', '--eval_every=1000000', '--eval_limit=4', '--eval_batch_size=4']
+    """A real SIGINT from outside, while `spot.py train` runs: exit 130 with the resume hint, then --resume
+    ends where an uninterrupted run ends."""
+    cmd = [sys.executable, 'spot.py', 'train', '--model', 'tiny', '--task', 'sst2',
+           '--data', str(shared_data / 'glue'), '--vocab', str(shared_data / 't5_spiece.model'),
+           '--steps', '1500', '--batch_size=2', '--length=4', '--max_input_len=16', '--log_every=25',
+           '--eval_every=1000000', '--eval_limit=4', '--eval_batch_size=4']
     child = subprocess.Popen([*cmd, '--out', str(tmp_path / 'cut')], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     for line in child.stdout:                                  # training has started
@@ -856,7 +926,8 @@ def test_ctrl_c_on_the_command_line_exits_130_and_resumes_to_the_same_bits(share
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130, err
     assert 'rerun the same command with --resume' in err and 'Traceback' not in err
-    subprocess.run([*cmd, '--out', str(tmp_path / 'cut'), '--resume'], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([*cmd, '--out', str(tmp_path / 'cut'), '--resume'], cwd=ROOT, check=True,
+                   capture_output=True)
     subprocess.run([*cmd, '--out', str(tmp_path / 'full')], cwd=ROOT, check=True, capture_output=True)
     for name in ('prompt.npy', 'checkpoint.npz'):
         a, b = (np.load(tmp_path / d / name) for d in ('full', 'cut'))
@@ -865,12 +936,13 @@ def test_ctrl_c_on_the_command_line_exits_130_and_resumes_to_the_same_bits(share
                 assert (a[k] if k else a).tobytes() == (b[k] if k else b).tobytes(), (name, k)
 
 
-# ----------------------------------------------------------------------------------------------- sharding
+# --------------------------------------------------------------------------------------------------- sharding
 SHARDED = r'''
 import json, numpy as np, jax, jax.numpy as jnp
 import spot, t5_model
 from test_spot import random_params
-cfg, tc = t5_model.T5Config.tiny(num_layers=1, num_decoder_layers=1), spot.TrainConfig()   # 1+1 layers: fast compile
+# cfg: 1+1 layers, for a fast compile
+cfg, tc = t5_model.T5Config.tiny(num_layers=1, num_decoder_layers=1), spot.TrainConfig()
 frozen = random_params(cfg)
 rng = np.random.default_rng(0)
 batch = {'inputs': rng.integers(2, 5000, (8, 10)).astype(np.int32),
@@ -881,7 +953,8 @@ prompt0 = rng.normal(size=(8, 16)).astype(np.float32)
 def two_steps(mesh):
     prompt = jnp.asarray(prompt0)
     state = spot.make_optimizer(tc.optimizer).init(prompt)
-    f, b, (p, s) = spot.shard_params(mesh, frozen), spot.shard_batch(mesh, batch), spot.replicate(mesh, (prompt, state))
+    f, b = spot.shard_params(mesh, frozen), spot.shard_batch(mesh, batch)
+    p, s = spot.replicate(mesh, (prompt, state))
     losses = []
     for step in range(2):
         p, s, loss = spot.train_step(p, s, f, b, spot.dropout_key(0, step), cfg, tc.optimizer, tc.z_loss)
@@ -896,21 +969,25 @@ try:
     bad_batch = ''
 except ValueError as e:
     bad_batch = str(e)
-diff = lambda x, y: max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
-                        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+def diff(x, y):
+    return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+               for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
 print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
     "query": str(f['encoder']['layers_0']['attention']['query']['kernel'].sharding.spec),
     "wo": str(f['encoder']['layers_0']['mlp']['wo']['kernel'].sharding.spec),
     "embedding": str(f['token_embedder']['embedding'].sharding.spec),
     "batch": str(b['inputs'].sharding.spec), "loss_diff": max(abs(u - v) for u, v in zip(l1, l8)),
-    "prompt_diff": diff(p1, p8), "opt_diff": diff(s1, s8), "moved": diff(p1, prompt0), "bad_batch": bad_batch}))
+    "prompt_diff": diff(p1, p8), "opt_diff": diff(s1, s8), "moved": diff(p1, prompt0),
+    "bad_batch": bad_batch}))
 '''
 
 
 @pytest.fixture(scope='module', autouse=True)
 def sharded_run(request):
-    """Starts the 8-device subprocess when the module starts (if its test is selected), so that it compiles while
-    the other tests run; XLA_FLAGS must be set before jax is imported, hence a fresh process."""
+    """Starts the 8-device subprocess when the module starts (if its test is selected), so that it compiles
+    while the other tests run; XLA_FLAGS must be set before jax is imported, hence a fresh process."""
     if not any(item.name == 'test_sharded_step_equals_single_device' for item in request.session.items):
         yield None
         return
@@ -927,15 +1004,16 @@ def test_sharded_step_equals_single_device(sharded_run):
     assert sharded_run.returncode == 0, stderr[-3000:]
     r = json.loads(stdout.strip().splitlines()[-1])
     assert r['devices'] == 8 and r['mesh'] == {'data': 4, 'model': 2}
-    assert "'model'" in r['query'] and "'model'" in r['wo'] and "'model'" in r['embedding'] and "'data'" in r['batch']
+    assert "'model'" in r['query'] and "'model'" in r['wo'] and "'model'" in r['embedding']
+    assert "'data'" in r['batch']
     assert r['moved'] > 0.1                       # the steps did something
     assert r['loss_diff'] < 1e-5 and r['prompt_diff'] < 1e-5 and r['opt_diff'] < 1e-5, r
     assert 'batch size 6 is not divisible by the 4 data-parallel devices' in r['bad_batch']
 
 
 def test_cli_prints_the_backend_and_computes_in_bfloat16_on_request(shared_data, tmp_path, capsys):
-    """A run meant for a GPU must not go on unnoticed on the CPU; --dtype bfloat16 is the official runs' compute dtype
-    (the frozen weights in bfloat16, the prompt and its optimizer float32)."""
+    """A run meant for a GPU must not go on unnoticed on the CPU; --dtype bfloat16 is the official runs'
+    compute dtype (the frozen weights in bfloat16, the prompt and its optimizer float32)."""
     calls = []
     real = spot.train_step
 
@@ -944,14 +1022,15 @@ def test_cli_prints_the_backend_and_computes_in_bfloat16_on_request(shared_data,
         return real(prompt, opt_state, frozen, *rest)
     spot.train_step = spy
     try:
-        spot.main(['train', '--model', 'tiny', '--task', 'mrpc', '--data', str(shared_data / 'glue'), '--vocab',
-                   str(shared_data / 't5_spiece.model'), '--steps', '2', '--out', str(tmp_path), '--dtype', 'bfloat16',
-                   '--batch_size=4', '--eval_every=2', '--eval_limit=8', '--eval_batch_size=8', '--max_input_len=48',
-                   '--length=5'])
+        spot.main(['train', '--model', 'tiny', '--task', 'mrpc', '--data', str(shared_data / 'glue'),
+                   '--vocab', str(shared_data / 't5_spiece.model'), '--steps', '2', '--out', str(tmp_path),
+                   '--dtype', 'bfloat16', '--batch_size=4', '--eval_every=2', '--eval_limit=8',
+                   '--eval_batch_size=8', '--max_input_len=48', '--length=5'])
     finally:
         spot.train_step = real
     out = capsys.readouterr().out
-    assert re.search(rf'JAX {re.escape(jax.__version__)}: \d+ .* device\(s\), backend {jax.default_backend()}', out)
+    backend_line = rf'JAX {re.escape(jax.__version__)}: \d+ .* device\(s\), backend {jax.default_backend()}'
+    assert re.search(backend_line, out)
     assert calls and set(calls) == {(np.dtype(jnp.float32), np.dtype(jnp.bfloat16))}
     prompt = np.load(tmp_path / 'prompt.npy')
     assert prompt.dtype == np.float32 and np.isfinite(prompt).all()
@@ -961,35 +1040,39 @@ def test_cli_prints_the_backend_and_computes_in_bfloat16_on_request(shared_data,
 def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
     common = ['--model', 'tiny', '--task', 'mrpc', '--data', str(shared_data / 'glue'),
               '--vocab', str(shared_data / 't5_spiece.model')]
-    small = ['--batch_size=4', '--eval_every=2', '--eval_limit=8', '--eval_batch_size=8', '--max_input_len=48',
-             '--length=5']
+    small = ['--batch_size=4', '--eval_every=2', '--eval_limit=8', '--eval_batch_size=8',
+             '--max_input_len=48', '--length=5']
     spot.main(['train', *common, '--steps', '2', '--out', str(tmp_path), *small])
     spot.main(['train', *common, '--steps', '4', '--out', str(tmp_path), '--resume', *small])
     out = capsys.readouterr().out
     assert 'resuming' in out and 'at step 2' in out and 'best score' in out
     info = json.loads((tmp_path / 'prompt.json').read_text())
-    assert info['task'] == 'mrpc' and info['step'] in (2, 4) and set(info['metrics']) == {'accuracy', 'f1', 'score'}
+    assert info['task'] == 'mrpc' and info['step'] in (2, 4)
+    assert set(info['metrics']) == {'accuracy', 'f1', 'score'}
     assert np.load(tmp_path / 'prompt.npy').shape == (5, t5_model.T5Config.tiny().d_model)
-    spot.main(['eval', *common, '--prompt', str(tmp_path / 'prompt.npy'), '--eval_limit=8', '--max_input_len=48',
-               '--eval_batch_size=8'])
+    spot.main(['eval', *common, '--prompt', str(tmp_path / 'prompt.npy'), '--eval_limit=8',
+               '--max_input_len=48', '--eval_batch_size=8'])
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= scores['accuracy'] <= 100
-    for task, folder in (('stsb', 'glue'), ('wsc', 'superglue')):  # targets: a number; the referent's words
-        with pytest.raises(SystemExit, match="'rank' needs a classification task"):     # refused before training
-            spot.main(['train', '--model', 'tiny', '--task', task, '--data', str(shared_data / folder), *common[6:],
-                       '--steps', '2', '--out', str(tmp_path / task), '--eval_method=rank', *small])
+    # Refused before training. Targets: a number (stsb); the referent's words (wsc).
+    for task, folder in (('stsb', 'glue'), ('wsc', 'superglue')):
+        with pytest.raises(SystemExit, match="'rank' needs a classification task"):
+            spot.main(['train', '--model', 'tiny', '--task', task, '--data', str(shared_data / folder),
+                       *common[6:], '--steps', '2', '--out', str(tmp_path / task), '--eval_method=rank',
+                       *small])
         assert not (tmp_path / task / 'checkpoint.npz').exists()
     with pytest.raises(SystemExit, match='unknown task'):
-        spot.main(['train', *common[:3], 'no_such_task', *common[4:], '--steps', '1', '--out', str(tmp_path / 'x')])
+        spot.main(['train', *common[:3], 'no_such_task', *common[4:], '--steps', '1',
+                   '--out', str(tmp_path / 'x')])
     with pytest.raises(SystemExit, match='d_model'):            # a prompt of the wrong width, from the CLI
         np.save(tmp_path / 'wide.npy', np.zeros((5, 7), np.float32))
         spot.main(['eval', *common, '--prompt', str(tmp_path / 'wide.npy')])
 
 
-# ----------------------------------------------------------------------------------------------- real, bucketed data
+# ---------------------------------------------------------------------------------------- real, bucketed data
 def test_padding_is_invisible_to_logits_loss_and_prompt_gradient(frozen):
-    """One batch padded to two bucket lengths: eval-mode logits, loss and prompt gradient agree to float32 rounding
-    (eps times the longest reduction, P + 64 encoder positions, relative to each value's scale)."""
+    """One batch padded to two bucket lengths: eval-mode logits, loss and prompt gradient agree to float32
+    rounding (eps times the longest reduction, P + 64 encoder positions, relative to each value's scale)."""
     import data
     rng = np.random.default_rng(0)
     rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (5, 11, 3, 13)]
@@ -1000,13 +1083,14 @@ def test_padding_is_invisible_to_logits_loss_and_prompt_gradient(frozen):
 
     def outputs(inputs):
         batch = {'inputs': jnp.asarray(inputs), 'targets': jnp.asarray(targets)}
-        logits = t5_model.forward(frozen, CFG, batch['inputs'], t5_model.shift_right(batch['targets']), prompt=prompt)
+        decoder_inputs = t5_model.shift_right(batch['targets'])
+        logits = t5_model.forward(frozen, CFG, batch['inputs'], decoder_inputs, prompt=prompt)
         loss, grad = jax.value_and_grad(spot.prompt_loss)(prompt, frozen, batch, CFG)
         return np.asarray(logits), np.asarray(loss), np.asarray(grad)
     for a, b in zip(outputs(short), outputs(long)):
         tol = np.finfo(np.float32).eps * (P + 64) * np.abs(b).max()
         np.testing.assert_allclose(a, b, rtol=0, atol=tol)
-    wrong = outputs(np.where(long == 0, 5, long))[0]              # the same rows, pad replaced by a real token
+    wrong = outputs(np.where(long == 0, 5, long))[0]          # the same rows, pad replaced by a real token
     assert np.abs(wrong - outputs(long)[0]).max() > 1e3 * np.finfo(np.float32).eps * np.abs(wrong).max()
 
 
@@ -1020,7 +1104,10 @@ def test_resume_is_bit_exact_when_batches_change_bucket(tmp_path, frozen, shared
 
     def batches(crash_at=None):
         def make(start):
-            it = data.mixture_batches(sources, B, 1, start) if mixture else data.batches(sources['cola'], B, 1, start)
+            if mixture:
+                it = data.mixture_batches(sources, B, 1, start)
+            else:
+                it = data.batches(sources['cola'], B, 1, start)
             for k, b in zip(itertools.count(start), it):
                 if k == crash_at:
                     raise RuntimeError('preempted')
@@ -1038,8 +1125,8 @@ def test_resume_is_bit_exact_when_batches_change_bucket(tmp_path, frozen, shared
 
 
 def test_cli_resume_with_other_data_is_refused(shared_data, tmp_path):
-    """The run records what it reads (data folder, a fingerprint of the file, the vocabulary): --resume on other
-    data would silently continue on it."""
+    """The run records what it reads (data folder, a fingerprint of the file, the vocabulary): --resume on
+    other data would silently continue on it."""
     lines = (shared_data / 'glue' / 'RTE' / 'train.tsv').read_text(encoding='utf-8').splitlines(keepends=True)
     for name, n in (('a', 300), ('b', 150)):
         (tmp_path / name / 'RTE').mkdir(parents=True)
@@ -1053,20 +1140,23 @@ def test_cli_resume_with_other_data_is_refused(shared_data, tmp_path):
         spot.main([*args, '--data', str(tmp_path / 'b'), '--steps', '4', '--resume'])
     import shutil
     shutil.copytree(tmp_path / 'a', tmp_path / 'c')
-    spot.main([*args, '--data', str(tmp_path / 'c'), '--steps', '4', '--resume'])  # the same files elsewhere: fine
+    # the same files elsewhere: fine
+    spot.main([*args, '--data', str(tmp_path / 'c'), '--steps', '4', '--resume'])
 
 
 def test_cli_trains_on_a_mixture_name(shared_data, tmp_path, monkeypatch, capsys):
-    """--task accepts a name of data.MIXTURES (SPoT's sources are mixtures): examples-proportional batches, no single
-    validation metric, so prompt.npy is the last prompt. (The real mixtures need files ../shared/data lacks.)"""
+    """--task accepts a name of data.MIXTURES (SPoT's sources are mixtures): examples-proportional batches, no
+    single validation metric, so prompt.npy is the last prompt. (The real mixtures need files ../shared/data
+    lacks.)"""
     import data
     monkeypatch.setitem(data.MIXTURES, 'SmallGLUE', ('rte', 'cola'))
-    spot.main(['train', '--model', 'tiny', '--task', 'smallglue', '--data', str(shared_data / 'glue'), '--vocab',
-               str(shared_data / 't5_spiece.model'), '--steps', '2', '--batch_size=4', '--max_input_len=24',
-               '--length=5', '--out', str(tmp_path)])
+    spot.main(['train', '--model', 'tiny', '--task', 'smallglue', '--data', str(shared_data / 'glue'),
+               '--vocab', str(shared_data / 't5_spiece.model'), '--steps', '2', '--batch_size=4',
+               '--max_input_len=24', '--length=5', '--out', str(tmp_path)])
     assert 'no validation metric' in capsys.readouterr().out
     info = json.loads((tmp_path / 'prompt.json').read_text())
-    assert info['task'] == 'smallglue' and info['step'] == 2 and set(info['reads']['files']) == {'rte', 'cola'}
+    assert info['task'] == 'smallglue' and info['step'] == 2
+    assert set(info['reads']['files']) == {'rte', 'cola'}
 
 
 class IdVocab:
@@ -1079,8 +1169,9 @@ class IdVocab:
 
 
 def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
-    """Batches of similar lengths padded to their bucket: the same predictions, in input order, as one example at a
-    time (each at its own length), for greedy decoding and rank classification; arrays and id lists alike."""
+    """Batches of similar lengths padded to their bucket: the same predictions, in input order, as one example
+    at a time (each at its own length), for greedy decoding and rank classification; arrays and id lists
+    alike."""
     import data
     rng = np.random.default_rng(3)
     rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (30, 2, 17, 5, 40, 9, 3, 25)]
@@ -1088,10 +1179,12 @@ def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
     labels = None
     for method in ('decode', 'rank'):
         kw = {'label_names': labels} if method == 'rank' else {}
-        alone = [spot.evaluate(frozen, CFG, prompt, [r], IdVocab(), method=method, max_target_len=4, batch_size=1,
-                               **kw)[0] for r in rows]
-        labels = tuple(sorted({p.split()[0] for p in alone}))   # rank: the greedy first tokens, so answers differ
-        assert len(set(alone)) >= 2, alone                              # the order check means something
+        alone = [spot.evaluate(frozen, CFG, prompt, [r], IdVocab(), method=method, max_target_len=4,
+                               batch_size=1, **kw)[0]
+                 for r in rows]
+        # rank: the greedy first tokens, so answers differ
+        labels = tuple(sorted({p.split()[0] for p in alone}))
+        assert len(set(alone)) >= 2, alone                      # the order check means something
         for inputs in (rows, data.pad_rows(rows, 48)):
             got = spot.evaluate(frozen, CFG, prompt, inputs, IdVocab(), method=method, max_target_len=4,
                                 batch_size=3, **kw)

@@ -1,8 +1,8 @@
-"""spot.py across processes (JAX's multi-controller runtime), with real processes on 127.0.0.1: each process has 2 CPU
-devices (--xla_force_host_platform_device_count) and joins through jax.distributed (gloo collectives). A run on
-2 processes x 2 devices must train, checkpoint, evaluate and resume to the prompt of one process with 4 devices, with
-one consistent run folder written by process 0 alone; every peer wait is bounded (--distributed-timeout), so a
-failure cannot hang CI."""
+"""spot.py across processes (JAX's multi-controller runtime), with real processes on 127.0.0.1: each
+process has 2 CPU devices (--xla_force_host_platform_device_count) and joins through jax.distributed (gloo
+collectives). A run on 2 processes x 2 devices must train, checkpoint, evaluate and resume to the prompt of
+one process with 4 devices, with one consistent run folder written by process 0 alone; every peer wait is
+bounded (--distributed-timeout), so a failure cannot hang CI."""
 import json
 import os
 import socket
@@ -33,13 +33,15 @@ def train_args(shared_data, model, out, mp, *extra):
 
 
 def launch(args, processes, devices_per_process):
-    """Run `python args` as `processes` processes (one coordinator on a free loopback port); -> [(rc, output)]."""
+    """Run `python args` as `processes` processes (one coordinator on a free loopback port).
+
+    Returns [(rc, output)], one per process."""
     env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}',
            'JAX_PLATFORMS': 'cpu'}
     join = ['--coordinator', f'127.0.0.1:{free_port()}', '--num-processes', str(processes),
             '--distributed-timeout', '30'] if processes > 1 else []
-    procs = [subprocess.Popen([sys.executable, *args, *join, *(['--process-id', str(i)] if join else [])], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen([sys.executable, *args, *join, *(['--process-id', str(i)] if join else [])],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(processes)]
     try:
         return [(p.wait(timeout=TIMEOUT), p.stdout.read()) for p in procs]
@@ -50,10 +52,11 @@ def launch(args, processes, devices_per_process):
 
 @pytest.fixture(scope='module')
 def hf_checkpoint(tmp_path_factory):
-    """A tiny T5 1.1 written by transformers (config.json + model.safetensors), with T5's 32128-row vocabulary, so
-    every process reads its blocks of each tensor from the file."""
+    """A tiny T5 1.1 written by transformers (config.json + model.safetensors), with T5's 32128-row
+    vocabulary, so every process reads its blocks of each tensor from the file."""
     torch = pytest.importorskip('torch', reason='the tiny checkpoint is written by transformers (test extra)')
-    transformers = pytest.importorskip('transformers', reason='the tiny checkpoint is written by transformers')
+    transformers = pytest.importorskip('transformers',
+                                       reason='the tiny checkpoint is written by transformers')
     torch.manual_seed(0)
     cfg = transformers.T5Config(vocab_size=32128, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=4,
                                 feed_forward_proj='gated-gelu', tie_word_embeddings=False, dropout_rate=0.0,
@@ -75,7 +78,8 @@ def test_two_processes_train_and_resume_as_one(shared_data, hf_checkpoint, tmp_p
     assert 'resuming' in resumed[0][1] and 'at step 4' in resumed[0][1]
     [(rc, out)] = launch(train_args(shared_data, hf_checkpoint, single, mp, '--steps', '6'), 1, 4)
     assert rc == 0, out
-    # One consistent run: process 0's files only, each event once, the prompt of a one-process run of 4 devices.
+    # One consistent run: process 0's files only, each event once, the prompt of a one-process run of
+    # 4 devices.
     assert sorted(f.name for f in multi.iterdir()) == sorted(f.name for f in single.iterdir())
     events = [json.loads(line) for line in (multi / 'metrics.jsonl').read_text().splitlines()]
     assert [(e['step'], 'eval' in e) for e in events] == [(s, e) for s in range(1, 7) for e in (False, True)
@@ -84,28 +88,31 @@ def test_two_processes_train_and_resume_as_one(shared_data, hf_checkpoint, tmp_p
         a, b = np.load(multi / name), np.load(single / name)
         a, b = (a['prompt'], b['prompt']) if name.endswith('.npz') else (a, b)
         # The same sums over the same device layout, another process boundary: float32 rounding at most.
-        print(f'mp {mp} {name}: max |multi - single| {np.abs(a - b).max():.3g} (max |prompt| {np.abs(b).max():.3g})')
+        print(f'mp {mp} {name}: max |multi - single| {np.abs(a - b).max():.3g} '
+              f'(max |prompt| {np.abs(b).max():.3g})')
         np.testing.assert_allclose(a, b, rtol=0, atol=max(1e-5 * np.abs(b).max(), f32_atol(b, 100)))
     assert json.loads((multi / 'prompt.json').read_text())['step'] == json.loads(
         (single / 'prompt.json').read_text())['step']
 
 
 def test_multi_process_refusals_reach_every_process(shared_data, hf_checkpoint, tmp_path):
-    """A decision process 0 takes on the folder (here: refuse to overwrite a run) ends every process, none hangs; a
-    --model-parallel that splits a host's devices is refused before anything loads."""
+    """A decision process 0 takes on the folder (here: refuse to overwrite a run) ends every process, none
+    hangs; a --model-parallel that splits a host's devices is refused before anything loads."""
     out = tmp_path / 'run'
-    assert all(rc == 0 for rc, _ in launch(train_args(shared_data, hf_checkpoint, out, 1, '--steps', '2'), 2, 2))
+    first = launch(train_args(shared_data, hf_checkpoint, out, 1, '--steps', '2'), 2, 2)
+    assert all(rc == 0 for rc, _ in first)
     again = launch(train_args(shared_data, hf_checkpoint, out, 1, '--steps', '2'), 2, 2)
-    assert [rc for rc, _ in again] == [1, 1] and all('holds a run (checkpoint.npz)' in o for _, o in again), again
+    assert [rc for rc, _ in again] == [1, 1], again
+    assert all('holds a run (checkpoint.npz)' in o for _, o in again), again
     split = launch(train_args(shared_data, hf_checkpoint, tmp_path / 'x', 4, '--steps', '2'), 2, 2)
     assert [rc for rc, _ in split] == [1, 1], split
     assert all('--model-parallel 4 does not divide the 2 devices of one host' in o for _, o in split), split
 
 
 def test_weights_read_block_by_block_equal_the_whole_file(hf_checkpoint):
-    """load_model with a mesh builds each leaf from the blocks its devices hold (make_array_from_callback over the
-    memory-mapped file): the same values as reading each tensor whole, in the shardings param_shardings asks for;
-    and a random model is created already sharded."""
+    """load_model with a mesh builds each leaf from the blocks its devices hold (make_array_from_callback
+    over the memory-mapped file): the same values as reading each tensor whole, in the shardings
+    param_shardings asks for; and a random model is created already sharded."""
     code = '''if True:
         import sys, jax, numpy as np, spot, t5_model
         mesh = spot.make_mesh(2)
@@ -122,11 +129,12 @@ def test_weights_read_block_by_block_equal_the_whole_file(hf_checkpoint):
             assert np.array_equal(np.asarray(x), np.asarray(y)), path
         assert "'model'" in str(placed['encoder']['layers_0']['attention']['out']['kernel'].sharding)
         _, bf16 = spot.load_model(sys.argv[1], 0, 'bfloat16', mesh)
+        kernel = whole['decoder']['logits_dense']['kernel']
         assert np.array_equal(np.asarray(bf16['decoder']['logits_dense']['kernel']),
-                              np.asarray(whole['decoder']['logits_dense']['kernel'].astype(jax.numpy.bfloat16)))
+                              np.asarray(kernel.astype(jax.numpy.bfloat16)))
         print('ok')
     '''
     env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
-    r = subprocess.run([sys.executable, '-c', code, str(hf_checkpoint)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=TIMEOUT)
+    r = subprocess.run([sys.executable, '-c', code, str(hf_checkpoint)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0 and r.stdout.strip().endswith('ok'), r.stderr
