@@ -50,8 +50,9 @@ def _collapse(text):
 
 
 def _pad_punct(text):
-    """T5 `_pad_punctuation`: spaces around each RE2 [[:punct:]] (ASCII punctuation, '_' too), then collapse.
-    Letters outside ASCII stay whole: '"Introducción (la vídeo)".' -> ' " Introducción ( la vídeo ) " . '."""
+    """T5 `_pad_punctuation`: spaces around each RE2 [[:punct:]] (ASCII punctuation, '_' too), then
+    collapse. Letters outside ASCII stay whole:
+    '"Introducción (la vídeo)".' -> ' " Introducción ( la vídeo ) " . '."""
     return _collapse(re.sub(r"([!-/:-@\[-`{-~])", r" \1 ", text))
 
 
@@ -936,8 +937,9 @@ def json_gz_docs(files):
 
 @dataclass(frozen=True, eq=False)
 class PrefixLMSource:
-    """C4 with T5's prefix-LM objective in token space (Raffel et al. 2020 §3.3.1; T5 preprocessors.prefix_lm:
-    select_random_chunk, split_tokens_to_inputs_length, random_prefix_noise_mask at noise density 0.5).
+    """C4 with T5's prefix-LM objective in token space (Raffel et al. 2020 §3.3.1; T5
+    preprocessors.prefix_lm: select_random_chunk, split_tokens_to_inputs_length, random_prefix_noise_mask at
+    noise density 0.5).
     Example i reads document docs[i], takes a random chunk of at most 65,536 tokens, splits it into segments
     of max_input_len - 1 tokens and keeps one segment at random (our choice: T5 keeps them all, which makes
     the example count unknown until every document is tokenized); the segment's first n tokens, n uniform in

@@ -157,8 +157,8 @@ def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=N
                          f'pass --vocab_pool={V} (or fewer)')
     if P > cfg.vocab_pool:
         raise ValueError(f'cannot sample {P} distinct rows from a pool of {cfg.vocab_pool} ids')
-    # §2.1.4 / Lester et al. 2021: T5's SentencePiece ids are ordered by frequency, so ids < 5000 are the most
-    # common tokens; rows are drawn without replacement (PT from_sample_of_embeddings).
+    # §2.1.4 / Lester et al. 2021: T5's SentencePiece ids are ordered by frequency, so ids < 5000 are the
+    # most common tokens; rows are drawn without replacement (PT from_sample_of_embeddings).
     ids = jax.random.choice(key, cfg.vocab_pool, (P,), replace=False)
     prompt = jnp.asarray(emb[ids], jnp.float32)
     # App. C; Lester et al.: label i at position i, pieces mean-pooled
@@ -246,11 +246,11 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     batches(start) -> iterator whose k-th item is batch start+k, a pure function of (seed, start+k)
     (data.batches). evaluator(prompt) -> metrics with 'score' (higher is better), run every tc.eval_every
     steps and at the end; the best prompt is out_dir/prompt.npy (without an evaluator, the last). The prompt
-    after tc.embedding_step steps is the task embedding, prompt_step{N}.npy (§3.2). resume=True continues from
-    out_dir/checkpoint.npz to the same bits as an uninterrupted run. What the folder holds and what a resume
-    refuses: the section 'I/O: the run folder'. SIGINT/SIGTERM stop after the current step with a checkpoint
-    (Interrupted); a non-finite loss or prompt raises FloatingPointError. Returns {'prompt', 'opt_state',
-    'step', 'best_score', 'best_step', 'losses'}.
+    after tc.embedding_step steps is the task embedding, prompt_step{N}.npy (§3.2). resume=True continues
+    from out_dir/checkpoint.npz to the same bits as an uninterrupted run. What the folder holds and what a
+    resume refuses: the section 'I/O: the run folder'. SIGINT/SIGTERM stop after the current step with a
+    checkpoint (Interrupted); a non-finite loss or prompt raises FloatingPointError. Returns {'prompt',
+    'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
     """
     out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
     log, ckpt, k = log if lead else (lambda *_: None), out / 'checkpoint.npz', sub_batch_count(tc)
