@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
@@ -43,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import t5_model
 
 INITS = ('sampled_vocab', 'class_labels', 'text', 'uniform', 'file')
+REMATS = ('auto', 'none', 'dots', 'layer')   # TrainConfig.remat; t5_model.T5Config.remat without 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +122,22 @@ class TrainConfig:
     eval_limit: int = 0              # evaluate on the first N validation examples only (0 = all: the paper)
     # 'decode': T5 greedy decoding; 'rank': score every label (classification only)
     eval_method: str = 'decode'
-    sub_batches: int = 0             # execution only (sub_batch_count); 0 = auto: 2 on one CPU device, else 1
+    # Execution only (the same loss and gradient to float rounding; `spot.py plan` shows their memory):
+    sub_batches: int = 0             # parallel sub-batches (sub_batch_count); 0 = auto: 2 on one CPU device
+    # 'none', 'dots', 'layer' (T5Config.remat) or 'auto': the fastest that fits in the device's memory
+    remat: str = 'auto'
+    micro_batches: int = 0           # sequential micro-batches, gradients summed (micro_batched); 0 = auto
 
     # refuse now what would fail (or divide by zero) only after hours of training
     def __post_init__(self):
         bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
             (1, ('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'eval_batch_size')),
-            (0, ('embedding_step', 'eval_limit', 'sub_batches')))
+            (0, ('embedding_step', 'eval_limit', 'sub_batches', 'micro_batches')))
             for f in names if getattr(self, f) < lo]
+        if self.remat not in REMATS:
+            bad.append(f'remat={self.remat!r} (must be one of {REMATS})')
+        if self.micro_batches and self.batch_size % self.micro_batches:
+            bad.append(f'micro_batches={self.micro_batches} (must divide batch_size={self.batch_size})')
         if self.eval_method not in ('decode', 'rank'):
             bad.append(f"eval_method={self.eval_method!r} (must be 'decode' or 'rank')")
         ranges = (('dropout', 0 <= self.dropout < 1, 'in [0, 1)'),
@@ -226,14 +236,17 @@ def dropout_key(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], step)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'opt', 'z_loss', 'sub_batches'),
+@functools.partial(jax.jit, static_argnames=('cfg', 'opt', 'z_loss', 'sub_batches', 'micro_batches'),
                    donate_argnames=('prompt', 'opt_state'))
-def train_step(prompt, opt_state, frozen, batch, key, cfg, opt: OptimizerConfig, z_loss=1e-4, sub_batches=1):
+def train_step(prompt, opt_state, frozen, batch, key, cfg, opt: OptimizerConfig, z_loss=1e-4, sub_batches=1,
+               micro_batches=1):
     """One prompt-tuning update with dropout cfg.dropout_rate. Only argument 0 (the prompt) is differentiated:
     no weight gradient is ever built, and `frozen` is a jit argument, not a constant baked into the program.
-    sub_batches: execution only (sub_batched). Returns (prompt, opt_state, loss)."""
+    sub_batches, micro_batches and cfg.remat: execution only (sub_batched, micro_batched,
+    t5_model._scan_layers). Returns (prompt, opt_state, loss)."""
     loss_fn = prompt_loss if sub_batches == 1 else sub_batched(prompt_loss, sub_batches)
-    loss, grad = jax.value_and_grad(loss_fn)(prompt, frozen, batch, cfg, key, z_loss)
+    grad_fn = micro_batched(jax.value_and_grad(loss_fn), micro_batches)
+    loss, grad = grad_fn(prompt, frozen, batch, cfg, key, z_loss)
     updates, opt_state = make_optimizer(opt).update(grad, opt_state, prompt)
     return optax.apply_updates(prompt, updates), opt_state, loss
 
@@ -255,7 +268,11 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
     log, ckpt, k = log if lead else (lambda *_: None), out / 'checkpoint.npz', sub_batch_count(tc)
     check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
-    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)    # the run's dropout (TrainConfig.dropout)
+    if tc.remat == 'auto' or not tc.micro_batches:     # the CLI decided already (plan before loading)
+        tc = resolve_memory(cfg, tc, frozen, tc.max_input_len, tc.max_target_len or DEFAULT_TARGET_LEN,
+                            prompt.shape[0], mesh, log=log)[0]
+    # the run's dropout (TrainConfig.dropout) and remat
+    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout, remat=tc.remat)
     info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
     with contextlib.ExitStack() as folder, stop_requests(log) as signals:
         on_lead(lambda: folder.enter_context(own_folder(out)) and None)
@@ -270,7 +287,7 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
         for step in range(state['step'], tc.steps):
             batch = shard_batch(mesh, {n: v for n, v in next(data).items() if n in ('inputs', 'targets')})
             prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step),
-                                                 cfg, tc.optimizer, tc.z_loss, k)
+                                                 cfg, tc.optimizer, tc.z_loss, k, tc.micro_batches)
             loss, done = float(loss), step + 1
             evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
             signum = any_signal(signals)
@@ -360,16 +377,24 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
     return run
 
 
-# ----------------------------------------------------------------------------------- performance: sub-batches
-# The plain formula is loss(batch); this computes it as k independent sub-batches (rows i::k) whose mean
-# losses are weighted by their target-token counts: the same loss, gradient (to float rounding) and dropout
-# masks (one key per example) for every k. Measured: XLA:CPU runs independent ops on different cores at once,
-# so k = 2 keeps 2 cores busier (README, Speed: k = 4 was no faster and compiled longer). On accelerators k =
-# 1.
+# ----------------------------------------------------------------------- performance: sub- and micro-batches
+# The plain formula is loss(batch) and its gradient. Both wrappers compute them as k parts of the batch (rows
+# i::k) whose mean losses are weighted by their target-token counts: the same loss, gradient (to float
+# rounding) and dropout masks (one key per example) for every k. They differ in what they are for:
+# - sub_batched: k independent parts inside one program, for CPU cores. XLA:CPU runs independent ops on
+#   different cores at once, so k = 2 keeps 2 cores busier (README, Speed: k = 4 was no faster and compiled
+#   longer). Every part's activations are alive together: it saves no memory. On accelerators k = 1.
+# - micro_batched: k parts one after another (lax.scan), gradients accumulated: the activations of one part
+#   at a time, so memory falls with k, for the same FLOPs (spot.py plan picks k).
 def sub_batch_count(tc: TrainConfig) -> int:
     """k for train_step, decided outside the compiled function: tc.sub_batches, or 0 = 2 on one CPU device,
     else 1."""
     return tc.sub_batches or (2 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
+
+
+def _per_example_keys(key, B):
+    """One dropout key per example: split(key, B), or the [B] keys a caller already split."""
+    return jax.random.split(key, B) if key.ndim == 0 else key
 
 
 def sub_batched(loss_fn, k: int):
@@ -379,7 +404,7 @@ def sub_batched(loss_fn, k: int):
         n_sub = math.gcd(k, B)
         if n_sub == 1:
             return loss_fn(prompt, frozen, batch, cfg, key, z_loss)
-        keys, total, tokens = jax.random.split(key, B), 0.0, 0.0
+        keys, total, tokens = _per_example_keys(key, B), 0.0, 0.0
         for i in range(n_sub):
             sub = {name: batch[name][i::n_sub] for name in ('inputs', 'targets')}
             n = jnp.sum(sub['targets'] != t5_model.PAD_ID).astype(jnp.float32)
@@ -387,6 +412,202 @@ def sub_batched(loss_fn, k: int):
             tokens += n
         return total / jnp.maximum(tokens, 1.0)
     return loss
+
+
+def micro_batched(value_and_grad_fn, k: int):
+    """value_and_grad_fn(prompt, frozen, batch, cfg, key, z_loss) -> (loss, grad), computed as k sequential
+    micro-batches (rows i::k; k divides B), their token-weighted losses and gradients summed (see above)."""
+    if k == 1:
+        return value_and_grad_fn
+
+    def run(prompt, frozen, batch, cfg, key, z_loss):
+        B = batch['targets'].shape[0]
+
+        def parts(x):                 # [B, ...] -> [k, B/k, ...]; part i = rows i::k
+            return x.reshape(B // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+        def body(acc, part):
+            sub, keys = part
+            n = jnp.sum(sub['targets'] != t5_model.PAD_ID).astype(jnp.float32)
+            loss, grad = value_and_grad_fn(prompt, frozen, sub, cfg, keys, z_loss)
+            return (acc[0] + n * loss, acc[1] + n * grad, acc[2] + n), None
+        sub = {name: parts(batch[name]) for name in ('inputs', 'targets')}
+        zero = jnp.zeros((), jnp.float32)
+        (total, grad, tokens), _ = jax.lax.scan(body, (zero, jnp.zeros_like(prompt), zero),
+                                                (sub, parts(_per_example_keys(key, B))))
+        tokens = jnp.maximum(tokens, 1.0)
+        return total / tokens, grad / tokens
+    return run
+
+
+# ---------------------------------------------------------------------------- performance: the memory plan
+# Before a run loads any weight, the training step and the evaluation are compiled from shapes alone
+# (jax.ShapeDtypeStruct weights: nothing is allocated) and XLA's buffer assignment says what they need per
+# device (compiled.memory_analysis()): weights, prompt + optimizer, temporaries (activations kept for the
+# backward pass and work space). `remat` and `micro_batches` at 'auto' take the first setting of PLAN_ORDER
+# that fits. The order is by cost: remat 'dots' recomputes a layer's attention einsums and elementwise ops,
+# 'layer' its whole forward (about +1/3 of the step's FLOPs); micro-batches cost no FLOPs, only smaller
+# matmuls, so a few are tried before more recomputation.
+PLAN_ORDER = (('none', 1), ('none', 2), ('dots', 1), ('dots', 2), ('layer', 1), ('layer', 2), ('layer', 4),
+              ('layer', 8), ('layer', 16), ('layer', 32), ('layer', 64), ('layer', 128))
+GiB = 2 ** 30
+
+
+def memory_budget(device_memory_gib: float | None = None) -> tuple[float, str]:
+    """(bytes a run may use per device, how that was found). An accelerator's own limit is its allocator's
+    (memory_stats()['bytes_limit']). A size given (--device-memory, a card's memory) or a CPU's RAM counts at
+    XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75): the share of a GPU that JAX's allocator takes, the rest
+    left to the CUDA runtime and fragmentation (jax.readthedocs.io, GPU memory allocation)."""
+    fraction = float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', 0.75))
+    if device_memory_gib:
+        return device_memory_gib * GiB * fraction, \
+            f'{fraction:.0%} of --device-memory {device_memory_gib:g} GiB'
+    stats = jax.devices()[0].memory_stats() or {}
+    if 'bytes_limit' in stats:
+        return float(stats['bytes_limit']), f'the allocator limit of {jax.devices()[0].device_kind}'
+    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    return ram * fraction, f'{fraction:.0%} of this machine\'s {ram / GiB:.0f} GiB RAM (CPU)'
+
+
+def _shapes_on(mesh, tree, spec=None):
+    """ShapeDtypeStructs of tree's leaves, placed like the run places them (frozen weights: param_shardings;
+    spec: one PartitionSpec for all); mesh None: unplaced."""
+    if mesh is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    places = param_shardings(mesh, tree) if spec is None else \
+        jax.tree.map(lambda _: NamedSharding(mesh, spec), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, places)
+
+
+def _device_bytes(tree) -> int:
+    """Bytes one device holds of tree's (placed) ShapeDtypeStructs."""
+    def one(x):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) is not None else x.shape
+        return math.prod(shape) * np.dtype(x.dtype).itemsize
+    return sum(one(x) for x in jax.tree.leaves(tree))
+
+
+def _compiled_bytes(lowered, weights) -> tuple[dict, float]:
+    """(memory_analysis in bytes, compile seconds) of a lowered program; weights: its frozen
+    ShapeDtypeStructs.
+    XLA:CPU runs bfloat16 matmuls in float32 and, in a scanned stack, converts each bfloat16 weight to a
+    float32 copy once for all layers: 'cpu_copies' holds those bytes (the float32 converts in the compiled
+    program whose shape is a weight's), which a GPU or TPU does not make; they are left out of the
+    temporaries."""
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    seconds, m = time.perf_counter() - t, compiled.memory_analysis()
+    copies = 0
+    if jax.default_backend() == 'cpu' and any(x.dtype != jnp.float32 for x in jax.tree.leaves(weights)):
+        shapes = {tuple(x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) else x.shape)
+                  for x in jax.tree.leaves(weights) if x.dtype != jnp.float32}
+        for match in re.finditer(r'= f32\[([\d,]*)\]\{[^}]*\} convert\(', compiled.as_text()):
+            shape = tuple(int(n) for n in match.group(1).split(',') if n)
+            copies += 4 * math.prod(shape) if shape in shapes else 0
+    return {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
+            'aliased': m.alias_size_in_bytes, 'temporaries': m.temp_size_in_bytes - copies,
+            'cpu_copies': copies}, seconds
+
+
+def plan_step(cfg, tc: TrainConfig, frozen, remat: str, micro_batches: int, input_len: int, target_len: int,
+              prompt_len: int, mesh=None) -> dict:
+    """Compile train_step for one setting from shapes (frozen: arrays or ShapeDtypeStructs) -> bytes per
+    device and compile time."""
+    cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout, remat=remat)
+    prompt = jax.ShapeDtypeStruct((prompt_len, cfg.d_model), jnp.float32)
+    opt_state = jax.eval_shape(make_optimizer(tc.optimizer).init, prompt)
+    state = _shapes_on(mesh, (prompt, opt_state), PartitionSpec())
+    batch = _shapes_on(mesh, {'inputs': jax.ShapeDtypeStruct((tc.batch_size, input_len), jnp.int32),
+                              'targets': jax.ShapeDtypeStruct((tc.batch_size, target_len), jnp.int32)},
+                       PartitionSpec('data'))
+    t = time.perf_counter()
+    lowered = train_step.lower(*state, _shapes_on(mesh, frozen), batch, dropout_key(0, 0), cfg, tc.optimizer,
+                               tc.z_loss, sub_batch_count(tc), micro_batches)
+    lower_s = time.perf_counter() - t
+    got, compile_s = _compiled_bytes(lowered, _shapes_on(mesh, frozen))
+    return {**got, 'remat': remat, 'micro_batches': micro_batches, 'lower_s': lower_s, 'compile_s': compile_s,
+            'weights': _device_bytes(_shapes_on(mesh, frozen)), 'prompt_optimizer': _device_bytes(state),
+            'peak': got['arguments'] + got['outputs'] - got['aliased'] + got['temporaries']}
+
+
+def plan_eval(cfg, tc: TrainConfig, frozen, input_len: int, target_len: int, prompt_len: int, n_labels=2,
+              mesh=None) -> dict:
+    """Compile the evaluation (greedy decoding, or one rank-classification score) at eval_batch_size."""
+    B, prompt = tc.eval_batch_size, jax.ShapeDtypeStruct((prompt_len, cfg.d_model), jnp.float32)
+    rows = _shapes_on(mesh, jax.ShapeDtypeStruct((B, input_len), jnp.int32), PartitionSpec('data'))
+    if tc.eval_method == 'decode':
+        lowered = t5_model.greedy_decode.lower(_shapes_on(mesh, frozen), cfg, rows, prompt,
+                                               max_len=target_len)
+    else:
+        targets = _shapes_on(mesh, jax.ShapeDtypeStruct((B, target_len), jnp.int32), PartitionSpec('data'))
+        lowered = t5_model.score_targets.lower(_shapes_on(mesh, frozen), cfg, rows, targets, prompt)
+    got, compile_s = _compiled_bytes(lowered, _shapes_on(mesh, frozen))
+    return {**got, 'compile_s': compile_s, 'peak': got['arguments'] + got['outputs'] - got['aliased']
+            + got['temporaries']}
+
+
+def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int, prompt_len: int, mesh=None,
+                device_memory_gib: float | None = None, log=None) -> dict:
+    """The memory plan of a run: tc.remat / tc.micro_batches, or at 'auto' / 0 the first PLAN_ORDER setting
+    whose step fits the budget (memory_budget); the evaluation is compiled too, and the peak is the larger.
+    frozen: the weights or their shapes (jax.eval_shape). Returns a dict of bytes per device: 'weights',
+    'prompt_optimizer', 'temporaries', 'peak', 'budget', with 'remat', 'micro_batches', 'fits', 'compile_s'
+    and 'tried' (every setting compiled)."""
+    budget, source = memory_budget(device_memory_gib)
+    data_devices = mesh.shape['data'] if mesh is not None else 1
+    order = [(r, m) for r, m in PLAN_ORDER if tc.remat in ('auto', r) and tc.micro_batches in (0, m)]
+    if tc.remat != 'auto' and tc.micro_batches and not order:
+        order = [(tc.remat, tc.micro_batches)]
+    order = [(r, m) for r, m in order if tc.batch_size % (m * data_devices) == 0] or order[:1]
+    tried, step = [], None
+    for remat, m in order:
+        # temporaries at most fall as 1/micro_batches: skip a setting that cannot fit by a measured one
+        if any(t['remat'] == remat and t['weights'] + t['temporaries'] * t['micro_batches'] / m > budget
+               for t in tried) and (remat, m) != order[-1]:
+            continue
+        step = plan_step(cfg, tc, frozen, remat, m, input_len + prompt_len, target_len, prompt_len, mesh)
+        tried.append(step)
+        if log:
+            log(f'  plan: remat {remat}, micro_batches {m}: step {step["peak"] / GiB:.2f} GiB '
+                f'(compile {step["compile_s"]:.1f} s)')
+        if step['peak'] <= budget or step['weights'] + step['prompt_optimizer'] > budget:
+            break                        # fits; or the weights alone do not: no setting helps
+    ev = plan_eval(cfg, tc, frozen, input_len, target_len, prompt_len, mesh=mesh)
+    peak = max(step['peak'], ev['peak'])
+    return {'weights': step['weights'], 'prompt_optimizer': step['prompt_optimizer'],
+            'temporaries': step['temporaries'], 'step_peak': step['peak'], 'eval_peak': ev['peak'],
+            'peak': peak, 'budget': budget, 'budget_source': source, 'fits': peak <= budget,
+            'remat': step['remat'], 'micro_batches': step['micro_batches'],
+            'compile_s': sum(t['compile_s'] for t in tried) + ev['compile_s'], 'tried': tried}
+
+
+DEFAULT_TARGET_LEN = 8   # classification targets, the PT demos' {'targets': 8} (data.Task.target_len)
+
+
+def rough_step_bytes(cfg, tc: TrainConfig, frozen, input_len: int, target_len: int, prompt_len: int) -> float:
+    """An upper bound, by arithmetic, on the step's bytes per device without remat: the weights, plus per
+    layer and example the activations a backward pass keeps (no more than 16 [S,D] and 4 [S,F] arrays and 4
+    float32 [N,S,S] attention maps), in float32. Used to skip compiling a plan that cannot matter (tests, tiny
+    models); memory_plan compiles it."""
+    S, L = input_len + prompt_len, cfg.num_layers + cfg.num_decoder_layers
+    weights = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(frozen))
+    per_example = S * (16 * cfg.d_model + 4 * cfg.d_ff) * 4 + 4 * cfg.num_heads * S * S * 4
+    return weights + tc.batch_size * L * per_example + tc.batch_size * target_len * cfg.vocab_size * 4 * 4
+
+
+def resolve_memory(cfg, tc: TrainConfig, frozen, input_len, target_len, prompt_len, mesh=None,
+                   device_memory_gib=None, log=print) -> tuple[TrainConfig, dict | None]:
+    """tc with remat and micro_batches decided: as given; at 'auto'/0 from memory_plan, or 'none'/1 without
+    compiling when rough_step_bytes is under a quarter of the budget. Returns (tc, the plan or None)."""
+    budget = memory_budget(device_memory_gib)[0]
+    if rough_step_bytes(cfg, tc, frozen, input_len, target_len, prompt_len) < budget / 4:
+        return dataclasses.replace(tc, remat='none' if tc.remat == 'auto' else tc.remat,
+                                   micro_batches=tc.micro_batches or 1), None
+    plan = memory_plan(cfg, tc, frozen, input_len=input_len, target_len=target_len, prompt_len=prompt_len,
+                       mesh=mesh, device_memory_gib=device_memory_gib)
+    log(f"memory plan: remat {plan['remat']}, micro_batches {plan['micro_batches']}: "
+        f"{plan['peak'] / GiB:.2f} GiB per device of {plan['budget'] / GiB:.2f} ({plan['budget_source']})")
+    return dataclasses.replace(tc, remat=plan['remat'], micro_batches=plan['micro_batches']), plan
 
 
 # ------------------------------------------------------------------------------------------ I/O: prompt files
@@ -664,7 +885,8 @@ def run_identity(cfg, frozen, meta) -> dict:
     """What a run is (checkpoint 'run'; a resume must match it): the model's architecture (not its name, nor
     dropout_rate, which is TrainConfig.dropout and checked with the config), a fingerprint of its weights, and
     the caller's meta (CLI: model, task, data, init), as JSON reads them back."""
-    arch = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ('name', 'dropout_rate')}
+    arch = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ('name', 'dropout_rate', 'remat', 'scan_layers')}
     return json.loads(_json({'model': {**arch, 'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
 
 
@@ -762,7 +984,8 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
     history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current
     config (a resume may extend `steps`)."""
     prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
-    free, now = ('steps', 'log_every', 'eval_batch_size'), _flat(dataclasses.asdict(tc))
+    free = ('steps', 'log_every', 'eval_batch_size', 'sub_batches', 'remat', 'micro_batches')
+    now = _flat(dataclasses.asdict(tc))
     changed = {k: (v, now.get(k)) for k, v in _flat(state['config']).items()
                if k not in free and now.get(k) != v}
     saved = state.get('run', run)                               # checkpoints before 'run' existed: unchecked
@@ -925,7 +1148,9 @@ def param_shardings(mesh: Mesh, params):
 
     def spec(path, x):
         names = [getattr(k, 'key', None) for k in path]
+        stacked = 'layers' in names             # [L, ...]: the layer axis is never split
         for axis in next((_MODEL_AXES[m] for m in reversed(names) if m in _MODEL_AXES), ()):
+            axis += stacked
             if x.shape[axis] % n == 0:
                 return NamedSharding(mesh, PartitionSpec(*[('model' if a == axis else None)
                                                            for a in range(x.ndim)]))
@@ -1083,10 +1308,10 @@ PROMPT_FILES = ('.npy [P,D]; a T5X prompt file (encoder.prompt.prompt.prompt) or
                 'folder; a PEFT prompt-tuning adapter folder')
 
 
-def model_config(name: str) -> t5_model.T5Config:
-    """--model's T5Config without its weights (export needs only the shape): a checkpoint directory's
+def model_config(name: str, for_export=True) -> t5_model.T5Config:
+    """--model's T5Config without its weights (export and plan need only the shape): a checkpoint directory's
     config.json, a known hub name, or the hub's config.json."""
-    if name == 'tiny':
+    if name == 'tiny' and for_export:
         raise ValueError('--model tiny is a random model that PEFT cannot load: pass a hub id or directory')
     d = Path(name).expanduser()
     if d.is_dir():
@@ -1110,10 +1335,12 @@ def main(argv=None):
                                        'e.g. --batch_size=8 --eval_every=100 --length=20.')
     sub = p.add_subparsers(dest='cmd', required=True)
     train, ev = sub.add_parser('train', allow_abbrev=False), sub.add_parser('eval', allow_abbrev=False)
-    for q in (train, ev):
+    plan = sub.add_parser('plan', allow_abbrev=False,
+                          help="train's memory plan per device, from shapes alone (no weight or data read)")
+    for q in (train, ev, plan):
         q.add_argument('--model', required=True,
                        help="hub id (google/t5-base-lm-adapt), directory, or 'tiny'")
-        q.add_argument('--task', required=True, help='a task name of data.py')
+        q.add_argument('--task', required=q is not plan, help='a task name of data.py')
         q.add_argument('--data', default=None, help='directory with the original task files (default: tfds)')
         q.add_argument('--vocab', default=None, help='SentencePiece model (default: data.load_vocab())')
         q.add_argument('--model-parallel', type=int, default=1, help="devices per 'model' mesh group")
@@ -1128,6 +1355,9 @@ def main(argv=None):
                        help='multi-host: seconds to wait for peers')
         q.add_argument('--no-compile-cache', action='store_true',
                        help='do not keep compiled steps on disk (default: on, see enable_compile_cache)')
+    for q in (train, plan):
+        q.add_argument('--device-memory', type=float, default=None, metavar='GIB',
+                       help="memory per device to plan for (default: the device's own; on CPU the RAM)")
     train.add_argument('--init', default=None, choices=INITS,
                        help='prompt initialisation (default sampled_vocab)')
     train.add_argument('--source-prompt', default=None, help='SPoT transfer: start from ' + PROMPT_FILES)
@@ -1151,10 +1381,12 @@ def main(argv=None):
 
     enable_compile_cache('off' if getattr(args, 'no_compile_cache', False) else None)
     try:
-        {'eval': evaluate_cli, 'train': train_cli, 'export': export_cli}[args.cmd](args, tc, pc)
+        commands = {'eval': evaluate_cli, 'train': train_cli, 'export': export_cli, 'plan': plan_cli}
+        commands[args.cmd](args, tc, pc)
     # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no
     # traceback.
-    except (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
+    except (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError,
+            MemoryError) as e:
         sys.exit(f'error: {e}')
     # Ctrl-C / SIGTERM during training: the checkpoint is written
     except Interrupted as e:
@@ -1165,12 +1397,17 @@ def main(argv=None):
         sys.exit(130)
 
 
-def _setup(args, tc):
-    import data
+def _devices(args):
+    """Join the other processes (multi-host) and make the mesh; None on one device."""
     init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
     if jax.process_index() == 0:
         print(device_summary(), flush=True)
-    mesh = make_mesh(args.model_parallel) if jax.device_count() > 1 or args.model_parallel != 1 else None
+    return make_mesh(args.model_parallel) if jax.device_count() > 1 or args.model_parallel != 1 else None
+
+
+def _setup(args, tc, mesh=False):
+    import data
+    mesh = _devices(args) if mesh is False else mesh
     cfg, frozen = load_model(args.model, tc.seed, args.dtype, mesh)
     return data, cfg, frozen, data.load_vocab(args.vocab), mesh
 
@@ -1194,6 +1431,61 @@ def export_cli(args, tc, pc):
           f'PeftModel.from_pretrained({base}, {str(out)!r})')
 
 
+def _model_shapes(args):
+    """--model's T5Config and its weights' shapes in --dtype, without reading a weight."""
+    cfg = t5_model.T5Config.tiny() if args.model == 'tiny' else model_config(args.model, for_export=False)
+    return cfg, jax.eval_shape(lambda k: t5_model.init_params(k, cfg, DTYPES[args.dtype]), jax.random.key(0))
+
+
+def _target_len(args, tc):
+    if tc.max_target_len or not args.task:
+        return tc.max_target_len or DEFAULT_TARGET_LEN
+    import data
+    mixture = next((m for m in data.MIXTURES if m.lower() == args.task.lower()), None)
+    return max(data.get_task(t).target_len for t in (data.MIXTURES[mixture] if mixture else [args.task]))
+
+
+def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
+    """train and plan: the memory plan from shapes; train refuses a run that does not fit, in one line."""
+    cfg, shapes = _model_shapes(args)
+    lead = jax.process_index() == 0
+    log = print if lead else (lambda *_: None)
+    sizes = dict(input_len=tc.max_input_len, target_len=_target_len(args, tc), prompt_len=pc.length)
+    if plan_anyway:
+        plan = memory_plan(cfg, tc, shapes, **sizes, mesh=mesh, device_memory_gib=args.device_memory,
+                           log=log)
+    else:
+        tc, plan = resolve_memory(cfg, tc, shapes, *sizes.values(), mesh, args.device_memory, log)
+    if plan is None or plan['fits']:
+        return tc if not plan_anyway else plan
+    need, have = plan['peak'] / GiB, plan['budget'] / GiB
+    if plan['weights'] + plan['prompt_optimizer'] > plan['budget']:
+        fix = ('--dtype bfloat16, ' if args.dtype == 'float32' else '') + \
+            '--model-parallel N over more devices, or a device with more memory'
+        raise MemoryError(f"{args.model}'s weights alone need {plan['weights'] / GiB:.1f} GiB per device, "
+                          f'more than the {have:.1f} GiB planned for ({plan["budget_source"]}): use {fix}')
+    fixed = '' if tc.remat == 'auto' and not tc.micro_batches else '--remat=auto --micro_batches=0 (auto), '
+    raise MemoryError(f"the run needs {need:.1f} GiB per device (remat {plan['remat']}, micro_batches "
+                      f"{plan['micro_batches']}), more than the {have:.1f} GiB planned for "
+                      f"({plan['budget_source']}): use {fixed}a smaller --batch_size or --max_input_len, "
+                      f"--model-parallel N, or --dtype bfloat16")
+
+
+def plan_cli(args, tc, pc):
+    mesh = _devices(args)
+    plan = _plan_or_refuse(args, tc, pc, mesh, plan_anyway=True)
+    rows = [('weights', plan['weights']), ('prompt + optimizer', plan['prompt_optimizer']),
+            ('activations/temporaries', plan['temporaries']), ('training step total', plan['step_peak']),
+            ('evaluation total', plan['eval_peak'])]
+    for what, n in rows:
+        print(f'{what + ":":25} {n / GiB:8.2f} GiB')
+    print(f"{'plans for:':25} {plan['budget'] / GiB:8.2f} GiB ({plan['budget_source']})")
+    print(f"remat: {plan['remat']}, micro_batches: {plan['micro_batches']}"
+          f"{'' if plan['fits'] else '  (does NOT fit: see above)'}")
+    print(f"compile: {plan['compile_s']:.1f} s")
+    print(f"peak per device: {plan['peak'] / GiB:.2f} GiB")
+
+
 def train_cli(args, tc, pc):
     # checked before loading
     tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)
@@ -1201,7 +1493,9 @@ def train_cli(args, tc, pc):
                              source=args.source_prompt or pc.source)
     if pc.init == 'file' and pc.source:
         load_prompt(pc.source, length=pc.length, what='source prompt')   # fails before the model loads
-    data, cfg, frozen, vocab, mesh = _setup(args, tc)
+    mesh = _devices(args)
+    tc = _plan_or_refuse(args, tc, pc, mesh)                             # before any weight is read
+    data, cfg, frozen, vocab, mesh = _setup(args, tc, mesh)
     mixture = next((m for m in data.MIXTURES if m.lower() == args.task.lower()), None)   # e.g. --task GLUE
     tasks = data.MIXTURES[mixture] if mixture else (data.get_task(args.task).name,)
     task = data.get_task(tasks[0])

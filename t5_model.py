@@ -41,6 +41,12 @@ class T5Config:
     dropout_rate: float = 0.1  # Vu et al. 2022 §2.1.4; t5x/configs/runs/finetune.gin DROPOUT_RATE
     layer_norm_epsilon: float = 1e-6
     name: str = "google/t5-base-lm-adapt"
+    # Execution only: the same numbers either way (a run may change them on resume). How the layers run, as
+    # flaxformer's scan_layers / layer_remat: under lax.scan, one compiled layer whatever the depth; remat
+    # (training) keeps only each layer's input for the backward pass ('layer'), or also the matmuls against
+    # the weights ('dots'), and recomputes the rest: memory for compute (spot.py plan picks it).
+    remat: str = "none"
+    scan_layers: bool = True  # False: the layers unrolled (one copy of the layer per depth in the program)
 
     @classmethod
     def from_name(cls, name):
@@ -145,6 +151,38 @@ def prepend_prompt(prompt, x, mask):
     return x, jnp.concatenate([jnp.ones((B, P), bool), mask], axis=1)
 
 
+def _scan_layers(layer, x, per_layer, cfg, seed=None):
+    """x through the layers whose weights (and any per-layer inputs) are stacked on axis 0 of `per_layer`:
+    layer(x, per_layer[i], seed_i) -> (x, y_i); returns (x, the y_i stacked). The plain form is a Python
+    loop, `for i in range(L): x, y[i] = layer(x, per_layer[i], seed_i)`: lax.scan runs the same loop with one
+    compiled copy of the layer, so the program and its compile time do not grow with depth (cfg.scan_layers
+    False unrolls it). cfg.remat wraps the layer in jax.checkpoint: the backward pass recomputes what it did
+    not save. seed: the examples' dropout seeds [B] (None: no dropout), made distinct per layer."""
+    L = jax.tree.leaves(per_layer)[0].shape[0]
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+
+    def body(x, xs):
+        p, i = xs
+        return layer(x, p, None if seed is None else _mix32(seed ^ _mix32(i + jnp.uint32(1))))
+    layer_ids = jnp.arange(L, dtype=jnp.uint32)
+    return jax.lax.scan(body, x, (per_layer, layer_ids), unroll=1 if cfg.scan_layers else L)
+
+
+REMAT_POLICIES = {"layer": None,  # save nothing inside a layer: its input is the scan's carry
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _encoder_layer(p, x, bias, cfg, seed):
+    """Pre-norm residual blocks: x + Attention(LN(x)), then x + MLP(LN(x)). x [B,S,D]."""
+    drop = _drop_fn(cfg, seed)
+    h = rms_norm(x, p["pre_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+    q, k, v = _project(p["attention"], h, ("query", "key", "value"))
+    x = x + drop(_attend(p["attention"], q, k, v, bias, drop, "encoder/attention"), "encoder/attention")
+    h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
+    return x + drop(_mlp(p["mlp"], h, cfg, drop, "encoder/mlp"), "encoder/mlp")
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
     """input_ids [B,S] (pad 0), prompt [P,D] or None -> (encoded [B,P+S,D], mask [B,P+S] bool)."""
@@ -153,44 +191,42 @@ def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
         if prompt.ndim != 2 or prompt.shape[1] != cfg.d_model:
             raise ValueError(f"prompt must have shape [P, d_model={cfg.d_model}], got {tuple(prompt.shape)}")
         x, mask = prepend_prompt(prompt, x, mask)
-    drop = _drop_fn(cfg, dropout_key, input_ids.shape[0])
+    seed = _dropout_seeds(dropout_key, input_ids.shape[0])
+    drop = _drop_fn(cfg, seed)
     # The prompt joins before the input dropout, as in google-research/prompt-tuning
     # prompt_tuning/train/layers.py (PromptEncoder.embed_and_combine_inputs).
     x = drop(x, "encoder/embedding")
     enc = params["encoder"]
     bias = relpos_bias(enc["relpos_bias"]["rel_embedding"], x.shape[1], x.shape[1], True, cfg)
     bias = bias + jnp.where(mask, 0.0, NEG_INF)[:, None, None, :]
-    for i in range(cfg.num_layers):  # a Python loop: lax.scan compiled faster but stepped 13% slower (Base)
-        p, site = enc[f"layers_{i}"], f"encoder/layers_{i}"
-        h = rms_norm(x, p["pre_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
-        q, k, v = _project(p["attention"], h, ("query", "key", "value"))
-        x = x + drop(_attend(p["attention"], q, k, v, bias, drop, site + "/attention"), site + "/attention")
-        h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
-        x = x + drop(_mlp(p["mlp"], h, cfg, drop, site + "/mlp"), site + "/mlp")
+    def layer(x, p, seed):
+        return _encoder_layer(p, x, bias, cfg, seed), None
+    x, _ = _scan_layers(layer, x, enc["layers"], cfg, seed)
     x = rms_norm(x, enc["encoder_norm"]["scale"], cfg.layer_norm_epsilon)
     return drop(x, "encoder/output"), mask
 
 
-def _decoder_layer(p, x, encoded, cross_kv, self_bias, cross_bias, cfg, drop, site, cache=None, t=None):
+def _decoder_layer(p, x, encoded, cross_kv, self_bias, cross_bias, cfg, seed, cache=None, t=None):
     """Pre-norm self-attention, cross-attention and MLP blocks. Cross-attention reads encoded [B,S,D] through
     cross_kv = (keys, values), or directly when it is None (_attend_encoded). With `cache` (greedy_decode), x
     is position t: its key/value go into slot t of the cached [B,N,T,H]; self_bias masks later slots."""
+    drop = _drop_fn(cfg, seed)
     h = rms_norm(x, p["pre_self_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
     q, k, v = _project(p["self_attention"], h, ("query", "key", "value"))
     if cache is not None:
         k, v = (jax.lax.dynamic_update_slice_in_dim(c, new, t, axis=2) for c, new in zip(cache, (k, v)))
-    x = x + drop(_attend(p["self_attention"], q, k, v, self_bias, drop, site + "/self"), site + "/self")
+    x = x + drop(_attend(p["self_attention"], q, k, v, self_bias, drop, "decoder/self"), "decoder/self")
     h = rms_norm(x, p["pre_cross_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
-    pc, cross_site = p["encoder_decoder_attention"], site + "/cross"
+    pc = p["encoder_decoder_attention"]
     (q,) = _project(pc, h, ("query",))
     # Cross-attention has no position bias; it sees all P+S encoder positions except padding.
     if cross_kv is None:
-        y = _attend_encoded(pc, q, encoded, cross_bias, drop, cross_site)
+        y = _attend_encoded(pc, q, encoded, cross_bias, drop, "decoder/cross")
     else:
-        y = _attend(pc, q, *cross_kv, cross_bias, drop, cross_site)
-    x = x + drop(y, cross_site)
+        y = _attend(pc, q, *cross_kv, cross_bias, drop, "decoder/cross")
+    x = x + drop(y, "decoder/cross")
     h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
-    return x + drop(_mlp(p["mlp"], h, cfg, drop, site + "/mlp"), site + "/mlp"), (k, v)
+    return x + drop(_mlp(p["mlp"], h, cfg, drop, "decoder/mlp"), "decoder/mlp"), (k, v)
 
 
 def _logits(params, cfg, x):
@@ -215,13 +251,15 @@ def _decoder_biases(params, cfg, encoder_mask, T):
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def decode(params, cfg, encoded, encoder_mask, decoder_input_ids, dropout_key=None):
     """encoded [B,S,D], encoder_mask [B,S], decoder_input_ids [B,T] -> logits [B,T,V] float32."""
-    drop, dec, T = _drop_fn(cfg, dropout_key, encoded.shape[0]), params["decoder"], decoder_input_ids.shape[1]
+    seed, T = _dropout_seeds(dropout_key, encoded.shape[0]), decoder_input_ids.shape[1]
+    dec, drop = params["decoder"], _drop_fn(cfg, seed)
     x = drop(_embed(params, decoder_input_ids), "decoder/embedding")
     self_bias, cross_bias = _decoder_biases(params, cfg, encoder_mask, T)
-    cross_kv = _cross_kv(params, cfg, encoded, T)
-    for i in range(cfg.num_decoder_layers):
-        x, _ = _decoder_layer(dec[f"layers_{i}"], x, encoded, cross_kv[i], self_bias, cross_bias, cfg, drop,
-                              f"decoder/layers_{i}")
+
+    def layer(x, per_layer, seed):
+        p, kv = per_layer
+        return _decoder_layer(p, x, encoded, kv, self_bias, cross_bias, cfg, seed)[0], None
+    x, _ = _scan_layers(layer, x, (dec["layers"], _cross_kv(params, cfg, encoded, T)), cfg, seed)
     x = drop(rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon), "decoder/output")
     return _logits(params, cfg, x)
 
@@ -257,23 +295,22 @@ def greedy_decode(params, cfg, input_ids, prompt=None, max_len=16):
     dec, B = params["decoder"], input_ids.shape[0]
     cross_kv = _cross_kv(params, cfg, encoded, max_len)  # max_len steps of one query cost as max_len queries
     self_bias, cross_bias = _decoder_biases(params, cfg, mask, max_len)
-    no_drop = _drop_fn(cfg, None, B)
 
     def step(state):
         t, token, caches, out, done = state
         x = _embed(params, token)[:, None, :]  # [B,1,D]
         bias_t = jax.lax.dynamic_slice_in_dim(self_bias, t, 1, axis=2)  # query row t: [1,N,1,max_len]
-        new_caches = []
-        for i in range(cfg.num_decoder_layers):
-            x, kv = _decoder_layer(dec[f"layers_{i}"], x, encoded, cross_kv[i], bias_t, cross_bias, cfg,
-                                   no_drop, "", caches[i], t)
-            new_caches.append(kv)
+
+        def layer(x, per_layer, seed):
+            p, kv, cache = per_layer
+            return _decoder_layer(p, x, encoded, kv, bias_t, cross_bias, cfg, seed, cache, t)
+        x, caches = _scan_layers(layer, x, (dec["layers"], cross_kv, caches), cfg)
         x = rms_norm(x, dec["decoder_norm"]["scale"], cfg.layer_norm_epsilon)
         token = jnp.where(done, PAD_ID, jnp.argmax(_logits(params, cfg, x)[:, 0], axis=-1).astype(jnp.int32))
-        return t + 1, token, new_caches, out.at[:, t].set(token), done | (token == EOS_ID)
+        return t + 1, token, caches, out.at[:, t].set(token), done | (token == EOS_ID)
 
-    zeros = jnp.zeros((B, cfg.num_heads, max_len, cfg.d_kv), encoded.dtype)
-    state = (jnp.int32(0), jnp.full((B,), PAD_ID, jnp.int32), [(zeros, zeros)] * cfg.num_decoder_layers,
+    zeros = jnp.zeros((cfg.num_decoder_layers, B, cfg.num_heads, max_len, cfg.d_kv), encoded.dtype)
+    state = (jnp.int32(0), jnp.full((B,), PAD_ID, jnp.int32), (zeros, zeros),
              jnp.zeros((B, max_len), jnp.int32), jnp.zeros((B,), bool))
     return jax.lax.while_loop(lambda s: (s[0] < max_len) & ~jnp.all(s[4]), step, state)[3]
 
@@ -325,12 +362,12 @@ def _absorbs_cross(cfg, S, T):
 
 
 def _cross_kv(params, cfg, encoded, queries):
-    """Each decoder layer's cross-attention (keys, values) of encoded [B,S,D], or None for every layer when
-    `queries` target positions make _attend_encoded cheaper."""
+    """Every decoder layer's cross-attention (keys, values) of encoded [B,S,D], stacked [L,B,N,S,H], or None
+    when `queries` target positions make _attend_encoded cheaper."""
     if _absorbs_cross(cfg, encoded.shape[1], queries):
-        return [None] * cfg.num_decoder_layers
-    return [_project(params["decoder"][f"layers_{i}"]["encoder_decoder_attention"], encoded, ("key", "value"))
-            for i in range(cfg.num_decoder_layers)]
+        return None
+    return jax.vmap(lambda p: tuple(_project(p, encoded, ("key", "value"))))(
+        params["decoder"]["layers"]["encoder_decoder_attention"])
 
 
 # 3. Dropout masks from a counter-based hash. Plain: keep = jax.random.bernoulli(key, 1 - rate, shape), a
@@ -361,17 +398,23 @@ def _dropout(x, site, seed, rate, mask_shape=None):
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
-def _drop_fn(cfg, dropout_key, batch_size):
-    """dropout_key: None (no dropout), a PRNG key, or [B] keys, one per example (key k: split(k, B))."""
-    seed = None
-    if dropout_key is not None:
-        keys = dropout_key if jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key) else \
-            jax.random.wrap_key_data(dropout_key)  # a raw uint32 PRNGKey
-        keys = jax.random.split(keys, batch_size) if keys.ndim == 0 else keys
-        if keys.shape != (batch_size,):
-            raise ValueError(f"dropout_key must be one key or {batch_size} keys (one per example), "
-                             f"got shape {keys.shape}")
-        seed = jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
+def _dropout_seeds(dropout_key, batch_size):
+    """dropout_key: None (no dropout), a PRNG key, or [B] keys, one per example (key k: split(k, B)) -> one
+    uint32 seed per example [B], or None."""
+    if dropout_key is None:
+        return None
+    keys = dropout_key if jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key) else \
+        jax.random.wrap_key_data(dropout_key)  # a raw uint32 PRNGKey
+    keys = jax.random.split(keys, batch_size) if keys.ndim == 0 else keys
+    if keys.shape != (batch_size,):
+        raise ValueError(f"dropout_key must be one key or {batch_size} keys (one per example), "
+                         f"got shape {keys.shape}")
+    return jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
+
+
+def _drop_fn(cfg, seed):
+    """drop(x, site, mask_shape=None): _dropout at cfg.dropout_rate with the examples' seeds [B] (None:
+    off)."""
     return functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
 
 
@@ -392,12 +435,12 @@ def _param_specs(cfg):
     mlp = {w: ((D, F), D ** -0.5) for w in (("wi_0", "wi_1") if cfg.gated_gelu else ("wi",))}
     mlp["wo"] = ((F, D), F ** -0.5)
     specs = {"token_embedder/embedding": ((V, D), 1.0)}
-    for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
-        for i in range(n_layers):
-            for _, hf, module, norm in BLOCKS[stack]:
-                specs[f"{stack}/layers_{i}/{norm}/scale"] = ((D,), None)
-                kernels = mlp if hf == "DenseReluDense" else attn
-                specs.update({f"{stack}/layers_{i}/{module}/{k}/kernel": v for k, v in kernels.items()})
+    for stack, L in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        for _, hf, module, norm in BLOCKS[stack]:  # each layer's weights stacked [L, ...] (_scan_layers)
+            specs[f"{stack}/layers/{norm}/scale"] = ((L, D), None)
+            kernels = mlp if hf == "DenseReluDense" else attn
+            specs.update({f"{stack}/layers/{module}/{k}/kernel": ((L, *shape), std)
+                          for k, (shape, std) in kernels.items()})
         specs[f"{stack}/relpos_bias/rel_embedding"] = ((N, cfg.relative_attention_num_buckets), D ** -0.5)
         specs[f"{stack}/{stack}_norm/scale"] = ((D,), None)
     if not cfg.tie_word_embeddings:
@@ -511,25 +554,26 @@ def _config_from_hf(cls, c, where):
 
 
 def hf_name_map(cfg):
-    """HF PyTorch tensor name -> T5X param path, the names t5x/checkpoint_importer.py and transformers'
-    models/t5/convert_t5x_checkpoint_to_flax.py map between."""
-    names = {"shared.weight": "token_embedder/embedding",
-             "encoder.final_layer_norm.weight": "encoder/encoder_norm/scale",
-             "decoder.final_layer_norm.weight": "decoder/decoder_norm/scale"}
+    """HF PyTorch tensor name -> (T5X param path, layer): the names t5x/checkpoint_importer.py and
+    transformers' models/t5/convert_t5x_checkpoint_to_flax.py map between, except that T5X's
+    encoder/layers_{i}/... is row i of our stacked encoder/layers/... (layer None: a leaf not stacked)."""
+    names = {"shared.weight": ("token_embedder/embedding", None),
+             "encoder.final_layer_norm.weight": ("encoder/encoder_norm/scale", None),
+             "decoder.final_layer_norm.weight": ("decoder/decoder_norm/scale", None)}
     for stack in ("encoder", "decoder"):
         relpos = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-        names[relpos] = f"{stack}/relpos_bias/rel_embedding"
+        names[relpos] = (f"{stack}/relpos_bias/rel_embedding", None)
     if not cfg.tie_word_embeddings:
-        names["lm_head.weight"] = "decoder/logits_dense/kernel"
+        names["lm_head.weight"] = ("decoder/logits_dense/kernel", None)
     attn = {"q": "query", "k": "key", "v": "value", "o": "out"}
     mlp = {w: w for w in (("wi_0", "wi_1", "wo") if cfg.gated_gelu else ("wi", "wo"))}
     for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
         for i in range(n_layers):
             for j, hf, t5x, norm in BLOCKS[stack]:
-                src, dst = f"{stack}.block.{i}.layer.{j}.", f"{stack}/layers_{i}/"
-                names[src + "layer_norm.weight"] = dst + norm + "/scale"
+                src, dst = f"{stack}.block.{i}.layer.{j}.", f"{stack}/layers/"
+                names[src + "layer_norm.weight"] = (dst + norm + "/scale", i)
                 for a, b in (mlp if hf == "DenseReluDense" else attn).items():
-                    names[f"{src}{hf}.{a}.weight"] = f"{dst}{t5x}/{b}/kernel"
+                    names[f"{src}{hf}.{a}.weight"] = (f"{dst}{t5x}/{b}/kernel", i)
     return names
 
 
@@ -678,22 +722,30 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
         raise ValueError(f"{d / 'config.json'} is not valid JSON ({e}): download it again") from None
     cfg = T5Config.from_hf(config, where=d / "config.json")
     tensors, want = _hf_tensors(d, cfg, config), _shapes(cfg)
-    names, flat, problems = hf_name_map(cfg), {}, []
-    placed = {} if not shardings else _flatten(
-        shardings(_unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in want.items()})))
-    for name, path in names.items():
-        hf_shape = _hf_layout(path, want[path])[0]
+    names, views, problems = hf_name_map(cfg), {}, []  # views: T5X path -> {layer: HF tensor as T5X}
+    for name, (path, layer) in names.items():
+        shape = want[path][1:] if layer is not None else want[path]
+        hf_shape = _hf_layout(path, shape)[0]
         if name not in tensors:
             problems.append(f"missing tensor {name}")
         elif tuple(tensors[name].shape) != hf_shape:
             problems.append(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {hf_shape}")
-        elif path in placed:  # each device's block is read on its own from the view of the memory map
-            view = _as_t5x(tensors[name], path, want[path])
-            flat[path] = jax.make_array_from_callback(
-                want[path], placed[path], lambda index, view=view: np.asarray(view[tuple(index)], dtype))
         else:
-            flat[path] = jnp.asarray(_as_t5x(np.asarray(tensors[name]), path, want[path]), dtype=dtype)
+            views.setdefault(path, {})[layer] = _as_t5x(tensors[name], path, shape)
     problems += [f"unexpected tensor {k}" for k in tensors if k not in names]
     if problems:
         raise ValueError(f"checkpoint {d} does not match its config.json: " + "; ".join(problems))
+    placed = {} if not shardings else _flatten(
+        shardings(_unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in want.items()})))
+    flat = {}
+    for path, by_layer in views.items():
+        def block(index, by_layer=by_layer):  # index: slices of the (stacked) T5X shape
+            if None in by_layer:
+                return np.asarray(by_layer[None][tuple(index)], dtype)
+            layers = range(len(by_layer))[index[0]]
+            return np.stack([np.asarray(by_layer[i][tuple(index[1:])], dtype) for i in layers])
+        if path in placed:  # each device's block is read on its own from the views of the memory map
+            flat[path] = jax.make_array_from_callback(want[path], placed[path], block)
+        else:
+            flat[path] = jnp.asarray(block((slice(None),) * len(want[path])))
     return cfg, _unflatten(flat)

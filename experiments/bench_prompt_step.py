@@ -77,7 +77,8 @@ def random_params(cfg, seed=0, dtype=jnp.float32):
 
     def draw(path, s):
         mean = 1.0 if path[-1].key == 'scale' else 0.0
-        return rng.normal(mean, std.get(path[-1].key, s.shape[0] ** -0.5), s.shape).astype(np.float32)
+        fan_in = s.shape[1] if 'layers' in [k.key for k in path] else s.shape[0]   # [L, in, ...] stacks
+        return rng.normal(mean, std.get(path[-1].key, fan_in ** -0.5), s.shape).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(draw(path, s), dtype), shapes)
 

@@ -120,11 +120,11 @@ def _save_hf_checkpoint(folder, cfg, params):
     [out, in]."""
     from safetensors.numpy import save_file
     flat = {}
-    for name, path in t5_model.hf_name_map(cfg).items():
+    for name, (path, layer) in t5_model.hf_name_map(cfg).items():
         w = params
         for key in path.split("/"):
             w = w[key]
-        w = np.asarray(w)
+        w = np.asarray(w if layer is None else w[layer])
         if name != "shared.weight" and not name.endswith("layer_norm.weight"):
             w = (w.reshape(-1, w.shape[-1]) if path.endswith("out/kernel") else w.reshape(w.shape[0], -1)).T
         flat[name] = np.ascontiguousarray(w)

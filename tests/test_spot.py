@@ -49,7 +49,8 @@ def random_params(cfg, seed=0):
     def draw(path, s):
         name = path[-1].key
         mean = 1.0 if name == 'scale' else 0.0
-        return jnp.asarray(rng.normal(mean, std.get(name, s.shape[0] ** -0.5), s.shape), jnp.float32)
+        fan_in = s.shape[1] if 'layers' in [k.key for k in path] else s.shape[0]   # [L, in, ...] stacks
+        return jnp.asarray(rng.normal(mean, std.get(name, fan_in ** -0.5), s.shape), jnp.float32)
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
@@ -975,8 +976,8 @@ def diff(x, y):
                for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
 
 print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
-    "query": str(f['encoder']['layers_0']['attention']['query']['kernel'].sharding.spec),
-    "wo": str(f['encoder']['layers_0']['mlp']['wo']['kernel'].sharding.spec),
+    "query": str(f['encoder']['layers']['attention']['query']['kernel'].sharding.spec),
+    "wo": str(f['encoder']['layers']['mlp']['wo']['kernel'].sharding.spec),
     "embedding": str(f['token_embedder']['embedding'].sharding.spec),
     "batch": str(b['inputs'].sharding.spec), "loss_diff": max(abs(u - v) for u, v in zip(l1, l8)),
     "prompt_diff": diff(p1, p8), "opt_diff": diff(s1, s8), "moved": diff(p1, prompt0),
@@ -1018,7 +1019,7 @@ def test_cli_prints_the_backend_and_computes_in_bfloat16_on_request(shared_data,
     real = spot.train_step
 
     def spy(prompt, opt_state, frozen, *rest):
-        calls.append((prompt.dtype, frozen['encoder']['layers_0']['mlp']['wo']['kernel'].dtype))
+        calls.append((prompt.dtype, frozen['encoder']['layers']['mlp']['wo']['kernel'].dtype))
         return real(prompt, opt_state, frozen, *rest)
     spot.train_step = spy
     try:

@@ -296,7 +296,7 @@ def test_bfloat16_params_give_finite_logits_close_to_float32(lm_adapt_ckpt):
     args = (jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32), jnp.asarray(prompt))
     cfg, p32 = tm.load_checkpoint(d)
     _, p16 = tm.load_checkpoint(d, dtype=jnp.bfloat16)
-    assert p16["encoder"]["layers_0"]["attention"]["query"]["kernel"].dtype == jnp.bfloat16
+    assert p16["encoder"]["layers"]["attention"]["query"]["kernel"].dtype == jnp.bfloat16
     l32, l16 = tm.forward(p32, cfg, *args), tm.forward(p16, cfg, *args)
     assert l16.dtype == jnp.float32 and bool(jnp.isfinite(l16).all())
     print(f"{d.name}: bf16 vs fp32 max |logit diff| = {float(jnp.abs(l16 - l32).max()):.3f}, "
@@ -406,9 +406,9 @@ def test_check_params_names_bad_leaves(tiny):
     cfg, params = tiny
     tm.check_params(params, cfg)
     params = jax.tree.map(lambda x: x, params)  # a copy: the fixture is shared
-    params["encoder"]["layers_1"]["mlp"]["wo"]["kernel"] = jnp.zeros((31, 16))
+    params["encoder"]["layers"]["mlp"]["wo"]["kernel"] = jnp.zeros((2, 31, 16))
     del params["decoder"]["decoder_norm"]
-    match = "missing decoder/decoder_norm/scale.*encoder/layers_1/mlp/wo/kernel has shape"
+    match = "missing decoder/decoder_norm/scale.*encoder/layers/mlp/wo/kernel has shape"
     with pytest.raises(ValueError, match=match):
         tm.check_params(params, cfg)
 
