@@ -117,10 +117,30 @@ def relpos_bias(table, q_len, k_len, bidirectional, cfg):
     return table[:, buckets][None].astype(jnp.float32)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec, a, b):
+    """einsum with a float32 result (attention logits, output logits) from operands of any dtype. Its
+    gradient multiplies in the operands' dtype: plain autodiff would cast a bfloat16 weight to float32 to meet
+    the float32 cotangent, a float32 copy of the weight and a float32 matmul in every backward pass."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec, a, b):
+    return einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec, operands, g):
+    a, b = operands
+    return jax.vjp(functools.partial(jnp.einsum, spec), a, b)[1](g.astype(a.dtype))
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
 def _attend(p, q, k, v, bias, drop, site):
     """softmax(q k^T + bias) v: q [B,N,T,H], k/v [B,N,S,H] (from _project), bias broadcastable to [B,N,T,S]
     -> [B,T,D]. No 1/sqrt(H): Mesh TF T5 folds that factor into the initialisation of `query`."""
-    logits = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32) + bias
+    logits = einsum_f32("BNTH,BNSH->BNTS", q, k) + bias
     probs = _attention_probs(logits, drop, site)
     return _attention_out(p, jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v))
 
@@ -234,10 +254,10 @@ def _logits(params, cfg, x):
     if cfg.tie_word_embeddings:  # T5 1.0: output layer = embedding^T, after x * d_model^-0.5 (Mesh TF)
         x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
         emb = params["token_embedder"]["embedding"]
-        return jnp.einsum("BTD,VD->BTV", x, emb, preferred_element_type=jnp.float32)
+        return einsum_f32("BTD,VD->BTV", x, emb)
     # T5 1.1 / LM-adapted: a separate, unscaled output layer
     kernel = params["decoder"]["logits_dense"]["kernel"]
-    return jnp.einsum("BTD,DV->BTV", x, kernel, preferred_element_type=jnp.float32)
+    return einsum_f32("BTD,DV->BTV", x, kernel)
 
 
 def _decoder_biases(params, cfg, encoder_mask, T):
@@ -348,7 +368,7 @@ def _attention_out(p, out):
 def _attend_encoded(p, q, encoded, bias, drop, site):
     """_attend of q [B,N,T,H] over the keys and values of encoded [B,S,D], without forming them -> [B,T,D]."""
     qk = jnp.einsum("BNTH,DNH->BNTD", q, p["key"]["kernel"])
-    logits = jnp.einsum("BNTD,BSD->BNTS", qk, encoded, preferred_element_type=jnp.float32) + bias
+    logits = einsum_f32("BNTD,BSD->BNTS", qk, encoded) + bias
     probs = _attention_probs(logits, drop, site)
     pe = jnp.einsum("BNTS,BSD->BNTD", probs.astype(encoded.dtype), encoded)
     return _attention_out(p, jnp.einsum("BNTD,DNH->BNTH", pe, p["value"]["kernel"]))
