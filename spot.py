@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pickle
+import queue
 import re
 import signal
 import socket
@@ -281,7 +282,7 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
                                                    resume, log)
         frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
         keep_best = functools.partial(evaluate_and_keep, evaluator, out if lead else None, info, log)
-        losses, window, data = [], (time.perf_counter(), state['step']), batches(state['step'])
+        losses, window, data = [], (time.perf_counter(), state['step']), prefetch(batches(state['step']))
         if state.get('eval_pending') and evaluator is not None:   # stopped during the evaluation of its step
             keep_best(prompt, opt_state, state, state['step'])
         for step in range(state['step'], tc.steps):
@@ -311,6 +312,38 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
             save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
     return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'],
             'best_score': state['best_score'], 'best_step': state['best_step'], 'losses': losses}
+
+
+def prefetch(batches, depth: int = 2):
+    """The items of `batches`, made `depth` ahead on a background thread, so that the host prepares batch k+1
+    (reading, tokenizing, padding) while the device runs step k; the plain form is the iterator itself. An
+    error raised while making a batch is raised here when that batch is reached."""
+    ready, stop = queue.Queue(depth), threading.Event()
+
+    def make():
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        ready.put((item, None), timeout=0.1)
+                        break
+                if stop.is_set():
+                    return
+            ready.put((stop, None))        # the end of a finite iterator
+        except Exception as e:             # noqa: BLE001 -- raised in the consumer, at that batch
+            ready.put((None, e))
+    thread = threading.Thread(target=make, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is stop:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -560,6 +593,11 @@ def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int
         order = [(tc.remat, tc.micro_batches)]
     order = [(r, m) for r, m in order if tc.batch_size % (m * data_devices) == 0] or order[:1]
     tried, step = [], None
+    weights = _device_bytes(_shapes_on(mesh, frozen))
+    if weights > budget:                 # no setting helps: say so without compiling
+        return {'weights': weights, 'prompt_optimizer': 0, 'temporaries': None, 'step_peak': None,
+                'eval_peak': None, 'peak': weights, 'budget': budget, 'budget_source': source, 'fits': False,
+                'remat': None, 'micro_batches': None, 'compile_s': 0.0, 'tried': []}
     for remat, m in order:
         # temporaries at most fall as 1/micro_batches: skip a setting that cannot fit by a measured one
         if any(t['remat'] == remat and t['weights'] + t['temporaries'] * t['micro_batches'] / m > budget
@@ -605,6 +643,8 @@ def resolve_memory(cfg, tc: TrainConfig, frozen, input_len, target_len, prompt_l
                                    micro_batches=tc.micro_batches or 1), None
     plan = memory_plan(cfg, tc, frozen, input_len=input_len, target_len=target_len, prompt_len=prompt_len,
                        mesh=mesh, device_memory_gib=device_memory_gib)
+    if plan['remat'] is None:            # the weights alone do not fit
+        return tc, plan
     log(f"memory plan: remat {plan['remat']}, micro_batches {plan['micro_batches']}: "
         f"{plan['peak'] / GiB:.2f} GiB per device of {plan['budget'] / GiB:.2f} ({plan['budget_source']})")
     return dataclasses.replace(tc, remat=plan['remat'], micro_batches=plan['micro_batches']), plan
@@ -1464,6 +1504,10 @@ def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
             '--model-parallel N over more devices, or a device with more memory'
         raise MemoryError(f"{args.model}'s weights alone need {plan['weights'] / GiB:.1f} GiB per device, "
                           f'more than the {have:.1f} GiB planned for ({plan["budget_source"]}): use {fix}')
+    if plan['eval_peak'] > plan['budget'] >= plan['step_peak']:
+        raise MemoryError(f"the evaluation needs {plan['eval_peak'] / GiB:.1f} GiB per device, more than the "
+                          f"{have:.1f} GiB planned for ({plan['budget_source']}): use a smaller "
+                          f"--eval_batch_size (now {tc.eval_batch_size})")
     fixed = '' if tc.remat == 'auto' and not tc.micro_batches else '--remat=auto --micro_batches=0 (auto), '
     raise MemoryError(f"the run needs {need:.1f} GiB per device (remat {plan['remat']}, micro_batches "
                       f"{plan['micro_batches']}), more than the {have:.1f} GiB planned for "
@@ -1478,7 +1522,8 @@ def plan_cli(args, tc, pc):
             ('activations/temporaries', plan['temporaries']), ('training step total', plan['step_peak']),
             ('evaluation total', plan['eval_peak'])]
     for what, n in rows:
-        print(f'{what + ":":25} {n / GiB:8.2f} GiB')
+        print(f'{what + ":":25} ' + ('not compiled: the weights alone do not fit' if n is None else
+                                      f'{n / GiB:8.2f} GiB'))
     print(f"{'plans for:':25} {plan['budget'] / GiB:8.2f} GiB ({plan['budget_source']})")
     print(f"remat: {plan['remat']}, micro_batches: {plan['micro_batches']}"
           f"{'' if plan['fits'] else '  (does NOT fit: see above)'}")

@@ -559,3 +559,67 @@ def test_dropout_is_a_pure_function_of_the_key(tiny):
                                atol=f32_atol(both, network_roundings(cfg, 6)))
     # one key = the same key split per example
     np.testing.assert_array_equal(tm.forward(params, cfg, ids2, dec2, None, jax.random.key(3)), both)
+
+
+# ----------------------------------------------------------------------------- layers under scan, remat, bf16
+def test_scanned_and_unrolled_layers_and_remat_compute_the_same(tiny):
+    """lax.scan over the stacked layers, the unrolled loop and every remat policy are one computation: the
+    same logits, greedy tokens and prompt gradient (with dropout on), to float32 rounding."""
+    cfg, params = tiny
+    ids, dec, prompt = jnp.array(_batch()[0][:, :20] % 64), jnp.array(_batch()[1] % 64), jnp.ones((5, 16))
+    key, n = jax.random.key(4), network_roundings(cfg, P + 20)
+
+    def loss(prompt, cfg):
+        return jnp.sum(tm.forward(params, cfg, ids, dec, prompt, key) ** 2)
+    ref_logits = tm.forward(params, cfg, ids, dec, prompt, key)
+    ref_grad = jax.grad(loss)(prompt, cfg)
+    ref_tokens = tm.greedy_decode(params, cfg, ids, prompt, max_len=6)
+    for variant in [dict(scan_layers=False), *(dict(remat=r) for r in ("layer", "dots"))]:
+        other = dataclasses.replace(cfg, **variant)
+        np.testing.assert_allclose(tm.forward(params, other, ids, dec, prompt, key), ref_logits, rtol=0,
+                                   atol=f32_atol(ref_logits, n), err_msg=str(variant))
+        np.testing.assert_allclose(jax.grad(loss)(prompt, other), ref_grad, rtol=0,
+                                   atol=f32_atol(ref_grad, n), err_msg=str(variant))
+        np.testing.assert_array_equal(tm.greedy_decode(params, other, ids, prompt, max_len=6), ref_tokens)
+    assert float(jnp.abs(ref_grad).max()) > 0
+
+
+def test_layers_are_stacked_and_each_layer_draws_its_own_dropout(tiny):
+    cfg, params = tiny
+    assert params["encoder"]["layers"]["attention"]["query"]["kernel"].shape == (2, 16, 2, 8)
+    x, seeds = jnp.ones((3, 4, 16)), jnp.arange(3, dtype=jnp.uint32)
+
+    def layer(x, p, seed):  # identity layers that return their dropout mask
+        return x, tm._drop_fn(dataclasses.replace(cfg, dropout_rate=0.5), seed)(x, "site")
+    _, masks = tm._scan_layers(layer, x, jnp.zeros((2, 1)), cfg, seeds)
+    assert masks.shape == (2, 3, 4, 16) and not np.array_equal(masks[0], masks[1])
+
+
+def _dot_operand_dtypes(text):
+    """The element types of (lhs, rhs) of every dot_general in a StableHLO module's text."""
+    element = r"tensor<[^>]*?x([bf]f?\d+)>"   # tensor<4x8x32128xf32> -> f32
+    return re.findall(rf"stablehlo\.dot_general [^\n]*?: \({element}, {element}\)", text)
+
+
+@pytest.mark.parametrize("remat", ["none", "layer"])
+def test_bfloat16_weights_multiply_in_bfloat16_and_norms_softmax_loss_stay_float32(remat):
+    """--dtype bfloat16: every matmul of the training step, forward and backward, takes bfloat16 operands in
+    the lowered program (before any backend upcasts); exp (softmax, loss), log and rsqrt (norms) run in
+    float32. In float32 the same count finds only float32 operands."""
+    import spot
+    cfg = dataclasses.replace(tm.T5Config.tiny(), remat=remat)
+    tc = spot.TrainConfig(batch_size=4)
+    prompt = jax.ShapeDtypeStruct((5, cfg.d_model), jnp.float32)
+    state = (prompt, jax.eval_shape(spot.make_optimizer(tc.optimizer).init, prompt))
+    batch = {"inputs": jax.ShapeDtypeStruct((4, 12), jnp.int32),
+             "targets": jax.ShapeDtypeStruct((4, 8), jnp.int32)}
+    for dtype, want in ((jnp.bfloat16, "bf16"), (jnp.float32, "f32")):
+        frozen = jax.eval_shape(lambda k: tm.init_params(k, cfg, dtype), jax.random.key(0))
+        text = spot.train_step.lower(*state, frozen, batch, spot.dropout_key(0, 0), cfg, tc.optimizer,
+                                     tc.z_loss, 1, 2).as_text()
+        dots = _dot_operand_dtypes(text)
+        assert len(dots) >= 4 * (cfg.num_layers + cfg.num_decoder_layers), len(dots)
+        assert set(dots) == {(want, want)}, (dtype, sorted(set(dots)))
+        for op in ("exponential", "log", "rsqrt"):
+            types = set(re.findall(rf"stablehlo\.{op} [^\n]*?: tensor<[^>]*?x([bf]f?\d+)>", text))
+            assert types == {"f32"}, (op, dtype, types)
