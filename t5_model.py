@@ -558,26 +558,53 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
 
 def _read_safetensors(path):
     """{name: np.ndarray (memory-mapped)} from a .safetensors file: u64 header size, JSON header, raw data.
-    Read by hand because safetensors' numpy loader cannot return bfloat16."""
+    Read by hand because safetensors' numpy loader cannot return bfloat16. Each header entry is checked before
+    a byte is viewed, so a damaged or hostile file fails in one line naming it."""
     size = path.stat().st_size
-    n = int(np.fromfile(path, dtype="<u8", count=1)[0]) if size >= 8 else 0
-    try:
-        if not 2 <= n <= size - 8:
-            raise ValueError(f"header length {n}")
-        with open(path, "rb") as f:
-            f.seek(8)
-            header = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
-        end = 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
-        if end > size:
-            raise ValueError(f"{size} bytes, its header needs {end}")
-    except (ValueError, KeyError, TypeError) as e:  # a bad header: JSON/unicode errors are ValueErrors
-        raise ValueError(f"{path} is not a complete safetensors file ({e}): download it again") from None
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            if size < 10 or not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} in {size} bytes")
+            header = json.loads(f.read(n))  # JSON and unicode errors are ValueErrors
+        except ValueError as e:
+            raise ValueError(f"{path} is not a complete safetensors file ({e}): download it again") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is a JSON {type(header).__name__}, "
+                         "not an object: download it again")
+    header.pop("__metadata__", None)
+    for k, v in header.items():
+        problem = _st_entry_problem(v)
+        if problem:
+            raise ValueError(f"{path} is not a safetensors file (tensor {k!r}: {problem}): download it again")
     unknown = {v["dtype"] for v in header.values()} - _ST_DTYPES.keys()
     if unknown:
         raise ValueError(f"{path} holds tensors of dtype {sorted(unknown)}: T5 weights are F32, F16 or BF16")
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if end > size - 8 - n:
+        raise ValueError(f"{path} is not a complete safetensors file ({size} bytes, its header needs "
+                         f"{8 + n + end}): download it again")
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
     return {k: data[slice(*v["data_offsets"])].view(_ST_DTYPES[v["dtype"]]).reshape(v["shape"])
             for k, v in header.items()}
+
+
+def _st_entry_problem(v):
+    """Why a safetensors header entry {dtype, shape, data_offsets: [begin, end]} cannot be read, or None."""
+    if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= v.keys():
+        return "needs dtype, shape and data_offsets"
+    dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+    naturals = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+    if not isinstance(dtype, str):
+        return f"dtype {dtype!r} is not a name such as F32"
+    if not naturals(shape):
+        return f"shape {shape!r} is not a list of sizes >= 0"
+    if not naturals(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        return f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end"
+    nbytes = math.prod(shape) * np.dtype(_ST_DTYPES.get(dtype, np.uint8)).itemsize
+    if dtype in _ST_DTYPES and nbytes != offsets[1] - offsets[0]:
+        return f"shape {shape} of {dtype} is {nbytes} bytes, its data_offsets hold {offsets[1] - offsets[0]}"
+    return None
 
 
 def _read_torch(path):

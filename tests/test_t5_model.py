@@ -355,6 +355,46 @@ def test_wrong_and_broken_files_say_what_to_do(lm_adapt_ckpt, tmp_path):
         tm.load_checkpoint(broken)
 
 
+def _safetensors(path, header, data=bytes(8), length=None):
+    """A .safetensors file by hand: u64 little-endian header length, the JSON header, the data bytes."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(int(len(raw) if length is None else length).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header, length, match", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 10, "not a complete"),   # header length
+    ({}, 2 ** 64 - 1, r"header length 18446744073709551615"),
+    (b"{not json}", None, "not a complete"),
+    ([1, 2], None, "header is a JSON list, not an object"),
+    ({"a": 5}, None, "tensor 'a': needs dtype, shape and data_offsets"),
+    ({"a": {"shape": [2], "data_offsets": [0, 8]}}, None, "tensor 'a': needs dtype, shape and data_offsets"),
+    ({"a": {"dtype": "F32", "data_offsets": [0, 8]}}, None, "needs dtype, shape and data_offsets"),
+    ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, None, r"dtype \['F32'\] is not a name"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, None, r"shape \[-1\]"),
+    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, None, "shape '2'"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, None, r"data_offsets \[-8, 0\]"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}, None, r"data_offsets \[8, 4\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}}, None, r"data_offsets \[0, 8, 9\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [False, 8.0]}}, None, "data_offsets"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None,
+     r"not a complete .*\(78 bytes, its header needs 86\)"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, None, r"shape \[3\] of F32 is 12 bytes"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 5]}}, None, "4 bytes, its data_offsets hold 5"),
+    ({"a": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, None, r"dtype \[.C64.\]: T5 weights"),
+])
+def test_malformed_safetensors_headers_get_one_line_naming_the_file(tmp_path, header, length, match):
+    """Damaged or hostile safetensors files: a one-line ValueError naming the file, never a KeyError,
+    AttributeError or numpy reshape error that names no file (header entries are checked one by one)."""
+    path = _safetensors(tmp_path / "model.safetensors", header, length=length)
+    with pytest.raises(ValueError, match=match) as e:
+        tm._read_safetensors(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value), e.value
+    ok = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"format": "pt"}}
+    np.testing.assert_array_equal(tm._read_safetensors(_safetensors(tmp_path / "ok.safetensors", ok))["a"],
+                                  np.zeros(2, np.float32))
+
+
 def test_t5x_checkpoint_is_recognised(shared_data):
     """The official SPoT code reads T5X checkpoints; ours reads HF ones and must say so, naming the model."""
     for path in (shared_data / "t5x_tiny_checkpoint", shared_data / "t5x_tiny_checkpoint" / "checkpoint_3"):
