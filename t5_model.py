@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import pickle
 import re
 import zipfile
 import zlib
@@ -614,7 +615,27 @@ def _read_torch(path):
         raise ImportError(f"{path} is a PyTorch checkpoint: reading it needs torch (pip install torch), "
                           "or convert it to model.safetensors") from None
     # mmap needs torch's zip format (torch >= 1.6); older pytorch_model.bin files are read into memory.
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    # weights_only: a pickle that imports anything but tensor types is refused, never run. torch's message
+    # then advises weights_only=False, which would run it: replaced by one line without that advice.
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        imports = re.search(r"GLOBAL (\S+)", str(e))
+        if imports:
+            raise ValueError(f"{path} is refused: reading it would import {imports.group(1)}, which can run "
+                             "code; only tensors are read. Use weights from a source you trust, as "
+                             "safetensors") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (not a pickle of tensors): "
+                         "download it again") from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # truncated zip, empty or text file
+        why = str(e).split(". ")[0] or type(e).__name__
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({why}): download it again") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a dict of tensors (a state_dict)")
+    odd = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise ValueError(f"{path}: {odd!r} is of type {type(sd[odd]).__name__}, not a tensor (a state_dict "
+                         "holds tensors only)")
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in sd.items()}
 
 

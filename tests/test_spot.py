@@ -592,6 +592,42 @@ def test_peft_adapters_without_a_t5_prompt_are_refused(tmp_path):
         one_line_naming(e, path)
 
 
+class _RunsCode:
+    """Unpickled, it would run a shell command (what a hostile .bin holds)."""
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.flag}',)
+
+
+def test_hostile_or_broken_peft_bin_gets_one_line_without_unsafe_advice(tmp_path):
+    """torch's weights_only loader blocks a pickle that would run code, but its message advises
+    weights_only=False; that, a truncated file, text and a list instead of a dict were tracebacks. Now: one
+    line naming the file, no such advice, and nothing run."""
+    torch = pytest.importorskip('torch')
+    config = {'peft_type': 'PROMPT_TUNING', 'task_type': 'SEQ_2_SEQ_LM', 'num_virtual_tokens': 2}
+    good = {'prompt_embeddings': torch.zeros(4, 16)}
+    torch.save(good, tmp_path / 'good.bin')
+    hostile = {'prompt_embeddings': _RunsCode(tmp_path / 'ran')}
+    cases = {'hostile': (hostile, 'would import posix.system, which can run code'),
+             'cut': ((tmp_path / 'good.bin').read_bytes()[:300], 'not a readable PyTorch checkpoint'),
+             'text': (b'not a checkpoint\n', 'not a readable PyTorch checkpoint'),
+             'list': ([torch.zeros(4, 16)], 'holds a list, not a dict of tensors'),
+             'number': ({'prompt_embeddings': 3}, "'prompt_embeddings' is of type int, not a tensor")}
+    for name, (content, match) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / spot.PEFT_CONFIG).write_text(json.dumps(config))
+        path = tmp_path / name / 'adapter_model.bin'
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        with pytest.raises(ValueError, match=match) as e:
+            spot.load_prompt(tmp_path / name, d_model=16)
+        assert 'weights_only' not in one_line_naming(e, path)
+        with pytest.raises(SystemExit, match=match) as e:
+            spot.main(['eval', '--model', 'tiny', '--task', 'mrpc', '--prompt', str(tmp_path / name)])
+        assert 'weights_only' not in str(e.value) and not (tmp_path / 'ran').exists()
+
+
 # --------------------------------------------------------------------------------------------------- the loop
 def run(out, frozen, batches, **kw):
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
