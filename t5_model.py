@@ -706,6 +706,19 @@ def _resolve(path_or_hub_id):
                                 f"model: {e}") from e
 
 
+def check_finite_weights(params, where):
+    """Refuse weights holding NaN or inf (a damaged conversion or download): they would score 0 or 50 without
+    an error. One reduction per leaf where it lives, one transfer to the host (~0.15 s for Base on a CPU)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    finite = np.asarray(jnp.stack([jnp.isfinite(x).all() for _, x in leaves]))
+    if not finite.all():
+        path, x = leaves[int(np.argmin(finite))]
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        bad = int(jnp.sum(~jnp.isfinite(x)))
+        raise ValueError(f"{where}: weight {name} holds NaN or inf ({bad} of {x.size} values), so every "
+                         "score would be meaningless: download or convert the checkpoint again")
+
+
 def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
     """A HF T5 checkpoint (local directory or hub id) -> (T5Config, params with T5X names, cast to dtype).
     shardings(shapes) -> a pytree of jax Shardings like params (spot.param_shardings): each leaf is then built
@@ -744,4 +757,5 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
     problems += [f"unexpected tensor {k}" for k in tensors if k not in names]
     if problems:
         raise ValueError(f"checkpoint {d} does not match its config.json: " + "; ".join(problems))
+    check_finite_weights(flat, d)
     return cfg, _unflatten(flat)

@@ -327,6 +327,24 @@ def test_missing_and_misshaped_tensors_are_named(ckpt, tmp_path):
         tm.load_checkpoint(_copy_without(d, tmp_path / "shape", reshape=name))
 
 
+def test_non_finite_weights_are_refused_naming_the_tensor(lm_adapt_ckpt, tmp_path):
+    """A checkpoint with a NaN or inf weight scored 50.0 (rank) or 0.0 (decode) and exited 0; now loading it
+    fails in one line naming the checkpoint and the tensor."""
+    d, _ = lm_adapt_ckpt
+    tensors = {k: np.array(v) for k, v in tm._read_safetensors(d / "model.safetensors").items()}
+    for bad, value in [("nan", np.nan), ("inf", -np.inf)]:
+        damaged = {**tensors, "encoder.block.1.layer.1.DenseReluDense.wo.weight":
+                   tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"].copy()}
+        damaged["encoder.block.1.layer.1.DenseReluDense.wo.weight"][3, 5] = value
+        (tmp_path / bad).mkdir()
+        save_file({k: torch.tensor(v) for k, v in damaged.items()}, str(tmp_path / bad / "model.safetensors"))
+        shutil.copy(d / "config.json", tmp_path / bad / "config.json")
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / bad))}: weight "
+                                             r"encoder/layers_1/mlp/wo/kernel holds NaN or inf \(1 of 2048"):
+            tm.load_checkpoint(tmp_path / bad)
+    tm.check_finite_weights(tm.load_checkpoint(d)[1], d)   # a sound checkpoint passes
+
+
 def test_wrong_and_broken_files_say_what_to_do(lm_adapt_ckpt, tmp_path):
     d, _ = lm_adapt_ckpt
     parent = re.escape(f"({d})")
