@@ -706,7 +706,7 @@ class Vocab:
     Example: encode("a <extra_id_0> b") -> [3, 9, 32099, 3, 115]
     (as seqio; no separate '▁' before the sentinel)."""
 
-    def __init__(self, model_bytes):
+    def __init__(self, model_bytes, path=None):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as pb
         proto = pb.ModelProto()
@@ -718,6 +718,7 @@ class Vocab:
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.fingerprint = hashlib.sha256(model_bytes).hexdigest()[:16]   # what a resumed run must read alike
         self.vocab_size = self.sp.get_piece_size()          # 32100; checkpoints pad the embedding to 32128
+        self.path = path                                    # named in errors (spot.check_vocab)
 
     def encode(self, text):
         return self.sp.encode(text)
@@ -755,7 +756,7 @@ def _load_vocab(ref):
                           "e.g. --vocab /path/to/t5_spiece.model, or set SPOT_VOCAB to it") from e
     from google.protobuf.message import DecodeError
     try:
-        return Vocab(path.read_bytes())
+        return Vocab(path.read_bytes(), path)
     except (DecodeError, RuntimeError) as e:   # protobuf, then sentencepiece: a .npy, a text or empty file
         why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
         raise ValueError(f"{path} is not a SentencePiece model ({why}): pass T5's spiece.model (a .model "

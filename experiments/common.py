@@ -103,6 +103,9 @@ def load_task(name, args, tc, model=None):
     """Training source and a validation scorer of one task (data.py formats and metrics, T5 decoding).
     The vocabulary is the one of `model` (default --model); every T5 size shares it."""
     task, vocab = data.get_task(name), vocab_for(model or args.model, args.tiny)
+    if vocab is not None:  # its ids must be rows of the model's embedding; config.json only, no weights
+        model_cfg = t5_model.T5Config.tiny() if args.tiny else spot.model_config(model or args.model)
+        spot.check_vocab(vocab, model_cfg, "tiny" if args.tiny else model or args.model)
     data_dir = SHARED if args.tiny else args.data
     T = tc.max_target_len or task.target_len  # as spot.make_evaluator
     if args.tiny and vocab is None:

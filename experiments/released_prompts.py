@@ -156,6 +156,7 @@ def setup(cfg):
     prompt_dir = cfg.prompts or download_prompts(cfg.tasks)  # before the weights: fail fast when offline
     vocab = data.load_vocab(cfg.vocab or cfg.model)   # its errors say what to pass
     model_cfg, params = t5_model.load_checkpoint(cfg.model)
+    spot.check_vocab(vocab, model_cfg, cfg.model)
     return cfg, model_cfg, params, load_prompts(prompt_dir, cfg.tasks, model_cfg.d_model), vocab
 
 

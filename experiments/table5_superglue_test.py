@@ -407,6 +407,7 @@ def run(args):
             check_idx(name, examples)
         if not args.tiny:
             cfg, frozen = common.frozen_model(args.model, False, args.dtype)
+            spot.check_vocab(vocab, cfg, args.model)
         prompts = load_prompts(args.prompts, cfg.d_model)
         folder = Path(args.out) / "table5_superglue_test"
         folder.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ sharding.
 Every training test shares one TrainConfig (TC) and one batch shape, so train_step compiles once for the
 module.
 """
+import argparse
 import dataclasses
 import itertools
 import json
@@ -1103,6 +1104,25 @@ def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
     with pytest.raises(SystemExit, match='d_model'):            # a prompt of the wrong width, from the CLI
         np.save(tmp_path / 'wide.npy', np.zeros((5, 7), np.float32))
         spot.main(['eval', *common, '--prompt', str(tmp_path / 'wide.npy')])
+
+
+def test_a_vocabulary_larger_than_the_embedding_is_refused(shared_data, tmp_path):
+    """T5's 32,100 pieces against a model embedding 64 ids: eval printed a score and train stopped blaming the
+    learning rate (the gather clamps ids past the table). Now both stop in one line naming the vocabulary,
+    the model and the fix; experiments/common.load_task checks the pair from config.json alone."""
+    d, vocab = hf_checkpoint(tmp_path / 'small', 't5_1_1'), shared_data / 't5_spiece.model'
+    np.save(tmp_path / 'prompt.npy', np.zeros((4, TINY_HF['d_model']), np.float32))
+    args = ['--model', str(d), '--task', 'sst2', '--data', str(shared_data / 'glue'), '--vocab', str(vocab)]
+    match = (rf"^error: vocabulary {re.escape(str(vocab))} has 32100 pieces but model {re.escape(str(d))} "
+             r"embeds only 64 ids: pass the vocabulary the model was trained with \(--vocab\)")
+    for argv in (['eval', *args, '--prompt', str(tmp_path / 'prompt.npy')],
+                 ['train', *args, '--out', str(tmp_path / 'run'), '--steps', '2', '--vocab_pool=64']):
+        with pytest.raises(SystemExit, match=match):
+            spot.main(argv)
+    from experiments import common
+    (Path(d) / 'spiece.model').symlink_to(vocab)            # the vocabulary beside the model, as on the hub
+    with pytest.raises(ValueError, match=match.removeprefix('^error: ').replace(re.escape(str(vocab)), '.*')):
+        common.load_task('rte', argparse.Namespace(model=str(d), tiny=False, data=None), spot.TrainConfig())
 
 
 # ---------------------------------------------------------------------------------------- real, bucketed data
