@@ -557,7 +557,7 @@ def _file_examples(task, split, data_dir):
     path = _find_file(task, split, data_dir)
     try:
         return READERS[task.reader](task, path)
-    except (KeyError, IndexError, TypeError, ValueError) as e:   # incl. JSONDecodeError, UnicodeDecodeError
+    except (KeyError, IndexError, TypeError, ValueError, csv.Error) as e:   # incl. JSON and unicode errors
         raise ValueError(f"{task.name} {split}: {path} is not laid out like the original files "
                          f"({type(e).__name__}: {str(e)[:300]}). "
                          f"Pass the creators' unmodified files: {task.source}") from e
@@ -590,8 +590,7 @@ def _read_glue_tsv(task, path):
         header, cols = True, tuple((feat, feat) for feat, _ in cols)
     out = []
     with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if header else \
-            csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        rows = _tsv(f, header)
         missing = [c for _, c in cols if c not in (rows.fieldnames or ())] if header else []
         if missing:
             raise ValueError(f"no column {missing} in the header {rows.fieldnames} "
@@ -605,8 +604,15 @@ def _read_glue_tsv(task, path):
             try:
                 out.append({**ex, "idx": n, "label": _label(raw, task)})
             except ValueError as e:
-                raise ValueError(f"row {n}: {e}") from e
+                raise ValueError(f"line {rows.line_num}: {e}") from e
     return out
+
+
+def _tsv(f, header):
+    """The rows of an open .tsv: tab separated, no quoting (as tfds reads GLUE). A field may be as long as the
+    file: csv's default limit (128 KiB a field) would stop a long document."""
+    csv.field_size_limit(max(csv.field_size_limit(), min(os.fstat(f.fileno()).st_size, 2 ** 31 - 1)))
+    return (csv.DictReader if header else csv.reader)(f, delimiter="\t", quoting=csv.QUOTE_NONE)
 
 
 def _fix_wsc(ex):
@@ -628,9 +634,11 @@ def _read_superglue_jsonl(task, path):
     """SuperGLUE .jsonl flattened as tfds does: MultiRC one example per answer, ReCoRD one per query,
     WSC's target spans lifted to the top level (wsc.fixed); labels as class indices."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:                 # -sig: a byte order mark is dropped
         lines = list(f)
     for n, line in enumerate(lines, 1):
+        if not line.strip():                                      # blank lines (a trailing one) are skipped
+            continue
         try:
             out += _superglue_examples(task, json.loads(line))
         except (KeyError, IndexError, TypeError, ValueError) as e:
@@ -661,12 +669,24 @@ def _superglue_examples(task, row):
 
 def _read_records(task, path):
     """Other creators' files: .tsv with a header (SPoT's CR/CxC layout), a .json list (DocNLI) or .jsonl;
-    labels come from the records or, for SocialIQa/alphaNLI, from the sibling <split>-labels.lst."""
-    with open(path, encoding="utf-8", newline="") as f:
+    labels come from the records or, for SocialIQa/alphaNLI, from the sibling <split>-labels.lst. Errors name
+    the file's line (the .json list: the record), counted from 1."""
+    with open(path, encoding="utf-8-sig", newline="") as f:   # -sig: a byte order mark is dropped
         if path.suffix == ".tsv":
-            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+            reader = _tsv(f, header=True)
+            rows, unit, at = [], "line", []
+            for r in reader:
+                rows.append(r)
+                at.append(reader.line_num)
+        elif path.suffix == ".json":
+            rows, unit = json.load(f), "record"
+            at = range(1, len(rows) + 1) if isinstance(rows, list) else []
         else:
-            rows = json.load(f) if path.suffix == ".json" else [json.loads(x) for x in f if x.strip()]
+            rows, unit, at = [], "line", []
+            for n, line in enumerate(f, 1):
+                if line.strip():                              # blank lines are skipped
+                    rows.append(_json_line(line, n))
+                    at.append(n)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError("expected records: a .tsv with a header, a .json list of objects or .jsonl objects")
     labels = path.with_name(path.stem + "-labels.lst")
@@ -678,7 +698,21 @@ def _read_records(task, path):
         if len(values) != len(rows):                  # zip would silently drop the unlabelled tail
             raise ValueError(f"{labels} has {len(values)} labels for the {len(rows)} records of {path.name}")
         rows = [{**r, "label": lab} for r, lab in zip(rows, values)]
-    return [{**r, "label": _label(r["label"], task)} if "label" in r else r for r in rows]
+        unit, at = f"{labels} line", range(1, len(rows) + 1)     # a bad label is on that line of the .lst
+    out = []
+    for r, n in zip(rows, at):
+        try:
+            out.append({**r, "label": _label(r["label"], task)} if "label" in r else r)
+        except ValueError as e:
+            raise ValueError(f"{unit} {n}: {e}") from e
+    return out
+
+
+def _json_line(line, n):
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"line {n}: {e}") from e
 
 
 READERS = {"glue_tsv": _read_glue_tsv, "superglue_jsonl": _read_superglue_jsonl, "records": _read_records}

@@ -98,7 +98,9 @@ def load_test(name, data_dir):
         raise FileNotFoundError(f"no {rel} under {root}: get {name}.zip from {data.SUPERGLUE_URL}")
     first, second = DIAGNOSTICS[name]
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):   # -sig: drop a BOM
+        if not line.strip():                                                           # a blank line
+            continue
         try:
             row = json.loads(line)
         except ValueError as e:

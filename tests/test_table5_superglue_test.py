@@ -67,6 +67,9 @@ def test_diagnostics_are_read_in_rtes_input_format(tmp_path):
         "rte hypothesis: The patient's shift would be ending in an hour. "
         "premise: The nurse notified the patient that his shift would be ending in an hour.")
     assert [ex["idx"] for ex in ax_b] == [0, 1] and all(ex["label"] == -1 for ex in ax_b + ax_g)
+    path = folder / "AX-b" / "AX-b.jsonl"                   # a byte order mark and blank lines are read too
+    path.write_text("\ufeff" + path.read_text().replace("\n", "\n\n"), encoding="utf-8")
+    assert T.load_test("AX-b", folder) == ax_b
 
 
 def test_invalid_strings_are_no_label():
