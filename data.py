@@ -524,21 +524,28 @@ def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, down
 
 
 def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
-    """What a run reads, cheaply, for resume checks: the file's name, size and sha256 of its first and last
-    MiB (data_dir), or tfds' dataset names, split and example counts."""
+    """What a run reads, for resume checks: the file's name, size and the sha256 of all its bytes (data_dir;
+    an edit anywhere is seen; 7 ms for the 3.8 MB SST-2 train.tsv, about 1.3 s a GB), or tfds' dataset
+    names, split and example counts. C4's files (hundreds of GB): their count, bytes, and the sha256 of the
+    first MiB of the first and the last MiB of the last."""
     task = get_task(task_name)
     if data_dir is None:
         sources = _tfds_sources(task, split, tfds_dir, download=False)
         return {"tfds": task.tfds_name, "split": task.splits[split], "examples": [len(ds) for ds in sources]}
     files = _c4_files(data_dir) if task.kind == "lm" else [_find_file(task, split, data_dir)]
+    sizes = {"file": files[0].name, "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
     h = hashlib.sha256()
+    if task.kind != "lm":
+        with open(files[0], "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return {**sizes, "sha256": h.hexdigest()[:16]}
     with open(files[0], "rb") as f:
         h.update(f.read(1 << 20))
     with open(files[-1], "rb") as f:
         f.seek(max(0, files[-1].stat().st_size - (1 << 20)))
         h.update(f.read(1 << 20))
-    return {"file": files[0].name, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
-            "sha256_ends": h.hexdigest()[:16]}
+    return {**sizes, "sha256_ends": h.hexdigest()[:16]}
 
 
 def _find_file(task, split, data_dir):

@@ -714,6 +714,19 @@ def test_data_fingerprint_tells_files_apart(shared_data, tmp_path):
     assert data.data_fingerprint("rte", "train", tmp_path) != a
 
 
+def test_data_fingerprint_sees_an_edit_in_the_middle_of_a_large_file(tmp_path):
+    """The fingerprint hashed only the first and last MiB, so an edit in between resumed on other data."""
+    (tmp_path / "SST-2").mkdir()
+    path = tmp_path / "SST-2" / "train.tsv"
+    rows = [f"sentence number {i:07d} of a long file\t{i % 2}\n" for i in range(120_000)]   # 4.4 MB
+    path.write_text("sentence\tlabel\n" + "".join(rows))
+    before = data.data_fingerprint("sst2", "train", tmp_path)
+    rows[60_000] = rows[60_000].replace("\t0", "\t1")                            # one label, mid-file
+    path.write_text("sentence\tlabel\n" + "".join(rows))
+    after = data.data_fingerprint("sst2", "train", tmp_path)
+    assert after["bytes"] == before["bytes"] > 3 << 20 and after != before
+
+
 def test_tokenize_and_streams_reject_bad_arguments(vocab):
     with pytest.raises(ValueError, match="room for EOS"):
         data.tokenize(vocab, [{"inputs": "a", "targets": "b"}], 0, 8)
