@@ -1649,7 +1649,7 @@ FETCH_HINT = "python data.py fetch"
 PROGRESS_BYTES = 2 ** 20          # files from this size on show a progress bar
 
 
-class FetchError(Exception):
+class FetchError(OSError):
     """A file could not be fetched, or its bytes are not the table's: the message is one line."""
 
 
@@ -1731,6 +1731,8 @@ def _download(url, dest, size, sha, label):
                     yield chunk
                 if done < total:
                     raise FetchError(f"{label}: the connection to {url} closed after {done} of {total} bytes")
+        except FetchError:
+            raise
         except (OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", None) or e
             raise FetchError(f"could not reach {url} ({reason}) for {label}; fetch from a copy with "
