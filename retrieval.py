@@ -189,13 +189,6 @@ def relative_error_reduction(score, baseline):
     return float(out) if out.ndim == 0 else out
 
 
-def __getattr__(name):  # the tables' statistics moved to experiments/stats.py (in a clone of the repository)
-    if name in ("positive_transfers", "aggregate_targets", "p_value_from_r", "pearson"):
-        from experiments import stats
-        return getattr(stats, name)
-    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
-
-
 # ---------------------------------------------------------------- prompt library on disk
 
 def save_to_library(directory, prompt, task, run=0, step=None, model=None, score=None):

@@ -1334,6 +1334,15 @@ def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | No
     return cfg, init(jax.random.key(seed))
 
 
+def check_vocab(vocab, cfg: t5_model.T5Config, model: str):
+    """Every id of the vocabulary must be a row of the model's embedding: an id past the table is clamped by
+    the gather to the last row, so a larger vocabulary scores wrong without an error."""
+    if vocab.vocab_size > cfg.vocab_size:
+        raise ValueError(f'vocabulary {vocab.path} has {vocab.vocab_size} pieces but model {model} embeds '
+                         f'only {cfg.vocab_size} ids: pass the vocabulary the model was trained with '
+                         f'(--vocab), or a model whose vocab_size is at least {vocab.vocab_size}')
+
+
 def device_summary() -> str:
     """What JAX runs on, printed when a run starts: a run meant for a GPU must not go on unnoticed on the
     CPU."""
@@ -1449,7 +1458,9 @@ def _setup(args, tc, mesh=False):
     import data
     mesh = _devices(args) if mesh is False else mesh
     cfg, frozen = load_model(args.model, tc.seed, args.dtype, mesh)
-    return data, cfg, frozen, data.load_vocab(args.vocab), mesh
+    vocab = data.load_vocab(args.vocab)
+    check_vocab(vocab, cfg, args.model)
+    return data, cfg, frozen, vocab, mesh
 
 
 def evaluate_cli(args, tc, pc):

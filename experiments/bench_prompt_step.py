@@ -2,23 +2,24 @@
 
 The shapes the PEFT benchmark measures: T5 1.1 Small and Base with random weights; B=8, 100 prompt + 128 input
 tokens, 8 target tokens, dropout 0.1, float32 on CPU. Rounds alternate A (ours: `--steps` timed steps) and B
-(../shared/bench/bench_peft_prompt_tuning.py in a subprocess, same shape and steps); medians over all rounds.
-Prints s/step, tokens/s (B*(P+S+T) per second, as the PEFT script counts), the ratio ours/PEFT in tokens/s
-(target >= 1.25), jit compile time and MFU: analytic prompt-step FLOPs (the PEFT script's formula) over a
-float32 2048^3 matmul peak measured here with jax.
+(Hugging Face PEFT, experiments/bench_peft_arm.py in a subprocess, same shape and steps); medians over all
+rounds. PEFT needs torch, transformers and peft: `pip install -e '.[bench]'`, or --peft-python PYTHON.
+Prints s/step, tokens/s (B*(P+S+T) per second), the ratio ours/PEFT in tokens/s (target >= 1.25), jit
+compile time and MFU: analytic prompt-step FLOPs (analytic_flops) over a float32 2048^3 matmul peak measured
+here with jax.
 `--variants dropout0,forward` adds arms to see where our time goes: dropout 0, and the forward pass alone.
 
     python experiments/bench_prompt_step.py [--shapes small,base] [--rounds 3] [--steps 5] [--variants] \
-        [--peft-bench ../shared/bench/bench_peft_prompt_tuning.py] [--peft-python PYTHON_WITH_PEFT] \
-        [--json out.json]
+        [--peft-python PYTHON_WITH_PEFT] [--json out.json]
 
 Runtime about 10 minutes on 2 cores. Keep the machine otherwise idle: the load average is printed before and
 after.
 
-Real data (`--real-data sst2,rte,boolq --batch-sizes 8,32`): the same examples of ../shared/data through
-data.batches (tokenized per batch, padded to the bucket of the longest) and through PEFT with
-DataCollatorForSeq2Seq(padding="longest") (bench_peft_real_data.py under --peft-python), rounds alternating on
-the same batches; our time includes making the batch.
+Real data (`--real-data sst2,rte,boolq --batch-sizes 8,32`): the same examples of the task files that
+`python data.py fetch` caches (fetched on first use; --data DIR for others) through data.batches (tokenized
+per batch, padded to the bucket of the longest) and through PEFT with
+DataCollatorForSeq2Seq(padding="longest") (bench_peft_arm.py --batches), rounds alternating on the same
+batches; our time includes making the batch.
 `--memory 50000000 --shapes tiny --batch 32`: peak RSS of 200 training steps on a lazily generated source.
 `--startup --shapes small,base`: seconds to the first step in fresh processes without/with the compile cache.
 On an accelerator (no PEFT arm; `large`/`xl` shapes, bfloat16 weights, the paper's batch 32):
@@ -26,7 +27,6 @@ On an accelerator (no PEFT arm; `large`/`xl` shapes, bfloat16 weights, the paper
 """
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import statistics
@@ -43,17 +43,31 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: repo root
 
+import data
 import spot
 import t5_model
 
-# shape -> (T5Config name, PEFT script --config)
-SHAPES = {'tiny': ('tiny', 'tiny'),                                    # --memory only
-          'small': ('google/t5-small-lm-adapt', 't5-small-lm-adapt'),
-          'base': ('google/t5-base-lm-adapt', 't5-base-lm-adapt'),
-          'large': ('google/t5-large-lm-adapt', 't5-large-lm-adapt'),
-          'xl': ('google/t5-xl-lm-adapt', None)}                     # no PEFT shape: ours only
+# shape -> T5Config name (tiny: --memory only)
+SHAPES = {'tiny': 'tiny', 'small': 'google/t5-small-lm-adapt', 'base': 'google/t5-base-lm-adapt',
+          'large': 'google/t5-large-lm-adapt', 'xl': 'google/t5-xl-lm-adapt'}
+PEFT_ARM = ROOT / 'experiments' / 'bench_peft_arm.py'
 # Prompt, input and target tokens: the PEFT benchmark's shapes. The batch is --batch (8).
 P, S, T = 100, 128, 8
+
+
+def analytic_flops(cfg, batch, enc_len, dec_len):
+    """Matmul FLOPs (2 per multiply-add) of a forward pass and of a prompt-tuning step, the same count for
+    both arms (MFU). enc_len includes the prompt. Counted: every projection (attention q, k, v, o; the
+    cross-attention's k, v over all encoder positions; the FFN; the output layer) and the two attention
+    products (scores, weighted values); not softmax, norms, GELU or look-ups. The step adds the gradient with
+    respect to activations only (frozen weights: no weight gradients): once more each projection, twice each
+    attention product (both of its operands are activations)."""
+    d, hd, ffn = cfg.d_model, cfg.num_heads * cfg.d_kv, (3 if cfg.gated_gelu else 2) * cfg.d_model * cfg.d_ff
+    S, T, L, Ld = enc_len, dec_len, cfg.num_layers, cfg.num_decoder_layers
+    proj = batch * (S * L * (4 * d * hd + ffn) + Ld * (T * (6 * d * hd + ffn) + S * 2 * d * hd)
+                    + T * d * cfg.vocab_size)
+    attn = batch * hd * (L * 2 * S * S + Ld * 2 * T * (T + S))
+    return {'forward': 2 * (proj + attn), 'prompt_step': 2 * (proj + attn) + 2 * proj + 4 * attn}
 
 
 def matmul_peak(n=2048, reps=5, dtype=jnp.float32):
@@ -126,46 +140,39 @@ def time_calls(fn, n):
     return ts
 
 
-def run_peft(args, hf_name, steps):
+def run_peft(args, cfg, *arm_args):
+    """bench_peft_arm.py under --peft-python on cfg's shape: (seconds per timed step, versions)."""
     with tempfile.TemporaryDirectory() as d:
-        cmd = [args.peft_python, args.peft_bench, '--config', hf_name, '--batch', str(args.batch),
-               '--enc-len', str(S), '--dec-len', str(T), '--prompt-len', str(P), '--steps', str(steps),
-               '--warmup', '1', '--threads', str(args.threads), '--modes', 'prompt', '--dropout', '0.1',
-               '--json', f'{d}/r.json']
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [args.peft_python, str(PEFT_ARM), '--dims', json.dumps(dataclasses.asdict(cfg)),
+               '--threads', str(args.threads), '--prompt-len', str(P), '--warmup', '1', '--dropout', '0.1',
+               *arm_args, '--json', f'{d}/r.json']
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=d)
         if out.returncode:
-            sys.exit(f'PEFT benchmark failed ({" ".join(cmd)}):\n{out.stderr[-3000:]}\n'
-                     'It needs torch, transformers and peft: pass --peft-python with a Python that has them.')
+            sys.exit(f'PEFT arm failed ({" ".join(cmd)}):\n{out.stderr[-3000:]}\nIt needs torch, '
+                     "transformers and peft: pip install -e '.[bench]', or pass --peft-python with a Python "
+                     'that has them.')
         r = json.loads(Path(f'{d}/r.json').read_text())
-    return r['results']['prompt']['all_s'], r['versions']
+    return r['all_s'], r['versions']
 
 
-# --real-data: (folder under ../shared/data, split). BoolQ's training file (over 4 MiB) is not in
-# ../shared/data: its validation examples (3,270, the same length distribution) stand in.
+# --real-data: (folder of the fetch layout, split). BoolQ's training file (over 4 MiB) is not fetched: its
+# validation examples (3,270, the same length distribution) stand in.
 REAL_TASKS = {'sst2': ('glue', 'train'), 'rte': ('glue', 'train'), 'boolq': ('superglue', 'validation')}
+REAL_FILES = {'sst2': 'glue/SST-2/train.tsv', 'rte': 'glue/RTE/train.tsv',
+              'boolq': 'superglue/BoolQ/val.jsonl'}
 
 
-def run_peft_real(args, hf_name, rows, prompt_len=P):
+def run_peft_real(args, cfg, rows):
     """PEFT on the given examples ([(input ids, target ids)] per step; the first is an untimed warm-up)."""
     with tempfile.TemporaryDirectory() as d:
         feats = [[{'input_ids': x, 'labels': y} for x, y in zip(*r)] for r in rows]
         Path(f'{d}/b.json').write_text(json.dumps({'batches': feats}))
-        cmd = [args.peft_python, str(ROOT / 'experiments' / 'bench_peft_real_data.py'),
-               '--peft-bench', args.peft_bench, '--config', hf_name, '--vocab', str(args.vocab),
-               '--batches', f'{d}/b.json', '--threads', str(args.threads), '--prompt-len', str(prompt_len),
-               '--warmup', '1', '--json', f'{d}/r.json']
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f'PEFT arm failed ({" ".join(cmd)}):\n{out.stderr[-3000:]}\n'
-                     'It needs torch, transformers and peft: pass --peft-python with a Python that has them.')
-        r = json.loads(Path(f'{d}/r.json').read_text())
-    return r['all_s'], r['versions']
+        return run_peft(args, cfg, '--batches', f'{d}/b.json', '--vocab', str(args.vocab))
 
 
 def pipeline_rate(source, batch_size, n=50):
     """Tokens (non-pad inputs + targets) per second that data.batches makes, alone, and its mean padded
     widths."""
-    import data
     it, tokens, widths = data.batches(source, batch_size, seed=0), 0, []
     t = time.perf_counter()
     for _ in range(n):
@@ -179,16 +186,18 @@ def real_data_main(args):
     """Ours (data.batches: per-batch tokenization, length buckets) vs PEFT (DataCollatorForSeq2Seq
     padding="longest") on the same examples of real tasks; per (shape, task, batch) rounds alternate the arms
     on the same batches."""
-    import data
+    tasks = args.real_data.split(',')
+    if args.data is None or args.vocab is None:   # the defaults: the fetch cache, fetched if missing
+        root = data.fetch([REAL_FILES[t] for t in tasks] + ['t5_spiece.model'])
+        args.data, args.vocab = args.data or str(root), args.vocab or str(root / 't5_spiece.model')
     vocab, seed = data.load_vocab(args.vocab), 0
     load0 = os.getloadavg()
     print(f'load average {load0[0]:.2f}; jax {jax.__version__}, {os.cpu_count()} cores', flush=True)
     rows, versions = [], None
     for shape in args.shapes.split(','):
-        hub, hf_name = SHAPES[shape]
-        cfg = t5_model.T5Config.from_name(hub)
+        cfg = t5_model.T5Config.from_name(SHAPES[shape])
         frozen = random_params(cfg)
-        for task in args.real_data.split(','):
+        for task in tasks:
             folder, split = REAL_TASKS[task]
             pairs = data.load_pairs(task, split, Path(args.data) / folder, train=True)
             source = data.TextSource(pairs, vocab, data.MAX_INPUT_LEN, 8)
@@ -220,7 +229,7 @@ def real_data_main(args):
                         times['ours'].append(time.perf_counter() - t)
                         widths.append(b['inputs'].shape[1])
                     chunk = ids[r * args.steps:(r + 1) * args.steps]
-                    peft_times, versions = run_peft_real(args, hf_name, chunk[:1] + chunk)
+                    peft_times, versions = run_peft_real(args, cfg, chunk[:1] + chunk)
                     times['peft'] += peft_times
                     last = statistics.median(times['ours'][-args.steps:])
                     paired.append(statistics.median(peft_times) / last)
@@ -234,7 +243,7 @@ def real_data_main(args):
                              'ours_mean_width': float(np.mean(widths)), 'peft_mean_width': longest,
                              'compile_s': compile_s, 'compiled_shapes': len(shapes)})
     rates = {}
-    for task in args.real_data.split(','):
+    for task in tasks:
         folder, split = REAL_TASKS[task]
         pairs = data.load_pairs(task, split, Path(args.data) / folder, train=True)
         rates[task] = pipeline_rate(data.TextSource(pairs, vocab, data.MAX_INPUT_LEN, 8), 32)[0]
@@ -266,13 +275,12 @@ def memory_main(args):
     """Peak RSS of spot.train_prompt for --memory-steps steps on a lazily generated source of --memory
     examples."""
     import resource
-
-    import data
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # noqa: E731  (KiB -> GiB)
     shape = args.shapes.split(',')[0]
-    cfg = t5_model.T5Config.tiny() if shape == 'tiny' else t5_model.T5Config.from_name(SHAPES[shape][0])
+    cfg = t5_model.T5Config.tiny() if shape == 'tiny' else t5_model.T5Config.from_name(SHAPES[shape])
     frozen = random_params(cfg)
-    source = data.TextSource(data.LazyPairs(args.memory, generated_pair), data.load_vocab(args.vocab))
+    vocab = data.load_vocab(args.vocab or data.fetch(['t5_spiece.model']) / 't5_spiece.model')
+    source = data.TextSource(data.LazyPairs(args.memory, generated_pair), vocab)
     tc = spot.TrainConfig(steps=args.memory_steps, batch_size=args.batch, log_every=50, checkpoint_every=100)
     before = rss()
     t = time.perf_counter()
@@ -288,7 +296,7 @@ def memory_main(args):
 
 def first_step(shape, B=8, S=64):
     """(seconds to build random weights, seconds to the first finished train_step) in this process."""
-    cfg = t5_model.T5Config.from_name(SHAPES[shape][0])
+    cfg = t5_model.T5Config.from_name(SHAPES[shape])
     t = time.perf_counter()
     frozen = random_params(cfg)
     built, t = time.perf_counter() - t, time.perf_counter()
@@ -326,19 +334,18 @@ def main(argv=None):
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--steps', type=int, default=5, help='timed steps per round and arm')
     p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads for PEFT')
-    p.add_argument('--peft-bench',
-                   default=str(ROOT.parent / 'shared' / 'bench' / 'bench_peft_prompt_tuning.py'))
-    p.add_argument('--peft-python', default=sys.executable)
+    p.add_argument('--peft-python', default=sys.executable,
+                   help="a Python with torch, transformers and peft (pip install -e '.[bench]')")
     p.add_argument('--variants', default='', help=f'extra arms, comma separated: {",".join(VARIANTS)}')
     p.add_argument('--no-peft', action='store_true', help='time ours only (e.g. on an accelerator)')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='frozen weights')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--json', default=None)
-    p.add_argument('--real-data', default='',
-                   help=f'tasks of ../shared/data, comma separated: {",".join(REAL_TASKS)}')
+    p.add_argument('--real-data', default='', help=f'tasks, comma separated: {",".join(REAL_TASKS)}')
     p.add_argument('--batch-sizes', default='8,32', help='--real-data: batch sizes')
-    p.add_argument('--data', default=str(ROOT.parent / 'shared' / 'data'), help='--real-data: the task files')
-    p.add_argument('--vocab', default=str(ROOT.parent / 'shared' / 'data' / 't5_spiece.model'))
+    p.add_argument('--data', default=None,
+                   help='--real-data: folder with glue/ and superglue/ (default: the fetch cache)')
+    p.add_argument('--vocab', default=None, help='spiece.model (default: the fetch cache\'s t5_spiece.model)')
     p.add_argument('--memory', type=int, default=0,
                    help='peak RSS of training on a generated source of N examples')
     p.add_argument('--memory-steps', type=int, default=200)
@@ -356,22 +363,14 @@ def main(argv=None):
     if args.memory:
         return memory_main(args)
     B, dtype = args.batch, jnp.dtype(args.dtype)
-    peft_bench = None                         # its analytic_flops gives both arms the same FLOP count (MFU)
-    if Path(args.peft_bench).is_file():
-        spec = importlib.util.spec_from_file_location('peft_bench', args.peft_bench)
-        peft_bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(peft_bench)
-    elif not args.no_peft:
-        sys.exit(f'no PEFT benchmark at {args.peft_bench}: pass --peft-bench PATH, or --no-peft')
 
     load0, peaks = os.getloadavg(), [matmul_peak(dtype=dtype)]
     print(f'load average {load0[0]:.2f}; jax {jax.__version__}, {jax.devices()[0].device_kind}, '
           f'{os.cpu_count()} cores; {dtype.name} matmul {peaks[0]:.1f} GFLOP/s; B={B}', flush=True)
     rows, report = [], {'load_before': load0, 'shapes': {}}
     for shape in args.shapes.split(','):
-        hub, hf_name = SHAPES[shape]
-        cfg = t5_model.T5Config.from_name(hub)
-        frozen, with_peft = random_params(cfg, dtype=dtype), not args.no_peft and hf_name is not None
+        cfg = t5_model.T5Config.from_name(SHAPES[shape])
+        frozen, with_peft = random_params(cfg, dtype=dtype), not args.no_peft
         rng = np.random.default_rng(1)
         batch = {'inputs': jnp.asarray(rng.integers(2, cfg.vocab_size, (B, S)), jnp.int32),
                  'targets': jnp.asarray(np.concatenate([rng.integers(2, cfg.vocab_size, (B, T - 1)),
@@ -387,14 +386,13 @@ def main(argv=None):
             for name, arm in arms.items():
                 times[name] += time_calls(arm, args.steps)
             if with_peft:
-                peft_times, versions = run_peft(args, hf_name, args.steps)
+                peft_times, versions = run_peft(args, cfg, '--batch', str(B), '--enc-len', str(S),
+                                                '--dec-len', str(T), '--steps', str(args.steps))
                 times['peft'] += peft_times
                 paired.append(statistics.median(peft_times) / statistics.median(times['ours'][-args.steps:]))
             print(f'{shape} round {r + 1}: ' + ', '.join(f'{k} {statistics.median(v[-args.steps:]):.3f}'
                                                          for k, v in times.items()) + ' s/step', flush=True)
-        dims = {'d_model': cfg.d_model, 'd_ff': cfg.d_ff, 'num_layers': cfg.num_layers,
-                'num_heads': cfg.num_heads, 'd_kv': cfg.d_kv}
-        flops = peft_bench and peft_bench.analytic_flops(dims, B, S + P, T)
+        flops = analytic_flops(cfg, B, S + P, T)
         peft_s = statistics.median(times['peft']) if with_peft else None
         for name, ts in times.items():
             med = statistics.median(ts)
@@ -417,7 +415,7 @@ def main(argv=None):
         r['mfu'] = r['gflops'] and r['gflops'] / peak
     print(f"\nload average after {report['load_after'][0]:.2f}; {dtype.name} matmul peak (best of "
           f"{[round(x) for x in peaks]}) {peak:.1f} GFLOP/s\n")
-    print("MFU: the analytic step FLOPs (the PEFT script's formula, the same for both arms) per second over "
+    print("MFU: the analytic step FLOPs (analytic_flops, the same for both arms) per second over "
           'the peak.\nGFLOP/step: what XLA counts in our compiled step; it is below the analytic count where '
           'cross-attention\nwith few target tokens skips the key/value projections '
           '(t5_model._attend_encoded).\n')

@@ -1,8 +1,9 @@
 """What experiments/*.py share: command line, frozen model, task data, one prompt-tuning run, results.
 
 Task data comes from data.py (tfds, or the original files with --data). Under --tiny it is the first few
-examples of the files in ../shared/data, or, where those are missing, a synthetic task on token ids
-(token_task, also the quickstart's tasks). Results follow paper_numbers.RESULTS_SCHEMA.
+examples of the files in the cache that `python data.py fetch` fills (data.data_root()), or, where those are
+missing, a synthetic task on token ids (token_task, also the quickstart's tasks); --tiny never downloads.
+Results follow paper_numbers.RESULTS_SCHEMA.
 """
 import argparse
 import dataclasses
@@ -20,8 +21,6 @@ import spot
 import t5_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# CI checks ../shared out beside the repo; --tiny reads a few examples from it.
-SHARED = ROOT.parent / "shared" / "data"
 TINY_EXAMPLES = 16                          # --tiny: training and validation examples per task
 
 
@@ -92,9 +91,10 @@ class TaskData:
 
 @functools.lru_cache(maxsize=1)
 def vocab_for(model, tiny):
-    """The model's SentencePiece vocabulary; --tiny: ../shared/data/t5_spiece.model, or None (synthetic)."""
+    """The model's SentencePiece vocabulary; --tiny: t5_spiece.model in the cache, or None (synthetic)."""
     if tiny:
-        return data.load_vocab(SHARED / "t5_spiece.model") if (SHARED / "t5_spiece.model").exists() else None
+        spiece = data.data_root() / "t5_spiece.model"
+        return data.load_vocab(spiece) if spiece.exists() else None
     d = Path(model)
     return data.load_vocab(model if not d.is_dir() or (d / "spiece.model").exists() else None)
 
@@ -103,7 +103,10 @@ def load_task(name, args, tc, model=None):
     """Training source and a validation scorer of one task (data.py formats and metrics, T5 decoding).
     The vocabulary is the one of `model` (default --model); every T5 size shares it."""
     task, vocab = data.get_task(name), vocab_for(model or args.model, args.tiny)
-    data_dir = SHARED if args.tiny else args.data
+    if vocab is not None:  # its ids must be rows of the model's embedding; config.json only, no weights
+        model_cfg = t5_model.T5Config.tiny() if args.tiny else spot.model_config(model or args.model)
+        spot.check_vocab(vocab, model_cfg, "tiny" if args.tiny else model or args.model)
+    data_dir = data.data_root() if args.tiny else args.data
     T = tc.max_target_len or task.target_len  # as spot.make_evaluator
     if args.tiny and vocab is None:
         return synthetic_task(task.name, tc.max_input_len)
@@ -117,7 +120,7 @@ def load_task(name, args, tc, model=None):
     except (FileNotFoundError, ValueError):
         if not args.tiny:
             raise
-        return synthetic_task(task.name, tc.max_input_len)  # e.g. MNLI: too large for ../shared/data
+        return synthetic_task(task.name, tc.max_input_len)  # e.g. MNLI: too large to be fetched
     val = val[:tc.eval_limit or None]
     # Training examples are tokenized per batch (data.TextSource: memory O(batch)); validation inputs are kept
     # as unpadded token ids, which spot.evaluate groups by length.

@@ -1,7 +1,7 @@
 """The paper's numbers, in one place: Vu et al. 2022 (SPoT, arXiv 2110.07904v2 = ACL 2022 text).
 
-Transcribed by hand from the paper's tables (copies in ../shared/paper/*.csv; this module never reads
-them, so a fresh clone has the numbers). Each block names its table. Scores are on validation sets,
+Transcribed by hand from the paper's tables (arXiv 2110.07904v2; this module reads no file, so a fresh
+clone has the numbers). Each block names its table. Scores are on validation sets,
 x100, mean and std over 3 runs unless stated. Tests (tests/test_paper_numbers.py) check these against
 the project's own code; experiments print them beside their results. RESULTS_SCHEMA (below) is the
 format every experiments/*.py writes, and paper_rows(experiment) the rows it is compared with.

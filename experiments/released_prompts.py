@@ -3,9 +3,11 @@
 google-research/prompt-tuning released three [100, 768] prompts for the frozen T5 1.1 LM-adapted Base with
 GLUE validation scores (pretrained_prompts/t5_1_1_lm100k_base/README.md): SST-2 acc 95.07, MRPC F1/acc
 89.7/85.3, RTE acc 68.6. Matching them tests load_checkpoint, the prompt in encode (Lester et al. 2021 §2),
-greedy_decode, the exact input format (taskless_text) and data.score at once. The command:
+greedy_decode, the exact input format (taskless_text) and data.score at once. The command (the prompts
+come from the cache that `python data.py fetch` fills, fetched on first use; the GLUE files from tfds, or
+from that cache as here):
   python experiments/released_prompts.py --model google/t5-base-lm-adapt \
-      --prompts ../shared/data/prompt_tuning_release/t5_1_1_lm100k_base --data ../shared/data/glue
+      --data "$(python data.py fetch glue)/glue"
 872 + 408 + 277 examples: ~28 CPU-minutes (~15-25 min on 2 cores), minutes on a GPU (not yet timed there).
 Writes results/released_prompts.json. --tiny: the same path on a random tiny T5 of width 768, 8 examples per
 task, seconds; its scores are meaningless.
@@ -17,11 +19,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import jax
@@ -33,23 +32,17 @@ import t5_model
 from experiments.paper_numbers import RELEASED_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 TASKS = ("sst2", "mrpc", "rte")
-# The release as google-research/prompt-tuning has it at a fixed commit, with the sha256 of each file.
-COMMIT = "72285eea06100f954bcbb16a447ec6cddfc6716c"
-PROMPT_URL = (f"https://raw.githubusercontent.com/google-research/prompt-tuning/{COMMIT}/"
-              "prompt_tuning/pretrained_prompts/t5_1_1_lm100k_base/{task}.npy")
-PROMPT_SHA256 = {"sst2": "74a421fd286e967bf75eedd3e3b1e3076c884c9e02ea27561449cdcdf306cfb9",
-                 "mrpc": "b8ef84399006baf08f661f0c12eeddd2e3c56d809642988469afb86a9ecf2691",
-                 "rte": "b31903cbbd7549cf64029bfd635af83b6cd39ed40e5a0252bcf2f70030a5ede5"}
-CACHE = Path.home() / ".cache" / "spot_jax" / "t5_1_1_lm100k_base"
+# The release's folder in the layout of data.py's fetch (google-research/prompt-tuning at a fixed commit,
+# prompt_tuning/pretrained_prompts/t5_1_1_lm100k_base, each file checked by its sha256 in data.FILES).
+RELEASE = "prompt_tuning_release/t5_1_1_lm100k_base"
 BUCKETS = (64, 128, 256, 512)  # input widths a batch is padded to: greedy_decode compiles once per width
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: str = "google/t5-base-lm-adapt"  # the frozen model of the release (its README: T5 1.1 lm100k Base)
-    prompts: str | None = None              # folder with <task>.npy; None = download from the official repo
+    prompts: str | None = None              # folder with <task>.npy; None = the cache (release_folder)
     data: str | None = None                 # folder with the GLUE tsv files; None = tfds
     vocab: str | None = None                # spiece.model; None = the one beside --model
     tasks: tuple = TASKS
@@ -77,23 +70,9 @@ def taskless_text(task, example):
     return {"inputs": text["inputs"][len(task) + 1:], "targets": text["targets"]}
 
 
-def download_prompts(tasks, cache=CACHE):
-    """Fetch <task>.npy from the official repository into `cache` (once), checking each file's sha256."""
-    cache.mkdir(parents=True, exist_ok=True)
-    for task in tasks:
-        path, url = cache / f"{task}.npy", PROMPT_URL.format(task=task)
-        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == PROMPT_SHA256[task]:
-            continue
-        try:
-            blob = urllib.request.urlopen(url, timeout=60).read()
-        except (urllib.error.URLError, OSError) as e:
-            raise RuntimeError(f"could not download {url} ({e}). Offline? Pass --prompts DIR with "
-                               f"{', '.join(t + '.npy' for t in tasks)}, e.g. "
-                               "../shared/data/prompt_tuning_release/t5_1_1_lm100k_base") from e
-        if hashlib.sha256(blob).hexdigest() != PROMPT_SHA256[task]:
-            raise RuntimeError(f"{url} does not have the sha256 of the release ({PROMPT_SHA256[task]})")
-        path.write_bytes(blob)
-    return cache
+def release_folder(tasks):
+    """The released <task>.npy in the cache (data.data_root()), fetched there first if missing."""
+    return data.fetch([f"{RELEASE}/{t}.npy" for t in tasks]) / RELEASE
 
 
 def load_prompts(folder, tasks, d_model):
@@ -153,30 +132,27 @@ def evaluate_task(task, params, model_cfg, prompt, vocab, cfg):
 
 def setup(cfg):
     """(cfg, model config, params, {task: prompt}, vocab) of the real run."""
-    prompt_dir = cfg.prompts or download_prompts(cfg.tasks)  # before the weights: fail fast when offline
+    prompt_dir = cfg.prompts or release_folder(cfg.tasks)  # before the weights: fail fast when offline
     vocab = data.load_vocab(cfg.vocab or cfg.model)   # its errors say what to pass
     model_cfg, params = t5_model.load_checkpoint(cfg.model)
+    spot.check_vocab(vocab, model_cfg, cfg.model)
     return cfg, model_cfg, params, load_prompts(prompt_dir, cfg.tasks, model_cfg.d_model), vocab
 
 
 def tiny_setup(cfg):
     """The same for a random T5 1.1 of the prompts' width 768 (2+2 layers) on 8 examples of the local GLUE."""
-    glue = Path(cfg.data or SHARED / "glue")
-    if not glue.is_dir():
-        raise FileNotFoundError(f"--tiny reads the GLUE tsv files from {glue}; pass --data DIR")
-    spiece = SHARED / "t5_spiece.model"
-    prompt_dir = Path(cfg.prompts or SHARED / "prompt_tuning_release" / "t5_1_1_lm100k_base")
+    local = [] if cfg.data else [f"glue/{d}/dev.tsv" for d in ("SST-2", "MRPC", "RTE")]
+    local += [] if cfg.vocab else ["t5_spiece.model"]
+    local += [] if cfg.prompts else [f"{RELEASE}/{t}.npy" for t in cfg.tasks]
+    root = data.fetch(local) if local else None          # the defaults: the cache, fetched if missing
+    glue, prompt_dir = Path(cfg.data or root / "glue"), Path(cfg.prompts or root / RELEASE)
     # One batch of 8 per task, inputs cut to 64 tokens: greedy_decode compiles once for the whole run.
-    vocab = cfg.vocab or (str(spiece) if spiece.is_file() else None)
+    vocab = cfg.vocab or str(root / "t5_spiece.model")
     cfg = dataclasses.replace(cfg, data=str(glue), vocab=vocab, limit=cfg.limit or 8, batch_size=8,
                               max_input_len=64, prompts=str(prompt_dir))
     model_cfg = t5_model.T5Config.tiny(d_model=768)
     params = t5_model.init_params(jax.random.key(0), model_cfg)
-    if prompt_dir.is_dir():
-        prompts = load_prompts(prompt_dir, cfg.tasks, model_cfg.d_model)
-    else:  # no local release: random prompts of the released shape keep the code path the same
-        prompts = {t: np.random.default_rng(i).normal(size=(100, 768)).astype(np.float32)
-                   for i, t in enumerate(cfg.tasks)}
+    prompts = load_prompts(prompt_dir, cfg.tasks, model_cfg.d_model)
     return cfg, model_cfg, params, prompts, data.load_vocab(cfg.vocab or cfg.model)
 
 
@@ -194,8 +170,10 @@ def print_table(results, tiny):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=Config.model, help="hub id or local HF checkpoint directory")
-    p.add_argument("--prompts", help="folder with sst2.npy, mrpc.npy, rte.npy (default: download them)")
-    p.add_argument("--data", help="folder with the GLUE tsv files, e.g. ../shared/data/glue (default: tfds)")
+    p.add_argument("--prompts", help="folder with sst2.npy, mrpc.npy, rte.npy (default: the cache, fetched "
+                   "from google-research/prompt-tuning)")
+    p.add_argument("--data", help="folder with the GLUE tsv files, e.g. the glue folder that `python data.py "
+                   "fetch glue` prints (default: tfds; --tiny: the cache)")
     p.add_argument("--vocab", help="SentencePiece model (default: spiece.model of --model)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--limit", type=int, help="first N validation examples per task")

@@ -21,8 +21,9 @@ ReCoRD 10000 queries, RTE 3000, WiC 1400, WSC 146, AX-b 1104, AX-g 356); the XXL
 100 prompt + ~300 input tokens is ~3.7 TFLOP an input, greedy decoding (8 tokens, ReCoRD 32, WSC 16) ~0.1-0.4
 more: ~1.2e17 FLOP, ~15 min at a sustained 150 TFLOP/s, days on a CPU; the 11.1B weights need 45 GB in
 float32.
---tiny: a random tiny T5 on the first validation examples of ../shared/data with their labels removed and
-hand-made ReCoRD / AX-b / AX-g files in the original layout, in a temporary folder; ~20 s; its predictions
+--tiny: a random tiny T5 on the first validation examples that
+`python data.py fetch superglue t5_spiece.model` puts in the cache, with their labels removed, and hand-made
+ReCoRD / AX-b / AX-g files in the original layout, in a temporary folder; ~20 s; its predictions
 mean nothing.
 
 The upload (the leaderboard's FAQ, https://super.gluebenchmark.com/faq, as its copy at
@@ -98,7 +99,9 @@ def load_test(name, data_dir):
         raise FileNotFoundError(f"no {rel} under {root}: get {name}.zip from {data.SUPERGLUE_URL}")
     first, second = DIAGNOSTICS[name]
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):   # -sig: drop a BOM
+        if not line.strip():                                                           # a blank line
+            continue
         try:
             row = json.loads(line)
         except ValueError as e:
@@ -329,10 +332,10 @@ def _unlabel(row):
     return row
 
 
-def write_tiny_data(out, superglue=common.SHARED / "superglue", n=8):
-    """--tiny's test files: the first n validation records of each task in `superglue` with labels removed
-    (MultiRC: 2 paragraphs), plus TINY_RECORD and TINY_AX. Returns `out`."""
-    out = Path(out)
+def write_tiny_data(out, superglue=None, n=8):
+    """--tiny's test files: the first n validation records of each task in `superglue` (default: the cache's)
+    with labels removed (MultiRC: 2 paragraphs), plus TINY_RECORD and TINY_AX. Returns `out`."""
+    out, superglue = Path(out), Path(superglue or data.data_root() / "superglue")
     for name, (task, _) in SUBMISSION.items():
         (out / name).mkdir(parents=True, exist_ok=True)
         if name == "ReCoRD":
@@ -387,9 +390,9 @@ def run(args):
     if args.tiny:  # random tiny T5; test files and per-task random prompts written to a temporary folder
         cfg, frozen = common.frozen_model("", True, args.dtype)
         vocab = common.vocab_for("", True)
-        if vocab is None or not (common.SHARED / "superglue").is_dir():
+        if vocab is None or not (data.data_root() / "superglue").is_dir():
             raise FileNotFoundError("--tiny reads t5_spiece.model and superglue/*/val.jsonl from "
-                                    f"{common.SHARED}")
+                                    f"{data.data_root()}: python data.py fetch superglue t5_spiece.model")
         tmp = Path(tempfile.mkdtemp(prefix="table5_tiny_"))
         args.data = args.data or str(write_tiny_data(tmp / "data"))
         args.batch_size, args.max_input_len = 8, 64
@@ -407,6 +410,7 @@ def run(args):
             check_idx(name, examples)
         if not args.tiny:
             cfg, frozen = common.frozen_model(args.model, False, args.dtype)
+            spot.check_vocab(vocab, cfg, args.model)
         prompts = load_prompts(args.prompts, cfg.d_model)
         folder = Path(args.out) / "table5_superglue_test"
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,21 +1,38 @@
-"""Shared fixtures. Tests read the real data in ../shared/data (never copied into the project)."""
+"""Shared fixtures. Tests read the public data files: ../shared/data beside the checkout (CI), else the cache
+that `python data.py fetch` fills (never copied into the project)."""
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import data
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPOT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+if SHARED_DATA.is_dir():  # the scripts' defaults (data.data_root(): --tiny, released_prompts.py) read it too
+    os.environ.setdefault("SPOT_DATA", str(SHARED_DATA))
+
+
+def find_data(shared=SHARED_DATA):
+    """(folder, None) or (None, why): $SPOT_SHARED_DATA or ../shared/data (CI), else the cache
+    ($SPOT_DATA) if complete, else the cache fetched now from $SPOT_DATA_MIRROR or the files' public homes."""
+    if shared.is_dir():
+        return shared, None
+    try:
+        return data.fetch(), None
+    except data.FetchError as e:
+        return None, (f"no test data: {e}. Fetch it with `{data.FETCH_HINT}` (into {data.data_root()}, or "
+                      "$SPOT_DATA), or set SPOT_SHARED_DATA to a folder laid out like it")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The directory ../shared/data (or $SPOT_SHARED_DATA); skips when this checkout has none beside it."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"no shared data at {SHARED_DATA}: set SPOT_SHARED_DATA to the directory holding "
-                    "t5_spiece.model, glue/, superglue/ and prompt_tuning_release/")
-    return SHARED_DATA
+    """The folder of the public data files (find_data); skips, naming the fetch command, if there is none."""
+    folder, why = find_data()
+    if folder is None:
+        pytest.skip(why)
+    return folder
 
 
 # Float comparisons derive their tolerance from the arithmetic, never from what one machine printed: two

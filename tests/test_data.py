@@ -366,7 +366,7 @@ def test_other_readers(tmp_path):
     ("MRPC/dev.tsv", "sentence1\tsentence2\tlabel\tidx\nA.\tB.\t1\t0\n",
      r"no column \['#1 String', '#2 String'\]"),
     ("SST-2/dev.tsv", "sentence\tlabel\nnice\t7\n",
-     r"row 0: label '7' is neither one of \('negative', 'positive'\)"),
+     r"line 2: label '7' is neither one of \('negative', 'positive'\)"),
     ("CB/val.jsonl", "premise\thypothesis\tlabel\nP.\tH.\tentailment\n",
      r"CB/val.jsonl .*line 1: JSONDecodeError"),
     ("BoolQ/val.jsonl", '{"question": "q?", "idx": 0, "label": true}\n',
@@ -381,6 +381,55 @@ def test_files_in_another_layout_name_the_file_and_the_problem(tmp_path, rel, co
     task = {"RTE": "rte", "MRPC": "mrpc", "SST-2": "sst2", "CB": "cb", "BoolQ": "boolq"}.get(folder, "docnli")
     with pytest.raises(ValueError, match=match):
         data.load_examples(task, "validation", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("rel,content,match", [
+    ("SST-2/dev.tsv", "sentence\tlabel\nnice\t1\nbad\t0\nodd\t7\n", "line 4: label '7'"),   # header = line 1
+    ("CoLA/dev.tsv", "gj04\t1\t\tFine.\ngj04\t9\t\tOdd.\n", "line 2: label '9'"),         # no header
+    ("CR/validation.tsv", "index\ttext\tlabel\n0\tok\t1\n1\tbad\t5\n", "line 3: label '5'"),
+    ("socialiqa/dev.jsonl", '{"context": "C", "label": 1}\n\n{"context": "D", "label": 9}\n',
+     "line 3: label 9"),
+    ("dev.json", '[{"premise": "P", "label": "entailment"}, {"premise": "Q", "label": "?"}]',
+     "record 2: label '\\?'")])
+def test_data_errors_name_the_line_of_the_file(tmp_path, rel, content, match):
+    """"row N" counted examples from 0; an error now names the file's line (1-based, the header included),
+    or for a .json list the record (1-based)."""
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text(content)
+    task = {"SST-2": "sst2", "CoLA": "cola", "CR": "cr", "socialiqa": "socialiqa"}.get(rel.split("/")[0],
+                                                                                       "docnli")
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / rel))} .*{match}"):
+        data.load_examples(task, "validation", data_dir=tmp_path)
+
+
+def test_tsv_fields_longer_than_128_kib_are_read(tmp_path):
+    """Python's csv stops at fields over 128 KiB (`_csv.Error: field larger than field limit`): a long
+    document in a GLUE-style .tsv or a records .tsv is read whole."""
+    long = "word " * 40_000                                                    # 200,000 characters
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "dev.tsv").write_text(f"sentence\tlabel\nshort\t1\n{long}\t0\nend\t1\n")
+    assert [len(e["sentence"]) for e in data.load_examples("sst2", "validation", tmp_path)] == [5, 200_000, 3]
+    (tmp_path / "CR").mkdir()
+    (tmp_path / "CR" / "validation.tsv").write_text(f"index\ttext\tlabel\n0\t{long}\t0\n1\tok\t1\n")
+    assert [len(e["text"]) for e in data.load_examples("cr", "validation", tmp_path)] == [200_000, 2]
+
+
+def test_jsonl_with_blank_lines_or_a_byte_order_mark_is_read(shared_data, tmp_path):
+    """Editors add a UTF-8 BOM or a trailing blank line; both were refused ('Unexpected UTF-8 BOM', a
+    JSONDecodeError on the empty line). The examples are the same as from the original file."""
+    want = data.load_examples("cb", "validation", shared_data / "superglue")
+    lines = (shared_data / "superglue" / "CB" / "val.jsonl").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "CB").mkdir()
+    (tmp_path / "CB" / "val.jsonl").write_text("\ufeff" + "\n\n".join(lines) + "\n\n", encoding="utf-8")
+    assert data.load_examples("cb", "validation", tmp_path) == want
+    (tmp_path / "socialiqa").mkdir()
+    row = json.dumps({"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c"})
+    (tmp_path / "socialiqa" / "dev.jsonl").write_text(f"\ufeff{row}\n\n{row}\n", encoding="utf-8")
+    (tmp_path / "socialiqa" / "dev-labels.lst").write_text("3\n1\n")
+    assert [e["label"] for e in data.load_examples("socialiqa", "validation", tmp_path)] == [2, 0]
+    (tmp_path / "dev.json").write_text('\ufeff[{"premise": "P.", "hypothesis": "H.", "label": "entailment"}]',
+                                       encoding="utf-8")
+    assert data.load_examples("docnli", "validation", tmp_path)[0]["label"] == 1
 
 
 def test_labels_file_must_label_every_record_and_labels_must_be_in_range(tmp_path):
@@ -663,6 +712,19 @@ def test_data_fingerprint_tells_files_apart(shared_data, tmp_path):
     (tmp_path / "RTE").mkdir()
     (tmp_path / "RTE" / "train.tsv").write_text("".join(lines[:100]), encoding="utf-8")
     assert data.data_fingerprint("rte", "train", tmp_path) != a
+
+
+def test_data_fingerprint_sees_an_edit_in_the_middle_of_a_large_file(tmp_path):
+    """The fingerprint hashed only the first and last MiB, so an edit in between resumed on other data."""
+    (tmp_path / "SST-2").mkdir()
+    path = tmp_path / "SST-2" / "train.tsv"
+    rows = [f"sentence number {i:07d} of a long file\t{i % 2}\n" for i in range(120_000)]   # 4.4 MB
+    path.write_text("sentence\tlabel\n" + "".join(rows))
+    before = data.data_fingerprint("sst2", "train", tmp_path)
+    rows[60_000] = rows[60_000].replace("\t0", "\t1")                            # one label, mid-file
+    path.write_text("sentence\tlabel\n" + "".join(rows))
+    after = data.data_fingerprint("sst2", "train", tmp_path)
+    assert after["bytes"] == before["bytes"] > 3 << 20 and after != before
 
 
 def test_tokenize_and_streams_reject_bad_arguments(vocab):

@@ -4,7 +4,9 @@ The results follow paper_numbers.RESULTS_SCHEMA and test_paper_numbers.compare a
 logic holds on the numbers; the quickstart's retrieval and transfer effect hold. ~3 min on 2 cores (compiles
 are shared across the scripts)."""
 import json
+import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -13,6 +15,7 @@ import pytest
 
 import retrieval
 import spot
+import t5_model
 from experiments import (
     common,
     figure1_model_sizes,
@@ -157,6 +160,45 @@ def test_bench_prompt_step_runs_without_peft(tmp_path):
     assert row["shape"] == "small" and row["arm"] == "ours" and row["ratio_vs_peft"] is None
     assert row["s_per_step"] > 0 and row["compile_s"] > 0
     assert row["tokens_per_s"] == 1 * (100 + 128 + 8) / row["s_per_step"]
+
+
+def test_bench_peft_arm_times_random_and_given_batches(shared_data):
+    """The PEFT arm (bench_peft_arm.py under --peft-python) on a tiny shape: the random batches of the
+    synthetic rounds, then our pipeline's token ids collated as PEFT pads them."""
+    for name in ("torch", "transformers", "peft"):
+        pytest.importorskip(name, reason="the PEFT arm needs pip install -e '.[bench]'")
+    from experiments import bench_prompt_step as B
+    args = types.SimpleNamespace(peft_python=sys.executable, threads=1, vocab=shared_data / "t5_spiece.model")
+    cfg = t5_model.T5Config.tiny()
+    times, versions = B.run_peft(args, cfg, "--batch", "2", "--enc-len", "8", "--dec-len", "4",
+                                 "--steps", "2")
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert set(versions) == {"torch", "transformers", "peft"}
+    rows = [([[5, 6, 1], [7, 1]], [[8, 1], [9, 1]])] * 3          # (input ids, target ids) of 3 steps
+    times, _ = B.run_peft_real(args, cfg, rows)
+    assert len(times) == 2
+
+
+def test_analytic_flops_known_answer():
+    """One encoder and one decoder layer, d_model 2, 1 head of 1, d_ff 3, vocabulary 5; 2 rows of 4 encoder
+    and 3 decoder positions. Multiply-adds per row: encoder 4 * (4*2 + 3*2*3) projections + 2*4*4 attention;
+    decoder 3 * (6*2 + 18) + 4 * 2*2 projections + 2*3*(3+4) attention; output 3 * 2*5."""
+    cfg = t5_model.T5Config(vocab_size=5, d_model=2, d_kv=1, d_ff=3, num_heads=1, num_layers=1,
+                            num_decoder_layers=1)
+    from experiments import bench_prompt_step as B
+    proj, attn = 2 * (4 * 26 + 3 * 30 + 16 + 30), 2 * (32 + 42)
+    assert B.analytic_flops(cfg, 2, 4, 3) == {"forward": 2 * (proj + attn),
+                                             "prompt_step": 2 * (proj + attn) + 2 * proj + 4 * attn}
+
+
+def test_no_script_default_or_readme_command_reads_a_shared_folder_beside_the_clone():
+    """A user's clone has no ../shared: the README's commands and the scripts' defaults name the fetch cache
+    (python data.py fetch) or tfds instead."""
+    root = Path(common.__file__).resolve().parents[1]
+    for path in [root / "README.md", *sorted((root / "experiments").glob("*.py"))]:
+        hits = [f"{path.name}:{i}: {line}" for i, line in enumerate(path.read_text().splitlines(), 1)
+                if "shared/" in line]
+        assert not hits, hits
 
 
 SCRIPTS = sorted(p.name for p in (Path(common.__file__).parent).glob("*.py") if "__main__" in p.read_text())

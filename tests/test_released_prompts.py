@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -80,19 +79,18 @@ def test_load_prompts_checks_width(tmp_path):
         rp.load_prompts(tmp_path, ("rte",), 768)
 
 
-def test_download_offline_names_the_way_out(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(rp.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match="--prompts DIR"):
-        rp.download_prompts(("sst2",), cache=tmp_path)
-
-
-def test_released_prompt_files_are_the_release(shared_data):
-    import hashlib
-    folder = shared_data / "prompt_tuning_release" / "t5_1_1_lm100k_base"
-    for task, digest in rp.PROMPT_SHA256.items():
-        assert hashlib.sha256((folder / f"{task}.npy").read_bytes()).hexdigest() == digest
+def test_the_release_comes_from_the_cache_and_offline_names_the_way_out(shared_data, tmp_path, monkeypatch):
+    """The default --prompts: the cache (data.fetch, from the files' public home); offline, one line naming
+    the file it could not reach and the mirror variable."""
+    monkeypatch.setenv("SPOT_DATA", str(shared_data))
+    assert rp.release_folder(("sst2", "rte")) == shared_data / rp.RELEASE
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("SPOT_DATA_MIRROR", f"http://127.0.0.1:{s.getsockname()[1]}")
+    monkeypatch.setenv("SPOT_DATA", str(tmp_path / "cache"))
+    with pytest.raises(data.FetchError, match=f"could not reach .*/{rp.RELEASE}/sst2.npy .*SPOT_DATA_MIRROR"):
+        rp.release_folder(("sst2",))
 
 
 def test_tiny_run_end_to_end(shared_data, tmp_path, capsys):
@@ -198,8 +196,8 @@ def test_checkpoint_path_runs_on_a_local_folder(shared_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- real weights
-COMMAND = ("python experiments/released_prompts.py --model google/t5-base-lm-adapt --prompts "
-           "../shared/data/prompt_tuning_release/t5_1_1_lm100k_base --data ../shared/data/glue")
+COMMAND = ('python experiments/released_prompts.py --model google/t5-base-lm-adapt '
+           '--data "$(python data.py fetch glue)/glue"')
 
 
 def _base_checkpoint():

@@ -4,6 +4,7 @@ sharding.
 Every training test shares one TrainConfig (TC) and one batch shape, so train_step compiles once for the
 module.
 """
+import argparse
 import dataclasses
 import itertools
 import json
@@ -627,6 +628,42 @@ def test_peft_adapters_without_a_t5_prompt_are_refused(tmp_path):
         one_line_naming(e, path)
 
 
+class _RunsCode:
+    """Unpickled, it would run a shell command (what a hostile .bin holds)."""
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.flag}',)
+
+
+def test_hostile_or_broken_peft_bin_gets_one_line_without_unsafe_advice(tmp_path):
+    """torch's weights_only loader blocks a pickle that would run code, but its message advises
+    weights_only=False; that, a truncated file, text and a list instead of a dict were tracebacks. Now: one
+    line naming the file, no such advice, and nothing run."""
+    torch = pytest.importorskip('torch')
+    config = {'peft_type': 'PROMPT_TUNING', 'task_type': 'SEQ_2_SEQ_LM', 'num_virtual_tokens': 2}
+    good = {'prompt_embeddings': torch.zeros(4, 16)}
+    torch.save(good, tmp_path / 'good.bin')
+    hostile = {'prompt_embeddings': _RunsCode(tmp_path / 'ran')}
+    cases = {'hostile': (hostile, 'would import posix.system, which can run code'),
+             'cut': ((tmp_path / 'good.bin').read_bytes()[:300], 'not a readable PyTorch checkpoint'),
+             'text': (b'not a checkpoint\n', 'not a readable PyTorch checkpoint'),
+             'list': ([torch.zeros(4, 16)], 'holds a list, not a dict of tensors'),
+             'number': ({'prompt_embeddings': 3}, "'prompt_embeddings' is of type int, not a tensor")}
+    for name, (content, match) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / spot.PEFT_CONFIG).write_text(json.dumps(config))
+        path = tmp_path / name / 'adapter_model.bin'
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        with pytest.raises(ValueError, match=match) as e:
+            spot.load_prompt(tmp_path / name, d_model=16)
+        assert 'weights_only' not in one_line_naming(e, path)
+        with pytest.raises(SystemExit, match=match) as e:
+            spot.main(['eval', '--model', 'tiny', '--task', 'mrpc', '--prompt', str(tmp_path / name)])
+        assert 'weights_only' not in str(e.value) and not (tmp_path / 'ran').exists()
+
+
 # --------------------------------------------------------------------------------------------------- the loop
 def run(out, frozen, batches, **kw):
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
@@ -1120,6 +1157,25 @@ def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
     with pytest.raises(SystemExit, match='d_model'):            # a prompt of the wrong width, from the CLI
         np.save(tmp_path / 'wide.npy', np.zeros((5, 7), np.float32))
         spot.main(['eval', *common, '--prompt', str(tmp_path / 'wide.npy')])
+
+
+def test_a_vocabulary_larger_than_the_embedding_is_refused(shared_data, tmp_path):
+    """T5's 32,100 pieces against a model embedding 64 ids: eval printed a score and train stopped blaming the
+    learning rate (the gather clamps ids past the table). Now both stop in one line naming the vocabulary,
+    the model and the fix; experiments/common.load_task checks the pair from config.json alone."""
+    d, vocab = hf_checkpoint(tmp_path / 'small', 't5_1_1'), shared_data / 't5_spiece.model'
+    np.save(tmp_path / 'prompt.npy', np.zeros((4, TINY_HF['d_model']), np.float32))
+    args = ['--model', str(d), '--task', 'sst2', '--data', str(shared_data / 'glue'), '--vocab', str(vocab)]
+    match = (rf"^error: vocabulary {re.escape(str(vocab))} has 32100 pieces but model {re.escape(str(d))} "
+             r"embeds only 64 ids: pass the vocabulary the model was trained with \(--vocab\)")
+    for argv in (['eval', *args, '--prompt', str(tmp_path / 'prompt.npy')],
+                 ['train', *args, '--out', str(tmp_path / 'run'), '--steps', '2', '--vocab_pool=64']):
+        with pytest.raises(SystemExit, match=match):
+            spot.main(argv)
+    from experiments import common
+    (Path(d) / 'spiece.model').symlink_to(vocab)            # the vocabulary beside the model, as on the hub
+    with pytest.raises(ValueError, match=match.removeprefix('^error: ').replace(re.escape(str(vocab)), '.*')):
+        common.load_task('rte', argparse.Namespace(model=str(d), tiny=False, data=None), spot.TrainConfig())
 
 
 # ---------------------------------------------------------------------------------------- real, bucketed data

@@ -1,10 +1,16 @@
 """experiments/stats.py: the paper's Tables 3 and 7 and Fig. 8's p-values recomputed from its own numbers."""
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import retrieval
 from experiments import paper_numbers as P
 from experiments import stats as S
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _table6():
@@ -70,7 +76,7 @@ def test_p_value_known_answers_and_pearson():
     assert S.pearson([1, 2, 3, 4], [2, 4, 6, 8.5])[0] > 0.99
 
 
-def test_bad_input_and_the_names_retrieval_still_exports():
+def test_bad_input():
     with pytest.raises(ValueError, match=r"same number of runs .*'A': \(2, 1\), 'B': \(1, 1\)"):
         S.aggregate_targets({"A": [80, 90], "B": [70]}, {"A": 60, "B": 50})
     with pytest.raises(ValueError, match=r"no baseline score for target\(s\) \['cb'\]"):
@@ -79,7 +85,13 @@ def test_bad_input_and_the_names_retrieval_still_exports():
         S.p_value_from_r(0.5, 2)
     with pytest.raises(ValueError, match="equal length >= 3"):
         S.pearson([1, 2], [3, 4])
-    for name in ("positive_transfers", "aggregate_targets", "p_value_from_r", "pearson"):
-        assert getattr(retrieval, name) is getattr(S, name)  # moved here, still importable from retrieval
-    with pytest.raises(AttributeError, match="no attribute 'pearson_r'"):
-        retrieval.pearson_r
+
+
+def test_the_core_imports_nothing_from_experiments():
+    """retrieval.py (and the other core modules) never reach into experiments/: callers import
+    experiments.stats themselves."""
+    code = ("import sys, data, retrieval, spot, t5_model; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'experiments'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+    assert not hasattr(retrieval, "pearson") and not hasattr(retrieval, "positive_transfers")

@@ -327,6 +327,24 @@ def test_missing_and_misshaped_tensors_are_named(ckpt, tmp_path):
         tm.load_checkpoint(_copy_without(d, tmp_path / "shape", reshape=name))
 
 
+def test_non_finite_weights_are_refused_naming_the_tensor(lm_adapt_ckpt, tmp_path):
+    """A checkpoint with a NaN or inf weight scored 50.0 (rank) or 0.0 (decode) and exited 0; now loading it
+    fails in one line naming the checkpoint and the tensor."""
+    d, _ = lm_adapt_ckpt
+    tensors = {k: np.array(v) for k, v in tm._read_safetensors(d / "model.safetensors").items()}
+    for bad, value in [("nan", np.nan), ("inf", -np.inf)]:
+        damaged = {**tensors, "encoder.block.1.layer.1.DenseReluDense.wo.weight":
+                   tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"].copy()}
+        damaged["encoder.block.1.layer.1.DenseReluDense.wo.weight"][3, 5] = value
+        (tmp_path / bad).mkdir()
+        save_file({k: torch.tensor(v) for k, v in damaged.items()}, str(tmp_path / bad / "model.safetensors"))
+        shutil.copy(d / "config.json", tmp_path / bad / "config.json")
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / bad))}: weight "
+                                             r"encoder/layers_1/mlp/wo/kernel holds NaN or inf \(1 of 2048"):
+            tm.load_checkpoint(tmp_path / bad)
+    tm.check_finite_weights(tm.load_checkpoint(d)[1], d)   # a sound checkpoint passes
+
+
 def test_wrong_and_broken_files_say_what_to_do(lm_adapt_ckpt, tmp_path):
     d, _ = lm_adapt_ckpt
     parent = re.escape(f"({d})")
@@ -353,6 +371,46 @@ def test_wrong_and_broken_files_say_what_to_do(lm_adapt_ckpt, tmp_path):
     (broken / "config.json").write_text(json.dumps(transformers.BartConfig(d_model=16).to_dict()))
     with pytest.raises(ValueError, match="model_type='bart', not T5"):
         tm.load_checkpoint(broken)
+
+
+def _safetensors(path, header, data=bytes(8), length=None):
+    """A .safetensors file by hand: u64 little-endian header length, the JSON header, the data bytes."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(int(len(raw) if length is None else length).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header, length, match", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 10, "not a complete"),   # header length
+    ({}, 2 ** 64 - 1, r"header length 18446744073709551615"),
+    (b"{not json}", None, "not a complete"),
+    ([1, 2], None, "header is a JSON list, not an object"),
+    ({"a": 5}, None, "tensor 'a': needs dtype, shape and data_offsets"),
+    ({"a": {"shape": [2], "data_offsets": [0, 8]}}, None, "tensor 'a': needs dtype, shape and data_offsets"),
+    ({"a": {"dtype": "F32", "data_offsets": [0, 8]}}, None, "needs dtype, shape and data_offsets"),
+    ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, None, r"dtype \['F32'\] is not a name"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, None, r"shape \[-1\]"),
+    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, None, "shape '2'"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, None, r"data_offsets \[-8, 0\]"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}, None, r"data_offsets \[8, 4\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}}, None, r"data_offsets \[0, 8, 9\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [False, 8.0]}}, None, "data_offsets"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None,
+     r"not a complete .*\(78 bytes, its header needs 86\)"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, None, r"shape \[3\] of F32 is 12 bytes"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 5]}}, None, "4 bytes, its data_offsets hold 5"),
+    ({"a": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, None, r"dtype \[.C64.\]: T5 weights"),
+])
+def test_malformed_safetensors_headers_get_one_line_naming_the_file(tmp_path, header, length, match):
+    """Damaged or hostile safetensors files: a one-line ValueError naming the file, never a KeyError,
+    AttributeError or numpy reshape error that names no file (header entries are checked one by one)."""
+    path = _safetensors(tmp_path / "model.safetensors", header, length=length)
+    with pytest.raises(ValueError, match=match) as e:
+        tm._read_safetensors(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value), e.value
+    ok = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"format": "pt"}}
+    np.testing.assert_array_equal(tm._read_safetensors(_safetensors(tmp_path / "ok.safetensors", ok))["a"],
+                                  np.zeros(2, np.float32))
 
 
 def test_t5x_checkpoint_is_recognised(shared_data):

@@ -11,7 +11,6 @@ import pytest
 
 import data
 import t5_model
-from experiments import common
 from experiments import table5_superglue_test as T
 
 FILES = ("BoolQ", "CB", "COPA", "MultiRC", "ReCoRD", "RTE", "WiC", "WSC", "AX-b", "AX-g")
@@ -67,6 +66,9 @@ def test_diagnostics_are_read_in_rtes_input_format(tmp_path):
         "rte hypothesis: The patient's shift would be ending in an hour. "
         "premise: The nurse notified the patient that his shift would be ending in an hour.")
     assert [ex["idx"] for ex in ax_b] == [0, 1] and all(ex["label"] == -1 for ex in ax_b + ax_g)
+    path = folder / "AX-b" / "AX-b.jsonl"                   # a byte order mark and blank lines are read too
+    path.write_text("\ufeff" + path.read_text().replace("\n", "\n\n"), encoding="utf-8")
+    assert T.load_test("AX-b", folder) == ax_b
 
 
 def test_invalid_strings_are_no_label():
@@ -118,12 +120,10 @@ def test_validation_round_trip_gives_data_score(name, shared_data, tmp_path):
     assert expected["score"] < 100  # the random trials are not all right
 
 
-def test_rank_picks_the_most_likely_candidate():
+def test_rank_picks_the_most_likely_candidate(shared_data):
     cfg = t5_model.T5Config.tiny()
     frozen = t5_model.init_params(jax.random.key(1), cfg)
-    vocab = common.vocab_for("", True)
-    if vocab is None:
-        pytest.skip(f"no t5_spiece.model in {common.SHARED}")
+    vocab = data.load_vocab(shared_data / "t5_spiece.model")
     texts = [{"inputs": t, "targets": ""} for t in ("a b c", "d e", "f")]
     inputs = data.tokenize(vocab, texts, 16, 4)["inputs"]
     choices = [["yes", "no", "maybe"], ["cat"], ["x", "y"]]
@@ -134,12 +134,10 @@ def test_rank_picks_the_most_likely_candidate():
         assert pick == c[int(np.argmax(scores))]
 
 
-def test_invalid_predictions_are_ranked_and_counted(monkeypatch):
+def test_invalid_predictions_are_ranked_and_counted(monkeypatch, shared_data):
     cfg = t5_model.T5Config.tiny()
     frozen = t5_model.init_params(jax.random.key(0), cfg)
-    vocab = common.vocab_for("", True)
-    if vocab is None:
-        pytest.skip(f"no t5_spiece.model in {common.SHARED}")
+    vocab = data.load_vocab(shared_data / "t5_spiece.model")
     examples = [{"premise": f"p{i}", "hypothesis": f"h{i}", "idx": i, "label": -1} for i in range(4)]
     decoded = ["entailment", "Entailment", "not_entailment", "?"]
     monkeypatch.setattr(T.released_prompts, "predict", lambda *a, **k: list(decoded))
