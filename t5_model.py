@@ -470,18 +470,29 @@ def _param_specs(cfg):
 
 
 def init_params(key, cfg, dtype=jnp.float32):
-    """Random weights: one normal draw, cut into the leaves. Not jitted on purpose: XLA on CPU compiles a
-    kernel per output leaf (~0.1 s each); eagerly, dynamic_slice compiles once per leaf size. The draw has
-    rows of width gcd(leaf sizes), so row offsets stay below 2^31 even for 11B parameters."""
+    """Random weights: one normal draw, cut into the leaves layer by layer, in the order of T5X's per-layer
+    names (layers_0, layers_1, ...), then stacked. Not jitted on purpose: XLA on CPU compiles a kernel per
+    output leaf (~0.1 s each); eagerly, dynamic_slice compiles once per leaf size. The draw has rows of width
+    gcd(leaf sizes), so row offsets stay below 2^31 even for 11B parameters."""
     specs = _param_specs(cfg)
-    drawn = {path: spec for path, spec in specs.items() if spec[1] is not None}
-    sizes = {path: int(np.prod(shape)) for path, (shape, _) in drawn.items()}
-    width = math.gcd(*sizes.values())
-    z = jax.random.normal(key, (sum(sizes.values()) // width, width))
-    flat, row = {}, 0
-    for path, (shape, std) in drawn.items():
-        rows = jax.lax.dynamic_slice_in_dim(z, jnp.int32(row), sizes[path] // width)
-        flat[path], row = (std * rows.reshape(shape)).astype(dtype), row + sizes[path] // width
+    units = [("token_embedder/embedding", None)]  # (path, layer): the drawn blocks, in order
+    for stack, L in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        stacked = [p for p, (_, std) in specs.items() if p.startswith(f"{stack}/layers/") and std is not None]
+        units += [(p, i) for i in range(L) for p in stacked] + [(f"{stack}/relpos_bias/rel_embedding", None)]
+    units += [("decoder/logits_dense/kernel", None)] * (not cfg.tie_word_embeddings)
+    sizes = [math.prod(specs[p][0][layer is not None:]) for p, layer in units]
+    width = math.gcd(*sizes)
+    z = jax.random.normal(key, (sum(sizes) // width, width))
+    flat, layers, row = {}, {}, 0
+    for (path, layer), size in zip(units, sizes):
+        shape, std = specs[path]
+        rows = jax.lax.dynamic_slice_in_dim(z, jnp.int32(row), size // width)
+        block, row = (std * rows.reshape(shape[layer is not None:])).astype(dtype), row + size // width
+        if layer is None:
+            flat[path] = block
+        else:
+            layers.setdefault(path, []).append(block)
+    flat.update({path: jnp.stack(blocks) for path, blocks in layers.items()})
     flat.update({path: jnp.ones(shape, dtype) for path, (shape, std) in specs.items() if std is None})
     return _unflatten(flat)
 
