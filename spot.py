@@ -400,14 +400,17 @@ PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'  
 
 
 def check_prompt(prompt, d_model: int | None, length: int | None = None, what: str = 'prompt'):
-    """Refuse a prompt that is not a finite float [P, d_model] (e.g. a Base prompt, 768 wide, on a Small
-    model). d_model None: any width."""
+    """Refuse a prompt that is not a finite float [P, d_model] with P >= 1 (e.g. a Base prompt, 768 wide, on
+    a Small model). d_model None: any width."""
     prompt = prompt if hasattr(prompt, 'dtype') else np.asarray(prompt)
     shape = tuple(prompt.shape)
     if len(shape) != 2:
         need = '' if d_model is None else f', and this model needs D = d_model {d_model}'
         raise ValueError(f'{what} has shape {shape}: a prompt is a 2-D array [P, D]{need}; '
                          f'save one prompt [P, {d_model or "D"}] per .npy')
+    if shape[0] == 0:
+        raise ValueError(f'{what} has shape {shape}: no rows, an empty prompt (P = 0); '
+                         f'use a prompt with at least one row')
     if d_model is not None and shape[1] != d_model:
         raise ValueError(f'{what} has shape {shape}: width {shape[1]} but the model has '
                          f'd_model {d_model}. Prompts transfer only between models of the same width; '

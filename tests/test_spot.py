@@ -426,6 +426,26 @@ def test_t5x_prompt_files_load_like_npy(tmp_path):
         spot.load_prompt(tmp_path)
 
 
+def test_an_empty_prompt_is_refused_in_every_format(tmp_path):
+    """Regression: a [0, D] prompt (.npy, a T5X prompt file, a PEFT adapter with num_virtual_tokens 0) was
+    scored as a prompt."""
+    from safetensors.numpy import save
+    empty = np.zeros((0, 4), np.float32)
+    np.save(tmp_path / 'empty.npy', empty)
+    (tmp_path / 't5x').mkdir()
+    with open(tmp_path / 't5x' / spot.T5X_PROMPT, 'wb') as f:
+        np.save(f, empty)
+    (tmp_path / 'peft').mkdir()
+    (tmp_path / 'peft' / spot.PEFT_CONFIG).write_text(json.dumps(
+        {'peft_type': 'PROMPT_TUNING', 'task_type': 'SEQ_2_SEQ_LM', 'num_virtual_tokens': 0}))
+    (tmp_path / 'peft' / spot.PEFT_WEIGHTS).write_bytes(save({'prompt_embeddings': empty}))
+    for path in (tmp_path / 'empty.npy', tmp_path / 't5x', tmp_path / 'peft'):
+        with pytest.raises(ValueError, match=r'shape \(0, 4\): no rows, an empty prompt') as e:
+            spot.load_prompt(path, d_model=4)
+        one_line_naming(e, path)
+    with pytest.raises(ValueError, match='empty prompt'):
+        spot.check_prompt(jnp.zeros((0, CFG.d_model)), CFG.d_model)
+
 TINY_HF = {'vocab_size': 64, 'd_model': 16, 'd_kv': 8, 'd_ff': 32, 'num_layers': 2, 'num_heads': 2,
            'dropout_rate': 0.0, 'decoder_start_token_id': 0, 'pad_token_id': 0, 'eos_token_id': 1}
 
