@@ -761,7 +761,8 @@ def _flat(config: dict) -> dict:
 
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
     """(prompt, opt_state, state) of ckpt, refused when it was written with other settings: only `steps`,
-    `log_every` and `eval_batch_size` may change, as nothing a resumed run computes depends on them. The run's
+    `log_every` and `eval_batch_size` may change, as nothing a resumed run computes depends on them (`steps`
+    not below the checkpoint's step). The run's
     history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current
     config (a resume may extend `steps`)."""
     prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
@@ -776,6 +777,9 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
     if changed:
         raise ValueError(f'{ckpt} was written with other settings {changed} (saved, now); only {free} may '
                          f'change on resume: rerun the same command, or pick a new --out')
+    if tc.steps < state['step']:            # it would run nothing and record a shorter run than it holds
+        raise ValueError(f"{ckpt} is at step {state['step']}, past steps={tc.steps}: resume with --steps >= "
+                         f"{state['step']} (its best prompt is {ckpt.parent}/prompt.npy)")
     state.update(config=dataclasses.asdict(tc), run=run)
     cut_history(ckpt.parent, state['step'], bool(state.get('eval_pending')))
     best = ckpt.parent / 'prompt.json'

@@ -710,6 +710,21 @@ def test_resume_refuses_changed_settings(tmp_path, frozen):
         run(tmp_path, frozen, synthetic_batches(), resume=True)
 
 
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, frozen):
+    """Regression: --resume --steps 4 on a 12-step checkpoint ran nothing, exited 0 and rewrote prompt.json's
+    config to 4 steps for a prompt trained longer."""
+    run(tmp_path, frozen, synthetic_batches())
+    def files():                                                # run.lock: who holds the folder, and since
+        return {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.name != 'run.lock'}
+    before = files()
+    with pytest.raises(ValueError, match=r'checkpoint.npz is at step 12, past steps=4: resume with --steps '
+                                         r'>= 12') as e:
+        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG,
+                          dataclasses.replace(TC, steps=4), synthetic_batches(), None, tmp_path, resume=True,
+                          log=quiet)
+    one_line_naming(e, tmp_path / 'checkpoint.npz')
+    assert files() == before
+
 def test_resume_reads_a_checkpoint_with_the_flat_config_of_before_optimizer_config(tmp_path, frozen):
     flat = {k: v for k, v in dataclasses.asdict(TC).items() if k != 'optimizer'}
     # how checkpoints stored TrainConfig until OptimizerConfig
