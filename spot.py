@@ -781,7 +781,7 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
         raise ValueError(f"{ckpt} is at step {state['step']}, past steps={tc.steps}: resume with --steps >= "
                          f"{state['step']} (its best prompt is {ckpt.parent}/prompt.npy)")
     state.update(config=dataclasses.asdict(tc), run=run)
-    cut_history(ckpt.parent, state['step'], bool(state.get('eval_pending')))
+    cut_history(ckpt.parent, state['step'], bool(state.get('eval_pending')), log)
     best = ckpt.parent / 'prompt.json'
     if best.exists():
         _atomic(best, lambda f: f.write(_json({**json.loads(best.read_text()), 'config': info['config']})))
@@ -796,15 +796,32 @@ def append_history(out: Path, event: dict):
         f.write(_json(event, None) + b'\n')
 
 
-def cut_history(out: Path, step: int, eval_pending: bool):
+def cut_history(out: Path, step: int, eval_pending: bool, log):
     """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that
-    step when the checkpoint says it is still to run, so no event appears twice."""
+    step when the checkpoint says it is still to run, so no event appears twice. A torn last line (a write cut
+    short by a crash or a full disk) is dropped, and said; a damaged line before it is refused, naming it."""
     path = out / 'metrics.jsonl'
-    if path.exists():
-        keep = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip() and (
-            (e := json.loads(line))['step'] < step
-            or e['step'] == step and not ('eval' in e and eval_pending))]
-        _atomic(path, lambda f: f.writelines(keep))
+    if not path.exists():
+        return
+    lines = path.read_bytes().splitlines()
+    last, events = max((i for i, line in enumerate(lines) if line.strip()), default=-1), []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+            if not isinstance(event, dict) or type(event.get('step')) is not int:
+                raise ValueError('no integer "step"')
+        except ValueError as e:
+            if i < last:
+                raise ValueError(f'{path} line {i + 1} is not an event of a run ({e}): repair or delete that '
+                                 f'line, then rerun with --resume') from None
+            log(f'{path}: dropped its last line, cut short by a write that did not finish '
+                f'({len(line)} bytes)')
+            continue
+        if event['step'] < step or event['step'] == step and not ('eval' in event and eval_pending):
+            events.append(line + b'\n')
+    _atomic(path, lambda f: f.writelines(events))
 
 
 class Interrupted(KeyboardInterrupt):

@@ -914,6 +914,30 @@ def test_history_and_prompt_json_after_resume(tmp_path, frozen):
     assert [e['step'] for e in history(tmp_path / 'full')][-2:] == [16, 16]
 
 
+def test_resume_drops_a_torn_last_history_line_and_names_a_damaged_one(tmp_path, frozen):
+    """Regression: a torn last line of metrics.jsonl (a full disk, a crash inside the write) blocked --resume
+    with a JSON error naming no file. Now it is dropped, and said; a damaged line before the last is refused
+    in one line naming the file and the line."""
+    with pytest.raises(RuntimeError, match='preempted'):
+        run(tmp_path, frozen, synthetic_batches(crash_at=10))              # checkpoint at step 8
+    history = tmp_path / 'metrics.jsonl'
+    good = history.read_bytes()
+    history.write_bytes(good + b'{"step": 9, "loss": 2.')
+    lines = []
+    spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC, synthetic_batches(),
+                      evaluator(frozen), tmp_path, resume=True, log=lines.append)
+    assert any(f'{history}: dropped its last line, cut short' in line for line in lines), lines
+    events = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [(e['step'], 'eval' in e) for e in events] == [(s, e) for s in (4, 8, 12) for e in (False, True)]
+    damaged = good.splitlines(keepends=True)
+    damaged[1] = b'{"step": 4, "ev\n'
+    history.write_bytes(b''.join(damaged))
+    with pytest.raises(ValueError, match=r'metrics.jsonl line 2 is not an event of a run .*: repair or '
+                                         r'delete that line') as e:
+        run(tmp_path, frozen, synthetic_batches(), resume=True)
+    one_line_naming(e, history)
+    assert history.read_bytes() == b''.join(damaged)
+
 def interrupting_batches(signum, at):
     """synthetic_batches whose batch `at` is fetched while the process receives signum (as from Ctrl-C or
     kill)."""
