@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
@@ -259,7 +260,7 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
     with contextlib.ExitStack() as folder, stop_requests(log) as signals:
         on_lead(lambda: folder.enter_context(own_folder(out)) and None)
-        on_lead(check_new_run, out, resume)
+        on_lead(check_new_run, out, resume, log)
         prompt, opt_state, state = start_or_resume(prompt, tc, run_identity(cfg, frozen, meta), info, ckpt,
                                                    resume, log)
         frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
@@ -616,7 +617,15 @@ def load_checkpoint(path: Path, optimizer):
 
 
 # ----------------------------------------------------------- I/O: the run folder (train_prompt's bookkeeping)
-RUN_FILES = ('checkpoint.npz', 'prompt.npy', 'metrics.jsonl')   # with prompt_step*.npy: what a run writes
+# A run writes only these names in its folder (each through `<name>.tmp`, see _atomic), and leaves every other
+# file there untouched. A file of one of these names that a run did not write (a user's prompt.json, run.lock)
+# is refused, never replaced.
+RUN_FILES = ('checkpoint.npz', 'prompt.npy', 'prompt.json', 'metrics.jsonl')   # + prompt_step<N>.npy/.json
+
+
+def run_file(name: str) -> bool:
+    """A name a run writes in its folder (not run.lock): RUN_FILES and the task embedding prompt_step<N>."""
+    return name in RUN_FILES or re.fullmatch(r'prompt_step\d+\.(npy|json)', name) is not None
 
 
 class RunFolderInUse(OSError):
@@ -626,7 +635,8 @@ class RunFolderInUse(OSError):
 @contextlib.contextmanager
 def own_folder(out: Path):
     """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the
-    process ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it."""
+    process ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it ('pid N
+    on HOST since ...'); a run.lock that does not read so was not written by a run, and is refused."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / 'run.lock', 'a+') as f:
         try:
@@ -636,6 +646,11 @@ def own_folder(out: Path):
             holder = f.read().strip() or 'holder unknown'
             raise RunFolderInUse(f'{out} is in use by another run ({holder}): wait '
                                  f'for it to end, or pick another --out') from None
+        f.seek(0)
+        held = f.read()
+        if held and not re.fullmatch(r'pid \d+ on .* since .*\n', held):
+            raise FileExistsError(f'{out}/run.lock was not written by a run (a run writes "pid N on HOST '
+                                  f'since ..." there): move that file away, or pick another --out')
         f.truncate(0)
         f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
         f.flush()
@@ -645,20 +660,32 @@ def own_folder(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def check_new_run(out: Path, resume: bool):
-    """A run that starts at step 0 never replaces files an earlier run left in out (without resume, a
-    checkpoint is refused too: continuing it is what --resume is for). Leftover *.tmp of an interrupted write
-    are removed."""
+def check_new_run(out: Path, resume: bool, log):
+    """A run that starts at step 0 never replaces files of the run's names that it finds in out (without
+    resume, a checkpoint is refused too: continuing it is what --resume is for). With resume and no
+    checkpoint, a metrics.jsonl alone is the history of a run that stopped before its first checkpoint: it is
+    dropped, and the run starts again at step 0. Leftover <run file>.tmp of an interrupted write are
+    removed; files of other names are left as they are."""
     for tmp in out.glob('*.tmp'):
-        tmp.unlink()
-    if resume and (out / 'checkpoint.npz').exists():
-        return
+        if run_file(tmp.name.removesuffix('.tmp')):
+            tmp.unlink()
     if (out / 'checkpoint.npz').exists():
+        if resume:
+            return
         raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume '
                               f'(resume=True), or pick a new --out')
-    earlier = sorted(f.name for f in out.iterdir() if f.name in RUN_FILES or f.match('prompt_step*.npy'))
-    if earlier:
-        raise FileExistsError(f'{out} holds {", ".join(earlier)} of an earlier run but no checkpoint.npz '
+    earlier = sorted(f.name for f in out.iterdir() if run_file(f.name))
+    if earlier == ['metrics.jsonl']:             # a run that stopped before its first checkpoint
+        if not resume:
+            raise FileExistsError(f'{out} holds metrics.jsonl of a run that stopped before its first '
+                                  f'checkpoint: start it again from step 0 with --resume, or pick a new '
+                                  f'--out')
+        lines = len((out / 'metrics.jsonl').read_bytes().splitlines())
+        (out / 'metrics.jsonl').unlink()
+        log(f'{out} holds no checkpoint.npz, only the history of a run that stopped before its first '
+            f'checkpoint: dropped its metrics.jsonl ({lines} lines)')
+    elif earlier:
+        raise FileExistsError(f'{out} holds {", ".join(earlier)}, files a run writes, but no checkpoint.npz '
                               f'to resume from; a new run would overwrite them: pick a new --out '
                               f'(or move them away)')
 

@@ -873,12 +873,58 @@ def test_a_new_run_never_replaces_an_earlier_runs_prompt(tmp_path, frozen):
     ckpt.unlink()                                                 # the old advice
     (tmp_path / 'checkpoint.npz.tmp').write_bytes(b'half a file')
     for resume in (False, True):
-        with pytest.raises(FileExistsError, match='holds metrics.jsonl, prompt.npy, prompt_step6.npy of an '
-                                                  'earlier run but no checkpoint.npz.*pick a new --out'):
+        with pytest.raises(FileExistsError, match='holds metrics.jsonl, prompt.json, prompt.npy, '
+                                                  'prompt_step6.json, prompt_step6.npy, files a run writes, '
+                                                  'but no checkpoint.npz.*pick a new --out'):
             run(tmp_path, frozen, synthetic_batches(), resume=resume)
     assert (tmp_path / 'prompt.npy').read_bytes() == best
     assert not (tmp_path / 'checkpoint.npz.tmp').exists()
 
+
+def test_a_run_leaves_files_it_did_not_write_alone_and_refuses_its_names(tmp_path, frozen):
+    """Regression: every top-level *.tmp in --out was deleted, and a user's prompt.json and run.lock were
+    replaced. A run writes only its own names (RUN_FILES, prompt_step<N>, run.lock, and <each>.tmp); other
+    files stay as they are, and a file of the run's names that no run wrote is refused, untouched."""
+    mine = {'thesis.tmp': b'x', 'notes.txt': b'n', 'prompt.npy.bak': b'b'}
+    for user_file in ({'prompt.json': b'y'}, {'run.lock': b'my lock\n'}, {}):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        out.mkdir()
+        for name, text in {**mine, **user_file, 'checkpoint.npz.tmp': b'half a write'}.items():
+            (out / name).write_bytes(text)
+        if user_file:
+            [(name, text)] = user_file.items()
+            with pytest.raises(FileExistsError, match=f'{name}(, files a run writes| was not written by a '
+                                                      f'run).*move (them|that file) away') as e:
+                run(out, frozen, synthetic_batches())
+            one_line_naming(e, out)
+            assert (out / name).read_bytes() == text and not (out / 'checkpoint.npz').exists()
+        else:
+            assert run(out, frozen, synthetic_batches())['step'] == TC.steps
+            assert not (out / 'checkpoint.npz.tmp').exists()           # the run's own leftover: removed
+        assert {name: (out / name).read_bytes() for name in mine} == mine
+
+
+def test_resume_starts_again_a_run_that_stopped_before_its_first_checkpoint(tmp_path, frozen):
+    """Regression: a crash (kill -9, out of memory) after the first progress line and before the first
+    checkpoint left a folder that both --resume and a new run refused, so a scheduler's requeue with --resume
+    failed forever. --resume starts it again at step 0, dropping the stale history, and says so."""
+    tc = dataclasses.replace(TC, log_every=1)
+
+    def train(batches, **kw):
+        return spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, tc, batches,
+                                 evaluator(frozen), tmp_path, **kw)
+    with pytest.raises(RuntimeError, match='preempted'):
+        train(synthetic_batches(crash_at=3), log=quiet)                  # 3 steps logged, no checkpoint
+    assert sorted(f.name for f in tmp_path.iterdir()) == ['metrics.jsonl', 'run.lock']
+    with pytest.raises(FileExistsError, match='stopped before its first checkpoint: start it again from '
+                                              'step 0 with --resume'):
+        train(synthetic_batches(), log=quiet)
+    lines = []
+    assert train(synthetic_batches(), resume=True, log=lines.append)['step'] == TC.steps
+    assert 'dropped its metrics.jsonl (3 lines)' in lines[0] and 'starting at step 0' in lines[1], lines
+    events = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert [(e['step'], 'eval' in e) for e in events] == [(s, e) for s in range(1, 13) for e in (False, True)
+                                                          if not e or s % 4 == 0]
 
 def test_history_and_prompt_json_after_resume(tmp_path, frozen):
     """metrics.jsonl holds one line per log line and evaluation; a resume cuts it back to the checkpoint, so
