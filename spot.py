@@ -683,7 +683,7 @@ def check_new_run(out: Path, resume: bool, log):
         lines = len((out / 'metrics.jsonl').read_bytes().splitlines())
         (out / 'metrics.jsonl').unlink()
         log(f'{out} holds no checkpoint.npz, only the history of a run that stopped before its first '
-            f'checkpoint: dropped its metrics.jsonl ({lines} lines)')
+            f'checkpoint: dropped its metrics.jsonl ({lines} line{"s" * (lines != 1)})')
     elif earlier:
         raise FileExistsError(f'{out} holds {", ".join(earlier)}, files a run writes, but no checkpoint.npz '
                               f'to resume from; a new run would overwrite them: pick a new --out '
