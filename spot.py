@@ -533,13 +533,28 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
       [rows[:num_virtual_tokens]; embedded input] with attention mask 1 on the prompt, which is
       t5_model.forward's [prompt; input]. rows[num_virtual_tokens:] (the decoder's) are never read: we
       write zeros there.
-    peft_version is left out: PEFT fills in its own when it loads the folder. Returns the folder."""
+    peft_version is left out: PEFT fills in its own when it loads the folder. An export holds an OS lock
+    (flock) on the folder itself while it writes, so a second export there at the same time is refused, and
+    the config is written last: a folder with adapter_config.json holds its weights. Returns the folder."""
     prompt = np.asarray(prompt, np.float32)
     check_prompt(prompt, cfg.d_model, what='prompt to export')
     out = Path(out)
-    if (out / PEFT_CONFIG).exists() or (out / PEFT_WEIGHTS).exists():
-        raise FileExistsError(f'{out} holds a PEFT adapter already: pick a new --out, or delete it first')
     out.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out, os.O_RDONLY)              # locked as an open folder: no lock file in the adapter
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f'{out} is being written by another export: pick a new --out') from None
+        if (out / PEFT_CONFIG).exists() or (out / PEFT_WEIGHTS).exists():
+            raise FileExistsError(f'{out} holds a PEFT adapter already: pick a new --out, or delete it first')
+        _write_peft(prompt, cfg, out, base_model)
+    finally:
+        os.close(folder)                            # releases the lock
+    return out
+
+
+def _write_peft(prompt, cfg: t5_model.T5Config, out: Path, base_model: str):
     P, D = prompt.shape
     config = {'auto_mapping': None, 'base_model_name_or_path': base_model, 'inference_mode': True,
               'modules_to_save': None, 'num_attention_heads': cfg.num_heads, 'num_layers': cfg.num_layers,
@@ -553,7 +568,6 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
     tensors = save({'prompt_embeddings': rows}, metadata={'format': 'pt'})
     _atomic(out / PEFT_WEIGHTS, lambda f: f.write(tensors))
     _atomic(out / PEFT_CONFIG, lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
-    return out
 
 
 # ------------------------------------------------------------------------------------------- I/O: checkpoints

@@ -5,6 +5,7 @@ Every training test shares one TrainConfig (TC) and one batch shape, so train_st
 module.
 """
 import dataclasses
+import fcntl
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -548,6 +550,45 @@ def test_export_runs_in_peft_as_in_ours(tmp_path, kind):
     tokens = np.pad(tokens, ((0, 0), (0, T - tokens.shape[1])))      # HF stops once every row has hit EOS
     np.testing.assert_array_equal(t5_model.greedy_decode(params, cfg, j_ids, j_prompt, max_len=T), tokens)
 
+
+def test_exports_to_one_folder_take_a_lock_and_never_mix(tmp_path):
+    """Regression: exports released together into one folder all reported success and left one prompt's
+    config beside another's weights (or a damaged safetensors file). An export locks the folder: one wins,
+    the others are refused in one line, and the folder holds the winner's config and weights."""
+    from safetensors.numpy import load_file
+    out = tmp_path / 'adapter'
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)                    # another export is writing here
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(FileExistsError, match='is being written by another export: pick a new') as e:
+            spot.export_peft(np.ones((3, CFG.d_model), np.float32), CFG, out, 'base')
+        one_line_naming(e, out)
+        assert not list(out.iterdir())
+    finally:
+        os.close(held)
+    n, results = 8, {}
+    start = threading.Barrier(n)
+
+    def export(i):                                      # prompt i: i + 1 rows of the value i
+        start.wait()
+        try:
+            spot.export_peft(np.full((i + 1, CFG.d_model), i, np.float32), CFG, tmp_path / 'race', f'base{i}')
+            results[i] = 'ok'
+        except FileExistsError as e:
+            results[i] = str(e)
+    threads = [threading.Thread(target=export, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [winner] = [i for i, r in results.items() if r == 'ok']
+    refused = [r for r in results.values() if r != 'ok']
+    assert all('another export' in r or 'holds a PEFT adapter already' in r for r in refused), refused
+    config = json.loads((tmp_path / 'race' / spot.PEFT_CONFIG).read_text())
+    rows = load_file(tmp_path / 'race' / spot.PEFT_WEIGHTS)['prompt_embeddings']
+    assert (config['base_model_name_or_path'], config['num_virtual_tokens']) == (f'base{winner}', winner + 1)
+    assert rows.shape == (2 * (winner + 1), CFG.d_model) and (rows[:winner + 1] == winner).all()
 
 def test_prompt_trained_with_peft_imports_row_for_row(tmp_path):
     """A prompt trained in PEFT, saved with save_pretrained, is read here (folder or its safetensors) as the
