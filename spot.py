@@ -878,9 +878,10 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def stop_requests(log):
     """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the
-    yielded list gets the signal), so the loop can write its checkpoint; a second Ctrl-C stops at once. A
+    yielded list gets the signal), so the loop can write its checkpoint; a second Ctrl-C ends the process at
+    once with os._exit(130): the files on disk are whole (atomic writes), the checkpoint the last good one. A
     raise from the handler itself could land in JAX's garbage-collection callback, which swallows it and the
-    run went on."""
+    run went on; a KeyboardInterrupt while XLA compiled crashed the interpreter's exit (segfault)."""
     got = []
     # signal handlers belong to the main thread
     if threading.current_thread() is not threading.main_thread():
@@ -888,17 +889,37 @@ def stop_requests(log):
         return
 
     def handler(signum, frame):
-        if got and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         got.append(signum)
         log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint '
             f'(Ctrl-C again to stop at once)')
+    # Python runs `handler` between two Python instructions, so not during a compile, and two signals in one
+    # compile reach it as one. The C-level handler writes each signal's number to the wakeup socket at once:
+    # a thread counts the SIGINTs there and ends the process on the second.
+    wakeup, wakeup_w = socket.socketpair()
+    wakeup_w.setblocking(False)
+
+    def second_sigint():
+        count = 0
+        for byte in iter(lambda: wakeup.recv(1), b''):        # b'': the socket closed, training ended
+            count += byte[0] == signal.SIGINT
+            if count == 2:
+                print('SIGINT again: stopped at once, without a checkpoint of the steps since the last one; '
+                      'rerun the same command with --resume', file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(130)
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_fd = signal.set_wakeup_fd(wakeup_w.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=second_sigint, daemon=True)
+    watcher.start()
     try:
         yield got
     finally:
+        signal.set_wakeup_fd(previous_fd)
         for s, h in previous.items():
             signal.signal(s, h)
+        wakeup_w.close()
+        watcher.join()
+        wakeup.close()
 
 
 def on_lead(fn, *args):

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -1081,6 +1082,40 @@ def test_ctrl_c_on_the_command_line_exits_130_and_resumes_to_the_same_bits(share
             if k != 'state':
                 assert (a[k] if k else a).tobytes() == (b[k] if k else b).tobytes(), (name, k)
 
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process pid has a handler for signum (Linux /proc): SIGTERM's is set by stop_requests."""
+    mask = next(line for line in Path(f'/proc/{pid}/status').read_text().splitlines()
+                if line.startswith('SigCgt:'))
+    return bool(int(mask.split()[1], 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not Path('/proc/self/status').exists(), reason='reads signal masks from Linux /proc')
+def test_a_second_ctrl_c_during_the_first_compile_exits_130_without_a_crash(shared_data, tmp_path):
+    """Regression: two Ctrl-C during the first compile raised KeyboardInterrupt while XLA was compiling, and
+    the interpreter's exit then crashed (exit -11, 1-5 s after 'interrupted'). Now the second one prints one
+    line and leaves with os._exit(130). Two tries: signals just after train_prompt began, and in the compile
+    of the first step."""
+    cmd = [sys.executable, 'spot.py', 'train', '--model', 'tiny', '--task', 'sst2', '--no-compile-cache',
+           '--data', str(shared_data / 'glue'), '--vocab', str(shared_data / 't5_spiece.model'),
+           '--steps', '1000', '--batch_size=2', '--length=4', '--max_input_len=16', '--log_every=1']
+    for k, delay in enumerate((0.2, 1.0)):       # here the first compile takes 3-5 s
+        child = subprocess.Popen([*cmd, '--out', str(tmp_path / str(k))], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            while not catches(child.pid, signal.SIGTERM):              # train_prompt's handlers are set
+                assert child.poll() is None, child.communicate()
+                time.sleep(0.02)
+            time.sleep(delay)
+            child.send_signal(signal.SIGINT)
+            time.sleep(0.1)
+            child.send_signal(signal.SIGINT)
+            out, err = child.communicate(timeout=60)
+        finally:
+            child.kill()
+        assert child.returncode == 130, (delay, child.returncode, err)
+        assert err.strip().splitlines()[-1].startswith('SIGINT again: stopped at once'), err
+        assert 'Traceback' not in err, err
 
 # --------------------------------------------------------------------------------------------------- sharding
 SHARDED = r'''
