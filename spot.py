@@ -968,12 +968,38 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     """Join a multi-process (multi-host) run: one process per host, all running the same command. With a
     coordinator (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster
     (Cloud TPU pod, Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU
-    processes exchange through gloo, jax's default CPU collectives: the tests run so.)"""
+    processes exchange through gloo, jax's default CPU collectives: the tests run so.) A wait for peers says
+    so after 2 s, and ends the process in one line after timeout_s (JAX's own timeout aborts with a C++ stack
+    trace, later: it is set 10 s past ours)."""
     if coordinator is None and not multi_process_env():
         return
-    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
-                               heartbeat_timeout_seconds=min(100, timeout_s),
-                               shutdown_timeout_seconds=timeout_s)
+    env = os.environ
+    n = num_processes or env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS') or env.get(
+        'OMPI_COMM_WORLD_SIZE') or 'all'
+    who = f'process {process_id}' if process_id is not None else 'this process'
+    where = f'coordinator {coordinator}' if coordinator else 'the coordinator JAX finds from the launcher'
+
+    def waiting():
+        print(f'{who}: waiting for {n} processes at {where} (up to {timeout_s} s, --distributed-timeout)',
+              flush=True)
+
+    def give_up():
+        print(f'error: {who}: the {n} processes did not all reach {where} within {timeout_s} s: start every '
+              f'process with the same --coordinator and --num-processes, or raise --distributed-timeout',
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    watchdogs = [threading.Timer(min(2, timeout_s / 2), waiting), threading.Timer(timeout_s, give_up)]
+    for w in watchdogs:
+        w.daemon = True
+        w.start()
+    try:                                  # jax.distributed.initialize waits without holding Python's GIL
+        jax.distributed.initialize(coordinator, num_processes, process_id,
+                                   initialization_timeout=timeout_s + 10,
+                                   heartbeat_timeout_seconds=min(100, timeout_s),
+                                   shutdown_timeout_seconds=timeout_s)
+    finally:
+        for w in watchdogs:
+            w.cancel()
 
 
 def multi_process_env() -> bool:
