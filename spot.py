@@ -317,11 +317,15 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
     cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
     order = np.argsort([len(r) for r in rows], kind='stable')
     preds = [None] * len(rows)
-    # a full batch every call (zero rows pad the last): fewer shapes
+    devices = mesh.shape['data'] if mesh is not None else 1
     for i in range(0, len(rows), batch_size):
         chunk = order[i:i + batch_size]
-        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
-                      data.bucket_length(max(len(rows[j]) for j in chunk), cap))
+        # Zero rows pad a last partial batch to the power of two that holds it (a multiple of the 'data'
+        # devices), not to batch_size: one shape more to compile, and 8 examples of 64 cost 8 rows, not 64.
+        n = 1 << (len(chunk) - 1).bit_length()                  # the power of two >= len(chunk)
+        n = min(batch_size, -(-n // devices) * devices)          # rounded up to a multiple of devices
+        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (n - len(chunk)),
+                          data.bucket_length(max(len(rows[j]) for j in chunk), cap))
         if method == 'decode':
             x = spread_rows(mesh, x)
             ids = gather(t5_model.greedy_decode(frozen, cfg, x, prompt, max_len=max_target_len))
@@ -329,7 +333,7 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
                    for row in ids.tolist()]                       # tokens before EOS (0 after it)
         else:
             scores = np.stack([gather(t5_model.score_targets(frozen, cfg, spread_rows(mesh, x), spread_rows(
-                mesh, np.broadcast_to(lab, (batch_size, lab.size))), prompt)) for lab in labels], axis=1)
+                mesh, np.broadcast_to(lab, (n, lab.size))), prompt)) for lab in labels], axis=1)
             out = [label_names[j] for j in scores.argmax(1)]
         for j, pred in zip(chunk, out):
             preds[j] = pred

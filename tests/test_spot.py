@@ -1372,6 +1372,25 @@ def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
             assert got == alone
 
 
+def test_evaluation_pads_a_last_partial_batch_to_a_power_of_two_only(frozen, monkeypatch):
+    """Regression: every batch was padded to batch_size, so 10 examples in batches of 8 cost 16 rows. Now the
+    last partial batch is padded to the power of two that holds it (2 rows here), in both methods."""
+    rows = [[10 + k, t5_model.EOS_ID] for k in range(10)]
+    prompt, seen = spot.init_prompt(jax.random.key(1), frozen, PC), []
+    for name in ('greedy_decode', 'score_targets'):
+        real = getattr(t5_model, name)
+
+        def spy(frozen, cfg, x, *rest, real=real, **kw):
+            seen.append(x.shape[0])
+            return real(frozen, cfg, x, *rest, **kw)
+        monkeypatch.setattr(t5_model, name, spy)
+    preds = spot.evaluate(frozen, CFG, prompt, rows, IdVocab(), max_target_len=4, batch_size=8)
+    assert seen == [8, 2] and len(preds) == 10
+    seen.clear()
+    spot.evaluate(frozen, CFG, prompt, rows[:3], IdVocab(), method='rank', label_names=('1', '2'),
+                  max_target_len=4, batch_size=8)
+    assert seen == [4, 4]                                    # one call per label, 3 examples in 4 rows
+
 def test_compile_cache_folder_and_off_switch(tmp_path, monkeypatch):
     before = jax.config.jax_compilation_cache_dir
     try:
