@@ -1313,6 +1313,9 @@ def export_cli(args, tc, pc):
 def train_cli(args, tc, pc):
     # checked before loading
     tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)
+    if tc.optimizer.learning_rate > 10:           # valid, but 33x the paper's 0.3 (footnote 7)
+        print(f"warning: learning_rate={tc.optimizer.learning_rate:g} is far above prompt tuning's 0.3 (SPoT "
+              f"footnote 7): steps that large usually make the loss NaN", file=sys.stderr)
     pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
                              source=args.source_prompt or pc.source)
     if pc.init == 'file' and pc.source:
@@ -1350,9 +1353,14 @@ def train_cli(args, tc, pc):
                           meta={'model': args.model, 'dtype': args.dtype, 'task': args.task, 'init': pc.init,
                                 'prompt_config': dataclasses.asdict(pc), 'reads': reads},
                           resume=args.resume, mesh=mesh)
-    if lead:
-        print(f"best score {result['best_score']} at step {result['best_step']}; "
-              f"prompt in {args.out}/prompt.npy")
+    best, step = result['best_score'], result['best_step']
+    if lead and evaluator is None:
+        print(f"prompt in {args.out}/prompt.npy (the prompt after step {result['step']})")
+    elif lead and (best is None or not math.isfinite(best)):   # NaN scores: Pearson of constant predictions
+        print(f'no evaluation gave a finite score; prompt in {args.out}/prompt.npy is the first evaluated '
+              f'(step {step})')
+    elif lead:
+        print(f'best score {best} at step {step}; prompt in {args.out}/prompt.npy')
 
 
 if __name__ == '__main__':

@@ -1340,6 +1340,23 @@ def test_cli_trains_on_a_mixture_name(shared_data, tmp_path, monkeypatch, capsys
     assert set(info['reads']['files']) == {'rte', 'cola'}
 
 
+def test_cli_says_when_no_score_is_finite_and_warns_of_a_huge_learning_rate(shared_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    """Regressions: evaluations that all scored NaN printed 'best score -inf'; --learning_rate=1e30 passed
+    without a word."""
+    monkeypatch.setattr(spot, 'make_evaluator', lambda *a, **k: lambda prompt: {'score': float('nan')})
+    common = ['train', '--model', 'tiny', '--task', 'sst2', '--data', str(shared_data / 'glue'),
+              '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=2', '--length=4',
+              '--max_input_len=16']
+    spot.main([*common, '--steps', '2', '--eval_every=1', '--out', str(tmp_path / 'nan')])
+    out = capsys.readouterr().out
+    assert f'no evaluation gave a finite score; prompt in {tmp_path}/nan/prompt.npy is the first evaluated ' \
+           f'(step 1)' in out and '-inf' not in out, out
+    with pytest.raises(SystemExit, match='does not exist'):         # fails before the model loads
+        spot.main([*common, '--steps', '2', '--learning_rate=1e30', '--source-prompt',
+                   str(tmp_path / 'x.npy'), '--out', str(tmp_path / 'lr')])
+    assert "warning: learning_rate=1e+30 is far above prompt tuning's 0.3" in capsys.readouterr().err
+
 class IdVocab:
     """A vocabulary whose text is the ids themselves: '12 7' <-> [12, 7]."""
     def encode(self, text):
