@@ -277,7 +277,7 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
     with contextlib.ExitStack() as folder, stop_requests(log) as signals:
         on_lead(lambda: folder.enter_context(own_folder(out)) and None)
-        on_lead(check_new_run, out, resume)
+        on_lead(check_new_run, out, resume, log)
         prompt, opt_state, state = start_or_resume(prompt, tc, run_identity(cfg, frozen, meta), info, ckpt,
                                                    resume, log)
         frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
@@ -366,11 +366,15 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
     cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
     order = np.argsort([len(r) for r in rows], kind='stable')
     preds = [None] * len(rows)
-    # a full batch every call (zero rows pad the last): fewer shapes
+    devices = mesh.shape['data'] if mesh is not None else 1
     for i in range(0, len(rows), batch_size):
         chunk = order[i:i + batch_size]
-        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (batch_size - len(chunk)),
-                      data.bucket_length(max(len(rows[j]) for j in chunk), cap))
+        # Zero rows pad a last partial batch to the power of two that holds it (a multiple of the 'data'
+        # devices), not to batch_size: one shape more to compile, and 8 examples of 64 cost 8 rows, not 64.
+        n = 1 << (len(chunk) - 1).bit_length()                  # the power of two >= len(chunk)
+        n = min(batch_size, -(-n // devices) * devices)          # rounded up to a multiple of devices
+        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (n - len(chunk)),
+                          data.bucket_length(max(len(rows[j]) for j in chunk), cap))
         if method == 'decode':
             x = spread_rows(mesh, x)
             ids = gather(t5_model.greedy_decode(frozen, cfg, x, prompt, max_len=max_target_len))
@@ -378,7 +382,7 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
                    for row in ids.tolist()]                       # tokens before EOS (0 after it)
         else:
             scores = np.stack([gather(t5_model.score_targets(frozen, cfg, spread_rows(mesh, x), spread_rows(
-                mesh, np.broadcast_to(lab, (batch_size, lab.size))), prompt)) for lab in labels], axis=1)
+                mesh, np.broadcast_to(lab, (n, lab.size))), prompt)) for lab in labels], axis=1)
             out = [label_names[j] for j in scores.argmax(1)]
         for j, pred in zip(chunk, out):
             preds[j] = pred
@@ -661,14 +665,17 @@ PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'  
 
 
 def check_prompt(prompt, d_model: int | None, length: int | None = None, what: str = 'prompt'):
-    """Refuse a prompt that is not a finite float [P, d_model] (e.g. a Base prompt, 768 wide, on a Small
-    model). d_model None: any width."""
+    """Refuse a prompt that is not a finite float [P, d_model] with P >= 1 (e.g. a Base prompt, 768 wide, on
+    a Small model). d_model None: any width."""
     prompt = prompt if hasattr(prompt, 'dtype') else np.asarray(prompt)
     shape = tuple(prompt.shape)
     if len(shape) != 2:
         need = '' if d_model is None else f', and this model needs D = d_model {d_model}'
         raise ValueError(f'{what} has shape {shape}: a prompt is a 2-D array [P, D]{need}; '
                          f'save one prompt [P, {d_model or "D"}] per .npy')
+    if shape[0] == 0:
+        raise ValueError(f'{what} has shape {shape}: no rows, an empty prompt (P = 0); '
+                         f'use a prompt with at least one row')
     if d_model is not None and shape[1] != d_model:
         raise ValueError(f'{what} has shape {shape}: width {shape[1]} but the model has '
                          f'd_model {d_model}. Prompts transfer only between models of the same width; '
@@ -790,13 +797,28 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
       [rows[:num_virtual_tokens]; embedded input] with attention mask 1 on the prompt, which is
       t5_model.forward's [prompt; input]. rows[num_virtual_tokens:] (the decoder's) are never read: we
       write zeros there.
-    peft_version is left out: PEFT fills in its own when it loads the folder. Returns the folder."""
+    peft_version is left out: PEFT fills in its own when it loads the folder. An export holds an OS lock
+    (flock) on the folder itself while it writes, so a second export there at the same time is refused, and
+    the config is written last: a folder with adapter_config.json holds its weights. Returns the folder."""
     prompt = np.asarray(prompt, np.float32)
     check_prompt(prompt, cfg.d_model, what='prompt to export')
     out = Path(out)
-    if (out / PEFT_CONFIG).exists() or (out / PEFT_WEIGHTS).exists():
-        raise FileExistsError(f'{out} holds a PEFT adapter already: pick a new --out, or delete it first')
     out.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out, os.O_RDONLY)              # locked as an open folder: no lock file in the adapter
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f'{out} is being written by another export: pick a new --out') from None
+        if (out / PEFT_CONFIG).exists() or (out / PEFT_WEIGHTS).exists():
+            raise FileExistsError(f'{out} holds a PEFT adapter already: pick a new --out, or delete it first')
+        _write_peft(prompt, cfg, out, base_model)
+    finally:
+        os.close(folder)                            # releases the lock
+    return out
+
+
+def _write_peft(prompt, cfg: t5_model.T5Config, out: Path, base_model: str):
     P, D = prompt.shape
     config = {'auto_mapping': None, 'base_model_name_or_path': base_model, 'inference_mode': True,
               'modules_to_save': None, 'num_attention_heads': cfg.num_heads, 'num_layers': cfg.num_layers,
@@ -810,7 +832,6 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
     tensors = save({'prompt_embeddings': rows}, metadata={'format': 'pt'})
     _atomic(out / PEFT_WEIGHTS, lambda f: f.write(tensors))
     _atomic(out / PEFT_CONFIG, lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
-    return out
 
 
 # ------------------------------------------------------------------------------------------- I/O: checkpoints
@@ -874,7 +895,15 @@ def load_checkpoint(path: Path, optimizer):
 
 
 # ----------------------------------------------------------- I/O: the run folder (train_prompt's bookkeeping)
-RUN_FILES = ('checkpoint.npz', 'prompt.npy', 'metrics.jsonl')   # with prompt_step*.npy: what a run writes
+# A run writes only these names in its folder (each through `<name>.tmp`, see _atomic), and leaves every other
+# file there untouched. A file of one of these names that a run did not write (a user's prompt.json, run.lock)
+# is refused, never replaced.
+RUN_FILES = ('checkpoint.npz', 'prompt.npy', 'prompt.json', 'metrics.jsonl')   # + prompt_step<N>.npy/.json
+
+
+def run_file(name: str) -> bool:
+    """A name a run writes in its folder (not run.lock): RUN_FILES and the task embedding prompt_step<N>."""
+    return name in RUN_FILES or re.fullmatch(r'prompt_step\d+\.(npy|json)', name) is not None
 
 
 class RunFolderInUse(OSError):
@@ -884,7 +913,8 @@ class RunFolderInUse(OSError):
 @contextlib.contextmanager
 def own_folder(out: Path):
     """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the
-    process ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it."""
+    process ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it ('pid N
+    on HOST since ...'); a run.lock that does not read so was not written by a run, and is refused."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / 'run.lock', 'a+') as f:
         try:
@@ -894,6 +924,11 @@ def own_folder(out: Path):
             holder = f.read().strip() or 'holder unknown'
             raise RunFolderInUse(f'{out} is in use by another run ({holder}): wait '
                                  f'for it to end, or pick another --out') from None
+        f.seek(0)
+        held = f.read()
+        if held and not re.fullmatch(r'pid \d+ on .* since .*\n', held):
+            raise FileExistsError(f'{out}/run.lock was not written by a run (a run writes "pid N on HOST '
+                                  f'since ..." there): move that file away, or pick another --out')
         f.truncate(0)
         f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
         f.flush()
@@ -903,20 +938,32 @@ def own_folder(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def check_new_run(out: Path, resume: bool):
-    """A run that starts at step 0 never replaces files an earlier run left in out (without resume, a
-    checkpoint is refused too: continuing it is what --resume is for). Leftover *.tmp of an interrupted write
-    are removed."""
+def check_new_run(out: Path, resume: bool, log):
+    """A run that starts at step 0 never replaces files of the run's names that it finds in out (without
+    resume, a checkpoint is refused too: continuing it is what --resume is for). With resume and no
+    checkpoint, a metrics.jsonl alone is the history of a run that stopped before its first checkpoint: it is
+    dropped, and the run starts again at step 0. Leftover <run file>.tmp of an interrupted write are
+    removed; files of other names are left as they are."""
     for tmp in out.glob('*.tmp'):
-        tmp.unlink()
-    if resume and (out / 'checkpoint.npz').exists():
-        return
+        if run_file(tmp.name.removesuffix('.tmp')):
+            tmp.unlink()
     if (out / 'checkpoint.npz').exists():
+        if resume:
+            return
         raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume '
                               f'(resume=True), or pick a new --out')
-    earlier = sorted(f.name for f in out.iterdir() if f.name in RUN_FILES or f.match('prompt_step*.npy'))
-    if earlier:
-        raise FileExistsError(f'{out} holds {", ".join(earlier)} of an earlier run but no checkpoint.npz '
+    earlier = sorted(f.name for f in out.iterdir() if run_file(f.name))
+    if earlier == ['metrics.jsonl']:             # a run that stopped before its first checkpoint
+        if not resume:
+            raise FileExistsError(f'{out} holds metrics.jsonl of a run that stopped before its first '
+                                  f'checkpoint: start it again from step 0 with --resume, or pick a new '
+                                  f'--out')
+        lines = len((out / 'metrics.jsonl').read_bytes().splitlines())
+        (out / 'metrics.jsonl').unlink()
+        log(f'{out} holds no checkpoint.npz, only the history of a run that stopped before its first '
+            f'checkpoint: dropped its metrics.jsonl ({lines} line{"s" * (lines != 1)})')
+    elif earlier:
+        raise FileExistsError(f'{out} holds {", ".join(earlier)}, files a run writes, but no checkpoint.npz '
                               f'to resume from; a new run would overwrite them: pick a new --out '
                               f'(or move them away)')
 
@@ -1020,7 +1067,8 @@ def _flat(config: dict) -> dict:
 
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
     """(prompt, opt_state, state) of ckpt, refused when it was written with other settings: only `steps`,
-    `log_every` and `eval_batch_size` may change, as nothing a resumed run computes depends on them. The run's
+    `log_every` and `eval_batch_size` may change, as nothing a resumed run computes depends on them (`steps`
+    not below the checkpoint's step). The run's
     history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current
     config (a resume may extend `steps`)."""
     prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
@@ -1036,8 +1084,11 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
     if changed:
         raise ValueError(f'{ckpt} was written with other settings {changed} (saved, now); only {free} may '
                          f'change on resume: rerun the same command, or pick a new --out')
+    if tc.steps < state['step']:            # it would run nothing and record a shorter run than it holds
+        raise ValueError(f"{ckpt} is at step {state['step']}, past steps={tc.steps}: resume with --steps >= "
+                         f"{state['step']} (its best prompt is {ckpt.parent}/prompt.npy)")
     state.update(config=dataclasses.asdict(tc), run=run)
-    cut_history(ckpt.parent, state['step'], bool(state.get('eval_pending')))
+    cut_history(ckpt.parent, state['step'], bool(state.get('eval_pending')), log)
     best = ckpt.parent / 'prompt.json'
     if best.exists():
         _atomic(best, lambda f: f.write(_json({**json.loads(best.read_text()), 'config': info['config']})))
@@ -1052,15 +1103,32 @@ def append_history(out: Path, event: dict):
         f.write(_json(event, None) + b'\n')
 
 
-def cut_history(out: Path, step: int, eval_pending: bool):
+def cut_history(out: Path, step: int, eval_pending: bool, log):
     """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that
-    step when the checkpoint says it is still to run, so no event appears twice."""
+    step when the checkpoint says it is still to run, so no event appears twice. A torn last line (a write cut
+    short by a crash or a full disk) is dropped, and said; a damaged line before it is refused, naming it."""
     path = out / 'metrics.jsonl'
-    if path.exists():
-        keep = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip() and (
-            (e := json.loads(line))['step'] < step
-            or e['step'] == step and not ('eval' in e and eval_pending))]
-        _atomic(path, lambda f: f.writelines(keep))
+    if not path.exists():
+        return
+    lines = path.read_bytes().splitlines()
+    last, events = max((i for i, line in enumerate(lines) if line.strip()), default=-1), []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+            if not isinstance(event, dict) or type(event.get('step')) is not int:
+                raise ValueError('no integer "step"')
+        except ValueError as e:
+            if i < last:
+                raise ValueError(f'{path} line {i + 1} is not an event of a run ({e}): repair or delete that '
+                                 f'line, then rerun with --resume') from None
+            log(f'{path}: dropped its last line, cut short by a write that did not finish '
+                f'({len(line)} bytes)')
+            continue
+        if event['step'] < step or event['step'] == step and not ('eval' in event and eval_pending):
+            events.append(line + b'\n')
+    _atomic(path, lambda f: f.writelines(events))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -1076,9 +1144,10 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def stop_requests(log):
     """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the
-    yielded list gets the signal), so the loop can write its checkpoint; a second Ctrl-C stops at once. A
+    yielded list gets the signal), so the loop can write its checkpoint; a second Ctrl-C ends the process at
+    once with os._exit(130): the files on disk are whole (atomic writes), the checkpoint the last good one. A
     raise from the handler itself could land in JAX's garbage-collection callback, which swallows it and the
-    run went on."""
+    run went on; a KeyboardInterrupt while XLA compiled crashed the interpreter's exit (segfault)."""
     got = []
     # signal handlers belong to the main thread
     if threading.current_thread() is not threading.main_thread():
@@ -1086,17 +1155,37 @@ def stop_requests(log):
         return
 
     def handler(signum, frame):
-        if got and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         got.append(signum)
         log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint '
             f'(Ctrl-C again to stop at once)')
+    # Python runs `handler` between two Python instructions, so not during a compile, and two signals in one
+    # compile reach it as one. The C-level handler writes each signal's number to the wakeup socket at once:
+    # a thread counts the SIGINTs there and ends the process on the second.
+    wakeup, wakeup_w = socket.socketpair()
+    wakeup_w.setblocking(False)
+
+    def second_sigint():
+        count = 0
+        for byte in iter(lambda: wakeup.recv(1), b''):        # b'': the socket closed, training ended
+            count += byte[0] == signal.SIGINT
+            if count == 2:
+                print('SIGINT again: stopped at once, without a checkpoint of the steps since the last one; '
+                      'rerun the same command with --resume', file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(130)
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_fd = signal.set_wakeup_fd(wakeup_w.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=second_sigint, daemon=True)
+    watcher.start()
     try:
         yield got
     finally:
+        signal.set_wakeup_fd(previous_fd)
         for s, h in previous.items():
             signal.signal(s, h)
+        wakeup_w.close()
+        watcher.join()
+        wakeup.close()
 
 
 def on_lead(fn, *args):
@@ -1145,12 +1234,38 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     """Join a multi-process (multi-host) run: one process per host, all running the same command. With a
     coordinator (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster
     (Cloud TPU pod, Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU
-    processes exchange through gloo, jax's default CPU collectives: the tests run so.)"""
+    processes exchange through gloo, jax's default CPU collectives: the tests run so.) A wait for peers says
+    so after 2 s, and ends the process in one line after timeout_s (JAX's own timeout aborts with a C++ stack
+    trace, later: it is set 10 s past ours)."""
     if coordinator is None and not multi_process_env():
         return
-    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
-                               heartbeat_timeout_seconds=min(100, timeout_s),
-                               shutdown_timeout_seconds=timeout_s)
+    env = os.environ
+    n = num_processes or env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS') or env.get(
+        'OMPI_COMM_WORLD_SIZE') or 'all'
+    who = f'process {process_id}' if process_id is not None else 'this process'
+    where = f'coordinator {coordinator}' if coordinator else 'the coordinator JAX finds from the launcher'
+
+    def waiting():
+        print(f'{who}: waiting for {n} processes at {where} (up to {timeout_s} s, --distributed-timeout)',
+              flush=True)
+
+    def give_up():
+        print(f'error: {who}: the {n} processes did not all reach {where} within {timeout_s} s: start every '
+              f'process with the same --coordinator and --num-processes, or raise --distributed-timeout',
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    watchdogs = [threading.Timer(min(2, timeout_s / 2), waiting), threading.Timer(timeout_s, give_up)]
+    for w in watchdogs:
+        w.daemon = True
+        w.start()
+    try:                                  # jax.distributed.initialize waits without holding Python's GIL
+        jax.distributed.initialize(coordinator, num_processes, process_id,
+                                   initialization_timeout=timeout_s + 10,
+                                   heartbeat_timeout_seconds=min(100, timeout_s),
+                                   shutdown_timeout_seconds=timeout_s)
+    finally:
+        for w in watchdogs:
+            w.cancel()
 
 
 def multi_process_env() -> bool:
@@ -1545,6 +1660,9 @@ def plan_cli(args, tc, pc):
 def train_cli(args, tc, pc):
     # checked before loading
     tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)
+    if tc.optimizer.learning_rate > 10:           # valid, but 33x the paper's 0.3 (footnote 7)
+        print(f"warning: learning_rate={tc.optimizer.learning_rate:g} is far above prompt tuning's 0.3 (SPoT "
+              f"footnote 7): steps that large usually make the loss NaN", file=sys.stderr)
     pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
                              source=args.source_prompt or pc.source)
     if pc.init == 'file' and pc.source:
@@ -1584,9 +1702,14 @@ def train_cli(args, tc, pc):
                           meta={'model': args.model, 'dtype': args.dtype, 'task': args.task, 'init': pc.init,
                                 'prompt_config': dataclasses.asdict(pc), 'reads': reads},
                           resume=args.resume, mesh=mesh)
-    if lead:
-        print(f"best score {result['best_score']} at step {result['best_step']}; "
-              f"prompt in {args.out}/prompt.npy")
+    best, step = result['best_score'], result['best_step']
+    if lead and evaluator is None:
+        print(f"prompt in {args.out}/prompt.npy (the prompt after step {result['step']})")
+    elif lead and (best is None or not math.isfinite(best)):   # NaN scores: Pearson of constant predictions
+        print(f'no evaluation gave a finite score; prompt in {args.out}/prompt.npy is the first evaluated '
+              f'(step {step})')
+    elif lead:
+        print(f'best score {best} at step {step}; prompt in {args.out}/prompt.npy')
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ module.
 """
 import argparse
 import dataclasses
+import fcntl
 import itertools
 import json
 import os
@@ -15,6 +16,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -462,6 +465,26 @@ def test_t5x_prompt_files_load_like_npy(tmp_path):
         spot.load_prompt(tmp_path)
 
 
+def test_an_empty_prompt_is_refused_in_every_format(tmp_path):
+    """Regression: a [0, D] prompt (.npy, a T5X prompt file, a PEFT adapter with num_virtual_tokens 0) was
+    scored as a prompt."""
+    from safetensors.numpy import save
+    empty = np.zeros((0, 4), np.float32)
+    np.save(tmp_path / 'empty.npy', empty)
+    (tmp_path / 't5x').mkdir()
+    with open(tmp_path / 't5x' / spot.T5X_PROMPT, 'wb') as f:
+        np.save(f, empty)
+    (tmp_path / 'peft').mkdir()
+    (tmp_path / 'peft' / spot.PEFT_CONFIG).write_text(json.dumps(
+        {'peft_type': 'PROMPT_TUNING', 'task_type': 'SEQ_2_SEQ_LM', 'num_virtual_tokens': 0}))
+    (tmp_path / 'peft' / spot.PEFT_WEIGHTS).write_bytes(save({'prompt_embeddings': empty}))
+    for path in (tmp_path / 'empty.npy', tmp_path / 't5x', tmp_path / 'peft'):
+        with pytest.raises(ValueError, match=r'shape \(0, 4\): no rows, an empty prompt') as e:
+            spot.load_prompt(path, d_model=4)
+        one_line_naming(e, path)
+    with pytest.raises(ValueError, match='empty prompt'):
+        spot.check_prompt(jnp.zeros((0, CFG.d_model)), CFG.d_model)
+
 TINY_HF = {'vocab_size': 64, 'd_model': 16, 'd_kv': 8, 'd_ff': 32, 'num_layers': 2, 'num_heads': 2,
            'dropout_rate': 0.0, 'decoder_start_token_id': 0, 'pad_token_id': 0, 'eos_token_id': 1}
 
@@ -564,6 +587,45 @@ def test_export_runs_in_peft_as_in_ours(tmp_path, kind):
     tokens = np.pad(tokens, ((0, 0), (0, T - tokens.shape[1])))      # HF stops once every row has hit EOS
     np.testing.assert_array_equal(t5_model.greedy_decode(params, cfg, j_ids, j_prompt, max_len=T), tokens)
 
+
+def test_exports_to_one_folder_take_a_lock_and_never_mix(tmp_path):
+    """Regression: exports released together into one folder all reported success and left one prompt's
+    config beside another's weights (or a damaged safetensors file). An export locks the folder: one wins,
+    the others are refused in one line, and the folder holds the winner's config and weights."""
+    from safetensors.numpy import load_file
+    out = tmp_path / 'adapter'
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)                    # another export is writing here
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(FileExistsError, match='is being written by another export: pick a new') as e:
+            spot.export_peft(np.ones((3, CFG.d_model), np.float32), CFG, out, 'base')
+        one_line_naming(e, out)
+        assert not list(out.iterdir())
+    finally:
+        os.close(held)
+    n, results = 8, {}
+    start = threading.Barrier(n)
+
+    def export(i):                                      # prompt i: i + 1 rows of the value i
+        start.wait()
+        try:
+            spot.export_peft(np.full((i + 1, CFG.d_model), i, np.float32), CFG, tmp_path / 'race', f'base{i}')
+            results[i] = 'ok'
+        except FileExistsError as e:
+            results[i] = str(e)
+    threads = [threading.Thread(target=export, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [winner] = [i for i, r in results.items() if r == 'ok']
+    refused = [r for r in results.values() if r != 'ok']
+    assert all('another export' in r or 'holds a PEFT adapter already' in r for r in refused), refused
+    config = json.loads((tmp_path / 'race' / spot.PEFT_CONFIG).read_text())
+    rows = load_file(tmp_path / 'race' / spot.PEFT_WEIGHTS)['prompt_embeddings']
+    assert (config['base_model_name_or_path'], config['num_virtual_tokens']) == (f'base{winner}', winner + 1)
+    assert rows.shape == (2 * (winner + 1), CFG.d_model) and (rows[:winner + 1] == winner).all()
 
 def test_prompt_trained_with_peft_imports_row_for_row(tmp_path):
     """A prompt trained in PEFT, saved with save_pretrained, is read here (folder or its safetensors) as the
@@ -762,6 +824,21 @@ def test_resume_refuses_changed_settings(tmp_path, frozen):
         run(tmp_path, frozen, synthetic_batches(), resume=True)
 
 
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, frozen):
+    """Regression: --resume --steps 4 on a 12-step checkpoint ran nothing, exited 0 and rewrote prompt.json's
+    config to 4 steps for a prompt trained longer."""
+    run(tmp_path, frozen, synthetic_batches())
+    def files():                                                # run.lock: who holds the folder, and since
+        return {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.name != 'run.lock'}
+    before = files()
+    with pytest.raises(ValueError, match=r'checkpoint.npz is at step 12, past steps=4: resume with --steps '
+                                         r'>= 12') as e:
+        spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG,
+                          dataclasses.replace(TC, steps=4), synthetic_batches(), None, tmp_path, resume=True,
+                          log=quiet)
+    one_line_naming(e, tmp_path / 'checkpoint.npz')
+    assert files() == before
+
 def test_resume_reads_a_checkpoint_with_the_flat_config_of_before_optimizer_config(tmp_path, frozen):
     flat = {k: v for k, v in dataclasses.asdict(TC).items() if k != 'optimizer'}
     # how checkpoints stored TrainConfig until OptimizerConfig
@@ -910,12 +987,58 @@ def test_a_new_run_never_replaces_an_earlier_runs_prompt(tmp_path, frozen):
     ckpt.unlink()                                                 # the old advice
     (tmp_path / 'checkpoint.npz.tmp').write_bytes(b'half a file')
     for resume in (False, True):
-        with pytest.raises(FileExistsError, match='holds metrics.jsonl, prompt.npy, prompt_step6.npy of an '
-                                                  'earlier run but no checkpoint.npz.*pick a new --out'):
+        with pytest.raises(FileExistsError, match='holds metrics.jsonl, prompt.json, prompt.npy, '
+                                                  'prompt_step6.json, prompt_step6.npy, files a run writes, '
+                                                  'but no checkpoint.npz.*pick a new --out'):
             run(tmp_path, frozen, synthetic_batches(), resume=resume)
     assert (tmp_path / 'prompt.npy').read_bytes() == best
     assert not (tmp_path / 'checkpoint.npz.tmp').exists()
 
+
+def test_a_run_leaves_files_it_did_not_write_alone_and_refuses_its_names(tmp_path, frozen):
+    """Regression: every top-level *.tmp in --out was deleted, and a user's prompt.json and run.lock were
+    replaced. A run writes only its own names (RUN_FILES, prompt_step<N>, run.lock, and <each>.tmp); other
+    files stay as they are, and a file of the run's names that no run wrote is refused, untouched."""
+    mine = {'thesis.tmp': b'x', 'notes.txt': b'n', 'prompt.npy.bak': b'b'}
+    for user_file in ({'prompt.json': b'y'}, {'run.lock': b'my lock\n'}, {}):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        out.mkdir()
+        for name, text in {**mine, **user_file, 'checkpoint.npz.tmp': b'half a write'}.items():
+            (out / name).write_bytes(text)
+        if user_file:
+            [(name, text)] = user_file.items()
+            with pytest.raises(FileExistsError, match=f'{name}(, files a run writes| was not written by a '
+                                                      f'run).*move (them|that file) away') as e:
+                run(out, frozen, synthetic_batches())
+            one_line_naming(e, out)
+            assert (out / name).read_bytes() == text and not (out / 'checkpoint.npz').exists()
+        else:
+            assert run(out, frozen, synthetic_batches())['step'] == TC.steps
+            assert not (out / 'checkpoint.npz.tmp').exists()           # the run's own leftover: removed
+        assert {name: (out / name).read_bytes() for name in mine} == mine
+
+
+def test_resume_starts_again_a_run_that_stopped_before_its_first_checkpoint(tmp_path, frozen):
+    """Regression: a crash (kill -9, out of memory) after the first progress line and before the first
+    checkpoint left a folder that both --resume and a new run refused, so a scheduler's requeue with --resume
+    failed forever. --resume starts it again at step 0, dropping the stale history, and says so."""
+    tc = dataclasses.replace(TC, log_every=1)
+
+    def train(batches, **kw):
+        return spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, tc, batches,
+                                 evaluator(frozen), tmp_path, **kw)
+    with pytest.raises(RuntimeError, match='preempted'):
+        train(synthetic_batches(crash_at=3), log=quiet)                  # 3 steps logged, no checkpoint
+    assert sorted(f.name for f in tmp_path.iterdir()) == ['metrics.jsonl', 'run.lock']
+    with pytest.raises(FileExistsError, match='stopped before its first checkpoint: start it again from '
+                                              'step 0 with --resume'):
+        train(synthetic_batches(), log=quiet)
+    lines = []
+    assert train(synthetic_batches(), resume=True, log=lines.append)['step'] == TC.steps
+    assert 'dropped its metrics.jsonl (3 lines)' in lines[0] and 'starting at step 0' in lines[1], lines
+    events = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert [(e['step'], 'eval' in e) for e in events] == [(s, e) for s in range(1, 13) for e in (False, True)
+                                                          if not e or s % 4 == 0]
 
 def test_history_and_prompt_json_after_resume(tmp_path, frozen):
     """metrics.jsonl holds one line per log line and evaluation; a resume cuts it back to the checkpoint, so
@@ -949,6 +1072,31 @@ def test_history_and_prompt_json_after_resume(tmp_path, frozen):
     info = json.loads((tmp_path / 'full' / 'prompt.json').read_text())
     assert info['config']['train']['steps'] == 16 and info['step'] <= 12
     assert [e['step'] for e in history(tmp_path / 'full')][-2:] == [16, 16]
+
+
+def test_resume_drops_a_torn_last_history_line_and_names_a_damaged_one(tmp_path, frozen):
+    """Regression: a torn last line of metrics.jsonl (a full disk, a crash inside the write) blocked --resume
+    with a JSON error naming no file. Now it is dropped, and said; a damaged line before the last is refused
+    in one line naming the file and the line."""
+    with pytest.raises(RuntimeError, match='preempted'):
+        run(tmp_path, frozen, synthetic_batches(crash_at=10))              # checkpoint at step 8
+    history = tmp_path / 'metrics.jsonl'
+    good = history.read_bytes()
+    history.write_bytes(good + b'{"step": 9, "loss": 2.')
+    lines = []
+    spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, TC, synthetic_batches(),
+                      evaluator(frozen), tmp_path, resume=True, log=lines.append)
+    assert any(f'{history}: dropped its last line, cut short' in line for line in lines), lines
+    events = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [(e['step'], 'eval' in e) for e in events] == [(s, e) for s in (4, 8, 12) for e in (False, True)]
+    damaged = good.splitlines(keepends=True)
+    damaged[1] = b'{"step": 4, "ev\n'
+    history.write_bytes(b''.join(damaged))
+    with pytest.raises(ValueError, match=r'metrics.jsonl line 2 is not an event of a run .*: repair or '
+                                         r'delete that line') as e:
+        run(tmp_path, frozen, synthetic_batches(), resume=True)
+    one_line_naming(e, history)
+    assert history.read_bytes() == b''.join(damaged)
 
 
 class _SignalOnRead(dict):
@@ -1018,6 +1166,40 @@ def test_ctrl_c_on_the_command_line_exits_130_and_resumes_to_the_same_bits(share
             if k != 'state':
                 assert (a[k] if k else a).tobytes() == (b[k] if k else b).tobytes(), (name, k)
 
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process pid has a handler for signum (Linux /proc): SIGTERM's is set by stop_requests."""
+    mask = next(line for line in Path(f'/proc/{pid}/status').read_text().splitlines()
+                if line.startswith('SigCgt:'))
+    return bool(int(mask.split()[1], 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not Path('/proc/self/status').exists(), reason='reads signal masks from Linux /proc')
+def test_a_second_ctrl_c_during_the_first_compile_exits_130_without_a_crash(shared_data, tmp_path):
+    """Regression: two Ctrl-C during the first compile raised KeyboardInterrupt while XLA was compiling, and
+    the interpreter's exit then crashed (exit -11, 1-5 s after 'interrupted'). Now the second one prints one
+    line and leaves with os._exit(130). Two tries: signals just after train_prompt began, and in the compile
+    of the first step."""
+    cmd = [sys.executable, 'spot.py', 'train', '--model', 'tiny', '--task', 'sst2', '--no-compile-cache',
+           '--data', str(shared_data / 'glue'), '--vocab', str(shared_data / 't5_spiece.model'),
+           '--steps', '1000', '--batch_size=2', '--length=4', '--max_input_len=16', '--log_every=1']
+    for k, delay in enumerate((0.2, 1.0)):       # here the first compile takes 3-5 s
+        child = subprocess.Popen([*cmd, '--out', str(tmp_path / str(k))], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            while not catches(child.pid, signal.SIGTERM):              # train_prompt's handlers are set
+                assert child.poll() is None, child.communicate()
+                time.sleep(0.02)
+            time.sleep(delay)
+            child.send_signal(signal.SIGINT)
+            time.sleep(0.1)
+            child.send_signal(signal.SIGINT)
+            out, err = child.communicate(timeout=60)
+        finally:
+            child.kill()
+        assert child.returncode == 130, (delay, child.returncode, err)
+        assert err.strip().splitlines()[-1].startswith('SIGINT again: stopped at once'), err
+        assert 'Traceback' not in err, err
 
 # --------------------------------------------------------------------------------------------------- sharding
 SHARDED = r'''
@@ -1268,6 +1450,23 @@ def test_cli_trains_on_a_mixture_name(shared_data, tmp_path, monkeypatch, capsys
     assert set(info['reads']['files']) == {'rte', 'cola'}
 
 
+def test_cli_says_when_no_score_is_finite_and_warns_of_a_huge_learning_rate(shared_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    """Regressions: evaluations that all scored NaN printed 'best score -inf'; --learning_rate=1e30 passed
+    without a word."""
+    monkeypatch.setattr(spot, 'make_evaluator', lambda *a, **k: lambda prompt: {'score': float('nan')})
+    common = ['train', '--model', 'tiny', '--task', 'sst2', '--data', str(shared_data / 'glue'),
+              '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=2', '--length=4',
+              '--max_input_len=16']
+    spot.main([*common, '--steps', '2', '--eval_every=1', '--out', str(tmp_path / 'nan')])
+    out = capsys.readouterr().out
+    assert f'no evaluation gave a finite score; prompt in {tmp_path}/nan/prompt.npy is the first evaluated ' \
+           f'(step 1)' in out and '-inf' not in out, out
+    with pytest.raises(SystemExit, match='does not exist'):         # fails before the model loads
+        spot.main([*common, '--steps', '2', '--learning_rate=1e30', '--source-prompt',
+                   str(tmp_path / 'x.npy'), '--out', str(tmp_path / 'lr')])
+    assert "warning: learning_rate=1e+30 is far above prompt tuning's 0.3" in capsys.readouterr().err
+
 class IdVocab:
     """A vocabulary whose text is the ids themselves: '12 7' <-> [12, 7]."""
     def encode(self, text):
@@ -1299,6 +1498,25 @@ def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
                                 batch_size=3, **kw)
             assert got == alone
 
+
+def test_evaluation_pads_a_last_partial_batch_to_a_power_of_two_only(frozen, monkeypatch):
+    """Regression: every batch was padded to batch_size, so 10 examples in batches of 8 cost 16 rows. Now the
+    last partial batch is padded to the power of two that holds it (2 rows here), in both methods."""
+    rows = [[10 + k, t5_model.EOS_ID] for k in range(10)]
+    prompt, seen = spot.init_prompt(jax.random.key(1), frozen, PC), []
+    for name in ('greedy_decode', 'score_targets'):
+        real = getattr(t5_model, name)
+
+        def spy(frozen, cfg, x, *rest, real=real, **kw):
+            seen.append(x.shape[0])
+            return real(frozen, cfg, x, *rest, **kw)
+        monkeypatch.setattr(t5_model, name, spy)
+    preds = spot.evaluate(frozen, CFG, prompt, rows, IdVocab(), max_target_len=4, batch_size=8)
+    assert seen == [8, 2] and len(preds) == 10
+    seen.clear()
+    spot.evaluate(frozen, CFG, prompt, rows[:3], IdVocab(), method='rank', label_names=('1', '2'),
+                  max_target_len=4, batch_size=8)
+    assert seen == [4, 4]                                    # one call per label, 3 examples in 4 rows
 
 def test_compile_cache_folder_and_off_switch(tmp_path, monkeypatch):
     before = jax.config.jax_compilation_cache_dir

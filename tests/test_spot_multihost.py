@@ -109,6 +109,35 @@ def test_multi_process_refusals_reach_every_process(shared_data, hf_checkpoint, 
     assert all('--model-parallel 4 does not divide the 2 devices of one host' in o for _, o in split), split
 
 
+def test_a_process_whose_peers_never_come_says_so_and_exits_in_one_line(shared_data, tmp_path):
+    """Regression: one process of a multi-process start whose peers never came waited silently, then aborted
+    with a C++ stack trace after --distributed-timeout. Now it says whom it waits for within seconds, and at
+    the timeout exits 1 in one line. Process 0 (which serves the coordinator) and process 1 (which connects to
+    it), each started alone."""
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+    ports = {i: free_port() for i in (0, 1)}
+
+    def alone(i):
+        join = ['--coordinator', f'127.0.0.1:{ports[i]}', '--num-processes', '2', '--process-id', str(i),
+                '--distributed-timeout', '4']
+        args = train_args(shared_data, 'tiny', tmp_path / str(i), 1)
+        return subprocess.Popen([sys.executable, *args, *join], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    procs = {i: alone(i) for i in (0, 1)}
+    for i, p in procs.items():
+        try:
+            waiting = p.stdout.readline()                       # the first line, 2 s into the wait
+            out, err = p.communicate(timeout=TIMEOUT)
+        finally:
+            p.kill()
+        where = f'coordinator 127.0.0.1:{ports[i]}'
+        assert waiting == f'process {i}: waiting for 2 processes at {where} (up to 4 s, ' \
+                          f'--distributed-timeout)\n', (waiting, out, err)
+        assert p.returncode == 1 and err.count('\n') == 1, (p.returncode, err)     # no C++ stack trace
+        assert err.startswith(f'error: process {i}: the 2 processes did not all reach {where} within 4'), err
+        assert not (tmp_path / str(i)).exists()
+
+
 def test_weights_read_block_by_block_equal_the_whole_file(hf_checkpoint):
     """load_model with a mesh builds each leaf from the blocks its devices hold (make_array_from_callback
     over the memory-mapped file): the same values as reading each tensor whole, in the shardings
