@@ -586,7 +586,8 @@ def plan_eval(cfg, tc: TrainConfig, frozen, input_len: int, target_len: int, pro
 def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int, prompt_len: int, mesh=None,
                 device_memory_gib: float | None = None, log=None) -> dict:
     """The memory plan of a run: tc.remat / tc.micro_batches, or at 'auto' / 0 the first PLAN_ORDER setting
-    whose step fits the budget (memory_budget); the evaluation is compiled too, and the peak is the larger.
+    whose step fits the budget (memory_budget); the evaluation is compiled too (at tc.eval_batch_size, halved
+    while it does not fit), and the peak is the larger.
     frozen: the weights or their shapes (jax.eval_shape). Returns a dict of bytes per device: 'weights',
     'prompt_optimizer', 'temporaries', 'peak', 'budget', with 'remat', 'micro_batches', 'fits', 'compile_s'
     and 'tried' (every setting compiled)."""
@@ -601,7 +602,7 @@ def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int
     if weights > budget:                 # no setting helps: say so without compiling
         return {'weights': weights, 'prompt_optimizer': 0, 'temporaries': None, 'step_peak': None,
                 'eval_peak': None, 'peak': weights, 'budget': budget, 'budget_source': source, 'fits': False,
-                'remat': None, 'micro_batches': None, 'compile_s': 0.0, 'tried': []}
+                'remat': None, 'micro_batches': None, 'eval_batch_size': None, 'compile_s': 0.0, 'tried': []}
     for remat, m in order:
         # temporaries at most fall as 1/micro_batches: skip a setting that cannot fit by a measured one
         if any(t['remat'] == remat and t['weights'] + t['temporaries'] * t['micro_batches'] / m > budget
@@ -614,12 +615,19 @@ def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int
                 f'(compile {step["compile_s"]:.1f} s)')
         if step['peak'] <= budget or step['weights'] + step['prompt_optimizer'] > budget:
             break                        # fits; or the weights alone do not: no setting helps
-    ev = plan_eval(cfg, tc, frozen, input_len, target_len, prompt_len, mesh=mesh)
+    eval_batch_size = tc.eval_batch_size  # evaluation's batch: halved while it does not fit (predictions
+    while True:                           # do not depend on it)
+        ev = plan_eval(cfg, dataclasses.replace(tc, eval_batch_size=eval_batch_size), frozen, input_len,
+                       target_len, prompt_len, mesh=mesh)
+        if ev['peak'] <= budget or eval_batch_size <= data_devices or eval_batch_size % 2:
+            break
+        eval_batch_size //= 2
     peak = max(step['peak'], ev['peak'])
     return {'weights': step['weights'], 'prompt_optimizer': step['prompt_optimizer'],
             'temporaries': step['temporaries'], 'step_peak': step['peak'], 'eval_peak': ev['peak'],
             'peak': peak, 'budget': budget, 'budget_source': source, 'fits': peak <= budget,
             'remat': step['remat'], 'micro_batches': step['micro_batches'],
+            'eval_batch_size': eval_batch_size,
             'compile_s': sum(t['compile_s'] for t in tried) + ev['compile_s'], 'tried': tried}
 
 
@@ -649,9 +657,11 @@ def resolve_memory(cfg, tc: TrainConfig, frozen, input_len, target_len, prompt_l
                        mesh=mesh, device_memory_gib=device_memory_gib)
     if plan['remat'] is None:            # the weights alone do not fit
         return tc, plan
-    log(f"memory plan: remat {plan['remat']}, micro_batches {plan['micro_batches']}: "
-        f"{plan['peak'] / GiB:.2f} GiB per device of {plan['budget'] / GiB:.2f} ({plan['budget_source']})")
-    return dataclasses.replace(tc, remat=plan['remat'], micro_batches=plan['micro_batches']), plan
+    log(f"memory plan: remat {plan['remat']}, micro_batches {plan['micro_batches']}, eval_batch_size "
+        f"{plan['eval_batch_size']}: {plan['peak'] / GiB:.2f} GiB per device of {plan['budget'] / GiB:.2f} "
+        f"({plan['budget_source']})")
+    return dataclasses.replace(tc, remat=plan['remat'], micro_batches=plan['micro_batches'],
+                               eval_batch_size=plan['eval_batch_size']), plan
 
 
 # ------------------------------------------------------------------------------------------ I/O: prompt files
@@ -1646,11 +1656,11 @@ def plan_cli(args, tc, pc):
     plan = _plan_or_refuse(args, tc, pc, mesh, plan_anyway=True)
     rows = [('weights', plan['weights']), ('prompt + optimizer', plan['prompt_optimizer']),
             ('activations/temporaries', plan['temporaries']), ('training step total', plan['step_peak']),
-            ('evaluation total', plan['eval_peak'])]
+            (f"evaluation total (batch {plan['eval_batch_size']})", plan['eval_peak'])]
     for what, n in rows:
-        print(f'{what + ":":25} ' + ('not compiled: the weights alone do not fit' if n is None else
+        print(f'{what + ":":33} ' + ('not compiled: the weights alone do not fit' if n is None else
                                       f'{n / GiB:8.2f} GiB'))
-    print(f"{'plans for:':25} {plan['budget'] / GiB:8.2f} GiB ({plan['budget_source']})")
+    print(f"{'plans for:':33} {plan['budget'] / GiB:8.2f} GiB ({plan['budget_source']})")
     print(f"remat: {plan['remat']}, micro_batches: {plan['micro_batches']}"
           f"{'' if plan['fits'] else '  (does NOT fit: see above)'}")
     print(f"compile: {plan['compile_s']:.1f} s")
