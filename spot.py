@@ -499,9 +499,9 @@ def memory_budget(device_memory_gib: float | None = None) -> tuple[float, str]:
     if device_memory_gib:
         return device_memory_gib * GiB * fraction, \
             f'{fraction:.0%} of --device-memory {device_memory_gib:g} GiB'
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if 'bytes_limit' in stats:
-        return float(stats['bytes_limit']), f'the allocator limit of {jax.devices()[0].device_kind}'
+        return float(stats['bytes_limit']), f'the allocator limit of {jax.local_devices()[0].device_kind}'
     ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     return ram * fraction, f'{fraction:.0%} of this machine\'s {ram / GiB:.0f} GiB RAM (CPU)'
 
