@@ -6,7 +6,7 @@
   §2.1 / App. B source mixtures, K = 2^19         MIXTURES, mixture_rates, mixture_batches
   §3.3 TOP-k MULTI-TASK MIXTURE                   topk_mixture
   §2.1 footnote 5, T5 metric definitions          score, benchmark_score
-  the public files tests and --tiny read          fetch, data_root (python data.py fetch [NAME ...])
+  the public files tests and --tiny read          fetch, data_root (python3 data.py fetch [NAME ...])
 Formats, label strings and metrics follow T5's glue_utils/preprocessors/postprocessors and the official
 SPoT task files (google-research/prompt-tuning, prompt_tuning/spot/data); 'our choice' marks the rest.
 """
@@ -1412,7 +1412,7 @@ def benchmark_score(task_scores):
 # ----------------------------------------------------------------------------- the public files, fetched
 # The small public files that the tests, the benchmarks and the --tiny modes read: the T5 vocabulary, the
 # GLUE/SuperGLUE task files small enough to keep, Google's released prompts and its T5X test checkpoint.
-#     python data.py fetch [NAME ...]      NAME: a file or folder of the layout below (glue/SST-2, superglue)
+#     python3 data.py fetch [NAME ...]      NAME: a file or folder of the layout below (glue/SST-2, superglue)
 # puts them in a cache, $SPOT_DATA (default $XDG_CACHE_HOME/spot-jax/data or ~/.cache/spot-jax/data), and
 # prints its path. Each file comes from its public home and is checked against its sha256; full training
 # data stays tfds's job (load_examples' default). SPOT_DATA_MIRROR=URL fetches every file as
@@ -1687,7 +1687,7 @@ FILES = [
     *[(f"t5x_tiny_checkpoint/checkpoint_3/{path}", _PT + f"test_data/test_t5_1_1_tiny/checkpoint_3/{path}",
        size, sha) for path, size, sha in _T5X_TINY],
 ]
-FETCH_HINT = "python data.py fetch"
+FETCH_HINT = "python3 data.py fetch"
 PROGRESS_BYTES = 2 ** 20          # files from this size on show a progress bar
 
 

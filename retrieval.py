@@ -5,7 +5,7 @@
                         top_k_mixture_tasks
 §3.1 transfer ......... relative_error_reduction (the tables' statistics: experiments/stats.py)
 prompt library ........ PromptEntry, save_to_library, load_library, group_by_task
-CLI: python retrieval.py rank --target T.npy --library DIR --metric per_token --k 3
+CLI: python3 retrieval.py rank --target T.npy --library DIR --metric per_token --k 3
 """
 import argparse
 import dataclasses

@@ -10,7 +10,7 @@ The method, in reading order:
   evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator)
 Then, in headed sections: performance (sub-batches); I/O: prompt files (.npy, the official code's T5X prompt
 files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder, sharding and multi-host
-(make_mesh, shard_params, shard_batch, replicate); the CLI: `python spot.py train|eval|export -h`.
+(make_mesh, shard_params, shard_batch, replicate); the CLI: `python3 spot.py train|eval|export -h`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """What experiments/*.py share: command line, frozen model, task data, one prompt-tuning run, results.
 
 Task data comes from data.py (tfds, or the original files with --data). Under --tiny it is the first few
-examples of the files in the cache that `python data.py fetch` fills (data.data_root()), or, where those are
+examples of the files in the cache that `python3 data.py fetch` fills (data.data_root()), or, where those are
 missing, a synthetic task on token ids (token_task, also the quickstart's tasks); --tiny never downloads.
 Results follow paper_numbers.RESULTS_SCHEMA.
 """

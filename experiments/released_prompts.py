@@ -4,10 +4,10 @@ google-research/prompt-tuning released three [100, 768] prompts for the frozen T
 GLUE validation scores (pretrained_prompts/t5_1_1_lm100k_base/README.md): SST-2 acc 95.07, MRPC F1/acc
 89.7/85.3, RTE acc 68.6. Matching them tests load_checkpoint, the prompt in encode (Lester et al. 2021 §2),
 greedy_decode, the exact input format (taskless_text) and data.score at once. The command (the prompts
-come from the cache that `python data.py fetch` fills, fetched on first use; the GLUE files from tfds, or
+come from the cache that `python3 data.py fetch` fills, fetched on first use; the GLUE files from tfds, or
 from that cache as here):
-  python experiments/released_prompts.py --model google/t5-base-lm-adapt \
-      --data "$(python data.py fetch glue)/glue"
+  python3 experiments/released_prompts.py --model google/t5-base-lm-adapt \
+      --data "$(python3 data.py fetch glue)/glue"
 872 + 408 + 277 examples: ~28 CPU-minutes (~15-25 min on 2 cores), minutes on a GPU (not yet timed there).
 Writes results/released_prompts.json. --tiny: the same path on a random tiny T5 of width 768, 8 examples per
 task, seconds; its scores are meaningless.
@@ -172,8 +172,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=Config.model, help="hub id or local HF checkpoint directory")
     p.add_argument("--prompts", help="folder with sst2.npy, mrpc.npy, rte.npy (default: the cache, fetched "
                    "from google-research/prompt-tuning)")
-    p.add_argument("--data", help="folder with the GLUE tsv files, e.g. the glue folder that `python data.py "
-                   "fetch glue` prints (default: tfds; --tiny: the cache)")
+    p.add_argument("--data", help="folder with the GLUE tsv files, e.g. the glue folder that "
+                   "`python3 data.py fetch glue` prints (default: tfds; --tiny: the cache)")
     p.add_argument("--vocab", help="SentencePiece model (default: spiece.model of --model)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--limit", type=int, help="first N validation examples per task")

@@ -4,6 +4,7 @@ The results follow paper_numbers.RESULTS_SCHEMA and test_paper_numbers.compare a
 logic holds on the numbers; the quickstart's retrieval and transfer effect hold. ~3 min on 2 cores (compiles
 are shared across the scripts)."""
 import json
+import re
 import sys
 import time
 import types
@@ -16,6 +17,7 @@ import pytest
 import retrieval
 import spot
 import t5_model
+from conftest import ORACLE_INSTALL
 from experiments import (
     common,
     figure1_model_sizes,
@@ -166,7 +168,7 @@ def test_bench_peft_arm_times_random_and_given_batches(shared_data):
     """The PEFT arm (bench_peft_arm.py under --peft-python) on a tiny shape: the random batches of the
     synthetic rounds, then our pipeline's token ids collated as PEFT pads them."""
     for name in ("torch", "transformers", "peft"):
-        pytest.importorskip(name, reason="the PEFT arm needs pip install -e '.[bench]'")
+        pytest.importorskip(name, reason=f"the PEFT arm needs {name}: {ORACLE_INSTALL}")
     from experiments import bench_prompt_step as B
     args = types.SimpleNamespace(peft_python=sys.executable, threads=1, vocab=shared_data / "t5_spiece.model")
     cfg = t5_model.T5Config.tiny()
@@ -193,12 +195,28 @@ def test_analytic_flops_known_answer():
 
 def test_no_script_default_or_readme_command_reads_a_shared_folder_beside_the_clone():
     """A user's clone has no ../shared: the README's commands and the scripts' defaults name the fetch cache
-    (python data.py fetch) or tfds instead."""
+    (python3 data.py fetch) or tfds instead."""
     root = Path(common.__file__).resolve().parents[1]
     for path in [root / "README.md", *sorted((root / "experiments").glob("*.py"))]:
         hits = [f"{path.name}:{i}: {line}" for i, line in enumerate(path.read_text().splitlines(), 1)
                 if "shared/" in line]
         assert not hits, hits
+
+
+def test_ci_runs_the_readme_test_command_with_the_cpu_torch_index_and_python3_throughout():
+    """.ci/run is the README's test command; it installs the oracles from PyTorch's CPU index (plain PyPI
+    serves the CUDA build); every command in the README and the scripts' docstrings says python3."""
+    root = Path(common.__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("Run the tests")[1].split("```bash\n")[1].split("```")[0]
+    command = " ".join(block.replace("\\\n", " ").split())
+    ci = (root / ".ci" / "run").read_text()
+    assert command in " ".join(ci.replace("\\\n", " ").split())
+    assert "'.[test,oracle]' --extra-index-url https://download.pytorch.org/whl/cpu" in command
+    for path in [root / "README.md", *sorted((root / "experiments").glob("*.py"))]:
+        bare = [line for line in path.read_text().splitlines()
+                if re.search(r"(^|[\s`($])python [\w./-]+\.py", line)]
+        assert not bare, (path.name, bare)
 
 
 SCRIPTS = sorted(p.name for p in (Path(common.__file__).parent).glob("*.py") if "__main__" in p.read_text())

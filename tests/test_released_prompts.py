@@ -147,7 +147,7 @@ SCRIPT = str(Path(rp.__file__).resolve())
 
 
 def test_runs_as_a_script_from_a_clone_that_was_not_installed(shared_data, tmp_path):
-    """`python experiments/released_prompts.py --tiny` from another folder: the script puts the repository
+    """`python3 experiments/released_prompts.py --tiny` from another folder: the script puts the repository
     root on sys.path before it imports data."""
     hidden = run_uninstalled(tmp_path, "-c", "import data")
     assert hidden.returncode == 1 and "No module named 'data'" in hidden.stderr   # the repository is hidden
@@ -196,8 +196,8 @@ def test_checkpoint_path_runs_on_a_local_folder(shared_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- real weights
-COMMAND = ('python experiments/released_prompts.py --model google/t5-base-lm-adapt '
-           '--data "$(python data.py fetch glue)/glue"')
+COMMAND = ('python3 experiments/released_prompts.py --model google/t5-base-lm-adapt '
+           '--data "$(python3 data.py fetch glue)/glue"')
 
 
 def _base_checkpoint():

@@ -28,7 +28,7 @@ import pytest
 import retrieval
 import spot
 import t5_model
-from conftest import f32_atol, network_roundings
+from conftest import ORACLE_INSTALL, f32_atol, network_roundings
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = t5_model.T5Config.tiny()
@@ -492,7 +492,7 @@ TINY_HF = {'vocab_size': 64, 'd_model': 16, 'd_kv': 8, 'd_ff': 32, 'num_layers':
 def hf_peft():
     """(torch, transformers, peft), or a skip that says what to install."""
     for name in ('torch', 'transformers', 'peft'):
-        pytest.importorskip(name, reason=f"PEFT interop needs {name}: pip install -e '.[test]'")
+        pytest.importorskip(name, reason=f"PEFT interop needs {name}: {ORACLE_INSTALL}")
     import peft
     import torch
     import transformers
@@ -703,7 +703,7 @@ def test_hostile_or_broken_peft_bin_gets_one_line_without_unsafe_advice(tmp_path
     """torch's weights_only loader blocks a pickle that would run code, but its message advises
     weights_only=False; that, a truncated file, text and a list instead of a dict were tracebacks. Now: one
     line naming the file, no such advice, and nothing run."""
-    torch = pytest.importorskip('torch')
+    torch = pytest.importorskip('torch', reason=ORACLE_INSTALL)
     config = {'peft_type': 'PROMPT_TUNING', 'task_type': 'SEQ_2_SEQ_LM', 'num_virtual_tokens': 2}
     good = {'prompt_embeddings': torch.zeros(4, 16)}
     torch.save(good, tmp_path / 'good.bin')
