@@ -327,8 +327,11 @@ def main(argv=None):
             if not left:
                 raise ValueError(f"prompt library {args.library} holds only the target")
             ranking = rank_sources(list(targets.values()), left, args.metric)
-            _print_ranking(ranking, len(ranking) if args.k is None else args.k, args.metric,
-                           Path(args.library))
+            k = len(ranking) if args.k is None else args.k
+            if k > len(ranking) and k == int(k) > 0:  # --k 3 on a library of 2 sources: all of them
+                print(f"(--k {k}, but the library holds {len(ranking)} sources: all of them)")
+                k = len(ranking)
+            _print_ranking(ranking, k, args.metric, Path(args.library))
             return
         groups = group_by_task(library)
         print(f"{args.metric:>16} " + " ".join(f"{t[:10]:>10}" for t in groups))

@@ -229,3 +229,38 @@ def test_every_script_runs_from_a_clone_that_was_not_installed(script, tmp_path)
     assert run_uninstalled(tmp_path, "-c", "import data").returncode == 1     # the repository is hidden
     out = run_uninstalled(tmp_path, str(Path(common.__file__).parent / script), "--help")
     assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stderr[-2000:]
+
+
+def test_readme_spot_step_by_step_runs_as_written(shared_data, tmp_path, monkeypatch, capsys):
+    """The README's "SPoT step by step" commands, run as written but on the random tiny T5: --model tiny, a
+    few steps, --data with the fetch cache's files; GLUE is RTE + MRPC and MNLI is SST-2 (the cache has no
+    MNLI). Run folders are the prompts; the library runs/ is searched recursively."""
+    import shlex
+
+    import data
+    readme = (Path(common.__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## SPoT step by step")[1].split("```bash\n")[1].split("```")[0]
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith("python3 ")]
+    assert [c[1] for c in commands] == ["spot.py"] * 3 + ["retrieval.py"] + ["spot.py"] * 2
+    monkeypatch.setitem(data.MIXTURES, "GLUE", ("rte", "mrpc"))
+    monkeypatch.chdir(tmp_path)
+    subs = {("--model", "google/t5-base-lm-adapt"): "tiny", ("--task", "mnli"): "sst2"}
+    tiny = ["--eval_limit=8", "--eval_batch_size=8", "--max_input_len=48", "--length=5"]
+    tiny_train = ["--steps", "4", "--batch_size=4", "--eval_every=2", "--embedding_step=2"]
+    for script, *argv in (c[1:] for c in commands):
+        argv = [subs.get((before, a), a) for before, a in zip(["", *argv], argv)]
+        if script == "retrieval.py":
+            retrieval.main(argv)
+            continue
+        folder = "superglue" if argv[argv.index("--task") + 1] == "cb" else "glue"
+        spot.main([*argv, "--data", str(shared_data / folder), *tiny,
+                   *(tiny_train if argv[0] == "train" else [])])
+    out = capsys.readouterr().out
+    ranking = out[out.index("(left out of the library: the target itself"):].splitlines()
+    assert ranking[1] == "(--k 3, but the library holds 2 sources: all of them)"
+    assert ranking[2].split()[:2] == ["rank", "per_token"]
+    assert sorted(line.split()[3] for line in ranking[3:5]) == ["GLUE", "sst2"], out     # cb: the target
+    scores = json.loads(Path("runs/glue-cb/eval.json").read_text())
+    assert scores["task"] == "cb" and scores["examples"] == 8 and 0 <= scores["accuracy"] <= 100
+    source = json.loads(Path("runs/glue-cb/prompt.json").read_text())["prompt_config"]
+    assert source["init"] == "file" and source["source"] == "runs/glue"
