@@ -157,9 +157,14 @@ def test_cli_rank_and_matrix(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "matrix", "--library", str(lib),
                           "--metric", "average_tokens"], capture_output=True, text=True, check=True).stdout
     assert "1.0000" in out and "far" in out
+    # --k past the library's size (the README's --k 3 on a smaller library) ranks all of it, and says so
+    out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", target, "--library",
+                          str(lib), "--k", "9"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("(--k 9, but the library holds 3 sources: all of them)"), out
+    assert len(out.splitlines()) == 5
     bad = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", target,
-                          "--library", str(lib), "--k", "9"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "k=9 but the ranking holds 3 prompts" in bad.stderr
+                          "--library", str(lib), "--k", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "pick an integer 1 <= k <= 3" in bad.stderr, bad.stderr
 
 
 def test_library_holds_t5x_and_peft_prompts_beside_ours(tmp_path):
