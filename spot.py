@@ -1598,6 +1598,12 @@ def model_config(name: str, for_export=True) -> t5_model.T5Config:
     return t5_model.T5Config.from_hf(json.loads(Path(path).read_text()))
 
 
+# Bad input (a wrong path, a missing package or file, offline, a task without a metric, a NaN loss): spot.py
+# and the experiment scripts print one line, no traceback (--debug or SPOT_DEBUG=1 shows it).
+USER_ERRORS = (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError,
+               MemoryError)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog='spot.py', allow_abbrev=False, description=__doc__.split('\n')[0],
                                 epilog='Every TrainConfig/PromptConfig field is a flag of train, eval and '
@@ -1656,10 +1662,7 @@ def main(argv=None):
     try:
         commands = {'eval': evaluate_cli, 'train': train_cli, 'export': export_cli, 'plan': plan_cli}
         commands[args.cmd](args, tc, pc)
-    # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no
-    # traceback.
-    except (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError,
-            MemoryError) as e:
+    except USER_ERRORS as e:
         if args.debug or os.environ.get('SPOT_DEBUG', '') not in ('', '0'):
             raise
         sys.exit(f'error: {e}')

@@ -21,10 +21,12 @@ Real data (`--real-data sst2,rte,boolq --batch-sizes 8,32`): the same examples o
 per batch, padded to the bucket of the longest) and through PEFT with
 DataCollatorForSeq2Seq(padding="longest") (bench_peft_arm.py --batches), rounds alternating on the same
 batches; our time includes making the batch.
-`--memory 50000000 --shapes tiny --batch 32`: peak RSS of 200 training steps on a lazily generated source.
+`--memory 50000000 --shapes tiny --batch-size 32`: peak RSS of 200 training steps on a lazily generated
+source.
 `--startup --shapes small,base`: seconds to the first step in fresh processes without/with the compile cache.
 On an accelerator (no PEFT arm; `large`/`xl` shapes, bfloat16 weights, the paper's batch 32):
-    python3 experiments/bench_prompt_step.py --no-peft --shapes base,xl --dtype bfloat16 --batch 32 --rounds 2
+    python3 experiments/bench_prompt_step.py --no-peft --shapes base,xl --dtype bfloat16 --batch-size 32 \\
+        --rounds 2
 """
 import argparse
 import dataclasses
@@ -47,12 +49,13 @@ sys.path.insert(0, str(ROOT))  # run as a script: repo root
 import data
 import spot
 import t5_model
+from experiments import common
 
 # shape -> T5Config name (tiny: --memory only)
 SHAPES = {'tiny': 'tiny', 'small': 'google/t5-small-lm-adapt', 'base': 'google/t5-base-lm-adapt',
           'large': 'google/t5-large-lm-adapt', 'xl': 'google/t5-xl-lm-adapt'}
 PEFT_ARM = ROOT / 'experiments' / 'bench_peft_arm.py'
-# Prompt, input and target tokens: the PEFT benchmark's shapes. The batch is --batch (8).
+# Prompt, input and target tokens: the PEFT benchmark's shapes. The batch is --batch-size (8).
 P, S, T = 100, 128, 8
 
 
@@ -340,7 +343,8 @@ def main(argv=None):
     p.add_argument('--variants', default='', help=f'extra arms, comma separated: {",".join(VARIANTS)}')
     p.add_argument('--no-peft', action='store_true', help='time ours only (e.g. on an accelerator)')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='frozen weights')
-    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--batch-size', '--batch_size', '--batch', dest='batch', type=int, default=8,
+                   help='rows of the synthetic rounds (--real-data: --batch-sizes)')
     p.add_argument('--json', default=None)
     p.add_argument('--real-data', default='', help=f'tasks, comma separated: {",".join(REAL_TASKS)}')
     p.add_argument('--batch-sizes', default='8,32', help='--real-data: batch sizes')
@@ -436,4 +440,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    common.run_main(main)

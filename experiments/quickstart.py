@@ -39,6 +39,7 @@ import data
 import retrieval
 import spot
 import t5_model
+from experiments import common
 from experiments.common import mean_std, token_task, tune_prompt
 
 SOURCE_STEPS, EMBED_STEPS, TARGET_STEPS = 150, 30, 12  # paper: 2^18, 10K, 100K (§3.1, §3.2)
@@ -153,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -362,17 +362,19 @@ def parse_args(argv):
     p.add_argument("--method", choices=("decode", "rank"), default="decode",
                    help="decode: greedy, as T5 and the paper (default); rank: rank classification of every "
                         "example (WSC is decoded either way)")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", "--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=spot.DTYPES,
                    help="frozen weights/activations (spot.py)")
-    p.add_argument("--max_input_len", type=int, default=data.MAX_INPUT_LEN)
+    p.add_argument("--max_input_len", "--max-input-len", type=int, default=data.MAX_INPUT_LEN)
     p.add_argument("--out", default=str(common.ROOT / "results"),
                    help="folder for the zip, its files and the json")
     p.add_argument("--tiny", action="store_true",
                    help="random tiny T5, a few examples per file, seconds (CI)")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback (also SPOT_DEBUG=1)")
     args = p.parse_args(argv)
     if not args.tiny and not (args.prompts and args.data):
         p.error("--prompts and --data are required (or --tiny)")
+    args.out = common.tiny_out(args.out, args.tiny)       # a tiny run never overwrites a real one
     return args
 
 
@@ -453,4 +455,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

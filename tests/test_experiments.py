@@ -42,7 +42,8 @@ def run_tiny(module, out, *extra):
     print(f"{module.__name__} --tiny: {time.perf_counter() - t0:.1f} s")
     name = module.__name__.split(".")[-1]
     assert name in paper_numbers.EXPERIMENT_COMMANDS
-    saved = json.loads((out / f"{name}.json").read_text())
+    assert not (out / f"{name}.json").exists()     # a tiny run never overwrites a real run's results
+    saved = json.loads((out / "tiny" / f"{name}.json").read_text())
     assert saved == json.loads(json.dumps(result))  # what main returns is what it wrote
     assert set(saved) == {"experiment", "config", "results", "summary"} and saved["experiment"] == name
     assert saved["config"]["tiny"] is True
@@ -72,8 +73,11 @@ def test_table1_tiny(out, capsys):
     assert {x["source"] for x in res["results"] if x["method"] == "PromptTuning"} == {None}
 
 
-def test_figure1_tiny(out):
+def test_figure1_tiny(out, capsys):
     res = run_tiny(figure1_model_sizes, out)
+    printed = capsys.readouterr().out               # one seed: no "± 0.0 over 1 seeds"
+    assert "ours (1 seed: no spread) vs paper" in printed and "over 1 seeds" not in printed
+    assert "± 0.0 " not in printed.split("vs paper")[1].split("paper")[0]
     methods = ["PromptTuning", "SPoT", "ModelTuning", "Multi-task ModelTuning"]
     assert list(res["summary"]) == [f"{m}/tiny" for m in methods]
     paper = paper_numbers.paper_rows("figure1_model_sizes")
@@ -102,7 +106,8 @@ def test_table6_then_table3_tiny(out):
             base = min(cells[f"BASELINE/{t}"], 99.9)
             expected = retrieval.relative_error_reduction(cells[f"{s}/{t}"], base)
             np.testing.assert_allclose(cells[f"RER/{s}/{t}"], expected)
-    assert (out / "figure3_transfer_heatmap.png").stat().st_size > 0
+    assert (out / "tiny" / "figure3_transfer_heatmap.png").stat().st_size > 0
+    assert not list(out.glob("*.png"))
 
     t3 = run_tiny(table3_retrieval, out)  # reuses table 6's runs in the same --out
     assert t3["config"]["library_size"] == len(sources) * 2
@@ -121,7 +126,7 @@ def test_table6_then_table3_tiny(out):
     assert t3["summary"]["ORACLE"]["mean"] >= t3["summary"]["per_token/best_of_top_k/1"]["mean"]
     for fig in ("figure4_task_similarity", "figure5_similarity_vs_transfer",
                 "figure8_similarity_vs_transfer"):
-        assert (out / f"{fig}.png").stat().st_size > 0
+        assert (out / "tiny" / f"{fig}.png").stat().st_size > 0
 
 
 def test_table3_without_table6_runs_names_the_command(tmp_path):
@@ -156,8 +161,8 @@ def test_bench_prompt_step_runs_without_peft(tmp_path):
     """The benchmark is a script, not a timed test: this only checks that it runs and reports what it
     promises."""
     from experiments import bench_prompt_step
-    bench_prompt_step.main(["--no-peft", "--shapes", "small", "--rounds", "1", "--steps", "1", "--batch", "1",
-                            "--json", str(tmp_path / "bench.json")])
+    bench_prompt_step.main(["--no-peft", "--shapes", "small", "--rounds", "1", "--steps", "1", "--batch-size",
+                            "1", "--json", str(tmp_path / "bench.json")])
     (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert row["shape"] == "small" and row["arm"] == "ours" and row["ratio_vs_peft"] is None
     assert row["s_per_step"] > 0 and row["compile_s"] > 0
