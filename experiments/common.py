@@ -27,8 +27,9 @@ TINY_EXAMPLES = 16                          # --tiny: training and validation ex
 
 
 def run_main(main):
-    """A script's `if __name__ == "__main__"`: main(argv). An error the user can fix (spot.USER_ERRORS: a
-    missing file, offline, a bad value) is one line on stderr; --debug or SPOT_DEBUG=1 shows its traceback."""
+    """What a script runs when started from the shell: main(argv). An error the user can fix
+    (spot.USER_ERRORS: a missing file, offline, a bad value) is one line on stderr; --debug or SPOT_DEBUG=1
+    shows its traceback."""
     argv = sys.argv[1:]
     debug = "--debug" in argv or os.environ.get("SPOT_DEBUG", "") not in ("", "0")
     try:
