@@ -269,3 +269,35 @@ def test_readme_spot_step_by_step_runs_as_written(shared_data, tmp_path, monkeyp
     assert scores["task"] == "cb" and scores["examples"] == 8 and 0 <= scores["accuracy"] <= 100
     source = json.loads(Path("runs/glue-cb/prompt.json").read_text())["prompt_config"]
     assert source["init"] == "file" and source["source"] == "runs/glue"
+
+
+def test_run_main_turns_user_errors_into_one_line_and_debug_shows_the_traceback(monkeypatch):
+    """Every script ends in common.run_main(main): a missing file, offline or a bad value is one line on
+    stderr (table6 offline printed 110 lines); --debug or SPOT_DEBUG=1 raises it; a bug still raises."""
+    def main(argv):
+        assert "--debug" not in argv                    # run_main takes it: the scripts' parsers never see it
+        raise FileNotFoundError("no file x:\n  pass --data DIR")
+    monkeypatch.setattr(sys, "argv", ["table6_transferability.py", "--tiny"])
+    monkeypatch.delenv("SPOT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        common.run_main(main)
+    assert e.value.code == "error: no file x: pass --data DIR (traceback: --debug)"
+    monkeypatch.setattr(sys, "argv", ["table6_transferability.py", "--tiny", "--debug"])
+    with pytest.raises(FileNotFoundError):
+        common.run_main(main)
+    monkeypatch.setattr(sys, "argv", ["table6_transferability.py"])
+    monkeypatch.setenv("SPOT_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        common.run_main(main)
+    monkeypatch.delenv("SPOT_DEBUG")
+    with pytest.raises(ZeroDivisionError):                  # not the user's: a traceback
+        common.run_main(lambda argv: 1 / 0)
+
+
+def test_scripts_take_config_fields_as_flags_with_a_value_or_equals_and_dashes():
+    args = common.parse_args("doc", ["--tiny", "--batch_size", "8", "--eval-every=3", "--learning-rate",
+                                     "0.1"])
+    assert (args.train.batch_size, args.train.eval_every, args.train.optimizer.learning_rate) == (8, 3, 0.1)
+    assert Path(args.out).name == "tiny" and args.runs == Path(args.out) / "runs"
+    with pytest.raises(SystemExit):
+        common.parse_args("doc", ["--tiny", "--no_such_field", "1"])
