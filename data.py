@@ -6,7 +6,7 @@
   §2.1 / App. B source mixtures, K = 2^19         MIXTURES, mixture_rates, mixture_batches
   §3.3 TOP-k MULTI-TASK MIXTURE                   topk_mixture
   §2.1 footnote 5, T5 metric definitions          score, benchmark_score
-  the public files tests and --tiny read          fetch, data_root (python data.py fetch [NAME ...])
+  the public files tests and --tiny read          fetch, data_root (python3 data.py fetch [NAME ...])
 Formats, label strings and metrics follow T5's glue_utils/preprocessors/postprocessors and the official
 SPoT task files (google-research/prompt-tuning, prompt_tuning/spot/data); 'our choice' marks the rest.
 """
@@ -409,12 +409,28 @@ MIXTURES = {
 MIXTURES["All"] = tuple(dict.fromkeys(t for m in list(MIXTURES.values()) for t in m if t != "superglue_rte"))
 
 
+class UnknownTask(KeyError):
+    """A name that is neither a task nor a mixture; str() is the message itself (a KeyError's is its repr)."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
 def get_task(name):
     """Task by name; case, '-', '_', ' ' and '/' are ignored ('STS-B' -> stsb, 'Yelp-2' -> yelp2)."""
     task = _REGISTRY.get(re.sub(r"[^a-z0-9.]", "", str(name).lower()))
     if task is None:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(t.name for t in TASKS)}")
+        raise UnknownTask(f"unknown task {name!r} (--task); tasks: {', '.join(t.name for t in TASKS)}; "
+                          f"mixtures: {', '.join(MIXTURES)}")
     return task
+
+
+def task_names(name):
+    """--task as (mixture name or None, its task names): a mixture of MIXTURES (any case) or one task.
+    Example: task_names('glue') -> ('GLUE', ('cola', 'sst2', ...)); task_names('STS-B') -> (None, ('stsb',))
+    """
+    mixture = next((m for m in MIXTURES if m.lower() == str(name).lower()), None)
+    return (mixture, MIXTURES[mixture]) if mixture else (None, (get_task(name).name,))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -460,9 +476,9 @@ def _tfds_sources(task, split, tfds_dir, download):
     """tfds random-access data sources (array_record) of one split: one per tfds dataset of the task."""
     if task.tfds_name is None:
         raise FileNotFoundError(f"tfds has no {task.name}; get the original files from {task.source} "
-                                f"and pass data_dir=<folder holding {sorted(set(task.files.values()))}>")
+                                f"and pass --data DIR (holding {sorted(set(task.files.values()))})")
     if task.needs_tf and importlib.util.find_spec("tensorflow") is None:
-        alt = f"; or read the original files with data_dir= ({task.source})" if task.reader else ""
+        alt = f"; or read the original files with --data DIR ({task.source})" if task.reader else ""
         raise ModuleNotFoundError(f"tfds 4.9.10 builds {task.tfds_name} only with TensorFlow "
                                   f"(its features use tf dtypes): {TF_HINT}{alt}")
     # The submodules register glue, super_glue & co. without TensorFlow (tfds 4.9, tested here); `import
@@ -472,18 +488,52 @@ def _tfds_sources(task, split, tfds_dir, download):
     import tensorflow_datasets.summarization  # noqa: F401
     import tensorflow_datasets.text  # noqa: F401
     import tensorflow_datasets.translate  # noqa: F401
-    out = []
+    out, files = [], _files_hint(task)
     for name in (task.tfds_name,) if isinstance(task.tfds_name, str) else task.tfds_name:
-        try:   # array_record: the only tfds file format that is written and read without TensorFlow
-            out.append(tfds.data_source(name, split=task.splits[split], data_dir=tfds_dir, download=download,
-                                        builder_kwargs={"file_format": "array_record"}))
-        except Exception as e:  # no network, manual download, missing TensorFlow for other builders ...
-            raise RuntimeError(f"tfds could not load {name} split {task.splits[split]!r} "
-                               f"({type(e).__name__}: {str(e)[:300]}). Prepare it where there is network "
-                               f"(tfds.data_source with builder_kwargs={{'file_format': 'array_record'}}; "
-                               f"{TF_HINT} if it asks for TensorFlow) "
-                               f"or use data_dir= ({task.source or 'see the tfds catalog'})") from e
+        # array_record: the only tfds file format that is written and read without TensorFlow
+        load = functools.partial(tfds.data_source, name, split=task.splits[split], data_dir=tfds_dir,
+                                 builder_kwargs={"file_format": "array_record"})
+        try:                                    # prepared already: no network needed
+            out.append(load(download=False))
+            continue
+        except Exception as e:  # noqa: BLE001 -- not prepared (tfds raises KeyError, AssertionError ...)
+            error = e
+        if download:
+            if not online():                    # offline: tfds would retry its downloads for minutes
+                raise ConnectionError(f"tfds has not prepared {name} and the network is unreachable: {files}")
+            try:
+                out.append(load(download=True))
+                continue
+            except Exception as e:  # noqa: BLE001 -- a manual download, TensorFlow missing ...
+                error = e
+        why = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        raise OSError(f"tfds could not load {name} split {task.splits[split]!r} ({why}); "
+                      f"{TF_HINT} if it asks for TensorFlow; else {files}")
     return out
+
+
+def _files_hint(task):
+    """What to pass instead of tfds, for an error message."""
+    folder = {GLUE_URL: "glue", SUPERGLUE_URL: "superglue"}.get(task.source)   # what fetch caches
+    return (f"pass --data DIR, a folder with {task.name}'s original files"
+            + (f" (`{FETCH_HINT} {folder}` caches them: --data {data_root() / folder})" if folder
+               else f" ({task.source or 'see the tfds catalog'})"))
+
+
+# Hosts tfds downloads from; none answering in a few seconds = offline
+DOWNLOAD_HOSTS = ("storage.googleapis.com", "dl.fbaipublicfiles.com", "huggingface.co")
+
+
+def online(timeout=3.0):
+    """Whether any of DOWNLOAD_HOSTS accepts a connection within `timeout` seconds."""
+    import socket
+    for host in DOWNLOAD_HOSTS:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def _tfds_examples(task, split, tfds_dir, download):
@@ -786,6 +836,20 @@ def load_vocab(path_or_hub_id=None):
     """A .model file, a directory holding spiece.model, or a Hugging Face hub id (default: $SPOT_VOCAB, else
     DEFAULT_VOCAB). Cached per resolved reference, so a changed SPOT_VOCAB is seen."""
     return _load_vocab(str(path_or_hub_id or os.environ.get("SPOT_VOCAB", DEFAULT_VOCAB)))
+
+
+def model_vocab(model, vocab=None):
+    """The vocabulary of --model (spot.py and the scripts alike): --vocab when given, else a checkpoint
+    folder's spiece.model, else for 'tiny' the fetch cache's t5_spiece.model, else load_vocab's default
+    ($SPOT_VOCAB, else DEFAULT_VOCAB from the hub: every T5 1.1 size shares it)."""
+    folder, cached = Path(str(model)).expanduser(), data_root() / "t5_spiece.model"
+    if vocab:
+        return load_vocab(vocab)
+    if (folder / "spiece.model").is_file():
+        return load_vocab(folder / "spiece.model")
+    if model == "tiny" and not os.environ.get("SPOT_VOCAB") and cached.is_file():
+        return load_vocab(cached)
+    return load_vocab()
 
 
 @functools.lru_cache(maxsize=4)
@@ -1412,7 +1476,7 @@ def benchmark_score(task_scores):
 # ----------------------------------------------------------------------------- the public files, fetched
 # The small public files that the tests, the benchmarks and the --tiny modes read: the T5 vocabulary, the
 # GLUE/SuperGLUE task files small enough to keep, Google's released prompts and its T5X test checkpoint.
-#     python data.py fetch [NAME ...]      NAME: a file or folder of the layout below (glue/SST-2, superglue)
+#     python3 data.py fetch [NAME ...]      NAME: a file or folder of the layout below (glue/SST-2, superglue)
 # puts them in a cache, $SPOT_DATA (default $XDG_CACHE_HOME/spot-jax/data or ~/.cache/spot-jax/data), and
 # prints its path. Each file comes from its public home and is checked against its sha256; full training
 # data stays tfds's job (load_examples' default). SPOT_DATA_MIRROR=URL fetches every file as
@@ -1687,7 +1751,7 @@ FILES = [
     *[(f"t5x_tiny_checkpoint/checkpoint_3/{path}", _PT + f"test_data/test_t5_1_1_tiny/checkpoint_3/{path}",
        size, sha) for path, size, sha in _T5X_TINY],
 ]
-FETCH_HINT = "python data.py fetch"
+FETCH_HINT = "python3 data.py fetch"
 PROGRESS_BYTES = 2 ** 20          # files from this size on show a progress bar
 
 

@@ -5,7 +5,7 @@
                         top_k_mixture_tasks
 §3.1 transfer ......... relative_error_reduction (the tables' statistics: experiments/stats.py)
 prompt library ........ PromptEntry, save_to_library, load_library, group_by_task
-CLI: python retrieval.py rank --target T.npy --library DIR --metric per_token --k 3
+CLI: python3 retrieval.py rank --target T.npy --library DIR --metric per_token --k 3
 """
 import argparse
 import dataclasses
@@ -217,34 +217,60 @@ def _read_json(path):
 
 
 def load_library(directory):
-    """Every prompt in `directory` (.npy, T5X prompt files and checkpoint folders, PEFT adapters) as a
-    PromptEntry. A JSON sidecar <stem>.json gives task/run/step/model/score; without one (e.g. Google's
-    released sst2.npy) the task is the stem."""
+    """Every prompt under `directory`, searched recursively, as a PromptEntry: .npy files, T5X prompt files
+    and checkpoint folders, PEFT adapter folders, and run folders of `spot.py train` (their task embedding,
+    prompt_step<N>.npy, §3.2; else prompt.npy). A JSON sidecar <stem>.json gives task/run/step/model/score;
+    without one (e.g. Google's released sst2.npy) the task is the stem; a run folder's task is the one it
+    was trained on (its sidecar), else the folder's name."""
     import spot  # the one prompt reader (load_prompt); imported here: retrieval's math needs no jax
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"prompt library {directory} is not a directory")
-    entries = []
-    for path in sorted(directory.iterdir()):
-        if path.is_dir() and ((path / spot.PEFT_CONFIG).is_file() or (path / spot.T5X_PROMPT).is_file()):
-            stem = path.name
-        elif path.is_file() and path.suffix == ".npy":
-            stem = path.stem
-        elif path.is_file() and path.name.endswith(spot.T5X_PROMPT):
-            stem = path.name.removesuffix(spot.T5X_PROMPT).rstrip(".") or path.name
-        else:
-            continue  # not a prompt (README, notes/)
-        sidecar = directory / f"{stem}.json"
-        meta = _read_json(sidecar) if sidecar.exists() else {"task": stem}
-        if not isinstance(meta, dict) or "task" not in meta:
-            raise ValueError(f"{sidecar} has no 'task' field; write it with save_to_library")
-        fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
-        prompt = _as_prompt(spot.load_prompt(path), str(path))  # float64, non-empty
-        entries.append(PromptEntry(meta["task"], prompt, path=path, **fields))
+    entries, seen = [], set()
+
+    def visit(folder):
+        if folder.resolve() in seen:  # a symlink loop
+            return
+        seen.add(folder.resolve())
+        if spot.is_run_folder(folder):
+            entries.append(_run_entry(folder))
+            return
+        for path in sorted(folder.iterdir()):
+            if path.is_dir() and ((path / spot.PEFT_CONFIG).is_file() or (path / spot.T5X_PROMPT).is_file()):
+                stem = path.name
+            elif path.is_dir():
+                visit(path)
+                continue
+            elif path.is_file() and path.suffix == ".npy":
+                stem = path.stem
+            elif path.is_file() and path.name.endswith(spot.T5X_PROMPT):
+                stem = path.name.removesuffix(spot.T5X_PROMPT).rstrip(".") or path.name
+            else:
+                continue  # not a prompt (README, notes/)
+            sidecar = folder / f"{stem}.json"
+            meta = _read_json(sidecar) if sidecar.exists() else {"task": stem}
+            if not isinstance(meta, dict) or "task" not in meta:
+                raise ValueError(f"{sidecar} has no 'task' field; write it with save_to_library")
+            fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
+            prompt = _as_prompt(spot.load_prompt(path), str(path))  # float64, non-empty
+            entries.append(PromptEntry(meta["task"], prompt, path=path, **fields))
+    visit(directory)
     if not entries:
-        raise ValueError(f"prompt library {directory} holds no .npy prompts, T5X {spot.T5X_PROMPT} files or "
-                         "PEFT adapter folders")
+        raise ValueError(f"prompt library {directory} holds no .npy prompts, T5X {spot.T5X_PROMPT} files, "
+                         "PEFT adapter folders or run folders (searched recursively)")
     return entries
+
+
+def _run_entry(folder):
+    """A run folder's task embedding (spot.run_prompt_file) as a PromptEntry."""
+    import spot
+    path = spot.run_prompt_file(folder, embedding=True)
+    sidecar = path.with_suffix(".json")
+    meta = _read_json(sidecar) if sidecar.exists() else {}
+    meta = meta if isinstance(meta, dict) else {}
+    fields = {k: meta.get(k) for k in ("step", "model", "score")}
+    prompt = _as_prompt(spot.load_prompt(path), str(path))
+    return PromptEntry(str(meta.get("task") or folder.name), prompt, path=path, **fields)
 
 
 def group_by_task(entries):
@@ -257,13 +283,16 @@ def group_by_task(entries):
 
 # ---------------------------------------------------------------- CLI
 
-def _print_ranking(ranking, k, metric):
+def _print_ranking(ranking, k, metric, root=None):
     top = ranking[:len(top_k(ranking, k))]
     alphas = [f"{a:.4f}" for a in top_k_weights(ranking, k)] if sum(s for _, s in top) > 0 else [""] * k
-    print(f"{'rank':>4} {metric:>14} {'alpha':>7}  task (run, step, score, file)")
+    print(f"{'rank':>4} {metric:>14} {'alpha':>7}  task (what is known: run, step, score; file)")
     for r, ((e, sim), a) in enumerate(zip(top, alphas), 1):
-        print(f"{r:>4} {sim:>14.4f} {a:>7}  {e.task} (run={e.run}, step={e.step}, score={e.score}, "
-              f"{e.path.name if e.path else ''})")
+        known = [f"{name}={getattr(e, name)}" for name in ("run", "step", "score")
+                 if getattr(e, name) is not None]
+        if e.path:
+            known.append(str(e.path.relative_to(root) if root and e.path.is_relative_to(root) else e.path))
+        print(f"{r:>4} {sim:>14.4f} {a:>7}  {e.task}" + (f" ({', '.join(known)})" if known else ""))
 
 
 def main(argv=None):
@@ -272,23 +301,37 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     rank = sub.add_parser("rank", help="print source prompts by similarity to the target's prompt (§3.3)")
     rank.add_argument("--target", required=True, nargs="+",
-                      help="target prompt: .npy, T5X prompt file, PEFT adapter (several = runs, averaged)")
+                      help="target prompt: .npy, T5X prompt file, PEFT adapter, or a run folder (its task "
+                           "embedding prompt_step<N>.npy); several = runs, averaged")
     rank.add_argument("--k", type=int, help="print the top k, alpha = TOP-k weights (default: all)")
     matrix = sub.add_parser("matrix", help="print the task similarity matrix of a library (Fig. 4)")
     for p in (rank, matrix):
         p.add_argument("--library", required=True,
-                       help="directory of .npy, T5X and PEFT prompts (+ optional <stem>.json metadata)")
+                       help="directory of .npy, T5X and PEFT prompts (+ optional <stem>.json metadata) and "
+                            "run folders, searched recursively")
         p.add_argument("--metric", default="per_token", choices=sorted(METRICS))
     args = parser.parse_args(argv)
     try:
         library = load_library(args.library)
         if args.command == "rank":
             import spot
-            targets = {f: spot.load_prompt(f, what="target prompt") for f in args.target}
+            files = [spot.run_prompt_file(f, embedding=True) if Path(f).is_dir() and spot.is_run_folder(f)
+                     else Path(f) for f in args.target]
+            targets = {f: spot.load_prompt(f, what="target prompt") for f in files}
             for f, t in targets.items():  # name the file whose width is off
                 _check_target_width([t], library, f"target prompt {f}")
-            ranking = rank_sources(list(targets.values()), library, args.metric)
-            _print_ranking(ranking, len(ranking) if args.k is None else args.k, args.metric)
+            own = {f.resolve() for f in files}  # a library that holds the target: not its own source
+            left = [e for e in library if e.path is None or e.path.resolve() not in own]
+            if len(left) < len(library):
+                print(f"(left out of the library: the target itself, {', '.join(map(str, files))})")
+            if not left:
+                raise ValueError(f"prompt library {args.library} holds only the target")
+            ranking = rank_sources(list(targets.values()), left, args.metric)
+            k = len(ranking) if args.k is None else args.k
+            if k > len(ranking) and k == int(k) > 0:  # --k 3 on a library of 2 sources: all of them
+                print(f"(--k {k}, but the library holds {len(ranking)} sources: all of them)")
+                k = len(ranking)
+            _print_ranking(ranking, k, args.metric, Path(args.library))
             return
         groups = group_by_task(library)
         print(f"{args.metric:>16} " + " ".join(f"{t[:10]:>10}" for t in groups))

@@ -10,7 +10,7 @@ The method, in reading order:
   evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator)
 Then, in headed sections: performance (sub-batches); I/O: prompt files (.npy, the official code's T5X prompt
 files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder, sharding and multi-host
-(make_mesh, shard_params, shard_batch, replicate); the CLI: `python spot.py train|eval|export -h`.
+(make_mesh, shard_params, shard_batch, replicate); the CLI: `python3 spot.py train|eval|export -h`.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -348,13 +349,13 @@ def prefetch(batches, depth: int = 2):
 
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
-             batch_size=64, mesh=None) -> list[str]:
+             batch_size=64, mesh=None, progress=None) -> list[str]:
     """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout,
     in the order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose
     target string has the highest log-likelihood. Examples are grouped by length, and each batch padded to the
     bucket of its longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the
     longest one. With a mesh each batch is split over 'data' and the predictions gathered (every process
-    returns all of them)."""
+    returns all of them). progress(done, total), if given, is called after each batch (progress_printer)."""
     import data
     if method == 'rank':
         if not label_names:
@@ -386,13 +387,15 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
             out = [label_names[j] for j in scores.argmax(1)]
         for j, pred in zip(chunk, out):
             preds[j] = pred
+        if progress is not None:
+            progress(min(i + batch_size, len(rows)), len(rows))
     return preds
 
 
 def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None,
-                   mesh=None):
+                   mesh=None, progress=None):
     """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's
-    `split`."""
+    `split`. progress: evaluate's."""
     import data
     task = data.get_task(task_name)
     examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
@@ -409,7 +412,7 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
     def run(prompt):
         preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method,
                          label_names=task.output_labels, max_target_len=T, batch_size=tc.eval_batch_size,
-                         mesh=mesh)
+                         mesh=mesh, progress=progress)
         return data.score(task_name, examples, preds)
     return run
 
@@ -712,9 +715,13 @@ def load_prompt(path, d_model: int | None = None, length: int | None = None, wha
         label += f' (a PEFT prompt-tuning adapter for {base})'
     elif path.is_dir() and (path / T5X_PROMPT).is_file():
         prompt = _read_npy(path / T5X_PROMPT, f'{label}/{T5X_PROMPT}')
+    elif path.is_dir() and is_run_folder(path):
+        file = run_prompt_file(path)
+        prompt = _read_npy(file, f'{label}/{file.name}')
     elif path.is_dir():
-        raise ValueError(f'{label} is a folder without {PEFT_CONFIG} (a PEFT adapter) or {T5X_PROMPT} '
-                         f'(a T5X numpy checkpoint): pass a .npy prompt file or one of those')
+        raise ValueError(f'{label} is a folder without {PEFT_CONFIG} (a PEFT adapter), {T5X_PROMPT} '
+                         f"(a T5X numpy checkpoint) or a run's prompt.npy: pass a .npy prompt file or one "
+                         f'of those')
     elif not path.is_file():
         raise FileNotFoundError(f'{label} does not exist')
     elif path.suffix == '.safetensors':
@@ -724,6 +731,23 @@ def load_prompt(path, d_model: int | None = None, length: int | None = None, wha
         prompt = _read_npy(path, label)
     check_prompt(prompt, d_model, length, what=label)
     return np.asarray(prompt, np.float32)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder train_prompt wrote (spot.py train --out): it holds files of a run's names."""
+    return any(run_file(f.name) for f in Path(folder).iterdir())
+
+
+def run_prompt_file(folder: Path, embedding: bool = False) -> Path:
+    """The prompt of a run folder: its prompt.npy (the best validation checkpoint, or a mixture's last), or
+    with embedding=True its task embedding prompt_step<N>.npy (§3.2; prompt.npy when it has none)."""
+    folder = Path(folder)
+    steps = sorted(folder.glob('prompt_step*.npy'), key=lambda f: int(re.sub(r'\D', '', f.stem) or 0))
+    file = steps[0] if embedding and steps else folder / 'prompt.npy'
+    if not file.is_file():
+        raise FileNotFoundError(f'run folder {folder} holds no prompt.npy yet (its run has not evaluated or '
+                                f'finished): wait for it, or pass one of its prompt_step<N>.npy')
+    return file
 
 
 def _read_npy(path: Path, label: str) -> np.ndarray:
@@ -924,16 +948,25 @@ class RunFolderInUse(OSError):
 def own_folder(out: Path):
     """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the
     process ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it ('pid N
-    on HOST since ...'); a run.lock that does not read so was not written by a run, and is refused."""
+    on HOST since ...'); a run.lock that does not read so was not written by a run, and is refused. The run
+    removes it when it ends (a finished run does not read as running; after a kill -9 it stays, unlocked)."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / 'run.lock', 'a+') as f:
+    lock = out / 'run.lock'
+    while True:
+        f = open(lock, 'a+')
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or 'holder unknown'
+            f.close()
             raise RunFolderInUse(f'{out} is in use by another run ({holder}): wait '
                                  f'for it to end, or pick another --out') from None
+        # a run that ended between our open and flock removed the file we locked: lock the one there now
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()
+    with f:
         f.seek(0)
         held = f.read()
         if held and not re.fullmatch(r'pid \d+ on .* since .*\n', held):
@@ -945,7 +978,25 @@ def own_folder(out: Path):
         try:
             yield
         finally:
+            lock.unlink(missing_ok=True)       # while still locked: no other run holds this file
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_out_folder(out: Path, resume: bool):
+    """The CLI's check of --out before any weight is read (train_prompt checks again, under the lock): a
+    folder another run holds, or a run's files that a new run would overwrite, are refused now."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f'--out {out} is a file: pick a folder for the run')
+    if (out / 'run.lock').is_file():
+        with open(out / 'run.lock') as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = f.read().strip() or 'holder unknown'
+                raise RunFolderInUse(f'{out} is in use by another run ({holder}): wait for it to end, or '
+                                     f'pick another --out') from None
+    if out.is_dir() and not resume:
+        check_new_run(out, resume, lambda *_: None)
 
 
 def check_new_run(out: Path, resume: bool, log):
@@ -1422,6 +1473,50 @@ def override(cfg, argv):
     return dataclasses.replace(cfg, **changes), rest
 
 
+def field_notes(cls) -> dict:
+    """{field: its source comment} of a config dataclass: the comment lines above the field and the one after
+    it, as written in this file (the help of --field)."""
+    notes, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith('def '):
+            break
+        if text.startswith('#'):
+            above.append(text.lstrip('# '))
+            continue
+        m = re.match(r'(\w+): [^=]+=.*?(?:#\s*(.*))?$', text)
+        if m:
+            notes[m[1]] = ' '.join(above + [m[2] or ''])
+        above = []
+    return notes
+
+
+def add_config_flags(parser):
+    """--field VALUE (or --field=VALUE; --batch-size as --batch_size) for every field of TrainConfig (its
+    optimizer's included) and PromptConfig that parser has no flag of its own for; config_flags reads them."""
+    group = parser.add_argument_group(
+        'settings: every field of TrainConfig, OptimizerConfig and PromptConfig (spot.py), with its default '
+        'and source', '--field VALUE or --field=VALUE; dashes for underscores work too (--batch-size 8)')
+    for cls in (TrainConfig, OptimizerConfig, PromptConfig):
+        notes = field_notes(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default):      # TrainConfig.optimizer: its fields are listed
+                continue
+            flags = [x for x in dict.fromkeys((f'--{f.name}', f'--{f.name.replace("_", "-")}'))
+                     if x not in parser._option_string_actions]
+            if flags:
+                note = notes.get(f.name, '').replace('%', '%%')
+                group.add_argument(*flags, dest=f'config.{f.name}', default=argparse.SUPPRESS,
+                                   metavar=type(f.default).__name__.upper(),
+                                   help=f'{cls.__name__}: {note} (default {f.default!r})')
+
+
+def config_flags(args) -> list[str]:
+    """The config fields add_config_flags parsed, as override's argv: ['--batch_size=8', ...]."""
+    return [f'--{dest.removeprefix("config.")}={value}' for dest, value in vars(args).items()
+            if dest.startswith('config.')]
+
+
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache, so a second run of the same shapes loads its compiled steps
     instead of compiling them again (seconds to a minute each on CPU). path None: $SPOT_COMPILE_CACHE, else
@@ -1503,10 +1598,19 @@ def model_config(name: str, for_export=True) -> t5_model.T5Config:
     return t5_model.T5Config.from_hf(json.loads(Path(path).read_text()))
 
 
+# Bad input (a wrong path, a missing package or file, offline, a task without a metric, a NaN loss): spot.py
+# and the experiment scripts print one line, no traceback (--debug or SPOT_DEBUG=1 shows it).
+USER_ERRORS = (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError,
+               MemoryError)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog='spot.py', allow_abbrev=False, description=__doc__.split('\n')[0],
-                                epilog='Any TrainConfig/PromptConfig field can be set as --field=value, '
-                                       'e.g. --batch_size=8 --eval_every=100 --length=20.')
+                                epilog='Every TrainConfig/PromptConfig field is a flag of train, eval and '
+                                       'plan (--batch_size 8, --eval-every=100, --length 20): spot.py train '
+                                       '--help lists them with their defaults and sources. Tracebacks: '
+                                       '--debug or SPOT_DEBUG=1.')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error (also SPOT_DEBUG=1)')
     sub = p.add_subparsers(dest='cmd', required=True)
     train, ev = sub.add_parser('train', allow_abbrev=False), sub.add_parser('eval', allow_abbrev=False)
     plan = sub.add_parser('plan', allow_abbrev=False,
@@ -1538,29 +1642,29 @@ def main(argv=None):
     train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
     train.add_argument('--out', required=True, help='run directory')
     train.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.npz')
-    ev.add_argument('--prompt', required=True, help=PROMPT_FILES)
+    ev.add_argument('--prompt', required=True, help=PROMPT_FILES + '; a run folder (its prompt.npy)')
     ev.add_argument('--split', default='validation')
+    ev.add_argument('--out', default=None, metavar='FILE.json', help='also write the scores there')
+    for q in (train, ev, plan):
+        add_config_flags(q)
     export = sub.add_parser('export', allow_abbrev=False, help='write a prompt as a PEFT adapter folder')
     export.add_argument('--prompt', required=True, help=PROMPT_FILES)
     export.add_argument('--model', required=True, help='the T5 it was tuned on: hub id or directory')
     export.add_argument('--out', required=True, help='adapter folder to write')
-    args, rest = p.parse_known_args(argv)
+    args = p.parse_args(argv)
     try:
-        tc, rest = override(TrainConfig(), rest)
+        tc, rest = override(TrainConfig(), config_flags(args))
         pc, rest = override(PromptConfig(), rest)
     except ValueError as e:                       # a mistyped or out-of-range --field=value
         p.error(str(e))
-    if rest:
-        p.error(f'unrecognised {rest}: fields of TrainConfig/PromptConfig are set as --field=value')
 
     enable_compile_cache('off' if getattr(args, 'no_compile_cache', False) else None)
     try:
         commands = {'eval': evaluate_cli, 'train': train_cli, 'export': export_cli, 'plan': plan_cli}
         commands[args.cmd](args, tc, pc)
-    # Bad input (a wrong path, a missing package, a task without a metric, a NaN loss): a message, no
-    # traceback.
-    except (FloatingPointError, ValueError, KeyError, OSError, ImportError, NotImplementedError,
-            MemoryError) as e:
+    except USER_ERRORS as e:
+        if args.debug or os.environ.get('SPOT_DEBUG', '') not in ('', '0'):
+            raise
         sys.exit(f'error: {e}')
     # Ctrl-C / SIGTERM during training: the checkpoint is written
     except Interrupted as e:
@@ -1579,23 +1683,74 @@ def _devices(args):
     return make_mesh(args.model_parallel) if jax.device_count() > 1 or args.model_parallel != 1 else None
 
 
-def _setup(args, tc, mesh=False):
+def _check_data_dir(args):
+    if args.data and not Path(args.data).expanduser().is_dir():
+        raise FileNotFoundError(f'--data {args.data} is not a folder: pass the folder of the task files '
+                                f'(`python3 data.py fetch glue superglue` caches the GLUE/SuperGLUE ones)')
+
+
+def _vocab(args):
+    """--model's vocabulary (data.model_vocab), checked against its config (no weight read)."""
     import data
-    mesh = _devices(args) if mesh is False else mesh
+    vocab = data.model_vocab(args.model, args.vocab)
+    check_vocab(vocab, _model_shapes(args)[0], args.model)
+    return vocab
+
+
+def _load_weights(args, tc, mesh):
+    """load_model, with a line before and after: a large checkpoint takes minutes to read."""
+    lead, start = jax.process_index() == 0, time.perf_counter()
+    if lead:
+        print(f"loading the weights of {'a random tiny T5' if args.model == 'tiny' else args.model} "
+              f'({args.dtype})', flush=True)
     cfg, frozen = load_model(args.model, tc.seed, args.dtype, mesh)
-    vocab = data.load_vocab(args.vocab)
-    check_vocab(vocab, cfg, args.model)
-    return data, cfg, frozen, vocab, mesh
+    if lead:
+        n = sum(x.size for x in jax.tree.leaves(frozen))
+        print(f'loaded {n / 1e6:,.1f}M weights in {time.perf_counter() - start:.1f} s', flush=True)
+    return cfg, frozen
+
+
+def progress_printer(what: str, log=print, every: float = 30.0):
+    """A progress callback (done, total) for evaluate: a line at the first call, then at least every `every`
+    seconds, and at the end: 'what: done/total examples (N s)'."""
+    start, last = time.perf_counter(), [-math.inf]
+
+    def report(done, total):
+        now = time.perf_counter()
+        if now - last[0] >= every or done == total:
+            last[0] = now
+            log(f'{what}: {done}/{total} examples ({now - start:.0f} s)', flush=True)
+    return report
 
 
 def evaluate_cli(args, tc, pc):
-    prompt = load_prompt(args.prompt)               # a bad file fails before the model loads
-    data, cfg, frozen, vocab, mesh = _setup(args, tc)
+    import data
+    prompt = load_prompt(args.prompt)               # cheap checks first: the prompt, task, data, output
+    if data.task_names(args.task)[0]:
+        raise ValueError(f'--task {args.task} is a mixture, which has no single metric: evaluate one of its '
+                         f'tasks ({", ".join(data.task_names(args.task)[1])})')
+    task = data.get_task(args.task).name
+    _check_data_dir(args)
+    if args.out and Path(args.out).is_dir():
+        raise IsADirectoryError(f'--out {args.out} is a folder: pass a file name (scores.json)')
+    mesh = _devices(args)
+    vocab = _vocab(args)
+    n = len(data.load_examples(task, args.split, args.data)[:tc.eval_limit or None])   # before the weights
+    cfg, frozen = _load_weights(args, tc, mesh)
     check_prompt(prompt, cfg.d_model, what=f'prompt {args.prompt}')
-    run = make_evaluator(args.task, frozen, cfg, vocab, tc, args.split, args.data, mesh)
+    lead = jax.process_index() == 0
+    log = print if lead else (lambda *a, **k: None)
+    log(f'evaluating {args.prompt} on {task} {args.split}: {n} examples ({tc.eval_method})', flush=True)
+    run = make_evaluator(task, frozen, cfg, vocab, tc, args.split, args.data, mesh,
+                         progress=progress_printer(f'{task} {args.split}', log))
     scores = run(jnp.asarray(prompt, jnp.float32))
-    if jax.process_index() == 0:
-        print(json.dumps(scores))
+    record = {'task': task, 'split': args.split, 'examples': n, 'prompt': str(args.prompt),
+              'model': args.model, **scores}
+    if lead:
+        print(json.dumps(record))
+        if args.out:
+            _atomic(Path(args.out), lambda f: f.write(_json(record)))
+            print(f'wrote {args.out}')
 
 
 def export_cli(args, tc, pc):
@@ -1617,7 +1772,7 @@ def _target_len(args, tc):
     if tc.max_target_len or not args.task:
         return tc.max_target_len or DEFAULT_TARGET_LEN
     import data
-    mixture = next((m for m in data.MIXTURES if m.lower() == args.task.lower()), None)
+    mixture = data.task_names(args.task)[0]
     return max(data.get_task(t).target_len for t in (data.MIXTURES[mixture] if mixture else [args.task]))
 
 
@@ -1668,34 +1823,38 @@ def plan_cli(args, tc, pc):
 
 
 def train_cli(args, tc, pc):
-    # checked before loading
+    import data
+    # cheap checks first (task, flags, files, output folder), then the data, and the weights last
     tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)
     if tc.optimizer.learning_rate > 10:           # valid, but 33x the paper's 0.3 (footnote 7)
         print(f"warning: learning_rate={tc.optimizer.learning_rate:g} is far above prompt tuning's 0.3 (SPoT "
               f"footnote 7): steps that large usually make the loss NaN", file=sys.stderr)
     pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
                              source=args.source_prompt or pc.source)
-    if pc.init == 'file' and pc.source:
-        load_prompt(pc.source, length=pc.length, what='source prompt')   # fails before the model loads
-    mesh = _devices(args)
-    tc = _plan_or_refuse(args, tc, pc, mesh)                             # before any weight is read
-    data, cfg, frozen, vocab, mesh = _setup(args, tc, mesh)
-    mixture = next((m for m in data.MIXTURES if m.lower() == args.task.lower()), None)   # e.g. --task GLUE
-    tasks = data.MIXTURES[mixture] if mixture else (data.get_task(args.task).name,)
+    mixture, tasks = data.task_names(args.task)                          # e.g. --task GLUE
     task = data.get_task(tasks[0])
     if pc.init == 'class_labels' and (mixture or not task.output_labels):
         raise ValueError(f'{args.task} has no class labels: use --init text --text="..." '
                          f'(Lester: task words)')
-    labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
-    text = list(vocab.encode(pc.text)) if pc.text else None
-    prompt = gather(init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text))
+    if pc.init == 'file' and pc.source:
+        load_prompt(pc.source, length=pc.length, what='source prompt')
+    _check_data_dir(args)
+    mesh = _devices(args)
+    on_lead(check_out_folder, Path(args.out), args.resume)
+    tc = _plan_or_refuse(args, tc, pc, mesh)                             # before any weight is read
+    vocab = _vocab(args)
     # Examples are read, formatted and tokenized per batch (data.train_source): memory O(batch), any size.
+    # Read before the weights: missing files, or tfds offline, fail in seconds.
     sources = {t: data.train_source(t, vocab, tc.max_input_len, tc.max_target_len, args.data, tc.seed)
                for t in tasks}
     # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's
     # meta). The data by content, not path: the same files in another folder resume; others are refused.
     reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
              'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}
+    cfg, frozen = _load_weights(args, tc, mesh)
+    labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
+    text = list(vocab.encode(pc.text)) if pc.text else None
+    prompt = gather(init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text))
     # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
     lead, rows, n = jax.process_index() == 0, process_rows(mesh, tc.batch_size), jax.process_count()
     share = dict(process_index=rows.start // (tc.batch_size // n), process_count=n)

@@ -1,7 +1,8 @@
 """The PEFT arm of bench_prompt_step.py (not run by itself): Hugging Face PEFT prompt tuning, timed per step.
 
-Runs under a Python with torch, transformers and peft (`pip install -e '.[bench]'`; bench_prompt_step.py's
---peft-python). The frozen model is transformers' T5ForConditionalGeneration with the sizes of our T5Config
+Runs under a Python with torch, transformers and peft (`pip install -e '.[oracle]'`, README: CPU torch;
+bench_prompt_step.py's --peft-python). The frozen model is transformers' T5ForConditionalGeneration with
+the sizes of our T5Config
 (--dims, a JSON of its fields), random weights (torch seed 0), gated GELU and an output layer of its own (the
 T5 1.1 / LM-adapted checkpoints do not tie it to the embedding), dropout --dropout. PEFT wraps it in
 PromptTuningConfig(SEQ_2_SEQ_LM, --prompt-len virtual tokens, random init). The optimizer is

@@ -3,27 +3,30 @@
 The shapes the PEFT benchmark measures: T5 1.1 Small and Base with random weights; B=8, 100 prompt + 128 input
 tokens, 8 target tokens, dropout 0.1, float32 on CPU. Rounds alternate A (ours: `--steps` timed steps) and B
 (Hugging Face PEFT, experiments/bench_peft_arm.py in a subprocess, same shape and steps); medians over all
-rounds. PEFT needs torch, transformers and peft: `pip install -e '.[bench]'`, or --peft-python PYTHON.
+rounds. PEFT needs torch, transformers and peft: `pip install -e '.[oracle]'` (with the README's CPU torch
+index), or --peft-python PYTHON.
 Prints s/step, tokens/s (B*(P+S+T) per second), the ratio ours/PEFT in tokens/s (target >= 1.25), jit
 compile time and MFU: analytic prompt-step FLOPs (analytic_flops) over a float32 2048^3 matmul peak measured
 here with jax.
 `--variants dropout0,forward` adds arms to see where our time goes: dropout 0, and the forward pass alone.
 
-    python experiments/bench_prompt_step.py [--shapes small,base] [--rounds 3] [--steps 5] [--variants] \
+    python3 experiments/bench_prompt_step.py [--shapes small,base] [--rounds 3] [--steps 5] [--variants] \
         [--peft-python PYTHON_WITH_PEFT] [--json out.json]
 
 Runtime about 10 minutes on 2 cores. Keep the machine otherwise idle: the load average is printed before and
 after.
 
 Real data (`--real-data sst2,rte,boolq --batch-sizes 8,32`): the same examples of the task files that
-`python data.py fetch` caches (fetched on first use; --data DIR for others) through data.batches (tokenized
+`python3 data.py fetch` caches (fetched on first use; --data DIR for others) through data.batches (tokenized
 per batch, padded to the bucket of the longest) and through PEFT with
 DataCollatorForSeq2Seq(padding="longest") (bench_peft_arm.py --batches), rounds alternating on the same
 batches; our time includes making the batch.
-`--memory 50000000 --shapes tiny --batch 32`: peak RSS of 200 training steps on a lazily generated source.
+`--memory 50000000 --shapes tiny --batch-size 32`: peak RSS of 200 training steps on a lazily generated
+source.
 `--startup --shapes small,base`: seconds to the first step in fresh processes without/with the compile cache.
 On an accelerator (no PEFT arm; `large`/`xl` shapes, bfloat16 weights, the paper's batch 32):
-    python experiments/bench_prompt_step.py --no-peft --shapes base,xl --dtype bfloat16 --batch 32 --rounds 2
+    python3 experiments/bench_prompt_step.py --no-peft --shapes base,xl --dtype bfloat16 --batch-size 32 \\
+        --rounds 2
 """
 import argparse
 import dataclasses
@@ -46,12 +49,13 @@ sys.path.insert(0, str(ROOT))  # run as a script: repo root
 import data
 import spot
 import t5_model
+from experiments import common
 
 # shape -> T5Config name (tiny: --memory only)
 SHAPES = {'tiny': 'tiny', 'small': 'google/t5-small-lm-adapt', 'base': 'google/t5-base-lm-adapt',
           'large': 'google/t5-large-lm-adapt', 'xl': 'google/t5-xl-lm-adapt'}
 PEFT_ARM = ROOT / 'experiments' / 'bench_peft_arm.py'
-# Prompt, input and target tokens: the PEFT benchmark's shapes. The batch is --batch (8).
+# Prompt, input and target tokens: the PEFT benchmark's shapes. The batch is --batch-size (8).
 P, S, T = 100, 128, 8
 
 
@@ -149,8 +153,8 @@ def run_peft(args, cfg, *arm_args):
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=d)
         if out.returncode:
             sys.exit(f'PEFT arm failed ({" ".join(cmd)}):\n{out.stderr[-3000:]}\nIt needs torch, '
-                     "transformers and peft: pip install -e '.[bench]', or pass --peft-python with a Python "
-                     'that has them.')
+                     "transformers and peft: pip install -e '.[oracle]' (README: CPU torch), or pass "
+                     '--peft-python with a Python that has them.')
         r = json.loads(Path(f'{d}/r.json').read_text())
     return r['all_s'], r['versions']
 
@@ -335,11 +339,12 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=5, help='timed steps per round and arm')
     p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads for PEFT')
     p.add_argument('--peft-python', default=sys.executable,
-                   help="a Python with torch, transformers and peft (pip install -e '.[bench]')")
+                   help="a Python with torch, transformers and peft (pip install -e '.[oracle]', README)")
     p.add_argument('--variants', default='', help=f'extra arms, comma separated: {",".join(VARIANTS)}')
     p.add_argument('--no-peft', action='store_true', help='time ours only (e.g. on an accelerator)')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='frozen weights')
-    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--batch-size', '--batch_size', '--batch', dest='batch', type=int, default=8,
+                   help='rows of the synthetic rounds (--real-data: --batch-sizes)')
     p.add_argument('--json', default=None)
     p.add_argument('--real-data', default='', help=f'tasks, comma separated: {",".join(REAL_TASKS)}')
     p.add_argument('--batch-sizes', default='8,32', help='--real-data: batch sizes')
@@ -435,4 +440,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    common.run_main(main)

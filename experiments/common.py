@@ -1,7 +1,7 @@
 """What experiments/*.py share: command line, frozen model, task data, one prompt-tuning run, results.
 
 Task data comes from data.py (tfds, or the original files with --data). Under --tiny it is the first few
-examples of the files in the cache that `python data.py fetch` fills (data.data_root()), or, where those are
+examples of the files in the cache that `python3 data.py fetch` fills (data.data_root()), or, where those are
 missing, a synthetic task on token ids (token_task, also the quickstart's tasks); --tiny never downloads.
 Results follow paper_numbers.RESULTS_SCHEMA.
 """
@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
+import sys
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -24,13 +26,34 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_EXAMPLES = 16                          # --tiny: training and validation examples per task
 
 
+def run_main(main):
+    """What a script runs when started from the shell: main(argv). An error the user can fix
+    (spot.USER_ERRORS: a missing file, offline, a bad value) is one line on stderr; --debug or SPOT_DEBUG=1
+    shows its traceback."""
+    argv = sys.argv[1:]
+    debug = "--debug" in argv or os.environ.get("SPOT_DEBUG", "") not in ("", "0")
+    try:
+        main([a for a in argv if a != "--debug"])
+    except spot.USER_ERRORS as e:
+        if debug:
+            raise
+        sys.exit(f"error: {' '.join(str(e).split())} (traceback: --debug)")
+
+
+def tiny_out(out, tiny):
+    """Where a run writes its results: OUT, or under --tiny OUT/tiny (OUT itself when it is named tiny), so
+    that a tiny run never overwrites a real run's results/<name>.json or figures."""
+    return str(Path(out) / "tiny") if tiny and Path(out).name != "tiny" else str(out)
+
+
 def parse_args(doc, argv, model="google/t5-base-lm-adapt", add_arguments=None):
     p = argparse.ArgumentParser(description=doc.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model", default=model, help="hub id or checkpoint directory (ignored with --tiny)")
     p.add_argument("--steps", type=int, default=None, help="steps of every run (default: the paper's)")
     p.add_argument("--seeds", type=int, default=None,
                    help="runs per setting (default 3, the paper's; --tiny 1)")
-    p.add_argument("--out", default=str(ROOT / "results"), help="folder for <name>.json, figures and runs/")
+    p.add_argument("--out", default=str(ROOT / "results"),
+                   help="folder for <name>.json, figures and runs/ (--tiny: OUT/tiny)")
     p.add_argument("--data", default=None, help="folder with the original task files (default: tfds)")
     p.add_argument("--tiny", action="store_true", help="random tiny T5, a handful of examples, a few steps")
     p.add_argument("--model-parallel", type=int, default=1,
@@ -39,17 +62,25 @@ def parse_args(doc, argv, model="google/t5-base-lm-adapt", add_arguments=None):
                    help="frozen weights/activations (spot.py)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep compiled steps on disk (spot.py)")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback (also SPOT_DEBUG=1)")
     if add_arguments:
         add_arguments(p)
     args, rest = p.parse_known_args(argv)
+    args.out = tiny_out(args.out, args.tiny)
     # --tiny scores by rank classification: a random T5 never decodes a label word, so decoding would score 0
     tiny = dict(batch_size=4, max_input_len=32, max_target_len=8, eval_batch_size=16,
                 eval_limit=TINY_EXAMPLES, eval_method="rank") if args.tiny else {}
-    args.train, rest = spot.override(spot.TrainConfig(**tiny), rest)  # any TrainConfig field: --batch_size=8
+    fields = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    spot.add_config_flags(fields)                      # any TrainConfig field: --batch_size 8, --batch-size=8
+    known, rest = fields.parse_known_args(rest)
     if rest:
-        p.error(f"unrecognised {rest}; TrainConfig fields are set as --field=value")
+        p.error(f"unrecognised {rest}; TrainConfig fields are flags: --batch_size 8 (spot.py train --help)")
+    try:
+        args.train, _ = spot.override(spot.TrainConfig(**tiny), spot.config_flags(known))
+    except ValueError as e:
+        p.error(str(e))
     args.seeds = args.seeds or (1 if args.tiny else 3)  # §2.1.4: 3 runs per setting
-    args.runs = Path(args.out) / ("runs-tiny" if args.tiny else "runs")  # tiny never resumes a real run
+    args.runs = Path(args.out) / "runs"  # under --tiny OUT/tiny/runs: tiny never resumes a real run
     args.log = None if args.tiny else print  # progress lines of spot.train_prompt
     args.mesh = spot.make_mesh(args.model_parallel) if jax.device_count() > 1 else None  # data/model parallel
     print(spot.device_summary(), flush=True)
@@ -210,13 +241,14 @@ def finish(args, experiment, config, records, summary, paper):
     """Print our rows beside the paper's, write out/<experiment>.json (RESULTS_SCHEMA); return the dict."""
     for row, ours in summary.items():
         ours["paper"] = list(paper[row]) if row in paper else None
-    print(f"\n{experiment}: ours (mean ± std over {args.seeds} seeds) vs paper" + (
+    spread = f"mean ± std over {args.seeds} seeds" if args.seeds > 1 else "1 seed: no spread"
+    print(f"\n{experiment}: ours ({spread}) vs paper" + (
         "  [--tiny: random tiny T5, a few steps: the numbers mean nothing]" if args.tiny else ""))
     for row, ours in summary.items():
         fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         p = ours["paper"] or (None, None)
-        print(f"  {row:<38} {fmt(ours['mean']):>7} ± {fmt(ours['std']):<5}   "
-              f"paper {fmt(p[0])} ± {fmt(p[1])}")
+        std = f" ± {fmt(ours['std']):<5}" if args.seeds > 1 else " " * 8
+        print(f"  {row:<38} {fmt(ours['mean']):>7}{std}   paper {fmt(p[0])} ± {fmt(p[1])}")
     result = _finite({"experiment": experiment, "config": {**config, "tiny": args.tiny},
                       "results": records, "summary": summary})
     path = Path(args.out) / f"{experiment}.json"

@@ -13,7 +13,7 @@ Recipe, per size (Small..XXL) and seed, on the 8 SuperGLUE tasks (best validatio
       target with model_tuning_step: Adafactor lr 1e-3, dropout 0.1, 2^16 tokens per batch (128 x 512),
       2^18 steps (T5's fine-tuning default: our assumption). Not SPoT: a separate loop below, model_tuning().
   Multi-task ModelTuning: the same, first on the GLUE mixture (2^18 steps), then on each target.
-  python experiments/figure1_model_sizes.py --out results [--sizes small base]
+  python3 experiments/figure1_model_sizes.py --out results [--sizes small base]
 Model tuning keeps no checkpoints (no resume). Compute (FLOP count as in table1_source_mixtures.py,
 400 TFLOP/s): prompt-tuning step / model-tuning step (3x the FLOPs of a forward, 4x the batch) =
 Small 1.8 / 11 TFLOP, Base 7.7 / 46, Large 27 / 162, XL 97 / 583, XXL 379 / 2,273. Per size: 24 PromptTuning
@@ -149,4 +149,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -6,6 +6,12 @@ Figs. 5, 8 .... plot_similarity_vs_transfer: similarity vs transfer per target, 
 The numbers come from retrieval.py and experiments/stats.py; table6_transferability.py and table3_retrieval.py
 call these.
 """
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
+
+import argparse
 import math
 from pathlib import Path
 
@@ -91,3 +97,11 @@ def plot_similarity_vs_transfer(panels, path, xlabel="similarity", ylabel="relat
         ax.set_axis_off()
     _save(fig, path)
     return stats
+
+
+if __name__ == "__main__":
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    parser.parse_args()
+    sys.exit("figures.py draws nothing by itself: run table6_transferability.py (Fig. 3) or "
+             "table3_retrieval.py (Figs. 4, 5, 8), which call it")

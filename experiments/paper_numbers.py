@@ -192,13 +192,13 @@ Rows of "summary" are named as in paper_rows(experiment), e.g. "MNLI/SuperGLUE" 
 rows the paper does not have are allowed and not compared."""
 
 EXPERIMENT_COMMANDS = {
-    "table1_source_mixtures": ("python experiments/table1_source_mixtures.py "
+    "table1_source_mixtures": ("python3 experiments/table1_source_mixtures.py "
                                "--model google/t5-base-lm-adapt --out results"),
-    "figure1_model_sizes": ("python experiments/figure1_model_sizes.py "
+    "figure1_model_sizes": ("python3 experiments/figure1_model_sizes.py "
                             "--model google/t5-base-lm-adapt --out results"),
-    "table6_transferability": ("python experiments/table6_transferability.py "
+    "table6_transferability": ("python3 experiments/table6_transferability.py "
                                "--model google/t5-base-lm-adapt --out results"),
-    "table3_retrieval": ("python experiments/table3_retrieval.py "
+    "table3_retrieval": ("python3 experiments/table3_retrieval.py "
                          "--model google/t5-base-lm-adapt --out results"),
 }
 

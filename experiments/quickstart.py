@@ -1,6 +1,6 @@
 """Quickstart: the whole SPoT pipeline (Vu et al., ACL 2022) offline, on a CPU, in about a minute.
 
-  python experiments/quickstart.py
+  python3 experiments/quickstart.py
 
 1. source prompts: prompt tuning (§2.1) on three embedded source tasks; each prompt after EMBED_STEPS is
    its task's embedding (§3.2; a scaled-down analogue of the paper's 10K-step prompt);
@@ -17,9 +17,9 @@ it, 49-53% (chance) from scratch or from the others. From scratch it needs ~75-1
 here transfer buys speed, on a target that is nearly the source task. 35-60 s on 2 busy cores.
 The same pipeline on real data and google/t5-base-lm-adapt: experiments/table6_transferability.py, then
 experiments/table3_retrieval.py; or step by step:
-  python spot.py train --model google/t5-base-lm-adapt --task mnli --out runs/mnli
-  python retrieval.py rank --target runs/cb/prompt_step10000.npy --library LIBRARY_DIR
-  python spot.py train --model google/t5-base-lm-adapt --task cb --source-prompt runs/mnli/prompt.npy \
+  python3 spot.py train --model google/t5-base-lm-adapt --task mnli --out runs/mnli
+  python3 retrieval.py rank --target runs/cb/prompt_step10000.npy --library LIBRARY_DIR
+  python3 spot.py train --model google/t5-base-lm-adapt --task cb --source-prompt runs/mnli/prompt.npy \
       --out runs/mnli-cb
 """
 import pathlib
@@ -39,6 +39,7 @@ import data
 import retrieval
 import spot
 import t5_model
+from experiments import common
 from experiments.common import mean_std, token_task, tune_prompt
 
 SOURCE_STEPS, EMBED_STEPS, TARGET_STEPS = 150, 30, 12  # paper: 2^18, 10K, 100K (§3.1, §3.2)
@@ -153,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

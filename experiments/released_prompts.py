@@ -4,10 +4,10 @@ google-research/prompt-tuning released three [100, 768] prompts for the frozen T
 GLUE validation scores (pretrained_prompts/t5_1_1_lm100k_base/README.md): SST-2 acc 95.07, MRPC F1/acc
 89.7/85.3, RTE acc 68.6. Matching them tests load_checkpoint, the prompt in encode (Lester et al. 2021 §2),
 greedy_decode, the exact input format (taskless_text) and data.score at once. The command (the prompts
-come from the cache that `python data.py fetch` fills, fetched on first use; the GLUE files from tfds, or
+come from the cache that `python3 data.py fetch` fills, fetched on first use; the GLUE files from tfds, or
 from that cache as here):
-  python experiments/released_prompts.py --model google/t5-base-lm-adapt \
-      --data "$(python data.py fetch glue)/glue"
+  python3 experiments/released_prompts.py --model google/t5-base-lm-adapt \
+      --data "$(python3 data.py fetch glue)/glue"
 872 + 408 + 277 examples: ~28 CPU-minutes (~15-25 min on 2 cores), minutes on a GPU (not yet timed there).
 Writes results/released_prompts.json. --tiny: the same path on a random tiny T5 of width 768, 8 examples per
 task, seconds; its scores are meaningless.
@@ -29,6 +29,7 @@ import numpy as np
 import data
 import spot
 import t5_model
+from experiments import common
 from experiments.paper_numbers import RELEASED_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,13 +92,13 @@ def load_prompts(folder, tasks, d_model):
     return prompts
 
 
-def predict(params, cfg, prompt, inputs, vocab, batch_size, max_len):
+def predict(params, cfg, prompt, inputs, vocab, batch_size, max_len, progress=None):
     """Greedy predictions (strings, in row order) for token ids inputs [n,S].
 
     Greedy = what t5x.eval ran for the release: EncoderDecoderModel's default decode_fn is
     decoding.beam_search, called with num_decodes=1 (one beam). Rows are sorted by length; each batch is
     padded to batch_size rows and the smallest BUCKETS width that holds it. Neither changes a prediction:
-    pad keys get weight exactly 0.
+    pad keys get weight exactly 0. progress(done, total) after each batch (spot.progress_printer).
     """
     lengths = (inputs != t5_model.PAD_ID).sum(axis=1)
     order, preds = np.argsort(lengths, kind="stable"), [None] * len(inputs)
@@ -109,6 +110,8 @@ def predict(params, cfg, prompt, inputs, vocab, batch_size, max_len):
         out = np.asarray(t5_model.greedy_decode(params, cfg, batch, prompt, max_len=max_len))
         for r, ids in zip(rows, out):
             preds[r] = vocab.decode(ids)
+        if progress is not None:
+            progress(min(i + batch_size, len(inputs)), len(inputs))
     return preds
 
 
@@ -118,7 +121,8 @@ def evaluate_task(task, params, model_cfg, prompt, vocab, cfg):
     texts = [taskless_text(task, ex) for ex in examples]
     arrays = data.tokenize(vocab, texts, cfg.max_input_len, cfg.max_target_len)
     start = time.time()
-    preds = predict(params, model_cfg, prompt, arrays["inputs"], vocab, cfg.batch_size, cfg.max_target_len)
+    preds = predict(params, model_cfg, prompt, arrays["inputs"], vocab, cfg.batch_size, cfg.max_target_len,
+                    spot.progress_printer(f"{task} validation"))
     # t5 postprocessors.string_label_to_class_id: an exact label word or -1, which counts as wrong in
     # accuracy and as the wrong class in metrics.f1_score_with_invalid (data.postprocess / data.score do
     # both).
@@ -133,8 +137,14 @@ def evaluate_task(task, params, model_cfg, prompt, vocab, cfg):
 def setup(cfg):
     """(cfg, model config, params, {task: prompt}, vocab) of the real run."""
     prompt_dir = cfg.prompts or release_folder(cfg.tasks)  # before the weights: fail fast when offline
-    vocab = data.load_vocab(cfg.vocab or cfg.model)   # its errors say what to pass
+    if cfg.data and not Path(cfg.data).is_dir():
+        raise FileNotFoundError(f"--data {cfg.data} is not a folder: pass the glue folder that "
+                                f"`python3 data.py fetch glue` prints")
+    vocab = data.model_vocab(cfg.model, cfg.vocab)   # as spot.py: --vocab, else --model DIR's spiece.model
+    print(f"loading the weights of {cfg.model}", flush=True)
+    start = time.time()
     model_cfg, params = t5_model.load_checkpoint(cfg.model)
+    print(f"loaded in {time.time() - start:.1f} s", flush=True)
     spot.check_vocab(vocab, model_cfg, cfg.model)
     return cfg, model_cfg, params, load_prompts(prompt_dir, cfg.tasks, model_cfg.d_model), vocab
 
@@ -172,17 +182,22 @@ def parse_args(argv=None):
     p.add_argument("--model", default=Config.model, help="hub id or local HF checkpoint directory")
     p.add_argument("--prompts", help="folder with sst2.npy, mrpc.npy, rte.npy (default: the cache, fetched "
                    "from google-research/prompt-tuning)")
-    p.add_argument("--data", help="folder with the GLUE tsv files, e.g. the glue folder that `python data.py "
-                   "fetch glue` prints (default: tfds; --tiny: the cache)")
-    p.add_argument("--vocab", help="SentencePiece model (default: spiece.model of --model)")
+    p.add_argument("--data", help="folder with the GLUE tsv files, e.g. the glue folder that "
+                   "`python3 data.py fetch glue` prints (default: tfds; --tiny: the cache)")
+    p.add_argument("--vocab", help="SentencePiece model (default as spot.py: --model DIR's spiece.model, "
+                   "else the hub's)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    p.add_argument("--limit", type=int, help="first N validation examples per task")
-    p.add_argument("--batch_size", type=int, default=Config.batch_size)
-    p.add_argument("--out", default=Config.out, help="folder for released_prompts.json")
+    # named as spot.py's TrainConfig fields (--eval_limit, --eval_batch_size), with or without dashes
+    p.add_argument("--eval_limit", "--eval-limit", "--limit", dest="limit", type=int,
+                   help="first N validation examples per task")
+    p.add_argument("--eval_batch_size", "--eval-batch-size", "--batch_size", dest="batch_size", type=int,
+                   default=Config.batch_size, help=f"examples decoded at once (default {Config.batch_size})")
+    p.add_argument("--out", default=Config.out, help="folder for released_prompts.json (--tiny: OUT/tiny)")
     p.add_argument("--tiny", action="store_true", help="random tiny T5, a few examples, seconds (CI)")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback (also SPOT_DEBUG=1)")
     a = p.parse_args(argv)
     return Config(model=a.model, prompts=a.prompts, data=a.data, vocab=a.vocab, tasks=tuple(a.tasks),
-                  limit=a.limit, batch_size=a.batch_size, out=a.out, tiny=a.tiny)
+                  limit=a.limit, batch_size=a.batch_size, out=common.tiny_out(a.out, a.tiny), tiny=a.tiny)
 
 
 def main(argv=None):
@@ -205,7 +220,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:    # a wrong path or file (vocabulary, checkpoint, prompts)
-        sys.exit(f"error: {e}")
+    common.run_main(main)

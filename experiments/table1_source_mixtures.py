@@ -10,7 +10,7 @@ starts the target prompt from its class labels (App. C). "-30K" rows: 30K steps 
 reading of "- longer tuning"). Expected: paper_numbers.TABLE1 (GLUE 82.8 ± 0.2, SuperGLUE 73.2 ± 0.3 from
 GLUE); SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row within
 max(2 std, 1 point).
-  python experiments/table1_source_mixtures.py --model google/t5-base-lm-adapt --out results \
+  python3 experiments/table1_source_mixtures.py --model google/t5-base-lm-adapt --out results \
       [--rows GLUE MNLI]
 Reruns resume every unfinished run from out/runs/. --tiny: random tiny T5, 16 examples per task, 4 steps.
 Compute (FLOP count, inputs padded to 100 + 512 tokens, an accelerator sustaining 400 TFLOP/s, e.g. an H100
@@ -108,4 +108,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

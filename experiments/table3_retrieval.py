@@ -14,8 +14,8 @@ final checkpoint, then a 100K target run.
 Rows aggregate the 10 targets (stats.aggregate_targets: run r pairs with baseline run r, footnote 15).
 Expected: paper_numbers.TABLE3 (BASELINE 74.7, per_token/best_of_top_k/3 77.5 ± 0.4, ORACLE 80.7);
 SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row within max(2 std, 1 point).
-  python experiments/table6_transferability.py --model google/t5-base-lm-adapt --out results   # first
-  python experiments/table3_retrieval.py --model google/t5-base-lm-adapt --out results
+  python3 experiments/table6_transferability.py --model google/t5-base-lm-adapt --out results   # first
+  python3 experiments/table3_retrieval.py --model google/t5-base-lm-adapt --out results
 Compute beyond Table 6 (as in table1_source_mixtures.py): 120 weighted-average target runs of 100K steps
 (~0.54 h each) and, for the mixtures, up to 120 source runs of 2^18 steps (~1.4 h; equal top-k task sets are
 trained once) plus 120 target runs: ~300 accelerator-hours. --tiny runs table6 --tiny first when needed.
@@ -164,4 +164,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

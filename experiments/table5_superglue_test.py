@@ -13,7 +13,7 @@ repo's `spot.py train` fill that in.
 The command (one prompt per task in runs/<task>/prompt.npy, as `spot.py train --task <task> --out
 runs/<task>` writes it; <task> = boolq cb copa multirc record superglue_rte (or rte) wic wsc; or
 --prompts one.npy for all):
-  python experiments/table5_superglue_test.py --model google/t5-xxl-lm-adapt --prompts runs \
+  python3 experiments/table5_superglue_test.py --model google/t5-xxl-lm-adapt --prompts runs \
       --data <folder of the unzipped SuperGLUE tasks: BoolQ/test.jsonl ... AX-b/AX-b.jsonl, AX-g/AX-g.jsonl>
 Then upload results/table5_superglue_test.zip at https://super.gluebenchmark.com/ (the leaderboard scores it).
 Compute (estimated, not measured): 29,694 test inputs (BoolQ 3245, CB 250, COPA 500, MultiRC 9693 answers,
@@ -22,7 +22,7 @@ ReCoRD 10000 queries, RTE 3000, WiC 1400, WSC 146, AX-b 1104, AX-g 356); the XXL
 more: ~1.2e17 FLOP, ~15 min at a sustained 150 TFLOP/s, days on a CPU; the 11.1B weights need 45 GB in
 float32.
 --tiny: a random tiny T5 on the first validation examples that
-`python data.py fetch superglue t5_spiece.model` puts in the cache, with their labels removed, and hand-made
+`python3 data.py fetch superglue t5_spiece.model` puts in the cache, with their labels removed, and hand-made
 ReCoRD / AX-b / AX-g files in the original layout, in a temporary folder; ~20 s; its predictions
 mean nothing.
 
@@ -289,7 +289,7 @@ def load_prompts(path, d_model):
         found = next((folders[k] for k in (_key(task), _key(name)) if k in folders), None)
         if found is None:
             raise FileNotFoundError(f"--prompts {path}: no {task}/prompt.npy (or {name}/prompt.npy); train "
-                                    f"it with `python spot.py train --task {task} --out {path / task}`")
+                                    f"it with `python3 spot.py train --task {task} --out {path / task}`")
         prompts[name] = spot.load_prompt(found, d_model)
     return prompts
 
@@ -362,17 +362,19 @@ def parse_args(argv):
     p.add_argument("--method", choices=("decode", "rank"), default="decode",
                    help="decode: greedy, as T5 and the paper (default); rank: rank classification of every "
                         "example (WSC is decoded either way)")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", "--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=spot.DTYPES,
                    help="frozen weights/activations (spot.py)")
-    p.add_argument("--max_input_len", type=int, default=data.MAX_INPUT_LEN)
+    p.add_argument("--max_input_len", "--max-input-len", type=int, default=data.MAX_INPUT_LEN)
     p.add_argument("--out", default=str(common.ROOT / "results"),
                    help="folder for the zip, its files and the json")
     p.add_argument("--tiny", action="store_true",
                    help="random tiny T5, a few examples per file, seconds (CI)")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback (also SPOT_DEBUG=1)")
     args = p.parse_args(argv)
     if not args.tiny and not (args.prompts and args.data):
         p.error("--prompts and --data are required (or --tiny)")
+    args.out = common.tiny_out(args.out, args.tiny)       # a tiny run never overwrites a real one
     return args
 
 
@@ -392,7 +394,7 @@ def run(args):
         vocab = common.vocab_for("", True)
         if vocab is None or not (data.data_root() / "superglue").is_dir():
             raise FileNotFoundError("--tiny reads t5_spiece.model and superglue/*/val.jsonl from "
-                                    f"{data.data_root()}: python data.py fetch superglue t5_spiece.model")
+                                    f"{data.data_root()}: python3 data.py fetch superglue t5_spiece.model")
         tmp = Path(tempfile.mkdtemp(prefix="table5_tiny_"))
         args.data = args.data or str(write_tiny_data(tmp / "data"))
         args.batch_size, args.max_input_len = 8, 64
@@ -453,4 +455,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -9,7 +9,7 @@ seed: BASELINE prompt tuning from class labels (App. C) and SPoT from each sourc
 mean ± std over 3 seeds; Fig. 3 = relative error reduction 100 (s - b) / (100 - b); Table 7 = transfers
 above 10%. Expected: paper_numbers.TABLE6 (e.g. BASELINE/CB 92.7 ± 1.9, MNLI/CB 97.0 ± 1.1);
 SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row within max(2 std, 1 point).
-  python experiments/table6_transferability.py --model google/t5-base-lm-adapt --out results
+  python3 experiments/table6_transferability.py --model google/t5-base-lm-adapt --out results
 Reruns resume every unfinished run from out/runs/. --tiny: random tiny T5, 3 sources x 3 targets, 4 steps.
 Compute (as in table1_source_mixtures.py: 7.7 TFLOP per Base step, 400 TFLOP/s sustained): a 2^18-step
 source run ~ 1.4 h, a 100K-step target run ~ 0.54 h; 48 source + 510 target runs ~ 340 accelerator-hours
@@ -100,4 +100,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

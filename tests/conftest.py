@@ -1,5 +1,5 @@
 """Shared fixtures. Tests read the public data files: ../shared/data beside the checkout (CI), else the cache
-that `python data.py fetch` fills (never copied into the project)."""
+that `python3 data.py fetch` fills (never copied into the project)."""
 import os
 from pathlib import Path
 
@@ -39,6 +39,9 @@ def shared_data() -> Path:
 # float32 computations of the same value in another order (another CPU, thread count or blocking) differ by
 # at most about n * eps * (the size of the terms), n being the number of roundings on the longest path to the
 # result.
+# The oracles' install line, named by every test that skips without them (README: the test command)
+ORACLE_INSTALL = ("python3 -m pip install -e '.[test,oracle]' "
+                  "--extra-index-url https://download.pytorch.org/whl/cpu")
 EPS32 = float(np.finfo(np.float32).eps)
 
 

@@ -5,6 +5,7 @@ import importlib.util
 import itertools
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -316,9 +317,31 @@ def test_registry_covers_table2_and_mixtures():
     assert data.topk_mixture(["MNLI", "qqp", "mnli"], "CB") == ("mnli", "qqp", "cb")
 
 
-def test_unknown_task_lists_known_ones():
-    with pytest.raises(KeyError, match="known tasks: .*cola.*wsc"):
+def test_unknown_task_is_one_plain_line_listing_tasks_and_mixtures():
+    with pytest.raises(KeyError) as e:
         data.get_task("not_a_task")
+    message = str(e.value)           # a KeyError's str() is its repr, in quotes; this one is the line itself
+    assert message.startswith("unknown task 'not_a_task' (--task); tasks: ") and "\n" not in message
+    assert "cola" in message and "wsc" in message and "mixtures: GLUE, SuperGLUE" in message
+    assert data.task_names("glue") == ("GLUE", data.MIXTURES["GLUE"])
+    assert data.task_names("STS-B") == (None, ("stsb",))
+
+
+def test_model_vocab_reads_the_checkpoint_folder_and_for_tiny_the_fetch_cache(shared_data, tmp_path,
+                                                                               monkeypatch):
+    """--model DIR reads DIR/spiece.model and --model tiny the cache's t5_spiece.model: neither asks the hub
+    (which offline retried for ~27 s)."""
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: pytest.fail("asked the hub"))
+    monkeypatch.delenv("SPOT_VOCAB", raising=False)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "spiece.model").write_bytes((shared_data / "t5_spiece.model").read_bytes())
+    assert data.model_vocab(tmp_path / "ckpt").path == tmp_path / "ckpt" / "spiece.model"
+    monkeypatch.setenv("SPOT_DATA", str(shared_data))
+    assert data.model_vocab("tiny").path == shared_data / "t5_spiece.model"
+    other = tmp_path / "other.model"
+    other.write_bytes(b"")
+    with pytest.raises(ValueError, match="other.model is not a SentencePiece model"):   # --vocab wins
+        data.model_vocab(tmp_path / "ckpt", other)
 
 
 def test_missing_file_empty_split_and_unknown_split(tmp_path):
@@ -539,8 +562,26 @@ def test_real_tfds_build_equals_file_reader(shared_data, tmp_path, task, folder,
 
 def test_tfds_not_prepared_fails_fast_with_a_hint(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(RuntimeError, match="could not load glue/rte.*data_dir="):
+    with pytest.raises(OSError, match="could not load glue/rte.*--data DIR"):
         data.load_examples("rte", "validation", tfds_dir=str(tmp_path), download=False)
+
+
+def test_tfds_offline_fails_within_seconds_in_one_line_naming_data_and_fetch(tmp_path, monkeypatch):
+    """Offline, tfds retried its downloads for minutes, then a long traceback; now a connection test of a few
+    seconds, then one line naming --data DIR and the fetch command."""
+    pytest.importorskip("tensorflow_datasets")
+    import socket
+
+    def unreachable(*a, **k):
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError) as e:
+        data.load_examples("sst2", "validation", tfds_dir=str(tmp_path))
+    assert time.perf_counter() - start < 30
+    message = str(e.value)
+    assert "network is unreachable" in message and "--data DIR" in message and "\n" not in message
+    assert f"python3 data.py fetch glue` caches them: --data {data.data_root() / 'glue'}" in message
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed")

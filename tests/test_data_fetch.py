@@ -275,7 +275,7 @@ def test_tests_skip_naming_the_fetch_command_without_data(tmp_path, monkeypatch)
         s.bind(("127.0.0.1", 0))
         monkeypatch.setenv("SPOT_DATA_MIRROR", f"http://127.0.0.1:{s.getsockname()[1]}")
     folder, why = find_data(tmp_path / "no-shared")
-    assert folder is None and "`python data.py fetch`" in why and str(tmp_path / "cache") in why
+    assert folder is None and "`python3 data.py fetch`" in why and str(tmp_path / "cache") in why
     assert find_data(tmp_path) == (tmp_path, None)
 
 

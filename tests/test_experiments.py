@@ -4,6 +4,7 @@ The results follow paper_numbers.RESULTS_SCHEMA and test_paper_numbers.compare a
 logic holds on the numbers; the quickstart's retrieval and transfer effect hold. ~3 min on 2 cores (compiles
 are shared across the scripts)."""
 import json
+import re
 import sys
 import time
 import types
@@ -16,6 +17,7 @@ import pytest
 import retrieval
 import spot
 import t5_model
+from conftest import ORACLE_INSTALL
 from experiments import (
     common,
     figure1_model_sizes,
@@ -40,7 +42,8 @@ def run_tiny(module, out, *extra):
     print(f"{module.__name__} --tiny: {time.perf_counter() - t0:.1f} s")
     name = module.__name__.split(".")[-1]
     assert name in paper_numbers.EXPERIMENT_COMMANDS
-    saved = json.loads((out / f"{name}.json").read_text())
+    assert not (out / f"{name}.json").exists()     # a tiny run never overwrites a real run's results
+    saved = json.loads((out / "tiny" / f"{name}.json").read_text())
     assert saved == json.loads(json.dumps(result))  # what main returns is what it wrote
     assert set(saved) == {"experiment", "config", "results", "summary"} and saved["experiment"] == name
     assert saved["config"]["tiny"] is True
@@ -70,8 +73,11 @@ def test_table1_tiny(out, capsys):
     assert {x["source"] for x in res["results"] if x["method"] == "PromptTuning"} == {None}
 
 
-def test_figure1_tiny(out):
+def test_figure1_tiny(out, capsys):
     res = run_tiny(figure1_model_sizes, out)
+    printed = capsys.readouterr().out               # one seed: no "± 0.0 over 1 seeds"
+    assert "ours (1 seed: no spread) vs paper" in printed and "over 1 seeds" not in printed
+    assert "± 0.0 " not in printed.split("vs paper")[1].split("paper")[0]
     methods = ["PromptTuning", "SPoT", "ModelTuning", "Multi-task ModelTuning"]
     assert list(res["summary"]) == [f"{m}/tiny" for m in methods]
     paper = paper_numbers.paper_rows("figure1_model_sizes")
@@ -100,7 +106,8 @@ def test_table6_then_table3_tiny(out):
             base = min(cells[f"BASELINE/{t}"], 99.9)
             expected = retrieval.relative_error_reduction(cells[f"{s}/{t}"], base)
             np.testing.assert_allclose(cells[f"RER/{s}/{t}"], expected)
-    assert (out / "figure3_transfer_heatmap.png").stat().st_size > 0
+    assert (out / "tiny" / "figure3_transfer_heatmap.png").stat().st_size > 0
+    assert not list(out.glob("*.png"))
 
     t3 = run_tiny(table3_retrieval, out)  # reuses table 6's runs in the same --out
     assert t3["config"]["library_size"] == len(sources) * 2
@@ -119,7 +126,7 @@ def test_table6_then_table3_tiny(out):
     assert t3["summary"]["ORACLE"]["mean"] >= t3["summary"]["per_token/best_of_top_k/1"]["mean"]
     for fig in ("figure4_task_similarity", "figure5_similarity_vs_transfer",
                 "figure8_similarity_vs_transfer"):
-        assert (out / f"{fig}.png").stat().st_size > 0
+        assert (out / "tiny" / f"{fig}.png").stat().st_size > 0
 
 
 def test_table3_without_table6_runs_names_the_command(tmp_path):
@@ -154,8 +161,8 @@ def test_bench_prompt_step_runs_without_peft(tmp_path):
     """The benchmark is a script, not a timed test: this only checks that it runs and reports what it
     promises."""
     from experiments import bench_prompt_step
-    bench_prompt_step.main(["--no-peft", "--shapes", "small", "--rounds", "1", "--steps", "1", "--batch", "1",
-                            "--json", str(tmp_path / "bench.json")])
+    bench_prompt_step.main(["--no-peft", "--shapes", "small", "--rounds", "1", "--steps", "1", "--batch-size",
+                            "1", "--json", str(tmp_path / "bench.json")])
     (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert row["shape"] == "small" and row["arm"] == "ours" and row["ratio_vs_peft"] is None
     assert row["s_per_step"] > 0 and row["compile_s"] > 0
@@ -166,7 +173,7 @@ def test_bench_peft_arm_times_random_and_given_batches(shared_data):
     """The PEFT arm (bench_peft_arm.py under --peft-python) on a tiny shape: the random batches of the
     synthetic rounds, then our pipeline's token ids collated as PEFT pads them."""
     for name in ("torch", "transformers", "peft"):
-        pytest.importorskip(name, reason="the PEFT arm needs pip install -e '.[bench]'")
+        pytest.importorskip(name, reason=f"the PEFT arm needs {name}: {ORACLE_INSTALL}")
     from experiments import bench_prompt_step as B
     args = types.SimpleNamespace(peft_python=sys.executable, threads=1, vocab=shared_data / "t5_spiece.model")
     cfg = t5_model.T5Config.tiny()
@@ -193,12 +200,28 @@ def test_analytic_flops_known_answer():
 
 def test_no_script_default_or_readme_command_reads_a_shared_folder_beside_the_clone():
     """A user's clone has no ../shared: the README's commands and the scripts' defaults name the fetch cache
-    (python data.py fetch) or tfds instead."""
+    (python3 data.py fetch) or tfds instead."""
     root = Path(common.__file__).resolve().parents[1]
     for path in [root / "README.md", *sorted((root / "experiments").glob("*.py"))]:
         hits = [f"{path.name}:{i}: {line}" for i, line in enumerate(path.read_text().splitlines(), 1)
                 if "shared/" in line]
         assert not hits, hits
+
+
+def test_ci_runs_the_readme_test_command_with_the_cpu_torch_index_and_python3_throughout():
+    """.ci/run is the README's test command; it installs the oracles from PyTorch's CPU index (plain PyPI
+    serves the CUDA build); every command in the README and the scripts' docstrings says python3."""
+    root = Path(common.__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("Run the tests")[1].split("```bash\n")[1].split("```")[0]
+    command = " ".join(block.replace("\\\n", " ").split())
+    ci = (root / ".ci" / "run").read_text()
+    assert command in " ".join(ci.replace("\\\n", " ").split())
+    assert "'.[test,oracle]' --extra-index-url https://download.pytorch.org/whl/cpu" in command
+    for path in [root / "README.md", *sorted((root / "experiments").glob("*.py"))]:
+        bare = [line for line in path.read_text().splitlines()
+                if re.search(r"(^|[\s`($])python [\w./-]+\.py", line)]
+        assert not bare, (path.name, bare)
 
 
 SCRIPTS = sorted(p.name for p in (Path(common.__file__).parent).glob("*.py") if "__main__" in p.read_text())
@@ -211,3 +234,70 @@ def test_every_script_runs_from_a_clone_that_was_not_installed(script, tmp_path)
     assert run_uninstalled(tmp_path, "-c", "import data").returncode == 1     # the repository is hidden
     out = run_uninstalled(tmp_path, str(Path(common.__file__).parent / script), "--help")
     assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stderr[-2000:]
+
+
+def test_readme_spot_step_by_step_runs_as_written(shared_data, tmp_path, monkeypatch, capsys):
+    """The README's "SPoT step by step" commands, run as written but on the random tiny T5: --model tiny, a
+    few steps, --data with the fetch cache's files; GLUE is RTE + MRPC and MNLI is SST-2 (the cache has no
+    MNLI). Run folders are the prompts; the library runs/ is searched recursively."""
+    import shlex
+
+    import data
+    readme = (Path(common.__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## SPoT step by step")[1].split("```bash\n")[1].split("```")[0]
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith("python3 ")]
+    assert [c[1] for c in commands] == ["spot.py"] * 3 + ["retrieval.py"] + ["spot.py"] * 2
+    monkeypatch.setitem(data.MIXTURES, "GLUE", ("rte", "mrpc"))
+    monkeypatch.chdir(tmp_path)
+    subs = {("--model", "google/t5-base-lm-adapt"): "tiny", ("--task", "mnli"): "sst2"}
+    tiny = ["--eval_limit=8", "--eval_batch_size=8", "--max_input_len=48", "--length=5"]
+    tiny_train = ["--steps", "4", "--batch_size=4", "--eval_every=2", "--embedding_step=2"]
+    for script, *argv in (c[1:] for c in commands):
+        argv = [subs.get((before, a), a) for before, a in zip(["", *argv], argv)]
+        if script == "retrieval.py":
+            retrieval.main(argv)
+            continue
+        folder = "superglue" if argv[argv.index("--task") + 1] == "cb" else "glue"
+        spot.main([*argv, "--data", str(shared_data / folder), *tiny,
+                   *(tiny_train if argv[0] == "train" else [])])
+    out = capsys.readouterr().out
+    ranking = out[out.index("(left out of the library: the target itself"):].splitlines()
+    assert ranking[1] == "(--k 3, but the library holds 2 sources: all of them)"
+    assert ranking[2].split()[:2] == ["rank", "per_token"]
+    assert sorted(line.split()[3] for line in ranking[3:5]) == ["GLUE", "sst2"], out     # cb: the target
+    scores = json.loads(Path("runs/glue-cb/eval.json").read_text())
+    assert scores["task"] == "cb" and scores["examples"] == 8 and 0 <= scores["accuracy"] <= 100
+    source = json.loads(Path("runs/glue-cb/prompt.json").read_text())["prompt_config"]
+    assert source["init"] == "file" and source["source"] == "runs/glue"
+
+
+def test_run_main_turns_user_errors_into_one_line_and_debug_shows_the_traceback(monkeypatch):
+    """Every script ends in common.run_main(main): a missing file, offline or a bad value is one line on
+    stderr (table6 offline printed 110 lines); --debug or SPOT_DEBUG=1 raises it; a bug still raises."""
+    def main(argv):
+        assert "--debug" not in argv                    # run_main takes it: the scripts' parsers never see it
+        raise FileNotFoundError("no file x:\n  pass --data DIR")
+    monkeypatch.setattr(sys, "argv", ["table6_transferability.py", "--tiny"])
+    monkeypatch.delenv("SPOT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        common.run_main(main)
+    assert e.value.code == "error: no file x: pass --data DIR (traceback: --debug)"
+    monkeypatch.setattr(sys, "argv", ["table6_transferability.py", "--tiny", "--debug"])
+    with pytest.raises(FileNotFoundError):
+        common.run_main(main)
+    monkeypatch.setattr(sys, "argv", ["table6_transferability.py"])
+    monkeypatch.setenv("SPOT_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        common.run_main(main)
+    monkeypatch.delenv("SPOT_DEBUG")
+    with pytest.raises(ZeroDivisionError):                  # not the user's: a traceback
+        common.run_main(lambda argv: 1 / 0)
+
+
+def test_scripts_take_config_fields_as_flags_with_a_value_or_equals_and_dashes():
+    args = common.parse_args("doc", ["--tiny", "--batch_size", "8", "--eval-every=3", "--learning-rate",
+                                     "0.1"])
+    assert (args.train.batch_size, args.train.eval_every, args.train.optimizer.learning_rate) == (8, 3, 0.1)
+    assert Path(args.out).name == "tiny" and args.runs == Path(args.out) / "runs"
+    with pytest.raises(SystemExit):
+        common.parse_args("doc", ["--tiny", "--no_such_field", "1"])

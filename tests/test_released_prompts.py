@@ -96,7 +96,7 @@ def test_the_release_comes_from_the_cache_and_offline_names_the_way_out(shared_d
 def test_tiny_run_end_to_end(shared_data, tmp_path, capsys):
     record = rp.main(["--tiny", "--data", str(shared_data / "glue"), "--out", str(tmp_path)])
     assert "meaningless" in capsys.readouterr().out
-    on_disk = json.loads((tmp_path / "released_prompts.json").read_text())
+    on_disk = json.loads((tmp_path / "tiny" / "released_prompts.json").read_text())
     assert on_disk == json.loads(json.dumps(record))
     assert on_disk["experiment"] == "released_prompts"
     assert on_disk["config"]["tiny"] is True and on_disk["config"]["input_format"] == "taskless"
@@ -147,7 +147,7 @@ SCRIPT = str(Path(rp.__file__).resolve())
 
 
 def test_runs_as_a_script_from_a_clone_that_was_not_installed(shared_data, tmp_path):
-    """`python experiments/released_prompts.py --tiny` from another folder: the script puts the repository
+    """`python3 experiments/released_prompts.py --tiny` from another folder: the script puts the repository
     root on sys.path before it imports data."""
     hidden = run_uninstalled(tmp_path, "-c", "import data")
     assert hidden.returncode == 1 and "No module named 'data'" in hidden.stderr   # the repository is hidden
@@ -156,7 +156,8 @@ def test_runs_as_a_script_from_a_clone_that_was_not_installed(shared_data, tmp_p
                            "--prompts", str(release), "--vocab", str(shared_data / "t5_spiece.model"),
                            "--out", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads((tmp_path / "out" / "released_prompts.json").read_text())["config"]["tiny"] is True
+    saved = json.loads((tmp_path / "out" / "tiny" / "released_prompts.json").read_text())
+    assert saved["config"]["tiny"] is True
 
 
 def test_bad_input_is_one_line_not_a_traceback(shared_data, tmp_path):
@@ -174,6 +175,11 @@ def test_bad_input_is_one_line_not_a_traceback(shared_data, tmp_path):
                                "--out", str(tmp_path / "out"))
         assert out.returncode == 1 and out.stderr.startswith("error: ") and names in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
+        assert out.stderr.rstrip().endswith("(traceback: --debug)")
+    debug = run_uninstalled(tmp_path, SCRIPT, "--tiny", "--vocab", str(tmp_path / "x.npy"), "--debug",
+                            "--data", str(shared_data / "glue"), "--out", str(tmp_path / "out"))
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "x.npy is not a SentencePiece" in debug.stderr
 
 
 def test_checkpoint_path_runs_on_a_local_folder(shared_data, tmp_path):
@@ -196,8 +202,8 @@ def test_checkpoint_path_runs_on_a_local_folder(shared_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- real weights
-COMMAND = ('python experiments/released_prompts.py --model google/t5-base-lm-adapt '
-           '--data "$(python data.py fetch glue)/glue"')
+COMMAND = ('python3 experiments/released_prompts.py --model google/t5-base-lm-adapt '
+           '--data "$(python3 data.py fetch glue)/glue"')
 
 
 def _base_checkpoint():

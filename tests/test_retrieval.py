@@ -1,4 +1,6 @@
 """retrieval.py: known answers, the released prompts as task embeddings, the library on disk and CLI."""
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,9 +157,14 @@ def test_cli_rank_and_matrix(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "matrix", "--library", str(lib),
                           "--metric", "average_tokens"], capture_output=True, text=True, check=True).stdout
     assert "1.0000" in out and "far" in out
+    # --k past the library's size (the README's --k 3 on a smaller library) ranks all of it, and says so
+    out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", target, "--library",
+                          str(lib), "--k", "9"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("(--k 9, but the library holds 3 sources: all of them)"), out
+    assert len(out.splitlines()) == 5
     bad = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", target,
-                          "--library", str(lib), "--k", "9"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "k=9 but the ranking holds 3 prompts" in bad.stderr
+                          "--library", str(lib), "--k", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "pick an integer 1 <= k <= 3" in bad.stderr, bad.stderr
 
 
 def test_library_holds_t5x_and_peft_prompts_beside_ours(tmp_path):
@@ -184,11 +191,17 @@ def test_library_holds_t5x_and_peft_prompts_beside_ours(tmp_path):
         ("qnli", None, "qnli.encoder.prompt.prompt.prompt"), ("sst2", None, "sst2")]
     for e, want in zip(library, [p[2], p[0], p[1], p[3]]):
         np.testing.assert_array_equal(e.prompt, want)
-    out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", str(lib / "sst2"),
+    shutil.copytree(lib / "sst2", tmp_path / "target")
+    rank = [sys.executable, str(ROOT / "retrieval.py"), "rank"]
+    out = subprocess.run([*rank, "--target", str(tmp_path / "target"),
                           "--library", str(lib), "--metric", "average_tokens", "--k", "1"],
                          capture_output=True, text=True, check=True).stdout
     first = out.splitlines()[1]
-    assert "1.0000" in first and "sst2" in first, out  # itself, found through PEFT's file
+    assert "1.0000" in first and "sst2" in first, out  # its copy, found through PEFT's file
+    out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", str(lib / "sst2"),
+                          "--library", str(lib), "--metric", "average_tokens"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("(left out of the library: the target itself") and " sst2 " not in out, out
     (lib / "lora").mkdir()
     (lib / "lora" / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM"}')
     with pytest.raises(ValueError, match=r"lora is a PEFT LORA adapter, not prompt tuning"):
@@ -301,3 +314,28 @@ def test_lists_jax_arrays_and_ragged_inputs():
     np.testing.assert_allclose(R.top_k_weighted_average(mixed, 2), [[0.5, 0.5]])
     with pytest.raises(ValueError, match="pick an integer"):
         R.top_k(ranking, 1.5)
+
+
+def test_library_is_searched_recursively_and_a_run_folder_gives_its_task_embedding(tmp_path):
+    """Regression: `rank --library runs/` was refused (no prompt at its top) and a run folder was no prompt.
+    A run folder (spot.py train --out) is one entry, its prompt_step<N>.npy (the task embedding, §3.2) under
+    the task of its sidecar; folders are searched recursively; the printout names only what is known."""
+    runs = tmp_path / "runs"
+    for name, task, prompt in (("cb", "cb", E2), ("glue", "GLUE", -E2)):
+        (runs / name).mkdir(parents=True)
+        np.save(runs / name / "prompt.npy", np.zeros((2, 2)))            # the best checkpoint: not ranked
+        np.save(runs / name / "prompt_step10.npy", prompt)
+        (runs / name / "prompt_step10.json").write_text(json.dumps({"task": task, "step": 10, "score": None}))
+    R.save_to_library(runs / "more" / "deeper", E2[::-1], "mnli", run=0)
+    library = R.load_library(runs)
+    assert [(e.task, e.step, e.path.relative_to(runs).as_posix()) for e in library] == [
+        ("cb", 10, "cb/prompt_step10.npy"), ("GLUE", 10, "glue/prompt_step10.npy"),
+        ("mnli", None, "more/deeper/mnli-run0.npy")]
+    np.testing.assert_array_equal(library[1].prompt, -E2)
+    out = subprocess.run([sys.executable, str(ROOT / "retrieval.py"), "rank", "--target", str(runs / "cb"),
+                          "--library", str(runs), "--metric", "average_tokens"],
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert lines[0] == f"(left out of the library: the target itself, {runs / 'cb' / 'prompt_step10.npy'})"
+    assert lines[2].endswith("mnli (run=0, more/deeper/mnli-run0.npy)") and "None" not in out, out
+    assert lines[3].endswith("GLUE (step=10, glue/prompt_step10.npy)"), out

@@ -7,6 +7,7 @@ module.
 import argparse
 import dataclasses
 import fcntl
+import importlib.util
 import itertools
 import json
 import os
@@ -28,7 +29,7 @@ import pytest
 import retrieval
 import spot
 import t5_model
-from conftest import f32_atol, network_roundings
+from conftest import ORACLE_INSTALL, f32_atol, network_roundings
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = t5_model.T5Config.tiny()
@@ -492,7 +493,7 @@ TINY_HF = {'vocab_size': 64, 'd_model': 16, 'd_kv': 8, 'd_ff': 32, 'num_layers':
 def hf_peft():
     """(torch, transformers, peft), or a skip that says what to install."""
     for name in ('torch', 'transformers', 'peft'):
-        pytest.importorskip(name, reason=f"PEFT interop needs {name}: pip install -e '.[test]'")
+        pytest.importorskip(name, reason=f"PEFT interop needs {name}: {ORACLE_INSTALL}")
     import peft
     import torch
     import transformers
@@ -703,7 +704,7 @@ def test_hostile_or_broken_peft_bin_gets_one_line_without_unsafe_advice(tmp_path
     """torch's weights_only loader blocks a pickle that would run code, but its message advises
     weights_only=False; that, a truncated file, text and a list instead of a dict were tracebacks. Now: one
     line naming the file, no such advice, and nothing run."""
-    torch = pytest.importorskip('torch')
+    torch = pytest.importorskip('torch', reason=ORACLE_INSTALL)
     config = {'peft_type': 'PROMPT_TUNING', 'task_type': 'SEQ_2_SEQ_LM', 'num_virtual_tokens': 2}
     good = {'prompt_embeddings': torch.zeros(4, 16)}
     torch.save(good, tmp_path / 'good.bin')
@@ -1029,7 +1030,7 @@ def test_resume_starts_again_a_run_that_stopped_before_its_first_checkpoint(tmp_
                                  evaluator(frozen), tmp_path, **kw)
     with pytest.raises(RuntimeError, match='preempted'):
         train(synthetic_batches(crash_at=3), log=quiet)                  # 3 steps logged, no checkpoint
-    assert sorted(f.name for f in tmp_path.iterdir()) == ['metrics.jsonl', 'run.lock']
+    assert sorted(f.name for f in tmp_path.iterdir()) == ['metrics.jsonl']      # run.lock removed
     with pytest.raises(FileExistsError, match='stopped before its first checkpoint: start it again from '
                                               'step 0 with --resume'):
         train(synthetic_batches(), log=quiet)
@@ -1323,9 +1324,21 @@ def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
     assert set(info['metrics']) == {'accuracy', 'f1', 'score'}
     assert np.load(tmp_path / 'prompt.npy').shape == (5, t5_model.T5Config.tiny().d_model)
     spot.main(['eval', *common, '--prompt', str(tmp_path / 'prompt.npy'), '--eval_limit=8',
-               '--max_input_len=48', '--eval_batch_size=8'])
-    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+               '--max_input_len=48', '--eval_batch_size=4'])
+    out = capsys.readouterr().out
+    scores = json.loads(out.strip().splitlines()[-1])
     assert 0 <= scores['accuracy'] <= 100
+    assert 'loading the weights of a random tiny T5 (float32)' in out and 'loaded ' in out
+    assert re.search(r'evaluating .*prompt\.npy on mrpc validation: 8 examples', out)
+    assert 'mrpc validation: 4/8 examples' in out and 'mrpc validation: 8/8 examples' in out   # progress
+    assert (scores['task'], scores['split'], scores['examples']) == ('mrpc', 'validation', 8)
+    # a run folder is a prompt (its prompt.npy), and --out saves what was printed
+    spot.main(['eval', *common, '--prompt', str(tmp_path), '--eval_limit=8', '--max_input_len=48',
+               '--eval_batch_size=8', '--out', str(tmp_path / 'eval.json')])
+    saved = json.loads((tmp_path / 'eval.json').read_text())
+    assert saved == json.loads(capsys.readouterr().out.strip().splitlines()[-2])
+    assert {k: saved[k] for k in scores if k != 'prompt'} == {k: scores[k] for k in scores if k != 'prompt'}
+    assert not (tmp_path / 'run.lock').exists()               # a finished run does not read as running
     # Refused before training. Targets: a number (stsb); the referent's words (wsc).
     for task, folder in (('stsb', 'glue'), ('wsc', 'superglue')):
         with pytest.raises(SystemExit, match="'rank' needs a classification task"):
@@ -1339,6 +1352,69 @@ def test_cli_train_resume_eval_and_bad_input(shared_data, tmp_path, capsys):
     with pytest.raises(SystemExit, match='d_model'):            # a prompt of the wrong width, from the CLI
         np.save(tmp_path / 'wide.npy', np.zeros((5, 7), np.float32))
         spot.main(['eval', *common, '--prompt', str(tmp_path / 'wide.npy')])
+
+
+def test_cli_checks_task_flags_data_and_folder_before_reading_vocabulary_or_weights(shared_data, tmp_path,
+                                                                                   monkeypatch):
+    """A mistyped --task (one line listing tasks and mixtures), a missing --data folder, an --out holding a
+    run, and tfds offline fail in one line before a weight is read; --model tiny takes the fetch cache's
+    vocabulary, --model DIR its spiece.model: neither asks the hub."""
+    import huggingface_hub
+    monkeypatch.setattr(spot, 'load_model', lambda *a, **k: pytest.fail('weights loaded'))
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda *a, **k: pytest.fail('asked the hub'))
+    monkeypatch.setenv('SPOT_DATA', str(shared_data))
+    monkeypatch.delenv('SPOT_VOCAB', raising=False)
+    base = ['train', '--model', 'tiny', '--steps', '2', '--batch_size', '4', '--max_input_len', '48']
+    (tmp_path / 'done').mkdir()
+    (tmp_path / 'done' / 'checkpoint.npz').write_bytes(b'x')
+
+    def refused(*args):
+        with pytest.raises(SystemExit) as e:
+            spot.main([*base, *args])
+        assert '\n' not in str(e.value.code), e.value.code
+        return str(e.value.code)
+    assert "unknown task 'mrcp' (--task)" in refused('--task', 'mrcp', '--out', str(tmp_path / 'a'))
+    assert 'mixtures: GLUE, SuperGLUE' in refused('--task', 'mrcp', '--out', str(tmp_path / 'a'))
+    assert '--data nowhere is not a folder' in refused('--task', 'mrpc', '--data', 'nowhere', '--out',
+                                                       str(tmp_path / 'a'))
+    assert 'continue it with --resume' in refused('--task', 'mrpc', '--data', str(shared_data / 'glue'),
+                                                  '--out', str(tmp_path / 'done'))
+    if importlib.util.find_spec('tensorflow_datasets'):      # offline tfds: seconds, not minutes
+        import socket
+
+        def unreachable(*a, **k):
+            raise OSError('Name or service not known')
+        monkeypatch.setattr(socket, 'create_connection', unreachable)
+        monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+        message = refused('--task', 'mrpc', '--out', str(tmp_path / 'a'))
+        assert 'network is unreachable: pass --data DIR' in message and 'data.py fetch glue' in message
+    assert not (tmp_path / 'a').exists()
+    # the vocabulary: tiny's from the cache, DIR's from DIR/spiece.model (hub patched to fail above)
+    assert spot._vocab(argparse.Namespace(model='tiny', vocab=None, dtype='float32')).path == \
+        shared_data / 't5_spiece.model'
+
+
+def test_cli_help_lists_every_config_field_with_default_and_source_and_both_flag_forms(capsys,
+                                                                                      monkeypatch):
+    with pytest.raises(SystemExit):
+        spot.main(['train', '--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    for cls in (spot.TrainConfig, spot.OptimizerConfig, spot.PromptConfig):
+        for f in dataclasses.fields(cls):
+            if f.name not in ('optimizer', 'steps', 'init'):       # steps, init: train's own flags
+                assert f'--{f.name}' in text and f'{cls.__name__}:' in text, f.name
+    assert '--batch_size INT, --batch-size INT TrainConfig: §2.1.4 (default 32)' in text
+    assert 'footnote 7; PT runs/prompt_finetune.gin: constant 0.3 (default 0.3)' in text
+    assert 'TrainConfig: The run\'s dropout: train_prompt writes it' in text      # comments above the field
+    seen = {}
+    monkeypatch.setattr(spot, 'plan_cli', lambda args, tc, pc: seen.update(tc=tc, pc=pc))
+    spot.main(['plan', '--model', 'tiny', '--batch_size', '8', '--eval-every=7', '--learning-rate', '0.1',
+               '--length', '20', '--param_scale=True'])
+    assert (seen['tc'].batch_size, seen['tc'].eval_every, seen['pc'].length) == (8, 7, 20)
+    assert seen['tc'].optimizer.learning_rate == 0.1 and seen['tc'].optimizer.param_scale is True
+    with pytest.raises(SystemExit):
+        spot.main(['plan', '--model', 'tiny', '--batch_size', 'eight'])
+    assert 'TrainConfig.batch_size expects int' in capsys.readouterr().err
 
 
 def test_a_vocabulary_larger_than_the_embedding_is_refused(shared_data, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import f32_atol
+from conftest import ORACLE_INSTALL, f32_atol
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -54,9 +54,9 @@ def launch(args, processes, devices_per_process):
 def hf_checkpoint(tmp_path_factory):
     """A tiny T5 1.1 written by transformers (config.json + model.safetensors), with T5's 32128-row
     vocabulary, so every process reads its blocks of each tensor from the file."""
-    torch = pytest.importorskip('torch', reason='the tiny checkpoint is written by transformers (test extra)')
+    torch = pytest.importorskip('torch', reason=ORACLE_INSTALL)
     transformers = pytest.importorskip('transformers',
-                                       reason='the tiny checkpoint is written by transformers')
+                                       reason=ORACLE_INSTALL)
     torch.manual_seed(0)
     cfg = transformers.T5Config(vocab_size=32128, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=4,
                                 feed_forward_proj='gated-gelu', tie_word_embeddings=False, dropout_rate=0.0,

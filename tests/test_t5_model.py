@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import t5_model as tm
-from conftest import EPS32, f32_atol, network_roundings
+from conftest import EPS32, ORACLE_INSTALL, f32_atol, network_roundings
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason=ORACLE_INSTALL)
+transformers = pytest.importorskip("transformers", reason=ORACLE_INSTALL)
 from safetensors.torch import save_file  # noqa: E402  (installed with transformers)
 
 TINY_HF = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,

@@ -198,9 +198,10 @@ def test_load_prompts(tmp_path):
 
 def test_tiny_writes_every_test_example_into_the_zip(shared_data, tmp_path):
     res = T.main(["--tiny", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "table5_superglue_test.json").read_text())
+    assert not (tmp_path / "table5_superglue_test.json").exists()              # --tiny writes OUT/tiny
+    saved = json.loads((tmp_path / "tiny" / "table5_superglue_test.json").read_text())
     assert saved == json.loads(json.dumps(res)) and saved["config"]["tiny"] is True
-    with zipfile.ZipFile(tmp_path / "table5_superglue_test.zip") as z:
+    with zipfile.ZipFile(tmp_path / "tiny" / "table5_superglue_test.zip") as z:
         assert sorted(z.namelist()) == sorted(f"{n}.jsonl" for n in FILES)
         files = {n: z.read(f"{n}.jsonl").decode() for n in FILES}
     tests = T.write_tiny_data(tmp_path / "same_data", shared_data / "superglue")  # what --tiny predicted
