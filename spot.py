@@ -551,8 +551,8 @@ def _compiled_bytes(lowered, weights) -> tuple[dict, float]:
 
 def plan_step(cfg, tc: TrainConfig, frozen, remat: str, micro_batches: int, input_len: int, target_len: int,
               prompt_len: int, mesh=None) -> dict:
-    """Compile train_step for one setting from shapes (frozen: arrays or ShapeDtypeStructs) -> bytes per
-    device and compile time."""
+    """Compile train_step for one setting from shapes (frozen: arrays or ShapeDtypeStructs; input_len tokens
+    of input, to which the step prepends prompt_len rows) -> bytes per device and compile time."""
     cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout, remat=remat)
     prompt = jax.ShapeDtypeStruct((prompt_len, cfg.d_model), jnp.float32)
     opt_state = jax.eval_shape(make_optimizer(tc.optimizer).init, prompt)
@@ -611,7 +611,7 @@ def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int
         if any(t['remat'] == remat and t['weights'] + t['temporaries'] * t['micro_batches'] / m > budget
                for t in tried) and (remat, m) != order[-1]:
             continue
-        step = plan_step(cfg, tc, frozen, remat, m, input_len + prompt_len, target_len, prompt_len, mesh)
+        step = plan_step(cfg, tc, frozen, remat, m, input_len, target_len, prompt_len, mesh)
         tried.append(step)
         if log:
             log(f'  plan: remat {remat}, micro_batches {m}: step {step["peak"] / GiB:.2f} GiB '
