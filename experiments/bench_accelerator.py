@@ -5,15 +5,16 @@ CPU-only machine), batch 32, 100 prompt positions, 8 target tokens, and the inpu
 are padded to (data.bucket_length over its validation sets: SUPERGLUE_BUCKETS) plus 512: step time,
 greedy-eval time, tokens/s, FLOPs by arithmetic (step_flops), MFU against the device's bf16 dense peak
 (PEAK_TFLOPS), the step's FLOP/s against a large matmul measured here in the same dtype, compile time per
-shape, the plan's peak (spot.plan_step / plan_eval: XLA's buffer assignment) beside the measured one
-(memory_stats() peak_bytes_in_use; none on CPU), and the host's time per step (batch preparation + dispatch)
-against the step. remat and micro_batches come from spot.resolve_memory at the longest length, as `spot.py
-train` decides them; a size whose plan does not fit the device is skipped. Prints one table; writes --out
-(default results/bench_accelerator.json; --tiny: results/bench_accelerator_tiny.json).
+shape, the plan's peak (XLA's buffer assignment of the compiled step and evaluation, counted as
+spot.plan_step counts it) beside the measured one (memory_stats() peak_bytes_in_use; none on CPU), and the
+host's time per step (batch preparation + dispatch) against the step. remat and micro_batches come from
+spot.resolve_memory at the longest length, as `spot.py train` decides them; a size whose plan does not fit
+the device is skipped. Prints one table; writes --out (default results/bench_accelerator.json; --tiny:
+results/bench_accelerator_tiny.json).
 
-    python experiments/bench_accelerator.py                      # about 7 minutes on one H100
-    python experiments/bench_accelerator.py --sizes small --lengths 56 --steps 2   # CPU, a few minutes
-    python experiments/bench_accelerator.py --tiny               # random tiny T5, seconds (tests)
+    python experiments/bench_accelerator.py          # accelerator: --time-budget 420 s + process starts
+    python experiments/bench_accelerator.py          # CPU: Small and Base at the shortest length, ~5 min
+    python experiments/bench_accelerator.py --tiny   # random tiny T5, about 30 s (tests)
 
 Each size runs in its own process: the allocator's peak cannot be reset, and an out-of-memory size must not
 end the run. --time-budget (default 420 s) is shared among the sizes; a size out of time skips its shorter
@@ -94,7 +95,7 @@ def input_lengths(args):
     if args.lengths:
         return sorted({int(n) for n in args.lengths.split(',')}), '--lengths'
     buckets, source = SUPERGLUE_BUCKETS, 'SUPERGLUE_BUCKETS (the table in this script)'
-    if (Path(args.data) / 'superglue').is_dir():
+    if (Path(args.data) / 'superglue').is_dir() and (Path(args.data) / 't5_spiece.model').is_file():
         buckets, source = superglue_buckets(args.data), f'the validation files in {args.data}'
         if buckets != SUPERGLUE_BUCKETS:
             source += ' (they differ from SUPERGLUE_BUCKETS: regenerate it, --print-buckets)'
@@ -105,7 +106,7 @@ def input_lengths(args):
 # By arithmetic: cost_analysis() counts a lax.scan body (one layer) once, not once per layer. 2 FLOPs per
 # multiply-add of the formulas t5_model runs (cross-attention without keys and values where
 # t5_model._absorbs_cross says so); norms, softmax, dropout and the optimizer are not counted. Checked against
-# XLA's count of one scanned layer (tests/test_experiments.py): within 1-3%.
+# XLA's count of one scanned layer (tests/test_bench_accelerator.py): within 1-3%.
 def forward_flops(cfg, S, T, P):
     """One example's forward FLOPs by kind. Matmuls against frozen weights: 'weights' (2-D, kept by remat
     'dots'), 'last' (the MLP's wo, whose output the backward pass does not need), 'scores_w' and 'values_w'
@@ -287,7 +288,7 @@ def bench_shape(cfg, tc, frozen, S, steps, eval_batch):
     row.update({f'{part}_flops': n for part, n in step_flops(cfg, tc.batch_size, S, T, P, tc.remat).items()})
 
     times = []
-    for _ in range(3):                                # the first call is left out
+    for _ in range(steps + 1):                        # the first call is left out
         t = time.perf_counter()
         out = np.asarray(t5_model.greedy_decode(frozen, cfg, rows, prompt, max_len=T))
         times.append(time.perf_counter() - t)
@@ -311,9 +312,11 @@ def run_size(spec):
     def save():
         result['host_rss_peak_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / spot.GiB
         result['seconds'] = time.perf_counter() - t_start
+        # the matmul before and after the lengths: the better one (other processes may share the device)
+        result['matmul_flops_per_s'] = max(matmuls)
         Path(spec['out']).write_text(json.dumps(result, indent=1))
     n = 512 if size == 'tiny' else 2048 if result['backend'] == 'cpu' else 8192
-    result['matmul_flops_per_s'] = matmul_flops_per_s(dtype, n)
+    matmuls = [matmul_flops_per_s(dtype, n)]
     cfg = t5_model.T5Config.tiny() if size == 'tiny' else t5_model.T5Config.from_name(SIZES[size])
     tc = spot.TrainConfig(batch_size=spec['batch'], eval_batch_size=spec['eval_batch'], remat=spec['remat'],
                           micro_batches=spec['micro_batches'])
@@ -356,6 +359,8 @@ def run_size(spec):
         print(f"{size} S={S}: " + ', '.join(f'{k} {v:.3g}' for k, v in row.items() if isinstance(v, float)),
               flush=True)
         save()
+    matmuls.append(matmul_flops_per_s(dtype, n))
+    save()
 
 
 # ------------------------------------------------------------------------------------------- the table
@@ -440,7 +445,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--sizes', default=None, help='comma separated, of ' + ','.join(SIZES) +
                    ' (default: base,xl,xxl on an accelerator, small,base on CPU)')
-    p.add_argument('--lengths', default=None, help='input lengths (default: SuperGLUE buckets and 512)')
+    p.add_argument('--lengths', default=None,
+                   help='input lengths (default: SuperGLUE buckets and 512; CPU: the shortest of them)')
     p.add_argument('--dtype', default=None, choices=spot.DTYPES, help='default bfloat16; float32 on CPU')
     p.add_argument('--batch', type=int, default=B)
     p.add_argument('--eval-batch', type=int, default=None, help='greedy decoding batch (default --batch)')
@@ -470,6 +476,8 @@ def main(argv=None):
     steps, eval_batch = args.steps or (2 if cpu or args.tiny else 3), args.eval_batch or args.batch
     out = output_path(args.tiny, args.out)
     lengths, lengths_source = input_lengths(args)
+    if cpu and not args.lengths:                     # a Base step at 612 positions takes minutes on CPU
+        lengths, lengths_source = lengths[:1], f'the shortest of {lengths_source}'
     print(f'{backend}: {kind}; sizes {sizes}, {dtype}, B={args.batch}, input lengths {lengths} '
           f'({lengths_source}); load average {os.getloadavg()[0]:.2f}', flush=True)
     t0, results, weight = time.time(), [], {'xl': 2, 'xxl': 3}
@@ -497,6 +505,12 @@ def main(argv=None):
             results.append(res)
     rows = finish_rows(results)
     print_table(rows, dtype, args.batch)
+    for res in results:                              # the plan that chose remat and micro-batches
+        plan = res.get('plan', {})
+        print(f"{res['size']}: plan at {max(lengths)} + {P} positions: remat {plan.get('remat')}, "
+              f"micro_batches {plan.get('micro_batches')}, peak {fmt(plan.get('peak'), '.3g')} GiB of "
+              f"{fmt(plan.get('budget_gib'), '.3g')} ({plan.get('settings_compiled', 0)} settings compiled, "
+              f"{fmt(plan.get('seconds'), '.0f')} s){'; ' + res['error'] if 'error' in res else ''}")
     matmul = [r['matmul_flops_per_s'] for r in results if r.get('matmul_flops_per_s')]
     kind_peak = peak_tflops(kind)
     print(f"\n{kind}: bf16 dense peak {fmt(kind_peak, '.1f')} TFLOP/s (PEAK_TFLOPS); {dtype} matmul measured "

@@ -57,6 +57,12 @@ def test_backward_is_activations_only():
     assert bench.step_flops(CFG, 32, 512, 8, 100, 'none')['remat'] == 0
 
 
+def test_length_table_is_what_the_superglue_files_give(shared_data):
+    """SUPERGLUE_BUCKETS (what a machine without the files runs) equals data.bucket_length over the
+    validation batches; if not, `--print-buckets` regenerates it."""
+    assert bench.superglue_buckets(shared_data) == bench.SUPERGLUE_BUCKETS
+
+
 def test_tiny_never_writes_the_real_result():
     assert bench.output_path(tiny=True, out=None) == bench.TINY_OUT
     assert bench.output_path(tiny=True, out=str(bench.OUT)) == bench.TINY_OUT
