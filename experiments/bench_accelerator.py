@@ -13,7 +13,7 @@ the device is skipped. Prints one table; writes --out (default results/bench_acc
 results/bench_accelerator_tiny.json).
 
     python experiments/bench_accelerator.py          # accelerator: --time-budget 420 s + process starts
-    python experiments/bench_accelerator.py          # CPU: Small and Base at the shortest length, ~5 min
+    python experiments/bench_accelerator.py          # CPU: Small and Base at the shortest length, ~3 min
     python experiments/bench_accelerator.py --tiny   # random tiny T5, about 30 s (tests)
 
 Each size runs in its own process: the allocator's peak cannot be reset, and an out-of-memory size must not
@@ -450,7 +450,8 @@ def main(argv=None):
     p.add_argument('--dtype', default=None, choices=spot.DTYPES, help='default bfloat16; float32 on CPU')
     p.add_argument('--batch', type=int, default=B)
     p.add_argument('--eval-batch', type=int, default=None, help='greedy decoding batch (default --batch)')
-    p.add_argument('--steps', type=int, default=None, help='timed steps per way of timing (default 3; CPU 2)')
+    p.add_argument('--steps', type=int, default=None,
+                   help='timed steps per way of timing, after one untimed (default 3; CPU 1)')
     p.add_argument('--remat', default='auto', choices=spot.REMATS)
     p.add_argument('--micro-batches', type=int, default=0, help='0: the memory plan decides')
     p.add_argument('--device-memory', type=float, default=None, help='GiB to plan for (default: the device)')
@@ -473,7 +474,7 @@ def main(argv=None):
         args.sizes, args.lengths, args.batch = 'tiny', args.lengths or '32', 4
     sizes = (args.sizes or ('small,base' if cpu else 'base,xl,xxl')).split(',')
     dtype = args.dtype or ('float32' if cpu else 'bfloat16')
-    steps, eval_batch = args.steps or (2 if cpu or args.tiny else 3), args.eval_batch or args.batch
+    steps, eval_batch = args.steps or (1 if cpu else 3), args.eval_batch or args.batch
     out = output_path(args.tiny, args.out)
     lengths, lengths_source = input_lengths(args)
     if cpu and not args.lengths:                     # a Base step at 612 positions takes minutes on CPU
