@@ -351,7 +351,7 @@ def run_size(spec):
         t, before = time.perf_counter(), peak_bytes()
         try:
             row = bench_shape(cfg, tc, frozen, S, spec['steps'], spec['eval_batch'])
-            row['peak_rose'] = before is None or row['measured_gib'] * spot.GiB > before
+            row['peak_rose'] = None if before is None else row['measured_gib'] * spot.GiB > before
         except Exception as e:    # e.g. out of memory: the other lengths still run
             row = {'S': S, 'positions': P + S, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
         last = row['seconds'] = time.perf_counter() - t
