@@ -540,7 +540,9 @@ def test_real_tfds_build_equals_file_reader(shared_data, tmp_path, task, folder,
         line = (shared_data / "superglue/MultiRC/val.jsonl").open().readline()
         files = {**files, "train.jsonl": line, "test.jsonl": line}
     dl = _fake_download(tmp_path, shared_data, folder, files)
-    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=dl):
+    # the download is replaced, so is the check that the network is reachable (data.online)
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=dl), \
+            mock.patch.object(data, "online", return_value=True):
         from_tfds = data.load_examples(task, "validation", tfds_dir=str(tmp_path / "tfds"))
     from_files = data.load_examples(task, "validation", data_dir=dl)      # the same files, read by data.py
     key = {"multirc": lambda e: (e["idx"]["paragraph"], e["idx"]["question"], e["idx"]["answer"]),
@@ -548,7 +550,8 @@ def test_real_tfds_build_equals_file_reader(shared_data, tmp_path, task, folder,
     assert sorted(from_tfds, key=key) == from_files
     # The lazy path: example i read from array_record when asked for, same order as above.
     if task == "rte":
-        with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=dl):
+        with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=dl), \
+                mock.patch.object(data, "online", return_value=True):
             lazy = data.load_pairs(task, "validation", tfds_dir=str(tmp_path / "tfds"))
             reads = data.data_fingerprint(task, "validation", tfds_dir=str(tmp_path / "tfds"))
         assert isinstance(lazy, data.LazyPairs) and list(lazy) == data.text_pairs(task, from_tfds)

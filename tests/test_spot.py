@@ -462,7 +462,8 @@ def test_t5x_prompt_files_load_like_npy(tmp_path):
     with pytest.raises(ValueError, match=r'width 4 but the model has d_model 16') as e:
         spot.load_prompt(ckpt, 16)
     one_line_naming(e, ckpt)
-    with pytest.raises(ValueError, match='folder without adapter_config.json .* or encoder.prompt.prompt'):
+    with pytest.raises(ValueError, match="folder without adapter_config.json .*encoder.prompt.prompt.* or "
+                                         "a run's prompt.npy"):
         spot.load_prompt(tmp_path)
 
 
