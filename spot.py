@@ -485,12 +485,21 @@ def micro_batched(value_and_grad_fn, k: int):
 # (jax.ShapeDtypeStruct weights: nothing is allocated) and XLA's buffer assignment says what they need per
 # device (compiled.memory_analysis()): weights, prompt + optimizer, temporaries (activations kept for the
 # backward pass and work space). `remat` and `micro_batches` at 'auto' take the first setting of PLAN_ORDER
-# that fits. The order is by cost: remat 'dots' recomputes a layer's attention einsums and elementwise ops,
-# 'layer' its whole forward (about +1/3 of the step's FLOPs); micro-batches cost no FLOPs, only smaller
-# matmuls, so a few are tried before more recomputation.
+# that fits (plan_order). The order is by cost: remat 'dots' recomputes a layer's attention einsums and
+# elementwise ops, 'layer' its whole forward (about +1/3 of the step's FLOPs); micro-batches cost no FLOPs,
+# only smaller matmuls, so a few are tried before more recomputation. On a CPU 'dots' comes first: measured
+# on 2 cores (B=8, 100 + 128 + 8 tokens, float32), its step took 0.83x (Small) and 0.85x (Base) the time of
+# no remat, whose scanned backward pass writes every layer's float32 attention maps out and reads them back.
 PLAN_ORDER = (('none', 1), ('none', 2), ('dots', 1), ('dots', 2), ('layer', 1), ('layer', 2), ('layer', 4),
               ('layer', 8), ('layer', 16), ('layer', 32), ('layer', 64), ('layer', 128))
 GiB = 2 ** 30
+
+
+def plan_order() -> tuple:
+    """PLAN_ORDER for this backend: on a CPU, remat 'dots' before 'none' (see above)."""
+    if jax.default_backend() != 'cpu':
+        return PLAN_ORDER
+    return tuple(sorted(PLAN_ORDER, key=lambda setting: setting[0] != 'dots'))
 
 
 def memory_budget(device_memory_gib: float | None = None) -> tuple[float, str]:
@@ -596,7 +605,7 @@ def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int
     and 'tried' (every setting compiled)."""
     budget, source = memory_budget(device_memory_gib)
     data_devices = mesh.shape['data'] if mesh is not None else 1
-    order = [(r, m) for r, m in PLAN_ORDER if tc.remat in ('auto', r) and tc.micro_batches in (0, m)]
+    order = [(r, m) for r, m in plan_order() if tc.remat in ('auto', r) and tc.micro_batches in (0, m)]
     if tc.remat != 'auto' and tc.micro_batches and not order:
         order = [(tc.remat, tc.micro_batches)]
     order = [(r, m) for r, m in order if tc.batch_size % (m * data_devices) == 0] or order[:1]
@@ -650,11 +659,12 @@ def rough_step_bytes(cfg, tc: TrainConfig, frozen, input_len: int, target_len: i
 
 def resolve_memory(cfg, tc: TrainConfig, frozen, input_len, target_len, prompt_len, mesh=None,
                    device_memory_gib=None, log=print) -> tuple[TrainConfig, dict | None]:
-    """tc with remat and micro_batches decided: as given; at 'auto'/0 from memory_plan, or 'none'/1 without
-    compiling when rough_step_bytes is under a quarter of the budget. Returns (tc, the plan or None)."""
+    """tc with remat and micro_batches decided: as given; at 'auto'/0 from memory_plan, or plan_order()'s
+    first setting without compiling when rough_step_bytes is under a quarter of the budget. Returns (tc, the
+    plan or None)."""
     budget = memory_budget(device_memory_gib)[0]
     if rough_step_bytes(cfg, tc, frozen, input_len, target_len, prompt_len) < budget / 4:
-        return dataclasses.replace(tc, remat='none' if tc.remat == 'auto' else tc.remat,
+        return dataclasses.replace(tc, remat=plan_order()[0][0] if tc.remat == 'auto' else tc.remat,
                                    micro_batches=tc.micro_batches or 1), None
     plan = memory_plan(cfg, tc, frozen, input_len=input_len, target_len=target_len, prompt_len=prompt_len,
                        mesh=mesh, device_memory_gib=device_memory_gib)

@@ -114,7 +114,8 @@ class Ours:
         self.opt_state = spot.make_optimizer(tc.optimizer).init(self.prompt)
         t = time.perf_counter()
         if mode == 'step':
-            step_cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout)
+            # as train_prompt runs it where the step fits: the backend's first remat setting (spot.plan_order)
+            step_cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout, remat=spot.plan_order()[0][0])
             step_args = (self.prompt, self.opt_state, frozen, batch, spot.dropout_key(0, 0), step_cfg,
                          tc.optimizer, tc.z_loss, spot.sub_batch_count(tc))
             self.fn = spot.train_step.lower(*step_args).compile()
@@ -201,6 +202,7 @@ def real_data_main(args):
     for shape in args.shapes.split(','):
         cfg = t5_model.T5Config.from_name(SHAPES[shape])
         frozen = random_params(cfg)
+        step_cfg = dataclasses.replace(cfg, remat=spot.plan_order()[0][0])   # as train_prompt picks it
         for task in tasks:
             folder, split = REAL_TASKS[task]
             pairs = data.load_pairs(task, split, Path(args.data) / folder, train=True)
@@ -218,7 +220,7 @@ def real_data_main(args):
                     shapes.setdefault((b['inputs'].shape, b['targets'].shape), b)
                 for b in shapes.values():
                     prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, b,
-                                                              spot.dropout_key(0, 0), cfg, *stc)
+                                                              spot.dropout_key(0, 0), step_cfg, *stc)
                     float(loss)
                 compile_s = time.perf_counter() - t
                 times, paired, widths = {'ours': [], 'peft': []}, [], []
@@ -228,7 +230,7 @@ def real_data_main(args):
                         t = time.perf_counter()
                         b = next(it)                             # the pipeline's time counts
                         prompt, opt_state, loss = spot.train_step(prompt, opt_state, frozen, b,
-                                                                  spot.dropout_key(0, k), cfg, *stc)
+                                                                  spot.dropout_key(0, k), step_cfg, *stc)
                         float(loss)
                         times['ours'].append(time.perf_counter() - t)
                         widths.append(b['inputs'].shape[1])

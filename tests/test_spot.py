@@ -1611,12 +1611,12 @@ def test_compile_cache_folder_and_off_switch(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- the memory plan
 def test_memory_plan_takes_the_first_setting_in_order_that_fits():
-    """memory_plan at 'auto' returns the first PLAN_ORDER setting whose compiled step fits the budget (a model
-    whose activations outweigh its weights: 64 tokens, a 64-piece vocabulary)."""
+    """memory_plan at 'auto' returns the first plan_order() setting whose compiled step fits the budget (a
+    model whose activations outweigh its weights: 64 tokens, a 64-piece vocabulary)."""
     cfg, tc = t5_model.T5Config.tiny(vocab_size=64), dataclasses.replace(TC, batch_size=8, eval_batch_size=1)
     shapes = jax.eval_shape(lambda k: t5_model.init_params(k, cfg), jax.random.key(0))
     sizes = dict(input_len=64, target_len=8, prompt_len=P)
-    order = [(r, m) for r, m in spot.PLAN_ORDER if tc.batch_size % m == 0]
+    order = [(r, m) for r, m in spot.plan_order() if tc.batch_size % m == 0]
     peaks = {(r, m): spot.plan_step(cfg, tc, shapes, r, m, 64, 8, P)['peak'] for r, m in order}
     assert min(peaks.values()) < peaks['none', 1] / 2, peaks          # remat and micro-batches save memory
     assert spot.plan_eval(cfg, tc, shapes, 64, 8, P)['peak'] < min(peaks.values())
