@@ -1045,7 +1045,7 @@ def test_history_and_prompt_json_after_resume(tmp_path, frozen):
     it equals an uninterrupted run's (but for the measured rates), also when the run died during an
     evaluation. prompt.json follows a resume that extends the run (its config.train.steps)."""
     def history(d):
-        return [{k: v for k, v in json.loads(line).items() if k != 'steps_per_s'}
+        return [{k: v for k, v in json.loads(line).items() if k not in ('steps_per_s', 'time')}
                 for line in (d / 'metrics.jsonl').read_text().splitlines()]
     run(tmp_path / 'full', frozen, synthetic_batches())
     full = history(tmp_path / 'full')
@@ -1565,3 +1565,118 @@ def test_plan_cli_prints_the_plan_and_train_refuses_what_will_not_fit_before_loa
         spot.main(['train', '--model', 'google/t5-xxl-lm-adapt', '--task', 'rte', '--dtype', 'bfloat16',
                    '--device-memory', '10', '--out', str(tmp_path / 'x')])
     assert not (tmp_path / 'x').exists()
+
+
+# ------------------------------------------------------------------------------- many runs, one step (#26)
+def widened_batches(seed, width, crash_at=None):
+    """synthetic_batches(seed) with inputs padded to `width` columns: runs of other buckets in one group."""
+    def batches(start):
+        for k, b in zip(itertools.count(start), synthetic_batches(seed, crash_at=crash_at)(start)):
+            yield {**b, 'inputs': np.pad(b['inputs'], ((0, 0), (0, width - S)))}
+    return batches
+
+
+# learning rate 1e-3: where a step does not amplify rounding (see the first test below)
+SLOW = dataclasses.replace(TC, optimizer=dataclasses.replace(TC.optimizer, learning_rate=1e-3))
+
+
+def group_runs(out, frozen, crash_at=None, seeds=(0, 1, 2), tc=TC):
+    """Runs of 3 seeds, data orders and bucket widths (10, 12, 16), each its own folder out/seed<k>."""
+    return [spot.Run(spot.init_prompt(jax.random.key(10 + s), frozen, PC), dataclasses.replace(tc, seed=s),
+                     widened_batches(s, S + 2 * s + s * s // 2 * 2, crash_at if s == 1 else None),
+                     evaluator(frozen), out / f'seed{s}') for s in seeds]
+
+
+def run_files(d):
+    """(prompt.npy, prompt.json's step and score, checkpoint prompt, metrics.jsonl without timings)."""
+    info = json.loads((d / 'prompt.json').read_text())
+    events = [{k: v for k, v in json.loads(line).items() if k not in ('steps_per_s', 'time')}
+              for line in (d / 'metrics.jsonl').read_text().splitlines()]
+    checkpoint = np.load(d / 'checkpoint.npz')['prompt']
+    return np.load(d / 'prompt.npy'), (info['step'], info['score']), checkpoint, events
+
+
+def test_runs_sharing_a_step_end_as_each_alone_and_resume_exactly(tmp_path, frozen):
+    """Three runs (own seeds, data, bucket widths) in one vmapped step: each run's prompt.npy, best checkpoint
+    and metrics.jsonl equal the same run trained alone, to float32 rounding; a group killed mid-run resumes
+    to the bits of the uninterrupted group. Tolerance: every step's gradient carries at most
+    network_roundings roundings, compounded over the steps. That bound holds where a step does not amplify
+    a difference: at learning rate 1e-3 here. At 0.3 the batched matmuls' 1-ulp gradient difference grows
+    about 3x a step on this 16-wide model (Adafactor divides by sqrt(v), the gradient's own running scale),
+    as between any two machines: in the loss 1e-6 at step 3, 2e-4 at 6, 0.06 at 12 (measured)."""
+    short = SLOW
+    alone = spot.train_prompts(group_runs(tmp_path / 'alone', frozen, tc=short), frozen, CFG, log=quiet,
+                               runs_per_step=1)
+    lines = []
+    together = spot.train_prompts(group_runs(tmp_path / 'group', frozen, tc=short), frozen, CFG,
+                                  log=lines.append)
+    assert sum('compiling' in line for line in lines) == 1, lines    # one step shape for the group
+    assert any(re.match(r'compiled, first step done in [\d.]+ s', line) for line in lines), lines
+    roundings = short.steps * network_roundings(CFG, P + 16)
+    for s, (a, b) in enumerate(zip(alone, together)):
+        assert a['best_step'] == b['best_step'] and a['step'] == b['step'] == short.steps
+        np.testing.assert_allclose(b['losses'], a['losses'], rtol=0, atol=f32_atol(a['losses'], roundings))
+        fa, fb = run_files(tmp_path / 'alone' / f'seed{s}'), run_files(tmp_path / 'group' / f'seed{s}')
+        for x, y in ((fa[0], fb[0]), (fa[2], fb[2])):
+            np.testing.assert_allclose(y, x, rtol=0, atol=f32_atol(x, roundings))
+        assert fa[1][0] == fb[1][0] and [sorted(e) for e in fa[3]] == [sorted(e) for e in fb[3]]
+        for ea, eb in zip(fa[3], fb[3]):
+            assert ea['step'] == eb['step']
+            got, want = (eb.get('loss', eb.get('eval', {}).get('score')),
+                         ea.get('loss', ea.get('eval', {}).get('score')))
+            assert abs(got - want) <= f32_atol(want, roundings), (ea, eb)
+    assert len({float(np.abs(r['prompt']).sum()) for r in together}) == 3   # three different runs
+    # killed mid-run: run 1's data fails at step 10, after the step-8 checkpoints of all three
+    full = spot.train_prompts(group_runs(tmp_path / 'full', frozen), frozen, CFG, log=quiet)
+    with pytest.raises(RuntimeError, match='preempted'):
+        spot.train_prompts(group_runs(tmp_path / 'cut', frozen, crash_at=10), frozen, CFG, log=quiet)
+    resumed = spot.train_prompts(group_runs(tmp_path / 'cut', frozen), frozen, CFG, log=quiet, resume=True)
+    for s, (a, b) in enumerate(zip(full, resumed)):
+        assert leaves_bytes(a['prompt']) == leaves_bytes(b['prompt'])
+        assert leaves_bytes(a['opt_state']) == leaves_bytes(b['opt_state'])
+        assert b['losses'] == a['losses'][8:]
+        fa, fb = run_files(tmp_path / 'full' / f'seed{s}'), run_files(tmp_path / 'cut' / f'seed{s}')
+        assert fa[0].tobytes() == fb[0].tobytes() and fa[1] == fb[1] and fa[3] == fb[3]
+
+
+def test_runs_of_other_lengths_leave_the_group_and_a_nan_run_stops_alone(tmp_path, frozen):
+    """A run with fewer steps leaves the group (the rest re-form: one more compile) and ends as alone; a run
+    whose loss turns NaN is dropped, the others finish, and its FloatingPointError comes at the end."""
+    runs = group_runs(tmp_path / 'g', frozen, seeds=(0, 1), tc=SLOW)
+    runs[0] = dataclasses.replace(runs[0], tc=dataclasses.replace(SLOW, steps=6))
+    runs.append(spot.Run(spot.init_prompt(jax.random.key(3), frozen, PC), SLOW,
+                         synthetic_batches(poison_from=5), evaluator(frozen), tmp_path / 'g' / 'poisoned'))
+    emb = frozen['token_embedder']['embedding']
+    frozen_nan = {**frozen, 'token_embedder': {'embedding': emb.at[POISON].set(jnp.nan)}}
+    with pytest.raises(FloatingPointError, match='loss is nan at step 6'):
+        spot.train_prompts(runs, frozen_nan, CFG, log=quiet)
+    spot.train_prompt(runs[0].prompt, frozen_nan, CFG, runs[0].tc, runs[0].batches, runs[0].evaluator,
+                      tmp_path / 'short', log=quiet)
+    a, b = run_files(tmp_path / 'short'), run_files(tmp_path / 'g' / 'seed0')
+    np.testing.assert_allclose(b[0], a[0], rtol=0, atol=f32_atol(a[0], 6 * network_roundings(CFG, P + 16)))
+    _, _, state = spot.load_checkpoint(tmp_path / 'g' / 'seed1' / 'checkpoint.npz',
+                                       spot.make_optimizer(TC.optimizer))
+    assert state['step'] == TC.steps                                 # the long run finished
+    _, _, state = spot.load_checkpoint(tmp_path / 'g' / 'poisoned' / 'checkpoint.npz',
+                                       spot.make_optimizer(TC.optimizer))
+    assert state['step'] == 4                                        # the NaN run kept its last good one
+
+
+def test_mixed_prompt_evaluation_predicts_as_one_prompt_at_a_time(frozen):
+    """evaluate with a stack of prompts and a prompt per example (tasks with other label sets and target
+    lengths in one batch): the predictions of each prompt alone, for decoding and rank classification."""
+    rng = np.random.default_rng(5)
+    rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (30, 2, 17, 5, 40, 9, 3, 25, 11)]
+    prompts = jnp.stack([spot.init_prompt(jax.random.key(k), frozen, PC) for k in (1, 2, 3)])
+    ids = np.arange(len(rows)) % 3
+    lens = [4, 3, 5]
+    for method in ('decode', 'rank'):
+        labels = [('12 7', '300', '41 42 43'), ('9', '10'), ('77 1', '5', '6', '8')] if method == 'rank' \
+            else None
+        alone = [spot.evaluate(frozen, CFG, prompts[k], [r], IdVocab(), method=method, max_target_len=lens[k],
+                               batch_size=1, label_names=labels and labels[k])[0]
+                 for r, k in zip(rows, ids)]
+        assert len(set(alone)) >= 3, alone
+        mixed = spot.evaluate(frozen, CFG, prompts, rows, IdVocab(), method=method, max_target_len=lens,
+                              batch_size=4, label_names=labels, prompt_ids=ids)
+        assert mixed == alone
