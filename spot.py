@@ -1723,7 +1723,8 @@ def main(argv=None):
     for q in (train, ev, plan):
         q.add_argument('--model', required=True,
                        help="hub id (google/t5-base-lm-adapt), directory, or 'tiny'")
-        q.add_argument('--task', required=q is not plan, help='a task name of data.py')
+        q.add_argument('--task', required=q is not plan, nargs='+' if q is train else None,
+                       help='a task name of data.py')
         q.add_argument('--data', default=None, help='directory with the original task files (default: tfds)')
         q.add_argument('--vocab', default=None, help='SentencePiece model (default: data.load_vocab())')
         q.add_argument('--model-parallel', type=int, default=1, help="devices per 'model' mesh group")
@@ -1743,7 +1744,10 @@ def main(argv=None):
                        help="memory per device to plan for (default: the device's own; on CPU the RAM)")
     train.add_argument('--init', default=None, choices=INITS,
                        help='prompt initialisation (default sampled_vocab)')
-    train.add_argument('--source-prompt', default=None, help='SPoT transfer: start from ' + PROMPT_FILES)
+    train.add_argument('--source-prompt', default=None, nargs='+',
+                       help='SPoT transfer: start from ' + PROMPT_FILES)
+    train.add_argument('--seeds', default=None, help='several runs, e.g. 0,1,2: run k in OUT/seed<k>')
+    train.add_argument('--runs-per-step', type=int, default=0, help='runs that share a step (default: all)')
     train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
     train.add_argument('--out', required=True, help='run directory')
     train.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.npz')
@@ -1791,7 +1795,7 @@ def _devices(args):
 def _setup(args, tc, mesh=False):
     import data
     mesh = _devices(args) if mesh is False else mesh
-    cfg, frozen = load_model(args.model, tc.seed, args.dtype, mesh)
+    cfg, frozen = load_model(args.model, 0, args.dtype, mesh)      # 'tiny': one model for every seed
     vocab = data.load_vocab(args.vocab)
     check_vocab(vocab, cfg, args.model)
     return data, cfg, frozen, vocab, mesh
@@ -1826,8 +1830,9 @@ def _target_len(args, tc):
     if tc.max_target_len or not args.task:
         return tc.max_target_len or DEFAULT_TARGET_LEN
     import data
-    mixture = next((m for m in data.MIXTURES if m.lower() == args.task.lower()), None)
-    return max(data.get_task(t).target_len for t in (data.MIXTURES[mixture] if mixture else [args.task]))
+    names = args.task if isinstance(args.task, list) else [args.task]      # train: several tasks
+    mixtures = {m.lower(): data.MIXTURES[m] for m in data.MIXTURES}
+    return max(data.get_task(t).target_len for name in names for t in mixtures.get(name.lower(), [name]))
 
 
 def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
@@ -1882,18 +1887,58 @@ def train_cli(args, tc, pc):
     if tc.optimizer.learning_rate > 10:           # valid, but 33x the paper's 0.3 (footnote 7)
         print(f"warning: learning_rate={tc.optimizer.learning_rate:g} is far above prompt tuning's 0.3 (SPoT "
               f"footnote 7): steps that large usually make the loss NaN", file=sys.stderr)
-    pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
-                             source=args.source_prompt or pc.source)
-    if pc.init == 'file' and pc.source:
-        load_prompt(pc.source, length=pc.length, what='source prompt')   # fails before the model loads
+    try:
+        seeds = [int(k) for k in args.seeds.split(',')] if args.seeds else [tc.seed]
+    except ValueError:
+        raise ValueError(f'--seeds {args.seeds}: expected seeds separated by commas, e.g. 0,1,2') from None
+    sources = args.source_prompt or [pc.source]
+    # One run per (task, source prompt, seed): OUT, or OUT/<task>/<source prompt's name>/seed<k> where the
+    # command gives several of them (e.g. --seeds 0,1,2: OUT/seed0, OUT/seed1, OUT/seed2).
+    runs = [(task, source, seed, Path(args.out, *([task] if len(args.task) > 1 else []),
+                                      *([Path(source).stem] if len(sources) > 1 else []),
+                                      *([f'seed{seed}'] if args.seeds else [])))
+            for task in args.task for source in sources for seed in seeds]
+    if len({str(out) for *_, out in runs}) < len(runs):
+        raise ValueError(f'two runs would share a folder: give each --task, --source-prompt and --seeds once '
+                         f'(got {args.task}, {sources}, {seeds})')
+    pcs = {source: dataclasses.replace(pc, init=args.init or ('file' if source else pc.init), source=source)
+           for source in sources}
+    for source, p in pcs.items():
+        if p.init == 'file' and source:
+            load_prompt(source, length=p.length, what='source prompt')   # fails before the model loads
     mesh = _devices(args)
-    tc = _plan_or_refuse(args, tc, pc, mesh)                             # before any weight is read
+    R = min(args.runs_per_step or len(runs), len(runs))
+    if args.runs_per_step < 0:
+        raise ValueError(f'--runs-per-step {args.runs_per_step}: must be >= 1 (0: all runs)')
+    # R runs' batches of B rows in one step take the memory of one run's batch of R * B (before any weight is
+    # read); micro-batches split each run's batch
+    planned = _plan_or_refuse(args, dataclasses.replace(tc, batch_size=tc.batch_size * R), pc, mesh)
+    m, B = planned.micro_batches, tc.batch_size
+    tc = dataclasses.replace(planned, batch_size=B, micro_batches=m and math.gcd(m, B))
     data, cfg, frozen, vocab, mesh = _setup(args, tc, mesh)
-    mixture = next((m for m in data.MIXTURES if m.lower() == args.task.lower()), None)   # e.g. --task GLUE
-    tasks = data.MIXTURES[mixture] if mixture else (data.get_task(args.task).name,)
+    lead, made, evaluators = jax.process_index() == 0, [], {}
+    for task_arg, source, seed, out in runs:
+        made.append(_cli_run(args, data, cfg, frozen, vocab, mesh, dataclasses.replace(tc, seed=seed),
+                             pcs[source], task_arg, out, evaluators, lead))
+    results = train_prompts(made, frozen, cfg, resume=args.resume, mesh=mesh, runs_per_step=R)
+    for run, result in zip(made, results):
+        best, step, out = result['best_score'], result['best_step'], run.out_dir
+        if lead and run.evaluator is None:
+            print(f"prompt in {out}/prompt.npy (the prompt after step {result['step']})")
+        elif lead and (best is None or not math.isfinite(best)):   # NaN: Pearson of constant predictions
+            print(f'no evaluation gave a finite score; prompt in {out}/prompt.npy is the first evaluated '
+                  f'(step {step})')
+        elif lead:
+            print(f'best score {best} at step {step}; prompt in {out}/prompt.npy')
+
+
+def _cli_run(args, data, cfg, frozen, vocab, mesh, tc, pc, task_arg, out, evaluators, lead) -> Run:
+    """One run of `spot.py train`: its task (or mixture), starting prompt, batches and evaluator."""
+    mixture = next((m for m in data.MIXTURES if m.lower() == task_arg.lower()), None)   # e.g. --task GLUE
+    tasks = data.MIXTURES[mixture] if mixture else (data.get_task(task_arg).name,)
     task = data.get_task(tasks[0])
     if pc.init == 'class_labels' and (mixture or not task.output_labels):
-        raise ValueError(f'{args.task} has no class labels: use --init text --text="..." '
+        raise ValueError(f'{task_arg} has no class labels: use --init text --text="..." '
                          f'(Lester: task words)')
     labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
     text = list(vocab.encode(pc.text)) if pc.text else None
@@ -1906,29 +1951,23 @@ def train_cli(args, tc, pc):
     reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
              'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}
     # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
-    lead, rows, n = jax.process_index() == 0, process_rows(mesh, tc.batch_size), jax.process_count()
+    rows, n = process_rows(mesh, tc.batch_size), jax.process_count()
     share = dict(process_index=rows.start // (tc.batch_size // n), process_count=n)
+
     def batches(k):
         if mixture:
             return data.mixture_batches(sources, tc.batch_size, tc.seed, start=k, **share)
         return data.batches(sources[task.name], tc.batch_size, tc.seed, start=k, **share)
-    evaluator = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data, mesh=mesh) \
-        if task.metrics and not mixture else None
+    if task.metrics and not mixture and task.name not in evaluators:   # one per task, shared by its runs
+        evaluators[task.name] = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data,
+                                               mesh=mesh)
+    evaluator = evaluators.get(task.name) if not mixture else None
     # c4 (prefix LM) and the mixtures (SPoT's sources): no single validation metric
     if evaluator is None and lead:
-        print(f'{args.task}: no validation metric; prompt.npy will be the prompt after the last step')
-    result = train_prompt(prompt, frozen, cfg, tc, batches, evaluator, args.out,
-                          meta={'model': args.model, 'dtype': args.dtype, 'task': args.task, 'init': pc.init,
-                                'prompt_config': dataclasses.asdict(pc), 'reads': reads},
-                          resume=args.resume, mesh=mesh)
-    best, step = result['best_score'], result['best_step']
-    if lead and evaluator is None:
-        print(f"prompt in {args.out}/prompt.npy (the prompt after step {result['step']})")
-    elif lead and (best is None or not math.isfinite(best)):   # NaN scores: Pearson of constant predictions
-        print(f'no evaluation gave a finite score; prompt in {args.out}/prompt.npy is the first evaluated '
-              f'(step {step})')
-    elif lead:
-        print(f'best score {best} at step {step}; prompt in {args.out}/prompt.npy')
+        print(f'{task_arg}: no validation metric; {out}/prompt.npy will be the prompt after the last step')
+    return Run(prompt, tc, batches, evaluator, out,
+               meta={'model': args.model, 'dtype': args.dtype, 'task': task_arg, 'init': pc.init,
+                     'prompt_config': dataclasses.asdict(pc), 'reads': reads})
 
 
 if __name__ == '__main__':

@@ -1680,3 +1680,43 @@ def test_mixed_prompt_evaluation_predicts_as_one_prompt_at_a_time(frozen):
         mixed = spot.evaluate(frozen, CFG, prompts, rows, IdVocab(), method=method, max_target_len=lens,
                               batch_size=4, label_names=labels, prompt_ids=ids)
         assert mixed == alone
+
+
+def test_cli_seeds_train_each_seed_as_alone_and_resume_after_sigkill(shared_data, tmp_path, capsys):
+    """`spot.py train --seeds 0,1` writes OUT/seed<k>, each as `--seed=<k> --out X` (to float32 rounding, at a
+    learning rate where steps do not amplify it: test_runs_sharing_a_step_end_as_each_alone...); killed with
+    SIGKILL mid-run, --resume ends with the bits of an uninterrupted `--seeds` run."""
+    common = ['--model', 'tiny', '--task', 'cb', '--data', str(shared_data / 'superglue'),
+              '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=2', '--length=4',
+              '--max_input_len=32', '--eval_limit=4', '--eval_batch_size=4', '--eval_method=rank']
+    short = [*common, '--steps', '4', '--eval_every=2', '--learning_rate=0.001']
+    spot.main(['train', *short, '--seeds', '0,1', '--out', str(tmp_path / 'many')])
+    spot.main(['train', *short, '--seed=1', '--out', str(tmp_path / 'one')])
+    out = capsys.readouterr().out
+    assert out.count('best score') == 3 and 'many/seed0/prompt.npy' in out
+    a, b = run_files(tmp_path / 'one'), run_files(tmp_path / 'many' / 'seed1')
+    tol = f32_atol(a[0], 4 * network_roundings(t5_model.T5Config.tiny(), 4 + 32))
+    np.testing.assert_allclose(b[0], a[0], rtol=0, atol=tol)
+    assert a[1][0] == b[1][0] and [(e['step'], sorted(e)) for e in a[3]] == [(e['step'], sorted(e))
+                                                                              for e in b[3]]
+    assert not np.allclose(run_files(tmp_path / 'many' / 'seed0')[0], b[0])
+    cmd = [sys.executable, 'spot.py', 'train', *common, '--seeds', '0,1', '--steps', '400',
+           '--eval_every=1000000', '--checkpoint_every=4', '--log_every=4']
+    child = subprocess.Popen([*cmd, '--out', str(tmp_path / 'cut')], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    for line in child.stdout:                                  # after the step-8 checkpoints
+        if line.startswith('step 8/'):
+            break
+    child.kill()
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    cmd[cmd.index('400')] = '12'
+    subprocess.run([*cmd, '--out', str(tmp_path / 'cut'), '--resume'], cwd=ROOT, check=True,
+                   capture_output=True)
+    subprocess.run([*cmd, '--out', str(tmp_path / 'full')], cwd=ROOT, check=True, capture_output=True)
+    for seed in ('seed0', 'seed1'):
+        for name in ('prompt.npy', 'checkpoint.npz'):
+            x, y = (np.load(tmp_path / d / seed / name) for d in ('full', 'cut'))
+            for k in (x.files if name.endswith('.npz') else [None]):
+                if k != 'state':
+                    assert (x[k] if k else x).tobytes() == (y[k] if k else y).tobytes(), (seed, name, k)
