@@ -1186,6 +1186,33 @@ def own_folder(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def folder_holder(out: Path) -> str | None:
+    """Who holds out/run.lock now ('pid N on HOST since ...'), or None: nobody (a dead holder's lock is gone
+    with its process). A probe: the lock is taken and let go at once."""
+    try:
+        f = open(Path(out) / 'run.lock')
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or 'holder unknown'
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def finished(out: Path) -> bool:
+    """A run folder whose checkpoint reached its steps with no evaluation pending: nothing left to train."""
+    try:
+        with np.load(Path(out) / 'checkpoint.npz') as z:
+            state = json.loads(str(z['state']))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return False
+    return state['step'] >= state['config']['steps'] and not state.get('eval_pending') and \
+        (Path(out) / 'prompt.npy').exists()
+
+
 def check_new_run(out: Path, resume: bool, log):
     """A run that starts at step 0 never replaces files of the run's names that it finds in out (without
     resume, a checkpoint is refused too: continuing it is what --resume is for). With resume and no
