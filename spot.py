@@ -4,10 +4,11 @@ The method, in reading order:
   PromptConfig, OptimizerConfig, TrainConfig   the recipe (§2.1.4, footnote 7; App. C for the inits)
   init_prompt    the starting prompt [P,D]; SPoT's transfer (§2) is init 'file': start from a source prompt
   prompt_loss    the frozen T5 reading [prompt; embedded input] (§2.1; Lester et al. §2)
-  train_step     one Adafactor update of the prompt only
+  train_step     one Adafactor update of the prompt only (or of R runs' prompts [R,P,D] at once)
   train_prompt   the loop: best of evaluations every 500 steps (§2.1.4); the prompt after 10K steps is
-                 the task embedding (§3.2, footnote 13)
-  evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator)
+                 the task embedding (§3.2, footnote 13); train_prompts: many runs sharing each step
+  evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator); a
+                 batch may mix prompts and tasks (§5: "mixed-task inference")
 Then, in headed sections: performance (sub-batches); I/O: prompt files (.npy, the official code's T5X prompt
 files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder, sharding and multi-host
 (make_mesh, shard_params, shard_batch, replicate); the CLI: `python spot.py train|eval|export -h`.

@@ -219,6 +219,7 @@ class GridRun:
     name: str
     make: Callable             # (folder) -> spot.Run
     needs: tuple = ()
+    task: str = ""             # runs of one task share a step first: their batches pad to similar buckets
 
 
 def run_grid(args, grid, runs, frozen, cfg):
@@ -236,7 +237,8 @@ def run_grid(args, grid, runs, frozen, cfg):
             return {g.name: run_result(runs / g.name) for g in grid}
         done = {g.name for g in grid} - {g.name for g in left}
         ready = [g for g in left if set(g.needs) <= done]
-        free = [g for g in ready if spot.folder_holder(runs / g.name) is None][:args.runs_per_step]
+        free = [g for g in ready if spot.folder_holder(runs / g.name) is None]
+        free = sorted(free, key=lambda g: g.task != free[0].task)[:args.runs_per_step] if free else free
         if free:
             print(f"training {len(free)} runs together: {' '.join(g.name for g in free)}", flush=True)
             spot.train_prompts([g.make(runs / g.name) for g in free], frozen, cfg, resume=True,
@@ -253,6 +255,32 @@ def run_grid(args, grid, runs, frozen, cfg):
             print(f"{what}; waiting for them (a run whose worker dies is taken over)", flush=True)
             said = what
         time.sleep(poll)
+
+
+def run_once(args, jobs, runs):
+    """{name: fn()} for jobs {name: fn} that keep no checkpoint (model tuning), each done by one worker: the
+    one that holds runs/<name>/run.lock while it runs; its JSON result is kept in runs/<name>/result.json,
+    so that a rerun reads it. Held jobs are waited for (or with --no-wait: None, as run_grid)."""
+    while True:
+        for name, fn in jobs.items():
+            folder = runs / name
+            if (folder / "result.json").exists() or spot.folder_holder(folder):
+                continue
+            try:
+                with spot.own_folder(folder):
+                    if not (folder / "result.json").exists():
+                        result = spot._json(fn(), None)    # numpy scores as numbers; NaN as null
+                        spot._atomic(folder / "result.json", lambda f: f.write(result))
+            except spot.RunFolderInUse:
+                continue
+        left = [n for n in jobs if not (runs / n / "result.json").exists()]
+        if not left:
+            return {n: json.loads((runs / n / "result.json").read_text()) for n in jobs}
+        if args.no_wait:
+            print(f"{len(left)} jobs left, held by other workers: {', '.join(left)}; exiting: rerun this "
+                  f"command to assemble the tables once they are done")
+            return None
+        time.sleep(0.2 if args.tiny else 10.0)
 
 
 def run_result(out):

@@ -51,23 +51,24 @@ def main(argv=None):
         return lambda out: spot.Run(start(), tc, lambda k: data.batches(td.train, tc.batch_size, seed, k),
                                     td.score(frozen, cfg) if evaluate else None, out)
 
-    for seed in range(args.seeds):
-        # 1. Source prompts (§3.1): the best checkpoint on the source's validation set; C4 (no metric): the
-        #    last.
-        for src in sources:
+    # 1. Source prompts (§3.1): the best checkpoint on the source's validation set; C4 (no metric): the last.
+    for src in sources:
+        for seed in range(args.seeds):
             start = functools.partial(common.initial_prompt, frozen, args, seed, src)
             grid.append(common.GridRun(f"source-{src}-seed{seed}", run(
-                src, "source", seed, start, evaluate=bool(data.get_task(src).metrics))))
-        # 2. Each target from scratch (BASELINE, class-label init) and from every source prompt (SPoT), which
-        #    starts once that source run is done.
-        for tgt in targets:
+                src, "source", seed, start, evaluate=bool(data.get_task(src).metrics)), task=src))
+    # 2. Each target from scratch (BASELINE, class-label init) and from every source prompt of its seed
+    #    (SPoT), which starts once that source run is done.
+    for tgt in targets:
+        for seed in range(args.seeds):
             start = functools.partial(common.initial_prompt, frozen, args, seed, tgt, tasks[tgt].label_ids)
-            grid.append(common.GridRun(f"baseline-{tgt}-seed{seed}", run(tgt, "target", seed, start)))
+            grid.append(common.GridRun(f"baseline-{tgt}-seed{seed}", run(tgt, "target", seed, start),
+                                       task=tgt))
             for src in sources:
                 source = f"source-{src}-seed{seed}"
                 start = functools.partial(np.load, runs / source / "prompt.npy")
                 grid.append(common.GridRun(f"{src}-{tgt}-seed{seed}", run(tgt, "target", seed, start),
-                                           needs=(source,)))
+                                           needs=(source,), task=tgt))
     # Every run, R sharing a step, split over as many workers as run this command (run_grid).
     done = common.run_grid(args, grid, runs, frozen, cfg)
     if done is None:

@@ -1239,6 +1239,18 @@ def diff(x, y):
     return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
                for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
 
+def group_step(mesh):    # two runs in one step (spot.train_prompts): the batch split over 'data' on axis 1
+    prompts = jnp.stack([prompt0, prompt0[::-1]])
+    states = jax.tree.map(lambda x: jnp.stack([x, x]), spot.make_optimizer(tc.optimizer).init(prompts[0]))
+    b = spot.shard_batch(mesh, {k: np.stack([v, v[::-1]]) for k, v in batch.items()}, runs_axis=True)
+    p, s = spot.replicate(mesh, (prompts, states))
+    keys = jnp.stack([spot.dropout_key(0, 0), spot.dropout_key(1, 0)])
+    p, s, loss = spot.train_step(p, s, spot.shard_params(mesh, frozen), b, keys, cfg, tc.optimizer, tc.z_loss)
+    return b, p, loss
+
+_, gp1, gl1 = group_step(None)
+gb8, gp8, gl8 = group_step(mesh)
+
 print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
     "query": str(f['encoder']['layers']['attention']['query']['kernel'].sharding.spec),
     "wo": str(f['encoder']['layers']['mlp']['wo']['kernel'].sharding.spec),
@@ -1247,7 +1259,8 @@ print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
     "prompt_diff": diff(p1, p8), "opt_diff": diff(s1, s8), "moved": diff(p1, prompt0),
     "scales": [max(map(abs, l1)),
                *(float(np.max(np.abs(np.asarray(x)))) for x in (p1, *jax.tree.leaves(s1)))],
-    "bad_batch": bad_batch}))
+    "bad_batch": bad_batch, "group_batch": str(gb8['inputs'].sharding.spec),
+    "group_loss_diff": diff(gl1, gl8), "group_prompt_diff": diff(gp1, gp8)}))
 '''
 
 
@@ -1281,6 +1294,10 @@ def test_sharded_step_equals_single_device(sharded_run):
     assert r['loss_diff'] <= f32_atol(loss_scale, n) and r['prompt_diff'] <= f32_atol(prompt_scale, n), r
     assert r['opt_diff'] <= f32_atol(max(opt_scales), 2 * n), r
     assert 'batch size 6 is not divisible by the 4 data-parallel devices' in r['bad_batch']
+    # two runs sharing a step on the mesh (each run's batch split over 'data'): as on one device
+    assert r['group_batch'].endswith("(None, 'data')"), r['group_batch']
+    assert r['group_loss_diff'] <= f32_atol(loss_scale, n), r
+    assert r['group_prompt_diff'] <= f32_atol(prompt_scale, n), r
 
 
 def test_cli_prints_the_backend_and_computes_in_bfloat16_on_request(shared_data, tmp_path, capsys):
