@@ -13,7 +13,8 @@ SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row 
 Reruns resume every unfinished run from out/runs/. --tiny: random tiny T5, 3 sources x 3 targets, 4 steps.
 Compute (as in table1_source_mixtures.py: 7.7 TFLOP per Base step, 400 TFLOP/s sustained): a 2^18-step
 source run ~ 1.4 h, a 100K-step target run ~ 0.54 h; 48 source + 510 target runs ~ 340 accelerator-hours
-plus evaluation.
+plus evaluation. Runs share steps (--runs-per-step, default 8) and the grid splits over any number of workers
+running this command on one --out (common.run_grid; README, "Many runs at once": 8 GPUs, a Slurm array).
 """
 import pathlib
 import sys

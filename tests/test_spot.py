@@ -1737,3 +1737,20 @@ def test_cli_seeds_train_each_seed_as_alone_and_resume_after_sigkill(shared_data
             for k in (x.files if name.endswith('.npz') else [None]):
                 if k != 'state':
                     assert (x[k] if k else x).tobytes() == (y[k] if k else y).tobytes(), (seed, name, k)
+
+
+def test_runs_log_compiles_the_first_step_and_every_30_s_with_wall_time_in_metrics(tmp_path, frozen,
+                                                                                  monkeypatch):
+    """Progress lines: a compile (and its time), after the first step, and at least every 30 s of wall time
+    whatever log_every says; every metrics.jsonl event carries its wall-clock time."""
+    clock = itertools.count(0.0, 11.0)                       # each reading of the clock: 11 s later
+    monkeypatch.setattr(spot.time, 'perf_counter', lambda: next(clock))
+    lines, start = [], time.time()
+    tc = dataclasses.replace(TC, steps=8, log_every=1000)
+    spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, tc, synthetic_batches(),
+                      evaluator(frozen), tmp_path, log=lines.append)
+    assert 'compiling' in lines[0] and re.match(r'(compiled|found compiled), first step done in', lines[1])
+    steps = [int(m.group(1)) for m in (re.match(r'step (\d+)/8  loss', x) for x in lines) if m]
+    assert len(steps) >= 3 and steps[-1] == 8, lines      # log_every 1000: only the 30 s lines and the end
+    events = [json.loads(x) for x in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert events and all(start <= e['time'] <= time.time() for e in events), events
