@@ -361,7 +361,8 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
             if stack is None:                    # the group (re)formed: one stacked state for the step
                 stack = _stack([(g['prompt'], g['opt_state']) for g in active])
                 stack = replicate(mesh, stack)
-            batch = _pad_stack([next(g['data']) for g in active])
+            batch = _pad_stack([{n: v for n, v in next(g['data']).items() if n in ('inputs', 'targets')}
+                                for g in active])
             keys = [dropout_key(g['tc'].seed, g['done']) for g in active]
             batch, keys = (batch, jnp.stack(keys)) if len(active) > 1 else (
                 jax.tree.map(lambda x: x[0], batch), keys[0])
@@ -738,9 +739,9 @@ def memory_budget(device_memory_gib: float | None = None) -> tuple[float, str]:
     if device_memory_gib:
         return device_memory_gib * GiB * fraction, \
             f'{fraction:.0%} of --device-memory {device_memory_gib:g} GiB'
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if 'bytes_limit' in stats:
-        return float(stats['bytes_limit']), f'the allocator limit of {jax.devices()[0].device_kind}'
+        return float(stats['bytes_limit']), f'the allocator limit of {jax.local_devices()[0].device_kind}'
     ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     return ram * fraction, f'{fraction:.0%} of this machine\'s {ram / GiB:.0f} GiB RAM (CPU)'
 
@@ -1934,13 +1935,21 @@ def train_cli(args, tc, pc):
     for source, p in pcs.items():
         if p.init == 'file' and source:
             load_prompt(source, length=p.length, what='source prompt')   # fails before the model loads
-    mesh = _devices(args)
-    R = min(args.runs_per_step or len(runs), len(runs))
     if args.runs_per_step < 0:
         raise ValueError(f'--runs-per-step {args.runs_per_step}: must be >= 1 (0: all runs)')
+    mesh = _devices(args)
+    R = min(args.runs_per_step or len(runs), len(runs))
     # R runs' batches of B rows in one step take the memory of one run's batch of R * B (before any weight is
-    # read); micro-batches split each run's batch
-    planned = _plan_or_refuse(args, dataclasses.replace(tc, batch_size=tc.batch_size * R), pc, mesh)
+    # read); micro-batches split each run's batch. Without --runs-per-step, R halves until the plan fits.
+    while True:
+        try:
+            planned = _plan_or_refuse(args, dataclasses.replace(tc, batch_size=tc.batch_size * R), pc, mesh)
+            break
+        except MemoryError as e:
+            if args.runs_per_step or R == 1:
+                raise
+            print(f'{R} runs per step do not fit ({e}): trying {R // 2}')
+            R //= 2
     m, B = planned.micro_batches, tc.batch_size
     tc = dataclasses.replace(planned, batch_size=B, micro_batches=m and math.gcd(m, B))
     data, cfg, frozen, vocab, mesh = _setup(args, tc, mesh)

@@ -8,7 +8,8 @@ Prints wall seconds per run, compiles (count, seconds), peak RSS, and the accele
 (bench_prompt_step.analytic_flops, the same count for both) and bytes read (the frozen weights once per step
 and the activations per example), both by arithmetic.
 
-    python experiments/bench_runs_per_step.py --data ../shared/data --runs 1,3,8 --steps 4
+    python3 data.py fetch superglue     # the files, into the cache (data.data_root())
+    python experiments/bench_runs_per_step.py --runs 1,3,8 --steps 4
 """
 import argparse
 import json
@@ -89,7 +90,8 @@ def step_model(R, batch, enc_len, dec_len):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--data', required=True, help='folder with superglue/{CB,RTE,COPA} and t5_spiece.model')
+    p.add_argument('--data', default=None,
+                   help='folder with superglue/{CB,RTE,COPA} and t5_spiece.model (default: data.data_root())')
     p.add_argument('--runs', default='1,3,8')
     p.add_argument('--steps', type=int, default=4)
     p.add_argument('--batch-size', type=int, default=8)
@@ -98,6 +100,9 @@ def main():
     p.add_argument('--first', type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument('--count', type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.data is None:
+        import data
+        args.data = str(data.data_root())
     if args.arm:
         return arm(args)
     print(f'load average before: {os.getloadavg()}', flush=True)

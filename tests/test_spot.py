@@ -1754,3 +1754,27 @@ def test_runs_log_compiles_the_first_step_and_every_30_s_with_wall_time_in_metri
     assert len(steps) >= 3 and steps[-1] == 8, lines      # log_every 1000: only the 30 s lines and the end
     events = [json.loads(x) for x in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     assert events and all(start <= e['time'] <= time.time() for e in events), events
+
+
+def test_cli_seeds_take_as_many_runs_per_step_as_the_memory_plan_fits(shared_data, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Without --runs-per-step, R halves until the plan of R runs' batches fits (here: up to 2 x 4 rows)."""
+    real, got = spot._plan_or_refuse, {}
+
+    def plan(args, tc, pc, mesh, plan_anyway=False):
+        if tc.batch_size > 2 * 4:
+            raise MemoryError(f'{tc.batch_size} rows do not fit')
+        return real(args, tc, pc, mesh, plan_anyway)
+    monkeypatch.setattr(spot, '_plan_or_refuse', plan)
+    monkeypatch.setattr(spot, 'train_prompts', lambda runs, *a, runs_per_step, **k: got.update(
+        R=runs_per_step, n=len(runs), batch=runs[0].tc.batch_size) or [])
+    spot.main(['train', '--model', 'tiny', '--task', 'cb', '--data', str(shared_data / 'superglue'),
+               '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=4', '--seeds', '0,1,2,3,4',
+               '--steps', '1', '--out', str(tmp_path)])
+    assert got == {'R': 2, 'n': 5, 'batch': 4}
+    out = capsys.readouterr().out
+    assert '5 runs per step do not fit (20 rows do not fit): trying 2' in out
+    with pytest.raises(SystemExit, match='12 rows do not fit'):    # --runs-per-step given: refused as is
+        spot.main(['train', '--model', 'tiny', '--task', 'cb', '--data', str(shared_data / 'superglue'),
+                   '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=4', '--seeds', '0,1,2',
+                   '--runs-per-step', '3', '--steps', '1', '--out', str(tmp_path / 'x')])
