@@ -1778,3 +1778,23 @@ def test_cli_seeds_take_as_many_runs_per_step_as_the_memory_plan_fits(shared_dat
         spot.main(['train', '--model', 'tiny', '--task', 'cb', '--data', str(shared_data / 'superglue'),
                    '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=4', '--seeds', '0,1,2',
                    '--runs-per-step', '3', '--steps', '1', '--out', str(tmp_path / 'x')])
+
+
+def test_cli_several_tasks_and_source_prompts_each_get_a_folder(shared_data, tmp_path, monkeypatch):
+    """--task A B --source-prompt X Y --seeds 0,1: one run per (task, source, seed) in OUT/<task>/<source
+    name>/seed<k>, each from its own source prompt and with its task's evaluator (shared by its runs)."""
+    got = []
+    monkeypatch.setattr(spot, 'train_prompts', lambda runs, *a, **k: got.extend(runs) or [])
+    width = t5_model.T5Config.tiny().d_model
+    for name, value in (('a', 1.0), ('b', 2.0)):
+        np.save(tmp_path / f'{name}.npy', np.full((4, width), value, np.float32))
+    spot.main(['train', '--model', 'tiny', '--task', 'cb', 'copa', '--data', str(shared_data / 'superglue'),
+               '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=4', '--length=4',
+               '--seeds', '0,1', '--source-prompt', str(tmp_path / 'a.npy'), str(tmp_path / 'b.npy'), '--steps', '1',
+               '--out', str(tmp_path / 'out')])
+    assert [str(r.out_dir.relative_to(tmp_path / 'out')) for r in got] == [
+        f'{t}/{s}/seed{k}' for t in ('cb', 'copa') for s in 'ab' for k in (0, 1)]
+    assert [float(np.asarray(r.prompt)[0, 0]) for r in got] == [1.0, 1.0, 2.0, 2.0] * 2
+    assert [r.tc.seed for r in got] == [0, 1] * 4
+    assert [r.meta['task'] for r in got] == ['cb'] * 4 + ['copa'] * 4
+    assert got[0].evaluator is got[3].evaluator and got[0].evaluator is not got[4].evaluator
