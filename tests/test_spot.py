@@ -1790,8 +1790,8 @@ def test_cli_several_tasks_and_source_prompts_each_get_a_folder(shared_data, tmp
         np.save(tmp_path / f'{name}.npy', np.full((4, width), value, np.float32))
     spot.main(['train', '--model', 'tiny', '--task', 'cb', 'copa', '--data', str(shared_data / 'superglue'),
                '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=4', '--length=4',
-               '--seeds', '0,1', '--source-prompt', str(tmp_path / 'a.npy'), str(tmp_path / 'b.npy'), '--steps', '1',
-               '--out', str(tmp_path / 'out')])
+               '--seeds', '0,1', '--source-prompt', str(tmp_path / 'a.npy'), str(tmp_path / 'b.npy'),
+               '--steps', '1', '--out', str(tmp_path / 'out')])
     assert [str(r.out_dir.relative_to(tmp_path / 'out')) for r in got] == [
         f'{t}/{s}/seed{k}' for t in ('cb', 'copa') for s in 'ab' for k in (0, 1)]
     assert [float(np.asarray(r.prompt)[0, 0]) for r in got] == [1.0, 1.0, 2.0, 2.0] * 2
