@@ -4,10 +4,11 @@ The method, in reading order:
   PromptConfig, OptimizerConfig, TrainConfig   the recipe (§2.1.4, footnote 7; App. C for the inits)
   init_prompt    the starting prompt [P,D]; SPoT's transfer (§2) is init 'file': start from a source prompt
   prompt_loss    the frozen T5 reading [prompt; embedded input] (§2.1; Lester et al. §2)
-  train_step     one Adafactor update of the prompt only
+  train_step     one Adafactor update of the prompt only (or of R runs' prompts [R,P,D] at once)
   train_prompt   the loop: best of evaluations every 500 steps (§2.1.4); the prompt after 10K steps is
-                 the task embedding (§3.2, footnote 13)
-  evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator)
+                 the task embedding (§3.2, footnote 13); train_prompts: many runs sharing each step
+  evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator); a
+                 batch may mix prompts and tasks (§5: "mixed-task inference")
 Then, in headed sections: performance (sub-batches); I/O: prompt files (.npy, the official code's T5X prompt
 files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder, sharding and multi-host
 (make_mesh, shard_params, shard_batch, replicate); the CLI: `python3 spot.py train|eval|export -h`.
@@ -245,15 +246,32 @@ def train_step(prompt, opt_state, frozen, batch, key, cfg, opt: OptimizerConfig,
     """One prompt-tuning update with dropout cfg.dropout_rate. Only argument 0 (the prompt) is differentiated:
     no weight gradient is ever built, and `frozen` is a jit argument, not a constant baked into the program.
     sub_batches, micro_batches and cfg.remat: execution only (sub_batched, micro_batched,
-    t5_model._scan_layers). Returns (prompt, opt_state, loss)."""
-    loss_fn = prompt_loss if sub_batches == 1 else sub_batched(prompt_loss, sub_batches)
-    grad_fn = micro_batched(jax.value_and_grad(loss_fn), micro_batches)
-    loss, grad = grad_fn(prompt, frozen, batch, cfg, key, z_loss)
-    updates, opt_state = make_optimizer(opt).update(grad, opt_state, prompt)
-    return optax.apply_updates(prompt, updates), opt_state, loss
+    t5_model._scan_layers). Returns (prompt, opt_state, loss).
+    Many runs, one step: a stack of R runs' prompts [R,P,D] with their optimizer states, batches [R,B,...] and
+    dropout keys [R] gives each run's update as alone, and losses [R]; jax.vmap maps over the runs, the frozen
+    weights unbatched (one copy, read once per step for all R: train_prompts)."""
+    def update(prompt, opt_state, batch, key):
+        loss_fn = prompt_loss if sub_batches == 1 else sub_batched(prompt_loss, sub_batches)
+        grad_fn = micro_batched(jax.value_and_grad(loss_fn), micro_batches)
+        loss, grad = grad_fn(prompt, frozen, batch, cfg, key, z_loss)
+        updates, opt_state = make_optimizer(opt).update(grad, opt_state, prompt)
+        return optax.apply_updates(prompt, updates), opt_state, loss
+    return (jax.vmap(update) if prompt.ndim == 3 else update)(prompt, opt_state, batch, key)
 
 
 # --------------------------------------------------------------------------------------------------- the loop
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """One prompt-tuning run of train_prompts: its starting prompt [P,D], recipe, batches(start) (as
+    train_prompt's), evaluator (None: no evaluation), folder and meta."""
+    prompt: object
+    tc: TrainConfig
+    batches: object
+    evaluator: object = None
+    out_dir: object = 'runs/prompt'
+    meta: dict | None = None
+
+
 def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, out_dir='runs/prompt', *,
                  meta=None, resume=False, mesh=None, log=print) -> dict:
     """Prompt tuning (§2.1.4): tc.steps updates of `prompt` [P,D] on the frozen T5 (cfg, frozen).
@@ -267,52 +285,218 @@ def train_prompt(prompt, frozen, cfg, tc: TrainConfig, batches, evaluator=None, 
     checkpoint (Interrupted); a non-finite loss or prompt raises FloatingPointError. Returns {'prompt',
     'opt_state', 'step', 'best_score', 'best_step', 'losses'}.
     """
-    out, lead = Path(out_dir), jax.process_index() == 0     # several processes: process 0 owns the folder
-    log, ckpt, k = log if lead else (lambda *_: None), out / 'checkpoint.npz', sub_batch_count(tc)
-    check_prompt(prompt, frozen['token_embedder']['embedding'].shape[1])
-    if tc.remat == 'auto' or not tc.micro_batches:     # the CLI decided already (plan before loading)
-        tc = resolve_memory(cfg, tc, frozen, tc.max_input_len, tc.max_target_len or DEFAULT_TARGET_LEN,
-                            prompt.shape[0], mesh, log=log)[0]
-    # the run's dropout (TrainConfig.dropout) and remat
+    return train_prompts([Run(prompt, tc, batches, evaluator, out_dir, meta)], frozen, cfg, resume=resume,
+                         mesh=mesh, log=log)[0]
+
+
+def train_prompts(runs, frozen, cfg, *, resume=False, mesh=None, log=print, runs_per_step=0,
+                  skip_held=False) -> list:
+    """train_prompt for many runs (Run), runs_per_step of them (0: all) sharing every step: train_step on
+    their stacked prompts [R,P,D], one copy of the frozen weights. Each run keeps its own seed, data order,
+    dropout keys, step counter, evaluations, best checkpoint and folder, and ends as it would alone (to
+    float32 rounding: the batched matmuls sum in another order; one run alone: to the bit). The R batches of
+    a step are padded to the group's longest bucket: padding changes no loss (masks) and no dropout mask
+    (t5_model._dropout indexes masks by position, not by the padded length). Runs that finish leave the
+    group (one compile for the smaller stack). A run whose loss or prompt turns non-finite leaves the group;
+    the others go on, and its FloatingPointError is raised at the end. The runs of a group share the step's
+    compiled settings (dropout, optimizer, z_loss, remat, sub- and micro-batches). skip_held: a run whose
+    folder another process holds (run.lock) is left out, its result None, not an error (workers splitting a
+    grid: experiments/common.run_grid). Returns train_prompt's dict per run."""
+    R = runs_per_step or len(runs)
+    return [res for i in range(0, len(runs), R)
+            for res in _train_group(list(runs[i:i + R]), frozen, cfg, resume, mesh, log, skip_held)]
+
+
+def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
+    lead = jax.process_index() == 0                       # several processes: process 0 owns the folders
+    log, tc = log if lead else (lambda *_: None), runs[0].tc
+    for run in runs:
+        check_prompt(run.prompt, frozen['token_embedder']['embedding'].shape[1])
+    if tc.remat == 'auto' or not tc.micro_batches:        # the CLI decided already (plan before loading)
+        planned = resolve_memory(cfg, dataclasses.replace(tc, batch_size=tc.batch_size * len(runs)), frozen,
+                                 tc.max_input_len, tc.max_target_len or DEFAULT_TARGET_LEN,
+                                 runs[0].prompt.shape[0], mesh, log=log)[0]
+        execution = {k: getattr(planned, k) for k in ('remat', 'micro_batches', 'eval_batch_size')}
+        if tc.batch_size % execution['micro_batches']:
+            execution['micro_batches'] = 1
+        runs = [dataclasses.replace(r, tc=dataclasses.replace(r.tc, **execution)) for r in runs]
+        tc = runs[0].tc
+    def shared(t):
+        return t.dropout, t.optimizer, t.z_loss, t.remat, sub_batch_count(t), t.micro_batches
+
+    if any(shared(r.tc) != shared(tc) for r in runs):
+        settings = sorted({shared(r.tc) for r in runs}, key=str)
+        raise ValueError(f'runs that share a step need the same dropout, optimizer, z_loss, remat, '
+                         f'sub_batches and micro_batches; got {settings}')
+    # the runs' dropout (TrainConfig.dropout) and remat
     cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout, remat=tc.remat)
-    info = {**(meta or {}), 'config': {'train': dataclasses.asdict(tc), 'model': dataclasses.asdict(cfg)}}
-    with contextlib.ExitStack() as folder, stop_requests(log) as signals:
-        on_lead(lambda: folder.enter_context(own_folder(out)) and None)
-        on_lead(check_new_run, out, resume, log)
-        prompt, opt_state, state = start_or_resume(prompt, tc, run_identity(cfg, frozen, meta), info, ckpt,
-                                                   resume, log)
-        frozen, (prompt, opt_state) = shard_params(mesh, frozen), replicate(mesh, (prompt, opt_state))
-        keep_best = functools.partial(evaluate_and_keep, evaluator, out if lead else None, info, log)
-        losses, window, data = [], (time.perf_counter(), state['step']), prefetch(batches(state['step']))
-        if state.get('eval_pending') and evaluator is not None:   # stopped during the evaluation of its step
-            keep_best(prompt, opt_state, state, state['step'])
-        for step in range(state['step'], tc.steps):
-            batch = shard_batch(mesh, {n: v for n, v in next(data).items() if n in ('inputs', 'targets')})
-            prompt, opt_state, loss = train_step(prompt, opt_state, frozen, batch, dropout_key(tc.seed, step),
-                                                 cfg, tc.optimizer, tc.z_loss, k, tc.micro_batches)
-            loss, done = float(loss), step + 1
-            evaluated = evaluator is not None and (done % tc.eval_every == 0 or done == tc.steps)
-            signum = any_signal(signals)
-            checkpoint = evaluated or done % tc.checkpoint_every == 0 or done == tc.steps or signum
-            check_finite(loss, prompt if checkpoint or done == tc.embedding_step else None, done, ckpt, state)
-            losses.append(loss)
-            if done % tc.log_every == 0 or done == tc.steps:
-                window = log_progress(out if lead else None, log, done, tc.steps, loss, window)
-            if done == tc.embedding_step and lead:                # §3.2: the task embedding
-                save_prompt(out, f'prompt_step{done}', prompt, {**info, 'step': done, 'score': None})
-            if checkpoint:              # written before evaluating: an evaluator that fails loses no training
-                state.update(step=done, data_position=done, eval_pending=evaluated)
-                if lead:
-                    save_checkpoint(ckpt, prompt, opt_state, state)
-                if evaluated:           # §2.1.4: keep the prompt with the best validation score
-                    keep_best(prompt, opt_state, state, done)
-                window = (time.perf_counter(), done)      # steps/s leaves out checkpoints and evaluations
-            if signum and done < tc.steps:
-                raise Interrupted(signum, done, ckpt)
-        if evaluator is None and state['best_step'] is None and state['step'] == tc.steps and lead:
-            save_prompt(out, 'prompt', prompt, {**info, 'step': state['step'], 'score': None})
-    return {'prompt': prompt, 'opt_state': opt_state, 'step': state['step'],
-            'best_score': state['best_score'], 'best_step': state['best_step'], 'losses': losses}
+    results, failed = [None] * len(runs), []
+    with contextlib.ExitStack() as folders, stop_requests(log) as signals:
+        group = []
+        for i, run in enumerate(runs):
+            out = Path(run.out_dir)
+            try:
+                on_lead(lambda: folders.enter_context(own_folder(out)) and None)
+            except RunFolderInUse as e:
+                if not skip_held:
+                    raise
+                log(f'skipped: {e}')
+                continue
+            on_lead(check_new_run, out, resume, log)
+            info = {**(run.meta or {}), 'config': {'train': dataclasses.asdict(run.tc),
+                                                   'model': dataclasses.asdict(cfg)}}
+            identity = run_identity(cfg, frozen, run.meta)
+            prompt, opt_state, state = start_or_resume(run.prompt, run.tc, identity, info,
+                                                       out / 'checkpoint.npz', resume, log)
+            group.append({'i': i, 'tc': run.tc, 'out': out, 'ckpt': out / 'checkpoint.npz', 'info': info,
+                          'state': state, 'losses': [], 'run': run, 'prompt': prompt, 'opt_state': opt_state})
+        frozen = shard_params(mesh, frozen)
+        pending = [g for g in group if g['state'].get('eval_pending') and g['run'].evaluator is not None]
+        _evaluate_and_keep(pending, lead, log)   # stopped during the evaluation of its step
+        active = [g for g in group if g['state']['step'] < g['tc'].steps]
+        for g in active:
+            g['data'], g['done'] = prefetch(g['run'].batches(g['state']['step'])), g['state']['step']
+        clock = {'window': (time.perf_counter(), 0), 'line': time.perf_counter(), 'steps': 0}
+        stack = None
+        while active:
+            if stack is None:                    # the group (re)formed: one stacked state for the step
+                stack = _stack([(g['prompt'], g['opt_state']) for g in active])
+                stack = replicate(mesh, stack)
+            batch = _pad_stack([{n: v for n, v in next(g['data']).items() if n in ('inputs', 'targets')}
+                                for g in active])
+            keys = [dropout_key(g['tc'].seed, g['done']) for g in active]
+            batch, keys = (batch, jnp.stack(keys)) if len(active) > 1 else (
+                jax.tree.map(lambda x: x[0], batch), keys[0])
+            compiles = _compiled_steps()
+            if clock['steps'] == 0 or compiles != clock.get('compiles'):
+                shape = 'x'.join(map(str, batch['inputs'].shape))
+                log(f"step of {len(active)} run{'s' * (len(active) > 1)}, inputs {shape}, targets "
+                    f"{batch['targets'].shape[-1]}: compiling or loading it from the compile cache ...")
+            t = time.perf_counter()
+            batch = shard_batch(mesh, batch, len(active) > 1)
+            prompts, opt_states, losses = train_step(*stack, frozen, batch, keys, cfg, tc.optimizer,
+                                                     tc.z_loss, sub_batch_count(tc), tc.micro_batches)
+            stack, losses = (prompts, opt_states), np.atleast_1d(np.asarray(losses, np.float64))
+            if _compiled_steps() != compiles or clock['steps'] == 0:
+                what = 'compiled' if _compiled_steps() != compiles else 'found compiled'
+                log(f'{what}, first step done in {time.perf_counter() - t:.1f} s')
+                clock['window'] = (time.perf_counter(), clock['steps'] + 1)   # steps/s leaves out the compile
+            clock['compiles'], clock['steps'] = _compiled_steps(), clock['steps'] + 1
+            signum, evaluate_now, left, wrote = any_signal(signals), [], [], False
+            for j, (g, loss) in enumerate(zip(active, losses.tolist())):
+                tc_g, state, done = g['tc'], g['state'], g['done'] + 1
+                prompt, opt_state = _member(stack, j, len(active))
+                evaluated = g['run'].evaluator is not None and (done % tc_g.eval_every == 0
+                                                                or done == tc_g.steps)
+                checkpoint = evaluated or done % tc_g.checkpoint_every == 0 or done == tc_g.steps or signum
+                try:
+                    check_finite(loss, prompt if checkpoint or done == tc_g.embedding_step else None, done,
+                                 g['ckpt'], state)
+                except FloatingPointError as e:
+                    failed.append(e)
+                    log(f'{g["out"]}: {e}')
+                    continue
+                g['losses'].append(loss)
+                if done % tc_g.log_every == 0 or done == tc_g.steps:
+                    g['log_loss'] = loss
+                    if lead:
+                        append_history(g['out'], {'step': done, 'loss': loss, 'steps_per_s': _rate(clock),
+                                                  'time': time.time()})
+                if done == tc_g.embedding_step and lead:                # §3.2: the task embedding
+                    save_prompt(g['out'], f'prompt_step{done}', prompt, {**g['info'], 'step': done,
+                                                                          'score': None})
+                if checkpoint:          # written before evaluating: an evaluator that fails loses no training
+                    state.update(step=done, data_position=done, eval_pending=evaluated)
+                    if lead:
+                        save_checkpoint(g['ckpt'], prompt, opt_state, state)
+                g['prompt'], g['opt_state'], g['done'] = prompt, opt_state, done
+                wrote |= bool(checkpoint)
+                (evaluate_now if evaluated else []).append(g)
+                (left if done < tc_g.steps else []).append(g)
+            _evaluate_and_keep(evaluate_now, lead, log)   # §2.1.4: keep the prompt with the best score
+            now = time.perf_counter()
+            if any('log_loss' in g for g in active) or now - clock['line'] >= 30:
+                g = active[0]
+                losses_text = ' '.join(f'{x:.4f}' for x in losses.tolist())
+                rate = _rate(clock)
+                eta = int((g['tc'].steps - g['done']) / rate) if rate else 0
+                log(f"step {g['done']}/{g['tc'].steps}  loss {losses_text}  {rate:.2f} steps/s  "
+                    f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+                clock['line'] = now
+                for x in active:
+                    x.pop('log_loss', None)
+            if wrote:
+                clock['window'] = (time.perf_counter(), clock['steps'])   # steps/s leaves out evaluations
+            if signum and left:
+                raise Interrupted(signum, left[0]['done'], left[0]['ckpt'])
+            if left != active:                   # a run finished or failed: the group re-forms
+                stack = None if left else stack
+                active = left
+        for g in group:
+            state = g['state']
+            if g['run'].evaluator is None and state['best_step'] is None and state['step'] == g['tc'].steps \
+                    and lead:
+                save_prompt(g['out'], 'prompt', g['prompt'], {**g['info'], 'step': state['step'],
+                                                              'score': None})
+            results[g['i']] = {'prompt': g['prompt'], 'opt_state': g['opt_state'], 'step': state['step'],
+                               'best_score': state['best_score'], 'best_step': state['best_step'],
+                               'losses': g['losses']}
+    if failed:
+        raise failed[0]
+    return results
+
+
+def _stack(trees):
+    """One tree of several runs' trees (their arrays stacked on a new axis 0); one run: its tree."""
+    return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _member(stack, j, n):
+    """Run j's (prompt, opt_state) of the stacked group state (n runs)."""
+    return stack if n == 1 else jax.tree.map(lambda x: x[j], stack)
+
+
+def _pad_stack(batches) -> dict:
+    """Several runs' batches {'inputs' [B,S], 'targets' [B,T]} -> [R,B,S'], [R,B,T']: each padded with 0
+    (pad) to the longest; pad rows and columns are masked out of the loss."""
+    out = {}
+    for name in ('inputs', 'targets'):
+        width = max(b[name].shape[1] for b in batches)
+        out[name] = np.stack([np.pad(np.asarray(b[name]), ((0, 0), (0, width - b[name].shape[1])))
+                              for b in batches])
+    return out
+
+
+def _compiled_steps() -> int:
+    """How many programs train_step has compiled (or loaded from the compile cache) in this process."""
+    return getattr(train_step, '_cache_size', lambda: 0)()
+
+
+def _rate(clock) -> float:
+    """Steps per second since the window began (compiles, checkpoints and evaluations left out)."""
+    since, steps = clock['window']
+    return (clock['steps'] - steps) / max(time.perf_counter() - since, 1e-9)
+
+
+def _evaluate_and_keep(group, lead, log):
+    """§2.1.4: evaluate each run's prompt after its step (the runs of make_evaluator's scorers in shared
+    batches: score_together); the lead writes metrics.jsonl, prompt.npy/.json if it is the best so far, and
+    the checkpoint with the new best score. Other processes only track the best."""
+    if not group:
+        return
+    scores = score_together([g['run'].evaluator for g in group], [g['prompt'] for g in group])
+    for g, metrics in zip(group, scores):
+        out, state, done = g['out'], g['state'], g['state']['step']
+        log(f'step {done}  eval {_json(metrics, None).decode()}' + (f'  ({out.name})' if len(group) > 1
+                                                                     else ''))
+        best = best_so_far(state, done, metrics)
+        if not lead:
+            continue
+        append_history(out, {'step': done, 'eval': metrics, 'time': time.time()})
+        if best:
+            save_prompt(out, 'prompt', g['prompt'], {**g['info'], 'step': done, 'score': metrics['score'],
+                                                     'metrics': metrics})
+        save_checkpoint(g['ckpt'], g['prompt'], g['opt_state'], state)
 
 
 def prefetch(batches, depth: int = 2):
@@ -349,21 +533,35 @@ def prefetch(batches, depth: int = 2):
 
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
-             batch_size=64, mesh=None, progress=None) -> list[str]:
+             batch_size=64, mesh=None, prompt_ids=None, progress=None) -> list[str]:
     """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout,
     in the order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose
     target string has the highest log-likelihood. Examples are grouped by length, and each batch padded to the
     bucket of its longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the
     longest one. With a mesh each batch is split over 'data' and the predictions gathered (every process
-    returns all of them). progress(done, total), if given, is called after each batch (progress_printer)."""
+    returns all of them). progress(done, total), if given, is called after each batch (progress_printer).
+    Mixed tasks (SPoT §5: one frozen model serves many prompts): prompt a stack [K,P,D] and prompt_ids [n]
+    (example i reads prompt[prompt_ids[i]]); label_names and max_target_len may then be one per prompt (the
+    tasks' label sets and target lengths). A batch then mixes prompts: each example's prediction is the one
+    of its prompt alone (to float32 rounding of the scores)."""
     import data
+    rows = data.unpad(inputs) if hasattr(inputs, 'shape') else [list(r) for r in inputs]
+    ids = np.zeros(len(rows), np.int64) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
+    K = 1 if prompt_ids is None else len(prompt)
+    per = lambda x, kind: list(x) if prompt_ids is not None and isinstance(x, (list, tuple)) and x and \
+        isinstance(x[0], kind) else [x] * K                       # noqa: E731 -- one per prompt
+    lens, names = per(max_target_len, (int, np.integer)), per(label_names, (list, tuple))
+    T = max(lens)
     if method == 'rank':
-        if not label_names:
+        if not all(names):
             raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
-        labels = data.pad_rows(data.token_ids(vocab, label_names, max_target_len), max_target_len)
+        C = max(map(len, names))
+        labels, valid = np.zeros((K, C, T), np.int32), np.zeros((K, C), bool)   # per prompt, padded
+        for k, (labs, t) in enumerate(zip(names, lens)):
+            labels[k, :len(labs)] = data.pad_rows(data.token_ids(vocab, labs, t), T)
+            valid[k, :len(labs)] = True
     elif method != 'decode':
         raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
-    rows = data.unpad(inputs) if hasattr(inputs, 'shape') else [list(r) for r in inputs]
     cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
     order = np.argsort([len(r) for r in rows], kind='stable')
     preds = [None] * len(rows)
@@ -376,15 +574,18 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
         n = min(batch_size, -(-n // devices) * devices)          # rounded up to a multiple of devices
         x = data.pad_rows([rows[j] for j in chunk] + [[]] * (n - len(chunk)),
                           data.bucket_length(max(len(rows[j]) for j in chunk), cap))
+        k = np.concatenate([ids[chunk], np.zeros(n - len(chunk), np.int64)])     # each row's prompt
+        p = prompt if prompt_ids is None else spread_rows(mesh, np.asarray(prompt, np.float32)[k])
         if method == 'decode':
-            x = spread_rows(mesh, x)
-            ids = gather(t5_model.greedy_decode(frozen, cfg, x, prompt, max_len=max_target_len))
+            out = gather(t5_model.greedy_decode(frozen, cfg, spread_rows(mesh, x), p, max_len=T)).tolist()
+            out = [row[:lens[c]] for row, c in zip(out, k)]     # each task's own target length
             out = [vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row)
-                   for row in ids.tolist()]                       # tokens before EOS (0 after it)
+                   for row in out]                                # tokens before EOS (0 after it)
         else:
             scores = np.stack([gather(t5_model.score_targets(frozen, cfg, spread_rows(mesh, x), spread_rows(
-                mesh, np.broadcast_to(lab, (n, lab.size))), prompt)) for lab in labels], axis=1)
-            out = [label_names[j] for j in scores.argmax(1)]
+                mesh, labels[k, c]), p)) for c in range(labels.shape[1])], axis=1)
+            scores = np.where(valid[k], scores, -np.inf)         # a task with fewer labels than another
+            out = [names[c][j] for c, j in zip(k, scores.argmax(1))]
         for j, pred in zip(chunk, out):
             preds[j] = pred
         if progress is not None:
@@ -392,29 +593,69 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names
     return preds
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Evaluator:
+    """make_evaluator's scorer of one task's split: evaluator(prompt) -> data.score dict (metrics x100,
+    'score'). score_together scores several of them (the runs of one group, or many prompts) in shared
+    batches."""
+    task_name: str
+    examples: list
+    inputs: list                     # token ids per example, unpadded
+    label_names: tuple
+    max_target_len: int
+    method: str
+    batch_size: int
+    frozen: object
+    cfg: object
+    vocab: object
+    mesh: object = None
+    progress: object = None          # progress(done, total) after each batch (progress_printer)
+
+    def __call__(self, prompt):
+        return score_together([self], [prompt])[0]
+
+
+def score_together(evaluators, prompts) -> list[dict]:
+    """evaluators[i](prompts[i]) for every i; the Evaluators of one model and method share batches (evaluate
+    with prompt_ids), any other callable runs alone."""
+    import data
+    results, groups = [None] * len(prompts), {}
+    for i, ev in enumerate(evaluators):
+        if isinstance(ev, Evaluator):
+            groups.setdefault((id(ev.frozen), ev.cfg, ev.method, ev.batch_size, id(ev.mesh), id(ev.vocab)),
+                              []).append(i)
+        else:
+            results[i] = ev(prompts[i])
+    for members in groups.values():
+        evs = [evaluators[i] for i in members]
+        first, ids = evs[0], np.concatenate([np.full(len(ev.inputs), j) for j, ev in enumerate(evs)])
+        preds = evaluate(first.frozen, first.cfg, jnp.stack([jnp.asarray(prompts[i]) for i in members]),
+                         [r for ev in evs for r in ev.inputs], first.vocab, method=first.method,
+                         label_names=[list(ev.label_names or ()) for ev in evs],
+                         max_target_len=[ev.max_target_len for ev in evs], batch_size=first.batch_size,
+                         mesh=first.mesh, prompt_ids=ids, progress=first.progress)
+        for j, (i, ev) in enumerate(zip(members, evs)):
+            results[i] = data.score(ev.task_name, ev.examples, [p for p, c in zip(preds, ids) if c == j])
+    return results
+
+
 def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='validation', data_dir=None,
-                   mesh=None, progress=None):
+                   mesh=None, progress=None) -> Evaluator:
     """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's
     `split`. progress: evaluate's."""
     import data
     task = data.get_task(task_name)
     examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
-    T = tc.max_target_len or task.target_len
     texts = [t['inputs'] for t in data.text_pairs(task_name, examples)]
-    inputs = data.token_ids(vocab, texts, tc.max_input_len)
     # fails now, not at the first evaluation, if a metric cannot run
     data.score(task_name, examples[:1], [''])
     if tc.eval_method == 'rank' and not task.output_labels:
         raise ValueError(f"eval method 'rank' needs a classification task with label names; "
                          f"{task.name}'s targets are not a fixed set of label strings: "
                          f"use --eval_method=decode")
-
-    def run(prompt):
-        preds = evaluate(frozen, cfg, prompt, inputs, vocab, method=tc.eval_method,
-                         label_names=task.output_labels, max_target_len=T, batch_size=tc.eval_batch_size,
-                         mesh=mesh, progress=progress)
-        return data.score(task_name, examples, preds)
-    return run
+    return Evaluator(task_name, examples, data.token_ids(vocab, texts, tc.max_input_len), task.output_labels,
+                     tc.max_target_len or task.target_len, tc.eval_method, tc.eval_batch_size, frozen, cfg,
+                     vocab, mesh, progress)
 
 
 # ----------------------------------------------------------------------- performance: sub- and micro-batches
@@ -1009,6 +1250,33 @@ def check_out_folder(out: Path, resume: bool):
         check_new_run(out, resume, lambda *_: None)
 
 
+def folder_holder(out: Path) -> str | None:
+    """Who holds out/run.lock now ('pid N on HOST since ...'), or None: nobody (a dead holder's lock is gone
+    with its process). A probe: the lock is taken and let go at once."""
+    try:
+        f = open(Path(out) / 'run.lock')
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or 'holder unknown'
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def finished(out: Path) -> bool:
+    """A run folder whose checkpoint reached its steps with no evaluation pending: nothing left to train."""
+    try:
+        with np.load(Path(out) / 'checkpoint.npz') as z:
+            state = json.loads(str(z['state']))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return False
+    return state['step'] >= state['config']['steps'] and not state.get('eval_pending') and \
+        (Path(out) / 'prompt.npy').exists()
+
+
 def check_new_run(out: Path, resume: bool, log):
     """A run that starts at step 0 never replaces files of the run's names that it finds in out (without
     resume, a checkpoint is refused too: continuing it is what --resume is for). With resume and no
@@ -1077,18 +1345,6 @@ def check_finite(loss: float, prompt, done: int, ckpt: Path, state: dict):
                              f'model, then rerun (with --resume)')
 
 
-def log_progress(out: Path | None, log, done: int, steps: int, loss: float, window: tuple) -> tuple:
-    """The progress line (steps/s since window = (time, step)), and its metrics.jsonl event when out (the lead
-    process). Returns the next window."""
-    rate = (done - window[1]) / (time.perf_counter() - window[0])
-    eta = int((steps - done) / rate)
-    log(f'step {done}/{steps}  loss {loss:.4f}  {rate:.2f} steps/s  '
-        f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
-    if out is not None:
-        append_history(out, {'step': done, 'loss': loss, 'steps_per_s': rate})
-    return time.perf_counter(), done
-
-
 def best_so_far(state: dict, done: int, metrics: dict) -> bool:
     """Record an evaluation's score in state; True if it is the best so far (a NaN score, e.g. Pearson of
     constants, is never best)."""
@@ -1099,23 +1355,6 @@ def best_so_far(state: dict, done: int, metrics: dict) -> bool:
         state.update(best_score=score, best_step=done)
     state['eval_pending'] = False
     return best
-
-
-def evaluate_and_keep(evaluator, out: Path | None, info: dict, log, prompt, opt_state, state: dict,
-                      done: int):
-    """§2.1.4: evaluate the prompt after step `done`; the lead (out given) writes metrics.jsonl,
-    prompt.npy/.json if it is the best so far, and the checkpoint with the new best score. Other processes
-    only track the best."""
-    metrics = evaluator(prompt)
-    log(f'step {done}  eval {_json(metrics, None).decode()}')
-    best = best_so_far(state, done, metrics)
-    if out is None:
-        return
-    append_history(out, {'step': done, 'eval': metrics})
-    if best:
-        save_prompt(out, 'prompt', prompt, {**info, 'step': done, 'score': metrics['score'],
-                                            'metrics': metrics})
-    save_checkpoint(out / 'checkpoint.npz', prompt, opt_state, state)
 
 
 def weights_fingerprint(frozen) -> str:
@@ -1395,17 +1634,17 @@ def shard_params(mesh: Mesh | None, params):
     return jax.device_put(params, want)
 
 
-def shard_batch(mesh: Mesh | None, batch):
-    """A batch split along its leading (batch) axis over 'data'; mesh None: unchanged. With several processes
-    each passes its own rows (process_rows), and the global batch is assembled from them without any host
-    copying."""
+def shard_batch(mesh: Mesh | None, batch, runs_axis: bool = False):
+    """A batch split along its batch axis over 'data' (axis 0; with runs_axis, axis 1 of [R,B,...]: runs
+    that share a step); mesh None: unchanged. With several processes each passes its own rows
+    (process_rows), and the global batch is assembled from them without any host copying."""
     if mesh is None:
         return batch
-    b = next(iter(batch.values())).shape[0] * jax.process_count()
+    b = next(iter(batch.values())).shape[int(runs_axis)] * jax.process_count()
     if b % mesh.shape['data']:
         raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel "
                          f"devices: pick a --batch_size that is, or a larger --model-parallel")
-    sharding = NamedSharding(mesh, PartitionSpec('data'))
+    sharding = NamedSharding(mesh, PartitionSpec(*[None] * runs_axis, 'data'))
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
@@ -1628,7 +1867,8 @@ def main(argv=None):
     for q in (train, ev, plan):
         q.add_argument('--model', required=True,
                        help="hub id (google/t5-base-lm-adapt), directory, or 'tiny'")
-        q.add_argument('--task', required=q is not plan, help='a task name of data.py')
+        q.add_argument('--task', required=q is not plan, nargs='+' if q is train else None,
+                       help='a task name of data.py')
         q.add_argument('--data', default=None, help='directory with the original task files (default: tfds)')
         q.add_argument('--vocab', default=None, help='SentencePiece model (default: data.load_vocab())')
         q.add_argument('--model-parallel', type=int, default=1, help="devices per 'model' mesh group")
@@ -1648,7 +1888,10 @@ def main(argv=None):
                        help="memory per device to plan for (default: the device's own; on CPU the RAM)")
     train.add_argument('--init', default=None, choices=INITS,
                        help='prompt initialisation (default sampled_vocab)')
-    train.add_argument('--source-prompt', default=None, help='SPoT transfer: start from ' + PROMPT_FILES)
+    train.add_argument('--source-prompt', default=None, nargs='+',
+                       help='SPoT transfer: start from ' + PROMPT_FILES)
+    train.add_argument('--seeds', default=None, help='several runs, e.g. 0,1,2: run k in OUT/seed<k>')
+    train.add_argument('--runs-per-step', type=int, default=0, help='runs that share a step (default: all)')
     train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
     train.add_argument('--out', required=True, help='run directory')
     train.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.npz')
@@ -1782,8 +2025,9 @@ def _target_len(args, tc):
     if tc.max_target_len or not args.task:
         return tc.max_target_len or DEFAULT_TARGET_LEN
     import data
-    mixture = data.task_names(args.task)[0]
-    return max(data.get_task(t).target_len for t in (data.MIXTURES[mixture] if mixture else [args.task]))
+    names = args.task if isinstance(args.task, list) else [args.task]      # train: several tasks
+    return max(data.get_task(t).target_len for name in names
+               for t in (data.task_names(name)[1]))
 
 
 def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
@@ -1834,61 +2078,111 @@ def plan_cli(args, tc, pc):
 
 def train_cli(args, tc, pc):
     import data
-    # cheap checks first (task, flags, files, output folder), then the data, and the weights last
+    # cheap checks first (task, flags, files, output folders), then the data, and the weights last
     tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)
     if tc.optimizer.learning_rate > 10:           # valid, but 33x the paper's 0.3 (footnote 7)
         print(f"warning: learning_rate={tc.optimizer.learning_rate:g} is far above prompt tuning's 0.3 (SPoT "
               f"footnote 7): steps that large usually make the loss NaN", file=sys.stderr)
-    pc = dataclasses.replace(pc, init=args.init or ('file' if args.source_prompt else pc.init),
-                             source=args.source_prompt or pc.source)
-    mixture, tasks = data.task_names(args.task)                          # e.g. --task GLUE
-    task = data.get_task(tasks[0])
-    if pc.init == 'class_labels' and (mixture or not task.output_labels):
-        raise ValueError(f'{args.task} has no class labels: use --init text --text="..." '
-                         f'(Lester: task words)')
-    if pc.init == 'file' and pc.source:
-        load_prompt(pc.source, length=pc.length, what='source prompt')
+    try:
+        seeds = [int(k) for k in args.seeds.split(',')] if args.seeds else [tc.seed]
+    except ValueError:
+        raise ValueError(f'--seeds {args.seeds}: expected seeds separated by commas, e.g. 0,1,2') from None
+    sources = args.source_prompt or [pc.source]
+    # One run per (task, source prompt, seed): OUT, or OUT/<task>/<source prompt's name>/seed<k> where the
+    # command gives several of them (e.g. --seeds 0,1,2: OUT/seed0, OUT/seed1, OUT/seed2).
+    runs = [(task, source, seed, Path(args.out, *([task] if len(args.task) > 1 else []),
+                                      *([Path(source).stem] if len(sources) > 1 else []),
+                                      *([f'seed{seed}'] if args.seeds else [])))
+            for task in args.task for source in sources for seed in seeds]
+    if len({str(out) for *_, out in runs}) < len(runs):
+        raise ValueError(f'two runs would share a folder: give each --task, --source-prompt and --seeds once '
+                         f'(got {args.task}, {sources}, {seeds})')
+    pcs = {source: dataclasses.replace(pc, init=args.init or ('file' if source else pc.init), source=source)
+           for source in sources}
+    tasks = {}                                                           # --task -> (mixture, its tasks)
+    for task_arg in args.task:
+        mixture, names = tasks[task_arg] = data.task_names(task_arg)    # e.g. --task GLUE
+        if any(p.init == 'class_labels' for p in pcs.values()) and (
+                mixture or not data.get_task(names[0]).output_labels):
+            raise ValueError(f'{task_arg} has no class labels: use --init text --text="..." '
+                             f'(Lester: task words)')
+    for source, p in pcs.items():
+        if p.init == 'file' and source:
+            load_prompt(source, length=p.length, what='source prompt')
+    if args.runs_per_step < 0:
+        raise ValueError(f'--runs-per-step {args.runs_per_step}: must be >= 1 (0: all runs)')
     _check_data_dir(args)
     mesh = _devices(args)
-    on_lead(check_out_folder, Path(args.out), args.resume)
-    tc = _plan_or_refuse(args, tc, pc, mesh)                             # before any weight is read
+    for *_, out in runs:
+        on_lead(check_out_folder, Path(out), args.resume)
+    R = min(args.runs_per_step or len(runs), len(runs))
+    # R runs' batches of B rows in one step take the memory of one run's batch of R * B (before any weight is
+    # read); micro-batches split each run's batch. Without --runs-per-step, R halves until the plan fits.
+    while True:
+        try:
+            planned = _plan_or_refuse(args, dataclasses.replace(tc, batch_size=tc.batch_size * R), pc, mesh)
+            break
+        except MemoryError as e:
+            if args.runs_per_step or R == 1:
+                raise
+            print(f'{R} runs per step do not fit ({e}): trying {R // 2}')
+            R //= 2
+    m, B = planned.micro_batches, tc.batch_size
+    tc = dataclasses.replace(planned, batch_size=B, micro_batches=m and math.gcd(m, B))
     vocab = _vocab(args)
     # Examples are read, formatted and tokenized per batch (data.train_source): memory O(batch), any size.
     # Read before the weights: missing files, or tfds offline, fail in seconds.
-    sources = {t: data.train_source(t, vocab, tc.max_input_len, tc.max_target_len, args.data, tc.seed)
-               for t in tasks}
+    data_sources = {(t, seed): data.train_source(t, vocab, tc.max_input_len, tc.max_target_len, args.data,
+                                                 seed)
+                    for _, names in tasks.values() for t in names for seed in seeds}
+    cfg, frozen = _load_weights(args, dataclasses.replace(tc, seed=0), mesh)   # 'tiny': one for every seed
+    lead, made, evaluators = jax.process_index() == 0, [], {}
+    for task_arg, source, seed, out in runs:
+        made.append(_cli_run(args, data, cfg, frozen, vocab, mesh, dataclasses.replace(tc, seed=seed),
+                             pcs[source], task_arg, tasks[task_arg], data_sources, out, evaluators, lead))
+    results = train_prompts(made, frozen, cfg, resume=args.resume, mesh=mesh, runs_per_step=R)
+    for run, result in zip(made, results):
+        best, step, out = result['best_score'], result['best_step'], run.out_dir
+        if lead and run.evaluator is None:
+            print(f"prompt in {out}/prompt.npy (the prompt after step {result['step']})")
+        elif lead and (best is None or not math.isfinite(best)):   # NaN: Pearson of constant predictions
+            print(f'no evaluation gave a finite score; prompt in {out}/prompt.npy is the first evaluated '
+                  f'(step {step})')
+        elif lead:
+            print(f'best score {best} at step {step}; prompt in {out}/prompt.npy')
+
+
+def _cli_run(args, data, cfg, frozen, vocab, mesh, tc, pc, task_arg, mixture_tasks, data_sources, out,
+             evaluators, lead) -> Run:
+    """One run of `spot.py train`: its task (or mixture), starting prompt, batches and evaluator."""
+    mixture, tasks = mixture_tasks
+    task = data.get_task(tasks[0])
+    labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
+    text = list(vocab.encode(pc.text)) if pc.text else None
+    prompt = gather(init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text))
+    sources = {t: data_sources[t, tc.seed] for t in tasks}
     # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's
     # meta). The data by content, not path: the same files in another folder resume; others are refused.
     reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
              'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}
-    cfg, frozen = _load_weights(args, tc, mesh)
-    labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
-    text = list(vocab.encode(pc.text)) if pc.text else None
-    prompt = gather(init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text))
     # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
-    lead, rows, n = jax.process_index() == 0, process_rows(mesh, tc.batch_size), jax.process_count()
+    rows, n = process_rows(mesh, tc.batch_size), jax.process_count()
     share = dict(process_index=rows.start // (tc.batch_size // n), process_count=n)
+
     def batches(k):
         if mixture:
             return data.mixture_batches(sources, tc.batch_size, tc.seed, start=k, **share)
         return data.batches(sources[task.name], tc.batch_size, tc.seed, start=k, **share)
-    evaluator = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data, mesh=mesh) \
-        if task.metrics and not mixture else None
+    if task.metrics and not mixture and task.name not in evaluators:   # one per task, shared by its runs
+        evaluators[task.name] = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data,
+                                               mesh=mesh)
+    evaluator = evaluators.get(task.name) if not mixture else None
     # c4 (prefix LM) and the mixtures (SPoT's sources): no single validation metric
     if evaluator is None and lead:
-        print(f'{args.task}: no validation metric; prompt.npy will be the prompt after the last step')
-    result = train_prompt(prompt, frozen, cfg, tc, batches, evaluator, args.out,
-                          meta={'model': args.model, 'dtype': args.dtype, 'task': args.task, 'init': pc.init,
-                                'prompt_config': dataclasses.asdict(pc), 'reads': reads},
-                          resume=args.resume, mesh=mesh)
-    best, step = result['best_score'], result['best_step']
-    if lead and evaluator is None:
-        print(f"prompt in {args.out}/prompt.npy (the prompt after step {result['step']})")
-    elif lead and (best is None or not math.isfinite(best)):   # NaN scores: Pearson of constant predictions
-        print(f'no evaluation gave a finite score; prompt in {args.out}/prompt.npy is the first evaluated '
-              f'(step {step})')
-    elif lead:
-        print(f'best score {best} at step {step}; prompt in {args.out}/prompt.npy')
+        print(f'{task_arg}: no validation metric; {out}/prompt.npy will be the prompt after the last step')
+    return Run(prompt, tc, batches, evaluator, out,
+               meta={'model': args.model, 'dtype': args.dtype, 'task': task_arg, 'init': pc.init,
+                     'prompt_config': dataclasses.asdict(pc), 'reads': reads})
 
 
 if __name__ == '__main__':

@@ -165,10 +165,11 @@ def _embed(params, ids):
 
 
 def prepend_prompt(prompt, x, mask):
-    """Lester et al. 2021 §2: the encoder reads [P_e; X_e]. prompt [P,D], embedded input x [B,S,D] and its
-    mask [B,S] -> [B,P+S,D] and [B,P+S]: prompt positions are never masked."""
-    B, P = x.shape[0], prompt.shape[0]
-    x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x.dtype), (B, *prompt.shape)), x], axis=1)
+    """Lester et al. 2021 §2: the encoder reads [P_e; X_e]. prompt [P,D] (or [B,P,D]: one per example, a
+    batch that mixes tasks), embedded input x [B,S,D] and its mask [B,S] -> [B,P+S,D] and [B,P+S]: prompt
+    positions are never masked."""
+    B, P = x.shape[0], prompt.shape[-2]
+    x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x.dtype), (B, *prompt.shape[-2:])), x], axis=1)
     return x, jnp.concatenate([jnp.ones((B, P), bool), mask], axis=1)
 
 
@@ -206,11 +207,14 @@ def _encoder_layer(p, x, bias, cfg, seed):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
-    """input_ids [B,S] (pad 0), prompt [P,D] or None -> (encoded [B,P+S,D], mask [B,P+S] bool)."""
+    """input_ids [B,S] (pad 0), prompt [P,D], [B,P,D] (one per example) or None -> (encoded [B,P+S,D], mask
+    [B,P+S] bool)."""
     x, mask = _embed(params, input_ids), input_ids != PAD_ID
     if prompt is not None:
-        if prompt.ndim != 2 or prompt.shape[1] != cfg.d_model:
-            raise ValueError(f"prompt must have shape [P, d_model={cfg.d_model}], got {tuple(prompt.shape)}")
+        if prompt.ndim not in (2, 3) or prompt.shape[-1] != cfg.d_model or prompt.shape[:-2] not in (
+                (), input_ids.shape[:1]):
+            raise ValueError(f"prompt must have shape [P, d_model={cfg.d_model}], got {tuple(prompt.shape)} "
+                             f"(or one per example: [B, P, d_model])")
         x, mask = prepend_prompt(prompt, x, mask)
     seed = _dropout_seeds(dropout_key, input_ids.shape[0])
     drop = _drop_fn(cfg, seed)
@@ -414,7 +418,13 @@ def _dropout(x, site, seed, rate, mask_shape=None):
         return x
     shape = (*x.shape[:-2], 1, x.shape[-1]) if mask_shape is None else tuple(mask_shape)
     site_seed = _mix32(seed ^ jnp.uint32(zlib.crc32(site.encode()))).reshape(-1, *[1] * (len(shape) - 1))
-    h = _mix32(jax.lax.iota(jnp.uint32, int(np.prod(shape[1:]))).reshape(1, *shape[1:]) ^ site_seed)
+    # An element's index in its example's mask: its row (flat over the axes between batch and last) times
+    # 2^16 plus its place on the last axis, not the flat index, so that a longer last axis (an input padded
+    # to a longer bucket: runs that share a step, spot.train_prompts) leaves every other mask bit as it was.
+    rows, last = int(np.prod(shape[1:-1])), shape[-1]
+    assert rows <= 2 ** 16 and last <= 2 ** 16, shape
+    index = jax.lax.iota(jnp.uint32, rows)[:, None] * jnp.uint32(2 ** 16) + jax.lax.iota(jnp.uint32, last)
+    h = _mix32(index.reshape(1, *shape[1:]) ^ site_seed)
     keep = h >= jnp.uint32(round(rate * 2 ** 32))  # P(keep) = 1 - rate to within 2^-32
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 

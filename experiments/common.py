@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,9 @@ import t5_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_EXAMPLES = 16                          # --tiny: training and validation examples per task
+# Runs that share a step (spot.train_prompts) by default: 8 prompts of one step read the frozen weights once.
+# The memory plan (spot.resolve_memory) then fits the step of 8 runs' batches by remat and micro-batches.
+RUNS_PER_STEP = 8
 
 
 def run_main(main):
@@ -63,6 +67,10 @@ def parse_args(doc, argv, model="google/t5-base-lm-adapt", add_arguments=None):
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep compiled steps on disk (spot.py)")
     p.add_argument("--debug", action="store_true", help="show an error's traceback (also SPOT_DEBUG=1)")
+    p.add_argument("--runs-per-step", type=int, default=RUNS_PER_STEP,
+                   help=f"runs that share a training step (default {RUNS_PER_STEP}; run_grid)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="when the runs left are held by other workers, exit 0 saying so instead of waiting")
     if add_arguments:
         add_arguments(p)
     args, rest = p.parse_known_args(argv)
@@ -70,6 +78,8 @@ def parse_args(doc, argv, model="google/t5-base-lm-adapt", add_arguments=None):
     # --tiny scores by rank classification: a random T5 never decodes a label word, so decoding would score 0
     tiny = dict(batch_size=4, max_input_len=32, max_target_len=8, eval_batch_size=16,
                 eval_limit=TINY_EXAMPLES, eval_method="rank") if args.tiny else {}
+    if args.runs_per_step < 1:
+        p.error(f"--runs-per-step {args.runs_per_step}: must be >= 1")
     fields = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     spot.add_config_flags(fields)                      # any TrainConfig field: --batch_size 8, --batch-size=8
     known, rest = fields.parse_known_args(rest)
@@ -118,6 +128,12 @@ class TaskData:
     train: object
     evaluate: Callable         # (params, cfg, prompt or None) -> {metric x100, 'score'} on validation
     label_ids: list | None     # token ids of each class label (class-label prompt init, App. C)
+    # (params, cfg) -> prompt -> the same scores; a spot.Evaluator for real tasks, so that the runs of one
+    # step evaluate in shared batches (spot.score_together)
+    scorer: Callable = None
+
+    def score(self, params, cfg):
+        return self.scorer(params, cfg) if self.scorer else lambda p: self.evaluate(params, cfg, p)
 
 
 @functools.lru_cache(maxsize=1)
@@ -167,7 +183,11 @@ def load_task(name, args, tc, model=None):
                               batch_size=tc.eval_batch_size)
         return data.score(name, val, preds)
     labels = [list(vocab.encode(x)) for x in task.output_labels] if task.output_labels else None
-    return TaskData(task.name, source, evaluate, labels)
+
+    def scorer(params, cfg):
+        return spot.Evaluator(name, val, inputs, task.output_labels, T, tc.eval_method, tc.eval_batch_size,
+                              params, cfg, vocab)
+    return TaskData(task.name, source, evaluate, labels, scorer)
 
 
 # ------------------------------------------------------------------------------------------- synthetic tasks
@@ -222,6 +242,89 @@ def tune_prompt(frozen, cfg, tc, prompt, batches, evaluate, out_dir, log=print, 
             "embedding": np.load(embedding) if embedding.exists() else None}
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class GridRun:
+    """One run of an experiment's grid (run_grid): its folder name under the experiment's runs, and how to
+    make its spot.Run once the runs it `needs` (by name: e.g. the source prompt it starts from) are done."""
+    name: str
+    make: Callable             # (folder) -> spot.Run
+    needs: tuple = ()
+    task: str = ""             # runs of one task share a step first: their batches pad to similar buckets
+
+
+def run_grid(args, grid, runs, frozen, cfg):
+    """Train every run of `grid` (GridRun) under the folder `runs` that is not finished, --runs-per-step of
+    them sharing each step (spot.train_prompts), and return {name: run_result} when all are finished.
+    Many workers (processes, GPUs, hosts on one file system) may run the same command at once, with no
+    coordinator: each claims runs whose folder nobody holds (run.lock, spot.own_folder; a folder taken
+    meanwhile is skipped, not an error), skips finished ones, and resumes a folder whose holder died. A worker
+    that finds the runs left held by others (or waiting on them) waits and polls, taking over any whose
+    holder dies; with --no-wait it returns None saying what is left (exit 0; a rerun assembles the tables)."""
+    poll, said = (0.2 if args.tiny else 10.0), None
+    while True:
+        left = [g for g in grid if not spot.finished(runs / g.name)]
+        if not left:
+            return {g.name: run_result(runs / g.name) for g in grid}
+        done = {g.name for g in grid} - {g.name for g in left}
+        ready = [g for g in left if set(g.needs) <= done]
+        free = [g for g in ready if spot.folder_holder(runs / g.name) is None]
+        free = sorted(free, key=lambda g: g.task != free[0].task)[:args.runs_per_step] if free else free
+        if free:
+            print(f"training {len(free)} runs together: {' '.join(g.name for g in free)}", flush=True)
+            spot.train_prompts([g.make(runs / g.name) for g in free], frozen, cfg, resume=True,
+                               mesh=args.mesh, log=args.log or (lambda *_: None),
+                               runs_per_step=args.runs_per_step, skip_held=True)
+            continue
+        held = {g.name: spot.folder_holder(runs / g.name) for g in left}
+        what = (f"{len(left)} of {len(grid)} runs left: {sum(map(bool, held.values()))} held by other "
+                f"workers (" + ", ".join(f"{n}: {h}" for n, h in held.items() if h)[:300] + ")")
+        if args.no_wait:
+            print(f"{what}; exiting: rerun this command to assemble the tables once they are done")
+            return None
+        if what != said:
+            print(f"{what}; waiting for them (a run whose worker dies is taken over)", flush=True)
+            said = what
+        time.sleep(poll)
+
+
+def run_once(args, jobs, runs):
+    """{name: fn()} for jobs {name: fn} that keep no checkpoint (model tuning), each done by one worker: the
+    one that holds runs/<name>/run.lock while it runs; its JSON result is kept in runs/<name>/result.json,
+    so that a rerun reads it. Held jobs are waited for (or with --no-wait: None, as run_grid)."""
+    while True:
+        for name, fn in jobs.items():
+            folder = runs / name
+            if (folder / "result.json").exists() or spot.folder_holder(folder):
+                continue
+            try:
+                with spot.own_folder(folder):
+                    if not (folder / "result.json").exists():
+                        result = spot._json(fn(), None)    # numpy scores as numbers; NaN as null
+                        spot._atomic(folder / "result.json", lambda f: f.write(result))
+            except spot.RunFolderInUse:
+                continue
+        left = [n for n in jobs if not (runs / n / "result.json").exists()]
+        if not left:
+            return {n: json.loads((runs / n / "result.json").read_text()) for n in jobs}
+        if args.no_wait:
+            print(f"{len(left)} jobs left, held by other workers: {', '.join(left)}; exiting: rerun this "
+                  f"command to assemble the tables once they are done")
+            return None
+        time.sleep(0.2 if args.tiny else 10.0)
+
+
+def run_result(out):
+    """A finished run's {'prompt' (its best, or last: prompt.npy), 'score' (best validation score), 'metrics',
+    'embedding' (prompt_step<N>.npy, its task embedding, or None)}, read from its folder."""
+    out = Path(out)
+    with np.load(out / "checkpoint.npz") as z:
+        state = json.loads(str(z["state"]))
+    embedding = out / f"prompt_step{state['config']['embedding_step']}.npy"
+    return {"prompt": np.load(out / "prompt.npy"), "score": state["best_score"],
+            "metrics": json.loads((out / "prompt.json").read_text()).get("metrics"),
+            "embedding": np.load(embedding) if embedding.exists() else None}
+
+
 def initial_prompt(frozen, args, seed, name, label_ids=None):
     """The starting prompt of a run named `name` (its key folds in the name, so no two tasks share one):
     class labels when label_ids are given (the PromptTuning baseline, App. C), else sampled vocabulary
@@ -253,7 +356,9 @@ def finish(args, experiment, config, records, summary, paper):
                       "results": records, "summary": summary})
     path = Path(args.out) / f"{experiment}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, allow_nan=False))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")   # workers that assemble at once: atomic
+    tmp.write_text(json.dumps(result, indent=1, allow_nan=False))
+    tmp.replace(path)
     print(f"wrote {path}")
     return result
 

@@ -33,6 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import data
@@ -101,38 +102,67 @@ def main(argv=None):
         mt_model = args.model_tuning_model.format(size=size)
         mt_cfg, mt_params = common.frozen_model(mt_model, args.tiny, args.dtype)
         runs = args.runs / "figure1" / size
+        grid, settings = [], {}
+
+        def run(tc, start, batches, evaluate=None):
+            return lambda out: spot.Run(start(), tc, batches, evaluate, out)
         for seed in range(args.seeds):
             tc, pt = (common.train_config(args, common.paper_steps(args, n), seed) for n in (LONG, SHORT))
             mt = dataclasses.replace(  # App. C: T5's fine-tuning defaults, 2^16 tokens per batch
                 tc, optimizer=MODEL_TUNING,
                 batch_size=tc.batch_size if args.tiny else MODEL_TUNING_TOKENS // tc.max_input_len)
-            # 2. SPoT's source prompt and Multi-task ModelTuning's first stage, both on the GLUE mixture.
-            source_init = common.initial_prompt(frozen, args, seed, "source-GLUE")
-            glue_batches = functools.partial(data.mixture_batches, glue_mix, tc.batch_size, seed)
-            source = common.tune_prompt(frozen, cfg, tc, source_init, glue_batches, None,
-                                        runs / f"source-GLUE-seed{seed}", args.log, args.mesh)["prompt"]
-            multitask, _ = model_tuning(mt_params, mt_cfg, mt, lambda k: data.mixture_batches(
-                glue_mix, mt.batch_size, seed, k), log=args.log, mesh=args.mesh)
-            # 3. Each SuperGLUE target with each method; the best validation score of each run counts.
+            settings[seed] = mt
+            # 2. SPoT's source prompt on the GLUE mixture; each SuperGLUE target with PromptTuning and SPoT
+            #    (from the source once it is done). The best validation score of each run counts.
+            source = f"source-GLUE-seed{seed}"
+            grid.append(common.GridRun(source, run(tc, functools.partial(
+                common.initial_prompt, frozen, args, seed, "source-GLUE"),
+                functools.partial(data.mixture_batches, glue_mix, tc.batch_size, seed))))
             for name in superglue:
                 td = tasks[name]
-                for method, prompt, run_tc in (
-                        ("PromptTuning", common.initial_prompt(frozen, args, seed, name, td.label_ids), pt),
-                        ("SPoT", source, tc)):
-                    res = common.tune_prompt(frozen, cfg, run_tc, prompt, lambda k: data.batches(
-                        td.train, tc.batch_size, seed, k), td.evaluate, runs / f"{method}-{name}-seed{seed}",
-                        args.log, args.mesh)
+                batches = functools.partial(data.batches, td.train, tc.batch_size, seed)
+                grid.append(common.GridRun(f"PromptTuning-{name}-seed{seed}", run(pt, functools.partial(
+                    common.initial_prompt, frozen, args, seed, name, td.label_ids), batches,
+                    td.score(frozen, cfg)), task=name))
+                start = functools.partial(np.load, runs / source / "prompt.npy")
+                grid.append(common.GridRun(f"SPoT-{name}-seed{seed}", run(tc, start, batches,
+                                                                          td.score(frozen, cfg)),
+                                           needs=(source,), task=name))
+        # Every prompt run, R sharing a step, split over as many workers as run this command (run_grid).
+        done = common.run_grid(args, grid, runs, frozen, cfg)
+        if done is None:
+            return None
+        for seed in range(args.seeds):
+            for name in superglue:
+                for method in ("PromptTuning", "SPoT"):
+                    res = done[f"{method}-{name}-seed{seed}"]
                     records.append({"task": name, "seed": seed,
                                     "source": "GLUE" if method == "SPoT" else None,
                                     "method": f"{method}/{size}", "score": res["score"],
                                     "metrics": res["metrics"]})
+
+        # 3. ModelTuning and Multi-task ModelTuning (no checkpoints): one claim per seed (common.run_once), so
+        #    that workers splitting the grid never tune the same seed twice.
+        def tune_models(seed, mt):
+            multitask, _ = model_tuning(mt_params, mt_cfg, mt, lambda k: data.mixture_batches(
+                glue_mix, mt.batch_size, seed, k), log=args.log, mesh=args.mesh)
+            got = []
+            for name in superglue:
+                td = tasks[name]
                 for method, start in (("ModelTuning", mt_params), ("Multi-task ModelTuning", multitask)):
                     _, best = model_tuning(start, mt_cfg, mt,
                                            lambda k: data.batches(td.train, mt.batch_size, seed, k),
                                            td.evaluate, args.log, args.mesh)
-                    records.append({"task": name, "seed": seed,
-                                    "source": "GLUE" if start is multitask else None,
-                                    "method": f"{method}/{size}", "score": best["score"], "metrics": best})
+                    got.append({"task": name, "seed": seed,
+                                "source": "GLUE" if start is multitask else None,
+                                "method": f"{method}/{size}", "score": best["score"], "metrics": best})
+            return got
+        jobs = {f"model-tuning-seed{seed}": functools.partial(tune_models, seed, mt)
+                for seed, mt in settings.items()}
+        tuned = common.run_once(args, jobs, runs)
+        if tuned is None:
+            return None
+        records += [r for got in tuned.values() for r in got]
     # 4. SuperGLUE average per seed, mean ± std over seeds (Table 4); GPT-3 quoted.
     summary = {}
     for row in dict.fromkeys(r["method"] for r in records):

@@ -34,6 +34,7 @@ import numpy as np
 
 import data
 import retrieval
+import spot
 from experiments import common, figures, stats, table6_transferability
 from experiments.paper_numbers import EXPERIMENT_COMMANDS, FIG8, paper_rows
 from experiments.table6_transferability import SOURCE_STEPS, TARGET_STEPS
@@ -77,7 +78,7 @@ def main(argv=None):
             tasks[name] = common.load_task(name, args, args.train)
         return tasks[name]
 
-    def tune(name, prompt, seed, out, mixture=None):
+    def run(name, start, seed, mixture=None):
         """A target run (best validation checkpoint) or, with `mixture`, a mixture source (last)."""
         steps = common.paper_steps(args, SOURCE_STEPS if mixture else TARGET_STEPS)
         tc = common.train_config(args, steps, seed)
@@ -85,9 +86,8 @@ def main(argv=None):
             batches = functools.partial(data.mixture_batches, mixture, tc.batch_size, seed)
         else:
             batches = functools.partial(data.batches, task(name).train, tc.batch_size, seed)
-        evaluate = None if mixture else task(name).evaluate
-        return common.tune_prompt(frozen, cfg, tc, prompt, batches, evaluate, runs.parent / "table3" / out,
-                                  args.log, args.mesh)
+        evaluate = None if mixture else task(name).score(frozen, cfg)
+        return lambda out: spot.Run(start(), tc, batches, evaluate, out)
 
     def add(row, tgt, r, value, source=None):
         scores.setdefault(row, {}).setdefault(tgt, []).append(value)
@@ -95,7 +95,7 @@ def main(argv=None):
                         "metrics": None})
 
     # 2. Retrieval by each similarity (§3.3); scores of BEST OF TOP-k and ORACLE come from Table 6's runs.
-    n = len(library)
+    n, grid, trained = len(library), {}, []   # trained: (row, tgt, r, run name, source) of the new runs
     for tgt in targets:
         for r, emb in enumerate(embeddings[tgt]):
             transfer = lambda e: score[(e.task, e.run, tgt)]  # noqa: E731
@@ -117,14 +117,25 @@ def main(argv=None):
                 except ValueError:  # the top-k similarities sum to <= 0 (near-random prompts, e.g. --tiny)
                     start = np.mean([e.prompt for e in retrieval.top_k(ranking, k)], 0)
                     how = "uniform weights"
-                res = tune(tgt, start, r, f"average{k}-{tgt}-seed{r}")
-                add(f"per_token/weighted_average/{k}", tgt, r, res["score"], how)
+                name = f"average{k}-{tgt}-seed{r}"
+                grid[name] = common.GridRun(name, run(tgt, lambda start=start: start, r), task=tgt)
+                trained.append((f"per_token/weighted_average/{k}", tgt, r, name, how))
                 mix_tasks = retrieval.top_k_mixture_tasks(ranking, k, tgt)
-                key = "+".join(sorted(mix_tasks))  # equal task sets share one run (resumed, not retrained)
-                source = tune(tgt, common.initial_prompt(frozen, args, r, f"mixture-{key}"), r,
-                              f"mixture-{key}-seed{r}", {t: task(t).train for t in mix_tasks})
-                res = tune(tgt, source["prompt"], r, f"{key}-to-{tgt}-seed{r}")
-                add(f"per_token/mixture/{k}", tgt, r, res["score"], key)
+                key = "+".join(sorted(mix_tasks))  # equal task sets share one run
+                mixture = f"mixture-{key}-seed{r}"
+                init = functools.partial(common.initial_prompt, frozen, args, r, f"mixture-{key}")
+                sources_of = {t: task(t).train for t in mix_tasks}
+                grid[mixture] = common.GridRun(mixture, run(tgt, init, r, sources_of))
+                name = f"{key}-to-{tgt}-seed{r}"
+                start = functools.partial(np.load, runs.parent / "table3" / mixture / "prompt.npy")
+                grid[name] = common.GridRun(name, run(tgt, start, r), needs=(mixture,), task=tgt)
+                trained.append((f"per_token/mixture/{k}", tgt, r, name, key))
+    # The new runs, R sharing a step, split over as many workers as run this command (run_grid).
+    done = common.run_grid(args, list(grid.values()), runs.parent / "table3", frozen, cfg)
+    if done is None:
+        return None
+    for row, tgt, r, name, source in trained:
+        add(row, tgt, r, done[name]["score"], source)
 
     # 4. Table 3: average over targets, absolute and relative change over BASELINE, mean ± std over runs r.
     summary = {}

@@ -13,7 +13,8 @@ SPOT_RESULTS=results pytest -m slow tests/test_paper_numbers.py checks each row 
 Reruns resume every unfinished run from out/runs/. --tiny: random tiny T5, 3 sources x 3 targets, 4 steps.
 Compute (as in table1_source_mixtures.py: 7.7 TFLOP per Base step, 400 TFLOP/s sustained): a 2^18-step
 source run ~ 1.4 h, a 100K-step target run ~ 0.54 h; 48 source + 510 target runs ~ 340 accelerator-hours
-plus evaluation.
+plus evaluation. Runs share steps (--runs-per-step, default 8) and the grid splits over any number of workers
+running this command on one --out (common.run_grid; README, "Many runs at once": 8 GPUs, a Slurm array).
 """
 import pathlib
 import sys
@@ -21,12 +22,14 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: repo root
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
 
 import data
 import retrieval
+import spot
 from experiments import common, figures, stats
 from experiments.paper_numbers import SOURCES, TABLE7, TARGETS, paper_rows
 
@@ -42,30 +45,44 @@ def main(argv=None):
              "target": common.paper_steps(args, TARGET_STEPS)}
     cfg, frozen = common.frozen_model(args.model, args.tiny, args.dtype)
     tasks = {name: common.load_task(name, args, args.train) for name in (*sources, *targets)}
-    runs, records = args.runs / "table6", []
+    runs, grid = args.runs / "table6", []
 
-    def tune(name, prompt, role, seed, out, evaluate=True):  # one run; with `evaluate`: its best checkpoint
+    def run(name, role, seed, start, evaluate=True):  # one run; with `evaluate`: its best checkpoint
         td, tc = tasks[name], common.train_config(args, steps[role], seed)
-        return common.tune_prompt(frozen, cfg, tc, prompt,
-                                  lambda k: data.batches(td.train, tc.batch_size, seed, k),
-                                  td.evaluate if evaluate else None, runs / out, args.log, args.mesh)
+        return lambda out: spot.Run(start(), tc, lambda k: data.batches(td.train, tc.batch_size, seed, k),
+                                    td.score(frozen, cfg) if evaluate else None, out)
 
+    # 1. Source prompts (§3.1): the best checkpoint on the source's validation set; C4 (no metric): the last.
+    for src in sources:
+        for seed in range(args.seeds):
+            start = functools.partial(common.initial_prompt, frozen, args, seed, src)
+            grid.append(common.GridRun(f"source-{src}-seed{seed}", run(
+                src, "source", seed, start, evaluate=bool(data.get_task(src).metrics)), task=src))
+    # 2. Each target from scratch (BASELINE, class-label init) and from every source prompt of its seed
+    #    (SPoT), which starts once that source run is done.
+    for tgt in targets:
+        for seed in range(args.seeds):
+            start = functools.partial(common.initial_prompt, frozen, args, seed, tgt, tasks[tgt].label_ids)
+            grid.append(common.GridRun(f"baseline-{tgt}-seed{seed}", run(tgt, "target", seed, start),
+                                       task=tgt))
+            for src in sources:
+                source = f"source-{src}-seed{seed}"
+                start = functools.partial(np.load, runs / source / "prompt.npy")
+                grid.append(common.GridRun(f"{src}-{tgt}-seed{seed}", run(tgt, "target", seed, start),
+                                           needs=(source,), task=tgt))
+    # Every run, R sharing a step, split over as many workers as run this command (run_grid).
+    done = common.run_grid(args, grid, runs, frozen, cfg)
+    if done is None:
+        return None
+    records = []
     for seed in range(args.seeds):
-        # 1. Source prompts (§3.1): the best checkpoint on the source's validation set; C4 (no metric): the
-        #    last.
-        source_prompts = {}
         for src in sources:
-            res = tune(src, common.initial_prompt(frozen, args, seed, src), "source", seed,
-                       f"source-{src}-seed{seed}", evaluate=bool(data.get_task(src).metrics))
-            source_prompts[src] = res["prompt"]
+            res = done[f"source-{src}-seed{seed}"]
             records.append({"task": src, "seed": seed, "source": None, "method": "source",
                             "score": res["score"], "metrics": res["metrics"]})
-        # 2. Each target from scratch (BASELINE, class-label init) and from every source prompt (SPoT).
         for tgt in targets:
-            baseline_init = common.initial_prompt(frozen, args, seed, tgt, tasks[tgt].label_ids)
-            starts = {None: baseline_init, **source_prompts}
-            for src, prompt in starts.items():
-                res = tune(tgt, prompt, "target", seed, f"{src or 'baseline'}-{tgt}-seed{seed}")
+            for src in (None, *sources):
+                res = done[f"{src or 'baseline'}-{tgt}-seed{seed}"]
                 records.append({"task": tgt, "seed": seed, "source": src,
                                 "method": "SPoT" if src else "BASELINE",
                                 "score": res["score"], "metrics": res["metrics"]})

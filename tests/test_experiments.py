@@ -3,6 +3,7 @@
 The results follow paper_numbers.RESULTS_SCHEMA and test_paper_numbers.compare accepts them; the retrieval
 logic holds on the numbers; the quickstart's retrieval and transfer effect hold. ~3 min on 2 cores (compiles
 are shared across the scripts)."""
+import dataclasses
 import json
 import re
 import sys
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+import data
 import retrieval
 import spot
 import t5_model
@@ -301,3 +303,69 @@ def test_scripts_take_config_fields_as_flags_with_a_value_or_equals_and_dashes()
     assert Path(args.out).name == "tiny" and args.runs == Path(args.out) / "runs"
     with pytest.raises(SystemExit):
         common.parse_args("doc", ["--tiny", "--no_such_field", "1"])
+
+
+def test_grid_split_over_two_workers_one_killed_loses_no_run_and_does_none_twice(tmp_path):
+    """Two workers run table6 --tiny on one --out at once; one is killed (SIGKILL) mid-run. The other claims
+    what is free, waits for what is held, takes over the dead worker's runs (resumed from their checkpoints),
+    and writes the table; a rerun trains nothing and writes the same table. No run is trained by two workers
+    at once (the run.lock), and every run's history is one pass of steps (no step twice)."""
+    import signal
+    import subprocess
+    cmd = [sys.executable, "experiments/table6_transferability.py", "--tiny", "--out", str(tmp_path),
+           "--steps", "60", "--checkpoint_every=4", "--eval_every=20", "--runs-per-step", "4"]
+    root = Path(__file__).resolve().parents[1]
+    a = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in a.stdout:                                        # a has claimed its first runs
+        if line.startswith("training "):
+            break
+    b = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = tmp_path / "tiny" / "runs" / "table6"
+    claimed_by_a = line.split(": ")[1].split()
+    deadline = time.time() + 300
+    while not any((runs / n / "checkpoint.npz").exists() for n in claimed_by_a):   # a is mid-run
+        assert time.time() < deadline and a.poll() is None
+        time.sleep(0.05)
+    a.send_signal(signal.SIGKILL)
+    a.wait(timeout=60)
+    out_b, _ = b.communicate(timeout=600)
+    assert b.returncode == 0, out_b
+    assert "wrote" in out_b and (tmp_path / "tiny" / "table6_transferability.json").exists(), out_b
+    n_runs = len(table6_transferability.TINY_SOURCES) * (1 + len(table6_transferability.TINY_TARGETS)) + \
+        len(table6_transferability.TINY_TARGETS)
+    folders = [d for d in runs.iterdir() if d.is_dir()]
+    assert len(folders) == n_runs and all(spot.finished(d) for d in folders)
+    taken_over = [n for n in claimed_by_a if n in out_b]
+    assert taken_over, out_b                                     # b finished what a held when it died
+    for d in folders:
+        steps = [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()
+                 if "loss" in json.loads(line)]
+        assert steps == sorted(set(steps)), (d.name, steps)
+    first = json.loads((tmp_path / "tiny" / "table6_transferability.json").read_text())
+    rerun = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "training" not in rerun.stdout, rerun.stdout
+    assert json.loads((tmp_path / "tiny" / "table6_transferability.json").read_text()) == first
+
+
+def test_grid_worker_without_wait_exits_saying_what_others_hold(tmp_path, capsys):
+    """--no-wait: runs whose folder another worker holds are left to it, the rest trained; run_grid returns
+    None (the script exits 0) naming what is left; once those are done a call assembles every result."""
+    cfg, frozen = common.frozen_model("tiny", True)
+    td = common.synthetic_task("RTE")
+    tc = spot.TrainConfig(steps=2, batch_size=4, eval_every=2, eval_limit=4, eval_method="rank")
+
+    def make(seed):
+        start = common.initial_prompt(frozen, types.SimpleNamespace(tiny=True), seed, "RTE")
+        return lambda out: spot.Run(start, dataclasses.replace(tc, seed=seed),
+                                    lambda k: data.batches(td.train, tc.batch_size, seed, k),
+                                    td.score(frozen, cfg), out)
+    grid = [common.GridRun(f"run{s}", make(s)) for s in (0, 1)]
+    args = types.SimpleNamespace(tiny=True, runs_per_step=8, mesh=None, log=None, no_wait=True)
+    with spot.own_folder(tmp_path / "run1"):                      # another worker holds run1
+        assert common.run_grid(args, grid, tmp_path, frozen, cfg) is None
+    out = capsys.readouterr().out
+    assert "training 1 runs together: run0" in out
+    assert "1 of 2 runs left: 1 held by other workers (run1: pid" in out
+    assert spot.finished(tmp_path / "run0") and not spot.finished(tmp_path / "run1")
+    done = common.run_grid(args, grid, tmp_path, frozen, cfg)
+    assert set(done) == {"run0", "run1"} and all(r["prompt"].shape == (8, cfg.d_model) for r in done.values())

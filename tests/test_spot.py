@@ -1047,7 +1047,7 @@ def test_history_and_prompt_json_after_resume(tmp_path, frozen):
     it equals an uninterrupted run's (but for the measured rates), also when the run died during an
     evaluation. prompt.json follows a resume that extends the run (its config.train.steps)."""
     def history(d):
-        return [{k: v for k, v in json.loads(line).items() if k != 'steps_per_s'}
+        return [{k: v for k, v in json.loads(line).items() if k not in ('steps_per_s', 'time')}
                 for line in (d / 'metrics.jsonl').read_text().splitlines()]
     run(tmp_path / 'full', frozen, synthetic_batches())
     full = history(tmp_path / 'full')
@@ -1241,6 +1241,18 @@ def diff(x, y):
     return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
                for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
 
+def group_step(mesh):    # two runs in one step (spot.train_prompts): the batch split over 'data' on axis 1
+    prompts = jnp.stack([prompt0, prompt0[::-1]])
+    states = jax.tree.map(lambda x: jnp.stack([x, x]), spot.make_optimizer(tc.optimizer).init(prompts[0]))
+    b = spot.shard_batch(mesh, {k: np.stack([v, v[::-1]]) for k, v in batch.items()}, runs_axis=True)
+    p, s = spot.replicate(mesh, (prompts, states))
+    keys = jnp.stack([spot.dropout_key(0, 0), spot.dropout_key(1, 0)])
+    p, s, loss = spot.train_step(p, s, spot.shard_params(mesh, frozen), b, keys, cfg, tc.optimizer, tc.z_loss)
+    return b, p, loss
+
+_, gp1, gl1 = group_step(None)
+gb8, gp8, gl8 = group_step(mesh)
+
 print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
     "query": str(f['encoder']['layers']['attention']['query']['kernel'].sharding.spec),
     "wo": str(f['encoder']['layers']['mlp']['wo']['kernel'].sharding.spec),
@@ -1249,7 +1261,8 @@ print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape),
     "prompt_diff": diff(p1, p8), "opt_diff": diff(s1, s8), "moved": diff(p1, prompt0),
     "scales": [max(map(abs, l1)),
                *(float(np.max(np.abs(np.asarray(x)))) for x in (p1, *jax.tree.leaves(s1)))],
-    "bad_batch": bad_batch}))
+    "bad_batch": bad_batch, "group_batch": str(gb8['inputs'].sharding.spec),
+    "group_loss_diff": diff(gl1, gl8), "group_prompt_diff": diff(gp1, gp8)}))
 '''
 
 
@@ -1283,6 +1296,10 @@ def test_sharded_step_equals_single_device(sharded_run):
     assert r['loss_diff'] <= f32_atol(loss_scale, n) and r['prompt_diff'] <= f32_atol(prompt_scale, n), r
     assert r['opt_diff'] <= f32_atol(max(opt_scales), 2 * n), r
     assert 'batch size 6 is not divisible by the 4 data-parallel devices' in r['bad_batch']
+    # two runs sharing a step on the mesh (each run's batch split over 'data'): as on one device
+    assert r['group_batch'].endswith("(None, 'data')"), r['group_batch']
+    assert r['group_loss_diff'] <= f32_atol(loss_scale, n), r
+    assert r['group_prompt_diff'] <= f32_atol(prompt_scale, n), r
 
 
 def test_cli_prints_the_backend_and_computes_in_bfloat16_on_request(shared_data, tmp_path, capsys):
@@ -1642,3 +1659,219 @@ def test_plan_cli_prints_the_plan_and_train_refuses_what_will_not_fit_before_loa
         spot.main(['train', '--model', 'google/t5-xxl-lm-adapt', '--task', 'rte', '--dtype', 'bfloat16',
                    '--device-memory', '10', '--out', str(tmp_path / 'x')])
     assert not (tmp_path / 'x').exists()
+
+
+# ------------------------------------------------------------------------------- many runs, one step (#26)
+def widened_batches(seed, width, crash_at=None):
+    """synthetic_batches(seed) with inputs padded to `width` columns: runs of other buckets in one group."""
+    def batches(start):
+        for k, b in zip(itertools.count(start), synthetic_batches(seed, crash_at=crash_at)(start)):
+            yield {**b, 'inputs': np.pad(b['inputs'], ((0, 0), (0, width - S)))}
+    return batches
+
+
+# learning rate 1e-3: where a step does not amplify rounding (see the first test below)
+SLOW = dataclasses.replace(TC, optimizer=dataclasses.replace(TC.optimizer, learning_rate=1e-3))
+
+
+def group_runs(out, frozen, crash_at=None, seeds=(0, 1, 2), tc=TC):
+    """Runs of 3 seeds, data orders and bucket widths (10, 12, 16), each its own folder out/seed<k>."""
+    return [spot.Run(spot.init_prompt(jax.random.key(10 + s), frozen, PC), dataclasses.replace(tc, seed=s),
+                     widened_batches(s, S + 2 * s + s * s // 2 * 2, crash_at if s == 1 else None),
+                     evaluator(frozen), out / f'seed{s}') for s in seeds]
+
+
+def run_files(d):
+    """(prompt.npy, prompt.json's step and score, checkpoint prompt, metrics.jsonl without timings)."""
+    info = json.loads((d / 'prompt.json').read_text())
+    events = [{k: v for k, v in json.loads(line).items() if k not in ('steps_per_s', 'time')}
+              for line in (d / 'metrics.jsonl').read_text().splitlines()]
+    checkpoint = np.load(d / 'checkpoint.npz')['prompt']
+    return np.load(d / 'prompt.npy'), (info['step'], info['score']), checkpoint, events
+
+
+def test_runs_sharing_a_step_end_as_each_alone_and_resume_exactly(tmp_path, frozen):
+    """Three runs (own seeds, data, bucket widths) in one vmapped step: each run's prompt.npy, best checkpoint
+    and metrics.jsonl equal the same run trained alone, to float32 rounding; a group killed mid-run resumes
+    to the bits of the uninterrupted group. Tolerance: every step's gradient carries at most
+    network_roundings roundings, compounded over the steps. That bound holds where a step does not amplify
+    a difference: at learning rate 1e-3 here. At 0.3 the batched matmuls' 1-ulp gradient difference grows
+    about 3x a step on this 16-wide model (Adafactor divides by sqrt(v), the gradient's own running scale),
+    as between any two machines: in the loss 1e-6 at step 3, 2e-4 at 6, 0.06 at 12 (measured)."""
+    short = SLOW
+    alone = spot.train_prompts(group_runs(tmp_path / 'alone', frozen, tc=short), frozen, CFG, log=quiet,
+                               runs_per_step=1)
+    lines = []
+    together = spot.train_prompts(group_runs(tmp_path / 'group', frozen, tc=short), frozen, CFG,
+                                  log=lines.append)
+    assert sum('compiling' in line for line in lines) == 1, lines    # one step shape for the group
+    assert any(re.match(r'compiled, first step done in [\d.]+ s', line) for line in lines), lines
+    roundings = short.steps * network_roundings(CFG, P + 16)
+    for s, (a, b) in enumerate(zip(alone, together)):
+        assert a['best_step'] == b['best_step'] and a['step'] == b['step'] == short.steps
+        np.testing.assert_allclose(b['losses'], a['losses'], rtol=0, atol=f32_atol(a['losses'], roundings))
+        fa, fb = run_files(tmp_path / 'alone' / f'seed{s}'), run_files(tmp_path / 'group' / f'seed{s}')
+        for x, y in ((fa[0], fb[0]), (fa[2], fb[2])):
+            np.testing.assert_allclose(y, x, rtol=0, atol=f32_atol(x, roundings))
+        assert fa[1][0] == fb[1][0] and [sorted(e) for e in fa[3]] == [sorted(e) for e in fb[3]]
+        for ea, eb in zip(fa[3], fb[3]):
+            assert ea['step'] == eb['step']
+            got, want = (eb.get('loss', eb.get('eval', {}).get('score')),
+                         ea.get('loss', ea.get('eval', {}).get('score')))
+            assert abs(got - want) <= f32_atol(want, roundings), (ea, eb)
+    assert len({float(np.abs(r['prompt']).sum()) for r in together}) == 3   # three different runs
+    # killed mid-run: run 1's data fails at step 10, after the step-8 checkpoints of all three
+    full = spot.train_prompts(group_runs(tmp_path / 'full', frozen), frozen, CFG, log=quiet)
+    with pytest.raises(RuntimeError, match='preempted'):
+        spot.train_prompts(group_runs(tmp_path / 'cut', frozen, crash_at=10), frozen, CFG, log=quiet)
+    resumed = spot.train_prompts(group_runs(tmp_path / 'cut', frozen), frozen, CFG, log=quiet, resume=True)
+    for s, (a, b) in enumerate(zip(full, resumed)):
+        assert leaves_bytes(a['prompt']) == leaves_bytes(b['prompt'])
+        assert leaves_bytes(a['opt_state']) == leaves_bytes(b['opt_state'])
+        assert b['losses'] == a['losses'][8:]
+        fa, fb = run_files(tmp_path / 'full' / f'seed{s}'), run_files(tmp_path / 'cut' / f'seed{s}')
+        assert fa[0].tobytes() == fb[0].tobytes() and fa[1] == fb[1] and fa[3] == fb[3]
+
+
+def test_runs_of_other_lengths_leave_the_group_and_a_nan_run_stops_alone(tmp_path, frozen):
+    """A run with fewer steps leaves the group (the rest re-form: one more compile) and ends as alone; a run
+    whose loss turns NaN is dropped, the others finish, and its FloatingPointError comes at the end."""
+    runs = group_runs(tmp_path / 'g', frozen, seeds=(0, 1), tc=SLOW)
+    runs[0] = dataclasses.replace(runs[0], tc=dataclasses.replace(SLOW, steps=6))
+    runs.append(spot.Run(spot.init_prompt(jax.random.key(3), frozen, PC), SLOW,
+                         synthetic_batches(poison_from=5), evaluator(frozen), tmp_path / 'g' / 'poisoned'))
+    emb = frozen['token_embedder']['embedding']
+    frozen_nan = {**frozen, 'token_embedder': {'embedding': emb.at[POISON].set(jnp.nan)}}
+    with pytest.raises(FloatingPointError, match='loss is nan at step 6'):
+        spot.train_prompts(runs, frozen_nan, CFG, log=quiet)
+    spot.train_prompt(runs[0].prompt, frozen_nan, CFG, runs[0].tc, runs[0].batches, runs[0].evaluator,
+                      tmp_path / 'short', log=quiet)
+    a, b = run_files(tmp_path / 'short'), run_files(tmp_path / 'g' / 'seed0')
+    np.testing.assert_allclose(b[0], a[0], rtol=0, atol=f32_atol(a[0], 6 * network_roundings(CFG, P + 16)))
+    _, _, state = spot.load_checkpoint(tmp_path / 'g' / 'seed1' / 'checkpoint.npz',
+                                       spot.make_optimizer(TC.optimizer))
+    assert state['step'] == TC.steps                                 # the long run finished
+    _, _, state = spot.load_checkpoint(tmp_path / 'g' / 'poisoned' / 'checkpoint.npz',
+                                       spot.make_optimizer(TC.optimizer))
+    assert state['step'] == 4                                        # the NaN run kept its last good one
+
+
+def test_mixed_prompt_evaluation_predicts_as_one_prompt_at_a_time(frozen):
+    """evaluate with a stack of prompts and a prompt per example (tasks with other label sets and target
+    lengths in one batch): the predictions of each prompt alone, for decoding and rank classification."""
+    rng = np.random.default_rng(5)
+    rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (30, 2, 17, 5, 40, 9, 3, 25, 11)]
+    prompts = jnp.stack([spot.init_prompt(jax.random.key(k), frozen, PC) for k in (1, 2, 3)])
+    ids = np.arange(len(rows)) % 3
+    lens = [4, 3, 5]
+    for method in ('decode', 'rank'):
+        labels = [('12 7', '300', '41 42 43'), ('9', '10'), ('77 1', '5', '6', '8')] if method == 'rank' \
+            else None
+        alone = [spot.evaluate(frozen, CFG, prompts[k], [r], IdVocab(), method=method, max_target_len=lens[k],
+                               batch_size=1, label_names=labels and labels[k])[0]
+                 for r, k in zip(rows, ids)]
+        assert len(set(alone)) >= 3, alone
+        mixed = spot.evaluate(frozen, CFG, prompts, rows, IdVocab(), method=method, max_target_len=lens,
+                              batch_size=4, label_names=labels, prompt_ids=ids)
+        assert mixed == alone
+
+
+def test_cli_seeds_train_each_seed_as_alone_and_resume_after_sigkill(shared_data, tmp_path, capsys):
+    """`spot.py train --seeds 0,1` writes OUT/seed<k>, each as `--seed=<k> --out X` (to float32 rounding, at a
+    learning rate where steps do not amplify it: test_runs_sharing_a_step_end_as_each_alone...); killed with
+    SIGKILL mid-run, --resume ends with the bits of an uninterrupted `--seeds` run."""
+    common = ['--model', 'tiny', '--task', 'cb', '--data', str(shared_data / 'superglue'),
+              '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=2', '--length=4',
+              '--max_input_len=32', '--eval_limit=4', '--eval_batch_size=4', '--eval_method=rank']
+    short = [*common, '--steps', '4', '--eval_every=2', '--learning_rate=0.001']
+    spot.main(['train', *short, '--seeds', '0,1', '--out', str(tmp_path / 'many')])
+    spot.main(['train', *short, '--seed=1', '--out', str(tmp_path / 'one')])
+    out = capsys.readouterr().out
+    assert out.count('best score') == 3 and 'many/seed0/prompt.npy' in out
+    a, b = run_files(tmp_path / 'one'), run_files(tmp_path / 'many' / 'seed1')
+    tol = f32_atol(a[0], 4 * network_roundings(t5_model.T5Config.tiny(), 4 + 32))
+    np.testing.assert_allclose(b[0], a[0], rtol=0, atol=tol)
+    assert a[1][0] == b[1][0] and [(e['step'], sorted(e)) for e in a[3]] == [(e['step'], sorted(e))
+                                                                              for e in b[3]]
+    assert not np.allclose(run_files(tmp_path / 'many' / 'seed0')[0], b[0])
+    cmd = [sys.executable, 'spot.py', 'train', *common, '--seeds', '0,1', '--steps', '400',
+           '--eval_every=1000000', '--checkpoint_every=4', '--log_every=4']
+    child = subprocess.Popen([*cmd, '--out', str(tmp_path / 'cut')], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    for line in child.stdout:                                  # after the step-8 checkpoints
+        if line.startswith('step 8/'):
+            break
+    child.kill()
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    cmd[cmd.index('400')] = '12'
+    subprocess.run([*cmd, '--out', str(tmp_path / 'cut'), '--resume'], cwd=ROOT, check=True,
+                   capture_output=True)
+    subprocess.run([*cmd, '--out', str(tmp_path / 'full')], cwd=ROOT, check=True, capture_output=True)
+    for seed in ('seed0', 'seed1'):
+        for name in ('prompt.npy', 'checkpoint.npz'):
+            x, y = (np.load(tmp_path / d / seed / name) for d in ('full', 'cut'))
+            for k in (x.files if name.endswith('.npz') else [None]):
+                if k != 'state':
+                    assert (x[k] if k else x).tobytes() == (y[k] if k else y).tobytes(), (seed, name, k)
+
+
+def test_runs_log_compiles_the_first_step_and_every_30_s_with_wall_time_in_metrics(tmp_path, frozen,
+                                                                                  monkeypatch):
+    """Progress lines: a compile (and its time), after the first step, and at least every 30 s of wall time
+    whatever log_every says; every metrics.jsonl event carries its wall-clock time."""
+    clock = itertools.count(0.0, 11.0)                       # each reading of the clock: 11 s later
+    monkeypatch.setattr(spot.time, 'perf_counter', lambda: next(clock))
+    lines, start = [], time.time()
+    tc = dataclasses.replace(TC, steps=8, log_every=1000)
+    spot.train_prompt(spot.init_prompt(jax.random.key(1), frozen, PC), frozen, CFG, tc, synthetic_batches(),
+                      evaluator(frozen), tmp_path, log=lines.append)
+    assert 'compiling' in lines[0] and re.match(r'(compiled|found compiled), first step done in', lines[1])
+    steps = [int(m.group(1)) for m in (re.match(r'step (\d+)/8  loss', x) for x in lines) if m]
+    assert len(steps) >= 3 and steps[-1] == 8, lines      # log_every 1000: only the 30 s lines and the end
+    events = [json.loads(x) for x in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert events and all(start <= e['time'] <= time.time() for e in events), events
+
+
+def test_cli_seeds_take_as_many_runs_per_step_as_the_memory_plan_fits(shared_data, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Without --runs-per-step, R halves until the plan of R runs' batches fits (here: up to 2 x 4 rows)."""
+    real, got = spot._plan_or_refuse, {}
+
+    def plan(args, tc, pc, mesh, plan_anyway=False):
+        if tc.batch_size > 2 * 4:
+            raise MemoryError(f'{tc.batch_size} rows do not fit')
+        return real(args, tc, pc, mesh, plan_anyway)
+    monkeypatch.setattr(spot, '_plan_or_refuse', plan)
+    monkeypatch.setattr(spot, 'train_prompts', lambda runs, *a, runs_per_step, **k: got.update(
+        R=runs_per_step, n=len(runs), batch=runs[0].tc.batch_size) or [])
+    spot.main(['train', '--model', 'tiny', '--task', 'cb', '--data', str(shared_data / 'superglue'),
+               '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=4', '--seeds', '0,1,2,3,4',
+               '--steps', '1', '--out', str(tmp_path)])
+    assert got == {'R': 2, 'n': 5, 'batch': 4}
+    out = capsys.readouterr().out
+    assert '5 runs per step do not fit (20 rows do not fit): trying 2' in out
+    with pytest.raises(SystemExit, match='12 rows do not fit'):    # --runs-per-step given: refused as is
+        spot.main(['train', '--model', 'tiny', '--task', 'cb', '--data', str(shared_data / 'superglue'),
+                   '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=4', '--seeds', '0,1,2',
+                   '--runs-per-step', '3', '--steps', '1', '--out', str(tmp_path / 'x')])
+
+
+def test_cli_several_tasks_and_source_prompts_each_get_a_folder(shared_data, tmp_path, monkeypatch):
+    """--task A B --source-prompt X Y --seeds 0,1: one run per (task, source, seed) in OUT/<task>/<source
+    name>/seed<k>, each from its own source prompt and with its task's evaluator (shared by its runs)."""
+    got = []
+    monkeypatch.setattr(spot, 'train_prompts', lambda runs, *a, **k: got.extend(runs) or [])
+    width = t5_model.T5Config.tiny().d_model
+    for name, value in (('a', 1.0), ('b', 2.0)):
+        np.save(tmp_path / f'{name}.npy', np.full((4, width), value, np.float32))
+    spot.main(['train', '--model', 'tiny', '--task', 'cb', 'copa', '--data', str(shared_data / 'superglue'),
+               '--vocab', str(shared_data / 't5_spiece.model'), '--batch_size=4', '--length=4',
+               '--seeds', '0,1', '--source-prompt', str(tmp_path / 'a.npy'), str(tmp_path / 'b.npy'),
+               '--steps', '1', '--out', str(tmp_path / 'out')])
+    assert [str(r.out_dir.relative_to(tmp_path / 'out')) for r in got] == [
+        f'{t}/{s}/seed{k}' for t in ('cb', 'copa') for s in 'ab' for k in (0, 1)]
+    assert [float(np.asarray(r.prompt)[0, 0]) for r in got] == [1.0, 1.0, 2.0, 2.0] * 2
+    assert [r.tc.seed for r in got] == [0, 1] * 4
+    assert [r.meta['task'] for r in got] == ['cb'] * 4 + ['copa'] * 4
+    assert got[0].evaluator is got[3].evaluator and got[0].evaluator is not got[4].evaluator

@@ -609,6 +609,11 @@ def test_dropout_is_a_pure_function_of_the_key(tiny):
     per_element = tm._dropout(x, "site", seeds, 0.1, mask_shape=x.shape)
     assert abs(float(jnp.mean(per_element == 0)) - 0.1) < 0.005
     assert not np.array_equal(per_element[:, 0], per_element[:, 1])
+    # A longer last axis (a batch padded to a longer bucket: runs sharing a step) keeps every other mask bit.
+    probs = jnp.ones((40, 2, 3, 7))                          # [B, N, T, S], masks shared along T
+    wider = tm._dropout(jnp.ones((40, 2, 3, 12)), "probs", seeds, 0.1, mask_shape=(40, 2, 1, 12))
+    np.testing.assert_array_equal(tm._dropout(probs, "probs", seeds, 0.1, mask_shape=(40, 2, 1, 7)),
+                                  wider[..., :7])
     # An example's masks depend on its own key only, not on its batch (train_step's sub-batches rely on it).
     keys = jax.random.split(jax.random.key(3), 2)
     ids2, dec2 = jnp.concatenate([ids, ids + 2]), jnp.concatenate([dec, dec])
