@@ -12,9 +12,9 @@ spot.resolve_memory at the longest length, as `spot.py train` decides them; a si
 the device is skipped. Prints one table; writes --out (default results/bench_accelerator.json; --tiny:
 results/bench_accelerator_tiny.json).
 
-    python experiments/bench_accelerator.py          # accelerator: --time-budget 420 s + process starts
-    python experiments/bench_accelerator.py          # CPU: Small and Base at the shortest length, ~3 min
-    python experiments/bench_accelerator.py --tiny   # random tiny T5, about 30 s (tests)
+    python3 experiments/bench_accelerator.py          # accelerator: --time-budget 420 s + process starts
+    python3 experiments/bench_accelerator.py          # CPU: Small and Base at the shortest length, ~3 min
+    python3 experiments/bench_accelerator.py --tiny   # random tiny T5, about 30 s (tests)
 
 Each size runs in its own process: the allocator's peak cannot be reset, and an out-of-memory size must not
 end the run. --time-budget (default 420 s) is shared among the sizes; a size out of time skips its shorter
@@ -58,9 +58,9 @@ PEAK_TFLOPS = (('H100 PCIe', 756.5), ('H100 NVL', 835.5), ('H100', 989.5), ('H20
                ('TPU v6', 918.0))
 # Input lengths of SuperGLUE batches of 32: per task, the median of data.bucket_length(longest input, 512)
 # over batches data.batch_rows(n, 32, seed 0, k) of its validation inputs (T5 vocabulary, 512 cap), with the
-# batches seen. ReCoRD is not in ../shared/data. On a machine with the files the script computes them again
-# and says whether they differ; regenerate this table with
-#     python experiments/bench_accelerator.py --print-buckets [--data ../shared/data]
+# batches seen. ReCoRD is not among the fetched files (`python3 data.py fetch`). On a machine with the files
+# the script computes them again and says whether they differ; regenerate this table with
+#     python3 experiments/bench_accelerator.py --print-buckets [--data DIR]
 SUPERGLUE_BUCKETS = {
     'boolq': (384, {256: 3, 320: 32, 384: 29, 448: 14, 512: 24}),
     'cb': (320, {320: 1}),
@@ -456,13 +456,15 @@ def main(argv=None):
     p.add_argument('--micro-batches', type=int, default=0, help='0: the memory plan decides')
     p.add_argument('--device-memory', type=float, default=None, help='GiB to plan for (default: the device)')
     p.add_argument('--time-budget', type=float, default=420, help='seconds for all sizes together')
-    p.add_argument('--data', default=str(ROOT.parent / 'shared' / 'data'),
-                   help='t5_spiece.model and superglue/ (when absent: SUPERGLUE_BUCKETS)')
+    p.add_argument('--data', default=None,
+                   help='t5_spiece.model and superglue/ (default: the fetch cache, data.data_root(); when '
+                        'absent: SUPERGLUE_BUCKETS)')
     p.add_argument('--out', default=None, help=f'JSON file (default {OUT.relative_to(ROOT)})')
     p.add_argument('--tiny', action='store_true', help='random tiny T5, B=4, input length 32')
     p.add_argument('--print-buckets', action='store_true', help='compute SUPERGLUE_BUCKETS from --data')
     p.add_argument('--child', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.data = args.data or str(data.data_root())
     if args.child:
         return run_size(json.loads(Path(args.child).read_text()))
     if args.print_buckets:

@@ -9,7 +9,7 @@ Prints wall seconds per run, compiles (count, seconds), peak RSS, and the accele
 and the activations per example), both by arithmetic.
 
     python3 data.py fetch superglue     # the files, into the cache (data.data_root())
-    python experiments/bench_runs_per_step.py --runs 1,3,8 --steps 4
+    python3 experiments/bench_runs_per_step.py --runs 1,3,8 --steps 4
 """
 import argparse
 import json
