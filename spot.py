@@ -769,17 +769,19 @@ def _shapes_on(mesh, tree, spec=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, places)
 
 
+def _shard_shape(x) -> tuple:
+    """The shape one device holds of a (placed) ShapeDtypeStruct."""
+    return tuple(x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) is not None else x.shape)
+
+
 def _device_bytes(tree) -> int:
     """Bytes one device holds of tree's (placed) ShapeDtypeStructs."""
-    def one(x):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) is not None else x.shape
-        return math.prod(shape) * np.dtype(x.dtype).itemsize
-    return sum(one(x) for x in jax.tree.leaves(tree))
+    return sum(math.prod(_shard_shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _compiled_bytes(lowered, weights) -> tuple[dict, float]:
-    """(memory_analysis in bytes, compile seconds) of a lowered program; weights: its frozen
-    ShapeDtypeStructs.
+    """(memory_analysis in bytes with the 'peak' they add up to, compile seconds) of a lowered program;
+    weights: its frozen ShapeDtypeStructs.
     XLA:CPU runs bfloat16 matmuls in float32 and, in a scanned stack, converts each bfloat16 weight to a
     float32 copy once for all layers: 'cpu_copies' holds those bytes (the float32 converts in the compiled
     program whose shape is a weight's), which a GPU or TPU does not make; they are left out of the
@@ -789,14 +791,15 @@ def _compiled_bytes(lowered, weights) -> tuple[dict, float]:
     seconds, m = time.perf_counter() - t, compiled.memory_analysis()
     copies = 0
     if jax.default_backend() == 'cpu' and any(x.dtype != jnp.float32 for x in jax.tree.leaves(weights)):
-        shapes = {tuple(x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) else x.shape)
-                  for x in jax.tree.leaves(weights) if x.dtype != jnp.float32}
+        shapes = {_shard_shape(x) for x in jax.tree.leaves(weights) if x.dtype != jnp.float32}
         for match in re.finditer(r'= f32\[([\d,]*)\]\{[^}]*\} convert\(', compiled.as_text()):
             shape = tuple(int(n) for n in match.group(1).split(',') if n)
             copies += 4 * math.prod(shape) if shape in shapes else 0
+    temporaries = m.temp_size_in_bytes - copies
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + temporaries
     return {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
-            'aliased': m.alias_size_in_bytes, 'temporaries': m.temp_size_in_bytes - copies,
-            'cpu_copies': copies}, seconds
+            'aliased': m.alias_size_in_bytes, 'temporaries': temporaries, 'cpu_copies': copies,
+            'peak': peak}, seconds
 
 
 def plan_step(cfg, tc: TrainConfig, frozen, remat: str, micro_batches: int, input_len: int, target_len: int,
@@ -810,30 +813,28 @@ def plan_step(cfg, tc: TrainConfig, frozen, remat: str, micro_batches: int, inpu
     batch = _shapes_on(mesh, {'inputs': jax.ShapeDtypeStruct((tc.batch_size, input_len), jnp.int32),
                               'targets': jax.ShapeDtypeStruct((tc.batch_size, target_len), jnp.int32)},
                        PartitionSpec('data'))
-    t = time.perf_counter()
-    lowered = train_step.lower(*state, _shapes_on(mesh, frozen), batch, dropout_key(0, 0), cfg, tc.optimizer,
-                               tc.z_loss, sub_batch_count(tc), micro_batches)
+    t, weights = time.perf_counter(), _shapes_on(mesh, frozen)
+    lowered = train_step.lower(*state, weights, batch, dropout_key(0, 0), cfg, tc.optimizer, tc.z_loss,
+                               sub_batch_count(tc), micro_batches)
     lower_s = time.perf_counter() - t
-    got, compile_s = _compiled_bytes(lowered, _shapes_on(mesh, frozen))
+    got, compile_s = _compiled_bytes(lowered, weights)
     return {**got, 'remat': remat, 'micro_batches': micro_batches, 'lower_s': lower_s, 'compile_s': compile_s,
-            'weights': _device_bytes(_shapes_on(mesh, frozen)), 'prompt_optimizer': _device_bytes(state),
-            'peak': got['arguments'] + got['outputs'] - got['aliased'] + got['temporaries']}
+            'weights': _device_bytes(weights), 'prompt_optimizer': _device_bytes(state)}
 
 
-def plan_eval(cfg, tc: TrainConfig, frozen, input_len: int, target_len: int, prompt_len: int, n_labels=2,
+def plan_eval(cfg, tc: TrainConfig, frozen, input_len: int, target_len: int, prompt_len: int,
               mesh=None) -> dict:
     """Compile the evaluation (greedy decoding, or one rank-classification score) at eval_batch_size."""
     B, prompt = tc.eval_batch_size, jax.ShapeDtypeStruct((prompt_len, cfg.d_model), jnp.float32)
     rows = _shapes_on(mesh, jax.ShapeDtypeStruct((B, input_len), jnp.int32), PartitionSpec('data'))
+    weights = _shapes_on(mesh, frozen)
     if tc.eval_method == 'decode':
-        lowered = t5_model.greedy_decode.lower(_shapes_on(mesh, frozen), cfg, rows, prompt,
-                                               max_len=target_len)
+        lowered = t5_model.greedy_decode.lower(weights, cfg, rows, prompt, max_len=target_len)
     else:
         targets = _shapes_on(mesh, jax.ShapeDtypeStruct((B, target_len), jnp.int32), PartitionSpec('data'))
-        lowered = t5_model.score_targets.lower(_shapes_on(mesh, frozen), cfg, rows, targets, prompt)
-    got, compile_s = _compiled_bytes(lowered, _shapes_on(mesh, frozen))
-    return {**got, 'compile_s': compile_s, 'peak': got['arguments'] + got['outputs'] - got['aliased']
-            + got['temporaries']}
+        lowered = t5_model.score_targets.lower(weights, cfg, rows, targets, prompt)
+    got, compile_s = _compiled_bytes(lowered, weights)
+    return {**got, 'compile_s': compile_s}
 
 
 def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int, prompt_len: int, mesh=None,
