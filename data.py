@@ -47,6 +47,273 @@ SUPERGLUE_URL = ("https://super.gluebenchmark.com/tasks "
                  "(zips: https://dl.fbaipublicfiles.com/glue/superglue/data/v2/)")
 
 
+# --------------------------------------------------------------------------- the method: mixtures and batches
+
+
+# Source mixtures of SPoT Appendix B. All = the 55 labeled datasets: overlaps once (SuperGLUE RTE has GLUE
+# RTE's examples), GEM's XSum and WikiLingua apart from the Summarization ones. ANLI is one dataset in App. B
+# and three tasks in the official code (prompt_tuning/spot/data/nli.py); each round is below K, so
+# examples-proportional mixing gives the rounds together the rate ANLI pooled would have. MRQA: the official
+# mrqa.py tasks.
+MIXTURES = {
+    "GLUE": ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"),
+    "SuperGLUE": ("boolq", "cb", "copa", "multirc", "record", "superglue_rte", "wic", "wsc"),
+    "NLI": ("anli_r1", "anli_r2", "anli_r3", "cb", "docnli", "mnli", "qnli", "rte", "snli"),
+    "Paraphrase": ("cxc", "mrpc", "qqp", "stsb"),
+    "Sentiment": ("cr", "goemotions", "sentiment140", "sst2", "yelp2"),
+    "MRQA": ("mrqa_squad", "newsqa", "triviaqa", "searchqa", "hotpotqa", "naturalquestions"),
+    "RAINBOW": ("abductive_nli", "cosmosqa", "hellaswag", "piqa", "socialiqa", "winogrande"),
+    "Translation": ("wmt_ende", "wmt_enfr", "wmt_enro"),
+    "Summarization": ("aeslc", "billsum", "cnn_dailymail", "wikilingua", "gigaword", "multi_news", "newsroom",
+                      "samsum", "xsum"),
+    "GEM": ("common_gen", "dart", "e2e_nlg", "schema_guided_dialog", "web_nlg", "wiki_auto", "gem_xsum",
+            "gem_wikilingua"),
+}
+MIXTURES["All"] = tuple(dict.fromkeys(t for m in list(MIXTURES.values()) for t in m if t != "superglue_rte"))
+
+
+def mixture_rates(sizes, cap=MIXING_CAP):
+    """Examples-proportional mixing (Raffel et al. 2020 §3.5.2): r_m = min(n_m, K) / sum_n min(n_n, K)."""
+    if any(n < 0 for n in sizes.values()) or cap < 1:
+        raise ValueError(f"mixture_rates needs sizes >= 0 and a cap >= 1, got {sizes} and cap={cap}")
+    capped = {name: min(int(n), cap) for name, n in sizes.items()}
+    total = sum(capped.values())
+    if total <= 0:
+        raise ValueError(f"mixture_rates needs at least one non-empty task, got {sizes}")
+    return {name: n / total for name, n in capped.items()}
+
+
+def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP, process_index=0,
+                    process_count=1):
+    """Infinite batches from a mixture of sources (TextSource or tokenize's arrays, any number of tasks): each
+    row picks a task with the mixing rates, then an example of it uniformly (with replacement), so batch k
+    depends only on (seed, k) and holds nothing but the batch. Padded to the bucket of the batch's longest
+    row; process_index / process_count as in batches."""
+    _check_stream(batch_size, seed, start, process_index, process_count)
+    sources = {name: as_source(s) for name, s in sources_by_task.items()}
+    names, sizes = list(sources), {t: len(s) for t, s in sources.items()}
+    rates = rates or mixture_rates(sizes, cap)
+    if set(names) - set(rates) or any(rates[t] < 0 or (rates[t] > 0 and not sizes[t]) for t in names) \
+            or not sum(rates[t] for t in names) > 0:
+        raise ValueError(f"rates {rates} must give every task of {sizes} (examples per task) a rate >= 0, "
+                         "> 0 in total, and 0 to tasks without examples")
+    p = np.array([rates[t] for t in names], np.float64)
+    in_cap = max(s.max_input_len for s in sources.values())
+    tgt_cap = max(s.max_target_len for s in sources.values())
+    # A stream (C4 from its files) is read in order: its next rows follow the ones earlier batches took,
+    # counted by replaying the earlier batches' task draws (about 20 us each).
+    streams = [t for t, name in enumerate(names) if getattr(sources[name], "stream", False)]
+    taken = np.zeros(len(names), np.int64)
+    for j in range(start if streams else 0):
+        drawn = np.random.default_rng([seed, j, 1]).choice(len(names), batch_size, p=p / p.sum())
+        taken += np.bincount(drawn, minlength=len(names))
+    k = start
+    while True:
+        rng = np.random.default_rng([seed, k, 1])
+        which = rng.choice(len(names), size=batch_size, p=p / p.sum())
+        inputs, targets = [None] * batch_size, [None] * batch_size
+        for t, name in enumerate(names):
+            slots = np.flatnonzero(which == t)
+            if len(slots):
+                if t in streams:
+                    idx = taken[t] + np.arange(len(slots))
+                else:
+                    idx = rng.integers(sizes[name], size=len(slots))
+                taken[t] += len(slots)
+                got = sources[name].rows(idx)
+                for i, x, y in zip(slots, *got):
+                    inputs[i], targets[i] = x, y
+        yield _collate(inputs, targets, in_cap, tgt_cap, process_index, process_count)
+        k += 1
+
+
+def topk_mixture(source_tasks, target_task):
+    """SPoT §3.3 TOP-k MULTI-TASK MIXTURE: the retrieved source tasks plus the target, each once."""
+    return tuple(dict.fromkeys(get_task(t).name for t in [*source_tasks, target_task]))
+
+
+# ----------------------------------------------------------------------------- lazy, length-bucketed batches
+# Batch k is made when asked for, a pure function of (seed, k): its example indices, then those examples
+# read, formatted, tokenized and padded to bucket lengths. Memory is O(batch), whatever the source's size.
+# We write the index sampling (~40 lines of numpy) rather than depend on `grain`: a keyed bijection with
+# cycle walking, as grain's index_shuffle (which uses the Simon cipher), and T5's mixing by independent
+# random draws, in plain sight.
+def batches(source, batch_size, seed, start=0, process_index=0, process_count=1):
+    """Infinite shuffled batches {'inputs': int32 [B,S], 'targets': int32 [B,T]} of a source (a TextSource, or
+    tokenize's arrays), each padded to the bucket of its longest row (bucket_length). Batch k depends only on
+    (seed, k), so a resumed run passes start=k; every epoch is a permutation of the examples. With
+    process_count > 1, process process_index gets rows [i B/c, (i+1) B/c) of each global batch
+    (jax.process_index/process_count)."""
+    _check_stream(batch_size, seed, start, process_index, process_count)
+    source = as_source(source)
+    n = len(source)
+    if n == 0:
+        raise ValueError("batches() got no examples")
+    stream = getattr(source, "stream", False)       # a DocStream shuffles within its windows itself
+    k = start
+    while True:
+        idx = k * batch_size + np.arange(batch_size) if stream else batch_rows(n, batch_size, seed, k)
+        inputs, targets = source.rows(idx)
+        yield _collate(inputs, targets, source.max_input_len, source.max_target_len,
+                       process_index, process_count)
+        k += 1
+
+
+def bucket_length(n, cap):
+    """Padded length of a batch whose longest sequence has n tokens: n rounded up to 4 lengths per octave
+    (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, ..., 448, 512), never above cap.
+    Why: SST-2 inputs have 22 tokens on average and 61 at p99, BoolQ 159 and 447 (T5 vocabulary), so padding
+    to the batch's longest is what saves time (SST-2, B=32: 512 -> 55 on average); rounding that up to a
+    bucket bounds the compiled step shapes at 25 for 512 tokens (5-7 per task over 100 batches of SST-2, RTE,
+    BoolQ), and 4 per octave pads at most 25% (8% on average for all three) where 64-wide buckets pad SST-2 by
+    36%; of the encoder's P + S positions that is 3-6% above the batch's longest."""
+    n = max(int(n), 8)
+    step = 1 << max(0, (n - 1).bit_length() - 3)
+    return min(int(cap), -(-n // step) * step)
+
+
+_MIX = np.array([0xBF58476D1CE4E5B9, 0x94D049BB133111EB], np.uint64)
+
+
+def _hash(x):
+    """splitmix64's finaliser (Steele et al. 2014): uint64 array -> uint64 array;
+    every output bit mixes all inputs."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX[0]
+    x = (x ^ (x >> np.uint64(27))) * _MIX[1]
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(pos, n, seed, epoch=0):
+    """perm(pos): a pseudo-random permutation of [0, n), keyed by (seed, epoch), at the int positions pos,
+    holding no index array: a 4-round Feistel network on 2h bits (4^h >= n) whose values past n walk on
+    through it again (cycle walking, Black & Rogaway 2002; grain's index shuffle works alike). O(len(pos))
+    time and memory for any n."""
+    h = max(1, ((int(n) - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << h) - 1)
+    keys = _hash(_hash(_hash(np.array([seed], np.uint64)) + np.uint64(epoch)) + np.arange(4, dtype=np.uint64))
+    x = np.asarray(pos, np.uint64).copy()
+    todo = np.ones(x.shape, bool)
+    while todo.any():
+        left, right = x[todo] >> np.uint64(h), x[todo] & mask
+        for key in keys:
+            left, right = right, left ^ (_hash(right ^ key) & mask)
+        x[todo] = (left << np.uint64(h)) | right
+        todo = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+def batch_rows(n, batch_size, seed, k):
+    """Example indices of batch k: stream position p is perm_{p // n}(p % n), one permutation per epoch."""
+    pos = k * batch_size + np.arange(batch_size, dtype=np.int64)
+    epoch, within = pos // n, pos % n
+    rows = np.empty(batch_size, np.int64)
+    for e in np.unique(epoch):
+        rows[epoch == e] = permute(within[epoch == e], n, seed, int(e))
+    return rows
+
+
+def _check_stream(batch_size, seed, start, process_index, process_count):
+    """Arguments of batches / mixture_batches: a clear error now, not an odd one at the first batch."""
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for what, value in (("seed", seed), ("start", start), ("process_index", process_index)):
+        if not (isinstance(value, (int, np.integer)) and value >= 0):
+            raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    if not (process_count >= 1 and process_index < process_count and batch_size % process_count == 0):
+        raise ValueError(f"process {process_index} of {process_count}: needs 0 <= process_index < "
+                         f"process_count and a batch_size ({batch_size}) divisible by process_count")
+
+
+def _collate(inputs, targets, in_cap, tgt_cap, process_index=0, process_count=1):
+    """Rows -> int32 arrays padded to the bucket of the longest row (bucket_length). The bucket is the global
+    batch's, so every process pads alike; process_index keeps its contiguous share of the rows (multi-host
+    data parallelism)."""
+    S = bucket_length(max(map(len, inputs)), in_cap)
+    T = bucket_length(max(map(len, targets)), tgt_cap)
+    n = len(inputs) // process_count
+    mine = slice(process_index * n, (process_index + 1) * n)
+    return {"inputs": pad_rows(inputs[mine], S), "targets": pad_rows(targets[mine], T)}
+
+
+def token_ids(vocab, texts, length):
+    """Token ids of each text, cut to length-1 and closed with EOS (T5 append_eos_after_trim); no padding."""
+    return [list(vocab.encode(t))[:length - 1] + [EOS_ID] for t in texts]
+
+
+def pad_rows(rows, length):
+    out = np.zeros((len(rows), length), np.int32)
+    for row, ids in zip(out, rows):
+        row[:len(ids)] = ids[:length]
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class TextSource:
+    """A task's examples, tokenized only when a batch reads them. pairs[i] -> {'inputs', 'targets'} strings: a
+    list (text_pairs) or a lazy sequence (load_pairs: tfds, generated sources); nothing else is held."""
+    pairs: object                                # Sequence of {'inputs': str, 'targets': str}
+    vocab: "Vocab"
+    max_input_len: int = MAX_INPUT_LEN
+    max_target_len: int = 8
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def rows(self, idx):
+        """(input ids, target ids) of examples idx, each a list of unpadded id lists ending in EOS."""
+        texts = [self.pairs[int(i)] for i in idx]
+        if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str)
+                   and isinstance(t.get("targets"), str) for t in texts):
+            raise TypeError("a TextSource's pairs must be {'inputs': str, 'targets': str}: pass to_text / "
+                            "text_pairs / load_pairs output")
+        return (token_ids(self.vocab, [t["inputs"] for t in texts], self.max_input_len),
+                token_ids(self.vocab, [t["targets"] for t in texts], self.max_target_len))
+
+
+@dataclass(frozen=True, eq=False)
+class _ArraySource:
+    """tokenize's arrays {'inputs': [n,S], 'targets': [n,T]} (rows padded with 0)
+    as a source of trimmed rows."""
+    arrays: dict
+
+    def __len__(self):
+        return len(self.arrays["inputs"])
+
+    @property
+    def max_input_len(self):
+        return self.arrays["inputs"].shape[1]
+
+    @property
+    def max_target_len(self):
+        return self.arrays["targets"].shape[1]
+
+    def rows(self, idx):
+        return unpad(self.arrays["inputs"][idx]), unpad(self.arrays["targets"][idx])
+
+
+def unpad(a):
+    """int [n, L] padded with 0 at the end (T5 pads only there)
+    -> n lists of ids up to the last non-pad one."""
+    a = np.asarray(a)
+    used = a != PAD_ID
+    ends = np.where(used.any(1), a.shape[1] - np.argmax(used[:, ::-1], 1), 0)
+    return [r[:e].tolist() for r, e in zip(a, ends)]
+
+
+def as_source(source):
+    """A TextSource (or anything with __len__, rows(idx), max_input_len, max_target_len) as is; tokenize's
+    arrays wrapped so their rows are trimmed and re-padded per batch like any other source."""
+    if isinstance(source, Mapping):
+        rows = {key: len(a) for key, a in source.items()}
+        if set(rows) < {"inputs", "targets"} or len(set(rows.values())) > 1:
+            raise ValueError(f"arrays have different numbers of rows or miss a key {rows}: "
+                             "pass data.tokenize's output ('inputs' and 'targets')")
+        return _ArraySource({key: np.asarray(source[key]) for key in ("inputs", "targets")})
+    if not all(hasattr(source, a) for a in ("rows", "max_input_len", "max_target_len", "__len__")):
+        raise TypeError(f"a source is a TextSource or tokenize's arrays, got {type(source).__name__}")
+    return source
+
+
 # ----------------------------------------------------------------------------- T5 string operations
 def _join(parts):
     """tf.strings.join(parts, separator=' '): no whitespace clean-up (T5 glue/stsb/wsc/record)."""
@@ -386,27 +653,6 @@ TASKS = [
     Task("c4", fmt_prefix_lm, None, (), "lm", "c4/en", target_len=128),                 # 128: our choice
 ]
 _REGISTRY = {re.sub(r"[^a-z0-9.]", "", t.name.lower()): t for t in TASKS}
-
-# Source mixtures of SPoT Appendix B. All = the 55 labeled datasets: overlaps once (SuperGLUE RTE has GLUE
-# RTE's examples), GEM's XSum and WikiLingua apart from the Summarization ones. ANLI is one dataset in App. B
-# and three tasks in the official code (prompt_tuning/spot/data/nli.py); each round is below K, so
-# examples-proportional mixing gives the rounds together the rate ANLI pooled would have. MRQA: the official
-# mrqa.py tasks.
-MIXTURES = {
-    "GLUE": ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"),
-    "SuperGLUE": ("boolq", "cb", "copa", "multirc", "record", "superglue_rte", "wic", "wsc"),
-    "NLI": ("anli_r1", "anli_r2", "anli_r3", "cb", "docnli", "mnli", "qnli", "rte", "snli"),
-    "Paraphrase": ("cxc", "mrpc", "qqp", "stsb"),
-    "Sentiment": ("cr", "goemotions", "sentiment140", "sst2", "yelp2"),
-    "MRQA": ("mrqa_squad", "newsqa", "triviaqa", "searchqa", "hotpotqa", "naturalquestions"),
-    "RAINBOW": ("abductive_nli", "cosmosqa", "hellaswag", "piqa", "socialiqa", "winogrande"),
-    "Translation": ("wmt_ende", "wmt_enfr", "wmt_enro"),
-    "Summarization": ("aeslc", "billsum", "cnn_dailymail", "wikilingua", "gigaword", "multi_news", "newsroom",
-                      "samsum", "xsum"),
-    "GEM": ("common_gen", "dart", "e2e_nlg", "schema_guided_dialog", "web_nlg", "wiki_auto", "gem_xsum",
-            "gem_wikilingua"),
-}
-MIXTURES["All"] = tuple(dict.fromkeys(t for m in list(MIXTURES.values()) for t in m if t != "superglue_rte"))
 
 
 class UnknownTask(KeyError):
@@ -891,115 +1137,7 @@ def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
             for key, length in (("inputs", max_input_len), ("targets", max_target_len))}
 
 
-# ----------------------------------------------------------------------------- lazy, length-bucketed batches
-# Batch k is made when asked for, a pure function of (seed, k): its example indices, then those examples
-# read, formatted, tokenized and padded to bucket lengths. Memory is O(batch), whatever the source's size.
-# We write the index sampling (~40 lines of numpy) rather than depend on `grain`: a keyed bijection with
-# cycle walking, as grain's index_shuffle (which uses the Simon cipher), and T5's mixing by independent
-# random draws, in plain sight.
-def bucket_length(n, cap):
-    """Padded length of a batch whose longest sequence has n tokens: n rounded up to 4 lengths per octave
-    (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, ..., 448, 512), never above cap.
-    Why: SST-2 inputs have 22 tokens on average and 61 at p99, BoolQ 159 and 447 (T5 vocabulary), so padding
-    to the batch's longest is what saves time (SST-2, B=32: 512 -> 55 on average); rounding that up to a
-    bucket bounds the compiled step shapes at 25 for 512 tokens (5-7 per task over 100 batches of SST-2, RTE,
-    BoolQ), and 4 per octave pads at most 25% (8% on average for all three) where 64-wide buckets pad SST-2 by
-    36%; of the encoder's P + S positions that is 3-6% above the batch's longest."""
-    n = max(int(n), 8)
-    step = 1 << max(0, (n - 1).bit_length() - 3)
-    return min(int(cap), -(-n // step) * step)
-
-
-def token_ids(vocab, texts, length):
-    """Token ids of each text, cut to length-1 and closed with EOS (T5 append_eos_after_trim); no padding."""
-    return [list(vocab.encode(t))[:length - 1] + [EOS_ID] for t in texts]
-
-
-def pad_rows(rows, length):
-    out = np.zeros((len(rows), length), np.int32)
-    for row, ids in zip(out, rows):
-        row[:len(ids)] = ids[:length]
-    return out
-
-
-@dataclass(frozen=True, eq=False)
-class TextSource:
-    """A task's examples, tokenized only when a batch reads them. pairs[i] -> {'inputs', 'targets'} strings: a
-    list (text_pairs) or a lazy sequence (load_pairs: tfds, generated sources); nothing else is held."""
-    pairs: object                                # Sequence of {'inputs': str, 'targets': str}
-    vocab: Vocab
-    max_input_len: int = MAX_INPUT_LEN
-    max_target_len: int = 8
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def rows(self, idx):
-        """(input ids, target ids) of examples idx, each a list of unpadded id lists ending in EOS."""
-        texts = [self.pairs[int(i)] for i in idx]
-        if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str)
-                   and isinstance(t.get("targets"), str) for t in texts):
-            raise TypeError("a TextSource's pairs must be {'inputs': str, 'targets': str}: pass to_text / "
-                            "text_pairs / load_pairs output")
-        return (token_ids(self.vocab, [t["inputs"] for t in texts], self.max_input_len),
-                token_ids(self.vocab, [t["targets"] for t in texts], self.max_target_len))
-
-
-@dataclass(frozen=True, eq=False)
-class _ArraySource:
-    """tokenize's arrays {'inputs': [n,S], 'targets': [n,T]} (rows padded with 0)
-    as a source of trimmed rows."""
-    arrays: dict
-
-    def __len__(self):
-        return len(self.arrays["inputs"])
-
-    @property
-    def max_input_len(self):
-        return self.arrays["inputs"].shape[1]
-
-    @property
-    def max_target_len(self):
-        return self.arrays["targets"].shape[1]
-
-    def rows(self, idx):
-        return unpad(self.arrays["inputs"][idx]), unpad(self.arrays["targets"][idx])
-
-
-def unpad(a):
-    """int [n, L] padded with 0 at the end (T5 pads only there)
-    -> n lists of ids up to the last non-pad one."""
-    a = np.asarray(a)
-    used = a != PAD_ID
-    ends = np.where(used.any(1), a.shape[1] - np.argmax(used[:, ::-1], 1), 0)
-    return [r[:e].tolist() for r, e in zip(a, ends)]
-
-
-def as_source(source):
-    """A TextSource (or anything with __len__, rows(idx), max_input_len, max_target_len) as is; tokenize's
-    arrays wrapped so their rows are trimmed and re-padded per batch like any other source."""
-    if isinstance(source, Mapping):
-        rows = {key: len(a) for key, a in source.items()}
-        if set(rows) < {"inputs", "targets"} or len(set(rows.values())) > 1:
-            raise ValueError(f"arrays have different numbers of rows or miss a key {rows}: "
-                             "pass data.tokenize's output ('inputs' and 'targets')")
-        return _ArraySource({key: np.asarray(source[key]) for key in ("inputs", "targets")})
-    if not all(hasattr(source, a) for a in ("rows", "max_input_len", "max_target_len", "__len__")):
-        raise TypeError(f"a source is a TextSource or tokenize's arrays, got {type(source).__name__}")
-    return source
-
-
-def _collate(inputs, targets, in_cap, tgt_cap, process_index=0, process_count=1):
-    """Rows -> int32 arrays padded to the bucket of the longest row (bucket_length). The bucket is the global
-    batch's, so every process pads alike; process_index keeps its contiguous share of the rows (multi-host
-    data parallelism)."""
-    S = bucket_length(max(map(len, inputs)), in_cap)
-    T = bucket_length(max(map(len, targets)), tgt_cap)
-    n = len(inputs) // process_count
-    mine = slice(process_index * n, (process_index + 1) * n)
-    return {"inputs": pad_rows(inputs[mine], S), "targets": pad_rows(targets[mine], T)}
-
-
+# ----------------------------------------------------------------------------- sources too large to hold: C4
 class DocStream(Sequence):
     """The documents of a source too large to index or to read at random (C4: 365M documents in 1024 .json.gz
     files), read in order. docs[p] is document perm_w(p % window) of window w = p // window, perm_w keyed by
@@ -1060,7 +1198,7 @@ class PrefixLMSource:
     the example count unknown until every document is tokenized); the segment's first n tokens, n uniform in
     [1, length - 1], are the input and the rest the target. All draws are keyed by (seed, i)."""
     docs: object                                # Sequence of document texts (or a DocStream)
-    vocab: Vocab
+    vocab: "Vocab"
     max_input_len: int = MAX_INPUT_LEN
     max_target_len: int = 128
     seed: int = 0
@@ -1115,140 +1253,6 @@ def _c4_files(data_dir):
                                 "get them from https://huggingface.co/datasets/allenai/c4 (en/), "
                                 "or use tfds c4/en")
     return files
-
-
-_MIX = np.array([0xBF58476D1CE4E5B9, 0x94D049BB133111EB], np.uint64)
-
-
-def _hash(x):
-    """splitmix64's finaliser (Steele et al. 2014): uint64 array -> uint64 array;
-    every output bit mixes all inputs."""
-    x = (x ^ (x >> np.uint64(30))) * _MIX[0]
-    x = (x ^ (x >> np.uint64(27))) * _MIX[1]
-    return x ^ (x >> np.uint64(31))
-
-
-def permute(pos, n, seed, epoch=0):
-    """perm(pos): a pseudo-random permutation of [0, n), keyed by (seed, epoch), at the int positions pos,
-    holding no index array: a 4-round Feistel network on 2h bits (4^h >= n) whose values past n walk on
-    through it again (cycle walking, Black & Rogaway 2002; grain's index shuffle works alike). O(len(pos))
-    time and memory for any n."""
-    h = max(1, ((int(n) - 1).bit_length() + 1) // 2)
-    mask = np.uint64((1 << h) - 1)
-    keys = _hash(_hash(_hash(np.array([seed], np.uint64)) + np.uint64(epoch)) + np.arange(4, dtype=np.uint64))
-    x = np.asarray(pos, np.uint64).copy()
-    todo = np.ones(x.shape, bool)
-    while todo.any():
-        left, right = x[todo] >> np.uint64(h), x[todo] & mask
-        for key in keys:
-            left, right = right, left ^ (_hash(right ^ key) & mask)
-        x[todo] = (left << np.uint64(h)) | right
-        todo = x >= np.uint64(n)
-    return x.astype(np.int64)
-
-
-def batch_rows(n, batch_size, seed, k):
-    """Example indices of batch k: stream position p is perm_{p // n}(p % n), one permutation per epoch."""
-    pos = k * batch_size + np.arange(batch_size, dtype=np.int64)
-    epoch, within = pos // n, pos % n
-    rows = np.empty(batch_size, np.int64)
-    for e in np.unique(epoch):
-        rows[epoch == e] = permute(within[epoch == e], n, seed, int(e))
-    return rows
-
-
-def _check_stream(batch_size, seed, start, process_index, process_count):
-    """Arguments of batches / mixture_batches: a clear error now, not an odd one at the first batch."""
-    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    for what, value in (("seed", seed), ("start", start), ("process_index", process_index)):
-        if not (isinstance(value, (int, np.integer)) and value >= 0):
-            raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
-    if not (process_count >= 1 and process_index < process_count and batch_size % process_count == 0):
-        raise ValueError(f"process {process_index} of {process_count}: needs 0 <= process_index < "
-                         f"process_count and a batch_size ({batch_size}) divisible by process_count")
-
-
-def batches(source, batch_size, seed, start=0, process_index=0, process_count=1):
-    """Infinite shuffled batches {'inputs': int32 [B,S], 'targets': int32 [B,T]} of a source (a TextSource, or
-    tokenize's arrays), each padded to the bucket of its longest row (bucket_length). Batch k depends only on
-    (seed, k), so a resumed run passes start=k; every epoch is a permutation of the examples. With
-    process_count > 1, process process_index gets rows [i B/c, (i+1) B/c) of each global batch
-    (jax.process_index/process_count)."""
-    _check_stream(batch_size, seed, start, process_index, process_count)
-    source = as_source(source)
-    n = len(source)
-    if n == 0:
-        raise ValueError("batches() got no examples")
-    stream = getattr(source, "stream", False)       # a DocStream shuffles within its windows itself
-    k = start
-    while True:
-        idx = k * batch_size + np.arange(batch_size) if stream else batch_rows(n, batch_size, seed, k)
-        inputs, targets = source.rows(idx)
-        yield _collate(inputs, targets, source.max_input_len, source.max_target_len,
-                       process_index, process_count)
-        k += 1
-
-
-# ----------------------------------------------------------------------------- mixtures
-def mixture_rates(sizes, cap=MIXING_CAP):
-    """Examples-proportional mixing (Raffel et al. 2020 §3.5.2): r_m = min(n_m, K) / sum_n min(n_n, K)."""
-    if any(n < 0 for n in sizes.values()) or cap < 1:
-        raise ValueError(f"mixture_rates needs sizes >= 0 and a cap >= 1, got {sizes} and cap={cap}")
-    capped = {name: min(int(n), cap) for name, n in sizes.items()}
-    total = sum(capped.values())
-    if total <= 0:
-        raise ValueError(f"mixture_rates needs at least one non-empty task, got {sizes}")
-    return {name: n / total for name, n in capped.items()}
-
-
-def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP, process_index=0,
-                    process_count=1):
-    """Infinite batches from a mixture of sources (TextSource or tokenize's arrays, any number of tasks): each
-    row picks a task with the mixing rates, then an example of it uniformly (with replacement), so batch k
-    depends only on (seed, k) and holds nothing but the batch. Padded to the bucket of the batch's longest
-    row; process_index / process_count as in batches."""
-    _check_stream(batch_size, seed, start, process_index, process_count)
-    sources = {name: as_source(s) for name, s in sources_by_task.items()}
-    names, sizes = list(sources), {t: len(s) for t, s in sources.items()}
-    rates = rates or mixture_rates(sizes, cap)
-    if set(names) - set(rates) or any(rates[t] < 0 or (rates[t] > 0 and not sizes[t]) for t in names) \
-            or not sum(rates[t] for t in names) > 0:
-        raise ValueError(f"rates {rates} must give every task of {sizes} (examples per task) a rate >= 0, "
-                         "> 0 in total, and 0 to tasks without examples")
-    p = np.array([rates[t] for t in names], np.float64)
-    in_cap = max(s.max_input_len for s in sources.values())
-    tgt_cap = max(s.max_target_len for s in sources.values())
-    # A stream (C4 from its files) is read in order: its next rows follow the ones earlier batches took,
-    # counted by replaying the earlier batches' task draws (about 20 us each).
-    streams = [t for t, name in enumerate(names) if getattr(sources[name], "stream", False)]
-    taken = np.zeros(len(names), np.int64)
-    for j in range(start if streams else 0):
-        drawn = np.random.default_rng([seed, j, 1]).choice(len(names), batch_size, p=p / p.sum())
-        taken += np.bincount(drawn, minlength=len(names))
-    k = start
-    while True:
-        rng = np.random.default_rng([seed, k, 1])
-        which = rng.choice(len(names), size=batch_size, p=p / p.sum())
-        inputs, targets = [None] * batch_size, [None] * batch_size
-        for t, name in enumerate(names):
-            slots = np.flatnonzero(which == t)
-            if len(slots):
-                if t in streams:
-                    idx = taken[t] + np.arange(len(slots))
-                else:
-                    idx = rng.integers(sizes[name], size=len(slots))
-                taken[t] += len(slots)
-                got = sources[name].rows(idx)
-                for i, x, y in zip(slots, *got):
-                    inputs[i], targets[i] = x, y
-        yield _collate(inputs, targets, in_cap, tgt_cap, process_index, process_count)
-        k += 1
-
-
-def topk_mixture(source_tasks, target_task):
-    """SPoT §3.3 TOP-k MULTI-TASK MIXTURE: the retrieved source tasks plus the target, each once."""
-    return tuple(dict.fromkeys(get_task(t).name for t in [*source_tasks, target_task]))
 
 
 # ----------------------------------------------------------------------------- predictions and metrics
