@@ -1487,274 +1487,216 @@ def benchmark_score(task_scores):
 # URL/<its path> instead (a firewall, an internal copy, the tests' local server), checked the same way.
 # The files' sha256 are those of the copies this project was tested on; the archives' are those tfds pins
 # (tensorflow_datasets/url_checksums/glue.txt and super_glue.txt, tfds 4.9.10).
-_HUB = ("https://huggingface.co/google-t5/t5-small/resolve/df1b051c49625cf57a3d0d8d3863ed4d13564fe4/"
-        "spiece.model")
-_GLUE = "https://dl.fbaipublicfiles.com/glue/data/"
-_SUPERGLUE = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/"
-_PT = ("https://raw.githubusercontent.com/google-research/prompt-tuning/"
-       "72285eea06100f954bcbb16a447ec6cddfc6716c/prompt_tuning/")
-# GLUE has no MRPC zip: its download script splits Microsoft's msr_paraphrase_train.txt by a list of dev
-# ids (tfds fetches the same two files). The license page is in neither; it comes from the GLUE MRPC folder
-# that a public repository keeps.
-_MRPC_LICENSE = ("https://raw.githubusercontent.com/Nstats/my_bert/733d79335044b1b7eabb5b47a0eae0cd621dadc0/"
-                 "data/MRPC/Microsoft_Shared_Source_License.htm")
-
-ARCHIVES = {  # name: (url, size, sha256). Downloaded to a temporary folder, unpacked, deleted.
-    "glue/CoLA.zip": (_GLUE + "CoLA.zip", 376971,
-                      "f212fcd832b8f7b435fb991f101abf89f96b933ab400603bf198960dfc32cbff"),
-    "glue/SST-2.zip": (_GLUE + "SST-2.zip", 7439277,
-                       "d67e16fb55739c1b32cdce9877596db1c127dc322d93c082281f64057c16deaa"),
-    "glue/STS-B.zip": (_GLUE + "STS-B.zip", 802872,
-                       "e60a6393de5a8b5b9bac5020a1554b54e3691f9d600b775bd131e613ac179c85"),
-    "glue/QNLIv2.zip": (_GLUE + "QNLIv2.zip", 10627589,
-                        "e634e78627a29adaecd4f955359b22bf5e70f2cbd93b493f2d624138a0c0e5f5"),
-    "glue/RTE.zip": (_GLUE + "RTE.zip", 697150,
-                     "6bf86de103ecd335f3441bd43574d23fef87ecc695977a63b82d5efb206556ee"),
-    "glue/msr_paraphrase_train.txt": (
-        "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt", 1047044,
-        "60a9b09084528f0673eedee2b69cb941920f0b8cd0eeccefc464a98768457f89"),
-    "glue/mrpc_dev_ids.tsv": (
-        "https://firebasestorage.googleapis.com/v0/b/mtl-sentence-representations.appspot.com/o/"
-        "data%2Fmrpc_dev_ids.tsv?alt=media&token=ec5c0836-31d5-48f4-b431-7480817f1adc", 6222,
-        "971d7767d81b997fd9060ade0ec23c4fc31cbb226a55d1bd4a1bac474eb81dc7"),
-    "superglue/BoolQ.zip": (_SUPERGLUE + "BoolQ.zip", 4118001,
-                            "853fbe7922f70c59629f06a39e8d9ca440c3d740e760fd3b87a5ddf3dcba2436"),
-    "superglue/CB.zip": (_SUPERGLUE + "CB.zip", 75482,
-                         "8d641383298d54554066ba1c93f56ae7410af75df621b90c63028806bbbbb535"),
-    "superglue/COPA.zip": (_SUPERGLUE + "COPA.zip", 43986,
-                           "405906cddac74bc1e1ce8220f1107d1025b66a25ef10149d91b10bb30651125f"),
-    "superglue/MultiRC.zip": (_SUPERGLUE + "MultiRC.zip", 1116225,
-                              "b3cd440856e72eb166b2edcd37b798455f1ebd51f2c3de64c0c2a4e1971d2737"),
-    "superglue/RTE.zip": (_SUPERGLUE + "RTE.zip", 750920,
-                          "6310aab3f000424c9d0318a1ff20692e07c7f4aa15e8f17a5972ea0a35c398b9"),
-    "superglue/WiC.zip": (_SUPERGLUE + "WiC.zip", 396213,
-                          "ee7e67f4ae9eafbf533780faa198e62167f3cda54256cdf261877be3c0e90900"),
-    "superglue/WSC.zip": (_SUPERGLUE + "WSC.zip", 32751,
-                          "2ed6dfa94556b4a128ff0441efe365b2e883124e7e6aa00fb8d3a6cb1fd520a9"),
+_PT = "https://raw.githubusercontent.com/google-research/prompt-tuning/72285eea06100f954bcbb16a447ec6cddfc6716c/"
+# Where a path of the layout (or of ARCHIVES) comes from: the first key that is the path or a folder of it,
+# its value + the rest of the path. GLUE has no MRPC zip: its download script splits Microsoft's
+# msr_paraphrase_train.txt by a list of dev ids (tfds fetches the same two files); the license page is in
+# neither, it comes from the GLUE MRPC folder that a public repository keeps.
+HOMES = {
+    "t5_spiece.model": "https://huggingface.co/google-t5/t5-small/resolve/"
+                       "df1b051c49625cf57a3d0d8d3863ed4d13564fe4/spiece.model",
+    "glue/MRPC/Microsoft_Shared_Source_License.htm": "https://raw.githubusercontent.com/Nstats/my_bert/"
+        "733d79335044b1b7eabb5b47a0eae0cd621dadc0/data/MRPC/Microsoft_Shared_Source_License.htm",
+    "glue/msr_paraphrase_train.txt": "https://dl.fbaipublicfiles.com/senteval/senteval_data/"
+                                     "msr_paraphrase_train.txt",
+    "glue/mrpc_dev_ids.tsv": "https://firebasestorage.googleapis.com/v0/b/mtl-sentence-representations."
+        "appspot.com/o/data%2Fmrpc_dev_ids.tsv?alt=media&token=ec5c0836-31d5-48f4-b431-7480817f1adc",
+    "glue/": "https://dl.fbaipublicfiles.com/glue/data/",
+    "superglue/": "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/",
+    "prompt_tuning_release/": _PT + "prompt_tuning/pretrained_prompts/",
+    "t5x_tiny_checkpoint/checkpoint_3/": _PT + "prompt_tuning/test_data/test_t5_1_1_tiny/checkpoint_3/",
+    "t5x_tiny_checkpoint/": _PT + "prompt_tuning/test_data/",
 }
 _MRPC = ("glue/msr_paraphrase_train.txt", "glue/mrpc_dev_ids.tsv")
 
-# The T5X tiny checkpoint of google-research/prompt-tuning's tests (prompt_tuning/test_data/test_t5_1_1_tiny):
-# (path under checkpoint_3, size, sha256). 36 of its .zarray headers are one of three texts.
-_ZARRAY_ATTENTION = "23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64"
-_ZARRAY_WI = "bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324"
-_ZARRAY_WO = "c63167da11e0a0cb3883c4a39ff921f189e67c9e570e3f8ee74632b4d60aaaf2"
-_T5X_TINY = [
-    ("checkpoint", 1045001, "9f952b02f0f348b2d4ae686852c4f70d18c56714f86a54146d132ab33002e912"),
-    ("target.decoder.layers_0.encoder_decoder_attention.key.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_0.encoder_decoder_attention.key.kernel/0.0", 87,
-     "de202966b435286b95211b80b4eb2f8e2a339dcb667565cbe5a2587040a4ae2f"),
-    ("target.decoder.layers_0.encoder_decoder_attention.out.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_0.encoder_decoder_attention.out.kernel/0.0", 87,
-     "80eb3ec1e219ba3e201364884497feca6c526c7aca7195a17276981e98dfc4c4"),
-    ("target.decoder.layers_0.encoder_decoder_attention.query.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_0.encoder_decoder_attention.query.kernel/0.0", 87,
-     "d433cbc5ba2d7ae4abc4cd233c64e8794121d742af02452cef45919fc0d70ea0"),
-    ("target.decoder.layers_0.encoder_decoder_attention.value.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_0.encoder_decoder_attention.value.kernel/0.0", 87,
-     "411d260dc822c4ff8abb5813c0ede2bac7eeb15f94c3715de68fcbd3045247eb"),
-    ("target.decoder.layers_0.mlp.wi_0.kernel/.zarray", 142, _ZARRAY_WI),
-    ("target.decoder.layers_0.mlp.wi_0.kernel/0.0", 151,
-     "8c3bca3d41dc6fd1ab5a953b4bf4042ed170ae602ac6c177ac6b8f902f5efd46"),
-    ("target.decoder.layers_0.mlp.wi_1.kernel/.zarray", 142, _ZARRAY_WI),
-    ("target.decoder.layers_0.mlp.wi_1.kernel/0.0", 151,
-     "d81a39f9e336ef01083d5d53222ecf6b9ee56570dc1f2391624576c76386754d"),
-    ("target.decoder.layers_0.mlp.wo.kernel/.zarray", 142, _ZARRAY_WO),
-    ("target.decoder.layers_0.mlp.wo.kernel/0.0", 151,
-     "baaeb7d5418581ad01d38e26b1f23f476330bf1332277e854a94dd910e96826e"),
-    ("target.decoder.layers_0.self_attention.key.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_0.self_attention.key.kernel/0.0", 87,
-     "89afe87d59279f2205d8b2bfa8ac344c6a68149f84ea1a391390165b29a79124"),
-    ("target.decoder.layers_0.self_attention.out.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_0.self_attention.out.kernel/0.0", 87,
-     "7522016d965c9cef1d51498afebe8a2308d2d0663f7dfa1f334a58a6d949e572"),
-    ("target.decoder.layers_0.self_attention.query.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_0.self_attention.query.kernel/0.0", 87,
-     "c6af3b91fd98ab99ae6e9d69e2ffe7074e253e61af3c56f1483cd18b6beb65aa"),
-    ("target.decoder.layers_0.self_attention.value.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_0.self_attention.value.kernel/0.0", 87,
-     "209134bbc866107719192a87bc5c11adf5e37b3e2c75a87451c8d109d645499f"),
-    ("target.decoder.layers_1.encoder_decoder_attention.key.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_1.encoder_decoder_attention.key.kernel/0.0", 87,
-     "973a9c388db70210cb16dd3e62f0ab908d93fe48af0d55f53a4082f1f524f56b"),
-    ("target.decoder.layers_1.encoder_decoder_attention.out.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_1.encoder_decoder_attention.out.kernel/0.0", 87,
-     "8b4d61766b8e1afa56aca8287f52e68251df3e1c10e428530f8a2ead7aacfc7a"),
-    ("target.decoder.layers_1.encoder_decoder_attention.query.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_1.encoder_decoder_attention.query.kernel/0.0", 87,
-     "8f2db4e5f68280f988466b104a19cc9d20f9e93a216a19c8cc1287a1914ea75e"),
-    ("target.decoder.layers_1.encoder_decoder_attention.value.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_1.encoder_decoder_attention.value.kernel/0.0", 87,
-     "fc6d9a03d53e3bf46d51322475c5a36f999b14306eb877c0b92dbcb32662fae9"),
-    ("target.decoder.layers_1.mlp.wi_0.kernel/.zarray", 142, _ZARRAY_WI),
-    ("target.decoder.layers_1.mlp.wi_0.kernel/0.0", 151,
-     "f2e414de013d648f27c9338ec4d422e2240fe31e5fd01ca7a080686b8993a69d"),
-    ("target.decoder.layers_1.mlp.wi_1.kernel/.zarray", 142, _ZARRAY_WI),
-    ("target.decoder.layers_1.mlp.wi_1.kernel/0.0", 151,
-     "de0b8c8902d4f15985dc510bed858c79a88569545667514eee26d49d4d06953a"),
-    ("target.decoder.layers_1.mlp.wo.kernel/.zarray", 142, _ZARRAY_WO),
-    ("target.decoder.layers_1.mlp.wo.kernel/0.0", 151,
-     "8e930415a7e583ca860b9465095b2ac1e64f5b0d5f4891dcd78dbc692ce8f700"),
-    ("target.decoder.layers_1.self_attention.key.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_1.self_attention.key.kernel/0.0", 87,
-     "a6c67261a9421896cfca01f9f40e5db7a0293dd3f64329155ec429104379b537"),
-    ("target.decoder.layers_1.self_attention.out.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_1.self_attention.out.kernel/0.0", 87,
-     "97c8e04f4e40c17286fe5882a37cc8d320da40b89f2c95785ac24f802d23fb6e"),
-    ("target.decoder.layers_1.self_attention.query.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_1.self_attention.query.kernel/0.0", 87,
-     "71fbcc12f6354ea8941f44fd3563934454a404552f26d71c451feedb7ff9955b"),
-    ("target.decoder.layers_1.self_attention.value.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.decoder.layers_1.self_attention.value.kernel/0.0", 87,
-     "50b48fc3bb1e5f3bb94ace9abd349cf30e62104306510b784df6d1e22307c855"),
-    ("target.decoder.logits_dense.kernel/.zarray", 149,
-     "47b904551b464d91c474992f62d9f522102650b2d142cad7b04f1c4322406206"),
-    ("target.decoder.logits_dense.kernel/0.0", 61044,
-     "5b88fefd39456e6316a5fc9a0122e8d40189cd8e0bf9bd805efb0f0a74dd5c52"),
-    ("target.decoder.logits_dense.kernel/0.1", 61041,
-     "ab8c14d279cab7fd39fb445207d39bc6174c0016797a99e7506d105c6cc6abdd"),
-    ("target.decoder.logits_dense.kernel/0.2", 61027,
-     "d4642ccf09a30221489fb42ecb5c56674491260ed457516b43e95985d897e3ce"),
-    ("target.decoder.logits_dense.kernel/0.3", 61024,
-     "877fb7d16e34da914be1f9c9d0ff9d68eb735216f503f5f78cc7d26c2149d94b"),
-    ("target.decoder.logits_dense.kernel/0.4", 61019,
-     "5e6c14249ea5daa30e5a205f19f64d39f3b9823fdd6d79b21643d136868ed11a"),
-    ("target.decoder.logits_dense.kernel/0.5", 61019,
-     "0beb914f27d28a4f35c86c0444e7b40816fd362e2d856f3c8dd66ddbf191b746"),
-    ("target.decoder.logits_dense.kernel/0.6", 60998,
-     "35814083ce5a8d8ebc4f53f5681774ddb08c544610f1efef1d726422076ea5c3"),
-    ("target.decoder.logits_dense.kernel/0.7", 51671,
-     "77836804630080482254c789d1a5724e704bed54c47bd3edaf421d6b3917d377"),
-    ("target.encoder.layers_0.attention.key.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.encoder.layers_0.attention.key.kernel/0.0", 87,
-     "db52dd06966af9b264617bb82f14627b9fe922463b73eb208460c2e5a528dc74"),
-    ("target.encoder.layers_0.attention.out.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.encoder.layers_0.attention.out.kernel/0.0", 87,
-     "17b1ecca8ba94b5dd86c4baadac30223bca2d5db436aade95b1220a9875ace46"),
-    ("target.encoder.layers_0.attention.query.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.encoder.layers_0.attention.query.kernel/0.0", 87,
-     "a234e79375d0689b83a0023fa9d361e6f5898c776df866dbb09d591c5c14dda1"),
-    ("target.encoder.layers_0.attention.value.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.encoder.layers_0.attention.value.kernel/0.0", 87,
-     "9eabdb944e9c7a67e33f2aa8b6f600c00cfa3541a4570b5ca0828912a73e64d4"),
-    ("target.encoder.layers_0.mlp.wi_0.kernel/.zarray", 142, _ZARRAY_WI),
-    ("target.encoder.layers_0.mlp.wi_0.kernel/0.0", 151,
-     "bda998ae42fd75888f13916fc53242bc84aec2f0d9d7c460dae767ba384ea249"),
-    ("target.encoder.layers_0.mlp.wi_1.kernel/.zarray", 142, _ZARRAY_WI),
-    ("target.encoder.layers_0.mlp.wi_1.kernel/0.0", 151,
-     "324c8c54c1f66634b14643cb2dfd8e000a37eaf4e2bb61545608f2d322aa2f35"),
-    ("target.encoder.layers_0.mlp.wo.kernel/.zarray", 142, _ZARRAY_WO),
-    ("target.encoder.layers_0.mlp.wo.kernel/0.0", 151,
-     "8f340bca3e0b460f9d172771529f705ad603f889e354f8db97d97fd390d73b7c"),
-    ("target.encoder.layers_1.attention.key.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.encoder.layers_1.attention.key.kernel/0.0", 87,
-     "6b944ac72431b49abddc7160f0bab30980da890e1a84d7be7a6d3f76b8c22740"),
-    ("target.encoder.layers_1.attention.out.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.encoder.layers_1.attention.out.kernel/0.0", 87,
-     "1f148daf412eed1ffcc8c24117ecf177da9224c0bed2af9ef000ed6e5a092f52"),
-    ("target.encoder.layers_1.attention.query.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.encoder.layers_1.attention.query.kernel/0.0", 87,
-     "28d1d442fe66596a8606e98cfcc45671756a4cd42478bdaec561d9c1d28a04b2"),
-    ("target.encoder.layers_1.attention.value.kernel/.zarray", 142, _ZARRAY_ATTENTION),
-    ("target.encoder.layers_1.attention.value.kernel/0.0", 87,
-     "f0de4634a0fd913e1c4435633c80d5042ddb533ec6203925ab7198f8c2d6ee11"),
-    ("target.encoder.layers_1.mlp.wi_0.kernel/.zarray", 142, _ZARRAY_WI),
-    ("target.encoder.layers_1.mlp.wi_0.kernel/0.0", 151,
-     "1ae20299a80a8713a852089ad0cd0823327ade2bf1dceeee6a02e3dd610945fb"),
-    ("target.encoder.layers_1.mlp.wi_1.kernel/.zarray", 142, _ZARRAY_WI),
-    ("target.encoder.layers_1.mlp.wi_1.kernel/0.0", 151,
-     "69c473d0b2dd5d481d6d831eee845a73296a73cbddc4f23c63829a7ccb7ac171"),
-    ("target.encoder.layers_1.mlp.wo.kernel/.zarray", 142, _ZARRAY_WO),
-    ("target.encoder.layers_1.mlp.wo.kernel/0.0", 151,
-     "b3b7a35ba1cdaa215f57377cc39854126a758182924d8ca929f0df6b30d0463a"),
-    ("target.token_embedder.embedding/.zarray", 149,
-     "546bba34d8e9907ffd0a2fc1dbed66ab9ae36c937f6d48703a03a203fb870ec8"),
-    ("target.token_embedder.embedding/0.0", 60851,
-     "6ebb738bbb759d4a1f50ba4fb376eac90732f65a692c3b80dea190b2e57c0696"),
-    ("target.token_embedder.embedding/1.0", 60849,
-     "dfd9052e435d2d73141dfeeea1711ef6c68ad8215fc8530ecf13b75da2b4ecc1"),
-    ("target.token_embedder.embedding/2.0", 60858,
-     "6d9017684fdac8c2087092cbe9e1f9176471a2c8d0a6b677d2c81921e6e4c904"),
-    ("target.token_embedder.embedding/3.0", 60855,
-     "a29eab6672ca8b5c565f5aa8906a947d0aa04f05356be01508793d2c82bc3ee4"),
-    ("target.token_embedder.embedding/4.0", 60858,
-     "2828a42cf502dc70693ef24223d37dac2dcf912652fb4c456d30cb46d3df2a71"),
-    ("target.token_embedder.embedding/5.0", 60854,
-     "0372dcc1dd029269049d5682aa23b3a36cb06b44809c8d7231189a5d4b63984a"),
-    ("target.token_embedder.embedding/6.0", 60842,
-     "f7f7030f2611c8b6465a7392d9875fea8b74f83df1d0fd46d7796a4c8f70fa78"),
-    ("target.token_embedder.embedding/7.0", 51485,
-     "999a5af1286fd446074444b66f27694bb5c4cc343b98e088dd01973e57ef7300"),
-]
 
-# (path in the layout, source, size, sha256). A source is a URL, "ARCHIVE:member" (a file of a zip in
-# ARCHIVES), or "mrpc:train" / "mrpc:dev" (GLUE's split of _MRPC).
-FILES = [
-    ("t5_spiece.model", _HUB, 791656, "d60acb128cf7b7f2536e8f38a5b18a05535c9e14c7a355904270e15b0945ea86"),
-    ("glue/CoLA/dev.tsv", "glue/CoLA.zip:CoLA/dev.tsv", 53717,
-     "8c013e21dc39957cac37378d87bebe225b694a0d5fe13eded66c2856628833fd"),
-    ("glue/CoLA/train.tsv", "glue/CoLA.zip:CoLA/train.tsv", 428590,
-     "cb368ebeb9f27d7ad03720d27ddc95687a311bdb100781a2fe59a5f5b1bc0624"),
-    ("glue/MRPC/Microsoft_Shared_Source_License.htm", _MRPC_LICENSE, 9703,
-     "2d84356e4c1d0db09fa338ad7100ac56843c4ddd3d152c34130a6069f9f914c0"),
-    ("glue/MRPC/dev.tsv", "mrpc:dev", 103255,
-     "81c8a1a9e1dfe461dd2c1a4f98f43fe18bece44d2bf9e3d0b245b88e5aa5eaf7"),
-    ("glue/MRPC/train.tsv", "mrpc:train", 919457,
-     "122becc469405bc16f9defcb8715d2a4b7ce600e9d9381e6dc42bfdd1494c51d"),
-    ("glue/QNLI/dev.tsv", "glue/QNLIv2.zip:QNLI/dev.tsv", 1367333,
-     "763e95932dd3578251de71582e06829015f9c3815a518c751dc537219b159de4"),
-    ("glue/RTE/dev.tsv", "glue/RTE.zip:RTE/dev.tsv", 90343,
-     "80230dfa1347282e7b532b06a1004a76a710087541189bf874223ddf0e3819fb"),
-    ("glue/RTE/train.tsv", "glue/RTE.zip:RTE/train.tsv", 846226,
-     "41e3a9b063433392343fad9e962cf2f58b681c78d8f71592f4186f0837246c5c"),
-    ("glue/SST-2/dev.tsv", "glue/SST-2.zip:SST-2/dev.tsv", 94931,
-     "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0"),
-    ("glue/SST-2/train.tsv", "glue/SST-2.zip:SST-2/train.tsv", 3806081,
-     "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1"),
-    ("glue/STS-B/LICENSE.txt", "glue/STS-B.zip:STS-B/LICENSE.txt", 6641,
-     "3dfc3217395f8c5dd05c5f8995f25fe2f8fd258e6dd770b3de480749caee8c70"),
-    ("glue/STS-B/dev.tsv", "glue/STS-B.zip:STS-B/dev.tsv", 276928,
-     "fe7dc0632a5033562f3cadff991f6e8d9b9b6311861660e78c3c82eb7db67f59"),
-    ("glue/STS-B/readme.txt", "glue/STS-B.zip:STS-B/readme.txt", 5994,
-     "e9488363d211c32ca5e912954f16eb9233cfed1b5b4b0475d0d812d35d7c8ef1"),
-    ("glue/STS-B/train.tsv", "glue/STS-B.zip:STS-B/train.tsv", 984099,
-     "41c4d978b6162abdcada7e49a982211954cca5459c228db478af333124b257a2"),
-    ("superglue/BoolQ/val.jsonl", "superglue/BoolQ.zip:BoolQ/val.jsonl", 2254565,
-     "0c86a5045886e5795fe9052003873f7d94b88ed3028a33007c51d99e44fd66d9"),
-    ("superglue/CB/train.jsonl", "superglue/CB.zip:CB/train.jsonl", 99499,
-     "32017480d3a10508646e3efd64502c639f13d4d15077f278d2fd0992c33a3126"),
-    ("superglue/CB/val.jsonl", "superglue/CB.zip:CB/val.jsonl", 24598,
-     "c6125587e9601560cb16ea223c33964c5a915568d2af68a81f651b6ef25395ec"),
-    ("superglue/COPA/train.jsonl", "superglue/COPA.zip:COPA/train.jsonl", 72323,
-     "e74ed25f36119fff954d90900ebbaae277e2cc4864be4b961e7a46c8f67d11a9"),
-    ("superglue/COPA/val.jsonl", "superglue/COPA.zip:COPA/val.jsonl", 18169,
-     "fa61467cc251010178ed72f8ca82a0fceefc4ca9a85f87ec3b6102955e1a1f1a"),
-    ("superglue/MultiRC/train.jsonl", "superglue/MultiRC.zip:MultiRC/train.jsonl", 3094341,
-     "bb73d0838618f8269190a2533fead3140607558975ea0df6511fa534e8d3535c"),
-    ("superglue/MultiRC/val.jsonl", "superglue/MultiRC.zip:MultiRC/val.jsonl", 550086,
-     "d2b480195b15574ac00d52c4479f630bc161a7ab2de77e970fd00652846953ee"),
-    ("superglue/RTE/train.jsonl", "superglue/RTE.zip:RTE/train.jsonl", 977550,
-     "fdfb03443abe3ec0424b7fc5d1a8863361719bc061338b7a63e56b94d615f201"),
-    ("superglue/RTE/val.jsonl", "superglue/RTE.zip:RTE/val.jsonl", 104895,
-     "ab990507bf5f35dc176cba7770a72bfa2c50a88ed72b8cc95cfbf9db95ab1af1"),
-    ("superglue/WSC/train.jsonl", "superglue/WSC.zip:WSC/train.jsonl", 140984,
-     "0ffaa3fd8d21e58a0805962565d1619aa4819bc3d034255777f606f801ae5a42"),
-    ("superglue/WSC/val.jsonl", "superglue/WSC.zip:WSC/val.jsonl", 31167,
-     "e5c685ea4bdc347354036a28176459f6feeb0b6870375ecfb3d6ddb1f0e28bef"),
-    ("superglue/WiC/train.jsonl", "superglue/WiC.zip:WiC/train.jsonl", 1211413,
-     "ce301970aaf361ade6c1d218fe15c50b185b14a4bcb618c5785a8484a46f9943"),
-    ("superglue/WiC/val.jsonl", "superglue/WiC.zip:WiC/val.jsonl", 146302,
-     "9f7207c88beba42cbc139de4c62ce05b23bffc189b3d561594b160e0c3920c0b"),
-    *[(f"prompt_tuning_release/t5_1_1_lm100k_base/{task}.npy",
-       _PT + f"pretrained_prompts/t5_1_1_lm100k_base/{task}.npy", 307328, sha) for task, sha in [
-        ("mrpc", "b8ef84399006baf08f661f0c12eeddd2e3c56d809642988469afb86a9ecf2691"),
-        ("rte", "b31903cbbd7549cf64029bfd635af83b6cd39ed40e5a0252bcf2f70030a5ede5"),
-        ("sst2", "74a421fd286e967bf75eedd3e3b1e3076c884c9e02ea27561449cdcdf306cfb9")]],
-    ("t5x_tiny_checkpoint/prompt_5x256.npy", _PT + "test_data/prompt_5x256.npy", 10368,
-     "baf8b299c6b2007ca724ae473c66749ad797a54d2ed5d5409186bd2e63b67cd4"),
-    *[(f"t5x_tiny_checkpoint/checkpoint_3/{path}", _PT + f"test_data/test_t5_1_1_tiny/checkpoint_3/{path}",
-       size, sha) for path, size, sha in _T5X_TINY],
-]
+def _home(path):
+    key = next(k for k in HOMES if path == k or (k.endswith("/") and path.startswith(k)))
+    return HOMES[key] + path[len(key):]
+
+
+def _source(path):
+    """A file's source: its URL; "ARCHIVE:member" for a file of a GLUE/SuperGLUE zip (QNLI's is QNLIv2.zip);
+    "mrpc:train" / "mrpc:dev" for GLUE's split of _MRPC."""
+    top, folder, name = (path.split("/", 2) + ["", ""])[:3]
+    if path in HOMES or top not in ("glue", "superglue"):
+        return _home(path)
+    if folder == "MRPC":
+        return "mrpc:" + name.split(".")[0]
+    return f"{top}/{'QNLIv2' if folder == 'QNLI' else folder}.zip:{folder}/{name}"
+
+
+def _table(text):
+    """(path, size, sha256) of each 'name size sha256' line; a line holding only a folder (or a name's
+    beginning) is the prefix of the names below it."""
+    rows, prefix = [], ""
+    for line in text.strip().split("\n"):
+        if len(fields := line.split()) == 1:
+            prefix = fields[0]
+        else:
+            rows.append((prefix + fields[0], int(fields[1]), fields[2]))
+    return rows
+
+
+# Archives: downloaded to a temporary folder, unpacked, deleted. name: (url, size, sha256).
+ARCHIVES = {name: (_home(name), size, sha) for name, size, sha in _table("""
+glue/CoLA.zip                   376971 f212fcd832b8f7b435fb991f101abf89f96b933ab400603bf198960dfc32cbff
+glue/SST-2.zip                 7439277 d67e16fb55739c1b32cdce9877596db1c127dc322d93c082281f64057c16deaa
+glue/STS-B.zip                  802872 e60a6393de5a8b5b9bac5020a1554b54e3691f9d600b775bd131e613ac179c85
+glue/QNLIv2.zip               10627589 e634e78627a29adaecd4f955359b22bf5e70f2cbd93b493f2d624138a0c0e5f5
+glue/RTE.zip                    697150 6bf86de103ecd335f3441bd43574d23fef87ecc695977a63b82d5efb206556ee
+glue/msr_paraphrase_train.txt  1047044 60a9b09084528f0673eedee2b69cb941920f0b8cd0eeccefc464a98768457f89
+glue/mrpc_dev_ids.tsv             6222 971d7767d81b997fd9060ade0ec23c4fc31cbb226a55d1bd4a1bac474eb81dc7
+superglue/BoolQ.zip            4118001 853fbe7922f70c59629f06a39e8d9ca440c3d740e760fd3b87a5ddf3dcba2436
+superglue/CB.zip                 75482 8d641383298d54554066ba1c93f56ae7410af75df621b90c63028806bbbbb535
+superglue/COPA.zip               43986 405906cddac74bc1e1ce8220f1107d1025b66a25ef10149d91b10bb30651125f
+superglue/MultiRC.zip          1116225 b3cd440856e72eb166b2edcd37b798455f1ebd51f2c3de64c0c2a4e1971d2737
+superglue/RTE.zip               750920 6310aab3f000424c9d0318a1ff20692e07c7f4aa15e8f17a5972ea0a35c398b9
+superglue/WiC.zip               396213 ee7e67f4ae9eafbf533780faa198e62167f3cda54256cdf261877be3c0e90900
+superglue/WSC.zip                32751 2ed6dfa94556b4a128ff0441efe365b2e883124e7e6aa00fb8d3a6cb1fd520a9
+""")}
+# The layout: (path, source, size, sha256); T5X's tiny checkpoint is the one of prompt-tuning's tests.
+FILES = [(path, _source(path), size, sha) for path, size, sha in _table("""
+t5_spiece.model                 791656 d60acb128cf7b7f2536e8f38a5b18a05535c9e14c7a355904270e15b0945ea86
+glue/CoLA/dev.tsv                53717 8c013e21dc39957cac37378d87bebe225b694a0d5fe13eded66c2856628833fd
+glue/CoLA/train.tsv             428590 cb368ebeb9f27d7ad03720d27ddc95687a311bdb100781a2fe59a5f5b1bc0624
+glue/MRPC/dev.tsv               103255 81c8a1a9e1dfe461dd2c1a4f98f43fe18bece44d2bf9e3d0b245b88e5aa5eaf7
+glue/MRPC/train.tsv             919457 122becc469405bc16f9defcb8715d2a4b7ce600e9d9381e6dc42bfdd1494c51d
+glue/QNLI/dev.tsv              1367333 763e95932dd3578251de71582e06829015f9c3815a518c751dc537219b159de4
+glue/RTE/dev.tsv                 90343 80230dfa1347282e7b532b06a1004a76a710087541189bf874223ddf0e3819fb
+glue/RTE/train.tsv              846226 41e3a9b063433392343fad9e962cf2f58b681c78d8f71592f4186f0837246c5c
+glue/SST-2/dev.tsv               94931 54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0
+glue/SST-2/train.tsv           3806081 48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1
+glue/STS-B/LICENSE.txt            6641 3dfc3217395f8c5dd05c5f8995f25fe2f8fd258e6dd770b3de480749caee8c70
+glue/STS-B/dev.tsv              276928 fe7dc0632a5033562f3cadff991f6e8d9b9b6311861660e78c3c82eb7db67f59
+glue/STS-B/readme.txt             5994 e9488363d211c32ca5e912954f16eb9233cfed1b5b4b0475d0d812d35d7c8ef1
+glue/STS-B/train.tsv            984099 41c4d978b6162abdcada7e49a982211954cca5459c228db478af333124b257a2
+superglue/BoolQ/val.jsonl      2254565 0c86a5045886e5795fe9052003873f7d94b88ed3028a33007c51d99e44fd66d9
+superglue/CB/train.jsonl         99499 32017480d3a10508646e3efd64502c639f13d4d15077f278d2fd0992c33a3126
+superglue/CB/val.jsonl           24598 c6125587e9601560cb16ea223c33964c5a915568d2af68a81f651b6ef25395ec
+superglue/COPA/train.jsonl       72323 e74ed25f36119fff954d90900ebbaae277e2cc4864be4b961e7a46c8f67d11a9
+superglue/COPA/val.jsonl         18169 fa61467cc251010178ed72f8ca82a0fceefc4ca9a85f87ec3b6102955e1a1f1a
+superglue/MultiRC/train.jsonl  3094341 bb73d0838618f8269190a2533fead3140607558975ea0df6511fa534e8d3535c
+superglue/MultiRC/val.jsonl     550086 d2b480195b15574ac00d52c4479f630bc161a7ab2de77e970fd00652846953ee
+superglue/RTE/train.jsonl       977550 fdfb03443abe3ec0424b7fc5d1a8863361719bc061338b7a63e56b94d615f201
+superglue/RTE/val.jsonl         104895 ab990507bf5f35dc176cba7770a72bfa2c50a88ed72b8cc95cfbf9db95ab1af1
+superglue/WSC/train.jsonl       140984 0ffaa3fd8d21e58a0805962565d1619aa4819bc3d034255777f606f801ae5a42
+superglue/WSC/val.jsonl          31167 e5c685ea4bdc347354036a28176459f6feeb0b6870375ecfb3d6ddb1f0e28bef
+superglue/WiC/train.jsonl      1211413 ce301970aaf361ade6c1d218fe15c50b185b14a4bcb618c5785a8484a46f9943
+superglue/WiC/val.jsonl         146302 9f7207c88beba42cbc139de4c62ce05b23bffc189b3d561594b160e0c3920c0b
+glue/MRPC/
+Microsoft_Shared_Source_License.htm     9703 2d84356e4c1d0db09fa338ad7100ac56843c4ddd3d152c34130a6069f9f914c0
+prompt_tuning_release/t5_1_1_lm100k_base/
+mrpc.npy                        307328 b8ef84399006baf08f661f0c12eeddd2e3c56d809642988469afb86a9ecf2691
+rte.npy                         307328 b31903cbbd7549cf64029bfd635af83b6cd39ed40e5a0252bcf2f70030a5ede5
+sst2.npy                        307328 74a421fd286e967bf75eedd3e3b1e3076c884c9e02ea27561449cdcdf306cfb9
+t5x_tiny_checkpoint/checkpoint_3/
+checkpoint                     1045001 9f952b02f0f348b2d4ae686852c4f70d18c56714f86a54146d132ab33002e912
+t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_0.encoder_decoder_attention.
+key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+key.kernel/0.0                      87 de202966b435286b95211b80b4eb2f8e2a339dcb667565cbe5a2587040a4ae2f
+out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+out.kernel/0.0                      87 80eb3ec1e219ba3e201364884497feca6c526c7aca7195a17276981e98dfc4c4
+query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+query.kernel/0.0                    87 d433cbc5ba2d7ae4abc4cd233c64e8794121d742af02452cef45919fc0d70ea0
+value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+value.kernel/0.0                    87 411d260dc822c4ff8abb5813c0ede2bac7eeb15f94c3715de68fcbd3045247eb
+t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_0.mlp.
+wi_0.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
+wi_0.kernel/0.0                    151 8c3bca3d41dc6fd1ab5a953b4bf4042ed170ae602ac6c177ac6b8f902f5efd46
+wi_1.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
+wi_1.kernel/0.0                    151 d81a39f9e336ef01083d5d53222ecf6b9ee56570dc1f2391624576c76386754d
+wo.kernel/.zarray                  142 c63167da11e0a0cb3883c4a39ff921f189e67c9e570e3f8ee74632b4d60aaaf2
+wo.kernel/0.0                      151 baaeb7d5418581ad01d38e26b1f23f476330bf1332277e854a94dd910e96826e
+t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_0.self_attention.
+key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+key.kernel/0.0                      87 89afe87d59279f2205d8b2bfa8ac344c6a68149f84ea1a391390165b29a79124
+out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+out.kernel/0.0                      87 7522016d965c9cef1d51498afebe8a2308d2d0663f7dfa1f334a58a6d949e572
+query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+query.kernel/0.0                    87 c6af3b91fd98ab99ae6e9d69e2ffe7074e253e61af3c56f1483cd18b6beb65aa
+value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+value.kernel/0.0                    87 209134bbc866107719192a87bc5c11adf5e37b3e2c75a87451c8d109d645499f
+t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_1.encoder_decoder_attention.
+key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+key.kernel/0.0                      87 973a9c388db70210cb16dd3e62f0ab908d93fe48af0d55f53a4082f1f524f56b
+out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+out.kernel/0.0                      87 8b4d61766b8e1afa56aca8287f52e68251df3e1c10e428530f8a2ead7aacfc7a
+query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+query.kernel/0.0                    87 8f2db4e5f68280f988466b104a19cc9d20f9e93a216a19c8cc1287a1914ea75e
+value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+value.kernel/0.0                    87 fc6d9a03d53e3bf46d51322475c5a36f999b14306eb877c0b92dbcb32662fae9
+t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_1.mlp.
+wi_0.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
+wi_0.kernel/0.0                    151 f2e414de013d648f27c9338ec4d422e2240fe31e5fd01ca7a080686b8993a69d
+wi_1.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
+wi_1.kernel/0.0                    151 de0b8c8902d4f15985dc510bed858c79a88569545667514eee26d49d4d06953a
+wo.kernel/.zarray                  142 c63167da11e0a0cb3883c4a39ff921f189e67c9e570e3f8ee74632b4d60aaaf2
+wo.kernel/0.0                      151 8e930415a7e583ca860b9465095b2ac1e64f5b0d5f4891dcd78dbc692ce8f700
+t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_1.self_attention.
+key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+key.kernel/0.0                      87 a6c67261a9421896cfca01f9f40e5db7a0293dd3f64329155ec429104379b537
+out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+out.kernel/0.0                      87 97c8e04f4e40c17286fe5882a37cc8d320da40b89f2c95785ac24f802d23fb6e
+query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+query.kernel/0.0                    87 71fbcc12f6354ea8941f44fd3563934454a404552f26d71c451feedb7ff9955b
+value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+value.kernel/0.0                    87 50b48fc3bb1e5f3bb94ace9abd349cf30e62104306510b784df6d1e22307c855
+t5x_tiny_checkpoint/checkpoint_3/target.decoder.logits_dense.
+kernel/.zarray                     149 47b904551b464d91c474992f62d9f522102650b2d142cad7b04f1c4322406206
+kernel/0.0                       61044 5b88fefd39456e6316a5fc9a0122e8d40189cd8e0bf9bd805efb0f0a74dd5c52
+kernel/0.1                       61041 ab8c14d279cab7fd39fb445207d39bc6174c0016797a99e7506d105c6cc6abdd
+kernel/0.2                       61027 d4642ccf09a30221489fb42ecb5c56674491260ed457516b43e95985d897e3ce
+kernel/0.3                       61024 877fb7d16e34da914be1f9c9d0ff9d68eb735216f503f5f78cc7d26c2149d94b
+kernel/0.4                       61019 5e6c14249ea5daa30e5a205f19f64d39f3b9823fdd6d79b21643d136868ed11a
+kernel/0.5                       61019 0beb914f27d28a4f35c86c0444e7b40816fd362e2d856f3c8dd66ddbf191b746
+kernel/0.6                       60998 35814083ce5a8d8ebc4f53f5681774ddb08c544610f1efef1d726422076ea5c3
+kernel/0.7                       51671 77836804630080482254c789d1a5724e704bed54c47bd3edaf421d6b3917d377
+t5x_tiny_checkpoint/checkpoint_3/target.encoder.layers_0.attention.
+key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+key.kernel/0.0                      87 db52dd06966af9b264617bb82f14627b9fe922463b73eb208460c2e5a528dc74
+out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+out.kernel/0.0                      87 17b1ecca8ba94b5dd86c4baadac30223bca2d5db436aade95b1220a9875ace46
+query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+query.kernel/0.0                    87 a234e79375d0689b83a0023fa9d361e6f5898c776df866dbb09d591c5c14dda1
+value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+value.kernel/0.0                    87 9eabdb944e9c7a67e33f2aa8b6f600c00cfa3541a4570b5ca0828912a73e64d4
+t5x_tiny_checkpoint/checkpoint_3/target.encoder.layers_0.mlp.
+wi_0.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
+wi_0.kernel/0.0                    151 bda998ae42fd75888f13916fc53242bc84aec2f0d9d7c460dae767ba384ea249
+wi_1.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
+wi_1.kernel/0.0                    151 324c8c54c1f66634b14643cb2dfd8e000a37eaf4e2bb61545608f2d322aa2f35
+wo.kernel/.zarray                  142 c63167da11e0a0cb3883c4a39ff921f189e67c9e570e3f8ee74632b4d60aaaf2
+wo.kernel/0.0                      151 8f340bca3e0b460f9d172771529f705ad603f889e354f8db97d97fd390d73b7c
+t5x_tiny_checkpoint/checkpoint_3/target.encoder.layers_1.attention.
+key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+key.kernel/0.0                      87 6b944ac72431b49abddc7160f0bab30980da890e1a84d7be7a6d3f76b8c22740
+out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+out.kernel/0.0                      87 1f148daf412eed1ffcc8c24117ecf177da9224c0bed2af9ef000ed6e5a092f52
+query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+query.kernel/0.0                    87 28d1d442fe66596a8606e98cfcc45671756a4cd42478bdaec561d9c1d28a04b2
+value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
+value.kernel/0.0                    87 f0de4634a0fd913e1c4435633c80d5042ddb533ec6203925ab7198f8c2d6ee11
+t5x_tiny_checkpoint/checkpoint_3/target.encoder.layers_1.mlp.
+wi_0.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
+wi_0.kernel/0.0                    151 1ae20299a80a8713a852089ad0cd0823327ade2bf1dceeee6a02e3dd610945fb
+wi_1.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
+wi_1.kernel/0.0                    151 69c473d0b2dd5d481d6d831eee845a73296a73cbddc4f23c63829a7ccb7ac171
+wo.kernel/.zarray                  142 c63167da11e0a0cb3883c4a39ff921f189e67c9e570e3f8ee74632b4d60aaaf2
+wo.kernel/0.0                      151 b3b7a35ba1cdaa215f57377cc39854126a758182924d8ca929f0df6b30d0463a
+t5x_tiny_checkpoint/checkpoint_3/target.token_embedder.
+embedding/.zarray                  149 546bba34d8e9907ffd0a2fc1dbed66ab9ae36c937f6d48703a03a203fb870ec8
+embedding/0.0                    60851 6ebb738bbb759d4a1f50ba4fb376eac90732f65a692c3b80dea190b2e57c0696
+embedding/1.0                    60849 dfd9052e435d2d73141dfeeea1711ef6c68ad8215fc8530ecf13b75da2b4ecc1
+embedding/2.0                    60858 6d9017684fdac8c2087092cbe9e1f9176471a2c8d0a6b677d2c81921e6e4c904
+embedding/3.0                    60855 a29eab6672ca8b5c565f5aa8906a947d0aa04f05356be01508793d2c82bc3ee4
+embedding/4.0                    60858 2828a42cf502dc70693ef24223d37dac2dcf912652fb4c456d30cb46d3df2a71
+embedding/5.0                    60854 0372dcc1dd029269049d5682aa23b3a36cb06b44809c8d7231189a5d4b63984a
+embedding/6.0                    60842 f7f7030f2611c8b6465a7392d9875fea8b74f83df1d0fd46d7796a4c8f70fa78
+embedding/7.0                    51485 999a5af1286fd446074444b66f27694bb5c4cc343b98e088dd01973e57ef7300
+t5x_tiny_checkpoint/
+prompt_5x256.npy                 10368 baf8b299c6b2007ca724ae473c66749ad797a54d2ed5d5409186bd2e63b67cd4
+""")]
 FETCH_HINT = "python3 data.py fetch"
 PROGRESS_BYTES = 2 ** 20          # files from this size on show a progress bar
 
