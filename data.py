@@ -74,29 +74,20 @@ MIXTURES["All"] = tuple(dict.fromkeys(t for m in list(MIXTURES.values()) for t i
 
 def mixture_rates(sizes, cap=MIXING_CAP):
     """Examples-proportional mixing (Raffel et al. 2020 §3.5.2): r_m = min(n_m, K) / sum_n min(n_n, K)."""
-    if any(n < 0 for n in sizes.values()) or cap < 1:
-        raise ValueError(f"mixture_rates needs sizes >= 0 and a cap >= 1, got {sizes} and cap={cap}")
     capped = {name: min(int(n), cap) for name, n in sizes.items()}
     total = sum(capped.values())
-    if total <= 0:
-        raise ValueError(f"mixture_rates needs at least one non-empty task, got {sizes}")
     return {name: n / total for name, n in capped.items()}
 
 
 def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP, process_index=0,
                     process_count=1):
-    """Infinite batches from a mixture of sources (TextSource or tokenize's arrays, any number of tasks): each
-    row picks a task with the mixing rates, then an example of it uniformly (with replacement), so batch k
-    depends only on (seed, k) and holds nothing but the batch. Padded to the bucket of the batch's longest
-    row; process_index / process_count as in batches."""
-    _check_stream(batch_size, seed, start, process_index, process_count)
-    sources = {name: as_source(s) for name, s in sources_by_task.items()}
+    """Infinite batches from a mixture of sources (any number of tasks): each row picks a task with the
+    mixing rates, then an example of it uniformly (with replacement), so batch k depends only on (seed, k)
+    and holds nothing but the batch. Padded to the bucket of the batch's longest row; process_index /
+    process_count as in batches."""
+    sources = sources_by_task
     names, sizes = list(sources), {t: len(s) for t, s in sources.items()}
     rates = rates or mixture_rates(sizes, cap)
-    if set(names) - set(rates) or any(rates[t] < 0 or (rates[t] > 0 and not sizes[t]) for t in names) \
-            or not sum(rates[t] for t in names) > 0:
-        raise ValueError(f"rates {rates} must give every task of {sizes} (examples per task) a rate >= 0, "
-                         "> 0 in total, and 0 to tasks without examples")
     p = np.array([rates[t] for t in names], np.float64)
     in_cap = max(s.max_input_len for s in sources.values())
     tgt_cap = max(s.max_target_len for s in sources.values())
@@ -120,8 +111,7 @@ def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=
                 else:
                     idx = rng.integers(sizes[name], size=len(slots))
                 taken[t] += len(slots)
-                got = sources[name].rows(idx)
-                for i, x, y in zip(slots, *got):
+                for i, x, y in zip(slots, *sources[name].rows(idx)):
                     inputs[i], targets[i] = x, y
         yield _collate(inputs, targets, in_cap, tgt_cap, process_index, process_count)
         k += 1
@@ -132,23 +122,18 @@ def topk_mixture(source_tasks, target_task):
     return tuple(dict.fromkeys(get_task(t).name for t in [*source_tasks, target_task]))
 
 
-# ----------------------------------------------------------------------------- lazy, length-bucketed batches
 # Batch k is made when asked for, a pure function of (seed, k): its example indices, then those examples
 # read, formatted, tokenized and padded to bucket lengths. Memory is O(batch), whatever the source's size.
 # We write the index sampling (~40 lines of numpy) rather than depend on `grain`: a keyed bijection with
 # cycle walking, as grain's index_shuffle (which uses the Simon cipher), and T5's mixing by independent
-# random draws, in plain sight.
+# random draws, in plain sight. A source is a TextSource, an ArraySource or a PrefixLMSource: len(source),
+# source.rows(idx) -> (input id lists, target id lists), source.max_input_len, source.max_target_len.
 def batches(source, batch_size, seed, start=0, process_index=0, process_count=1):
-    """Infinite shuffled batches {'inputs': int32 [B,S], 'targets': int32 [B,T]} of a source (a TextSource, or
-    tokenize's arrays), each padded to the bucket of its longest row (bucket_length). Batch k depends only on
-    (seed, k), so a resumed run passes start=k; every epoch is a permutation of the examples. With
-    process_count > 1, process process_index gets rows [i B/c, (i+1) B/c) of each global batch
-    (jax.process_index/process_count)."""
-    _check_stream(batch_size, seed, start, process_index, process_count)
-    source = as_source(source)
+    """Infinite shuffled batches {'inputs': int32 [B,S], 'targets': int32 [B,T]} of a source, each padded to
+    the bucket of its longest row (bucket_length). Batch k depends only on (seed, k), so a resumed run
+    passes start=k; every epoch is a permutation of the examples. With process_count > 1, process
+    process_index gets rows [i B/c, (i+1) B/c) of each global batch (jax.process_index/process_count)."""
     n = len(source)
-    if n == 0:
-        raise ValueError("batches() got no examples")
     stream = getattr(source, "stream", False)       # a DocStream shuffles within its windows itself
     k = start
     while True:
@@ -212,18 +197,6 @@ def batch_rows(n, batch_size, seed, k):
     return rows
 
 
-def _check_stream(batch_size, seed, start, process_index, process_count):
-    """Arguments of batches / mixture_batches: a clear error now, not an odd one at the first batch."""
-    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    for what, value in (("seed", seed), ("start", start), ("process_index", process_index)):
-        if not (isinstance(value, (int, np.integer)) and value >= 0):
-            raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
-    if not (process_count >= 1 and process_index < process_count and batch_size % process_count == 0):
-        raise ValueError(f"process {process_index} of {process_count}: needs 0 <= process_index < "
-                         f"process_count and a batch_size ({batch_size}) divisible by process_count")
-
-
 def _collate(inputs, targets, in_cap, tgt_cap, process_index=0, process_count=1):
     """Rows -> int32 arrays padded to the bucket of the longest row (bucket_length). The bucket is the global
     batch's, so every process pads alike; process_index keeps its contiguous share of the rows (multi-host
@@ -262,56 +235,38 @@ class TextSource:
     def rows(self, idx):
         """(input ids, target ids) of examples idx, each a list of unpadded id lists ending in EOS."""
         texts = [self.pairs[int(i)] for i in idx]
-        if not all(isinstance(t, Mapping) and isinstance(t.get("inputs"), str)
-                   and isinstance(t.get("targets"), str) for t in texts):
-            raise TypeError("a TextSource's pairs must be {'inputs': str, 'targets': str}: pass to_text / "
-                            "text_pairs / load_pairs output")
         return (token_ids(self.vocab, [t["inputs"] for t in texts], self.max_input_len),
                 token_ids(self.vocab, [t["targets"] for t in texts], self.max_target_len))
 
 
 @dataclass(frozen=True, eq=False)
-class _ArraySource:
-    """tokenize's arrays {'inputs': [n,S], 'targets': [n,T]} (rows padded with 0)
-    as a source of trimmed rows."""
-    arrays: dict
+class ArraySource:
+    """Token arrays inputs [n,S] and targets [n,T], padded with 0 at the end (tokenize's output:
+    ArraySource(**tokenize(...)); synthetic tasks): each batch trims its rows and pads them to its bucket."""
+    inputs: np.ndarray
+    targets: np.ndarray
 
     def __len__(self):
-        return len(self.arrays["inputs"])
+        return len(self.inputs)
 
     @property
     def max_input_len(self):
-        return self.arrays["inputs"].shape[1]
+        return self.inputs.shape[1]
 
     @property
     def max_target_len(self):
-        return self.arrays["targets"].shape[1]
+        return self.targets.shape[1]
 
     def rows(self, idx):
-        return unpad(self.arrays["inputs"][idx]), unpad(self.arrays["targets"][idx])
+        return unpad(self.inputs[idx]), unpad(self.targets[idx])
 
 
 def unpad(a):
-    """int [n, L] padded with 0 at the end (T5 pads only there)
-    -> n lists of ids up to the last non-pad one."""
+    """int [n, L] padded with 0 at the end (T5 pads only there) -> n lists of ids up to the last non-pad."""
     a = np.asarray(a)
     used = a != PAD_ID
     ends = np.where(used.any(1), a.shape[1] - np.argmax(used[:, ::-1], 1), 0)
     return [r[:e].tolist() for r, e in zip(a, ends)]
-
-
-def as_source(source):
-    """A TextSource (or anything with __len__, rows(idx), max_input_len, max_target_len) as is; tokenize's
-    arrays wrapped so their rows are trimmed and re-padded per batch like any other source."""
-    if isinstance(source, Mapping):
-        rows = {key: len(a) for key, a in source.items()}
-        if set(rows) < {"inputs", "targets"} or len(set(rows.values())) > 1:
-            raise ValueError(f"arrays have different numbers of rows or miss a key {rows}: "
-                             "pass data.tokenize's output ('inputs' and 'targets')")
-        return _ArraySource({key: np.asarray(source[key]) for key in ("inputs", "targets")})
-    if not all(hasattr(source, a) for a in ("rows", "max_input_len", "max_target_len", "__len__")):
-        raise TypeError(f"a source is a TextSource or tokenize's arrays, got {type(source).__name__}")
-    return source
 
 
 # ----------------------------------------------------------------------------- T5 string operations

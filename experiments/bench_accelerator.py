@@ -203,7 +203,7 @@ def token_arrays(vocab_size, S, n, seed=0):
         ids[np.arange(width)[None, :] >= lengths[:, None]] = t5_model.PAD_ID
         ids[np.arange(n), lengths - 1] = t5_model.EOS_ID
         out[name] = ids
-    return out
+    return data.ArraySource(**out)
 
 
 def compiled(fn, *args, **kwargs):
@@ -246,7 +246,7 @@ def bench_shape(cfg, tc, frozen, S, steps, eval_batch):
     opt_state = spot.make_optimizer(tc.optimizer).init(prompt)
     source = token_arrays(cfg.vocab_size, S, 4 * tc.batch_size)
     batches = data.batches(source, tc.batch_size, seed=0)
-    first, rows = next(batches), jnp.asarray(np.resize(source['inputs'], (eval_batch, S)))
+    first, rows = next(batches), jnp.asarray(np.resize(source.inputs, (eval_batch, S)))
     step_program, lower_s, compile_s = compiled(spot.train_step, prompt, opt_state, frozen, first,
                                                 spot.dropout_key(0, 0), *static)
     eval_program, eval_lower_s, eval_compile_s = compiled(t5_model.greedy_decode, frozen, cfg, rows, prompt,

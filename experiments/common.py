@@ -124,7 +124,7 @@ def train_config(args, steps, seed, **changes):
 @dataclasses.dataclass(frozen=True, eq=False)
 class TaskData:
     name: str
-    # data.batches' input: data.TextSource (real tasks) or tokenize-like arrays (synthetic)
+    # data.batches' input: data.TextSource (real tasks) or data.ArraySource (synthetic)
     train: object
     evaluate: Callable         # (params, cfg, prompt or None) -> {metric x100, 'score'} on validation
     label_ids: list | None     # token ids of each class label (class-label prompt init, App. C)
@@ -212,7 +212,7 @@ def token_task(name, task_token, triggers, label_ids, words, n_train, n_val, see
         scores = [t5_model.score_targets(params, cfg, x[n_train:], c, prompt) for c in candidates]
         accuracy = 100 * float(np.mean(np.argmax(np.stack(scores), 0) == y[n_train:]))
         return {"accuracy": accuracy, "score": accuracy}
-    train = {"inputs": x[:n_train], "targets": targets[:n_train]}
+    train = data.ArraySource(x[:n_train], targets[:n_train])
     return TaskData(name, train, evaluate, [[lab] for lab in label_ids])
 
 
@@ -222,8 +222,8 @@ def synthetic_task(name, width=32, target_width=8):
     tokens = np.random.default_rng(zlib.crc32(name.encode())).choice(np.arange(100, 5000), 19, replace=False)
     td = token_task(name, tokens[0], (tokens[3:11], tokens[11:19]), tokens[1:3], np.arange(5000, 9000),
                     TINY_EXAMPLES, TINY_EXAMPLES, zlib.crc32(name.encode()), width=width)
-    td.train["targets"] = np.pad(td.train["targets"], ((0, 0), (0, target_width - 2)))
-    return td
+    targets = np.pad(td.train.targets, ((0, 0), (0, target_width - 2)))
+    return dataclasses.replace(td, train=data.ArraySource(td.train.inputs, targets))
 
 
 # ------------------------------------------------------------------------------------------- runs and results

@@ -127,7 +127,7 @@ def main(argv=None):
     print(f"\nSPoT quickstart: a frozen RANDOM tiny T5 ({cfg.d_model}-wide, vocabulary {cfg.vocab_size}) "
           f"and synthetic tasks. Source prompts: {SOURCE_STEPS} steps; validation accuracy "
           + ", ".join(f"{n} {s:.0f}" for n, s in source_scores.items()) + ".")
-    print(f"Target 'reviews': {len(target.train['inputs'])} training examples, {TARGET_STEPS} steps of "
+    print(f"Target 'reviews': {len(target.train)} training examples, {TARGET_STEPS} steps of "
           f"prompt tuning; accuracy on 256 validation examples, mean ± std over {args.seeds} seeds.\n")
     print(f"  {'target prompt starts from':<28} {'per-token sim':>13} {'avg-token sim':>13} "
           f"{'acc. step 0':>11} {f'acc. step {TARGET_STEPS}':>15}")

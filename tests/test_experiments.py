@@ -139,7 +139,7 @@ def test_table3_without_table6_runs_names_the_command(tmp_path):
 def test_token_task_known_answer():
     td = common.token_task("t", 7, ([100, 101], [200, 201]), (10, 11), [50], n_train=6, n_val=2, seed=0,
                            width=10)
-    x, y = td.train["inputs"], td.train["targets"]
+    x, y = td.train.inputs, td.train.targets
     assert x.shape == (6, 10) and (x[:, 0] == 7).all() and (x[:, 7] == 1).all() and (x[:, 8:] == 0).all()
     for row, target in zip(x, y):  # 2 trigger words of the class named by the target, the rest filler 50
         c = [10, 11].index(target[0])
