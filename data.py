@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-PAD_ID, EOS_ID = 0, 1
+from t5_model import EOS_ID, PAD_ID  # one definition, the model's: T5's SentencePiece pad and EOS
+
 NUM_SENTINELS = 100                       # <extra_id_0> = 32099 ... <extra_id_99> = 32000 (T5 vocabulary)
 MIXING_CAP = 2 ** 19                      # K of examples-proportional mixing, SPoT §2.1
 MAX_INPUT_LEN = 512                       # prompt-tuning/prompt_tuning/scripts/sst2-demo.sh: inputs 512
@@ -161,8 +162,9 @@ _MIX = np.array([0xBF58476D1CE4E5B9, 0x94D049BB133111EB], np.uint64)
 
 
 def _hash(x):
-    """splitmix64's finaliser (Steele et al. 2014): uint64 array -> uint64 array;
-    every output bit mixes all inputs."""
+    """splitmix64's finaliser (Steele et al. 2014): uint64 array -> uint64 array; every output bit mixes all
+    inputs. Not t5_model._mix32 (uint32, in jit, for dropout): one hash for both would change the data order
+    or the dropout masks, so every README number."""
     x = (x ^ (x >> np.uint64(30))) * _MIX[0]
     x = (x ^ (x >> np.uint64(27))) * _MIX[1]
     return x ^ (x >> np.uint64(31))
@@ -1297,11 +1299,16 @@ def matthews(targets, preds):
     return {"matthews_corrcoef": 100 * float((np.trace(c) * s - tk @ pk) / den) if den else 0.0}
 
 
-def pearson(targets, preds):
-    t, p = np.asarray(targets, np.float64), np.asarray(preds, np.float64)
-    t, p = t - t.mean(), p - p.mean()
+def pearson_r(x, y):
+    """Pearson's r of two 1-D sequences (NaN when one is constant); the figures' correlations use it too."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = x - x.mean(), y - y.mean()
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"pearson_corrcoef": 100 * float(t @ p / np.sqrt((t @ t) * (p @ p)))}
+        return float(x @ y / np.sqrt((x @ x) * (y @ y)))
+
+
+def pearson(targets, preds):
+    return {"pearson_corrcoef": 100 * pearson_r(targets, preds)}
 
 
 def _ranks(x):
@@ -1315,7 +1322,7 @@ def spearman(targets, preds):
     # A "nan" prediction gives NaN, as scipy.stats.spearmanr does.
     if np.isnan(np.asarray(preds, np.float64)).any():
         return {"spearman_corrcoef": float("nan")}
-    return {"spearman_corrcoef": pearson(_ranks(targets), _ranks(preds))["pearson_corrcoef"]}
+    return {"spearman_corrcoef": 100 * pearson_r(_ranks(targets), _ranks(preds))}
 
 
 def normalize_squad(text):

@@ -10,6 +10,7 @@ import math
 import numpy as np
 from scipy import stats
 
+import data
 from retrieval import relative_error_reduction
 
 
@@ -57,9 +58,7 @@ def p_value_from_r(r, n):
 
 
 def pearson(x, y):
-    """Pearson r and two-sided p (Fig. 5 / Fig. 8: similarity vs relative error reduction of one target)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
-        raise ValueError(f"pearson needs two 1-D arrays of equal length >= 3, got {x.shape} and {y.shape}")
-    r, p = stats.pearsonr(x, y)
-    return float(r), float(p)
+    """Pearson r (data.pearson_r, the one STS-B is scored with) and its two-sided p (Fig. 5 / Fig. 8:
+    similarity vs relative error reduction of one target)."""
+    r = data.pearson_r(x, y)
+    return r, p_value_from_r(r, len(x))
