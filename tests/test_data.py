@@ -455,16 +455,13 @@ def test_jsonl_with_blank_lines_or_a_byte_order_mark_is_read(shared_data, tmp_pa
     assert data.load_examples("docnli", "validation", tmp_path)[0]["label"] == 1
 
 
-def test_labels_file_must_label_every_record_and_labels_must_be_in_range(tmp_path):
+def test_labels_file_must_label_every_record(tmp_path):
     (tmp_path / "socialiqa").mkdir()
     row = json.dumps({"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c"})
     (tmp_path / "socialiqa" / "dev.jsonl").write_text(f"{row}\n{row}\n")
     (tmp_path / "socialiqa" / "dev-labels.lst").write_text("3\n")              # zip() would drop record 2
     with pytest.raises(ValueError, match="has 1 labels for the 2 records"):
         data.load_examples("socialiqa", "validation", data_dir=tmp_path)
-    for label in (2, -2):                                                 # -2 must not wrap to 'negative'
-        with pytest.raises(ValueError, match=f"label {label} is not a class index"):
-            data.to_text("sst2", {"sentence": "x", "label": label, "idx": 0})
 
 
 # ----------------------------------------------------------------------------- the tfds path, offline
@@ -866,9 +863,7 @@ def test_score_postprocesses_and_averages(shared_data):
         data.score("c4", [{"text": "a b"}], ["b"])
 
 
-def test_score_refuses_empty_and_unlabelled_input():
-    with pytest.raises(ValueError, match="no examples"):
-        data.score("cola", [], [])
+def test_score_refuses_unlabelled_input():
     test_split = [{"sentence": "Hi.", "idx": i, "label": -1} for i in range(3)]
     with pytest.raises(ValueError, match="3 of 3 examples have no label.*validation"):
         data.score("cola", test_split, ["acceptable"] * 3)              # would silently score 0
@@ -876,8 +871,6 @@ def test_score_refuses_empty_and_unlabelled_input():
              "idx": {"passage": 0, "query": 0}}
     with pytest.raises(ValueError, match="have no label"):               # T5: max() of no answers
         data.score("record", [query], ["A"])
-    with pytest.raises(TypeError, match="decoded strings"):
-        data.score("cola", test_split[:1], [None])
     snli = [{"premise": "P.", "hypothesis": "H.", "label": -1},
             {"premise": "P.", "hypothesis": "H.", "label": 0}]
     # tfds SNLI: some -1 labels, as T5
