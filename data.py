@@ -1495,8 +1495,23 @@ superglue/RTE.zip               750920 6310aab3f000424c9d0318a1ff20692e07c7f4aa1
 superglue/WiC.zip               396213 ee7e67f4ae9eafbf533780faa198e62167f3cda54256cdf261877be3c0e90900
 superglue/WSC.zip                32751 2ed6dfa94556b4a128ff0441efe365b2e883124e7e6aa00fb8d3a6cb1fd520a9
 """)}
+
+
+def _with_zarray(rows):
+    """T5X's tiny checkpoint: each layer kernel's chunk 0.0 comes with a .zarray header of 142 bytes, one of
+    three texts (attention, wi, wo)."""
+    for path, size, sha in rows:
+        if ".layers_" in path:
+            kind = "wi" if ".wi_" in path else "wo" if ".wo." in path else "attention"
+            yield path.replace("/0.0", "/.zarray"), 142, _ZARRAY[kind]
+        yield path, size, sha
+
+
+_ZARRAY = {"attention": "23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64",
+           "wi": "bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324",
+           "wo": "c63167da11e0a0cb3883c4a39ff921f189e67c9e570e3f8ee74632b4d60aaaf2"}
 # The layout: (path, source, size, sha256); T5X's tiny checkpoint is the one of prompt-tuning's tests.
-FILES = [(path, _source(path), size, sha) for path, size, sha in _table("""
+FILES = [(path, _source(path), size, sha) for path, size, sha in _with_zarray(_table("""
 t5_spiece.model                 791656 d60acb128cf7b7f2536e8f38a5b18a05535c9e14c7a355904270e15b0945ea86
 glue/CoLA/dev.tsv                53717 8c013e21dc39957cac37378d87bebe225b694a0d5fe13eded66c2856628833fd
 glue/CoLA/train.tsv             428590 cb368ebeb9f27d7ad03720d27ddc95687a311bdb100781a2fe59a5f5b1bc0624
@@ -1533,54 +1548,32 @@ sst2.npy                        307328 74a421fd286e967bf75eedd3e3b1e3076c884c9e0
 t5x_tiny_checkpoint/checkpoint_3/
 checkpoint                     1045001 9f952b02f0f348b2d4ae686852c4f70d18c56714f86a54146d132ab33002e912
 t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_0.encoder_decoder_attention.
-key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 key.kernel/0.0                      87 de202966b435286b95211b80b4eb2f8e2a339dcb667565cbe5a2587040a4ae2f
-out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 out.kernel/0.0                      87 80eb3ec1e219ba3e201364884497feca6c526c7aca7195a17276981e98dfc4c4
-query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 query.kernel/0.0                    87 d433cbc5ba2d7ae4abc4cd233c64e8794121d742af02452cef45919fc0d70ea0
-value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 value.kernel/0.0                    87 411d260dc822c4ff8abb5813c0ede2bac7eeb15f94c3715de68fcbd3045247eb
 t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_0.mlp.
-wi_0.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
 wi_0.kernel/0.0                    151 8c3bca3d41dc6fd1ab5a953b4bf4042ed170ae602ac6c177ac6b8f902f5efd46
-wi_1.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
 wi_1.kernel/0.0                    151 d81a39f9e336ef01083d5d53222ecf6b9ee56570dc1f2391624576c76386754d
-wo.kernel/.zarray                  142 c63167da11e0a0cb3883c4a39ff921f189e67c9e570e3f8ee74632b4d60aaaf2
 wo.kernel/0.0                      151 baaeb7d5418581ad01d38e26b1f23f476330bf1332277e854a94dd910e96826e
 t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_0.self_attention.
-key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 key.kernel/0.0                      87 89afe87d59279f2205d8b2bfa8ac344c6a68149f84ea1a391390165b29a79124
-out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 out.kernel/0.0                      87 7522016d965c9cef1d51498afebe8a2308d2d0663f7dfa1f334a58a6d949e572
-query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 query.kernel/0.0                    87 c6af3b91fd98ab99ae6e9d69e2ffe7074e253e61af3c56f1483cd18b6beb65aa
-value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 value.kernel/0.0                    87 209134bbc866107719192a87bc5c11adf5e37b3e2c75a87451c8d109d645499f
 t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_1.encoder_decoder_attention.
-key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 key.kernel/0.0                      87 973a9c388db70210cb16dd3e62f0ab908d93fe48af0d55f53a4082f1f524f56b
-out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 out.kernel/0.0                      87 8b4d61766b8e1afa56aca8287f52e68251df3e1c10e428530f8a2ead7aacfc7a
-query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 query.kernel/0.0                    87 8f2db4e5f68280f988466b104a19cc9d20f9e93a216a19c8cc1287a1914ea75e
-value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 value.kernel/0.0                    87 fc6d9a03d53e3bf46d51322475c5a36f999b14306eb877c0b92dbcb32662fae9
 t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_1.mlp.
-wi_0.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
 wi_0.kernel/0.0                    151 f2e414de013d648f27c9338ec4d422e2240fe31e5fd01ca7a080686b8993a69d
-wi_1.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
 wi_1.kernel/0.0                    151 de0b8c8902d4f15985dc510bed858c79a88569545667514eee26d49d4d06953a
-wo.kernel/.zarray                  142 c63167da11e0a0cb3883c4a39ff921f189e67c9e570e3f8ee74632b4d60aaaf2
 wo.kernel/0.0                      151 8e930415a7e583ca860b9465095b2ac1e64f5b0d5f4891dcd78dbc692ce8f700
 t5x_tiny_checkpoint/checkpoint_3/target.decoder.layers_1.self_attention.
-key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 key.kernel/0.0                      87 a6c67261a9421896cfca01f9f40e5db7a0293dd3f64329155ec429104379b537
-out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 out.kernel/0.0                      87 97c8e04f4e40c17286fe5882a37cc8d320da40b89f2c95785ac24f802d23fb6e
-query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 query.kernel/0.0                    87 71fbcc12f6354ea8941f44fd3563934454a404552f26d71c451feedb7ff9955b
-value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 value.kernel/0.0                    87 50b48fc3bb1e5f3bb94ace9abd349cf30e62104306510b784df6d1e22307c855
 t5x_tiny_checkpoint/checkpoint_3/target.decoder.logits_dense.
 kernel/.zarray                     149 47b904551b464d91c474992f62d9f522102650b2d142cad7b04f1c4322406206
@@ -1593,36 +1586,22 @@ kernel/0.5                       61019 0beb914f27d28a4f35c86c0444e7b40816fd362e2
 kernel/0.6                       60998 35814083ce5a8d8ebc4f53f5681774ddb08c544610f1efef1d726422076ea5c3
 kernel/0.7                       51671 77836804630080482254c789d1a5724e704bed54c47bd3edaf421d6b3917d377
 t5x_tiny_checkpoint/checkpoint_3/target.encoder.layers_0.attention.
-key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 key.kernel/0.0                      87 db52dd06966af9b264617bb82f14627b9fe922463b73eb208460c2e5a528dc74
-out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 out.kernel/0.0                      87 17b1ecca8ba94b5dd86c4baadac30223bca2d5db436aade95b1220a9875ace46
-query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 query.kernel/0.0                    87 a234e79375d0689b83a0023fa9d361e6f5898c776df866dbb09d591c5c14dda1
-value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 value.kernel/0.0                    87 9eabdb944e9c7a67e33f2aa8b6f600c00cfa3541a4570b5ca0828912a73e64d4
 t5x_tiny_checkpoint/checkpoint_3/target.encoder.layers_0.mlp.
-wi_0.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
 wi_0.kernel/0.0                    151 bda998ae42fd75888f13916fc53242bc84aec2f0d9d7c460dae767ba384ea249
-wi_1.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
 wi_1.kernel/0.0                    151 324c8c54c1f66634b14643cb2dfd8e000a37eaf4e2bb61545608f2d322aa2f35
-wo.kernel/.zarray                  142 c63167da11e0a0cb3883c4a39ff921f189e67c9e570e3f8ee74632b4d60aaaf2
 wo.kernel/0.0                      151 8f340bca3e0b460f9d172771529f705ad603f889e354f8db97d97fd390d73b7c
 t5x_tiny_checkpoint/checkpoint_3/target.encoder.layers_1.attention.
-key.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 key.kernel/0.0                      87 6b944ac72431b49abddc7160f0bab30980da890e1a84d7be7a6d3f76b8c22740
-out.kernel/.zarray                 142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 out.kernel/0.0                      87 1f148daf412eed1ffcc8c24117ecf177da9224c0bed2af9ef000ed6e5a092f52
-query.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 query.kernel/0.0                    87 28d1d442fe66596a8606e98cfcc45671756a4cd42478bdaec561d9c1d28a04b2
-value.kernel/.zarray               142 23229cb6e577e7347912162e26305d31c10ef132a58fc60857195d9ab3362c64
 value.kernel/0.0                    87 f0de4634a0fd913e1c4435633c80d5042ddb533ec6203925ab7198f8c2d6ee11
 t5x_tiny_checkpoint/checkpoint_3/target.encoder.layers_1.mlp.
-wi_0.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
 wi_0.kernel/0.0                    151 1ae20299a80a8713a852089ad0cd0823327ade2bf1dceeee6a02e3dd610945fb
-wi_1.kernel/.zarray                142 bb83d18b2bd8d1e50fb79e15ce1acdffc8982705e67bfad46d734d4e432ac324
 wi_1.kernel/0.0                    151 69c473d0b2dd5d481d6d831eee845a73296a73cbddc4f23c63829a7ccb7ac171
-wo.kernel/.zarray                  142 c63167da11e0a0cb3883c4a39ff921f189e67c9e570e3f8ee74632b4d60aaaf2
 wo.kernel/0.0                      151 b3b7a35ba1cdaa215f57377cc39854126a758182924d8ca929f0df6b30d0463a
 t5x_tiny_checkpoint/checkpoint_3/target.token_embedder.
 embedding/.zarray                  149 546bba34d8e9907ffd0a2fc1dbed66ab9ae36c937f6d48703a03a203fb870ec8
@@ -1636,7 +1615,7 @@ embedding/6.0                    60842 f7f7030f2611c8b6465a7392d9875fea8b74f83df
 embedding/7.0                    51485 999a5af1286fd446074444b66f27694bb5c4cc343b98e088dd01973e57ef7300
 t5x_tiny_checkpoint/
 prompt_5x256.npy                 10368 baf8b299c6b2007ca724ae473c66749ad797a54d2ed5d5409186bd2e63b67cd4
-""")]
+"""))]
 FETCH_HINT = "python3 data.py fetch"
 PROGRESS_BYTES = 2 ** 20          # files from this size on show a progress bar
 
