@@ -421,7 +421,7 @@ class Task:
     label_names: tuple | None = None
     metrics: tuple = ("accuracy",)
     kind: str = "class"                          # class | float | multirc | wsc | qa | record | text | lm
-    tfds_name: str | tuple | None = None         # tuple = concatenation of several tfds datasets
+    tfds_name: str | None = None
     splits: Mapping[str, str] = field(default_factory=lambda: dict(SPLITS))   # our split -> tfds split
     reader: str | None = None                    # offline reader for the creators' files (see READERS)
     files: Mapping[str, str] = field(default_factory=dict)                   # our split -> relative path
@@ -647,7 +647,8 @@ def load_examples(task_name, split, data_dir=None, tfds_dir=None, download=True)
         raise ValueError(f"{task.name} has no split {split!r} on the "
                          f"{'tfds' if data_dir is None else 'files'} path; known: {known}")
     if data_dir is None:
-        raw = _tfds_examples(task, split, tfds_dir, download)
+        ds = _tfds_source(task, split, tfds_dir, download)
+        raw = [_plain(ds[i]) for i in range(len(ds))]
     else:
         raw = _file_examples(task, split, data_dir)
     examples = [y for x in raw for y in task.adapt(x)] if task.adapt else list(raw)
@@ -671,8 +672,8 @@ def _plain(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
-def _tfds_sources(task, split, tfds_dir, download):
-    """tfds random-access data sources (array_record) of one split: one per tfds dataset of the task."""
+def _tfds_source(task, split, tfds_dir, download):
+    """The tfds random-access data source (array_record) of one split."""
     if task.tfds_name is None:
         raise FileNotFoundError(f"tfds has no {task.name}; get the original files from {task.source} "
                                 f"and pass --data DIR (holding {sorted(set(task.files.values()))})")
@@ -687,28 +688,24 @@ def _tfds_sources(task, split, tfds_dir, download):
     import tensorflow_datasets.summarization  # noqa: F401
     import tensorflow_datasets.text  # noqa: F401
     import tensorflow_datasets.translate  # noqa: F401
-    out, files = [], _files_hint(task)
-    for name in (task.tfds_name,) if isinstance(task.tfds_name, str) else task.tfds_name:
-        # array_record: the only tfds file format that is written and read without TensorFlow
-        load = functools.partial(tfds.data_source, name, split=task.splits[split], data_dir=tfds_dir,
-                                 builder_kwargs={"file_format": "array_record"})
-        try:                                    # prepared already: no network needed
-            out.append(load(download=False))
-            continue
-        except Exception as e:  # noqa: BLE001 -- not prepared (tfds raises KeyError, AssertionError ...)
+    name, files = task.tfds_name, _files_hint(task)
+    # array_record: the only tfds file format that is written and read without TensorFlow
+    load = functools.partial(tfds.data_source, name, split=task.splits[split], data_dir=tfds_dir,
+                             builder_kwargs={"file_format": "array_record"})
+    try:                                    # prepared already: no network needed
+        return load(download=False)
+    except Exception as e:  # noqa: BLE001 -- not prepared (tfds raises KeyError, AssertionError ...)
+        error = e
+    if download:
+        if not online():                    # offline: tfds would retry its downloads for minutes
+            raise ConnectionError(f"tfds has not prepared {name} and the network is unreachable: {files}")
+        try:
+            return load(download=True)
+        except Exception as e:  # noqa: BLE001 -- a manual download, TensorFlow missing ...
             error = e
-        if download:
-            if not online():                    # offline: tfds would retry its downloads for minutes
-                raise ConnectionError(f"tfds has not prepared {name} and the network is unreachable: {files}")
-            try:
-                out.append(load(download=True))
-                continue
-            except Exception as e:  # noqa: BLE001 -- a manual download, TensorFlow missing ...
-                error = e
-        why = " ".join(f"{type(error).__name__}: {error}".split())[:300]
-        raise OSError(f"tfds could not load {name} split {task.splits[split]!r} ({why}); "
-                      f"{TF_HINT} if it asks for TensorFlow; else {files}")
-    return out
+    why = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    raise OSError(f"tfds could not load {name} split {task.splits[split]!r} ({why}); "
+                  f"{TF_HINT} if it asks for TensorFlow; else {files}")
 
 
 def _files_hint(task):
@@ -733,10 +730,6 @@ def online(timeout=3.0):
         except OSError:
             continue
     return False
-
-
-def _tfds_examples(task, split, tfds_dir, download):
-    return [_plain(ds[i]) for ds in _tfds_sources(task, split, tfds_dir, download) for i in range(len(ds))]
 
 
 class LazyPairs(Sequence):
@@ -769,16 +762,14 @@ def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, down
         return text_pairs(task_name, examples, train=train)
     if split not in task.splits:
         raise ValueError(f"{task.name} has no split {split!r} on the tfds path; known: {sorted(task.splits)}")
-    sources = _tfds_sources(task, split, tfds_dir, download)
-    ends = np.cumsum([len(ds) for ds in sources])
-    if not ends[-1]:
+    ds = _tfds_source(task, split, tfds_dir, download)
+    if not len(ds):
         raise ValueError(f"{task.name} split {split!r} is empty; check the data ({task.tfds_name})")
 
     def pair(i):
-        d = int(np.searchsorted(ends, i, side="right"))
-        ex = _plain(sources[d][i - (ends[d - 1] if d else 0)])
+        ex = _plain(ds[i])
         return task.preprocess(task.adapt(ex)[0] if task.adapt else ex)       # adapt: one example per record
-    return LazyPairs(ends[-1], pair)
+    return LazyPairs(len(ds), pair)
 
 
 def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
@@ -788,8 +779,8 @@ def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
     first MiB of the first and the last MiB of the last."""
     task = get_task(task_name)
     if data_dir is None:
-        sources = _tfds_sources(task, split, tfds_dir, download=False)
-        return {"tfds": task.tfds_name, "split": task.splits[split], "examples": [len(ds) for ds in sources]}
+        ds = _tfds_source(task, split, tfds_dir, download=False)
+        return {"tfds": task.tfds_name, "split": task.splits[split], "examples": [len(ds)]}
     files = _c4_files(data_dir) if task.kind == "lm" else [_find_file(task, split, data_dir)]
     sizes = {"file": files[0].name, "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
     h = hashlib.sha256()
@@ -1183,7 +1174,7 @@ def train_source(task_name, vocab, max_input_len=MAX_INPUT_LEN, max_target_len=0
         pairs = load_pairs(task_name, "train", data_dir, True, tfds_dir, download)
         return TextSource(pairs, vocab, max_input_len, T)
     if data_dir is None:
-        ds = _tfds_sources(task, "train", tfds_dir, download)[0]
+        ds = _tfds_source(task, "train", tfds_dir, download)
         docs = LazyPairs(len(ds), lambda i: _plain(ds[i])["text"])
     else:
         docs = DocStream(json_gz_docs(_c4_files(data_dir)), seed)
