@@ -1,10 +1,11 @@
-"""Tasks, tokens, mixtures and metrics of SPoT (Vu et al., ACL 2022) in T5's text-to-text form. Paper -> code:
-  §2.1 tasks in T5 format, validation sets        TASKS, get_task, load_examples, to_text, text_pairs
-  §2.1 frozen T5 1.1 vocabulary (32k + 100 ids)   load_vocab, tokenize
-  batches made lazily, padded to length buckets   train_source, TextSource, batches, bucket_length, permute
-  §2.1 C4 prefix LM (T5 prefix_lm, token space)   PrefixLMSource, DocStream
+"""Mixtures, batches, tasks, tokens and metrics of SPoT (Vu et al., ACL 2022) in T5's text-to-text form.
+Paper -> code, in the file's order:
   §2.1 / App. B source mixtures, K = 2^19         MIXTURES, mixture_rates, mixture_batches
   §3.3 TOP-k MULTI-TASK MIXTURE                   topk_mixture
+  batches made lazily, padded to length buckets   batches, bucket_length, permute, TextSource, ArraySource
+  §2.1 tasks in T5 format, validation sets        TASKS, get_task, load_examples, to_text, text_pairs
+  §2.1 frozen T5 1.1 vocabulary (32k + 100 ids)   load_vocab, tokenize, train_source
+  §2.1 C4 prefix LM (T5 prefix_lm, token space)   PrefixLMSource, DocStream
   §2.1 footnote 5, T5 metric definitions          score, benchmark_score
   the public files tests and --tiny read          fetch, data_root (python3 data.py fetch [NAME ...])
 Formats, label strings and metrics follow T5's glue_utils/preprocessors/postprocessors and the official
@@ -742,9 +743,7 @@ class LazyPairs(Sequence):
         return self.n
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.n))]
-        if not -self.n <= i < self.n:
+        if not -self.n <= i < self.n:                     # Sequence's iteration stops at IndexError
             raise IndexError(f"index {i} of {self.n} examples")
         return self.fn(int(i) % self.n)
 
@@ -1405,7 +1404,7 @@ def score(task_name, examples, predictions):
 
 def benchmark_score(task_scores):
     """A benchmark's score: the mean over its tasks of each task's 'score' (SPoT §2.1 footnote 5)."""
-    return float(np.mean([s["score"] if isinstance(s, Mapping) else s for s in task_scores]))
+    return float(np.mean([s["score"] for s in task_scores]))
 
 
 # ----------------------------------------------------------------------------- the public files, fetched

@@ -858,7 +858,7 @@ def test_score_postprocesses_and_averages(shared_data):
            "span1_text": "Tom", "span2_text": "he", "idx": 0}
     both = data.score("wsc", [{**wsc, "label": 1}, {**wsc, "label": 0}], ["the Tom", "Tom"])
     assert both["accuracy"] == 50.0
-    assert data.benchmark_score([{"score": 80.0}, {"score": 60.0}, 70.0]) == 70.0
+    assert data.benchmark_score([{"score": 80.0}, {"score": 60.0}, {"score": 70.0}]) == 70.0
     with pytest.raises(NotImplementedError, match="c4"):
         data.score("c4", [{"text": "a b"}], ["b"])
 
