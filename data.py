@@ -782,12 +782,9 @@ def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
         return {"tfds": task.tfds_name, "split": task.splits[split], "examples": [len(ds)]}
     files = _c4_files(data_dir) if task.kind == "lm" else [_find_file(task, split, data_dir)]
     sizes = {"file": files[0].name, "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
-    h = hashlib.sha256()
     if task.kind != "lm":
-        with open(files[0], "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return {**sizes, "sha256": h.hexdigest()[:16]}
+        return {**sizes, "sha256": _sha256(files[0])[:16]}
+    h = hashlib.sha256()
     with open(files[0], "rb") as f:
         h.update(f.read(1 << 20))
     with open(files[-1], "rb") as f:
