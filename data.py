@@ -81,13 +81,12 @@ def mixture_rates(sizes, cap=MIXING_CAP):
     return {name: n / total for name, n in capped.items()}
 
 
-def mixture_batches(sources_by_task, batch_size, seed, start=0, rates=None, cap=MIXING_CAP, process_index=0,
+def mixture_batches(sources, batch_size, seed, start=0, rates=None, cap=MIXING_CAP, process_index=0,
                     process_count=1):
     """Infinite batches from a mixture of sources (any number of tasks): each row picks a task with the
     mixing rates, then an example of it uniformly (with replacement), so batch k depends only on (seed, k)
     and holds nothing but the batch. Padded to the bucket of the batch's longest row; process_index /
-    process_count as in batches."""
-    sources = sources_by_task
+    process_count as in batches. sources: {task name: source} (a source as in batches)."""
     names, sizes = list(sources), {t: len(s) for t, s in sources.items()}
     rates = rates or mixture_rates(sizes, cap)
     p = np.array([rates[t] for t in names], np.float64)
@@ -468,10 +467,10 @@ def _qa_task(name, tfds_name, prefix=None, **kw):
                 target_len=32, **kw)                                                   # 32: our choice
 
 
-def _gen_task(name, tfds_name, src, tgt, instruction=None, prefix=None, metric="rouge", **kw):
+def _gen_task(name, tfds_name, src, tgt, instruction=None, prefix=None, **kw):
     fmt = functools.partial(fmt_generate, prefix=prefix or name, source=src, target=tgt,
                             instruction=instruction)
-    return Task(name, fmt, None, (metric,), "text", tfds_name, target_len=128, **kw)        # 128: our choice
+    return Task(name, fmt, None, ("rouge",), "text", tfds_name, target_len=128, **kw)        # 128: our choice
 
 
 _NLI3 = ("entailment", "neutral", "contradiction")
