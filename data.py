@@ -1,12 +1,12 @@
 """Mixtures, batches, tasks, tokens and metrics of SPoT (Vu et al., ACL 2022) in T5's text-to-text form.
 Paper -> code, in the file's order:
   §2.1 / App. B source mixtures, K = 2^19         MIXTURES, mixture_rates, mixture_batches
-  §3.3 TOP-k MULTI-TASK MIXTURE                   topk_mixture
+  §3.3 TOP-k MULTI-TASK MIXTURE                   retrieval.top_k_mixture_tasks, then mixture_batches
   batches made lazily, padded to length buckets   batches, bucket_length, permute, TextSource, ArraySource
   §2.1 tasks in T5 format, validation sets        TASKS, get_task, load_examples, to_text, text_pairs
   §2.1 frozen T5 1.1 vocabulary (32k + 100 ids)   load_vocab, tokenize, train_source
   §2.1 C4 prefix LM (T5 prefix_lm, token space)   PrefixLMSource, DocStream
-  §2.1 footnote 5, T5 metric definitions          score, benchmark_score
+  §2.1 footnote 5, T5 metric definitions          score
   the public files tests and --tiny read          fetch, data_root (python3 data.py fetch [NAME ...])
 Formats, label strings and metrics follow T5's glue_utils/preprocessors/postprocessors and the official
 SPoT task files (google-research/prompt-tuning, prompt_tuning/spot/data); 'our choice' marks the rest.
@@ -116,11 +116,6 @@ def mixture_batches(sources, batch_size, seed, start=0, rates=None, cap=MIXING_C
                     inputs[i], targets[i] = x, y
         yield _collate(inputs, targets, in_cap, tgt_cap, process_index, process_count)
         k += 1
-
-
-def topk_mixture(source_tasks, target_task):
-    """SPoT §3.3 TOP-k MULTI-TASK MIXTURE: the retrieved source tasks plus the target, each once."""
-    return tuple(dict.fromkeys(get_task(t).name for t in [*source_tasks, target_task]))
 
 
 # Batch k is made when asked for, a pure function of (seed, k): its example indices, then those examples
@@ -1396,11 +1391,6 @@ def score(task_name, examples, predictions):
         out.update(METRICS[m](targets, preds))
     out["score"] = float(np.mean(list(out.values())))
     return out
-
-
-def benchmark_score(task_scores):
-    """A benchmark's score: the mean over its tasks of each task's 'score' (SPoT §2.1 footnote 5)."""
-    return float(np.mean([s["score"] for s in task_scores]))
 
 
 # ----------------------------------------------------------------------------- the public files, fetched
