@@ -50,8 +50,6 @@ SUPERGLUE_URL = ("https://super.gluebenchmark.com/tasks "
 
 
 # --------------------------------------------------------------------------- the method: mixtures and batches
-
-
 # Source mixtures of SPoT Appendix B. All = the 55 labeled datasets: overlaps once (SuperGLUE RTE has GLUE
 # RTE's examples), GEM's XSum and WikiLingua apart from the Summarization ones. ANLI is one dataset in App. B
 # and three tasks in the official code (prompt_tuning/spot/data/nli.py); each round is below K, so
@@ -266,7 +264,7 @@ def unpad(a):
     return [r[:e].tolist() for r, e in zip(a, ends)]
 
 
-# ----------------------------------------------------------------------------- T5 string operations
+# ----------------------------------------------------------------------------------- task formats: T5 strings
 def _join(parts):
     """tf.strings.join(parts, separator=' '): no whitespace clean-up (T5 glue/stsb/wsc/record)."""
     return " ".join(parts)
@@ -288,7 +286,7 @@ def _label_str(label, names):
     return "<unk>" if label == -1 else names[label]     # T5: label -1 (test) -> "<unk>"
 
 
-# ----------------------------------------------------------------------------- example -> {inputs, targets}
+# ------------------------------------------------------------------------------ task formats: example -> text
 def fmt_glue(ex, prefix, fields, names):
     """T5 `glue`: "<prefix> k1: v1 k2: v2" (keys sorted unless given) -> label name. MultiRC drops HTML."""
     keys = fields or sorted(set(ex) - {"label", "idx"})
@@ -376,7 +374,7 @@ def fmt_prefix_lm(ex):
     return {"inputs": " ".join(words[:cut]), "targets": " ".join(words[cut:])}
 
 
-# ----------------------------------------------------------------------------- raw record -> flat examples
+# --------------------------------------------------------------------------- task formats: record -> examples
 def _race(ex):        # one article with many questions -> one example per question; options become A..D
     return [{"article": ex["article"], "question": q, **dict(zip("ABCD", opts)), "label": "ABCD".find(a)}
             for q, a, opts in zip(ex["questions"], ex["answers"], ex["options"])]
@@ -404,7 +402,7 @@ def _goemotions(ex):    # multi-label: target = the true emotion names, comma se
     return [{"comment_text": ex["comment_text"], "label": ", ".join(k for k, v in ex.items() if v is True)}]
 
 
-# ----------------------------------------------------------------------------- the registry
+# ------------------------------------------------------------------------------------------ the task registry
 SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 
 
@@ -627,7 +625,7 @@ def task_names(name):
     return (mixture, MIXTURES[mixture]) if mixture else (None, (get_task(name).name,))
 
 
-# ----------------------------------------------------------------------------- loading
+# ------------------------------------------------------------------------------------- loading: tfds or files
 def load_examples(task_name, split, data_dir=None, tfds_dir=None, download=True):
     """Examples of one split as plain dicts: via tfds when data_dir is None, else from the creators' files.
 
@@ -787,6 +785,7 @@ def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
     return {**sizes, "sha256_ends": h.hexdigest()[:16]}
 
 
+# ----------------------------------------------------------------------------- readers of the creators' files
 def _find_file(task, split, data_dir):
     rel = Path(task.files[split])
     root = Path(data_dir).expanduser()
@@ -980,7 +979,7 @@ def text_pairs(task_name, examples, train=False):
     return [task.preprocess(ex) for ex in examples]
 
 
-# ----------------------------------------------------------------------------- tokens and batches
+# ---------------------------------------------------------------------------------- the vocabulary and tokens
 class Vocab:
     """T5's SentencePiece vocabulary: 32,000 pieces plus <extra_id_0..99> as ids 32099..32000.
     Example: encode("a <extra_id_0> b") -> [3, 9, 32099, 3, 115]
@@ -1064,7 +1063,7 @@ def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
             for key, length in (("inputs", max_input_len), ("targets", max_target_len))}
 
 
-# ----------------------------------------------------------------------------- sources too large to hold: C4
+# ------------------------------------------------------------------------------ sources too large to hold: C4
 class DocStream(Sequence):
     """The documents of a source too large to index or to read at random (C4: 365M documents in 1024 .json.gz
     files), read in order. docs[p] is document perm_w(p % window) of window w = p // window, perm_w keyed by
@@ -1182,7 +1181,7 @@ def _c4_files(data_dir):
     return files
 
 
-# ----------------------------------------------------------------------------- predictions and metrics
+# ------------------------------------------------------------------------------------ predictions and metrics
 # The determiners of T5 postprocessors.wsc_simple (google-research/text-to-text-transfer-transformer,
 # t5/data/postprocessors.py).
 _DETERMINERS = {"a", "an", "few", "her", "his", "each", "every", "many", "much", "my", "our", "some", "that",
@@ -1393,7 +1392,7 @@ def score(task_name, examples, predictions):
     return out
 
 
-# ----------------------------------------------------------------------------- the public files, fetched
+# ---------------------------------------------------------------------------------- the public files, fetched
 # The small public files that the tests, the benchmarks and the --tiny modes read: the T5 vocabulary, the
 # GLUE/SuperGLUE task files small enough to keep, Google's released prompts and its T5X test checkpoint.
 #     python3 data.py fetch [NAME ...]      NAME: a file or folder of the layout below (glue/SST-2, superglue)
