@@ -547,8 +547,9 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', choices=Non
     ids = np.zeros(len(inputs), np.int64) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
     lens = np.broadcast_to(max_target_len, (len(prompt) if prompt_ids is not None else 1,))
     T = int(lens.max())
-    if method == 'rank':                              # each candidate cut to its task's target length
-        targets = [data.token_ids(vocab, c, lens[k]) for c, k in zip(choices, ids)]
+    if method == 'rank':         # each candidate cut to its task's target length; a label set tokenized once
+        tokens = functools.cache(lambda c, t: data.token_ids(vocab, c, t))
+        targets = [tokens(tuple(c), int(lens[k])) for c, k in zip(choices, ids)]
     order, cap = np.argsort([len(r) for r in inputs], kind='stable'), max(map(len, inputs), default=1)
     preds = [None] * len(inputs)
     devices = mesh.shape['data'] if mesh is not None else 1
