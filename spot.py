@@ -532,64 +532,54 @@ def prefetch(batches, depth: int = 2):
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
-def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', label_names=None, max_target_len=8,
+def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', choices=None, max_target_len=8,
              batch_size=64, mesh=None, prompt_ids=None, progress=None) -> list[str]:
-    """Predicted strings for inputs (int32 [n,S] padded with 0, or a list of token id lists), without dropout,
-    in the order of the inputs. 'decode': greedy decoding (T5); 'rank': rank classification, the label whose
-    target string has the highest log-likelihood. Examples are grouped by length, and each batch padded to the
-    bucket of its longest input (data.bucket_length): few compiled shapes, and short inputs never pay for the
-    longest one. With a mesh each batch is split over 'data' and the predictions gathered (every process
-    returns all of them). progress(done, total), if given, is called after each batch (progress_printer).
-    Mixed tasks (SPoT §5: one frozen model serves many prompts): prompt a stack [K,P,D] and prompt_ids [n]
-    (example i reads prompt[prompt_ids[i]]); label_names and max_target_len may then be one per prompt (the
-    tasks' label sets and target lengths). A batch then mixes prompts: each example's prediction is the one
-    of its prompt alone (to float32 rounding of the scores)."""
+    """Predicted strings for inputs (lists of token ids, unpadded), in their order, without dropout.
+    'decode': greedy decoding (T5); 'rank': rank classification, the string of choices[i] (example i's
+    candidates: its task's labels, ReCoRD's entities) whose target has the highest log-likelihood.
+    Examples are sorted by length and each batch padded to the bucket of its longest (data.bucket_length):
+    few compiled shapes, and short inputs never pay for the longest one. With a mesh each batch is split over
+    'data' and the predictions gathered (every process returns all). progress(done, total) after each batch.
+    Mixed tasks (SPoT §5: one frozen model serves many prompts): prompt a stack [K,P,D], prompt_ids[i] the
+    prompt of example i, and max_target_len one per prompt; each prediction is the one of its prompt alone
+    (to float32 rounding of the scores)."""
     import data
-    rows = data.unpad(inputs) if hasattr(inputs, 'shape') else [list(r) for r in inputs]
-    ids = np.zeros(len(rows), np.int64) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
-    K = 1 if prompt_ids is None else len(prompt)
-    per = lambda x, kind: list(x) if prompt_ids is not None and isinstance(x, (list, tuple)) and x and \
-        isinstance(x[0], kind) else [x] * K                       # noqa: E731 -- one per prompt
-    lens, names = per(max_target_len, (int, np.integer)), per(label_names, (list, tuple))
-    T = max(lens)
-    if method == 'rank':
-        if not all(names):
-            raise ValueError("eval method 'rank' needs a classification task with label names; use 'decode'")
-        C = max(map(len, names))
-        labels, valid = np.zeros((K, C, T), np.int32), np.zeros((K, C), bool)   # per prompt, padded
-        for k, (labs, t) in enumerate(zip(names, lens)):
-            labels[k, :len(labs)] = data.pad_rows(data.token_ids(vocab, labs, t), T)
-            valid[k, :len(labs)] = True
-    elif method != 'decode':
-        raise ValueError(f"unknown eval method {method!r}: 'decode' or 'rank'")
-    cap = inputs.shape[1] if hasattr(inputs, 'shape') else max(map(len, rows), default=1)
-    order = np.argsort([len(r) for r in rows], kind='stable')
-    preds = [None] * len(rows)
+    ids = np.zeros(len(inputs), np.int64) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
+    lens = np.broadcast_to(max_target_len, (len(prompt) if prompt_ids is not None else 1,))
+    T = int(lens.max())
+    if method == 'rank':         # each candidate cut to its task's target length; a label set tokenized once
+        tokens = functools.cache(lambda c, t: data.token_ids(vocab, c, t))
+        targets = [tokens(tuple(c), int(lens[k])) for c, k in zip(choices, ids)]
+    order, cap = np.argsort([len(r) for r in inputs], kind='stable'), max(map(len, inputs), default=1)
+    preds = [None] * len(inputs)
     devices = mesh.shape['data'] if mesh is not None else 1
-    for i in range(0, len(rows), batch_size):
+    for i in range(0, len(inputs), batch_size):
         chunk = order[i:i + batch_size]
         # Zero rows pad a last partial batch to the power of two that holds it (a multiple of the 'data'
         # devices), not to batch_size: one shape more to compile, and 8 examples of 64 cost 8 rows, not 64.
         n = 1 << (len(chunk) - 1).bit_length()                  # the power of two >= len(chunk)
         n = min(batch_size, -(-n // devices) * devices)          # rounded up to a multiple of devices
-        x = data.pad_rows([rows[j] for j in chunk] + [[]] * (n - len(chunk)),
-                          data.bucket_length(max(len(rows[j]) for j in chunk), cap))
+        x = spread_rows(mesh, data.pad_rows([inputs[j] for j in chunk] + [[]] * (n - len(chunk)),
+                                            data.bucket_length(max(len(inputs[j]) for j in chunk), cap)))
         k = np.concatenate([ids[chunk], np.zeros(n - len(chunk), np.int64)])     # each row's prompt
         p = prompt if prompt_ids is None else spread_rows(mesh, np.asarray(prompt, np.float32)[k])
         if method == 'decode':
-            out = gather(t5_model.greedy_decode(frozen, cfg, spread_rows(mesh, x), p, max_len=T)).tolist()
+            out = gather(t5_model.greedy_decode(frozen, cfg, x, p, max_len=T)).tolist()
             out = [row[:lens[c]] for row, c in zip(out, k)]     # each task's own target length
             out = [vocab.decode(row[:row.index(t5_model.EOS_ID)] if t5_model.EOS_ID in row else row)
                    for row in out]                                # tokens before EOS (0 after it)
-        else:
-            scores = np.stack([gather(t5_model.score_targets(frozen, cfg, spread_rows(mesh, x), spread_rows(
-                mesh, labels[k, c]), p)) for c in range(labels.shape[1])], axis=1)
-            scores = np.where(valid[k], scores, -np.inf)         # a task with fewer labels than another
-            out = [names[c][j] for c, j in zip(k, scores.argmax(1))]
+        else:                                         # candidate c of every row at once; -inf past its last
+            C = max(len(choices[j]) for j in chunk)
+            y = [data.pad_rows([targets[j][c] if c < len(choices[j]) else [] for j in chunk] + [[]] *
+                               (n - len(chunk)), T) for c in range(C)]
+            scores = np.stack([gather(t5_model.score_targets(frozen, cfg, x, spread_rows(mesh, yc), p))
+                               for yc in y], axis=1)
+            out = [choices[j][int(np.argmax(np.where(np.arange(C) < len(choices[j]), s, -np.inf)))]
+                   for j, s in zip(chunk, scores)]
         for j, pred in zip(chunk, out):
             preds[j] = pred
         if progress is not None:
-            progress(min(i + batch_size, len(rows)), len(rows))
+            progress(min(i + batch_size, len(inputs)), len(inputs))
     return preds
 
 
@@ -631,7 +621,7 @@ def score_together(evaluators, prompts) -> list[dict]:
         first, ids = evs[0], np.concatenate([np.full(len(ev.inputs), j) for j, ev in enumerate(evs)])
         preds = evaluate(first.frozen, first.cfg, jnp.stack([jnp.asarray(prompts[i]) for i in members]),
                          [r for ev in evs for r in ev.inputs], first.vocab, method=first.method,
-                         label_names=[list(ev.label_names or ()) for ev in evs],
+                         choices=[ev.label_names for ev in evs for _ in ev.inputs],
                          max_target_len=[ev.max_target_len for ev in evs], batch_size=first.batch_size,
                          mesh=first.mesh, prompt_ids=ids, progress=first.progress)
         for j, (i, ev) in enumerate(zip(members, evs)):

@@ -179,7 +179,7 @@ def load_task(name, args, tc, model=None):
 
     def evaluate(params, cfg, prompt=None):
         preds = spot.evaluate(params, cfg, prompt, inputs, vocab, method=tc.eval_method,
-                              label_names=task.output_labels, max_target_len=T,
+                              choices=[task.output_labels] * len(inputs), max_target_len=T,
                               batch_size=tc.eval_batch_size)
         return data.score(name, val, preds)
     labels = [list(vocab.encode(x)) for x in task.output_labels] if task.output_labels else None

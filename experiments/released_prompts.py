@@ -3,9 +3,9 @@
 google-research/prompt-tuning released three [100, 768] prompts for the frozen T5 1.1 LM-adapted Base with
 GLUE validation scores (pretrained_prompts/t5_1_1_lm100k_base/README.md): SST-2 acc 95.07, MRPC F1/acc
 89.7/85.3, RTE acc 68.6. Matching them tests load_checkpoint, the prompt in encode (Lester et al. 2021 §2),
-greedy_decode, the exact input format (taskless_text) and data.score at once. The command (the prompts
-come from the cache that `python3 data.py fetch` fills, fetched on first use; the GLUE files from tfds, or
-from that cache as here):
+greedy decoding (spot.evaluate), the exact input format (taskless_text) and data.score at once. The command
+(the prompts come from the cache that `python3 data.py fetch` fills, fetched on first use; the GLUE files
+from tfds, or from that cache as here):
   python3 experiments/released_prompts.py --model google/t5-base-lm-adapt \
       --data "$(python3 data.py fetch glue)/glue"
 872 + 408 + 277 examples: ~28 CPU-minutes (~15-25 min on 2 cores), minutes on a GPU (not yet timed there).
@@ -20,11 +20,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 import argparse
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 import data
 import spot
@@ -37,7 +37,6 @@ TASKS = ("sst2", "mrpc", "rte")
 # The release's folder in the layout of data.py's fetch (google-research/prompt-tuning at a fixed commit,
 # prompt_tuning/pretrained_prompts/t5_1_1_lm100k_base, each file checked by its sha256 in data.FILES).
 RELEASE = "prompt_tuning_release/t5_1_1_lm100k_base"
-BUCKETS = (64, 128, 256, 512)  # input widths a batch is padded to: greedy_decode compiles once per width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +64,7 @@ def taskless_text(task, example):
     "positive".
     """
     text = data.to_text(task, example)
-    if not text["inputs"].startswith(task + " "):
-        raise ValueError(f"data.to_text({task!r}) no longer starts with the task name: "
-                         f"{text['inputs'][:60]!r}; the taskless format removes exactly that first word")
-    return {"inputs": text["inputs"][len(task) + 1:], "targets": text["targets"]}
+    return {"inputs": re.sub(r"^[^ ]* ", "", text["inputs"], count=1), "targets": text["targets"]}
 
 
 def release_folder(tasks):
@@ -92,37 +88,16 @@ def load_prompts(folder, tasks, d_model):
     return prompts
 
 
-def predict(params, cfg, prompt, inputs, vocab, batch_size, max_len, progress=None):
-    """Greedy predictions (strings, in row order) for token ids inputs [n,S].
-
-    Greedy = what t5x.eval ran for the release: EncoderDecoderModel's default decode_fn is
-    decoding.beam_search, called with num_decodes=1 (one beam). Rows are sorted by length; each batch is
-    padded to batch_size rows and the smallest BUCKETS width that holds it. Neither changes a prediction:
-    pad keys get weight exactly 0. progress(done, total) after each batch (spot.progress_printer).
-    """
-    lengths = (inputs != t5_model.PAD_ID).sum(axis=1)
-    order, preds = np.argsort(lengths, kind="stable"), [None] * len(inputs)
-    for i in range(0, len(inputs), batch_size):
-        rows = order[i:i + batch_size]
-        width = min(next((w for w in BUCKETS if w >= lengths[rows].max()), inputs.shape[1]), inputs.shape[1])
-        batch = np.zeros((batch_size, width), np.int32)
-        batch[:len(rows)] = inputs[rows, :width]
-        out = np.asarray(t5_model.greedy_decode(params, cfg, batch, prompt, max_len=max_len))
-        for r, ids in zip(rows, out):
-            preds[r] = vocab.decode(ids)
-        if progress is not None:
-            progress(min(i + batch_size, len(inputs)), len(inputs))
-    return preds
-
-
 def evaluate_task(task, params, model_cfg, prompt, vocab, cfg):
     """Score one released prompt on the task's validation set with T5's postprocessing and metrics."""
     examples = data.load_examples(task, "validation", cfg.data)[:cfg.limit]
     texts = [taskless_text(task, ex) for ex in examples]
-    arrays = data.tokenize(vocab, texts, cfg.max_input_len, cfg.max_target_len)
+    inputs = data.token_ids(vocab, [t["inputs"] for t in texts], cfg.max_input_len)
     start = time.time()
-    preds = predict(params, model_cfg, prompt, arrays["inputs"], vocab, cfg.batch_size, cfg.max_target_len,
-                    spot.progress_printer(f"{task} validation"))
+    # Greedy = what t5x.eval ran for the release: EncoderDecoderModel's default decode_fn is
+    # decoding.beam_search, called with num_decodes=1 (one beam).
+    preds = spot.evaluate(params, model_cfg, prompt, inputs, vocab, max_target_len=cfg.max_target_len,
+                          batch_size=cfg.batch_size, progress=spot.progress_printer(f"{task} validation"))
     # t5 postprocessors.string_label_to_class_id: an exact label word or -1, which counts as wrong in
     # accuracy and as the wrong class in metrics.f1_score_with_invalid (data.postprocess / data.score do
     # both).
@@ -156,7 +131,7 @@ def tiny_setup(cfg):
     local += [] if cfg.prompts else [f"{RELEASE}/{t}.npy" for t in cfg.tasks]
     root = data.fetch(local) if local else None          # the defaults: the cache, fetched if missing
     glue, prompt_dir = Path(cfg.data or root / "glue"), Path(cfg.prompts or root / RELEASE)
-    # One batch of 8 per task, inputs cut to 64 tokens: greedy_decode compiles once for the whole run.
+    # One batch of 8 per task, inputs cut to 64 tokens: a few compiled shapes for the whole run.
     vocab = cfg.vocab or str(root / "t5_spiece.model")
     cfg = dataclasses.replace(cfg, data=str(glue), vocab=vocab, limit=cfg.limit or 8, batch_size=8,
                               max_input_len=64, prompts=str(prompt_dir))

@@ -65,8 +65,7 @@ import numpy as np
 
 import data
 import spot
-import t5_model
-from experiments import common, paper_numbers, released_prompts
+from experiments import common, paper_numbers
 
 # Leaderboard file -> (data.py task: input format, prompt and T5 label strings;
 #                      label written for class 0, 1, ...).
@@ -154,64 +153,36 @@ def to_label(name, prediction, example):
 
 
 def candidates(name, example):
-    """The T5 strings rank classification chooses from: the task's labels, or ReCoRD's entities (WSC: none;
-    a decoded string that names no one is written "False")."""
+    """The T5 strings rank classification chooses from: the task's labels, or ReCoRD's entities."""
     task, labels = SUBMISSION[name]
-    if name == "WSC":
-        raise ValueError("WSC predictions are decoded referents, not labels to rank")
     return example["entities"] if labels is None else data.get_task(task).label_names
-
-
-def rank(frozen, cfg, prompt, inputs, choices, vocab, batch_size, max_len):
-    """Rank classification: for row i of inputs [n,S], the string of choices[i] whose target (cut to
-    max_len tokens with EOS) has the highest summed log-likelihood; ties go to the first. Pairs run in fixed
-    batches."""
-    rows = np.array([i for i, c in enumerate(choices) for _ in c], np.int64)
-    flat = [s for c in choices for s in c]
-    targets = data.tokenize(vocab, [{"inputs": "", "targets": s} for s in flat], 1, max_len)["targets"]
-    scores = np.empty(len(flat), np.float32)
-    for j in range(0, len(flat), batch_size):
-        k = min(batch_size, len(flat) - j)
-        x, y = np.zeros((batch_size, inputs.shape[1]), np.int32), np.zeros((batch_size, max_len), np.int32)
-        x[:k], y[:k] = inputs[rows[j:j + k]], targets[j:j + k]
-        scores[j:j + k] = np.asarray(t5_model.score_targets(frozen, cfg, x, y, prompt))[:k]
-    best, start = [], 0
-    for c in choices:
-        best.append(c[int(np.argmax(scores[start:start + len(c)]))] if c else None)
-        start += len(c)
-    return best
 
 
 def predict_file(name, examples, frozen, cfg, prompt, vocab, args):
     """Leaderboard labels of one file's examples, and how many decoded strings were invalid (then ranked)."""
     task = data.get_task(SUBMISSION[name][0])
-    T = task.target_len
-    inputs = data.tokenize(vocab, data.text_pairs(task.name, examples), args.max_input_len, T)["inputs"]
-    if args.method == "rank" and name != "WSC":      # WSC's target is the referent's text: always decoded
-        choices = [candidates(name, ex) for ex in examples]
-        preds = rank(frozen, cfg, prompt, inputs, choices, vocab, args.batch_size, T)
-    else:                                             # T5 / the paper: greedy decoding
-        preds = released_prompts.predict(frozen, cfg, prompt, inputs, vocab, args.batch_size, T)
+    inputs = data.token_ids(vocab, [t["inputs"] for t in data.text_pairs(task.name, examples)],
+                            args.max_input_len)
+
+    def predict(rows, method):  # spot.evaluate of examples `rows`; rank: among each one's candidates
+        return spot.evaluate(frozen, cfg, prompt, [inputs[i] for i in rows], vocab, method=method,
+                             choices=[candidates(name, examples[i]) for i in rows],
+                             max_target_len=task.target_len, batch_size=args.batch_size)
+    # T5 / the paper: greedy decoding; WSC's target is the referent's text: always decoded
+    preds = predict(range(len(examples)), "decode" if name == "WSC" else args.method)
     labels = [to_label(name, p, ex) for p, ex in zip(preds, examples)]
     bad = [i for i, lab in enumerate(labels) if lab is None]
-    if bad and name == "WSC":       # names no one (T5's -1): the candidate is not the referent
+    if name == "WSC":       # names no one (T5's -1): the candidate is not the referent
         labels = ["False" if lab is None else lab for lab in labels]
     elif bad:
-        choices = [candidates(name, examples[i]) for i in bad]
-        ranked = rank(frozen, cfg, prompt, inputs[bad], choices, vocab, args.batch_size, T)
-        for i, p in zip(bad, ranked):
-            # No candidate at all (ReCoRD without entities): keep the string.
-            labels[i] = preds[i] if p is None else to_label(name, p, examples[i])
+        for i, p in zip(bad, predict(bad, "rank")):
+            labels[i] = to_label(name, p, examples[i])
     return labels, preds, len(bad)
 
 
 # ----------------------------------------------------------------------------- the files
 def submission_lines(name, examples, labels):
     """One JSON object per line in the leaderboard's layout (module docstring), in the examples' order."""
-    if len(labels) != len(examples) or any(lab is None for lab in labels):
-        raise ValueError(f"{name}: {len(examples)} examples need {len(examples)} labels, "
-                         f"got {labels!r:.200}")
-    check_idx(name, examples)
     if name == "MultiRC":
         paragraphs = {}
         for ex, lab in zip(examples, labels):
@@ -404,7 +375,7 @@ def run(args):
                     np.random.default_rng(i).normal(size=(8, cfg.d_model)).astype(np.float32))
         args.prompts = args.prompts or str(tmp / "prompts")
     else:
-        vocab = released_prompts.load_vocab(argparse.Namespace(vocab=args.vocab, model=args.model))
+        vocab = data.model_vocab(args.model, args.vocab)
     try:
         # Read and checked before the weights load.
         tests = {name: load_test(name, args.data) for name in SUBMISSION}

@@ -43,34 +43,6 @@ def test_label_minus_one_becomes_unk():
                                            "targets": "<unk>"}
 
 
-class _IdsVocab:
-    """Decodes ids as their numbers up to EOS, so a prediction shows which row it came from."""
-    def decode(self, ids):
-        ids = list(ids)
-        return " ".join(str(i) for i in ids[:ids.index(1)] if i)
-
-
-def test_predict_keeps_row_order_and_fixed_shapes(monkeypatch):
-    """Rows are sorted by length and batches padded; predictions must still come back in row order."""
-    seen = []
-
-    def fake_decode(params, cfg, batch, prompt, max_len):  # "predicts" each row's first two tokens, then EOS
-        seen.append(batch.shape)
-        out = np.zeros((batch.shape[0], max_len), np.int32)
-        out[:, :2], out[:, 2] = batch[:, :2], 1
-        return out
-
-    monkeypatch.setattr(t5_model, "greedy_decode", fake_decode)
-    lengths = [70, 3, 130, 5, 64, 2, 300]
-    inputs = np.zeros((len(lengths), 512), np.int32)
-    for r, n in enumerate(lengths):
-        inputs[r, :n] = np.arange(n) + 100 * (r + 1)
-    preds = rp.predict(None, None, None, inputs, _IdsVocab(), batch_size=3, max_len=8)
-    assert preds == [f"{100 * (r + 1)} {100 * (r + 1) + 1}" for r in range(len(lengths))]
-    # sorted lengths 2,3,5 | 64,70,130 | 300 -> widths 64, 256, 512; always 3 rows
-    assert seen == [(3, 64), (3, 256), (3, 512)]
-
-
 def test_load_prompts_checks_width(tmp_path):
     np.save(tmp_path / "sst2.npy", np.zeros((100, 512), np.float32))
     with pytest.raises(ValueError, match=r"\[P, 768\]"):

@@ -262,18 +262,17 @@ class WordVocab:
 
 
 def test_rank_classification_picks_the_most_likely_label(frozen):
+    import data
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
-    inputs = EVAL_BATCH['inputs'][:3]                       # 3 examples in a batch of 4: padded
+    inputs = data.unpad(EVAL_BATCH['inputs'][:3])           # 3 examples in a batch of 4: padded
     labels = ['entailment', 'not_entailment maybe']
-    preds = spot.evaluate(frozen, CFG, prompt, inputs, WordVocab(), method='rank', label_names=labels,
+    preds = spot.evaluate(frozen, CFG, prompt, inputs, WordVocab(), method='rank', choices=[labels] * 3,
                           max_target_len=3, batch_size=B)
     targets = np.int32([[100, 1, 0], [101, 102, 1]])
     scores = np.stack([
         t5_model.score_targets(frozen, CFG, EVAL_BATCH['inputs'], np.tile(t, (B, 1)), prompt)[:3]
         for t in targets], 1)
     assert preds == [labels[i] for i in scores.argmax(1)]
-    with pytest.raises(ValueError, match="needs a classification task"):
-        spot.evaluate(frozen, CFG, prompt, inputs, WordVocab(), method='rank')
 
 
 # -------------------------------------------------------------------------------------------- initialisations
@@ -1572,25 +1571,20 @@ class IdVocab:
 
 def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
     """Batches of similar lengths padded to their bucket: the same predictions, in input order, as one example
-    at a time (each at its own length), for greedy decoding and rank classification; arrays and id lists
-    alike."""
-    import data
+    at a time (each at its own length), for greedy decoding and rank classification."""
     rng = np.random.default_rng(3)
     rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (30, 2, 17, 5, 40, 9, 3, 25)]
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     labels = None
     for method in ('decode', 'rank'):
-        kw = {'label_names': labels} if method == 'rank' else {}
         alone = [spot.evaluate(frozen, CFG, prompt, [r], IdVocab(), method=method, max_target_len=4,
-                               batch_size=1, **kw)[0]
+                               batch_size=1, choices=labels and [labels])[0]
                  for r in rows]
-        # rank: the greedy first tokens, so answers differ
-        labels = tuple(sorted({p.split()[0] for p in alone}))
+        got = spot.evaluate(frozen, CFG, prompt, rows, IdVocab(), method=method, max_target_len=4,
+                            batch_size=3, choices=labels and [labels] * len(rows))
         assert len(set(alone)) >= 2, alone                      # the order check means something
-        for inputs in (rows, data.pad_rows(rows, 48)):
-            got = spot.evaluate(frozen, CFG, prompt, inputs, IdVocab(), method=method, max_target_len=4,
-                                batch_size=3, **kw)
-            assert got == alone
+        assert got == alone
+        labels = tuple(sorted({p.split()[0] for p in alone}))  # greedy first tokens: answers differ
 
 
 def test_evaluation_pads_a_last_partial_batch_to_a_power_of_two_only(frozen, monkeypatch):
@@ -1608,7 +1602,7 @@ def test_evaluation_pads_a_last_partial_batch_to_a_power_of_two_only(frozen, mon
     preds = spot.evaluate(frozen, CFG, prompt, rows, IdVocab(), max_target_len=4, batch_size=8)
     assert seen == [8, 2] and len(preds) == 10
     seen.clear()
-    spot.evaluate(frozen, CFG, prompt, rows[:3], IdVocab(), method='rank', label_names=('1', '2'),
+    spot.evaluate(frozen, CFG, prompt, rows[:3], IdVocab(), method='rank', choices=[('1', '2')] * 3,
                   max_target_len=4, batch_size=8)
     assert seen == [4, 4]                                    # one call per label, 3 examples in 4 rows
 
@@ -1768,11 +1762,11 @@ def test_mixed_prompt_evaluation_predicts_as_one_prompt_at_a_time(frozen):
         labels = [('12 7', '300', '41 42 43'), ('9', '10'), ('77 1', '5', '6', '8')] if method == 'rank' \
             else None
         alone = [spot.evaluate(frozen, CFG, prompts[k], [r], IdVocab(), method=method, max_target_len=lens[k],
-                               batch_size=1, label_names=labels and labels[k])[0]
+                               batch_size=1, choices=labels and [labels[k]])[0]
                  for r, k in zip(rows, ids)]
         assert len(set(alone)) >= 3, alone
         mixed = spot.evaluate(frozen, CFG, prompts, rows, IdVocab(), method=method, max_target_len=lens,
-                              batch_size=4, label_names=labels, prompt_ids=ids)
+                              batch_size=4, choices=labels and [labels[k] for k in ids], prompt_ids=ids)
         assert mixed == alone
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import data
+import spot
 import t5_model
 from experiments import table5_superglue_test as T
 
@@ -120,14 +121,16 @@ def test_validation_round_trip_gives_data_score(name, shared_data, tmp_path):
     assert expected["score"] < 100  # the random trials are not all right
 
 
-def test_rank_picks_the_most_likely_candidate(shared_data):
+def test_rank_picks_the_most_likely_of_each_rows_candidates(shared_data):
+    """spot.evaluate's rank classification with candidates per example (ReCoRD's entities)."""
     cfg = t5_model.T5Config.tiny()
     frozen = t5_model.init_params(jax.random.key(1), cfg)
     vocab = data.load_vocab(shared_data / "t5_spiece.model")
     texts = [{"inputs": t, "targets": ""} for t in ("a b c", "d e", "f")]
     inputs = data.tokenize(vocab, texts, 16, 4)["inputs"]
     choices = [["yes", "no", "maybe"], ["cat"], ["x", "y"]]
-    got = T.rank(frozen, cfg, None, inputs, choices, vocab, batch_size=2, max_len=4)
+    got = spot.evaluate(frozen, cfg, None, data.unpad(inputs), vocab, method="rank", choices=choices,
+                        max_target_len=4, batch_size=2)
     for row, c, pick in zip(inputs, choices, got):
         y = data.tokenize(vocab, [{"inputs": "", "targets": s} for s in c], 1, 4)["targets"]
         scores = np.asarray(t5_model.score_targets(frozen, cfg, np.repeat(row[None], len(c), 0), y, None))
@@ -140,14 +143,17 @@ def test_invalid_predictions_are_ranked_and_counted(monkeypatch, shared_data):
     vocab = data.load_vocab(shared_data / "t5_spiece.model")
     examples = [{"premise": f"p{i}", "hypothesis": f"h{i}", "idx": i, "label": -1} for i in range(4)]
     decoded = ["entailment", "Entailment", "not_entailment", "?"]
-    monkeypatch.setattr(T.released_prompts, "predict", lambda *a, **k: list(decoded))
+    evaluate = spot.evaluate
+    monkeypatch.setattr(spot, "evaluate", lambda *a, method, **k: list(decoded) if method == "decode"
+                        else evaluate(*a, method=method, **k))
     args = type("Args", (), {"method": "decode", "max_input_len": 16, "batch_size": 4})()
     labels, preds, invalid = T.predict_file("RTE", examples, frozen, cfg, None, vocab, args)
     assert preds == decoded and invalid == 2
     assert labels[0] == "entailment" and labels[2] == "not_entailment"
-    inputs = data.tokenize(vocab, data.text_pairs("superglue_rte", examples), 16, 8)["inputs"]
+    inputs = data.token_ids(vocab, [t["inputs"] for t in data.text_pairs("superglue_rte", examples)], 16)
     labels_rte = list(data.get_task("superglue_rte").label_names)
-    ranked = T.rank(frozen, cfg, None, inputs[[1, 3]], [labels_rte, labels_rte], vocab, 4, 8)
+    ranked = evaluate(frozen, cfg, None, [inputs[1], inputs[3]], vocab, method="rank",
+                      choices=[labels_rte] * 2, max_target_len=8)
     assert [labels[1], labels[3]] == ranked
 
 
