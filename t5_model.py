@@ -479,30 +479,29 @@ def _param_specs(cfg):
     return specs
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
 def init_params(key, cfg, dtype=jnp.float32):
-    """Random weights: one normal draw, cut into the leaves layer by layer, in the order of T5X's per-layer
-    names (layers_0, layers_1, ...), then stacked. Not jitted on purpose: XLA on CPU compiles a kernel per
-    output leaf (~0.1 s each); eagerly, dynamic_slice compiles once per leaf size. The draw has rows of width
+    """Random weights: one normal draw cut into the leaves in the order of T5X's per-layer names (embedding;
+    encoder layers_0, layers_1, ..., relpos table; the same for the decoder; logits_dense). A stack's layers
+    follow each other in the draw, so each stacked leaf is one strided slice of it. The draw has rows of width
     gcd(leaf sizes), so row offsets stay below 2^31 even for 11B parameters."""
     specs = _param_specs(cfg)
-    units = [("token_embedder/embedding", None)]  # (path, layer): the drawn blocks, in order
+    groups = [(["token_embedder/embedding"], 1)]  # (paths, L): L layers of these leaves, one after another
     for stack, L in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
         stacked = [p for p, (_, std) in specs.items() if p.startswith(f"{stack}/layers/") and std is not None]
-        units += [(p, i) for i in range(L) for p in stacked] + [(f"{stack}/relpos_bias/rel_embedding", None)]
-    units += [("decoder/logits_dense/kernel", None)] * (not cfg.tie_word_embeddings)
-    sizes = [math.prod(specs[p][0][layer is not None:]) for p, layer in units]
-    width = math.gcd(*sizes)
-    z = jax.random.normal(key, (sum(sizes) // width, width))
-    flat, layers, row = {}, {}, 0
-    for (path, layer), size in zip(units, sizes):
-        shape, std = specs[path]
-        rows = jax.lax.dynamic_slice_in_dim(z, jnp.int32(row), size // width)
-        block, row = (std * rows.reshape(shape[layer is not None:])).astype(dtype), row + size // width
-        if layer is None:
-            flat[path] = block
-        else:
-            layers.setdefault(path, []).append(block)
-    flat.update({path: jnp.stack(blocks) for path, blocks in layers.items()})
+        groups += [(stacked, L), ([f"{stack}/relpos_bias/rel_embedding"], 1)]
+    groups += [(["decoder/logits_dense/kernel"], 1)] * (not cfg.tie_word_embeddings)
+    per_layer = {p: math.prod(specs[p][0]["/layers/" in p:]) for paths, _ in groups for p in paths}
+    width = math.gcd(*per_layer.values())
+    z = jax.random.normal(key, (sum(L * per_layer[p] for paths, L in groups for p in paths) // width, width))
+    flat, row = {}, 0
+    for paths, L in groups:
+        rows = [per_layer[p] // width for p in paths]
+        chunk, row = z[row:row + L * sum(rows)].reshape(L, sum(rows), width), row + L * sum(rows)
+        for p, begin, n in zip(paths, np.cumsum([0, *rows]).tolist(), rows):
+            (shape, std), stacked = specs[p], "/layers/" in p
+            block = chunk[:, begin:begin + n].reshape(L, *shape[stacked:])
+            flat[p] = (std * (block if stacked else block[0])).astype(dtype)
     flat.update({path: jnp.ones(shape, dtype) for path, (shape, std) in specs.items() if std is None})
     return _unflatten(flat)
 

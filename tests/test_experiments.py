@@ -89,8 +89,8 @@ def test_figure1_tiny(out, capsys):
 
 def test_model_tuning_step_trains_every_weight():
     """The Figure 1 baseline path: its jaxpr returns one updated array per weight (and no prompt)."""
-    from tests.test_spot import CFG, EVAL_BATCH, random_params
-    frozen = random_params(CFG)
+    from tests.test_spot import CFG, EVAL_BATCH
+    frozen = t5_model.init_params(jax.random.key(0), CFG)
     opt_state = spot.make_optimizer(figure1_model_sizes.MODEL_TUNING).init(frozen)
     jaxpr = jax.make_jaxpr(figure1_model_sizes.model_tuning_step, static_argnums=(4, 5))(
         frozen, opt_state, EVAL_BATCH, spot.dropout_key(0, 0), CFG, figure1_model_sizes.MODEL_TUNING)

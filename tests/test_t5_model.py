@@ -471,6 +471,42 @@ def test_check_params_names_bad_leaves(tiny):
         tm.check_params(params, cfg)
 
 
+def _init_params_reference(key, cfg, dtype):
+    """init_params as first written, slowly: one normal draw cut into the leaves one layer at a time, in the
+    order of T5X's per-layer names (embedding; encoder layers_0, layers_1, ..., relpos table; decoder ...;
+    logits_dense); the layers then stacked."""
+    specs = tm._param_specs(cfg)
+    units = [("token_embedder/embedding", None)]
+    for stack, L in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        stacked = [p for p, (_, std) in specs.items() if p.startswith(f"{stack}/layers/") and std is not None]
+        units += [(p, i) for i in range(L) for p in stacked] + [(f"{stack}/relpos_bias/rel_embedding", None)]
+    units += [("decoder/logits_dense/kernel", None)] * (not cfg.tie_word_embeddings)
+    sizes = [int(np.prod(specs[p][0][layer is not None:])) for p, layer in units]
+    width = np.gcd.reduce(sizes)
+    z = np.asarray(jax.random.normal(key, (sum(sizes) // width, width))).reshape(-1)
+    flat, offset = {}, 0
+    for (path, layer), size in zip(units, sizes):
+        shape, std = specs[path]
+        block, offset = std * z[offset:offset + size].reshape(shape[layer is not None:]), offset + size
+        flat.setdefault(path, []).append(block.astype(dtype))
+    flat = {p: np.stack(b) if "/layers/" in p else b[0] for p, b in flat.items()}
+    return {**flat, **{p: np.ones(shape, dtype) for p, (shape, std) in specs.items() if std is None}}
+
+
+@pytest.mark.parametrize("overrides,dtype", [({}, jnp.float32), ({}, jnp.bfloat16),
+                                             (dict(gated_gelu=False, tie_word_embeddings=True), jnp.float32)])
+def test_init_params_draws_the_values_it_always_drew(overrides, dtype):
+    """init_params draws whole stacks at once under one jit; its values must stay those of the layer-by-layer
+    reference bit for bit (the README's quickstart numbers start from them)."""
+    cfg = tm.T5Config.tiny(num_decoder_layers=3, **overrides)
+    got = tm._flatten(tm.init_params(jax.random.key(5), cfg, dtype))
+    want = _init_params_reference(jax.random.key(5), cfg, dtype)
+    assert got.keys() == want.keys()
+    for path in want:
+        assert got[path].dtype == want[path].dtype, path
+        np.testing.assert_array_equal(np.asarray(got[path]).view(np.uint16), want[path].view(np.uint16), path)
+
+
 # --------------------------------------------------------------------------------------------- known answers
 def test_relpos_bucket_known_answers():
     # Bidirectional, 32 buckets, max distance 128: 16 buckets per sign, exact below 8,
