@@ -1559,7 +1559,7 @@ def test_evaluation_groups_by_length_and_returns_predictions_in_order(frozen):
     at a time (each at its own length), for greedy decoding and rank classification; arrays and id lists
     alike."""
     import data
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(5)   # rows whose ranked answers differ under init_params' weights
     rows = [list(rng.integers(10, 5000, n)) + [t5_model.EOS_ID] for n in (30, 2, 17, 5, 40, 9, 3, 25)]
     prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
     labels = None
