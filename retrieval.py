@@ -182,44 +182,30 @@ def load_library(directory):
         if folder.resolve() in seen:  # a symlink loop
             return
         seen.add(folder.resolve())
-        if spot.is_run_folder(folder):
-            entries.append(_run_entry(folder))
-            return
+        if spot.is_run_folder(folder):  # its task embedding, under its sidecar's task, else the folder's name
+            path = spot.run_prompt_file(folder, embedding=True)
+            return add(path, path.with_suffix(".json"), folder.name)
         for path in sorted(folder.iterdir()):
-            if path.is_dir() and ((path / spot.PEFT_CONFIG).is_file() or (path / spot.T5X_PROMPT).is_file()):
-                stem = path.name
-            elif path.is_dir():
+            prompt_folder = (path / spot.PEFT_CONFIG).is_file() or (path / spot.T5X_PROMPT).is_file()
+            if path.is_dir() and not prompt_folder:
                 visit(path)
-                continue
-            elif path.is_file() and path.suffix == ".npy":
-                stem = path.stem
-            elif path.is_file() and path.name.endswith(spot.T5X_PROMPT):
-                stem = path.name.removesuffix(spot.T5X_PROMPT).rstrip(".") or path.name
-            else:
-                continue  # not a prompt (README, notes/)
-            sidecar = folder / f"{stem}.json"
-            meta = _read_json(sidecar) if sidecar.exists() else {"task": stem}
-            if not isinstance(meta, dict) or "task" not in meta:
-                raise ValueError(f"{sidecar} has no 'task' field")
-            fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
-            prompt = np.asarray(spot.load_prompt(path), np.float64)  # checked: finite, non-empty [P, D]
-            entries.append(PromptEntry(meta["task"], prompt, path=path, **fields))
+            elif prompt_folder or path.suffix == ".npy" or path.name.endswith(spot.T5X_PROMPT):  # not README
+                t5x = path.name.removesuffix(spot.T5X_PROMPT).rstrip(".")
+                stem = (path.stem if path.suffix == ".npy" else t5x) or path.name
+                sidecar = folder / f"{stem}.json"
+                add(path, sidecar, None if sidecar.exists() else stem)
+
+    def add(path, sidecar, task):  # task: when the sidecar names none (None: it must)
+        meta = _read_json(sidecar) if sidecar.exists() else {}
+        if not isinstance(meta, dict) or meta.get("task", task) is None:
+            raise ValueError(f"{sidecar} has no 'task' field")
+        fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
+        prompt = np.asarray(spot.load_prompt(path), np.float64)  # checked: finite, non-empty [P, D]
+        entries.append(PromptEntry(str(meta.get("task", task)), prompt, path=path, **fields))
     visit(directory)
     if not entries:  # searched recursively
         raise ValueError(f"prompt library {directory} holds no .npy, T5X, PEFT prompts or run folders")
     return entries
-
-
-def _run_entry(folder):
-    """A run folder's task embedding (spot.run_prompt_file) as a PromptEntry."""
-    import spot
-    path = spot.run_prompt_file(folder, embedding=True)
-    sidecar = path.with_suffix(".json")
-    meta = _read_json(sidecar) if sidecar.exists() else {}
-    meta = meta if isinstance(meta, dict) else {}
-    fields = {k: meta.get(k) for k in ("step", "model", "score")}
-    prompt = np.asarray(spot.load_prompt(path), np.float64)
-    return PromptEntry(str(meta.get("task") or folder.name), prompt, path=path, **fields)
 
 
 def group_by_task(entries):
