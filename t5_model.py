@@ -1,9 +1,9 @@
 """T5 in pure JAX: the frozen encoder-decoder that SPoT tunes a prompt for (Vu et al. 2022 §2.1).
 
 Read top to bottom. The model (Raffel et al. 2020 §2.1; SPoT freezes T5 1.1 LM-adapted): T5Config, rms_norm,
-relpos_bias, _attend, _mlp; prepend_prompt (Lester et al. 2021 §2: the prompt [P; X]) and encode; decode,
-forward; greedy_decode and score_targets for evaluation. Then three headed sections: performance tricks (each
-gives the plain formula it replaces, then its measured gain); parameters (init_params, check_params,
+relpos_bias, dropout, _attend, _mlp; prepend_prompt (Lester et al. 2021 §2: the prompt [P; X]) and encode;
+decode, forward; greedy_decode and score_targets for evaluation. Then three headed sections: a performance
+trick (the absorbed cross-attention: the plain formula, then its measured gain); parameters (init_params,
 param_count); Hugging Face checkpoints (load_checkpoint: safetensors / pytorch_model.bin -> T5X names).
 Params: nested dicts with T5X checkpoint names; attention kernels [D,N,H] (query/key/value), [N,H,D] (out).
 """
@@ -143,11 +143,9 @@ def _dropout(x, site, seed, rate, mask_shape=None):
     size-1 axes. Default: one mask per (batch, feature), shared by every position of the length axis -2, as in
     the flaxformer T5 1.1 that SPoT's code runs (google-research/prompt-tuning
     configs/architectures/t5_1_1_flaxformer.gin: linen.Dropout broadcast_dims=(-2,)); HF T5 draws every
-    element (mask_shape=x.shape). `seed` [B] holds one uint32 per example (_dropout_seeds), so an example's
-    masks do not depend on the batch or sub-batch it is in. The mask is a counter-based hash, not
-    jax.random.bernoulli: keep = mix32(index in the example ^ mix32(seed_b ^ crc32(site))) >= rate * 2^32, a
-    few integer ops per element instead of a threefry draw per site (Base step, first prototype: 11.9 s with
-    threefry, 9.0 s with the hash)."""
+    element (mask_shape=x.shape). `seed` [B]: one uint32 per example, so an example's masks do not depend on
+    its batch. keep = mix32(index ^ mix32(seed_b ^ crc32(site))) >= rate * 2^32, a counter-based hash: a few
+    integer ops per element, not a threefry draw per site (Base step: 11.9 s with threefry, 9.0 s hashed)."""
     if seed is None or rate == 0.0:
         return x
     shape = (*x.shape[:-2], 1, x.shape[-1]) if mask_shape is None else tuple(mask_shape)
