@@ -126,16 +126,12 @@ def einsum_f32(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _einsum_f32_fwd(spec, a, b):
-    return einsum_f32(spec, a, b), (a, b)
-
-
 def _einsum_f32_bwd(spec, operands, g):
     a, b = operands
     return jax.vjp(functools.partial(jnp.einsum, spec), a, b)[1](g.astype(a.dtype))
 
 
-einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+einsum_f32.defvjp(lambda spec, a, b: (einsum_f32(spec, a, b), (a, b)), _einsum_f32_bwd)
 
 
 def _dropout(x, site, seed, rate, mask_shape=None):
