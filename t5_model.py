@@ -516,7 +516,7 @@ def _config_from_hf(cls, c, where):
     feed-forward we do not implement (it would load as another one without a word)."""
     if not isinstance(c, dict):
         raise ValueError(f"{where} holds a JSON {type(c).__name__}, not an object: it is not a T5 config")
-    problems = [f"model_type={c['model_type']!r}"] * (c.get("model_type", "t5") not in ("t5", "mt5"))
+    problems = [f"model_type={c.get('model_type')!r}"] * (c.get("model_type", "t5") not in ("t5", "mt5"))
     problems += [f"no {k}" for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in c]
     if c.get("feed_forward_proj", "relu") not in ("relu", "gated-gelu"):  # T5 1.0, T5 1.1
         problems.append(f"feed_forward_proj={c['feed_forward_proj']!r}, not relu or gated-gelu")

@@ -535,7 +535,9 @@ HUB_BASE = {"model_type": "t5", "vocab_size": 32128, "d_model": 768, "d_kv": 64,
 def test_from_hf_refuses_a_config_it_cannot_run_naming_the_file(change, match):
     """Another model, a size missing (None: the field removed) or a feed-forward we do not implement (it would
     run as another one without a word): a one-line ValueError naming the file."""
-    assert tm.T5Config.from_hf(HUB_BASE) == tm.T5Config.from_name("google/t5-base-lm-adapt")
+    base = tm.T5Config.from_name("google/t5-base-lm-adapt")
+    assert tm.T5Config.from_hf(HUB_BASE) == base
+    assert tm.T5Config.from_hf({k: v for k, v in HUB_BASE.items() if k != "model_type"}) == base  # optional
     c = {k: v for k, v in {**HUB_BASE, **change}.items() if k not in change or v is not None}
     with pytest.raises(ValueError, match=rf"^ckpt/config.json: {match}.*not a T5 config") as e:
         tm.T5Config.from_hf(c, where="ckpt/config.json")
