@@ -20,9 +20,8 @@ import numpy as np
 def cosine_average_tokens(e1, e2):
     """SPoT §3.2 "Cosine Similarity of Average Tokens": cos(mean_i e1_i, mean_j e2_j).
     Example: [[1,0],[0,1]] vs [[1,0]] -> cos([.5,.5], [1,0]) = 0.7071."""
-    e1, e2 = _pair(e1, e2)
-    u1, u2 = _unit(e1.mean(0), "first prompt's mean token"), _unit(e2.mean(0), "second prompt's mean token")
-    return float(u1 @ u2)
+    m1, m2 = (np.mean(np.asarray(e, dtype=np.float64), axis=0) for e in (e1, e2))
+    return float(_unit(m1) @ _unit(m2))
 
 
 def cosine_per_token(e1, e2):
@@ -30,62 +29,40 @@ def cosine_per_token(e1, e2):
     Example: [[1,0],[0,1]] vs [[1,0]] -> (1 + 0) / 2 = 0.5. A prompt's similarity with itself averages
     its P^2 token pairs too, so it is below 1 unless all its tokens are parallel (Google's released
     prompts: 0.03-0.04, their tokens being nearly orthogonal)."""
-    e1, e2 = _pair(e1, e2)
     # mean_ij <u_i, v_j> = <mean_i u_i, mean_j v_j> for unit tokens u, v: O(P D) instead of O(P^2 D).
-    return float(_unit(e1, "first prompt").mean(0) @ _unit(e2, "second prompt").mean(0))
+    return float(_unit(e1).mean(0) @ _unit(e2).mean(0))
 
 
-METRICS = {"per_token": cosine_per_token, "average_tokens": cosine_average_tokens}
+def _unit(x):
+    """x / |x| along the last axis, in float64. A zero vector has no direction: refused, as its NaN
+    similarity would scramble a ranking (NaN compares false)."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    if np.any(norm == 0):
+        raise ValueError("a prompt has a zero vector: its cosine similarity is undefined")
+    return x / norm
 
 
-def task_similarity(runs1, runs2, metric="per_token"):
-    """Mean similarity over all run pairs (SPoT footnote 14: the 3 x 3 runs of two tasks)."""
-    if not callable(metric) and metric not in METRICS:
-        raise ValueError(f"unknown similarity metric {metric!r}; use one of {sorted(METRICS)}")
-    sim = metric if callable(metric) else METRICS[metric]
-    runs1, runs2 = _runs(runs1), _runs(runs2)  # §3.2: a task's embedding = its prompt after 10K steps
-    return float(np.mean([sim(a, b) for a in runs1 for b in runs2]))
+SIMILARITIES = {"per_token": cosine_per_token, "average_tokens": cosine_average_tokens}
+
+
+def task_similarity(runs1, runs2, metric: str = "per_token"):
+    """Mean similarity over all run pairs (SPoT footnote 14: the 3 x 3 runs of two tasks). runs: one prompt
+    [P, D] or its runs (a list of [P, D], or [R, P, D]); metric: a name in SIMILARITIES."""
+    sim = SIMILARITIES[metric]  # §3.2: a task's embedding = its prompt after 10K steps
+    return float(np.mean([sim(a, b) for a in _runs(runs1) for b in _runs(runs2)]))
 
 
 def similarity_matrix(runs_by_task, metric="per_token"):
     """{task: prompt or runs} -> [n, n] task_similarity matrix, rows in the dict's order (Figs. 4, 7)."""
     runs = list(runs_by_task.values())
-    m = [[task_similarity(a, b, metric) for b in runs] for a in runs]
-    return np.array(m, dtype=np.float64).reshape(len(runs), len(runs))
-
-
-def _as_prompt(e, name="prompt"):
-    e = np.asarray(e, dtype=np.float64)
-    if e.ndim != 2 or 0 in e.shape:
-        raise ValueError(f"{name} must be a non-empty 2-D prompt [P, D], got shape {e.shape}; "
-                         "pass one prompt at a time (a list of runs goes to task_similarity)")
-    if not np.isfinite(e).all():  # NaN similarities would scramble the ranking (NaN compares false)
-        raise ValueError(f"{name} holds NaN or inf values (a diverged run?); use an earlier prompt")
-    return e
-
-
-def _unit(x, name):
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    if np.any(norm == 0):
-        raise ValueError(f"{name} has a zero vector, so its cosine similarity is undefined")
-    return x / norm
-
-
-def _pair(e1, e2):
-    e1, e2 = _as_prompt(e1, "first prompt"), _as_prompt(e2, "second prompt")
-    if e1.shape[1] != e2.shape[1]:
-        raise ValueError(f"prompts have different widths D ({e1.shape[1]} vs {e2.shape[1]}): task embeddings "
-                         "are comparable only between prompts tuned on the same frozen model size")
-    return e1, e2
+    return np.array([[task_similarity(a, b, metric) for b in runs] for a in runs], dtype=np.float64)
 
 
 def _runs(x):
-    """One prompt [P, D], a list of runs, or stacked runs [R, P, D] -> list of [P, D] arrays."""
-    if isinstance(x, (list, tuple)) and x and all(np.ndim(r) == 2 for r in x):
-        return list(x)
-    if np.ndim(x) in (2, 3) and np.size(x):
-        return [x] if np.ndim(x) == 2 else list(x)
-    raise ValueError(f"expected a non-empty 2-D prompt [P, D] or its runs [R, P, D], got shape {np.shape(x)}")
+    """One prompt [P, D] or its runs (a list of [P, D], or [R, P, D]) -> list of [P, D]."""
+    runs = isinstance(x, (list, tuple)) and np.ndim(x[0]) == 2
+    return list(x) if runs or np.ndim(x) == 3 else [x]
 
 
 # ---------------------------------------------------------------- §3.3 retrieval
@@ -105,34 +82,14 @@ class PromptEntry:
 def rank_sources(target, library, metric="per_token"):
     """[(PromptEntry, similarity)] for the library's prompts, the most similar to the target first.
     `target`: a prompt [P, D] or several runs of it (similarity averaged over them, as in Fig. 5)."""
-    if not library:
-        raise ValueError("the prompt library is empty: save source prompts with save_to_library first")
-    target = [_as_prompt(run, "the target prompt") for run in _runs(target)]
-    _check_target_width(target, library, "the target prompt")
-    sims = []
-    for entry in library:  # §3.3: each of the 48 source prompts (16 tasks x 3 runs) is scored on its own
-        try:
-            sims.append(task_similarity(target, entry.prompt, metric))
-        except ValueError as e:
-            where = entry.path or "in memory"
-            raise ValueError(f"source prompt of task {entry.task!r} ({where}): {e}") from None
+    # §3.3: each of the 48 source prompts (16 tasks x 3 runs) is scored on its own
+    sims = [task_similarity(target, entry.prompt, metric) for entry in library]
     order = sorted(range(len(library)), key=lambda i: -sims[i])  # stable: ties keep library order
     return [(library[i], sims[i]) for i in order]
 
 
-def _check_target_width(runs, library, what):
-    """Blame a target of another width, rather than the first library prompt it is compared with."""
-    widths = {np.shape(e.prompt)[-1] for e in library}
-    if off := sorted({np.shape(run)[1] for run in runs} - widths):
-        raise ValueError(f"{what} is {off[0]} wide but every library prompt is "
-                         f"{' or '.join(map(str, sorted(widths)))} wide: prompts of one model size only")
-
-
 def top_k(ranking, k):
     """The k highest-ranked entries: the source prompts BEST OF TOP-k tries (SPoT §3.3)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(ranking):
-        raise ValueError(f"k={k!r} but the ranking holds {len(ranking)} prompts; "
-                         f"pick an integer 1 <= k <= {len(ranking)}")
     return [entry for entry, _ in ranking[:k]]
 
 
@@ -149,15 +106,13 @@ def oracle(library, scores):
 
 def _best(entries, scores):
     scores = [scores(e) for e in entries] if callable(scores) else list(scores)
-    if len(scores) != len(entries):
-        raise ValueError(f"got {len(scores)} scores for {len(entries)} prompts; give one score per prompt")
     i = int(np.argmax(scores))
     return entries[i], float(scores[i])
 
 
 def top_k_weights(ranking, k):
     """alpha_r = sim_r / sum_{l<=k} sim_l (SPoT §3.3, TOP-k WEIGHTED AVERAGE)."""
-    sims = np.array([sim for _, sim in ranking[:len(top_k(ranking, k))]])
+    sims = np.array([sim for _, sim in ranking[:k]])
     if sims.sum() <= 0:
         raise ValueError(f"the top-{k} similarities sum to {sims.sum():.4g} <= 0: the weights are undefined")
     return sims / sims.sum()
@@ -165,10 +120,8 @@ def top_k_weights(ranking, k):
 
 def top_k_weighted_average(ranking, k):
     """SPoT §3.3 TOP-k WEIGHTED AVERAGE: one target init, sum_r alpha_r rho_r. -> prompt [P, D]."""
-    prompts = [np.asarray(e.prompt, dtype=np.float64) for e in top_k(ranking, k)]
-    if len(shapes := {p.shape for p in prompts}) > 1:
-        raise ValueError(f"cannot average prompts of shapes {sorted(shapes)}; use equal [P, D]")
-    return np.einsum("k,kPD->PD", top_k_weights(ranking, k), np.stack(prompts))
+    prompts = np.stack([np.asarray(e.prompt, dtype=np.float64) for e in top_k(ranking, k)])
+    return np.einsum("k,kPD->PD", top_k_weights(ranking, k), prompts)
 
 
 def top_k_mixture_tasks(ranking, k, target_task):
@@ -183,9 +136,7 @@ def top_k_mixture_tasks(ranking, k, target_task):
 def relative_error_reduction(score, baseline):
     """SPoT §3.1: 100 (s - b) / (100 - b), in %. Example: (97.0, 92.7) -> 58.9 (MNLI -> CB)."""
     score, baseline = np.asarray(score, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
-    if np.any(baseline >= 100):
-        raise ValueError("a baseline of 100 leaves no error to reduce; scores must be x100 and below 100")
-    out = 100 * (score - baseline) / (100 - baseline)
+    out = 100 * (score - baseline) / (100 - baseline)  # a baseline of 100 leaves no error to reduce
     return float(out) if out.ndim == 0 else out
 
 
@@ -193,7 +144,7 @@ def relative_error_reduction(score, baseline):
 
 def save_to_library(directory, prompt, task, run=0, step=None, model=None, score=None):
     """Write <task>-run<run>[-step<step>].npy plus a JSON sidecar with the metadata; returns the .npy path."""
-    prompt = np.asarray(_as_prompt(prompt), dtype=np.float32)
+    prompt = np.asarray(prompt, dtype=np.float32)
     # numpy / jax scalars (np.int64 run, np.float32 score) as plain JSON numbers, checked before any write
     meta = json.loads(json.dumps({"task": task, "run": run, "step": step, "model": model, "score": score},
                                  default=lambda x: np.asarray(x).tolist()))
@@ -202,8 +153,7 @@ def save_to_library(directory, prompt, task, run=0, step=None, model=None, score
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{task}-run{run}" + (f"-step{step}" if step is not None else ""))
     sidecar = directory / f"{stem}.json"
     if sidecar.exists() and (old := _read_json(sidecar).get("task")) != meta["task"]:  # "a/b" vs "a_b"
-        raise ValueError(f"{sidecar} holds a prompt of task {old!r}, not {task!r}, under the same file name; "
-                         "rename one of the tasks")
+        raise ValueError(f"{sidecar} holds task {old!r}, not {task!r}, under the same file name")
     np.save(directory / f"{stem}.npy", prompt)  # the official Checkpointer also stores prompts as .npy
     sidecar.write_text(json.dumps(meta, indent=1) + "\n")
     return directory / f"{stem}.npy"
@@ -232,45 +182,30 @@ def load_library(directory):
         if folder.resolve() in seen:  # a symlink loop
             return
         seen.add(folder.resolve())
-        if spot.is_run_folder(folder):
-            entries.append(_run_entry(folder))
-            return
+        if spot.is_run_folder(folder):  # its task embedding, under its sidecar's task, else the folder's name
+            path = spot.run_prompt_file(folder, embedding=True)
+            return add(path, path.with_suffix(".json"), folder.name)
         for path in sorted(folder.iterdir()):
-            if path.is_dir() and ((path / spot.PEFT_CONFIG).is_file() or (path / spot.T5X_PROMPT).is_file()):
-                stem = path.name
-            elif path.is_dir():
+            prompt_folder = (path / spot.PEFT_CONFIG).is_file() or (path / spot.T5X_PROMPT).is_file()
+            if path.is_dir() and not prompt_folder:
                 visit(path)
-                continue
-            elif path.is_file() and path.suffix == ".npy":
-                stem = path.stem
-            elif path.is_file() and path.name.endswith(spot.T5X_PROMPT):
-                stem = path.name.removesuffix(spot.T5X_PROMPT).rstrip(".") or path.name
-            else:
-                continue  # not a prompt (README, notes/)
-            sidecar = folder / f"{stem}.json"
-            meta = _read_json(sidecar) if sidecar.exists() else {"task": stem}
-            if not isinstance(meta, dict) or "task" not in meta:
-                raise ValueError(f"{sidecar} has no 'task' field; write it with save_to_library")
-            fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
-            prompt = _as_prompt(spot.load_prompt(path), str(path))  # float64, non-empty
-            entries.append(PromptEntry(meta["task"], prompt, path=path, **fields))
+            elif prompt_folder or path.suffix == ".npy" or path.name.endswith(spot.T5X_PROMPT):  # not README
+                t5x = path.name.removesuffix(spot.T5X_PROMPT).rstrip(".")
+                stem = (path.stem if path.suffix == ".npy" else t5x) or path.name
+                sidecar = folder / f"{stem}.json"
+                add(path, sidecar, None if sidecar.exists() else stem)
+
+    def add(path, sidecar, task):  # task: when the sidecar names none (None: it must)
+        meta = _read_json(sidecar) if sidecar.exists() else {}
+        if not isinstance(meta, dict) or meta.get("task", task) is None:
+            raise ValueError(f"{sidecar} has no 'task' field")
+        fields = {k: meta.get(k) for k in ("run", "step", "model", "score")}
+        prompt = np.asarray(spot.load_prompt(path), np.float64)  # checked: finite, non-empty [P, D]
+        entries.append(PromptEntry(str(meta.get("task", task)), prompt, path=path, **fields))
     visit(directory)
-    if not entries:
-        raise ValueError(f"prompt library {directory} holds no .npy prompts, T5X {spot.T5X_PROMPT} files, "
-                         "PEFT adapter folders or run folders (searched recursively)")
+    if not entries:  # searched recursively
+        raise ValueError(f"prompt library {directory} holds no .npy, T5X, PEFT prompts or run folders")
     return entries
-
-
-def _run_entry(folder):
-    """A run folder's task embedding (spot.run_prompt_file) as a PromptEntry."""
-    import spot
-    path = spot.run_prompt_file(folder, embedding=True)
-    sidecar = path.with_suffix(".json")
-    meta = _read_json(sidecar) if sidecar.exists() else {}
-    meta = meta if isinstance(meta, dict) else {}
-    fields = {k: meta.get(k) for k in ("step", "model", "score")}
-    prompt = _as_prompt(spot.load_prompt(path), str(path))
-    return PromptEntry(str(meta.get("task") or folder.name), prompt, path=path, **fields)
 
 
 def group_by_task(entries):
@@ -284,7 +219,7 @@ def group_by_task(entries):
 # ---------------------------------------------------------------- CLI
 
 def _print_ranking(ranking, k, metric, root=None):
-    top = ranking[:len(top_k(ranking, k))]
+    top = ranking[:k]
     alphas = [f"{a:.4f}" for a in top_k_weights(ranking, k)] if sum(s for _, s in top) > 0 else [""] * k
     print(f"{'rank':>4} {metric:>14} {'alpha':>7}  task (what is known: run, step, score; file)")
     for r, ((e, sim), a) in enumerate(zip(top, alphas), 1):
@@ -309,7 +244,7 @@ def main(argv=None):
         p.add_argument("--library", required=True,
                        help="directory of .npy, T5X and PEFT prompts (+ optional <stem>.json metadata) and "
                             "run folders, searched recursively")
-        p.add_argument("--metric", default="per_token", choices=sorted(METRICS))
+        p.add_argument("--metric", default="per_token", choices=sorted(SIMILARITIES))
     args = parser.parse_args(argv)
     try:
         library = load_library(args.library)
@@ -318,17 +253,21 @@ def main(argv=None):
             files = [spot.run_prompt_file(f, embedding=True) if Path(f).is_dir() and spot.is_run_folder(f)
                      else Path(f) for f in args.target]
             targets = {f: spot.load_prompt(f, what="target prompt") for f in files}
-            for f, t in targets.items():  # name the file whose width is off
-                _check_target_width([t], library, f"target prompt {f}")
+            widths = sorted({e.prompt.shape[1] for e in library})
+            off = next(((f, t.shape[1]) for f, t in targets.items() if [t.shape[1]] != widths), None)
+            if off:  # name the file whose width is off, not a library prompt
+                raise ValueError(f"target prompt {off[0]} is {off[1]} wide, the library's prompts {widths}")
             own = {f.resolve() for f in files}  # a library that holds the target: not its own source
             left = [e for e in library if e.path is None or e.path.resolve() not in own]
             if len(left) < len(library):
                 print(f"(left out of the library: the target itself, {', '.join(map(str, files))})")
             if not left:
-                raise ValueError(f"prompt library {args.library} holds only the target")
+                parser.exit(2, f"error: prompt library {args.library} holds only the target\n")
             ranking = rank_sources(list(targets.values()), left, args.metric)
             k = len(ranking) if args.k is None else args.k
-            if k > len(ranking) and k == int(k) > 0:  # --k 3 on a library of 2 sources: all of them
+            if k < 1:
+                parser.exit(2, f"error: --k {k}: pick an integer 1 <= k <= {len(ranking)}\n")
+            if k > len(ranking):  # --k 3 on a library of 2 sources: all of them
                 print(f"(--k {k}, but the library holds {len(ranking)} sources: all of them)")
                 k = len(ranking)
             _print_ranking(ranking, k, args.metric, Path(args.library))

@@ -1,9 +1,9 @@
 """T5 in pure JAX: the frozen encoder-decoder that SPoT tunes a prompt for (Vu et al. 2022 §2.1).
 
 Read top to bottom. The model (Raffel et al. 2020 §2.1; SPoT freezes T5 1.1 LM-adapted): T5Config, rms_norm,
-relpos_bias, _attend, _mlp; prepend_prompt (Lester et al. 2021 §2: the prompt [P; X]) and encode; decode,
-forward; greedy_decode and score_targets for evaluation. Then three headed sections: performance tricks (each
-gives the plain formula it replaces, then its measured gain); parameters (init_params, check_params,
+relpos_bias, dropout, _attend, _mlp; prepend_prompt (Lester et al. 2021 §2: the prompt [P; X]) and encode;
+decode, forward; greedy_decode and score_targets for evaluation. Then three headed sections: a performance
+trick (the absorbed cross-attention: the plain formula, then its measured gain); parameters (init_params,
 param_count); Hugging Face checkpoints (load_checkpoint: safetensors / pytorch_model.bin -> T5X names).
 Params: nested dicts with T5X checkpoint names; attention kernels [D,N,H] (query/key/value), [N,H,D] (out).
 """
@@ -126,16 +126,65 @@ def einsum_f32(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _einsum_f32_fwd(spec, a, b):
-    return einsum_f32(spec, a, b), (a, b)
-
-
 def _einsum_f32_bwd(spec, operands, g):
     a, b = operands
     return jax.vjp(functools.partial(jnp.einsum, spec), a, b)[1](g.astype(a.dtype))
 
 
-einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+einsum_f32.defvjp(lambda spec, a, b: (einsum_f32(spec, a, b), (a, b)), _einsum_f32_bwd)
+
+
+def _dropout(x, site, seed, rate, mask_shape=None):
+    """Inverted dropout; identity when seed is None. mask_shape (broadcastable to x) shares a mask along its
+    size-1 axes. Default: one mask per (batch, feature), shared by every position of the length axis -2, as in
+    the flaxformer T5 1.1 that SPoT's code runs (google-research/prompt-tuning
+    configs/architectures/t5_1_1_flaxformer.gin: linen.Dropout broadcast_dims=(-2,)); HF T5 draws every
+    element (mask_shape=x.shape). `seed` [B]: one uint32 per example, so an example's masks do not depend on
+    its batch. keep = mix32(index ^ mix32(seed_b ^ crc32(site))) >= rate * 2^32, a counter-based hash: a few
+    integer ops per element, not a threefry draw per site (Base step: 11.9 s with threefry, 9.0 s hashed)."""
+    if seed is None or rate == 0.0:
+        return x
+    shape = (*x.shape[:-2], 1, x.shape[-1]) if mask_shape is None else tuple(mask_shape)
+    site_seed = _mix32(seed ^ jnp.uint32(zlib.crc32(site.encode()))).reshape(-1, *[1] * (len(shape) - 1))
+    # An element's index in its example's mask: its row (flat over the axes between batch and last; < 2^16)
+    # times 2^16 plus its place on the last axis (<= 2^16), not the flat index, so that a longer last axis
+    # (an input padded to a longer bucket: runs that share a step) leaves every other mask bit as it was.
+    rows, last = int(np.prod(shape[1:-1])), shape[-1]
+    index = jax.lax.iota(jnp.uint32, rows)[:, None] * jnp.uint32(2 ** 16) + jax.lax.iota(jnp.uint32, last)
+    h = _mix32(index.reshape(1, *shape[1:]) ^ site_seed)
+    keep = h >= jnp.uint32(round(rate * 2 ** 32))  # P(keep) = 1 - rate to within 2^-32
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def _mix32(h):
+    """murmur3's 32-bit finaliser: a bijection on uint32 whose output bits each depend on every input bit."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _dropout_seeds(dropout_key, batch_size):
+    """dropout_key: None (no dropout), or a PRNG key array, one key (split into one per example) or [B] keys
+    -> one uint32 seed per example [B], or None."""
+    if dropout_key is None:
+        return None
+    keys = jax.random.split(dropout_key, batch_size) if dropout_key.ndim == 0 else dropout_key
+    return jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
+
+
+def _drop_fn(cfg, seed):
+    """drop(x, site, mask_shape=None): _dropout at cfg.dropout_rate with the examples' seeds [B] (None:
+    off)."""
+    return functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
+
+
+def _project(p, x, names):
+    """x [B,S,D] -> one [B,N,S,H] array per kernel name: einsum("BSD,DNH->BNSH") as one 2-D matmul per kernel
+    ([D,N,H] is [D,N*H] for free), heads-major so that both attention einsums are batched matmuls over (B,N).
+    A stacked q/k/v einsum made XLA:CPU copy every frozen kernel on every step (~13% of the Small step)."""
+    B, S, D = x.shape
+    return [(x.reshape(B * S, D) @ p[n]["kernel"].reshape(D, -1)).reshape(B, S, *p[n]["kernel"].shape[1:])
+            .transpose(0, 2, 1, 3) for n in names]
 
 
 def _attend(p, q, k, v, bias, drop, site):
@@ -150,6 +199,13 @@ def _attention_probs(logits, drop, site):
     probs = jax.nn.softmax(logits, axis=-1)  # float32 even for bfloat16 params
     # Dropout as in T5X/flaxformer: one mask per (batch, head, key), shared by all queries.
     return drop(probs, site + "/probs", mask_shape=(*probs.shape[:2], 1, probs.shape[3]))
+
+
+def _attention_out(p, out):
+    """Per-head outputs [B,N,T,H] -> [B,T,D]: einsum("BNTH,NHD->BTD", out, W_o) as a 2-D matmul."""
+    B, N, T, H = out.shape
+    out = out.transpose(0, 2, 1, 3).reshape(B * T, N * H)
+    return (out @ p["out"]["kernel"].reshape(N * H, -1)).reshape(B, T, -1)
 
 
 def _mlp(p, x, cfg, drop, site):
@@ -211,10 +267,6 @@ def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
     [B,P+S] bool)."""
     x, mask = _embed(params, input_ids), input_ids != PAD_ID
     if prompt is not None:
-        if prompt.ndim not in (2, 3) or prompt.shape[-1] != cfg.d_model or prompt.shape[:-2] not in (
-                (), input_ids.shape[:1]):
-            raise ValueError(f"prompt must have shape [P, d_model={cfg.d_model}], got {tuple(prompt.shape)} "
-                             f"(or one per example: [B, P, d_model])")
         x, mask = prepend_prompt(prompt, x, mask)
     seed = _dropout_seeds(dropout_key, input_ids.shape[0])
     drop = _drop_fn(cfg, seed)
@@ -340,32 +392,11 @@ def greedy_decode(params, cfg, input_ids, prompt=None, max_len=16):
     return jax.lax.while_loop(lambda s: (s[0] < max_len) & ~jnp.all(s[4]), step, state)[3]
 
 
-# ========================================================================== performance tricks
-# Each first gives the plain formula it replaces. Gains were measured on 2 CPU cores for the prompt-tuning
-# step (B=8, 100 prompt + 128 input + 8 target tokens, dropout 0.1): README, Speed; bench_prompt_step.py.
+# ========================================================================== performance trick
+# It first gives the plain formula it replaces. Gains were measured on 2 CPU cores for the prompt-tuning step
+# (B=8, 100 prompt + 128 input + 8 target tokens, dropout 0.1): README, Speed; bench_prompt_step.py.
 
-# 1. Projections as 2-D matmuls on heads-major activations. Plain: q = einsum("BSD,DNH->BSNH", x, W_q) per
-#    kernel, or q, k, v from one einsum over the stacked kernels, and attention over [B,S,N,H]. Here each
-#    kernel [D,N,H] enters one 2-D matmul as stored ([D,N*H] is a free reshape) and the activations are
-#    transposed to [B,N,S,H], so both attention einsums are batched matmuls over (B,N); _attention_out does
-#    the same for `out`. Measured: the stacked einsum made XLA:CPU copy every frozen kernel on every step
-#    (~13% of the Small step); 2-D matmuls took the Small step from 1.12x to ~1.28x PEFT's speed. In a first
-#    prototype, heads-major attention with fused projections took the Base step from 9.0 s to 8.1 s.
-def _project(p, x, names):
-    """x [B,S,D] -> one [B,N,S,H] array per kernel name."""
-    B, S, D = x.shape
-    return [(x.reshape(B * S, D) @ p[n]["kernel"].reshape(D, -1)).reshape(B, S, *p[n]["kernel"].shape[1:])
-            .transpose(0, 2, 1, 3) for n in names]
-
-
-def _attention_out(p, out):
-    """Per-head outputs [B,N,T,H] -> [B,T,D]: einsum("BNTH,NHD->BTD", out, W_o) as a 2-D matmul."""
-    B, N, T, H = out.shape
-    out = out.transpose(0, 2, 1, 3).reshape(B * T, N * H)
-    return (out @ p["out"]["kernel"].reshape(N * H, -1)).reshape(B, T, -1)
-
-
-# 2. Cross-attention that never forms its keys and values. Plain: K = E W_k and V = E W_v for the S encoder
+# Cross-attention that never forms its keys and values. Plain: K = E W_k and V = E W_v for the S encoder
 #    positions E [B,S,D], then _attend(q, K, V). Per head, q K^T = (q W_k^T) E^T and probs V = (probs E) W_v:
 #    the same attention to float rounding, in fewer multiply-adds when the T queries are few. Measured: with
 #    8 target tokens XLA counts 723 instead of 802 GFLOP in the Base prompt step (Small: 169 instead of 186),
@@ -393,60 +424,6 @@ def _cross_kv(params, cfg, encoded, queries):
         return None
     return jax.vmap(lambda p: tuple(_project(p, encoded, ("key", "value"))))(
         params["decoder"]["layers"]["encoder_decoder_attention"])
-
-
-# 3. Dropout masks from a counter-based hash. Plain: keep = jax.random.bernoulli(key, 1 - rate, shape), a
-#    threefry draw per dropout site (~20 rounds per element, and one more RNG kernel to compile per site).
-#    Here keep = mix32(index in the example XOR mix32(seed_b XOR crc32(site))) >= rate * 2^32: a few integer
-#    ops per element, still a pure function of the dropout key (resumable runs). Measured in a first
-#    prototype of the Base step: 11.9 s with threefry, 9.0 s with the hash (PEFT: 10.1 s).
-def _mix32(h):
-    """murmur3's 32-bit finaliser: a bijection on uint32 whose output bits each depend on every input bit."""
-    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
-    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _dropout(x, site, seed, rate, mask_shape=None):
-    """Inverted dropout; identity when seed is None. mask_shape (broadcastable to x) shares a mask along its
-    size-1 axes. Default: one mask per (batch, feature), shared by every position of the length axis -2, as in
-    the flaxformer T5 1.1 that SPoT's code runs (google-research/prompt-tuning
-    configs/architectures/t5_1_1_flaxformer.gin: linen.Dropout broadcast_dims=(-2,)); HF T5 draws every
-    element (mask_shape=x.shape). `seed` [B] holds one uint32 per example (_drop_fn), so an example's masks do
-    not depend on the batch or sub-batch it is in."""
-    if seed is None or rate == 0.0:
-        return x
-    shape = (*x.shape[:-2], 1, x.shape[-1]) if mask_shape is None else tuple(mask_shape)
-    site_seed = _mix32(seed ^ jnp.uint32(zlib.crc32(site.encode()))).reshape(-1, *[1] * (len(shape) - 1))
-    # An element's index in its example's mask: its row (flat over the axes between batch and last) times
-    # 2^16 plus its place on the last axis, not the flat index, so that a longer last axis (an input padded
-    # to a longer bucket: runs that share a step, spot.train_prompts) leaves every other mask bit as it was.
-    rows, last = int(np.prod(shape[1:-1])), shape[-1]
-    assert rows <= 2 ** 16 and last <= 2 ** 16, shape
-    index = jax.lax.iota(jnp.uint32, rows)[:, None] * jnp.uint32(2 ** 16) + jax.lax.iota(jnp.uint32, last)
-    h = _mix32(index.reshape(1, *shape[1:]) ^ site_seed)
-    keep = h >= jnp.uint32(round(rate * 2 ** 32))  # P(keep) = 1 - rate to within 2^-32
-    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
-
-
-def _dropout_seeds(dropout_key, batch_size):
-    """dropout_key: None (no dropout), a PRNG key, or [B] keys, one per example (key k: split(k, B)) -> one
-    uint32 seed per example [B], or None."""
-    if dropout_key is None:
-        return None
-    keys = dropout_key if jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key) else \
-        jax.random.wrap_key_data(dropout_key)  # a raw uint32 PRNGKey
-    keys = jax.random.split(keys, batch_size) if keys.ndim == 0 else keys
-    if keys.shape != (batch_size,):
-        raise ValueError(f"dropout_key must be one key or {batch_size} keys (one per example), "
-                         f"got shape {keys.shape}")
-    return jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
-
-
-def _drop_fn(cfg, seed):
-    """drop(x, site, mask_shape=None): _dropout at cfg.dropout_rate with the examples' seeds [B] (None:
-    off)."""
-    return functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
 
 
 # ========================================================================== parameters
@@ -479,30 +456,29 @@ def _param_specs(cfg):
     return specs
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
 def init_params(key, cfg, dtype=jnp.float32):
-    """Random weights: one normal draw, cut into the leaves layer by layer, in the order of T5X's per-layer
-    names (layers_0, layers_1, ...), then stacked. Not jitted on purpose: XLA on CPU compiles a kernel per
-    output leaf (~0.1 s each); eagerly, dynamic_slice compiles once per leaf size. The draw has rows of width
+    """Random weights: one normal draw cut into the leaves in the order of T5X's per-layer names (embedding;
+    encoder layers_0, layers_1, ..., relpos table; the same for the decoder; logits_dense). A stack's layers
+    follow each other in the draw, so each stacked leaf is one strided slice of it. The draw has rows of width
     gcd(leaf sizes), so row offsets stay below 2^31 even for 11B parameters."""
     specs = _param_specs(cfg)
-    units = [("token_embedder/embedding", None)]  # (path, layer): the drawn blocks, in order
+    groups = [(["token_embedder/embedding"], 1)]  # (paths, L): L layers of these leaves, one after another
     for stack, L in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
         stacked = [p for p, (_, std) in specs.items() if p.startswith(f"{stack}/layers/") and std is not None]
-        units += [(p, i) for i in range(L) for p in stacked] + [(f"{stack}/relpos_bias/rel_embedding", None)]
-    units += [("decoder/logits_dense/kernel", None)] * (not cfg.tie_word_embeddings)
-    sizes = [math.prod(specs[p][0][layer is not None:]) for p, layer in units]
-    width = math.gcd(*sizes)
-    z = jax.random.normal(key, (sum(sizes) // width, width))
-    flat, layers, row = {}, {}, 0
-    for (path, layer), size in zip(units, sizes):
-        shape, std = specs[path]
-        rows = jax.lax.dynamic_slice_in_dim(z, jnp.int32(row), size // width)
-        block, row = (std * rows.reshape(shape[layer is not None:])).astype(dtype), row + size // width
-        if layer is None:
-            flat[path] = block
-        else:
-            layers.setdefault(path, []).append(block)
-    flat.update({path: jnp.stack(blocks) for path, blocks in layers.items()})
+        groups += [(stacked, L), ([f"{stack}/relpos_bias/rel_embedding"], 1)]
+    groups += [(["decoder/logits_dense/kernel"], 1)] * (not cfg.tie_word_embeddings)
+    per_layer = {p: math.prod(specs[p][0]["/layers/" in p:]) for paths, _ in groups for p in paths}
+    width = math.gcd(*per_layer.values())
+    z = jax.random.normal(key, (sum(L * per_layer[p] for paths, L in groups for p in paths) // width, width))
+    flat, row = {}, 0
+    for paths, L in groups:
+        rows = [per_layer[p] // width for p in paths]
+        chunk, row = z[row:row + L * sum(rows)].reshape(L, sum(rows), width), row + L * sum(rows)
+        for p, begin, n in zip(paths, np.cumsum([0, *rows]).tolist(), rows):
+            (shape, std), stacked = specs[p], "/layers/" in p
+            block = chunk[:, begin:begin + n].reshape(L, *shape[stacked:])
+            flat[p] = (std * (block if stacked else block[0])).astype(dtype)
     flat.update({path: jnp.ones(shape, dtype) for path, (shape, std) in specs.items() if std is None})
     return _unflatten(flat)
 
@@ -534,54 +510,18 @@ def param_count(cfg):
     return sum(int(np.prod(s)) for s in _shapes(cfg).values())
 
 
-def check_params(params, cfg):
-    """Raise ValueError naming every missing, unexpected or mis-shaped leaf of `params` for `cfg`."""
-    want, got = _shapes(cfg), {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
-    problems = [f"missing {k} {s}" for k, s in want.items() if k not in got]
-    problems += [f"unexpected {k}" for k in got if k not in want]
-    problems += [f"{k} has shape {got[k]}, expected {s}" for k, s in want.items() if k in got and got[k] != s]
-    if problems:
-        raise ValueError(f"params do not match {cfg.name or 'the config'}: " + "; ".join(problems))
-
-
 # ========================================================================== Hugging Face checkpoints
 def _config_from_hf(cls, c, where):
-    """Each value read is checked for type and range: a one-line error naming the field and the file now,
-    not a TypeError (d_model "sixteen") or NaN buckets inside the model later."""
+    """One error naming the file for a config.json that is not a T5 we can run: not T5, a size missing, or a
+    feed-forward we do not implement (it would load as another one without a word)."""
     if not isinstance(c, dict):
         raise ValueError(f"{where} holds a JSON {type(c).__name__}, not an object: it is not a T5 config")
-    if c.get("model_type", "t5") not in ("t5", "mt5"):
-        raise ValueError(f"{where}: model_type={c['model_type']!r}, not T5: pass a T5 checkpoint")
-    missing = [k for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in c]
-    if missing:
-        raise ValueError(f"{where} has no {', '.join(missing)}: it is not a T5 config")
-
-    def integer(low):
-        return lambda v: type(v) is int and v >= low  # JSON true is a bool, not a width
-
-    def number(ok):
-        return lambda v: type(v) in (int, float) and math.isfinite(v) and ok(v)
-
-    # relpos_bucket halves the buckets for the encoder and keeps half of those exact (4 buckets leave one),
-    # then divides by log(max_distance / exact)
-    buckets = c.get("relative_attention_num_buckets", 32)
-    exact = buckets // 2 if integer(4)(buckets) else 0
-    rules = [(("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers"),
-              integer(1), "an integer >= 1"),
-             (("relative_attention_num_buckets",), integer(4), "an integer >= 4"),
-             (("relative_attention_max_distance",), integer(exact + 1),
-              f"an integer > num_buckets / 2 = {exact}"),
-             (("dropout_rate",), number(lambda v: 0 <= v < 1), "a number in [0, 1)"),
-             (("layer_norm_epsilon",), number(lambda v: v > 0), "a finite number > 0"),
-             (("tie_word_embeddings", "scale_decoder_outputs"), lambda v: type(v) is bool, "true or false"),
-             (("feed_forward_proj",), lambda v: v in ("relu", "gated-gelu"),
-              "'relu' (T5 1.0) or 'gated-gelu' (T5 1.1)"),
-             (("_name_or_path",), lambda v: isinstance(v, str), "a string")]
-    nullable = ("num_decoder_layers", "scale_decoder_outputs", "_name_or_path")  # null = HF's default
-    for keys, ok, want in rules:
-        for key in keys:
-            if key in c and not (c[key] is None and key in nullable) and not ok(c[key]):
-                raise ValueError(f"{where}: {key} must be {want}, got {c[key]!r}")
+    problems = [f"model_type={c.get('model_type')!r}"] * (c.get("model_type", "t5") not in ("t5", "mt5"))
+    problems += [f"no {k}" for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in c]
+    if c.get("feed_forward_proj", "relu") not in ("relu", "gated-gelu"):  # T5 1.0, T5 1.1
+        problems.append(f"feed_forward_proj={c['feed_forward_proj']!r}, not relu or gated-gelu")
+    if problems:
+        raise ValueError(f"{where}: {', '.join(problems)}: it is not a T5 config we can run")
     # T5 1.0 vs 1.1 output layer. Configs up to transformers 4.x say it with tie_word_embeddings; 5.x writes
     # tie_word_embeddings=true for every T5 (even a T5 1.1 it loaded and saves again, with its own
     # lm_head.weight) and keeps the d_model^-0.5 rescaling, i.e. T5 1.0, in scale_decoder_outputs.
@@ -644,53 +584,29 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
 
 def _read_safetensors(path):
     """{name: np.ndarray (memory-mapped)} from a .safetensors file: u64 header size, JSON header, raw data.
-    Read by hand because safetensors' numpy loader cannot return bfloat16. Each header entry is checked before
-    a byte is viewed, so a damaged or hostile file fails in one line naming it."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            if size < 10 or not 2 <= n <= size - 8:
+    Read by hand because safetensors' numpy loader cannot return bfloat16. Each tensor's bytes are checked
+    to be those of its dtype and shape, inside the file, before they are viewed: a damaged or hostile file
+    fails in one line naming it."""
+    size, tensors = path.stat().st_size, {}
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:
                 raise ValueError(f"header length {n} in {size} bytes")
-            header = json.loads(f.read(n))  # JSON and unicode errors are ValueErrors
-        except ValueError as e:
-            raise ValueError(f"{path} is not a complete safetensors file ({e}): download it again") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a safetensors file: its header is a JSON {type(header).__name__}, "
-                         "not an object: download it again")
-    header.pop("__metadata__", None)
-    for k, v in header.items():
-        problem = _st_entry_problem(v)
-        if problem:
-            raise ValueError(f"{path} is not a safetensors file (tensor {k!r}: {problem}): download it again")
-    unknown = {v["dtype"] for v in header.values()} - _ST_DTYPES.keys()
-    if unknown:
-        raise ValueError(f"{path} holds tensors of dtype {sorted(unknown)}: T5 weights are F32, F16 or BF16")
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if end > size - 8 - n:
-        raise ValueError(f"{path} is not a complete safetensors file ({size} bytes, its header needs "
-                         f"{8 + n + end}): download it again")
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    return {k: data[slice(*v["data_offsets"])].view(_ST_DTYPES[v["dtype"]]).reshape(v["shape"])
-            for k, v in header.items()}
-
-
-def _st_entry_problem(v):
-    """Why a safetensors header entry {dtype, shape, data_offsets: [begin, end]} cannot be read, or None."""
-    if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= v.keys():
-        return "needs dtype, shape and data_offsets"
-    dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
-    naturals = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
-    if not isinstance(dtype, str):
-        return f"dtype {dtype!r} is not a name such as F32"
-    if not naturals(shape):
-        return f"shape {shape!r} is not a list of sizes >= 0"
-    if not naturals(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-        return f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end"
-    nbytes = math.prod(shape) * np.dtype(_ST_DTYPES.get(dtype, np.uint8)).itemsize
-    if dtype in _ST_DTYPES and nbytes != offsets[1] - offsets[0]:
-        return f"shape {shape} of {dtype} is {nbytes} bytes, its data_offsets hold {offsets[1] - offsets[0]}"
-    return None
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+        for k, v in header.items():
+            (begin, end), dtype = v["data_offsets"], _ST_DTYPES.get(v["dtype"])
+            if dtype is None or not 0 <= begin <= end <= data.size or (
+                    math.prod(v["shape"]) * np.dtype(dtype).itemsize != end - begin):
+                raise ValueError(f"tensor {k!r} {v} is not F32, F16 or BF16 data of its shape within the "
+                                 f"{data.size} bytes of data")
+            tensors[k] = data[begin:end].view(dtype).reshape(v["shape"])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSON and unicode errors are ValueErrors
+        raise ValueError(f"{path} is not a complete safetensors file ({type(e).__name__}: {e}): download it "
+                         "again") from None
+    return tensors
 
 
 def _read_torch(path):
@@ -704,23 +620,16 @@ def _read_torch(path):
     # then advises weights_only=False, which would run it: replaced by one line without that advice.
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
+        odd = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)] if isinstance(sd, dict) else None
+        problem = (f" holds a {type(sd).__name__}, not a dict of tensors" if odd is None else
+                   odd and f": {odd[0]!r} is of type {type(sd[odd[0]]).__name__}, not a tensor")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as e:  # a cut zip, text
         imports = re.search(r"GLOBAL (\S+)", str(e))
-        if imports:
-            raise ValueError(f"{path} is refused: reading it would import {imports.group(1)}, which can run "
-                             "code; only tensors are read. Use weights from a source you trust, as "
-                             "safetensors") from None
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (not a pickle of tensors): "
-                         "download it again") from None
-    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # truncated zip, empty or text file
-        why = str(e).split(". ")[0] or type(e).__name__
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({why}): download it again") from None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds a {type(sd).__name__}, not a dict of tensors (a state_dict)")
-    odd = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
-    if odd is not None:
-        raise ValueError(f"{path}: {odd!r} is of type {type(sd[odd]).__name__}, not a tensor (a state_dict "
-                         "holds tensors only)")
+        problem = (f" is refused: reading it would import {imports.group(1)}, which can run code; use "
+                   "weights from a source you trust, as safetensors" if imports else
+                   f" is not a readable PyTorch checkpoint ({str(e).split('. ')[0] or type(e).__name__})")
+    if problem:
+        raise ValueError(f"{path}{problem}")
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in sd.items()}
 
 
@@ -735,15 +644,14 @@ def _read_tensors(d):
             continue
         for f in files:
             if not f.exists():
-                raise FileNotFoundError(f"{d / index} names {f.name}, which is not in {d}: "
-                                        "download the missing shard")
+                raise FileNotFoundError(f"{d / index} names {f.name}, which is not in {d}: download the "
+                                        "missing shard")
             with open(f, "rb") as fh:  # `git clone` without git-lfs leaves small text pointer files
                 if fh.read(64).startswith(b"version https://git-lfs"):
-                    raise ValueError(f"{f} is a Git LFS pointer, not the weights: run `git lfs pull` in {d}, "
-                                     "or pass the hub id to load_checkpoint")
+                    raise ValueError(f"{f} is a Git LFS pointer, not the weights: run `git lfs pull` in {d}")
         return {k: v for f in files for k, v in reader(f).items()}
-    raise FileNotFoundError(f"no weights in {d}: expected model.safetensors, model.safetensors.index.json, "
-                            "pytorch_model.bin or pytorch_model.bin.index.json")
+    raise FileNotFoundError(f"no weights in {d}: expected model.safetensors or pytorch_model.bin (or their "
+                            "index.json)")
 
 
 def _hf_tensors(d, cfg, config):
@@ -773,8 +681,7 @@ def _resolve(path_or_hub_id):
     if d.is_dir():
         return d
     if d.is_file():
-        raise NotADirectoryError(f"{path_or_hub_id} is a file: pass the checkpoint directory that holds "
-                                 f"config.json and the weights ({d.parent})")
+        raise NotADirectoryError(f"{path_or_hub_id} is a file: pass the checkpoint directory ({d.parent})")
     hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path_or_hub_id)
     if d.is_absolute() or path_or_hub_id.startswith(".") or not hub_id:
         raise FileNotFoundError(f"checkpoint directory {path_or_hub_id} does not exist")
@@ -787,8 +694,7 @@ def _resolve(path_or_hub_id):
                 break
         return d
     except Exception as e:
-        raise FileNotFoundError(f"{path_or_hub_id} is neither a local directory nor a downloadable hub "
-                                f"model: {e}") from e
+        raise FileNotFoundError(f"{path_or_hub_id} is no directory, nor a hub model: {e}") from e
 
 
 def check_finite_weights(params, where):
@@ -803,8 +709,8 @@ def check_finite_weights(params, where):
             i = int(np.argmin(np.asarray(jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1))))
             name, x = name.replace("/layers/", f"/layers_{i}/"), x[i]
         bad = int(jnp.sum(~jnp.isfinite(x)))
-        raise ValueError(f"{where}: weight {name} holds NaN or inf ({bad} of {x.size} values), so every "
-                         "score would be meaningless: download or convert the checkpoint again")
+        raise ValueError(f"{where}: weight {name} holds NaN or inf ({bad} of {x.size} values): every score "
+                         "would be meaningless")
 
 
 def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
@@ -813,18 +719,15 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
     from the blocks this process's devices hold, read from the memory-mapped safetensors file: no host holds a
     whole tensor that its devices split, and no process sends weights to another."""
     d = _resolve(str(path_or_hub_id))
-    if not (d / "config.json").exists():
-        if (d / "checkpoint").is_file() or any(d.glob("checkpoint_*/checkpoint")):
-            raise FileNotFoundError(f"{d} is a T5X checkpoint (msgpack + zarr); load_checkpoint reads HF "
-                                    "ones: pass the hub id of the same model (google/t5-base-lm-adapt is "
-                                    "T5X's t5_1_1_lm100k_base) or a checkpoint directory with config.json")
-        raise FileNotFoundError(f"{d} has no config.json: pass a Hugging Face T5 checkpoint directory "
-                                "(config.json + model.safetensors or pytorch_model.bin) or a hub id such as "
-                                "google/t5-base-lm-adapt")
+    if not (d / "config.json").exists():  # T5X checkpoints: the format of the official code
+        t5x = (d / "checkpoint").is_file() or any(d.glob("checkpoint_*/checkpoint"))
+        why = "is a T5X checkpoint (msgpack + zarr)" if t5x else "has no config.json"
+        raise FileNotFoundError(f"{d} {why}: pass a Hugging Face T5 checkpoint or hub id "
+                                "(google/t5-base-lm-adapt is T5X's t5_1_1_lm100k_base)")
     try:
         config = json.loads((d / "config.json").read_text())
     except ValueError as e:
-        raise ValueError(f"{d / 'config.json'} is not valid JSON ({e}): download it again") from None
+        raise ValueError(f"{d / 'config.json'} is not valid JSON ({e})") from None
     cfg = T5Config.from_hf(config, where=d / "config.json")
     tensors, want = _hf_tensors(d, cfg, config), _shapes(cfg)
     names, views, problems = hf_name_map(cfg), {}, []  # views: T5X path -> {layer: HF tensor as T5X}
@@ -839,7 +742,7 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
             views.setdefault(path, {})[layer] = _as_t5x(tensors[name], path, shape)
     problems += [f"unexpected tensor {k}" for k in tensors if k not in names]
     if problems:
-        raise ValueError(f"checkpoint {d} does not match its config.json: " + "; ".join(problems))
+        raise ValueError(f"checkpoint {d} does not match its config.json: {'; '.join(problems)}")
     placed = {} if not shardings else _flatten(
         shardings(_unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in want.items()})))
     flat = {}

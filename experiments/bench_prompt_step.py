@@ -87,20 +87,6 @@ def matmul_peak(n=2048, reps=5, dtype=jnp.float32):
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
-def random_params(cfg, seed=0, dtype=jnp.float32):
-    """Random weights at init_params' scales, drawn with numpy (init_params runs op by op: slow for Base)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda k: t5_model.init_params(k, cfg), jax.random.key(0))
-    std = {'scale': 0.0, 'embedding': 1.0}
-
-    def draw(path, s):
-        mean = 1.0 if path[-1].key == 'scale' else 0.0
-        fan_in = s.shape[1] if 'layers' in [k.key for k in path] else s.shape[0]   # [L, in, ...] stacks
-        return rng.normal(mean, std.get(path[-1].key, fan_in ** -0.5), s.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(draw(path, s), dtype), shapes)
-
-
 VARIANTS = {'dropout0': dict(dropout=0.0), 'one_batch': dict(sub_batches=1), 'forward': dict(mode='forward')}
 
 
@@ -201,7 +187,7 @@ def real_data_main(args):
     rows, versions = [], None
     for shape in args.shapes.split(','):
         cfg = t5_model.T5Config.from_name(SHAPES[shape])
-        frozen = random_params(cfg)
+        frozen = t5_model.init_params(jax.random.key(0), cfg)
         step_cfg = dataclasses.replace(cfg, remat=spot.plan_order()[0][0])   # as train_prompt picks it
         for task in tasks:
             folder, split = REAL_TASKS[task]
@@ -284,7 +270,7 @@ def memory_main(args):
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # noqa: E731  (KiB -> GiB)
     shape = args.shapes.split(',')[0]
     cfg = t5_model.T5Config.tiny() if shape == 'tiny' else t5_model.T5Config.from_name(SHAPES[shape])
-    frozen = random_params(cfg)
+    frozen = t5_model.init_params(jax.random.key(0), cfg)
     vocab = data.load_vocab(args.vocab or data.fetch(['t5_spiece.model']) / 't5_spiece.model')
     source = data.TextSource(data.LazyPairs(args.memory, generated_pair), vocab)
     tc = spot.TrainConfig(steps=args.memory_steps, batch_size=args.batch, log_every=50, checkpoint_every=100)
@@ -304,7 +290,7 @@ def first_step(shape, B=8, S=64):
     """(seconds to build random weights, seconds to the first finished train_step) in this process."""
     cfg = t5_model.T5Config.from_name(SHAPES[shape])
     t = time.perf_counter()
-    frozen = random_params(cfg)
+    frozen = t5_model.init_params(jax.random.key(0), cfg)
     built, t = time.perf_counter() - t, time.perf_counter()
     prompt = spot.init_prompt(jax.random.key(1), frozen, spot.PromptConfig(length=P))
     tc = spot.TrainConfig(batch_size=B)
@@ -377,7 +363,7 @@ def main(argv=None):
     rows, report = [], {'load_before': load0, 'shapes': {}}
     for shape in args.shapes.split(','):
         cfg = t5_model.T5Config.from_name(SHAPES[shape])
-        frozen, with_peft = random_params(cfg, dtype=dtype), not args.no_peft
+        frozen, with_peft = t5_model.init_params(jax.random.key(0), cfg, dtype), not args.no_peft
         rng = np.random.default_rng(1)
         batch = {'inputs': jnp.asarray(rng.integers(2, cfg.vocab_size, (B, S)), jnp.int32),
                  'targets': jnp.asarray(np.concatenate([rng.integers(2, cfg.vocab_size, (B, T - 1)),

@@ -36,10 +36,9 @@ def arm(args):
     import data
     import spot
     import t5_model
-    from experiments.bench_prompt_step import random_params
     t0 = time.perf_counter()
     cfg = t5_model.T5Config.from_name('google/t5-small-lm-adapt')
-    frozen = random_params(cfg)
+    frozen = t5_model.init_params(jax.random.key(0), cfg)
     vocab = data.load_vocab(Path(args.data) / 't5_spiece.model')
     tc = spot.TrainConfig(steps=args.steps, batch_size=args.batch_size, max_input_len=args.max_input_len,
                           eval_every=10 ** 9, checkpoint_every=10 ** 9, log_every=1, embedding_step=0,

@@ -41,7 +41,7 @@ SOURCES = ("C4", "DocNLI", "Yelp-2", "MNLI", "QQP", "QNLI", "ReCoRD", "CxC", "SQ
 TARGETS = ("BoolQ", "CoLA", "STS-B", "WiC", "CR", "MRPC", "RTE", "WSC", "COPA", "CB")
 
 # Table 3 (T5 Base, average over the 10 targets): row -> (abs change, std, rel change %, std,
-# avg score, std). Row names: "<metric>/<method>/<k>", metrics named as in retrieval.METRICS.
+# avg score, std). Row names: "<metric>/<method>/<k>", metrics named as in retrieval.SIMILARITIES.
 # Stds of average_tokens k=12 and per_token k=1, 3 were displaced in extraction (means are clean).
 # The weighted-average and mixture rows sit under the per-token block (k searched in {3,6,9,12}).
 # Abs. = Avg. - 74.7 up to rounding in every row but per_token k=9 (printed 4.6 beside 79.5, i.e. +4.8).

@@ -107,11 +107,12 @@ def main(argv=None):
     library = retrieval.load_library(library_dir)
 
     # 2-3. Per seed: the target's embedding, retrieval, and target tuning from each initialisation.
-    scores, sims, picked = {}, {m: {} for m in retrieval.METRICS}, {m: [] for m in retrieval.METRICS}
+    metrics = retrieval.SIMILARITIES
+    scores, sims, picked = {}, {m: {} for m in metrics}, {m: [] for m in metrics}
     for seed in range(args.seeds):
         embedding = run("reviews-embedding", target, init("sampled_vocab", 200 + seed), EMBED_STEPS, seed,
                         evaluate=False)
-        for metric in retrieval.METRICS:
+        for metric in retrieval.SIMILARITIES:
             ranking = retrieval.rank_sources(embedding["prompt"], library, metric)
             picked[metric].append(ranking[0][0].task)
             for entry, sim in ranking:
@@ -134,11 +135,11 @@ def main(argv=None):
     for name, values in scores.items():
         label = "scratch (class labels)" if name == "scratch" else f"source '{name}' (SPoT)"
         sim = [f"{np.mean(sims[m][name]):13.3f}" if name in sources else f"{'-':>13}"
-               for m in retrieval.METRICS]
+               for m in retrieval.SIMILARITIES]
         step0 = f"{zero_shot[name]:11.1f}" if name in sources else f"{'-':>11}"
         s, mark = mean_std(values), "  <- retrieved" if name == retrieved else ""
         print(f"  {label:<28} {sim[0]} {sim[1]} {step0} {s['mean']:8.1f} ± {s['std']:4.1f}{mark}")
-    for metric in retrieval.METRICS:
+    for metric in retrieval.SIMILARITIES:
         print(f"Retrieval by {metric} similarity picked: {', '.join(picked[metric])}.")
     gain = {n: float(np.mean(scores[n]) - np.mean(scores["scratch"])) for n in sources}
     others = ", ".join(f"'{n}' {g:+.1f}" for n, g in gain.items() if n != retrieved)

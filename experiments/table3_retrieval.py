@@ -102,7 +102,7 @@ def main(argv=None):
             entry, best = retrieval.oracle(library, transfer)  # the same for every r: std 0, as in the paper
             add("ORACLE", tgt, r, best, entry.task)
             add("BASELINE", tgt, r, baseline[tgt][r])
-            for metric in retrieval.METRICS:
+            for metric in retrieval.SIMILARITIES:
                 ranking = retrieval.rank_sources(emb, library, metric)
                 for k in (k for k in KS if k <= n):
                     entry, best = retrieval.best_of_top_k(ranking, k, transfer)

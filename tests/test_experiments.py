@@ -89,8 +89,8 @@ def test_figure1_tiny(out, capsys):
 
 def test_model_tuning_step_trains_every_weight():
     """The Figure 1 baseline path: its jaxpr returns one updated array per weight (and no prompt)."""
-    from tests.test_spot import CFG, EVAL_BATCH, random_params
-    frozen = random_params(CFG)
+    from tests.test_spot import CFG, EVAL_BATCH
+    frozen = t5_model.init_params(jax.random.key(0), CFG)
     opt_state = spot.make_optimizer(figure1_model_sizes.MODEL_TUNING).init(frozen)
     jaxpr = jax.make_jaxpr(figure1_model_sizes.model_tuning_step, static_argnums=(4, 5))(
         frozen, opt_state, EVAL_BATCH, spot.dropout_key(0, 0), CFG, figure1_model_sizes.MODEL_TUNING)
@@ -118,7 +118,7 @@ def test_table6_then_table3_tiny(out):
         by.setdefault((r["task"], r["seed"]), {})[r["method"]] = r["score"]
     assert set(by) == {(t, s) for t in targets for s in (0, 1)}
     for key, row in by.items():  # BEST OF TOP-k can only grow with k, up to the ORACLE at k = all prompts
-        for metric in retrieval.METRICS:
+        for metric in retrieval.SIMILARITIES:
             ks = [k for k in table3_retrieval.KS if f"{metric}/best_of_top_k/{k}" in row]
             best = [row[f"{metric}/best_of_top_k/{k}"] for k in ks]
             assert best == sorted(best) and max(best) <= row["ORACLE"], (key, metric, best)
@@ -152,7 +152,7 @@ def test_quickstart_retrieves_the_related_source_and_transfers():
     res = quickstart.main([])
     print(f"quickstart: {res['seconds']:.0f} s")
     assert all(v > 80 for v in res["source_scores"].values()), res["source_scores"]  # source prompts learned
-    for metric in retrieval.METRICS:
+    for metric in retrieval.SIMILARITIES:
         assert res["picked"][metric] == ["sentiment"] * 3, res["picked"]
     gain = res["gain"]
     assert gain["sentiment"] > 20, gain

