@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t5_model import EOS_ID, PAD_ID  # one definition, the model's: T5's SentencePiece pad and EOS
+PAD_ID, EOS_ID = 0, 1                     # T5's SentencePiece pad and end-of-sequence ids
 
 NUM_SENTINELS = 100                       # <extra_id_0> = 32099 ... <extra_id_99> = 32000 (T5 vocabulary)
 MIXING_CAP = 2 ** 19                      # K of examples-proportional mixing, SPoT §2.1

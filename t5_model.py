@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-PAD_ID, EOS_ID = 0, 1  # T5 SentencePiece ids; the decoder starts from PAD (HF decoder_start_token_id=0)
+from data import EOS_ID, PAD_ID  # T5's ids; the decoder starts from PAD (HF decoder_start_token_id=0)
+
 NEG_INF = -1e9  # additive attention mask; softmax runs in float32, so this underflows to exactly 0
 
 
