@@ -187,11 +187,23 @@ def test_loss_falls_on_a_learnable_task(twenty_steps):
     assert last < first - 0.1, run['paired']
 
 
-def test_first_losses_reproduce_in_process(twenty_steps):
-    """Golden regression (llm.c style), computed twice rather than hard-coded: same seed, same first 5
-    losses."""
-    assert twenty_steps[1]['losses'][:5] == twenty_steps[2]['losses'][:5]
-    assert len(set(twenty_steps[1]['losses'][:5])) == 5
+# The first 5 training losses of the tiny model (init_params(key(0)), init_prompt(key(1)),
+# synthetic_batches(0), dropout_key(0, step)), recorded when the test was written (issue 29). A change to the
+# recipe (loss, z-loss, dropout, initialisation, optimizer, data order) moves them by more than the tolerance.
+GOLDEN_FIRST_LOSSES = (11.024600982666016, 10.903053283691406, 10.899706840515137, 10.375723838806152,
+                       10.096474647521973)
+
+
+def test_first_losses_are_the_golden_ones(twenty_steps):
+    """Golden regression (llm.c style): the same first 5 losses in both runs of this process, and the recorded
+    ones on any machine. Tolerance: another XLA build may sum in another order; float32 rounding of an n-term
+    sum grows like sqrt(n) eps, n = 32,128 (the vocabulary's log-sum-exp, the longest reduction), 10x for the
+    other sums on the path, and it compounds over the k steps before loss k."""
+    losses = twenty_steps[1]['losses'][:5]
+    assert losses == twenty_steps[2]['losses'][:5]
+    per_step = 10 * np.sqrt(CFG.vocab_size) * np.finfo(np.float32).eps
+    for k, (got, want) in enumerate(zip(losses, GOLDEN_FIRST_LOSSES)):
+        assert got == pytest.approx(want, rel=(k + 1) * per_step), (k, losses)
 
 
 def test_dropout_is_on_in_training_and_keyed(frozen):
