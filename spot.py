@@ -62,15 +62,6 @@ class PromptConfig:
     source: str = ''             # 'file': the source prompt (SPoT's transfer, §2), a file load_prompt reads
     text: str = ''               # 'text': its token embeddings fill the first rows (Lester: ReCoRD, WSC)
 
-    def __post_init__(self):
-        if self.init not in INITS:
-            raise ValueError(f'unknown prompt init {self.init!r}; known: {INITS}')
-        if self.init == 'file' and not self.source:
-            raise ValueError("init 'file' needs PromptConfig.source (CLI: --source-prompt PATH.npy)")
-        if self.length < 1 or self.vocab_pool < 1:
-            raise ValueError(f'PromptConfig needs length >= 1 and vocab_pool >= 1, '
-                             f'got {self.length} and {self.vocab_pool}')
-
 
 LM_ADAPT_CHECKPOINT_STEP = 1_100_000   # T5 1.1 (1M steps) + 100K LM-adaptation steps (Lester et al. §2.2)
 
@@ -89,15 +80,6 @@ class OptimizerConfig:
     param_scale: bool = False        # footnote 7: "parameter scaling off"
     weight_decay: float = 1e-5       # footnote 7 (T5X: (1 - wd) * param, not scaled by the learning rate)
     clipping_threshold: float = 1.0  # T5X Adafactor default update clipping (t5x/adafactor.py)
-
-    def __post_init__(self):
-        ranges = (('learning_rate', 0 < self.learning_rate < math.inf, 'finite and > 0'),
-                  ('decay_rate', 0 < self.decay_rate <= 1, 'in (0, 1]'),
-                  ('weight_decay', 0 <= self.weight_decay < 1, 'in [0, 1)'),
-                  ('clipping_threshold', 0 < self.clipping_threshold <= math.inf, '> 0'))
-        bad = [f'{name}={getattr(self, name)} (must be {why})' for name, ok, why in ranges if not ok]
-        if bad:
-            raise ValueError(f"bad OptimizerConfig: {', '.join(bad)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,72 +113,36 @@ class TrainConfig:
     remat: str = 'auto'
     micro_batches: int = 0           # sequential micro-batches, gradients summed (micro_batched); 0 = auto
 
-    # refuse now what would fail (or divide by zero) only after hours of training
-    def __post_init__(self):
-        bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
-            (1, ('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'eval_batch_size')),
-            (0, ('embedding_step', 'eval_limit', 'sub_batches', 'micro_batches')))
-            for f in names if getattr(self, f) < lo]
-        if self.remat not in REMATS:
-            bad.append(f'remat={self.remat!r} (must be one of {REMATS})')
-        if self.micro_batches and self.batch_size % self.micro_batches:
-            bad.append(f'micro_batches={self.micro_batches} (must divide batch_size={self.batch_size})')
-        if self.eval_method not in ('decode', 'rank'):
-            bad.append(f"eval_method={self.eval_method!r} (must be 'decode' or 'rank')")
-        ranges = (('dropout', 0 <= self.dropout < 1, 'in [0, 1)'),
-                  ('z_loss', 0 <= self.z_loss < math.inf, 'finite and >= 0'),
-                  ('max_input_len', self.max_input_len >= 2, '>= 2: one token and EOS'),
-                  ('max_target_len', self.max_target_len == 0 or self.max_target_len >= 2,
-                   "0 (the task's) or >= 2: one token and EOS"))
-        bad += [f'{name}={getattr(self, name)} (must be {why})' for name, ok, why in ranges if not ok]
-        if bad:
-            raise ValueError(f"bad TrainConfig: {', '.join(bad)}")
-
 
 # ------------------------------------------------------------------------------------------------- the prompt
-def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=None) -> jax.Array:
+def init_prompt(key, params, pc: PromptConfig, label_ids=None, text_ids=None) -> jax.Array:
     """The starting prompt, float32 [P,D]. params: the frozen T5 (only its embedding [V,D] is read; 'file' and
     'uniform' need just its shape, so jax.eval_shape(...) params do). label_ids: token ids of each class label
     (class_labels); text_ids: token ids of the string (text); both without EOS."""
-    cfg = PromptConfig(init=cfg) if isinstance(cfg, str) else cfg
     emb = params['token_embedder']['embedding']
-    (V, D), P = emb.shape, cfg.length
-    if cfg.init == 'file':                       # SPoT §2: the target prompt starts as the source prompt
-        return jnp.asarray(load_prompt(cfg.source, D, P, what='source prompt'))
-    if cfg.init == 'uniform':
-        return jax.random.uniform(key, (P, D), jnp.float32, 0.0, cfg.uniform_scale)
-    if cfg.vocab_pool > V:                       # else jnp indexing would clamp ids >= V to the last row
-        raise ValueError(f'vocab_pool {cfg.vocab_pool} exceeds the model\'s vocabulary of {V} rows: '
+    (V, D), P = emb.shape, pc.length
+    if pc.init == 'file':                        # SPoT §2: the target prompt starts as the source prompt
+        return jnp.asarray(load_prompt(pc.source, D, P, what='source prompt'))
+    if pc.init == 'uniform':
+        return jax.random.uniform(key, (P, D), jnp.float32, 0.0, pc.uniform_scale)
+    if pc.vocab_pool > V:                        # else jnp indexing would clamp ids >= V to the last row
+        raise ValueError(f'vocab_pool {pc.vocab_pool} exceeds the model\'s vocabulary of {V} rows: '
                          f'pass --vocab_pool={V} (or fewer)')
-    if P > cfg.vocab_pool:
-        raise ValueError(f'cannot sample {P} distinct rows from a pool of {cfg.vocab_pool} ids')
     # §2.1.4 / Lester et al. 2021: T5's SentencePiece ids are ordered by frequency, so ids < 5000 are the
     # most common tokens; rows are drawn without replacement (PT from_sample_of_embeddings).
-    ids = jax.random.choice(key, cfg.vocab_pool, (P,), replace=False)
+    ids = jax.random.choice(key, pc.vocab_pool, (P,), replace=False)
     prompt = jnp.asarray(emb[ids], jnp.float32)
     # App. C; Lester et al.: label i at position i, pieces mean-pooled
-    if cfg.init == 'class_labels':
-        label_ids = [] if label_ids is None else list(label_ids)
-        if not 1 <= len(label_ids) <= P:
-            raise ValueError(f'class_labels needs the token ids of 1 to {P} labels (one per prompt row), got '
-                             f'{len(label_ids)} labels: use --length={max(len(label_ids), 1)} or more')
-        rows = [_token_rows(emb, p, f'class label {i}').mean(0) for i, p in enumerate(label_ids)]
+    if pc.init == 'class_labels':
+        if len(label_ids) > P:
+            raise ValueError(f'class_labels needs one prompt row per label, got {len(label_ids)} labels: use '
+                             f'--length={len(label_ids)} or more')
+        rows = [jnp.asarray(emb[np.asarray(p)], jnp.float32).mean(0) for p in label_ids]
         prompt = prompt.at[:len(rows)].set(jnp.stack(rows))
-    elif cfg.init == 'text':                     # a text longer than the prompt: its first P tokens
-        rows = _token_rows(emb, text_ids, 'text init (the token ids of PromptConfig.text, --text="...")')[:P]
+    elif pc.init == 'text':                      # a text longer than the prompt: its first P tokens
+        rows = jnp.asarray(emb[np.asarray(text_ids)[:P]], jnp.float32)
         prompt = prompt.at[:len(rows)].set(rows)
     return prompt
-
-
-def _token_rows(emb, ids, what):
-    """Embedding rows of token ids, float32 [n, D]; ids outside [0, V) are refused (jnp indexing would
-    clamp)."""
-    ids = np.asarray(ids if ids is not None else [])
-    if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer) or not (
-            0 <= ids.min() and ids.max() < emb.shape[0]):
-        raise ValueError(f'{what}: expected a non-empty list of token ids in [0, {emb.shape[0]}), '
-                         f'got {ids.tolist()}')
-    return jnp.asarray(emb[ids], jnp.float32)
 
 
 # -------------------------------------------------------------------------------------- the loss and the step
@@ -310,8 +256,6 @@ def train_prompts(runs, frozen, cfg, *, resume=False, mesh=None, log=print, runs
 def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
     lead = jax.process_index() == 0                       # several processes: process 0 owns the folders
     log, tc = log if lead else (lambda *_: None), runs[0].tc
-    for run in runs:
-        check_prompt(run.prompt, frozen['token_embedder']['embedding'].shape[1])
     if tc.remat == 'auto' or not tc.micro_batches:        # the CLI decided already (plan before loading)
         planned = resolve_memory(cfg, dataclasses.replace(tc, batch_size=tc.batch_size * len(runs)), frozen,
                                  tc.max_input_len, tc.max_target_len or DEFAULT_TARGET_LEN,
@@ -930,31 +874,26 @@ PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'  
 
 
 def check_prompt(prompt, d_model: int | None, length: int | None = None, what: str = 'prompt'):
-    """Refuse a prompt that is not a finite float [P, d_model] with P >= 1 (e.g. a Base prompt, 768 wide, on
-    a Small model). d_model None: any width."""
-    prompt = prompt if hasattr(prompt, 'dtype') else np.asarray(prompt)
+    """Refuse, in one line naming `what`, a prompt that is not a finite float [P, d_model] (d_model None: any
+    width) with P >= 1 (P = length when given): e.g. a Base prompt, 768 wide, on a Small model."""
     shape = tuple(prompt.shape)
     if len(shape) != 2:
         need = '' if d_model is None else f', and this model needs D = d_model {d_model}'
-        raise ValueError(f'{what} has shape {shape}: a prompt is a 2-D array [P, D]{need}; '
-                         f'save one prompt [P, {d_model or "D"}] per .npy')
-    if shape[0] == 0:
-        raise ValueError(f'{what} has shape {shape}: no rows, an empty prompt (P = 0); '
-                         f'use a prompt with at least one row')
-    if d_model is not None and shape[1] != d_model:
-        raise ValueError(f'{what} has shape {shape}: width {shape[1]} but the model has '
-                         f'd_model {d_model}. Prompts transfer only between models of the same width; '
-                         f'use a source prompt trained on a model of the same size')
-    if length is not None and shape[0] != length:
-        raise ValueError(f'{what} has {shape[0]} rows but PromptConfig.length is {length}: '
-                         f'pass --length={shape[0]}')
-    if not jnp.issubdtype(prompt.dtype, jnp.floating):
-        raw = prompt.dtype == 'V2'                   # np.save writes bfloat16 as 2 raw bytes
-        hint = ' (bfloat16 saved as raw bytes? cast it to float32 before np.save)' if raw else ''
-        raise ValueError(f'{what} has dtype {prompt.dtype}: a prompt holds real (float) values{hint}')
-    if not np.isfinite(np.asarray(prompt, np.float32)).all():
-        raise ValueError(f'{what} holds NaN or inf values: it comes from a diverged run; '
-                         f'use an earlier prompt')
+        problem = f'has shape {shape}: a prompt is a 2-D array [P, D]{need}; save one prompt per .npy'
+    elif shape[0] == 0:
+        problem = f'has shape {shape}: no rows, an empty prompt (P = 0); use one with at least one row'
+    elif d_model is not None and shape[1] != d_model:
+        problem = (f'has shape {shape}: width {shape[1]} but the model has d_model {d_model}. Prompts '
+                   f'transfer only between models of the same width: use one trained on a model of that size')
+    elif length is not None and shape[0] != length:
+        problem = f'has {shape[0]} rows but PromptConfig.length is {length}: pass --length={shape[0]}'
+    elif not jnp.issubdtype(prompt.dtype, jnp.floating):       # np.save writes bfloat16 as 2 raw bytes: V2
+        problem = f'has dtype {prompt.dtype}: a prompt holds real (float) values (cast bfloat16 to float32)'
+    elif not np.isfinite(np.asarray(prompt, np.float32)).all():
+        problem = 'holds NaN or inf values: it comes from a diverged run; use an earlier prompt'
+    else:
+        return
+    raise ValueError(f'{what} {problem}')
 
 
 def load_prompt(path, d_model: int | None = None, length: int | None = None, what='prompt') -> np.ndarray:
@@ -1087,7 +1026,6 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
     (flock) on the folder itself while it writes, so a second export there at the same time is refused, and
     the config is written last: a folder with adapter_config.json holds its weights. Returns the folder."""
     prompt = np.asarray(prompt, np.float32)
-    check_prompt(prompt, cfg.d_model, what='prompt to export')
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = os.open(out, os.O_RDONLY)              # locked as an open folder: no lock file in the adapter
@@ -1369,27 +1307,19 @@ def weights_fingerprint(frozen) -> str:
     return h.hexdigest()[:16]
 
 
-def _flat(config: dict) -> dict:
-    """{'optimizer': {'learning_rate': ..}, ..} -> {'learning_rate': .., ..}: checkpoints before
-    OptimizerConfig stored the TrainConfig flat, and still resume."""
-    return {k: w for key, v in config.items()
-            for k, w in (_flat(v) if isinstance(v, dict) else {key: v}).items()}
-
-
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
-    """(prompt, opt_state, state) of ckpt, refused when it was written with other settings: only `steps`,
-    `log_every` and `eval_batch_size` may change, as nothing a resumed run computes depends on them (`steps`
-    not below the checkpoint's step). The run's
-    history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current
-    config (a resume may extend `steps`)."""
+    """(prompt, opt_state, state) of ckpt, refused when it was written with other settings than `free`
+    (nothing a resumed run computes depends on them; `steps` not below the checkpoint's step). Events after
+    the checkpoint leave the history; prompt.json gets the current config."""
     prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
     free = ('steps', 'log_every', 'eval_batch_size', 'sub_batches', 'remat', 'micro_batches')
-    now = _flat(dataclasses.asdict(tc))
-    changed = {k: (v, now.get(k)) for k, v in _flat(state['config']).items()
-               if k not in free and now.get(k) != v}
-    saved = state.get('run', run)                               # checkpoints before 'run' existed: unchecked
-    changed.update({f'{part}.{k}': (saved[part][k], v) for part in run for k, v in run[part].items()
-                    if k in saved.get(part, {}) and saved[part][k] != v})
+
+    def parts(config, run):
+        train = {k: v for k, v in config.items() if k != 'optimizer'}
+        return {'train': train, 'optimizer': config['optimizer'], **run}
+    saved, now = parts(state['config'], state['run']), parts(dataclasses.asdict(tc), run)
+    changed = {f'{part}.{k}': (v, now[part][k]) for part in saved for k, v in saved[part].items()
+               if k not in free and k in now.get(part, ()) and now[part][k] != v}
     if prompt.shape != shape:
         changed['prompt shape'] = (tuple(prompt.shape), tuple(shape))
     if changed:
@@ -1693,13 +1623,34 @@ def gather(x) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
+# What override refuses, field -> (ok, what it must be): a value that would fail (or divide by zero) only
+# after hours of training. The configs are checked here, where a user sets them, and trusted elsewhere.
+def _at_least(n):
+    return lambda x: x >= n, f'>= {n}'
+
+
+LIMITS = {**dict.fromkeys(('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every',
+                           'eval_batch_size', 'length', 'vocab_pool'), _at_least(1)),
+          **dict.fromkeys(('embedding_step', 'eval_limit', 'sub_batches', 'micro_batches'), _at_least(0)),
+          'remat': (lambda x: x in REMATS, f'one of {REMATS}'),
+          'init': (lambda x: x in INITS, f'one of {INITS}'),
+          'eval_method': (lambda x: x in ('decode', 'rank'), "'decode' or 'rank'"),
+          'dropout': (lambda x: 0 <= x < 1, 'in [0, 1)'),
+          'z_loss': (lambda x: 0 <= x < math.inf, 'finite and >= 0'),
+          'max_input_len': (lambda x: x >= 2, '>= 2: one token and EOS'),
+          'max_target_len': (lambda x: x == 0 or x >= 2, "0 (the task's) or >= 2: one token and EOS"),
+          'learning_rate': (lambda x: 0 < x < math.inf, 'finite and > 0'),
+          'decay_rate': (lambda x: 0 < x <= 1, 'in (0, 1]'),
+          'weight_decay': (lambda x: 0 <= x < 1, 'in [0, 1)'),
+          'clipping_threshold': (lambda x: x > 0, '> 0')}
+
+
 def override(cfg, argv):
-    """Apply each `--field=value` of argv naming a field of cfg; return (new cfg, the other items).
-    Example: override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...),
-    ['--x=1'])."""
+    """Apply each `--field=value` of argv naming a field of cfg, type- and range-checked (LIMITS); return
+    (new cfg, the other items). Example: override(TrainConfig(), ['--steps=30000', '--x=1']) ->
+    (TrainConfig(steps=30000, ...), ['--x=1'])."""
     changes, rest, fields = {}, [], set()
-    # a nested config (TrainConfig.optimizer) takes its own
-    for f in dataclasses.fields(cfg):
+    for f in dataclasses.fields(cfg):          # a nested config (TrainConfig.optimizer) takes its own
         if dataclasses.is_dataclass(getattr(cfg, f.name)):
             changes[f.name], argv = override(getattr(cfg, f.name), argv)
         else:
@@ -1711,16 +1662,22 @@ def override(cfg, argv):
             rest.append(arg)
             continue
         want = type(getattr(cfg, name))
-        try:                                              # a str field keeps its text as is: --text=1984
+        try:                                   # a str field keeps its text as is: --text=1984; float: nan too
             value = text if want is str else float(text) if want is float else ast.literal_eval(text)
-        # float() reads nan/inf too: __post_init__ judges them
         except (ValueError, SyntaxError):
             value = text
         if type(value) is not want:
             raise ValueError(f'--{name}={text}: {type(cfg).__name__}.{name} expects {want.__name__}, '
                              f'got {type(value).__name__}')
         changes[name] = value
-    return dataclasses.replace(cfg, **changes), rest
+    cfg = dataclasses.replace(cfg, **changes)
+    bad = [f'{f}={getattr(cfg, f)!r} (must be {why})' for f, (ok, why) in LIMITS.items()
+           if f in fields and not ok(getattr(cfg, f))]
+    if 'micro_batches' in fields and cfg.micro_batches and cfg.batch_size % cfg.micro_batches:
+        bad.append(f'micro_batches={cfg.micro_batches} (must divide batch_size={cfg.batch_size})')
+    if bad:
+        raise ValueError(f"bad {type(cfg).__name__}: {', '.join(bad)}")
+    return cfg, rest
 
 
 def field_notes(cls) -> dict:
@@ -2008,8 +1965,8 @@ def evaluate_cli(args, tc, pc):
 
 
 def export_cli(args, tc, pc):
-    prompt, cfg = load_prompt(args.prompt), model_config(args.model)
-    check_prompt(prompt, cfg.d_model, what=f'prompt {args.prompt}')
+    cfg = model_config(args.model)
+    prompt = load_prompt(args.prompt, cfg.d_model)
     out = export_peft(prompt, cfg, args.out, args.model)
     base = f'T5ForConditionalGeneration.from_pretrained({args.model!r})'
     print(f'wrote {out}/{PEFT_CONFIG} and {PEFT_WEIGHTS} ({prompt.shape[0]} virtual tokens); in PEFT: '
@@ -2080,7 +2037,7 @@ def plan_cli(args, tc, pc):
 def train_cli(args, tc, pc):
     import data
     # cheap checks first (task, flags, files, output folders), then the data, and the weights last
-    tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)
+    tc = tc if args.steps is None else override(tc, [f'--steps={args.steps}'])[0]
     if tc.optimizer.learning_rate > 10:           # valid, but 33x the paper's 0.3 (footnote 7)
         print(f"warning: learning_rate={tc.optimizer.learning_rate:g} is far above prompt tuning's 0.3 (SPoT "
               f"footnote 7): steps that large usually make the loss NaN", file=sys.stderr)
@@ -2108,7 +2065,9 @@ def train_cli(args, tc, pc):
             raise ValueError(f'{task_arg} has no class labels: use --init text --text="..." '
                              f'(Lester: task words)')
     for source, p in pcs.items():
-        if p.init == 'file' and source:
+        if p.init == 'file' and not source or p.init == 'text' and not p.text:
+            raise ValueError(f"--init {p.init} needs {'--source-prompt PATH' if source else '--text=...'}")
+        if p.init == 'file':
             load_prompt(source, length=p.length, what='source prompt')
     if args.runs_per_step < 0:
         raise ValueError(f'--runs-per-step {args.runs_per_step}: must be >= 1 (0: all runs)')
