@@ -242,146 +242,115 @@ def train_prompts(runs, frozen, cfg, *, resume=False, mesh=None, log=print, runs
     dropout keys, step counter, evaluations, best checkpoint and folder, and ends as it would alone (to
     float32 rounding: the batched matmuls sum in another order; one run alone: to the bit). The R batches of
     a step are padded to the group's longest bucket: padding changes no loss (masks) and no dropout mask
-    (t5_model._dropout indexes masks by position, not by the padded length). Runs that finish leave the
-    group (one compile for the smaller stack). A run whose loss or prompt turns non-finite leaves the group;
-    the others go on, and its FloatingPointError is raised at the end. The runs of a group share the step's
-    compiled settings (dropout, optimizer, z_loss, remat, sub- and micro-batches). skip_held: a run whose
-    folder another process holds (run.lock) is left out, its result None, not an error (workers splitting a
-    grid: experiments/common.run_grid). Returns train_prompt's dict per run."""
+    (t5_model._dropout indexes masks by position). Runs that finish leave the group (one compile for the
+    smaller stack); a run whose loss or prompt turns non-finite leaves it too, and its FloatingPointError is
+    raised at the end. The runs of a group share the first run's compiled settings (dropout, optimizer,
+    z_loss, remat, sub- and micro-batches). skip_held: a run whose folder another process holds (run.lock)
+    is left out, its result None (workers splitting a grid: experiments/common.run_grid)."""
     R = runs_per_step or len(runs)
+    log = log if jax.process_index() == 0 else (lambda *_: None)     # several processes: process 0 speaks
     return [res for i in range(0, len(runs), R)
             for res in _train_group(list(runs[i:i + R]), frozen, cfg, resume, mesh, log, skip_held)]
 
 
 def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
-    lead = jax.process_index() == 0                       # several processes: process 0 owns the folders
-    log, tc = log if lead else (lambda *_: None), runs[0].tc
+    tc = runs[0].tc
     if tc.remat == 'auto' or not tc.micro_batches:        # the CLI decided already (plan before loading)
         planned = resolve_memory(cfg, dataclasses.replace(tc, batch_size=tc.batch_size * len(runs)), frozen,
                                  tc.max_input_len, tc.max_target_len or DEFAULT_TARGET_LEN,
                                  runs[0].prompt.shape[0], mesh, log=log)[0]
-        execution = {k: getattr(planned, k) for k in ('remat', 'micro_batches', 'eval_batch_size')}
-        if tc.batch_size % execution['micro_batches']:
-            execution['micro_batches'] = 1
+        execution = {'remat': planned.remat, 'eval_batch_size': planned.eval_batch_size,
+                     'micro_batches': 1 if tc.batch_size % planned.micro_batches else planned.micro_batches}
         runs = [dataclasses.replace(r, tc=dataclasses.replace(r.tc, **execution)) for r in runs]
         tc = runs[0].tc
-    def shared(t):
-        return t.dropout, t.optimizer, t.z_loss, t.remat, sub_batch_count(t), t.micro_batches
-
-    if any(shared(r.tc) != shared(tc) for r in runs):
-        settings = sorted({shared(r.tc) for r in runs}, key=str)
-        raise ValueError(f'runs that share a step need the same dropout, optimizer, z_loss, remat, '
-                         f'sub_batches and micro_batches; got {settings}')
-    # the runs' dropout (TrainConfig.dropout) and remat
     cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout, remat=tc.remat)
-    results, failed = [None] * len(runs), []
-    with contextlib.ExitStack() as folders, stop_requests(log) as signals:
-        group = []
+    step_settings = (cfg, tc.optimizer, tc.z_loss, sub_batch_count(tc), tc.micro_batches)
+    results, failed, group = [None] * len(runs), [], []
+    with contextlib.ExitStack() as held, stop_requests(log) as stop_signal:
         for i, run in enumerate(runs):
-            out = Path(run.out_dir)
+            folder = RunFolder(run.out_dir)
             try:
-                on_lead(lambda: folders.enter_context(own_folder(out)) and None)
+                folder.take(held, resume, log)
             except RunFolderInUse as e:
                 if not skip_held:
                     raise
                 log(f'skipped: {e}')
                 continue
-            on_lead(check_new_run, out, resume, log)
             info = {**(run.meta or {}), 'config': {'train': dataclasses.asdict(run.tc),
                                                    'model': dataclasses.asdict(cfg)}}
-            identity = run_identity(cfg, frozen, run.meta)
-            prompt, opt_state, state = start_or_resume(run.prompt, run.tc, identity, info,
-                                                       out / 'checkpoint.npz', resume, log)
-            group.append({'i': i, 'tc': run.tc, 'out': out, 'ckpt': out / 'checkpoint.npz', 'info': info,
-                          'state': state, 'losses': [], 'run': run, 'prompt': prompt, 'opt_state': opt_state})
+            prompt, opt_state, state = folder.start(run.prompt, run.tc, run_identity(cfg, frozen, run.meta),
+                                                    info, resume, log)
+            group.append({'i': i, 'run': run, 'tc': run.tc, 'folder': folder, 'info': info, 'state': state,
+                          'losses': [], 'prompt': prompt, 'opt_state': opt_state, 'done': state['step']})
         frozen = shard_params(mesh, frozen)
-        pending = [g for g in group if g['state'].get('eval_pending') and g['run'].evaluator is not None]
-        _evaluate_and_keep(pending, lead, log)   # stopped during the evaluation of its step
-        active = [g for g in group if g['state']['step'] < g['tc'].steps]
+        # a run stopped during the evaluation of its step does it now
+        _evaluate_and_keep([g for g in group if g['state'].get('eval_pending') and g['run'].evaluator], log)
+        active = [g for g in group if g['done'] < g['tc'].steps]
         for g in active:
-            g['data'], g['done'] = prefetch(g['run'].batches(g['state']['step'])), g['state']['step']
-        clock = {'window': (time.perf_counter(), 0), 'line': time.perf_counter(), 'steps': 0}
-        stack = None
+            g['data'] = prefetch(g['run'].batches(g['done']))
+        clock, stack = Clock(), None
         while active:
             if stack is None:                    # the group (re)formed: one stacked state for the step
-                stack = _stack([(g['prompt'], g['opt_state']) for g in active])
-                stack = replicate(mesh, stack)
+                stack = replicate(mesh, _stack([(g['prompt'], g['opt_state']) for g in active]))
             batch = _pad_stack([{n: v for n, v in next(g['data']).items() if n in ('inputs', 'targets')}
                                 for g in active])
-            keys = [dropout_key(g['tc'].seed, g['done']) for g in active]
-            batch, keys = (batch, jnp.stack(keys)) if len(active) > 1 else (
-                jax.tree.map(lambda x: x[0], batch), keys[0])
-            compiles = _compiled_steps()
-            if clock['steps'] == 0 or compiles != clock.get('compiles'):
-                shape = 'x'.join(map(str, batch['inputs'].shape))
-                log(f"step of {len(active)} run{'s' * (len(active) > 1)}, inputs {shape}, targets "
-                    f"{batch['targets'].shape[-1]}: compiling or loading it from the compile cache ...")
-            t = time.perf_counter()
-            batch = shard_batch(mesh, batch, len(active) > 1)
-            prompts, opt_states, losses = train_step(*stack, frozen, batch, keys, cfg, tc.optimizer,
-                                                     tc.z_loss, sub_batch_count(tc), tc.micro_batches)
-            stack, losses = (prompts, opt_states), np.atleast_1d(np.asarray(losses, np.float64))
-            if _compiled_steps() != compiles or clock['steps'] == 0:
+            keys = jnp.stack([dropout_key(g['tc'].seed, g['done']) for g in active])
+            if len(active) == 1:                 # one run: its batch [B,...] and key, no runs axis
+                batch, keys = jax.tree.map(lambda x: x[0], (batch, keys))
+            compiles, t = _compiled_steps(), time.perf_counter()
+            if clock.steps == 0:
+                log(f"step of {len(active)} run{'s' * (len(active) > 1)}, inputs "
+                    f"{'x'.join(map(str, batch['inputs'].shape))}, targets {batch['targets'].shape[-1]}: "
+                    f'compiling or loading it from the compile cache ...')
+            *stack, losses = train_step(*stack, frozen, shard_batch(mesh, batch, len(active) > 1), keys,
+                                        *step_settings)
+            losses, clock.steps = np.atleast_1d(np.asarray(losses, np.float64)).tolist(), clock.steps + 1
+            if _compiled_steps() != compiles or clock.steps == 1:
                 what = 'compiled' if _compiled_steps() != compiles else 'found compiled'
                 log(f'{what}, first step done in {time.perf_counter() - t:.1f} s')
-                clock['window'] = (time.perf_counter(), clock['steps'] + 1)   # steps/s leaves out the compile
-            clock['compiles'], clock['steps'] = _compiled_steps(), clock['steps'] + 1
-            signum, evaluate_now, left, wrote = any_signal(signals), [], [], False
-            for j, (g, loss) in enumerate(zip(active, losses.tolist())):
-                tc_g, state, done = g['tc'], g['state'], g['done'] + 1
+                clock.restart()                  # steps/s leaves out the compile
+            signum, evaluate_now, left, line, wrote = stop_signal(), [], [], False, False
+            for j, (g, loss) in enumerate(zip(active, losses)):
+                t, done, state, folder = g['tc'], g['done'] + 1, g['state'], g['folder']
                 prompt, opt_state = _member(stack, j, len(active))
-                evaluated = g['run'].evaluator is not None and (done % tc_g.eval_every == 0
-                                                                or done == tc_g.steps)
-                checkpoint = evaluated or done % tc_g.checkpoint_every == 0 or done == tc_g.steps or signum
+                evaluated = g['run'].evaluator is not None and (done % t.eval_every == 0 or done == t.steps)
+                checkpoint = evaluated or done % t.checkpoint_every == 0 or done == t.steps or signum
                 try:
-                    check_finite(loss, prompt if checkpoint or done == tc_g.embedding_step else None, done,
-                                 g['ckpt'], state)
+                    check_finite(loss, prompt if checkpoint or done == t.embedding_step else None, done,
+                                 folder.ckpt, state)
                 except FloatingPointError as e:
                     failed.append(e)
-                    log(f'{g["out"]}: {e}')
+                    log(f'{folder.out}: {e}')
                     continue
                 g['losses'].append(loss)
-                if done % tc_g.log_every == 0 or done == tc_g.steps:
-                    g['log_loss'] = loss
-                    if lead:
-                        append_history(g['out'], {'step': done, 'loss': loss, 'steps_per_s': _rate(clock),
-                                                  'time': time.time()})
-                if done == tc_g.embedding_step and lead:                # §3.2: the task embedding
-                    save_prompt(g['out'], f'prompt_step{done}', prompt, {**g['info'], 'step': done,
-                                                                          'score': None})
+                if done % t.log_every == 0 or done == t.steps:
+                    line = True
+                    folder.history({'step': done, 'loss': loss, 'steps_per_s': clock.rate(),
+                                    'time': time.time()})
+                if done == t.embedding_step:                # §3.2: the task embedding
+                    folder.save_prompt(f'prompt_step{done}', prompt, {**g['info'], 'step': done,
+                                                                      'score': None})
                 if checkpoint:          # written before evaluating: an evaluator that fails loses no training
                     state.update(step=done, data_position=done, eval_pending=evaluated)
-                    if lead:
-                        save_checkpoint(g['ckpt'], prompt, opt_state, state)
-                g['prompt'], g['opt_state'], g['done'] = prompt, opt_state, done
-                wrote |= bool(checkpoint)
+                    folder.checkpoint(prompt, opt_state, state)
+                    wrote = True
+                g.update(prompt=prompt, opt_state=opt_state, done=done)
                 (evaluate_now if evaluated else []).append(g)
-                (left if done < tc_g.steps else []).append(g)
-            _evaluate_and_keep(evaluate_now, lead, log)   # §2.1.4: keep the prompt with the best score
-            now = time.perf_counter()
-            if any('log_loss' in g for g in active) or now - clock['line'] >= 30:
-                g = active[0]
-                losses_text = ' '.join(f'{x:.4f}' for x in losses.tolist())
-                rate = _rate(clock)
-                eta = int((g['tc'].steps - g['done']) / rate) if rate else 0
-                log(f"step {g['done']}/{g['tc'].steps}  loss {losses_text}  {rate:.2f} steps/s  "
-                    f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
-                clock['line'] = now
-                for x in active:
-                    x.pop('log_loss', None)
+                (left if done < t.steps else []).append(g)
+            _evaluate_and_keep(evaluate_now, log)   # §2.1.4: keep the prompt with the best score
+            if line or time.perf_counter() - clock.line >= 30:
+                clock.log(log, active[0], losses)
             if wrote:
-                clock['window'] = (time.perf_counter(), clock['steps'])   # steps/s leaves out evaluations
+                clock.restart()                  # steps/s leaves out checkpoints and evaluations
             if signum and left:
-                raise Interrupted(signum, left[0]['done'], left[0]['ckpt'])
+                raise Interrupted(signum, left[0]['done'], left[0]['folder'].ckpt)
             if left != active:                   # a run finished or failed: the group re-forms
-                stack = None if left else stack
-                active = left
+                stack, active = None, left
         for g in group:
             state = g['state']
-            if g['run'].evaluator is None and state['best_step'] is None and state['step'] == g['tc'].steps \
-                    and lead:
-                save_prompt(g['out'], 'prompt', g['prompt'], {**g['info'], 'step': state['step'],
-                                                              'score': None})
+            if g['run'].evaluator is None and state['step'] == g['tc'].steps:
+                g['folder'].save_prompt('prompt', g['prompt'], {**g['info'], 'step': state['step'],
+                                                                'score': None})
             results[g['i']] = {'prompt': g['prompt'], 'opt_state': g['opt_state'], 'step': state['step'],
                                'best_score': state['best_score'], 'best_step': state['best_step'],
                                'losses': g['losses']}
@@ -403,12 +372,9 @@ def _member(stack, j, n):
 def _pad_stack(batches) -> dict:
     """Several runs' batches {'inputs' [B,S], 'targets' [B,T]} -> [R,B,S'], [R,B,T']: each padded with 0
     (pad) to the longest; pad rows and columns are masked out of the loss."""
-    out = {}
-    for name in ('inputs', 'targets'):
-        width = max(b[name].shape[1] for b in batches)
-        out[name] = np.stack([np.pad(np.asarray(b[name]), ((0, 0), (0, width - b[name].shape[1])))
-                              for b in batches])
-    return out
+    width = {name: max(b[name].shape[1] for b in batches) for name in ('inputs', 'targets')}
+    return {name: np.stack([np.pad(np.asarray(b[name]), ((0, 0), (0, w - b[name].shape[1])))
+                            for b in batches]) for name, w in width.items()}
 
 
 def _compiled_steps() -> int:
@@ -416,31 +382,45 @@ def _compiled_steps() -> int:
     return getattr(train_step, '_cache_size', lambda: 0)()
 
 
-def _rate(clock) -> float:
-    """Steps per second since the window began (compiles, checkpoints and evaluations left out)."""
-    since, steps = clock['window']
-    return (clock['steps'] - steps) / max(time.perf_counter() - since, 1e-9)
+class Clock:
+    """Progress lines: steps/s over a window that leaves out compiles, checkpoints and evaluations, and the
+    ETA of the first run."""
+
+    def __init__(self):
+        self.steps, self.line = 0, time.perf_counter()
+        self.restart()
+
+    def restart(self):
+        self.window = (time.perf_counter(), self.steps)
+
+    def rate(self) -> float:
+        since, steps = self.window
+        return (self.steps - steps) / max(time.perf_counter() - since, 1e-9)
+
+    def log(self, log, g, losses):
+        rate = self.rate()
+        eta = int((g['tc'].steps - g['done']) / rate) if rate else 0
+        log(f"step {g['done']}/{g['tc'].steps}  loss {' '.join(f'{x:.4f}' for x in losses)}  {rate:.2f} "
+            f'steps/s  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+        self.line = time.perf_counter()
 
 
-def _evaluate_and_keep(group, lead, log):
+def _evaluate_and_keep(group, log):
     """§2.1.4: evaluate each run's prompt after its step (the runs of make_evaluator's scorers in shared
-    batches: score_together); the lead writes metrics.jsonl, prompt.npy/.json if it is the best so far, and
-    the checkpoint with the new best score. Other processes only track the best."""
+    batches: score_together); write metrics.jsonl, prompt.npy/.json if it is the best so far, and the
+    checkpoint with the new best score."""
     if not group:
         return
     scores = score_together([g['run'].evaluator for g in group], [g['prompt'] for g in group])
     for g, metrics in zip(group, scores):
-        out, state, done = g['out'], g['state'], g['state']['step']
-        log(f'step {done}  eval {_json(metrics, None).decode()}' + (f'  ({out.name})' if len(group) > 1
+        folder, state, done = g['folder'], g['state'], g['state']['step']
+        log(f'step {done}  eval {_json(metrics, None).decode()}' + (f'  ({folder.out.name})' if len(group) > 1
                                                                      else ''))
-        best = best_so_far(state, done, metrics)
-        if not lead:
-            continue
-        append_history(out, {'step': done, 'eval': metrics, 'time': time.time()})
-        if best:
-            save_prompt(out, 'prompt', g['prompt'], {**g['info'], 'step': done, 'score': metrics['score'],
-                                                     'metrics': metrics})
-        save_checkpoint(g['ckpt'], g['prompt'], g['opt_state'], state)
+        folder.history({'step': done, 'eval': metrics, 'time': time.time()})
+        if best_so_far(state, done, metrics):
+            folder.save_prompt('prompt', g['prompt'], {**g['info'], 'step': done, 'score': metrics['score'],
+                                                       'metrics': metrics})
+        folder.checkpoint(g['prompt'], g['opt_state'], state)
 
 
 def prefetch(batches, depth: int = 2):
@@ -1087,12 +1067,6 @@ def _atomic(path: Path, write):
     os.replace(tmp, path)
 
 
-def save_prompt(out: Path, name: str, prompt, info: dict):
-    """out/name.npy (float32 [P,D], the format of Google's released prompts) + out/name.json (info)."""
-    _atomic(out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
-    _atomic(out / f'{name}.json', lambda f: f.write(_json(info)))
-
-
 def save_checkpoint(path: Path, prompt, opt_state, state: dict):
     """Everything a resume needs: prompt, optimizer leaves, and state (step = data position; seed = RNG)."""
     leaves = {f'opt_{i}': np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))}
@@ -1255,20 +1229,54 @@ def run_identity(cfg, frozen, meta) -> dict:
     return json.loads(_json({'model': {**arch, 'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
 
 
-def start_or_resume(prompt, tc: TrainConfig, run: dict, info: dict, ckpt: Path, resume: bool, log):
-    """(prompt, opt_state, state) to start from: a fresh optimizer at step 0, or with resume=True the
-    checkpoint (read by process 0, refused if written with other settings: resume_checkpoint)."""
-    optimizer = make_optimizer(tc.optimizer)
-    prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
-    state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
-             'config': dataclasses.asdict(tc), 'run': run}
-    if resume and on_lead(ckpt.exists):
-        prompt, opt_state, state = on_lead(lambda: _to_numpy(*resume_checkpoint(
-            ckpt, optimizer, tc, run, prompt.shape, info, log)))
-        return jnp.asarray(prompt), jax.tree.map(jnp.asarray, opt_state), state
-    if resume:
-        log(f'no checkpoint {ckpt} to resume: starting at step 0')
-    return prompt, optimizer.init(prompt), state
+class RunFolder:
+    """A run's folder as train_prompt reads and writes it: the multi-host seam. With several processes,
+    process 0 alone owns the folder: on the others every write here is a no-op, and what process 0 decides
+    (a refusal, the checkpoint a resume starts from) reaches every process (on_lead)."""
+
+    def __init__(self, out):
+        self.out, self.ckpt, self.lead = Path(out), Path(out) / 'checkpoint.npz', jax.process_index() == 0
+
+    def take(self, held: contextlib.ExitStack, resume: bool, log):
+        """Hold the folder while `held` lasts (own_folder) and check that the run may start there."""
+        def take():
+            held.enter_context(own_folder(self.out))
+            check_new_run(self.out, resume, log)
+        on_lead(take)
+
+    def start(self, prompt, tc: TrainConfig, run: dict, info: dict, resume: bool, log):
+        """(prompt, opt_state, state) to start from: a fresh optimizer at step 0, or with resume=True the
+        checkpoint (refused if written with other settings: resume_checkpoint)."""
+        optimizer = make_optimizer(tc.optimizer)
+        prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
+        def read():                                 # numpy: process 0 sends it to the others
+            saved, opt_state, state = resume_checkpoint(self.ckpt, optimizer, tc, run, prompt.shape, info,
+                                                        log)
+            return np.asarray(saved), jax.tree.map(np.asarray, opt_state), state
+        if resume and on_lead(self.ckpt.exists):
+            saved, opt_state, state = on_lead(read)
+            return jnp.asarray(saved), jax.tree.map(jnp.asarray, opt_state), state
+        if resume:
+            log(f'no checkpoint {self.ckpt} to resume: starting at step 0')
+        state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
+                 'config': dataclasses.asdict(tc), 'run': run}
+        return prompt, optimizer.init(prompt), state
+
+    def history(self, event: dict):
+        """One line of metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval)."""
+        if self.lead:
+            with open(self.out / 'metrics.jsonl', 'ab') as f:
+                f.write(_json(event, None) + b'\n')
+
+    def save_prompt(self, name: str, prompt, info: dict):
+        """name.npy (float32 [P,D], the format of Google's released prompts) + name.json (info)."""
+        if self.lead:
+            _atomic(self.out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
+            _atomic(self.out / f'{name}.json', lambda f: f.write(_json(info)))
+
+    def checkpoint(self, prompt, opt_state, state: dict):
+        if self.lead:
+            save_checkpoint(self.ckpt, prompt, opt_state, state)
 
 
 def check_finite(loss: float, prompt, done: int, ckpt: Path, state: dict):
@@ -1337,13 +1345,6 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
     return prompt, opt_state, state
 
 
-def append_history(out: Path, event: dict):
-    """One line of out/metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval
-    metrics)."""
-    with open(out / 'metrics.jsonl', 'ab') as f:
-        f.write(_json(event, None) + b'\n')
-
-
 def cut_history(out: Path, step: int, eval_pending: bool, log):
     """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that
     step when the checkpoint says it is still to run, so no event appears twice. A torn last line (a write cut
@@ -1384,15 +1385,20 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_requests(log):
-    """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the
-    yielded list gets the signal), so the loop can write its checkpoint; a second Ctrl-C ends the process at
-    once with os._exit(130): the files on disk are whole (atomic writes), the checkpoint the last good one. A
-    raise from the handler itself could land in JAX's garbage-collection callback, which swallows it and the
-    run went on; a KeyboardInterrupt while XLA compiled crashed the interpreter's exit (segfault)."""
+    """While training, SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step, so that
+    it writes its checkpoint: the yielded function returns that signal (0: none), asked on any process, so
+    all stop at the same step. A second Ctrl-C ends the process at once (os._exit(130)); the files on disk
+    are whole (atomic writes). (A raise from the handler could land in JAX's garbage-collection callback,
+    which swallows it; a KeyboardInterrupt while XLA compiled crashed the interpreter's exit.)"""
     got = []
-    # signal handlers belong to the main thread
-    if threading.current_thread() is not threading.main_thread():
-        yield got
+
+    def requested() -> int:
+        mine = got[0] if got else 0
+        if jax.process_count() == 1:
+            return mine
+        return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+    if threading.current_thread() is not threading.main_thread():     # signal handlers: main thread only
+        yield requested
         return
 
     def handler(signum, frame):
@@ -1419,7 +1425,7 @@ def stop_requests(log):
     watcher = threading.Thread(target=second_sigint, daemon=True)
     watcher.start()
     try:
-        yield got
+        yield requested
     finally:
         signal.set_wakeup_fd(previous_fd)
         for s, h in previous.items():
@@ -1448,19 +1454,6 @@ def on_lead(fn, *args):
     if error is not None:
         raise error
     return value
-
-
-def _to_numpy(prompt, opt_state, state):
-    return np.asarray(prompt), jax.tree.map(np.asarray, opt_state), state
-
-
-def any_signal(signals) -> int:
-    """The signal that asked this run to stop, on any process (0: none): all processes stop at the same
-    step."""
-    mine = signals[0] if signals else 0
-    if jax.process_count() == 1:
-        return mine
-    return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
 
 
 # ------------------------------------------------------------------------------- I/O: sharding and multi-host
@@ -2066,7 +2059,8 @@ def train_cli(args, tc, pc):
                              f'(Lester: task words)')
     for source, p in pcs.items():
         if p.init == 'file' and not source or p.init == 'text' and not p.text:
-            raise ValueError(f"--init {p.init} needs {'--source-prompt PATH' if source else '--text=...'}")
+            need = '--source-prompt PATH' if p.init == 'file' else '--text=...'
+            raise ValueError(f'--init {p.init} needs {need}')
         if p.init == 'file':
             load_prompt(source, length=p.length, what='source prompt')
     if args.runs_per_step < 0:
