@@ -877,27 +877,24 @@ def check_prompt(prompt, d_model: int | None, length: int | None = None, what: s
 
 
 def load_prompt(path, d_model: int | None = None, length: int | None = None, what='prompt') -> np.ndarray:
-    """A prompt file -> float32 [P, D], checked by check_prompt (width d_model and P = length when given).
-    path: a .npy; a T5X prompt file or its checkpoint_<step> folder; a PEFT prompt-tuning adapter folder or
-    its adapter_model.safetensors. A damaged file, or one that holds no prompt, raises one line naming it."""
+    """A prompt file -> float32 [P, D], checked by check_prompt. path: a .npy; a T5X prompt file or its
+    checkpoint_<step> folder; a PEFT adapter folder or its adapter_model.safetensors; a run folder (its
+    prompt.npy). A damaged file, or one that holds no prompt, raises one line naming it."""
     path, label = Path(path), f'{what} {path}'
-    if path.is_dir() and (path / PEFT_CONFIG).is_file():
-        prompt, base = _read_peft(path, label)
+    if (path / PEFT_CONFIG).is_file() or path.suffix == '.safetensors' and path.is_file():
+        folder = path if path.is_dir() else path.parent
+        prompt, base = _read_peft(folder, label, path if path.is_file() else folder / PEFT_WEIGHTS)
         label += f' (a PEFT prompt-tuning adapter for {base})'
-    elif path.is_dir() and (path / T5X_PROMPT).is_file():
+    elif (path / T5X_PROMPT).is_file():
         prompt = _read_npy(path / T5X_PROMPT, f'{label}/{T5X_PROMPT}')
     elif path.is_dir() and is_run_folder(path):
-        file = run_prompt_file(path)
-        prompt = _read_npy(file, f'{label}/{file.name}')
+        prompt = _read_npy(run_prompt_file(path), f'{label}/prompt.npy')
     elif path.is_dir():
         raise ValueError(f'{label} is a folder without {PEFT_CONFIG} (a PEFT adapter), {T5X_PROMPT} '
                          f"(a T5X numpy checkpoint) or a run's prompt.npy: pass a .npy prompt file or one "
                          f'of those')
     elif not path.is_file():
         raise FileNotFoundError(f'{label} does not exist')
-    elif path.suffix == '.safetensors':
-        prompt, base = _read_peft(path.parent, label, path)
-        label += f' (a PEFT prompt-tuning adapter for {base})'
     else:
         prompt = _read_npy(path, label)
     check_prompt(prompt, d_model, length, what=label)
@@ -910,11 +907,10 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def run_prompt_file(folder: Path, embedding: bool = False) -> Path:
-    """The prompt of a run folder: its prompt.npy (the best validation checkpoint, or a mixture's last), or
-    with embedding=True its task embedding prompt_step<N>.npy (§3.2; prompt.npy when it has none)."""
-    folder = Path(folder)
-    steps = sorted(folder.glob('prompt_step*.npy'), key=lambda f: int(re.sub(r'\D', '', f.stem) or 0))
-    file = steps[0] if embedding and steps else folder / 'prompt.npy'
+    """A run folder's prompt.npy (the best validation checkpoint, or a mixture's last), or with
+    embedding=True its task embedding prompt_step<N>.npy (§3.2; prompt.npy when it has none)."""
+    steps = sorted(Path(folder).glob('prompt_step*.npy'), key=lambda f: int(re.sub(r'\D', '', f.stem) or 0))
+    file = steps[0] if embedding and steps else Path(folder) / 'prompt.npy'
     if not file.is_file():
         raise FileNotFoundError(f'run folder {folder} holds no prompt.npy yet (its run has not evaluated or '
                                 f'finished): wait for it, or pass one of its prompt_step<N>.npy')
@@ -923,33 +919,37 @@ def run_prompt_file(folder: Path, embedding: bool = False) -> Path:
 
 def _read_npy(path: Path, label: str) -> np.ndarray:
     """The array of an np.save file (any file name); what else the file is, in the error."""
+    problem = None
     with open(path, 'rb') as f:
         head = f.read(64)
         if not head:
-            raise ValueError(f'{label} is empty (0 bytes): a write that did not finish; use another copy')
-        if head.startswith(b'PK'):
-            raise ValueError(f'{label} is an .npz archive, not a .npy: save the [P, D] prompt with np.save')
-        if not head.startswith(b'\x93NUMPY'):
+            problem = 'is empty (0 bytes): a write that did not finish; use another copy'
+        elif head.startswith(b'PK'):
+            problem = 'is an .npz archive, not a .npy: save the [P, D] prompt with np.save'
+        elif not head.startswith(b'\x93NUMPY'):
             text = all(32 <= b < 127 or b in b'\t\n\r' for b in head)
             kind = 'a Python pickle' if head[:1] == b'\x80' else 'a text file' if text else 'not a .npy file'
-            raise ValueError(f'{label} is {kind}, not a .npy (np.save format): save the prompt with np.save')
-        f.seek(0)
-        try:
-            read = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read(f)
-        except ValueError as e:
-            raise ValueError(f'cannot read {label}: its .npy header is damaged ({e})') from None
-        have, need = path.stat().st_size - f.tell(), math.prod(shape) * dtype.itemsize
-    if dtype.hasobject:
-        raise ValueError(f'{label} holds a pickled (object) array, not numbers: save the prompt as floats')
-    if have < need:
-        raise ValueError(f'{label} is truncated: its header needs {need} bytes for {dtype} {shape}, the file '
-                         f'holds {have}; use another copy')
+            problem = f'is {kind}, not a .npy (np.save format): save the prompt with np.save'
+        else:
+            f.seek(0)
+            try:
+                read = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(f)
+            except ValueError as e:
+                raise ValueError(f'cannot read {label}: its .npy header is damaged ({e})') from None
+            have, need = path.stat().st_size - f.tell(), math.prod(shape) * dtype.itemsize
+            if dtype.hasobject:
+                problem = 'holds a pickled (object) array, not numbers: save the prompt as floats'
+            elif have < need:
+                problem = (f'is truncated: its header needs {need} bytes for {dtype} {shape}, the file holds '
+                           f'{have}; use another copy')
+    if problem:
+        raise ValueError(f'{label} {problem}')
     return np.load(path, allow_pickle=False)
 
 
-def _read_peft(folder: Path, label: str, weights: Path | None = None):
+def _read_peft(folder: Path, label: str, weights: Path):
     """(the encoder's prompt rows [P, D], the base model's name) of a PEFT prompt-tuning adapter for a T5."""
     try:
         c = json.loads((folder / PEFT_CONFIG).read_text())
@@ -957,9 +957,7 @@ def _read_peft(folder: Path, label: str, weights: Path | None = None):
         raise ValueError(f'{label} has no {PEFT_CONFIG} beside it: pass the folder PEFT wrote') from None
     except ValueError as e:
         raise ValueError(f'{label}: {folder / PEFT_CONFIG} is not valid JSON ({e})') from None
-    if not isinstance(c, dict) or 'peft_type' not in c:
-        raise ValueError(f'{label}: {folder / PEFT_CONFIG} has no peft_type, so it is not a PEFT adapter')
-    kind, task = c['peft_type'], c.get('task_type')
+    kind, task = c.get('peft_type') if isinstance(c, dict) else None, c.get('task_type')
     if kind != 'PROMPT_TUNING':
         why = {'LORA': 'it changes weights', 'PREFIX_TUNING': 'it holds keys and values of every layer'}
         raise ValueError(f'{label} is a PEFT {kind} adapter, not prompt tuning '
@@ -969,13 +967,11 @@ def _read_peft(folder: Path, label: str, weights: Path | None = None):
         model = 'a decoder-only model' if task == 'CAUSAL_LM' else 'a model that is not an encoder-decoder'
         raise ValueError(f'{label} is a PEFT prompt for {model} (task_type {task}), not for T5 '
                          f'(SEQ_2_SEQ_LM): a prompt does not transfer between architectures')
-    weights = weights or folder / PEFT_WEIGHTS
     if not weights.is_file() and (folder / 'adapter_model.bin').is_file():    # PEFT before safetensors
         weights = folder / 'adapter_model.bin'
     if not weights.is_file():
         raise FileNotFoundError(f'{label} has no {PEFT_WEIGHTS}: copy the whole folder PEFT wrote')
-    read = t5_model._read_torch if weights.suffix == '.bin' else t5_model._read_safetensors
-    tensors = read(weights)
+    tensors = (t5_model._read_torch if weights.suffix == '.bin' else t5_model._read_safetensors)(weights)
     n, sub = c.get('num_virtual_tokens'), c.get('num_transformer_submodules') or 2
     rows = tensors.get('prompt_embeddings')
     if rows is None or not isinstance(n, int) or np.ndim(rows) != 2 or rows.shape[0] != n * sub:
@@ -987,26 +983,14 @@ def _read_peft(folder: Path, label: str, weights: Path | None = None):
 
 def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
     """Write prompt [P, D] as the folder PEFT's save_pretrained writes for a
-    PromptTuningConfig(task_type=SEQ_2_SEQ_LM) model on base_model, so that
-    PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base_model), out) runs the prompt.
-    The facts of PEFT's code (huggingface/peft v0.21.2, src/peft/) the format rests on:
-    - utils/constants.py: the files are adapter_config.json and adapter_model.safetensors;
-    - config.py PeftConfig.save_pretrained: the config's fields as JSON (indent 2, sorted keys);
-      utils/other.py _prepare_prompt_learning_config: token_dim, num_layers, num_attention_heads come from the
-      model's config (T5: d_model, num_layers, num_heads);
-    - peft_model.py PeftModel._setup_prompt_encoder: num_transformer_submodules = 2 for SEQ_2_SEQ_LM;
-      tuners/prompt_tuning/model.py PromptEmbedding: num_virtual_tokens x 2 rows of width token_dim;
-    - tuners/tuners_utils.py BasePromptEncoder._get_adapter_state_dict: one tensor, 'prompt_embeddings', all
-      rows; peft_model.py PeftModel.save_pretrained: safetensors with metadata {'format': 'pt'};
-    - peft_model.py PeftModelForSeq2SeqLM.forward and .generate (PROMPT_TUNING): the encoder reads
-      [rows[:num_virtual_tokens]; embedded input] with attention mask 1 on the prompt, which is
-      t5_model.forward's [prompt; input]. rows[num_virtual_tokens:] (the decoder's) are never read: we
-      write zeros there.
-    peft_version is left out: PEFT fills in its own when it loads the folder. An export holds an OS lock
-    (flock) on the folder itself while it writes, so a second export there at the same time is refused, and
-    the config is written last: a folder with adapter_config.json holds its weights. Returns the folder."""
-    prompt = np.asarray(prompt, np.float32)
-    out = Path(out)
+    PromptTuningConfig(task_type=SEQ_2_SEQ_LM) model on base_model (huggingface/peft v0.21.2: config.py,
+    utils/constants.py, utils/other.py _prepare_prompt_learning_config, peft_model.py), so that
+    PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base_model), out) runs it: one
+    tensor 'prompt_embeddings' of num_virtual_tokens x 2 rows (num_transformer_submodules = 2 for
+    SEQ_2_SEQ_LM); the encoder reads [rows[:P]; embedded input], our [prompt; input]; the decoder's rows are
+    never read (zeros). An OS lock (flock) on the folder refuses a second export there at the same time; the
+    config is written last. Returns the folder."""
+    prompt, out = np.asarray(prompt, np.float32), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = os.open(out, os.O_RDONLY)              # locked as an open folder: no lock file in the adapter
     try:
@@ -1016,26 +1000,22 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
             raise FileExistsError(f'{out} is being written by another export: pick a new --out') from None
         if (out / PEFT_CONFIG).exists() or (out / PEFT_WEIGHTS).exists():
             raise FileExistsError(f'{out} holds a PEFT adapter already: pick a new --out, or delete it first')
-        _write_peft(prompt, cfg, out, base_model)
+        P, D = prompt.shape
+        config = {'auto_mapping': None, 'base_model_name_or_path': base_model, 'inference_mode': True,
+                  'modules_to_save': None, 'num_attention_heads': cfg.num_heads, 'num_layers': cfg.num_layers,
+                  'num_transformer_submodules': 2, 'num_virtual_tokens': P, 'peft_type': 'PROMPT_TUNING',
+                  # no init runs: inference_mode skips it, and a trainable load replaces RANDOM's rows by ours
+                  'prompt_tuning_init': 'RANDOM', 'prompt_tuning_init_text': None, 'revision': None,
+                  'task_type': 'SEQ_2_SEQ_LM', 'token_dim': D, 'tokenizer_kwargs': None,
+                  'tokenizer_name_or_path': None}
+        from safetensors.numpy import save
+        tensors = save({'prompt_embeddings': np.concatenate([prompt, np.zeros_like(prompt)])},
+                       metadata={'format': 'pt'})
+        _atomic(out / PEFT_WEIGHTS, lambda f: f.write(tensors))
+        _atomic(out / PEFT_CONFIG, lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
     finally:
         os.close(folder)                            # releases the lock
     return out
-
-
-def _write_peft(prompt, cfg: t5_model.T5Config, out: Path, base_model: str):
-    P, D = prompt.shape
-    config = {'auto_mapping': None, 'base_model_name_or_path': base_model, 'inference_mode': True,
-              'modules_to_save': None, 'num_attention_heads': cfg.num_heads, 'num_layers': cfg.num_layers,
-              'num_transformer_submodules': 2, 'num_virtual_tokens': P, 'peft_type': 'PROMPT_TUNING',
-              # no init runs: inference_mode skips it, and a trainable load replaces RANDOM's rows by ours
-              'prompt_tuning_init': 'RANDOM', 'prompt_tuning_init_text': None, 'revision': None,
-              'task_type': 'SEQ_2_SEQ_LM', 'token_dim': D, 'tokenizer_kwargs': None,
-              'tokenizer_name_or_path': None}
-    rows = np.concatenate([prompt, np.zeros_like(prompt)])      # the encoder's rows, then the decoder's
-    from safetensors.numpy import save
-    tensors = save({'prompt_embeddings': rows}, metadata={'format': 'pt'})
-    _atomic(out / PEFT_WEIGHTS, lambda f: f.write(tensors))
-    _atomic(out / PEFT_CONFIG, lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
 
 
 # ------------------------------------------------------------------------------------------- I/O: checkpoints
