@@ -1066,9 +1066,6 @@ def load_checkpoint(path: Path, optimizer):
         raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run '
                          f'cannot resume. Its best prompt so far stays in {path.parent}/prompt.npy: '
                          f'keep that folder as it is and start a new run with another --out') from None
-    if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in like]:
-        raise ValueError(f'{path}: its optimizer state does not fit this optimizer and its {prompt.shape} '
-                         f'prompt')
     return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
 
 
@@ -1090,10 +1087,9 @@ class RunFolderInUse(OSError):
 
 @contextlib.contextmanager
 def own_folder(out: Path):
-    """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the
-    process ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it ('pid N
-    on HOST since ...'); a run.lock that does not read so was not written by a run, and is refused. The run
-    removes it when it ends (a finished run does not read as running; after a kill -9 it stays, unlocked)."""
+    """Hold out/run.lock while a run writes to out: an OS lock (flock), which the kernel drops when the
+    process ends (kill -9 included). The file says who holds it ('pid N on HOST since ...'); a run.lock
+    that does not read so was not written by a run, and is refused. The run removes it when it ends."""
     out.mkdir(parents=True, exist_ok=True)
     lock = out / 'run.lock'
     while True:
@@ -1101,11 +1097,9 @@ def own_folder(out: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or 'holder unknown'
             f.close()
-            raise RunFolderInUse(f'{out} is in use by another run ({holder}): wait '
-                                 f'for it to end, or pick another --out') from None
+            raise RunFolderInUse(f'{out} is in use by another run ({folder_holder(out)}): wait for it to '
+                                 f'end, or pick another --out') from None
         # a run that ended between our open and flock removed the file we locked: lock the one there now
         if lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
             break
@@ -1126,23 +1120,6 @@ def own_folder(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def check_out_folder(out: Path, resume: bool):
-    """The CLI's check of --out before any weight is read (train_prompt checks again, under the lock): a
-    folder another run holds, or a run's files that a new run would overwrite, are refused now."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f'--out {out} is a file: pick a folder for the run')
-    if (out / 'run.lock').is_file():
-        with open(out / 'run.lock') as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = f.read().strip() or 'holder unknown'
-                raise RunFolderInUse(f'{out} is in use by another run ({holder}): wait for it to end, or '
-                                     f'pick another --out') from None
-    if out.is_dir() and not resume:
-        check_new_run(out, resume, lambda *_: None)
-
-
 def folder_holder(out: Path) -> str | None:
     """Who holds out/run.lock now ('pid N on HOST since ...'), or None: nobody (a dead holder's lock is gone
     with its process). A probe: the lock is taken and let go at once."""
@@ -1152,11 +1129,21 @@ def folder_holder(out: Path) -> str | None:
         return None
     with f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return f.read().strip() or 'holder unknown'
-        fcntl.flock(f, fcntl.LOCK_UN)
     return None
+
+
+def check_out_folder(out: Path, resume: bool):
+    """The CLI's check of --out before any weight is read (train_prompt checks again, under the lock)."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f'--out {out} is a file: pick a folder for the run')
+    if folder_holder(out):
+        raise RunFolderInUse(f'{out} is in use by another run ({folder_holder(out)}): wait for it to end, or '
+                             f'pick another --out')
+    if out.is_dir() and not resume:
+        check_new_run(out, resume, lambda *_: None)
 
 
 def finished(out: Path) -> bool:
@@ -1171,42 +1158,41 @@ def finished(out: Path) -> bool:
 
 
 def check_new_run(out: Path, resume: bool, log):
-    """A run that starts at step 0 never replaces files of the run's names that it finds in out (without
-    resume, a checkpoint is refused too: continuing it is what --resume is for). With resume and no
-    checkpoint, a metrics.jsonl alone is the history of a run that stopped before its first checkpoint: it is
-    dropped, and the run starts again at step 0. Leftover <run file>.tmp of an interrupted write are
-    removed; files of other names are left as they are."""
+    """A run that starts at step 0 never replaces a run's files that it finds in out; without resume a
+    checkpoint is refused too. With resume and no checkpoint, a metrics.jsonl alone (a run that stopped
+    before its first checkpoint) is dropped. Leftover <run file>.tmp of an interrupted write are removed."""
     for tmp in out.glob('*.tmp'):
         if run_file(tmp.name.removesuffix('.tmp')):
             tmp.unlink()
-    if (out / 'checkpoint.npz').exists():
-        if resume:
-            return
+    earlier = sorted(f.name for f in out.iterdir() if run_file(f.name))
+    if 'checkpoint.npz' in earlier and not resume:
         raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume '
                               f'(resume=True), or pick a new --out')
-    earlier = sorted(f.name for f in out.iterdir() if run_file(f.name))
-    if earlier == ['metrics.jsonl']:             # a run that stopped before its first checkpoint
-        if not resume:
-            raise FileExistsError(f'{out} holds metrics.jsonl of a run that stopped before its first '
-                                  f'checkpoint: start it again from step 0 with --resume, or pick a new '
-                                  f'--out')
+    if earlier == ['metrics.jsonl'] and not resume:
+        raise FileExistsError(f'{out} holds metrics.jsonl of a run that stopped before its first '
+                              f'checkpoint: start it again from step 0 with --resume, or pick a new --out')
+    if earlier == ['metrics.jsonl']:
         lines = len((out / 'metrics.jsonl').read_bytes().splitlines())
         (out / 'metrics.jsonl').unlink()
         log(f'{out} holds no checkpoint.npz, only the history of a run that stopped before its first '
             f'checkpoint: dropped its metrics.jsonl ({lines} line{"s" * (lines != 1)})')
-    elif earlier:
+    elif earlier and 'checkpoint.npz' not in earlier:
         raise FileExistsError(f'{out} holds {", ".join(earlier)}, files a run writes, but no checkpoint.npz '
                               f'to resume from; a new run would overwrite them: pick a new --out '
                               f'(or move them away)')
 
 
 def run_identity(cfg, frozen, meta) -> dict:
-    """What a run is (checkpoint 'run'; a resume must match it): the model's architecture (not its name, nor
-    dropout_rate, which is TrainConfig.dropout and checked with the config), a fingerprint of its weights, and
-    the caller's meta (CLI: model, task, data, init), as JSON reads them back."""
+    """What a run is (checkpoint 'run'; a resume must match it): the model's architecture (not its execution
+    settings), a fingerprint of its weights (a few small leaves that differ between any two checkpoints of
+    one architecture: T5 1.1 and its LM-adapted version), and the caller's meta (CLI: model, task, data)."""
     arch = {k: v for k, v in dataclasses.asdict(cfg).items()
             if k not in ('name', 'dropout_rate', 'remat', 'scan_layers')}
-    return json.loads(_json({'model': {**arch, 'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
+    h = hashlib.sha256()
+    for stack, norm in (('encoder', 'encoder_norm'), ('decoder', 'decoder_norm')):
+        for x in (frozen[stack][norm]['scale'], frozen[stack]['relpos_bias']['rel_embedding']):
+            h.update(np.asarray(x, np.float32).tobytes())
+    return json.loads(_json({'model': {**arch, 'weights': h.hexdigest()[:16]}, 'meta': meta or {}}))
 
 
 class RunFolder:
@@ -1229,6 +1215,7 @@ class RunFolder:
         checkpoint (refused if written with other settings: resume_checkpoint)."""
         optimizer = make_optimizer(tc.optimizer)
         prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
+
         def read():                                 # numpy: process 0 sends it to the others
             saved, opt_state, state = resume_checkpoint(self.ckpt, optimizer, tc, run, prompt.shape, info,
                                                         log)
@@ -1284,17 +1271,6 @@ def best_so_far(state: dict, done: int, metrics: dict) -> bool:
     return best
 
 
-def weights_fingerprint(frozen) -> str:
-    """16 hex digits of sha256 over a few small leaves that differ between any two checkpoints of one
-    architecture (the final norms and relative-position tables: e.g. T5 1.1 and its LM-adapted version), so
-    that a resume with other weights of the same shape is refused."""
-    h = hashlib.sha256()
-    for stack, norm in (('encoder', 'encoder_norm'), ('decoder', 'decoder_norm')):
-        for x in (frozen[stack][norm]['scale'], frozen[stack]['relpos_bias']['rel_embedding']):
-            h.update(np.asarray(x, np.float32).tobytes())
-    return h.hexdigest()[:16]
-
-
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
     """(prompt, opt_state, state) of ckpt, refused when it was written with other settings than `free`
     (nothing a resumed run computes depends on them; `steps` not below the checkpoint's step). Events after
@@ -1327,35 +1303,33 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
 
 def cut_history(out: Path, step: int, eval_pending: bool, log):
     """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that
-    step when the checkpoint says it is still to run, so no event appears twice. A torn last line (a write cut
-    short by a crash or a full disk) is dropped, and said; a damaged line before it is refused, naming it."""
+    step when it is still to run. A torn last line (a write cut short by a crash) is dropped, and said; a
+    damaged line before it is refused, naming it."""
     path = out / 'metrics.jsonl'
-    if not path.exists():
-        return
-    lines = path.read_bytes().splitlines()
-    last, events = max((i for i, line in enumerate(lines) if line.strip()), default=-1), []
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()] if path.exists() else []
+    events = []
     for i, line in enumerate(lines):
-        if not line.strip():
-            continue
         try:
             event = json.loads(line)
-            if not isinstance(event, dict) or type(event.get('step')) is not int:
-                raise ValueError('no integer "step"')
+            step_ok = isinstance(event, dict) and type(event.get('step')) is int
         except ValueError as e:
-            if i < last:
-                raise ValueError(f'{path} line {i + 1} is not an event of a run ({e}): repair or delete that '
-                                 f'line, then rerun with --resume') from None
+            event, step_ok, why = None, False, e
+        else:
+            why = 'no integer "step"'
+        if not step_ok and i < len(lines) - 1:
+            raise ValueError(f'{path} line {i + 1} is not an event of a run ({why}): repair or delete that '
+                             f'line, then rerun with --resume')
+        if not step_ok:
             log(f'{path}: dropped its last line, cut short by a write that did not finish '
                 f'({len(line)} bytes)')
-            continue
-        if event['step'] < step or event['step'] == step and not ('eval' in event and eval_pending):
+        elif event['step'] < step or event['step'] == step and not ('eval' in event and eval_pending):
             events.append(line + b'\n')
-    _atomic(path, lambda f: f.writelines(events))
+    if path.exists():
+        _atomic(path, lambda f: f.writelines(events))
 
 
 class Interrupted(KeyboardInterrupt):
-    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal (130,
-    143)."""
+    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal."""
 
     def __init__(self, signum: int, done: int, ckpt: Path):
         super().__init__(f'stopped by {signal.Signals(signum).name} after step {done}: {ckpt} holds it; '
