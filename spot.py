@@ -1420,29 +1420,28 @@ _MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, timeout_s: int = 300):
     """Join a multi-process (multi-host) run: one process per host, all running the same command. With a
-    coordinator (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster
-    (Cloud TPU pod, Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU
-    processes exchange through gloo, jax's default CPU collectives: the tests run so.) A wait for peers says
-    so after 2 s, and ends the process in one line after timeout_s (JAX's own timeout aborts with a C++ stack
-    trace, later: it is set 10 s past ours)."""
-    if coordinator is None and not multi_process_env():
-        return
+    coordinator (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from a launcher
+    (Slurm srun, Open MPI mpirun, a Cloud TPU pod) when it sees one. CPU processes exchange through gloo (the
+    tests run so). A wait for peers says so after 2 s, and ends the process in one line after timeout_s
+    (JAX's own timeout, set 10 s later, aborts with a C++ stack trace)."""
     env = os.environ
-    n = num_processes or env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS') or env.get(
-        'OMPI_COMM_WORLD_SIZE') or 'all'
+    slurm, mpi = env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS'), env.get('OMPI_COMM_WORLD_SIZE')
+    launched = (int(slurm or 1) > 1 and 'SLURM_STEP_ID' in env or int(mpi or 1) > 1
+                or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+    n = num_processes or slurm or mpi or 'all'
+    if coordinator is None and not launched:
+        return
     who = f'process {process_id}' if process_id is not None else 'this process'
     where = f'coordinator {coordinator}' if coordinator else 'the coordinator JAX finds from the launcher'
-
-    def waiting():
-        print(f'{who}: waiting for {n} processes at {where} (up to {timeout_s} s, --distributed-timeout)',
-              flush=True)
 
     def give_up():
         print(f'error: {who}: the {n} processes did not all reach {where} within {timeout_s} s: start every '
               f'process with the same --coordinator and --num-processes, or raise --distributed-timeout',
               file=sys.stderr, flush=True)
         os._exit(1)
-    watchdogs = [threading.Timer(min(2, timeout_s / 2), waiting), threading.Timer(timeout_s, give_up)]
+    waiting = f'{who}: waiting for {n} processes at {where} (up to {timeout_s} s, --distributed-timeout)'
+    watchdogs = [threading.Timer(min(2, timeout_s / 2), lambda: print(waiting, flush=True)),
+                 threading.Timer(timeout_s, give_up)]
     for w in watchdogs:
         w.daemon = True
         w.start()
@@ -1454,15 +1453,6 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     finally:
         for w in watchdogs:
             w.cancel()
-
-
-def multi_process_env() -> bool:
-    """A launcher that started several processes of this command: Slurm (srun), Open MPI (mpirun), a Cloud TPU
-    pod."""
-    env = os.environ
-    slurm = int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1
-    return (slurm and 'SLURM_STEP_ID' in env
-            or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
 
 
 def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
@@ -1502,8 +1492,7 @@ def param_shardings(mesh: Mesh, params):
 
 
 def shard_params(mesh: Mesh | None, params):
-    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None or already placed there:
-    unchanged."""
+    """Frozen weights onto the 'model' axis (_MODEL_AXES); mesh None or already placed there: unchanged."""
     if mesh is None:
         return params
     want = param_shardings(mesh, params)
@@ -1515,7 +1504,7 @@ def shard_params(mesh: Mesh | None, params):
 def shard_batch(mesh: Mesh | None, batch, runs_axis: bool = False):
     """A batch split along its batch axis over 'data' (axis 0; with runs_axis, axis 1 of [R,B,...]: runs
     that share a step); mesh None: unchanged. With several processes each passes its own rows
-    (process_rows), and the global batch is assembled from them without any host copying."""
+    (process_rows), and the global batch is assembled from them."""
     if mesh is None:
         return batch
     b = next(iter(batch.values())).shape[int(runs_axis)] * jax.process_count()
@@ -1523,40 +1512,30 @@ def shard_batch(mesh: Mesh | None, batch, runs_axis: bool = False):
         raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel "
                          f"devices: pick a --batch_size that is, or a larger --model-parallel")
     sharding = NamedSharding(mesh, PartitionSpec(*[None] * runs_axis, 'data'))
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 def process_rows(mesh: Mesh | None, batch_size: int) -> slice:
-    """The rows of a global batch that this process holds (and reads): all of them for one process; else the
-    contiguous block its devices hold along 'data'."""
-    if mesh is None or jax.process_count() == 1:
+    """The rows of a global batch that this process holds (and reads): the contiguous block its devices hold
+    along 'data' (one process: all of them)."""
+    if mesh is None:
         return slice(0, batch_size)
-    sharding = NamedSharding(mesh, PartitionSpec('data'))
-    indices = sharding.addressable_devices_indices_map((batch_size,)).values()
-    start, stop = min(i[0].start or 0 for i in indices), max(i[0].stop or batch_size for i in indices)
-    if (stop - start) * jax.process_count() != batch_size:
-        raise ValueError(f'this process holds rows {start}:{stop} of {batch_size}, not a '
-                         f'1/{jax.process_count()} block: the mesh does not split the batch evenly over '
-                         f'processes')
-    return slice(start, stop)
+    indices = NamedSharding(mesh, PartitionSpec('data')).addressable_devices_indices_map((batch_size,))
+    return slice(min(i[0].start or 0 for i in indices.values()),
+                 max(i[0].stop or batch_size for i in indices.values()))
 
 
 def replicate(mesh: Mesh | None, tree):
-    """A full copy on every device (the prompt and its optimizer state: 100 x D floats); mesh None:
-    unchanged."""
+    """A full copy on every device (the prompt and its optimizer state); mesh None: unchanged."""
     if mesh is None:
         return tree
     sharding = NamedSharding(mesh, PartitionSpec())
-    def shard(x):
-        return jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i])
-    return jax.tree.map(shard, tree)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]),
+                        tree)
 
 
 def spread_rows(mesh: Mesh | None, x):
-    """An array every process holds whole (evaluation inputs), split over 'data' by rows; mesh None:
-    unchanged."""
+    """An array every process holds whole (evaluation inputs), split over 'data' by rows."""
     if mesh is None:
         return x
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec('data')), lambda i: x[i])
@@ -1564,7 +1543,7 @@ def spread_rows(mesh: Mesh | None, x):
 
 def gather(x) -> np.ndarray:
     """A (possibly multi-host) array as one numpy array on every process (evaluation outputs)."""
-    if jax.process_count() == 1 or getattr(x, 'is_fully_addressable', True):
+    if getattr(x, 'is_fully_addressable', True):
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
