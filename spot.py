@@ -1710,11 +1710,11 @@ PROMPT_FILES = ('.npy [P,D]; a T5X prompt file (encoder.prompt.prompt.prompt) or
                 'folder; a PEFT prompt-tuning adapter folder')
 
 
-def model_config(name: str, for_export=True) -> t5_model.T5Config:
-    """--model's T5Config without its weights (export and plan need only the shape): a checkpoint directory's
-    config.json, a known hub name, or the hub's config.json."""
-    if name == 'tiny' and for_export:
-        raise ValueError('--model tiny is a random model that PEFT cannot load: pass a hub id or directory')
+def model_config(name: str) -> t5_model.T5Config:
+    """--model's T5Config without its weights (export and plan need only the shape): 'tiny', a checkpoint
+    directory's config.json, a known hub name, or the hub's config.json."""
+    if name == 'tiny':
+        return t5_model.T5Config.tiny()
     d = Path(name).expanduser()
     if d.is_dir():
         try:
@@ -1812,11 +1812,16 @@ def main(argv=None):
         sys.exit(130)
 
 
+def say(*args, **kw):
+    """print, on process 0 alone (the command's output; several processes print it once)."""
+    if jax.process_index() == 0:
+        print(*args, **{'flush': True, **kw})
+
+
 def _devices(args):
     """Join the other processes (multi-host) and make the mesh; None on one device."""
     init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
-    if jax.process_index() == 0:
-        print(device_summary(), flush=True)
+    say(device_summary())
     return make_mesh(args.model_parallel) if jax.device_count() > 1 or args.model_parallel != 1 else None
 
 
@@ -1836,14 +1841,11 @@ def _vocab(args):
 
 def _load_weights(args, tc, mesh):
     """load_model, with a line before and after: a large checkpoint takes minutes to read."""
-    lead, start = jax.process_index() == 0, time.perf_counter()
-    if lead:
-        print(f"loading the weights of {'a random tiny T5' if args.model == 'tiny' else args.model} "
-              f'({args.dtype})', flush=True)
+    start = time.perf_counter()
+    say(f"loading the weights of {'a random tiny T5' if args.model == 'tiny' else args.model} ({args.dtype})")
     cfg, frozen = load_model(args.model, tc.seed, args.dtype, mesh)
-    if lead:
-        n = sum(x.size for x in jax.tree.leaves(frozen))
-        print(f'loaded {n / 1e6:,.1f}M weights in {time.perf_counter() - start:.1f} s', flush=True)
+    n = sum(x.size for x in jax.tree.leaves(frozen))
+    say(f'loaded {n / 1e6:,.1f}M weights in {time.perf_counter() - start:.1f} s')
     return cfg, frozen
 
 
@@ -1863,34 +1865,32 @@ def progress_printer(what: str, log=print, every: float = 30.0):
 def evaluate_cli(args, tc, pc):
     import data
     prompt = load_prompt(args.prompt)               # cheap checks first: the prompt, task, data, output
-    if data.task_names(args.task)[0]:
+    mixture, tasks = data.task_names(args.task)
+    if mixture:
         raise ValueError(f'--task {args.task} is a mixture, which has no single metric: evaluate one of its '
-                         f'tasks ({", ".join(data.task_names(args.task)[1])})')
+                         f'tasks ({", ".join(tasks)})')
     task = data.get_task(args.task).name
     _check_data_dir(args)
     if args.out and Path(args.out).is_dir():
         raise IsADirectoryError(f'--out {args.out} is a folder: pass a file name (scores.json)')
-    mesh = _devices(args)
-    vocab = _vocab(args)
+    mesh, vocab = _devices(args), _vocab(args)
     n = len(data.load_examples(task, args.split, args.data)[:tc.eval_limit or None])   # before the weights
     cfg, frozen = _load_weights(args, tc, mesh)
     check_prompt(prompt, cfg.d_model, what=f'prompt {args.prompt}')
-    lead = jax.process_index() == 0
-    log = print if lead else (lambda *a, **k: None)
-    log(f'evaluating {args.prompt} on {task} {args.split}: {n} examples ({tc.eval_method})', flush=True)
-    run = make_evaluator(task, frozen, cfg, vocab, tc, args.split, args.data, mesh,
-                         progress=progress_printer(f'{task} {args.split}', log))
-    scores = run(jnp.asarray(prompt, jnp.float32))
+    say(f'evaluating {args.prompt} on {task} {args.split}: {n} examples ({tc.eval_method})')
+    evaluator = make_evaluator(task, frozen, cfg, vocab, tc, args.split, args.data, mesh,
+                               progress=progress_printer(f'{task} {args.split}', say))
     record = {'task': task, 'split': args.split, 'examples': n, 'prompt': str(args.prompt),
-              'model': args.model, **scores}
-    if lead:
-        print(json.dumps(record))
-        if args.out:
-            _atomic(Path(args.out), lambda f: f.write(_json(record)))
-            print(f'wrote {args.out}')
+              'model': args.model, **evaluator(jnp.asarray(prompt, jnp.float32))}
+    say(json.dumps(record))
+    if args.out and jax.process_index() == 0:
+        _atomic(Path(args.out), lambda f: f.write(_json(record)))
+        say(f'wrote {args.out}')
 
 
 def export_cli(args, tc, pc):
+    if args.model == 'tiny':
+        raise ValueError('--model tiny is a random model that PEFT cannot load: pass a hub id or directory')
     cfg = model_config(args.model)
     prompt = load_prompt(args.prompt, cfg.d_model)
     out = export_peft(prompt, cfg, args.out, args.model)
@@ -1901,52 +1901,47 @@ def export_cli(args, tc, pc):
 
 def _model_shapes(args):
     """--model's T5Config and its weights' shapes in --dtype, without reading a weight."""
-    cfg = t5_model.T5Config.tiny() if args.model == 'tiny' else model_config(args.model, for_export=False)
+    cfg = model_config(args.model)
     return cfg, jax.eval_shape(lambda k: t5_model.init_params(k, cfg, DTYPES[args.dtype]), jax.random.key(0))
 
 
 def _target_len(args, tc):
-    if tc.max_target_len or not args.task:
-        return tc.max_target_len or DEFAULT_TARGET_LEN
     import data
-    names = args.task if isinstance(args.task, list) else [args.task]      # train: several tasks
-    return max(data.get_task(t).target_len for name in names
-               for t in (data.task_names(name)[1]))
+    names = [args.task] if isinstance(args.task, str) else args.task or []     # train: several tasks
+    return tc.max_target_len or max((data.get_task(t).target_len for name in names
+                                     for t in data.task_names(name)[1]), default=DEFAULT_TARGET_LEN)
 
 
 def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
     """train and plan: the memory plan from shapes; train refuses a run that does not fit, in one line."""
     cfg, shapes = _model_shapes(args)
-    lead = jax.process_index() == 0
-    log = print if lead else (lambda *_: None)
     sizes = dict(input_len=tc.max_input_len, target_len=_target_len(args, tc), prompt_len=pc.length)
     if plan_anyway:
-        plan = memory_plan(cfg, tc, shapes, **sizes, mesh=mesh, device_memory_gib=args.device_memory,
-                           log=log)
-    else:
-        tc, plan = resolve_memory(cfg, tc, shapes, *sizes.values(), mesh, args.device_memory, log)
+        return memory_plan(cfg, tc, shapes, **sizes, mesh=mesh, device_memory_gib=args.device_memory, log=say)
+    tc, plan = resolve_memory(cfg, tc, shapes, *sizes.values(), mesh, args.device_memory, say)
     if plan is None or plan['fits']:
-        return tc if not plan_anyway else plan
-    need, have = plan['peak'] / GiB, plan['budget'] / GiB
+        return tc
+    need, have = plan['peak'] / GiB, f"the {plan['budget'] / GiB:.1f} GiB planned for " \
+        f"({plan['budget_source']})"
     if plan['weights'] + plan['prompt_optimizer'] > plan['budget']:
         fix = ('--dtype bfloat16, ' if args.dtype == 'float32' else '') + \
             '--model-parallel N over more devices, or a device with more memory'
-        raise MemoryError(f"{args.model}'s weights alone need {plan['weights'] / GiB:.1f} GiB per device, "
-                          f'more than the {have:.1f} GiB planned for ({plan["budget_source"]}): use {fix}')
-    if plan['eval_peak'] > plan['budget'] >= plan['step_peak']:
-        raise MemoryError(f"the evaluation needs {plan['eval_peak'] / GiB:.1f} GiB per device, more than the "
-                          f"{have:.1f} GiB planned for ({plan['budget_source']}): use a smaller "
-                          f"--eval_batch_size (now {tc.eval_batch_size})")
-    fixed = '' if tc.remat == 'auto' and not tc.micro_batches else '--remat=auto --micro_batches=0 (auto), '
-    raise MemoryError(f"the run needs {need:.1f} GiB per device (remat {plan['remat']}, micro_batches "
-                      f"{plan['micro_batches']}), more than the {have:.1f} GiB planned for "
-                      f"({plan['budget_source']}): use {fixed}a smaller --batch_size or --max_input_len, "
-                      f"--model-parallel N, or --dtype bfloat16")
+        why = f"{args.model}'s weights alone need {plan['weights'] / GiB:.1f} GiB per device, more than " \
+            f"{have}"
+    elif plan['eval_peak'] > plan['budget'] >= plan['step_peak']:
+        fix = f'a smaller --eval_batch_size (now {tc.eval_batch_size})'
+        why = f"the evaluation needs {plan['eval_peak'] / GiB:.1f} GiB per device, more than {have}"
+    else:
+        auto = tc.remat == 'auto' and not tc.micro_batches
+        fix = ('' if auto else '--remat=auto --micro_batches=0 (auto), ') + \
+            'a smaller --batch_size or --max_input_len, --model-parallel N, or --dtype bfloat16'
+        why = (f"the run needs {need:.1f} GiB per device (remat {plan['remat']}, micro_batches "
+               f"{plan['micro_batches']}), more than {have}")
+    raise MemoryError(f'{why}: use {fix}')
 
 
 def plan_cli(args, tc, pc):
-    mesh = _devices(args)
-    plan = _plan_or_refuse(args, tc, pc, mesh, plan_anyway=True)
+    plan = _plan_or_refuse(args, tc, pc, _devices(args), plan_anyway=True)
     rows = [('weights', plan['weights']), ('prompt + optimizer', plan['prompt_optimizer']),
             ('activations/temporaries', plan['temporaries']), ('training step total', plan['step_peak']),
             (f"evaluation total (batch {plan['eval_batch_size']})", plan['eval_peak'])]
@@ -1983,13 +1978,11 @@ def train_cli(args, tc, pc):
                          f'(got {args.task}, {sources}, {seeds})')
     pcs = {source: dataclasses.replace(pc, init=args.init or ('file' if source else pc.init), source=source)
            for source in sources}
-    tasks = {}                                                           # --task -> (mixture, its tasks)
-    for task_arg in args.task:
-        mixture, names = tasks[task_arg] = data.task_names(task_arg)    # e.g. --task GLUE
+    tasks = {task: data.task_names(task) for task in args.task}            # --task -> (mixture, its tasks)
+    for task, (mixture, names) in tasks.items():
         if any(p.init == 'class_labels' for p in pcs.values()) and (
                 mixture or not data.get_task(names[0]).output_labels):
-            raise ValueError(f'{task_arg} has no class labels: use --init text --text="..." '
-                             f'(Lester: task words)')
+            raise ValueError(f'{task} has no class labels: use --init text --text="..." (Lester: task words)')
     for source, p in pcs.items():
         if p.init == 'file' and not source or p.init == 'text' and not p.text:
             need = '--source-prompt PATH' if p.init == 'file' else '--text=...'
@@ -2002,9 +1995,9 @@ def train_cli(args, tc, pc):
     mesh = _devices(args)
     for *_, out in runs:
         on_lead(check_out_folder, Path(out), args.resume)
-    R = min(args.runs_per_step or len(runs), len(runs))
     # R runs' batches of B rows in one step take the memory of one run's batch of R * B (before any weight is
     # read); micro-batches split each run's batch. Without --runs-per-step, R halves until the plan fits.
+    R = min(args.runs_per_step or len(runs), len(runs))
     while True:
         try:
             planned = _plan_or_refuse(args, dataclasses.replace(tc, batch_size=tc.batch_size * R), pc, mesh)
@@ -2023,24 +2016,23 @@ def train_cli(args, tc, pc):
                                                  seed)
                     for _, names in tasks.values() for t in names for seed in seeds}
     cfg, frozen = _load_weights(args, dataclasses.replace(tc, seed=0), mesh)   # 'tiny': one for every seed
-    lead, made, evaluators = jax.process_index() == 0, [], {}
-    for task_arg, source, seed, out in runs:
-        made.append(_cli_run(args, data, cfg, frozen, vocab, mesh, dataclasses.replace(tc, seed=seed),
-                             pcs[source], task_arg, tasks[task_arg], data_sources, out, evaluators, lead))
+    evaluators = {}
+    made = [_cli_run(args, data, cfg, frozen, vocab, mesh, dataclasses.replace(tc, seed=seed), pcs[source],
+                     task, tasks[task], data_sources, out, evaluators) for task, source, seed, out in runs]
     results = train_prompts(made, frozen, cfg, resume=args.resume, mesh=mesh, runs_per_step=R)
     for run, result in zip(made, results):
         best, step, out = result['best_score'], result['best_step'], run.out_dir
-        if lead and run.evaluator is None:
-            print(f"prompt in {out}/prompt.npy (the prompt after step {result['step']})")
-        elif lead and (best is None or not math.isfinite(best)):   # NaN: Pearson of constant predictions
-            print(f'no evaluation gave a finite score; prompt in {out}/prompt.npy is the first evaluated '
-                  f'(step {step})')
-        elif lead:
-            print(f'best score {best} at step {step}; prompt in {out}/prompt.npy')
+        if run.evaluator is None:
+            say(f"prompt in {out}/prompt.npy (the prompt after step {result['step']})")
+        elif best is None or not math.isfinite(best):     # NaN: Pearson of constant predictions
+            say(f'no evaluation gave a finite score; prompt in {out}/prompt.npy is the first evaluated '
+                f'(step {step})')
+        else:
+            say(f'best score {best} at step {step}; prompt in {out}/prompt.npy')
 
 
 def _cli_run(args, data, cfg, frozen, vocab, mesh, tc, pc, task_arg, mixture_tasks, data_sources, out,
-             evaluators, lead) -> Run:
+             evaluators) -> Run:
     """One run of `spot.py train`: its task (or mixture), starting prompt, batches and evaluator."""
     mixture, tasks = mixture_tasks
     task = data.get_task(tasks[0])
@@ -2063,10 +2055,9 @@ def _cli_run(args, data, cfg, frozen, vocab, mesh, tc, pc, task_arg, mixture_tas
     if task.metrics and not mixture and task.name not in evaluators:   # one per task, shared by its runs
         evaluators[task.name] = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data,
                                                mesh=mesh)
-    evaluator = evaluators.get(task.name) if not mixture else None
-    # c4 (prefix LM) and the mixtures (SPoT's sources): no single validation metric
-    if evaluator is None and lead:
-        print(f'{task_arg}: no validation metric; {out}/prompt.npy will be the prompt after the last step')
+    evaluator = None if mixture else evaluators.get(task.name)
+    if evaluator is None:           # c4 (prefix LM) and the mixtures (SPoT's sources): no validation metric
+        say(f'{task_arg}: no validation metric; {out}/prompt.npy will be the prompt after the last step')
     return Run(prompt, tc, batches, evaluator, out,
                meta={'model': args.model, 'dtype': args.dtype, 'task': task_arg, 'init': pc.init,
                      'prompt_config': dataclasses.asdict(pc), 'reads': reads})
