@@ -957,16 +957,18 @@ def _read_peft(folder: Path, label: str, weights: Path):
         raise ValueError(f'{label} has no {PEFT_CONFIG} beside it: pass the folder PEFT wrote') from None
     except ValueError as e:
         raise ValueError(f'{label}: {folder / PEFT_CONFIG} is not valid JSON ({e})') from None
-    kind, task = c.get('peft_type') if isinstance(c, dict) else None, c.get('task_type')
+    kind, task = (c.get('peft_type'), c.get('task_type')) if isinstance(c, dict) else (None, None)
     if kind != 'PROMPT_TUNING':
         why = {'LORA': 'it changes weights', 'PREFIX_TUNING': 'it holds keys and values of every layer'}
-        raise ValueError(f'{label} is a PEFT {kind} adapter, not prompt tuning '
-                         f'({why.get(kind, "it holds no input prompt")}): only a PromptTuningConfig adapter '
-                         f'holds a prompt [P, D]')
-    if task != 'SEQ_2_SEQ_LM':
+        why = why.get(kind, 'it holds no input prompt')
+        problem = (f'is a PEFT {kind} adapter, not prompt tuning ({why}): only a PromptTuningConfig adapter '
+                   f'holds a prompt [P, D]')
+    elif task != 'SEQ_2_SEQ_LM':
         model = 'a decoder-only model' if task == 'CAUSAL_LM' else 'a model that is not an encoder-decoder'
-        raise ValueError(f'{label} is a PEFT prompt for {model} (task_type {task}), not for T5 '
-                         f'(SEQ_2_SEQ_LM): a prompt does not transfer between architectures')
+        problem = (f'is a PEFT prompt for {model} (task_type {task}), not for T5 (SEQ_2_SEQ_LM): a prompt '
+                   f'does not transfer between architectures')
+    if kind != 'PROMPT_TUNING' or task != 'SEQ_2_SEQ_LM':
+        raise ValueError(f'{label} {problem}')
     if not weights.is_file() and (folder / 'adapter_model.bin').is_file():    # PEFT before safetensors
         weights = folder / 'adapter_model.bin'
     if not weights.is_file():
@@ -1165,21 +1167,19 @@ def check_new_run(out: Path, resume: bool, log):
         if run_file(tmp.name.removesuffix('.tmp')):
             tmp.unlink()
     earlier = sorted(f.name for f in out.iterdir() if run_file(f.name))
-    if 'checkpoint.npz' in earlier and not resume:
-        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume '
-                              f'(resume=True), or pick a new --out')
-    if earlier == ['metrics.jsonl'] and not resume:
-        raise FileExistsError(f'{out} holds metrics.jsonl of a run that stopped before its first '
-                              f'checkpoint: start it again from step 0 with --resume, or pick a new --out')
-    if earlier == ['metrics.jsonl']:
+    if earlier == ['metrics.jsonl'] and resume:
         lines = len((out / 'metrics.jsonl').read_bytes().splitlines())
         (out / 'metrics.jsonl').unlink()
         log(f'{out} holds no checkpoint.npz, only the history of a run that stopped before its first '
             f'checkpoint: dropped its metrics.jsonl ({lines} line{"s" * (lines != 1)})')
-    elif earlier and 'checkpoint.npz' not in earlier:
-        raise FileExistsError(f'{out} holds {", ".join(earlier)}, files a run writes, but no checkpoint.npz '
-                              f'to resume from; a new run would overwrite them: pick a new --out '
-                              f'(or move them away)')
+    elif earlier and not (resume and 'checkpoint.npz' in earlier):
+        problem = ('a run (checkpoint.npz): continue it with --resume (resume=True), or pick a new --out'
+                   if 'checkpoint.npz' in earlier else
+                   'metrics.jsonl of a run that stopped before its first checkpoint: start it again from '
+                   'step 0 with --resume, or pick a new --out' if earlier == ['metrics.jsonl'] else
+                   f'{", ".join(earlier)}, files a run writes, but no checkpoint.npz to resume from; a new '
+                   f'run would overwrite them: pick a new --out (or move them away)')
+        raise FileExistsError(f'{out} holds {problem}')
 
 
 def run_identity(cfg, frozen, meta) -> dict:
