@@ -10,8 +10,9 @@ The method, in reading order:
   evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator); a
                  batch may mix prompts and tasks (§5: "mixed-task inference")
 Then, in headed sections: performance (sub-batches); I/O: prompt files (.npy, the official code's T5X prompt
-files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder, sharding and multi-host
-(make_mesh, shard_params, shard_batch, replicate); the CLI: `python3 spot.py train|eval|export -h`.
+files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder (RunFolder: the one place where
+multi-host shows, process 0 writing), sharding (make_mesh, shard_params, shard_batch, replicate); the CLI:
+`python3 spot.py train|eval|export|plan -h` (override checks every config value a user sets).
 """
 from __future__ import annotations
 
@@ -239,14 +240,11 @@ def train_prompts(runs, frozen, cfg, *, resume=False, mesh=None, log=print, runs
                   skip_held=False) -> list:
     """train_prompt for many runs (Run), runs_per_step of them (0: all) sharing every step: train_step on
     their stacked prompts [R,P,D], one copy of the frozen weights. Each run keeps its own seed, data order,
-    dropout keys, step counter, evaluations, best checkpoint and folder, and ends as it would alone (to
-    float32 rounding: the batched matmuls sum in another order; one run alone: to the bit). The R batches of
-    a step are padded to the group's longest bucket: padding changes no loss (masks) and no dropout mask
-    (t5_model._dropout indexes masks by position). Runs that finish leave the group (one compile for the
-    smaller stack); a run whose loss or prompt turns non-finite leaves it too, and its FloatingPointError is
-    raised at the end. The runs of a group share the first run's compiled settings (dropout, optimizer,
-    z_loss, remat, sub- and micro-batches). skip_held: a run whose folder another process holds (run.lock)
-    is left out, its result None (workers splitting a grid: experiments/common.run_grid)."""
+    dropout keys, evaluations and folder, and ends as it would alone (to float32 rounding; one run: to the
+    bit). The R batches of a step are padded to the longest (masked: no loss or dropout mask changes). A run
+    that finishes, or whose loss turns non-finite (raised at the end), leaves the group. The runs of a group
+    share the first run's compiled settings (dropout, optimizer, z_loss, remat, sub- and micro-batches).
+    skip_held: a run whose folder another process holds is left out, its result None (common.run_grid)."""
     R = runs_per_step or len(runs)
     log = log if jax.process_index() == 0 else (lambda *_: None)     # several processes: process 0 speaks
     return [res for i in range(0, len(runs), R)
@@ -1022,10 +1020,8 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
 
 # ------------------------------------------------------------------------------------------- I/O: checkpoints
 def _json(obj, indent=1, strict=True) -> bytes:
-    """JSON text of run metadata. numpy/jax scalars and arrays (an evaluator's np.float32 score) become Python
-    numbers, anything else JSON lacks (a Path) its str. strict: NaN/inf (Pearson of constant predictions) ->
-    null, so jq or JavaScript read prompt.json; the checkpoint keeps them (strict=False) to resume to the same
-    bits."""
+    """JSON of run metadata: numpy/jax numbers as Python's, anything else JSON lacks (a Path) as its str.
+    strict: NaN/inf (Pearson of constant predictions) -> null; the checkpoint keeps them (strict=False)."""
     def plain(x):
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
@@ -1651,10 +1647,8 @@ def config_flags(args) -> list[str]:
 
 
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
-    """Turn on JAX's persistent compilation cache, so a second run of the same shapes loads its compiled steps
-    instead of compiling them again (seconds to a minute each on CPU). path None: $SPOT_COMPILE_CACHE, else
-    $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); SPOT_COMPILE_CACHE=off (or 0) turns it off. Returns the
-    folder."""
+    """Turn on JAX's persistent compilation cache (a second run of the same shapes loads its compiled steps):
+    path, else $SPOT_COMPILE_CACHE, else $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); 'off' (or 0): none."""
     path = path or os.environ.get('SPOT_COMPILE_CACHE') or \
         Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'spot-jax'
     if str(path).lower() in ('off', '0', 'false', 'no', 'none'):
