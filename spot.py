@@ -288,8 +288,10 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
             g['data'] = prefetch(g['run'].batches(g['done']))
         clock, stack = Clock(), None
         while active:
-            if stack is None:                    # the group (re)formed: one stacked state for the step
-                stack = replicate(mesh, _stack([(g['prompt'], g['opt_state']) for g in active]))
+            if stack is None:                    # the group (re)formed: one state, runs stacked on axis 0
+                states = [(g['prompt'], g['opt_state']) for g in active]
+                stack = replicate(mesh, states[0] if len(states) == 1 else
+                                  jax.tree.map(lambda *xs: jnp.stack(xs), *states))
             batch = _pad_stack([{n: v for n, v in next(g['data']).items() if n in ('inputs', 'targets')}
                                 for g in active])
             keys = jnp.stack([dropout_key(g['tc'].seed, g['done']) for g in active])
@@ -310,7 +312,7 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
             signum, evaluate_now, left, line, wrote = stop_signal(), [], [], False, False
             for j, (g, loss) in enumerate(zip(active, losses)):
                 t, done, state, folder = g['tc'], g['done'] + 1, g['state'], g['folder']
-                prompt, opt_state = _member(stack, j, len(active))
+                prompt, opt_state = stack if len(active) == 1 else jax.tree.map(lambda x: x[j], stack)
                 evaluated = g['run'].evaluator is not None and (done % t.eval_every == 0 or done == t.steps)
                 checkpoint = evaluated or done % t.checkpoint_every == 0 or done == t.steps or signum
                 try:
@@ -355,16 +357,6 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
     if failed:
         raise failed[0]
     return results
-
-
-def _stack(trees):
-    """One tree of several runs' trees (their arrays stacked on a new axis 0); one run: its tree."""
-    return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def _member(stack, j, n):
-    """Run j's (prompt, opt_state) of the stacked group state (n runs)."""
-    return stack if n == 1 else jax.tree.map(lambda x: x[j], stack)
 
 
 def _pad_stack(batches) -> dict:
