@@ -344,9 +344,8 @@ def test_file_init_and_width_check(tmp_path):
 
 def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
     """Regressions: jnp indexing clamps ids >= V, so a vocab_pool above the vocabulary made 18 of 20 sampled
-    rows the last row; NaN, integer, 1-D, .npz and
-    truncated source files were accepted or failed with an unrelated message; labels as numpy arrays
-    failed."""
+    rows the last row; NaN, integer, 1-D, .npz and truncated source files were accepted or failed with an
+    unrelated message; labels as numpy arrays failed."""
     params, small = table(), table(V=1024)
     with pytest.raises(ValueError, match=r'vocab_pool 5000 exceeds .* 1024 rows: pass --vocab_pool=1024'):
         spot.init_prompt(jax.random.key(0), small, spot.PromptConfig(length=20))
@@ -836,6 +835,7 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, frozen
                           log=quiet)
     one_line_naming(e, tmp_path / 'checkpoint.npz')
     assert files() == before
+
 
 def test_override_parses_and_type_checks():
     tc, rest = spot.override(spot.TrainConfig(),
