@@ -10,8 +10,9 @@ The method, in reading order:
   evaluate       greedy decoding or rank classification on validation -> task metric (make_evaluator); a
                  batch may mix prompts and tasks (§5: "mixed-task inference")
 Then, in headed sections: performance (sub-batches); I/O: prompt files (.npy, the official code's T5X prompt
-files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder, sharding and multi-host
-(make_mesh, shard_params, shard_batch, replicate); the CLI: `python3 spot.py train|eval|export -h`.
+files, PEFT adapters: load_prompt, export_peft), checkpoints, the run folder (RunFolder: the one place where
+multi-host shows, process 0 writing), sharding (make_mesh, shard_params, shard_batch, replicate); the CLI:
+`python3 spot.py train|eval|export|plan -h` (override checks every config value a user sets).
 """
 from __future__ import annotations
 
@@ -62,15 +63,6 @@ class PromptConfig:
     source: str = ''             # 'file': the source prompt (SPoT's transfer, §2), a file load_prompt reads
     text: str = ''               # 'text': its token embeddings fill the first rows (Lester: ReCoRD, WSC)
 
-    def __post_init__(self):
-        if self.init not in INITS:
-            raise ValueError(f'unknown prompt init {self.init!r}; known: {INITS}')
-        if self.init == 'file' and not self.source:
-            raise ValueError("init 'file' needs PromptConfig.source (CLI: --source-prompt PATH.npy)")
-        if self.length < 1 or self.vocab_pool < 1:
-            raise ValueError(f'PromptConfig needs length >= 1 and vocab_pool >= 1, '
-                             f'got {self.length} and {self.vocab_pool}')
-
 
 LM_ADAPT_CHECKPOINT_STEP = 1_100_000   # T5 1.1 (1M steps) + 100K LM-adaptation steps (Lester et al. §2.2)
 
@@ -89,15 +81,6 @@ class OptimizerConfig:
     param_scale: bool = False        # footnote 7: "parameter scaling off"
     weight_decay: float = 1e-5       # footnote 7 (T5X: (1 - wd) * param, not scaled by the learning rate)
     clipping_threshold: float = 1.0  # T5X Adafactor default update clipping (t5x/adafactor.py)
-
-    def __post_init__(self):
-        ranges = (('learning_rate', 0 < self.learning_rate < math.inf, 'finite and > 0'),
-                  ('decay_rate', 0 < self.decay_rate <= 1, 'in (0, 1]'),
-                  ('weight_decay', 0 <= self.weight_decay < 1, 'in [0, 1)'),
-                  ('clipping_threshold', 0 < self.clipping_threshold <= math.inf, '> 0'))
-        bad = [f'{name}={getattr(self, name)} (must be {why})' for name, ok, why in ranges if not ok]
-        if bad:
-            raise ValueError(f"bad OptimizerConfig: {', '.join(bad)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,72 +114,36 @@ class TrainConfig:
     remat: str = 'auto'
     micro_batches: int = 0           # sequential micro-batches, gradients summed (micro_batched); 0 = auto
 
-    # refuse now what would fail (or divide by zero) only after hours of training
-    def __post_init__(self):
-        bad = [f'{f}={getattr(self, f)} (must be >= {lo})' for lo, names in (
-            (1, ('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'eval_batch_size')),
-            (0, ('embedding_step', 'eval_limit', 'sub_batches', 'micro_batches')))
-            for f in names if getattr(self, f) < lo]
-        if self.remat not in REMATS:
-            bad.append(f'remat={self.remat!r} (must be one of {REMATS})')
-        if self.micro_batches and self.batch_size % self.micro_batches:
-            bad.append(f'micro_batches={self.micro_batches} (must divide batch_size={self.batch_size})')
-        if self.eval_method not in ('decode', 'rank'):
-            bad.append(f"eval_method={self.eval_method!r} (must be 'decode' or 'rank')")
-        ranges = (('dropout', 0 <= self.dropout < 1, 'in [0, 1)'),
-                  ('z_loss', 0 <= self.z_loss < math.inf, 'finite and >= 0'),
-                  ('max_input_len', self.max_input_len >= 2, '>= 2: one token and EOS'),
-                  ('max_target_len', self.max_target_len == 0 or self.max_target_len >= 2,
-                   "0 (the task's) or >= 2: one token and EOS"))
-        bad += [f'{name}={getattr(self, name)} (must be {why})' for name, ok, why in ranges if not ok]
-        if bad:
-            raise ValueError(f"bad TrainConfig: {', '.join(bad)}")
-
 
 # ------------------------------------------------------------------------------------------------- the prompt
-def init_prompt(key, params, cfg: PromptConfig | str, label_ids=None, text_ids=None) -> jax.Array:
+def init_prompt(key, params, pc: PromptConfig, label_ids=None, text_ids=None) -> jax.Array:
     """The starting prompt, float32 [P,D]. params: the frozen T5 (only its embedding [V,D] is read; 'file' and
     'uniform' need just its shape, so jax.eval_shape(...) params do). label_ids: token ids of each class label
     (class_labels); text_ids: token ids of the string (text); both without EOS."""
-    cfg = PromptConfig(init=cfg) if isinstance(cfg, str) else cfg
     emb = params['token_embedder']['embedding']
-    (V, D), P = emb.shape, cfg.length
-    if cfg.init == 'file':                       # SPoT §2: the target prompt starts as the source prompt
-        return jnp.asarray(load_prompt(cfg.source, D, P, what='source prompt'))
-    if cfg.init == 'uniform':
-        return jax.random.uniform(key, (P, D), jnp.float32, 0.0, cfg.uniform_scale)
-    if cfg.vocab_pool > V:                       # else jnp indexing would clamp ids >= V to the last row
-        raise ValueError(f'vocab_pool {cfg.vocab_pool} exceeds the model\'s vocabulary of {V} rows: '
+    (V, D), P = emb.shape, pc.length
+    if pc.init == 'file':                        # SPoT §2: the target prompt starts as the source prompt
+        return jnp.asarray(load_prompt(pc.source, D, P, what='source prompt'))
+    if pc.init == 'uniform':
+        return jax.random.uniform(key, (P, D), jnp.float32, 0.0, pc.uniform_scale)
+    if pc.vocab_pool > V:                        # else jnp indexing would clamp ids >= V to the last row
+        raise ValueError(f'vocab_pool {pc.vocab_pool} exceeds the model\'s vocabulary of {V} rows: '
                          f'pass --vocab_pool={V} (or fewer)')
-    if P > cfg.vocab_pool:
-        raise ValueError(f'cannot sample {P} distinct rows from a pool of {cfg.vocab_pool} ids')
     # §2.1.4 / Lester et al. 2021: T5's SentencePiece ids are ordered by frequency, so ids < 5000 are the
     # most common tokens; rows are drawn without replacement (PT from_sample_of_embeddings).
-    ids = jax.random.choice(key, cfg.vocab_pool, (P,), replace=False)
+    ids = jax.random.choice(key, pc.vocab_pool, (P,), replace=False)
     prompt = jnp.asarray(emb[ids], jnp.float32)
     # App. C; Lester et al.: label i at position i, pieces mean-pooled
-    if cfg.init == 'class_labels':
-        label_ids = [] if label_ids is None else list(label_ids)
-        if not 1 <= len(label_ids) <= P:
-            raise ValueError(f'class_labels needs the token ids of 1 to {P} labels (one per prompt row), got '
-                             f'{len(label_ids)} labels: use --length={max(len(label_ids), 1)} or more')
-        rows = [_token_rows(emb, p, f'class label {i}').mean(0) for i, p in enumerate(label_ids)]
+    if pc.init == 'class_labels':
+        if len(label_ids) > P:
+            raise ValueError(f'class_labels needs one prompt row per label, got {len(label_ids)} labels: use '
+                             f'--length={len(label_ids)} or more')
+        rows = [jnp.asarray(emb[np.asarray(p)], jnp.float32).mean(0) for p in label_ids]
         prompt = prompt.at[:len(rows)].set(jnp.stack(rows))
-    elif cfg.init == 'text':                     # a text longer than the prompt: its first P tokens
-        rows = _token_rows(emb, text_ids, 'text init (the token ids of PromptConfig.text, --text="...")')[:P]
+    elif pc.init == 'text':                      # a text longer than the prompt: its first P tokens
+        rows = jnp.asarray(emb[np.asarray(text_ids)[:P]], jnp.float32)
         prompt = prompt.at[:len(rows)].set(rows)
     return prompt
-
-
-def _token_rows(emb, ids, what):
-    """Embedding rows of token ids, float32 [n, D]; ids outside [0, V) are refused (jnp indexing would
-    clamp)."""
-    ids = np.asarray(ids if ids is not None else [])
-    if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer) or not (
-            0 <= ids.min() and ids.max() < emb.shape[0]):
-        raise ValueError(f'{what}: expected a non-empty list of token ids in [0, {emb.shape[0]}), '
-                         f'got {ids.tolist()}')
-    return jnp.asarray(emb[ids], jnp.float32)
 
 
 # -------------------------------------------------------------------------------------- the loss and the step
@@ -293,151 +240,117 @@ def train_prompts(runs, frozen, cfg, *, resume=False, mesh=None, log=print, runs
                   skip_held=False) -> list:
     """train_prompt for many runs (Run), runs_per_step of them (0: all) sharing every step: train_step on
     their stacked prompts [R,P,D], one copy of the frozen weights. Each run keeps its own seed, data order,
-    dropout keys, step counter, evaluations, best checkpoint and folder, and ends as it would alone (to
-    float32 rounding: the batched matmuls sum in another order; one run alone: to the bit). The R batches of
-    a step are padded to the group's longest bucket: padding changes no loss (masks) and no dropout mask
-    (t5_model._dropout indexes masks by position, not by the padded length). Runs that finish leave the
-    group (one compile for the smaller stack). A run whose loss or prompt turns non-finite leaves the group;
-    the others go on, and its FloatingPointError is raised at the end. The runs of a group share the step's
-    compiled settings (dropout, optimizer, z_loss, remat, sub- and micro-batches). skip_held: a run whose
-    folder another process holds (run.lock) is left out, its result None, not an error (workers splitting a
-    grid: experiments/common.run_grid). Returns train_prompt's dict per run."""
+    dropout keys, evaluations and folder, and ends as it would alone (to float32 rounding; one run: to the
+    bit). The R batches of a step are padded to the longest (masked: no loss or dropout mask changes). A run
+    that finishes, or whose loss turns non-finite (raised at the end), leaves the group. The runs of a group
+    share the first run's compiled settings (dropout, optimizer, z_loss, remat, sub- and micro-batches).
+    skip_held: a run whose folder another process holds is left out, its result None (common.run_grid)."""
     R = runs_per_step or len(runs)
+    log = log if jax.process_index() == 0 else (lambda *_: None)     # several processes: process 0 speaks
     return [res for i in range(0, len(runs), R)
             for res in _train_group(list(runs[i:i + R]), frozen, cfg, resume, mesh, log, skip_held)]
 
 
 def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
-    lead = jax.process_index() == 0                       # several processes: process 0 owns the folders
-    log, tc = log if lead else (lambda *_: None), runs[0].tc
-    for run in runs:
-        check_prompt(run.prompt, frozen['token_embedder']['embedding'].shape[1])
+    tc = runs[0].tc
     if tc.remat == 'auto' or not tc.micro_batches:        # the CLI decided already (plan before loading)
         planned = resolve_memory(cfg, dataclasses.replace(tc, batch_size=tc.batch_size * len(runs)), frozen,
                                  tc.max_input_len, tc.max_target_len or DEFAULT_TARGET_LEN,
                                  runs[0].prompt.shape[0], mesh, log=log)[0]
-        execution = {k: getattr(planned, k) for k in ('remat', 'micro_batches', 'eval_batch_size')}
-        if tc.batch_size % execution['micro_batches']:
-            execution['micro_batches'] = 1
+        execution = {'remat': planned.remat, 'eval_batch_size': planned.eval_batch_size,
+                     'micro_batches': 1 if tc.batch_size % planned.micro_batches else planned.micro_batches}
         runs = [dataclasses.replace(r, tc=dataclasses.replace(r.tc, **execution)) for r in runs]
         tc = runs[0].tc
-    def shared(t):
-        return t.dropout, t.optimizer, t.z_loss, t.remat, sub_batch_count(t), t.micro_batches
-
-    if any(shared(r.tc) != shared(tc) for r in runs):
-        settings = sorted({shared(r.tc) for r in runs}, key=str)
-        raise ValueError(f'runs that share a step need the same dropout, optimizer, z_loss, remat, '
-                         f'sub_batches and micro_batches; got {settings}')
-    # the runs' dropout (TrainConfig.dropout) and remat
     cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout, remat=tc.remat)
-    results, failed = [None] * len(runs), []
-    with contextlib.ExitStack() as folders, stop_requests(log) as signals:
-        group = []
+    step_settings = (cfg, tc.optimizer, tc.z_loss, sub_batch_count(tc), tc.micro_batches)
+    results, failed, group = [None] * len(runs), [], []
+    with contextlib.ExitStack() as held, stop_requests(log) as stop_signal:
         for i, run in enumerate(runs):
-            out = Path(run.out_dir)
+            folder = RunFolder(run.out_dir)
             try:
-                on_lead(lambda: folders.enter_context(own_folder(out)) and None)
+                folder.take(held, resume, log)
             except RunFolderInUse as e:
                 if not skip_held:
                     raise
                 log(f'skipped: {e}')
                 continue
-            on_lead(check_new_run, out, resume, log)
             info = {**(run.meta or {}), 'config': {'train': dataclasses.asdict(run.tc),
                                                    'model': dataclasses.asdict(cfg)}}
-            identity = run_identity(cfg, frozen, run.meta)
-            prompt, opt_state, state = start_or_resume(run.prompt, run.tc, identity, info,
-                                                       out / 'checkpoint.npz', resume, log)
-            group.append({'i': i, 'tc': run.tc, 'out': out, 'ckpt': out / 'checkpoint.npz', 'info': info,
-                          'state': state, 'losses': [], 'run': run, 'prompt': prompt, 'opt_state': opt_state})
+            prompt, opt_state, state = folder.start(run.prompt, run.tc, run_identity(cfg, frozen, run.meta),
+                                                    info, resume, log)
+            group.append({'i': i, 'run': run, 'tc': run.tc, 'folder': folder, 'info': info, 'state': state,
+                          'losses': [], 'prompt': prompt, 'opt_state': opt_state, 'done': state['step']})
         frozen = shard_params(mesh, frozen)
-        pending = [g for g in group if g['state'].get('eval_pending') and g['run'].evaluator is not None]
-        _evaluate_and_keep(pending, lead, log)   # stopped during the evaluation of its step
-        active = [g for g in group if g['state']['step'] < g['tc'].steps]
+        # a run stopped during the evaluation of its step does it now
+        _evaluate_and_keep([g for g in group if g['state'].get('eval_pending') and g['run'].evaluator], log)
+        active = [g for g in group if g['done'] < g['tc'].steps]
         for g in active:
-            g['data'], g['done'] = prefetch(g['run'].batches(g['state']['step'])), g['state']['step']
-        clock = {'window': (time.perf_counter(), 0), 'line': time.perf_counter(), 'steps': 0}
-        stack = None
+            g['data'] = prefetch(g['run'].batches(g['done']))
+        clock, stack = Clock(), None
         while active:
-            if stack is None:                    # the group (re)formed: one stacked state for the step
-                stack = _stack([(g['prompt'], g['opt_state']) for g in active])
-                stack = replicate(mesh, stack)
+            if stack is None:                    # the group (re)formed: one state, runs stacked on axis 0
+                states = [(g['prompt'], g['opt_state']) for g in active]
+                stack = replicate(mesh, states[0] if len(states) == 1 else
+                                  jax.tree.map(lambda *xs: jnp.stack(xs), *states))
             batch = _pad_stack([{n: v for n, v in next(g['data']).items() if n in ('inputs', 'targets')}
                                 for g in active])
-            keys = [dropout_key(g['tc'].seed, g['done']) for g in active]
-            batch, keys = (batch, jnp.stack(keys)) if len(active) > 1 else (
-                jax.tree.map(lambda x: x[0], batch), keys[0])
-            compiles = _compiled_steps()
-            if clock['steps'] == 0 or compiles != clock.get('compiles'):
-                shape = 'x'.join(map(str, batch['inputs'].shape))
-                log(f"step of {len(active)} run{'s' * (len(active) > 1)}, inputs {shape}, targets "
-                    f"{batch['targets'].shape[-1]}: compiling or loading it from the compile cache ...")
-            t = time.perf_counter()
-            batch = shard_batch(mesh, batch, len(active) > 1)
-            prompts, opt_states, losses = train_step(*stack, frozen, batch, keys, cfg, tc.optimizer,
-                                                     tc.z_loss, sub_batch_count(tc), tc.micro_batches)
-            stack, losses = (prompts, opt_states), np.atleast_1d(np.asarray(losses, np.float64))
-            if _compiled_steps() != compiles or clock['steps'] == 0:
+            keys = jnp.stack([dropout_key(g['tc'].seed, g['done']) for g in active])
+            if len(active) == 1:                 # one run: its batch [B,...] and key, no runs axis
+                batch, keys = jax.tree.map(lambda x: x[0], (batch, keys))
+            compiles, t = _compiled_steps(), time.perf_counter()
+            if clock.steps == 0:
+                log(f"step of {len(active)} run{'s' * (len(active) > 1)}, inputs "
+                    f"{'x'.join(map(str, batch['inputs'].shape))}, targets {batch['targets'].shape[-1]}: "
+                    f'compiling or loading it from the compile cache ...')
+            *stack, losses = train_step(*stack, frozen, shard_batch(mesh, batch, len(active) > 1), keys,
+                                        *step_settings)
+            losses, clock.steps = np.atleast_1d(np.asarray(losses, np.float64)).tolist(), clock.steps + 1
+            if _compiled_steps() != compiles or clock.steps == 1:
                 what = 'compiled' if _compiled_steps() != compiles else 'found compiled'
                 log(f'{what}, first step done in {time.perf_counter() - t:.1f} s')
-                clock['window'] = (time.perf_counter(), clock['steps'] + 1)   # steps/s leaves out the compile
-            clock['compiles'], clock['steps'] = _compiled_steps(), clock['steps'] + 1
-            signum, evaluate_now, left, wrote = any_signal(signals), [], [], False
-            for j, (g, loss) in enumerate(zip(active, losses.tolist())):
-                tc_g, state, done = g['tc'], g['state'], g['done'] + 1
-                prompt, opt_state = _member(stack, j, len(active))
-                evaluated = g['run'].evaluator is not None and (done % tc_g.eval_every == 0
-                                                                or done == tc_g.steps)
-                checkpoint = evaluated or done % tc_g.checkpoint_every == 0 or done == tc_g.steps or signum
+                clock.restart()                  # steps/s leaves out the compile
+            signum, evaluate_now, left, line, wrote = stop_signal(), [], [], False, False
+            for j, (g, loss) in enumerate(zip(active, losses)):
+                t, done, state, folder = g['tc'], g['done'] + 1, g['state'], g['folder']
+                prompt, opt_state = stack if len(active) == 1 else jax.tree.map(lambda x: x[j], stack)
+                evaluated = g['run'].evaluator is not None and (done % t.eval_every == 0 or done == t.steps)
+                checkpoint = evaluated or done % t.checkpoint_every == 0 or done == t.steps or signum
                 try:
-                    check_finite(loss, prompt if checkpoint or done == tc_g.embedding_step else None, done,
-                                 g['ckpt'], state)
+                    check_finite(loss, prompt if checkpoint or done == t.embedding_step else None, done,
+                                 folder.ckpt, state)
                 except FloatingPointError as e:
                     failed.append(e)
-                    log(f'{g["out"]}: {e}')
+                    log(f'{folder.out}: {e}')
                     continue
                 g['losses'].append(loss)
-                if done % tc_g.log_every == 0 or done == tc_g.steps:
-                    g['log_loss'] = loss
-                    if lead:
-                        append_history(g['out'], {'step': done, 'loss': loss, 'steps_per_s': _rate(clock),
-                                                  'time': time.time()})
-                if done == tc_g.embedding_step and lead:                # §3.2: the task embedding
-                    save_prompt(g['out'], f'prompt_step{done}', prompt, {**g['info'], 'step': done,
-                                                                          'score': None})
+                if done % t.log_every == 0 or done == t.steps:
+                    line = True
+                    folder.history({'step': done, 'loss': loss, 'steps_per_s': clock.rate(),
+                                    'time': time.time()})
+                if done == t.embedding_step:                # §3.2: the task embedding
+                    folder.save_prompt(f'prompt_step{done}', prompt, {**g['info'], 'step': done,
+                                                                      'score': None})
                 if checkpoint:          # written before evaluating: an evaluator that fails loses no training
                     state.update(step=done, data_position=done, eval_pending=evaluated)
-                    if lead:
-                        save_checkpoint(g['ckpt'], prompt, opt_state, state)
-                g['prompt'], g['opt_state'], g['done'] = prompt, opt_state, done
-                wrote |= bool(checkpoint)
+                    folder.checkpoint(prompt, opt_state, state)
+                    wrote = True
+                g.update(prompt=prompt, opt_state=opt_state, done=done)
                 (evaluate_now if evaluated else []).append(g)
-                (left if done < tc_g.steps else []).append(g)
-            _evaluate_and_keep(evaluate_now, lead, log)   # §2.1.4: keep the prompt with the best score
-            now = time.perf_counter()
-            if any('log_loss' in g for g in active) or now - clock['line'] >= 30:
-                g = active[0]
-                losses_text = ' '.join(f'{x:.4f}' for x in losses.tolist())
-                rate = _rate(clock)
-                eta = int((g['tc'].steps - g['done']) / rate) if rate else 0
-                log(f"step {g['done']}/{g['tc'].steps}  loss {losses_text}  {rate:.2f} steps/s  "
-                    f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
-                clock['line'] = now
-                for x in active:
-                    x.pop('log_loss', None)
+                (left if done < t.steps else []).append(g)
+            _evaluate_and_keep(evaluate_now, log)   # §2.1.4: keep the prompt with the best score
+            if line or time.perf_counter() - clock.line >= 30:
+                clock.log(log, active[0], losses)
             if wrote:
-                clock['window'] = (time.perf_counter(), clock['steps'])   # steps/s leaves out evaluations
+                clock.restart()                  # steps/s leaves out checkpoints and evaluations
             if signum and left:
-                raise Interrupted(signum, left[0]['done'], left[0]['ckpt'])
+                raise Interrupted(signum, left[0]['done'], left[0]['folder'].ckpt)
             if left != active:                   # a run finished or failed: the group re-forms
-                stack = None if left else stack
-                active = left
+                stack, active = None, left
         for g in group:
             state = g['state']
-            if g['run'].evaluator is None and state['best_step'] is None and state['step'] == g['tc'].steps \
-                    and lead:
-                save_prompt(g['out'], 'prompt', g['prompt'], {**g['info'], 'step': state['step'],
-                                                              'score': None})
+            if g['run'].evaluator is None and state['step'] == g['tc'].steps:
+                g['folder'].save_prompt('prompt', g['prompt'], {**g['info'], 'step': state['step'],
+                                                                'score': None})
             results[g['i']] = {'prompt': g['prompt'], 'opt_state': g['opt_state'], 'step': state['step'],
                                'best_score': state['best_score'], 'best_step': state['best_step'],
                                'losses': g['losses']}
@@ -446,25 +359,12 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
     return results
 
 
-def _stack(trees):
-    """One tree of several runs' trees (their arrays stacked on a new axis 0); one run: its tree."""
-    return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def _member(stack, j, n):
-    """Run j's (prompt, opt_state) of the stacked group state (n runs)."""
-    return stack if n == 1 else jax.tree.map(lambda x: x[j], stack)
-
-
 def _pad_stack(batches) -> dict:
     """Several runs' batches {'inputs' [B,S], 'targets' [B,T]} -> [R,B,S'], [R,B,T']: each padded with 0
     (pad) to the longest; pad rows and columns are masked out of the loss."""
-    out = {}
-    for name in ('inputs', 'targets'):
-        width = max(b[name].shape[1] for b in batches)
-        out[name] = np.stack([np.pad(np.asarray(b[name]), ((0, 0), (0, width - b[name].shape[1])))
-                              for b in batches])
-    return out
+    width = {name: max(b[name].shape[1] for b in batches) for name in ('inputs', 'targets')}
+    return {name: np.stack([np.pad(np.asarray(b[name]), ((0, 0), (0, w - b[name].shape[1])))
+                            for b in batches]) for name, w in width.items()}
 
 
 def _compiled_steps() -> int:
@@ -472,31 +372,45 @@ def _compiled_steps() -> int:
     return getattr(train_step, '_cache_size', lambda: 0)()
 
 
-def _rate(clock) -> float:
-    """Steps per second since the window began (compiles, checkpoints and evaluations left out)."""
-    since, steps = clock['window']
-    return (clock['steps'] - steps) / max(time.perf_counter() - since, 1e-9)
+class Clock:
+    """Progress lines: steps/s over a window that leaves out compiles, checkpoints and evaluations, and the
+    ETA of the first run."""
+
+    def __init__(self):
+        self.steps, self.line = 0, time.perf_counter()
+        self.restart()
+
+    def restart(self):
+        self.window = (time.perf_counter(), self.steps)
+
+    def rate(self) -> float:
+        since, steps = self.window
+        return (self.steps - steps) / max(time.perf_counter() - since, 1e-9)
+
+    def log(self, log, g, losses):
+        rate = self.rate()
+        eta = int((g['tc'].steps - g['done']) / rate) if rate else 0
+        log(f"step {g['done']}/{g['tc'].steps}  loss {' '.join(f'{x:.4f}' for x in losses)}  {rate:.2f} "
+            f'steps/s  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+        self.line = time.perf_counter()
 
 
-def _evaluate_and_keep(group, lead, log):
+def _evaluate_and_keep(group, log):
     """§2.1.4: evaluate each run's prompt after its step (the runs of make_evaluator's scorers in shared
-    batches: score_together); the lead writes metrics.jsonl, prompt.npy/.json if it is the best so far, and
-    the checkpoint with the new best score. Other processes only track the best."""
+    batches: score_together); write metrics.jsonl, prompt.npy/.json if it is the best so far, and the
+    checkpoint with the new best score."""
     if not group:
         return
     scores = score_together([g['run'].evaluator for g in group], [g['prompt'] for g in group])
     for g, metrics in zip(group, scores):
-        out, state, done = g['out'], g['state'], g['state']['step']
-        log(f'step {done}  eval {_json(metrics, None).decode()}' + (f'  ({out.name})' if len(group) > 1
+        folder, state, done = g['folder'], g['state'], g['state']['step']
+        log(f'step {done}  eval {_json(metrics, None).decode()}' + (f'  ({folder.out.name})' if len(group) > 1
                                                                      else ''))
-        best = best_so_far(state, done, metrics)
-        if not lead:
-            continue
-        append_history(out, {'step': done, 'eval': metrics, 'time': time.time()})
-        if best:
-            save_prompt(out, 'prompt', g['prompt'], {**g['info'], 'step': done, 'score': metrics['score'],
-                                                     'metrics': metrics})
-        save_checkpoint(g['ckpt'], g['prompt'], g['opt_state'], state)
+        folder.history({'step': done, 'eval': metrics, 'time': time.time()})
+        if best_so_far(state, done, metrics):
+            folder.save_prompt('prompt', g['prompt'], {**g['info'], 'step': done, 'score': metrics['score'],
+                                                       'metrics': metrics})
+        folder.checkpoint(g['prompt'], g['opt_state'], state)
 
 
 def prefetch(batches, depth: int = 2):
@@ -920,55 +834,47 @@ PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'  
 
 
 def check_prompt(prompt, d_model: int | None, length: int | None = None, what: str = 'prompt'):
-    """Refuse a prompt that is not a finite float [P, d_model] with P >= 1 (e.g. a Base prompt, 768 wide, on
-    a Small model). d_model None: any width."""
-    prompt = prompt if hasattr(prompt, 'dtype') else np.asarray(prompt)
+    """Refuse, in one line naming `what`, a prompt that is not a finite float [P, d_model] (d_model None: any
+    width) with P >= 1 (P = length when given): e.g. a Base prompt, 768 wide, on a Small model."""
     shape = tuple(prompt.shape)
     if len(shape) != 2:
         need = '' if d_model is None else f', and this model needs D = d_model {d_model}'
-        raise ValueError(f'{what} has shape {shape}: a prompt is a 2-D array [P, D]{need}; '
-                         f'save one prompt [P, {d_model or "D"}] per .npy')
-    if shape[0] == 0:
-        raise ValueError(f'{what} has shape {shape}: no rows, an empty prompt (P = 0); '
-                         f'use a prompt with at least one row')
-    if d_model is not None and shape[1] != d_model:
-        raise ValueError(f'{what} has shape {shape}: width {shape[1]} but the model has '
-                         f'd_model {d_model}. Prompts transfer only between models of the same width; '
-                         f'use a source prompt trained on a model of the same size')
-    if length is not None and shape[0] != length:
-        raise ValueError(f'{what} has {shape[0]} rows but PromptConfig.length is {length}: '
-                         f'pass --length={shape[0]}')
-    if not jnp.issubdtype(prompt.dtype, jnp.floating):
-        raw = prompt.dtype == 'V2'                   # np.save writes bfloat16 as 2 raw bytes
-        hint = ' (bfloat16 saved as raw bytes? cast it to float32 before np.save)' if raw else ''
-        raise ValueError(f'{what} has dtype {prompt.dtype}: a prompt holds real (float) values{hint}')
-    if not np.isfinite(np.asarray(prompt, np.float32)).all():
-        raise ValueError(f'{what} holds NaN or inf values: it comes from a diverged run; '
-                         f'use an earlier prompt')
+        problem = f'has shape {shape}: a prompt is a 2-D array [P, D]{need}; save one prompt per .npy'
+    elif shape[0] == 0:
+        problem = f'has shape {shape}: no rows, an empty prompt (P = 0); use one with at least one row'
+    elif d_model is not None and shape[1] != d_model:
+        problem = (f'has shape {shape}: width {shape[1]} but the model has d_model {d_model}. Prompts '
+                   f'transfer only between models of the same width: use one trained on a model of that size')
+    elif length is not None and shape[0] != length:
+        problem = f'has {shape[0]} rows but PromptConfig.length is {length}: pass --length={shape[0]}'
+    elif not jnp.issubdtype(prompt.dtype, jnp.floating):       # np.save writes bfloat16 as 2 raw bytes: V2
+        problem = f'has dtype {prompt.dtype}: a prompt holds real (float) values (cast bfloat16 to float32)'
+    elif not np.isfinite(np.asarray(prompt, np.float32)).all():
+        problem = 'holds NaN or inf values: it comes from a diverged run; use an earlier prompt'
+    else:
+        return
+    raise ValueError(f'{what} {problem}')
 
 
 def load_prompt(path, d_model: int | None = None, length: int | None = None, what='prompt') -> np.ndarray:
-    """A prompt file -> float32 [P, D], checked by check_prompt (width d_model and P = length when given).
-    path: a .npy; a T5X prompt file or its checkpoint_<step> folder; a PEFT prompt-tuning adapter folder or
-    its adapter_model.safetensors. A damaged file, or one that holds no prompt, raises one line naming it."""
+    """A prompt file -> float32 [P, D], checked by check_prompt. path: a .npy; a T5X prompt file or its
+    checkpoint_<step> folder; a PEFT adapter folder or its adapter_model.safetensors; a run folder (its
+    prompt.npy). A damaged file, or one that holds no prompt, raises one line naming it."""
     path, label = Path(path), f'{what} {path}'
-    if path.is_dir() and (path / PEFT_CONFIG).is_file():
-        prompt, base = _read_peft(path, label)
+    if (path / PEFT_CONFIG).is_file() or path.suffix == '.safetensors' and path.is_file():
+        folder = path if path.is_dir() else path.parent
+        prompt, base = _read_peft(folder, label, path if path.is_file() else folder / PEFT_WEIGHTS)
         label += f' (a PEFT prompt-tuning adapter for {base})'
-    elif path.is_dir() and (path / T5X_PROMPT).is_file():
+    elif (path / T5X_PROMPT).is_file():
         prompt = _read_npy(path / T5X_PROMPT, f'{label}/{T5X_PROMPT}')
     elif path.is_dir() and is_run_folder(path):
-        file = run_prompt_file(path)
-        prompt = _read_npy(file, f'{label}/{file.name}')
+        prompt = _read_npy(run_prompt_file(path), f'{label}/prompt.npy')
     elif path.is_dir():
         raise ValueError(f'{label} is a folder without {PEFT_CONFIG} (a PEFT adapter), {T5X_PROMPT} '
                          f"(a T5X numpy checkpoint) or a run's prompt.npy: pass a .npy prompt file or one "
                          f'of those')
     elif not path.is_file():
         raise FileNotFoundError(f'{label} does not exist')
-    elif path.suffix == '.safetensors':
-        prompt, base = _read_peft(path.parent, label, path)
-        label += f' (a PEFT prompt-tuning adapter for {base})'
     else:
         prompt = _read_npy(path, label)
     check_prompt(prompt, d_model, length, what=label)
@@ -981,11 +887,10 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def run_prompt_file(folder: Path, embedding: bool = False) -> Path:
-    """The prompt of a run folder: its prompt.npy (the best validation checkpoint, or a mixture's last), or
-    with embedding=True its task embedding prompt_step<N>.npy (§3.2; prompt.npy when it has none)."""
-    folder = Path(folder)
-    steps = sorted(folder.glob('prompt_step*.npy'), key=lambda f: int(re.sub(r'\D', '', f.stem) or 0))
-    file = steps[0] if embedding and steps else folder / 'prompt.npy'
+    """A run folder's prompt.npy (the best validation checkpoint, or a mixture's last), or with
+    embedding=True its task embedding prompt_step<N>.npy (§3.2; prompt.npy when it has none)."""
+    steps = sorted(Path(folder).glob('prompt_step*.npy'), key=lambda f: int(re.sub(r'\D', '', f.stem) or 0))
+    file = steps[0] if embedding and steps else Path(folder) / 'prompt.npy'
     if not file.is_file():
         raise FileNotFoundError(f'run folder {folder} holds no prompt.npy yet (its run has not evaluated or '
                                 f'finished): wait for it, or pass one of its prompt_step<N>.npy')
@@ -994,33 +899,37 @@ def run_prompt_file(folder: Path, embedding: bool = False) -> Path:
 
 def _read_npy(path: Path, label: str) -> np.ndarray:
     """The array of an np.save file (any file name); what else the file is, in the error."""
+    problem = None
     with open(path, 'rb') as f:
         head = f.read(64)
         if not head:
-            raise ValueError(f'{label} is empty (0 bytes): a write that did not finish; use another copy')
-        if head.startswith(b'PK'):
-            raise ValueError(f'{label} is an .npz archive, not a .npy: save the [P, D] prompt with np.save')
-        if not head.startswith(b'\x93NUMPY'):
+            problem = 'is empty (0 bytes): a write that did not finish; use another copy'
+        elif head.startswith(b'PK'):
+            problem = 'is an .npz archive, not a .npy: save the [P, D] prompt with np.save'
+        elif not head.startswith(b'\x93NUMPY'):
             text = all(32 <= b < 127 or b in b'\t\n\r' for b in head)
             kind = 'a Python pickle' if head[:1] == b'\x80' else 'a text file' if text else 'not a .npy file'
-            raise ValueError(f'{label} is {kind}, not a .npy (np.save format): save the prompt with np.save')
-        f.seek(0)
-        try:
-            read = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read(f)
-        except ValueError as e:
-            raise ValueError(f'cannot read {label}: its .npy header is damaged ({e})') from None
-        have, need = path.stat().st_size - f.tell(), math.prod(shape) * dtype.itemsize
-    if dtype.hasobject:
-        raise ValueError(f'{label} holds a pickled (object) array, not numbers: save the prompt as floats')
-    if have < need:
-        raise ValueError(f'{label} is truncated: its header needs {need} bytes for {dtype} {shape}, the file '
-                         f'holds {have}; use another copy')
+            problem = f'is {kind}, not a .npy (np.save format): save the prompt with np.save'
+        else:
+            f.seek(0)
+            try:
+                read = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(f)
+            except ValueError as e:
+                raise ValueError(f'cannot read {label}: its .npy header is damaged ({e})') from None
+            have, need = path.stat().st_size - f.tell(), math.prod(shape) * dtype.itemsize
+            if dtype.hasobject:
+                problem = 'holds a pickled (object) array, not numbers: save the prompt as floats'
+            elif have < need:
+                problem = (f'is truncated: its header needs {need} bytes for {dtype} {shape}, the file holds '
+                           f'{have}; use another copy')
+    if problem:
+        raise ValueError(f'{label} {problem}')
     return np.load(path, allow_pickle=False)
 
 
-def _read_peft(folder: Path, label: str, weights: Path | None = None):
+def _read_peft(folder: Path, label: str, weights: Path):
     """(the encoder's prompt rows [P, D], the base model's name) of a PEFT prompt-tuning adapter for a T5."""
     try:
         c = json.loads((folder / PEFT_CONFIG).read_text())
@@ -1028,25 +937,23 @@ def _read_peft(folder: Path, label: str, weights: Path | None = None):
         raise ValueError(f'{label} has no {PEFT_CONFIG} beside it: pass the folder PEFT wrote') from None
     except ValueError as e:
         raise ValueError(f'{label}: {folder / PEFT_CONFIG} is not valid JSON ({e})') from None
-    if not isinstance(c, dict) or 'peft_type' not in c:
-        raise ValueError(f'{label}: {folder / PEFT_CONFIG} has no peft_type, so it is not a PEFT adapter')
-    kind, task = c['peft_type'], c.get('task_type')
+    kind, task = (c.get('peft_type'), c.get('task_type')) if isinstance(c, dict) else (None, None)
     if kind != 'PROMPT_TUNING':
         why = {'LORA': 'it changes weights', 'PREFIX_TUNING': 'it holds keys and values of every layer'}
-        raise ValueError(f'{label} is a PEFT {kind} adapter, not prompt tuning '
-                         f'({why.get(kind, "it holds no input prompt")}): only a PromptTuningConfig adapter '
-                         f'holds a prompt [P, D]')
-    if task != 'SEQ_2_SEQ_LM':
+        why = why.get(kind, 'it holds no input prompt')
+        problem = (f'is a PEFT {kind} adapter, not prompt tuning ({why}): only a PromptTuningConfig adapter '
+                   f'holds a prompt [P, D]')
+    elif task != 'SEQ_2_SEQ_LM':
         model = 'a decoder-only model' if task == 'CAUSAL_LM' else 'a model that is not an encoder-decoder'
-        raise ValueError(f'{label} is a PEFT prompt for {model} (task_type {task}), not for T5 '
-                         f'(SEQ_2_SEQ_LM): a prompt does not transfer between architectures')
-    weights = weights or folder / PEFT_WEIGHTS
+        problem = (f'is a PEFT prompt for {model} (task_type {task}), not for T5 (SEQ_2_SEQ_LM): a prompt '
+                   f'does not transfer between architectures')
+    if kind != 'PROMPT_TUNING' or task != 'SEQ_2_SEQ_LM':
+        raise ValueError(f'{label} {problem}')
     if not weights.is_file() and (folder / 'adapter_model.bin').is_file():    # PEFT before safetensors
         weights = folder / 'adapter_model.bin'
     if not weights.is_file():
         raise FileNotFoundError(f'{label} has no {PEFT_WEIGHTS}: copy the whole folder PEFT wrote')
-    read = t5_model._read_torch if weights.suffix == '.bin' else t5_model._read_safetensors
-    tensors = read(weights)
+    tensors = (t5_model._read_torch if weights.suffix == '.bin' else t5_model._read_safetensors)(weights)
     n, sub = c.get('num_virtual_tokens'), c.get('num_transformer_submodules') or 2
     rows = tensors.get('prompt_embeddings')
     if rows is None or not isinstance(n, int) or np.ndim(rows) != 2 or rows.shape[0] != n * sub:
@@ -1058,27 +965,14 @@ def _read_peft(folder: Path, label: str, weights: Path | None = None):
 
 def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
     """Write prompt [P, D] as the folder PEFT's save_pretrained writes for a
-    PromptTuningConfig(task_type=SEQ_2_SEQ_LM) model on base_model, so that
-    PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base_model), out) runs the prompt.
-    The facts of PEFT's code (huggingface/peft v0.21.2, src/peft/) the format rests on:
-    - utils/constants.py: the files are adapter_config.json and adapter_model.safetensors;
-    - config.py PeftConfig.save_pretrained: the config's fields as JSON (indent 2, sorted keys);
-      utils/other.py _prepare_prompt_learning_config: token_dim, num_layers, num_attention_heads come from the
-      model's config (T5: d_model, num_layers, num_heads);
-    - peft_model.py PeftModel._setup_prompt_encoder: num_transformer_submodules = 2 for SEQ_2_SEQ_LM;
-      tuners/prompt_tuning/model.py PromptEmbedding: num_virtual_tokens x 2 rows of width token_dim;
-    - tuners/tuners_utils.py BasePromptEncoder._get_adapter_state_dict: one tensor, 'prompt_embeddings', all
-      rows; peft_model.py PeftModel.save_pretrained: safetensors with metadata {'format': 'pt'};
-    - peft_model.py PeftModelForSeq2SeqLM.forward and .generate (PROMPT_TUNING): the encoder reads
-      [rows[:num_virtual_tokens]; embedded input] with attention mask 1 on the prompt, which is
-      t5_model.forward's [prompt; input]. rows[num_virtual_tokens:] (the decoder's) are never read: we
-      write zeros there.
-    peft_version is left out: PEFT fills in its own when it loads the folder. An export holds an OS lock
-    (flock) on the folder itself while it writes, so a second export there at the same time is refused, and
-    the config is written last: a folder with adapter_config.json holds its weights. Returns the folder."""
-    prompt = np.asarray(prompt, np.float32)
-    check_prompt(prompt, cfg.d_model, what='prompt to export')
-    out = Path(out)
+    PromptTuningConfig(task_type=SEQ_2_SEQ_LM) model on base_model (huggingface/peft v0.21.2: config.py,
+    utils/constants.py, utils/other.py _prepare_prompt_learning_config, peft_model.py), so that
+    PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base_model), out) runs it: one
+    tensor 'prompt_embeddings' of num_virtual_tokens x 2 rows (num_transformer_submodules = 2 for
+    SEQ_2_SEQ_LM); the encoder reads [rows[:P]; embedded input], our [prompt; input]; the decoder's rows are
+    never read (zeros). An OS lock (flock) on the folder refuses a second export there at the same time; the
+    config is written last. Returns the folder."""
+    prompt, out = np.asarray(prompt, np.float32), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = os.open(out, os.O_RDONLY)              # locked as an open folder: no lock file in the adapter
     try:
@@ -1088,34 +982,28 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
             raise FileExistsError(f'{out} is being written by another export: pick a new --out') from None
         if (out / PEFT_CONFIG).exists() or (out / PEFT_WEIGHTS).exists():
             raise FileExistsError(f'{out} holds a PEFT adapter already: pick a new --out, or delete it first')
-        _write_peft(prompt, cfg, out, base_model)
+        P, D = prompt.shape
+        config = {'auto_mapping': None, 'base_model_name_or_path': base_model, 'inference_mode': True,
+                  'modules_to_save': None, 'num_attention_heads': cfg.num_heads, 'num_layers': cfg.num_layers,
+                  'num_transformer_submodules': 2, 'num_virtual_tokens': P, 'peft_type': 'PROMPT_TUNING',
+                  # no init runs: inference_mode skips it, and a trainable load replaces RANDOM's rows by ours
+                  'prompt_tuning_init': 'RANDOM', 'prompt_tuning_init_text': None, 'revision': None,
+                  'task_type': 'SEQ_2_SEQ_LM', 'token_dim': D, 'tokenizer_kwargs': None,
+                  'tokenizer_name_or_path': None}
+        from safetensors.numpy import save
+        tensors = save({'prompt_embeddings': np.concatenate([prompt, np.zeros_like(prompt)])},
+                       metadata={'format': 'pt'})
+        _atomic(out / PEFT_WEIGHTS, lambda f: f.write(tensors))
+        _atomic(out / PEFT_CONFIG, lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
     finally:
         os.close(folder)                            # releases the lock
     return out
 
 
-def _write_peft(prompt, cfg: t5_model.T5Config, out: Path, base_model: str):
-    P, D = prompt.shape
-    config = {'auto_mapping': None, 'base_model_name_or_path': base_model, 'inference_mode': True,
-              'modules_to_save': None, 'num_attention_heads': cfg.num_heads, 'num_layers': cfg.num_layers,
-              'num_transformer_submodules': 2, 'num_virtual_tokens': P, 'peft_type': 'PROMPT_TUNING',
-              # no init runs: inference_mode skips it, and a trainable load replaces RANDOM's rows by ours
-              'prompt_tuning_init': 'RANDOM', 'prompt_tuning_init_text': None, 'revision': None,
-              'task_type': 'SEQ_2_SEQ_LM', 'token_dim': D, 'tokenizer_kwargs': None,
-              'tokenizer_name_or_path': None}
-    rows = np.concatenate([prompt, np.zeros_like(prompt)])      # the encoder's rows, then the decoder's
-    from safetensors.numpy import save
-    tensors = save({'prompt_embeddings': rows}, metadata={'format': 'pt'})
-    _atomic(out / PEFT_WEIGHTS, lambda f: f.write(tensors))
-    _atomic(out / PEFT_CONFIG, lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
-
-
 # ------------------------------------------------------------------------------------------- I/O: checkpoints
 def _json(obj, indent=1, strict=True) -> bytes:
-    """JSON text of run metadata. numpy/jax scalars and arrays (an evaluator's np.float32 score) become Python
-    numbers, anything else JSON lacks (a Path) its str. strict: NaN/inf (Pearson of constant predictions) ->
-    null, so jq or JavaScript read prompt.json; the checkpoint keeps them (strict=False) to resume to the same
-    bits."""
+    """JSON of run metadata: numpy/jax numbers as Python's, anything else JSON lacks (a Path) as its str.
+    strict: NaN/inf (Pearson of constant predictions) -> null; the checkpoint keeps them (strict=False)."""
     def plain(x):
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
@@ -1139,12 +1027,6 @@ def _atomic(path: Path, write):
     os.replace(tmp, path)
 
 
-def save_prompt(out: Path, name: str, prompt, info: dict):
-    """out/name.npy (float32 [P,D], the format of Google's released prompts) + out/name.json (info)."""
-    _atomic(out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
-    _atomic(out / f'{name}.json', lambda f: f.write(_json(info)))
-
-
 def save_checkpoint(path: Path, prompt, opt_state, state: dict):
     """Everything a resume needs: prompt, optimizer leaves, and state (step = data position; seed = RNG)."""
     leaves = {f'opt_{i}': np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))}
@@ -1164,9 +1046,6 @@ def load_checkpoint(path: Path, optimizer):
         raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run '
                          f'cannot resume. Its best prompt so far stays in {path.parent}/prompt.npy: '
                          f'keep that folder as it is and start a new run with another --out') from None
-    if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in like]:
-        raise ValueError(f'{path}: its optimizer state does not fit this optimizer and its {prompt.shape} '
-                         f'prompt')
     return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
 
 
@@ -1188,10 +1067,9 @@ class RunFolderInUse(OSError):
 
 @contextlib.contextmanager
 def own_folder(out: Path):
-    """Hold out/run.lock while a run writes to out. It is an OS lock (flock): the kernel drops it when the
-    process ends, a crash or kill -9 included, so it is never left stuck. The file says who holds it ('pid N
-    on HOST since ...'); a run.lock that does not read so was not written by a run, and is refused. The run
-    removes it when it ends (a finished run does not read as running; after a kill -9 it stays, unlocked)."""
+    """Hold out/run.lock while a run writes to out: an OS lock (flock), which the kernel drops when the
+    process ends (kill -9 included). The file says who holds it ('pid N on HOST since ...'); a run.lock
+    that does not read so was not written by a run, and is refused. The run removes it when it ends."""
     out.mkdir(parents=True, exist_ok=True)
     lock = out / 'run.lock'
     while True:
@@ -1199,11 +1077,9 @@ def own_folder(out: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or 'holder unknown'
             f.close()
-            raise RunFolderInUse(f'{out} is in use by another run ({holder}): wait '
-                                 f'for it to end, or pick another --out') from None
+            raise RunFolderInUse(f'{out} is in use by another run ({folder_holder(out)}): wait for it to '
+                                 f'end, or pick another --out') from None
         # a run that ended between our open and flock removed the file we locked: lock the one there now
         if lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
             break
@@ -1224,23 +1100,6 @@ def own_folder(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def check_out_folder(out: Path, resume: bool):
-    """The CLI's check of --out before any weight is read (train_prompt checks again, under the lock): a
-    folder another run holds, or a run's files that a new run would overwrite, are refused now."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f'--out {out} is a file: pick a folder for the run')
-    if (out / 'run.lock').is_file():
-        with open(out / 'run.lock') as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = f.read().strip() or 'holder unknown'
-                raise RunFolderInUse(f'{out} is in use by another run ({holder}): wait for it to end, or '
-                                     f'pick another --out') from None
-    if out.is_dir() and not resume:
-        check_new_run(out, resume, lambda *_: None)
-
-
 def folder_holder(out: Path) -> str | None:
     """Who holds out/run.lock now ('pid N on HOST since ...'), or None: nobody (a dead holder's lock is gone
     with its process). A probe: the lock is taken and let go at once."""
@@ -1250,11 +1109,21 @@ def folder_holder(out: Path) -> str | None:
         return None
     with f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return f.read().strip() or 'holder unknown'
-        fcntl.flock(f, fcntl.LOCK_UN)
     return None
+
+
+def check_out_folder(out: Path, resume: bool):
+    """The CLI's check of --out before any weight is read (train_prompt checks again, under the lock)."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f'--out {out} is a file: pick a folder for the run')
+    if folder_holder(out):
+        raise RunFolderInUse(f'{out} is in use by another run ({folder_holder(out)}): wait for it to end, or '
+                             f'pick another --out')
+    if out.is_dir() and not resume:
+        check_new_run(out, resume, lambda *_: None)
 
 
 def finished(out: Path) -> bool:
@@ -1269,58 +1138,90 @@ def finished(out: Path) -> bool:
 
 
 def check_new_run(out: Path, resume: bool, log):
-    """A run that starts at step 0 never replaces files of the run's names that it finds in out (without
-    resume, a checkpoint is refused too: continuing it is what --resume is for). With resume and no
-    checkpoint, a metrics.jsonl alone is the history of a run that stopped before its first checkpoint: it is
-    dropped, and the run starts again at step 0. Leftover <run file>.tmp of an interrupted write are
-    removed; files of other names are left as they are."""
+    """A run that starts at step 0 never replaces a run's files that it finds in out; without resume a
+    checkpoint is refused too. With resume and no checkpoint, a metrics.jsonl alone (a run that stopped
+    before its first checkpoint) is dropped. Leftover <run file>.tmp of an interrupted write are removed."""
     for tmp in out.glob('*.tmp'):
         if run_file(tmp.name.removesuffix('.tmp')):
             tmp.unlink()
-    if (out / 'checkpoint.npz').exists():
-        if resume:
-            return
-        raise FileExistsError(f'{out} holds a run (checkpoint.npz): continue it with --resume '
-                              f'(resume=True), or pick a new --out')
     earlier = sorted(f.name for f in out.iterdir() if run_file(f.name))
-    if earlier == ['metrics.jsonl']:             # a run that stopped before its first checkpoint
-        if not resume:
-            raise FileExistsError(f'{out} holds metrics.jsonl of a run that stopped before its first '
-                                  f'checkpoint: start it again from step 0 with --resume, or pick a new '
-                                  f'--out')
+    if earlier == ['metrics.jsonl'] and resume:
         lines = len((out / 'metrics.jsonl').read_bytes().splitlines())
         (out / 'metrics.jsonl').unlink()
         log(f'{out} holds no checkpoint.npz, only the history of a run that stopped before its first '
             f'checkpoint: dropped its metrics.jsonl ({lines} line{"s" * (lines != 1)})')
-    elif earlier:
-        raise FileExistsError(f'{out} holds {", ".join(earlier)}, files a run writes, but no checkpoint.npz '
-                              f'to resume from; a new run would overwrite them: pick a new --out '
-                              f'(or move them away)')
+    elif earlier and not (resume and 'checkpoint.npz' in earlier):
+        problem = ('a run (checkpoint.npz): continue it with --resume (resume=True), or pick a new --out'
+                   if 'checkpoint.npz' in earlier else
+                   'metrics.jsonl of a run that stopped before its first checkpoint: start it again from '
+                   'step 0 with --resume, or pick a new --out' if earlier == ['metrics.jsonl'] else
+                   f'{", ".join(earlier)}, files a run writes, but no checkpoint.npz to resume from; a new '
+                   f'run would overwrite them: pick a new --out (or move them away)')
+        raise FileExistsError(f'{out} holds {problem}')
 
 
 def run_identity(cfg, frozen, meta) -> dict:
-    """What a run is (checkpoint 'run'; a resume must match it): the model's architecture (not its name, nor
-    dropout_rate, which is TrainConfig.dropout and checked with the config), a fingerprint of its weights, and
-    the caller's meta (CLI: model, task, data, init), as JSON reads them back."""
+    """What a run is (checkpoint 'run'; a resume must match it): the model's architecture (not its execution
+    settings), a fingerprint of its weights (a few small leaves that differ between any two checkpoints of
+    one architecture: T5 1.1 and its LM-adapted version), and the caller's meta (CLI: model, task, data)."""
     arch = {k: v for k, v in dataclasses.asdict(cfg).items()
             if k not in ('name', 'dropout_rate', 'remat', 'scan_layers')}
-    return json.loads(_json({'model': {**arch, 'weights': weights_fingerprint(frozen)}, 'meta': meta or {}}))
+    h = hashlib.sha256()
+    for stack, norm in (('encoder', 'encoder_norm'), ('decoder', 'decoder_norm')):
+        for x in (frozen[stack][norm]['scale'], frozen[stack]['relpos_bias']['rel_embedding']):
+            h.update(np.asarray(x, np.float32).tobytes())
+    return json.loads(_json({'model': {**arch, 'weights': h.hexdigest()[:16]}, 'meta': meta or {}}))
 
 
-def start_or_resume(prompt, tc: TrainConfig, run: dict, info: dict, ckpt: Path, resume: bool, log):
-    """(prompt, opt_state, state) to start from: a fresh optimizer at step 0, or with resume=True the
-    checkpoint (read by process 0, refused if written with other settings: resume_checkpoint)."""
-    optimizer = make_optimizer(tc.optimizer)
-    prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
-    state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
-             'config': dataclasses.asdict(tc), 'run': run}
-    if resume and on_lead(ckpt.exists):
-        prompt, opt_state, state = on_lead(lambda: _to_numpy(*resume_checkpoint(
-            ckpt, optimizer, tc, run, prompt.shape, info, log)))
-        return jnp.asarray(prompt), jax.tree.map(jnp.asarray, opt_state), state
-    if resume:
-        log(f'no checkpoint {ckpt} to resume: starting at step 0')
-    return prompt, optimizer.init(prompt), state
+class RunFolder:
+    """A run's folder as train_prompt reads and writes it: the multi-host seam. With several processes,
+    process 0 alone owns the folder: on the others every write here is a no-op, and what process 0 decides
+    (a refusal, the checkpoint a resume starts from) reaches every process (on_lead)."""
+
+    def __init__(self, out):
+        self.out, self.ckpt, self.lead = Path(out), Path(out) / 'checkpoint.npz', jax.process_index() == 0
+
+    def take(self, held: contextlib.ExitStack, resume: bool, log):
+        """Hold the folder while `held` lasts (own_folder) and check that the run may start there."""
+        def take():
+            held.enter_context(own_folder(self.out))
+            check_new_run(self.out, resume, log)
+        on_lead(take)
+
+    def start(self, prompt, tc: TrainConfig, run: dict, info: dict, resume: bool, log):
+        """(prompt, opt_state, state) to start from: a fresh optimizer at step 0, or with resume=True the
+        checkpoint (refused if written with other settings: resume_checkpoint)."""
+        optimizer = make_optimizer(tc.optimizer)
+        prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
+
+        def read():                                 # numpy: process 0 sends it to the others
+            saved, opt_state, state = resume_checkpoint(self.ckpt, optimizer, tc, run, prompt.shape, info,
+                                                        log)
+            return np.asarray(saved), jax.tree.map(np.asarray, opt_state), state
+        if resume and on_lead(self.ckpt.exists):
+            saved, opt_state, state = on_lead(read)
+            return jnp.asarray(saved), jax.tree.map(jnp.asarray, opt_state), state
+        if resume:
+            log(f'no checkpoint {self.ckpt} to resume: starting at step 0')
+        state = {'step': 0, 'data_position': 0, 'seed': tc.seed, 'best_score': None, 'best_step': None,
+                 'config': dataclasses.asdict(tc), 'run': run}
+        return prompt, optimizer.init(prompt), state
+
+    def history(self, event: dict):
+        """One line of metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval)."""
+        if self.lead:
+            with open(self.out / 'metrics.jsonl', 'ab') as f:
+                f.write(_json(event, None) + b'\n')
+
+    def save_prompt(self, name: str, prompt, info: dict):
+        """name.npy (float32 [P,D], the format of Google's released prompts) + name.json (info)."""
+        if self.lead:
+            _atomic(self.out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
+            _atomic(self.out / f'{name}.json', lambda f: f.write(_json(info)))
+
+    def checkpoint(self, prompt, opt_state, state: dict):
+        if self.lead:
+            save_checkpoint(self.ckpt, prompt, opt_state, state)
 
 
 def check_finite(loss: float, prompt, done: int, ckpt: Path, state: dict):
@@ -1348,38 +1249,19 @@ def best_so_far(state: dict, done: int, metrics: dict) -> bool:
     return best
 
 
-def weights_fingerprint(frozen) -> str:
-    """16 hex digits of sha256 over a few small leaves that differ between any two checkpoints of one
-    architecture (the final norms and relative-position tables: e.g. T5 1.1 and its LM-adapted version), so
-    that a resume with other weights of the same shape is refused."""
-    h = hashlib.sha256()
-    for stack, norm in (('encoder', 'encoder_norm'), ('decoder', 'decoder_norm')):
-        for x in (frozen[stack][norm]['scale'], frozen[stack]['relpos_bias']['rel_embedding']):
-            h.update(np.asarray(x, np.float32).tobytes())
-    return h.hexdigest()[:16]
-
-
-def _flat(config: dict) -> dict:
-    """{'optimizer': {'learning_rate': ..}, ..} -> {'learning_rate': .., ..}: checkpoints before
-    OptimizerConfig stored the TrainConfig flat, and still resume."""
-    return {k: w for key, v in config.items()
-            for k, w in (_flat(v) if isinstance(v, dict) else {key: v}).items()}
-
-
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
-    """(prompt, opt_state, state) of ckpt, refused when it was written with other settings: only `steps`,
-    `log_every` and `eval_batch_size` may change, as nothing a resumed run computes depends on them (`steps`
-    not below the checkpoint's step). The run's
-    history and prompt.json follow: events after the checkpoint are cut, and prompt.json gets the current
-    config (a resume may extend `steps`)."""
+    """(prompt, opt_state, state) of ckpt, refused when it was written with other settings than `free`
+    (nothing a resumed run computes depends on them; `steps` not below the checkpoint's step). Events after
+    the checkpoint leave the history; prompt.json gets the current config."""
     prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
     free = ('steps', 'log_every', 'eval_batch_size', 'sub_batches', 'remat', 'micro_batches')
-    now = _flat(dataclasses.asdict(tc))
-    changed = {k: (v, now.get(k)) for k, v in _flat(state['config']).items()
-               if k not in free and now.get(k) != v}
-    saved = state.get('run', run)                               # checkpoints before 'run' existed: unchecked
-    changed.update({f'{part}.{k}': (saved[part][k], v) for part in run for k, v in run[part].items()
-                    if k in saved.get(part, {}) and saved[part][k] != v})
+
+    def parts(config, run):
+        train = {k: v for k, v in config.items() if k != 'optimizer'}
+        return {'train': train, 'optimizer': config['optimizer'], **run}
+    saved, now = parts(state['config'], state['run']), parts(dataclasses.asdict(tc), run)
+    changed = {f'{part}.{k}': (v, now[part][k]) for part in saved for k, v in saved[part].items()
+               if k not in free and k in now.get(part, ()) and now[part][k] != v}
     if prompt.shape != shape:
         changed['prompt shape'] = (tuple(prompt.shape), tuple(shape))
     if changed:
@@ -1397,44 +1279,35 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
     return prompt, opt_state, state
 
 
-def append_history(out: Path, event: dict):
-    """One line of out/metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval
-    metrics)."""
-    with open(out / 'metrics.jsonl', 'ab') as f:
-        f.write(_json(event, None) + b'\n')
-
-
 def cut_history(out: Path, step: int, eval_pending: bool, log):
     """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that
-    step when the checkpoint says it is still to run, so no event appears twice. A torn last line (a write cut
-    short by a crash or a full disk) is dropped, and said; a damaged line before it is refused, naming it."""
+    step when it is still to run. A torn last line (a write cut short by a crash) is dropped, and said; a
+    damaged line before it is refused, naming it."""
     path = out / 'metrics.jsonl'
-    if not path.exists():
-        return
-    lines = path.read_bytes().splitlines()
-    last, events = max((i for i, line in enumerate(lines) if line.strip()), default=-1), []
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()] if path.exists() else []
+    events = []
     for i, line in enumerate(lines):
-        if not line.strip():
-            continue
         try:
             event = json.loads(line)
-            if not isinstance(event, dict) or type(event.get('step')) is not int:
-                raise ValueError('no integer "step"')
+            step_ok = isinstance(event, dict) and type(event.get('step')) is int
         except ValueError as e:
-            if i < last:
-                raise ValueError(f'{path} line {i + 1} is not an event of a run ({e}): repair or delete that '
-                                 f'line, then rerun with --resume') from None
+            event, step_ok, why = None, False, e
+        else:
+            why = 'no integer "step"'
+        if not step_ok and i < len(lines) - 1:
+            raise ValueError(f'{path} line {i + 1} is not an event of a run ({why}): repair or delete that '
+                             f'line, then rerun with --resume')
+        if not step_ok:
             log(f'{path}: dropped its last line, cut short by a write that did not finish '
                 f'({len(line)} bytes)')
-            continue
-        if event['step'] < step or event['step'] == step and not ('eval' in event and eval_pending):
+        elif event['step'] < step or event['step'] == step and not ('eval' in event and eval_pending):
             events.append(line + b'\n')
-    _atomic(path, lambda f: f.writelines(events))
+    if path.exists():
+        _atomic(path, lambda f: f.writelines(events))
 
 
 class Interrupted(KeyboardInterrupt):
-    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal (130,
-    143)."""
+    """train_prompt stopped on SIGINT/SIGTERM after writing its checkpoint; exit_code = 128 + signal."""
 
     def __init__(self, signum: int, done: int, ckpt: Path):
         super().__init__(f'stopped by {signal.Signals(signum).name} after step {done}: {ckpt} holds it; '
@@ -1444,15 +1317,20 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_requests(log):
-    """While training: SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step (the
-    yielded list gets the signal), so the loop can write its checkpoint; a second Ctrl-C ends the process at
-    once with os._exit(130): the files on disk are whole (atomic writes), the checkpoint the last good one. A
-    raise from the handler itself could land in JAX's garbage-collection callback, which swallows it and the
-    run went on; a KeyboardInterrupt while XLA compiled crashed the interpreter's exit (segfault)."""
+    """While training, SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step, so that
+    it writes its checkpoint: the yielded function returns that signal (0: none), asked on any process, so
+    all stop at the same step. A second Ctrl-C ends the process at once (os._exit(130)); the files on disk
+    are whole (atomic writes). (A raise from the handler could land in JAX's garbage-collection callback,
+    which swallows it; a KeyboardInterrupt while XLA compiled crashed the interpreter's exit.)"""
     got = []
-    # signal handlers belong to the main thread
-    if threading.current_thread() is not threading.main_thread():
-        yield got
+
+    def requested() -> int:
+        mine = got[0] if got else 0
+        if jax.process_count() == 1:
+            return mine
+        return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+    if threading.current_thread() is not threading.main_thread():     # signal handlers: main thread only
+        yield requested
         return
 
     def handler(signum, frame):
@@ -1479,7 +1357,7 @@ def stop_requests(log):
     watcher = threading.Thread(target=second_sigint, daemon=True)
     watcher.start()
     try:
-        yield got
+        yield requested
     finally:
         signal.set_wakeup_fd(previous_fd)
         for s, h in previous.items():
@@ -1510,19 +1388,6 @@ def on_lead(fn, *args):
     return value
 
 
-def _to_numpy(prompt, opt_state, state):
-    return np.asarray(prompt), jax.tree.map(np.asarray, opt_state), state
-
-
-def any_signal(signals) -> int:
-    """The signal that asked this run to stop, on any process (0: none): all processes stop at the same
-    step."""
-    mine = signals[0] if signals else 0
-    if jax.process_count() == 1:
-        return mine
-    return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
-
-
 # ------------------------------------------------------------------------------- I/O: sharding and multi-host
 # Megatron-style split of the frozen weights over the 'model' axis: attention heads N, MLP width F, vocabulary
 # V (else D). Candidate axes in order of preference; a leaf none of whose candidates divides stays replicated.
@@ -1533,29 +1398,28 @@ _MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, timeout_s: int = 300):
     """Join a multi-process (multi-host) run: one process per host, all running the same command. With a
-    coordinator (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from the cluster
-    (Cloud TPU pod, Slurm, Open MPI) when multi_process_env() sees one. A single process changes nothing. (CPU
-    processes exchange through gloo, jax's default CPU collectives: the tests run so.) A wait for peers says
-    so after 2 s, and ends the process in one line after timeout_s (JAX's own timeout aborts with a C++ stack
-    trace, later: it is set 10 s past ours)."""
-    if coordinator is None and not multi_process_env():
-        return
+    coordinator (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from a launcher
+    (Slurm srun, Open MPI mpirun, a Cloud TPU pod) when it sees one. CPU processes exchange through gloo (the
+    tests run so). A wait for peers says so after 2 s, and ends the process in one line after timeout_s
+    (JAX's own timeout, set 10 s later, aborts with a C++ stack trace)."""
     env = os.environ
-    n = num_processes or env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS') or env.get(
-        'OMPI_COMM_WORLD_SIZE') or 'all'
+    slurm, mpi = env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS'), env.get('OMPI_COMM_WORLD_SIZE')
+    launched = (int(slurm or 1) > 1 and 'SLURM_STEP_ID' in env or int(mpi or 1) > 1
+                or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+    n = num_processes or slurm or mpi or 'all'
+    if coordinator is None and not launched:
+        return
     who = f'process {process_id}' if process_id is not None else 'this process'
     where = f'coordinator {coordinator}' if coordinator else 'the coordinator JAX finds from the launcher'
-
-    def waiting():
-        print(f'{who}: waiting for {n} processes at {where} (up to {timeout_s} s, --distributed-timeout)',
-              flush=True)
 
     def give_up():
         print(f'error: {who}: the {n} processes did not all reach {where} within {timeout_s} s: start every '
               f'process with the same --coordinator and --num-processes, or raise --distributed-timeout',
               file=sys.stderr, flush=True)
         os._exit(1)
-    watchdogs = [threading.Timer(min(2, timeout_s / 2), waiting), threading.Timer(timeout_s, give_up)]
+    waiting = f'{who}: waiting for {n} processes at {where} (up to {timeout_s} s, --distributed-timeout)'
+    watchdogs = [threading.Timer(min(2, timeout_s / 2), lambda: print(waiting, flush=True)),
+                 threading.Timer(timeout_s, give_up)]
     for w in watchdogs:
         w.daemon = True
         w.start()
@@ -1567,15 +1431,6 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     finally:
         for w in watchdogs:
             w.cancel()
-
-
-def multi_process_env() -> bool:
-    """A launcher that started several processes of this command: Slurm (srun), Open MPI (mpirun), a Cloud TPU
-    pod."""
-    env = os.environ
-    slurm = int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1
-    return (slurm and 'SLURM_STEP_ID' in env
-            or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
 
 
 def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
@@ -1615,8 +1470,7 @@ def param_shardings(mesh: Mesh, params):
 
 
 def shard_params(mesh: Mesh | None, params):
-    """Frozen weights onto the 'model' axis (see _MODEL_AXES); mesh None or already placed there:
-    unchanged."""
+    """Frozen weights onto the 'model' axis (_MODEL_AXES); mesh None or already placed there: unchanged."""
     if mesh is None:
         return params
     want = param_shardings(mesh, params)
@@ -1628,7 +1482,7 @@ def shard_params(mesh: Mesh | None, params):
 def shard_batch(mesh: Mesh | None, batch, runs_axis: bool = False):
     """A batch split along its batch axis over 'data' (axis 0; with runs_axis, axis 1 of [R,B,...]: runs
     that share a step); mesh None: unchanged. With several processes each passes its own rows
-    (process_rows), and the global batch is assembled from them without any host copying."""
+    (process_rows), and the global batch is assembled from them."""
     if mesh is None:
         return batch
     b = next(iter(batch.values())).shape[int(runs_axis)] * jax.process_count()
@@ -1636,40 +1490,30 @@ def shard_batch(mesh: Mesh | None, batch, runs_axis: bool = False):
         raise ValueError(f"batch size {b} is not divisible by the {mesh.shape['data']} data-parallel "
                          f"devices: pick a --batch_size that is, or a larger --model-parallel")
     sharding = NamedSharding(mesh, PartitionSpec(*[None] * runs_axis, 'data'))
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 def process_rows(mesh: Mesh | None, batch_size: int) -> slice:
-    """The rows of a global batch that this process holds (and reads): all of them for one process; else the
-    contiguous block its devices hold along 'data'."""
-    if mesh is None or jax.process_count() == 1:
+    """The rows of a global batch that this process holds (and reads): the contiguous block its devices hold
+    along 'data' (one process: all of them)."""
+    if mesh is None:
         return slice(0, batch_size)
-    sharding = NamedSharding(mesh, PartitionSpec('data'))
-    indices = sharding.addressable_devices_indices_map((batch_size,)).values()
-    start, stop = min(i[0].start or 0 for i in indices), max(i[0].stop or batch_size for i in indices)
-    if (stop - start) * jax.process_count() != batch_size:
-        raise ValueError(f'this process holds rows {start}:{stop} of {batch_size}, not a '
-                         f'1/{jax.process_count()} block: the mesh does not split the batch evenly over '
-                         f'processes')
-    return slice(start, stop)
+    indices = NamedSharding(mesh, PartitionSpec('data')).addressable_devices_indices_map((batch_size,))
+    return slice(min(i[0].start or 0 for i in indices.values()),
+                 max(i[0].stop or batch_size for i in indices.values()))
 
 
 def replicate(mesh: Mesh | None, tree):
-    """A full copy on every device (the prompt and its optimizer state: 100 x D floats); mesh None:
-    unchanged."""
+    """A full copy on every device (the prompt and its optimizer state); mesh None: unchanged."""
     if mesh is None:
         return tree
     sharding = NamedSharding(mesh, PartitionSpec())
-    def shard(x):
-        return jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i])
-    return jax.tree.map(shard, tree)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]),
+                        tree)
 
 
 def spread_rows(mesh: Mesh | None, x):
-    """An array every process holds whole (evaluation inputs), split over 'data' by rows; mesh None:
-    unchanged."""
+    """An array every process holds whole (evaluation inputs), split over 'data' by rows."""
     if mesh is None:
         return x
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec('data')), lambda i: x[i])
@@ -1677,19 +1521,40 @@ def spread_rows(mesh: Mesh | None, x):
 
 def gather(x) -> np.ndarray:
     """A (possibly multi-host) array as one numpy array on every process (evaluation outputs)."""
-    if jax.process_count() == 1 or getattr(x, 'is_fully_addressable', True):
+    if getattr(x, 'is_fully_addressable', True):
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
+# What override refuses, field -> (ok, what it must be): a value that would fail (or divide by zero) only
+# after hours of training. The configs are checked here, where a user sets them, and trusted elsewhere.
+def _at_least(n):
+    return lambda x: x >= n, f'>= {n}'
+
+
+LIMITS = {**dict.fromkeys(('steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every',
+                           'eval_batch_size', 'length', 'vocab_pool'), _at_least(1)),
+          **dict.fromkeys(('embedding_step', 'eval_limit', 'sub_batches', 'micro_batches'), _at_least(0)),
+          'remat': (lambda x: x in REMATS, f'one of {REMATS}'),
+          'init': (lambda x: x in INITS, f'one of {INITS}'),
+          'eval_method': (lambda x: x in ('decode', 'rank'), "'decode' or 'rank'"),
+          'dropout': (lambda x: 0 <= x < 1, 'in [0, 1)'),
+          'z_loss': (lambda x: 0 <= x < math.inf, 'finite and >= 0'),
+          'max_input_len': (lambda x: x >= 2, '>= 2: one token and EOS'),
+          'max_target_len': (lambda x: x == 0 or x >= 2, "0 (the task's) or >= 2: one token and EOS"),
+          'learning_rate': (lambda x: 0 < x < math.inf, 'finite and > 0'),
+          'decay_rate': (lambda x: 0 < x <= 1, 'in (0, 1]'),
+          'weight_decay': (lambda x: 0 <= x < 1, 'in [0, 1)'),
+          'clipping_threshold': (lambda x: x > 0, '> 0')}
+
+
 def override(cfg, argv):
-    """Apply each `--field=value` of argv naming a field of cfg; return (new cfg, the other items).
-    Example: override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...),
-    ['--x=1'])."""
+    """Apply each `--field=value` of argv naming a field of cfg, type- and range-checked (LIMITS); return
+    (new cfg, the other items). Example: override(TrainConfig(), ['--steps=30000', '--x=1']) ->
+    (TrainConfig(steps=30000, ...), ['--x=1'])."""
     changes, rest, fields = {}, [], set()
-    # a nested config (TrainConfig.optimizer) takes its own
-    for f in dataclasses.fields(cfg):
+    for f in dataclasses.fields(cfg):          # a nested config (TrainConfig.optimizer) takes its own
         if dataclasses.is_dataclass(getattr(cfg, f.name)):
             changes[f.name], argv = override(getattr(cfg, f.name), argv)
         else:
@@ -1701,16 +1566,22 @@ def override(cfg, argv):
             rest.append(arg)
             continue
         want = type(getattr(cfg, name))
-        try:                                              # a str field keeps its text as is: --text=1984
+        try:                                   # a str field keeps its text as is: --text=1984; float: nan too
             value = text if want is str else float(text) if want is float else ast.literal_eval(text)
-        # float() reads nan/inf too: __post_init__ judges them
         except (ValueError, SyntaxError):
             value = text
         if type(value) is not want:
             raise ValueError(f'--{name}={text}: {type(cfg).__name__}.{name} expects {want.__name__}, '
                              f'got {type(value).__name__}')
         changes[name] = value
-    return dataclasses.replace(cfg, **changes), rest
+    cfg = dataclasses.replace(cfg, **changes)
+    bad = [f'{f}={getattr(cfg, f)!r} (must be {why})' for f, (ok, why) in LIMITS.items()
+           if f in fields and not ok(getattr(cfg, f))]
+    if 'micro_batches' in fields and cfg.micro_batches and cfg.batch_size % cfg.micro_batches:
+        bad.append(f'micro_batches={cfg.micro_batches} (must divide batch_size={cfg.batch_size})')
+    if bad:
+        raise ValueError(f"bad {type(cfg).__name__}: {', '.join(bad)}")
+    return cfg, rest
 
 
 def field_notes(cls) -> dict:
@@ -1758,10 +1629,8 @@ def config_flags(args) -> list[str]:
 
 
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
-    """Turn on JAX's persistent compilation cache, so a second run of the same shapes loads its compiled steps
-    instead of compiling them again (seconds to a minute each on CPU). path None: $SPOT_COMPILE_CACHE, else
-    $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); SPOT_COMPILE_CACHE=off (or 0) turns it off. Returns the
-    folder."""
+    """Turn on JAX's persistent compilation cache (a second run of the same shapes loads its compiled steps):
+    path, else $SPOT_COMPILE_CACHE, else $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); 'off' (or 0): none."""
     path = path or os.environ.get('SPOT_COMPILE_CACHE') or \
         Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'spot-jax'
     if str(path).lower() in ('off', '0', 'false', 'no', 'none'):
@@ -1817,11 +1686,11 @@ PROMPT_FILES = ('.npy [P,D]; a T5X prompt file (encoder.prompt.prompt.prompt) or
                 'folder; a PEFT prompt-tuning adapter folder')
 
 
-def model_config(name: str, for_export=True) -> t5_model.T5Config:
-    """--model's T5Config without its weights (export and plan need only the shape): a checkpoint directory's
-    config.json, a known hub name, or the hub's config.json."""
-    if name == 'tiny' and for_export:
-        raise ValueError('--model tiny is a random model that PEFT cannot load: pass a hub id or directory')
+def model_config(name: str) -> t5_model.T5Config:
+    """--model's T5Config without its weights (export and plan need only the shape): 'tiny', a checkpoint
+    directory's config.json, a known hub name, or the hub's config.json."""
+    if name == 'tiny':
+        return t5_model.T5Config.tiny()
     d = Path(name).expanduser()
     if d.is_dir():
         try:
@@ -1919,11 +1788,16 @@ def main(argv=None):
         sys.exit(130)
 
 
+def say(*args, **kw):
+    """print, on process 0 alone (the command's output; several processes print it once)."""
+    if jax.process_index() == 0:
+        print(*args, **{'flush': True, **kw})
+
+
 def _devices(args):
     """Join the other processes (multi-host) and make the mesh; None on one device."""
     init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
-    if jax.process_index() == 0:
-        print(device_summary(), flush=True)
+    say(device_summary())
     return make_mesh(args.model_parallel) if jax.device_count() > 1 or args.model_parallel != 1 else None
 
 
@@ -1943,14 +1817,11 @@ def _vocab(args):
 
 def _load_weights(args, tc, mesh):
     """load_model, with a line before and after: a large checkpoint takes minutes to read."""
-    lead, start = jax.process_index() == 0, time.perf_counter()
-    if lead:
-        print(f"loading the weights of {'a random tiny T5' if args.model == 'tiny' else args.model} "
-              f'({args.dtype})', flush=True)
+    start = time.perf_counter()
+    say(f"loading the weights of {'a random tiny T5' if args.model == 'tiny' else args.model} ({args.dtype})")
     cfg, frozen = load_model(args.model, tc.seed, args.dtype, mesh)
-    if lead:
-        n = sum(x.size for x in jax.tree.leaves(frozen))
-        print(f'loaded {n / 1e6:,.1f}M weights in {time.perf_counter() - start:.1f} s', flush=True)
+    n = sum(x.size for x in jax.tree.leaves(frozen))
+    say(f'loaded {n / 1e6:,.1f}M weights in {time.perf_counter() - start:.1f} s')
     return cfg, frozen
 
 
@@ -1970,36 +1841,34 @@ def progress_printer(what: str, log=print, every: float = 30.0):
 def evaluate_cli(args, tc, pc):
     import data
     prompt = load_prompt(args.prompt)               # cheap checks first: the prompt, task, data, output
-    if data.task_names(args.task)[0]:
+    mixture, tasks = data.task_names(args.task)
+    if mixture:
         raise ValueError(f'--task {args.task} is a mixture, which has no single metric: evaluate one of its '
-                         f'tasks ({", ".join(data.task_names(args.task)[1])})')
+                         f'tasks ({", ".join(tasks)})')
     task = data.get_task(args.task).name
     _check_data_dir(args)
     if args.out and Path(args.out).is_dir():
         raise IsADirectoryError(f'--out {args.out} is a folder: pass a file name (scores.json)')
-    mesh = _devices(args)
-    vocab = _vocab(args)
+    mesh, vocab = _devices(args), _vocab(args)
     n = len(data.load_examples(task, args.split, args.data)[:tc.eval_limit or None])   # before the weights
     cfg, frozen = _load_weights(args, tc, mesh)
     check_prompt(prompt, cfg.d_model, what=f'prompt {args.prompt}')
-    lead = jax.process_index() == 0
-    log = print if lead else (lambda *a, **k: None)
-    log(f'evaluating {args.prompt} on {task} {args.split}: {n} examples ({tc.eval_method})', flush=True)
-    run = make_evaluator(task, frozen, cfg, vocab, tc, args.split, args.data, mesh,
-                         progress=progress_printer(f'{task} {args.split}', log))
-    scores = run(jnp.asarray(prompt, jnp.float32))
+    say(f'evaluating {args.prompt} on {task} {args.split}: {n} examples ({tc.eval_method})')
+    evaluator = make_evaluator(task, frozen, cfg, vocab, tc, args.split, args.data, mesh,
+                               progress=progress_printer(f'{task} {args.split}', say))
     record = {'task': task, 'split': args.split, 'examples': n, 'prompt': str(args.prompt),
-              'model': args.model, **scores}
-    if lead:
-        print(json.dumps(record))
-        if args.out:
-            _atomic(Path(args.out), lambda f: f.write(_json(record)))
-            print(f'wrote {args.out}')
+              'model': args.model, **evaluator(jnp.asarray(prompt, jnp.float32))}
+    say(json.dumps(record))
+    if args.out and jax.process_index() == 0:
+        _atomic(Path(args.out), lambda f: f.write(_json(record)))
+        say(f'wrote {args.out}')
 
 
 def export_cli(args, tc, pc):
-    prompt, cfg = load_prompt(args.prompt), model_config(args.model)
-    check_prompt(prompt, cfg.d_model, what=f'prompt {args.prompt}')
+    if args.model == 'tiny':
+        raise ValueError('--model tiny is a random model that PEFT cannot load: pass a hub id or directory')
+    cfg = model_config(args.model)
+    prompt = load_prompt(args.prompt, cfg.d_model)
     out = export_peft(prompt, cfg, args.out, args.model)
     base = f'T5ForConditionalGeneration.from_pretrained({args.model!r})'
     print(f'wrote {out}/{PEFT_CONFIG} and {PEFT_WEIGHTS} ({prompt.shape[0]} virtual tokens); in PEFT: '
@@ -2008,52 +1877,47 @@ def export_cli(args, tc, pc):
 
 def _model_shapes(args):
     """--model's T5Config and its weights' shapes in --dtype, without reading a weight."""
-    cfg = t5_model.T5Config.tiny() if args.model == 'tiny' else model_config(args.model, for_export=False)
+    cfg = model_config(args.model)
     return cfg, jax.eval_shape(lambda k: t5_model.init_params(k, cfg, DTYPES[args.dtype]), jax.random.key(0))
 
 
 def _target_len(args, tc):
-    if tc.max_target_len or not args.task:
-        return tc.max_target_len or DEFAULT_TARGET_LEN
     import data
-    names = args.task if isinstance(args.task, list) else [args.task]      # train: several tasks
-    return max(data.get_task(t).target_len for name in names
-               for t in (data.task_names(name)[1]))
+    names = [args.task] if isinstance(args.task, str) else args.task or []     # train: several tasks
+    return tc.max_target_len or max((data.get_task(t).target_len for name in names
+                                     for t in data.task_names(name)[1]), default=DEFAULT_TARGET_LEN)
 
 
 def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
     """train and plan: the memory plan from shapes; train refuses a run that does not fit, in one line."""
     cfg, shapes = _model_shapes(args)
-    lead = jax.process_index() == 0
-    log = print if lead else (lambda *_: None)
     sizes = dict(input_len=tc.max_input_len, target_len=_target_len(args, tc), prompt_len=pc.length)
     if plan_anyway:
-        plan = memory_plan(cfg, tc, shapes, **sizes, mesh=mesh, device_memory_gib=args.device_memory,
-                           log=log)
-    else:
-        tc, plan = resolve_memory(cfg, tc, shapes, *sizes.values(), mesh, args.device_memory, log)
+        return memory_plan(cfg, tc, shapes, **sizes, mesh=mesh, device_memory_gib=args.device_memory, log=say)
+    tc, plan = resolve_memory(cfg, tc, shapes, *sizes.values(), mesh, args.device_memory, say)
     if plan is None or plan['fits']:
-        return tc if not plan_anyway else plan
-    need, have = plan['peak'] / GiB, plan['budget'] / GiB
+        return tc
+    need, have = plan['peak'] / GiB, f"the {plan['budget'] / GiB:.1f} GiB planned for " \
+        f"({plan['budget_source']})"
     if plan['weights'] + plan['prompt_optimizer'] > plan['budget']:
         fix = ('--dtype bfloat16, ' if args.dtype == 'float32' else '') + \
             '--model-parallel N over more devices, or a device with more memory'
-        raise MemoryError(f"{args.model}'s weights alone need {plan['weights'] / GiB:.1f} GiB per device, "
-                          f'more than the {have:.1f} GiB planned for ({plan["budget_source"]}): use {fix}')
-    if plan['eval_peak'] > plan['budget'] >= plan['step_peak']:
-        raise MemoryError(f"the evaluation needs {plan['eval_peak'] / GiB:.1f} GiB per device, more than the "
-                          f"{have:.1f} GiB planned for ({plan['budget_source']}): use a smaller "
-                          f"--eval_batch_size (now {tc.eval_batch_size})")
-    fixed = '' if tc.remat == 'auto' and not tc.micro_batches else '--remat=auto --micro_batches=0 (auto), '
-    raise MemoryError(f"the run needs {need:.1f} GiB per device (remat {plan['remat']}, micro_batches "
-                      f"{plan['micro_batches']}), more than the {have:.1f} GiB planned for "
-                      f"({plan['budget_source']}): use {fixed}a smaller --batch_size or --max_input_len, "
-                      f"--model-parallel N, or --dtype bfloat16")
+        why = f"{args.model}'s weights alone need {plan['weights'] / GiB:.1f} GiB per device, more than " \
+            f"{have}"
+    elif plan['eval_peak'] > plan['budget'] >= plan['step_peak']:
+        fix = f'a smaller --eval_batch_size (now {tc.eval_batch_size})'
+        why = f"the evaluation needs {plan['eval_peak'] / GiB:.1f} GiB per device, more than {have}"
+    else:
+        auto = tc.remat == 'auto' and not tc.micro_batches
+        fix = ('' if auto else '--remat=auto --micro_batches=0 (auto), ') + \
+            'a smaller --batch_size or --max_input_len, --model-parallel N, or --dtype bfloat16'
+        why = (f"the run needs {need:.1f} GiB per device (remat {plan['remat']}, micro_batches "
+               f"{plan['micro_batches']}), more than {have}")
+    raise MemoryError(f'{why}: use {fix}')
 
 
 def plan_cli(args, tc, pc):
-    mesh = _devices(args)
-    plan = _plan_or_refuse(args, tc, pc, mesh, plan_anyway=True)
+    plan = _plan_or_refuse(args, tc, pc, _devices(args), plan_anyway=True)
     rows = [('weights', plan['weights']), ('prompt + optimizer', plan['prompt_optimizer']),
             ('activations/temporaries', plan['temporaries']), ('training step total', plan['step_peak']),
             (f"evaluation total (batch {plan['eval_batch_size']})", plan['eval_peak'])]
@@ -2070,7 +1934,7 @@ def plan_cli(args, tc, pc):
 def train_cli(args, tc, pc):
     import data
     # cheap checks first (task, flags, files, output folders), then the data, and the weights last
-    tc = dataclasses.replace(tc, steps=tc.steps if args.steps is None else args.steps)
+    tc = tc if args.steps is None else override(tc, [f'--steps={args.steps}'])[0]
     if tc.optimizer.learning_rate > 10:           # valid, but 33x the paper's 0.3 (footnote 7)
         print(f"warning: learning_rate={tc.optimizer.learning_rate:g} is far above prompt tuning's 0.3 (SPoT "
               f"footnote 7): steps that large usually make the loss NaN", file=sys.stderr)
@@ -2090,15 +1954,16 @@ def train_cli(args, tc, pc):
                          f'(got {args.task}, {sources}, {seeds})')
     pcs = {source: dataclasses.replace(pc, init=args.init or ('file' if source else pc.init), source=source)
            for source in sources}
-    tasks = {}                                                           # --task -> (mixture, its tasks)
-    for task_arg in args.task:
-        mixture, names = tasks[task_arg] = data.task_names(task_arg)    # e.g. --task GLUE
+    tasks = {task: data.task_names(task) for task in args.task}            # --task -> (mixture, its tasks)
+    for task, (mixture, names) in tasks.items():
         if any(p.init == 'class_labels' for p in pcs.values()) and (
                 mixture or not data.get_task(names[0]).output_labels):
-            raise ValueError(f'{task_arg} has no class labels: use --init text --text="..." '
-                             f'(Lester: task words)')
+            raise ValueError(f'{task} has no class labels: use --init text --text="..." (Lester: task words)')
     for source, p in pcs.items():
-        if p.init == 'file' and source:
+        if p.init == 'file' and not source or p.init == 'text' and not p.text:
+            need = '--source-prompt PATH' if p.init == 'file' else '--text=...'
+            raise ValueError(f'--init {p.init} needs {need}')
+        if p.init == 'file':
             load_prompt(source, length=p.length, what='source prompt')
     if args.runs_per_step < 0:
         raise ValueError(f'--runs-per-step {args.runs_per_step}: must be >= 1 (0: all runs)')
@@ -2106,9 +1971,9 @@ def train_cli(args, tc, pc):
     mesh = _devices(args)
     for *_, out in runs:
         on_lead(check_out_folder, Path(out), args.resume)
-    R = min(args.runs_per_step or len(runs), len(runs))
     # R runs' batches of B rows in one step take the memory of one run's batch of R * B (before any weight is
     # read); micro-batches split each run's batch. Without --runs-per-step, R halves until the plan fits.
+    R = min(args.runs_per_step or len(runs), len(runs))
     while True:
         try:
             planned = _plan_or_refuse(args, dataclasses.replace(tc, batch_size=tc.batch_size * R), pc, mesh)
@@ -2127,24 +1992,23 @@ def train_cli(args, tc, pc):
                                                  seed)
                     for _, names in tasks.values() for t in names for seed in seeds}
     cfg, frozen = _load_weights(args, dataclasses.replace(tc, seed=0), mesh)   # 'tiny': one for every seed
-    lead, made, evaluators = jax.process_index() == 0, [], {}
-    for task_arg, source, seed, out in runs:
-        made.append(_cli_run(args, data, cfg, frozen, vocab, mesh, dataclasses.replace(tc, seed=seed),
-                             pcs[source], task_arg, tasks[task_arg], data_sources, out, evaluators, lead))
+    evaluators = {}
+    made = [_cli_run(args, data, cfg, frozen, vocab, mesh, dataclasses.replace(tc, seed=seed), pcs[source],
+                     task, tasks[task], data_sources, out, evaluators) for task, source, seed, out in runs]
     results = train_prompts(made, frozen, cfg, resume=args.resume, mesh=mesh, runs_per_step=R)
     for run, result in zip(made, results):
         best, step, out = result['best_score'], result['best_step'], run.out_dir
-        if lead and run.evaluator is None:
-            print(f"prompt in {out}/prompt.npy (the prompt after step {result['step']})")
-        elif lead and (best is None or not math.isfinite(best)):   # NaN: Pearson of constant predictions
-            print(f'no evaluation gave a finite score; prompt in {out}/prompt.npy is the first evaluated '
-                  f'(step {step})')
-        elif lead:
-            print(f'best score {best} at step {step}; prompt in {out}/prompt.npy')
+        if run.evaluator is None:
+            say(f"prompt in {out}/prompt.npy (the prompt after step {result['step']})")
+        elif best is None or not math.isfinite(best):     # NaN: Pearson of constant predictions
+            say(f'no evaluation gave a finite score; prompt in {out}/prompt.npy is the first evaluated '
+                f'(step {step})')
+        else:
+            say(f'best score {best} at step {step}; prompt in {out}/prompt.npy')
 
 
 def _cli_run(args, data, cfg, frozen, vocab, mesh, tc, pc, task_arg, mixture_tasks, data_sources, out,
-             evaluators, lead) -> Run:
+             evaluators) -> Run:
     """One run of `spot.py train`: its task (or mixture), starting prompt, batches and evaluator."""
     mixture, tasks = mixture_tasks
     task = data.get_task(tasks[0])
@@ -2167,10 +2031,9 @@ def _cli_run(args, data, cfg, frozen, vocab, mesh, tc, pc, task_arg, mixture_tas
     if task.metrics and not mixture and task.name not in evaluators:   # one per task, shared by its runs
         evaluators[task.name] = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data,
                                                mesh=mesh)
-    evaluator = evaluators.get(task.name) if not mixture else None
-    # c4 (prefix LM) and the mixtures (SPoT's sources): no single validation metric
-    if evaluator is None and lead:
-        print(f'{task_arg}: no validation metric; {out}/prompt.npy will be the prompt after the last step')
+    evaluator = None if mixture else evaluators.get(task.name)
+    if evaluator is None:           # c4 (prefix LM) and the mixtures (SPoT's sources): no validation metric
+        say(f'{task_arg}: no validation metric; {out}/prompt.npy will be the prompt after the last step')
     return Run(prompt, tc, batches, evaluator, out,
                meta={'model': args.model, 'dtype': args.dtype, 'task': task_arg, 'init': pc.init,
                      'prompt_config': dataclasses.asdict(pc), 'reads': reads})

@@ -340,9 +340,8 @@ def test_file_init_and_width_check(tmp_path):
 
 def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
     """Regressions: jnp indexing clamps ids >= V, so a vocab_pool above the vocabulary made 18 of 20 sampled
-    rows the last row, and out-of-range label/text ids read the wrong rows; NaN, integer, 1-D, .npz and
-    truncated source files were accepted or failed with an unrelated message; labels as numpy arrays
-    failed."""
+    rows the last row; NaN, integer, 1-D, .npz and truncated source files were accepted or failed with an
+    unrelated message; labels as numpy arrays failed."""
     params, small = table(), table(V=1024)
     with pytest.raises(ValueError, match=r'vocab_pool 5000 exceeds .* 1024 rows: pass --vocab_pool=1024'):
         spot.init_prompt(jax.random.key(0), small, spot.PromptConfig(length=20))
@@ -350,12 +349,8 @@ def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
     ids = row_ids(pooled, small['token_embedder']['embedding'])
     assert ids.min() >= 0 and len(set(ids)) == 20
     labels = spot.PromptConfig(length=2, init='class_labels')
-    with pytest.raises(ValueError, match=r'class label 1: .* ids in \[0, 6000\), got \[6000\]'):
-        spot.init_prompt(jax.random.key(0), params, labels, label_ids=[[5], [6000]])
     with pytest.raises(ValueError, match='got 3 labels: use --length=3 or more'):
         spot.init_prompt(jax.random.key(0), params, labels, label_ids=[[1], [2], [3]])
-    with pytest.raises(ValueError, match='text init'):
-        spot.init_prompt(jax.random.key(0), params, spot.PromptConfig(length=2, init='text'), text_ids=[-1])
     emb = np.asarray(params['token_embedder']['embedding'])
     prompt = spot.init_prompt(jax.random.key(0), params, labels, label_ids=np.array([[3, 4]]))
     np.testing.assert_allclose(prompt[0], emb[[3, 4]].mean(0), rtol=0, atol=f32_atol(emb[[3, 4]], 2))
@@ -377,8 +372,8 @@ def test_init_prompt_refuses_what_it_would_get_silently_wrong(tmp_path):
         source = spot.PromptConfig(length=P, init='file', source=str(tmp_path / name))
         with pytest.raises(ValueError, match=match):
             spot.init_prompt(None, params, source)
-    with pytest.raises(ValueError, match='length >= 1'):
-        spot.PromptConfig(length=0)
+    with pytest.raises(ValueError, match=r'bad PromptConfig: length=0 \(must be >= 1\)'):
+        spot.override(spot.PromptConfig(), ['--length=0'])
 
 
 @pytest.mark.parametrize('task', ['sst2', 'mrpc', 'rte'])
@@ -816,7 +811,7 @@ def test_resume_refuses_changed_settings(tmp_path, frozen):
     spot.save_checkpoint(tmp_path / 'checkpoint.npz', jnp.zeros((P, CFG.d_model)),
                          spot.make_optimizer(TC.optimizer).init(jnp.zeros((P, CFG.d_model))),
                          {'step': 4, 'data_position': 4, 'seed': 0, 'best_score': None, 'best_step': None,
-                          'config': dataclasses.asdict(dataclasses.replace(
+                          'run': {}, 'config': dataclasses.asdict(dataclasses.replace(
                               TC, optimizer=spot.OptimizerConfig(learning_rate=0.1)))})
     with pytest.raises(ValueError, match='learning_rate'):
         run(tmp_path, frozen, synthetic_batches(), resume=True)
@@ -836,21 +831,6 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, frozen
                           log=quiet)
     one_line_naming(e, tmp_path / 'checkpoint.npz')
     assert files() == before
-
-def test_resume_reads_a_checkpoint_with_the_flat_config_of_before_optimizer_config(tmp_path, frozen):
-    flat = {k: v for k, v in dataclasses.asdict(TC).items() if k != 'optimizer'}
-    # how checkpoints stored TrainConfig until OptimizerConfig
-    flat.update(dataclasses.asdict(TC.optimizer))
-    prompt = spot.init_prompt(jax.random.key(1), frozen, PC)
-    spot.save_checkpoint(tmp_path / 'checkpoint.npz', prompt, spot.make_optimizer(TC.optimizer).init(prompt),
-                         {'step': 4, 'data_position': 4, 'seed': 0, 'best_score': None, 'best_step': None,
-                          'config': flat})
-    assert run(tmp_path, frozen, synthetic_batches(), resume=True)['step'] == TC.steps
-    spot.save_checkpoint(tmp_path / 'checkpoint.npz', prompt, spot.make_optimizer(TC.optimizer).init(prompt),
-                         {'step': 4, 'data_position': 4, 'seed': 0, 'best_score': None, 'best_step': None,
-                          'config': {**flat, 'decay_rate': 0.5}})
-    with pytest.raises(ValueError, match='decay_rate'):
-        run(tmp_path, frozen, synthetic_batches(), resume=True)
 
 
 def test_override_parses_and_type_checks():
