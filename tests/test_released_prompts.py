@@ -45,7 +45,7 @@ def test_label_minus_one_becomes_unk():
 
 def test_load_prompts_checks_width(tmp_path):
     np.save(tmp_path / "sst2.npy", np.zeros((100, 512), np.float32))
-    with pytest.raises(ValueError, match=r"\[P, 768\]"):
+    with pytest.raises(ValueError, match=r"sst2.npy has shape \(100, 512\): width 512 .* d_model 768"):
         rp.load_prompts(tmp_path, ("sst2",), 768)
     with pytest.raises(FileNotFoundError, match="rte.npy"):
         rp.load_prompts(tmp_path, ("rte",), 768)
