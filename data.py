@@ -265,11 +265,7 @@ def unpad(a):
 
 
 # ----------------------------------------------------------------------------------- task formats: T5 strings
-def _join(parts):
-    """tf.strings.join(parts, separator=' '): no whitespace clean-up (T5 glue/stsb/wsc/record)."""
-    return " ".join(parts)
-
-
+# " ".join(parts) is T5's tf.strings.join(parts, separator=' '): no whitespace clean-up (glue/stsb/wsc/record)
 def _collapse(text):
     """T5 `_string_join` tail: RE2 \\s+ -> ' ' (RE2's \\s is [\\t\\n\\f\\r ], ASCII only)."""
     return re.sub(r"[\t\n\f\r ]+", " ", text)
@@ -282,29 +278,22 @@ def _pad_punct(text):
     return _collapse(re.sub(r"([!-/:-@\[-`{-~])", r" \1 ", text))
 
 
-def _label_str(label, names):
-    return "<unk>" if label == -1 else names[label]     # T5: label -1 (test) -> "<unk>"
-
-
 # ------------------------------------------------------------------------------ task formats: example -> text
-def fmt_glue(ex, prefix, fields, names):
-    """T5 `glue`: "<prefix> k1: v1 k2: v2" (keys sorted unless given) -> label name. MultiRC drops HTML."""
-    keys = fields or sorted(set(ex) - {"label", "idx"})
-    text = _join([prefix] + [f"{k}: {ex[k]}" for k in keys])
+def fmt_glue(ex, prefix, fields, names, collapse=False):
+    """T5 `glue`: "<prefix> k1: v1 k2: v2" (keys sorted unless given) -> label name, "<unk>" for label -1 (a
+    test example; no names: the label itself). MultiRC drops HTML. collapse=True: the official SPoT
+    `preprocess_text_classification`, whitespace collapsed."""
+    text = " ".join([prefix] + [f"{k}: {ex[k]}" for k in fields or sorted(set(ex) - {"label", "idx"})])
     if prefix == "multirc":
         text = re.sub(r"<(/)?b>", "", text.replace("<br>", " "))
-    return {"inputs": text, "targets": _label_str(ex["label"], names)}
-
-
-def fmt_classify(ex, prefix, fields, names):
-    """Official SPoT `preprocess_text_classification`: like glue but whitespace collapsed."""
-    return {"inputs": _collapse(_join([prefix] + [f"{k}: {ex[k]}" for k in fields])),
-            "targets": _label_str(ex["label"], names) if names else str(ex["label"])}
+    label = ex["label"]
+    return {"inputs": _collapse(text) if collapse else text,
+            "targets": str(label) if names is None else "<unk>" if label == -1 else names[label]}
 
 
 def fmt_stsb(ex, prefix="stsb", collapse=False):
     """T5 `stsb`: the score rounded to the nearest 0.2 and printed with one decimal, e.g. 1.8 -> "1.8"."""
-    text = _join([f"{prefix} sentence1:", ex["sentence1"], "sentence2:", ex["sentence2"]])
+    text = " ".join([f"{prefix} sentence1:", ex["sentence1"], "sentence2:", ex["sentence2"]])
     value = np.round(np.float32(ex["label"]) * np.float32(5)) / np.float32(5)   # tf.round: half to even
     return {"inputs": _collapse(text) if collapse else text, "targets": "%.1f" % value}
 
@@ -326,7 +315,7 @@ def fmt_wsc(ex):
     """T5 `wsc_simple`: "wsc: ... *pronoun* ..." -> the candidate referent (span1)."""
     words = ex["text"].split(" ")
     i = ex["span2_index"]
-    text = _join([" ".join(words[:i]), "X", " ".join(words[i + 1:])])
+    text = " ".join([" ".join(words[:i]), "X", " ".join(words[i + 1:])])
     # The two WSC texts whose span2_index points at the wrong word: T5 matches the whole text exactly (other
     # texts share their first sentence, e.g. '... "Served him right," he said.', and keep the general rule).
     text = _WSC_SPECIAL.get(ex["text"], text)
@@ -337,7 +326,8 @@ def fmt_record(ex, answer=0):
     """T5 `record`: "record query: Q entities: e1, e2 passage: P" -> an answer (the first; see text_pairs)."""
     passage = re.sub(r"(\.|\?|\!|\"|\')\n@highlight\n", r"\1 ", ex["passage"])
     passage = passage.replace("\n@highlight\n", ". ")
-    text = _join(["record query:", ex["query"], "entities:", ", ".join(ex["entities"]), "passage:", passage])
+    text = " ".join(["record query:", ex["query"], "entities:", ", ".join(ex["entities"]), "passage:",
+                     passage])
     return {"inputs": text, "targets": ex["answers"][answer] if ex["answers"] else "<unk>"}
 
 
@@ -345,7 +335,7 @@ def fmt_qa(ex, prefix=None):
     """Official SPoT `mrqa` (T5 `squad` with the task name first): "<task> question: q context: c" -> the
     first answer, punctuation padded. prefix=None gives T5's own squad format, with no task name."""
     parts = ["question:", _pad_punct(ex["question"]), "context:", _pad_punct(ex["context"])]
-    return {"inputs": _collapse(_join([prefix, *parts] if prefix else parts)),
+    return {"inputs": _collapse(" ".join([prefix, *parts] if prefix else parts)),
             "targets": _pad_punct(ex["answers"][0])}
 
 
@@ -353,7 +343,7 @@ def fmt_generate(ex, prefix, source, target, instruction=None, sep=" \\n "):
     """SPoT `preprocess_text_generation`: "<task> [<instruction>] <source>" -> target.
     A source that is a list is joined by sep."""
     src = ex[source] if isinstance(ex[source], str) else sep.join(ex[source])
-    return {"inputs": _join([p for p in (prefix, instruction, src) if p]), "targets": ex[target]}
+    return {"inputs": " ".join([p for p in (prefix, instruction, src) if p]), "targets": ex[target]}
 
 
 _LANG = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian"}
@@ -378,28 +368,6 @@ def fmt_prefix_lm(ex):
 def _race(ex):        # one article with many questions -> one example per question; options become A..D
     return [{"article": ex["article"], "question": q, **dict(zip("ABCD", opts)), "label": "ABCD".find(a)}
             for q, a, opts in zip(ex["questions"], ex["answers"], ex["options"])]
-
-
-def _squad(ex):
-    return [{**ex, "answers": list(ex["answers"]["text"])}]
-
-
-def _drop(ex):
-    return [{"question": ex["question"], "context": ex["passage"], "query_id": ex["query_id"],
-             "answers": [ex["answer"]] + list(ex["validated_answers"])}]
-
-
-def _hellaswag(ex):
-    return [{**{k: v for k, v in ex.items() if k != "endings"},
-             **{f"ending{i}": e for i, e in enumerate(ex["endings"])}}]
-
-
-def _sentiment140(ex):  # polarity 0 / 2 / 4
-    return [{"text": ex["text"], "label": {0: 0, 2: 1, 4: 2}.get(ex["polarity"], -1)}]
-
-
-def _goemotions(ex):    # multi-label: target = the true emotion names, comma separated (our choice)
-    return [{"comment_text": ex["comment_text"], "label": ", ".join(k for k, v in ex.items() if v is True)}]
 
 
 # ------------------------------------------------------------------------------------------ the task registry
@@ -451,8 +419,8 @@ def _sg_task(name, folder, layout, names, metrics=("accuracy",), fields=None, pr
 
 
 def _cls_task(name, tfds_name, fields, names, prefix=None, **kw):
-    return Task(name, functools.partial(fmt_classify, prefix=prefix or name, fields=fields, names=names),
-                names, tfds_name=tfds_name, **kw)
+    return Task(name, functools.partial(fmt_glue, prefix=prefix or name, fields=fields, names=names,
+                                        collapse=True), names, tfds_name=tfds_name, **kw)
 
 
 def _qa_task(name, tfds_name, prefix=None, **kw):
@@ -527,9 +495,12 @@ TASKS = [
                      "(https://github.com/facebookresearch/SentEval); write CR/<split>.tsv with header "
                      "index<TAB>text<TAB>label (the layout the official SPoT code reads)"),
     _cls_task("sentiment140", "sentiment140", ("text",), ("negative", "neutral", "positive"),
-              adapt=_sentiment140, splits={"train": "train", "validation": "test", "test": "test"}),
-    _cls_task("goemotions", "goemotions", ("comment_text",), None,
-              kind="text", needs_tf=True, adapt=_goemotions),
+              splits={"train": "train", "validation": "test", "test": "test"},          # polarity 0 / 2 / 4
+              adapt=lambda ex: [{"text": ex["text"], "label": {0: 0, 2: 1, 4: 2}.get(ex["polarity"], -1)}]),
+    # GoEmotions is multi-label: target = the true emotion names, comma separated (our choice).
+    _cls_task("goemotions", "goemotions", ("comment_text",), None, kind="text", needs_tf=True,
+              adapt=lambda ex: [{"comment_text": ex["comment_text"],
+                                 "label": ", ".join(k for k, v in ex.items() if v is True)}]),
     # Paraphrase / similarity. CxC: official SPoT similarity.py (STS-B format, accuracy of the rounded score).
     Task("cxc", functools.partial(fmt_stsb, prefix="cxc", collapse=True), None, ("accuracy",), "float",
          reader="records", files={"train": "CxC/train.tsv", "validation": "CxC/validation.tsv"},
@@ -546,13 +517,17 @@ TASKS = [
         ("naturalquestions", "natural_questions")]],
     # SQuAD alone (Table 1 row, Table 2 source): Table 2's 88K examples are squad/v1.1's 87,599, not
     # mrqa/squad's 86,588, so it reads squad/v1.1, in the official squad task's format.
-    _qa_task("squad", "squad/v1.1", prefix="squad", adapt=_squad),
-    _qa_task("drop", "drop", adapt=_drop, splits={"train": "train", "validation": "dev"}),  # T5 squad format
+    _qa_task("squad", "squad/v1.1", prefix="squad",
+             adapt=lambda ex: [{**ex, "answers": list(ex["answers"]["text"])}]),
+    _qa_task("drop", "drop", splits={"train": "train", "validation": "dev"},                # T5 squad format
+             adapt=lambda ex: [{**{k: ex[k] for k in ("question", "query_id")}, "context": ex["passage"],
+                                "answers": [ex["answer"], *ex["validated_answers"]]}]),
     # Commonsense / multiple choice: "<task> k: v ..." -> the tfds label name (our choice, after T5's COPA).
     _cls_task("winogrande", "winogrande", ("sentence", "option1", "option2"), ("1", "2"),
               splits={"train": "train_xl", "validation": "validation", "test": "test"}),
     _cls_task("hellaswag", "hellaswag", ("context", "ending0", "ending1", "ending2", "ending3"), _DIGITS,
-              adapt=_hellaswag),
+              adapt=lambda ex: [{**{k: v for k, v in ex.items() if k != "endings"},
+                                 **{f"ending{i}": e for i, e in enumerate(ex["endings"])}}]),
     _cls_task("cosmosqa", "cosmos_qa", ("context", "question", "answer0", "answer1", "answer2", "answer3"),
               _DIGITS, "cosmos_qa"),
     _cls_task("piqa", "piqa", ("goal", "sol1", "sol2"), _DIGITS[:2]),
