@@ -244,13 +244,8 @@ class ArraySource:
     def __len__(self):
         return len(self.inputs)
 
-    @property
-    def max_input_len(self):
-        return self.inputs.shape[1]
-
-    @property
-    def max_target_len(self):
-        return self.targets.shape[1]
+    max_input_len = property(lambda self: self.inputs.shape[1])
+    max_target_len = property(lambda self: self.targets.shape[1])
 
     def rows(self, idx):
         return unpad(self.inputs[idx]), unpad(self.targets[idx])
@@ -656,7 +651,10 @@ def _tfds_source(task, split, tfds_dir, download):
     import tensorflow_datasets.summarization  # noqa: F401
     import tensorflow_datasets.text  # noqa: F401
     import tensorflow_datasets.translate  # noqa: F401
-    name, files = task.tfds_name, _files_hint(task)
+    folder = {GLUE_URL: "glue", SUPERGLUE_URL: "superglue"}.get(task.source)   # what fetch caches
+    name, files = task.tfds_name, (f"pass --data DIR, a folder with {task.name}'s original files" + (
+        f" (`{FETCH_HINT} {folder}` caches them: --data {data_root() / folder})" if folder
+        else f" ({task.source or 'see the tfds catalog'})"))
     # array_record: the only tfds file format that is written and read without TensorFlow
     load = functools.partial(tfds.data_source, name, split=task.splits[split], data_dir=tfds_dir,
                              builder_kwargs={"file_format": "array_record"})
@@ -674,14 +672,6 @@ def _tfds_source(task, split, tfds_dir, download):
     why = " ".join(f"{type(error).__name__}: {error}".split())[:300]
     raise OSError(f"tfds could not load {name} split {task.splits[split]!r} ({why}); "
                   f"{TF_HINT} if it asks for TensorFlow; else {files}")
-
-
-def _files_hint(task):
-    """What to pass instead of tfds, for an error message."""
-    folder = {GLUE_URL: "glue", SUPERGLUE_URL: "superglue"}.get(task.source)   # what fetch caches
-    return (f"pass --data DIR, a folder with {task.name}'s original files"
-            + (f" (`{FETCH_HINT} {folder}` caches them: --data {data_root() / folder})" if folder
-               else f" ({task.source or 'see the tfds catalog'})"))
 
 
 # Hosts tfds downloads from; none answering in a few seconds = offline
@@ -836,8 +826,7 @@ def _tsv(f, header):
 
 
 def _fix_wsc(ex):
-    """tfds `wsc.fixed`: make span texts substrings of the text
-    (first-word case, no trailing '.', no '\\n')."""
+    """tfds `wsc.fixed`: span texts made substrings of the text (first-word case, no final '.', no '\\n')."""
     for k in ("span1", "span2"):
         span, index = ex[k + "_text"], ex[k + "_index"]
         if span in ex["text"] or span in ("Kamenev and Zinoviev", "Kamenev, Zinoviev, and Stalin"):
@@ -1078,17 +1067,6 @@ class DocStream(Sequence):
         return self._docs[int(permute(np.array([p % self.window]), len(self._docs), self.seed, w)[0])]
 
 
-def json_gz_docs(files):
-    """open_docs of DocStream over .json.gz files (allenai/c4):
-    one JSON object per line, with a 'text' field."""
-    def open_docs(start):
-        for path in files:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                for line in f:
-                    yield json.loads(line)["text"]
-    return open_docs
-
-
 @dataclass(frozen=True, eq=False)
 class PrefixLMSource:
     """C4 with T5's prefix-LM objective in token space (Raffel et al. 2020 §3.3.1; T5
@@ -1105,9 +1083,7 @@ class PrefixLMSource:
     seed: int = 0
     chunk: int = 65536                          # T5 select_random_chunk max_length for prefix_lm
 
-    @property
-    def stream(self):
-        return getattr(self.docs, "stream", False)
+    stream = property(lambda self: getattr(self.docs, "stream", False))
 
     def __len__(self):
         return len(self.docs)
@@ -1140,8 +1116,14 @@ def train_source(task_name, vocab, max_input_len=MAX_INPUT_LEN, max_target_len=0
     if data_dir is None:
         ds = _tfds_source(task, "train", tfds_dir, download)
         docs = LazyPairs(len(ds), lambda i: _plain(ds[i])["text"])
-    else:
-        docs = DocStream(json_gz_docs(_c4_files(data_dir)), seed)
+    else:  # allenai/c4's .json.gz: one JSON object per line, with a 'text' field
+        files = _c4_files(data_dir)
+
+        def open_docs(start):  # DocStream skips forward to `start` itself
+            for path in files:
+                with gzip.open(path, "rt", encoding="utf-8") as f:
+                    yield from (json.loads(line)["text"] for line in f)
+        docs = DocStream(open_docs, seed)
     return PrefixLMSource(docs, vocab, max_input_len, T, seed)
 
 
@@ -1304,13 +1286,10 @@ def multirc(targets, preds):
 
 def record(targets, preds):
     """ReCoRD: SQuAD EM/F1 over the answers, one prediction per (passage, query) (T5 deduplicate_metric)."""
-    seen, ts, ps = set(), [], []
+    first = {}
     for (answers, group), p in zip(targets, preds):
-        if group not in seen:
-            seen.add(group)
-            ts.append(answers)
-            ps.append(p)
-    return squad(ts, ps)
+        first.setdefault(group, (answers, p))
+    return squad(*zip(*first.values()))
 
 
 def _metric_package(module, pip_name):
