@@ -389,16 +389,15 @@ class Task:
 
     @property
     def output_labels(self):
-        """The label strings the model learns to output (rank classification, class_labels init), or None.
-        WSC has label names too, but only to read the files' True/False labels: its target is the referent's
-        text."""
+        """The label strings the model learns to output (rank classification, class_labels init), or None
+        (WSC's label names only read the files' True/False labels: its target is the referent's text)."""
         return self.label_names if self.kind in ("class", "multirc") else None
 
 
 def _glue_task(name, folder, layout, names, metrics=("accuracy",), fields=None, kind="class", files=None,
                **kw):
     files = files or {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
-    fmt = functools.partial(fmt_stsb) if kind == "float" else functools.partial(
+    fmt = fmt_stsb if kind == "float" else functools.partial(
         fmt_glue, prefix=name, fields=fields, names=names)
     return Task(name, fmt, names, metrics, kind, f"glue/{name}", reader="glue_tsv", layout=layout,
                 files={s: f"{folder}/{f}" for s, f in files.items()}, source=GLUE_URL, **kw)
@@ -894,7 +893,10 @@ def _read_records(task, path):
             rows, unit, at = [], "line", []
             for n, line in enumerate(f, 1):
                 if line.strip():                              # blank lines are skipped
-                    rows.append(_json_line(line, n))
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as e:
+                        raise ValueError(f"line {n}: {e}") from e
                     at.append(n)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError("expected records: a .tsv with a header, a .json list of objects or .jsonl objects")
@@ -915,13 +917,6 @@ def _read_records(task, path):
         except ValueError as e:
             raise ValueError(f"{unit} {n}: {e}") from e
     return out
-
-
-def _json_line(line, n):
-    try:
-        return json.loads(line)
-    except ValueError as e:
-        raise ValueError(f"line {n}: {e}") from e
 
 
 READERS = {"glue_tsv": _read_glue_tsv, "superglue_jsonl": _read_superglue_jsonl, "records": _read_records}
@@ -1193,7 +1188,9 @@ def accuracy(targets, preds):
     return {"accuracy": 100 * float(np.mean([t == p for t, p in zip(targets, preds)]))}
 
 
-def _f1(tp, fp, fn):
+def _f1(t, p, c):
+    """F1 of class c, targets t and predictions p arrays; 0 when c is neither a target nor predicted."""
+    tp, fp, fn = np.sum((t == c) & (p == c)), np.sum((t != c) & (p == c)), np.sum((t == c) & (p != c))
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
@@ -1202,16 +1199,13 @@ def f1_with_invalid(targets, preds):
     t, p = np.asarray(targets), np.asarray(preds).copy()
     bad = (p != 0) & (p != 1)
     p[bad] = 1 - t[bad]
-    tp, fp, fn = np.sum((t == 1) & (p == 1)), np.sum((t != 1) & (p == 1)), np.sum((t == 1) & (p != 1))
-    return {"f1": 100 * float(_f1(tp, fp, fn))}
+    return {"f1": 100 * float(_f1(t, p, 1))}
 
 
 def mean_class_f1(targets, preds, num_classes=3):
     """Unweighted mean of per-class F1 over classes 0..num_classes-1 (T5 mean_multiclass_f1, CB)."""
     t, p = np.asarray(targets), np.asarray(preds)
-    f1s = [_f1(np.sum((t == c) & (p == c)), np.sum((t != c) & (p == c)), np.sum((t == c) & (p != c)))
-           for c in range(num_classes)]
-    return {f"mean_{num_classes}class_f1": 100 * float(np.mean(f1s))}
+    return {f"mean_{num_classes}class_f1": 100 * float(np.mean([_f1(t, p, c) for c in range(num_classes)]))}
 
 
 def matthews(targets, preds):
@@ -1313,10 +1307,8 @@ def rouge(targets, preds, keys=("rouge1", "rouge2", "rougeLsum")):
     """ROUGE F-measures as T5 metrics.rouge: rouge-score, a newline after each " . " so rougeLsum
     sees sentences. T5 reports the median of a 1000-sample bootstrap of the mean (random); we report
     the mean itself."""
-    def split(s):
-        return s.replace(" . ", " .\n")
     scorer = _metric_package("rouge_score.rouge_scorer", "rouge-score").RougeScorer(list(keys))
-    scores = [scorer.score(target=split(t), prediction=split(p)) for t, p in zip(targets, preds)]
+    scores = [scorer.score(*(s.replace(" . ", " .\n") for s in (t, p))) for t, p in zip(targets, preds)]
     return {k: 100 * float(np.mean([s[k].fmeasure for s in scores])) for k in keys}
 
 
@@ -1664,13 +1656,10 @@ def fetch(names=None, root=None, mirror=None):
         return root
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
-        archives = {}
-
-        def archive(name):
-            if name not in archives:
-                url, size, sha = ARCHIVES[name]
-                archives[name] = _download(url, Path(tmp) / name.replace("/", "_"), size, sha, name)
-            return archives[name]
+        @functools.cache
+        def archive(name):  # downloaded once, for all the files it holds
+            url, size, sha = ARCHIVES[name]
+            return _download(url, Path(tmp) / name.replace("/", "_"), size, sha, name)
 
         for path, source, size, sha in todo:
             if mirror:
