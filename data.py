@@ -604,10 +604,8 @@ def load_examples(task_name, split, data_dir=None, tfds_dir=None, download=True)
     if data_dir is not None and task.reader is None:
         raise FileNotFoundError(f"{task.name} has no reader for local files: load it through tfds "
                                 f"({task.tfds_name}) with data_dir=None")
-    known = sorted(set(task.splits if data_dir is None else task.files))
-    if split not in known:
-        raise ValueError(f"{task.name} has no split {split!r} on the "
-                         f"{'tfds' if data_dir is None else 'files'} path; known: {known}")
+    if data_dir is not None and split not in task.files:
+        raise ValueError(f"{task.name} has no split {split!r} on the files path; known: {sorted(task.files)}")
     if data_dir is None:
         ds = _tfds_source(task, split, tfds_dir, download)
         raw = [_plain(ds[i]) for i in range(len(ds))]
@@ -636,6 +634,8 @@ def _plain(x):
 
 def _tfds_source(task, split, tfds_dir, download):
     """The tfds random-access data source (array_record) of one split."""
+    if split not in task.splits:
+        raise ValueError(f"{task.name} has no split {split!r} on the tfds path; known: {sorted(task.splits)}")
     if task.tfds_name is None:
         raise FileNotFoundError(f"tfds has no {task.name}; get the original files from {task.source} "
                                 f"and pass --data DIR (holding {sorted(set(task.files.values()))})")
@@ -715,8 +715,6 @@ def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, down
     if data_dir is not None or expands:
         examples = load_examples(task_name, split, data_dir, tfds_dir, download)
         return text_pairs(task_name, examples, train=train)
-    if split not in task.splits:
-        raise ValueError(f"{task.name} has no split {split!r} on the tfds path; known: {sorted(task.splits)}")
     ds = _tfds_source(task, split, tfds_dir, download)
     if not len(ds):
         raise ValueError(f"{task.name} split {split!r} is empty; check the data ({task.tfds_name})")
