@@ -105,10 +105,8 @@ def mixture_batches(sources, batch_size, seed, start=0, rates=None, cap=MIXING_C
         for t, name in enumerate(names):
             slots = np.flatnonzero(which == t)
             if len(slots):
-                if t in streams:
-                    idx = taken[t] + np.arange(len(slots))
-                else:
-                    idx = rng.integers(sizes[name], size=len(slots))
+                idx = (taken[t] + np.arange(len(slots)) if t in streams
+                       else rng.integers(sizes[name], size=len(slots)))
                 taken[t] += len(slots)
                 for i, x, y in zip(slots, *sources[name].rows(idx)):
                     inputs[i], targets[i] = x, y
@@ -841,14 +839,11 @@ def _read_superglue_jsonl(task, path):
     WSC's target spans lifted to the top level (wsc.fixed); labels as class indices."""
     out = []
     with open(path, encoding="utf-8-sig") as f:                 # -sig: a byte order mark is dropped
-        lines = list(f)
-    for n, line in enumerate(lines, 1):
-        if not line.strip():                                      # blank lines (a trailing one) are skipped
-            continue
-        try:
-            out += _superglue_examples(task, json.loads(line))
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise ValueError(f"line {n}: {type(e).__name__}: {e}") from e
+        for n, line in enumerate(f, 1):
+            try:                                                  # blank lines (a trailing one) are skipped
+                out += _superglue_examples(task, json.loads(line)) if line.strip() else []
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise ValueError(f"line {n}: {type(e).__name__}: {e}") from e
     return out
 
 
