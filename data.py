@@ -1263,11 +1263,10 @@ def squad(targets, preds):
 
 def multirc(targets, preds):
     """MultiRC: F1 over all answers, and exact match of all answers of a question averaged over questions."""
-    groups = defaultdict(lambda: ([], []))
+    groups = defaultdict(list)
     for (t, group), p in zip(targets, preds):
-        groups[group][0].append(t)
-        groups[group][1].append(p)
-    em = [100 * float(ts == ps) for ts, ps in groups.values()]
+        groups[group].append(t == p)
+    em = [100 * float(all(right)) for right in groups.values()]
     return {**f1_with_invalid([t for t, _ in targets], preds), "exact_match": float(np.mean(em))}
 
 
@@ -1324,9 +1323,7 @@ def score(task_name, examples, predictions):
                          "score a labelled split such as 'validation'")
     targets = [_target(task, ex) for ex in examples]
     preds = [postprocess(task.name, p, ex) for p, ex in zip(predictions, examples)]
-    out = {}
-    for m in task.metrics:
-        out.update(METRICS[m](targets, preds))
+    out = {k: v for m in task.metrics for k, v in METRICS[m](targets, preds).items()}
     out["score"] = float(np.mean(list(out.values())))
     return out
 

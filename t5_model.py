@@ -288,10 +288,8 @@ def _decoder_layer(p, x, encoded, cross_kv, self_bias, cross_bias, cfg, seed, ca
     pc = p["encoder_decoder_attention"]
     (q,) = _project(pc, h, ("query",))
     # Cross-attention has no position bias; it sees all P+S encoder positions except padding.
-    if cross_kv is None:
-        y = _attend_encoded(pc, q, encoded, cross_bias, drop, "decoder/cross")
-    else:
-        y = _attend(pc, q, *cross_kv, cross_bias, drop, "decoder/cross")
+    y = (_attend_encoded(pc, q, encoded, cross_bias, drop, "decoder/cross") if cross_kv is None
+         else _attend(pc, q, *cross_kv, cross_bias, drop, "decoder/cross"))
     x = x + drop(y, "decoder/cross")
     h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
     return x + drop(_mlp(p["mlp"], h, cfg, drop, "decoder/mlp"), "decoder/mlp"), (k, v)
