@@ -595,7 +595,6 @@ def task_names(name):
 # ------------------------------------------------------------------------------------- loading: tfds or files
 def load_examples(task_name, split, data_dir=None, tfds_dir=None, download=True):
     """Examples of one split as plain dicts: via tfds when data_dir is None, else from the creators' files.
-
     Both paths give the tfds field names and integer labels (class index, -1 = no label). tfds_dir and
     download go to tfds.data_source (download=False: fail at once when the data is not prepared)."""
     task = get_task(task_name)
