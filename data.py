@@ -105,10 +105,8 @@ def mixture_batches(sources, batch_size, seed, start=0, rates=None, cap=MIXING_C
         for t, name in enumerate(names):
             slots = np.flatnonzero(which == t)
             if len(slots):
-                if t in streams:
-                    idx = taken[t] + np.arange(len(slots))
-                else:
-                    idx = rng.integers(sizes[name], size=len(slots))
+                idx = (taken[t] + np.arange(len(slots)) if t in streams
+                       else rng.integers(sizes[name], size=len(slots)))
                 taken[t] += len(slots)
                 for i, x, y in zip(slots, *sources[name].rows(idx)):
                     inputs[i], targets[i] = x, y
@@ -244,13 +242,8 @@ class ArraySource:
     def __len__(self):
         return len(self.inputs)
 
-    @property
-    def max_input_len(self):
-        return self.inputs.shape[1]
-
-    @property
-    def max_target_len(self):
-        return self.targets.shape[1]
+    max_input_len = property(lambda self: self.inputs.shape[1])
+    max_target_len = property(lambda self: self.targets.shape[1])
 
     def rows(self, idx):
         return unpad(self.inputs[idx]), unpad(self.targets[idx])
@@ -265,11 +258,7 @@ def unpad(a):
 
 
 # ----------------------------------------------------------------------------------- task formats: T5 strings
-def _join(parts):
-    """tf.strings.join(parts, separator=' '): no whitespace clean-up (T5 glue/stsb/wsc/record)."""
-    return " ".join(parts)
-
-
+# " ".join(parts) is T5's tf.strings.join(parts, separator=' '): no whitespace clean-up (glue/stsb/wsc/record)
 def _collapse(text):
     """T5 `_string_join` tail: RE2 \\s+ -> ' ' (RE2's \\s is [\\t\\n\\f\\r ], ASCII only)."""
     return re.sub(r"[\t\n\f\r ]+", " ", text)
@@ -282,29 +271,22 @@ def _pad_punct(text):
     return _collapse(re.sub(r"([!-/:-@\[-`{-~])", r" \1 ", text))
 
 
-def _label_str(label, names):
-    return "<unk>" if label == -1 else names[label]     # T5: label -1 (test) -> "<unk>"
-
-
 # ------------------------------------------------------------------------------ task formats: example -> text
-def fmt_glue(ex, prefix, fields, names):
-    """T5 `glue`: "<prefix> k1: v1 k2: v2" (keys sorted unless given) -> label name. MultiRC drops HTML."""
-    keys = fields or sorted(set(ex) - {"label", "idx"})
-    text = _join([prefix] + [f"{k}: {ex[k]}" for k in keys])
+def fmt_glue(ex, prefix, fields, names, collapse=False):
+    """T5 `glue`: "<prefix> k1: v1 k2: v2" (keys sorted unless given) -> label name, "<unk>" for label -1 (a
+    test example; no names: the label itself). MultiRC drops HTML. collapse=True: the official SPoT
+    `preprocess_text_classification`, whitespace collapsed."""
+    text = " ".join([prefix] + [f"{k}: {ex[k]}" for k in fields or sorted(set(ex) - {"label", "idx"})])
     if prefix == "multirc":
         text = re.sub(r"<(/)?b>", "", text.replace("<br>", " "))
-    return {"inputs": text, "targets": _label_str(ex["label"], names)}
-
-
-def fmt_classify(ex, prefix, fields, names):
-    """Official SPoT `preprocess_text_classification`: like glue but whitespace collapsed."""
-    return {"inputs": _collapse(_join([prefix] + [f"{k}: {ex[k]}" for k in fields])),
-            "targets": _label_str(ex["label"], names) if names else str(ex["label"])}
+    label = ex["label"]
+    return {"inputs": _collapse(text) if collapse else text,
+            "targets": str(label) if names is None else "<unk>" if label == -1 else names[label]}
 
 
 def fmt_stsb(ex, prefix="stsb", collapse=False):
     """T5 `stsb`: the score rounded to the nearest 0.2 and printed with one decimal, e.g. 1.8 -> "1.8"."""
-    text = _join([f"{prefix} sentence1:", ex["sentence1"], "sentence2:", ex["sentence2"]])
+    text = " ".join([f"{prefix} sentence1:", ex["sentence1"], "sentence2:", ex["sentence2"]])
     value = np.round(np.float32(ex["label"]) * np.float32(5)) / np.float32(5)   # tf.round: half to even
     return {"inputs": _collapse(text) if collapse else text, "targets": "%.1f" % value}
 
@@ -326,7 +308,7 @@ def fmt_wsc(ex):
     """T5 `wsc_simple`: "wsc: ... *pronoun* ..." -> the candidate referent (span1)."""
     words = ex["text"].split(" ")
     i = ex["span2_index"]
-    text = _join([" ".join(words[:i]), "X", " ".join(words[i + 1:])])
+    text = " ".join([" ".join(words[:i]), "X", " ".join(words[i + 1:])])
     # The two WSC texts whose span2_index points at the wrong word: T5 matches the whole text exactly (other
     # texts share their first sentence, e.g. '... "Served him right," he said.', and keep the general rule).
     text = _WSC_SPECIAL.get(ex["text"], text)
@@ -337,7 +319,8 @@ def fmt_record(ex, answer=0):
     """T5 `record`: "record query: Q entities: e1, e2 passage: P" -> an answer (the first; see text_pairs)."""
     passage = re.sub(r"(\.|\?|\!|\"|\')\n@highlight\n", r"\1 ", ex["passage"])
     passage = passage.replace("\n@highlight\n", ". ")
-    text = _join(["record query:", ex["query"], "entities:", ", ".join(ex["entities"]), "passage:", passage])
+    text = " ".join(["record query:", ex["query"], "entities:", ", ".join(ex["entities"]), "passage:",
+                     passage])
     return {"inputs": text, "targets": ex["answers"][answer] if ex["answers"] else "<unk>"}
 
 
@@ -345,7 +328,7 @@ def fmt_qa(ex, prefix=None):
     """Official SPoT `mrqa` (T5 `squad` with the task name first): "<task> question: q context: c" -> the
     first answer, punctuation padded. prefix=None gives T5's own squad format, with no task name."""
     parts = ["question:", _pad_punct(ex["question"]), "context:", _pad_punct(ex["context"])]
-    return {"inputs": _collapse(_join([prefix, *parts] if prefix else parts)),
+    return {"inputs": _collapse(" ".join([prefix, *parts] if prefix else parts)),
             "targets": _pad_punct(ex["answers"][0])}
 
 
@@ -353,7 +336,7 @@ def fmt_generate(ex, prefix, source, target, instruction=None, sep=" \\n "):
     """SPoT `preprocess_text_generation`: "<task> [<instruction>] <source>" -> target.
     A source that is a list is joined by sep."""
     src = ex[source] if isinstance(ex[source], str) else sep.join(ex[source])
-    return {"inputs": _join([p for p in (prefix, instruction, src) if p]), "targets": ex[target]}
+    return {"inputs": " ".join([p for p in (prefix, instruction, src) if p]), "targets": ex[target]}
 
 
 _LANG = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian"}
@@ -380,28 +363,6 @@ def _race(ex):        # one article with many questions -> one example per quest
             for q, a, opts in zip(ex["questions"], ex["answers"], ex["options"])]
 
 
-def _squad(ex):
-    return [{**ex, "answers": list(ex["answers"]["text"])}]
-
-
-def _drop(ex):
-    return [{"question": ex["question"], "context": ex["passage"], "query_id": ex["query_id"],
-             "answers": [ex["answer"]] + list(ex["validated_answers"])}]
-
-
-def _hellaswag(ex):
-    return [{**{k: v for k, v in ex.items() if k != "endings"},
-             **{f"ending{i}": e for i, e in enumerate(ex["endings"])}}]
-
-
-def _sentiment140(ex):  # polarity 0 / 2 / 4
-    return [{"text": ex["text"], "label": {0: 0, 2: 1, 4: 2}.get(ex["polarity"], -1)}]
-
-
-def _goemotions(ex):    # multi-label: target = the true emotion names, comma separated (our choice)
-    return [{"comment_text": ex["comment_text"], "label": ", ".join(k for k, v in ex.items() if v is True)}]
-
-
 # ------------------------------------------------------------------------------------------ the task registry
 SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 
@@ -426,16 +387,15 @@ class Task:
 
     @property
     def output_labels(self):
-        """The label strings the model learns to output (rank classification, class_labels init), or None.
-        WSC has label names too, but only to read the files' True/False labels: its target is the referent's
-        text."""
+        """The label strings the model learns to output (rank classification, class_labels init), or None
+        (WSC's label names only read the files' True/False labels: its target is the referent's text)."""
         return self.label_names if self.kind in ("class", "multirc") else None
 
 
 def _glue_task(name, folder, layout, names, metrics=("accuracy",), fields=None, kind="class", files=None,
                **kw):
     files = files or {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
-    fmt = functools.partial(fmt_stsb) if kind == "float" else functools.partial(
+    fmt = fmt_stsb if kind == "float" else functools.partial(
         fmt_glue, prefix=name, fields=fields, names=names)
     return Task(name, fmt, names, metrics, kind, f"glue/{name}", reader="glue_tsv", layout=layout,
                 files={s: f"{folder}/{f}" for s, f in files.items()}, source=GLUE_URL, **kw)
@@ -451,8 +411,8 @@ def _sg_task(name, folder, layout, names, metrics=("accuracy",), fields=None, pr
 
 
 def _cls_task(name, tfds_name, fields, names, prefix=None, **kw):
-    return Task(name, functools.partial(fmt_classify, prefix=prefix or name, fields=fields, names=names),
-                names, tfds_name=tfds_name, **kw)
+    return Task(name, functools.partial(fmt_glue, prefix=prefix or name, fields=fields, names=names,
+                                        collapse=True), names, tfds_name=tfds_name, **kw)
 
 
 def _qa_task(name, tfds_name, prefix=None, **kw):
@@ -527,9 +487,12 @@ TASKS = [
                      "(https://github.com/facebookresearch/SentEval); write CR/<split>.tsv with header "
                      "index<TAB>text<TAB>label (the layout the official SPoT code reads)"),
     _cls_task("sentiment140", "sentiment140", ("text",), ("negative", "neutral", "positive"),
-              adapt=_sentiment140, splits={"train": "train", "validation": "test", "test": "test"}),
-    _cls_task("goemotions", "goemotions", ("comment_text",), None,
-              kind="text", needs_tf=True, adapt=_goemotions),
+              splits={"train": "train", "validation": "test", "test": "test"},          # polarity 0 / 2 / 4
+              adapt=lambda ex: [{"text": ex["text"], "label": {0: 0, 2: 1, 4: 2}.get(ex["polarity"], -1)}]),
+    # GoEmotions is multi-label: target = the true emotion names, comma separated (our choice).
+    _cls_task("goemotions", "goemotions", ("comment_text",), None, kind="text", needs_tf=True,
+              adapt=lambda ex: [{"comment_text": ex["comment_text"],
+                                 "label": ", ".join(k for k, v in ex.items() if v is True)}]),
     # Paraphrase / similarity. CxC: official SPoT similarity.py (STS-B format, accuracy of the rounded score).
     Task("cxc", functools.partial(fmt_stsb, prefix="cxc", collapse=True), None, ("accuracy",), "float",
          reader="records", files={"train": "CxC/train.tsv", "validation": "CxC/validation.tsv"},
@@ -546,13 +509,17 @@ TASKS = [
         ("naturalquestions", "natural_questions")]],
     # SQuAD alone (Table 1 row, Table 2 source): Table 2's 88K examples are squad/v1.1's 87,599, not
     # mrqa/squad's 86,588, so it reads squad/v1.1, in the official squad task's format.
-    _qa_task("squad", "squad/v1.1", prefix="squad", adapt=_squad),
-    _qa_task("drop", "drop", adapt=_drop, splits={"train": "train", "validation": "dev"}),  # T5 squad format
+    _qa_task("squad", "squad/v1.1", prefix="squad",
+             adapt=lambda ex: [{**ex, "answers": list(ex["answers"]["text"])}]),
+    _qa_task("drop", "drop", splits={"train": "train", "validation": "dev"},                # T5 squad format
+             adapt=lambda ex: [{**{k: ex[k] for k in ("question", "query_id")}, "context": ex["passage"],
+                                "answers": [ex["answer"], *ex["validated_answers"]]}]),
     # Commonsense / multiple choice: "<task> k: v ..." -> the tfds label name (our choice, after T5's COPA).
     _cls_task("winogrande", "winogrande", ("sentence", "option1", "option2"), ("1", "2"),
               splits={"train": "train_xl", "validation": "validation", "test": "test"}),
     _cls_task("hellaswag", "hellaswag", ("context", "ending0", "ending1", "ending2", "ending3"), _DIGITS,
-              adapt=_hellaswag),
+              adapt=lambda ex: [{**{k: v for k, v in ex.items() if k != "endings"},
+                                 **{f"ending{i}": e for i, e in enumerate(ex["endings"])}}]),
     _cls_task("cosmosqa", "cosmos_qa", ("context", "question", "answer0", "answer1", "answer2", "answer3"),
               _DIGITS, "cosmos_qa"),
     _cls_task("piqa", "piqa", ("goal", "sol1", "sol2"), _DIGITS[:2]),
@@ -628,17 +595,14 @@ def task_names(name):
 # ------------------------------------------------------------------------------------- loading: tfds or files
 def load_examples(task_name, split, data_dir=None, tfds_dir=None, download=True):
     """Examples of one split as plain dicts: via tfds when data_dir is None, else from the creators' files.
-
     Both paths give the tfds field names and integer labels (class index, -1 = no label). tfds_dir and
     download go to tfds.data_source (download=False: fail at once when the data is not prepared)."""
     task = get_task(task_name)
     if data_dir is not None and task.reader is None:
         raise FileNotFoundError(f"{task.name} has no reader for local files: load it through tfds "
                                 f"({task.tfds_name}) with data_dir=None")
-    known = sorted(set(task.splits if data_dir is None else task.files))
-    if split not in known:
-        raise ValueError(f"{task.name} has no split {split!r} on the "
-                         f"{'tfds' if data_dir is None else 'files'} path; known: {known}")
+    if data_dir is not None and split not in task.files:
+        raise ValueError(f"{task.name} has no split {split!r} on the files path; known: {sorted(task.files)}")
     if data_dir is None:
         ds = _tfds_source(task, split, tfds_dir, download)
         raw = [_plain(ds[i]) for i in range(len(ds))]
@@ -667,6 +631,8 @@ def _plain(x):
 
 def _tfds_source(task, split, tfds_dir, download):
     """The tfds random-access data source (array_record) of one split."""
+    if split not in task.splits:
+        raise ValueError(f"{task.name} has no split {split!r} on the tfds path; known: {sorted(task.splits)}")
     if task.tfds_name is None:
         raise FileNotFoundError(f"tfds has no {task.name}; get the original files from {task.source} "
                                 f"and pass --data DIR (holding {sorted(set(task.files.values()))})")
@@ -681,7 +647,10 @@ def _tfds_source(task, split, tfds_dir, download):
     import tensorflow_datasets.summarization  # noqa: F401
     import tensorflow_datasets.text  # noqa: F401
     import tensorflow_datasets.translate  # noqa: F401
-    name, files = task.tfds_name, _files_hint(task)
+    folder = {GLUE_URL: "glue", SUPERGLUE_URL: "superglue"}.get(task.source)   # what fetch caches
+    name, files = task.tfds_name, (f"pass --data DIR, a folder with {task.name}'s original files" + (
+        f" (`{FETCH_HINT} {folder}` caches them: --data {data_root() / folder})" if folder
+        else f" ({task.source or 'see the tfds catalog'})"))
     # array_record: the only tfds file format that is written and read without TensorFlow
     load = functools.partial(tfds.data_source, name, split=task.splits[split], data_dir=tfds_dir,
                              builder_kwargs={"file_format": "array_record"})
@@ -699,14 +668,6 @@ def _tfds_source(task, split, tfds_dir, download):
     why = " ".join(f"{type(error).__name__}: {error}".split())[:300]
     raise OSError(f"tfds could not load {name} split {task.splits[split]!r} ({why}); "
                   f"{TF_HINT} if it asks for TensorFlow; else {files}")
-
-
-def _files_hint(task):
-    """What to pass instead of tfds, for an error message."""
-    folder = {GLUE_URL: "glue", SUPERGLUE_URL: "superglue"}.get(task.source)   # what fetch caches
-    return (f"pass --data DIR, a folder with {task.name}'s original files"
-            + (f" (`{FETCH_HINT} {folder}` caches them: --data {data_root() / folder})" if folder
-               else f" ({task.source or 'see the tfds catalog'})"))
 
 
 # Hosts tfds downloads from; none answering in a few seconds = offline
@@ -751,8 +712,6 @@ def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, down
     if data_dir is not None or expands:
         examples = load_examples(task_name, split, data_dir, tfds_dir, download)
         return text_pairs(task_name, examples, train=train)
-    if split not in task.splits:
-        raise ValueError(f"{task.name} has no split {split!r} on the tfds path; known: {sorted(task.splits)}")
     ds = _tfds_source(task, split, tfds_dir, download)
     if not len(ds):
         raise ValueError(f"{task.name} split {split!r} is empty; check the data ({task.tfds_name})")
@@ -861,8 +820,7 @@ def _tsv(f, header):
 
 
 def _fix_wsc(ex):
-    """tfds `wsc.fixed`: make span texts substrings of the text
-    (first-word case, no trailing '.', no '\\n')."""
+    """tfds `wsc.fixed`: span texts made substrings of the text (first-word case, no final '.', no '\\n')."""
     for k in ("span1", "span2"):
         span, index = ex[k + "_text"], ex[k + "_index"]
         if span in ex["text"] or span in ("Kamenev and Zinoviev", "Kamenev, Zinoviev, and Stalin"):
@@ -880,14 +838,11 @@ def _read_superglue_jsonl(task, path):
     WSC's target spans lifted to the top level (wsc.fixed); labels as class indices."""
     out = []
     with open(path, encoding="utf-8-sig") as f:                 # -sig: a byte order mark is dropped
-        lines = list(f)
-    for n, line in enumerate(lines, 1):
-        if not line.strip():                                      # blank lines (a trailing one) are skipped
-            continue
-        try:
-            out += _superglue_examples(task, json.loads(line))
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise ValueError(f"line {n}: {type(e).__name__}: {e}") from e
+        for n, line in enumerate(f, 1):
+            try:                                                  # blank lines (a trailing one) are skipped
+                out += _superglue_examples(task, json.loads(line)) if line.strip() else []
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise ValueError(f"line {n}: {type(e).__name__}: {e}") from e
     return out
 
 
@@ -930,7 +885,10 @@ def _read_records(task, path):
             rows, unit, at = [], "line", []
             for n, line in enumerate(f, 1):
                 if line.strip():                              # blank lines are skipped
-                    rows.append(_json_line(line, n))
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as e:
+                        raise ValueError(f"line {n}: {e}") from e
                     at.append(n)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError("expected records: a .tsv with a header, a .json list of objects or .jsonl objects")
@@ -951,13 +909,6 @@ def _read_records(task, path):
         except ValueError as e:
             raise ValueError(f"{unit} {n}: {e}") from e
     return out
-
-
-def _json_line(line, n):
-    try:
-        return json.loads(line)
-    except ValueError as e:
-        raise ValueError(f"line {n}: {e}") from e
 
 
 READERS = {"glue_tsv": _read_glue_tsv, "superglue_jsonl": _read_superglue_jsonl, "records": _read_records}
@@ -1103,17 +1054,6 @@ class DocStream(Sequence):
         return self._docs[int(permute(np.array([p % self.window]), len(self._docs), self.seed, w)[0])]
 
 
-def json_gz_docs(files):
-    """open_docs of DocStream over .json.gz files (allenai/c4):
-    one JSON object per line, with a 'text' field."""
-    def open_docs(start):
-        for path in files:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                for line in f:
-                    yield json.loads(line)["text"]
-    return open_docs
-
-
 @dataclass(frozen=True, eq=False)
 class PrefixLMSource:
     """C4 with T5's prefix-LM objective in token space (Raffel et al. 2020 §3.3.1; T5
@@ -1130,9 +1070,7 @@ class PrefixLMSource:
     seed: int = 0
     chunk: int = 65536                          # T5 select_random_chunk max_length for prefix_lm
 
-    @property
-    def stream(self):
-        return getattr(self.docs, "stream", False)
+    stream = property(lambda self: getattr(self.docs, "stream", False))
 
     def __len__(self):
         return len(self.docs)
@@ -1165,8 +1103,14 @@ def train_source(task_name, vocab, max_input_len=MAX_INPUT_LEN, max_target_len=0
     if data_dir is None:
         ds = _tfds_source(task, "train", tfds_dir, download)
         docs = LazyPairs(len(ds), lambda i: _plain(ds[i])["text"])
-    else:
-        docs = DocStream(json_gz_docs(_c4_files(data_dir)), seed)
+    else:  # allenai/c4's .json.gz: one JSON object per line, with a 'text' field
+        files = _c4_files(data_dir)
+
+        def open_docs(start):  # DocStream skips forward to `start` itself
+            for path in files:
+                with gzip.open(path, "rt", encoding="utf-8") as f:
+                    yield from (json.loads(line)["text"] for line in f)
+        docs = DocStream(open_docs, seed)
     return PrefixLMSource(docs, vocab, max_input_len, T, seed)
 
 
@@ -1236,7 +1180,9 @@ def accuracy(targets, preds):
     return {"accuracy": 100 * float(np.mean([t == p for t, p in zip(targets, preds)]))}
 
 
-def _f1(tp, fp, fn):
+def _f1(t, p, c):
+    """F1 of class c, targets t and predictions p arrays; 0 when c is neither a target nor predicted."""
+    tp, fp, fn = np.sum((t == c) & (p == c)), np.sum((t != c) & (p == c)), np.sum((t == c) & (p != c))
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
@@ -1245,16 +1191,13 @@ def f1_with_invalid(targets, preds):
     t, p = np.asarray(targets), np.asarray(preds).copy()
     bad = (p != 0) & (p != 1)
     p[bad] = 1 - t[bad]
-    tp, fp, fn = np.sum((t == 1) & (p == 1)), np.sum((t != 1) & (p == 1)), np.sum((t == 1) & (p != 1))
-    return {"f1": 100 * float(_f1(tp, fp, fn))}
+    return {"f1": 100 * float(_f1(t, p, 1))}
 
 
 def mean_class_f1(targets, preds, num_classes=3):
     """Unweighted mean of per-class F1 over classes 0..num_classes-1 (T5 mean_multiclass_f1, CB)."""
     t, p = np.asarray(targets), np.asarray(preds)
-    f1s = [_f1(np.sum((t == c) & (p == c)), np.sum((t != c) & (p == c)), np.sum((t == c) & (p != c)))
-           for c in range(num_classes)]
-    return {f"mean_{num_classes}class_f1": 100 * float(np.mean(f1s))}
+    return {f"mean_{num_classes}class_f1": 100 * float(np.mean([_f1(t, p, c) for c in range(num_classes)]))}
 
 
 def matthews(targets, preds):
@@ -1319,23 +1262,19 @@ def squad(targets, preds):
 
 def multirc(targets, preds):
     """MultiRC: F1 over all answers, and exact match of all answers of a question averaged over questions."""
-    groups = defaultdict(lambda: ([], []))
+    groups = defaultdict(list)
     for (t, group), p in zip(targets, preds):
-        groups[group][0].append(t)
-        groups[group][1].append(p)
-    em = [100 * float(ts == ps) for ts, ps in groups.values()]
+        groups[group].append(t == p)
+    em = [100 * float(all(right)) for right in groups.values()]
     return {**f1_with_invalid([t for t, _ in targets], preds), "exact_match": float(np.mean(em))}
 
 
 def record(targets, preds):
     """ReCoRD: SQuAD EM/F1 over the answers, one prediction per (passage, query) (T5 deduplicate_metric)."""
-    seen, ts, ps = set(), [], []
+    first = {}
     for (answers, group), p in zip(targets, preds):
-        if group not in seen:
-            seen.add(group)
-            ts.append(answers)
-            ps.append(p)
-    return squad(ts, ps)
+        first.setdefault(group, (answers, p))
+    return squad(*zip(*first.values()))
 
 
 def _metric_package(module, pip_name):
@@ -1359,10 +1298,8 @@ def rouge(targets, preds, keys=("rouge1", "rouge2", "rougeLsum")):
     """ROUGE F-measures as T5 metrics.rouge: rouge-score, a newline after each " . " so rougeLsum
     sees sentences. T5 reports the median of a 1000-sample bootstrap of the mean (random); we report
     the mean itself."""
-    def split(s):
-        return s.replace(" . ", " .\n")
     scorer = _metric_package("rouge_score.rouge_scorer", "rouge-score").RougeScorer(list(keys))
-    scores = [scorer.score(target=split(t), prediction=split(p)) for t, p in zip(targets, preds)]
+    scores = [scorer.score(*(s.replace(" . ", " .\n") for s in (t, p))) for t, p in zip(targets, preds)]
     return {k: 100 * float(np.mean([s[k].fmeasure for s in scores])) for k in keys}
 
 
@@ -1385,9 +1322,7 @@ def score(task_name, examples, predictions):
                          "score a labelled split such as 'validation'")
     targets = [_target(task, ex) for ex in examples]
     preds = [postprocess(task.name, p, ex) for p, ex in zip(predictions, examples)]
-    out = {}
-    for m in task.metrics:
-        out.update(METRICS[m](targets, preds))
+    out = {k: v for m in task.metrics for k, v in METRICS[m](targets, preds).items()}
     out["score"] = float(np.mean(list(out.values())))
     return out
 
@@ -1710,13 +1645,10 @@ def fetch(names=None, root=None, mirror=None):
         return root
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
-        archives = {}
-
-        def archive(name):
-            if name not in archives:
-                url, size, sha = ARCHIVES[name]
-                archives[name] = _download(url, Path(tmp) / name.replace("/", "_"), size, sha, name)
-            return archives[name]
+        @functools.cache
+        def archive(name):  # downloaded once, for all the files it holds
+            url, size, sha = ARCHIVES[name]
+            return _download(url, Path(tmp) / name.replace("/", "_"), size, sha, name)
 
         for path, source, size, sha in todo:
             if mirror:

@@ -60,7 +60,6 @@ def similarity_matrix(runs_by_task, metric="per_token"):
 
 
 def _runs(x):
-    """One prompt [P, D] or its runs (a list of [P, D], or [R, P, D]) -> list of [P, D]."""
     runs = isinstance(x, (list, tuple)) and np.ndim(x[0]) == 2
     return list(x) if runs or np.ndim(x) == 3 else [x]
 
@@ -96,15 +95,12 @@ def top_k(ranking, k):
 def best_of_top_k(ranking, k, scores):
     """SPoT §3.3 BEST OF TOP-k: tune the target once from each of the top-k prompts, keep the best.
     `scores`: a callable PromptEntry -> target score, or the k scores in top_k order. -> (entry, score)."""
-    return _best(top_k(ranking, k), scores)
+    return oracle(top_k(ranking, k), scores)
 
 
 def oracle(library, scores):
     """SPoT §3.3 ORACLE: brute-force best over every source prompt. -> (entry, score)."""
-    return _best(list(library), scores)
-
-
-def _best(entries, scores):
+    entries = list(library)
     scores = [scores(e) for e in entries] if callable(scores) else list(scores)
     i = int(np.argmax(scores))
     return entries[i], float(scores[i])
@@ -210,25 +206,10 @@ def load_library(directory):
 
 def group_by_task(entries):
     """[PromptEntry] -> {task: [prompt runs]}, the input of similarity_matrix."""
-    groups = {}
-    for e in entries:
-        groups.setdefault(e.task, []).append(e.prompt)
-    return groups
+    return {t: [e.prompt for e in entries if e.task == t] for t in dict.fromkeys(e.task for e in entries)}
 
 
 # ---------------------------------------------------------------- CLI
-
-def _print_ranking(ranking, k, metric, root=None):
-    top = ranking[:k]
-    alphas = [f"{a:.4f}" for a in top_k_weights(ranking, k)] if sum(s for _, s in top) > 0 else [""] * k
-    print(f"{'rank':>4} {metric:>14} {'alpha':>7}  task (what is known: run, step, score; file)")
-    for r, ((e, sim), a) in enumerate(zip(top, alphas), 1):
-        known = [f"{name}={getattr(e, name)}" for name in ("run", "step", "score")
-                 if getattr(e, name) is not None]
-        if e.path:
-            known.append(str(e.path.relative_to(root) if root and e.path.is_relative_to(root) else e.path))
-        print(f"{r:>4} {sim:>14.4f} {a:>7}  {e.task}" + (f" ({', '.join(known)})" if known else ""))
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Task similarity and source retrieval over a prompt library "
@@ -270,7 +251,17 @@ def main(argv=None):
             if k > len(ranking):  # --k 3 on a library of 2 sources: all of them
                 print(f"(--k {k}, but the library holds {len(ranking)} sources: all of them)")
                 k = len(ranking)
-            _print_ranking(ranking, k, args.metric, Path(args.library))
+            top = ranking[:k]
+            alphas = ([f"{a:.4f}" for a in top_k_weights(ranking, k)] if sum(s for _, s in top) > 0
+                      else [""] * k)
+            print(f"{'rank':>4} {args.metric:>14} {'alpha':>7}  task (what is known: run, step, score; file)")
+            for r, ((e, sim), a) in enumerate(zip(top, alphas), 1):
+                known = [f"{name}={getattr(e, name)}" for name in ("run", "step", "score")
+                         if getattr(e, name) is not None]
+                if e.path:  # relative to the library
+                    known.append(str(e.path.relative_to(args.library) if e.path.is_relative_to(args.library)
+                                     else e.path))
+                print(f"{r:>4} {sim:>14.4f} {a:>7}  {e.task}" + (f" ({', '.join(known)})" if known else ""))
             return
         groups = group_by_task(library)
         print(f"{args.metric:>16} " + " ".join(f"{t[:10]:>10}" for t in groups))

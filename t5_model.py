@@ -127,12 +127,8 @@ def einsum_f32(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _einsum_f32_bwd(spec, operands, g):
-    a, b = operands
-    return jax.vjp(functools.partial(jnp.einsum, spec), a, b)[1](g.astype(a.dtype))
-
-
-einsum_f32.defvjp(lambda spec, a, b: (einsum_f32(spec, a, b), (a, b)), _einsum_f32_bwd)
+einsum_f32.defvjp(lambda spec, a, b: (einsum_f32(spec, a, b), (a, b)),
+                  lambda s, ab, g: jax.vjp(functools.partial(jnp.einsum, s), *ab)[1](g.astype(ab[0].dtype)))
 
 
 def _dropout(x, site, seed, rate, mask_shape=None):
@@ -171,12 +167,6 @@ def _dropout_seeds(dropout_key, batch_size):
         return None
     keys = jax.random.split(dropout_key, batch_size) if dropout_key.ndim == 0 else dropout_key
     return jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
-
-
-def _drop_fn(cfg, seed):
-    """drop(x, site, mask_shape=None): _dropout at cfg.dropout_rate with the examples' seeds [B] (None:
-    off)."""
-    return functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
 
 
 def _project(p, x, names):
@@ -254,7 +244,7 @@ REMAT_POLICIES = {"layer": None,  # save nothing inside a layer: its input is th
 
 def _encoder_layer(p, x, bias, cfg, seed):
     """Pre-norm residual blocks: x + Attention(LN(x)), then x + MLP(LN(x)). x [B,S,D]."""
-    drop = _drop_fn(cfg, seed)
+    drop = functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
     h = rms_norm(x, p["pre_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
     q, k, v = _project(p["attention"], h, ("query", "key", "value"))
     x = x + drop(_attend(p["attention"], q, k, v, bias, drop, "encoder/attention"), "encoder/attention")
@@ -270,7 +260,7 @@ def encode(params, cfg, input_ids, prompt=None, dropout_key=None):
     if prompt is not None:
         x, mask = prepend_prompt(prompt, x, mask)
     seed = _dropout_seeds(dropout_key, input_ids.shape[0])
-    drop = _drop_fn(cfg, seed)
+    drop = functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
     # The prompt joins before the input dropout, as in google-research/prompt-tuning
     # prompt_tuning/train/layers.py (PromptEncoder.embed_and_combine_inputs).
     x = drop(x, "encoder/embedding")
@@ -288,7 +278,7 @@ def _decoder_layer(p, x, encoded, cross_kv, self_bias, cross_bias, cfg, seed, ca
     """Pre-norm self-attention, cross-attention and MLP blocks. Cross-attention reads encoded [B,S,D] through
     cross_kv = (keys, values), or directly when it is None (_attend_encoded). With `cache` (greedy_decode), x
     is position t: its key/value go into slot t of the cached [B,N,T,H]; self_bias masks later slots."""
-    drop = _drop_fn(cfg, seed)
+    drop = functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
     h = rms_norm(x, p["pre_self_attention_layer_norm"]["scale"], cfg.layer_norm_epsilon)
     q, k, v = _project(p["self_attention"], h, ("query", "key", "value"))
     if cache is not None:
@@ -298,10 +288,8 @@ def _decoder_layer(p, x, encoded, cross_kv, self_bias, cross_bias, cfg, seed, ca
     pc = p["encoder_decoder_attention"]
     (q,) = _project(pc, h, ("query",))
     # Cross-attention has no position bias; it sees all P+S encoder positions except padding.
-    if cross_kv is None:
-        y = _attend_encoded(pc, q, encoded, cross_bias, drop, "decoder/cross")
-    else:
-        y = _attend(pc, q, *cross_kv, cross_bias, drop, "decoder/cross")
+    y = (_attend_encoded(pc, q, encoded, cross_bias, drop, "decoder/cross") if cross_kv is None
+         else _attend(pc, q, *cross_kv, cross_bias, drop, "decoder/cross"))
     x = x + drop(y, "decoder/cross")
     h = rms_norm(x, p["pre_mlp_layer_norm"]["scale"], cfg.layer_norm_epsilon)
     return x + drop(_mlp(p["mlp"], h, cfg, drop, "decoder/mlp"), "decoder/mlp"), (k, v)
@@ -311,11 +299,8 @@ def _logits(params, cfg, x):
     """Final decoder states [B,T,D] -> float32 logits [B,T,V]."""
     if cfg.tie_word_embeddings:  # T5 1.0: output layer = embedding^T, after x * d_model^-0.5 (Mesh TF)
         x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
-        emb = params["token_embedder"]["embedding"]
-        return einsum_f32("BTD,VD->BTV", x, emb)
-    # T5 1.1 / LM-adapted: a separate, unscaled output layer
-    kernel = params["decoder"]["logits_dense"]["kernel"]
-    return einsum_f32("BTD,DV->BTV", x, kernel)
+        return einsum_f32("BTD,VD->BTV", x, params["token_embedder"]["embedding"])
+    return einsum_f32("BTD,DV->BTV", x, params["decoder"]["logits_dense"]["kernel"])  # T5 1.1: unscaled
 
 
 def _decoder_biases(params, cfg, encoder_mask, T):
@@ -330,7 +315,7 @@ def _decoder_biases(params, cfg, encoder_mask, T):
 def decode(params, cfg, encoded, encoder_mask, decoder_input_ids, dropout_key=None):
     """encoded [B,S,D], encoder_mask [B,S], decoder_input_ids [B,T] -> logits [B,T,V] float32."""
     seed, T = _dropout_seeds(dropout_key, encoded.shape[0]), decoder_input_ids.shape[1]
-    dec, drop = params["decoder"], _drop_fn(cfg, seed)
+    dec, drop = params["decoder"], functools.partial(_dropout, seed=seed, rate=cfg.dropout_rate)
     x = drop(_embed(params, decoder_input_ids), "decoder/embedding")
     self_bias, cross_bias = _decoder_biases(params, cfg, encoder_mask, T)
 
@@ -502,13 +487,9 @@ def _unflatten(flat):
     return tree
 
 
-def _shapes(cfg):
-    return {path: shape for path, (shape, _) in _param_specs(cfg).items()}
-
-
 def param_count(cfg):
     """Number of parameters, without allocating any."""
-    return sum(int(np.prod(s)) for s in _shapes(cfg).values())
+    return sum(math.prod(shape) for shape, _ in _param_specs(cfg).values())
 
 
 # ========================================================================== Hugging Face checkpoints
@@ -543,14 +524,13 @@ def hf_name_map(cfg):
     names = {"shared.weight": ("token_embedder/embedding", None),
              "encoder.final_layer_norm.weight": ("encoder/encoder_norm/scale", None),
              "decoder.final_layer_norm.weight": ("decoder/decoder_norm/scale", None)}
-    for stack in ("encoder", "decoder"):
-        relpos = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-        names[relpos] = (f"{stack}/relpos_bias/rel_embedding", None)
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = ("decoder/logits_dense/kernel", None)
     attn = {"q": "query", "k": "key", "v": "value", "o": "out"}
     mlp = {w: w for w in (("wi_0", "wi_1", "wo") if cfg.gated_gelu else ("wi", "wo"))}
     for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        relpos = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        names[relpos] = (f"{stack}/relpos_bias/rel_embedding", None)
         for i in range(n_layers):
             for j, hf, t5x, norm in BLOCKS[stack]:
                 src, dst = f"{stack}.block.{i}.layer.{j}.", f"{stack}/layers/"
@@ -730,7 +710,7 @@ def load_checkpoint(path_or_hub_id, dtype=jnp.float32, shardings=None):
     except ValueError as e:
         raise ValueError(f"{d / 'config.json'} is not valid JSON ({e})") from None
     cfg = T5Config.from_hf(config, where=d / "config.json")
-    tensors, want = _hf_tensors(d, cfg, config), _shapes(cfg)
+    tensors, want = _hf_tensors(d, cfg, config), {p: shape for p, (shape, _) in _param_specs(cfg).items()}
     names, views, problems = hf_name_map(cfg), {}, []  # views: T5X path -> {layer: HF tensor as T5X}
     for name, (path, layer) in names.items():
         shape = want[path][1:] if layer is not None else want[path]

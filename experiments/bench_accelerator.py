@@ -175,20 +175,15 @@ def matmul_flops_per_s(dtype, n, reps=5):
 
 
 def device_params(cfg, dtype, seed=0):
-    """Random frozen weights at init_params' scales (1/sqrt(fan-in); embedding 1; norm scales 1), drawn on the
-    device by one jitted function (t5_model.init_params draws them as one float32 array: 44 GB at XXL)."""
-    shapes = jax.eval_shape(lambda k: t5_model.init_params(k, cfg, dtype), jax.random.key(0))
-    paths, tree = jax.tree_util.tree_flatten_with_path(shapes)
+    """init_params' leaves at its scales (t5_model._param_specs), each drawn on its own, in one jit:
+    init_params draws them all as one float32 array (XLA:CPU plans 178 GB of temporaries for XXL in bf16)."""
+    specs = t5_model._param_specs(cfg)
 
     def draw(key):
-        leaves = []
-        for k, (path, s) in zip(jax.random.split(key, len(paths)), paths):
-            names = [p.key for p in path]
-            fan_in = s.shape[1] if 'layers' in names else s.shape[0]          # stacks are [L, in, ...]
-            std = 1.0 if names[-1] == 'embedding' else fan_in ** -0.5
-            leaves.append(jnp.ones(s.shape, s.dtype) if names[-1] == 'scale' else
-                          (std * jax.random.normal(k, s.shape, s.dtype)).astype(s.dtype))
-        return jax.tree.unflatten(tree, leaves)
+        return t5_model._unflatten({path: jnp.ones(shape, dtype) if std is None else
+                                    (std * jax.random.normal(k, shape, dtype)).astype(dtype)
+                                    for k, (path, (shape, std)) in zip(jax.random.split(key, len(specs)),
+                                                                       specs.items())})
     return jax.jit(draw)(jax.random.key(seed))
 
 

@@ -574,7 +574,7 @@ def test_dropout_is_a_pure_function_of_the_key(tiny):
     assert not np.allclose(a, tm.forward(params, cfg, ids, dec, None, jax.random.key(2)))
     assert not np.allclose(a, tm.forward(params, cfg, ids, dec))
     x = jnp.ones((40, 3, 5000))                             # [B, L, D]
-    seeds = jax.random.bits(jax.random.key(7), (40,), jnp.uint32)  # one per example, as _drop_fn draws them
+    seeds = jax.random.bits(jax.random.key(7), (40,), jnp.uint32)  # one per example (_dropout_seeds)
     y = tm._dropout(x, "site", seeds, 0.1)
     # T5: one mask per (batch, feature), drawn anew for each example
     np.testing.assert_array_equal(y, jnp.broadcast_to(y[:, :1], y.shape))
@@ -630,7 +630,7 @@ def test_layers_are_stacked_and_each_layer_draws_its_own_dropout(tiny):
     x, seeds = jnp.ones((3, 4, 16)), jnp.arange(3, dtype=jnp.uint32)
 
     def layer(x, p, seed):  # identity layers that return their dropout mask
-        return x, tm._drop_fn(dataclasses.replace(cfg, dropout_rate=0.5), seed)(x, "site")
+        return x, tm._dropout(x, "site", seed, 0.5)
     _, masks = tm._scan_layers(layer, x, jnp.zeros((2, 1)), cfg, seeds)
     assert masks.shape == (2, 3, 4, 16) and not np.array_equal(masks[0], masks[1])
 
