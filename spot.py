@@ -251,6 +251,21 @@ def train_prompts(runs, frozen, cfg, *, resume=False, mesh=None, log=print, runs
             for res in _train_group(list(runs[i:i + R]), frozen, cfg, resume, mesh, log, skip_held)]
 
 
+@dataclasses.dataclass(eq=False)
+class _Going:
+    """A run of _train_group as it goes: `done` steps taken; `state`, its checkpoint's (RunFolder.start)."""
+    i: int                               # its place in the runs and results
+    run: Run
+    folder: RunFolder
+    info: dict                           # what prompt.json records with each prompt
+    state: dict
+    prompt: object
+    opt_state: object
+    done: int
+    losses: list = dataclasses.field(default_factory=list)
+    data: object = None                  # its batches from `done` on (prefetch)
+
+
 def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
     tc = runs[0].tc
     if tc.remat == 'auto' or not tc.micro_batches:        # the CLI decided already (plan before loading)
@@ -278,23 +293,22 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
                                                    'model': dataclasses.asdict(cfg)}}
             prompt, opt_state, state = folder.start(run.prompt, run.tc, run_identity(cfg, frozen, run.meta),
                                                     info, resume, log)
-            group.append({'i': i, 'run': run, 'tc': run.tc, 'folder': folder, 'info': info, 'state': state,
-                          'losses': [], 'prompt': prompt, 'opt_state': opt_state, 'done': state['step']})
+            group.append(_Going(i, run, folder, info, state, prompt, opt_state, state['step']))
         frozen = shard_params(mesh, frozen)
         # a run stopped during the evaluation of its step does it now
-        _evaluate_and_keep([g for g in group if g['state'].get('eval_pending') and g['run'].evaluator], log)
-        active = [g for g in group if g['done'] < g['tc'].steps]
+        _evaluate_and_keep([g for g in group if g.state.get('eval_pending') and g.run.evaluator], log)
+        active = [g for g in group if g.done < g.run.tc.steps]
         for g in active:
-            g['data'] = prefetch(g['run'].batches(g['done']))
+            g.data = prefetch(g.run.batches(g.done))
         clock, stack = Clock(), None
         while active:
             if stack is None:                    # the group (re)formed: one state, runs stacked on axis 0
-                states = [(g['prompt'], g['opt_state']) for g in active]
+                states = [(g.prompt, g.opt_state) for g in active]
                 stack = replicate(mesh, states[0] if len(states) == 1 else
                                   jax.tree.map(lambda *xs: jnp.stack(xs), *states))
-            batch = _pad_stack([{n: v for n, v in next(g['data']).items() if n in ('inputs', 'targets')}
+            batch = _pad_stack([{n: v for n, v in next(g.data).items() if n in ('inputs', 'targets')}
                                 for g in active])
-            keys = jnp.stack([dropout_key(g['tc'].seed, g['done']) for g in active])
+            keys = jnp.stack([dropout_key(g.run.tc.seed, g.done) for g in active])
             if len(active) == 1:                 # one run: its batch [B,...] and key, no runs axis
                 batch, keys = jax.tree.map(lambda x: x[0], (batch, keys))
             compiles, t = _compiled_steps(), time.perf_counter()
@@ -311,30 +325,29 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
                 clock.restart()                  # steps/s leaves out the compile
             signum, evaluate_now, left, line, wrote = stop_signal(), [], [], False, False
             for j, (g, loss) in enumerate(zip(active, losses)):
-                t, done, state, folder = g['tc'], g['done'] + 1, g['state'], g['folder']
+                t, done, folder = g.run.tc, g.done + 1, g.folder
                 prompt, opt_state = stack if len(active) == 1 else jax.tree.map(lambda x: x[j], stack)
-                evaluated = g['run'].evaluator is not None and (done % t.eval_every == 0 or done == t.steps)
+                evaluated = g.run.evaluator is not None and (done % t.eval_every == 0 or done == t.steps)
                 checkpoint = evaluated or done % t.checkpoint_every == 0 or done == t.steps or signum
                 try:
                     check_finite(loss, prompt if checkpoint or done == t.embedding_step else None, done,
-                                 folder.ckpt, state)
+                                 folder.ckpt, g.state)
                 except FloatingPointError as e:
                     failed.append(e)
                     log(f'{folder.out}: {e}')
                     continue
-                g['losses'].append(loss)
+                g.losses.append(loss)
                 if done % t.log_every == 0 or done == t.steps:
                     line = True
                     folder.history({'step': done, 'loss': loss, 'steps_per_s': clock.rate(),
                                     'time': time.time()})
                 if done == t.embedding_step:                # §3.2: the task embedding
-                    folder.save_prompt(f'prompt_step{done}', prompt, {**g['info'], 'step': done,
-                                                                      'score': None})
+                    folder.save_prompt(f'prompt_step{done}', prompt, {**g.info, 'step': done, 'score': None})
                 if checkpoint:          # written before evaluating: an evaluator that fails loses no training
-                    state.update(step=done, data_position=done, eval_pending=evaluated)
-                    folder.checkpoint(prompt, opt_state, state)
+                    g.state.update(step=done, data_position=done, eval_pending=evaluated)
+                    folder.checkpoint(prompt, opt_state, g.state)
                     wrote = True
-                g.update(prompt=prompt, opt_state=opt_state, done=done)
+                g.prompt, g.opt_state, g.done = prompt, opt_state, done
                 (evaluate_now if evaluated else []).append(g)
                 (left if done < t.steps else []).append(g)
             _evaluate_and_keep(evaluate_now, log)   # §2.1.4: keep the prompt with the best score
@@ -343,17 +356,14 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
             if wrote:
                 clock.restart()                  # steps/s leaves out checkpoints and evaluations
             if signum and left:
-                raise Interrupted(signum, left[0]['done'], left[0]['folder'].ckpt)
+                raise Interrupted(signum, left[0].done, left[0].folder.ckpt)
             if left != active:                   # a run finished or failed: the group re-forms
                 stack, active = None, left
         for g in group:
-            state = g['state']
-            if g['run'].evaluator is None and state['step'] == g['tc'].steps:
-                g['folder'].save_prompt('prompt', g['prompt'], {**g['info'], 'step': state['step'],
-                                                                'score': None})
-            results[g['i']] = {'prompt': g['prompt'], 'opt_state': g['opt_state'], 'step': state['step'],
-                               'best_score': state['best_score'], 'best_step': state['best_step'],
-                               'losses': g['losses']}
+            if g.run.evaluator is None and g.state['step'] == g.run.tc.steps:
+                g.folder.save_prompt('prompt', g.prompt, {**g.info, 'step': g.state['step'], 'score': None})
+            results[g.i] = {'prompt': g.prompt, 'opt_state': g.opt_state, 'losses': g.losses,
+                            **{k: g.state[k] for k in ('step', 'best_score', 'best_step')}}
     if failed:
         raise failed[0]
     return results
@@ -386,8 +396,8 @@ class Clock:
 
     def log(self, log, g, losses):
         rate = self.rate()
-        eta = int((g['tc'].steps - g['done']) / rate) if rate else 0
-        log(f"step {g['done']}/{g['tc'].steps}  loss {' '.join(f'{x:.4f}' for x in losses)}  {rate:.2f} "
+        eta = int((g.run.tc.steps - g.done) / rate) if rate else 0
+        log(f"step {g.done}/{g.run.tc.steps}  loss {' '.join(f'{x:.4f}' for x in losses)}  {rate:.2f} "
             f'steps/s  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
         self.line = time.perf_counter()
 
@@ -396,16 +406,16 @@ def _evaluate_and_keep(group, log):
     """§2.1.4: evaluate the runs' prompts (score_together); keep each one that is its run's best so far."""
     if not group:
         return
-    scores = score_together([g['run'].evaluator for g in group], [g['prompt'] for g in group])
+    scores = score_together([g.run.evaluator for g in group], [g.prompt for g in group])
     for g, metrics in zip(group, scores):
-        folder, state, done = g['folder'], g['state'], g['state']['step']
+        folder, state, done = g.folder, g.state, g.state['step']
         log(f'step {done}  eval {_json(metrics, None).decode()}' + (f'  ({folder.out.name})' if len(group) > 1
                                                                      else ''))
         folder.history({'step': done, 'eval': metrics, 'time': time.time()})
         if best_so_far(state, done, metrics):
-            folder.save_prompt('prompt', g['prompt'], {**g['info'], 'step': done, 'score': metrics['score'],
-                                                       'metrics': metrics})
-        folder.checkpoint(g['prompt'], g['opt_state'], state)
+            folder.save_prompt('prompt', g.prompt, {**g.info, 'step': done, 'score': metrics['score'],
+                                                   'metrics': metrics})
+        folder.checkpoint(g.prompt, g.opt_state, state)
 
 
 def prefetch(batches, depth: int = 2):
