@@ -241,10 +241,9 @@ def train_prompts(runs, frozen, cfg, *, resume=False, mesh=None, log=print, runs
     """train_prompt for many runs (Run), runs_per_step of them (0: all) sharing every step: train_step on
     their stacked prompts [R,P,D], one copy of the frozen weights. Each run keeps its own seed, data order,
     dropout keys, evaluations and folder, and ends as it would alone (to float32 rounding; one run: to the
-    bit). The R batches of a step are padded to the longest (masked: no loss or dropout mask changes). A run
-    that finishes, or whose loss turns non-finite (raised at the end), leaves the group. The runs of a group
-    share the first run's compiled settings (dropout, optimizer, z_loss, remat, sub- and micro-batches).
-    skip_held: a run whose folder another process holds is left out, its result None (common.run_grid)."""
+    bit); their batches are padded (masked) to the longest. A run that finishes or fails (non-finite: raised
+    at the end) leaves the group, whose runs share the first run's compiled settings (TrainConfig's execution
+    fields, dropout, optimizer, z_loss). skip_held: a run whose folder another process holds gets None."""
     R = runs_per_step or len(runs)
     log = log if jax.process_index() == 0 else (lambda *_: None)     # several processes: process 0 speaks
     return [res for i in range(0, len(runs), R)
@@ -567,14 +566,12 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
 
 
 # ----------------------------------------------------------------------- performance: sub- and micro-batches
-# The plain formula is loss(batch) and its gradient. Both wrappers compute them as k parts of the batch (rows
-# i::k) whose mean losses are weighted by their target-token counts: the same loss, gradient (to float
-# rounding) and dropout masks (one key per example) for every k. They differ in what they are for:
-# - sub_batched: k independent parts inside one program, for CPU cores. XLA:CPU runs independent ops on
-#   different cores at once, so k = 2 keeps 2 cores busier (README, Speed: k = 4 was no faster and compiled
-#   longer). Every part's activations are alive together: it saves no memory. On accelerators k = 1.
-# - micro_batched: k parts one after another (lax.scan), gradients accumulated: the activations of one part
-#   at a time, so memory falls with k, for the same FLOPs (spot.py plan picks k).
+# Both wrappers compute loss(batch) and its gradient as k parts (rows i::k), their mean losses weighted by
+# target-token counts: the same loss, gradient (to float rounding) and dropout masks for every k.
+# - sub_batched: k independent parts in one program, which XLA:CPU runs on different cores at once (README,
+#   Speed: k = 2; 4 was no faster). All parts' activations are alive together. On accelerators k = 1.
+# - micro_batched: k parts one after another (lax.scan), one part's activations alive at a time: memory falls
+#   with k, for the same FLOPs (spot.py plan picks k).
 def sub_batch_count(tc: TrainConfig) -> int:
     """train_step's k: tc.sub_batches, or at 0 2 on one CPU device, else 1."""
     return tc.sub_batches or (2 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
@@ -628,15 +625,12 @@ def micro_batched(value_and_grad_fn, k: int):
 
 
 # ---------------------------------------------------------------------------- performance: the memory plan
-# Before a run loads any weight, the training step and the evaluation are compiled from shapes alone
-# (jax.ShapeDtypeStruct weights: nothing is allocated) and XLA's buffer assignment says what they need per
-# device (compiled.memory_analysis()): weights, prompt + optimizer, temporaries (activations kept for the
-# backward pass and work space). `remat` and `micro_batches` at 'auto' take the first setting of PLAN_ORDER
-# that fits (plan_order). The order is by cost: remat 'dots' recomputes a layer's attention einsums and
-# elementwise ops, 'layer' its whole forward (about +1/3 of the step's FLOPs); micro-batches cost no FLOPs,
-# only smaller matmuls, so a few are tried before more recomputation. On a CPU 'dots' comes first: measured
-# on 2 cores (B=8, 100 + 128 + 8 tokens, float32), its step took 0.83x (Small) and 0.85x (Base) the time of
-# no remat, whose scanned backward pass writes every layer's float32 attention maps out and reads them back.
+# Before a run loads any weight, the step and the evaluation are compiled from shapes alone and XLA says what
+# they need per device (compiled.memory_analysis()). At 'auto', remat and micro_batches take the first setting
+# of PLAN_ORDER that fits, by cost: 'dots' recomputes attention and elementwise ops, 'layer' the whole
+# forward (+1/3 of the FLOPs); micro-batches cost only smaller matmuls. On a CPU 'dots' comes first: 0.83x
+# (Small) and 0.85x (Base) the step time of no remat, whose scanned backward pass writes every layer's float32
+# attention maps out and reads them back (README, Speed).
 PLAN_ORDER = (('none', 1), ('none', 2), ('dots', 1), ('dots', 2), ('layer', 1), ('layer', 2), ('layer', 4),
               ('layer', 8), ('layer', 16), ('layer', 32), ('layer', 64), ('layer', 128))
 GiB = 2 ** 30
@@ -1086,11 +1080,7 @@ def _in_use(out: Path) -> RunFolderInUse:
 
 def folder_holder(out: Path) -> str | None:
     """Who holds out/run.lock now ('pid N on HOST since ...'), or None (a dead holder's lock died with it)."""
-    try:
-        f = open(Path(out) / 'run.lock')
-    except FileNotFoundError:
-        return None
-    with f:
+    with contextlib.suppress(FileNotFoundError), open(Path(out) / 'run.lock') as f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1255,27 +1245,25 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
 def cut_history(out: Path, step: int, eval_pending: bool, log):
     """On resume: drop the events after the checkpoint's step (redone), and its evaluation if pending. A torn
     last line (a crash) is dropped, and said; a damaged line before it is refused."""
-    path = out / 'metrics.jsonl'
-    lines = [line for line in path.read_bytes().splitlines() if line.strip()] if path.exists() else []
-    events = []
+    path, events = out / 'metrics.jsonl', []
+    if not path.exists():
+        return
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
     for i, line in enumerate(lines):
         try:
             event = json.loads(line)
-            step_ok = isinstance(event, dict) and type(event.get('step')) is int
+            why = None if isinstance(event, dict) and type(event.get('step')) is int else 'no integer "step"'
         except ValueError as e:
-            event, step_ok, why = None, False, e
-        else:
-            why = 'no integer "step"'
-        if not step_ok and i < len(lines) - 1:
+            why = e
+        if why and i < len(lines) - 1:
             raise ValueError(f'{path} line {i + 1} is not an event of a run ({why}): repair or delete that '
                              f'line, then rerun with --resume')
-        if not step_ok:
+        if why:
             log(f'{path}: dropped its last line, cut short by a write that did not finish '
                 f'({len(line)} bytes)')
         elif event['step'] < step or event['step'] == step and not ('eval' in event and eval_pending):
             events.append(line + b'\n')
-    if path.exists():
-        _atomic(path, lambda f: f.writelines(events))
+    _atomic(path, lambda f: f.writelines(events))
 
 
 class Interrupted(KeyboardInterrupt):
