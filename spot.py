@@ -1285,9 +1285,8 @@ def stop_requests(log):
 
     def requested() -> int:
         mine = got[0] if got else 0
-        if jax.process_count() == 1:
-            return mine
-        return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+        return mine if jax.process_count() == 1 else \
+            int(np.max(multihost_utils.process_allgather(np.int32(mine))))
     if threading.current_thread() is not threading.main_thread():     # signal handlers: main thread only
         yield requested
         return
@@ -1929,9 +1928,38 @@ def train_cli(args, tc, pc):
                                                  seed)
                     for _, names in tasks.values() for t in names for seed in seeds}
     cfg, frozen = _load_weights(args, dataclasses.replace(tc, seed=0), mesh)   # 'tiny': one for every seed
-    evaluators = {}
-    made = [_cli_run(args, data, cfg, frozen, vocab, mesh, dataclasses.replace(tc, seed=seed), pcs[source],
-                     task, tasks[task], data_sources, out, evaluators) for task, source, seed, out in runs]
+    evaluators = {}                                   # one per task, shared by its runs
+
+    def make_run(task_arg, source, seed, out) -> Run:  # its task (or mixture), prompt, batches and evaluator
+        run_tc, run_pc, (mixture, names) = dataclasses.replace(tc, seed=seed), pcs[source], tasks[task_arg]
+        task = data.get_task(names[0])
+        labels = None if run_pc.init != 'class_labels' else [list(vocab.encode(x)) for x in
+                                                              task.output_labels]
+        text = list(vocab.encode(run_pc.text)) if run_pc.text else None
+        prompt = gather(init_prompt(jax.random.split(jax.random.key(seed))[0], frozen, run_pc, labels, text))
+        sources = {t: data_sources[t, seed] for t in names}
+        # What the run reads, so that --resume with other data (or another vocabulary) is refused (its meta).
+        # The data by content, not path: the same files in another folder resume; others are refused.
+        reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
+                 'files': {t: data.data_fingerprint(t, 'train', args.data) for t in names}}
+        # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
+        rows, n = process_rows(mesh, run_tc.batch_size), jax.process_count()
+        share = dict(process_index=rows.start // (run_tc.batch_size // n), process_count=n)
+
+        def batches(k):
+            if mixture:
+                return data.mixture_batches(sources, run_tc.batch_size, seed, start=k, **share)
+            return data.batches(sources[task.name], run_tc.batch_size, seed, start=k, **share)
+        if task.metrics and not mixture and task.name not in evaluators:
+            evaluators[task.name] = make_evaluator(task.name, frozen, cfg, vocab, run_tc, data_dir=args.data,
+                                                   mesh=mesh)
+        evaluator = None if mixture else evaluators.get(task.name)
+        if evaluator is None:       # c4 (prefix LM) and the mixtures (SPoT's sources): no validation metric
+            say(f'{task_arg}: no validation metric; {out}/prompt.npy will be the prompt after the last step')
+        return Run(prompt, run_tc, batches, evaluator, out,
+                   meta={'model': args.model, 'dtype': args.dtype, 'task': task_arg, 'init': run_pc.init,
+                         'prompt_config': dataclasses.asdict(run_pc), 'reads': reads})
+    made = [make_run(*run) for run in runs]
     results = train_prompts(made, frozen, cfg, resume=args.resume, mesh=mesh, runs_per_step=R)
     for run, result in zip(made, results):
         best, step, out = result['best_score'], result['best_step'], run.out_dir
@@ -1942,38 +1970,6 @@ def train_cli(args, tc, pc):
                 f'(step {step})')
         else:
             say(f'best score {best} at step {step}; prompt in {out}/prompt.npy')
-
-
-def _cli_run(args, data, cfg, frozen, vocab, mesh, tc, pc, task_arg, mixture_tasks, data_sources, out,
-             evaluators) -> Run:
-    """One run of `spot.py train`: its task (or mixture), starting prompt, batches and evaluator."""
-    mixture, tasks = mixture_tasks
-    task = data.get_task(tasks[0])
-    labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
-    text = list(vocab.encode(pc.text)) if pc.text else None
-    prompt = gather(init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text))
-    sources = {t: data_sources[t, tc.seed] for t in tasks}
-    # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's
-    # meta). The data by content, not path: the same files in another folder resume; others are refused.
-    reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
-             'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}
-    # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
-    rows, n = process_rows(mesh, tc.batch_size), jax.process_count()
-    share = dict(process_index=rows.start // (tc.batch_size // n), process_count=n)
-
-    def batches(k):
-        if mixture:
-            return data.mixture_batches(sources, tc.batch_size, tc.seed, start=k, **share)
-        return data.batches(sources[task.name], tc.batch_size, tc.seed, start=k, **share)
-    if task.metrics and not mixture and task.name not in evaluators:   # one per task, shared by its runs
-        evaluators[task.name] = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data,
-                                               mesh=mesh)
-    evaluator = None if mixture else evaluators.get(task.name)
-    if evaluator is None:           # c4 (prefix LM) and the mixtures (SPoT's sources): no validation metric
-        say(f'{task_arg}: no validation metric; {out}/prompt.npy will be the prompt after the last step')
-    return Run(prompt, tc, batches, evaluator, out,
-               meta={'model': args.model, 'dtype': args.dtype, 'task': task_arg, 'init': pc.init,
-                     'prompt_config': dataclasses.asdict(pc), 'reads': reads})
 
 
 if __name__ == '__main__':
