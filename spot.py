@@ -1685,8 +1685,9 @@ def main(argv=None):
         q.add_argument('--coordinator', help='multi-host: HOST:PORT of process 0 (README, Multi-host)')
         q.add_argument('--num-processes', type=int, help='multi-host: number of processes')
         q.add_argument('--process-id', type=int, help='multi-host: this process, 0 .. N-1')
-        q.add_argument('--distributed-timeout', type=int, default=300, help='multi-host: seconds to wait')
-        q.add_argument('--no-compile-cache', action='store_true', help='see enable_compile_cache')
+        q.add_argument('--distributed-timeout', type=int, default=300,
+                       help='multi-host: seconds to wait for peers')
+        q.add_argument('--no-compile-cache', action='store_true', help='keep no compiled steps on disk')
     for q in (train, plan):
         q.add_argument('--device-memory', type=float, metavar='GIB',
                        help="memory per device to plan for (default: the device's own; on CPU the RAM)")
