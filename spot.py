@@ -241,14 +241,28 @@ def train_prompts(runs, frozen, cfg, *, resume=False, mesh=None, log=print, runs
     """train_prompt for many runs (Run), runs_per_step of them (0: all) sharing every step: train_step on
     their stacked prompts [R,P,D], one copy of the frozen weights. Each run keeps its own seed, data order,
     dropout keys, evaluations and folder, and ends as it would alone (to float32 rounding; one run: to the
-    bit). The R batches of a step are padded to the longest (masked: no loss or dropout mask changes). A run
-    that finishes, or whose loss turns non-finite (raised at the end), leaves the group. The runs of a group
-    share the first run's compiled settings (dropout, optimizer, z_loss, remat, sub- and micro-batches).
-    skip_held: a run whose folder another process holds is left out, its result None (common.run_grid)."""
+    bit); their batches are padded (masked) to the longest. A run that finishes or fails (non-finite: raised
+    at the end) leaves the group, whose runs share the first run's compiled settings (TrainConfig's execution
+    fields, dropout, optimizer, z_loss). skip_held: a run whose folder another process holds gets None."""
     R = runs_per_step or len(runs)
     log = log if jax.process_index() == 0 else (lambda *_: None)     # several processes: process 0 speaks
     return [res for i in range(0, len(runs), R)
             for res in _train_group(list(runs[i:i + R]), frozen, cfg, resume, mesh, log, skip_held)]
+
+
+@dataclasses.dataclass(eq=False)
+class _Going:
+    """A run of _train_group as it goes: `done` steps taken; `state`, its checkpoint's (RunFolder.start)."""
+    i: int                               # its place in the runs and results
+    run: Run
+    folder: RunFolder
+    info: dict                           # what prompt.json records with each prompt
+    state: dict
+    prompt: object
+    opt_state: object
+    done: int
+    losses: list = dataclasses.field(default_factory=list)
+    data: object = None                  # its batches from `done` on (prefetch)
 
 
 def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
@@ -278,23 +292,22 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
                                                    'model': dataclasses.asdict(cfg)}}
             prompt, opt_state, state = folder.start(run.prompt, run.tc, run_identity(cfg, frozen, run.meta),
                                                     info, resume, log)
-            group.append({'i': i, 'run': run, 'tc': run.tc, 'folder': folder, 'info': info, 'state': state,
-                          'losses': [], 'prompt': prompt, 'opt_state': opt_state, 'done': state['step']})
+            group.append(_Going(i, run, folder, info, state, prompt, opt_state, state['step']))
         frozen = shard_params(mesh, frozen)
         # a run stopped during the evaluation of its step does it now
-        _evaluate_and_keep([g for g in group if g['state'].get('eval_pending') and g['run'].evaluator], log)
-        active = [g for g in group if g['done'] < g['tc'].steps]
+        _evaluate_and_keep([g for g in group if g.state.get('eval_pending') and g.run.evaluator], log)
+        active = [g for g in group if g.done < g.run.tc.steps]
         for g in active:
-            g['data'] = prefetch(g['run'].batches(g['done']))
+            g.data = prefetch(g.run.batches(g.done))
         clock, stack = Clock(), None
         while active:
             if stack is None:                    # the group (re)formed: one state, runs stacked on axis 0
-                states = [(g['prompt'], g['opt_state']) for g in active]
+                states = [(g.prompt, g.opt_state) for g in active]
                 stack = replicate(mesh, states[0] if len(states) == 1 else
                                   jax.tree.map(lambda *xs: jnp.stack(xs), *states))
-            batch = _pad_stack([{n: v for n, v in next(g['data']).items() if n in ('inputs', 'targets')}
+            batch = _pad_stack([{n: v for n, v in next(g.data).items() if n in ('inputs', 'targets')}
                                 for g in active])
-            keys = jnp.stack([dropout_key(g['tc'].seed, g['done']) for g in active])
+            keys = jnp.stack([dropout_key(g.run.tc.seed, g.done) for g in active])
             if len(active) == 1:                 # one run: its batch [B,...] and key, no runs axis
                 batch, keys = jax.tree.map(lambda x: x[0], (batch, keys))
             compiles, t = _compiled_steps(), time.perf_counter()
@@ -306,35 +319,34 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
                                         *step_settings)
             losses, clock.steps = np.atleast_1d(np.asarray(losses, np.float64)).tolist(), clock.steps + 1
             if _compiled_steps() != compiles or clock.steps == 1:
-                what = 'compiled' if _compiled_steps() != compiles else 'found compiled'
-                log(f'{what}, first step done in {time.perf_counter() - t:.1f} s')
+                log(f"{'found ' * (_compiled_steps() == compiles)}compiled, first step done in "
+                    f'{time.perf_counter() - t:.1f} s')
                 clock.restart()                  # steps/s leaves out the compile
             signum, evaluate_now, left, line, wrote = stop_signal(), [], [], False, False
             for j, (g, loss) in enumerate(zip(active, losses)):
-                t, done, state, folder = g['tc'], g['done'] + 1, g['state'], g['folder']
+                t, done, folder = g.run.tc, g.done + 1, g.folder
                 prompt, opt_state = stack if len(active) == 1 else jax.tree.map(lambda x: x[j], stack)
-                evaluated = g['run'].evaluator is not None and (done % t.eval_every == 0 or done == t.steps)
+                evaluated = g.run.evaluator is not None and (done % t.eval_every == 0 or done == t.steps)
                 checkpoint = evaluated or done % t.checkpoint_every == 0 or done == t.steps or signum
                 try:
                     check_finite(loss, prompt if checkpoint or done == t.embedding_step else None, done,
-                                 folder.ckpt, state)
+                                 folder.ckpt, g.state)
                 except FloatingPointError as e:
                     failed.append(e)
                     log(f'{folder.out}: {e}')
                     continue
-                g['losses'].append(loss)
+                g.losses.append(loss)
                 if done % t.log_every == 0 or done == t.steps:
                     line = True
                     folder.history({'step': done, 'loss': loss, 'steps_per_s': clock.rate(),
                                     'time': time.time()})
                 if done == t.embedding_step:                # §3.2: the task embedding
-                    folder.save_prompt(f'prompt_step{done}', prompt, {**g['info'], 'step': done,
-                                                                      'score': None})
+                    folder.save_prompt(f'prompt_step{done}', prompt, {**g.info, 'step': done, 'score': None})
                 if checkpoint:          # written before evaluating: an evaluator that fails loses no training
-                    state.update(step=done, data_position=done, eval_pending=evaluated)
-                    folder.checkpoint(prompt, opt_state, state)
+                    g.state.update(step=done, data_position=done, eval_pending=evaluated)
+                    folder.checkpoint(prompt, opt_state, g.state)
                     wrote = True
-                g.update(prompt=prompt, opt_state=opt_state, done=done)
+                g.prompt, g.opt_state, g.done = prompt, opt_state, done
                 (evaluate_now if evaluated else []).append(g)
                 (left if done < t.steps else []).append(g)
             _evaluate_and_keep(evaluate_now, log)   # §2.1.4: keep the prompt with the best score
@@ -343,38 +355,32 @@ def _train_group(runs, frozen, cfg, resume, mesh, log, skip_held) -> list:
             if wrote:
                 clock.restart()                  # steps/s leaves out checkpoints and evaluations
             if signum and left:
-                raise Interrupted(signum, left[0]['done'], left[0]['folder'].ckpt)
+                raise Interrupted(signum, left[0].done, left[0].folder.ckpt)
             if left != active:                   # a run finished or failed: the group re-forms
                 stack, active = None, left
         for g in group:
-            state = g['state']
-            if g['run'].evaluator is None and state['step'] == g['tc'].steps:
-                g['folder'].save_prompt('prompt', g['prompt'], {**g['info'], 'step': state['step'],
-                                                                'score': None})
-            results[g['i']] = {'prompt': g['prompt'], 'opt_state': g['opt_state'], 'step': state['step'],
-                               'best_score': state['best_score'], 'best_step': state['best_step'],
-                               'losses': g['losses']}
+            if g.run.evaluator is None and g.state['step'] == g.run.tc.steps:
+                g.folder.save_prompt('prompt', g.prompt, {**g.info, 'step': g.state['step'], 'score': None})
+            results[g.i] = {'prompt': g.prompt, 'opt_state': g.opt_state, 'losses': g.losses,
+                            **{k: g.state[k] for k in ('step', 'best_score', 'best_step')}}
     if failed:
         raise failed[0]
     return results
 
 
 def _pad_stack(batches) -> dict:
-    """Several runs' batches {'inputs' [B,S], 'targets' [B,T]} -> [R,B,S'], [R,B,T']: each padded with 0
-    (pad) to the longest; pad rows and columns are masked out of the loss."""
+    """Runs' batches {'inputs' [B,S], 'targets' [B,T]} -> [R,B,S'], [R,B,T'], masked pad to the longest."""
     width = {name: max(b[name].shape[1] for b in batches) for name in ('inputs', 'targets')}
     return {name: np.stack([np.pad(np.asarray(b[name]), ((0, 0), (0, w - b[name].shape[1])))
                             for b in batches]) for name, w in width.items()}
 
 
-def _compiled_steps() -> int:
-    """How many programs train_step has compiled (or loaded from the compile cache) in this process."""
+def _compiled_steps() -> int:     # programs train_step compiled (or loaded from the cache) so far
     return getattr(train_step, '_cache_size', lambda: 0)()
 
 
 class Clock:
-    """Progress lines: steps/s over a window that leaves out compiles, checkpoints and evaluations, and the
-    ETA of the first run."""
+    """Progress lines: steps/s (leaving out compiles, checkpoints and evaluations) and the first run's ETA."""
 
     def __init__(self):
         self.steps, self.line = 0, time.perf_counter()
@@ -389,34 +395,31 @@ class Clock:
 
     def log(self, log, g, losses):
         rate = self.rate()
-        eta = int((g['tc'].steps - g['done']) / rate) if rate else 0
-        log(f"step {g['done']}/{g['tc'].steps}  loss {' '.join(f'{x:.4f}' for x in losses)}  {rate:.2f} "
+        eta = int((g.run.tc.steps - g.done) / rate) if rate else 0
+        log(f"step {g.done}/{g.run.tc.steps}  loss {' '.join(f'{x:.4f}' for x in losses)}  {rate:.2f} "
             f'steps/s  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
         self.line = time.perf_counter()
 
 
 def _evaluate_and_keep(group, log):
-    """§2.1.4: evaluate each run's prompt after its step (the runs of make_evaluator's scorers in shared
-    batches: score_together); write metrics.jsonl, prompt.npy/.json if it is the best so far, and the
-    checkpoint with the new best score."""
+    """§2.1.4: evaluate the runs' prompts (score_together); keep each one that is its run's best so far."""
     if not group:
         return
-    scores = score_together([g['run'].evaluator for g in group], [g['prompt'] for g in group])
+    scores = score_together([g.run.evaluator for g in group], [g.prompt for g in group])
     for g, metrics in zip(group, scores):
-        folder, state, done = g['folder'], g['state'], g['state']['step']
+        folder, state, done = g.folder, g.state, g.state['step']
         log(f'step {done}  eval {_json(metrics, None).decode()}' + (f'  ({folder.out.name})' if len(group) > 1
                                                                      else ''))
         folder.history({'step': done, 'eval': metrics, 'time': time.time()})
         if best_so_far(state, done, metrics):
-            folder.save_prompt('prompt', g['prompt'], {**g['info'], 'step': done, 'score': metrics['score'],
-                                                       'metrics': metrics})
-        folder.checkpoint(g['prompt'], g['opt_state'], state)
+            folder.save_prompt('prompt', g.prompt, {**g.info, 'step': done, 'score': metrics['score'],
+                                                   'metrics': metrics})
+        folder.checkpoint(g.prompt, g.opt_state, state)
 
 
 def prefetch(batches, depth: int = 2):
-    """The items of `batches`, made `depth` ahead on a background thread, so that the host prepares batch k+1
-    (reading, tokenizing, padding) while the device runs step k; the plain form is the iterator itself. An
-    error raised while making a batch is raised here when that batch is reached."""
+    """The items of `batches`, made `depth` ahead on a thread (the host prepares batch k+1 while the device
+    runs step k); an error making a batch is raised here when that batch is reached."""
     ready, stop = queue.Queue(depth), threading.Event()
 
     def make():
@@ -563,22 +566,18 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
 
 
 # ----------------------------------------------------------------------- performance: sub- and micro-batches
-# The plain formula is loss(batch) and its gradient. Both wrappers compute them as k parts of the batch (rows
-# i::k) whose mean losses are weighted by their target-token counts: the same loss, gradient (to float
-# rounding) and dropout masks (one key per example) for every k. They differ in what they are for:
-# - sub_batched: k independent parts inside one program, for CPU cores. XLA:CPU runs independent ops on
-#   different cores at once, so k = 2 keeps 2 cores busier (README, Speed: k = 4 was no faster and compiled
-#   longer). Every part's activations are alive together: it saves no memory. On accelerators k = 1.
-# - micro_batched: k parts one after another (lax.scan), gradients accumulated: the activations of one part
-#   at a time, so memory falls with k, for the same FLOPs (spot.py plan picks k).
+# Both wrappers compute loss(batch) and its gradient as k parts (rows i::k), their mean losses weighted by
+# target-token counts: the same loss, gradient (to float rounding) and dropout masks for every k.
+# - sub_batched: k independent parts in one program, which XLA:CPU runs on different cores at once (README,
+#   Speed: k = 2; 4 was no faster). All parts' activations are alive together. On accelerators k = 1.
+# - micro_batched: k parts one after another (lax.scan), one part's activations alive at a time: memory falls
+#   with k, for the same FLOPs (spot.py plan picks k).
 def sub_batch_count(tc: TrainConfig) -> int:
-    """k for train_step, decided outside the compiled function: tc.sub_batches, or 0 = 2 on one CPU device,
-    else 1."""
+    """train_step's k: tc.sub_batches, or at 0 2 on one CPU device, else 1."""
     return tc.sub_batches or (2 if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 1)
 
 
-def _per_example_keys(key, B):
-    """One dropout key per example: split(key, B), or the [B] keys a caller already split."""
+def _per_example_keys(key, B):       # one dropout key per example (or the [B] keys a caller split)
     return jax.random.split(key, B) if key.ndim == 0 else key
 
 
@@ -600,8 +599,8 @@ def sub_batched(loss_fn, k: int):
 
 
 def micro_batched(value_and_grad_fn, k: int):
-    """value_and_grad_fn(prompt, frozen, batch, cfg, key, z_loss) -> (loss, grad), computed as k sequential
-    micro-batches (rows i::k; k divides B), their token-weighted losses and gradients summed (see above)."""
+    """value_and_grad_fn(prompt, frozen, batch, cfg, key, z_loss) -> (loss, grad) as k sequential parts (see
+    above; k divides B)."""
     if k == 1:
         return value_and_grad_fn
 
@@ -626,15 +625,12 @@ def micro_batched(value_and_grad_fn, k: int):
 
 
 # ---------------------------------------------------------------------------- performance: the memory plan
-# Before a run loads any weight, the training step and the evaluation are compiled from shapes alone
-# (jax.ShapeDtypeStruct weights: nothing is allocated) and XLA's buffer assignment says what they need per
-# device (compiled.memory_analysis()): weights, prompt + optimizer, temporaries (activations kept for the
-# backward pass and work space). `remat` and `micro_batches` at 'auto' take the first setting of PLAN_ORDER
-# that fits (plan_order). The order is by cost: remat 'dots' recomputes a layer's attention einsums and
-# elementwise ops, 'layer' its whole forward (about +1/3 of the step's FLOPs); micro-batches cost no FLOPs,
-# only smaller matmuls, so a few are tried before more recomputation. On a CPU 'dots' comes first: measured
-# on 2 cores (B=8, 100 + 128 + 8 tokens, float32), its step took 0.83x (Small) and 0.85x (Base) the time of
-# no remat, whose scanned backward pass writes every layer's float32 attention maps out and reads them back.
+# Before a run loads any weight, the step and the evaluation are compiled from shapes alone and XLA says what
+# they need per device (compiled.memory_analysis()). At 'auto', remat and micro_batches take the first setting
+# of PLAN_ORDER that fits, by cost: 'dots' recomputes attention and elementwise ops, 'layer' the whole
+# forward (+1/3 of the FLOPs); micro-batches cost only smaller matmuls. On a CPU 'dots' comes first: 0.83x
+# (Small) and 0.85x (Base) the step time of no remat, whose scanned backward pass writes every layer's float32
+# attention maps out and reads them back (README, Speed).
 PLAN_ORDER = (('none', 1), ('none', 2), ('dots', 1), ('dots', 2), ('layer', 1), ('layer', 2), ('layer', 4),
               ('layer', 8), ('layer', 16), ('layer', 32), ('layer', 64), ('layer', 128))
 GiB = 2 ** 30
@@ -642,9 +638,8 @@ GiB = 2 ** 30
 
 def plan_order() -> tuple:
     """PLAN_ORDER for this backend: on a CPU, remat 'dots' before 'none' (see above)."""
-    if jax.default_backend() != 'cpu':
-        return PLAN_ORDER
-    return tuple(sorted(PLAN_ORDER, key=lambda setting: setting[0] != 'dots'))
+    cpu = jax.default_backend() == 'cpu'
+    return tuple(sorted(PLAN_ORDER, key=lambda setting: cpu and setting[0] != 'dots'))
 
 
 def memory_budget(device_memory_gib: float | None = None) -> tuple[float, str]:
@@ -664,8 +659,7 @@ def memory_budget(device_memory_gib: float | None = None) -> tuple[float, str]:
 
 
 def _shapes_on(mesh, tree, spec=None):
-    """ShapeDtypeStructs of tree's leaves, placed like the run places them (frozen weights: param_shardings;
-    spec: one PartitionSpec for all); mesh None: unplaced."""
+    """tree's ShapeDtypeStructs placed as a run places them (spec None: param_shardings; mesh None: not)."""
     if mesh is None:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     places = param_shardings(mesh, tree) if spec is None else \
@@ -673,23 +667,18 @@ def _shapes_on(mesh, tree, spec=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, places)
 
 
-def _shard_shape(x) -> tuple:
-    """The shape one device holds of a (placed) ShapeDtypeStruct."""
+def _shard_shape(x) -> tuple:       # what one device holds of a (placed) ShapeDtypeStruct
     return tuple(x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) is not None else x.shape)
 
 
 def _device_bytes(tree) -> int:
-    """Bytes one device holds of tree's (placed) ShapeDtypeStructs."""
     return sum(math.prod(_shard_shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _compiled_bytes(lowered, weights) -> tuple[dict, float]:
-    """(memory_analysis in bytes with the 'peak' they add up to, compile seconds) of a lowered program;
-    weights: its frozen ShapeDtypeStructs.
-    XLA:CPU runs bfloat16 matmuls in float32 and, in a scanned stack, converts each bfloat16 weight to a
-    float32 copy once for all layers: 'cpu_copies' holds those bytes (the float32 converts in the compiled
-    program whose shape is a weight's), which a GPU or TPU does not make; they are left out of the
-    temporaries."""
+    """(memory_analysis in bytes with their 'peak', compile seconds) of a lowered program. XLA:CPU converts
+    each bfloat16 weight of a scanned stack to a float32 copy once (its matmuls run in float32), which a GPU
+    or TPU does not make: 'cpu_copies' (f32 converts of a weight's shape), left out of the temporaries."""
     t = time.perf_counter()
     compiled = lowered.compile()
     seconds, m = time.perf_counter() - t, compiled.memory_analysis()
@@ -708,8 +697,8 @@ def _compiled_bytes(lowered, weights) -> tuple[dict, float]:
 
 def plan_step(cfg, tc: TrainConfig, frozen, remat: str, micro_batches: int, input_len: int, target_len: int,
               prompt_len: int, mesh=None) -> dict:
-    """Compile train_step for one setting from shapes (frozen: arrays or ShapeDtypeStructs; input_len tokens
-    of input, to which the step prepends prompt_len rows) -> bytes per device and compile time."""
+    """Compile train_step for one setting from shapes (frozen: arrays or ShapeDtypeStructs) -> bytes per
+    device and compile time."""
     cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout, remat=remat)
     prompt = jax.ShapeDtypeStruct((prompt_len, cfg.d_model), jnp.float32)
     opt_state = jax.eval_shape(make_optimizer(tc.optimizer).init, prompt)
@@ -743,12 +732,10 @@ def plan_eval(cfg, tc: TrainConfig, frozen, input_len: int, target_len: int, pro
 
 def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int, prompt_len: int, mesh=None,
                 device_memory_gib: float | None = None, log=None) -> dict:
-    """The memory plan of a run: tc.remat / tc.micro_batches, or at 'auto' / 0 the first PLAN_ORDER setting
-    whose step fits the budget (memory_budget); the evaluation is compiled too (at tc.eval_batch_size, halved
-    while it does not fit), and the peak is the larger.
-    frozen: the weights or their shapes (jax.eval_shape). Returns a dict of bytes per device: 'weights',
-    'prompt_optimizer', 'temporaries', 'peak', 'budget', with 'remat', 'micro_batches', 'fits', 'compile_s'
-    and 'tried' (every setting compiled)."""
+    """A run's memory plan: tc.remat / tc.micro_batches, or at 'auto' / 0 the first PLAN_ORDER setting whose
+    step fits memory_budget; the evaluation's batch is halved while it does not fit. frozen: weights or
+    shapes. Returns bytes per device ('weights', 'prompt_optimizer', 'temporaries', 'peak', 'budget') and
+    'remat', 'micro_batches', 'eval_batch_size', 'fits', 'compile_s', 'tried' (the settings compiled)."""
     budget, source = memory_budget(device_memory_gib)
     data_devices = mesh.shape['data'] if mesh is not None else 1
     order = [(r, m) for r, m in plan_order() if tc.remat in ('auto', r) and tc.micro_batches in (0, m)]
@@ -773,8 +760,8 @@ def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int
                 f'(compile {step["compile_s"]:.1f} s)')
         if step['peak'] <= budget or step['weights'] + step['prompt_optimizer'] > budget:
             break                        # fits; or the weights alone do not: no setting helps
-    eval_batch_size = tc.eval_batch_size  # evaluation's batch: halved while it does not fit (predictions
-    while True:                           # do not depend on it)
+    eval_batch_size = tc.eval_batch_size  # predictions do not depend on it
+    while True:
         ev = plan_eval(cfg, dataclasses.replace(tc, eval_batch_size=eval_batch_size), frozen, input_len,
                        target_len, prompt_len, mesh=mesh)
         if ev['peak'] <= budget or eval_batch_size <= data_devices or eval_batch_size % 2:
@@ -793,10 +780,8 @@ DEFAULT_TARGET_LEN = 8   # classification targets, the PT demos' {'targets': 8} 
 
 
 def rough_step_bytes(cfg, tc: TrainConfig, frozen, input_len: int, target_len: int, prompt_len: int) -> float:
-    """An upper bound, by arithmetic, on the step's bytes per device without remat: the weights, plus per
-    layer and example the activations a backward pass keeps (no more than 16 [S,D] and 4 [S,F] arrays and 4
-    float32 [N,S,S] attention maps), in float32. Used to skip compiling a plan that cannot matter (tests, tiny
-    models); memory_plan compiles it."""
+    """An upper bound on the step's bytes per device without remat: the weights, and per layer and example at
+    most 16 [S,D], 4 [S,F] and 4 [N,S,S] float32 activations; it skips compiling a plan that cannot matter."""
     S, L = input_len + prompt_len, cfg.num_layers + cfg.num_decoder_layers
     weights = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(frozen))
     per_example = S * (16 * cfg.d_model + 4 * cfg.d_ff) * 4 + 4 * cfg.num_heads * S * S * 4
@@ -805,9 +790,8 @@ def rough_step_bytes(cfg, tc: TrainConfig, frozen, input_len: int, target_len: i
 
 def resolve_memory(cfg, tc: TrainConfig, frozen, input_len, target_len, prompt_len, mesh=None,
                    device_memory_gib=None, log=print) -> tuple[TrainConfig, dict | None]:
-    """tc with remat and micro_batches decided: as given; at 'auto'/0 from memory_plan, or plan_order()'s
-    first setting without compiling when rough_step_bytes is under a quarter of the budget. Returns (tc, the
-    plan or None)."""
+    """(tc with remat and micro_batches decided, the plan or None): at 'auto'/0 memory_plan's, or without
+    compiling plan_order()'s first when rough_step_bytes is under a quarter of the budget."""
     budget = memory_budget(device_memory_gib)[0]
     if rough_step_bytes(cfg, tc, frozen, input_len, target_len, prompt_len) < budget / 4:
         return dataclasses.replace(tc, remat=plan_order()[0][0] if tc.remat == 'auto' else tc.remat,
@@ -834,8 +818,7 @@ PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'  
 
 
 def check_prompt(prompt, d_model: int | None, length: int | None = None, what: str = 'prompt'):
-    """Refuse, in one line naming `what`, a prompt that is not a finite float [P, d_model] (d_model None: any
-    width) with P >= 1 (P = length when given): e.g. a Base prompt, 768 wide, on a Small model."""
+    """Refuse, in one line naming `what`, a prompt that is not a finite float [P >= 1 (= length), d_model]."""
     shape = tuple(prompt.shape)
     if len(shape) != 2:
         need = '' if d_model is None else f', and this model needs D = d_model {d_model}'
@@ -857,9 +840,8 @@ def check_prompt(prompt, d_model: int | None, length: int | None = None, what: s
 
 
 def load_prompt(path, d_model: int | None = None, length: int | None = None, what='prompt') -> np.ndarray:
-    """A prompt file -> float32 [P, D], checked by check_prompt. path: a .npy; a T5X prompt file or its
-    checkpoint_<step> folder; a PEFT adapter folder or its adapter_model.safetensors; a run folder (its
-    prompt.npy). A damaged file, or one that holds no prompt, raises one line naming it."""
+    """A prompt file (a .npy, a T5X prompt file or its checkpoint_<step> folder, a PEFT adapter folder or its
+    .safetensors, a run folder) -> float32 [P, D], checked by check_prompt; a bad file raises one line."""
     path, label = Path(path), f'{what} {path}'
     if (path / PEFT_CONFIG).is_file() or path.suffix == '.safetensors' and path.is_file():
         folder = path if path.is_dir() else path.parent
@@ -882,13 +864,12 @@ def load_prompt(path, d_model: int | None = None, length: int | None = None, wha
 
 
 def is_run_folder(folder: Path) -> bool:
-    """A folder train_prompt wrote (spot.py train --out): it holds files of a run's names."""
     return any(run_file(f.name) for f in Path(folder).iterdir())
 
 
 def run_prompt_file(folder: Path, embedding: bool = False) -> Path:
-    """A run folder's prompt.npy (the best validation checkpoint, or a mixture's last), or with
-    embedding=True its task embedding prompt_step<N>.npy (§3.2; prompt.npy when it has none)."""
+    """A run folder's prompt.npy (its best), or with embedding=True its task embedding prompt_step<N>.npy
+    (§3.2; prompt.npy when it has none)."""
     steps = sorted(Path(folder).glob('prompt_step*.npy'), key=lambda f: int(re.sub(r'\D', '', f.stem) or 0))
     file = steps[0] if embedding and steps else Path(folder) / 'prompt.npy'
     if not file.is_file():
@@ -898,7 +879,6 @@ def run_prompt_file(folder: Path, embedding: bool = False) -> Path:
 
 
 def _read_npy(path: Path, label: str) -> np.ndarray:
-    """The array of an np.save file (any file name); what else the file is, in the error."""
     problem = None
     with open(path, 'rb') as f:
         head = f.read(64)
@@ -940,15 +920,13 @@ def _read_peft(folder: Path, label: str, weights: Path):
     kind, task = (c.get('peft_type'), c.get('task_type')) if isinstance(c, dict) else (None, None)
     if kind != 'PROMPT_TUNING':
         why = {'LORA': 'it changes weights', 'PREFIX_TUNING': 'it holds keys and values of every layer'}
-        why = why.get(kind, 'it holds no input prompt')
-        problem = (f'is a PEFT {kind} adapter, not prompt tuning ({why}): only a PromptTuningConfig adapter '
-                   f'holds a prompt [P, D]')
-    elif task != 'SEQ_2_SEQ_LM':
+        raise ValueError(f'{label} is a PEFT {kind} adapter, not prompt tuning '
+                         f"({why.get(kind, 'it holds no input prompt')}): only a PromptTuningConfig adapter "
+                         f'holds a prompt [P, D]')
+    if task != 'SEQ_2_SEQ_LM':
         model = 'a decoder-only model' if task == 'CAUSAL_LM' else 'a model that is not an encoder-decoder'
-        problem = (f'is a PEFT prompt for {model} (task_type {task}), not for T5 (SEQ_2_SEQ_LM): a prompt '
-                   f'does not transfer between architectures')
-    if kind != 'PROMPT_TUNING' or task != 'SEQ_2_SEQ_LM':
-        raise ValueError(f'{label} {problem}')
+        raise ValueError(f'{label} is a PEFT prompt for {model} (task_type {task}), not for T5 '
+                         f'(SEQ_2_SEQ_LM): a prompt does not transfer between architectures')
     if not weights.is_file() and (folder / 'adapter_model.bin').is_file():    # PEFT before safetensors
         weights = folder / 'adapter_model.bin'
     if not weights.is_file():
@@ -964,14 +942,12 @@ def _read_peft(folder: Path, label: str, weights: Path):
 
 
 def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
-    """Write prompt [P, D] as the folder PEFT's save_pretrained writes for a
-    PromptTuningConfig(task_type=SEQ_2_SEQ_LM) model on base_model (huggingface/peft v0.21.2: config.py,
-    utils/constants.py, utils/other.py _prepare_prompt_learning_config, peft_model.py), so that
-    PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base_model), out) runs it: one
-    tensor 'prompt_embeddings' of num_virtual_tokens x 2 rows (num_transformer_submodules = 2 for
-    SEQ_2_SEQ_LM); the encoder reads [rows[:P]; embedded input], our [prompt; input]; the decoder's rows are
-    never read (zeros). An OS lock (flock) on the folder refuses a second export there at the same time; the
-    config is written last. Returns the folder."""
+    """Write prompt [P, D] as PEFT's save_pretrained writes a PromptTuningConfig(task_type=SEQ_2_SEQ_LM)
+    model on base_model (huggingface/peft v0.21.2: config.py, utils/constants.py, utils/other.py
+    _prepare_prompt_learning_config, peft_model.py), for PeftModel.from_pretrained(T5ForConditionalGeneration
+    .from_pretrained(base_model), out): 'prompt_embeddings' of P x 2 rows (num_transformer_submodules = 2),
+    the encoder reading rows[:P] as our prompt, the decoder's never read (zeros). A flock on the folder
+    refuses a second export there at once; the config is written last. Returns the folder."""
     prompt, out = np.asarray(prompt, np.float32), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = os.open(out, os.O_RDONLY)              # locked as an open folder: no lock file in the adapter
@@ -1002,8 +978,8 @@ def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
 
 # ------------------------------------------------------------------------------------------- I/O: checkpoints
 def _json(obj, indent=1, strict=True) -> bytes:
-    """JSON of run metadata: numpy/jax numbers as Python's, anything else JSON lacks (a Path) as its str.
-    strict: NaN/inf (Pearson of constant predictions) -> null; the checkpoint keeps them (strict=False)."""
+    """JSON of run metadata: numpy/jax numbers as Python's, other non-JSON values (a Path) as str. strict:
+    NaN/inf (Pearson of constant predictions) -> null; the checkpoint keeps them (strict=False)."""
     def plain(x):
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
@@ -1018,12 +994,12 @@ def _json(obj, indent=1, strict=True) -> bytes:
 
 
 def _atomic(path: Path, write):
+    """write(f) to path.tmp, then replace path: a reader (or a resume after a crash) sees old or new."""
     tmp = path.with_name(path.name + '.tmp')
     with open(tmp, 'wb') as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    # a reader (or a resume after a crash) sees the old or the new file
     os.replace(tmp, path)
 
 
@@ -1035,8 +1011,7 @@ def save_checkpoint(path: Path, prompt, opt_state, state: dict):
 
 
 def load_checkpoint(path: Path, optimizer):
-    """-> (prompt, opt_state, state) as saved by save_checkpoint. A damaged file raises ValueError naming
-    it."""
+    """(prompt, opt_state, state) of save_checkpoint's file; a damaged one raises ValueError naming it."""
     try:
         with np.load(path) as z:
             state, prompt = json.loads(str(z['state'])), jnp.asarray(z['prompt'])
@@ -1056,13 +1031,12 @@ def load_checkpoint(path: Path, optimizer):
 RUN_FILES = ('checkpoint.npz', 'prompt.npy', 'prompt.json', 'metrics.jsonl')   # + prompt_step<N>.npy/.json
 
 
-def run_file(name: str) -> bool:
-    """A name a run writes in its folder (not run.lock): RUN_FILES and the task embedding prompt_step<N>."""
+def run_file(name: str) -> bool:       # RUN_FILES and the task embedding prompt_step<N> (not run.lock)
     return name in RUN_FILES or re.fullmatch(r'prompt_step\d+\.(npy|json)', name) is not None
 
 
 class RunFolderInUse(OSError):
-    """Another process is running in the folder (it holds run.lock)."""
+    """Another process holds the folder's run.lock."""
 
 
 @contextlib.contextmanager
@@ -1078,8 +1052,7 @@ def own_folder(out: Path):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise RunFolderInUse(f'{out} is in use by another run ({folder_holder(out)}): wait for it to '
-                                 f'end, or pick another --out') from None
+            raise _in_use(out) from None
         # a run that ended between our open and flock removed the file we locked: lock the one there now
         if lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
             break
@@ -1100,14 +1073,14 @@ def own_folder(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _in_use(out: Path) -> RunFolderInUse:
+    return RunFolderInUse(f'{out} is in use by another run ({folder_holder(out)}): wait for it to end, or '
+                          f'pick another --out')
+
+
 def folder_holder(out: Path) -> str | None:
-    """Who holds out/run.lock now ('pid N on HOST since ...'), or None: nobody (a dead holder's lock is gone
-    with its process). A probe: the lock is taken and let go at once."""
-    try:
-        f = open(Path(out) / 'run.lock')
-    except FileNotFoundError:
-        return None
-    with f:
+    """Who holds out/run.lock now ('pid N on HOST since ...'), or None (a dead holder's lock died with it)."""
+    with contextlib.suppress(FileNotFoundError), open(Path(out) / 'run.lock') as f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1120,14 +1093,13 @@ def check_out_folder(out: Path, resume: bool):
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f'--out {out} is a file: pick a folder for the run')
     if folder_holder(out):
-        raise RunFolderInUse(f'{out} is in use by another run ({folder_holder(out)}): wait for it to end, or '
-                             f'pick another --out')
+        raise _in_use(out)
     if out.is_dir() and not resume:
         check_new_run(out, resume, lambda *_: None)
 
 
 def finished(out: Path) -> bool:
-    """A run folder whose checkpoint reached its steps with no evaluation pending: nothing left to train."""
+    """Nothing left to train: the checkpoint reached its steps with no evaluation pending."""
     try:
         with np.load(Path(out) / 'checkpoint.npz') as z:
             state = json.loads(str(z['state']))
@@ -1138,9 +1110,8 @@ def finished(out: Path) -> bool:
 
 
 def check_new_run(out: Path, resume: bool, log):
-    """A run that starts at step 0 never replaces a run's files that it finds in out; without resume a
-    checkpoint is refused too. With resume and no checkpoint, a metrics.jsonl alone (a run that stopped
-    before its first checkpoint) is dropped. Leftover <run file>.tmp of an interrupted write are removed."""
+    """A run at step 0 never replaces a run's files (nor, without resume, a checkpoint); with resume, a lone
+    metrics.jsonl (stopped before its first checkpoint) is dropped. Leftover <run file>.tmp are removed."""
     for tmp in out.glob('*.tmp'):
         if run_file(tmp.name.removesuffix('.tmp')):
             tmp.unlink()
@@ -1161,9 +1132,8 @@ def check_new_run(out: Path, resume: bool, log):
 
 
 def run_identity(cfg, frozen, meta) -> dict:
-    """What a run is (checkpoint 'run'; a resume must match it): the model's architecture (not its execution
-    settings), a fingerprint of its weights (a few small leaves that differ between any two checkpoints of
-    one architecture: T5 1.1 and its LM-adapted version), and the caller's meta (CLI: model, task, data)."""
+    """What a run is (a resume must match it): the model's architecture, a fingerprint of its weights (leaves
+    that differ between T5 1.1 and its LM-adapted version), the caller's meta (model, task, data)."""
     arch = {k: v for k, v in dataclasses.asdict(cfg).items()
             if k not in ('name', 'dropout_rate', 'remat', 'scan_layers')}
     h = hashlib.sha256()
@@ -1181,16 +1151,14 @@ class RunFolder:
     def __init__(self, out):
         self.out, self.ckpt, self.lead = Path(out), Path(out) / 'checkpoint.npz', jax.process_index() == 0
 
-    def take(self, held: contextlib.ExitStack, resume: bool, log):
-        """Hold the folder while `held` lasts (own_folder) and check that the run may start there."""
+    def take(self, held: contextlib.ExitStack, resume: bool, log):     # own_folder while `held` lasts
         def take():
             held.enter_context(own_folder(self.out))
             check_new_run(self.out, resume, log)
         on_lead(take)
 
     def start(self, prompt, tc: TrainConfig, run: dict, info: dict, resume: bool, log):
-        """(prompt, opt_state, state) to start from: a fresh optimizer at step 0, or with resume=True the
-        checkpoint (refused if written with other settings: resume_checkpoint)."""
+        """(prompt, opt_state, state): a fresh optimizer at step 0, or with resume the checkpoint."""
         optimizer = make_optimizer(tc.optimizer)
         prompt = jnp.array(prompt, jnp.float32)    # a copy: train_step donates (consumes) its prompt buffer
 
@@ -1207,14 +1175,12 @@ class RunFolder:
                  'config': dataclasses.asdict(tc), 'run': run}
         return prompt, optimizer.init(prompt), state
 
-    def history(self, event: dict):
-        """One line of metrics.jsonl: a log event (step, loss, steps/s) or an evaluation (step, eval)."""
+    def history(self, event: dict):         # metrics.jsonl: progress (step, loss) or an evaluation (eval)
         if self.lead:
             with open(self.out / 'metrics.jsonl', 'ab') as f:
                 f.write(_json(event, None) + b'\n')
 
-    def save_prompt(self, name: str, prompt, info: dict):
-        """name.npy (float32 [P,D], the format of Google's released prompts) + name.json (info)."""
+    def save_prompt(self, name: str, prompt, info: dict):   # .npy: the format of Google's released prompts
         if self.lead:
             _atomic(self.out / f'{name}.npy', lambda f: np.save(f, np.asarray(prompt, np.float32)))
             _atomic(self.out / f'{name}.json', lambda f: f.write(_json(info)))
@@ -1225,8 +1191,7 @@ class RunFolder:
 
 
 def check_finite(loss: float, prompt, done: int, ckpt: Path, state: dict):
-    """Stop (FloatingPointError) on a non-finite loss, or a prompt with NaN or inf (a NaN gradient); prompt
-    None: not checked at this step (it costs a device-to-host transfer)."""
+    """FloatingPointError on a non-finite loss or prompt (prompt None: not checked, it costs a transfer)."""
     if math.isfinite(loss) and (prompt is None or bool(jnp.isfinite(prompt).all())):
         return
     problem = f'loss is {loss} at step {done}' if not math.isfinite(loss) else \
@@ -1238,8 +1203,7 @@ def check_finite(loss: float, prompt, done: int, ckpt: Path, state: dict):
 
 
 def best_so_far(state: dict, done: int, metrics: dict) -> bool:
-    """Record an evaluation's score in state; True if it is the best so far (a NaN score, e.g. Pearson of
-    constants, is never best)."""
+    """Record a score in state; True if the best so far (a NaN score, e.g. Pearson of constants, never is)."""
     score = float(metrics['score'])
     score = score if math.isfinite(score) else -math.inf
     best = state['best_score'] is None or score > state['best_score']
@@ -1250,9 +1214,8 @@ def best_so_far(state: dict, done: int, metrics: dict) -> bool:
 
 
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
-    """(prompt, opt_state, state) of ckpt, refused when it was written with other settings than `free`
-    (nothing a resumed run computes depends on them; `steps` not below the checkpoint's step). Events after
-    the checkpoint leave the history; prompt.json gets the current config."""
+    """(prompt, opt_state, state) of ckpt, refused if written with other settings than `free` (which change
+    nothing a resumed run computes). Later events leave the history; prompt.json gets the current config."""
     prompt, opt_state, state = load_checkpoint(ckpt, optimizer)
     free = ('steps', 'log_every', 'eval_batch_size', 'sub_batches', 'remat', 'micro_batches')
 
@@ -1280,30 +1243,27 @@ def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, 
 
 
 def cut_history(out: Path, step: int, eval_pending: bool, log):
-    """On resume: drop the events after the checkpoint's step (they are redone), and the evaluation of that
-    step when it is still to run. A torn last line (a write cut short by a crash) is dropped, and said; a
-    damaged line before it is refused, naming it."""
-    path = out / 'metrics.jsonl'
-    lines = [line for line in path.read_bytes().splitlines() if line.strip()] if path.exists() else []
-    events = []
+    """On resume: drop the events after the checkpoint's step (redone), and its evaluation if pending. A torn
+    last line (a crash) is dropped, and said; a damaged line before it is refused."""
+    path, events = out / 'metrics.jsonl', []
+    if not path.exists():
+        return
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
     for i, line in enumerate(lines):
         try:
             event = json.loads(line)
-            step_ok = isinstance(event, dict) and type(event.get('step')) is int
+            why = None if isinstance(event, dict) and type(event.get('step')) is int else 'no integer "step"'
         except ValueError as e:
-            event, step_ok, why = None, False, e
-        else:
-            why = 'no integer "step"'
-        if not step_ok and i < len(lines) - 1:
+            why = e
+        if why and i < len(lines) - 1:
             raise ValueError(f'{path} line {i + 1} is not an event of a run ({why}): repair or delete that '
                              f'line, then rerun with --resume')
-        if not step_ok:
+        if why:
             log(f'{path}: dropped its last line, cut short by a write that did not finish '
                 f'({len(line)} bytes)')
         elif event['step'] < step or event['step'] == step and not ('eval' in event and eval_pending):
             events.append(line + b'\n')
-    if path.exists():
-        _atomic(path, lambda f: f.writelines(events))
+    _atomic(path, lambda f: f.writelines(events))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -1317,18 +1277,16 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_requests(log):
-    """While training, SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop after the current step, so that
-    it writes its checkpoint: the yielded function returns that signal (0: none), asked on any process, so
-    all stop at the same step. A second Ctrl-C ends the process at once (os._exit(130)); the files on disk
-    are whole (atomic writes). (A raise from the handler could land in JAX's garbage-collection callback,
-    which swallows it; a KeyboardInterrupt while XLA compiled crashed the interpreter's exit.)"""
+    """While training, SIGINT/SIGTERM asks the loop to stop after the step, with its checkpoint: the yielded
+    function returns the signal (0: none) asked on any process, so all stop at one step. A second Ctrl-C
+    exits at once (os._exit(130); files stay whole). Not a raise: one from the handler could land in JAX's
+    garbage-collection callback, which swallows it, or crash the exit while XLA compiles."""
     got = []
 
     def requested() -> int:
         mine = got[0] if got else 0
-        if jax.process_count() == 1:
-            return mine
-        return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+        return mine if jax.process_count() == 1 else \
+            int(np.max(multihost_utils.process_allgather(np.int32(mine))))
     if threading.current_thread() is not threading.main_thread():     # signal handlers: main thread only
         yield requested
         return
@@ -1368,9 +1326,8 @@ def stop_requests(log):
 
 
 def on_lead(fn, *args):
-    """fn(*args) on process 0 alone, which owns the run folder (it alone reads and writes it); what fn returns
-    (numpy and JSON values), or the error it raised, reaches every process, so all take the same decision. One
-    process: fn(*args)."""
+    """fn(*args) on process 0 alone (it owns the run folder); what it returns or raises reaches every
+    process, so all take the same decision."""
     if jax.process_count() == 1:
         return fn(*args)
     payload = b''
@@ -1397,11 +1354,10 @@ _MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, timeout_s: int = 300):
-    """Join a multi-process (multi-host) run: one process per host, all running the same command. With a
-    coordinator (HOST:PORT of process 0) the three numbers are given; without, JAX reads them from a launcher
-    (Slurm srun, Open MPI mpirun, a Cloud TPU pod) when it sees one. CPU processes exchange through gloo (the
-    tests run so). A wait for peers says so after 2 s, and ends the process in one line after timeout_s
-    (JAX's own timeout, set 10 s later, aborts with a C++ stack trace)."""
+    """Join a multi-host run (one process per host, the same command): with a coordinator (HOST:PORT of
+    process 0) the three numbers given, else from a launcher JAX sees (Slurm, Open MPI, a Cloud TPU pod). A
+    wait for peers says so after 2 s and ends the process in one line after timeout_s (JAX's own timeout, 10 s
+    later, aborts with a C++ stack trace)."""
     env = os.environ
     slurm, mpi = env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS'), env.get('OMPI_COMM_WORLD_SIZE')
     launched = (int(slurm or 1) > 1 and 'SLURM_STEP_ID' in env or int(mpi or 1) > 1
@@ -1434,9 +1390,8 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
 
 
 def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
-    """A ('data', 'model') mesh: batch split over 'data', frozen weights over 'model'. Each 'model' group lies
-    within one process (host), whose devices share fast links; only 'data' crosses hosts (its gradient
-    all-reduce is the one collective a step needs between hosts: the [P,D] prompt's)."""
+    """A ('data', 'model') mesh: batch over 'data', frozen weights over 'model', whose groups stay within a
+    host (fast links); only 'data' crosses hosts (a step's one collective there: the prompt gradient's)."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     per_host = {}
     for d in devices.flat:
@@ -1454,7 +1409,7 @@ def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
 
 
 def param_shardings(mesh: Mesh, params):
-    """NamedSharding for every frozen leaf (a pytree like params, or of their jax.ShapeDtypeStruct)."""
+    """A NamedSharding for every frozen leaf (arrays or ShapeDtypeStructs)."""
     n = mesh.shape['model']
 
     def spec(path, x):
@@ -1480,9 +1435,8 @@ def shard_params(mesh: Mesh | None, params):
 
 
 def shard_batch(mesh: Mesh | None, batch, runs_axis: bool = False):
-    """A batch split along its batch axis over 'data' (axis 0; with runs_axis, axis 1 of [R,B,...]: runs
-    that share a step); mesh None: unchanged. With several processes each passes its own rows
-    (process_rows), and the global batch is assembled from them."""
+    """A batch split over 'data' along axis 0 (runs_axis: axis 1 of [R,B,...]), from each process's own rows
+    (process_rows); mesh None: unchanged."""
     if mesh is None:
         return batch
     b = next(iter(batch.values())).shape[int(runs_axis)] * jax.process_count()
@@ -1494,8 +1448,7 @@ def shard_batch(mesh: Mesh | None, batch, runs_axis: bool = False):
 
 
 def process_rows(mesh: Mesh | None, batch_size: int) -> slice:
-    """The rows of a global batch that this process holds (and reads): the contiguous block its devices hold
-    along 'data' (one process: all of them)."""
+    """The contiguous rows of a global batch that this process's devices hold (and it reads)."""
     if mesh is None:
         return slice(0, batch_size)
     indices = NamedSharding(mesh, PartitionSpec('data')).addressable_devices_indices_map((batch_size,))
@@ -1603,8 +1556,8 @@ def field_notes(cls) -> dict:
 
 
 def add_config_flags(parser):
-    """--field VALUE (or --field=VALUE; --batch-size as --batch_size) for every field of TrainConfig (its
-    optimizer's included) and PromptConfig that parser has no flag of its own for; config_flags reads them."""
+    """--field VALUE (--field=VALUE, --batch-size) for every TrainConfig (optimizer included) and PromptConfig
+    field that parser has no flag of its own for; config_flags reads them."""
     group = parser.add_argument_group(
         'settings: every field of TrainConfig, OptimizerConfig and PromptConfig (spot.py), with its default '
         'and source', '--field VALUE or --field=VALUE; dashes for underscores work too (--batch-size 8)')
@@ -1629,8 +1582,8 @@ def config_flags(args) -> list[str]:
 
 
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
-    """Turn on JAX's persistent compilation cache (a second run of the same shapes loads its compiled steps):
-    path, else $SPOT_COMPILE_CACHE, else $XDG_CACHE_HOME/spot-jax (~/.cache/spot-jax); 'off' (or 0): none."""
+    """JAX's persistent compilation cache at path, $SPOT_COMPILE_CACHE or $XDG_CACHE_HOME/spot-jax
+    (~/.cache/spot-jax); 'off' (or 0): none."""
     path = path or os.environ.get('SPOT_COMPILE_CACHE') or \
         Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'spot-jax'
     if str(path).lower() in ('off', '0', 'false', 'no', 'none'):
@@ -1650,9 +1603,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | None = None):
-    """--model: 'tiny' (random T5Config.tiny()), a hub id or a checkpoint directory -> (cfg, params in dtype).
-    With a mesh the weights are created or read straight into their shards (each host reads only its
-    blocks)."""
+    """--model ('tiny': random, a hub id, a directory) -> (cfg, params in dtype), with a mesh created or
+    read straight into their shards."""
     dtype, place = DTYPES[dtype], mesh and functools.partial(param_shardings, mesh)
     if name != 'tiny':
         return t5_model.load_checkpoint(name, dtype, place)
@@ -1664,8 +1616,7 @@ def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | No
 
 
 def check_vocab(vocab, cfg: t5_model.T5Config, model: str):
-    """Every id of the vocabulary must be a row of the model's embedding: an id past the table is clamped by
-    the gather to the last row, so a larger vocabulary scores wrong without an error."""
+    """An id past the embedding is clamped to its last row: a larger vocabulary scores wrong, silently."""
     if vocab.vocab_size > cfg.vocab_size:
         raise ValueError(f'vocabulary {vocab.path} has {vocab.vocab_size} pieces but model {model} embeds '
                          f'only {cfg.vocab_size} ids: pass the vocabulary the model was trained with '
@@ -1673,8 +1624,7 @@ def check_vocab(vocab, cfg: t5_model.T5Config, model: str):
 
 
 def device_summary() -> str:
-    """What JAX runs on, printed when a run starts: a run meant for a GPU must not go on unnoticed on the
-    CPU."""
+    """What JAX runs on (a run meant for a GPU must not go on unnoticed on the CPU)."""
     devices = jax.devices()
     hint = ' (the CPU build of jax: README, "On a GPU or TPU")' if jax.default_backend() == 'cpu' else ''
     hosts = f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''
@@ -1687,8 +1637,7 @@ PROMPT_FILES = ('.npy [P,D]; a T5X prompt file (encoder.prompt.prompt.prompt) or
 
 
 def model_config(name: str) -> t5_model.T5Config:
-    """--model's T5Config without its weights (export and plan need only the shape): 'tiny', a checkpoint
-    directory's config.json, a known hub name, or the hub's config.json."""
+    """--model's T5Config alone: 'tiny', a directory's or the hub's config.json, a known name."""
     if name == 'tiny':
         return t5_model.T5Config.tiny()
     d = Path(name).expanduser()
@@ -1725,39 +1674,32 @@ def main(argv=None):
     plan = sub.add_parser('plan', allow_abbrev=False,
                           help="train's memory plan per device, from shapes alone (no weight or data read)")
     for q in (train, ev, plan):
-        q.add_argument('--model', required=True,
-                       help="hub id (google/t5-base-lm-adapt), directory, or 'tiny'")
+        q.add_argument('--model', required=True, help="hub id (google/t5-base-lm-adapt), folder or 'tiny'")
         q.add_argument('--task', required=q is not plan, nargs='+' if q is train else None,
                        help='a task name of data.py')
-        q.add_argument('--data', default=None, help='directory with the original task files (default: tfds)')
-        q.add_argument('--vocab', default=None, help='SentencePiece model (default: data.load_vocab())')
+        q.add_argument('--data', help='directory with the original task files (default: tfds)')
+        q.add_argument('--vocab', help='SentencePiece model (default: data.load_vocab())')
         q.add_argument('--model-parallel', type=int, default=1, help="devices per 'model' mesh group")
         q.add_argument('--dtype', default='float32', choices=DTYPES,
-                       help='frozen weights and activations; bfloat16 as the official runs '
-                            '(the prompt stays float32)')
-        q.add_argument('--coordinator', default=None,
-                       help='multi-host: HOST:PORT of process 0 (README, Multi-host)')
-        q.add_argument('--num-processes', type=int, default=None, help='multi-host: number of processes')
-        q.add_argument('--process-id', type=int, default=None, help='multi-host: this process, 0 .. N-1')
+                       help='frozen weights and activations; bfloat16 as the official runs (prompt: float32)')
+        q.add_argument('--coordinator', help='multi-host: HOST:PORT of process 0 (README, Multi-host)')
+        q.add_argument('--num-processes', type=int, help='multi-host: number of processes')
+        q.add_argument('--process-id', type=int, help='multi-host: this process, 0 .. N-1')
         q.add_argument('--distributed-timeout', type=int, default=300,
                        help='multi-host: seconds to wait for peers')
-        q.add_argument('--no-compile-cache', action='store_true',
-                       help='do not keep compiled steps on disk (default: on, see enable_compile_cache)')
+        q.add_argument('--no-compile-cache', action='store_true', help='keep no compiled steps on disk')
     for q in (train, plan):
-        q.add_argument('--device-memory', type=float, default=None, metavar='GIB',
+        q.add_argument('--device-memory', type=float, metavar='GIB',
                        help="memory per device to plan for (default: the device's own; on CPU the RAM)")
-    train.add_argument('--init', default=None, choices=INITS,
-                       help='prompt initialisation (default sampled_vocab)')
-    train.add_argument('--source-prompt', default=None, nargs='+',
-                       help='SPoT transfer: start from ' + PROMPT_FILES)
-    train.add_argument('--seeds', default=None, help='several runs, e.g. 0,1,2: run k in OUT/seed<k>')
+    train.add_argument('--init', choices=INITS, help='prompt initialisation (default sampled_vocab)')
+    train.add_argument('--source-prompt', nargs='+', help='SPoT transfer: start from ' + PROMPT_FILES)
+    train.add_argument('--seeds', help='several runs, e.g. 0,1,2: run k in OUT/seed<k>')
     train.add_argument('--runs-per-step', type=int, default=0, help='runs that share a step (default: all)')
-    train.add_argument('--steps', type=int, default=None, help='default 2^18 (§2.1.4)')
     train.add_argument('--out', required=True, help='run directory')
     train.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.npz')
     ev.add_argument('--prompt', required=True, help=PROMPT_FILES + '; a run folder (its prompt.npy)')
     ev.add_argument('--split', default='validation')
-    ev.add_argument('--out', default=None, metavar='FILE.json', help='also write the scores there')
+    ev.add_argument('--out', metavar='FILE.json', help='also write the scores there')
     for q in (train, ev, plan):
         add_config_flags(q)
     export = sub.add_parser('export', allow_abbrev=False, help='write a prompt as a PEFT adapter folder')
@@ -1789,7 +1731,7 @@ def main(argv=None):
 
 
 def say(*args, **kw):
-    """print, on process 0 alone (the command's output; several processes print it once)."""
+    """print, on process 0 alone."""
     if jax.process_index() == 0:
         print(*args, **{'flush': True, **kw})
 
@@ -1808,15 +1750,13 @@ def _check_data_dir(args):
 
 
 def _vocab(args):
-    """--model's vocabulary (data.model_vocab), checked against its config (no weight read)."""
     import data
     vocab = data.model_vocab(args.model, args.vocab)
     check_vocab(vocab, _model_shapes(args)[0], args.model)
     return vocab
 
 
-def _load_weights(args, tc, mesh):
-    """load_model, with a line before and after: a large checkpoint takes minutes to read."""
+def _load_weights(args, tc, mesh):       # load_model, said: a large checkpoint takes minutes
     start = time.perf_counter()
     say(f"loading the weights of {'a random tiny T5' if args.model == 'tiny' else args.model} ({args.dtype})")
     cfg, frozen = load_model(args.model, tc.seed, args.dtype, mesh)
@@ -1826,8 +1766,7 @@ def _load_weights(args, tc, mesh):
 
 
 def progress_printer(what: str, log=print, every: float = 30.0):
-    """A progress callback (done, total) for evaluate: a line at the first call, then at least every `every`
-    seconds, and at the end: 'what: done/total examples (N s)'."""
+    """evaluate's progress(done, total): 'what: done/total examples (N s)' first, every `every` s, last."""
     start, last = time.perf_counter(), [-math.inf]
 
     def report(done, total):
@@ -1875,8 +1814,7 @@ def export_cli(args, tc, pc):
           f'PeftModel.from_pretrained({base}, {str(out)!r})')
 
 
-def _model_shapes(args):
-    """--model's T5Config and its weights' shapes in --dtype, without reading a weight."""
+def _model_shapes(args):                 # --model's T5Config and weight shapes, no weight read
     cfg = model_config(args.model)
     return cfg, jax.eval_shape(lambda k: t5_model.init_params(k, cfg, DTYPES[args.dtype]), jax.random.key(0))
 
@@ -1889,7 +1827,7 @@ def _target_len(args, tc):
 
 
 def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
-    """train and plan: the memory plan from shapes; train refuses a run that does not fit, in one line."""
+    """The memory plan from shapes; train refuses, in one line, a run that does not fit."""
     cfg, shapes = _model_shapes(args)
     sizes = dict(input_len=tc.max_input_len, target_len=_target_len(args, tc), prompt_len=pc.length)
     if plan_anyway:
@@ -1934,7 +1872,6 @@ def plan_cli(args, tc, pc):
 def train_cli(args, tc, pc):
     import data
     # cheap checks first (task, flags, files, output folders), then the data, and the weights last
-    tc = tc if args.steps is None else override(tc, [f'--steps={args.steps}'])[0]
     if tc.optimizer.learning_rate > 10:           # valid, but 33x the paper's 0.3 (footnote 7)
         print(f"warning: learning_rate={tc.optimizer.learning_rate:g} is far above prompt tuning's 0.3 (SPoT "
               f"footnote 7): steps that large usually make the loss NaN", file=sys.stderr)
@@ -1992,9 +1929,38 @@ def train_cli(args, tc, pc):
                                                  seed)
                     for _, names in tasks.values() for t in names for seed in seeds}
     cfg, frozen = _load_weights(args, dataclasses.replace(tc, seed=0), mesh)   # 'tiny': one for every seed
-    evaluators = {}
-    made = [_cli_run(args, data, cfg, frozen, vocab, mesh, dataclasses.replace(tc, seed=seed), pcs[source],
-                     task, tasks[task], data_sources, out, evaluators) for task, source, seed, out in runs]
+    evaluators = {}                                   # one per task, shared by its runs
+
+    def make_run(task_arg, source, seed, out) -> Run:  # its task (or mixture), prompt, batches and evaluator
+        run_tc, run_pc, (mixture, names) = dataclasses.replace(tc, seed=seed), pcs[source], tasks[task_arg]
+        task = data.get_task(names[0])
+        labels = None if run_pc.init != 'class_labels' else [list(vocab.encode(x)) for x in
+                                                              task.output_labels]
+        text = list(vocab.encode(run_pc.text)) if run_pc.text else None
+        prompt = gather(init_prompt(jax.random.split(jax.random.key(seed))[0], frozen, run_pc, labels, text))
+        sources = {t: data_sources[t, seed] for t in names}
+        # What the run reads, so that --resume with other data (or another vocabulary) is refused (its meta).
+        # The data by content, not path: the same files in another folder resume; others are refused.
+        reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
+                 'files': {t: data.data_fingerprint(t, 'train', args.data) for t in names}}
+        # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
+        rows, n = process_rows(mesh, run_tc.batch_size), jax.process_count()
+        share = dict(process_index=rows.start // (run_tc.batch_size // n), process_count=n)
+
+        def batches(k):
+            if mixture:
+                return data.mixture_batches(sources, run_tc.batch_size, seed, start=k, **share)
+            return data.batches(sources[task.name], run_tc.batch_size, seed, start=k, **share)
+        if task.metrics and not mixture and task.name not in evaluators:
+            evaluators[task.name] = make_evaluator(task.name, frozen, cfg, vocab, run_tc, data_dir=args.data,
+                                                   mesh=mesh)
+        evaluator = None if mixture else evaluators.get(task.name)
+        if evaluator is None:       # c4 (prefix LM) and the mixtures (SPoT's sources): no validation metric
+            say(f'{task_arg}: no validation metric; {out}/prompt.npy will be the prompt after the last step')
+        return Run(prompt, run_tc, batches, evaluator, out,
+                   meta={'model': args.model, 'dtype': args.dtype, 'task': task_arg, 'init': run_pc.init,
+                         'prompt_config': dataclasses.asdict(run_pc), 'reads': reads})
+    made = [make_run(*run) for run in runs]
     results = train_prompts(made, frozen, cfg, resume=args.resume, mesh=mesh, runs_per_step=R)
     for run, result in zip(made, results):
         best, step, out = result['best_score'], result['best_step'], run.out_dir
@@ -2005,38 +1971,6 @@ def train_cli(args, tc, pc):
                 f'(step {step})')
         else:
             say(f'best score {best} at step {step}; prompt in {out}/prompt.npy')
-
-
-def _cli_run(args, data, cfg, frozen, vocab, mesh, tc, pc, task_arg, mixture_tasks, data_sources, out,
-             evaluators) -> Run:
-    """One run of `spot.py train`: its task (or mixture), starting prompt, batches and evaluator."""
-    mixture, tasks = mixture_tasks
-    task = data.get_task(tasks[0])
-    labels = [list(vocab.encode(x)) for x in task.output_labels] if pc.init == 'class_labels' else None
-    text = list(vocab.encode(pc.text)) if pc.text else None
-    prompt = gather(init_prompt(jax.random.split(jax.random.key(tc.seed))[0], frozen, pc, labels, text))
-    sources = {t: data_sources[t, tc.seed] for t in tasks}
-    # What the run reads, so that --resume with other data (or another vocabulary) is refused (train_prompt's
-    # meta). The data by content, not path: the same files in another folder resume; others are refused.
-    reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
-             'files': {t: data.data_fingerprint(t, 'train', args.data) for t in tasks}}
-    # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
-    rows, n = process_rows(mesh, tc.batch_size), jax.process_count()
-    share = dict(process_index=rows.start // (tc.batch_size // n), process_count=n)
-
-    def batches(k):
-        if mixture:
-            return data.mixture_batches(sources, tc.batch_size, tc.seed, start=k, **share)
-        return data.batches(sources[task.name], tc.batch_size, tc.seed, start=k, **share)
-    if task.metrics and not mixture and task.name not in evaluators:   # one per task, shared by its runs
-        evaluators[task.name] = make_evaluator(task.name, frozen, cfg, vocab, tc, data_dir=args.data,
-                                               mesh=mesh)
-    evaluator = None if mixture else evaluators.get(task.name)
-    if evaluator is None:           # c4 (prefix LM) and the mixtures (SPoT's sources): no validation metric
-        say(f'{task_arg}: no validation metric; {out}/prompt.npy will be the prompt after the last step')
-    return Run(prompt, tc, batches, evaluator, out,
-               meta={'model': args.model, 'dtype': args.dtype, 'task': task_arg, 'init': pc.init,
-                     'prompt_config': dataclasses.asdict(pc), 'reads': reads})
 
 
 if __name__ == '__main__':
