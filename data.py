@@ -501,12 +501,8 @@ TASKS = [
                 "(the layout the official SPoT code reads)"),
     # QA. MRQA: official SPoT mrqa.py, "<task> question: ... context: ..." on tfds mrqa/<task> (its names).
     *[_qa_task(n, f"mrqa/{c}", prefix=c) for n, c in [
-        ("mrqa_squad", "squad"),
-        ("newsqa", "news_qa"),
-        ("triviaqa", "trivia_qa"),
-        ("searchqa", "search_qa"),
-        ("hotpotqa", "hotpot_qa"),
-        ("naturalquestions", "natural_questions")]],
+        ("mrqa_squad", "squad"), ("newsqa", "news_qa"), ("triviaqa", "trivia_qa"), ("searchqa", "search_qa"),
+        ("hotpotqa", "hotpot_qa"), ("naturalquestions", "natural_questions")]],
     # SQuAD alone (Table 1 row, Table 2 source): Table 2's 88K examples are squad/v1.1's 87,599, not
     # mrqa/squad's 86,588, so it reads squad/v1.1, in the official squad task's format.
     _qa_task("squad", "squad/v1.1", prefix="squad",
@@ -536,25 +532,18 @@ TASKS = [
     # Translation (T5 tasks.py: wmt_t2t de-en, wmt14 fr-en, wmt16 ro-en; BLEU).
     *[Task(f"wmt_en{lang}", functools.partial(fmt_translate, src="en", tgt=lang), None, ("bleu",), "text", t,
            target_len=128) for lang, t in [
-        ("de", "wmt_t2t_translate/de-en"),
-        ("fr", "wmt14_translate/fr-en"),
-        ("ro", "wmt16_translate/ro-en")]],
+        ("de", "wmt_t2t_translate/de-en"), ("fr", "wmt14_translate/fr-en"), ("ro", "wmt16_translate/ro-en")]],
     # Summarization (official SPoT summarization.py: "<task> summarize: <source>", ROUGE).
     *[_gen_task(n, n, s, t, _SUM) for n, s, t in [
-        ("aeslc", "email_body", "subject_line"),
-        ("billsum", "text", "summary"),
-        ("cnn_dailymail", "article", "highlights"),
-        ("gigaword", "document", "summary"),
-        ("multi_news", "document", "summary"),
-        ("newsroom", "text", "summary"),
-        ("samsum", "dialogue", "summary"),
-        ("xsum", "document", "summary")]],
+        ("aeslc", "email_body", "subject_line"), ("billsum", "text", "summary"),
+        ("cnn_dailymail", "article", "highlights"), ("gigaword", "document", "summary"),
+        ("multi_news", "document", "summary"), ("newsroom", "text", "summary"),
+        ("samsum", "dialogue", "summary"), ("xsum", "document", "summary")]],
     _gen_task("wikilingua", None, "source", "target", _SUM,
               reader="records", source=_WIKILINGUA, files={s: f"wikilingua/{s}.jsonl" for s in SPLITS}),
     # GEM (SPoT's unreleased gem.py: "<task> [instruction] <source>"; list inputs joined by " \n ").
     *[_gen_task(n, f"gem/{c}", s, "target", i, prefix=c) for n, c, s, i in [
-        ("common_gen", "common_gen", "concepts", None),
-        ("dart", "dart", "tripleset", None),
+        ("common_gen", "common_gen", "concepts", None), ("dart", "dart", "tripleset", None),
         ("e2e_nlg", "e2e_nlg", "meaning_representation", None),
         ("schema_guided_dialog", "schema_guided_dialog", "prompt", None),   # source = the prompt (our choice)
         ("web_nlg", "web_nlg_en", "input", None),
@@ -670,19 +659,15 @@ def _tfds_source(task, split, tfds_dir, download):
                   f"{TF_HINT} if it asks for TensorFlow; else {files}")
 
 
-# Hosts tfds downloads from; none answering in a few seconds = offline
-DOWNLOAD_HOSTS = ("storage.googleapis.com", "dl.fbaipublicfiles.com", "huggingface.co")
-
-
-def online(timeout=3.0):
-    """Whether any of DOWNLOAD_HOSTS accepts a connection within `timeout` seconds."""
+def online(timeout=3.0, hosts=("storage.googleapis.com", "dl.fbaipublicfiles.com", "huggingface.co")):
+    """Whether any host tfds downloads from accepts a connection within `timeout` seconds."""
     import socket
-    for host in DOWNLOAD_HOSTS:
+    for host in hosts:
         try:
             socket.create_connection((host, 443), timeout=timeout).close()
             return True
         except OSError:
-            continue
+            pass
     return False
 
 
@@ -702,11 +687,9 @@ class LazyPairs(Sequence):
 
 
 def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, download=True):
-    """text_pairs of a split, for batches(TextSource(...)). From files (data_dir): a list (the files are read
-    whole, as load_examples does). From tfds: a LazyPairs that reads example i from tfds' array_record files
-    when a batch asks for it, so a split of any size (WMT14 en-fr: 40.8M pairs, Sentiment140: 1.6M) costs no
-    memory; tasks whose records expand (RACE's questions; ReCoRD's answers and WSC's filter in training) are
-    small and loaded whole."""
+    """text_pairs of a split, for batches(TextSource(...)): a list from files (data_dir), else a LazyPairs
+    reading example i from tfds' array_record files when a batch asks, so a split of any size (WMT14 en-fr:
+    40.8M pairs) costs no memory. Tasks whose records expand (RACE; ReCoRD, WSC in training) load whole."""
     task = get_task(task_name)
     expands = task.adapt is _race or (train and task.kind in ("record", "wsc"))    # one record -> many pairs
     if data_dir is not None or expands:
@@ -723,10 +706,9 @@ def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, down
 
 
 def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
-    """What a run reads, for resume checks: the file's name, size and the sha256 of all its bytes (data_dir;
-    an edit anywhere is seen; 7 ms for the 3.8 MB SST-2 train.tsv, about 1.3 s a GB), or tfds' dataset
-    names, split and example counts. C4's files (hundreds of GB): their count, bytes, and the sha256 of the
-    first MiB of the first and the last MiB of the last."""
+    """What a run reads, for resume checks: the file's name, size and sha256 (data_dir; about 1.3 s a GB), or
+    tfds' dataset name, split and example count. C4's files (hundreds of GB): their count, bytes, and the
+    sha256 of the first MiB of the first and the last MiB of the last."""
     task = get_task(task_name)
     if data_dir is None:
         ds = _tfds_source(task, split, tfds_dir, download=False)
@@ -735,13 +717,10 @@ def data_fingerprint(task_name, split, data_dir=None, tfds_dir=None):
     sizes = {"file": files[0].name, "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
     if task.kind != "lm":
         return {**sizes, "sha256": _sha256(files[0])[:16]}
-    h = hashlib.sha256()
-    with open(files[0], "rb") as f:
-        h.update(f.read(1 << 20))
-    with open(files[-1], "rb") as f:
-        f.seek(max(0, files[-1].stat().st_size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return {**sizes, "sha256_ends": h.hexdigest()[:16]}
+    with open(files[0], "rb") as first, open(files[-1], "rb") as last:
+        last.seek(max(0, files[-1].stat().st_size - (1 << 20)))
+        ends = hashlib.sha256(first.read(1 << 20) + last.read(1 << 20))
+    return {**sizes, "sha256_ends": ends.hexdigest()[:16]}
 
 
 # ----------------------------------------------------------------------------- readers of the creators' files
@@ -871,39 +850,35 @@ def _read_records(task, path):
     """Other creators' files: .tsv with a header (SPoT's CR/CxC layout), a .json list (DocNLI) or .jsonl;
     labels come from the records or, for SocialIQa/alphaNLI, from the sibling <split>-labels.lst. Errors name
     the file's line (the .json list: the record), counted from 1."""
+    unit = "line"                                             # rows: (line or record number, record)
     with open(path, encoding="utf-8-sig", newline="") as f:   # -sig: a byte order mark is dropped
         if path.suffix == ".tsv":
             reader = _tsv(f, header=True)
-            rows, unit, at = [], "line", []
-            for r in reader:
-                rows.append(r)
-                at.append(reader.line_num)
+            rows = [(reader.line_num, r) for r in reader]
         elif path.suffix == ".json":
             rows, unit = json.load(f), "record"
-            at = range(1, len(rows) + 1) if isinstance(rows, list) else []
+            rows = list(enumerate(rows, 1)) if isinstance(rows, list) else rows
         else:
-            rows, unit, at = [], "line", []
+            rows = []
             for n, line in enumerate(f, 1):
-                if line.strip():                              # blank lines are skipped
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError as e:
-                        raise ValueError(f"line {n}: {e}") from e
-                    at.append(n)
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                try:                                          # blank lines are skipped
+                    rows += [(n, json.loads(line))] if line.strip() else []
+                except ValueError as e:
+                    raise ValueError(f"line {n}: {e}") from e
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for _, r in rows):
         raise ValueError("expected records: a .tsv with a header, a .json list of objects or .jsonl objects")
     labels = path.with_name(path.stem + "-labels.lst")
-    if task.label_names and rows and "label" not in rows[0]:
+    if task.label_names and rows and "label" not in rows[0][1]:
         if not labels.is_file():
             raise FileNotFoundError(f"{task.name}: labels file {labels} is missing; "
                                     f"get it from {task.source}")
         values = labels.read_text().split()
         if len(values) != len(rows):                  # zip would silently drop the unlabelled tail
             raise ValueError(f"{labels} has {len(values)} labels for the {len(rows)} records of {path.name}")
-        rows = [{**r, "label": lab} for r, lab in zip(rows, values)]
-        unit, at = f"{labels} line", range(1, len(rows) + 1)     # a bad label is on that line of the .lst
+        rows = [(n, {**r, "label": lab}) for n, ((_, r), lab) in enumerate(zip(rows, values), 1)]
+        unit = f"{labels} line"                       # a bad label is on that line of the .lst
     out = []
-    for r, n in zip(rows, at):
+    for n, r in rows:
         try:
             out.append({**r, "label": _label(r["label"], task)} if "label" in r else r)
         except ValueError as e:
@@ -972,14 +947,9 @@ def model_vocab(model, vocab=None):
     """The vocabulary of --model (spot.py and the scripts alike): --vocab when given, else a checkpoint
     folder's spiece.model, else for 'tiny' the fetch cache's t5_spiece.model, else load_vocab's default
     ($SPOT_VOCAB, else DEFAULT_VOCAB from the hub: every T5 1.1 size shares it)."""
-    folder, cached = Path(str(model)).expanduser(), data_root() / "t5_spiece.model"
-    if vocab:
-        return load_vocab(vocab)
-    if (folder / "spiece.model").is_file():
-        return load_vocab(folder / "spiece.model")
-    if model == "tiny" and not os.environ.get("SPOT_VOCAB") and cached.is_file():
-        return load_vocab(cached)
-    return load_vocab()
+    spiece, cached = Path(str(model)).expanduser() / "spiece.model", data_root() / "t5_spiece.model"
+    tiny = model == "tiny" and not os.environ.get("SPOT_VOCAB") and cached.is_file()
+    return load_vocab(vocab or (spiece if spiece.is_file() else cached if tiny else None))
 
 
 @functools.lru_cache(maxsize=4)
@@ -1328,20 +1298,14 @@ def score(task_name, examples, predictions):
 
 
 # ---------------------------------------------------------------------------------- the public files, fetched
-# The small public files that the tests, the benchmarks and the --tiny modes read: the T5 vocabulary, the
-# GLUE/SuperGLUE task files small enough to keep, Google's released prompts and its T5X test checkpoint.
-#     python3 data.py fetch [NAME ...]      NAME: a file or folder of the layout below (glue/SST-2, superglue)
-# puts them in a cache, $SPOT_DATA (default $XDG_CACHE_HOME/spot-jax/data or ~/.cache/spot-jax/data), and
-# prints its path. Each file comes from its public home and is checked against its sha256; full training
-# data stays tfds's job (load_examples' default). SPOT_DATA_MIRROR=URL fetches every file as
-# URL/<its path> instead (a firewall, an internal copy, the tests' local server), checked the same way.
-# The files' sha256 are those of the copies this project was tested on; the archives' are those tfds pins
-# (tensorflow_datasets/url_checksums/glue.txt and super_glue.txt, tfds 4.9.10).
+# The small public files the tests, benchmarks and --tiny modes read (T5's vocabulary, small GLUE/SuperGLUE
+# files, Google's released prompts and its T5X test checkpoint): `python3 data.py fetch [NAME ...]` puts them
+# in data_root(), each checked against its sha256; full training data stays tfds's job. The sha256 are those
+# of the copies tested here; the archives' those tfds 4.9.10 pins (url_checksums/glue.txt, super_glue.txt).
 _PT = "https://raw.githubusercontent.com/google-research/prompt-tuning/72285eea06100f954bcbb16a447ec6cddfc6716c/"
-# Where a path of the layout (or of ARCHIVES) comes from: the first key that is the path or a folder of it,
-# its value + the rest of the path. GLUE has no MRPC zip: its download script splits Microsoft's
-# msr_paraphrase_train.txt by a list of dev ids (tfds fetches the same two files); the license page is in
-# neither, it comes from the GLUE MRPC folder that a public repository keeps.
+# Where a path comes from: the value of the first key that is the path or a folder of it, + the rest of the
+# path. GLUE has no MRPC zip: its download script splits Microsoft's msr_paraphrase_train.txt by a list of
+# dev ids (as tfds does); the license page comes from a public repository's copy of GLUE's MRPC folder.
 HOMES = {
     "t5_spiece.model": "https://huggingface.co/google-t5/t5-small/resolve/"
                        "df1b051c49625cf57a3d0d8d3863ed4d13564fe4/spiece.model",
@@ -1535,8 +1499,7 @@ class FetchError(OSError):
 
 
 def data_root():
-    """The cache of fetched files: $SPOT_DATA, else $XDG_CACHE_HOME/spot-jax/data, else
-    ~/.cache/spot-jax/data."""
+    """The cache of fetched files: $SPOT_DATA, else $XDG_CACHE_HOME (default ~/.cache)/spot-jax/data."""
     if os.environ.get("SPOT_DATA"):
         return Path(os.environ["SPOT_DATA"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "spot-jax" / "data"
@@ -1544,16 +1507,12 @@ def data_root():
 
 def _selected(names):
     """The FILES rows under the given names (paths or folders of the layout); all rows for no names."""
-    if not names:
-        return list(FILES)
-    names = [n.strip("/") for n in names]
-    rows = [r for r in FILES if any(r[0] == n or r[0].startswith(n + "/") for n in names)]
-    unknown = [n for n in names if not any(r[0] == n or r[0].startswith(n + "/") for r in FILES)]
-    if unknown:
+    under = {n: [r for r in FILES if (r[0] + "/").startswith(n.strip("/") + "/")] for n in names or ()}
+    if unknown := [n.strip("/") for n, rows in under.items() if not rows]:
         tops = sorted({r[0].split("/")[0] for r in FILES})
         raise FetchError(f"nothing to fetch under {', '.join(unknown)}; names are files or folders of "
                          f"{', '.join(tops)}")
-    return rows
+    return [r for r in FILES if not names or any(r in rows for rows in under.values())]
 
 
 def _sha256(path):
@@ -1622,9 +1581,8 @@ def _download(url, dest, size, sha, label):
 
 
 def mrpc_split(train_txt, dev_ids_tsv, split):
-    """GLUE's MRPC train.tsv / dev.tsv: the rows of Microsoft's msr_paraphrase_train.txt whose (#1 ID, #2 ID)
-    are (dev) or are not (train) in GLUE's dev ids, under the file's own header, fields rejoined with tabs
-    (GLUE's download_glue_data.py; the header keeps its byte-order mark)."""
+    """GLUE's MRPC train.tsv / dev.tsv (download_glue_data.py): the rows of msr_paraphrase_train.txt whose
+    (#1 ID, #2 ID) are (dev) or are not (train) GLUE's dev ids, under its header (byte-order mark kept)."""
     dev = {tuple(line.strip().split("\t")) for line in dev_ids_tsv.split("\n") if line.strip()}
     header, *rows = train_txt.replace("\r\n", "\n").split("\n")
     out = [header]
