@@ -643,16 +643,12 @@ def _tfds_source(task, split, tfds_dir, download):
     # array_record: the only tfds file format that is written and read without TensorFlow
     load = functools.partial(tfds.data_source, name, split=task.splits[split], data_dir=tfds_dir,
                              builder_kwargs={"file_format": "array_record"})
-    try:                                    # prepared already: no network needed
-        return load(download=False)
-    except Exception as e:  # noqa: BLE001 -- not prepared (tfds raises KeyError, AssertionError ...)
-        error = e
-    if download:
-        if not online():                    # offline: tfds would retry its downloads for minutes
+    for fetching in (False, True) if download else (False,):     # prepared already: no network needed
+        if fetching and not online():       # offline: tfds would retry its downloads for minutes
             raise ConnectionError(f"tfds has not prepared {name} and the network is unreachable: {files}")
         try:
-            return load(download=True)
-        except Exception as e:  # noqa: BLE001 -- a manual download, TensorFlow missing ...
+            return load(download=fetching)
+        except Exception as e:  # noqa: BLE001 -- not prepared (KeyError, AssertionError ...), a manual download
             error = e
     why = " ".join(f"{type(error).__name__}: {error}".split())[:300]
     raise OSError(f"tfds could not load {name} split {task.splits[split]!r} ({why}); "
@@ -908,8 +904,7 @@ def text_pairs(task_name, examples, train=False):
 # ---------------------------------------------------------------------------------- the vocabulary and tokens
 class Vocab:
     """T5's SentencePiece vocabulary: 32,000 pieces plus <extra_id_0..99> as ids 32099..32000.
-    Example: encode("a <extra_id_0> b") -> [3, 9, 32099, 3, 115]
-    (as seqio; no separate '▁' before the sentinel)."""
+    Example: encode("a <extra_id_0> b") -> [3, 9, 32099, 3, 115] (as seqio; no separate '▁' before it)."""
 
     def __init__(self, model_bytes, path=None):
         import sentencepiece as spm
@@ -921,17 +916,14 @@ class Vocab:
             piece = proto.pieces.add()
             piece.piece, piece.type = f"▁<extra_id_{i}>", pb.ModelProto.SentencePiece.USER_DEFINED
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.encode = self.sp.encode
         self.fingerprint = hashlib.sha256(model_bytes).hexdigest()[:16]   # what a resumed run must read alike
         self.vocab_size = self.sp.get_piece_size()          # 32100; checkpoints pad the embedding to 32128
         self.path = path                                    # named in errors (spot.check_vocab)
 
-    def encode(self, text):
-        return self.sp.encode(text)
-
     def decode(self, ids):
-        """Ids -> text, stopping at the first EOS; pad is dropped, and ids past the vocabulary
-        (the checkpoints' logits have 32128 rows) decode as unknown " ⁇ ", as in seqio, so they never
-        vanish from a prediction."""
+        """Ids -> text up to the first EOS, pad dropped; ids past the vocabulary (the checkpoints' logits
+        have 32128 rows) decode as unknown " ⁇ ", as in seqio, so they never vanish from a prediction."""
         ids = [int(i) for i in ids]
         ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
         return self.sp.decode([self.sp.unk_id() if i >= self.vocab_size else i for i in ids if i != PAD_ID])
@@ -986,10 +978,9 @@ def tokenize(vocab, texts, max_input_len=MAX_INPUT_LEN, max_target_len=8):
 
 # ------------------------------------------------------------------------------ sources too large to hold: C4
 class DocStream(Sequence):
-    """The documents of a source too large to index or to read at random (C4: 365M documents in 1024 .json.gz
-    files), read in order. docs[p] is document perm_w(p % window) of window w = p // window, perm_w keyed by
-    (seed, w): shuffled within windows, so reaching position p reads the first (p // window + 1) * window
-    documents only, and holds one window. A stream that ends starts over (positions past its end wrap around).
+    """The documents of a source too large to index or read at random (C4: 365M documents in 1024 .json.gz
+    files), read in order and shuffled within windows: docs[p] is document perm_w(p % window) of window
+    w = p // window, perm_w keyed by (seed, w); it holds one window. Positions past the end wrap around.
     open_docs(start) -> iterator over the document texts from document `start` on."""
     stream = True                                   # batches take positions k*B ... in order (no epochs)
 
@@ -1026,13 +1017,12 @@ class DocStream(Sequence):
 
 @dataclass(frozen=True, eq=False)
 class PrefixLMSource:
-    """C4 with T5's prefix-LM objective in token space (Raffel et al. 2020 §3.3.1; T5
-    preprocessors.prefix_lm: select_random_chunk, split_tokens_to_inputs_length, random_prefix_noise_mask at
-    noise density 0.5).
-    Example i reads document docs[i], takes a random chunk of at most 65,536 tokens, splits it into segments
-    of max_input_len - 1 tokens and keeps one segment at random (our choice: T5 keeps them all, which makes
-    the example count unknown until every document is tokenized); the segment's first n tokens, n uniform in
-    [1, length - 1], are the input and the rest the target. All draws are keyed by (seed, i)."""
+    """C4 with T5's prefix-LM objective in token space (Raffel et al. 2020 §3.3.1; T5 preprocessors.prefix_lm:
+    select_random_chunk, split_tokens_to_inputs_length, random_prefix_noise_mask at noise density 0.5).
+    Example i: a random chunk of at most 65,536 tokens of docs[i], split into segments of max_input_len - 1
+    tokens, one kept at random (our choice: T5 keeps all, so the example count is unknown until every
+    document is tokenized); its first n tokens, n uniform in [1, length - 1], are the input, the rest the
+    target. All draws are keyed by (seed, i)."""
     docs: object                                # Sequence of document texts (or a DocStream)
     vocab: "Vocab"
     max_input_len: int = MAX_INPUT_LEN
