@@ -17,7 +17,6 @@ import functools
 import gzip
 import hashlib
 import http.client
-import importlib
 import importlib.util
 import itertools
 import json
@@ -609,13 +608,10 @@ def _plain(x):
     Sequence features (ReCoRD entities/answers, SQuAD answers ...) come back as lists of bytes."""
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
+    if isinstance(x, (list, tuple)) or isinstance(x, np.ndarray) and x.ndim:
         return [_plain(v) for v in x]
-    if isinstance(x, bytes):
-        return x.decode("utf-8")
-    if isinstance(x, np.ndarray):
-        return _plain(x.item()) if x.ndim == 0 else [_plain(v) for v in x]
-    return x.item() if isinstance(x, np.generic) else x
+    x = x.item() if isinstance(x, (np.ndarray, np.generic)) else x
+    return x.decode("utf-8") if isinstance(x, bytes) else x
 
 
 def _tfds_source(task, split, tfds_dir, download):
@@ -632,10 +628,8 @@ def _tfds_source(task, split, tfds_dir, download):
     # The submodules register glue, super_glue & co. without TensorFlow (tfds 4.9, tested here); `import
     # tensorflow_datasets` alone does not.
     import tensorflow_datasets as tfds
-    import tensorflow_datasets.question_answering  # noqa: F401
-    import tensorflow_datasets.summarization  # noqa: F401
-    import tensorflow_datasets.text  # noqa: F401
-    import tensorflow_datasets.translate  # noqa: F401
+    for module in ("question_answering", "summarization", "text", "translate"):
+        importlib.import_module("tensorflow_datasets." + module)
     folder = {GLUE_URL: "glue", SUPERGLUE_URL: "superglue"}.get(task.source)   # what fetch caches
     name, files = task.tfds_name, (f"pass --data DIR, a folder with {task.name}'s original files" + (
         f" (`{FETCH_HINT} {folder}` caches them: --data {data_root() / folder})" if folder
@@ -692,8 +686,6 @@ def load_pairs(task_name, split, data_dir=None, train=False, tfds_dir=None, down
         examples = load_examples(task_name, split, data_dir, tfds_dir, download)
         return text_pairs(task_name, examples, train=train)
     ds = _tfds_source(task, split, tfds_dir, download)
-    if not len(ds):
-        raise ValueError(f"{task.name} split {split!r} is empty; check the data ({task.tfds_name})")
 
     def pair(i):
         ex = _plain(ds[i])
