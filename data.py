@@ -1543,22 +1543,21 @@ def _commit(dest, chunks, sha, what):
 def _download(url, dest, size, sha, label):
     """url -> dest, checked (see _commit); a bar on stderr for large files."""
     def chunks():
+        done = total = 0
         try:
             with urllib.request.urlopen(url, timeout=60) as r:
-                total, done = int(r.headers.get("Content-Length") or size), 0
+                total = int(r.headers.get("Content-Length") or size)
                 while chunk := r.read(1 << 16):
                     done += len(chunk)
                     if total >= PROGRESS_BYTES and (30 * done // total > 30 * (done - len(chunk)) // total):
                         _progress(label, done, total)
                     yield chunk
-                if done < total:
-                    raise FetchError(f"{label}: the connection to {url} closed after {done} of {total} bytes")
-        except FetchError:
-            raise
         except (OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", None) or e
             raise FetchError(f"could not reach {url} ({reason}) for {label}; fetch from a copy with "
                              "SPOT_DATA_MIRROR=URL") from None
+        if done < total:
+            raise FetchError(f"{label}: the connection to {url} closed after {done} of {total} bytes")
     return _commit(dest, chunks(), sha, f"{label} from {url}")
 
 
