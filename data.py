@@ -830,8 +830,7 @@ def _superglue_examples(task, row):
     row.update(row.get("target", {}))
     ex = {k: row[k] for k in task.layout}
     ex = _fix_wsc(ex) if task.kind == "wsc" else ex
-    label = row.get("label")                          # COPA: 0/1 = choice1/choice2
-    return [{**ex, "idx": row["idx"], "label": -1 if label is None else _label(label, task)}]
+    return [{**ex, "idx": row["idx"], "label": _label(row.get("label"), task)}]   # COPA: 0/1 = choice1/2
 
 
 def _read_records(task, path):
