@@ -826,8 +826,8 @@ def check_prompt(prompt, d_model: int | None, length: int | None = None, what: s
     elif shape[0] == 0:
         problem = f'has shape {shape}: no rows, an empty prompt (P = 0); use one with at least one row'
     elif d_model is not None and shape[1] != d_model:
-        problem = (f'has shape {shape}: width {shape[1]} but the model has d_model {d_model}. Prompts '
-                   f'transfer only between models of the same width: use one trained on a model of that size')
+        problem = (f'has shape {shape}: width {shape[1]} but the model has d_model {d_model}: use a prompt '
+                   f'tuned on a model of that width')
     elif length is not None and shape[0] != length:
         problem = f'has {shape[0]} rows but PromptConfig.length is {length}: pass --length={shape[0]}'
     elif not jnp.issubdtype(prompt.dtype, jnp.floating):       # np.save writes bfloat16 as 2 raw bytes: V2
@@ -852,9 +852,8 @@ def load_prompt(path, d_model: int | None = None, length: int | None = None, wha
     elif path.is_dir() and is_run_folder(path):
         prompt = _read_npy(run_prompt_file(path), f'{label}/prompt.npy')
     elif path.is_dir():
-        raise ValueError(f'{label} is a folder without {PEFT_CONFIG} (a PEFT adapter), {T5X_PROMPT} '
-                         f"(a T5X numpy checkpoint) or a run's prompt.npy: pass a .npy prompt file or one "
-                         f'of those')
+        raise ValueError(f"{label} is a folder without {PEFT_CONFIG} (PEFT), {T5X_PROMPT} (T5X) "
+                         f"or a run's prompt.npy")
     elif not path.is_file():
         raise FileNotFoundError(f'{label} does not exist')
     else:
@@ -879,17 +878,13 @@ def run_prompt_file(folder: Path, embedding: bool = False) -> Path:
 
 
 def _read_npy(path: Path, label: str) -> np.ndarray:
-    problem = None
     with open(path, 'rb') as f:
-        head = f.read(64)
-        if not head:
-            problem = 'is empty (0 bytes): a write that did not finish; use another copy'
-        elif head.startswith(b'PK'):
-            problem = 'is an .npz archive, not a .npy: save the [P, D] prompt with np.save'
-        elif not head.startswith(b'\x93NUMPY'):
+        head, problem = f.read(64), None
+        if not head.startswith(b'\x93NUMPY'):
             text = all(32 <= b < 127 or b in b'\t\n\r' for b in head)
-            kind = 'a Python pickle' if head[:1] == b'\x80' else 'a text file' if text else 'not a .npy file'
-            problem = f'is {kind}, not a .npy (np.save format): save the prompt with np.save'
+            kind = ('empty (0 bytes)' if not head else 'an .npz archive' if head.startswith(b'PK') else
+                    'a Python pickle' if head[:1] == b'\x80' else 'a text file' if text else 'another format')
+            problem = f'is {kind}, not a .npy: save the [P, D] prompt with np.save'
         else:
             f.seek(0)
             try:
@@ -899,11 +894,9 @@ def _read_npy(path: Path, label: str) -> np.ndarray:
             except ValueError as e:
                 raise ValueError(f'cannot read {label}: its .npy header is damaged ({e})') from None
             have, need = path.stat().st_size - f.tell(), math.prod(shape) * dtype.itemsize
-            if dtype.hasobject:
-                problem = 'holds a pickled (object) array, not numbers: save the prompt as floats'
-            elif have < need:
-                problem = (f'is truncated: its header needs {need} bytes for {dtype} {shape}, the file holds '
-                           f'{have}; use another copy')
+            problem = ('holds a pickled (object) array, not numbers' if dtype.hasobject else
+                       f'is truncated: needs {need} bytes ({dtype} {shape}), holds {have}' if have < need
+                       else None)
     if problem:
         raise ValueError(f'{label} {problem}')
     return np.load(path, allow_pickle=False)
@@ -919,14 +912,10 @@ def _read_peft(folder: Path, label: str, weights: Path):
         raise ValueError(f'{label}: {folder / PEFT_CONFIG} is not valid JSON ({e})') from None
     kind, task = (c.get('peft_type'), c.get('task_type')) if isinstance(c, dict) else (None, None)
     if kind != 'PROMPT_TUNING':
-        why = {'LORA': 'it changes weights', 'PREFIX_TUNING': 'it holds keys and values of every layer'}
-        raise ValueError(f'{label} is a PEFT {kind} adapter, not prompt tuning '
-                         f"({why.get(kind, 'it holds no input prompt')}): only a PromptTuningConfig adapter "
-                         f'holds a prompt [P, D]')
+        raise ValueError(f'{label} is a PEFT {kind} adapter, not prompt tuning (PromptTuningConfig)')
     if task != 'SEQ_2_SEQ_LM':
         model = 'a decoder-only model' if task == 'CAUSAL_LM' else 'a model that is not an encoder-decoder'
-        raise ValueError(f'{label} is a PEFT prompt for {model} (task_type {task}), not for T5 '
-                         f'(SEQ_2_SEQ_LM): a prompt does not transfer between architectures')
+        raise ValueError(f'{label} is a PEFT prompt for {model} (task_type {task}), not a T5 (SEQ_2_SEQ_LM)')
     if not weights.is_file() and (folder / 'adapter_model.bin').is_file():    # PEFT before safetensors
         weights = folder / 'adapter_model.bin'
     if not weights.is_file():
@@ -936,18 +925,15 @@ def _read_peft(folder: Path, label: str, weights: Path):
     rows = tensors.get('prompt_embeddings')
     if rows is None or not isinstance(n, int) or np.ndim(rows) != 2 or rows.shape[0] != n * sub:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        raise ValueError(f'{label}: {weights.name} should hold prompt_embeddings [{n} x {sub}, token_dim] '
-                         f'(num_virtual_tokens x num_transformer_submodules), got {shapes}')
+        raise ValueError(f'{label}: {weights.name} should hold prompt_embeddings [{n} x {sub}, D]: {shapes}')
     return np.asarray(rows[:n]), c.get('base_model_name_or_path')     # the encoder reads the first n rows
 
 
 def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
-    """Write prompt [P, D] as PEFT's save_pretrained writes a PromptTuningConfig(task_type=SEQ_2_SEQ_LM)
-    model on base_model (huggingface/peft v0.21.2: config.py, utils/constants.py, utils/other.py
-    _prepare_prompt_learning_config, peft_model.py), for PeftModel.from_pretrained(T5ForConditionalGeneration
-    .from_pretrained(base_model), out): 'prompt_embeddings' of P x 2 rows (num_transformer_submodules = 2),
-    the encoder reading rows[:P] as our prompt, the decoder's never read (zeros). A flock on the folder
-    refuses a second export there at once; the config is written last. Returns the folder."""
+    """Write prompt [P, D] as PEFT's save_pretrained writes a PromptTuningConfig(task_type=SEQ_2_SEQ_LM) on
+    base_model (huggingface/peft v0.21.2: config.py, utils/other.py _prepare_prompt_learning_config): P x 2
+    'prompt_embeddings' rows, the encoder's [:P] ours, the decoder's zeros (never read). A flock refuses a
+    second export to the folder; the config is written last. Returns the folder."""
     prompt, out = np.asarray(prompt, np.float32), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = os.open(out, os.O_RDONLY)              # locked as an open folder: no lock file in the adapter
@@ -1277,10 +1263,9 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_requests(log):
-    """While training, SIGINT/SIGTERM asks the loop to stop after the step, with its checkpoint: the yielded
-    function returns the signal (0: none) asked on any process, so all stop at one step. A second Ctrl-C
-    exits at once (os._exit(130); files stay whole). Not a raise: one from the handler could land in JAX's
-    garbage-collection callback, which swallows it, or crash the exit while XLA compiles."""
+    """SIGINT/SIGTERM stop training after the step, with its checkpoint: the yielded function returns the
+    signal (0: none) asked on any process. A second Ctrl-C exits at once (os._exit(130)). Not a raise: JAX's
+    garbage-collection callback could swallow it, or an exit during a compile crash."""
     got = []
 
     def requested() -> int:
@@ -1295,9 +1280,8 @@ def stop_requests(log):
         got.append(signum)
         log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint '
             f'(Ctrl-C again to stop at once)')
-    # Python runs `handler` between two Python instructions, so not during a compile, and two signals in one
-    # compile reach it as one. The C-level handler writes each signal's number to the wakeup socket at once:
-    # a thread counts the SIGINTs there and ends the process on the second.
+    # `handler` runs between Python instructions (two signals in one compile reach it as one); the wakeup
+    # socket gets each signal at once: a thread counts the SIGINTs there and ends the process on the second.
     wakeup, wakeup_w = socket.socketpair()
     wakeup_w.setblocking(False)
 
@@ -1354,17 +1338,15 @@ _MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, timeout_s: int = 300):
-    """Join a multi-host run (one process per host, the same command): with a coordinator (HOST:PORT of
-    process 0) the three numbers given, else from a launcher JAX sees (Slurm, Open MPI, a Cloud TPU pod). A
-    wait for peers says so after 2 s and ends the process in one line after timeout_s (JAX's own timeout, 10 s
-    later, aborts with a C++ stack trace)."""
+    """Join a multi-host run: a coordinator (HOST:PORT of process 0) and the numbers given, or a launcher JAX
+    sees (Slurm, Open MPI, a TPU pod). A wait says so after 2 s and exits in one line after timeout_s."""
     env = os.environ
     slurm, mpi = env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS'), env.get('OMPI_COMM_WORLD_SIZE')
     launched = (int(slurm or 1) > 1 and 'SLURM_STEP_ID' in env or int(mpi or 1) > 1
                 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
-    n = num_processes or slurm or mpi or 'all'
     if coordinator is None and not launched:
         return
+    n = num_processes or slurm or mpi or 'all'
     who = f'process {process_id}' if process_id is not None else 'this process'
     where = f'coordinator {coordinator}' if coordinator else 'the coordinator JAX finds from the launcher'
 
