@@ -411,9 +411,13 @@ def _evaluate_and_keep(group, log):
         log(f'step {done}  eval {_json(metrics, None).decode()}' + (f'  ({folder.out.name})' if len(group) > 1
                                                                      else ''))
         folder.history({'step': done, 'eval': metrics, 'time': time.time()})
-        if best_so_far(state, done, metrics):
+        score = float(metrics['score'])             # a NaN score (Pearson of constants) is never the best
+        score = score if math.isfinite(score) else -math.inf
+        if state['best_score'] is None or score > state['best_score']:
+            state.update(best_score=score, best_step=done)
             folder.save_prompt('prompt', g.prompt, {**g.info, 'step': done, 'score': metrics['score'],
                                                    'metrics': metrics})
+        state['eval_pending'] = False
         folder.checkpoint(g.prompt, g.opt_state, state)
 
 
@@ -637,16 +641,13 @@ GiB = 2 ** 30
 
 
 def plan_order() -> tuple:
-    """PLAN_ORDER for this backend: on a CPU, remat 'dots' before 'none' (see above)."""
     cpu = jax.default_backend() == 'cpu'
     return tuple(sorted(PLAN_ORDER, key=lambda setting: cpu and setting[0] != 'dots'))
 
 
 def memory_budget(device_memory_gib: float | None = None) -> tuple[float, str]:
-    """(bytes a run may use per device, how that was found). An accelerator's own limit is its allocator's
-    (memory_stats()['bytes_limit']). A size given (--device-memory, a card's memory) or a CPU's RAM counts at
-    XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75): the share of a GPU that JAX's allocator takes, the rest
-    left to the CUDA runtime and fragmentation (jax.readthedocs.io, GPU memory allocation)."""
+    """(bytes a run may use per device, how that was found): the allocator's limit, or a size given or a CPU's
+    RAM at XLA_PYTHON_CLIENT_MEM_FRACTION (0.75: JAX's share of a GPU, jax.readthedocs.io GPU memory)."""
     fraction = float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', 0.75))
     if device_memory_gib:
         return device_memory_gib * GiB * fraction, \
@@ -676,9 +677,8 @@ def _device_bytes(tree) -> int:
 
 
 def _compiled_bytes(lowered, weights) -> tuple[dict, float]:
-    """(memory_analysis in bytes with their 'peak', compile seconds) of a lowered program. XLA:CPU converts
-    each bfloat16 weight of a scanned stack to a float32 copy once (its matmuls run in float32), which a GPU
-    or TPU does not make: 'cpu_copies' (f32 converts of a weight's shape), left out of the temporaries."""
+    """({'temporaries', 'peak'} bytes, compile seconds) of a lowered program. XLA:CPU's float32 copy of each
+    bfloat16 weight of a scanned stack (its matmuls run in float32; a GPU's do not) is left out."""
     t = time.perf_counter()
     compiled = lowered.compile()
     seconds, m = time.perf_counter() - t, compiled.memory_analysis()
@@ -690,15 +690,12 @@ def _compiled_bytes(lowered, weights) -> tuple[dict, float]:
             copies += 4 * math.prod(shape) if shape in shapes else 0
     temporaries = m.temp_size_in_bytes - copies
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + temporaries
-    return {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
-            'aliased': m.alias_size_in_bytes, 'temporaries': temporaries, 'cpu_copies': copies,
-            'peak': peak}, seconds
+    return {'temporaries': temporaries, 'peak': peak}, seconds
 
 
 def plan_step(cfg, tc: TrainConfig, frozen, remat: str, micro_batches: int, input_len: int, target_len: int,
               prompt_len: int, mesh=None) -> dict:
-    """Compile train_step for one setting from shapes (frozen: arrays or ShapeDtypeStructs) -> bytes per
-    device and compile time."""
+    """Compile train_step for one setting from shapes (frozen: arrays or ShapeDtypeStructs): its bytes."""
     cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout, remat=remat)
     prompt = jax.ShapeDtypeStruct((prompt_len, cfg.d_model), jnp.float32)
     opt_state = jax.eval_shape(make_optimizer(tc.optimizer).init, prompt)
@@ -706,12 +703,11 @@ def plan_step(cfg, tc: TrainConfig, frozen, remat: str, micro_batches: int, inpu
     batch = _shapes_on(mesh, {'inputs': jax.ShapeDtypeStruct((tc.batch_size, input_len), jnp.int32),
                               'targets': jax.ShapeDtypeStruct((tc.batch_size, target_len), jnp.int32)},
                        PartitionSpec('data'))
-    t, weights = time.perf_counter(), _shapes_on(mesh, frozen)
+    weights = _shapes_on(mesh, frozen)
     lowered = train_step.lower(*state, weights, batch, dropout_key(0, 0), cfg, tc.optimizer, tc.z_loss,
                                sub_batch_count(tc), micro_batches)
-    lower_s = time.perf_counter() - t
     got, compile_s = _compiled_bytes(lowered, weights)
-    return {**got, 'remat': remat, 'micro_batches': micro_batches, 'lower_s': lower_s, 'compile_s': compile_s,
+    return {**got, 'remat': remat, 'micro_batches': micro_batches, 'compile_s': compile_s,
             'weights': _device_bytes(weights), 'prompt_optimizer': _device_bytes(state)}
 
 
@@ -790,8 +786,8 @@ def rough_step_bytes(cfg, tc: TrainConfig, frozen, input_len: int, target_len: i
 
 def resolve_memory(cfg, tc: TrainConfig, frozen, input_len, target_len, prompt_len, mesh=None,
                    device_memory_gib=None, log=print) -> tuple[TrainConfig, dict | None]:
-    """(tc with remat and micro_batches decided, the plan or None): at 'auto'/0 memory_plan's, or without
-    compiling plan_order()'s first when rough_step_bytes is under a quarter of the budget."""
+    """(tc with remat and micro_batches decided, memory_plan's plan or None: without compiling, plan_order()'s
+    first when rough_step_bytes is under a quarter of the budget)."""
     budget = memory_budget(device_memory_gib)[0]
     if rough_step_bytes(cfg, tc, frozen, input_len, target_len, prompt_len) < budget / 4:
         return dataclasses.replace(tc, remat=plan_order()[0][0] if tc.remat == 'auto' else tc.remat,
@@ -1188,17 +1184,6 @@ def check_finite(loss: float, prompt, done: int, ckpt: Path, state: dict):
                              f'model, then rerun (with --resume)')
 
 
-def best_so_far(state: dict, done: int, metrics: dict) -> bool:
-    """Record a score in state; True if the best so far (a NaN score, e.g. Pearson of constants, never is)."""
-    score = float(metrics['score'])
-    score = score if math.isfinite(score) else -math.inf
-    best = state['best_score'] is None or score > state['best_score']
-    if best:
-        state.update(best_score=score, best_step=done)
-    state['eval_pending'] = False
-    return best
-
-
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
     """(prompt, opt_state, state) of ckpt, refused if written with other settings than `free` (which change
     nothing a resumed run computes). Later events leave the history; prompt.json gets the current config."""
@@ -1381,8 +1366,7 @@ def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
     local = min(len(v) for v in per_host.values())
     if model_parallel < 1 or local % model_parallel or devices.size % model_parallel:
         raise ValueError(f'--model-parallel {model_parallel} does not divide the {local} devices of one host '
-                         f'({devices.size} in all): model-parallel groups stay within a host; '
-                         f'pick a divisor of {local}')
+                         f'(groups stay within a host): pick a divisor of {local}')
     if len(per_host) == 1:
         return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
     grid = mesh_utils.create_hybrid_device_mesh((local // model_parallel, model_parallel), (len(per_host), 1),
@@ -1602,7 +1586,7 @@ def check_vocab(vocab, cfg: t5_model.T5Config, model: str):
     if vocab.vocab_size > cfg.vocab_size:
         raise ValueError(f'vocabulary {vocab.path} has {vocab.vocab_size} pieces but model {model} embeds '
                          f'only {cfg.vocab_size} ids: pass the vocabulary the model was trained with '
-                         f'(--vocab), or a model whose vocab_size is at least {vocab.vocab_size}')
+                         f'(--vocab)')
 
 
 def device_summary() -> str:
@@ -1646,10 +1630,8 @@ USER_ERRORS = (FloatingPointError, ValueError, KeyError, OSError, ImportError, N
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog='spot.py', allow_abbrev=False, description=__doc__.split('\n')[0],
-                                epilog='Every TrainConfig/PromptConfig field is a flag of train, eval and '
-                                       'plan (--batch_size 8, --eval-every=100, --length 20): spot.py train '
-                                       '--help lists them with their defaults and sources. Tracebacks: '
-                                       '--debug or SPOT_DEBUG=1.')
+                                epilog='Every config field is a flag of train, eval and plan: '
+                                       'spot.py train --help lists them.')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error (also SPOT_DEBUG=1)')
     sub = p.add_subparsers(dest='cmd', required=True)
     train, ev = sub.add_parser('train', allow_abbrev=False), sub.add_parser('eval', allow_abbrev=False)
@@ -1667,8 +1649,7 @@ def main(argv=None):
         q.add_argument('--coordinator', help='multi-host: HOST:PORT of process 0 (README, Multi-host)')
         q.add_argument('--num-processes', type=int, help='multi-host: number of processes')
         q.add_argument('--process-id', type=int, help='multi-host: this process, 0 .. N-1')
-        q.add_argument('--distributed-timeout', type=int, default=300,
-                       help='multi-host: seconds to wait for peers')
+        q.add_argument('--distributed-timeout', type=int, default=300, help='multi-host: wait for peers (s)')
         q.add_argument('--no-compile-cache', action='store_true', help='keep no compiled steps on disk')
     for q in (train, plan):
         q.add_argument('--device-memory', type=float, metavar='GIB',
@@ -1703,8 +1684,7 @@ def main(argv=None):
         if args.debug or os.environ.get('SPOT_DEBUG', '') not in ('', '0'):
             raise
         sys.exit(f'error: {e}')
-    # Ctrl-C / SIGTERM during training: the checkpoint is written
-    except Interrupted as e:
+    except Interrupted as e:                      # Ctrl-C / SIGTERM in training: its checkpoint is written
         print(e, file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:                     # before training started: nothing to keep
@@ -1817,23 +1797,18 @@ def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
     tc, plan = resolve_memory(cfg, tc, shapes, *sizes.values(), mesh, args.device_memory, say)
     if plan is None or plan['fits']:
         return tc
-    need, have = plan['peak'] / GiB, f"the {plan['budget'] / GiB:.1f} GiB planned for " \
-        f"({plan['budget_source']})"
     if plan['weights'] + plan['prompt_optimizer'] > plan['budget']:
+        why, n = f"{args.model}'s weights alone need", plan['weights']
         fix = ('--dtype bfloat16, ' if args.dtype == 'float32' else '') + \
             '--model-parallel N over more devices, or a device with more memory'
-        why = f"{args.model}'s weights alone need {plan['weights'] / GiB:.1f} GiB per device, more than " \
-            f"{have}"
     elif plan['eval_peak'] > plan['budget'] >= plan['step_peak']:
-        fix = f'a smaller --eval_batch_size (now {tc.eval_batch_size})'
-        why = f"the evaluation needs {plan['eval_peak'] / GiB:.1f} GiB per device, more than {have}"
+        why, n, fix = 'the evaluation needs', plan['eval_peak'], f'--eval_batch_size < {tc.eval_batch_size}'
     else:
-        auto = tc.remat == 'auto' and not tc.micro_batches
-        fix = ('' if auto else '--remat=auto --micro_batches=0 (auto), ') + \
+        why, n = f"the run (remat {plan['remat']}, micro_batches {plan['micro_batches']}) needs", plan['peak']
+        fix = ('' if tc.remat == 'auto' and not tc.micro_batches else '--remat=auto --micro_batches=0, ') + \
             'a smaller --batch_size or --max_input_len, --model-parallel N, or --dtype bfloat16'
-        why = (f"the run needs {need:.1f} GiB per device (remat {plan['remat']}, micro_batches "
-               f"{plan['micro_batches']}), more than {have}")
-    raise MemoryError(f'{why}: use {fix}')
+    raise MemoryError(f"{why} {n / GiB:.1f} GiB per device, more than the {plan['budget'] / GiB:.1f} GiB "
+                      f"planned for ({plan['budget_source']}): use {fix}")
 
 
 def plan_cli(args, tc, pc):
@@ -1862,8 +1837,7 @@ def train_cli(args, tc, pc):
     except ValueError:
         raise ValueError(f'--seeds {args.seeds}: expected seeds separated by commas, e.g. 0,1,2') from None
     sources = args.source_prompt or [pc.source]
-    # One run per (task, source prompt, seed): OUT, or OUT/<task>/<source prompt's name>/seed<k> where the
-    # command gives several of them (e.g. --seeds 0,1,2: OUT/seed0, OUT/seed1, OUT/seed2).
+    # One run per (task, source prompt, seed): OUT, or OUT/<task>/<source's name>/seed<k> where several
     runs = [(task, source, seed, Path(args.out, *([task] if len(args.task) > 1 else []),
                                       *([Path(source).stem] if len(sources) > 1 else []),
                                       *([f'seed{seed}'] if args.seeds else [])))
@@ -1890,8 +1864,8 @@ def train_cli(args, tc, pc):
     mesh = _devices(args)
     for *_, out in runs:
         on_lead(check_out_folder, Path(out), args.resume)
-    # R runs' batches of B rows in one step take the memory of one run's batch of R * B (before any weight is
-    # read); micro-batches split each run's batch. Without --runs-per-step, R halves until the plan fits.
+    # R runs' batches of B rows in one step take the memory of one run's batch of R * B; micro-batches split
+    # each run's batch. Without --runs-per-step, R halves until the plan fits.
     R = min(args.runs_per_step or len(runs), len(runs))
     while True:
         try:
@@ -1905,8 +1879,7 @@ def train_cli(args, tc, pc):
     m, B = planned.micro_batches, tc.batch_size
     tc = dataclasses.replace(planned, batch_size=B, micro_batches=m and math.gcd(m, B))
     vocab = _vocab(args)
-    # Examples are read, formatted and tokenized per batch (data.train_source): memory O(batch), any size.
-    # Read before the weights: missing files, or tfds offline, fail in seconds.
+    # Read (per batch: data.train_source) before the weights: missing files, or tfds offline, fail in seconds.
     data_sources = {(t, seed): data.train_source(t, vocab, tc.max_input_len, tc.max_target_len, args.data,
                                                  seed)
                     for _, names in tasks.values() for t in names for seed in seeds}
@@ -1921,12 +1894,10 @@ def train_cli(args, tc, pc):
         text = list(vocab.encode(run_pc.text)) if run_pc.text else None
         prompt = gather(init_prompt(jax.random.split(jax.random.key(seed))[0], frozen, run_pc, labels, text))
         sources = {t: data_sources[t, seed] for t in names}
-        # What the run reads, so that --resume with other data (or another vocabulary) is refused (its meta).
-        # The data by content, not path: the same files in another folder resume; others are refused.
+        # What the run reads (by content, not path), so that --resume with other data or vocabulary is refused
         reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
                  'files': {t: data.data_fingerprint(t, 'train', args.data) for t in names}}
-        # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
-        rows, n = process_rows(mesh, run_tc.batch_size), jax.process_count()
+        rows, n = process_rows(mesh, run_tc.batch_size), jax.process_count()   # this process's devices' rows
         share = dict(process_index=rows.start // (run_tc.batch_size // n), process_count=n)
 
         def batches(k):
