@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -28,7 +30,6 @@ import json
 import math
 import os
 import pickle
-import queue
 import re
 import signal
 import socket
@@ -424,32 +425,12 @@ def _evaluate_and_keep(group, log):
 def prefetch(batches, depth: int = 2):
     """The items of `batches`, made `depth` ahead on a thread (the host prepares batch k+1 while the device
     runs step k); an error making a batch is raised here when that batch is reached."""
-    ready, stop = queue.Queue(depth), threading.Event()
-
-    def make():
-        try:
-            for item in batches:
-                while not stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        ready.put((item, None), timeout=0.1)
-                        break
-                if stop.is_set():
-                    return
-            ready.put((stop, None))        # the end of a finite iterator
-        except Exception as e:             # noqa: BLE001 -- raised in the consumer, at that batch
-            ready.put((None, e))
-    thread = threading.Thread(target=make, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = ready.get()
-            if error is not None:
-                raise error
-            if item is stop:
-                return
+    items, end = iter(batches), object()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        ahead = collections.deque(pool.submit(next, items, end) for _ in range(depth))
+        while (item := ahead.popleft().result()) is not end:
+            ahead.append(pool.submit(next, items, end))
             yield item
-    finally:
-        stop.set()
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -629,12 +610,11 @@ def micro_batched(value_and_grad_fn, k: int):
 
 
 # ---------------------------------------------------------------------------- performance: the memory plan
-# Before a run loads any weight, the step and the evaluation are compiled from shapes alone and XLA says what
-# they need per device (compiled.memory_analysis()). At 'auto', remat and micro_batches take the first setting
-# of PLAN_ORDER that fits, by cost: 'dots' recomputes attention and elementwise ops, 'layer' the whole
-# forward (+1/3 of the FLOPs); micro-batches cost only smaller matmuls. On a CPU 'dots' comes first: 0.83x
-# (Small) and 0.85x (Base) the step time of no remat, whose scanned backward pass writes every layer's float32
-# attention maps out and reads them back (README, Speed).
+# Before any weight is read, the step and the evaluation are compiled from shapes and XLA says what they need
+# per device (memory_analysis()). At 'auto', remat and micro_batches take the first PLAN_ORDER setting that
+# fits, by cost: 'dots' recomputes attention and elementwise ops, 'layer' the whole forward (+1/3 FLOPs);
+# micro-batches cost smaller matmuls. On a CPU 'dots' comes first: 0.83x (Small), 0.85x (Base) the step time
+# of no remat, whose backward pass reads every layer's float32 attention maps back (README, Speed).
 PLAN_ORDER = (('none', 1), ('none', 2), ('dots', 1), ('dots', 2), ('layer', 1), ('layer', 2), ('layer', 4),
               ('layer', 8), ('layer', 16), ('layer', 32), ('layer', 64), ('layer', 128))
 GiB = 2 ** 30
@@ -817,8 +797,7 @@ def check_prompt(prompt, d_model: int | None, length: int | None = None, what: s
     """Refuse, in one line naming `what`, a prompt that is not a finite float [P >= 1 (= length), d_model]."""
     shape = tuple(prompt.shape)
     if len(shape) != 2:
-        need = '' if d_model is None else f', and this model needs D = d_model {d_model}'
-        problem = f'has shape {shape}: a prompt is a 2-D array [P, D]{need}; save one prompt per .npy'
+        problem = f'has shape {shape}: a prompt is a 2-D array [P, D]; save one prompt per .npy'
     elif shape[0] == 0:
         problem = f'has shape {shape}: no rows, an empty prompt (P = 0); use one with at least one row'
     elif d_model is not None and shape[1] != d_model:
@@ -1000,9 +979,8 @@ def load_checkpoint(path: Path, optimizer):
             like, tree = jax.tree_util.tree_flatten(optimizer.init(prompt))
             leaves = [jnp.asarray(z[f'opt_{i}']) for i in range(len(like))]
     except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:   # truncated, garbage, ...
-        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run '
-                         f'cannot resume. Its best prompt so far stays in {path.parent}/prompt.npy: '
-                         f'keep that folder as it is and start a new run with another --out') from None
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}): its best prompt so '
+                         f'far stays in {path.parent}/prompt.npy; start a new run (another --out)') from None
     return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
 
 
@@ -1560,11 +1538,9 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
-# --dtype: what the frozen weights are stored and multiplied in. The official runs keep float32 parameters and
-# compute in bfloat16 (prompt-tuning configs/architectures/t5_1_1_flaxformer.gin: ACTIVATION_DTYPE =
-# 'bfloat16'), casting each weight to bfloat16 at its matmul; frozen weights cast once give the same products
-# at half the memory. Norms, softmax, logits, the loss and the prompt with its optimizer stay float32 either
-# way (t5_model).
+# --dtype of the frozen weights. The official runs compute in bfloat16 from float32 parameters (prompt-tuning
+# configs/architectures/t5_1_1_flaxformer.gin: ACTIVATION_DTYPE = 'bfloat16'); weights cast once give the same
+# products at half the memory. Norms, softmax, logits, loss, prompt and optimizer stay float32 (t5_model).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -1639,7 +1615,7 @@ def main(argv=None):
                           help="train's memory plan per device, from shapes alone (no weight or data read)")
     for q in (train, ev, plan):
         q.add_argument('--model', required=True, help="hub id (google/t5-base-lm-adapt), folder or 'tiny'")
-        q.add_argument('--task', required=q is not plan, nargs='+' if q is train else None,
+        q.add_argument('--task', required=q is not plan, nargs=None if q is ev else '+',
                        help='a task name of data.py')
         q.add_argument('--data', help='directory with the original task files (default: tfds)')
         q.add_argument('--vocab', help='SentencePiece model (default: data.load_vocab())')
@@ -1744,8 +1720,7 @@ def evaluate_cli(args, tc, pc):
     prompt = load_prompt(args.prompt)               # cheap checks first: the prompt, task, data, output
     mixture, tasks = data.task_names(args.task)
     if mixture:
-        raise ValueError(f'--task {args.task} is a mixture, which has no single metric: evaluate one of its '
-                         f'tasks ({", ".join(tasks)})')
+        raise ValueError(f'--task {args.task} is a mixture (no one metric): pass one of {", ".join(tasks)}')
     task = data.get_task(args.task).name
     _check_data_dir(args)
     if args.out and Path(args.out).is_dir():
@@ -1781,17 +1756,13 @@ def _model_shapes(args):                 # --model's T5Config and weight shapes,
     return cfg, jax.eval_shape(lambda k: t5_model.init_params(k, cfg, DTYPES[args.dtype]), jax.random.key(0))
 
 
-def _target_len(args, tc):
-    import data
-    names = [args.task] if isinstance(args.task, str) else args.task or []     # train: several tasks
-    return tc.max_target_len or max((data.get_task(t).target_len for name in names
-                                     for t in data.task_names(name)[1]), default=DEFAULT_TARGET_LEN)
-
-
 def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
     """The memory plan from shapes; train refuses, in one line, a run that does not fit."""
+    import data
     cfg, shapes = _model_shapes(args)
-    sizes = dict(input_len=tc.max_input_len, target_len=_target_len(args, tc), prompt_len=pc.length)
+    target_len = tc.max_target_len or max((data.get_task(t).target_len for name in args.task or []
+                                           for t in data.task_names(name)[1]), default=DEFAULT_TARGET_LEN)
+    sizes = dict(input_len=tc.max_input_len, target_len=target_len, prompt_len=pc.length)
     if plan_anyway:
         return memory_plan(cfg, tc, shapes, **sizes, mesh=mesh, device_memory_gib=args.device_memory, log=say)
     tc, plan = resolve_memory(cfg, tc, shapes, *sizes.values(), mesh, args.device_memory, say)
@@ -1843,8 +1814,7 @@ def train_cli(args, tc, pc):
                                       *([f'seed{seed}'] if args.seeds else [])))
             for task in args.task for source in sources for seed in seeds]
     if len({str(out) for *_, out in runs}) < len(runs):
-        raise ValueError(f'two runs would share a folder: give each --task, --source-prompt and --seeds once '
-                         f'(got {args.task}, {sources}, {seeds})')
+        raise ValueError('two runs would share a folder: give each --task, --source-prompt and seed once')
     pcs = {source: dataclasses.replace(pc, init=args.init or ('file' if source else pc.init), source=source)
            for source in sources}
     tasks = {task: data.task_names(task) for task in args.task}            # --task -> (mixture, its tasks)
