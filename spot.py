@@ -797,7 +797,8 @@ def check_prompt(prompt, d_model: int | None, length: int | None = None, what: s
     """Refuse, in one line naming `what`, a prompt that is not a finite float [P >= 1 (= length), d_model]."""
     shape = tuple(prompt.shape)
     if len(shape) != 2:
-        problem = f'has shape {shape}: a prompt is a 2-D array [P, D]; save one prompt per .npy'
+        need = '' if d_model is None else f', and this model needs D = d_model {d_model}'
+        problem = f'has shape {shape}: a prompt is a 2-D array [P, D]{need}; save one prompt per .npy'
     elif shape[0] == 0:
         problem = f'has shape {shape}: no rows, an empty prompt (P = 0); use one with at least one row'
     elif d_model is not None and shape[1] != d_model:
