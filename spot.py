@@ -708,10 +708,9 @@ def plan_eval(cfg, tc: TrainConfig, frozen, input_len: int, target_len: int, pro
 
 def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int, prompt_len: int, mesh=None,
                 device_memory_gib: float | None = None, log=None) -> dict:
-    """A run's memory plan: tc.remat / tc.micro_batches, or at 'auto' / 0 the first PLAN_ORDER setting whose
-    step fits memory_budget; the evaluation's batch is halved while it does not fit. frozen: weights or
-    shapes. Returns bytes per device ('weights', 'prompt_optimizer', 'temporaries', 'peak', 'budget') and
-    'remat', 'micro_batches', 'eval_batch_size', 'fits', 'compile_s', 'tried' (the settings compiled)."""
+    """tc.remat / tc.micro_batches, or at 'auto' / 0 the first PLAN_ORDER setting that fits memory_budget; the
+    evaluation's batch halves until it fits. Bytes per device ('weights', 'prompt_optimizer', 'temporaries',
+    'peak', 'budget'), 'remat', 'micro_batches', 'eval_batch_size', 'fits', 'compile_s', 'tried'."""
     budget, source = memory_budget(device_memory_gib)
     data_devices = mesh.shape['data'] if mesh is not None else 1
     order = [(r, m) for r, m in plan_order() if tc.remat in ('auto', r) and tc.micro_batches in (0, m)]
@@ -784,11 +783,10 @@ def resolve_memory(cfg, tc: TrainConfig, frozen, input_len, target_len, prompt_l
 
 
 # ------------------------------------------------------------------------------------------ I/O: prompt files
-# A prompt [P, D] travels in three formats; load_prompt reads all three, export_peft writes the third:
-# - .npy (np.save): ours, and Google's released prompts;
-# - the official code's T5X runs: numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt, np.save
-#   format without an extension (google-research/prompt-tuning, prompt_tuning/train/utils.py, save_numpy);
-# - a Hugging Face PEFT prompt-tuning adapter folder (the facts it rests on: export_peft).
+# A prompt [P, D] travels as .npy (ours, Google's released prompts); as the official code's T5X runs write it,
+# numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt, np.save format without an extension
+# (google-research/prompt-tuning, prompt_tuning/train/utils.py, save_numpy); or as a PEFT adapter folder
+# (export_peft). load_prompt reads all three.
 T5X_PROMPT = 'encoder.prompt.prompt.prompt'
 PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'   # peft/utils/constants.py
 
@@ -908,8 +906,7 @@ def _read_peft(folder: Path, label: str, weights: Path):
 def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
     """Write prompt [P, D] as PEFT's save_pretrained writes a PromptTuningConfig(task_type=SEQ_2_SEQ_LM) on
     base_model (huggingface/peft v0.21.2: config.py, utils/other.py _prepare_prompt_learning_config): P x 2
-    'prompt_embeddings' rows, the encoder's [:P] ours, the decoder's zeros (never read). A flock refuses a
-    second export to the folder; the config is written last. Returns the folder."""
+    rows, the encoder's [:P] ours, the decoder's zeros (never read); a flock refuses a second export there."""
     prompt, out = np.asarray(prompt, np.float32), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = os.open(out, os.O_RDONLY)              # locked as an open folder: no lock file in the adapter
@@ -980,8 +977,9 @@ def load_checkpoint(path: Path, optimizer):
             like, tree = jax.tree_util.tree_flatten(optimizer.init(prompt))
             leaves = [jnp.asarray(z[f'opt_{i}']) for i in range(len(like))]
     except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:   # truncated, garbage, ...
-        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}): its best prompt so '
-                         f'far stays in {path.parent}/prompt.npy; start a new run (another --out)') from None
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}), so this run '
+                         f'cannot resume. Its best prompt so far stays in {path.parent}/prompt.npy: '
+                         f'keep that folder as it is and start a new run with another --out') from None
     return prompt, jax.tree_util.tree_unflatten(tree, leaves), state
 
 
@@ -1546,8 +1544,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | None = None):
-    """--model ('tiny': random, a hub id, a directory) -> (cfg, params in dtype), with a mesh created or
-    read straight into their shards."""
+    """--model ('tiny': random, a hub id, a directory) -> (cfg, params in dtype), made or read into mesh."""
     dtype, place = DTYPES[dtype], mesh and functools.partial(param_shardings, mesh)
     if name != 'tiny':
         return t5_model.load_checkpoint(name, dtype, place)
