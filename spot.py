@@ -1000,9 +1000,8 @@ class RunFolderInUse(OSError):
 
 @contextlib.contextmanager
 def own_folder(out: Path):
-    """Hold out/run.lock while a run writes to out: an OS lock (flock), which the kernel drops when the
-    process ends (kill -9 included). The file says who holds it ('pid N on HOST since ...'); a run.lock
-    that does not read so was not written by a run, and is refused. The run removes it when it ends."""
+    """Hold out/run.lock (a flock: the kernel drops it when the process ends, kill -9 included) while a run
+    writes to out. It says 'pid N on HOST since ...'; a run.lock that does not was not a run's: refused."""
     out.mkdir(parents=True, exist_ok=True)
     lock = out / 'run.lock'
     while True:
@@ -1103,9 +1102,8 @@ def run_identity(cfg, frozen, meta) -> dict:
 
 
 class RunFolder:
-    """A run's folder as train_prompt reads and writes it: the multi-host seam. With several processes,
-    process 0 alone owns the folder: on the others every write here is a no-op, and what process 0 decides
-    (a refusal, the checkpoint a resume starts from) reaches every process (on_lead)."""
+    """A run's folder as train_prompt reads and writes it, the multi-host seam: process 0 alone writes, and
+    what it decides (a refusal, the checkpoint a resume starts from) reaches every process (on_lead)."""
 
     def __init__(self, out):
         self.out, self.ckpt, self.lead = Path(out), Path(out) / 'checkpoint.npz', jax.process_index() == 0
@@ -1446,9 +1444,8 @@ LIMITS = {**dict.fromkeys(('steps', 'batch_size', 'eval_every', 'checkpoint_ever
 
 
 def override(cfg, argv):
-    """Apply each `--field=value` of argv naming a field of cfg, type- and range-checked (LIMITS); return
-    (new cfg, the other items). Example: override(TrainConfig(), ['--steps=30000', '--x=1']) ->
-    (TrainConfig(steps=30000, ...), ['--x=1'])."""
+    """Apply each `--field=value` of argv naming a field of cfg, checked (LIMITS); return (new cfg, the rest):
+    override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...), ['--x=1'])."""
     changes, rest, fields = {}, [], set()
     for f in dataclasses.fields(cfg):          # a nested config (TrainConfig.optimizer) takes its own
         if dataclasses.is_dataclass(getattr(cfg, f.name)):
@@ -1499,8 +1496,7 @@ def field_notes(cls) -> dict:
 
 
 def add_config_flags(parser):
-    """--field VALUE (--field=VALUE, --batch-size) for every TrainConfig (optimizer included) and PromptConfig
-    field that parser has no flag of its own for; config_flags reads them."""
+    """--field VALUE (--field=VALUE, --batch-size) for each config field the parser lacks a flag for."""
     group = parser.add_argument_group(
         'settings: every field of TrainConfig, OptimizerConfig and PromptConfig (spot.py), with its default '
         'and source', '--field VALUE or --field=VALUE; dashes for underscores work too (--batch-size 8)')
@@ -1525,8 +1521,7 @@ def config_flags(args) -> list[str]:
 
 
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
-    """JAX's persistent compilation cache at path, $SPOT_COMPILE_CACHE or $XDG_CACHE_HOME/spot-jax
-    (~/.cache/spot-jax); 'off' (or 0): none."""
+    """JAX's compile cache at path, $SPOT_COMPILE_CACHE or $XDG_CACHE_HOME/spot-jax; 'off' (or 0): none."""
     path = path or os.environ.get('SPOT_COMPILE_CACHE') or \
         Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'spot-jax'
     if str(path).lower() in ('off', '0', 'false', 'no', 'none'):
