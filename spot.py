@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -28,7 +30,6 @@ import json
 import math
 import os
 import pickle
-import queue
 import re
 import signal
 import socket
@@ -411,41 +412,25 @@ def _evaluate_and_keep(group, log):
         log(f'step {done}  eval {_json(metrics, None).decode()}' + (f'  ({folder.out.name})' if len(group) > 1
                                                                      else ''))
         folder.history({'step': done, 'eval': metrics, 'time': time.time()})
-        if best_so_far(state, done, metrics):
+        score = float(metrics['score'])             # a NaN score (Pearson of constants) is never the best
+        score = score if math.isfinite(score) else -math.inf
+        if state['best_score'] is None or score > state['best_score']:
+            state.update(best_score=score, best_step=done)
             folder.save_prompt('prompt', g.prompt, {**g.info, 'step': done, 'score': metrics['score'],
                                                    'metrics': metrics})
+        state['eval_pending'] = False
         folder.checkpoint(g.prompt, g.opt_state, state)
 
 
 def prefetch(batches, depth: int = 2):
     """The items of `batches`, made `depth` ahead on a thread (the host prepares batch k+1 while the device
     runs step k); an error making a batch is raised here when that batch is reached."""
-    ready, stop = queue.Queue(depth), threading.Event()
-
-    def make():
-        try:
-            for item in batches:
-                while not stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        ready.put((item, None), timeout=0.1)
-                        break
-                if stop.is_set():
-                    return
-            ready.put((stop, None))        # the end of a finite iterator
-        except Exception as e:             # noqa: BLE001 -- raised in the consumer, at that batch
-            ready.put((None, e))
-    thread = threading.Thread(target=make, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = ready.get()
-            if error is not None:
-                raise error
-            if item is stop:
-                return
+    items, end = iter(batches), object()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        ahead = collections.deque(pool.submit(next, items, end) for _ in range(depth))
+        while (item := ahead.popleft().result()) is not end:
+            ahead.append(pool.submit(next, items, end))
             yield item
-    finally:
-        stop.set()
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -625,28 +610,24 @@ def micro_batched(value_and_grad_fn, k: int):
 
 
 # ---------------------------------------------------------------------------- performance: the memory plan
-# Before a run loads any weight, the step and the evaluation are compiled from shapes alone and XLA says what
-# they need per device (compiled.memory_analysis()). At 'auto', remat and micro_batches take the first setting
-# of PLAN_ORDER that fits, by cost: 'dots' recomputes attention and elementwise ops, 'layer' the whole
-# forward (+1/3 of the FLOPs); micro-batches cost only smaller matmuls. On a CPU 'dots' comes first: 0.83x
-# (Small) and 0.85x (Base) the step time of no remat, whose scanned backward pass writes every layer's float32
-# attention maps out and reads them back (README, Speed).
+# Before any weight is read, the step and the evaluation are compiled from shapes and XLA says what they need
+# per device (memory_analysis()). At 'auto', remat and micro_batches take the first PLAN_ORDER setting that
+# fits, by cost: 'dots' recomputes attention and elementwise ops, 'layer' the whole forward (+1/3 FLOPs);
+# micro-batches cost smaller matmuls. On a CPU 'dots' comes first: 0.83x (Small), 0.85x (Base) the step time
+# of no remat, whose backward pass reads every layer's float32 attention maps back (README, Speed).
 PLAN_ORDER = (('none', 1), ('none', 2), ('dots', 1), ('dots', 2), ('layer', 1), ('layer', 2), ('layer', 4),
               ('layer', 8), ('layer', 16), ('layer', 32), ('layer', 64), ('layer', 128))
 GiB = 2 ** 30
 
 
 def plan_order() -> tuple:
-    """PLAN_ORDER for this backend: on a CPU, remat 'dots' before 'none' (see above)."""
     cpu = jax.default_backend() == 'cpu'
     return tuple(sorted(PLAN_ORDER, key=lambda setting: cpu and setting[0] != 'dots'))
 
 
 def memory_budget(device_memory_gib: float | None = None) -> tuple[float, str]:
-    """(bytes a run may use per device, how that was found). An accelerator's own limit is its allocator's
-    (memory_stats()['bytes_limit']). A size given (--device-memory, a card's memory) or a CPU's RAM counts at
-    XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75): the share of a GPU that JAX's allocator takes, the rest
-    left to the CUDA runtime and fragmentation (jax.readthedocs.io, GPU memory allocation)."""
+    """(bytes a run may use per device, how that was found): the allocator's limit, or a size given or a CPU's
+    RAM at XLA_PYTHON_CLIENT_MEM_FRACTION (0.75: JAX's share of a GPU, jax.readthedocs.io GPU memory)."""
     fraction = float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', 0.75))
     if device_memory_gib:
         return device_memory_gib * GiB * fraction, \
@@ -676,9 +657,8 @@ def _device_bytes(tree) -> int:
 
 
 def _compiled_bytes(lowered, weights) -> tuple[dict, float]:
-    """(memory_analysis in bytes with their 'peak', compile seconds) of a lowered program. XLA:CPU converts
-    each bfloat16 weight of a scanned stack to a float32 copy once (its matmuls run in float32), which a GPU
-    or TPU does not make: 'cpu_copies' (f32 converts of a weight's shape), left out of the temporaries."""
+    """({'temporaries', 'peak'} bytes, compile seconds) of a lowered program. XLA:CPU's float32 copy of each
+    bfloat16 weight of a scanned stack (its matmuls run in float32; a GPU's do not) is left out."""
     t = time.perf_counter()
     compiled = lowered.compile()
     seconds, m = time.perf_counter() - t, compiled.memory_analysis()
@@ -690,15 +670,12 @@ def _compiled_bytes(lowered, weights) -> tuple[dict, float]:
             copies += 4 * math.prod(shape) if shape in shapes else 0
     temporaries = m.temp_size_in_bytes - copies
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + temporaries
-    return {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
-            'aliased': m.alias_size_in_bytes, 'temporaries': temporaries, 'cpu_copies': copies,
-            'peak': peak}, seconds
+    return {'temporaries': temporaries, 'peak': peak}, seconds
 
 
 def plan_step(cfg, tc: TrainConfig, frozen, remat: str, micro_batches: int, input_len: int, target_len: int,
               prompt_len: int, mesh=None) -> dict:
-    """Compile train_step for one setting from shapes (frozen: arrays or ShapeDtypeStructs) -> bytes per
-    device and compile time."""
+    """Compile train_step for one setting from shapes (frozen: arrays or ShapeDtypeStructs): its bytes."""
     cfg = dataclasses.replace(cfg, dropout_rate=tc.dropout, remat=remat)
     prompt = jax.ShapeDtypeStruct((prompt_len, cfg.d_model), jnp.float32)
     opt_state = jax.eval_shape(make_optimizer(tc.optimizer).init, prompt)
@@ -706,12 +683,11 @@ def plan_step(cfg, tc: TrainConfig, frozen, remat: str, micro_batches: int, inpu
     batch = _shapes_on(mesh, {'inputs': jax.ShapeDtypeStruct((tc.batch_size, input_len), jnp.int32),
                               'targets': jax.ShapeDtypeStruct((tc.batch_size, target_len), jnp.int32)},
                        PartitionSpec('data'))
-    t, weights = time.perf_counter(), _shapes_on(mesh, frozen)
+    weights = _shapes_on(mesh, frozen)
     lowered = train_step.lower(*state, weights, batch, dropout_key(0, 0), cfg, tc.optimizer, tc.z_loss,
                                sub_batch_count(tc), micro_batches)
-    lower_s = time.perf_counter() - t
     got, compile_s = _compiled_bytes(lowered, weights)
-    return {**got, 'remat': remat, 'micro_batches': micro_batches, 'lower_s': lower_s, 'compile_s': compile_s,
+    return {**got, 'remat': remat, 'micro_batches': micro_batches, 'compile_s': compile_s,
             'weights': _device_bytes(weights), 'prompt_optimizer': _device_bytes(state)}
 
 
@@ -732,10 +708,9 @@ def plan_eval(cfg, tc: TrainConfig, frozen, input_len: int, target_len: int, pro
 
 def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int, prompt_len: int, mesh=None,
                 device_memory_gib: float | None = None, log=None) -> dict:
-    """A run's memory plan: tc.remat / tc.micro_batches, or at 'auto' / 0 the first PLAN_ORDER setting whose
-    step fits memory_budget; the evaluation's batch is halved while it does not fit. frozen: weights or
-    shapes. Returns bytes per device ('weights', 'prompt_optimizer', 'temporaries', 'peak', 'budget') and
-    'remat', 'micro_batches', 'eval_batch_size', 'fits', 'compile_s', 'tried' (the settings compiled)."""
+    """tc.remat / tc.micro_batches, or at 'auto' / 0 the first PLAN_ORDER setting that fits memory_budget; the
+    evaluation's batch halves until it fits. Bytes per device ('weights', 'prompt_optimizer', 'temporaries',
+    'peak', 'budget'), 'remat', 'micro_batches', 'eval_batch_size', 'fits', 'compile_s', 'tried'."""
     budget, source = memory_budget(device_memory_gib)
     data_devices = mesh.shape['data'] if mesh is not None else 1
     order = [(r, m) for r, m in plan_order() if tc.remat in ('auto', r) and tc.micro_batches in (0, m)]
@@ -790,8 +765,8 @@ def rough_step_bytes(cfg, tc: TrainConfig, frozen, input_len: int, target_len: i
 
 def resolve_memory(cfg, tc: TrainConfig, frozen, input_len, target_len, prompt_len, mesh=None,
                    device_memory_gib=None, log=print) -> tuple[TrainConfig, dict | None]:
-    """(tc with remat and micro_batches decided, the plan or None): at 'auto'/0 memory_plan's, or without
-    compiling plan_order()'s first when rough_step_bytes is under a quarter of the budget."""
+    """(tc with remat and micro_batches decided, memory_plan's plan or None: without compiling, plan_order()'s
+    first when rough_step_bytes is under a quarter of the budget)."""
     budget = memory_budget(device_memory_gib)[0]
     if rough_step_bytes(cfg, tc, frozen, input_len, target_len, prompt_len) < budget / 4:
         return dataclasses.replace(tc, remat=plan_order()[0][0] if tc.remat == 'auto' else tc.remat,
@@ -808,11 +783,10 @@ def resolve_memory(cfg, tc: TrainConfig, frozen, input_len, target_len, prompt_l
 
 
 # ------------------------------------------------------------------------------------------ I/O: prompt files
-# A prompt [P, D] travels in three formats; load_prompt reads all three, export_peft writes the third:
-# - .npy (np.save): ours, and Google's released prompts;
-# - the official code's T5X runs: numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt, np.save
-#   format without an extension (google-research/prompt-tuning, prompt_tuning/train/utils.py, save_numpy);
-# - a Hugging Face PEFT prompt-tuning adapter folder (the facts it rests on: export_peft).
+# A prompt [P, D] travels as .npy (ours, Google's released prompts); as the official code's T5X runs write it,
+# numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt, np.save format without an extension
+# (google-research/prompt-tuning, prompt_tuning/train/utils.py, save_numpy); or as a PEFT adapter folder
+# (export_peft). load_prompt reads all three.
 T5X_PROMPT = 'encoder.prompt.prompt.prompt'
 PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'   # peft/utils/constants.py
 
@@ -826,8 +800,8 @@ def check_prompt(prompt, d_model: int | None, length: int | None = None, what: s
     elif shape[0] == 0:
         problem = f'has shape {shape}: no rows, an empty prompt (P = 0); use one with at least one row'
     elif d_model is not None and shape[1] != d_model:
-        problem = (f'has shape {shape}: width {shape[1]} but the model has d_model {d_model}. Prompts '
-                   f'transfer only between models of the same width: use one trained on a model of that size')
+        problem = (f'has shape {shape}: width {shape[1]} but the model has d_model {d_model}: use a prompt '
+                   f'tuned on a model of that width')
     elif length is not None and shape[0] != length:
         problem = f'has {shape[0]} rows but PromptConfig.length is {length}: pass --length={shape[0]}'
     elif not jnp.issubdtype(prompt.dtype, jnp.floating):       # np.save writes bfloat16 as 2 raw bytes: V2
@@ -852,9 +826,8 @@ def load_prompt(path, d_model: int | None = None, length: int | None = None, wha
     elif path.is_dir() and is_run_folder(path):
         prompt = _read_npy(run_prompt_file(path), f'{label}/prompt.npy')
     elif path.is_dir():
-        raise ValueError(f'{label} is a folder without {PEFT_CONFIG} (a PEFT adapter), {T5X_PROMPT} '
-                         f"(a T5X numpy checkpoint) or a run's prompt.npy: pass a .npy prompt file or one "
-                         f'of those')
+        raise ValueError(f"{label} is a folder without {PEFT_CONFIG} (PEFT), {T5X_PROMPT} (T5X) "
+                         f"or a run's prompt.npy")
     elif not path.is_file():
         raise FileNotFoundError(f'{label} does not exist')
     else:
@@ -879,17 +852,13 @@ def run_prompt_file(folder: Path, embedding: bool = False) -> Path:
 
 
 def _read_npy(path: Path, label: str) -> np.ndarray:
-    problem = None
     with open(path, 'rb') as f:
-        head = f.read(64)
-        if not head:
-            problem = 'is empty (0 bytes): a write that did not finish; use another copy'
-        elif head.startswith(b'PK'):
-            problem = 'is an .npz archive, not a .npy: save the [P, D] prompt with np.save'
-        elif not head.startswith(b'\x93NUMPY'):
+        head, problem = f.read(64), None
+        if not head.startswith(b'\x93NUMPY'):
             text = all(32 <= b < 127 or b in b'\t\n\r' for b in head)
-            kind = 'a Python pickle' if head[:1] == b'\x80' else 'a text file' if text else 'not a .npy file'
-            problem = f'is {kind}, not a .npy (np.save format): save the prompt with np.save'
+            kind = ('empty (0 bytes)' if not head else 'an .npz archive' if head.startswith(b'PK') else
+                    'a Python pickle' if head[:1] == b'\x80' else 'a text file' if text else 'another format')
+            problem = f'is {kind}, not a .npy: save the [P, D] prompt with np.save'
         else:
             f.seek(0)
             try:
@@ -899,11 +868,9 @@ def _read_npy(path: Path, label: str) -> np.ndarray:
             except ValueError as e:
                 raise ValueError(f'cannot read {label}: its .npy header is damaged ({e})') from None
             have, need = path.stat().st_size - f.tell(), math.prod(shape) * dtype.itemsize
-            if dtype.hasobject:
-                problem = 'holds a pickled (object) array, not numbers: save the prompt as floats'
-            elif have < need:
-                problem = (f'is truncated: its header needs {need} bytes for {dtype} {shape}, the file holds '
-                           f'{have}; use another copy')
+            problem = ('holds a pickled (object) array, not numbers' if dtype.hasobject else
+                       f'is truncated: needs {need} bytes ({dtype} {shape}), holds {have}' if have < need
+                       else None)
     if problem:
         raise ValueError(f'{label} {problem}')
     return np.load(path, allow_pickle=False)
@@ -919,14 +886,10 @@ def _read_peft(folder: Path, label: str, weights: Path):
         raise ValueError(f'{label}: {folder / PEFT_CONFIG} is not valid JSON ({e})') from None
     kind, task = (c.get('peft_type'), c.get('task_type')) if isinstance(c, dict) else (None, None)
     if kind != 'PROMPT_TUNING':
-        why = {'LORA': 'it changes weights', 'PREFIX_TUNING': 'it holds keys and values of every layer'}
-        raise ValueError(f'{label} is a PEFT {kind} adapter, not prompt tuning '
-                         f"({why.get(kind, 'it holds no input prompt')}): only a PromptTuningConfig adapter "
-                         f'holds a prompt [P, D]')
+        raise ValueError(f'{label} is a PEFT {kind} adapter, not prompt tuning (PromptTuningConfig)')
     if task != 'SEQ_2_SEQ_LM':
         model = 'a decoder-only model' if task == 'CAUSAL_LM' else 'a model that is not an encoder-decoder'
-        raise ValueError(f'{label} is a PEFT prompt for {model} (task_type {task}), not for T5 '
-                         f'(SEQ_2_SEQ_LM): a prompt does not transfer between architectures')
+        raise ValueError(f'{label} is a PEFT prompt for {model} (task_type {task}), not a T5 (SEQ_2_SEQ_LM)')
     if not weights.is_file() and (folder / 'adapter_model.bin').is_file():    # PEFT before safetensors
         weights = folder / 'adapter_model.bin'
     if not weights.is_file():
@@ -936,18 +899,14 @@ def _read_peft(folder: Path, label: str, weights: Path):
     rows = tensors.get('prompt_embeddings')
     if rows is None or not isinstance(n, int) or np.ndim(rows) != 2 or rows.shape[0] != n * sub:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        raise ValueError(f'{label}: {weights.name} should hold prompt_embeddings [{n} x {sub}, token_dim] '
-                         f'(num_virtual_tokens x num_transformer_submodules), got {shapes}')
+        raise ValueError(f'{label}: {weights.name} should hold prompt_embeddings [{n} x {sub}, D]: {shapes}')
     return np.asarray(rows[:n]), c.get('base_model_name_or_path')     # the encoder reads the first n rows
 
 
 def export_peft(prompt, cfg: t5_model.T5Config, out, base_model: str) -> Path:
-    """Write prompt [P, D] as PEFT's save_pretrained writes a PromptTuningConfig(task_type=SEQ_2_SEQ_LM)
-    model on base_model (huggingface/peft v0.21.2: config.py, utils/constants.py, utils/other.py
-    _prepare_prompt_learning_config, peft_model.py), for PeftModel.from_pretrained(T5ForConditionalGeneration
-    .from_pretrained(base_model), out): 'prompt_embeddings' of P x 2 rows (num_transformer_submodules = 2),
-    the encoder reading rows[:P] as our prompt, the decoder's never read (zeros). A flock on the folder
-    refuses a second export there at once; the config is written last. Returns the folder."""
+    """Write prompt [P, D] as PEFT's save_pretrained writes a PromptTuningConfig(task_type=SEQ_2_SEQ_LM) on
+    base_model (huggingface/peft v0.21.2: config.py, utils/other.py _prepare_prompt_learning_config): P x 2
+    rows, the encoder's [:P] ours, the decoder's zeros (never read); a flock refuses a second export there."""
     prompt, out = np.asarray(prompt, np.float32), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = os.open(out, os.O_RDONLY)              # locked as an open folder: no lock file in the adapter
@@ -1041,9 +1000,8 @@ class RunFolderInUse(OSError):
 
 @contextlib.contextmanager
 def own_folder(out: Path):
-    """Hold out/run.lock while a run writes to out: an OS lock (flock), which the kernel drops when the
-    process ends (kill -9 included). The file says who holds it ('pid N on HOST since ...'); a run.lock
-    that does not read so was not written by a run, and is refused. The run removes it when it ends."""
+    """Hold out/run.lock (a flock: the kernel drops it when the process ends, kill -9 included) while a run
+    writes to out. It says 'pid N on HOST since ...'; a run.lock that does not was not a run's: refused."""
     out.mkdir(parents=True, exist_ok=True)
     lock = out / 'run.lock'
     while True:
@@ -1144,9 +1102,8 @@ def run_identity(cfg, frozen, meta) -> dict:
 
 
 class RunFolder:
-    """A run's folder as train_prompt reads and writes it: the multi-host seam. With several processes,
-    process 0 alone owns the folder: on the others every write here is a no-op, and what process 0 decides
-    (a refusal, the checkpoint a resume starts from) reaches every process (on_lead)."""
+    """A run's folder as train_prompt reads and writes it, the multi-host seam: process 0 alone writes, and
+    what it decides (a refusal, the checkpoint a resume starts from) reaches every process (on_lead)."""
 
     def __init__(self, out):
         self.out, self.ckpt, self.lead = Path(out), Path(out) / 'checkpoint.npz', jax.process_index() == 0
@@ -1200,17 +1157,6 @@ def check_finite(loss: float, prompt, done: int, ckpt: Path, state: dict):
         'No checkpoint was written yet'
     raise FloatingPointError(f'{problem}: stopping. {last}; lower --learning_rate or check the data and '
                              f'model, then rerun (with --resume)')
-
-
-def best_so_far(state: dict, done: int, metrics: dict) -> bool:
-    """Record a score in state; True if the best so far (a NaN score, e.g. Pearson of constants, never is)."""
-    score = float(metrics['score'])
-    score = score if math.isfinite(score) else -math.inf
-    best = state['best_score'] is None or score > state['best_score']
-    if best:
-        state.update(best_score=score, best_step=done)
-    state['eval_pending'] = False
-    return best
 
 
 def resume_checkpoint(ckpt: Path, optimizer, tc: TrainConfig, run: dict, shape, info: dict, log):
@@ -1277,10 +1223,9 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_requests(log):
-    """While training, SIGINT/SIGTERM asks the loop to stop after the step, with its checkpoint: the yielded
-    function returns the signal (0: none) asked on any process, so all stop at one step. A second Ctrl-C
-    exits at once (os._exit(130); files stay whole). Not a raise: one from the handler could land in JAX's
-    garbage-collection callback, which swallows it, or crash the exit while XLA compiles."""
+    """SIGINT/SIGTERM stop training after the step, with its checkpoint: the yielded function returns the
+    signal (0: none) asked on any process. A second Ctrl-C exits at once (os._exit(130)). Not a raise: JAX's
+    garbage-collection callback could swallow it, or an exit during a compile crash."""
     got = []
 
     def requested() -> int:
@@ -1295,9 +1240,8 @@ def stop_requests(log):
         got.append(signum)
         log(f'{signal.Signals(signum).name}: stopping after this step and writing the checkpoint '
             f'(Ctrl-C again to stop at once)')
-    # Python runs `handler` between two Python instructions, so not during a compile, and two signals in one
-    # compile reach it as one. The C-level handler writes each signal's number to the wakeup socket at once:
-    # a thread counts the SIGINTs there and ends the process on the second.
+    # `handler` runs between Python instructions (two signals in one compile reach it as one); the wakeup
+    # socket gets each signal at once: a thread counts the SIGINTs there and ends the process on the second.
     wakeup, wakeup_w = socket.socketpair()
     wakeup_w.setblocking(False)
 
@@ -1354,17 +1298,15 @@ _MODEL_AXES = {'query': (1,), 'key': (1,), 'value': (1,), 'out': (0,), 'wi': (1,
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, timeout_s: int = 300):
-    """Join a multi-host run (one process per host, the same command): with a coordinator (HOST:PORT of
-    process 0) the three numbers given, else from a launcher JAX sees (Slurm, Open MPI, a Cloud TPU pod). A
-    wait for peers says so after 2 s and ends the process in one line after timeout_s (JAX's own timeout, 10 s
-    later, aborts with a C++ stack trace)."""
+    """Join a multi-host run: a coordinator (HOST:PORT of process 0) and the numbers given, or a launcher JAX
+    sees (Slurm, Open MPI, a TPU pod). A wait says so after 2 s and exits in one line after timeout_s."""
     env = os.environ
     slurm, mpi = env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS'), env.get('OMPI_COMM_WORLD_SIZE')
     launched = (int(slurm or 1) > 1 and 'SLURM_STEP_ID' in env or int(mpi or 1) > 1
                 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
-    n = num_processes or slurm or mpi or 'all'
     if coordinator is None and not launched:
         return
+    n = num_processes or slurm or mpi or 'all'
     who = f'process {process_id}' if process_id is not None else 'this process'
     where = f'coordinator {coordinator}' if coordinator else 'the coordinator JAX finds from the launcher'
 
@@ -1399,8 +1341,7 @@ def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
     local = min(len(v) for v in per_host.values())
     if model_parallel < 1 or local % model_parallel or devices.size % model_parallel:
         raise ValueError(f'--model-parallel {model_parallel} does not divide the {local} devices of one host '
-                         f'({devices.size} in all): model-parallel groups stay within a host; '
-                         f'pick a divisor of {local}')
+                         f'(groups stay within a host): pick a divisor of {local}')
     if len(per_host) == 1:
         return Mesh(devices.reshape(-1, model_parallel), ('data', 'model'))
     grid = mesh_utils.create_hybrid_device_mesh((local // model_parallel, model_parallel), (len(per_host), 1),
@@ -1503,9 +1444,8 @@ LIMITS = {**dict.fromkeys(('steps', 'batch_size', 'eval_every', 'checkpoint_ever
 
 
 def override(cfg, argv):
-    """Apply each `--field=value` of argv naming a field of cfg, type- and range-checked (LIMITS); return
-    (new cfg, the other items). Example: override(TrainConfig(), ['--steps=30000', '--x=1']) ->
-    (TrainConfig(steps=30000, ...), ['--x=1'])."""
+    """Apply each `--field=value` of argv naming a field of cfg, checked (LIMITS); return (new cfg, the rest):
+    override(TrainConfig(), ['--steps=30000', '--x=1']) -> (TrainConfig(steps=30000, ...), ['--x=1'])."""
     changes, rest, fields = {}, [], set()
     for f in dataclasses.fields(cfg):          # a nested config (TrainConfig.optimizer) takes its own
         if dataclasses.is_dataclass(getattr(cfg, f.name)):
@@ -1556,8 +1496,7 @@ def field_notes(cls) -> dict:
 
 
 def add_config_flags(parser):
-    """--field VALUE (--field=VALUE, --batch-size) for every TrainConfig (optimizer included) and PromptConfig
-    field that parser has no flag of its own for; config_flags reads them."""
+    """--field VALUE (--field=VALUE, --batch-size) for each config field the parser lacks a flag for."""
     group = parser.add_argument_group(
         'settings: every field of TrainConfig, OptimizerConfig and PromptConfig (spot.py), with its default '
         'and source', '--field VALUE or --field=VALUE; dashes for underscores work too (--batch-size 8)')
@@ -1582,8 +1521,7 @@ def config_flags(args) -> list[str]:
 
 
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
-    """JAX's persistent compilation cache at path, $SPOT_COMPILE_CACHE or $XDG_CACHE_HOME/spot-jax
-    (~/.cache/spot-jax); 'off' (or 0): none."""
+    """JAX's compile cache at path, $SPOT_COMPILE_CACHE or $XDG_CACHE_HOME/spot-jax; 'off' (or 0): none."""
     path = path or os.environ.get('SPOT_COMPILE_CACHE') or \
         Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'spot-jax'
     if str(path).lower() in ('off', '0', 'false', 'no', 'none'):
@@ -1594,17 +1532,14 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
-# --dtype: what the frozen weights are stored and multiplied in. The official runs keep float32 parameters and
-# compute in bfloat16 (prompt-tuning configs/architectures/t5_1_1_flaxformer.gin: ACTIVATION_DTYPE =
-# 'bfloat16'), casting each weight to bfloat16 at its matmul; frozen weights cast once give the same products
-# at half the memory. Norms, softmax, logits, the loss and the prompt with its optimizer stay float32 either
-# way (t5_model).
+# --dtype of the frozen weights. The official runs compute in bfloat16 from float32 parameters (prompt-tuning
+# configs/architectures/t5_1_1_flaxformer.gin: ACTIVATION_DTYPE = 'bfloat16'); weights cast once give the same
+# products at half the memory. Norms, softmax, logits, loss, prompt and optimizer stay float32 (t5_model).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | None = None):
-    """--model ('tiny': random, a hub id, a directory) -> (cfg, params in dtype), with a mesh created or
-    read straight into their shards."""
+    """--model ('tiny': random, a hub id, a directory) -> (cfg, params in dtype), made or read into mesh."""
     dtype, place = DTYPES[dtype], mesh and functools.partial(param_shardings, mesh)
     if name != 'tiny':
         return t5_model.load_checkpoint(name, dtype, place)
@@ -1620,7 +1555,7 @@ def check_vocab(vocab, cfg: t5_model.T5Config, model: str):
     if vocab.vocab_size > cfg.vocab_size:
         raise ValueError(f'vocabulary {vocab.path} has {vocab.vocab_size} pieces but model {model} embeds '
                          f'only {cfg.vocab_size} ids: pass the vocabulary the model was trained with '
-                         f'(--vocab), or a model whose vocab_size is at least {vocab.vocab_size}')
+                         f'(--vocab)')
 
 
 def device_summary() -> str:
@@ -1664,10 +1599,8 @@ USER_ERRORS = (FloatingPointError, ValueError, KeyError, OSError, ImportError, N
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog='spot.py', allow_abbrev=False, description=__doc__.split('\n')[0],
-                                epilog='Every TrainConfig/PromptConfig field is a flag of train, eval and '
-                                       'plan (--batch_size 8, --eval-every=100, --length 20): spot.py train '
-                                       '--help lists them with their defaults and sources. Tracebacks: '
-                                       '--debug or SPOT_DEBUG=1.')
+                                epilog='Every config field is a flag of train, eval and plan: '
+                                       'spot.py train --help lists them.')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error (also SPOT_DEBUG=1)')
     sub = p.add_subparsers(dest='cmd', required=True)
     train, ev = sub.add_parser('train', allow_abbrev=False), sub.add_parser('eval', allow_abbrev=False)
@@ -1675,7 +1608,7 @@ def main(argv=None):
                           help="train's memory plan per device, from shapes alone (no weight or data read)")
     for q in (train, ev, plan):
         q.add_argument('--model', required=True, help="hub id (google/t5-base-lm-adapt), folder or 'tiny'")
-        q.add_argument('--task', required=q is not plan, nargs='+' if q is train else None,
+        q.add_argument('--task', required=q is not plan, nargs=None if q is ev else '+',
                        help='a task name of data.py')
         q.add_argument('--data', help='directory with the original task files (default: tfds)')
         q.add_argument('--vocab', help='SentencePiece model (default: data.load_vocab())')
@@ -1685,8 +1618,7 @@ def main(argv=None):
         q.add_argument('--coordinator', help='multi-host: HOST:PORT of process 0 (README, Multi-host)')
         q.add_argument('--num-processes', type=int, help='multi-host: number of processes')
         q.add_argument('--process-id', type=int, help='multi-host: this process, 0 .. N-1')
-        q.add_argument('--distributed-timeout', type=int, default=300,
-                       help='multi-host: seconds to wait for peers')
+        q.add_argument('--distributed-timeout', type=int, default=300, help='multi-host: wait for peers (s)')
         q.add_argument('--no-compile-cache', action='store_true', help='keep no compiled steps on disk')
     for q in (train, plan):
         q.add_argument('--device-memory', type=float, metavar='GIB',
@@ -1721,8 +1653,7 @@ def main(argv=None):
         if args.debug or os.environ.get('SPOT_DEBUG', '') not in ('', '0'):
             raise
         sys.exit(f'error: {e}')
-    # Ctrl-C / SIGTERM during training: the checkpoint is written
-    except Interrupted as e:
+    except Interrupted as e:                      # Ctrl-C / SIGTERM in training: its checkpoint is written
         print(e, file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:                     # before training started: nothing to keep
@@ -1782,8 +1713,7 @@ def evaluate_cli(args, tc, pc):
     prompt = load_prompt(args.prompt)               # cheap checks first: the prompt, task, data, output
     mixture, tasks = data.task_names(args.task)
     if mixture:
-        raise ValueError(f'--task {args.task} is a mixture, which has no single metric: evaluate one of its '
-                         f'tasks ({", ".join(tasks)})')
+        raise ValueError(f'--task {args.task} is a mixture (no one metric): pass one of {", ".join(tasks)}')
     task = data.get_task(args.task).name
     _check_data_dir(args)
     if args.out and Path(args.out).is_dir():
@@ -1819,39 +1749,30 @@ def _model_shapes(args):                 # --model's T5Config and weight shapes,
     return cfg, jax.eval_shape(lambda k: t5_model.init_params(k, cfg, DTYPES[args.dtype]), jax.random.key(0))
 
 
-def _target_len(args, tc):
-    import data
-    names = [args.task] if isinstance(args.task, str) else args.task or []     # train: several tasks
-    return tc.max_target_len or max((data.get_task(t).target_len for name in names
-                                     for t in data.task_names(name)[1]), default=DEFAULT_TARGET_LEN)
-
-
 def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
     """The memory plan from shapes; train refuses, in one line, a run that does not fit."""
+    import data
     cfg, shapes = _model_shapes(args)
-    sizes = dict(input_len=tc.max_input_len, target_len=_target_len(args, tc), prompt_len=pc.length)
+    target_len = tc.max_target_len or max((data.get_task(t).target_len for name in args.task or []
+                                           for t in data.task_names(name)[1]), default=DEFAULT_TARGET_LEN)
+    sizes = dict(input_len=tc.max_input_len, target_len=target_len, prompt_len=pc.length)
     if plan_anyway:
         return memory_plan(cfg, tc, shapes, **sizes, mesh=mesh, device_memory_gib=args.device_memory, log=say)
     tc, plan = resolve_memory(cfg, tc, shapes, *sizes.values(), mesh, args.device_memory, say)
     if plan is None or plan['fits']:
         return tc
-    need, have = plan['peak'] / GiB, f"the {plan['budget'] / GiB:.1f} GiB planned for " \
-        f"({plan['budget_source']})"
     if plan['weights'] + plan['prompt_optimizer'] > plan['budget']:
+        why, n = f"{args.model}'s weights alone need", plan['weights']
         fix = ('--dtype bfloat16, ' if args.dtype == 'float32' else '') + \
             '--model-parallel N over more devices, or a device with more memory'
-        why = f"{args.model}'s weights alone need {plan['weights'] / GiB:.1f} GiB per device, more than " \
-            f"{have}"
     elif plan['eval_peak'] > plan['budget'] >= plan['step_peak']:
-        fix = f'a smaller --eval_batch_size (now {tc.eval_batch_size})'
-        why = f"the evaluation needs {plan['eval_peak'] / GiB:.1f} GiB per device, more than {have}"
+        why, n, fix = 'the evaluation needs', plan['eval_peak'], f'--eval_batch_size < {tc.eval_batch_size}'
     else:
-        auto = tc.remat == 'auto' and not tc.micro_batches
-        fix = ('' if auto else '--remat=auto --micro_batches=0 (auto), ') + \
+        why, n = f"the run (remat {plan['remat']}, micro_batches {plan['micro_batches']}) needs", plan['peak']
+        fix = ('' if tc.remat == 'auto' and not tc.micro_batches else '--remat=auto --micro_batches=0, ') + \
             'a smaller --batch_size or --max_input_len, --model-parallel N, or --dtype bfloat16'
-        why = (f"the run needs {need:.1f} GiB per device (remat {plan['remat']}, micro_batches "
-               f"{plan['micro_batches']}), more than {have}")
-    raise MemoryError(f'{why}: use {fix}')
+    raise MemoryError(f"{why} {n / GiB:.1f} GiB per device, more than the {plan['budget'] / GiB:.1f} GiB "
+                      f"planned for ({plan['budget_source']}): use {fix}")
 
 
 def plan_cli(args, tc, pc):
@@ -1880,15 +1801,13 @@ def train_cli(args, tc, pc):
     except ValueError:
         raise ValueError(f'--seeds {args.seeds}: expected seeds separated by commas, e.g. 0,1,2') from None
     sources = args.source_prompt or [pc.source]
-    # One run per (task, source prompt, seed): OUT, or OUT/<task>/<source prompt's name>/seed<k> where the
-    # command gives several of them (e.g. --seeds 0,1,2: OUT/seed0, OUT/seed1, OUT/seed2).
+    # One run per (task, source prompt, seed): OUT, or OUT/<task>/<source's name>/seed<k> where several
     runs = [(task, source, seed, Path(args.out, *([task] if len(args.task) > 1 else []),
                                       *([Path(source).stem] if len(sources) > 1 else []),
                                       *([f'seed{seed}'] if args.seeds else [])))
             for task in args.task for source in sources for seed in seeds]
     if len({str(out) for *_, out in runs}) < len(runs):
-        raise ValueError(f'two runs would share a folder: give each --task, --source-prompt and --seeds once '
-                         f'(got {args.task}, {sources}, {seeds})')
+        raise ValueError('two runs would share a folder: give each --task, --source-prompt and seed once')
     pcs = {source: dataclasses.replace(pc, init=args.init or ('file' if source else pc.init), source=source)
            for source in sources}
     tasks = {task: data.task_names(task) for task in args.task}            # --task -> (mixture, its tasks)
@@ -1908,8 +1827,8 @@ def train_cli(args, tc, pc):
     mesh = _devices(args)
     for *_, out in runs:
         on_lead(check_out_folder, Path(out), args.resume)
-    # R runs' batches of B rows in one step take the memory of one run's batch of R * B (before any weight is
-    # read); micro-batches split each run's batch. Without --runs-per-step, R halves until the plan fits.
+    # R runs' batches of B rows in one step take the memory of one run's batch of R * B; micro-batches split
+    # each run's batch. Without --runs-per-step, R halves until the plan fits.
     R = min(args.runs_per_step or len(runs), len(runs))
     while True:
         try:
@@ -1923,8 +1842,7 @@ def train_cli(args, tc, pc):
     m, B = planned.micro_batches, tc.batch_size
     tc = dataclasses.replace(planned, batch_size=B, micro_batches=m and math.gcd(m, B))
     vocab = _vocab(args)
-    # Examples are read, formatted and tokenized per batch (data.train_source): memory O(batch), any size.
-    # Read before the weights: missing files, or tfds offline, fail in seconds.
+    # Read (per batch: data.train_source) before the weights: missing files, or tfds offline, fail in seconds.
     data_sources = {(t, seed): data.train_source(t, vocab, tc.max_input_len, tc.max_target_len, args.data,
                                                  seed)
                     for _, names in tasks.values() for t in names for seed in seeds}
@@ -1939,12 +1857,10 @@ def train_cli(args, tc, pc):
         text = list(vocab.encode(run_pc.text)) if run_pc.text else None
         prompt = gather(init_prompt(jax.random.split(jax.random.key(seed))[0], frozen, run_pc, labels, text))
         sources = {t: data_sources[t, seed] for t in names}
-        # What the run reads, so that --resume with other data (or another vocabulary) is refused (its meta).
-        # The data by content, not path: the same files in another folder resume; others are refused.
+        # What the run reads (by content, not path), so that --resume with other data or vocabulary is refused
         reads = {'data': 'files' if args.data else 'tfds', 'vocab': vocab.fingerprint,
                  'files': {t: data.data_fingerprint(t, 'train', args.data) for t in names}}
-        # Several processes: each keeps the block of rows of every batch that its devices hold (process_rows).
-        rows, n = process_rows(mesh, run_tc.batch_size), jax.process_count()
+        rows, n = process_rows(mesh, run_tc.batch_size), jax.process_count()   # this process's devices' rows
         share = dict(process_index=rows.start // (run_tc.batch_size // n), process_count=n)
 
         def batches(k):
