@@ -714,8 +714,9 @@ def memory_plan(cfg, tc: TrainConfig, frozen, *, input_len: int, target_len: int
     budget, source = memory_budget(device_memory_gib)
     data_devices = mesh.shape['data'] if mesh is not None else 1
     order = [(r, m) for r, m in plan_order() if tc.remat in ('auto', r) and tc.micro_batches in (0, m)]
-    if tc.remat != 'auto' and tc.micro_batches and not order:
-        order = [(tc.remat, tc.micro_batches)]
+    if not order:                        # micro_batches that PLAN_ORDER does not list (3): each remat with it
+        remats = dict.fromkeys(r for r, _ in plan_order() if tc.remat in ('auto', r))
+        order = [(r, tc.micro_batches) for r in remats]
     order = [(r, m) for r, m in order if tc.batch_size % (m * data_devices) == 0] or order[:1]
     tried, step = [], None
     weights = _device_bytes(_shapes_on(mesh, frozen))

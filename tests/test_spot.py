@@ -1614,6 +1614,10 @@ def test_memory_plan_takes_the_first_setting_in_order_that_fits():
         assert (plan['remat'], plan['micro_batches']) == first and plan['fits'], (budget, plan, peaks)
         assert plan['step_peak'] == peaks[first] and plan['weights'] > 0 and plan['eval_peak'] > 0
     assert not spot.memory_plan(cfg, tc, shapes, **sizes, device_memory_gib=1e-6)['fits']
+    # micro_batches that plan_order() does not list, remat 'auto' (it crashed: no setting to try)
+    tc3 = dataclasses.replace(tc, batch_size=6, remat='auto', micro_batches=3)
+    three = spot.memory_plan(cfg, tc3, shapes, **sizes, device_memory_gib=1)
+    assert (three['remat'], three['micro_batches']) == (spot.plan_order()[0][0], 3) and three['fits']
 
 
 def test_plan_cli_prints_the_plan_and_train_refuses_what_will_not_fit_before_loading(tmp_path, capsys,
