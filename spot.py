@@ -1545,10 +1545,10 @@ def load_model(name: str, seed: int = 0, dtype: str = 'float32', mesh: Mesh | No
     if name != 'tiny':
         return t5_model.load_checkpoint(name, dtype, place)
     cfg = t5_model.T5Config.tiny()
-    init = functools.partial(t5_model.init_params, cfg=cfg, dtype=dtype)
-    if place:
-        init = jax.jit(init, out_shardings=place(jax.eval_shape(init, jax.random.key(seed))))
-    return cfg, init(jax.random.key(seed))
+    params = t5_model.init_params(jax.random.key(seed), cfg, dtype)
+    # placed after the draw: a draw partitioned over the mesh needs collectives, which on CPU host devices
+    # sharing 2 cores can miss XLA's 40 s rendezvous
+    return cfg, jax.device_put(params, place(params)) if place else params
 
 
 def check_vocab(vocab, cfg: t5_model.T5Config, model: str):
