@@ -642,7 +642,7 @@ def _tfds_source(task, split, tfds_dir, download):
             raise ConnectionError(f"tfds has not prepared {name} and the network is unreachable: {files}")
         try:
             return load(download=fetching)
-        except Exception as e:  # noqa: BLE001 -- not prepared (KeyError, AssertionError ...), a manual download
+        except Exception as e:  # noqa: BLE001 -- not prepared (KeyError, AssertionError...): manual download
             error = e
     why = " ".join(f"{type(error).__name__}: {error}".split())[:300]
     raise OSError(f"tfds could not load {name} split {task.splits[split]!r} ({why}); "
@@ -1283,7 +1283,8 @@ def score(task_name, examples, predictions):
 # files, Google's released prompts and its T5X test checkpoint): `python3 data.py fetch [NAME ...]` puts them
 # in data_root(), each checked against its sha256; full training data stays tfds's job. The sha256 are those
 # of the copies tested here; the archives' those tfds 4.9.10 pins (url_checksums/glue.txt, super_glue.txt).
-_PT = "https://raw.githubusercontent.com/google-research/prompt-tuning/72285eea06100f954bcbb16a447ec6cddfc6716c/"
+_PT = ("https://raw.githubusercontent.com/google-research/prompt-tuning/"
+       "72285eea06100f954bcbb16a447ec6cddfc6716c/")
 # Where a path comes from: the value of the first key that is the path or a folder of it, + the rest of the
 # path. GLUE has no MRPC zip: its download script splits Microsoft's msr_paraphrase_train.txt by a list of
 # dev ids (as tfds does); the license page comes from a public repository's copy of GLUE's MRPC folder.
