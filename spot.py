@@ -46,6 +46,7 @@ import optax
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import data
 import t5_model
 
 INITS = ('sampled_vocab', 'class_labels', 'text', 'uniform', 'file')
@@ -445,7 +446,6 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', choices=Non
     Mixed tasks (SPoT §5: one frozen model serves many prompts): prompt a stack [K,P,D], prompt_ids[i] the
     prompt of example i, and max_target_len one per prompt; each prediction is the one of its prompt alone
     (to float32 rounding of the scores)."""
-    import data
     ids = np.zeros(len(inputs), np.int64) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
     lens = np.broadcast_to(max_target_len, (len(prompt) if prompt_ids is not None else 1,))
     T = int(lens.max())
@@ -453,6 +453,7 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', choices=Non
         tokens = functools.cache(lambda c, t: data.token_ids(vocab, c, t))
         targets = [tokens(tuple(c), int(lens[k])) for c, k in zip(choices, ids)]
     order, cap = np.argsort([len(r) for r in inputs], kind='stable'), max(map(len, inputs), default=1)
+    stack = None if prompt_ids is None else np.asarray(prompt, np.float32)   # one host copy, not per batch
     preds = [None] * len(inputs)
     devices = mesh.shape['data'] if mesh is not None else 1
     for i in range(0, len(inputs), batch_size):
@@ -464,7 +465,7 @@ def evaluate(frozen, cfg, prompt, inputs, vocab, *, method='decode', choices=Non
         x = spread_rows(mesh, data.pad_rows([inputs[j] for j in chunk] + [[]] * (n - len(chunk)),
                                             data.bucket_length(max(len(inputs[j]) for j in chunk), cap)))
         k = np.concatenate([ids[chunk], np.zeros(n - len(chunk), np.int64)])     # each row's prompt
-        p = prompt if prompt_ids is None else spread_rows(mesh, np.asarray(prompt, np.float32)[k])
+        p = prompt if prompt_ids is None else spread_rows(mesh, stack[k])
         if method == 'decode':
             out = gather(t5_model.greedy_decode(frozen, cfg, x, p, max_len=T)).tolist()
             out = [row[:lens[c]] for row, c in zip(out, k)]     # each task's own target length
@@ -510,7 +511,6 @@ class Evaluator:
 def score_together(evaluators, prompts) -> list[dict]:
     """evaluators[i](prompts[i]) for every i; the Evaluators of one model and method share batches (evaluate
     with prompt_ids), any other callable runs alone."""
-    import data
     results, groups = [None] * len(prompts), {}
     for i, ev in enumerate(evaluators):
         if isinstance(ev, Evaluator):
@@ -535,7 +535,6 @@ def make_evaluator(task_name, frozen, cfg, vocab, tc: TrainConfig, split='valida
                    mesh=None, progress=None) -> Evaluator:
     """The evaluator of train_prompt: prompt -> data.score(...) dict (metrics x100, 'score') on the task's
     `split`. progress: evaluate's."""
-    import data
     task = data.get_task(task_name)
     examples = data.load_examples(task_name, split, data_dir)[:tc.eval_limit or None]
     texts = [t['inputs'] for t in data.text_pairs(task_name, examples)]
@@ -1682,7 +1681,6 @@ def _check_data_dir(args):
 
 
 def _vocab(args):
-    import data
     vocab = data.model_vocab(args.model, args.vocab)
     check_vocab(vocab, _model_shapes(args)[0], args.model)
     return vocab
@@ -1710,7 +1708,6 @@ def progress_printer(what: str, log=print, every: float = 30.0):
 
 
 def evaluate_cli(args, tc, pc):
-    import data
     prompt = load_prompt(args.prompt)               # cheap checks first: the prompt, task, data, output
     mixture, tasks = data.task_names(args.task)
     if mixture:
@@ -1752,7 +1749,6 @@ def _model_shapes(args):                 # --model's T5Config and weight shapes,
 
 def _plan_or_refuse(args, tc, pc, mesh, plan_anyway=False):
     """The memory plan from shapes; train refuses, in one line, a run that does not fit."""
-    import data
     cfg, shapes = _model_shapes(args)
     target_len = tc.max_target_len or max((data.get_task(t).target_len for name in args.task or []
                                            for t in data.task_names(name)[1]), default=DEFAULT_TARGET_LEN)
@@ -1792,7 +1788,6 @@ def plan_cli(args, tc, pc):
 
 
 def train_cli(args, tc, pc):
-    import data
     # cheap checks first (task, flags, files, output folders), then the data, and the weights last
     if tc.optimizer.learning_rate > 10:           # valid, but 33x the paper's 0.3 (footnote 7)
         print(f"warning: learning_rate={tc.optimizer.learning_rate:g} is far above prompt tuning's 0.3 (SPoT "
